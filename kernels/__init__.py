@@ -1,0 +1,1 @@
+"""Triton kernels of protokern (installed as the subpackage ``protokern.kernels``)."""

@@ -1,0 +1,103 @@
+"""Backend registry of the fused prototype op: which implementations work here, and which 'auto' picks.
+
+Every backend module exposes ``forward(z3, p, eps, precision)`` and
+``backward(grad_sim, grad_dist, z3, p, patch_index, dist, eps)`` (see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+_log = logging.getLogger("protokern")
+
+
+@functools.cache
+def _triton_reason() -> str | None:
+    try:
+        importlib.import_module("protokern.kernels.prototype_distance")
+    except Exception as exc:  # noqa: BLE001 - any import failure makes the backend unavailable
+        return f"triton kernels failed to import: {exc}"
+    return None
+
+
+def _interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _unavailable(name: str, device_type: str) -> str | None:
+    """Why backend ``name`` cannot run on tensors of ``device_type``, or None if it can."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        if device_type == "cuda":
+            if not torch.cuda.is_available():
+                return "no CUDA device"
+        elif device_type != "cpu" or not _interpreter():
+            return f"runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (got {device_type})"
+        return _triton_reason()
+    if name == "cuda":
+        if device_type != "cuda":
+            return f"runs on CUDA tensors only (got {device_type})"
+        from protokern import _cuda
+
+        return _cuda.available()
+    return f"unknown backend {name!r}; choose from 'auto', " + ", ".join(repr(b) for b in BACKENDS)
+
+
+def available_backends(device: str | torch.device | None = None) -> dict[str, str | None]:
+    """Map each backend name to None if it works for tensors on ``device``, else the reason it does not.
+
+    ``device`` defaults to CUDA when a GPU is visible, else CPU.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = torch.device(device).type
+    return {name: _unavailable(name, device_type) for name in BACKENDS}
+
+
+_RESOLVED: dict[tuple[str, str], str] = {}
+
+
+def resolve(backend: str, device_type: str) -> str:
+    """Turn a backend request into a usable backend name for ``device_type``, or raise.
+
+    Cached: 'auto' is decided (and logged) once per device type; under ``torch.compile`` a cached answer is a
+    plain dict lookup.
+    """
+    key = (backend, device_type)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _resolve(backend, device_type)
+    return _RESOLVED[key]
+
+
+def _resolve(backend: str, device_type: str) -> str:
+    if backend == "auto":
+        order = ("cuda", "triton", "torch") if device_type == "cuda" else ("torch",)
+        name = next(b for b in order if _unavailable(b, device_type) is None)
+        if not torch.compiler.is_compiling():
+            _log.info("protokern: backend 'auto' -> %r for %s tensors", name, device_type)
+        return name
+    reason = _unavailable(backend, device_type)
+    if reason is not None:
+        if backend not in BACKENDS:
+            raise ValueError(reason)
+        raise RuntimeError(f"backend {backend!r} is not available for {device_type} tensors: {reason}")
+    return backend
+
+
+def get(name: str) -> ModuleType:
+    """The module implementing backend ``name`` (already resolved)."""
+    if name == "torch":
+        from protokern import torch_backend as module
+    elif name == "triton":
+        from protokern.kernels import prototype_distance as module
+    else:
+        from protokern import _cuda as module
+    return module

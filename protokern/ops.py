@@ -1,0 +1,151 @@
+"""The fused prototype op: public functions, input checks, torch.library registration and autograd.
+
+``prototype_similarity`` is registered as the custom op ``protokern::prototype_similarity`` with a fake
+implementation and a hand-written backward (``protokern::prototype_similarity_backward``), so it works
+under ``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck`` for every backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from protokern import backends, torch_backend
+
+PRECISIONS = ("highest", "high", "medium")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(z: Tensor, prototypes: Tensor, eps: float = 1.0, precision: str = "highest") -> Tensor:
+    """Validate the op's inputs; return the prototypes as an (M, D) view."""
+    if not isinstance(z, Tensor) or not isinstance(prototypes, Tensor):
+        raise TypeError("z and prototypes must be torch.Tensors")
+    if z.dim() != 4:
+        raise ValueError(f"z must be 4-D (B, D, H, W), got shape {tuple(z.shape)}")
+    if not (prototypes.dim() == 2 or (prototypes.dim() == 4 and prototypes.shape[2:] == (1, 1))):
+        raise ValueError(f"prototypes must be (M, D) or (M, D, 1, 1), got shape {tuple(prototypes.shape)}")
+    p = prototypes.flatten(1)
+    if z.shape[1] != p.shape[1]:
+        raise ValueError(f"channel mismatch: z has D={z.shape[1]} but prototypes have D={p.shape[1]}")
+    if z.shape[1] == 0 or z.shape[2] * z.shape[3] == 0 or p.shape[0] == 0:
+        raise ValueError(f"empty input: z {tuple(z.shape)}, prototypes {tuple(prototypes.shape)}")
+    if z.device != p.device:
+        raise ValueError(f"device mismatch: z on {z.device}, prototypes on {p.device}")
+    for name, t in (("z", z), ("prototypes", p)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return p
+
+
+def _out_dtype(z: Tensor, p: Tensor, backend: str) -> torch.dtype:
+    if backend == "torch":
+        return torch_backend._compute_dtype(z, p)
+    return torch.float32
+
+
+def _backend_inputs(z: Tensor, p: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    z3, p = z.flatten(2), p.contiguous()  # flatten(2) is a view for contiguous and channels_last z
+    if backend == "cuda":
+        z3, p = z3.float(), p.float()
+    return z3, p
+
+
+@torch.library.custom_op("protokern::prototype_similarity", mutates_args=())
+def _forward_op(z: Tensor, p: Tensor, eps: float, backend: str, precision: str) -> tuple[Tensor, Tensor, Tensor]:
+    z3, p = _backend_inputs(z, p, backend)
+    if z3.shape[0] == 0:
+        return _forward_fake(z, p, eps, backend, precision)
+    sim, dist, idx = backends.get(backend).forward(z3, p, eps, precision)
+    dtype = _out_dtype(z, p, backend)
+    return sim.to(dtype), dist.to(dtype), idx
+
+
+@_forward_op.register_fake
+def _forward_fake(z, p, eps, backend, precision):
+    dtype = _out_dtype(z, p, backend)
+    shape = (z.shape[0], p.shape[0])
+    return (z.new_empty(shape, dtype=dtype), z.new_empty(shape, dtype=dtype),
+            z.new_empty(shape, dtype=torch.int64))
+
+
+@torch.library.custom_op("protokern::prototype_similarity_backward", mutates_args=())
+def _backward_op(grad_sim: Tensor, grad_dist: Tensor, z: Tensor, p: Tensor, idx: Tensor, dist: Tensor,
+                 eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    z3, p3 = _backend_inputs(z, p, backend)
+    if z3.shape[0] == 0:
+        return torch.zeros_like(z, memory_format=torch.contiguous_format), torch.zeros_like(p)
+    grad_z3, grad_p = backends.get(backend).backward(grad_sim, grad_dist, z3, p3, idx, dist, eps)
+    return grad_z3.view(z.shape).to(z.dtype), grad_p.to(p.dtype)
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_sim, grad_dist, z, p, idx, dist, eps, backend):
+    return torch.empty_like(z, memory_format=torch.contiguous_format), torch.empty_like(p)
+
+
+def _setup_context(ctx, inputs, output):
+    z, p, eps, backend, _ = inputs
+    _, dist, idx = output
+    ctx.save_for_backward(z, p, idx, dist)  # O(B*M) state beyond the inputs
+    ctx.eps, ctx.backend = eps, backend
+
+
+def _backward(ctx, grad_sim, grad_dist, _grad_idx):
+    z, p, idx, dist = ctx.saved_tensors
+    grad_sim = torch.zeros_like(dist) if grad_sim is None else grad_sim
+    grad_dist = torch.zeros_like(dist) if grad_dist is None else grad_dist
+    grad_z, grad_p = _backward_op(grad_sim, grad_dist, z, p, idx, dist, ctx.eps, ctx.backend)
+    return grad_z, grad_p, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def prototype_similarity(z: Tensor, prototypes: Tensor, *, eps: float = 1e-4, backend: str = "auto",
+                         precision: str = "highest") -> tuple[Tensor, Tensor]:
+    """Fused ProtoPNet prototype layer: log-similarity and min squared-L2 distance of each prototype.
+
+    Args:
+        z: features (B, D, H, W), float16/bfloat16/float32 (float64 on the torch backend), any strides.
+        prototypes: (M, D) or (M, D, 1, 1), same device as ``z``.
+        eps: the epsilon of ``log((d + 1) / (d + eps))``; must be > 0.
+        backend: "auto" (fastest available for the device), "torch", "triton" or "cuda".
+        precision: "highest" (exact fp32 products), "high" (3xTF32) or "medium" (TF32) for the search over
+            patches on the fused GPU backends; the winning patch's distance is always recomputed exactly.
+
+    Returns:
+        ``(similarity, min_distances)``, each (B, M), float32 (float64 for float64 inputs on the torch
+        backend), where ``min_distances[b, m] = min_{h,w} ||z[b, :, h, w] - p[m]||^2`` and
+        ``similarity = log((min_distances + 1) / (min_distances + eps))``. Gradients flow to ``z`` (at the
+        winning patch only; ties go to the lowest h*W + w) and to ``prototypes``. NaN inputs give NaN outputs.
+    """
+    p = _check(z, prototypes, eps, precision)
+    name = backends.resolve(backend, z.device.type)
+    sim, dist, _ = _forward_op(z, p, float(eps), name, precision)
+    return sim, dist
+
+
+def nearest_patches(z: Tensor, prototypes: Tensor, *, backend: str = "auto",
+                    precision: str = "highest") -> tuple[Tensor, Tensor]:
+    """Min squared-L2 distance (B, M) and winning patch index (B, M) int64 (``h * W + w``); no gradient."""
+    p = _check(z, prototypes, precision=precision)
+    name = backends.resolve(backend, z.device.type)
+    with torch.no_grad():
+        _, dist, idx = _forward_op(z, p, 1.0, name, precision)
+    return dist, idx
+
+
+def prototype_distances(z: Tensor, prototypes: Tensor) -> Tensor:
+    """Full squared-L2 distance map (B, M, H, W), clamped at 0: for heatmaps, not for training.
+
+    Materialises B*M*H*W values; use ``nearest_patches`` or ``prototype_similarity`` where the min is enough.
+    """
+    p = _check(z, prototypes)
+    B, _, H, W = z.shape
+    return torch_backend.distances(z.flatten(2), p).view(B, p.shape[0], H, W)

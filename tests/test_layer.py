@@ -1,0 +1,49 @@
+"""ProtoLayer: the drop-in module over the fused op."""
+
+import pytest
+import torch
+
+import protokern
+from tests.reference import original_layer, rel_err
+
+
+def test_parameter_shape_and_init():
+    layer = protokern.ProtoLayer(30, 12)
+    assert layer.prototypes.shape == (30, 12, 1, 1)
+    assert 0 <= layer.prototypes.min().item() and layer.prototypes.max().item() < 1
+    assert layer.num_prototypes == 30 and layer.prototype_dim == 12
+    assert "num_prototypes=30" in repr(layer)
+
+
+def test_forward_and_gradients_match_original():
+    layer = protokern.ProtoLayer(7, 10, eps=1e-3)
+    z = torch.rand(3, 10, 4, 5, requires_grad=True)
+    sim, dist = layer(z)
+    sim_ref, dist_ref = original_layer(z.detach(), layer.prototypes.detach(), eps=1e-3)
+    assert rel_err(dist, dist_ref) < 1e-5 and (sim - sim_ref).abs().max().item() < 1e-4
+    (sim.sum() + dist.sum()).backward()
+    p_ref = layer.prototypes.detach().double().requires_grad_()
+    z_ref = z.detach().double().requires_grad_()
+    sum(original_layer(z_ref, p_ref, eps=1e-3)).sum().backward()
+    assert rel_err(layer.prototypes.grad, p_ref.grad) < 1e-4 and rel_err(z.grad, z_ref.grad) < 1e-4
+
+
+def test_in_a_model_and_state_dict_round_trip():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Sigmoid())
+    layer = protokern.ProtoLayer(5, 8)
+    sim, _ = layer(model(torch.rand(2, 3, 9, 9)))
+    assert sim.shape == (2, 5)
+    other = protokern.ProtoLayer(5, 8)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.prototypes, layer.prototypes)
+
+
+@pytest.mark.parametrize("args, kwargs", [((0, 4), {}), ((4, 0), {}), ((4, 4), {"eps": 0})])
+def test_bad_arguments(args, kwargs):
+    with pytest.raises(ValueError):
+        protokern.ProtoLayer(*args, **kwargs)
+
+
+def test_wrong_feature_channels():
+    with pytest.raises(ValueError, match="channel mismatch"):
+        protokern.ProtoLayer(4, 8)(torch.rand(1, 6, 3, 3))
