@@ -7,7 +7,8 @@ min and argmin per prototype in registers, then recomputes the winner's distance
 
 Backward: gradients reach only the winning patch of each (b, m).
 
-* ``grad_p``: one program per (prototype tile, channel tile), looping over the batch in order.
+* ``grad_p``: one program per (prototype tile, channel tile, run of images), looping over its images in order;
+  the partial sums of the runs are then reduced in a fixed order.
 * ``grad_z``: the (b, m) pairs are sorted by winning patch (stable sort: deterministic), then one program
   per patch sums the contributions of the prototypes it won, in increasing m.
 
@@ -99,22 +100,26 @@ def _grad_prototypes_kernel(
     gsim_ptr, gdist_ptr, dist_ptr, idx_ptr, z_ptr, p_ptr, g_ptr, gp_ptr,
     B, D, M, eps,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IMAGES_PER_PROGRAM: tl.constexpr,
 ):
-    """grad_p[m] = 2 * sum_b g[b, m] * (p[m] - z[b, :, idx[b, m]]); also writes g for the grad_z kernel.
+    """Partial grad_p over one run of images: 2 * sum_b g[b, m] * (p[m] - z[b, :, idx[b, m]]).
 
-    Differences are taken before scaling by g (never p * sum(g) - sum(g * z)): g reaches -1/eps near d = 0.
+    Program (m tile, d tile, image run s) writes partial[s]; the runs are summed in a fixed order afterwards.
+    Also writes g for the grad_z kernel. Differences are taken before scaling by g (never
+    p * sum(g) - sum(g * z)): g reaches -1/eps near d = 0.
     """
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_mask = offs_m < M
     mask = m_mask[:, None] & (offs_d[None, :] < D)
     p = tl.load(p_ptr + offs_m[:, None] * stride_pm + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    z_b = z_ptr  # advanced by stride_zb per image: no 32-bit overflow of b * stride_zb
-    for b in range(0, B):
+    b0 = pid_s * IMAGES_PER_PROGRAM
+    z_b = z_ptr + b0.to(tl.int64) * stride_zb  # then advanced by stride_zb per image
+    for b in range(b0, tl.minimum(b0 + IMAGES_PER_PROGRAM, B)):
         row = b * M + offs_m
         dist = tl.load(dist_ptr + row, mask=m_mask, other=0.0)
         g = tl.load(gdist_ptr + row, mask=m_mask, other=0.0) + tl.load(
@@ -125,7 +130,7 @@ def _grad_prototypes_kernel(
         z = tl.load(z_b + k[:, None] * stride_zk + offs_d[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
         z_b += stride_zb
         acc += g[:, None] * (p - z)
-    tl.store(gp_ptr + offs_m[:, None] * D + offs_d[None, :], 2.0 * acc, mask=mask)
+    tl.store(gp_ptr + pid_s * M * D + offs_m[:, None] * D + offs_d[None, :], 2.0 * acc, mask=mask)
 
 
 @triton.jit
@@ -194,17 +199,19 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     grad_sim = grad_sim.float().contiguous()
     grad_dist = grad_dist.float().contiguous()
     g = torch.empty((B, M), device=z3.device, dtype=torch.float32)
-    grad_p = torch.empty((M, D), device=z3.device, dtype=torch.float32)
-    block_m, block_d = 16, _pow2(D, 16, 64)
-    _grad_prototypes_kernel[(triton.cdiv(M, block_m), triton.cdiv(D, block_d))](
-        grad_sim, grad_dist, dist, idx, z3, p, g, grad_p, B, D, M, eps,
+    block_m, block_d, per_program = 16, _pow2(D, 16, 64), 8
+    runs = triton.cdiv(B, per_program)
+    partial = torch.empty((runs, M, D), device=z3.device, dtype=torch.float32)
+    _grad_prototypes_kernel[(triton.cdiv(M, block_m), triton.cdiv(D, block_d), runs)](
+        grad_sim, grad_dist, dist, idx, z3, p, g, partial, B, D, M, eps,
         z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
-        BLOCK_M=block_m, BLOCK_D=block_d,
+        BLOCK_M=block_m, BLOCK_D=block_d, IMAGES_PER_PROGRAM=per_program,
     )
+    grad_p = partial[0] if runs == 1 else partial.sum(0)  # a fixed-order reduction: deterministic
     # Group the (b, m) pairs by winning patch; stable sort keeps m increasing within a patch.
-    patch = (idx + torch.arange(B, device=idx.device)[:, None] * HW).flatten()
+    patch = (idx.int() + torch.arange(B, device=idx.device, dtype=torch.int32)[:, None] * HW).flatten()
     patch_sorted, order = torch.sort(patch, stable=True)
-    seg = torch.searchsorted(patch_sorted, torch.arange(B * HW + 1, device=idx.device))
+    seg = torch.searchsorted(patch_sorted, torch.arange(B * HW + 1, device=idx.device, dtype=torch.int32))
     grad_z = torch.empty((B, D, HW), device=z3.device, dtype=torch.float32)
     block_d = _pow2(D, 16, 128)
     _grad_features_kernel[(B * HW, triton.cdiv(D, block_d))](

@@ -16,8 +16,9 @@ CASES = [
     pytest.param(("cuda", "cuda"), id="cuda-cuda", marks=gpu),
 ]
 # (B, D, H, W, M): H=W=1; B=1 with HW=35 (not a power of two) and D=37 (not a multiple of the block);
-# M=1 with HW=81 (more than one patch tile); D=130 (more than one channel tile).
-SHAPES = [(2, 16, 1, 1, 5), (1, 37, 5, 7, 19), (2, 24, 9, 9, 1), (2, 130, 4, 4, 3), (3, 20, 6, 6, 70)]
+# M=1 with HW=81 (more than one patch tile); D=130 (more than one channel tile); B=10, M=70 (several image
+# runs and prototype tiles).
+SHAPES = [(2, 16, 1, 1, 5), (1, 37, 5, 7, 19), (2, 24, 9, 9, 1), (2, 130, 4, 4, 3), (10, 20, 6, 6, 70)]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 

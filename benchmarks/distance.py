@@ -1,0 +1,176 @@
+"""Benchmark the fused prototype op against the original ProtoPNet layer.
+
+For each shape (B, D, HxW, M) and each method (the original layer eager and torch.compile'd, each available
+protokern backend and precision), measures forward and forward+backward time (median; on GPU with
+``triton.testing.do_bench``) and the peak extra memory of forward+backward (GPU only). Prints a Markdown table
+and writes JSON + Markdown under ``--out``.
+
+    python benchmarks/distance.py                 # default shapes, on the GPU
+    python benchmarks/distance.py --quick         # small shapes, runs anywhere (CPU: torch backend only)
+    python benchmarks/distance.py --shape 80,128,7,7,2000 --shape 16,64,5,5,300
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import protokern
+
+DEFAULT_SHAPES = [(80, 128, 7, 7, 2000), (128, 256, 14, 14, 2000), (64, 128, 7, 7, 10000), (32, 512, 28, 28, 2000)]
+QUICK_SHAPES = [(8, 64, 7, 7, 200), (4, 128, 14, 14, 100)]
+EPS = 1e-4
+
+
+def original_layer(z, p):
+    """The original formulation in the input precision: conv2d expansion, ReLU, -max_pool2d(-d), log."""
+    p = p.view(p.shape[0], -1, 1, 1)
+    d = F.conv2d(z * z, torch.ones_like(p)) - 2 * F.conv2d(z, p) + (p * p).sum((1, 2, 3)).view(1, -1, 1, 1)
+    d = F.relu(d)
+    min_d = -F.max_pool2d(-d, kernel_size=d.shape[2:]).flatten(1)
+    return torch.log((min_d + 1) / (min_d + EPS)), min_d
+
+
+def methods(device: torch.device, quick: bool):
+    """(name, fn(z, p) -> (sim, dist)) for every method that runs on ``device``."""
+    out = [("original eager", original_layer)]
+    if device.type == "cuda" or not quick:
+        out.append(("original compiled", torch.compile(original_layer)))
+    avail = protokern.available_backends(device)
+    for backend, reason in avail.items():
+        if reason is not None or (backend == "triton" and device.type == "cpu"):
+            continue  # the Triton interpreter is a correctness tool, not a benchmark target
+        precisions = ["highest", "high", "medium"] if backend != "torch" and device.type == "cuda" else ["highest"]
+        for prec in precisions:
+            name = backend if prec == "highest" else f"{backend} ({prec})"
+            out.append((name, lambda z, p, b=backend, pr=prec: protokern.prototype_similarity(z, p, backend=b, precision=pr)))
+    return out
+
+
+def timer(device: torch.device):
+    if device.type == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+    def cpu_time(fn, n=5):
+        fn()
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t)
+        return statistics.median(samples) * 1e6
+    return cpu_time
+
+
+def bench_shape(shape, device, quick, measure):
+    B, D, H, W, M = shape
+    z = torch.rand(B, D, H, W, device=device).requires_grad_()
+    p = torch.rand(M, D, device=device).requires_grad_()
+    w = torch.randn(B, M, device=device)
+    rows = []
+    for name, fn in methods(device, quick):
+        def fwd():
+            with torch.no_grad():
+                fn(z, p)
+
+        def fwd_bwd():
+            sim, dist = fn(z, p)
+            torch.autograd.grad((sim * w).sum() + (dist * w).sum(), (z, p))
+
+        row = {"method": name, "shape": list(shape)}
+        try:
+            row["fwd_us"] = measure(fwd)
+            row["fwd_bwd_us"] = measure(fwd_bwd)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                fwd_bwd()
+                torch.cuda.synchronize()
+                row["extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        except Exception as exc:  # noqa: BLE001 - report the failure in the table, go on with other methods
+            row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+        rows.append(row)
+        print(f"  {name:24s} " + (row.get("error") or f"fwd {row['fwd_us']:9.1f} us  fwd+bwd {row['fwd_bwd_us']:9.1f} us"),
+              flush=True)
+    base = next((r for r in rows if r["method"] == "original eager" and "fwd_bwd_us" in r), None)
+    for r in rows:
+        if base and "fwd_bwd_us" in r:
+            r["speedup_fwd_bwd_vs_eager"] = base["fwd_bwd_us"] / r["fwd_bwd_us"]
+    return rows
+
+
+def environment(device: torch.device) -> dict:
+    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    return env
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    lines = [f"# Fused prototype op benchmark: {env['device']}", "",
+             f"{env['date']}, torch {env['torch']}, triton {env['triton']}, fp32 inputs, "
+             "medians; fwd+bwd = forward and backward of a loss using both outputs; extra = peak memory of fwd+bwd "
+             "above the inputs.", "",
+             "| shape (B, D, HxW, M) | method | fwd (us) | fwd+bwd (us) | speed-up fwd+bwd vs original eager | extra memory (MiB) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        B, D, H, W, M = r["shape"]
+        if "error" in r:
+            lines.append(f"| ({B}, {D}, {H}x{W}, {M}) | {r['method']} | error: {r['error']} | | | |")
+            continue
+        extra = f"{r['extra_mib']:.1f}" if "extra_mib" in r else "-"
+        speed = f"{r['speedup_fwd_bwd_vs_eager']:.1f}x" if "speedup_fwd_bwd_vs_eager" in r else "-"
+        lines.append(f"| ({B}, {D}, {H}x{W}, {M}) | {r['method']} | {r['fwd_us']:.1f} | {r['fwd_bwd_us']:.1f} | {speed} | {extra} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    parts = tuple(int(x) for x in text.split(","))
+    if len(parts) != 5 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"shape must be B,D,H,W,M with positive integers, got {text!r}")
+    return parts
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", action="append", type=parse_shape, help="B,D,H,W,M (repeatable)")
+    ap.add_argument("--quick", action="store_true", help="small shapes: runs on a CPU in seconds")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for JSON + Markdown")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    shapes = args.shape or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    env = environment(device)
+    print(f"protokern distance benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']})")
+    rows = []
+    measure = timer(device)
+    for shape in shapes:
+        print(f"shape {shape}:", flush=True)
+        rows += bench_shape(shape, device, args.quick, measure)
+    text = markdown(env, rows)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"distance-{env['date']}-{device.type}{'-quick' if args.quick else ''}"
+    (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    (args.out / f"{stem}.md").write_text(text)
+    print(f"wrote {args.out / stem}.json and .md")
+
+
+if __name__ == "__main__":
+    main()

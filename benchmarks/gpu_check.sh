@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The one prepared GPU check: build the CUDA extension, run the GPU tests and the benchmarks.
+# Run from the repository root on a machine with a CUDA GPU; results go to $OUT (default ./gpu-out):
+#   build.log, tests.log, distance.log, push.log, distance-*.json/.md, push-*.json/.md (at most 8 files)
+# Steps are independent: a failing step is logged and the next one still runs. Exit status: 0 only if all passed.
+set -u
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+status=0
+step() {  # step NAME TIMEOUT_S CMD...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0))s"; tail -n 25 "$OUT/$name.log"
+  [ $rc -eq 0 ] || status=1
+}
+date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; nvcc --version | tail -2
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+step build "${BUILD_LIMIT:-240}" python3 -m pip install --no-build-isolation --no-deps -e .
+step tests "${TEST_LIMIT:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider tests
+step distance "${BENCH_LIMIT:-200}" python3 benchmarks/distance.py --out "$OUT"
+if [ -f benchmarks/push.py ]; then step push "${PUSH_LIMIT:-90}" python3 benchmarks/push.py --out "$OUT"; fi
+exit $status
