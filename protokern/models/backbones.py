@@ -1,0 +1,190 @@
+"""Convolutional trunks (the ``features`` of a ProtoPNet) built from torchvision, plus a tiny CPU trunk.
+
+Trunk layouts and their state-dict keys:
+
+- VGG (``vgg11/13/16/19`` and ``_bn``): torchvision's ``vgg.features`` (keys ``N.*``), last max-pool kept,
+  so a 224x224 input gives a 7x7 map; 512 channels.
+- ResNet (``resnet18/34/50/101/152``): ``conv1, bn1, relu, maxpool, layer1..layer4`` under torchvision's
+  names (keys as in torchvision's ResNet, without ``fc``); 512 or 2048 channels.
+- DenseNet (``densenet121/161/169/201``): torchvision's ``densenet.features`` (ending with ``norm5``) followed
+  by ``final_relu`` (as the original's ``densenet_features``); 1024 / 2208 / 1664 / 1920 channels.
+- ``tiny``: three conv3x3-BN-ReLU-maxpool2 stages (32, 64, 64 channels): 64x64 -> 8x8, 64 channels.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import vgg as tv_vgg
+
+__all__ = ["BACKBONES", "load_backbone_state", "make_backbone"]
+
+_VGG_CONFIGS = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
+_VGGS = tuple(name + bn for name in _VGG_CONFIGS for bn in ("", "_bn"))
+_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+_DENSENETS = ("densenet121", "densenet161", "densenet169", "densenet201")
+_RESNET_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+BACKBONES: tuple[str, ...] = _VGGS + _RESNETS + _DENSENETS + ("tiny",)
+"""Names accepted by :func:`make_backbone`."""
+
+
+def _family(name: str) -> str:
+    if name in _VGGS:
+        return "vgg"
+    if name in _RESNETS:
+        return "resnet"
+    if name in _DENSENETS:
+        return "densenet"
+    return "tiny"
+
+
+def _init_conv_bn(module: nn.Module) -> None:
+    """torchvision's VGG init: kaiming-normal (fan_out, relu) convs with zero bias, BN weight 1, bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _tiny_trunk() -> tuple[nn.Module, int]:
+    layers, in_channels = [], 3
+    for channels in (32, 64, 64):
+        layers += [
+            nn.Conv2d(in_channels, channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+        ]
+        in_channels = channels
+    trunk = nn.Sequential(*layers)
+    _init_conv_bn(trunk)
+    return trunk, in_channels
+
+
+def _build(name: str) -> tuple[nn.Module, int]:
+    family = _family(name)
+    if family == "vgg":
+        trunk = tv_vgg.make_layers(tv_vgg.cfgs[_VGG_CONFIGS[name.removesuffix("_bn")]], batch_norm=name.endswith("_bn"))
+        _init_conv_bn(trunk)
+        return trunk, 512
+    if family == "resnet":
+        full = torchvision.models.get_model(name, weights=None)
+        trunk = nn.Sequential(OrderedDict((part, getattr(full, part)) for part in _RESNET_TRUNK))
+        return trunk, full.fc.in_features
+    if family == "densenet":
+        full = torchvision.models.get_model(name, weights=None)
+        trunk = full.features
+        trunk.add_module("final_relu", nn.ReLU())
+        return trunk, full.classifier.in_features
+    return _tiny_trunk()
+
+
+def make_backbone(name: str, pretrained: bool = False, weights_path=None) -> tuple[nn.Module, int]:
+    """Build a trunk by name; returns ``(trunk, out_channels)``.
+
+    Args:
+        name: one of :data:`BACKBONES`.
+        pretrained: load torchvision's ImageNet weights (``IMAGENET1K_V1``, the original's checkpoints) from
+            the torch hub cache, downloading them if needed; raises ``RuntimeError`` if neither works.
+        weights_path: a local file with a state dict to load instead: a full torchvision model state dict
+            (classifier keys are dropped) or a trunk state dict. Loading is strict: missing or unknown keys
+            raise ``ValueError``.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}, or pass an nn.Module")
+    if pretrained and weights_path is not None:
+        raise ValueError("pass either pretrained=True or weights_path, not both")
+    if pretrained and name == "tiny":
+        raise ValueError("the 'tiny' backbone has no pretrained weights")
+    trunk, out_channels = _build(name)
+    if pretrained:
+        load_backbone_state(trunk, name, _imagenet_state_dict(name), source=f"torchvision ImageNet weights for {name}")
+    elif weights_path is not None:
+        load_backbone_state(trunk, name, _read_state_file(weights_path), source=str(weights_path))
+    return trunk, out_channels
+
+
+def _imagenet_state_dict(name: str) -> dict:
+    url = torchvision.models.get_model_weights(name)["IMAGENET1K_V1"].url
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
+    except Exception as error:
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise RuntimeError(
+            f"could not load torchvision's ImageNet weights for {name!r}: not in the cache {cache} and the download "
+            f"of {url} failed ({type(error).__name__}: {error}). Put the file in that folder, or pass "
+            "weights_path= (backbone_weights= for ProtoPNet) with a local copy."
+        ) from error
+
+
+def _read_state_file(path) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"could not read backbone weights from {path} ({type(error).__name__}: {error}); "
+            "expected a file written by torch.save(model.state_dict(), path)"
+        ) from error
+    return state
+
+
+_OLD_DENSE_KEY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
+
+
+def _to_trunk_keys(name: str, state: dict) -> dict:
+    """Map a full torchvision model state dict (or a trunk one) onto the trunk's keys."""
+    for wrapper in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    family = _family(name)
+    if family in ("vgg", "densenet") and any(key.startswith("features.") for key in state):
+        state = {key: value for key, value in state.items() if not key.startswith("classifier.")}
+        state = {key.removeprefix("features."): value for key, value in state.items()}
+    if family == "resnet":
+        state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    if family == "densenet":  # checkpoints from before torchvision 0.3 spell 'norm.1' for 'norm1'
+        state = {_OLD_DENSE_KEY.sub(r"\1\2.", key): value for key, value in state.items()}
+    return state
+
+
+def _key_list(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
+
+
+def load_backbone_state(trunk: nn.Module, name: str, state: dict, source: str = "state dict") -> None:
+    """Load ``state`` (full torchvision model or trunk state dict) into ``trunk`` built by ``make_backbone(name)``.
+
+    Strict: raises ``ValueError`` naming the keys if any are missing or unknown, or if shapes differ.
+    """
+    if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
+        raise ValueError(f"{source}: expected a state dict (str -> tensor), got {type(state).__name__}")
+    state = _to_trunk_keys(name, state)
+    expected = trunk.state_dict()
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_key_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_key_list(unexpected)}")
+        raise ValueError(f"{source} does not fit backbone {name!r}: " + "; ".join(parts))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+             for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"{source} does not fit backbone {name!r}: shape mismatch for {_key_list(wrong)}")
+    trunk.load_state_dict(state)

@@ -1,0 +1,302 @@
+"""The ProtoPNet model: trunk -> add-on 1x1 convs -> prototype layer -> last layer (Chen et al. 2019)."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from protokern import ProtoLayer, prototype_distances
+from protokern.models.add_on import make_add_on
+from protokern.models.backbones import make_backbone
+from protokern.models.receptive_field import ReceptiveField, compute_receptive_field
+
+__all__ = ["ProtoPNet"]
+
+
+class ProtoPNet(nn.Module):
+    """ProtoPNet ("this looks like that"): classify by similarity of image patches to learned prototypes.
+
+    Takes ImageNet-normalised images (B, 3, S, S).
+
+    Args:
+        backbone: a name from ``protokern.models.BACKBONES`` or an ``nn.Module`` trunk (then ``out_channels``,
+            its number of output channels, is required).
+        num_classes: number of classes C.
+        prototypes_per_class: prototypes per class; prototype j belongs to class ``j // prototypes_per_class``.
+        prototype_dim: prototype depth D (channels of the add-on output).
+        add_on: ``'regular'`` or ``'bottleneck'`` (see :func:`protokern.models.make_add_on`).
+        pretrained: load torchvision's ImageNet weights into a named trunk.
+        backbone_weights: path of a local state dict for a named trunk (see ``make_backbone``).
+        eps, backend: passed to :class:`protokern.ProtoLayer`.
+        out_channels: output channels of a module trunk.
+        prototype_classes: class index of each prototype, instead of ``prototypes_per_class`` (used to rebuild
+            pruned models).
+
+    Attributes: ``features`` (trunk), ``add_on``, ``prototype_layer`` (:class:`protokern.ProtoLayer`),
+    ``last_layer`` (Linear(P, C, bias=False)), ``prototype_class_identity`` ((P, C) float one-hot buffer),
+    ``receptive_field`` (:class:`~protokern.models.receptive_field.ReceptiveField` of a feature-map cell, or
+    None if the trunk's geometry cannot be walked), ``num_prototypes``, ``num_classes``, ``prototype_shape``.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "vgg19",
+        num_classes: int = 200,
+        prototypes_per_class: int = 10,
+        prototype_dim: int = 128,
+        add_on: str = "regular",
+        pretrained: bool = False,
+        backbone_weights=None,
+        eps: float = 1e-4,
+        backend: str = "auto",
+        out_channels: int | None = None,
+        prototype_classes: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("prototype_dim", prototype_dim)
+        if prototype_classes is None:
+            _check_positive_int("prototypes_per_class", prototypes_per_class)
+            classes = torch.arange(num_classes * prototypes_per_class) // prototypes_per_class
+        else:
+            classes = torch.as_tensor(list(prototype_classes), dtype=torch.long)
+            if classes.numel() == 0 or classes.min() < 0 or classes.max() >= num_classes:
+                raise ValueError(f"prototype_classes must be a non-empty list of class indices in [0, {num_classes})")
+            prototypes_per_class = None
+
+        if isinstance(backbone, str):
+            trunk, trunk_channels = make_backbone(backbone, pretrained=pretrained, weights_path=backbone_weights)
+            if out_channels is not None and out_channels != trunk_channels:
+                raise ValueError(f"out_channels={out_channels} but backbone {backbone!r} gives {trunk_channels}")
+            backbone_name = backbone
+        elif isinstance(backbone, nn.Module):
+            if out_channels is None:
+                raise ValueError("out_channels (the trunk's output channels) is required when backbone is a module")
+            if pretrained or backbone_weights is not None:
+                raise ValueError(
+                    "pretrained / backbone_weights apply to named backbones; load a module trunk's weights yourself"
+                )
+            trunk, trunk_channels, backbone_name = backbone, out_channels, None
+        else:
+            raise TypeError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
+
+        self.features = trunk
+        self.add_on = make_add_on(add_on, trunk_channels, prototype_dim)
+        self.prototype_layer = ProtoLayer(len(classes), prototype_dim, eps=eps, backend=backend)
+        self.last_layer = nn.Linear(len(classes), num_classes, bias=False)
+        identity = torch.zeros(len(classes), num_classes)
+        identity[torch.arange(len(classes)), classes] = 1.0
+        self.register_buffer("prototype_class_identity", identity)
+        self.num_classes = num_classes
+        self.set_last_layer_incorrect_connection(-0.5)
+
+        try:
+            self.receptive_field: ReceptiveField | None = compute_receptive_field(trunk)
+        except ValueError as error:
+            warnings.warn(f"no receptive field for this trunk ({error}); patch boxes are unavailable", stacklevel=2)
+            self.receptive_field = None
+
+        self._config = {
+            "backbone": backbone_name,
+            "num_classes": num_classes,
+            "prototypes_per_class": prototypes_per_class,
+            "prototype_dim": prototype_dim,
+            "add_on": add_on,
+            "eps": eps,
+            "backend": backend,
+            "out_channels": trunk_channels,
+            "prototype_classes": None if prototype_classes is None else classes.tolist(),
+        }
+
+    # ----------------------------------------------------------------------------------------- attributes
+    @property
+    def num_prototypes(self) -> int:
+        """Number of prototypes P."""
+        return self.prototype_layer.prototypes.shape[0]
+
+    @property
+    def prototype_shape(self) -> tuple[int, int, int, int]:
+        """(P, D, 1, 1), as the original's ``prototype_shape``."""
+        return tuple(self.prototype_layer.prototypes.shape)
+
+    @property
+    def prototype_classes(self) -> Tensor:
+        """(P,) long: class index of each prototype."""
+        return self.prototype_class_identity.argmax(dim=1)
+
+    @property
+    def config(self) -> dict:
+        """Architecture description for :meth:`from_config` (weights come from ``state_dict``)."""
+        return dict(self._config)
+
+    @classmethod
+    def from_config(cls, config: Mapping, backbone: nn.Module | None = None) -> ProtoPNet:
+        """Rebuild an (untrained, not pretrained) model from :attr:`config`; then load its ``state_dict``.
+
+        ``backbone`` must be given (the trunk module) when the model was built with a module trunk.
+        """
+        config = dict(config)
+        if config.get("backbone") is None:
+            if backbone is None:
+                raise ValueError("this config was made with a module trunk: pass backbone=<the trunk module>")
+            config["backbone"] = backbone
+        elif backbone is not None:
+            raise ValueError(f"config names backbone {config['backbone']!r}; do not pass backbone= as well")
+        return cls(**config)
+
+    # ----------------------------------------------------------------------------------------- forward
+    def conv_features(self, x: Tensor) -> Tensor:
+        """Features in prototype space, (B, D, H, W): ``add_on(features(x))``."""
+        if x.dim() != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
+        return self.add_on(self.features(x))
+
+    def forward_with_similarity(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logits (B, C), min_distances (B, P), similarity (B, P))`` in one pass."""
+        similarity, min_distances = self.prototype_layer(self.conv_features(x))
+        return self.last_layer(similarity), min_distances, similarity
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits (B, C), min_distances (B, P))`` as the original's ``forward``."""
+        logits, min_distances, _ = self.forward_with_similarity(x)
+        return logits, min_distances
+
+    def push_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(conv_features (B, D, H, W), distances (B, P, H, W))``: the full squared-L2 distance map."""
+        z = self.conv_features(x)
+        return z, prototype_distances(z, self.prototype_layer.prototypes)
+
+    # ----------------------------------------------------------------------------------------- editing
+    @torch.no_grad()
+    def set_last_layer_incorrect_connection(self, incorrect_strength: float = -0.5) -> None:
+        """Set last-layer weights to 1 for each prototype's own class and ``incorrect_strength`` elsewhere."""
+        own = self.prototype_class_identity.t()
+        self.last_layer.weight.copy_(own + incorrect_strength * (1 - own))
+
+    @torch.no_grad()
+    def prune_prototypes(self, indices) -> None:
+        """Remove the prototypes at ``indices`` with their last-layer columns and class-identity rows.
+
+        The prototype layer and last layer are replaced by new modules (as the original replaces the
+        parameters): rebuild optimisers afterwards.
+        """
+        drop = torch.as_tensor(indices, dtype=torch.long).flatten().cpu()
+        num = self.num_prototypes
+        if drop.numel() and (drop.min() < 0 or drop.max() >= num):
+            raise IndexError(f"prototype indices must be in [0, {num}), got {drop.tolist()}")
+        keep_mask = torch.ones(num, dtype=torch.bool)
+        keep_mask[drop] = False
+        keep = keep_mask.nonzero().flatten()
+        if keep.numel() == 0:
+            raise ValueError("cannot prune every prototype")
+
+        old_layer, old_last = self.prototype_layer, self.last_layer
+        prototypes = old_layer.prototypes
+        layer = ProtoLayer(keep.numel(), prototypes.shape[1], eps=old_layer.eps, backend=old_layer.backend)
+        layer = layer.to(device=prototypes.device, dtype=prototypes.dtype)
+        layer.prototypes.copy_(prototypes[keep.to(prototypes.device)])
+        layer.prototypes.requires_grad_(prototypes.requires_grad)
+        layer.train(old_layer.training)
+
+        weight = old_last.weight
+        last = nn.Linear(keep.numel(), self.num_classes, bias=False).to(device=weight.device, dtype=weight.dtype)
+        last.weight.copy_(weight[:, keep.to(weight.device)])
+        last.weight.requires_grad_(weight.requires_grad)
+        last.train(old_last.training)
+
+        self.prototype_layer, self.last_layer = layer, last
+        self.prototype_class_identity = self.prototype_class_identity[keep.to(self.prototype_class_identity.device)]
+        self._config["prototype_classes"] = self.prototype_classes.tolist()
+        self._config["prototypes_per_class"] = None
+
+    # ----------------------------------------------------------------------------------------- import
+    @classmethod
+    def from_original_state_dict(cls, state_dict, **kwargs) -> ProtoPNet:
+        """Import a state dict of the original implementation (cfchen-duke/ProtoPNet ``PPNet``).
+
+        Keys: ``features.*`` (the original's VGG / DenseNet feature classes nest torchvision's layers one
+        level deeper, ``features.features.*``; its ResNet uses torchvision's names), ``add_on_layers.*``,
+        ``prototype_vectors`` (P, D, 1, 1), ``ones``, ``last_layer.weight`` (C, P). A ``module.`` prefix
+        (DataParallel) is stripped; an ``nn.Module`` is taken by its ``state_dict()``.
+
+        ``kwargs`` go to the constructor; ``backbone`` must name the original's base architecture (default
+        'vgg19', as the constructor) or be a module trunk. ``num_classes``, ``prototype_dim``,
+        ``prototypes_per_class`` and ``add_on`` are inferred. The original does not save the class identity:
+        for a pruned model pass ``prototype_classes``.
+        """
+        if isinstance(state_dict, nn.Module):
+            state_dict = state_dict.state_dict()
+        state = {key.removeprefix("module."): value for key, value in state_dict.items()}
+        for key in ("prototype_vectors", "last_layer.weight"):
+            if key not in state:
+                raise ValueError(f"not a state dict of the original ProtoPNet: no {key!r}")
+        vectors, last = state["prototype_vectors"], state["last_layer.weight"]
+        if vectors.dim() != 4 or tuple(vectors.shape[2:]) != (1, 1):
+            raise ValueError(f"only 1x1 prototypes are supported, got prototype_vectors {tuple(vectors.shape)}")
+        num_prototypes, prototype_dim = vectors.shape[:2]
+        num_classes = last.shape[0]
+        if last.shape[1] != num_prototypes:
+            raise ValueError(f"last_layer.weight {tuple(last.shape)} does not fit {num_prototypes} prototypes")
+
+        add_on_convs = {m.group(1) for key in state if (m := re.fullmatch(r"add_on_layers\.(\d+)\.weight", key))}
+        inferred = {
+            "num_classes": num_classes,
+            "prototype_dim": prototype_dim,
+            "add_on": "regular" if len(add_on_convs) == 2 else "bottleneck",
+        }
+        for key, value in inferred.items():
+            if kwargs.setdefault(key, value) != value:
+                raise ValueError(f"{key}={kwargs[key]!r} but the state dict has {value!r}")
+        if kwargs.get("prototype_classes") is None:
+            if num_prototypes % num_classes:
+                raise ValueError(
+                    f"{num_prototypes} prototypes for {num_classes} classes: pass prototype_classes= (pruned model?)"
+                )
+            kwargs["prototypes_per_class"] = num_prototypes // num_classes
+        model = cls(**kwargs)
+
+        target = model.state_dict()
+        mapped = {
+            "prototype_layer.prototypes": vectors,
+            "last_layer.weight": last,
+            **{"add_on." + k.removeprefix("add_on_layers."): v
+               for k, v in state.items() if k.startswith("add_on_layers.")},
+            **_original_feature_keys(state, model.features),
+        }
+        needed = {k for k in target if k.startswith(("features.", "add_on.")) and not k.endswith("num_batches_tracked")}
+        needed |= {"prototype_layer.prototypes", "last_layer.weight"}
+        used = {"prototype_vectors", "ones", "last_layer.weight"}
+        used |= {k for k in state if k.startswith(("features.", "add_on_layers."))}
+        problems = []
+        if needed - set(mapped):
+            problems.append(f"missing: {sorted(needed - set(mapped))[:5]}")
+        if set(mapped) - set(target) or set(state) - used:
+            problems.append(f"unexpected: {sorted((set(mapped) - set(target)) | (set(state) - used))[:5]}")
+        problems += [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in mapped.items()
+                     if k in target and v.shape != target[k].shape]
+        if problems:
+            raise ValueError(f"original state dict does not fit backbone {kwargs.get('backbone', 'vgg19')!r}: "
+                             + "; ".join(problems))
+        target.update(mapped)
+        model.load_state_dict(target)
+        return model
+
+
+def _original_feature_keys(state: dict, trunk: nn.Module) -> dict:
+    """Rename the original's ``features.*`` keys to ours: as they are, or one ``features.`` level less."""
+    original = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    ours = {k for k in trunk.state_dict() if not k.endswith("num_batches_tracked")}
+    candidates = [original, {k.removeprefix("features."): v for k, v in original.items() if k.startswith("features.")}]
+    for candidate in candidates:
+        if {k for k in candidate if not k.endswith("num_batches_tracked")} == ours:
+            return {"features." + k: v for k, v in candidate.items()}
+    return {"features." + k: v for k, v in original.items()}  # reported as missing / unexpected by the caller
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -1,0 +1,175 @@
+"""Receptive-field arithmetic: which input pixels an output cell of a trunk can see.
+
+As in the original ProtoPNet (``receptive_field.py``), the trunk is treated as a chain of conv / pool layers,
+each described by its kernel size, stride and padding, and three numbers are carried through the chain:
+
+- ``jump``: distance in input pixels between the centres of two adjacent output cells,
+- ``size``: side of the square of input pixels one output cell can see,
+- ``start``: centre of output cell (0, 0), in pixel coordinates where pixel ``i`` spans ``[i, i + 1)``
+  (so the input itself starts at jump 1, size 1, start 0.5).
+
+Layers are found by walking the trunk's modules in registration order. Shortcut branches of residual blocks
+(submodules named ``downsample``) run in parallel to the main path and are skipped; dense connections
+(DenseNet) concatenate the input with the deepest path, whose chain is the one walked. 1x1 convolutions (the
+add-on layers, 1x1 prototypes) leave the receptive field unchanged. Operations done in ``forward`` without a
+module (``F.max_pool2d`` ...) are invisible to the walk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LayerGeometry",
+    "ReceptiveField",
+    "backbone_receptive_field",
+    "compute_receptive_field",
+    "layer_geometry",
+    "patch_box",
+    "receptive_field_from_layers",
+]
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """Spatial geometry of one square conv / pool layer (dilation 1 unless given)."""
+
+    kernel: int
+    stride: int
+    padding: int
+    dilation: int = 1
+    ceil_mode: bool = False
+
+    @property
+    def span(self) -> int:
+        """Effective kernel extent in input cells: ``dilation * (kernel - 1) + 1``."""
+        return self.dilation * (self.kernel - 1) + 1
+
+    def output_size(self, n: int) -> int:
+        """Output side for an input side ``n`` (PyTorch's formula)."""
+        rounding = math.ceil if self.ceil_mode else math.floor
+        out = rounding((n + 2 * self.padding - self.span) / self.stride) + 1
+        if self.ceil_mode and (out - 1) * self.stride >= n + self.padding:
+            out -= 1  # PyTorch drops a last window that would start in the right padding
+        return out
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """Receptive field of the output cells of a chain of layers (see the module docstring)."""
+
+    jump: float
+    size: float
+    start: float
+    layers: tuple[LayerGeometry, ...] = ()
+
+    def output_size(self, img_size: int) -> int:
+        """Side of the output map for a square input of side ``img_size``."""
+        n = int(img_size)
+        for layer in self.layers:
+            n = layer.output_size(n)
+        return n
+
+    def to_original(self, img_size: int) -> list[float]:
+        """The original implementation's ``proto_layer_rf_info``: ``[n, jump, size, start]``."""
+        return [self.output_size(img_size), self.jump, self.size, self.start]
+
+
+def _square(value, what: str, module: nn.Module) -> int:
+    if isinstance(value, (tuple, list)):
+        if len(set(value)) != 1:
+            raise ValueError(f"receptive field: only square {what} are supported, got {value} in {module}")
+        value = value[0]
+    return int(value)
+
+
+def _geometry(module: nn.Module) -> LayerGeometry | None:
+    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        raise ValueError(f"receptive field: adaptive pooling ({module}) has no fixed geometry")
+    if isinstance(module, nn.Conv2d):
+        kernel = _square(module.kernel_size, "kernels", module)
+        stride = _square(module.stride, "strides", module)
+        dilation = _square(module.dilation, "dilations", module)
+        padding = module.padding
+        if padding == "valid":
+            padding = 0
+        elif padding == "same":
+            padding = dilation * (kernel - 1) // 2  # PyTorch puts the odd pixel on the right/bottom
+        return LayerGeometry(kernel, stride, _square(padding, "paddings", module), dilation)
+    if isinstance(module, nn.MaxPool2d):
+        return LayerGeometry(
+            _square(module.kernel_size, "kernels", module),
+            _square(module.stride, "strides", module),
+            _square(module.padding, "paddings", module),
+            _square(module.dilation, "dilations", module),
+            bool(module.ceil_mode),
+        )
+    if isinstance(module, nn.AvgPool2d):
+        return LayerGeometry(
+            _square(module.kernel_size, "kernels", module),
+            _square(module.stride, "strides", module),
+            _square(module.padding, "paddings", module),
+            1,
+            bool(module.ceil_mode),
+        )
+    return None
+
+
+def layer_geometry(module: nn.Module) -> list[LayerGeometry]:
+    """The conv / pool layers of ``module`` along its main path, in order (shortcut branches skipped)."""
+    layers = []
+    for name, sub in module.named_modules():
+        if "downsample" in name.split("."):
+            continue
+        geometry = _geometry(sub)
+        if geometry is not None:
+            layers.append(geometry)
+    return layers
+
+
+def receptive_field_from_layers(layers) -> ReceptiveField:
+    """Carry ``(jump, size, start)`` through a chain of :class:`LayerGeometry` (the original's arithmetic)."""
+    jump, size, start = 1.0, 1.0, 0.5
+    for layer in layers:
+        span = layer.span
+        start = start + ((span - 1) / 2 - layer.padding) * jump
+        size = size + (span - 1) * jump
+        jump = jump * layer.stride
+    return ReceptiveField(jump=jump, size=size, start=start, layers=tuple(layers))
+
+
+def compute_receptive_field(module: nn.Module) -> ReceptiveField:
+    """Receptive field of the output cells of ``module`` (a trunk, or a trunk followed by add-on layers)."""
+    return receptive_field_from_layers(layer_geometry(module))
+
+
+def backbone_receptive_field(name: str) -> ReceptiveField:
+    """Receptive field of a supported backbone trunk by name (built on the meta device: no memory, no weights)."""
+    from protokern.models.backbones import make_backbone
+
+    with torch.device("meta"):
+        trunk, _ = make_backbone(name)
+    return compute_receptive_field(trunk)
+
+
+def patch_box(rf: ReceptiveField, img_size, h: int, w: int) -> tuple[int, int, int, int]:
+    """Pixel box ``(y0, y1, x0, x1)`` (half-open) seen by output cell ``(h, w)``, clipped to the image.
+
+    ``img_size`` is the image side, or ``(height, width)``. Same box as the original's
+    ``compute_rf_protoL_at_spatial_location``.
+    """
+    img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+    if h < 0 or w < 0:
+        raise ValueError(f"cell indices must be >= 0, got ({h}, {w})")
+    half = rf.size / 2
+    center_h = rf.start + h * rf.jump
+    center_w = rf.start + w * rf.jump
+    y0 = max(math.floor(center_h - half), 0)
+    y1 = min(math.floor(center_h + half), img_h)
+    x0 = max(math.floor(center_w - half), 0)
+    x1 = min(math.floor(center_w + half), img_w)
+    return y0, y1, x0, x1

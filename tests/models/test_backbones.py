@@ -1,0 +1,129 @@
+import os
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from protokern.models import BACKBONES, load_backbone_state, make_backbone
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_output_shape_and_channels_at_224(name):
+    with torch.device("meta"):  # shapes only: no memory, no compute
+        trunk, channels = make_backbone(name)
+        out = trunk(torch.empty(2, 3, 224, 224))
+    expected = (28, 28) if name == "tiny" else (7, 7)
+    assert tuple(out.shape) == (2, channels, *expected)
+
+
+@pytest.mark.parametrize("name, channels", [("vgg11", 512), ("resnet18", 512), ("densenet121", 1024), ("tiny", 64)])
+def test_forward_on_cpu_at_64(name, channels):
+    trunk, out_channels = make_backbone(name)
+    out = trunk.eval()(torch.randn(2, 3, 64, 64))
+    assert out_channels == channels
+    assert out.shape == (2, channels, 8, 8) if name == "tiny" else out.shape == (2, channels, 2, 2)
+    if name in ("densenet121", "tiny"):
+        assert out.min() >= 0  # ends with a ReLU
+
+
+def test_trunk_keys_follow_torchvision():
+    vgg, _ = make_backbone("vgg11")
+    resnet, _ = make_backbone("resnet18")
+    dense, _ = make_backbone("densenet121")
+    assert "0.weight" in vgg.state_dict() and "18.weight" in vgg.state_dict()
+    full_keys = torchvision.models.resnet18().state_dict()
+    assert set(resnet.state_dict()) == {k for k in full_keys if not k.startswith("fc.")}
+    assert "conv0.weight" in dense.state_dict() and "norm5.weight" in dense.state_dict()
+    assert isinstance(list(dense.children())[-1], nn.ReLU)
+    assert isinstance(list(vgg.children())[-1], nn.MaxPool2d)
+
+
+def _same_params(trunk, state):
+    return all(torch.equal(trunk.state_dict()[k], v) for k, v in state.items())
+
+
+def test_weights_path_full_torchvision_state_dict(tmp_path):
+    full = torchvision.models.resnet18()
+    torch.save(full.state_dict(), tmp_path / "r18.pth")
+    trunk, _ = make_backbone("resnet18", weights_path=tmp_path / "r18.pth")
+    assert _same_params(trunk, {k: v for k, v in full.state_dict().items() if not k.startswith("fc.")})
+
+    dense = torchvision.models.densenet121()
+    state = {"features." + k: v for k, v in dense.features.state_dict().items()}
+    state["classifier.weight"] = dense.classifier.weight.detach()
+    # a pre-0.3 torchvision checkpoint spells denselayer keys 'norm.1' instead of 'norm1'
+    state["features.denseblock1.denselayer1.norm.1.weight"] = state.pop("features.denseblock1.denselayer1.norm1.weight")
+    torch.save(state, tmp_path / "d121.pth")
+    trunk, _ = make_backbone("densenet121", weights_path=str(tmp_path / "d121.pth"))
+    assert _same_params(trunk, dense.features.state_dict())
+
+
+def test_weights_path_trunk_state_dict(tmp_path):
+    source, _ = make_backbone("tiny")
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)
+    torch.save(source.state_dict(), tmp_path / "tiny.pt")
+    trunk, _ = make_backbone("tiny", weights_path=tmp_path / "tiny.pt")
+    assert _same_params(trunk, source.state_dict())
+
+    vgg, _ = make_backbone("vgg11")
+    torch.save({"features." + k: v for k, v in vgg.state_dict().items()}, tmp_path / "vgg.pt")  # torchvision naming
+    trunk, _ = make_backbone("vgg11", weights_path=tmp_path / "vgg.pt")
+    assert _same_params(trunk, vgg.state_dict())
+
+
+def test_bad_weights_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        make_backbone("tiny", weights_path=tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not read"):
+        make_backbone("tiny", weights_path=tmp_path / "junk.pt")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match="missing keys: layer1.2"):
+        make_backbone("resnet34", weights_path=tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match="unexpected keys"):
+        make_backbone("tiny", weights_path=tmp_path / "r18.pth")
+    tiny, _ = make_backbone("tiny")
+    state = tiny.state_dict()
+    state["0.weight"] = torch.zeros(8, 3, 3, 3)
+    torch.save(state, tmp_path / "shape.pt")
+    with pytest.raises(ValueError, match="shape mismatch for 0.weight"):
+        make_backbone("tiny", weights_path=tmp_path / "shape.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="expected a state dict"):
+        make_backbone("tiny", weights_path=tmp_path / "list.pt")
+    with pytest.raises(ValueError):
+        load_backbone_state(tiny, "tiny", {"0.weight": torch.zeros(1)})
+
+
+def test_pretrained_loads_from_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    url = torchvision.models.get_model_weights("vgg11")["IMAGENET1K_V1"].url
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    vgg, _ = make_backbone("vgg11")
+    torch.save({"features." + k: v for k, v in vgg.state_dict().items()}, cache / os.path.basename(url))
+    trunk, _ = make_backbone("vgg11", pretrained=True)
+    assert _same_params(trunk, vgg.state_dict())
+
+
+def test_pretrained_unavailable_is_a_clear_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="weights_path"):
+        make_backbone("resnet18", pretrained=True)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown backbone 'vgg20'"):
+        make_backbone("vgg20")
+    with pytest.raises(ValueError, match="not both"):
+        make_backbone("vgg11", pretrained=True, weights_path="x.pt")
+    with pytest.raises(ValueError, match="no pretrained"):
+        make_backbone("tiny", pretrained=True)

@@ -1,0 +1,75 @@
+"""``ProtoPNet.from_original_state_dict`` reproduces the original model's outputs."""
+
+import pytest
+import torch
+
+from protokern.models import ProtoPNet
+
+from .original import OrigDenseNetFeatures, OrigPPNet, OrigResNetFeatures, OrigVGGFeatures, randomize
+
+CASES = [
+    ("vgg11", OrigVGGFeatures, 512, "regular", 96),
+    ("resnet18", OrigResNetFeatures, 512, "bottleneck", 64),
+    ("densenet121", OrigDenseNetFeatures, 1024, "regular", 64),
+]
+
+
+def _original(name, features_cls, channels, add_on, num_classes=3, per_class=4, dim=24):
+    torch.manual_seed(3)
+    original = OrigPPNet(features_cls(name), channels, (num_classes * per_class, dim, 1, 1), num_classes, add_on)
+    randomize(original)
+    with torch.no_grad():
+        original.last_layer.weight.normal_()
+    return original.eval()
+
+
+@pytest.mark.parametrize("name, features_cls, channels, add_on, size", CASES)
+def test_outputs_match_the_original(name, features_cls, channels, add_on, size):
+    original = _original(name, features_cls, channels, add_on)
+    model = ProtoPNet.from_original_state_dict(original.state_dict(), backbone=name).eval()
+    assert model.config["add_on"] == add_on and model.num_prototypes == 12 and model.num_classes == 3
+    assert model.prototype_classes.tolist() == [j // 4 for j in range(12)]
+
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ref_logits, ref_min = original(x)
+        logits, min_d = model(x)
+        torch.testing.assert_close(min_d, ref_min, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(logits, ref_logits, atol=2e-3, rtol=1e-3)
+        if name == "densenet121":
+            return  # float64 DenseNet is slow on CPU
+        # in float64 the two agree to rounding
+        ref_logits, ref_min = original.double()(x.double())
+        logits, min_d = model.double()(x.double())
+    torch.testing.assert_close(min_d, ref_min, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-7, rtol=1e-7)
+
+
+def test_import_handles_dataparallel_prefix_and_pruned_models():
+    original = _original("vgg11", OrigVGGFeatures, 512, "regular", num_classes=3, per_class=2)
+    state = {"module." + k: v for k, v in original.state_dict().items()}
+    keep = [0, 2, 3, 5, 4]
+    state["module.prototype_vectors"] = state["module.prototype_vectors"][keep]
+    state["module.ones"] = state["module.ones"][keep]
+    state["module.last_layer.weight"] = state["module.last_layer.weight"][:, keep]
+    with pytest.raises(ValueError, match="prototype_classes"):
+        ProtoPNet.from_original_state_dict(state, backbone="vgg11")
+    model = ProtoPNet.from_original_state_dict(state, backbone="vgg11", prototype_classes=[0, 1, 1, 2, 2])
+    assert model.num_prototypes == 5 and model.prototype_classes.tolist() == [0, 1, 1, 2, 2]
+    assert torch.equal(model.prototype_layer.prototypes, state["module.prototype_vectors"])
+
+
+def test_import_errors():
+    original = _original("vgg11", OrigVGGFeatures, 512, "regular")
+    state = original.state_dict()
+    with pytest.raises(ValueError, match="does not fit backbone 'vgg13'"):
+        ProtoPNet.from_original_state_dict(state, backbone="vgg13")
+    with pytest.raises(ValueError, match="does not fit backbone 'resnet18'"):
+        ProtoPNet.from_original_state_dict(state, backbone="resnet18")
+    with pytest.raises(ValueError, match="num_classes"):
+        ProtoPNet.from_original_state_dict(state, backbone="vgg11", num_classes=5)
+    with pytest.raises(ValueError, match="no 'prototype_vectors'"):
+        ProtoPNet.from_original_state_dict({"last_layer.weight": torch.zeros(2, 4)}, backbone="vgg11")
+    extra = dict(state, stray=torch.zeros(1))
+    with pytest.raises(ValueError, match="unexpected.*stray"):
+        ProtoPNet.from_original_state_dict(extra, backbone="vgg11")

@@ -1,0 +1,117 @@
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from protokern.models import BACKBONES, compute_receptive_field, make_add_on, make_backbone, patch_box
+from protokern.models.receptive_field import LayerGeometry, backbone_receptive_field, layer_geometry
+
+from .original import original_layer_lists, original_rf_info
+
+
+@functools.lru_cache(maxsize=None)
+def _rf(name):
+    return backbone_receptive_field(name)
+
+
+def _influence_box(net, img, h, w):
+    """Bounding box (y0, y1, x0, x1) of the input pixels whose gradient reaches output cell (h, w)."""
+    x = torch.randn(1, 3, img, img, dtype=torch.float64, requires_grad=True)
+    net(x)[0, :, h, w].sum().backward()
+    ys, xs = (x.grad[0].abs().sum(0) > 0).nonzero(as_tuple=True)
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+
+
+def _inside(inner, outer):
+    return outer[0] <= inner[0] and inner[1] <= outer[1] and outer[2] <= inner[2] and inner[3] <= outer[3]
+
+
+def test_box_is_tight_for_a_plain_conv_stack():
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(4, 4, 2, stride=2),
+        nn.Conv2d(4, 4, 5, stride=1, padding=2),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1, dilation=2),
+        nn.Conv2d(4, 4, 3, stride=1, padding=0),
+        nn.Conv2d(4, 4, 1),
+    ).double()
+    rf = compute_receptive_field(net)
+    img = 41
+    n = rf.output_size(img)
+    assert n == net(torch.zeros(1, 3, img, img, dtype=torch.float64)).shape[-1]
+    for h, w in [(0, 0), (0, n - 1), (n // 2, n // 2), (n - 1, 1), (n - 1, n - 1)]:
+        assert _influence_box(net, img, h, w) == patch_box(rf, img, h, w), (h, w)
+
+
+def test_box_contains_influence_with_pools_and_residual_shortcuts():
+    torch.manual_seed(2)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU(), nn.AvgPool2d(3, stride=1, padding=1),
+        nn.Conv2d(4, 4, 3, padding=1),
+    ).double()
+    rf = compute_receptive_field(net)
+    n = rf.output_size(48)
+    for h, w in [(0, 0), (5, 7), (n - 1, n - 1)]:
+        assert _inside(_influence_box(net, 48, h, w), patch_box(rf, 48, h, w))
+
+    # ResNet trunk up to layer2: its downsample shortcuts must not count as layers on the main path
+    full, _ = make_backbone("resnet18")
+    trunk = nn.Sequential(*list(full.children())[:6]).double().eval()
+    rf = compute_receptive_field(trunk)
+    assert (rf.jump, rf.size) == (8, 99)
+    assert rf.output_size(128) == trunk(torch.zeros(1, 3, 128, 128, dtype=torch.float64)).shape[-1] == 16
+    for h, w in [(0, 0), (7, 9), (15, 15)]:
+        box = patch_box(rf, 128, h, w)
+        assert _inside(_influence_box(trunk, 128, h, w), box)
+        assert box != (0, 128, 0, 128)
+
+
+@pytest.mark.parametrize("name", [n for n in BACKBONES if n != "tiny"])
+def test_matches_the_original_layer_arithmetic(name):
+    n, j, r, start = original_rf_info(224, *original_layer_lists(name))
+    rf = _rf(name)
+    assert (rf.jump, rf.size, rf.start) == (j, r, start)
+    assert rf.to_original(224) == [n, j, r, start] == [7, 32, r, start]
+
+
+def test_tiny_trunk_and_output_sizes():
+    rf = _rf("tiny")
+    assert (rf.jump, rf.size, rf.start) == (8, 22, 4.0)
+    for name, img in [("tiny", 64), ("tiny", 70), ("vgg11", 64), ("resnet18", 80), ("densenet121", 64)]:
+        trunk, _ = make_backbone(name)
+        assert trunk.eval()(torch.zeros(1, 3, img, img)).shape[-1] == _rf(name).output_size(img)
+
+
+def test_add_on_layers_do_not_change_the_receptive_field():
+    trunk, channels = make_backbone("tiny")
+    both = nn.Sequential(trunk, make_add_on("bottleneck", channels, 16))
+    assert compute_receptive_field(both).size == compute_receptive_field(trunk).size
+    assert (compute_receptive_field(both).jump, compute_receptive_field(both).start) == (8, 4.0)
+
+
+def test_patch_box_values_and_clipping():
+    rf = _rf("vgg16")  # jump 32, size 212, start 16
+    assert patch_box(rf, 224, 0, 0) == (0, 122, 0, 122)
+    assert patch_box(rf, 224, 3, 3) == (6, 218, 6, 218)
+    assert patch_box(rf, 224, 6, 6) == (102, 224, 102, 224)
+    assert patch_box(rf, (224, 300), 6, 8) == (102, 224, 166, 300)
+    with pytest.raises(ValueError):
+        patch_box(rf, 224, -1, 0)
+
+
+def test_unsupported_layers_raise():
+    with pytest.raises(ValueError, match="adaptive"):
+        compute_receptive_field(nn.Sequential(nn.Conv2d(3, 3, 3), nn.AdaptiveAvgPool2d(1)))
+    with pytest.raises(ValueError, match="square"):
+        compute_receptive_field(nn.Conv2d(3, 3, (1, 3)))
+
+
+def test_layer_geometry_ceil_mode_output_size():
+    pool = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+    (geometry,) = layer_geometry(pool)
+    assert geometry == LayerGeometry(3, 2, 0, 1, True)
+    for n in range(3, 12):
+        assert geometry.output_size(n) == pool(torch.zeros(1, 1, n, n)).shape[-1]
