@@ -1,0 +1,36 @@
+"""Datasets, image loading / normalisation and batched augmentation for protokern.
+
+Every dataset returns ``(image, label)`` with ``image`` a float32 (3, S, S) tensor in [0, 1],
+unnormalised; normalise batches with :func:`imagenet_normalize` on the training device.
+"""
+from .augment import GpuAugment
+from .cars import StanfordCars
+from .cub import CUB200
+from .folder import ImageFolderDataset
+from .loader import make_loader
+from .synthetic import SyntheticParts
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    imagenet_denormalize,
+    imagenet_normalize,
+    load_image,
+    open_rgb,
+    to_rgb,
+)
+
+__all__ = [
+    "SyntheticParts",
+    "CUB200",
+    "StanfordCars",
+    "ImageFolderDataset",
+    "GpuAugment",
+    "make_loader",
+    "imagenet_normalize",
+    "imagenet_denormalize",
+    "load_image",
+    "open_rgb",
+    "to_rgb",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]

@@ -1,0 +1,111 @@
+"""Shared machinery of the annotated file datasets (CUB-200-2011, Stanford Cars).
+
+Also the tolerant text-table reader used for annotation files.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .transforms import load_image, map_boxes, output_mapping
+
+CROPS = ("bbox", "none")
+
+
+def require_file(path: str, what: str = "annotation file") -> str:
+    """Return ``path`` if it is a file, else raise FileNotFoundError naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing {what}: {path}")
+    return path
+
+
+def read_table(path: str, fields: int) -> list[tuple[int, list[str]]]:
+    """Rows of a whitespace-separated text file as ``(line_number, [field, ...])``.
+
+    Blank lines are skipped; the last field takes the rest of the line (file names may hold
+    spaces); a line with fewer than ``fields`` fields raises ValueError naming file and line.
+    """
+    require_file(path)
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split(None, fields - 1)
+            if len(parts) != fields:
+                raise ValueError(f"{path}:{lineno}: expected {fields} fields, got {line!r}")
+            rows.append((lineno, parts))
+    return rows
+
+
+def parse_number(path: str, lineno: int, text: str, kind=float):
+    """``text`` as a float (or an int when ``kind is int``), with an error naming file and line."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or (kind is int and not value.is_integer()):
+        raise ValueError(f"{path}:{lineno}: expected {'an integer' if kind is int else 'a number'}, "
+                         f"got {text!r}")
+    return int(value) if kind is int else value
+
+
+class BoxedImages(Dataset):
+    """Labelled image files, each with one box in source pixels; optionally cropped to it.
+
+    Items are ``(image, label)``, image float32 (3, S, S) in [0, 1]. ``boxes`` gives each box in
+    output pixels (computed on first access; it reads the image headers for their sizes).
+    """
+
+    def __init__(self, paths: Sequence[str], targets: Sequence[int], source_boxes: torch.Tensor,
+                 classes: Sequence[str], image_size: int, crop: str):
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        if not (isinstance(image_size, int) and image_size > 0):
+            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        self.paths = list(paths)
+        self.targets = [int(t) for t in targets]
+        self.source_boxes = torch.as_tensor(source_boxes, dtype=torch.float32).reshape(-1, 4)
+        self.classes = list(classes)
+        self.image_size = image_size
+        self.crop = crop
+        self._sizes: dict[int, tuple[int, int]] = {}
+        self._boxes: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _crop_box(self, index: int):
+        return self.source_boxes[index].tolist() if self.crop == "bbox" else None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        try:
+            image, _ = load_image(self.paths[index], self.image_size, self._crop_box(index))
+        except ValueError as err:
+            raise ValueError(f"{self.paths[index]}: {err}") from None
+        return image, self.targets[index]
+
+    def source_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of the source image file (header read, cached)."""
+        if index not in self._sizes:
+            with Image.open(self.paths[index]) as img:
+                self._sizes[index] = img.size
+        return self._sizes[index]
+
+    def mapping(self, index: int) -> tuple[float, float, float, float]:
+        """``(ox, oy, sx, sy)``: source (x, y) -> ((x - ox) * sx, (y - oy) * sy) in the output."""
+        w, h = self.source_size(index)
+        return output_mapping(w, h, self.image_size, self._crop_box(index))
+
+    @property
+    def boxes(self) -> torch.Tensor:
+        """(N, 4) float32 boxes (x0, y0, x1, y1) in pixels of the returned images."""
+        if self._boxes is None:
+            self._boxes = torch.stack([map_boxes(self.source_boxes[i], self.mapping(i))
+                                       for i in range(len(self))]) if len(self) else torch.zeros(0, 4)
+        return self._boxes

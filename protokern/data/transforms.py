@@ -1,0 +1,173 @@
+"""Shared image loading, cropping, resizing and ImageNet normalisation.
+
+Every dataset in :mod:`protokern.data` goes through :func:`load_image`, so all of them agree on
+colour handling (any PIL mode becomes RGB) and on the pixel-coordinate convention:
+coordinates are continuous, pixel ``j`` covers ``[j, j + 1)`` and its centre is ``j + 0.5``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "to_rgb",
+    "open_rgb",
+    "pil_to_tensor",
+    "crop_box_pixels",
+    "output_mapping",
+    "load_image",
+    "map_boxes",
+    "imagenet_normalize",
+    "imagenet_denormalize",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Background that transparent pixels are composited onto.
+_WHITE = (255, 255, 255)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Return ``img`` as an 8-bit RGB PIL image, whatever its mode.
+
+    Transparent modes (RGBA, LA, PA, palette or RGB with a transparency key) are composited onto
+    white, so hidden pixels do not leak into the result; CMYK, YCbCr, grayscale ("L", "1") and
+    palette images go through PIL's conversion; 16/32-bit integer and float grayscale ("I;16",
+    "I", "F") are rescaled to 8 bits.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = float(arr.max()) if arr.size else 0.0
+        if img.mode.startswith("I;16") or (img.mode == "I" and peak > 255):
+            top = 65535.0  # 16-bit data
+        elif img.mode == "F" and peak <= 1.0:
+            top = 1.0  # float data in [0, 1]
+        else:
+            top = 255.0  # already 8-bit range
+        arr8 = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image file and return it as RGB (see :func:`to_rgb`); clear error if missing."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 tensor (3, H, W) in [0, 1]."""
+    arr = np.asarray(to_rgb(img), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def crop_box_pixels(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """Integer crop ``(x0, y0, x1, y1)`` (x1, y1 exclusive) covering the continuous ``box``.
+
+    The box is widened to whole pixels (floor / ceil) and clipped to the image; a box that does not
+    overlap the image, or is empty, raises ``ValueError``.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    ix0 = max(0, math.floor(x0 + 1e-6))
+    iy0 = max(0, math.floor(y0 + 1e-6))
+    ix1 = min(width, math.ceil(x1 - 1e-6))
+    iy1 = min(height, math.ceil(y1 - 1e-6))
+    if ix1 <= ix0 or iy1 <= iy0:
+        raise ValueError(f"crop box {tuple(box)} is empty or outside the {width}x{height} image")
+    return ix0, iy0, ix1, iy1
+
+
+def output_mapping(width: int, height: int, image_size: int | None,
+                   crop: Sequence[float] | None = None) -> tuple[float, float, float, float]:
+    """``(ox, oy, sx, sy)`` taking source pixels of a width x height image to output pixels.
+
+    A source point (x, y) lands at ``((x - ox) * sx, (y - oy) * sy)`` after the optional crop
+    (see :func:`crop_box_pixels`) and the resize to ``image_size`` (None: no resize).
+    """
+    ox, oy, cw, ch = 0, 0, width, height
+    if crop is not None:
+        ix0, iy0, ix1, iy1 = crop_box_pixels(crop, width, height)
+        ox, oy, cw, ch = ix0, iy0, ix1 - ix0, iy1 - iy0
+    if image_size is None:
+        return float(ox), float(oy), 1.0, 1.0
+    return float(ox), float(oy), image_size / cw, image_size / ch
+
+
+def load_image(
+    path: str | os.PathLike,
+    image_size: int | None = None,
+    crop: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
+    """Load an image as a float32 (3, S, S) tensor in [0, 1], optionally cropped then resized.
+
+    Args:
+        path: image file (any PIL mode; converted with :func:`to_rgb`).
+        image_size: output side S (bilinear, antialiased when shrinking); None keeps the size.
+        crop: optional continuous box (x0, y0, x1, y1) in source pixels; see :func:`crop_box_pixels`.
+
+    Returns:
+        ``(image, mapping)`` with ``mapping = (ox, oy, sx, sy)`` from :func:`output_mapping`
+        (apply it to boxes with :func:`map_boxes`).
+    """
+    if image_size is not None and int(image_size) <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    img = open_rgb(path)
+    mapping = output_mapping(img.width, img.height, image_size, crop)
+    if crop is not None:
+        img = img.crop(crop_box_pixels(crop, img.width, img.height))
+    if image_size is not None and img.size != (image_size, image_size):
+        img = img.resize((int(image_size), int(image_size)), Image.BILINEAR)
+    return pil_to_tensor(img), mapping
+
+
+def map_boxes(boxes: torch.Tensor, mapping: tuple[float, float, float, float]) -> torch.Tensor:
+    """Map (..., 4) boxes (x0, y0, x1, y1) from source to output pixels (see output_mapping)."""
+    ox, oy, sx, sy = mapping
+    out = torch.as_tensor(boxes, dtype=torch.float32).clone()
+    out[..., 0::2] = (out[..., 0::2] - ox) * sx
+    out[..., 1::2] = (out[..., 1::2] - oy) * sy
+    return out
+
+
+def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise TypeError("expected a floating-point tensor image batch")
+    if x.dim() < 3 or x.shape[-3] != 3:
+        raise ValueError(f"expected images shaped (..., 3, H, W), got {tuple(x.shape)}")
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    return mean, std
+
+
+def imagenet_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) / std`` with ImageNet statistics, for (B, 3, H, W) or (3, H, W) tensors in [0, 1].
+
+    Works on any device and floating dtype; returns a new tensor of the same device and dtype.
+    """
+    mean, std = _stats(x)
+    return (x - mean) / std
+
+
+def imagenet_denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`imagenet_normalize`: ``x * std + mean`` (no clamping)."""
+    mean, std = _stats(x)
+    return x * std + mean

@@ -1,0 +1,41 @@
+"""ImageFolderDataset on a small class-per-folder tree with mixed image modes."""
+import pytest
+import torch
+from PIL import Image
+
+from protokern.data import ImageFolderDataset
+
+
+def make_tree(root):
+    (root / "cat").mkdir(parents=True)
+    (root / "ant").mkdir()
+    Image.new("RGBA", (30, 20), (255, 0, 0, 255)).save(root / "cat" / "a.png")
+    Image.new("L", (10, 10), 128).save(root / "cat" / "b.jpg")
+    Image.new("CMYK", (12, 8), (0, 0, 0, 0)).save(root / "ant" / "c.jpg")
+    pal = Image.new("P", (9, 9), 0)
+    pal.putpalette([0, 255, 0] + [0] * 765)
+    pal.save(root / "ant" / "d.png")
+    (root / "ant" / "notes.txt").write_text("not an image")
+
+
+def test_classes_targets_and_items(tmp_path):
+    make_tree(tmp_path)
+    ds = ImageFolderDataset(tmp_path, image_size=16)
+    assert ds.classes == ["ant", "cat"] and ds.class_to_idx == {"ant": 0, "cat": 1}
+    assert len(ds) == 4 and sorted(ds.targets) == [0, 0, 1, 1]
+    expected = {"a.png": (1, 0, 0), "b.jpg": (128 / 255,) * 3, "c.jpg": (1, 1, 1), "d.png": (0, 1, 0)}
+    for i, path in enumerate(ds.paths):
+        x, y = ds[i]
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == ds.targets[i]
+        colour = torch.tensor(expected[path.rsplit("/", 1)[-1]], dtype=torch.float32)
+        assert torch.allclose(x.mean(dim=(1, 2)), colour, atol=0.02), path
+
+
+def test_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ImageFolderDataset(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError):
+        ImageFolderDataset(tmp_path)  # no class folders
+    make_tree(tmp_path / "t")
+    with pytest.raises(ValueError, match="image_size"):
+        ImageFolderDataset(tmp_path / "t", image_size=0)
