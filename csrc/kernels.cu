@@ -1,0 +1,541 @@
+// CUDA kernels of the fused prototype-distance op (see docs/design.md).
+//
+// forward_kernel   one block per (128 prototypes, batch item b): a tiled fp32 GEMM-like loop
+//                  (p and z tiles of 32 channels double-buffered in shared memory with cp.async,
+//                  8x4 outputs per thread) finds, for each prototype, the patch minimising
+//                  |z_k|^2 - 2 z_k.p (|p|^2 is constant per prototype), ties to the lowest patch,
+//                  NaN sticky; then it recomputes the winner's distance exactly as sum_d (z - p)^2.
+//                  The B*M*HW distance map never leaves registers.
+// grad_p_kernel    one warp per prototype (lanes along channels), summing over b in order.
+// grad_z_kernel    one block per (b, 32 channels); each warp scans a fixed range of prototypes in
+//                  increasing order into its own shared accumulators, which are summed in warp order.
+// No float atomics anywhere: the backward is bitwise deterministic.
+//
+// CPU check without a GPU: python csrc/emu/check.py (runs this file's kernels on csrc/emu).
+
+#include "kernels.h"
+
+#include <c10/cuda/CUDAException.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+
+namespace protokern {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------
+
+constexpr int kThreads = 256;  // forward block size (8 warps)
+constexpr int kBM = 128;       // prototypes per block
+constexpr int kBK = 64;        // patches per tile
+constexpr int kDC = 32;        // channels per shared-memory stage
+// Row strides of the shared tiles (floats). Both are 4 (mod 32): rows stay 16-byte aligned for
+// float4 reads, and the 8x4 store pattern of `tile_map` hits 32 distinct banks.
+constexpr int kPsStride = kBM + 4;
+constexpr int kZsStride = kBK + 4;
+constexpr int kPLoads = kDC * kBM / kThreads;  // p elements staged per thread per stage
+constexpr int kZLoads = kDC * kBK / kThreads;  // z elements staged per thread per stage
+// Dynamic shared memory (floats): two pipeline stages of {p tile, z tile}, then |z|^2 of the
+// current patch tile, the winning patch and NaN flag of each prototype.
+constexpr int kStage = kDC * (kPsStride + kZsStride);
+constexpr int kZnOffset = 2 * kStage;
+constexpr int kWinOffset = kZnOffset + kBK;
+constexpr size_t kForwardSmem = sizeof(float) * (kWinOffset + 2 * kBM);  // 52.5 KB
+static_assert(kThreads == 256 && kBM == 128 && kBK == 64, "thread layout below assumes these");
+static_assert(8 % (kDC / 8) == 0 && 8 % (kBK / 32) == 0 && 8 % (kBM / 32) == 0, "tile_map");
+static_assert(2 * (kThreads / 16) * kBM <= kStage, "row minima must fit in one stage");
+static_assert(kDC * kPsStride <= kStage, "recompute tiles must fit in one stage each");
+
+// This thread's share of a cooperative kDC x C tile copy by kThreads threads: its i-th element
+// (0 <= i < kDC * C / kThreads) is (channel dd0 + i * ddi, column cc0 + i * cci) of the tile.
+// d_fast: each warp covers 8 consecutive channels x 4 columns (global reads in 32-byte runs when
+// stride_d == 1; conflict-free stores at a row stride of 4 mod 32). Otherwise each warp covers 32
+// consecutive columns of one channel (coalesced when the column stride is 1; conflict-free).
+struct TileMap {
+  int dd0, cc0, ddi, cci;
+};
+
+template <int C>
+__device__ __forceinline__ TileMap tile_map(int tid, bool d_fast) {
+  const int lane = tid & 31, w = tid >> 5;  // element tid + 256 i lies in warp-group w + 8 i
+  if (d_fast) {
+    constexpr int g = kDC / 8;
+    return {(lane & 7) + 8 * (w % g), (lane >> 3) + 4 * (w / g), 0, 32 / g};
+  }
+  constexpr int g = C / 32;
+  return {w / g, lane + 32 * (w % g), 8 / g, 0};
+}
+
+// 4-byte global -> shared copy, asynchronous on sm_80+ (zero-filled when !valid).
+__device__ __forceinline__ void copy_async(float* dst, const float* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src),
+               "r"(valid ? 4 : 0)
+               : "memory");
+#else
+  *dst = valid ? *src : 0.f;
+#endif
+}
+
+__device__ __forceinline__ void async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>  // wait until at most N committed groups are pending
+__device__ __forceinline__ void async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Candidate (v, k) beats the incumbent (bv, bk)? NaN beats everything (so NaN propagates), then
+// smaller value, then lower patch index.
+__device__ __forceinline__ bool better(float v, int k, float bv, int bk) {
+  if (isnan(bv)) return isnan(v) && k < bk;
+  if (isnan(v)) return true;
+  return v < bv || (v == bv && k < bk);
+}
+
+// Grid (ceil(M / kBM), B), kThreads threads, kForwardSmem bytes of dynamic shared memory.
+template <bool z_dfast>  // is z's channel stride the smaller one (channels_last-like)?
+__global__ void __launch_bounds__(kThreads, 2) forward_kernel(const ForwardParams prm) {
+  extern __shared__ __align__(16) float smem[];
+  float* const zn_s = smem + kZnOffset;
+  int* const win_k = reinterpret_cast<int*>(smem + kWinOffset);
+  int* const win_nan = win_k + kBM;
+
+  const int tid = threadIdx.x;
+  const int tx = tid & 15;  // prototypes 4tx..4tx+3 and 64+4tx..64+4tx+3 of the tile
+  const int ty = tid >> 4;  // patches 4ty..4ty+3 of the tile
+  const int b = blockIdx.y;
+  const int m0 = blockIdx.x * kBM;
+  const int D = prm.D, HW = prm.HW, M = prm.M;
+  const float* __restrict__ zb = prm.z + b * prm.z_sb;
+  const float* __restrict__ p = prm.p;
+  const int64_t sd = prm.z_sd, sk = prm.z_sk;
+
+  const TileMap pmap = tile_map<kBM>(tid, true);
+  const TileMap zmap = tile_map<kBK>(tid, z_dfast);
+  const int n_d = (D + kDC - 1) / kDC;
+  const int n_iter = n_d * ((HW + kBK - 1) / kBK);  // flat loop over (patch tile, channel stage)
+
+  // Start the copy of stage `it` (patch tile it / n_d, channels (it % n_d) * kDC...) into `buf`.
+  auto issue = [&](int it, int buf) {
+    float* const ps = smem + buf * kStage;
+    float* const zs = ps + kDC * kPsStride;
+    const int k0 = (it / n_d) * kBK;
+    const int d0 = (it % n_d) * kDC;
+    {
+      const int d = d0 + pmap.dd0;
+      const float* src = p + (int64_t)(m0 + pmap.cc0) * D + d;
+#pragma unroll
+      for (int i = 0; i < kPLoads; ++i) {
+        const int cc = pmap.cc0 + i * pmap.cci;
+        const bool ok = d < D && m0 + cc < M;
+        copy_async(&ps[pmap.dd0 * kPsStride + cc], ok ? src + (int64_t)i * pmap.cci * D : p, ok);
+      }
+    }
+    {
+      const float* src = zb + (d0 + zmap.dd0) * sd + (k0 + zmap.cc0) * sk;
+      const int64_t step = zmap.ddi * sd + zmap.cci * sk;
+#pragma unroll
+      for (int i = 0; i < kZLoads; ++i) {
+        const int dd = zmap.dd0 + i * zmap.ddi, cc = zmap.cc0 + i * zmap.cci;
+        const bool ok = d0 + dd < D && k0 + cc < HW;
+        copy_async(&zs[dd * kZsStride + cc], ok ? src + i * step : zb, ok);
+      }
+    }
+    async_commit();
+  };
+
+  float acc[8][4];
+  float best[8];
+  int best_k[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    best[i] = INFINITY;
+    best_k[i] = 0x7fffffff;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  }
+  float zn = 0.f;  // |z_k|^2 of patch k0 + tid (threads tid < kBK), accumulated in channel order
+
+  issue(0, 0);
+  for (int it = 0; it < n_iter; ++it) {
+    if (it + 1 < n_iter) {
+      issue(it + 1, (it + 1) & 1);  // overlaps the math below
+      async_wait<1>();
+    } else {
+      async_wait<0>();
+    }
+    __syncthreads();
+    const float* const ps = smem + (it & 1) * kStage;
+    const float* const zs = ps + kDC * kPsStride;
+
+    // Warp w holds patches 8w..8w+7 of the tile; a warp with only padding (e.g. 56..63 of HW = 49)
+    // skips the math and leaves its issue slots to the others.
+    if ((it / n_d) * kBK + 8 * (tid >> 5) < HW) {
+#pragma unroll
+      for (int dd = 0; dd < kDC; ++dd) {
+        const float4 a0 = *reinterpret_cast<const float4*>(&ps[dd * kPsStride + 4 * tx]);
+        const float4 a1 = *reinterpret_cast<const float4*>(&ps[dd * kPsStride + 64 + 4 * tx]);
+        const float4 zz = *reinterpret_cast<const float4*>(&zs[dd * kZsStride + 4 * ty]);
+        const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+        const float c[4] = {zz.x, zz.y, zz.z, zz.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], c[j], acc[i][j]);
+        }
+      }
+    }
+    if (tid < kBK) {
+#pragma unroll 8
+      for (int dd = 0; dd < kDC; ++dd) {
+        const float v = zs[dd * kZsStride + tid];
+        zn = fmaf(v, v, zn);
+      }
+    }
+
+    if (it % n_d == n_d - 1) {  // last stage of this patch tile: fold it into the running minima
+      const int k0 = (it / n_d) * kBK;
+      if (tid < kBK) {
+        zn_s[tid] = zn;
+        zn = 0.f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // increasing patch index
+        const int k = k0 + 4 * ty + j;
+        if (k < HW) {
+          const float znk = zn_s[4 * ty + j];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const float v = fmaf(-2.f, acc[i][j], znk);
+            if (better(v, k, best[i], best_k[i])) {
+              best[i] = v;
+              best_k[i] = k;
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+      }
+    }
+    __syncthreads();  // this buffer is refilled by the next iteration's issue()
+  }
+
+  // Reduce the 16 thread rows (ty) of each prototype, in ty order, with the same tie-break.
+  float* const red_v = smem;
+  int* const red_k = reinterpret_cast<int*>(smem + (kThreads / 16) * kBM);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int ml = (i < 4) ? 4 * tx + i : 64 + 4 * tx + (i - 4);
+    red_v[ty * kBM + ml] = best[i];
+    red_k[ty * kBM + ml] = best_k[i];
+  }
+  __syncthreads();
+  if (tid < kBM) {
+    float bv = red_v[tid];
+    int bk = red_k[tid];
+    for (int t = 1; t < kThreads / 16; ++t) {
+      const float v = red_v[t * kBM + tid];
+      const int k = red_k[t * kBM + tid];
+      if (better(v, k, bv, bk)) {
+        bv = v;
+        bk = k;
+      }
+    }
+    win_k[tid] = (bk >= 0 && bk < HW) ? bk : 0;
+    win_nan[tid] = isnan(bv);
+  }
+  __syncthreads();
+
+  // Exact distance at the winning patch: sum_d (z - p)^2 in fp32, channels in order.
+  float* const ps = smem;
+  float* const zw = smem + kStage;
+  const TileMap wmap = tile_map<kBM>(tid, z_dfast);
+  float dist = 0.f;
+  for (int d0 = 0; d0 < D; d0 += kDC) {
+#pragma unroll
+    for (int i = 0; i < kPLoads; ++i) {
+      const int dd = pmap.dd0, cc = pmap.cc0 + i * pmap.cci;
+      const int m = m0 + cc, d = d0 + dd;
+      ps[dd * kPsStride + cc] = (m < M && d < D) ? p[(int64_t)m * D + d] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kPLoads; ++i) {
+      const int dd = wmap.dd0 + i * wmap.ddi, cc = wmap.cc0 + i * wmap.cci;
+      const int d = d0 + dd;
+      zw[dd * kPsStride + cc] = (m0 + cc < M && d < D) ? zb[d * sd + win_k[cc] * sk] : 0.f;
+    }
+    __syncthreads();
+    if (tid < kBM) {
+#pragma unroll 8
+      for (int dd = 0; dd < kDC; ++dd) {
+        const float diff = zw[dd * kPsStride + tid] - ps[dd * kPsStride + tid];
+        dist = fmaf(diff, diff, dist);
+      }
+    }
+    __syncthreads();
+  }
+
+  const int m = m0 + tid;
+  if (tid < kBM && m < M) {
+    const float d = win_nan[tid] ? NAN : fmaxf(dist, 0.f);
+    const int64_t o = (int64_t)b * M + m;
+    prm.min_distances[o] = d;
+    prm.similarity[o] = logf((d + 1.f) / (d + prm.eps));
+    prm.patch_index[o] = win_k[tid];
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------------
+
+// dL/dd for one (b, m): grad_min + grad_sim * d/dd log((d+1)/(d+eps)).
+__device__ __forceinline__ float grad_coef(float g_sim, float g_min, float d, float eps) {
+  return g_min + g_sim * ((eps - 1.f) / ((d + 1.f) * (d + eps)));
+}
+
+__device__ __forceinline__ int clamp_index(int64_t k, int HW) {
+  // Indices come from our forward; clamping only guards memory safety against bad input.
+  return k < 0 ? 0 : (k >= HW ? HW - 1 : (int)k);
+}
+
+constexpr int kGpM = 8;   // prototypes per grad_p block, one warp each
+constexpr int kGpB = 32;  // batch items whose coefficients are staged at a time (kGpM * kGpB threads)
+constexpr int kGpQ = 4;   // 32-channel groups per pass over the batch (128 channels)
+
+// grad_p[m, d] = sum_b 2 g[b, m] (p[m, d] - z[b, d, k_bm]). Warp w of block x owns prototype
+// 8x + w; lanes run along channels; b is summed in increasing order. Each block stages the (b, m)
+// coefficients of 32 batch items at a time in shared memory (one coalesced load per thread).
+__global__ void __launch_bounds__(kGpM * 32) grad_p_kernel(const BackwardParams prm) {
+  static_assert(kGpB == 32, "one staged coefficient per thread (kGpM * 32 threads)");
+  __shared__ float g_s[kGpM][kGpB + 1];
+  __shared__ int k_s[kGpM][kGpB + 1];
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+  const int B = prm.B, D = prm.D, HW = prm.HW, M = prm.M;
+  const int m0 = blockIdx.x * kGpM;
+  const int m = m0 + w;
+  const bool m_ok = m < M;
+  const float* __restrict__ z = prm.z;
+
+  for (int dbase = 0; dbase < D; dbase += 32 * kGpQ) {
+    float pv[kGpQ], acc[kGpQ];
+#pragma unroll
+    for (int q = 0; q < kGpQ; ++q) {
+      const int d = dbase + 32 * q + lane;
+      pv[q] = (m_ok && d < D) ? prm.p[(int64_t)m * D + d] : 0.f;
+      acc[q] = 0.f;
+    }
+    for (int b0 = 0; b0 < B; b0 += kGpB) {
+      {
+        const int bl = tid / kGpM, ml = tid % kGpM;
+        const int b = b0 + bl, mm = m0 + ml;
+        float g = 0.f;
+        int k = 0;
+        if (b < B && mm < M) {
+          const int64_t o = (int64_t)b * M + mm;
+          k = clamp_index(prm.patch_index[o], HW);
+          g = grad_coef(prm.grad_similarity[o], prm.grad_min_distances[o], prm.min_distances[o],
+                        prm.eps);
+        }
+        g_s[ml][bl] = g;
+        k_s[ml][bl] = k;
+      }
+      __syncthreads();
+      const int nb = min(kGpB, B - b0);
+      if (m_ok) {
+#pragma unroll 8
+        for (int j = 0; j < nb; ++j) {
+          const float g = g_s[w][j];
+          const float* const zrow = z + (b0 + j) * prm.z_sb + k_s[w][j] * prm.z_sk;
+#pragma unroll
+          for (int q = 0; q < kGpQ; ++q) {
+            const int d = dbase + 32 * q + lane;
+            const float zv = d < D ? zrow[d] : 0.f;
+            acc[q] = fmaf(g, pv[q] - zv, acc[q]);
+          }
+        }
+      }
+      __syncthreads();
+    }
+    if (m_ok) {
+#pragma unroll
+      for (int q = 0; q < kGpQ; ++q) {
+        const int d = dbase + 32 * q + lane;
+        if (d < D) prm.grad_p[(int64_t)m * D + d] = 2.f * acc[q];
+      }
+    }
+  }
+}
+
+constexpr int kGzWarps = 8;     // warps per grad_z block, each owning a range of prototypes
+constexpr int kGzMaxKT = 64;    // patches per pass (shared accumulators per warp: KT x 33)
+constexpr int kAccStride = 33;  // padded row: conflict-free for both access patterns below
+
+// grad_z[b, d, k] = sum_{m : k_bm == k} 2 g[b, m] (z[b, d, k] - p[m, d]), written for every (d, k)
+// (zeros where no prototype wins). Block = (b, 32 channels); patches in passes of KT.
+__global__ void __launch_bounds__(kGzWarps * 32) grad_z_kernel(const BackwardParams prm, int KT,
+                                                               int seg) {
+  extern __shared__ __align__(16) float acc_s[];  // [kGzWarps][KT][kAccStride]
+  const int lane = threadIdx.x & 31;
+  const int w = threadIdx.x >> 5;
+  const int b = blockIdx.x;
+  const int d0 = blockIdx.y * 32;
+  const int d = d0 + lane;
+  const int M = prm.M, D = prm.D, HW = prm.HW;
+  const bool d_ok = d < D;
+  const float* __restrict__ zb = prm.z + b * prm.z_sb;
+  const float* __restrict__ p = prm.p;
+  float* const mine = acc_s + w * KT * kAccStride;
+  const int m_begin = w * seg;
+  const int m_end = min(M, m_begin + seg);
+
+  for (int k0 = 0; k0 < HW; k0 += KT) {
+    for (int i = lane; i < KT * kAccStride; i += 32) mine[i] = 0.f;
+    __syncwarp();
+    for (int c0 = m_begin; c0 < m_end; c0 += 32) {
+      const int m = c0 + lane;
+      int kl = -1;  // this lane's prototype's winning patch, local to the pass; -1: not in it
+      float g = 0.f;
+      if (m < m_end) {
+        const int64_t o = (int64_t)b * M + m;
+        const int k = clamp_index(prm.patch_index[o], HW);
+        if (k >= k0 && k < k0 + KT) {
+          kl = k - k0;
+          g = grad_coef(prm.grad_similarity[o], prm.grad_min_distances[o], prm.min_distances[o],
+                        prm.eps);
+        }
+      }
+      if (!__any_sync(kFullMask, kl >= 0)) continue;
+      // Prototypes c0 + j in increasing order; loads first (16 rows in flight), then updates.
+#pragma unroll
+      for (int j0 = 0; j0 < 32; j0 += 16) {
+        int kj[16];
+        float pv[16], zv[16];
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          kj[j] = __shfl_sync(kFullMask, kl, j0 + j);
+          const int mj = min(c0 + j0 + j, M - 1);
+          pv[j] = d_ok ? p[(int64_t)mj * D + d] : 0.f;
+          zv[j] = d_ok ? zb[(k0 + max(kj[j], 0)) * prm.z_sk + d] : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          const float gj = __shfl_sync(kFullMask, g, j0 + j);
+          if (kj[j] >= 0) {
+            float* const a = mine + kj[j] * kAccStride + lane;
+            *a = fmaf(gj, zv[j] - pv[j], *a);
+          }
+        }
+      }
+    }
+    __syncthreads();
+    // Sum the warps' accumulators in warp order; consecutive threads write consecutive patches.
+    const int kt = min(KT, HW - k0);
+    for (int e = threadIdx.x; e < 32 * KT; e += kGzWarps * 32) {
+      const int dl = e / KT;
+      const int kl = e - dl * KT;
+      if (kl < kt && d0 + dl < D) {
+        float s = 0.f;
+#pragma unroll
+        for (int ww = 0; ww < kGzWarps; ++ww) s += acc_s[(ww * KT + kl) * kAccStride + dl];
+        prm.grad_z[((int64_t)b * D + d0 + dl) * HW + k0 + kl] = 2.f * s;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Launch shapes, shared by the launchers below and the CPU emulator (csrc/emu).
+struct Launch {
+  unsigned grid_x, grid_y, threads;
+  size_t smem;  // dynamic shared memory, bytes
+};
+
+inline Launch forward_launch(const ForwardParams& prm) {
+  return {(unsigned)((prm.M + kBM - 1) / kBM), (unsigned)prm.B, kThreads, kForwardSmem};
+}
+
+inline Launch grad_p_launch(const BackwardParams& prm) {
+  return {(unsigned)((prm.M + kGpM - 1) / kGpM), 1, kGpM * 32, 0};
+}
+
+struct GradZLaunch : Launch {
+  int KT;   // patches per pass
+  int seg;  // prototypes per warp (a multiple of 32)
+};
+
+inline GradZLaunch grad_z_launch(const BackwardParams& prm) {
+  GradZLaunch l;
+  l.KT = prm.HW < kGzMaxKT ? prm.HW : kGzMaxKT;
+  l.seg = ((prm.M + kGzWarps - 1) / kGzWarps + 31) / 32 * 32;
+  l.grid_x = prm.B;
+  l.grid_y = (prm.D + 31) / 32;
+  l.threads = kGzWarps * 32;
+  l.smem = sizeof(float) * kGzWarps * l.KT * kAccStride;  // <= 67.6 KB
+  return l;
+}
+
+}  // namespace
+
+// ==== Host launchers (the CPU emulator compiles everything above this line) ====
+
+namespace {
+
+// Raise `kernel`'s dynamic shared-memory limit to `bytes` once per device (`done` caches it).
+template <class Kernel>
+void allow_dynamic_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit) != 0) return;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+  done.fetch_or(bit, std::memory_order_relaxed);
+}
+
+std::atomic<uint64_t> forward_dfast_ready{0}, forward_kfast_ready{0}, grad_z_ready{0};
+
+}  // namespace
+
+void launch_forward(const ForwardParams& prm, cudaStream_t stream) {
+  if (prm.B == 0 || prm.M == 0) return;
+  const Launch l = forward_launch(prm);
+  if (prm.z_sd <= prm.z_sk) {
+    allow_dynamic_smem(forward_kernel<true>, l.smem, forward_dfast_ready);
+    forward_kernel<true><<<dim3(l.grid_x, l.grid_y), l.threads, l.smem, stream>>>(prm);
+  } else {
+    allow_dynamic_smem(forward_kernel<false>, l.smem, forward_kfast_ready);
+    forward_kernel<false><<<dim3(l.grid_x, l.grid_y), l.threads, l.smem, stream>>>(prm);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_backward(const BackwardParams& prm, cudaStream_t stream) {
+  if (prm.B == 0 || prm.M == 0) return;  // the caller fills zeros
+  const Launch lp = grad_p_launch(prm);
+  grad_p_kernel<<<dim3(lp.grid_x, lp.grid_y), lp.threads, 0, stream>>>(prm);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const GradZLaunch lz = grad_z_launch(prm);
+  allow_dynamic_smem(grad_z_kernel, sizeof(float) * kGzWarps * kGzMaxKT * kAccStride, grad_z_ready);
+  grad_z_kernel<<<dim3(lz.grid_x, lz.grid_y), lz.threads, lz.smem, stream>>>(prm, lz.KT, lz.seg);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace protokern

@@ -1,0 +1,45 @@
+// Plain-C++ interface between the op registration (protokern.cpp, compiled by the host compiler
+// with the heavy torch headers) and the CUDA kernels (kernels.cu, compiled by nvcc with light
+// headers only). Keeping the two apart keeps the build fast.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace protokern {
+
+// Forward: z is (B, D, HW) float32 with arbitrary element strides; p is (M, D) contiguous float32.
+// Outputs are (B, M) contiguous.
+struct ForwardParams {
+  const float* z;
+  int64_t z_sb, z_sd, z_sk;  // element strides of z over (B, D, HW)
+  const float* p;
+  float* similarity;
+  float* min_distances;
+  int64_t* patch_index;
+  int B, D, HW, M;
+  float eps;
+};
+
+// Backward: z is (B, D, HW) float32 with stride_d == 1 (the op makes such a copy when needed);
+// all (B, M) tensors and p are contiguous; grad_z is written (B, D, HW) contiguous.
+struct BackwardParams {
+  const float* grad_similarity;
+  const float* grad_min_distances;
+  const float* z;
+  int64_t z_sb, z_sk;  // element strides of z over B and HW (stride over D is 1)
+  const float* p;
+  const int64_t* patch_index;
+  const float* min_distances;
+  float* grad_z;
+  float* grad_p;
+  int B, D, HW, M;
+  float eps;
+};
+
+// Both launch on `stream` and check the launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
+void launch_forward(const ForwardParams& params, cudaStream_t stream);
+void launch_backward(const BackwardParams& params, cudaStream_t stream);
+
+}  // namespace protokern

@@ -1,0 +1,173 @@
+// Registers the CUDA implementation of the fused prototype-distance op:
+//   torch.ops.protokern_C.forward(z, p, eps, precision) -> (similarity, min_distances, patch_index)
+//   torch.ops.protokern_C.backward(grad_similarity, grad_min_distances, z, p, patch_index,
+//                                  min_distances, eps) -> (grad_z, grad_p)
+// Contracts: docs/design.md. Kernels: kernels.cu. Fake (meta) implementations: protokern/_cuda.py.
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // = at::cuda::getCurrentCUDAStream, without cuBLAS/cuSPARSE headers
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace protokern {
+namespace {
+
+constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
+
+void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim,
+                  at::ScalarType dtype) {
+  TORCH_CHECK(t.is_cuda(), "protokern_C::", op, ": ", name, " must be a CUDA tensor, got device ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "protokern_C::", op, ": ", name, " must be ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, "protokern_C::", op, ": ", name, " must have ", dim,
+              " dimensions, got shape ", t.sizes());
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                       const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), "protokern_C::", op, ": ", name, " is on ", t.device(),
+              " but z is on ", ref.device());
+}
+
+void check_bm(const at::Tensor& t, int64_t B, int64_t M, const char* op, const char* name) {
+  TORCH_CHECK(t.size(0) == B && t.size(1) == M, "protokern_C::", op, ": ", name,
+              " must have shape (B, M) = (", B, ", ", M, "), got ", t.sizes());
+}
+
+void check_sizes(int64_t B, int64_t D, int64_t HW, int64_t M, const char* op) {
+  TORCH_CHECK(D > 0 && HW > 0, "protokern_C::", op,
+              ": z must have at least one channel and one patch, got (D, HW) = (", D, ", ", HW,
+              ")");
+  TORCH_CHECK(B <= 65535, "protokern_C::", op, ": batch size must be <= 65535, got ", B);
+  TORCH_CHECK(D * HW <= kMaxInt && M * D <= kMaxInt && M <= kMaxInt, "protokern_C::", op,
+              ": sizes too large for 32-bit indexing (D=", D, ", HW=", HW, ", M=", M, ")");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& z,
+                                                            const at::Tensor& p, double eps,
+                                                            c10::string_view precision) {
+  check_tensor(z, "forward", "z", 3, at::kFloat);
+  check_tensor(p, "forward", "p", 2, at::kFloat);
+  check_same_device(p, z, "forward", "p");
+  TORCH_CHECK(p.size(1) == z.size(1), "protokern_C::forward: channel mismatch: z is (B, D, HW) = ",
+              z.sizes(), " but p is (M, D) = ", p.sizes());
+  TORCH_CHECK(eps > 0, "protokern_C::forward: eps must be > 0, got ", eps);
+  TORCH_CHECK(precision == "highest" || precision == "high" || precision == "medium",
+              "protokern_C::forward: precision must be 'highest', 'high' or 'medium', got '",
+              precision, "'");
+  const int64_t B = z.size(0), D = z.size(1), HW = z.size(2), M = p.size(0);
+  check_sizes(B, D, HW, M, "forward");
+
+  const c10::cuda::CUDAGuard guard(z.device());
+  const at::Tensor pc = p.contiguous();
+  at::Tensor similarity = at::empty({B, M}, z.options());
+  at::Tensor min_distances = at::empty({B, M}, z.options());
+  at::Tensor patch_index = at::empty({B, M}, z.options().dtype(at::kLong));
+  if (B == 0 || M == 0) return {similarity, min_distances, patch_index};
+
+  ForwardParams prm{};
+  prm.z = z.data_ptr<float>();
+  prm.z_sb = z.stride(0);
+  prm.z_sd = z.stride(1);
+  prm.z_sk = z.stride(2);
+  prm.p = pc.data_ptr<float>();
+  prm.similarity = similarity.data_ptr<float>();
+  prm.min_distances = min_distances.data_ptr<float>();
+  prm.patch_index = patch_index.data_ptr<int64_t>();
+  prm.B = static_cast<int>(B);
+  prm.D = static_cast<int>(D);
+  prm.HW = static_cast<int>(HW);
+  prm.M = static_cast<int>(M);
+  prm.eps = static_cast<float>(eps);
+  // All precisions run the exact fp32 (FFMA) search for now; TF32 variants may come later.
+  launch_forward(prm, c10::cuda::getCurrentCUDAStream());
+  return {similarity, min_distances, patch_index};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_similarity,
+                                                 const at::Tensor& grad_min_distances,
+                                                 const at::Tensor& z, const at::Tensor& p,
+                                                 const at::Tensor& patch_index,
+                                                 const at::Tensor& min_distances, double eps) {
+  check_tensor(z, "backward", "z", 3, at::kFloat);
+  check_tensor(p, "backward", "p", 2, at::kFloat);
+  check_tensor(grad_similarity, "backward", "grad_similarity", 2, at::kFloat);
+  check_tensor(grad_min_distances, "backward", "grad_min_distances", 2, at::kFloat);
+  check_tensor(patch_index, "backward", "patch_index", 2, at::kLong);
+  check_tensor(min_distances, "backward", "min_distances", 2, at::kFloat);
+  check_same_device(p, z, "backward", "p");
+  check_same_device(grad_similarity, z, "backward", "grad_similarity");
+  check_same_device(grad_min_distances, z, "backward", "grad_min_distances");
+  check_same_device(patch_index, z, "backward", "patch_index");
+  check_same_device(min_distances, z, "backward", "min_distances");
+  TORCH_CHECK(p.size(1) == z.size(1),
+              "protokern_C::backward: channel mismatch: z is (B, D, HW) = ", z.sizes(),
+              " but p is (M, D) = ", p.sizes());
+  TORCH_CHECK(eps > 0, "protokern_C::backward: eps must be > 0, got ", eps);
+  const int64_t B = z.size(0), D = z.size(1), HW = z.size(2), M = p.size(0);
+  check_sizes(B, D, HW, M, "backward");
+  check_bm(grad_similarity, B, M, "backward", "grad_similarity");
+  check_bm(grad_min_distances, B, M, "backward", "grad_min_distances");
+  check_bm(patch_index, B, M, "backward", "patch_index");
+  check_bm(min_distances, B, M, "backward", "min_distances");
+
+  const c10::cuda::CUDAGuard guard(z.device());
+  if (B == 0 || M == 0) return {at::zeros({B, D, HW}, z.options()), at::zeros({M, D}, p.options())};
+
+  // The kernels read z with unit channel stride (coalesced rows z[b, :, k]); copy if needed.
+  const at::Tensor zc =
+      (z.stride(1) == 1 || D == 1) ? z : z.transpose(1, 2).contiguous().transpose(1, 2);
+  const at::Tensor pc = p.contiguous();
+  const at::Tensor gs = grad_similarity.contiguous();
+  const at::Tensor gm = grad_min_distances.contiguous();
+  const at::Tensor idx = patch_index.contiguous();
+  const at::Tensor md = min_distances.contiguous();
+  at::Tensor grad_z = at::empty({B, D, HW}, z.options());
+  at::Tensor grad_p = at::empty({M, D}, p.options());
+
+  BackwardParams prm{};
+  prm.grad_similarity = gs.data_ptr<float>();
+  prm.grad_min_distances = gm.data_ptr<float>();
+  prm.z = zc.data_ptr<float>();
+  prm.z_sb = zc.stride(0);
+  prm.z_sk = zc.stride(2);
+  prm.p = pc.data_ptr<float>();
+  prm.patch_index = idx.data_ptr<int64_t>();
+  prm.min_distances = md.data_ptr<float>();
+  prm.grad_z = grad_z.data_ptr<float>();
+  prm.grad_p = grad_p.data_ptr<float>();
+  prm.B = static_cast<int>(B);
+  prm.D = static_cast<int>(D);
+  prm.HW = static_cast<int>(HW);
+  prm.M = static_cast<int>(M);
+  prm.eps = static_cast<float>(eps);
+  launch_backward(prm, c10::cuda::getCurrentCUDAStream());
+  return {grad_z, grad_p};
+}
+
+}  // namespace
+}  // namespace protokern
+
+TORCH_LIBRARY(protokern_C, m) {
+  m.def("forward(Tensor z, Tensor p, float eps, str precision) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "backward(Tensor grad_similarity, Tensor grad_min_distances, Tensor z, Tensor p, "
+      "Tensor patch_index, Tensor min_distances, float eps) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(protokern_C, CUDA, m) {
+  m.impl("forward", &protokern::forward_cuda);
+  m.impl("backward", &protokern::backward_cuda);
+}
+
+// `import protokern._C` loads this library, which runs the registrations above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "protokern CUDA kernels; the ops live in torch.ops.protokern_C";
+}

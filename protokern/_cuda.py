@@ -1,0 +1,76 @@
+"""The "cuda" backend: a thin wrapper over the compiled extension ``protokern._C`` (csrc/).
+
+The extension registers ``torch.ops.protokern_C.forward`` and ``torch.ops.protokern_C.backward``
+(CUDA kernels only); this module loads it lazily, registers their fake (meta) implementations so that
+they trace under ``torch.compile`` / ``opcheck``, and exposes the backend functions of docs/design.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+from torch import Tensor
+
+
+@functools.cache
+def _load() -> str | None:
+    """Import the extension once; None on success, else why it is unusable."""
+    try:
+        importlib.import_module("protokern._C")  # loading the library registers the ops
+    except ModuleNotFoundError as exc:
+        if exc.name != "protokern._C":
+            raise
+        return "protokern._C not built (no CUDA toolkit at install time)"
+    except ImportError as exc:  # built, but does not load (e.g. built against another torch)
+        return f"protokern._C failed to load (rebuild it against this torch): {exc}"
+    _register_fakes()
+    return None
+
+
+def available() -> str | None:
+    """None if the cuda backend can run here, else the reason it cannot."""
+    reason = _load()
+    if reason is not None:
+        return reason
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def _require() -> None:
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(f"protokern cuda backend unavailable: {reason}")
+
+
+def forward(z3: Tensor, p: Tensor, eps: float, precision: str = "highest") -> tuple[Tensor, Tensor, Tensor]:
+    """(similarity, min_distances, patch_index), each (B, M), for z3 (B, D, HW) float32 (any strides)
+    and p (M, D) float32 on one CUDA device. See docs/design.md."""
+    _require()
+    return torch.ops.protokern_C.forward(z3, p, float(eps), precision)
+
+
+def backward(grad_sim: Tensor, grad_min: Tensor, z3: Tensor, p: Tensor, patch_index: Tensor,
+             min_distances: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(grad_z3 (B, D, HW) contiguous, grad_p (M, D)), float32, bitwise deterministic."""
+    _require()
+    return torch.ops.protokern_C.backward(grad_sim, grad_min, z3, p, patch_index, min_distances, float(eps))
+
+
+def _register_fakes() -> None:
+    """Shape/dtype-only implementations of the two ops (for FakeTensor tracing and opcheck)."""
+
+    @torch.library.register_fake("protokern_C::forward")
+    def _forward_fake(z, p, eps, precision):
+        torch._check(z.dim() == 3 and p.dim() == 2, lambda: "expected z (B, D, HW) and p (M, D)")
+        torch._check(z.shape[1] == p.shape[1], lambda: "channel mismatch between z and p")
+        shape = (z.shape[0], p.shape[0])
+        return (z.new_empty(shape, dtype=torch.float32), z.new_empty(shape, dtype=torch.float32),
+                z.new_empty(shape, dtype=torch.int64))
+
+    @torch.library.register_fake("protokern_C::backward")
+    def _backward_fake(grad_sim, grad_min, z, p, patch_index, min_distances, eps):
+        torch._check(z.dim() == 3 and p.dim() == 2, lambda: "expected z (B, D, HW) and p (M, D)")
+        return z.new_empty(z.shape, dtype=torch.float32), p.new_empty(p.shape, dtype=torch.float32)

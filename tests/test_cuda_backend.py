@@ -1,0 +1,297 @@
+"""The CUDA C++ extension backend ("cuda", csrc/ + protokern/_cuda.py).
+
+GPU tests (marked ``gpu``) check the public API with backend="cuda" and the raw ops
+``torch.ops.protokern_C.forward/backward`` against the float64 original formulation
+(tests/reference.py) on fresh random inputs. They skip without a GPU or without the built extension.
+Tolerances: min_distances norm-wise relative 1e-5, similarity 1e-4 absolute, float32 gradients
+norm-wise relative 1e-4.
+
+One CPU test runs the same CUDA kernel source on the CPU emulator of csrc/emu (needs g++).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import protokern
+from protokern import _cuda
+from tests.reference import original_layer, rel_err
+
+gpu = pytest.mark.gpu
+LOG_1_OVER_EPS = math.log(1 / 1e-4)
+
+
+@pytest.fixture
+def cuda_backend():
+    reason = _cuda.available()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def make_z(B, D, H, W, layout, dtype=torch.float32):
+    """z (B, D, H, W) on the GPU; every layout keeps z.flatten(2) a view, so the kernel sees the strides."""
+    dev = "cuda"
+    if layout == "contiguous":
+        z = torch.rand(B, D, H, W, device=dev)
+    elif layout == "channels_last":
+        z = torch.rand(B, D, H, W, device=dev).contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":  # every other channel of a bigger tensor: stride_d = 2 H W
+        z = torch.rand(B, 2 * D + 1, H, W, device=dev)[:, 1::2]
+    elif layout == "sliced_channels_last":  # stride_d = 2, stride_hw = 2 D
+        z = torch.rand(B, H, W, 2 * D, device=dev).permute(0, 3, 1, 2)[:, ::2]
+    else:
+        raise ValueError(layout)
+    return z.to(dtype)
+
+
+def full_distances(z, p):
+    """Exact float64 squared distances (B, M, HW)."""
+    z3 = z.double().flatten(2)
+    return ((z3[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)
+
+
+def check_against_reference(z, p, *, grad_tol=1e-4, grad_tol_z=None):
+    """Forward values, winning patches and both gradients of backend="cuda" vs the float64 original."""
+    z = z.detach().requires_grad_()
+    p = p.detach().requires_grad_()
+    sim, dist = protokern.prototype_similarity(z, p, backend="cuda")
+    assert sim.dtype == dist.dtype == torch.float32 and sim.shape == dist.shape == (z.shape[0], p.shape[0])
+    zr = z.detach().double().requires_grad_()
+    pr = p.detach().double().requires_grad_()
+    sim_ref, dist_ref = original_layer(zr, pr)
+    assert rel_err(dist, dist_ref) < 1e-5
+    assert (sim.double() - sim_ref).abs().max().item() < 1e-4
+
+    d, idx = protokern.nearest_patches(z.detach(), p.detach(), backend="cuda")
+    assert idx.dtype == torch.int64 and torch.equal(d, dist.detach())
+    full = full_distances(z.detach(), p.detach())
+    at_idx = full.gather(2, idx[..., None])[..., 0]
+    # fp32 search: the winner may differ from the exact argmin only by rounding (near-ties)
+    assert bool((at_idx <= full.amin(2) * (1 + 2e-5) + 1e-5).all()), "a non-minimal patch won"
+
+    w_sim, w_dist = torch.randn_like(sim_ref), torch.randn_like(sim_ref)
+    ((sim * w_sim).sum() + (dist * w_dist).sum()).backward()
+    ((sim_ref * w_sim).sum() + (dist_ref * w_dist).sum()).backward()
+    assert z.grad.dtype == z.dtype and p.grad.dtype == p.dtype
+    assert rel_err(z.grad, zr.grad) < (grad_tol_z or grad_tol)
+    assert rel_err(p.grad, pr.grad) < grad_tol
+
+
+# (B, D, H, W, M): H=W=1; 7x7; 14x14; 17x19 (HW = 323: several patch tiles, not a power of two) with
+# D=67 (not a multiple of the channel stage); D=512; M=1; B=1 with M=2000.
+SHAPES = [
+    (2, 128, 1, 1, 10),
+    (3, 128, 7, 7, 200),
+    (2, 128, 14, 14, 100),
+    (2, 67, 17, 19, 150),
+    (2, 512, 7, 7, 130),
+    (4, 32, 7, 7, 1),
+    (1, 128, 7, 7, 2000),
+]
+LAYOUTS = ["contiguous", "channels_last", "sliced", "sliced_channels_last"]
+
+
+@gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_original(cuda_backend, shape, layout):
+    B, D, H, W, M = shape
+    check_against_reference(make_z(B, D, H, W, layout), torch.rand(M, D, device="cuda"))
+
+
+@gpu
+def test_large_cub_shape(cuda_backend):
+    """The CUB/VGG19 training shape (80, 128, 7x7, 2000), channels_last as from a channels_last trunk."""
+    z = make_z(80, 128, 7, 7, "channels_last")
+    check_against_reference(z, torch.rand(2000, 128, device="cuda"))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(cuda_backend, dtype):
+    """Compared on the same rounded values; z's gradient comes back rounded to z's dtype."""
+    z = make_z(3, 64, 7, 7, "channels_last", dtype)
+    p = torch.rand(50, 64, device="cuda")
+    check_against_reference(z, p, grad_tol_z={torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype])
+
+
+@gpu
+def test_prototype_equal_to_patch(cuda_backend):
+    z = make_z(3, 128, 7, 7, "contiguous")
+    p = torch.rand(300, 128, device="cuda")
+    p[17] = z[2, :, 4, 5]  # patch 4*7+5 = 33 of image 2
+    p[250] = z[0, :, 0, 0]
+    sim, dist = protokern.prototype_similarity(z, p, backend="cuda")
+    _, idx = protokern.nearest_patches(z, p, backend="cuda")
+    assert dist[2, 17].item() == 0.0 and dist[0, 250].item() == 0.0
+    assert abs(sim[2, 17].item() - LOG_1_OVER_EPS) < 1e-4 and abs(sim[0, 250].item() - LOG_1_OVER_EPS) < 1e-4
+    assert idx[2, 17].item() == 33 and idx[0, 250].item() == 0
+    check_against_reference(z, p)
+
+
+@gpu
+def test_ties_go_to_lowest_index(cuda_backend):
+    """Duplicated patches (also in another patch tile, and all patches equal): the lowest index wins."""
+    z = torch.rand(2, 40, 10, 10, device="cuda")
+    z[:, :, 9, 9] = z[:, :, 0, 3]  # patch 99 duplicates patch 3 (another 64-patch tile)
+    z[:, :, 1, 0] = z[:, :, 0, 3]  # patch 10 too
+    p = z[:, :, 0, 3].clone() + 0.01  # same distance to patches 3, 10, 99
+    p = torch.cat([p, torch.rand(5, 40, device="cuda")])
+    z.requires_grad_()
+    sim, dist = protokern.prototype_similarity(z, p, backend="cuda")
+    _, idx = protokern.nearest_patches(z.detach(), p, backend="cuda")
+    assert idx[0, 0].item() == 3 and idx[1, 1].item() == 3
+    dist[0, 0].backward()
+    g = z.grad.flatten(2)[0]
+    assert g[:, 10].abs().sum().item() == 0.0 and g[:, 99].abs().sum().item() == 0.0
+    assert g[:, 3].abs().sum().item() > 0.0
+
+    flat = torch.ones(2, 8, 9, 11, device="cuda")  # every patch ties
+    _, idx = protokern.nearest_patches(flat, torch.rand(130, 8, device="cuda"), backend="cuda")
+    assert bool((idx == 0).all())
+
+
+@gpu
+def test_nan_propagates(cuda_backend):
+    z = make_z(3, 70, 9, 9, "channels_last")
+    p = torch.rand(140, 70, device="cuda")
+    z[0, 3, 8, 8] = float("nan")  # the last patch: a NaN anywhere in z[b] poisons every prototype
+    p[130, 69] = float("nan")
+    sim, dist = protokern.prototype_similarity(z, p, backend="cuda")
+    _, idx = protokern.nearest_patches(z, p, backend="cuda")
+    nan = torch.zeros(3, 140, dtype=torch.bool, device="cuda")
+    nan[0, :] = True
+    nan[:, 130] = True
+    assert torch.equal(dist.isnan(), nan) and torch.equal(sim.isnan(), nan)
+    assert bool(((idx >= 0) & (idx < 81)).all())
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_is_deterministic(cuda_backend, layout):
+    """Many prototypes share each winning patch: any float atomics would show as bit differences."""
+    z = make_z(16, 128, 7, 7, layout).requires_grad_()
+    p = torch.rand(2000, 128, device="cuda", requires_grad=True)
+    grads = []
+    for _ in range(3):
+        sim, dist = protokern.prototype_similarity(z, p, backend="cuda")
+        grads.append(torch.autograd.grad((sim.sin() + dist).sum(), (z, p)))
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
+
+
+@gpu
+def test_raw_ops_contract(cuda_backend):
+    """torch.ops.protokern_C.* directly: output shapes, dtypes, layouts; precisions; B = 0."""
+    z3 = make_z(4, 96, 5, 6, "sliced_channels_last").flatten(2)
+    p = torch.rand(70, 96, device="cuda")
+    sim, dist, idx = torch.ops.protokern_C.forward(z3, p, 1e-4, "highest")
+    assert sim.shape == dist.shape == idx.shape == (4, 70) and idx.dtype == torch.int64
+    assert sim.is_contiguous() and dist.is_contiguous() and idx.is_contiguous()
+    ref = full_distances(z3[..., None], p).amin(2)
+    assert rel_err(dist, ref) < 1e-5
+    for precision in ("high", "medium"):
+        _, d2, _ = torch.ops.protokern_C.forward(z3, p, 1e-4, precision)
+        assert rel_err(d2, ref) < 1e-5
+    gs = torch.randn(4, 70, device="cuda")
+    gd = torch.randn(1, 1, device="cuda").expand(4, 70)  # non-contiguous incoming gradient
+    gz, gp = torch.ops.protokern_C.backward(gs, gd, z3, p, idx, dist, 1e-4)
+    assert gz.shape == z3.shape and gz.is_contiguous() and gp.shape == p.shape
+    gz2, gp2 = torch.ops.protokern_C.backward(gs, gd.contiguous(), z3.contiguous(), p, idx, dist, 1e-4)
+    assert torch.equal(gz, gz2) and torch.equal(gp, gp2)
+    empty = torch.ops.protokern_C.forward(z3[:0], p, 1e-4, "highest")
+    assert all(t.shape == (0, 70) for t in empty)
+
+
+@gpu
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"z": lambda z: z.double()}, "z must be Float"),
+        ({"p": lambda p: p.cpu()}, "p must be a CUDA tensor"),
+        ({"p": lambda p: p[:, :-1]}, "channel mismatch"),
+        ({"z": lambda z: z[0]}, "z must have 3 dimensions"),
+        ({"eps": 0.0}, "eps must be > 0"),
+        ({"precision": "low"}, "precision must be"),
+    ],
+)
+def test_raw_forward_rejects_bad_input(cuda_backend, change, match):
+    args = {"z": torch.rand(2, 8, 5, device="cuda"), "p": torch.rand(3, 8, device="cuda"), "eps": 1e-4,
+            "precision": "highest"}
+    for key, value in change.items():
+        args[key] = value(args[key]) if callable(value) else value
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.protokern_C.forward(args["z"], args["p"], args["eps"], args["precision"])
+
+
+@gpu
+def test_raw_backward_rejects_bad_input(cuda_backend):
+    z3, p = torch.rand(2, 8, 5, device="cuda"), torch.rand(3, 8, device="cuda")
+    _, dist, idx = torch.ops.protokern_C.forward(z3, p, 1e-4, "highest")
+    g = torch.rand(2, 3, device="cuda")
+    with pytest.raises(RuntimeError, match="patch_index must be Long"):
+        torch.ops.protokern_C.backward(g, g, z3, p, idx.int(), dist, 1e-4)
+    with pytest.raises(RuntimeError, match=r"grad_similarity must have shape \(B, M\)"):
+        torch.ops.protokern_C.backward(g[:, :2], g, z3, p, idx, dist, 1e-4)
+    with pytest.raises(RuntimeError, match="min_distances must be a CUDA tensor"):
+        torch.ops.protokern_C.backward(g, g, z3, p, idx, dist.cpu(), 1e-4)
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(cuda_backend, layout):
+    z3 = make_z(2, 24, 3, 5, layout).flatten(2)
+    p = torch.rand(7, 24, device="cuda")
+    torch.library.opcheck(torch.ops.protokern_C.forward.default, (z3, p, 1e-4, "highest"))
+    sim, dist, idx = torch.ops.protokern_C.forward(z3, p, 1e-4, "highest")
+    g = torch.randn_like(sim)
+    torch.library.opcheck(torch.ops.protokern_C.backward.default, (g, torch.randn_like(g), z3, p, idx, dist, 1e-4))
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(3, 128, 7, 7, 500), (2, 67, 17, 19, 150)], ids=str)
+def test_agrees_with_triton(cuda_backend, shape):
+    if protokern.available_backends("cuda")["triton"] is not None:
+        pytest.skip(protokern.available_backends("cuda")["triton"])
+    B, D, H, W, M = shape
+    z = make_z(B, D, H, W, "channels_last").requires_grad_()
+    p = torch.rand(M, D, device="cuda", requires_grad=True)
+    w = torch.randn(B, M, device="cuda")
+    out = {}
+    for backend in ("cuda", "triton"):
+        sim, dist = protokern.prototype_similarity(z, p, backend=backend)
+        _, idx = protokern.nearest_patches(z.detach(), p.detach(), backend=backend)
+        grads = torch.autograd.grad(((sim + dist) * w).sum(), (z, p))
+        out[backend] = (sim, dist, idx, grads)
+    (sim_c, dist_c, idx_c, g_c), (sim_t, dist_t, idx_t, g_t) = out["cuda"], out["triton"]
+    assert rel_err(dist_c, dist_t) < 1e-5 and (sim_c - sim_t).abs().max().item() < 1e-4
+    differ = idx_c != idx_t
+    if differ.any():  # only where both patches are (numerically) tied
+        full = full_distances(z.detach(), p.detach())
+        d_c, d_t = full.gather(2, idx_c[..., None])[..., 0], full.gather(2, idx_t[..., None])[..., 0]
+        assert torch.allclose(d_c[differ], d_t[differ], rtol=1e-6, atol=1e-6)
+    else:
+        assert rel_err(g_c[0], g_t[0]) < 1e-4 and rel_err(g_c[1], g_t[1]) < 1e-4
+
+
+@pytest.mark.slow
+def test_kernels_on_cpu_emulator():
+    """csrc/kernels.cu compiled for the CPU emulator (csrc/emu) against the float64 original: indexing,
+    tiling edges, strides, ties, NaN and gradients, with no GPU. ~30 s."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++")
+    version = subprocess.run(["g++", "-dumpversion"], capture_output=True, text=True).stdout
+    if int(version.split(".")[0] or 0) < 11:
+        pytest.skip(f"needs g++ >= 11 for <barrier>, found {version.strip()}")
+    path = Path(__file__).resolve().parents[1] / "csrc" / "emu" / "check.py"
+    spec = importlib.util.spec_from_file_location("protokern_emu_check", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert check.run(verbose=True)
