@@ -160,15 +160,15 @@ def main(argv=None):
     print(f"protokern distance benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']})")
     rows = []
     measure = timer(device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"distance-{env['date']}-{device.type}{'-quick' if args.quick else ''}"
     for shape in shapes:
         print(f"shape {shape}:", flush=True)
         rows += bench_shape(shape, device, args.quick, measure)
-    text = markdown(env, rows)
+        text = markdown(env, rows)  # written after every shape: an interrupted run keeps what it measured
+        (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+        (args.out / f"{stem}.md").write_text(text)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"distance-{env['date']}-{device.type}{'-quick' if args.quick else ''}"
-    (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    (args.out / f"{stem}.md").write_text(text)
     print(f"wrote {args.out / stem}.json and .md")
 
 

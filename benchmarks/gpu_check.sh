@@ -21,7 +21,7 @@ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clock
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 step build "${BUILD_LIMIT:-240}" python3 -m pip install --no-build-isolation --no-deps -e .
-step tests "${TEST_LIMIT:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider tests
+step tests "${TEST_LIMIT:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TEST_PATHS:-tests}
 step distance "${BENCH_LIMIT:-200}" python3 benchmarks/distance.py --out "$OUT"
-if [ -f benchmarks/push.py ]; then step push "${PUSH_LIMIT:-90}" python3 benchmarks/push.py --out "$OUT"; fi
+if [ -f benchmarks/push.py ] && [ -z "${SKIP_PUSH:-}" ]; then step push "${PUSH_LIMIT:-90}" python3 benchmarks/push.py --out "$OUT"; fi
 exit $status
