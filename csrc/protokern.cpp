@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <string>
 #include <tuple>
 
 #include "kernels.h"
@@ -20,6 +21,13 @@ namespace {
 
 constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
 
+// "(2, 8, 5)": shapes in error messages are formatted here rather than by streaming IntArrayRef.
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + ")";
+}
+
 void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim,
                   at::ScalarType dtype) {
   TORCH_CHECK(t.is_cuda(), "protokern_C::", op, ": ", name, " must be a CUDA tensor, got device ",
@@ -27,7 +35,7 @@ void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t
   TORCH_CHECK(t.scalar_type() == dtype, "protokern_C::", op, ": ", name, " must be ", dtype,
               ", got ", t.scalar_type());
   TORCH_CHECK(t.dim() == dim, "protokern_C::", op, ": ", name, " must have ", dim,
-              " dimensions, got shape ", t.sizes());
+              " dimensions, got shape ", shape_str(t));
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
@@ -38,7 +46,7 @@ void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* o
 
 void check_bm(const at::Tensor& t, int64_t B, int64_t M, const char* op, const char* name) {
   TORCH_CHECK(t.size(0) == B && t.size(1) == M, "protokern_C::", op, ": ", name,
-              " must have shape (B, M) = (", B, ", ", M, "), got ", t.sizes());
+              " must have shape (B, M) = (", B, ", ", M, "), got ", shape_str(t));
 }
 
 void check_sizes(int64_t B, int64_t D, int64_t HW, int64_t M, const char* op) {
@@ -57,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& z,
   check_tensor(p, "forward", "p", 2, at::kFloat);
   check_same_device(p, z, "forward", "p");
   TORCH_CHECK(p.size(1) == z.size(1), "protokern_C::forward: channel mismatch: z is (B, D, HW) = ",
-              z.sizes(), " but p is (M, D) = ", p.sizes());
+              shape_str(z), " but p is (M, D) = ", shape_str(p));
   TORCH_CHECK(eps > 0, "protokern_C::forward: eps must be > 0, got ", eps);
   TORCH_CHECK(precision == "highest" || precision == "high" || precision == "medium",
               "protokern_C::forward: precision must be 'highest', 'high' or 'medium', got '",
@@ -108,8 +116,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_similari
   check_same_device(patch_index, z, "backward", "patch_index");
   check_same_device(min_distances, z, "backward", "min_distances");
   TORCH_CHECK(p.size(1) == z.size(1),
-              "protokern_C::backward: channel mismatch: z is (B, D, HW) = ", z.sizes(),
-              " but p is (M, D) = ", p.sizes());
+              "protokern_C::backward: channel mismatch: z is (B, D, HW) = ", shape_str(z),
+              " but p is (M, D) = ", shape_str(p));
   TORCH_CHECK(eps > 0, "protokern_C::backward: eps must be > 0, got ", eps);
   const int64_t B = z.size(0), D = z.size(1), HW = z.size(2), M = p.size(0);
   check_sizes(B, D, HW, M, "backward");

@@ -68,8 +68,8 @@ _RESOLVED: dict[tuple[str, str], str] = {}
 def resolve(backend: str, device_type: str) -> str:
     """Turn a backend request into a usable backend name for ``device_type``, or raise.
 
-    Cached: 'auto' is decided (and logged) once per device type; under ``torch.compile`` a cached answer is a
-    plain dict lookup.
+    Cached: 'auto' is decided (and logged) once per device type. ``torch.compile`` does not trace the decision
+    (it imports modules and probes devices): it runs it eagerly and treats the answer as a constant.
     """
     key = (backend, device_type)
     if key not in _RESOLVED:
@@ -77,12 +77,12 @@ def resolve(backend: str, device_type: str) -> str:
     return _RESOLVED[key]
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it eagerly and bakes in the answer
 def _resolve(backend: str, device_type: str) -> str:
     if backend == "auto":
         order = ("cuda", "triton", "torch") if device_type == "cuda" else ("torch",)
         name = next(b for b in order if _unavailable(b, device_type) is None)
-        if not torch.compiler.is_compiling():
-            _log.info("protokern: backend 'auto' -> %r for %s tensors", name, device_type)
+        _log.info("protokern: backend 'auto' -> %r for %s tensors", name, device_type)
         return name
     reason = _unavailable(backend, device_type)
     if reason is not None:

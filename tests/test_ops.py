@@ -5,7 +5,7 @@ import torch
 
 import protokern
 from protokern import torch_backend
-from tests.reference import original_layer, rel_err
+from tests.reference import check_winners_and_gradients, original_layer, rel_err
 
 gpu = pytest.mark.gpu
 CASES = [
@@ -242,3 +242,15 @@ def test_available_backends_explains():
     assert set(avail) == {"torch", "triton", "cuda"}
     assert avail["torch"] is None
     assert isinstance(avail["cuda"], str) and "CUDA" in avail["cuda"]
+
+
+def test_many_pairs_winners_and_gradients(case):
+    """M = 300 prototypes: near-ties between patches occur; any minimiser up to rounding is valid."""
+    device, backend = case
+    z = torch.rand(6, 64, 5, 5, device=device, requires_grad=True)
+    p = torch.rand(300, 64, device=device, requires_grad=True)
+    sim, dist = protokern.prototype_similarity(z, p, backend=backend)
+    _, idx = protokern.nearest_patches(z, p, backend=backend)
+    w_sim, w_dist = torch.randn_like(sim), torch.randn_like(sim)
+    gz, gp = torch.autograd.grad((sim * w_sim).sum() + (dist * w_dist).sum(), (z, p))
+    check_winners_and_gradients(z, p, sim, dist, idx, w_sim, w_dist, gz, gp)
