@@ -5,6 +5,9 @@ protokern backend and precision), measures forward and forward+backward time (me
 ``triton.testing.do_bench``) and the peak extra memory of forward+backward (GPU only). Prints a Markdown table
 and writes JSON + Markdown under ``--out``.
 
+On GPU each method is timed twice: as launched from Python (what a training loop sees; on a slow host this is
+bound by launch overhead) and as the replay of a captured CUDA graph of the same work (the GPU time alone).
+
     python benchmarks/distance.py                 # default shapes, on the GPU
     python benchmarks/distance.py --quick         # small shapes, runs anywhere (CPU: torch backend only)
     python benchmarks/distance.py --shape 80,128,7,7,2000 --shape 16,64,5,5,300
@@ -71,6 +74,20 @@ def timer(device: torch.device):
     return cpu_time
 
 
+def graphed(fn):
+    """Capture fn (after a warm-up on a side stream) in a CUDA graph; return its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def bench_shape(shape, device, quick, measure):
     B, D, H, W, M = shape
     z = torch.rand(B, D, H, W, device=device).requires_grad_()
@@ -91,6 +108,12 @@ def bench_shape(shape, device, quick, measure):
             row["fwd_us"] = measure(fwd)
             row["fwd_bwd_us"] = measure(fwd_bwd)
             if device.type == "cuda":
+                try:
+                    row["fwd_graph_us"] = measure(graphed(fwd))
+                    row["fwd_bwd_graph_us"] = measure(graphed(fwd_bwd))
+                except Exception as exc:  # noqa: BLE001 - a method that cannot be captured still has its times
+                    row["graph_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
@@ -106,6 +129,8 @@ def bench_shape(shape, device, quick, measure):
     for r in rows:
         if base and "fwd_bwd_us" in r:
             r["speedup_fwd_bwd_vs_eager"] = base["fwd_bwd_us"] / r["fwd_bwd_us"]
+        if base and "fwd_bwd_graph_us" in r and "fwd_bwd_graph_us" in base:
+            r["speedup_fwd_bwd_graph"] = base["fwd_bwd_graph_us"] / r["fwd_bwd_graph_us"]
     return rows
 
 
@@ -127,16 +152,22 @@ def markdown(env: dict, rows: list[dict]) -> str:
              f"{env['date']}, torch {env['torch']}, triton {env['triton']}, fp32 inputs, "
              "medians; fwd+bwd = forward and backward of a loss using both outputs; extra = peak memory of fwd+bwd "
              "above the inputs.", "",
-             "| shape (B, D, HxW, M) | method | fwd (us) | fwd+bwd (us) | speed-up fwd+bwd vs original eager | extra memory (MiB) |",
-             "|---|---|---|---|---|---|"]
+             "Graph columns: replays of a captured CUDA graph of the same work (GPU time without Python launch cost).",
+             "",
+             "| shape (B, D, HxW, M) | method | fwd (us) | fwd+bwd (us) | speed-up fwd+bwd vs original eager "
+             "| fwd graph (us) | fwd+bwd graph (us) | speed-up fwd+bwd graph | extra memory (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         B, D, H, W, M = r["shape"]
         if "error" in r:
-            lines.append(f"| ({B}, {D}, {H}x{W}, {M}) | {r['method']} | error: {r['error']} | | | |")
+            lines.append(f"| ({B}, {D}, {H}x{W}, {M}) | {r['method']} | error: {r['error']} | | | | | | |")
             continue
         extra = f"{r['extra_mib']:.1f}" if "extra_mib" in r else "-"
-        speed = f"{r['speedup_fwd_bwd_vs_eager']:.1f}x" if "speedup_fwd_bwd_vs_eager" in r else "-"
-        lines.append(f"| ({B}, {D}, {H}x{W}, {M}) | {r['method']} | {r['fwd_us']:.1f} | {r['fwd_bwd_us']:.1f} | {speed} | {extra} |")
+        def fmt(key, spec=".1f", suffix=""):
+            return f"{r[key]:{spec}}{suffix}" if key in r else ("capture failed" if "graph_error" in r and "graph" in key else "-")
+        lines.append(f"| ({B}, {D}, {H}x{W}, {M}) | {r['method']} | {r['fwd_us']:.1f} | {r['fwd_bwd_us']:.1f} "
+                     f"| {fmt('speedup_fwd_bwd_vs_eager', '.1f', 'x')} | {fmt('fwd_graph_us')} | {fmt('fwd_bwd_graph_us')} "
+                     f"| {fmt('speedup_fwd_bwd_graph', '.1f', 'x')} | {extra} |")
     return "\n".join(lines) + "\n"
 
 
