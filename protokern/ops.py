@@ -75,24 +75,6 @@ def _backward_impl(grad_sim, grad_dist, z, p, idx, dist, eps: float, backend: st
     return grad_z3.view(z.shape).to(z.dtype), grad_p.to(p.dtype)
 
 
-class _PrototypeSimilarity(torch.autograd.Function):
-    """Eager path: the same implementation as the custom op without the custom-op dispatch overhead."""
-
-    @staticmethod
-    def forward(ctx, z, p, eps, backend, precision):
-        sim, dist, idx = _forward_impl(z, p, eps, backend, precision)
-        ctx.save_for_backward(z, p, idx, dist)  # O(B*M) state beyond the inputs
-        ctx.eps, ctx.backend = eps, backend
-        ctx.mark_non_differentiable(idx)
-        return sim, dist, idx
-
-    @staticmethod
-    def backward(ctx, grad_sim, grad_dist, _grad_idx):
-        z, p, idx, dist = ctx.saved_tensors
-        grad_z, grad_p = _backward_impl(grad_sim, grad_dist, z, p, idx, dist, ctx.eps, ctx.backend)
-        return grad_z, grad_p, None, None, None
-
-
 # torch.compile path: custom ops with fake implementations, so graphs capture the op whole.
 @torch.library.custom_op("protokern::prototype_similarity", mutates_args=())
 def _forward_op(z: Tensor, p: Tensor, eps: float, backend: str, precision: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -129,8 +111,23 @@ def _backward(ctx, grad_sim, grad_dist, _grad_idx):
     z, p, idx, dist = ctx.saved_tensors
     grad_sim = torch.zeros_like(dist) if grad_sim is None else grad_sim
     grad_dist = torch.zeros_like(dist) if grad_dist is None else grad_dist
-    grad_z, grad_p = _backward_op(grad_sim, grad_dist, z, p, idx, dist, ctx.eps, ctx.backend)
+    backward = _backward_impl if getattr(ctx, "eager", False) else _backward_op
+    grad_z, grad_p = backward(grad_sim, grad_dist, z, p, idx, dist, ctx.eps, ctx.backend)
     return grad_z, grad_p, None, None, None
+
+
+class _PrototypeSimilarity(torch.autograd.Function):
+    """Eager path: the custom op's implementation and autograd without the custom-op dispatch overhead."""
+
+    @staticmethod
+    def forward(ctx, z, p, eps, backend, precision):
+        output = _forward_impl(z, p, eps, backend, precision)
+        _setup_context(ctx, (z, p, eps, backend, precision), output)
+        ctx.mark_non_differentiable(output[2])
+        ctx.eager = True
+        return output
+
+    backward = staticmethod(_backward)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
