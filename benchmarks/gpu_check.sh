@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: build the CUDA extension, run the GPU tests and the benchmarks.
 # Run from the repository root on a machine with a CUDA GPU; results go to $OUT (default ./gpu-out):
-#   build.log, tests.log, distance.log (with the profile), push.log, distance-*.json/.md, push-*.json/.md
-# (the device tool brings back at most 8 files)
+#   build.log, tests.log, tests_cuda.log, bench.log (distance, profile, push), distance-*.json/.md,
+#   push-*.json/.md (the device tool brings back at most 8 files)
 # Steps are independent: a failing step is logged and the next one still runs. Exit status: 0 only if all passed.
 set -u
 OUT=${OUT:-$PWD/gpu-out}
@@ -22,7 +22,10 @@ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clock
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 step build "${BUILD_LIMIT:-240}" python3 -m pip install --no-build-isolation --no-deps -e .
-step tests "${TEST_LIMIT:-240}" python3 -m pytest -m gpu -v -rf --tb=short -p no:cacheprovider ${TEST_PATHS:-tests}
-step distance "${BENCH_LIMIT:-200}" bash -c "python3 benchmarks/distance.py --out '$OUT' && python3 benchmarks/profile_op.py"
-if [ -f benchmarks/push.py ] && [ -z "${SKIP_PUSH:-}" ]; then step push "${PUSH_LIMIT:-90}" python3 benchmarks/push.py --out "$OUT"; fi
+# The CUDA-extension tests run in their own process: a crash there cannot hide the other results.
+step tests "${TEST_LIMIT:-240}" python3 -m pytest -m gpu -v -rf --tb=short -p no:cacheprovider \
+  --deselect tests/test_cuda_backend.py ${TEST_PATHS:-tests}
+step tests_cuda "${TEST_LIMIT:-240}" python3 -m pytest -m gpu -v -rf --tb=short -p no:cacheprovider tests/test_cuda_backend.py
+step bench "${BENCH_LIMIT:-300}" bash -c "python3 benchmarks/distance.py --out '$OUT'; python3 benchmarks/profile_op.py; \
+  python3 benchmarks/push.py --out '$OUT'"
 exit $status
