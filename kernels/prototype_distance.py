@@ -27,6 +27,13 @@ import triton.language as tl
 INPUT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 
 
+# Forward launch configuration per precision: (largest channel slice, or None for 64/128 by tile size;
+# num_warps; num_stages). Chosen from H200 measurements (benchmarks/results/distance-2026-11-27-h200-v*.md):
+# the FMA ("ieee") and 3xTF32 paths ran fastest with 4 warps over 64/128-channel slices, the TF32 path with
+# 8 warps over 32-channel slices (81 us against 182 us at the CUB shape).
+_FORWARD_CONFIG = {"highest": (None, 4, 3), "high": (None, 4, 3), "medium": (32, 8, 2)}
+
+
 @triton.jit
 def _forward_kernel(
     z_ptr, p_ptr, sim_ptr, dist_ptr, idx_ptr,
@@ -153,7 +160,7 @@ def _grad_features_kernel(
     z = tl.load(z_ptr + b * stride_zb + k * stride_zk + offs_d * stride_zd, mask=d_mask, other=0.0).to(tl.float32)
     start = tl.load(seg_ptr + patch)
     end = tl.load(seg_ptr + patch + 1)
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_J, BLOCK_D), dtype=tl.float32)
     for j0 in range(start, end, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         j_mask = offs_j < end
@@ -161,8 +168,8 @@ def _grad_features_kernel(
         g = tl.load(g_ptr + pair, mask=j_mask, other=0.0)
         p = tl.load(p_ptr + (pair % M)[:, None] * stride_pm + offs_d[None, :] * stride_pd,
                     mask=j_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(g[:, None] * (z[None, :] - p), axis=0)
-    grad = 2.0 * acc
+        acc += g[:, None] * (z[None, :] - p)
+    grad = 2.0 * tl.sum(acc, axis=0)
     tl.store(gz_ptr + b * D * HW + offs_d * HW + k, grad, mask=d_mask)
 
 
@@ -192,17 +199,16 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     sim = torch.empty((B, M), device=z3.device, dtype=torch.float32)
     dist = torch.empty_like(sim)
     idx = torch.empty((B, M), device=z3.device, dtype=torch.int64)
-    # 64 x 64 distance tiles over 32-channel slices, 8 warps: the sm_90 build of this configuration uses
-    # about 150-240 registers a thread without spills (ptxas -v), where 4 warps or 64-channel slices spill.
     block_m = _pow2(M, 16, 64)
     block_k = _pow2(HW, 16, 64)
-    block_d = _pow2(D, 16, 32)
+    max_d, num_warps, num_stages = _FORWARD_CONFIG[precision]
+    block_d = _pow2(D, 16, max_d if max_d else (64 if block_m * block_k > 2048 else 128))
     grid = (triton.cdiv(M, block_m), B)
     _forward_kernel[grid](
         z3, p, sim, dist, idx, D, HW, M, eps,
         z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=INPUT_PRECISION[precision],
-        num_warps=8, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return sim, dist, idx
 
@@ -233,6 +239,6 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     _grad_features_kernel[(B * HW, triton.cdiv(D, block_d))](
         g, order, seg, z3, p, grad_z, D, HW, M,
         z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
-        BLOCK_J=16, BLOCK_D=block_d,
+        BLOCK_J=32, BLOCK_D=block_d,  # measured on H200: 48 us at the CUB shape, against 59 us for 16 pairs a step
     )
     return grad_z, grad_p
