@@ -1,0 +1,80 @@
+"""``python -m protokern.explain --checkpoint RUN/best.pt --image IMG.jpg [--top-k 10] [--out DIR] [--class C]``.
+
+Rebuilds the model from a trainer checkpoint, explains its decision on the image ("this looks like that")
+and writes the PNGs and ``index.html`` to ``--out`` (default ``RUN/explanations/<image name>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from protokern.explain.local import explain_image, model_from_checkpoint
+
+
+def _push_dataset(state: dict, data_root: str | None):
+    """The run's push set rebuilt from the checkpoint's training config, or None (then push PNGs are used)."""
+    config = state.get("config")
+    if not config:
+        return None
+    from protokern.train.config import TrainConfig
+    from protokern.train.data import build_datasets
+
+    cfg = TrainConfig(**config)
+    if data_root is not None:
+        cfg.data_root = data_root
+    if cfg.dataset != "synthetic" and not (cfg.data_root and os.path.isdir(cfg.data_root)):
+        return None
+    try:
+        return build_datasets(cfg)[2]
+    except (OSError, ValueError) as error:
+        warnings.warn(f"push set not rebuilt ({error}); using the prototype images saved by push", stacklevel=2)
+        return None
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Command-line entry point; returns the path of the ``index.html`` written."""
+    parser = argparse.ArgumentParser(prog="python -m protokern.explain", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="trainer checkpoint (RUN/best.pt) or run folder")
+    parser.add_argument("--image", required=True, help="image file (any mode: RGBA, grayscale, CMYK ...)")
+    parser.add_argument("--top-k", type=int, default=10, help="prototypes shown (default 10)")
+    parser.add_argument("--out", default=None, help="output folder (default RUN/explanations/<image name>)")
+    parser.add_argument("--class", dest="class_idx", type=int, default=None,
+                        help="class index to explain (default: the predicted class)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--data-root", default=None, help="dataset folder, to show the prototypes' source images "
+                                                          "if it moved since training")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error("--top-k must be >= 1")
+    if not os.path.isfile(args.image):
+        parser.error(f"image not found: {args.image}")
+    try:
+        model, records, state = model_from_checkpoint(args.checkpoint, device=args.device)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    if args.class_idx is not None and not 0 <= args.class_idx < model.num_classes:
+        parser.error(f"--class must be in [0, {model.num_classes})")
+    push_set = _push_dataset(state, args.data_root) if records is not None else None
+    explanation = explain_image(model, args.image, push_records=records, top_k=args.top_k, class_idx=args.class_idx,
+                                push_images=push_set, device=args.device)
+    run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
+    out = args.out or os.path.join(run_dir, "explanations", os.path.splitext(os.path.basename(args.image))[0])
+    page = explanation.save(out)
+    c = explanation.class_idx
+    print(f"class {explanation.class_name(c)} (logit {float(explanation.logits[c]):.4f}, predicted "
+          f"{explanation.class_name(explanation.predicted_class)}); top prototypes:")
+    for e in explanation.top:
+        print(f"  {e.rank:2d}. prototype {e.prototype:4d} (class {explanation.class_name(e.prototype_class)}): "
+              f"similarity {e.similarity:.4f} x weight {e.weight:.4f} = {e.contribution:.4f}")
+    print(f"-> {page}")
+    return page
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)

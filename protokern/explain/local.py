@@ -1,0 +1,381 @@
+"""Local explanation ("this looks like that") of one image: which prototypes the decision rests on.
+
+For a class (the predicted one unless given), the logit is a sum over all prototypes of
+``similarity_j * last_layer.weight[c, j]``; :func:`explain_image` ranks those contributions and, for the top
+``k``, shows where on the image the prototype is most activated next to the training patch it was pushed
+onto. :meth:`Explanation.save` writes one PNG per prototype and an ``index.html`` page.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from protokern.explain import render
+from protokern.ops import prototype_distances
+from protokern.push import PushRecords, activation_boxes
+
+__all__ = ["Explanation", "PrototypeEvidence", "explain_image", "load_image_tensor", "model_from_checkpoint"]
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass
+class PrototypeEvidence:
+    """One prototype's part in a decision.
+
+    Attributes:
+        rank: 1 for the largest contribution. prototype: index j. prototype_class: its class.
+        similarity: log-similarity of the prototype to its nearest patch of the image; distance: that
+            patch's squared L2 distance; weight: ``last_layer.weight[c, j]``; contribution: similarity x weight.
+        patch: ``(h, w)`` of the nearest patch on the feature map.
+        box: ``(y0, y1, x0, x1)`` box of the pixels at or above the 95th percentile of the upsampled
+            activation map (the original's "most activated" box); rf_box: receptive field of the nearest
+            patch (None when the model has no receptive field).
+        heatmap: (S, S) bicubically upsampled log-similarity map on the image.
+        source_index: index of the prototype's source image in the push set (None if not pushed).
+        source_box / source_rf_box: high-activation / receptive-field box on the source image.
+        source_image: (3, S, S) source image in [0, 1], when available.
+        file: the PNG written by :meth:`Explanation.save`, relative to its folder.
+    """
+
+    rank: int
+    prototype: int
+    prototype_class: int
+    similarity: float
+    distance: float
+    weight: float
+    contribution: float
+    patch: tuple[int, int]
+    box: Box
+    rf_box: Box | None
+    heatmap: Tensor = field(repr=False)
+    source_index: int | None = None
+    source_box: Box | None = None
+    source_rf_box: Box | None = None
+    source_image: Tensor | None = field(default=None, repr=False)
+    file: str | None = None
+
+
+@dataclass
+class Explanation:
+    """Explanation of a model's decision on one image (see :func:`explain_image`).
+
+    Attributes: ``image`` (3, S, S) in [0, 1]; ``logits`` (C,); ``predicted_class``; ``class_idx`` (the class
+    explained); ``similarity`` and ``min_distances`` (P,); ``weights`` (C, P) last-layer weights;
+    ``prototype_classes`` (P,); ``top`` (the top-k :class:`PrototypeEvidence`, largest contribution first);
+    ``class_names`` (optional).
+    """
+
+    image: Tensor = field(repr=False)
+    logits: Tensor
+    predicted_class: int
+    class_idx: int
+    similarity: Tensor = field(repr=False)
+    min_distances: Tensor = field(repr=False)
+    weights: Tensor = field(repr=False)
+    prototype_classes: Tensor = field(repr=False)
+    top: list[PrototypeEvidence]
+    class_names: list[str] | None = None
+
+    def contributions(self, class_idx: int | None = None) -> Tensor:
+        """(P,) ``similarity_j * weight[c, j]`` of every prototype j to class c (default: the explained one).
+
+        They add up to ``logits[c]`` (the last layer has no bias).
+        """
+        c = self.class_idx if class_idx is None else int(class_idx)
+        return self.similarity * self.weights[c]
+
+    def class_name(self, c: int) -> str:
+        """Name of class ``c`` (its index when no names are known)."""
+        return self.class_names[c] if self.class_names and 0 <= c < len(self.class_names) else str(c)
+
+    def table(self, class_idx: int | None = None) -> list[dict]:
+        """Every prototype's contribution to a class, largest first, as dicts (also in ``explanation.json``)."""
+        c = self.class_idx if class_idx is None else int(class_idx)
+        contributions = self.contributions(c)
+        order = torch.argsort(contributions, descending=True, stable=True).tolist()
+        return [{"prototype": j, "prototype_class": int(self.prototype_classes[j]),
+                 "similarity": float(self.similarity[j]), "distance": float(self.min_distances[j]),
+                 "weight": float(self.weights[c, j]), "contribution": float(contributions[j])} for j in order]
+
+    def to_dict(self) -> dict:
+        """The numbers of the explanation (no images), JSON-ready."""
+        c = self.class_idx
+        return {
+            "predicted_class": self.predicted_class,
+            "predicted_name": self.class_name(self.predicted_class),
+            "class_idx": c,
+            "class_name": self.class_name(c),
+            "logits": [float(v) for v in self.logits],
+            "logit": float(self.logits[c]),
+            "sum_of_contributions": float(self.contributions(c).sum()),
+            "top": [{"rank": e.rank, "prototype": e.prototype, "prototype_class": e.prototype_class,
+                     "similarity": e.similarity, "distance": e.distance, "weight": e.weight,
+                     "contribution": e.contribution, "patch": list(e.patch), "box": list(e.box),
+                     "rf_box": None if e.rf_box is None else list(e.rf_box), "source_index": e.source_index,
+                     "source_box": None if e.source_box is None else list(e.source_box), "file": e.file}
+                    for e in self.top],
+            "all_prototypes": self.table(c),
+        }
+
+    def save(self, out_dir: str, *, min_side: int = 192) -> str:
+        """Write ``index.html``, ``explanation.json``, ``image.png`` and one PNG per top prototype.
+
+        Each prototype PNG shows: the image with the activation heatmap and the most activated box | that box
+        ("this") | the source patch ("looks like that") | the source image with its box. Small images are
+        enlarged (nearest neighbour) to at least ``min_side`` pixels. Returns the path of ``index.html``.
+        """
+        os.makedirs(out_dir, exist_ok=True)
+        image = render.to_uint8(self.image)
+        render.save_png(render.upscale(image, min_side), os.path.join(out_dir, "image.png"))
+        for e in self.top:
+            e.file = f"rank{e.rank:02d}_prototype{e.prototype}.png"
+            render.save_png(_evidence_panel(image, e, min_side), os.path.join(out_dir, e.file))
+        with open(os.path.join(out_dir, "explanation.json"), "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=1)
+        return render.write_html(os.path.join(out_dir, "index.html"), "protokern explanation", self._html())
+
+    def _html(self) -> str:
+        c, esc = self.class_idx, html.escape
+        probs = torch.softmax(self.logits.double(), 0)
+        order = torch.argsort(self.logits, descending=True)[:5].tolist()
+        rows = "".join(f"<tr><td class=left>{esc(self.class_name(k))}</td><td>{float(self.logits[k]):.4f}</td>"
+                       f"<td>{float(probs[k]):.4f}</td></tr>" for k in order)
+        parts = [
+            f"<h1>This looks like that: {esc(self.class_name(c))}</h1>",
+            "<p><img src='image.png' alt='input image'></p>",
+            f"<p>Predicted class: <b>{esc(self.class_name(self.predicted_class))}</b>"
+            f" (logit {float(self.logits[self.predicted_class]):.4f}). Explained class: <b>{esc(self.class_name(c))}"
+            f"</b>, logit {float(self.logits[c]):.4f} = sum over all {len(self.similarity)} prototypes of "
+            f"similarity &times; weight = {float(self.contributions(c).sum()):.4f}.</p>",
+            f"<table><tr><th class=left>class</th><th>logit</th><th>probability</th></tr>{rows}</table>",
+            f"<h2>Top {len(self.top)} prototypes by contribution</h2>",
+            "<p>Each row: the image with the prototype's activation map and most activated box "
+            "(95th percentile) | this patch | looks like that: the prototype's source patch | its source image.</p>",
+            "<table><tr><th>rank</th><th>prototype</th><th class=left>prototype class</th><th>similarity</th>"
+            "<th>weight</th><th>contribution</th><th class=left>this looks like that</th></tr>",
+        ]
+        for e in self.top:
+            parts.append(f"<tr><td>{e.rank}</td><td>{e.prototype}</td><td class=left>"
+                         f"{esc(self.class_name(e.prototype_class))}</td><td>{e.similarity:.4f}</td>"
+                         f"<td>{e.weight:.4f}</td><td>{e.contribution:.4f}</td><td class=left>"
+                         f"<img src='{esc(e.file or '')}' alt='prototype {e.prototype}'></td></tr>")
+        parts.append("</table><h2>All prototypes</h2><table><tr><th>prototype</th><th class=left>class</th>"
+                     "<th>similarity</th><th>distance</th><th>weight</th><th>contribution</th></tr>")
+        for row in self.table(c):
+            parts.append(f"<tr><td>{row['prototype']}</td><td class=left>"
+                         f"{esc(self.class_name(row['prototype_class']))}</td><td>{row['similarity']:.4f}</td>"
+                         f"<td>{row['distance']:.4f}</td><td>{row['weight']:.4f}</td>"
+                         f"<td>{row['contribution']:.4f}</td></tr>")
+        parts.append("</table>")
+        return "\n".join(parts)
+
+
+def _crop(image: np.ndarray, box: Box | None, size: int) -> np.ndarray:
+    """The ``box`` region of ``image`` scaled to fit a ``size`` square (a placeholder if there is none)."""
+    if box is None or box[1] <= box[0] or box[3] <= box[2]:
+        return render.placeholder(size, size)
+    y0, y1, x0, x1 = box
+    patch = Image.fromarray(np.ascontiguousarray(image[y0:y1, x0:x1]))
+    scale = size / max(y1 - y0, x1 - x0)
+    new = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
+    return np.asarray(patch.resize(new, Image.NEAREST), dtype=np.uint8)
+
+
+def _evidence_panel(image: np.ndarray, e: PrototypeEvidence, min_side: int) -> np.ndarray:
+    test = render.draw_box(render.overlay(image, e.heatmap), e.box)
+    test = render.upscale(test, min_side)
+    side = test.shape[0]
+    tiles = [render.label(test, f"prototype {e.prototype}: sim {e.similarity:.3f} x w {e.weight:.3f}"),
+             render.label(_crop(image, e.box, side), "this")]
+    if e.source_image is not None:
+        source = render.to_uint8(e.source_image)
+        tiles.append(render.label(_crop(source, e.source_box, side), "looks like that"))
+        framed = render.upscale(render.draw_box(source, e.source_box), min_side)
+        tiles.append(render.label(framed, f"source image {e.source_index}"))
+    else:
+        tiles.append(render.label(render.placeholder(side, side, "no source image"), "looks like that"))
+    return render.hstack(tiles)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def load_image_tensor(image, image_size: int | tuple[int, int] | None = None) -> Tensor:
+    """An image as a float32 (3, S, S) tensor in [0, 1].
+
+    ``image`` is a path (any PIL mode, RGBA / grayscale / CMYK included, is converted to RGB by
+    ``protokern.data.load_image``), a PIL image, or a tensor (3, H, W) / (1, 3, H, W) in [0, 1]. With
+    ``image_size`` the image is resized (bilinear) to that square size.
+    """
+    from protokern.data.transforms import load_image, pil_to_tensor, to_rgb
+
+    size = None if image_size is None else (image_size if isinstance(image_size, int) else int(image_size[0]))
+    if image_size is not None and not isinstance(image_size, int) and image_size[0] != image_size[1]:
+        raise ValueError(f"only square image sizes are supported, got {tuple(image_size)}")
+    if isinstance(image, (str, os.PathLike)):
+        tensor, _ = load_image(image, size)
+        return tensor
+    if isinstance(image, Image.Image):
+        img = to_rgb(image)
+        if size is not None and img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return pil_to_tensor(img)
+    if not isinstance(image, Tensor):
+        raise TypeError(f"image must be a path, a PIL image or a tensor, got {type(image).__name__}")
+    if image.dim() == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+        raise ValueError(f"expected a float image tensor (3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}")
+    if image.min() < -1e-3 or image.max() > 1 + 1e-3:
+        raise ValueError("expected an unnormalised image in [0, 1] (explanations normalise it themselves), got "
+                         f"values in [{float(image.min()):.3f}, {float(image.max()):.3f}]")
+    image = image.detach().float().cpu()
+    if size is not None and tuple(image.shape[1:]) != (size, size):
+        image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=True)[0].clamp(0, 1)
+    return image
+
+
+def _source_image(j: int, index: int, records: PushRecords | None, push_images) -> Tensor | None:
+    """The source image of prototype j: from ``push_images`` if given, else the PNG written by push."""
+    if index < 0:
+        return None
+    if push_images is not None:
+        item = push_images[index]
+        return load_image_tensor(item[0] if isinstance(item, (tuple, list)) else item)
+    if records is not None and records.image_dir:
+        path = os.path.join(records.image_dir, f"{j}_source.png")
+        if os.path.isfile(path):
+            return load_image_tensor(path)
+    return None
+
+
+def _box(values) -> Box | None:
+    box = tuple(int(v) for v in values)
+    return None if box[0] < 0 else box
+
+
+# ------------------------------------------------------------------------------------------------ explain
+@torch.no_grad()
+def explain_image(model: nn.Module, image, *, push_records: PushRecords | None = None, top_k: int = 10,
+                  class_idx: int | None = None, push_images=None, class_names=None, device=None,
+                  image_size: int | None = None) -> Explanation:
+    """Explain ``model``'s decision on one image ("this looks like that").
+
+    Args:
+        model: a ``ProtoPNet`` (taking ImageNet-normalised images; the image is normalised here).
+        image: a path (RGBA / grayscale / CMYK ... are read as RGB), a PIL image or a (3, H, W) tensor in [0, 1].
+        push_records: the model's :class:`protokern.push.PushRecords` (one row per prototype), for the source
+            patches; None leaves them out.
+        top_k: how many prototypes to show (those with the largest contribution to the class).
+        class_idx: the class to explain (default: the predicted class).
+        push_images: the push set (``push_images[i]`` is an image tensor or an ``(image, label)`` pair), for
+            the source images; without it the ``{j}_source.png`` files written by push are used if present.
+        class_names: names of the classes (default: ``push_images.classes`` when available).
+        device: where to run (default: the model's device).
+        image_size: resize the image to this side; default: the push images' size (from ``push_records``), or
+            the image's own size.
+
+    Returns:
+        :class:`Explanation`; call ``.save(out_dir)`` for the PNGs and ``index.html``.
+    """
+    prototypes = model.prototype_layer.prototypes
+    num_protos = prototypes.shape[0]
+    if push_records is not None and len(push_records.image_index) != num_protos:
+        raise ValueError(f"push_records describe {len(push_records.image_index)} prototypes but the model has "
+                         f"{num_protos} (records from before pruning? use protokern.prune.select_records)")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    if class_idx is not None and not 0 <= int(class_idx) < model.num_classes:
+        raise ValueError(f"class_idx must be in [0, {model.num_classes}), got {class_idx}")
+    if image_size is None and push_records is not None:
+        image_size = push_records.image_size[0]
+    x = load_image_tensor(image, image_size)
+    device = torch.device(device) if device is not None else prototypes.device
+
+    from protokern.data import imagenet_normalize
+
+    was_training = model.training
+    model.eval()
+    try:
+        batch = imagenet_normalize(x[None].to(device))
+        logits, min_distances, similarity = model.forward_with_similarity(batch)
+        z = model.conv_features(batch).float()
+        distances = prototype_distances(z, prototypes.detach().float())[0]  # (P, H, W)
+    finally:
+        model.train(was_training)
+    logits, min_distances, similarity = logits[0].cpu(), min_distances[0].cpu(), similarity[0].cpu()
+    weights = model.last_layer.weight.detach().float().cpu()
+    predicted = int(logits.argmax())
+    c = predicted if class_idx is None else int(class_idx)
+    classes = model.prototype_classes.cpu()
+
+    k = min(top_k, num_protos)
+    contributions = similarity * weights[c]
+    top = torch.argsort(contributions, descending=True, stable=True)[:k].tolist()
+    eps = model.prototype_layer.eps
+    maps = torch.log((distances[top] + 1) / (distances[top] + eps)).cpu()  # (k, H, W) log-similarity
+    size = tuple(x.shape[1:])
+    heatmaps = render.upsample(maps, size)
+    boxes = activation_boxes(maps, size)
+    W = distances.shape[2]
+    patches = distances[top].flatten(1).argmin(1).cpu()
+    rf = getattr(model, "receptive_field", None)
+    if class_names is None:
+        class_names = getattr(push_images, "classes", None)
+
+    evidence = []
+    for rank, (j, patch, box, heat) in enumerate(zip(top, patches.tolist(), boxes.tolist(), heatmaps), 1):
+        h, w = divmod(patch, W)
+        rf_box = None
+        if rf is not None:
+            from protokern.models import patch_box
+
+            rf_box = patch_box(rf, size, h, w)
+        source_index = source_box = source_rf = None
+        if push_records is not None and int(push_records.image_index[j]) >= 0:
+            source_index = int(push_records.image_index[j])
+            source_box = _box(push_records.activation_box[j])
+            source_rf = _box(push_records.rf_box[j])
+        evidence.append(PrototypeEvidence(
+            rank=rank, prototype=j, prototype_class=int(classes[j]), similarity=float(similarity[j]),
+            distance=float(min_distances[j]), weight=float(weights[c, j]), contribution=float(contributions[j]),
+            patch=(h, w), box=tuple(box), rf_box=rf_box, heatmap=heat, source_index=source_index,
+            source_box=source_box, source_rf_box=source_rf,
+            source_image=_source_image(j, -1 if source_index is None else source_index, push_records, push_images),
+        ))
+    return Explanation(image=x, logits=logits, predicted_class=predicted, class_idx=c, similarity=similarity,
+                       min_distances=min_distances, weights=weights, prototype_classes=classes, top=evidence,
+                       class_names=list(class_names) if class_names is not None else None)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def model_from_checkpoint(path: str, device=None) -> tuple[nn.Module, PushRecords | None, dict]:
+    """Rebuild a trained ``ProtoPNet`` from a trainer checkpoint (``RUN/best.pt``, or a run folder).
+
+    Returns ``(model in eval mode, push records or None, the checkpoint dict)``. The model is rebuilt with
+    ``ProtoPNet.from_config(checkpoint["model_config"])`` and loaded from ``checkpoint["model"]``.
+    """
+    from protokern.models import ProtoPNet
+    from protokern.train.checkpoint import BEST, load_checkpoint
+
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, BEST)):
+        path = os.path.join(path, BEST)
+    state = load_checkpoint(path)
+    if "model_config" not in state:
+        raise ValueError(f"{path}: checkpoint has no 'model_config' to rebuild the model from")
+    model = ProtoPNet.from_config(state["model_config"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    if device is not None:
+        model.to(device)
+    records = state.get("push_records")
+    return model, PushRecords.from_dict(records) if records else None, state

@@ -1,0 +1,293 @@
+"""Prototype pruning and last-layer retraining (the original ProtoPNet's ``prune.py`` / ``run_pruning.py``).
+
+A prototype is pruned when fewer than ``threshold`` (3) of its ``k`` (6) nearest training patches, taken one
+per image, come from images of its own class: such a prototype stands for background or for a part shared
+with other classes. Afterwards the last layer is retrained (100 epochs, Adam lr 1e-4, the ProtoPNet loss of
+which only the cross entropy and the L1 term reach the last layer).
+
+The search for each prototype's nearest images is one fused :func:`protokern.nearest_patches` call per batch
+and a running ``torch.topk`` over ``(P, k + B)`` candidates: no Python loop over prototypes or images. It is
+shared with the global explanation (:func:`protokern.explain.gallery`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from protokern.ops import nearest_patches
+from protokern.push import PushRecords, _image_order
+
+__all__ = ["Neighbours", "nearest_training_patches", "prune_prototypes", "retrain_last_layer", "select_records"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Neighbours:
+    """The ``k`` nearest images of every prototype, one patch per image, nearest first.
+
+    Attributes:
+        distance: (P, k) float32 squared L2 distance of the prototype to the image's nearest patch.
+        image_index: (P, k) int64 dataset index of the image (position in the loader for loaders that are
+            not a ``DataLoader`` over a dataset).
+        label: (P, k) int64 class of the image.
+        patch: (P, k, 2) int64 ``(h, w)`` of the nearest patch on the feature map.
+        image_size: ``(height, width)`` of the images; feature_size: ``(H, W)`` of the feature map.
+        dataset: the loader's dataset (to fetch the images), or None.
+    """
+
+    distance: Tensor
+    image_index: Tensor
+    label: Tensor
+    patch: Tensor
+    image_size: tuple[int, int]
+    feature_size: tuple[int, int]
+    dataset: object = None
+
+
+def _batches(loader):
+    """``(images, labels)`` of each batch; extra items (dataset indices ...) are ignored."""
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError("the loader must yield (images, labels, ...) batches")
+        yield batch[0], batch[1]
+
+
+def _progress(iterable, desc: str, enabled: bool, total=None):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def _device(model: nn.Module, device) -> torch.device:
+    return torch.device(device) if device is not None else model.prototype_layer.prototypes.device
+
+
+@torch.no_grad()
+def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, progress: bool = True,
+                             desc: str = "nearest patches") -> Neighbours:
+    """The ``k`` nearest images of every prototype of ``model`` over ``loader`` (one patch per image).
+
+    Args:
+        model: a ``ProtoPNet`` (taking ImageNet-normalised images); run in eval mode, its mode is restored.
+        loader: iterable of ``(images, labels, ...)`` batches, images unnormalised in [0, 1] (B, 3, S, S),
+            in a fixed order (a ``DataLoader`` must not shuffle).
+        k: neighbours per prototype (at most the number of images).
+        device: where to compute (default: the prototypes' device).
+        progress: show a tqdm bar.
+
+    Returns:
+        :class:`Neighbours`. NaN distances count as infinitely far.
+    """
+    from protokern.data import imagenet_normalize
+
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    device = _device(model, device)
+    order, dataset = _image_order(loader)
+    prototypes = model.prototype_layer.prototypes.detach().to(device).float()
+    num = prototypes.shape[0]
+    best_d = torch.empty(num, 0, device=device)
+    best_i = torch.empty(num, 0, dtype=torch.int64, device=device)
+    best_y = torch.empty(num, 0, dtype=torch.int64, device=device)
+    best_p = torch.empty(num, 0, dtype=torch.int64, device=device)
+    image_size = feature_size = None
+    position = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for images, labels in _progress(_batches(loader), desc, progress):
+            images = images.to(device).float()
+            batch = images.shape[0]
+            z = model.conv_features(imagenet_normalize(images)).float()
+            if feature_size is None:
+                image_size, feature_size = tuple(images.shape[-2:]), tuple(z.shape[-2:])
+            elif tuple(z.shape[-2:]) != feature_size:
+                raise ValueError(f"all images must have one size: got {tuple(images.shape[-2:])} after {image_size}")
+            distance, patch = nearest_patches(z, prototypes)  # (B, P)
+            distance = torch.nan_to_num(distance, nan=math.inf)
+            if order is not None:
+                index = order[position:position + batch].to(device)
+            else:
+                index = torch.arange(position, position + batch, device=device)
+            position += batch
+            labels = torch.as_tensor(labels).to(device=device, dtype=torch.int64)
+
+            cand_d = torch.cat([best_d, distance.t()], 1)  # (P, k + B)
+            best_d, pick = cand_d.topk(min(k, cand_d.shape[1]), dim=1, largest=False, sorted=True)
+            best_i = torch.cat([best_i, index.expand(num, batch)], 1).gather(1, pick)
+            best_y = torch.cat([best_y, labels.expand(num, batch)], 1).gather(1, pick)
+            best_p = torch.cat([best_p, patch.t()], 1).gather(1, pick)
+    finally:
+        model.train(was_training)
+    if feature_size is None:
+        raise ValueError("the loader yielded no images")
+    if best_d.shape[1] < k:
+        raise ValueError(f"k={k} nearest images asked for, but the loader holds only {best_d.shape[1]} images")
+    W = feature_size[1]
+    patch = torch.stack([best_p // W, best_p % W], -1)
+    return Neighbours(distance=best_d.cpu(), image_index=best_i.cpu(), label=best_y.cpu(), patch=patch.cpu(),
+                      image_size=image_size, feature_size=feature_size, dataset=dataset)
+
+
+def select_records(records: PushRecords, keep) -> PushRecords:
+    """Push records of the prototypes ``keep`` only (in that order), e.g. those left after pruning.
+
+    ``image_dir`` is dropped (set to None): the PNGs written by push are named by the old prototype indices.
+    """
+    keep = torch.as_tensor(keep, dtype=torch.long).flatten()
+    fields = {f.name: getattr(records, f.name) for f in dataclasses.fields(records) if not f.name.startswith("_")}
+    for name, value in fields.items():
+        if isinstance(value, Tensor):
+            fields[name] = value[keep]
+    fields["image_dir"] = None
+    return PushRecords(**fields)
+
+
+def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3, device=None,
+                     progress: bool = True, push_records: PushRecords | None = None, apply: bool = True) -> dict:
+    """Prune the prototypes of ``model`` whose ``k`` nearest training images are mostly of other classes.
+
+    For each prototype, its ``k`` nearest patches over ``loader`` are found, one per image (see
+    :func:`nearest_training_patches`); the prototype is pruned when fewer than ``threshold`` of those images
+    are of its own class (the original: k=6, threshold=3). ``model.prune_prototypes`` then removes them with
+    their last-layer columns (rebuild optimisers afterwards); retrain the last layer with
+    :func:`retrain_last_layer`.
+
+    Args:
+        model: a ``ProtoPNet``.
+        loader: the (unaugmented) training images, ``(images, labels, ...)`` batches in [0, 1], fixed order.
+        k, threshold: the pruning rule; ``0 <= threshold <= k``.
+        device: where to compute (default: the prototypes' device). progress: tqdm bar.
+        push_records: if given, the result holds ``push_records`` for the prototypes that are kept.
+        apply: False only reports what would be pruned (the model is left unchanged).
+
+    Returns:
+        dict with ``pruned`` (old indices of the pruned prototypes), ``kept`` (old indices of the others, in
+        their new order), ``own_class_neighbours`` ((P,) list: how many of the k nearest images are of the
+        prototype's class), ``pruned_per_class`` and ``remaining_per_class`` (lists indexed by class),
+        ``num_pruned``, ``num_remaining``, ``k``, ``threshold``, ``neighbours`` (:class:`Neighbours`) and,
+        with ``push_records``, the kept prototypes' ``push_records``.
+    """
+    if not isinstance(threshold, int) or isinstance(threshold, bool) or not 0 <= threshold <= k:
+        raise ValueError(f"threshold must be an int in [0, k={k}], got {threshold!r}")
+    if push_records is not None and len(push_records.image_index) != model.num_prototypes:
+        raise ValueError(f"push_records hold {len(push_records.image_index)} prototypes, "
+                         f"the model {model.num_prototypes}")
+    neighbours = nearest_training_patches(model, loader, k=k, device=device, progress=progress, desc="prune")
+    classes = model.prototype_classes.cpu()
+    own = (neighbours.label == classes[:, None]).sum(1)  # (P,)
+    prune = own < threshold
+    pruned = prune.nonzero().flatten()
+    kept = (~prune).nonzero().flatten()
+    if kept.numel() == 0:
+        raise ValueError(f"every prototype has fewer than {threshold} of its {k} nearest images in its own "
+                         "class: pruning would remove them all (is the model trained and pushed?)")
+    num_classes = model.num_classes
+    result = {
+        "pruned": pruned.tolist(),
+        "kept": kept.tolist(),
+        "own_class_neighbours": own.tolist(),
+        "pruned_per_class": torch.bincount(classes[pruned], minlength=num_classes).tolist(),
+        "remaining_per_class": torch.bincount(classes[kept], minlength=num_classes).tolist(),
+        "num_pruned": int(pruned.numel()),
+        "num_remaining": int(kept.numel()),
+        "k": k,
+        "threshold": threshold,
+        "neighbours": neighbours,
+    }
+    if apply:
+        model.prune_prototypes(pruned)
+    if push_records is not None:
+        result["push_records"] = select_records(push_records, kept)
+    empty = [c for c, n in enumerate(result["remaining_per_class"]) if n == 0]
+    log.info("pruning (k=%d, threshold=%d): %d of %d prototypes %s, %d remain%s", k, threshold,
+             result["num_pruned"], model.num_prototypes + (result["num_pruned"] if apply else 0),
+             "pruned" if apply else "would be pruned", result["num_remaining"],
+             f"; classes left without prototypes: {empty}" if empty else "")
+    return result
+
+
+@torch.no_grad()
+def _similarities(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    from protokern.data import imagenet_normalize
+
+    return model.prototype_layer(model.conv_features(imagenet_normalize(images.float())))
+
+
+def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float = 1e-4, device=None,
+                       progress: bool = True, loss_fn: nn.Module | None = None, augment: nn.Module | None = None,
+                       seed: int = 0) -> dict:
+    """Train only ``model.last_layer`` for ``iters`` epochs over ``loader`` (Adam, ``lr``), as after pruning.
+
+    The loss is the ProtoPNet loss (``loss_fn``, default :class:`protokern.losses.ProtoPNetLoss`); with the
+    trunk, add-on and prototypes frozen only its cross-entropy and L1 terms reach the last layer. The frozen
+    part runs in eval mode (BatchNorm statistics frozen, as the trainer's last-layer epochs). Without
+    ``augment`` the similarities are computed once and cached, and the epochs reshuffle them in batches of
+    the loader's batch size (seeded by ``seed``); with ``augment`` (e.g. ``protokern.data.GpuAugment``) every
+    epoch runs the model on freshly augmented batches.
+
+    Returns ``{"iters", "loss", "accuracy"}``: the last epoch's mean loss and training accuracy.
+    """
+    from protokern.losses import ProtoPNetLoss
+
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
+        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    device = _device(model, device)
+    loss_fn = loss_fn if loss_fn is not None else ProtoPNetLoss()
+    weight = model.last_layer.weight
+    optimizer = torch.optim.Adam(model.last_layer.parameters(), lr=lr)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    aug_generator = torch.Generator(device=device).manual_seed(seed) if augment is not None else None
+
+    def live_batches():
+        for images, labels in _batches(loader):
+            images = augment(images.to(device).float(), generator=aug_generator)
+            yield (*_similarities(model, images), torch.as_tensor(labels).to(device))
+
+    cache = None
+    was_training, requires_grad = model.training, weight.requires_grad
+    model.eval()
+    weight.requires_grad_(True)
+    stats = {"iters": iters, "loss": math.nan, "accuracy": math.nan}
+    try:
+        if augment is None:
+            parts = [(*_similarities(model, images.to(device)), torch.as_tensor(labels).to(device))
+                     for images, labels in _progress(_batches(loader), "last layer: features", progress)]
+            if not parts:
+                raise ValueError("the loader yielded no images")
+            cache = [torch.cat(p) for p in zip(*parts)]
+            batch_size = getattr(loader, "batch_size", None) or parts[0][0].shape[0]
+
+        for _ in _progress(range(iters), "last layer", progress):
+            if cache is not None:
+                perm = torch.randperm(cache[0].shape[0], generator=generator).to(device)
+                batches = ((t[idx] for t in cache) for idx in perm.split(batch_size))
+            else:
+                batches = live_batches()
+            total, correct, count = 0.0, 0, 0
+            for similarity, min_distances, labels in batches:
+                logits = model.last_layer(similarity)
+                loss, _ = loss_fn(logits, min_distances, labels, model)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                n = labels.shape[0]
+                total += loss.item() * n
+                correct += int((logits.argmax(1) == labels).sum())
+                count += n
+            stats.update(loss=total / max(count, 1), accuracy=correct / max(count, 1))
+    finally:
+        model.train(was_training)
+        weight.requires_grad_(requires_grad)
+    log.info("last layer retrained for %d epochs (lr %g): loss %.4f, train accuracy %.4f",
+             iters, lr, stats["loss"], stats["accuracy"])
+    return stats

@@ -1,0 +1,382 @@
+"""Push (prototype projection): replace each prototype by its nearest training patch of its own class.
+
+As the original ProtoPNet's ``push.py``: over the (unaugmented, unnormalised) push set in eval mode, each
+prototype keeps the globally nearest patch among images of its own class, and is then overwritten by that
+patch's feature vector, so that its min distance on its source image is 0. Here the search is one fused
+``nearest_patches`` call per batch plus a few tensor ops (no Python loop over prototypes or images), the
+self-activation maps are tracked alongside the best patches (no second pass over the data), DDP ranks
+merge their bests with ``all_gather``, and the prototype PNGs are written by background threads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+
+from protokern.ops import nearest_patches
+
+__all__ = ["PushRecords", "push_prototypes", "activation_boxes"]
+
+_NO_INDEX = torch.iinfo(torch.int64).max
+RECORDS_FILE = "push_records.pt"
+
+
+@dataclass
+class PushRecords:
+    """Where each prototype came from after a push (one row per prototype, P rows).
+
+    Attributes:
+        image_index: (P,) int64 index of the source image in the push set (the dataset index when the
+            loader is a ``DataLoader`` over a dataset or a ``Subset`` of it, else the position in the
+            loader); -1 for prototypes that were not pushed (no image of their class).
+        prototype_class: (P,) int64 class of each prototype.
+        patch: (P, 2) int64 ``(h, w)`` of the source patch on the feature map; -1 if not pushed.
+        min_distance: (P,) float32 squared distance of the prototype *before* the push to its source patch
+            (inf if not pushed); after the push the distance is 0.
+        rf_box: (P, 4) int64 receptive-field box ``(y0, y1, x0, x1)`` (half-open pixel rows / columns) of the
+            source patch; -1 if not pushed or if the model has no receptive field.
+        activation_box: (P, 4) int64 ``(y0, y1, x0, x1)`` box of the pixels at or above the 95th percentile of
+            the bicubically upsampled self-activation (log-similarity) map on the source image; -1 if not pushed.
+        activation_map: (P, H, W) float32 low-resolution self-activation (log-similarity) maps.
+        image_size: ``(height, width)`` of the push images; feature_size: ``(H, W)`` of the feature map.
+        image_dir: folder the prototype PNGs are (being) written to, or None.
+    """
+
+    image_index: Tensor
+    prototype_class: Tensor
+    patch: Tensor
+    min_distance: Tensor
+    rf_box: Tensor
+    activation_box: Tensor
+    activation_map: Tensor = field(repr=False)
+    image_size: tuple[int, int]
+    feature_size: tuple[int, int]
+    image_dir: str | None = None
+    _pending: list = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def pushed(self) -> Tensor:
+        """(P,) bool: prototypes that were projected onto a patch."""
+        return self.image_index >= 0
+
+    def original_boxes(self, kind: str = "rf") -> np.ndarray:
+        """The original's box arrays, (P, 6) int ``[image_index, y0, y1, x0, x1, class]``.
+
+        ``kind`` is "rf" (the original's ``proto_rf_boxes``) or "activation" (``proto_bound_boxes``).
+        """
+        boxes = {"rf": self.rf_box, "activation": self.activation_box}.get(kind)
+        if boxes is None:
+            raise ValueError(f"kind must be 'rf' or 'activation', got {kind!r}")
+        return torch.cat([self.image_index[:, None], boxes, self.prototype_class[:, None]], 1).numpy()
+
+    def to_dict(self) -> dict:
+        """Plain dict of CPU tensors / ints / str (what checkpoints store); inverse of :meth:`from_dict`."""
+        out = {name: getattr(self, name) for name in _TENSOR_FIELDS}
+        out.update(image_size=list(self.image_size), feature_size=list(self.feature_size), image_dir=self.image_dir)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PushRecords:
+        """Rebuild records from :meth:`to_dict` output."""
+        missing = [k for k in _TENSOR_FIELDS + ("image_size", "feature_size") if k not in data]
+        if missing:
+            raise ValueError(f"not push records: missing {missing}")
+        return cls(**{k: torch.as_tensor(data[k]) for k in _TENSOR_FIELDS},
+                   image_size=tuple(data["image_size"]), feature_size=tuple(data["feature_size"]),
+                   image_dir=data.get("image_dir"))
+
+    def save(self, path: str) -> None:
+        """``torch.save`` the :meth:`to_dict` form to ``path``."""
+        torch.save(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: str) -> PushRecords:
+        """Read records written by :meth:`save`."""
+        return cls.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def wait_images(self) -> None:
+        """Block until the background PNG writing of this push has finished (re-raises its errors)."""
+        while self._pending:
+            self._pending.pop().result()
+
+
+_TENSOR_FIELDS = ("image_index", "prototype_class", "patch", "min_distance", "rf_box", "activation_box",
+                  "activation_map")
+
+
+# ---------------------------------------------------------------------------------------------- indices
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _image_order(loader) -> tuple[Tensor | None, object | None]:
+    """(dataset indices of the loader's samples in order, base dataset) for a DataLoader; (None, None) else.
+
+    Subsets are mapped to the indices of their underlying dataset.
+    """
+    if not isinstance(loader, DataLoader):
+        return None, None
+    sampler = loader.sampler
+    if isinstance(sampler, RandomSampler) or (isinstance(sampler, DistributedSampler) and sampler.shuffle):
+        raise ValueError("push needs a loader in a fixed order: build it with shuffle=False")
+    if loader.batch_sampler is not None and not hasattr(loader.batch_sampler, "sampler"):
+        raise ValueError("push cannot map a custom batch_sampler to image indices; use a plain loader")
+    order = torch.as_tensor(list(iter(sampler)), dtype=torch.int64)
+    dataset = loader.dataset
+    while isinstance(dataset, Subset):
+        order = torch.as_tensor(dataset.indices, dtype=torch.int64)[order]
+        dataset = dataset.dataset
+    return order, dataset
+
+
+# ---------------------------------------------------------------------------------------------- boxes
+@torch.no_grad()
+def activation_boxes(similarity_maps: Tensor, image_size: tuple[int, int], percentile: float = 95.0,
+                     chunk: int = 128) -> Tensor:
+    """Boxes ``(y0, y1, x0, x1)`` (half-open) of the pixels >= the ``percentile`` of each upsampled map.
+
+    ``similarity_maps`` (P, H, W) are upsampled bicubically (as the original's cv2 INTER_CUBIC) to
+    ``image_size``; the threshold is NumPy's default (linear) percentile of each map. Returns (P, 4) int64.
+    """
+    out = []
+    q = percentile / 100.0
+    for maps in similarity_maps.float().split(chunk):
+        up = F.interpolate(maps[:, None], size=tuple(image_size), mode="bicubic", align_corners=False)[:, 0]
+        threshold = torch.quantile(up.flatten(1), q, dim=1)
+        mask = up >= threshold[:, None, None]
+        out.append(torch.cat([_span(mask.any(2)), _span(mask.any(1))], 1))
+    return torch.cat(out) if out else torch.zeros(0, 4, dtype=torch.int64)
+
+
+def _span(rows: Tensor) -> Tensor:
+    """(P, 2) ``[first True, last True + 1]`` of each row of a bool (P, N) tensor with a True per row."""
+    n = rows.shape[1]
+    first = rows.int().argmax(1)
+    last = n - rows.flip(1).int().argmax(1)
+    return torch.stack([first, last], 1).long()
+
+
+# ---------------------------------------------------------------------------------------------- push
+@torch.no_grad()
+def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | None = None,
+                    save_dir: str | None = None, save_images: bool = True, progress: bool = True,
+                    autocast_dtype: torch.dtype | None = None, image_workers: int = 4) -> PushRecords:
+    """Project every prototype of ``model`` onto its nearest patch of an image of its own class.
+
+    Args:
+        model: a ``ProtoPNet`` (or DDP-wrapped one); taking ImageNet-normalised images.
+        loader: iterable of ``(images, labels)``: unnormalised images in [0, 1], (B, 3, S, S), in a fixed
+            order (normalised here with ``imagenet_normalize``). Image indices are dataset indices for a
+            ``DataLoader`` with a sequential or non-shuffling distributed sampler (through ``Subset``s), else
+            positions in the loader (``position * world_size + rank`` under torch.distributed).
+        device: where to compute; default: the device of the model's prototypes.
+        save_dir: if given, rank 0 writes ``push_records.pt`` there and, with ``save_images``, the prototype
+            PNGs (``{j}_source.png``, ``{j}_overlay.png``, ``{j}_rf.png``, ``{j}_act.png`` per prototype j)
+            in background threads (see :meth:`PushRecords.wait_images`). PNGs need the loader's dataset.
+        progress: show a tqdm bar (rank 0 only).
+        autocast_dtype: run the trunk (not the add-on) under ``torch.autocast`` with this dtype, as the
+            trainer does.
+        image_workers: threads writing PNGs.
+
+    Under torch.distributed each rank passes its shard; the bests are merged across ranks (ties go to
+    the lowest image index), so every rank ends with the same prototypes. Prototypes of classes without
+    images keep their values (with a warning). The model's train/eval mode is restored afterwards.
+
+    Returns:
+        :class:`PushRecords`.
+    """
+    from protokern.data import imagenet_normalize
+
+    net = _unwrap(model)
+    layer = net.prototype_layer
+    prototypes = layer.prototypes
+    device = torch.device(device) if device is not None else prototypes.device
+    classes = net.prototype_classes.to(device)
+    num_protos, dim = prototypes.shape[:2]
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+
+    order, dataset = _image_order(loader)
+    best_d = torch.full((num_protos,), math.inf, device=device)
+    best_idx = torch.full((num_protos,), -1, dtype=torch.int64, device=device)
+    best_patch = torch.full((num_protos,), -1, dtype=torch.int64, device=device)
+    best_feat = torch.zeros(num_protos, dim, device=device)
+    best_map = None  # (P, H*W), created with the first batch
+    image_size = feature_size = None
+    nan_count = torch.zeros((), dtype=torch.int64, device=device)
+    arange_p = torch.arange(num_protos, device=device)
+
+    was_training = net.training
+    net.eval()
+    position = 0
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(loader, desc="push", disable=not progress or rank != 0, leave=False, dynamic_ncols=True)
+        for images, labels in bar:
+            images = images.to(device, non_blocking=True)
+            labels = torch.as_tensor(labels).to(device, non_blocking=True)
+            batch = images.shape[0]
+            if order is not None:
+                gidx = order[position:position + batch].to(device, non_blocking=True)
+            else:
+                gidx = (torch.arange(position, position + batch, device=device) * world + rank)
+            position += batch
+            x = imagenet_normalize(images.float())
+            if autocast_dtype is None:
+                z = net.conv_features(x)
+            else:  # as in training: the trunk under autocast, the add-on in float32
+                with torch.autocast(device.type, dtype=autocast_dtype):
+                    f = net.features(x)
+                z = net.add_on(f.float())
+            z = z.float()
+            if feature_size is None:
+                image_size, feature_size = tuple(images.shape[-2:]), tuple(z.shape[-2:])
+                best_map = torch.zeros(num_protos, z.shape[2] * z.shape[3], device=device)
+            elif tuple(z.shape[-2:]) != feature_size:
+                raise ValueError(f"push images must all have one size: got {tuple(images.shape[-2:])} "
+                                 f"after {image_size}")
+
+            distances, patch = nearest_patches(z, prototypes.detach().float())  # (B, P)
+            nan_count += distances.isnan().sum()
+            own = labels[:, None] == classes[None, :]
+            distances = torch.where(own & ~distances.isnan(), distances, math.inf)
+            batch_d = distances.amin(0)  # (P,)
+            # lowest image index among the batch's ties
+            key = torch.where(distances == batch_d, gidx[:, None], _NO_INDEX)
+            row = key.argmin(0)  # (P,) local image of each prototype's batch best
+            batch_idx = gidx[row]
+            better = batch_d.isfinite() & ((batch_d < best_d) | ((batch_d == best_d) & (batch_idx < best_idx)))
+
+            z3 = z.flatten(2)  # (B, D, HW)
+            batch_patch = patch[row, arange_p]
+            feat = z3[row, :, batch_patch]  # (P, D)
+            self_map = (z3[row] - feat[:, :, None]).square_().sum(1)  # (P, HW), exactly 0 at the winner
+
+            best_d = torch.where(better, batch_d, best_d)
+            best_idx = torch.where(better, batch_idx, best_idx)
+            best_patch = torch.where(better, batch_patch, best_patch)
+            best_feat = torch.where(better[:, None], feat, best_feat)
+            best_map = torch.where(better[:, None], self_map, best_map)
+    finally:
+        net.train(was_training)
+
+    if feature_size is None:
+        raise ValueError("push: the loader yielded no images")
+    if distributed:
+        best_d, best_idx, best_patch, best_feat, best_map = _merge_ranks(
+            best_d, best_idx, best_patch, best_feat, best_map)
+    if int(nan_count) > 0:
+        warnings.warn(f"push: {int(nan_count)} NaN distances ignored (NaN features?)", stacklevel=2)
+
+    pushed = best_idx >= 0
+    prototypes.data.copy_(torch.where(pushed[:, None], best_feat, prototypes.detach().flatten(1).float())
+                          .to(prototypes.dtype).view_as(prototypes))
+    missing = (~pushed).nonzero().flatten().tolist()
+    if missing:
+        absent = sorted({int(c) for c in classes[missing].tolist()})
+        warnings.warn(f"push: no images of classes {absent[:10]}{'...' if len(absent) > 10 else ''}: "
+                      f"{len(missing)} prototypes keep their values", stacklevel=2)
+
+    records = _make_records(net, best_d, best_idx, best_patch, best_map, classes, image_size, feature_size)
+    if save_dir is not None and rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        records.save(os.path.join(save_dir, RECORDS_FILE))
+        if save_images:
+            if dataset is None or not hasattr(dataset, "__getitem__"):
+                warnings.warn("push: prototype images need a DataLoader over a dataset; not written", stacklevel=2)
+            else:
+                records.image_dir = save_dir
+                records._pending.extend(_write_images(records, dataset, save_dir, image_workers))
+    return records
+
+
+def _merge_ranks(best_d, best_idx, best_patch, best_feat, best_map):
+    """Per prototype, the rank with the smallest (distance, image index); all ranks get the same answer."""
+    def gather(t):
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.stack(parts)
+
+    ds, ids = gather(best_d), gather(best_idx)  # (R, P)
+    d_min = ds.amin(0)
+    key = torch.where((ds == d_min) & ds.isfinite(), ids, _NO_INDEX)
+    winner = key.argmin(0)  # (P,) rank
+    cols = torch.arange(ds.shape[1], device=ds.device)
+    pick = lambda t: t[winner, cols]  # noqa: E731
+    return (pick(ds), pick(ids), pick(gather(best_patch)), pick(gather(best_feat)), pick(gather(best_map)))
+
+
+def _make_records(net, best_d, best_idx, best_patch, best_map, classes, image_size, feature_size) -> PushRecords:
+    H, W = feature_size
+    pushed = best_idx >= 0
+    eps = net.prototype_layer.eps
+    maps = best_map.view(-1, H, W)
+    sim_maps = torch.log((maps + 1) / (maps + eps))
+    act_box = activation_boxes(sim_maps, image_size)
+    act_box[~pushed] = -1
+    patch = torch.stack([best_patch // W, best_patch % W], 1)
+    patch[~pushed] = -1
+    patch, pushed_cpu = patch.cpu(), pushed.cpu()
+    rf_box = torch.full((len(patch), 4), -1, dtype=torch.int64)
+    rf = getattr(net, "receptive_field", None)
+    if rf is not None:
+        from protokern.models.receptive_field import patch_box
+
+        for j in pushed_cpu.nonzero().flatten().tolist():  # once per push, P small calls
+            rf_box[j] = torch.tensor(patch_box(rf, image_size, int(patch[j, 0]), int(patch[j, 1])))
+    return PushRecords(
+        image_index=best_idx.cpu(), prototype_class=classes.cpu(), patch=patch, min_distance=best_d.float().cpu(),
+        rf_box=rf_box, activation_box=act_box.cpu(), activation_map=sim_maps.float().cpu(),
+        image_size=tuple(int(s) for s in image_size), feature_size=(int(H), int(W)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- PNGs
+def _jet(values: np.ndarray) -> np.ndarray:
+    """Jet colour map of values in [0, 1] -> float RGB in [0, 1] (..., 3)."""
+    v = values[..., None] * 4
+    return np.clip(np.concatenate([1.5 - np.abs(v - 3), 1.5 - np.abs(v - 2), 1.5 - np.abs(v - 1)], -1), 0, 1)
+
+
+def _to_png(array: np.ndarray, path: str) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))).save(path)
+
+
+def _write_one(j: int, image: Tensor, sim_map: Tensor, rf_box, act_box, save_dir: str) -> None:
+    img = image.float().permute(1, 2, 0).numpy()  # (S, S, 3)
+    up = F.interpolate(sim_map[None, None].float(), size=img.shape[:2], mode="bicubic", align_corners=False)[0, 0]
+    up = up.numpy()
+    span = up.max() - up.min()
+    heat = _jet((up - up.min()) / span if span > 0 else np.zeros_like(up))
+    _to_png(img, os.path.join(save_dir, f"{j}_source.png"))
+    _to_png(0.5 * img + 0.3 * heat, os.path.join(save_dir, f"{j}_overlay.png"))
+    for name, (y0, y1, x0, x1) in (("rf", rf_box), ("act", act_box)):
+        if y1 > y0 and x1 > x0:
+            _to_png(img[y0:y1, x0:x1], os.path.join(save_dir, f"{j}_{name}.png"))
+
+
+def _write_images(records: PushRecords, dataset, save_dir: str, workers: int) -> list[Future]:
+    """Write the PNGs of every pushed prototype in a thread pool; returns the futures (not waited for)."""
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="push-png")
+    futures = []
+    for j in records.pushed.nonzero().flatten().tolist():
+        def job(j=j, index=int(records.image_index[j])):
+            _write_one(j, dataset[index][0], records.activation_map[j], records.rf_box[j].tolist(),
+                       records.activation_box[j].tolist(), save_dir)
+
+        futures.append(pool.submit(job))
+    pool.shutdown(wait=False)  # the threads finish the queue; Python joins them at exit
+    return futures

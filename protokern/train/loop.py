@@ -1,0 +1,133 @@
+"""One pass over a loader: training (with augmentation and optimiser steps) or evaluation; plus the
+part-localisation metric."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+import torch
+from torch import Tensor, nn
+
+from protokern.data import imagenet_normalize
+from protokern.ops import nearest_patches
+from protokern.train.distributed import all_reduce_sum
+
+TERMS = ("ce", "cluster", "separation", "avg_separation", "l1", "total")
+
+
+class TrainForward(nn.Module):
+    """The model's forward with the trunk under autocast (and optionally compiled).
+
+    The add-on layers, the prototype op and the last layer stay float32. Wrap this (not the model) in
+    DDP. ``forward(x) -> (logits, min_distances)`` like ``ProtoPNet.forward``.
+    """
+
+    def __init__(self, model: nn.Module, amp_dtype: torch.dtype | None = None, compile_trunk: bool = False):
+        super().__init__()
+        self.model = model
+        self.amp_dtype = amp_dtype
+        # a plain attribute: the compiled wrapper shares the trunk's parameters and adds no state-dict keys
+        object.__setattr__(self, "_trunk", torch.compile(model.features) if compile_trunk else model.features)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        autocast = (torch.autocast(x.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            f = self._trunk(x)
+        similarity, min_distances = self.model.prototype_layer(self.model.add_on(f.float()))
+        return self.model.last_layer(similarity), min_distances
+
+
+def _progress(iterable, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True,
+                disable=not enabled or not sys.stderr.isatty())
+
+
+def run_epoch(forward: nn.Module, model: nn.Module, loader, loss_fn: nn.Module, device: torch.device, *,
+              optimizer: torch.optim.Optimizer | None = None, augment: nn.Module | None = None,
+              generator: torch.Generator | None = None, scaler=None, channels_last: bool = False,
+              progress: bool = False, desc: str = "") -> dict[str, float]:
+    """Train (when ``optimizer`` is given) or evaluate over ``loader``; metrics summed over all ranks.
+
+    Images come unnormalised in [0, 1]; they are moved to ``device``, augmented (training only, with
+    ``generator``) and ImageNet-normalised there. ``forward`` is the (possibly DDP-wrapped)
+    :class:`TrainForward`; ``model`` the bare ProtoPNet (for the loss). The caller sets train/eval mode.
+
+    Returns ``accuracy``, each loss term (batch-weighted means), ``images`` and ``seconds``.
+    """
+    training = optimizer is not None
+    start = time.perf_counter()
+    sums = torch.zeros(len(TERMS), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    bar = _progress(loader, desc, progress)
+    for images, labels in bar:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if training and augment is not None:
+            images = augment(images, generator=generator)
+        images = imagenet_normalize(images)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.set_grad_enabled(training):
+            logits, min_distances = forward(images)
+            loss, terms = loss_fn(logits, min_distances, labels, model)
+        if training:
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+        batch = labels.shape[0]
+        correct += (logits.detach().argmax(1) == labels).sum()
+        count += batch
+        sums += torch.tensor([terms[t] for t in TERMS], dtype=torch.float64) * batch
+        if getattr(bar, "disable", True) is False:
+            bar.set_postfix(loss=f"{terms['total']:.3f}", refresh=False)
+    totals = torch.cat([sums, torch.tensor([float(correct.item()), float(count)], dtype=torch.float64)])
+    totals = all_reduce_sum(totals.to(device)).cpu()
+    n = max(totals[-1].item(), 1.0)
+    out = {t: totals[i].item() / n for i, t in enumerate(TERMS)}
+    out.update(accuracy=totals[-2].item() / n, images=int(totals[-1].item()), seconds=time.perf_counter() - start)
+    return out
+
+
+@torch.no_grad()
+def part_localisation(model: nn.Module, loader, boxes: Tensor, device: torch.device) -> float | None:
+    """Fraction of (test image, own-class prototype) pairs whose most activated patch lies on the part.
+
+    A patch "lies on the part" when the centre of its receptive field falls inside the image's part box
+    ``boxes[index]`` ((x0, y0, x1, y1) pixels). ``loader`` yields ``(images, labels, dataset indices)``
+    (see ``WithIndex``). Summed over ranks. None when the model has no receptive field.
+    """
+    rf = getattr(model, "receptive_field", None)
+    if rf is None:
+        return None
+    was_training = model.training
+    model.eval()
+    classes = model.prototype_classes.to(device)
+    prototypes = model.prototype_layer.prototypes
+    hits = torch.zeros(2, dtype=torch.float64, device=device)
+    try:
+        for images, labels, index in loader:
+            images, labels = images.to(device), labels.to(device)
+            z = model.conv_features(imagenet_normalize(images))
+            _, patch = nearest_patches(z.float(), prototypes)  # (B, P)
+            W = z.shape[3]
+            cy = rf.start + (patch // W).double() * rf.jump
+            cx = rf.start + (patch % W).double() * rf.jump
+            box = boxes[index].to(device).double()  # (B, 4)
+            inside = ((cx >= box[:, 0:1]) & (cx <= box[:, 2:3]) & (cy >= box[:, 1:2]) & (cy <= box[:, 3:4]))
+            own = labels[:, None] == classes[None, :]
+            hits += torch.stack([(inside & own).sum(), own.sum()]).double()
+    finally:
+        model.train(was_training)
+    hits = all_reduce_sum(hits).cpu()
+    return hits[0].item() / max(hits[1].item(), 1.0)

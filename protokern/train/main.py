@@ -1,0 +1,396 @@
+"""The training run: build everything from a :class:`TrainConfig`, walk the schedule, log, checkpoint, push.
+
+Run directory (written by rank 0)::
+
+    config.yaml        the resolved settings
+    metrics.csv        one row per schedule step (stage, epoch, accuracies, loss terms, lrs, timing)
+    metrics.jsonl      the same rows as JSON lines
+    last.pt, best.pt   checkpoints (see Trainer.state_dict); interrupted.pt after Ctrl-C
+    push/epoch_NNN/    push_records.pt and the prototype PNGs of each push
+    summary.json       final accuracy, best accuracy, part localisation, push records path, timings
+    tb/                TensorBoard events (when tensorboard is installed)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from protokern.data import GpuAugment, make_loader
+from protokern.losses import ProtoPNetLoss
+from protokern.models import ProtoPNet
+from protokern.push import RECORDS_FILE, PushRecords, push_prototypes
+from protokern.train import checkpoint as ckpt
+from protokern.train.config import TrainConfig, parse_config
+from protokern.train.data import WithIndex, build_datasets, train_loader
+from protokern.train.distributed import DistInfo, barrier, cleanup, init_distributed, shard
+from protokern.train.loop import TERMS, TrainForward, part_localisation, run_epoch
+from protokern.train.schedule import (Step, build_schedule, learning_rates, make_optimizers, make_scheduler,
+                                      set_trainable, step_scheduler)
+
+CSV_COLUMNS = (["step", "stage", "epoch", "iteration", "train_accuracy", "test_accuracy"]
+               + [f"train_{t}" for t in TERMS] + [f"test_{t}" for t in TERMS]
+               + ["lr_features", "lr_add_on", "lr_prototypes", "lr_last_layer", "seconds", "images_per_s"])
+_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One training run (see the module docstring). ``run()`` returns the summary dict."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo, device: torch.device, explicit: set[str] = frozenset()):
+        resume_state = None
+        if cfg.resume:
+            path = ckpt.find_checkpoint(cfg.resume)
+            resume_state = ckpt.load_checkpoint(path)
+            saved = TrainConfig(**resume_state["config"])
+            overrides = {k: getattr(cfg, k) for k in explicit if k != "resume"}
+            overrides.setdefault("max_steps", None)  # a per-session limit, not inherited
+            cfg = dataclasses.replace(saved, **overrides, resume=cfg.resume).validate()
+            if "out" not in explicit:
+                cfg = dataclasses.replace(cfg, out=os.path.dirname(os.path.abspath(path)))
+        self.cfg, self.info, self.device = cfg, info, device
+        self.is_main = info.is_main
+        self.run_dir = self._run_dir()
+        _seed_everything(cfg.seed)
+
+        self.train_set, self.test_set, self.push_set, num_classes = build_datasets(cfg)
+        self.model = ProtoPNet(backbone=cfg.backbone, num_classes=num_classes,
+                               prototypes_per_class=cfg.prototypes_per_class, prototype_dim=cfg.prototype_dim,
+                               add_on=cfg.add_on, pretrained=cfg.pretrained,
+                               backbone_weights=cfg.backbone_weights).to(device)
+        if cfg.channels_last:
+            self.model.features.to(memory_format=torch.channels_last)
+        self.amp_dtype = _AMP[cfg.amp]
+        self.forward = TrainForward(self.model, self.amp_dtype, compile_trunk=cfg.compile)
+        self.optimizers = make_optimizers(self.model, cfg)
+        self.scheduler = make_scheduler(self.optimizers["joint"], cfg)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+        self.loss_fn = ProtoPNetLoss(cross_entropy=cfg.ce_coef, cluster=cfg.cluster_coef,
+                                     separation=cfg.separation_coef, l1=cfg.l1_coef)
+        self.augment = GpuAugment().to(device) if cfg.augment else None
+        self.generator = torch.Generator(device=device)
+
+        self.train_loader = train_loader(self.train_set, cfg, info)
+        self.test_loader = make_loader(shard(self.test_set, info), cfg.test_batch_size, shuffle=False,
+                                       num_workers=cfg.num_workers)
+        self.push_loader = make_loader(shard(self.push_set, info), cfg.push_batch_size, shuffle=False,
+                                       num_workers=cfg.num_workers)
+
+        self.schedule = build_schedule(cfg)
+        self.next_step = 0
+        self.best = {"accuracy": -1.0, "step": None, "pushed": False}
+        self.records: PushRecords | None = None
+        self.records_path: str | None = None
+        self.stage_seconds: dict[str, float] = {}
+        self._wrapped = (None, None)  # (stage, DDP module) in use
+        if resume_state is not None:
+            self.load_state_dict(resume_state)
+        self.writer = self._tensorboard()
+
+    # ------------------------------------------------------------------------------------ files
+    def _run_dir(self) -> str:
+        out = self.cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        if self.info.enabled:  # every rank uses rank 0's name
+            box = [out]
+            dist.broadcast_object_list(box, src=0)
+            out = box[0]
+        if self.is_main:
+            os.makedirs(out, exist_ok=True)
+        return out
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.run_dir, name)
+
+    def _tensorboard(self):
+        if not self.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(self._path("tb"))
+
+    def _write_config(self) -> None:
+        import yaml
+
+        with open(self._path("config.yaml"), "w", encoding="utf-8") as fh:
+            yaml.safe_dump(self.cfg.to_dict(), fh, sort_keys=False)
+
+    def _truncate_metrics(self, last_step: int) -> None:
+        """Keep only the metric rows of steps <= ``last_step`` (rows of an interrupted step go)."""
+        path = self._path("metrics.jsonl")
+        if not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        rows = [r for r in rows if r["step"] <= last_step]
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        with open(self._path("metrics.csv"), "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def _log(self, row: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self._path("metrics.jsonl"), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        csv_path = self._path("metrics.csv")
+        new = not os.path.exists(csv_path)
+        with open(csv_path, "a", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, CSV_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch", "iteration"):
+                    self.writer.add_scalar(f"{row['stage']}/{key}", value, row["step"])
+            self.writer.flush()
+        if not self.cfg.quiet:
+            where = f"epoch {row['epoch']}" + (f".{row['iteration']}" if row["stage"] == "last" else "")
+            train = f"train acc {row['train_accuracy']:.3f}  " if "train_accuracy" in row else ""
+            print(f"[{row['step'] + 1}/{len(self.schedule)}] {row['stage']:5s} {where}: {train}"
+                  f"test acc {row['test_accuracy']:.3f}  loss {row.get('train_total', row['test_total']):.3f}  "
+                  f"({row['seconds']:.1f} s)", flush=True)
+
+    # ------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: weights, optimisers, scheduler, scaler, RNG, progress."""
+        return {
+            "model": self.model.state_dict(),
+            "model_config": self.model.config,
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": ckpt.rng_state(),
+            "step": self.next_step - 1,
+            "stage": self.schedule[self.next_step - 1].stage if self.next_step else None,
+            "epoch": self.schedule[self.next_step - 1].epoch if self.next_step else None,
+            "config": self.cfg.to_dict(),
+            "best": dict(self.best),
+            "push_records": self.records.to_dict() if self.records is not None else None,
+            "push_records_path": self.records_path,
+            "stage_seconds": dict(self.stage_seconds),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        for key, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][key])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.next_step = state["step"] + 1
+        self.best = dict(state["best"])
+        self.records = PushRecords.from_dict(state["push_records"]) if state.get("push_records") else None
+        self.records_path = state.get("push_records_path")
+        self.stage_seconds = dict(state.get("stage_seconds", {}))
+        if self.is_main:
+            self._truncate_metrics(state["step"])
+
+    def _save(self, row: dict) -> None:
+        """Write last.pt, and best.pt when this step has the best test accuracy so far (once a push has
+        happened, among projected models only: push and last-layer steps)."""
+        pushed = row["stage"] in ("push", "last")
+        improved = (pushed and not self.best["pushed"]) or (
+            pushed == self.best["pushed"] and row["test_accuracy"] > self.best["accuracy"])
+        if improved:
+            self.best = {"accuracy": row["test_accuracy"], "step": row["step"], "pushed": pushed}
+        if not self.is_main:
+            return
+        state = self.state_dict()
+        ckpt.atomic_save(state, self._path(ckpt.LAST))
+        if improved:
+            ckpt.atomic_save(state, self._path(ckpt.BEST))
+
+    # ------------------------------------------------------------------------------------ steps
+    def _wrapped_forward(self, stage: str):
+        """The training forward for ``stage``: DDP is rebuilt when the set of trained parameters changes."""
+        if not self.info.enabled:
+            return self.forward
+        if self._wrapped[0] != stage:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._wrapped = (stage, DistributedDataParallel(self.forward, device_ids=device_ids))
+        return self._wrapped[1]
+
+    def _train(self, step: Step) -> dict:
+        cfg = self.cfg
+        set_trainable(self.model, step.stage)
+        # warm / joint train the whole model in train mode as the original; last-layer epochs keep BN
+        # statistics frozen (eval mode) so the pushed prototypes stay exact patches of their images
+        self.model.train(step.stage != "last")
+        if step.stage == "joint":
+            step_scheduler(self.scheduler)
+        optimizer = self.optimizers[step.stage]
+        self.train_loader.sampler.set_epoch(step.index)
+        self.generator.manual_seed(cfg.seed * 1_000_003 + step.index * 7919 + self.info.rank)
+        train = run_epoch(self._wrapped_forward(step.stage), self.model, self.train_loader, self.loss_fn,
+                          self.device, optimizer=optimizer, augment=self.augment, generator=self.generator,
+                          scaler=self.scaler, channels_last=cfg.channels_last, progress=self._bars(),
+                          desc=f"{step.stage} {step.epoch}")
+        if self.info.enabled:  # BN statistics drift per rank after the last forward: use rank 0's everywhere
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, src=0)
+        row = {f"train_{k}": v for k, v in train.items() if k not in ("images", "seconds")}
+        row.update(learning_rates(optimizer), images_per_s=train["images"] / max(train["seconds"], 1e-9))
+        return row
+
+    def _push(self, step: Step) -> dict:
+        save_dir = self._path(os.path.join("push", f"epoch_{step.epoch:03d}"))
+        start = time.perf_counter()
+        self.records = push_prototypes(self.model, self.push_loader, device=self.device, save_dir=save_dir,
+                                       save_images=self.cfg.push_images, progress=self._bars(),
+                                       autocast_dtype=self.amp_dtype)
+        seconds = time.perf_counter() - start
+        self.records_path = os.path.join(save_dir, RECORDS_FILE)
+        return {"images_per_s": len(self.push_set) / max(seconds, 1e-9)}
+
+    def _evaluate(self, step: Step) -> dict:
+        self.model.eval()
+        test = run_epoch(self.forward, self.model, self.test_loader, self.loss_fn, self.device,
+                         channels_last=self.cfg.channels_last, progress=self._bars(), desc="test")
+        return {f"test_{k}": v for k, v in test.items() if k not in ("images", "seconds")}
+
+    def _bars(self) -> bool:
+        return self.is_main and not self.cfg.quiet and sys.stderr.isatty()
+
+    def run_step(self, step: Step) -> dict:
+        """Run one schedule step and return its metrics row."""
+        start = time.perf_counter()
+        row = {"step": step.index, "stage": step.stage, "epoch": step.epoch, "iteration": step.iteration}
+        row.update(self._push(step) if step.stage == "push" else self._train(step))
+        row.update(self._evaluate(step))
+        row["seconds"] = time.perf_counter() - start
+        self.stage_seconds[step.stage] = self.stage_seconds.get(step.stage, 0.0) + row["seconds"]
+        return row
+
+    # ------------------------------------------------------------------------------------ run
+    def run(self) -> dict:
+        """Walk the schedule from ``next_step``; return the summary (also written to summary.json)."""
+        if self.is_main:
+            self._write_config()
+        start, done = time.perf_counter(), 0
+        step = None
+        try:
+            while self.next_step < len(self.schedule):
+                if self.cfg.max_steps is not None and done >= self.cfg.max_steps:
+                    break
+                step = self.schedule[self.next_step]
+                row = self.run_step(step)
+                self.next_step += 1
+                done += 1
+                self._log(row)
+                self._save(row)
+        except KeyboardInterrupt:
+            if self.is_main:
+                state = self.state_dict()
+                state["interrupted_during_step"] = None if step is None else step.index
+                ckpt.atomic_save(state, self._path(ckpt.INTERRUPTED))
+                print(f"\ninterrupted: mid-step state in {self._path(ckpt.INTERRUPTED)}; "
+                      f"resume with --resume {self.run_dir} (from the last completed step)", flush=True)
+            raise
+        finally:
+            if self.records is not None:
+                self.records.wait_images()
+            if self.writer is not None:
+                self.writer.close()
+        complete = self.next_step >= len(self.schedule)
+        summary = self._summary(time.perf_counter() - start, complete)
+        if complete and self.cfg.explain and self.is_main:
+            self._explain()
+        barrier()
+        return summary
+
+    def _summary(self, seconds: float, complete: bool) -> dict:
+        localisation = None
+        boxes = getattr(self.test_set, "boxes", None)
+        if boxes is not None:
+            loader = make_loader(shard(WithIndex(self.test_set), self.info), self.cfg.test_batch_size,
+                                 shuffle=False, num_workers=self.cfg.num_workers)
+            localisation = part_localisation(self.model, loader, torch.as_tensor(boxes), self.device)
+        last_test = None
+        if self.is_main and os.path.exists(self._path("metrics.jsonl")):
+            with open(self._path("metrics.jsonl"), encoding="utf-8") as fh:
+                lines = [line for line in fh if line.strip()]
+            last_test = json.loads(lines[-1])["test_accuracy"] if lines else None
+        summary = {
+            "run_dir": os.path.abspath(self.run_dir),
+            "complete": complete,
+            "steps_done": self.next_step,
+            "steps_total": len(self.schedule),
+            "test_accuracy": last_test,
+            "best_test_accuracy": self.best["accuracy"] if self.best["step"] is not None else None,
+            "best_step": self.best["step"],
+            "part_localisation": localisation,
+            "push_records": self.records_path,
+            "timings": {"this_session_s": seconds, "stage_s": dict(self.stage_seconds)},
+        }
+        if self.is_main:
+            with open(self._path("summary.json"), "w", encoding="utf-8") as fh:
+                json.dump(summary, fh, indent=2)
+            if not self.cfg.quiet:
+                loc = "n/a" if localisation is None else f"{localisation:.3f}"
+                print(f"done: test accuracy {last_test}, part localisation {loc}, {seconds:.1f} s -> "
+                      f"{self.run_dir}", flush=True)
+        return summary
+
+    def _explain(self) -> None:
+        """Call ``protokern.explain.explain_run(run_dir, model, ...)`` when that module exists."""
+        try:
+            explain = importlib.import_module("protokern.explain")
+        except ModuleNotFoundError as error:
+            if error.name == "protokern.explain":
+                return
+            raise
+        explain_run = getattr(explain, "explain_run", None)
+        if explain_run is None:
+            return
+        available = {"records": self.records, "push_records": self.records, "dataset": self.test_set,
+                     "test_dataset": self.test_set, "push_dataset": self.push_set, "device": self.device,
+                     "config": self.cfg}
+        params = inspect.signature(explain_run).parameters
+        takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        kwargs = {k: v for k, v in available.items() if takes_all or k in params}
+        try:
+            explain_run(self.run_dir, self.model, **kwargs)
+        except Exception as error:  # noqa: BLE001 - explanations must not lose a finished training run
+            warnings.warn(f"explain_run failed: {type(error).__name__}: {error}", stacklevel=2)
+
+
+def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
+    """Run training for ``cfg`` (initialising torch.distributed under torchrun); return the summary."""
+    created = not (dist.is_available() and dist.is_initialized())
+    info, device = init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, info, device, explicit).run()
+    finally:
+        if created:
+            cleanup()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command-line entry point: ``python -m protokern.train [flags]`` (``--help`` lists them)."""
+    cfg, explicit = parse_config(argv)
+    return train(cfg, explicit)

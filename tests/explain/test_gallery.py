@@ -1,0 +1,66 @@
+"""Global explanation: each prototype's k nearest training patches as PNG pages and HTML."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from protokern.explain import gallery
+from protokern.explain.render import BOX_COLOUR
+from protokern.push import push_prototypes
+from tests.explain.helpers import BLUE, GREEN, RED, ListDataset, canvas, colour_model, paint
+
+
+def _dataset():
+    """Six images; image i has a red square at cell (i, i) (0..2) or a green one and a blue one (3..5); class i // 3."""
+    images = []
+    for i in range(6):
+        img = canvas(64)
+        paint(img, (i, i), RED if i < 3 else GREEN)
+        if i >= 3:
+            paint(img, (7, 0), BLUE)
+        images.append(img)
+    return ListDataset(images, [i // 3 for i in range(6)], classes=["red", "green"])
+
+
+def test_gallery_rows_and_files(tmp_path):
+    model = colour_model([RED, GREEN, BLUE], [0, 1, 1], num_classes=2)
+    dataset = _dataset()
+    loader = DataLoader(dataset, batch_size=4, shuffle=False)
+    records = push_prototypes(model, loader, progress=False)
+    result = gallery(model, loader, k=3, out_dir=str(tmp_path / "g"), push_records=records, progress=False,
+                     tile=64, per_page=2)
+    nb = result["neighbours"]
+    assert nb.distance.shape == (3, 3)
+    assert set(nb.image_index[0].tolist()) == {0, 1, 2}  # red squares: the red images, at distance 0
+    assert torch.allclose(nb.distance[0], torch.zeros(3), atol=1e-5)
+    assert [tuple(p) for p in nb.patch[0].tolist()] == [(i, i) for i in nb.image_index[0].tolist()]
+    assert set(nb.image_index[1].tolist()) == {3, 4, 5}
+    assert len(result["pages"]) == 2  # 3 prototypes, 2 per page
+    first = np.asarray(Image.open(result["pages"][0]))
+    assert first.shape[0] >= 2 * 64 and first.shape[1] >= 4 * 64  # 2 rows of source + 3 neighbours
+    assert (first == BOX_COLOUR).all(-1).sum() > 50 and first.std() > 20
+    assert sorted(os.listdir(tmp_path / "g")) == ["gallery.json", "gallery_000.png", "gallery_001.png", "index.html"]
+    data = json.load(open(tmp_path / "g" / "gallery.json"))
+    assert data["k"] == 3 and len(data["prototypes"]) == 3
+    assert data["prototypes"][0]["own_class"] == 3 and data["prototypes"][0]["source_index"] == 0
+    assert data["prototypes"][2]["own_class"] == 3 and data["prototypes"][2]["source_index"] == 3
+    text = open(result["html"], encoding="utf-8").read()
+    assert "gallery_000.png" in text and "gallery_001.png" in text and "nearest" in text
+
+
+def test_gallery_without_records_and_errors(tmp_path):
+    model = colour_model([RED, GREEN], [0, 1], num_classes=2)
+    loader = DataLoader(_dataset(), batch_size=6)
+    result = gallery(model, loader, k=2, out_dir=str(tmp_path), progress=False, tile=32)
+    page = np.asarray(Image.open(result["pages"][0]))
+    assert page.shape[1] < 3 * 40  # no source column: 2 tiles per row
+    with pytest.raises(ValueError, match="only 6 images"):
+        gallery(model, loader, k=7, out_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="DataLoader over a dataset"):
+        gallery(model, [(torch.rand(2, 3, 64, 64), torch.tensor([0, 1]))], k=1, out_dir=str(tmp_path),
+                progress=False)

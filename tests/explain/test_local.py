@@ -1,0 +1,144 @@
+"""Local explanation: contributions add up to the logits, the most activated box, files written, image modes."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from protokern.explain import explain_image
+from protokern.explain.render import BOX_COLOUR
+from protokern.models import ProtoPNet
+from protokern.push import push_prototypes
+from tests.explain.helpers import BLUE, GREEN, RED, ListDataset, canvas, colour_model, paint
+
+
+def test_contributions_add_up_to_the_logits():
+    model = ProtoPNet("tiny", num_classes=4, prototypes_per_class=3, prototype_dim=16).eval()
+    with torch.no_grad():
+        model.last_layer.weight.normal_()
+    image = torch.rand(3, 64, 64)
+    e = explain_image(model, image, top_k=5)
+    with torch.no_grad():
+        from protokern.data import imagenet_normalize
+
+        logits, min_d = model(imagenet_normalize(image[None]))
+    torch.testing.assert_close(e.logits, logits[0])
+    torch.testing.assert_close(e.min_distances, min_d[0])
+    for c in range(4):
+        torch.testing.assert_close(e.contributions(c).sum(), logits[0, c], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(e.contributions(c), e.similarity * model.last_layer.weight[c].detach())
+    assert e.predicted_class == int(logits.argmax()) and e.class_idx == e.predicted_class
+    contributions = e.contributions()
+    assert [x.prototype for x in e.top] == contributions.argsort(descending=True)[:5].tolist()
+    assert [x.rank for x in e.top] == [1, 2, 3, 4, 5]
+    for x in e.top:
+        assert x.contribution == pytest.approx(x.similarity * x.weight, rel=1e-5)
+        assert x.heatmap.shape == (64, 64)
+    table = e.table()
+    assert len(table) == 12 and sum(r["contribution"] for r in table) == pytest.approx(float(logits[0, e.class_idx]),
+                                                                                       rel=1e-4, abs=1e-4)
+    other = explain_image(model, image, top_k=3, class_idx=(e.predicted_class + 1) % 4)
+    assert other.class_idx == (e.predicted_class + 1) % 4 and len(other.top) == 3
+
+
+def _scene():
+    """Class 0: a red square at cell (2, 5); class 1: a green one at cell (6, 1); blue distractor."""
+    images, labels = [], []
+    for i in range(4):
+        img = canvas(64)
+        paint(img, (2, 5) if i % 2 == 0 else (6, 1), RED if i % 2 == 0 else GREEN)
+        paint(img, (7, 7), BLUE)
+        images.append(img)
+        labels.append(i % 2)
+    return ListDataset(images, labels, classes=["red thing", "green thing"])
+
+
+def test_most_activated_box_and_source_patch():
+    model = colour_model([RED, GREEN, BLUE], [0, 1, 1], num_classes=2)
+    dataset = _scene()
+    records = push_prototypes(model, DataLoader(dataset, batch_size=2), progress=False)
+    test = paint(canvas(64), (4, 3), RED)  # a red square elsewhere
+    e = explain_image(model, test, push_records=records, push_images=dataset, top_k=3)
+    assert e.predicted_class == 0 and e.class_names == ["red thing", "green thing"]
+    red = next(x for x in e.top if x.prototype == 0)
+    assert red.rank == 1 and red.patch == (4, 3) and red.rf_box == (32, 40, 24, 32)
+    y0, y1, x0, x1 = red.box  # the 95th-percentile box surrounds the red cell
+    assert y0 <= 36 < y1 and x0 <= 28 < x1 and (y1 - y0) <= 24 and (x1 - x0) <= 24
+    assert red.source_index == 0 and red.source_rf_box == (16, 24, 40, 48)
+    assert torch.equal(red.source_image, dataset[0][0])
+
+
+def test_save_writes_panels_and_html(tmp_path):
+    model = colour_model([RED, GREEN, BLUE], [0, 1, 1], num_classes=2)
+    dataset = _scene()
+    records = push_prototypes(model, DataLoader(dataset, batch_size=4), progress=False)
+    e = explain_image(model, paint(canvas(64), (1, 1), RED), push_records=records, push_images=dataset, top_k=2)
+    page = e.save(str(tmp_path / "out"), min_side=128)
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert files == ["explanation.json", "image.png", "index.html", "rank01_prototype0.png",
+                     f"rank02_prototype{e.top[1].prototype}.png"]
+    panel = np.asarray(Image.open(tmp_path / "out" / "rank01_prototype0.png"))
+    assert panel.shape[0] >= 128 and panel.shape[1] >= 4 * 128  # image | this | that | source image
+    assert (panel == BOX_COLOUR).all(-1).sum() > 100  # the boxes are drawn
+    assert panel.std() > 20  # not a blank image
+    assert Image.open(tmp_path / "out" / "image.png").size == (128, 128)
+    text = open(page, encoding="utf-8").read()
+    assert "This looks like that" in text and "rank01_prototype0.png" in text and "red thing" in text
+    assert f"{e.top[0].similarity:.4f}" in text and f"{e.top[0].contribution:.4f}" in text
+    data = json.load(open(tmp_path / "out" / "explanation.json"))
+    assert data["logit"] == pytest.approx(data["sum_of_contributions"], rel=1e-5)
+    assert len(data["all_prototypes"]) == 3 and data["top"][0]["file"] == "rank01_prototype0.png"
+
+
+def test_source_from_push_pngs_and_missing(tmp_path):
+    model = colour_model([RED, GREEN, BLUE], [0, 1, 1], num_classes=2)
+    dataset = _scene()
+    records = push_prototypes(model, DataLoader(dataset, batch_size=4), save_dir=str(tmp_path / "push"),
+                              progress=False)
+    records.wait_images()
+    e = explain_image(model, paint(canvas(64), (1, 1), RED), push_records=records, top_k=1)
+    torch.testing.assert_close(e.top[0].source_image, dataset[0][0], atol=1 / 255, rtol=0)
+    records.image_dir = None
+    e = explain_image(model, paint(canvas(64), (1, 1), RED), push_records=records, top_k=1)
+    assert e.top[0].source_image is None
+    e.save(str(tmp_path / "no_source"))  # a placeholder instead of the source panels
+    assert os.path.isfile(tmp_path / "no_source" / "rank01_prototype0.png")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "CMYK", "P"])
+def test_image_modes_are_read_as_rgb(tmp_path, mode):
+    model = colour_model([RED, GREEN], [0, 1], num_classes=2)
+    array = (canvas(48).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    array[8:16, 8:16] = (230, 25, 25)
+    img = Image.fromarray(array).convert(mode)
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    img.save(path)
+    e = explain_image(model, str(path), top_k=2, image_size=64)
+    assert e.image.shape == (3, 64, 64) and e.image.dtype == torch.float32
+    assert e.top[0].heatmap.shape == (64, 64)
+    if mode != "L":
+        assert e.predicted_class == 0
+
+
+def test_bad_inputs():
+    model = colour_model([RED, GREEN], [0, 1], num_classes=2)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        explain_image(model, torch.randn(3, 32, 32) * 3)
+    with pytest.raises(ValueError, match="3, H, W"):
+        explain_image(model, torch.rand(4, 32, 32))
+    with pytest.raises(TypeError, match="path"):
+        explain_image(model, [1, 2, 3])
+    with pytest.raises(ValueError, match="class_idx"):
+        explain_image(model, torch.rand(3, 32, 32), class_idx=5)
+    with pytest.raises(ValueError, match="top_k"):
+        explain_image(model, torch.rand(3, 32, 32), top_k=0)
+    with pytest.raises(FileNotFoundError):
+        explain_image(model, "/nonexistent/image.png")
+    other = colour_model([RED, GREEN, BLUE], [0, 1, 1], num_classes=2)
+    records = push_prototypes(other, DataLoader(_scene(), batch_size=4), progress=False)
+    with pytest.raises(ValueError, match="before pruning"):
+        explain_image(model, torch.rand(3, 64, 64), push_records=records)

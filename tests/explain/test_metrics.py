@@ -1,0 +1,162 @@
+"""Part localisation on a constructed case; consistency and stability (Huang et al. 2023) on a fake CUB tree."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
+
+from protokern.data import CUB200
+from protokern.explain.metrics import (consistency_and_stability, consistency_score, part_correspondence,
+                                       part_localisation, stability_score)
+from tests.explain.helpers import BLUE, GREEN, RED, ListDataset, canvas, colour_model, paint
+
+
+# ------------------------------------------------------------------------------------------- part localisation
+def _boxed_dataset():
+    """Class 0: red square on the part (box = the red cell); class 1: the part is green, a blue square elsewhere."""
+    images, labels, boxes = [], [], []
+    for i in range(6):
+        img = canvas(64)
+        cell = (i % 4 + 1, (2 * i) % 7)
+        y, x = cell[0] * 8, cell[1] * 8
+        if i % 2 == 0:
+            paint(img, cell, RED)
+        else:
+            paint(img, cell, GREEN)
+            paint(img, ((cell[0] + 4) % 8, (cell[1] + 4) % 8), BLUE)  # away from the part
+        images.append(img)
+        labels.append(i % 2)
+        boxes.append((x, y, x + 8, y + 8))
+    return ListDataset(images, labels, boxes=boxes)
+
+
+def test_part_localisation_known_answer():
+    # p0 (class 0) finds the red part, p1 (class 1) finds the blue distractor, p2 (class 1) the green part
+    model = colour_model([RED, BLUE, GREEN], [0, 1, 1], num_classes=2)
+    data = _boxed_dataset()
+    result = part_localisation(model, data, progress=False)
+    assert result["per_prototype"] == [1.0, 0.0, 1.0]
+    assert result["overall"] == pytest.approx(6 / 9) and result["pairs"] == 9 and result["images"] == 6
+    argmax = part_localisation(model, data, location="argmax", progress=False)
+    assert argmax["per_prototype"] == [1.0, 0.0, 1.0]
+    # the most activated prototype of every image: red (class 0 images: d=0) or blue/green (tie at d=0)
+    top = part_localisation(model, data, prototypes="top", top_k=1, progress=False)
+    assert top["pairs"] == 6 and top["per_prototype"][0] == 1.0
+    # a DataLoader over a Subset: boxes are looked up by dataset index
+    subset = DataLoader(Subset(data, [5, 4, 3]), batch_size=2)
+    sub = part_localisation(model, subset, boxes=data.boxes, progress=False)
+    assert sub["per_prototype"] == [1.0, 0.0, 1.0] and sub["pairs"] == 5
+
+
+def test_part_localisation_errors():
+    model = colour_model([RED, GREEN], [0, 1], num_classes=2)
+    data = _boxed_dataset()
+    with pytest.raises(ValueError, match="location"):
+        part_localisation(model, data, location="centre", progress=False)
+    with pytest.raises(ValueError, match="no part boxes"):
+        part_localisation(model, ListDataset(data.images, data.targets), progress=False)
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        part_localisation(model, data, boxes=torch.zeros(6, 3), progress=False)
+    with pytest.raises(ValueError, match="rows"):
+        part_localisation(model, data, boxes=torch.zeros(2, 4), progress=False)
+    with pytest.raises(ValueError, match="shuffle=False"):
+        part_localisation(model, DataLoader(data, shuffle=True), progress=False)
+
+
+# ------------------------------------------------------------------------------------------- fake CUB
+PART_CELLS = {1: (1, 1), 2: (1, 6), 3: (6, 4)}  # parts 1-3 at these cells' centres (8h + 4, 8w + 4)
+CLASSES = ["001.Red_bird", "002.Green_bird", "003.Blue_bird"]
+
+
+def _cub_images():
+    """(class id, painted cells and colours, invisible parts) of each test image."""
+    images = []
+    for i in range(4):  # class 1: red on part 1 (part 1 invisible in one image: it must not count)
+        images.append((1, [(PART_CELLS[1], RED)], {1} if i == 3 else set()))
+    for i in range(6):  # class 2: green on part 1, 2, 3, 1, 2, 3: no part covered on >= 80% of images
+        images.append((2, [(PART_CELLS[i % 3 + 1], GREEN)], set()))
+    for _ in range(8):  # class 3: two identical blue squares (parts 1 and 2): a tie broken by any noise
+        images.append((3, [(PART_CELLS[1], BLUE), (PART_CELLS[2], BLUE)], set()))
+    return images
+
+
+def make_fake_cub(root):
+    """The CUB_200_2011 release layout, 64x64 PNG images (all test), bird box = whole image, 15 parts."""
+    base = root / "CUB_200_2011"
+    (base / "parts").mkdir(parents=True)
+    lines = {k: [] for k in ("images", "labels", "split", "boxes", "parts")}
+    for i, (cid, painted, invisible) in enumerate(_cub_images(), 1):
+        img = canvas(64)
+        for cell, colour in painted:
+            paint(img, cell, colour)
+        rel = f"{CLASSES[cid - 1]}/img_{i:03d}.png"
+        (base / "images" / CLASSES[cid - 1]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(base / "images" / rel)
+        lines["images"].append(f"{i} {rel}")
+        lines["labels"].append(f"{i} {cid}")
+        lines["split"].append(f"{i} 0")
+        lines["boxes"].append(f"{i} 0.0 0.0 64.0 64.0")
+        for part in range(1, 16):
+            if part in PART_CELLS:
+                h, w = PART_CELLS[part]
+                visible = 0 if part in invisible else 1
+                lines["parts"].append(f"{i} {part} {8 * w + 4:.1f} {8 * h + 4:.1f} {visible}")
+            else:
+                lines["parts"].append(f"{i} {part} 0.0 0.0 0")
+    files = {"images.txt": "images", "image_class_labels.txt": "labels", "train_test_split.txt": "split",
+             "bounding_boxes.txt": "boxes", "parts/part_locs.txt": "parts"}
+    for name, key in files.items():
+        (base / name).write_text("\n".join(lines[key]) + "\n")
+    (base / "classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(CLASSES, 1)))
+    (base / "parts" / "parts.txt").write_text("".join(f"{p} part_{p}\n" for p in range(1, 16)))
+    return root
+
+
+@pytest.fixture()
+def fake_cub(tmp_path):
+    return CUB200(make_fake_cub(tmp_path), "test", image_size=64)
+
+
+def _cub_model():
+    return colour_model([RED, GREEN, BLUE], [0, 1, 2], num_classes=3)
+
+
+def test_part_correspondence(fake_cub):
+    corr = part_correspondence(_cub_model(), fake_cub, batch_size=5, progress=False)
+    assert corr.covered.shape == (18, 15) and corr.prototype.tolist() == [0] * 4 + [1] * 6 + [2] * 8
+    assert corr.image.tolist() == list(range(18))
+    part = lambda p: [p - 1]  # noqa: E731 - 0-based column of part p
+    assert corr.covered[:3, part(1)].all() and not corr.covered[3].any()  # invisible part 1 is not covered
+    assert corr.visible[3].sum() == 2 and corr.visible[0].sum() == 3
+    for n in range(6):  # green: exactly the painted part
+        assert corr.covered[4 + n].nonzero().flatten().tolist() == [n % 3]
+    assert corr.covered[10:, 0].all() and not corr.covered[10:, 1].any()  # blue tie: first maximum, part 1
+
+
+def test_consistency_and_stability_on_fake_cub(fake_cub):
+    model = _cub_model()
+    scores = consistency_and_stability(model, fake_cub, batch_size=5, progress=False)
+    # red: part 1 on 3/3 images where it is visible -> consistent; green: 2/6 per part -> not; blue: part 1 always
+    assert scores["consistent"] == [True, False, True]
+    assert scores["consistency"] == pytest.approx(2 / 3)
+    stable = scores["stability_per_prototype"]
+    assert stable[0] == 1.0 and stable[1] == 1.0  # single clear maximum: noise does not move it
+    assert stable[2] < 1.0  # the tie between two blue squares is broken by the noise on some images
+    assert scores["stability"] == pytest.approx(sum(stable) / 3)
+    assert scores["half_size"] == 10 and scores["mu"] == 0.8 and scores["prototypes_evaluated"] == 3
+    assert consistency_score(model, fake_cub, batch_size=5, progress=False) == pytest.approx(2 / 3)
+    assert consistency_score(model, fake_cub, mu=0.3, batch_size=5, progress=False) == 1.0
+    assert stability_score(model, fake_cub, noise_std=0.0, batch_size=5, progress=False) == 1.0
+    assert stability_score(model, fake_cub, batch_size=5, progress=False) == pytest.approx(scores["stability"])
+
+
+def test_consistency_leaves_out_prototypes_without_images(fake_cub):
+    model = colour_model([RED, GREEN, BLUE, BLUE], [0, 1, 2, 3], num_classes=4)  # class 3 has no test image
+    scores = consistency_and_stability(model, fake_cub, batch_size=32, progress=False)
+    assert scores["consistent"][3] is None and scores["stability_per_prototype"][3] is None
+    assert scores["prototypes_evaluated"] == 3 and scores["consistency"] == pytest.approx(2 / 3)
+    with pytest.raises(TypeError, match="part_locations"):
+        part_correspondence(model, ListDataset([canvas(64)], [0]), progress=False)
+    with pytest.raises(ValueError, match="mu"):
+        consistency_and_stability(model, fake_cub, mu=0, progress=False)

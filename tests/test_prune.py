@@ -1,0 +1,156 @@
+"""Pruning: the k-nearest-images search, the pruning rule on a constructed case, last-layer retraining."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from protokern.data import imagenet_normalize
+from protokern.models import ProtoPNet
+from protokern.prune import nearest_training_patches, prune_prototypes, retrain_last_layer, select_records
+from protokern.push import push_prototypes
+from tests.explain.helpers import ListDataset, colour_model
+
+# 20 uniform grey images, grey level i / 20; classes by index range. The trunk averages each 8x8 cell, so
+# a prototype at grey level (c + 0.3) / 20 has as 6 nearest images c, c+1, c-1, c+2, c-2, c+3 (in that order,
+# away from the ends of the range).
+LABELS = [0] * 6 + [1] * 6 + [2] * 8
+CENTRES = [1, 14, 5, 4, 16, 10]  # prototype j (class j // 2) sits next to image CENTRES[j]
+# own-class images among the 6 nearest: p0 {0..5}: 6; p1 {12..17}: 0; p2 {3..8}: 3; p3 {2..7}: 2;
+# p4 {14..19}: 6; p5 {8..13}: 2  ->  pruned with threshold 3: p1, p3, p5
+EXPECTED_PRUNED = [1, 3, 5]
+
+
+def grey_dataset():
+    images = [torch.full((3, 8, 8), i / 20) for i in range(20)]
+    return ListDataset(images, LABELS)
+
+
+def grey_model():
+    levels = [[(c + 0.3) / 20] * 3 for c in CENTRES]
+    return colour_model(levels, [j // 2 for j in range(6)], num_classes=3)
+
+
+def test_nearest_training_patches_on_constructed_features():
+    model = grey_model()
+    loader = DataLoader(grey_dataset(), batch_size=7, shuffle=False)  # 7 does not divide 20: running top-k
+    nb = nearest_training_patches(model, loader, k=6, progress=False)
+    assert nb.distance.shape == nb.image_index.shape == nb.label.shape == (6, 6)
+    assert nb.patch.shape == (6, 6, 2) and nb.patch.eq(0).all()
+    assert nb.image_size == (8, 8) and nb.feature_size == (1, 1)
+    for j, c in enumerate(CENTRES):
+        expected = sorted(range(20), key=lambda i: abs(i - c - 0.3))[:6]
+        assert nb.image_index[j].tolist() == expected
+        assert nb.label[j].tolist() == [LABELS[i] for i in expected]
+    assert (nb.distance[:, 1:] >= nb.distance[:, :-1]).all()
+
+
+def test_nearest_training_patches_match_brute_force():
+    model = ProtoPNet("tiny", num_classes=3, prototypes_per_class=3, prototype_dim=8).eval()
+    images = torch.rand(17, 3, 32, 32)
+    labels = torch.randint(0, 3, (17,))
+    dataset = ListDataset(list(images), labels.tolist())
+    subset = Subset(dataset, list(range(16, -1, -1)))  # reversed: indices map through the Subset
+    nb = nearest_training_patches(model, DataLoader(subset, batch_size=5), k=4, progress=False)
+    with torch.no_grad():
+        z = model.conv_features(imagenet_normalize(images))
+        d = (z[:, None] - model.prototype_layer.prototypes.view(1, 9, 8, 1, 1)).square().sum(2).flatten(2)
+    best, patch = d.min(2)  # (N, P)
+    ref_d, ref_i = best.t().sort(1)
+    torch.testing.assert_close(nb.distance, ref_d[:, :4], rtol=1e-4, atol=1e-5)
+    assert torch.equal(nb.image_index, ref_i[:, :4])
+    assert torch.equal(nb.label, labels[ref_i[:, :4]])
+    flat = patch.t().gather(1, ref_i[:, :4])
+    assert torch.equal(nb.patch[..., 0] * z.shape[3] + nb.patch[..., 1], flat)
+
+
+def test_prune_removes_the_expected_prototypes():
+    model = grey_model()
+    weight = model.last_layer.weight.detach().clone()
+    prototypes = model.prototype_layer.prototypes.detach().clone()
+    loader = DataLoader(grey_dataset(), batch_size=8, shuffle=False)
+    result = prune_prototypes(model, loader, k=6, threshold=3, progress=False)
+    assert result["pruned"] == EXPECTED_PRUNED and result["kept"] == [0, 2, 4]
+    assert result["own_class_neighbours"] == [6, 0, 3, 2, 6, 2]
+    assert result["pruned_per_class"] == [1, 1, 1] and result["remaining_per_class"] == [1, 1, 1]
+    assert result["num_pruned"] == 3 and result["num_remaining"] == 3
+    assert model.num_prototypes == 3 and model.prototype_classes.tolist() == [0, 1, 2]
+    assert torch.equal(model.last_layer.weight, weight[:, [0, 2, 4]])
+    assert torch.equal(model.prototype_layer.prototypes, prototypes[[0, 2, 4]])
+
+
+def test_prune_threshold_and_dry_run():
+    model = grey_model()
+    loader = DataLoader(grey_dataset(), batch_size=20)
+    dry = prune_prototypes(model, loader, k=6, threshold=4, progress=False, apply=False)
+    assert dry["pruned"] == [1, 2, 3, 5] and model.num_prototypes == 6  # p2 has exactly 3 < 4
+    assert prune_prototypes(model, loader, k=6, threshold=0, progress=False)["pruned"] == []
+    with pytest.raises(ValueError, match="threshold"):
+        prune_prototypes(model, loader, k=6, threshold=7, progress=False)
+    with pytest.raises(ValueError, match="only 20 images"):
+        prune_prototypes(model, loader, k=21, progress=False)
+    with pytest.raises(ValueError, match="remove them all"):
+        prune_prototypes(colour_model([[14.3 / 20] * 3] * 2, [0, 0], 3), loader, progress=False)
+    with pytest.raises(ValueError, match="shuffle=False"):
+        prune_prototypes(model, DataLoader(grey_dataset(), batch_size=4, shuffle=True), progress=False)
+
+
+def test_prune_keeps_push_records_in_step():
+    model = grey_model()
+    loader = DataLoader(grey_dataset(), batch_size=8)
+    records = push_prototypes(model, loader, progress=False)  # moves prototypes onto images, fine here
+    model = grey_model()  # back to the constructed prototypes
+    result = prune_prototypes(model, loader, k=6, threshold=3, progress=False, push_records=records)
+    kept = result["push_records"]
+    assert len(kept.image_index) == 3 and kept.image_dir is None
+    assert torch.equal(kept.image_index, records.image_index[[0, 2, 4]])
+    assert torch.equal(kept.activation_map, records.activation_map[[0, 2, 4]])
+    assert torch.equal(select_records(records, [5]).rf_box, records.rf_box[[5]])
+
+
+def test_retrain_last_layer_trains_only_the_last_layer():
+    torch.manual_seed(0)
+    model = ProtoPNet("tiny", num_classes=2, prototypes_per_class=2, prototype_dim=8)
+    model.train()
+    images = torch.rand(12, 3, 32, 32)
+    images[6:, 0] = 1.0  # class 1: red channel saturated
+    dataset = ListDataset(list(images), [0] * 6 + [1] * 6)
+    loader = DataLoader(dataset, batch_size=4, shuffle=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = retrain_last_layer(model, loader, iters=30, lr=1e-2, progress=False)
+    after = model.state_dict()
+    for key, value in before.items():
+        if key == "last_layer.weight":
+            assert not torch.equal(value, after[key])
+        else:
+            assert torch.equal(value, after[key]), key  # BN statistics too: the frozen part runs in eval mode
+    assert model.training and stats["iters"] == 30 and 0 <= stats["accuracy"] <= 1 and stats["loss"] > 0
+    assert model.last_layer.weight.requires_grad
+
+    class Identity(nn.Module):  # the augment path: a fresh forward every epoch
+        def forward(self, x, generator=None):
+            return x
+
+    model2 = ProtoPNet("tiny", num_classes=2, prototypes_per_class=2, prototype_dim=8)
+    model2.load_state_dict(before)
+    stats2 = retrain_last_layer(model2, loader, iters=2, lr=1e-2, progress=False, augment=Identity())
+    assert stats2["iters"] == 2 and not torch.equal(model2.last_layer.weight, before["last_layer.weight"])
+    with pytest.raises(ValueError, match="iters"):
+        retrain_last_layer(model, loader, iters=-1)
+    with pytest.raises(ValueError, match="lr"):
+        retrain_last_layer(model, loader, lr=0)
+
+
+def test_retrain_fits_a_separable_task():
+    """Two classes each marked by their own prototype: the last layer learns to separate them."""
+    from tests.explain.helpers import BLUE, RED, canvas, paint
+
+    model = colour_model([RED, BLUE], [0, 1], num_classes=2)
+    with torch.no_grad():
+        model.last_layer.weight.zero_()
+    images = [paint(canvas(16), (0, 0), RED if i % 2 == 0 else BLUE) for i in range(8)]
+    loader = DataLoader(ListDataset(images, [i % 2 for i in range(8)]), batch_size=4)
+    stats = retrain_last_layer(model, loader, iters=40, lr=5e-2, progress=False)
+    assert stats["accuracy"] == 1.0
+    w = model.last_layer.weight
+    assert w[0, 0] > 0 and w[1, 1] > 0

@@ -1,0 +1,208 @@
+"""Push (prototype projection): correctness against a brute-force reference, records, images, DDP merge."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from protokern import nearest_patches, prototype_distances
+from protokern.data import imagenet_normalize
+from protokern.models import ProtoPNet, patch_box
+from protokern.push import PushRecords, activation_boxes, push_prototypes
+
+NUM_CLASSES, PER_CLASS, SIZE = 3, 2, 32
+
+
+def _model(seed: int = 0) -> ProtoPNet:
+    torch.manual_seed(seed)
+    model = ProtoPNet("tiny", num_classes=NUM_CLASSES, prototypes_per_class=PER_CLASS, prototype_dim=8)
+    with torch.no_grad():  # prototypes near the sigmoid features' range so winners are not all ties
+        model.prototype_layer.prototypes.uniform_(0.3, 0.7)
+    return model
+
+
+def _dataset(n: int = 14, seed: int = 1, classes=None) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, SIZE, SIZE, generator=g)
+    labels = torch.arange(n) % NUM_CLASSES if classes is None else torch.tensor(classes)
+    return TensorDataset(images, labels)
+
+
+def _loader(dataset, batch_size=5):
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def _reference(model: ProtoPNet, dataset):
+    """Brute force: full distance maps, own-class masking, argmin over (image, patch), lowest index first."""
+    model.eval()
+    images, labels = dataset.tensors
+    with torch.no_grad():
+        z = model.conv_features(imagenet_normalize(images))
+        d = prototype_distances(z, model.prototype_layer.prototypes)  # (N, P, H, W)
+    N, P, H, W = d.shape
+    own = labels[:, None] == model.prototype_classes[None, :]
+    d = torch.where(own[..., None, None], d, torch.inf).permute(1, 0, 2, 3).reshape(P, -1)
+    best, flat = d.min(1)  # first minimum: lowest image index, then lowest patch
+    return best, flat // (H * W), flat % (H * W), z
+
+
+def test_push_matches_brute_force_reference():
+    model, data = _model(), _dataset()
+    best, image, patch, z = _reference(model, data)
+    records = push_prototypes(model, _loader(data), progress=False)
+
+    assert torch.equal(records.image_index, image)
+    assert torch.equal(records.patch[:, 0] * z.shape[3] + records.patch[:, 1], patch)
+    torch.testing.assert_close(records.min_distance, best, rtol=1e-5, atol=1e-5)
+    labels = data.tensors[1]
+    assert torch.equal(labels[records.image_index], model.prototype_classes)
+    # each prototype is now exactly the feature vector of its source patch ...
+    protos = model.prototype_layer.prototypes.detach().flatten(1)
+    source = z.flatten(2)[image, :, patch]
+    assert torch.equal(protos, source)
+    # ... so its min distance on its source image is ~0, at that patch (checked with the op)
+    with torch.no_grad():
+        zi = model.conv_features(imagenet_normalize(data.tensors[0][image]))
+    dist, where = nearest_patches(zi, protos)
+    assert dist.diagonal().abs().max() < 1e-5
+    assert torch.equal(where.diagonal(), patch)
+
+
+def test_records_boxes_and_round_trip(tmp_path):
+    model, data = _model(), _dataset()
+    records = push_prototypes(model, _loader(data), progress=False, save_dir=str(tmp_path), save_images=False)
+    H, W = records.feature_size
+    assert records.image_size == (SIZE, SIZE) and (H, W) == (4, 4)
+    for j in range(model.num_prototypes):
+        h, w = records.patch[j].tolist()
+        assert tuple(records.rf_box[j].tolist()) == patch_box(model.receptive_field, SIZE, h, w)
+        y0, y1, x0, x1 = records.activation_box[j].tolist()
+        assert 0 <= y0 < y1 <= SIZE and 0 <= x0 < x1 <= SIZE
+        # the self-activation map peaks (log(1/eps)) at the source patch
+        assert records.activation_map[j].argmax().item() == h * W + w
+    assert records.activation_map.max() == pytest.approx(torch.log(torch.tensor(1 / 1e-4)).item(), rel=1e-4)
+    boxes = records.original_boxes("rf")
+    assert boxes.shape == (model.num_prototypes, 6) and (boxes[:, 5] == model.prototype_classes.numpy()).all()
+
+    loaded = PushRecords.load(os.path.join(tmp_path, "push_records.pt"))
+    for name in ("image_index", "patch", "min_distance", "rf_box", "activation_box", "activation_map"):
+        assert torch.equal(getattr(loaded, name), getattr(records, name))
+    assert not any(p.endswith(".png") for p in os.listdir(tmp_path))
+
+
+def test_activation_boxes_percentile():
+    maps = torch.zeros(1, 4, 4)
+    maps[0, 1, 2] = 5.0
+    box = activation_boxes(maps, (32, 32))[0].tolist()
+    y0, y1, x0, x1 = box
+    assert y0 < 12 < y1 and x0 < 20 < x1  # around the peak's pixel centre (row 1.5*8, col 2.5*8)
+    assert (y1 - y0) * (x1 - x0) < 32 * 32 * 0.2
+
+
+def test_batch_size_does_not_change_the_result():
+    data = _dataset()
+    a, b = _model(), _model()
+    ra = push_prototypes(a, _loader(data, 1), progress=False)
+    rb = push_prototypes(b, _loader(data, 14), progress=False)
+    assert torch.equal(ra.image_index, rb.image_index) and torch.equal(ra.patch, rb.patch)
+    # conv numerics may differ in the last bits between batch sizes
+    torch.testing.assert_close(a.prototype_layer.prototypes, b.prototype_layer.prototypes)
+
+
+def test_ties_go_to_the_lowest_image_index():
+    image = torch.rand(1, 3, SIZE, SIZE)
+    data = TensorDataset(image.repeat(6, 1, 1, 1), torch.tensor([0, 1, 2, 0, 1, 2]))
+    records = push_prototypes(_model(), DataLoader(data, batch_size=2), progress=False)
+    assert records.image_index.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_missing_class_keeps_prototypes_and_warns():
+    model, data = _model(), _dataset(classes=[0, 1] * 5, n=10)
+    before = model.prototype_layer.prototypes.detach().clone()
+    with pytest.warns(UserWarning, match="no images of classes \\[2\\]"):
+        records = push_prototypes(model, _loader(data), progress=False)
+    missing = model.prototype_classes == 2
+    assert torch.equal(model.prototype_layer.prototypes[missing], before[missing])
+    assert (records.image_index[missing] == -1).all() and (records.rf_box[missing] == -1).all()
+    assert torch.isinf(records.min_distance[missing]).all()
+    assert not torch.equal(model.prototype_layer.prototypes[~missing], before[~missing])
+
+
+def test_subset_loader_reports_dataset_indices():
+    data = _dataset()
+    subset = Subset(data, [13, 2, 7, 4, 9, 0, 11])
+    records = push_prototypes(_model(), _loader(subset, 3), progress=False)
+    assert set(records.image_index.tolist()) <= {13, 2, 7, 4, 9, 0, 11}
+    assert torch.equal(data.tensors[1][records.image_index], _model().prototype_classes)
+
+
+def test_plain_iterable_uses_positions():
+    data = _dataset()
+    batches = [(data.tensors[0][i:i + 4], data.tensors[1][i:i + 4]) for i in range(0, 14, 4)]
+    a, b = _model(), _model()
+    ra = push_prototypes(a, batches, progress=False)
+    rb = push_prototypes(b, _loader(data), progress=False)
+    assert torch.equal(ra.image_index, rb.image_index)
+
+
+def test_shuffled_loader_is_rejected():
+    with pytest.raises(ValueError, match="fixed order"):
+        push_prototypes(_model(), DataLoader(_dataset(), batch_size=4, shuffle=True), progress=False)
+
+
+def test_images_written_in_background(tmp_path):
+    model, data = _model(), _dataset()
+    records = push_prototypes(model, _loader(data), progress=False, save_dir=str(tmp_path))
+    records.wait_images()
+    files = set(os.listdir(tmp_path))
+    for j in range(model.num_prototypes):
+        for kind in ("source", "overlay", "rf", "act"):
+            assert f"{j}_{kind}.png" in files
+    from PIL import Image
+
+    with Image.open(tmp_path / "0_source.png") as img:
+        assert img.size == (SIZE, SIZE) and img.mode == "RGB"
+
+
+def test_train_mode_restored():
+    model = _model().train()
+    push_prototypes(model, _loader(_dataset()), progress=False)
+    assert model.training
+
+
+# ------------------------------------------------------------------------------------------ DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        data = _dataset()
+        shard = Subset(data, range(rank, len(data), world))
+        model = _model()
+        records = push_prototypes(model, _loader(shard, 3), progress=False)
+        torch.save({"records": records.to_dict(), "prototypes": model.prototype_layer.prototypes.detach()},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_push_matches_single_process(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    model, data = _model(), _dataset()
+    records = push_prototypes(model, _loader(data), progress=False)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(got["records"]["image_index"], records.image_index)
+        assert torch.equal(got["records"]["patch"], records.patch)
+        torch.testing.assert_close(got["prototypes"], model.prototype_layer.prototypes.detach())

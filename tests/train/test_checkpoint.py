@@ -1,0 +1,44 @@
+"""Checkpoint helpers: atomic writes, RNG state round trip."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from protokern.train import checkpoint as ckpt
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    ckpt.atomic_save({"v": 1}, path)
+
+    def broken_save(obj, fh):
+        fh.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.atomic_save({"v": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["v"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary left behind
+
+
+def test_rng_state_round_trip():
+    state = ckpt.rng_state()
+    a = (torch.rand(3), np.random.rand(), random.random())
+    ckpt.set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_find_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ckpt.find_checkpoint(str(tmp_path))
+    ckpt.atomic_save({"model": {}, "step": 0}, str(tmp_path / "last.pt"))
+    assert ckpt.find_checkpoint(str(tmp_path)) == str(tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="not a protokern training checkpoint"):
+        torch.save([1], tmp_path / "x.pt")
+        ckpt.load_checkpoint(str(tmp_path / "x.pt"))

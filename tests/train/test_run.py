@@ -1,0 +1,122 @@
+"""End-to-end runs on a tiny config: run-dir files, checkpoints, exact resume, interrupt handling."""
+
+import csv
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from protokern import nearest_patches
+from protokern.data import imagenet_normalize
+from protokern.models import ProtoPNet
+from protokern.push import PushRecords
+from protokern.train import main
+from protokern.train import loop as train_loop
+from protokern.train.checkpoint import load_checkpoint
+from protokern.train.config import TrainConfig
+from protokern.train.data import build_datasets
+
+TRAIN_MAIN = sys.modules["protokern.train.main"]
+
+STEPS = ["warm", "joint", "push", "last"]
+TIMING = ("seconds", "images_per_s")
+
+
+def _rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_end_to_end_run_dir(tiny_args, tmp_path):
+    summary = main(tiny_args)
+    run = str(tmp_path / "run")
+    for name in ("config.yaml", "metrics.csv", "metrics.jsonl", "last.pt", "best.pt", "summary.json"):
+        assert os.path.isfile(os.path.join(run, name)), name
+    rows = _rows(run)
+    assert [r["stage"] for r in rows] == STEPS
+    with open(os.path.join(run, "metrics.csv")) as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert [r["stage"] for r in csv_rows] == STEPS and "train_cluster" in csv_rows[0]
+    for key in ("train_accuracy", "test_accuracy", "train_ce", "train_cluster", "train_separation",
+                "train_l1", "lr_add_on", "seconds", "images_per_s"):
+        assert key in rows[0], key
+    assert "lr_features" in rows[1] and "lr_last_layer" in rows[3]
+
+    assert summary["complete"] and summary["test_accuracy"] == rows[-1]["test_accuracy"]
+    assert 0.0 <= summary["part_localisation"] <= 1.0
+    with open(os.path.join(run, "summary.json")) as fh:
+        assert json.load(fh)["push_records"] == summary["push_records"]
+    push_dir = os.path.join(run, "push", "epoch_001")
+    records = PushRecords.load(os.path.join(push_dir, "push_records.pt"))
+    assert records.pushed.all()
+    assert os.path.isfile(os.path.join(push_dir, "0_overlay.png"))
+
+    state = load_checkpoint(run)
+    assert state["step"] == 3 and state["stage"] == "last" and state["push_records"] is not None
+    for key in ("model", "optimizers", "scheduler", "rng", "config", "model_config"):
+        assert key in state
+    model = ProtoPNet.from_config(state["model_config"])
+    model.load_state_dict(state["model"])
+    # the last-layer stage leaves the pushed prototypes and features alone: still exact patches
+    _, _, push_set, _ = build_datasets(TrainConfig(**state["config"]))
+    images = torch.stack([push_set[i][0] for i in records.image_index.tolist()])
+    model.eval()
+    with torch.no_grad():
+        d, _ = nearest_patches(model.conv_features(imagenet_normalize(images)), model.prototype_layer.prototypes)
+    assert d.diagonal().max() < 1e-5
+    assert load_checkpoint(os.path.join(run, "best.pt"))["best"]["pushed"]
+
+
+def test_resume_gives_the_same_run(tiny_args, tmp_path):
+    full = tmp_path / "run"
+    main(tiny_args)
+    parted = tmp_path / "parted"
+    args = [a if a != str(full) else str(parted) for a in tiny_args]
+    first = main(args + ["--max-steps", "1"])
+    assert not first["complete"] and len(_rows(parted)) == 1
+    second = main(["--resume", str(parted), "--quiet", "--max-steps", "2"])  # joint, push
+    assert not second["complete"] and len(_rows(parted)) == 3
+    third = main(["--resume", str(parted), "--quiet"])
+    assert third["complete"]
+    assert _strip(_rows(parted)) == _strip(_rows(full))
+    a, b = load_checkpoint(str(full))["model"], load_checkpoint(str(parted))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupt_saves_and_resumes(tiny_args, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real = train_loop.run_epoch
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # during step 1 (joint) training; steps: warm train+test, joint train ...
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(TRAIN_MAIN, "run_epoch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_args)
+    assert os.path.isfile(run / "interrupted.pt")
+    assert load_checkpoint(str(run / "interrupted.pt"))["interrupted_during_step"] == 1
+    assert load_checkpoint(str(run))["step"] == 0
+    monkeypatch.setattr(TRAIN_MAIN, "run_epoch", real)
+    summary = main(["--resume", str(run), "--quiet"])
+    assert summary["complete"] and [r["stage"] for r in _rows(run)] == STEPS
+
+
+def test_explain_hook_is_called(tiny_args, monkeypatch):
+    import types
+
+    calls = []
+    module = types.ModuleType("protokern.explain")
+    module.explain_run = lambda run_dir, model, records=None: calls.append((run_dir, records))
+    monkeypatch.setitem(sys.modules, "protokern.explain", module)
+    main(tiny_args)
+    assert len(calls) == 1 and isinstance(calls[0][1], PushRecords)

@@ -1,0 +1,64 @@
+"""Schedule: stages, push epochs, trainable parameters, optimisers as the original."""
+
+import torch
+
+from protokern.models import ProtoPNet
+from protokern.train.config import preset_config
+from protokern.train.schedule import (build_schedule, make_optimizers, make_scheduler, set_trainable,
+                                      step_scheduler)
+
+
+def test_cub_schedule():
+    cfg = preset_config("cub")
+    steps = build_schedule(cfg)
+    assert [s.epoch for s in steps if s.stage == "push"] == [10, 20, 30]
+    assert [s.stage for s in steps[:5]] == ["warm"] * 5 and steps[5].stage == "joint"
+    assert sum(s.stage == "last" for s in steps) == 60
+    assert sum(s.stage in ("warm", "joint") for s in steps) == cfg.epochs
+    after = steps.index(next(s for s in steps if s.stage == "push"))
+    assert [s.stage for s in steps[after - 1:after + 22]] == ["joint", "push"] + ["last"] * 20 + ["joint"]
+    assert [s.index for s in steps] == list(range(len(steps)))
+
+
+def test_push_at_end():
+    cfg = preset_config("cub")
+    cfg.epochs = 15
+    pushes = [s.epoch for s in build_schedule(cfg) if s.stage == "push"]
+    assert pushes == [10, 14]
+    cfg.push_at_end = False
+    assert [s.epoch for s in build_schedule(cfg) if s.stage == "push"] == [10]
+
+
+def test_trainable_parameters_and_optimisers():
+    cfg = preset_config("cub")
+    model = ProtoPNet("tiny", num_classes=3, prototypes_per_class=2, prototype_dim=8)
+    trainable = lambda part: {p.requires_grad for p in getattr(model, part).parameters()}  # noqa: E731
+    set_trainable(model, "warm")
+    assert trainable("features") == {False} and trainable("add_on") == {True}
+    assert trainable("prototype_layer") == {True} and trainable("last_layer") == {False}
+    set_trainable(model, "joint")
+    assert trainable("features") == {True} and trainable("last_layer") == {False}
+    set_trainable(model, "last")
+    assert trainable("features") == trainable("add_on") == trainable("prototype_layer") == {False}
+    assert trainable("last_layer") == {True}
+
+    opts = make_optimizers(model, cfg)
+    groups = {k: {g["name"]: (g["lr"], g["weight_decay"]) for g in o.param_groups} for k, o in opts.items()}
+    assert groups["warm"] == {"add_on": (3e-3, 1e-3), "prototypes": (3e-3, 0)}
+    assert groups["joint"] == {"features": (1e-4, 1e-3), "add_on": (3e-3, 1e-3), "prototypes": (3e-3, 0)}
+    assert groups["last"] == {"last_layer": (1e-4, 0)}
+    last = model.last_layer.weight
+    assert all(p is not last for k in ("warm", "joint") for g in opts[k].param_groups for p in g["params"])
+
+
+def test_step_lr_stepped_before_each_joint_epoch_as_the_original():
+    cfg = preset_config("cub")
+    model = ProtoPNet("tiny", num_classes=3, prototypes_per_class=2, prototype_dim=8)
+    joint = make_optimizers(model, cfg)["joint"]
+    scheduler = make_scheduler(joint, cfg)
+    lrs = []
+    for _ in range(11):
+        step_scheduler(scheduler)
+        lrs.append(joint.param_groups[0]["lr"])
+    assert lrs[:4] == [1e-4] * 4 and abs(lrs[4] - 1e-5) < 1e-12 and abs(lrs[9] - 1e-6) < 1e-12
+    assert torch.is_tensor(torch.tensor(lrs))
