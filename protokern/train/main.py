@@ -86,7 +86,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         self.loss_fn = ProtoPNetLoss(cross_entropy=cfg.ce_coef, cluster=cfg.cluster_coef,
                                      separation=cfg.separation_coef, l1=cfg.l1_coef)
-        self.augment = GpuAugment().to(device) if cfg.augment else None
+        self.augment = GpuAugment(rotate=cfg.aug_rotate, skew=cfg.aug_skew, shear=cfg.aug_shear,
+                                  flip=cfg.aug_flip).to(device) if cfg.augment else None
         self.generator = torch.Generator(device=device)
 
         self.train_loader = train_loader(self.train_set, cfg, info)
@@ -345,7 +346,8 @@ class Trainer:
             "best_step": self.best["step"],
             "part_localisation": localisation,
             "push_records": self.records_path,
-            "timings": {"this_session_s": seconds, "stage_s": dict(self.stage_seconds)},
+            "timings": {"this_session_s": seconds, "steps_total_s": sum(self.stage_seconds.values()),
+                        "stage_s": dict(self.stage_seconds)},
         }
         if self.is_main:
             with open(self._path("summary.json"), "w", encoding="utf-8") as fh:
@@ -369,7 +371,7 @@ class Trainer:
             return
         available = {"records": self.records, "push_records": self.records, "dataset": self.test_set,
                      "test_dataset": self.test_set, "push_dataset": self.push_set, "device": self.device,
-                     "config": self.cfg}
+                     "config": self.cfg, "progress": self._bars()}
         params = inspect.signature(explain_run).parameters
         takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
         kwargs = {k: v for k, v in available.items() if takes_all or k in params}
