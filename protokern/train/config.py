@@ -91,6 +91,10 @@ class TrainConfig:
     push_images: bool = True
     quiet: bool = False
     explain: bool = True
+    prune: bool = False
+    prune_k: int = 6
+    prune_threshold: int = 3
+    prune_retrain_iters: int = 100
 
     def validate(self) -> TrainConfig:
         """Raise ``ValueError`` naming the first bad setting; return self."""
@@ -240,6 +244,11 @@ _HELP = {
     "aug_shear": "max shear in degrees", "aug_flip": "left-right flip probability",
     "quiet": "no progress bars",
     "explain": "call protokern.explain.explain_run after training when it exists",
+    "prune": "after the last push, prune prototypes whose nearest training images are mostly of other classes, "
+             "then retrain the last layer (writes pruned.pt and prune.json)",
+    "prune_k": "nearest training images (one patch each) looked at per prototype",
+    "prune_threshold": "prune when fewer than this many of the k nearest images are of the prototype's class",
+    "prune_retrain_iters": "last-layer epochs after pruning (the original: 100, at the last-layer lr)",
 }
 
 

@@ -318,6 +318,8 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
         complete = self.next_step >= len(self.schedule)
+        if complete and self.cfg.prune and self.records is not None:
+            self._prune()
         summary = self._summary(time.perf_counter() - start, complete)
         if complete and self.cfg.explain and self.is_main:
             self._explain()
@@ -357,6 +359,39 @@ class Trainer:
                 print(f"done: test accuracy {last_test}, part localisation {loc}, {seconds:.1f} s -> "
                       f"{self.run_dir}", flush=True)
         return summary
+
+    def _prune(self) -> None:
+        """Prune after the last push (``protokern.prune``) and retrain the last layer; save ``pruned.pt``.
+
+        Every rank prunes the same prototypes: each reads the whole (unaugmented) push set in the same order.
+        """
+        from protokern.prune import prune_prototypes, retrain_last_layer
+
+        loader = make_loader(self.push_set, self.cfg.push_batch_size, shuffle=False, num_workers=self.cfg.num_workers)
+        try:
+            result = prune_prototypes(self.model, loader, k=self.cfg.prune_k, threshold=self.cfg.prune_threshold,
+                                      device=self.device, progress=self._bars(), push_records=self.records)
+        except ValueError as error:  # e.g. every prototype would go: keep the trained model as it is
+            warnings.warn(f"pruning skipped: {error}", stacklevel=2)
+            return
+        self.records = result["push_records"]
+        retrain = retrain_last_layer(self.model, loader, iters=self.cfg.prune_retrain_iters, lr=self.cfg.last_layer_lr,
+                                     device=self.device, progress=self._bars(), loss_fn=self.loss_fn, seed=self.cfg.seed)
+        self.model.eval()
+        test = run_epoch(TrainForward(self.model, self.amp_dtype), self.model, self.test_loader, self.loss_fn,
+                         self.device, channels_last=self.cfg.channels_last)
+        report = {k: v for k, v in result.items() if k not in ("neighbours", "push_records")}
+        report.update(retrain_accuracy=retrain["accuracy"], test_accuracy=test["accuracy"])
+        if self.is_main:
+            state = {"model": self.model.state_dict(), "model_config": self.model.config, "config": self.cfg.to_dict(),
+                     "step": self.next_step - 1, "stage": "prune", "push_records": self.records.to_dict(),
+                     "prune": report}
+            ckpt.atomic_save(state, self._path("pruned.pt"))
+            with open(self._path("prune.json"), "w", encoding="utf-8") as fh:
+                json.dump(report, fh, indent=2)
+            if not self.cfg.quiet:
+                print(f"pruned {report['num_pruned']} prototypes, {report['num_remaining']} remain; test accuracy "
+                      f"after last-layer retraining {test['accuracy']:.3f} -> {self._path('pruned.pt')}", flush=True)
 
     def _explain(self) -> None:
         """Call ``protokern.explain.explain_run(run_dir, model, ...)`` when that module exists."""

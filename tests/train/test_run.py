@@ -120,3 +120,27 @@ def test_explain_hook_is_called(tiny_args, monkeypatch):
     monkeypatch.setitem(sys.modules, "protokern.explain", module)
     main(tiny_args)
     assert len(calls) == 1 and isinstance(calls[0][1], PushRecords)
+
+
+def test_prune_flag_prunes_after_the_last_push(tiny_args, tmp_path):
+    """--prune: after the last push, prototypes are pruned (k nearest images), the last layer retrained, and
+    pruned.pt rebuilds a model whose prototype count matches prune.json."""
+    from protokern.explain import model_from_checkpoint
+
+    args = tiny_args + ["--prune", "--prune-k", "4", "--prune-threshold", "2", "--prune-retrain-iters", "2",
+                        "--no-explain"]
+    main(args)
+    run = tmp_path / "run"
+    report = json.loads((run / "prune.json").read_text())
+    assert report["num_pruned"] + report["num_remaining"] == 3 * 2
+    assert report["num_remaining"] >= 1 and len(report["own_class_neighbours"]) == 6
+    assert all((n < 2) == (j in report["pruned"]) for j, n in enumerate(report["own_class_neighbours"]))
+    model, records, state = model_from_checkpoint(str(run / "pruned.pt"))
+    assert model.num_prototypes == report["num_remaining"] == len(records.image_index)
+    assert 0.0 <= report["test_accuracy"] <= 1.0
+
+
+def test_prune_that_would_remove_everything_keeps_the_run(tiny_args, tmp_path):
+    with pytest.warns(UserWarning, match="pruning skipped"):
+        main(tiny_args + ["--prune", "--prune-k", "4", "--prune-threshold", "5", "--no-explain"])
+    assert not (tmp_path / "run" / "pruned.pt").exists() and (tmp_path / "run" / "best.pt").exists()
