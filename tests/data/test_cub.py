@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from protokern.data import CUB200
+from tests.fake_trees import new_cub_lines, write_cub_annotations
 
 GREY, RED = (90, 90, 90), (230, 20, 20)
 CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
@@ -24,7 +25,7 @@ def make_cub(root, images=IMAGES):
     """Write the release layout: text files, parts/ and images/<class dir>/<name>.jpg."""
     base = root / "CUB_200_2011"
     (base / "parts").mkdir(parents=True)
-    lines = {k: [] for k in ("images", "labels", "split", "boxes", "parts")}
+    lines = new_cub_lines()
     for i, (cid, train, (w, h), (bx, by, bw, bh), mode) in enumerate(images, 1):
         rel = f"{CLASSES[cid - 1]}/{CLASSES[cid - 1][4:]}_{i:04d}_{i}.jpg"
         arr = np.zeros((h, w, 3), np.uint8) + np.array(GREY, np.uint8)
@@ -40,12 +41,7 @@ def make_cub(root, images=IMAGES):
         for part in range(1, 16):  # part 1 at the box centre, part 2 invisible, part 3 outside the box
             x, y, vis = {1: (bx + bw / 2, by + bh / 2, 1), 3: (bx + bw + 2, by, 1)}.get(part, (0.0, 0.0, 0))
             lines["parts"].append(f"{i} {part} {x:.1f} {y:.1f} {vis}")
-    files = {"images.txt": "images", "image_class_labels.txt": "labels",
-             "train_test_split.txt": "split", "bounding_boxes.txt": "boxes", "parts/part_locs.txt": "parts"}
-    for name, key in files.items():
-        (base / name).write_text("\n".join(lines[key]) + "\n")
-    (base / "classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(CLASSES, 1)))
-    (base / "parts" / "parts.txt").write_text("".join(f"{p} part_{p}\n" for p in range(1, 16)))
+    write_cub_annotations(base, lines, CLASSES)
     return base
 
 

@@ -10,6 +10,7 @@ from protokern.data import CUB200
 from protokern.explain.metrics import (consistency_and_stability, consistency_score, part_correspondence,
                                        part_localisation, stability_score)
 from tests.explain.helpers import BLUE, GREEN, RED, ListDataset, canvas, colour_model, paint
+from tests.fake_trees import new_cub_lines, write_cub_annotations
 
 
 # ------------------------------------------------------------------------------------------- part localisation
@@ -85,7 +86,7 @@ def make_fake_cub(root):
     """The CUB_200_2011 release layout, 64x64 PNG images (all test), bird box = whole image, 15 parts."""
     base = root / "CUB_200_2011"
     (base / "parts").mkdir(parents=True)
-    lines = {k: [] for k in ("images", "labels", "split", "boxes", "parts")}
+    lines = new_cub_lines()
     for i, (cid, painted, invisible) in enumerate(_cub_images(), 1):
         img = canvas(64)
         for cell, colour in painted:
@@ -104,12 +105,7 @@ def make_fake_cub(root):
                 lines["parts"].append(f"{i} {part} {8 * w + 4:.1f} {8 * h + 4:.1f} {visible}")
             else:
                 lines["parts"].append(f"{i} {part} 0.0 0.0 0")
-    files = {"images.txt": "images", "image_class_labels.txt": "labels", "train_test_split.txt": "split",
-             "bounding_boxes.txt": "boxes", "parts/part_locs.txt": "parts"}
-    for name, key in files.items():
-        (base / name).write_text("\n".join(lines[key]) + "\n")
-    (base / "classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(CLASSES, 1)))
-    (base / "parts" / "parts.txt").write_text("".join(f"{p} part_{p}\n" for p in range(1, 16)))
+    write_cub_annotations(base, lines, CLASSES)
     return root
 
 
