@@ -1,11 +1,12 @@
 // CUDA kernels of the fused prototype-distance op (see docs/design.md).
 //
-// forward_kernel   one block per (128 prototypes, batch item b): a tiled fp32 GEMM-like loop
-//                  (p and z tiles of 32 channels double-buffered in shared memory with cp.async,
-//                  8x4 outputs per thread) finds, for each prototype, the patch minimising
-//                  |z_k|^2 - 2 z_k.p (|p|^2 is constant per prototype), ties to the lowest patch,
-//                  NaN sticky; then it recomputes the winner's distance exactly as sum_d (z - p)^2.
-//                  The B*M*HW distance map never leaves registers.
+// forward_kernel   one block per (128 prototypes, batch item b): a tiled GEMM-like loop (p and z
+//                  tiles of 32 channels double-buffered in shared memory with cp.async) finds, for
+//                  each prototype, the patch minimising |z_k|^2 - 2 z_k.p (|p|^2 is constant per
+//                  prototype), ties to the lowest patch, NaN sticky; then it recomputes the winner's
+//                  distance exactly as sum_d (z - p)^2. The B*M*HW distance map never leaves
+//                  registers. The search's products are exact fp32 FFMA (FfmaSearch, "highest") or
+//                  tensor-core MMA (MmaSearch: 3xTF32 "high", TF32 "medium"; sm_80+).
 // grad_p_kernel    one warp per prototype (lanes along channels), summing over b in order.
 // grad_z_kernel    one block per (b, 32 channels); each warp scans a fixed range of prototypes in
 //                  increasing order into its own shared accumulators, which are summed in warp order.
@@ -34,22 +35,27 @@ constexpr int kThreads = 256;  // forward block size (8 warps)
 constexpr int kBM = 128;       // prototypes per block
 constexpr int kBK = 64;        // patches per tile
 constexpr int kDC = 32;        // channels per shared-memory stage
-// Row strides of the shared tiles (floats). Both are 4 (mod 32): rows stay 16-byte aligned for
-// float4 reads, and the 8x4 store pattern of `tile_map` hits 32 distinct banks.
-constexpr int kPsStride = kBM + 4;
-constexpr int kZsStride = kBK + 4;
 constexpr int kPLoads = kDC * kBM / kThreads;  // p elements staged per thread per stage
 constexpr int kZLoads = kDC * kBK / kThreads;  // z elements staged per thread per stage
-// Dynamic shared memory (floats): two pipeline stages of {p tile, z tile}, then |z|^2 of the
-// current patch tile, the winning patch and NaN flag of each prototype.
-constexpr int kStage = kDC * (kPsStride + kZsStride);
-constexpr int kZnOffset = 2 * kStage;
-constexpr int kWinOffset = kZnOffset + kBK;
-constexpr size_t kForwardSmem = sizeof(float) * (kWinOffset + 2 * kBM);  // 52.5 KB
-static_assert(kThreads == 256 && kBM == 128 && kBK == 64, "thread layout below assumes these");
+// The exact recompute stages 128-column tiles at this row stride (4 mod 32, 16-byte rows).
+constexpr int kRecomputeStride = kBM + 4;
+static_assert(kThreads == 256 && kBM == 128 && kBK == 64, "thread layouts below assume these");
 static_assert(8 % (kDC / 8) == 0 && 8 % (kBK / 32) == 0 && 8 % (kBM / 32) == 0, "tile_map");
-static_assert(2 * (kThreads / 16) * kBM <= kStage, "row minima must fit in one stage");
-static_assert(kDC * kPsStride <= kStage, "recompute tiles must fit in one stage each");
+
+// Dynamic shared memory (floats) of a search with shared tiles of row strides Ps (p: channel rows of
+// kBM prototypes) and Zs (z: channel rows of kBK patches): two pipeline stages of {p tile, z tile},
+// then |z|^2 of the current patch tile, the winning patch and NaN flag of each prototype.
+template <int Ps, int Zs>
+struct Layout {
+  static constexpr int kPs = Ps, kZs = Zs;
+  static constexpr int kStage = kDC * (Ps + Zs);
+  static constexpr int kZnOffset = 2 * kStage;
+  static constexpr int kWinOffset = kZnOffset + kBK;
+  static constexpr size_t kBytes = sizeof(float) * (kWinOffset + 2 * kBM);
+  static_assert(Ps % 4 == 0 && Zs % 4 == 0, "rows must stay 16-byte aligned");
+  static_assert(2 * 16 * kBM <= kStage, "per-thread minima must fit in one stage");
+  static_assert(kDC * kRecomputeStride <= kStage, "recompute tiles must fit in one stage each");
+};
 
 // This thread's share of a cooperative kDC x C tile copy by kThreads threads: its i-th element
 // (0 <= i < kDC * C / kThreads) is (channel dd0 + i * ddi, column cc0 + i * cci) of the tile.
@@ -97,24 +103,243 @@ __device__ __forceinline__ void async_wait() {
 }
 
 // Candidate (v, k) beats the incumbent (bv, bk)? NaN beats everything (so NaN propagates), then
-// smaller value, then lower patch index.
+// smaller value, then lower patch index. A total order: any reduction order gives the same winner.
 __device__ __forceinline__ bool better(float v, int k, float bv, int bk) {
   if (isnan(bv)) return isnan(v) && k < bk;
   if (isnan(v)) return true;
   return v < bv || (v == bv && k < bk);
 }
 
-// Grid (ceil(M / kBM), B), kThreads threads, kForwardSmem bytes of dynamic shared memory.
-template <bool z_dfast>  // is z's channel stride the smaller one (channels_last-like)?
+// ---- Tensor-core helpers (sm_80+): TF32 m16n8k8 MMA ---------------------------------------------
+
+// x rounded to TF32 (10 mantissa bits, to nearest, ties away from zero), as the bits of a float.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+#else
+  if (isnan(x)) return 0x7fffe000u;
+  return (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
+#endif
+}
+
+// c += a b for one warp: a is 16x8 (row-major), b is 8x8 (column-major), TF32 in, fp32 accumulate.
+// Fragments (g = lane / 4, t = lane % 4): a = {A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]},
+// b = {B[t][g], B[t+4][g]}, c = {C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]}.
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(PROTOKERN_EMU)
+  emu::mma_tf32(c, a, b);
+#endif  // other archs: never launched (the host picks the fp32 search below sm_80)
+}
+
+// ---- Searches ------------------------------------------------------------------------------------
+// A search accumulates s[m, k] = sum_d p[m, d] z[d, k] over a block's 128 prototypes x 64 patches,
+// one kDC-channel stage at a time (step), folds |z_k|^2 - 2 s[m, k] of a finished patch tile into its
+// running (minimum, patch) per prototype (fold), and finally publishes those minima, kEntries per
+// prototype, for the block-wide reduction (publish).
+
+// Exact fp32 products (FFMA). Thread (tx, ty) holds prototypes 4tx..4tx+3, 64+4tx..64+4tx+3 and
+// patches 4ty..4ty+3 of the tile. Row strides 4 (mod 32) make the 8x4 tile_map stores conflict-free.
+struct FfmaSearch : Layout<kBM + 4, kBK + 4> {
+  static constexpr int kEntries = kThreads / 16;
+  float acc[8][4];
+  float best[8];
+  int best_k[8];
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      best[i] = INFINITY;
+      best_k[i] = 0x7fffffff;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    }
+  }
+
+  __device__ __forceinline__ void step(const float* ps, const float* zs, int tid, int k0, int HW) {
+    const int tx = tid & 15, ty = tid >> 4;
+    // Warp w holds patches 8w..8w+7 of the tile; a warp with only padding (e.g. 56..63 of HW = 49)
+    // skips the math and leaves its issue slots to the others.
+    if (k0 + 8 * (tid >> 5) >= HW) return;
+#pragma unroll
+    for (int dd = 0; dd < kDC; ++dd) {
+      const float4 a0 = *reinterpret_cast<const float4*>(&ps[dd * kPs + 4 * tx]);
+      const float4 a1 = *reinterpret_cast<const float4*>(&ps[dd * kPs + 64 + 4 * tx]);
+      const float4 zz = *reinterpret_cast<const float4*>(&zs[dd * kZs + 4 * ty]);
+      const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      const float c[4] = {zz.x, zz.y, zz.z, zz.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], c[j], acc[i][j]);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void fold(const float* zn_s, int tid, int k0, int HW) {
+    const int ty = tid >> 4;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int k = k0 + 4 * ty + j;
+      if (k < HW) {
+        const float znk = zn_s[4 * ty + j];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float v = fmaf(-2.f, acc[i][j], znk);
+          if (better(v, k, best[i], best_k[i])) {
+            best[i] = v;
+            best_k[i] = k;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    }
+  }
+
+  __device__ __forceinline__ void publish(float* red_v, int* red_k, int tid) const {
+    const int tx = tid & 15, ty = tid >> 4;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int ml = (i < 4) ? 4 * tx + i : 64 + 4 * tx + (i - 4);
+      red_v[ty * kBM + ml] = best[i];
+      red_k[ty * kBM + ml] = best_k[i];
+    }
+  }
+};
+
+// Tensor cores: TF32 products (kSplit = false) or 3xTF32 (kSplit = true: x = hi + lo with both
+// parts TF32, and a b ~ a_lo b_hi + a_hi b_lo + a_hi b_hi, close to fp32 accuracy). Warp w owns
+// prototypes 32 (w % 4).. + 31 (two m16 tiles) and patches 32 (w / 4).. + 31 (four n8 tiles) of the
+// block tile. Row strides 8 (mod 32) make the fragment loads conflict-free.
+template <bool kSplit>
+struct MmaSearch : Layout<kBM + 8, kBK + 8> {
+  static constexpr int kEntries = 8;  // per prototype: 2 warps along patches x 4 lanes of a quad
+  float acc[2][4][4];                 // [m16 tile][n8 tile][fragment]
+  float best[4];                      // rows g, g + 8 of m16 tile 0, then of tile 1
+  int best_k[4];
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      best[r] = INFINITY;
+      best_k[r] = 0x7fffffff;
+    }
+    clear();
+  }
+
+  __device__ __forceinline__ void clear() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+      }
+    }
+  }
+
+  __device__ __forceinline__ static void split(float x, uint32_t& hi, uint32_t& lo) {
+    hi = to_tf32(x);
+    lo = kSplit ? to_tf32(x - __uint_as_float(hi)) : 0u;
+  }
+
+  __device__ __forceinline__ void step(const float* ps, const float* zs, int tid, int k0, int HW) {
+    const int lane = tid & 31, w = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int mb = 32 * (w & 3), nb = 32 * (w >> 2);
+    const int n_tiles = min(4, max(0, (HW - k0 - nb + 7) / 8));  // n8 tiles holding real patches
+    if (n_tiles == 0) return;                                     // warp-uniform
+#pragma unroll
+    for (int kk = 0; kk < kDC; kk += 8) {
+      uint32_t a_hi[2][4], a_lo[2][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float* const col = ps + (kk + t) * kPs + mb + 16 * i + g;
+        split(col[0], a_hi[i][0], a_lo[i][0]);
+        split(col[8], a_hi[i][1], a_lo[i][1]);
+        split(col[4 * kPs], a_hi[i][2], a_lo[i][2]);
+        split(col[4 * kPs + 8], a_hi[i][3], a_lo[i][3]);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (j < n_tiles) {
+          const float* const row = zs + (kk + t) * kZs + nb + 8 * j + g;
+          uint32_t b_hi[2], b_lo[2];
+          split(row[0], b_hi[0], b_lo[0]);
+          split(row[4 * kZs], b_hi[1], b_lo[1]);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            if (kSplit) {  // small terms first
+              mma_tf32(acc[i][j], a_lo[i], b_hi);
+              mma_tf32(acc[i][j], a_hi[i], b_lo);
+            }
+            mma_tf32(acc[i][j], a_hi[i], b_hi);
+          }
+        }
+      }
+    }
+  }
+
+  __device__ __forceinline__ void fold(const float* zn_s, int tid, int k0, int HW) {
+    const int lane = tid & 31, w = tid >> 5, t = lane & 3;
+    const int nb = 32 * (w >> 2);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int kl = nb + 8 * j + 2 * t + c;
+        if (k0 + kl < HW) {
+          const float znk = zn_s[kl];
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {  // r = 2 i + h: m16 tile i, row g + 8 h
+            const float v = fmaf(-2.f, acc[r >> 1][j][2 * (r & 1) + c], znk);
+            if (better(v, k0 + kl, best[r], best_k[r])) {
+              best[r] = v;
+              best_k[r] = k0 + kl;
+            }
+          }
+        }
+      }
+    }
+    clear();
+  }
+
+  __device__ __forceinline__ void publish(float* red_v, int* red_k, int tid) const {
+    const int lane = tid & 31, w = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int e = 4 * (w >> 2) + t;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int ml = 32 * (w & 3) + 16 * (r >> 1) + 8 * (r & 1) + g;
+      red_v[e * kBM + ml] = best[r];
+      red_k[e * kBM + ml] = best_k[r];
+    }
+  }
+};
+
+// Grid (ceil(M / kBM), B), kThreads threads, Search::kBytes of dynamic shared memory. For each of
+// the block's prototypes: the patch minimising |z_k|^2 - 2 z_k.p (|p|^2 is constant per prototype)
+// by `Search`, ties to the lowest patch, NaN sticky; then the winner's distance recomputed exactly
+// as sum_d (z - p)^2 in fp32, whatever the search precision.
+template <bool z_dfast, class Search>  // z_dfast: is z's channel stride the smaller one?
 __global__ void __launch_bounds__(kThreads, 2) forward_kernel(const ForwardParams prm) {
   extern __shared__ __align__(16) float smem[];
-  float* const zn_s = smem + kZnOffset;
-  int* const win_k = reinterpret_cast<int*>(smem + kWinOffset);
+  constexpr int kPs = Search::kPs, kZs = Search::kZs, kStage = Search::kStage;
+  float* const zn_s = smem + Search::kZnOffset;
+  int* const win_k = reinterpret_cast<int*>(smem + Search::kWinOffset);
   int* const win_nan = win_k + kBM;
 
   const int tid = threadIdx.x;
-  const int tx = tid & 15;  // prototypes 4tx..4tx+3 and 64+4tx..64+4tx+3 of the tile
-  const int ty = tid >> 4;  // patches 4ty..4ty+3 of the tile
   const int b = blockIdx.y;
   const int m0 = blockIdx.x * kBM;
   const int D = prm.D, HW = prm.HW, M = prm.M;
@@ -130,7 +355,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(const ForwardParam
   // Start the copy of stage `it` (patch tile it / n_d, channels (it % n_d) * kDC...) into `buf`.
   auto issue = [&](int it, int buf) {
     float* const ps = smem + buf * kStage;
-    float* const zs = ps + kDC * kPsStride;
+    float* const zs = ps + kDC * kPs;
     const int k0 = (it / n_d) * kBK;
     const int d0 = (it % n_d) * kDC;
     {
@@ -140,7 +365,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(const ForwardParam
       for (int i = 0; i < kPLoads; ++i) {
         const int cc = pmap.cc0 + i * pmap.cci;
         const bool ok = d < D && m0 + cc < M;
-        copy_async(&ps[pmap.dd0 * kPsStride + cc], ok ? src + (int64_t)i * pmap.cci * D : p, ok);
+        copy_async(&ps[pmap.dd0 * kPs + cc], ok ? src + (int64_t)i * pmap.cci * D : p, ok);
       }
     }
     {
@@ -150,22 +375,14 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(const ForwardParam
       for (int i = 0; i < kZLoads; ++i) {
         const int dd = zmap.dd0 + i * zmap.ddi, cc = zmap.cc0 + i * zmap.cci;
         const bool ok = d0 + dd < D && k0 + cc < HW;
-        copy_async(&zs[dd * kZsStride + cc], ok ? src + i * step : zb, ok);
+        copy_async(&zs[dd * kZs + cc], ok ? src + i * step : zb, ok);
       }
     }
     async_commit();
   };
 
-  float acc[8][4];
-  float best[8];
-  int best_k[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    best[i] = INFINITY;
-    best_k[i] = 0x7fffffff;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-  }
+  Search search;
+  search.init();
   float zn = 0.f;  // |z_k|^2 of patch k0 + tid (threads tid < kBK), accumulated in channel order
 
   issue(0, 0);
@@ -178,80 +395,39 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(const ForwardParam
     }
     __syncthreads();
     const float* const ps = smem + (it & 1) * kStage;
-    const float* const zs = ps + kDC * kPsStride;
-
-    // Warp w holds patches 8w..8w+7 of the tile; a warp with only padding (e.g. 56..63 of HW = 49)
-    // skips the math and leaves its issue slots to the others.
-    if ((it / n_d) * kBK + 8 * (tid >> 5) < HW) {
-#pragma unroll
-      for (int dd = 0; dd < kDC; ++dd) {
-        const float4 a0 = *reinterpret_cast<const float4*>(&ps[dd * kPsStride + 4 * tx]);
-        const float4 a1 = *reinterpret_cast<const float4*>(&ps[dd * kPsStride + 64 + 4 * tx]);
-        const float4 zz = *reinterpret_cast<const float4*>(&zs[dd * kZsStride + 4 * ty]);
-        const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-        const float c[4] = {zz.x, zz.y, zz.z, zz.w};
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], c[j], acc[i][j]);
-        }
-      }
-    }
+    const float* const zs = ps + kDC * kPs;
+    const int k0 = (it / n_d) * kBK;
+    search.step(ps, zs, tid, k0, HW);
     if (tid < kBK) {
 #pragma unroll 8
       for (int dd = 0; dd < kDC; ++dd) {
-        const float v = zs[dd * kZsStride + tid];
+        const float v = zs[dd * kZs + tid];
         zn = fmaf(v, v, zn);
       }
     }
 
     if (it % n_d == n_d - 1) {  // last stage of this patch tile: fold it into the running minima
-      const int k0 = (it / n_d) * kBK;
       if (tid < kBK) {
         zn_s[tid] = zn;
         zn = 0.f;
       }
       __syncthreads();
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {  // increasing patch index
-        const int k = k0 + 4 * ty + j;
-        if (k < HW) {
-          const float znk = zn_s[4 * ty + j];
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const float v = fmaf(-2.f, acc[i][j], znk);
-            if (better(v, k, best[i], best_k[i])) {
-              best[i] = v;
-              best_k[i] = k;
-            }
-          }
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-      }
+      search.fold(zn_s, tid, k0, HW);
     }
     __syncthreads();  // this buffer is refilled by the next iteration's issue()
   }
 
-  // Reduce the 16 thread rows (ty) of each prototype, in ty order, with the same tie-break.
+  // Reduce the Search::kEntries partial minima of each prototype, in order, with the same tie-break.
   float* const red_v = smem;
-  int* const red_k = reinterpret_cast<int*>(smem + (kThreads / 16) * kBM);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int ml = (i < 4) ? 4 * tx + i : 64 + 4 * tx + (i - 4);
-    red_v[ty * kBM + ml] = best[i];
-    red_k[ty * kBM + ml] = best_k[i];
-  }
+  int* const red_k = reinterpret_cast<int*>(smem + Search::kEntries * kBM);
+  search.publish(red_v, red_k, tid);
   __syncthreads();
   if (tid < kBM) {
     float bv = red_v[tid];
     int bk = red_k[tid];
-    for (int t = 1; t < kThreads / 16; ++t) {
-      const float v = red_v[t * kBM + tid];
-      const int k = red_k[t * kBM + tid];
+    for (int e = 1; e < Search::kEntries; ++e) {
+      const float v = red_v[e * kBM + tid];
+      const int k = red_k[e * kBM + tid];
       if (better(v, k, bv, bk)) {
         bv = v;
         bk = k;
@@ -263,7 +439,8 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(const ForwardParam
   __syncthreads();
 
   // Exact distance at the winning patch: sum_d (z - p)^2 in fp32, channels in order.
-  float* const ps = smem;
+  constexpr int kRs = kRecomputeStride;
+  float* const pw = smem;
   float* const zw = smem + kStage;
   const TileMap wmap = tile_map<kBM>(tid, z_dfast);
   float dist = 0.f;
@@ -272,19 +449,19 @@ __global__ void __launch_bounds__(kThreads, 2) forward_kernel(const ForwardParam
     for (int i = 0; i < kPLoads; ++i) {
       const int dd = pmap.dd0, cc = pmap.cc0 + i * pmap.cci;
       const int m = m0 + cc, d = d0 + dd;
-      ps[dd * kPsStride + cc] = (m < M && d < D) ? p[(int64_t)m * D + d] : 0.f;
+      pw[dd * kRs + cc] = (m < M && d < D) ? p[(int64_t)m * D + d] : 0.f;
     }
 #pragma unroll
     for (int i = 0; i < kPLoads; ++i) {
       const int dd = wmap.dd0 + i * wmap.ddi, cc = wmap.cc0 + i * wmap.cci;
       const int d = d0 + dd;
-      zw[dd * kPsStride + cc] = (m0 + cc < M && d < D) ? zb[d * sd + win_k[cc] * sk] : 0.f;
+      zw[dd * kRs + cc] = (m0 + cc < M && d < D) ? zb[d * sd + win_k[cc] * sk] : 0.f;
     }
     __syncthreads();
     if (tid < kBM) {
 #pragma unroll 8
       for (int dd = 0; dd < kDC; ++dd) {
-        const float diff = zw[dd * kPsStride + tid] - ps[dd * kPsStride + tid];
+        const float diff = zw[dd * kRs + tid] - pw[dd * kRs + tid];
         dist = fmaf(diff, diff, dist);
       }
     }
@@ -467,8 +644,28 @@ struct Launch {
   size_t smem;  // dynamic shared memory, bytes
 };
 
+// Calls f(kernel, smem_bytes, variant) with the forward kernel for prm's z layout and search
+// precision; variant (0..5) names the instantiation. Without tensor cores (below sm_80) every
+// precision runs the fp32 search.
+template <class F>
+void with_forward_kernel(const ForwardParams& prm, bool tensor_cores, F&& f) {
+  const bool dfast = prm.z_sd <= prm.z_sk;
+  const int search = tensor_cores ? prm.precision : kSearchFp32;
+  const int variant = 3 * dfast + search;
+  if (search == kSearch3xTf32) {
+    using S = MmaSearch<true>;
+    dfast ? f(forward_kernel<true, S>, S::kBytes, variant) : f(forward_kernel<false, S>, S::kBytes, variant);
+  } else if (search == kSearchTf32) {
+    using S = MmaSearch<false>;
+    dfast ? f(forward_kernel<true, S>, S::kBytes, variant) : f(forward_kernel<false, S>, S::kBytes, variant);
+  } else {
+    using S = FfmaSearch;
+    dfast ? f(forward_kernel<true, S>, S::kBytes, variant) : f(forward_kernel<false, S>, S::kBytes, variant);
+  }
+}
+
 inline Launch forward_launch(const ForwardParams& prm) {
-  return {(unsigned)((prm.M + kBM - 1) / kBM), (unsigned)prm.B, kThreads, kForwardSmem};
+  return {(unsigned)((prm.M + kBM - 1) / kBM), (unsigned)prm.B, kThreads, 0};
 }
 
 inline Launch grad_p_launch(const BackwardParams& prm) {
@@ -509,20 +706,30 @@ void allow_dynamic_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done
   done.fetch_or(bit, std::memory_order_relaxed);
 }
 
-std::atomic<uint64_t> forward_dfast_ready{0}, forward_kfast_ready{0}, grad_z_ready{0};
+std::atomic<uint64_t> forward_ready[6], grad_z_ready{0};
+
+// Tensor cores (sm_80+) on the current device? Cached per device.
+bool has_tensor_cores() {
+  static std::atomic<int> cache[64];  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 64 && cache[device].load(std::memory_order_relaxed) != 0)
+    return cache[device].load(std::memory_order_relaxed) == 2;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (device < 64) cache[device].store(major >= 8 ? 2 : 1, std::memory_order_relaxed);
+  return major >= 8;
+}
 
 }  // namespace
 
 void launch_forward(const ForwardParams& prm, cudaStream_t stream) {
   if (prm.B == 0 || prm.M == 0) return;
   const Launch l = forward_launch(prm);
-  if (prm.z_sd <= prm.z_sk) {
-    allow_dynamic_smem(forward_kernel<true>, l.smem, forward_dfast_ready);
-    forward_kernel<true><<<dim3(l.grid_x, l.grid_y), l.threads, l.smem, stream>>>(prm);
-  } else {
-    allow_dynamic_smem(forward_kernel<false>, l.smem, forward_kfast_ready);
-    forward_kernel<false><<<dim3(l.grid_x, l.grid_y), l.threads, l.smem, stream>>>(prm);
-  }
+  with_forward_kernel(prm, has_tensor_cores(), [&](auto kernel, size_t smem, int variant) {
+    allow_dynamic_smem(kernel, smem, forward_ready[variant]);
+    kernel<<<dim3(l.grid_x, l.grid_y), l.threads, smem, stream>>>(prm);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

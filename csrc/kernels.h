@@ -9,6 +9,10 @@
 
 namespace protokern {
 
+// Search precision of the forward (the winner's distance is always recomputed exactly in fp32):
+// "highest" = fp32 FFMA products, "high" = 3xTF32 tensor-core products, "medium" = TF32 ones.
+enum : int { kSearchFp32 = 0, kSearch3xTf32 = 1, kSearchTf32 = 2 };
+
 // Forward: z is (B, D, HW) float32 with arbitrary element strides; p is (M, D) contiguous float32.
 // Outputs are (B, M) contiguous.
 struct ForwardParams {
@@ -20,6 +24,7 @@ struct ForwardParams {
   int64_t* patch_index;
   int B, D, HW, M;
   float eps;
+  int precision;  // kSearch*
 };
 
 // Backward: z is (B, D, HW) float32 with stride_d == 1 (the op makes such a copy when needed);

@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& z,
   prm.HW = static_cast<int>(HW);
   prm.M = static_cast<int>(M);
   prm.eps = static_cast<float>(eps);
-  // All precisions run the exact fp32 (FFMA) search for now; TF32 variants may come later.
+  prm.precision = precision == "high" ? kSearch3xTf32 : precision == "medium" ? kSearchTf32 : kSearchFp32;
   launch_forward(prm, c10::cuda::getCurrentCUDAStream());
   return {similarity, min_distances, patch_index};
 }

@@ -23,20 +23,22 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-def check_winners_and_gradients(z, p, sim, dist, idx, w_sim, w_dist, grad_z, grad_p, eps=1e-4):
+def check_winners_and_gradients(z, p, sim, dist, idx, w_sim, w_dist, grad_z, grad_p, eps=1e-4, search_tol=1e-5):
     """Large-shape check robust to near-ties: with B*M pairs, some best and second-best patches differ by less
     than fp32 rounding, and an fp32 search may legitimately pick either. So: the picked patch must be a
-    minimiser up to rounding in float64, and the gradients must equal the float64 gradients at the picked
-    patches. Forward values are compared with the true minimum."""
+    minimiser up to the search's rounding (`search_tol`, relative; larger for a TF32 search) in float64, the
+    reported distance and similarity must be those of the picked patch, exact to fp32, and the gradients must
+    equal the float64 gradients at the picked patches."""
     B, D = z.shape[:2]
     z64 = z.detach().double().flatten(2)
     p64 = p.detach().double().reshape(p.shape[0], -1)
     full = (z64 * z64).sum(1)[:, None, :] + (p64 * p64).sum(1)[None, :, None] - 2 * torch.einsum("md,bdk->bmk", p64, z64)
     true_min = full.amin(-1)
-    assert rel_err(dist, true_min) < 1e-5
-    assert (sim.double() - torch.log((true_min + 1) / (true_min + eps))).abs().max().item() < 1e-4
     picked = full.gather(2, idx[..., None]).squeeze(-1)
-    assert ((picked - true_min) <= 1e-5 * (1 + true_min)).all(), "picked patch is not a minimiser"
+    assert ((picked - true_min) <= search_tol * (1 + true_min)).all(), "picked patch is not a minimiser"
+    assert rel_err(dist, picked) < 1e-5
+    assert rel_err(dist, true_min) < max(1e-5, search_tol)
+    assert (sim.double() - torch.log((picked + 1) / (picked + eps))).abs().max().item() < 1e-4
     gather = idx[:, None, :].expand(-1, D, -1)
     diff = z64.gather(2, gather) - p64.T[None]  # (B, D, M)
     d = (diff * diff).sum(1)

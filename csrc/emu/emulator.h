@@ -1,9 +1,12 @@
 // A tiny CPU emulator for the kernels in ../kernels.cu, to check their indexing, tie-breaks, NaN
 // handling and determinism without a GPU (csrc/emu/check.py drives it). Each CUDA thread of a block
 // is an std::thread; __syncthreads / __syncwarp are barriers; shuffles and votes go through a per-warp
-// exchange buffer. cp.async takes its plain-load fallback (no __CUDA_ARCH__). Dynamic shared memory
+// exchange buffer; mma.sync (m16n8k8 TF32) gathers the warp's fragments there too, following the PTX
+// fragment layout. cp.async takes its plain-load fallback (no __CUDA_ARCH__). Dynamic shared memory
 // is poisoned with NaN so reads of unwritten words show. Slow: for small shapes only.
 #pragma once
+
+#define PROTOKERN_EMU 1
 
 #include <algorithm>
 #include <barrier>
@@ -41,6 +44,7 @@ struct Block {
   std::barrier<>* block;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<uint64_t> exchange;  // 32 slots per warp
+  std::vector<uint32_t> fragments;  // 32 x 6 per warp (mma operands)
   float* smem;
 };
 
@@ -56,7 +60,8 @@ void launch(Dim3 grid, unsigned threads, size_t smem_bytes, Kernel kernel) {
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       std::vector<float> smem(smem_bytes / sizeof(float) + 4, NAN);
       std::barrier<> bar(threads);
-      Block blk{&bar, {}, std::vector<uint64_t>((threads + 31) / 32 * 32), smem.data()};
+      Block blk{&bar, {}, std::vector<uint64_t>((threads + 31) / 32 * 32),
+                std::vector<uint32_t>((threads + 31) / 32 * 32 * 6), smem.data()};
       for (unsigned w = 0; w < (threads + 31) / 32; ++w)
         blk.warps.push_back(std::make_unique<std::barrier<>>(32));
       std::vector<std::thread> pool;
@@ -103,3 +108,42 @@ inline bool __any_sync(unsigned, bool pred) {
   emu::warp_barrier().arrive_and_wait();
   return any;
 }
+
+inline uint32_t __float_as_uint(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+
+inline float __uint_as_float(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+namespace emu {
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 for the calling warp: operands are read as TF32
+// (their low 13 bits ignored), products summed exactly (double) and rounded once into c.
+inline void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const unsigned lane = threadIdx.x % 32;
+  uint32_t* const frag = block->fragments.data() + threadIdx.x / 32 * 32 * 6;
+  for (int r = 0; r < 4; ++r) frag[lane * 6 + r] = a[r];
+  for (int r = 0; r < 2; ++r) frag[lane * 6 + 4 + r] = b[r];
+  warp_barrier().arrive_and_wait();
+  auto tf32 = [](uint32_t u) { return static_cast<double>(__uint_as_float(u & 0xffffe000u)); };
+  auto A = [&](int row, int k) {  // owner lane (row % 8) * 4 + k % 4, register (row >= 8) + 2 (k >= 4)
+    return tf32(frag[((row % 8) * 4 + k % 4) * 6 + (row >= 8) + 2 * (k >= 4)]);
+  };
+  auto B = [&](int k, int col) { return tf32(frag[(col * 4 + k % 4) * 6 + 4 + (k >= 4)]); };
+  const int g = lane / 4, t = lane % 4;
+  for (int q = 0; q < 4; ++q) {
+    const int row = g + 8 * (q / 2), col = 2 * t + q % 2;
+    double sum = c[q];
+    for (int k = 0; k < 8; ++k) sum += A(row, k) * B(k, col);
+    c[q] = static_cast<float>(sum);
+  }
+  warp_barrier().arrive_and_wait();
+}
+
+}  // namespace emu

@@ -12,11 +12,9 @@ extern "C" void emu_forward(const ForwardParams* prm) {
   if (prm->B == 0 || prm->M == 0) return;
   const Launch l = forward_launch(*prm);
   const ForwardParams p = *prm;
-  if (p.z_sd <= p.z_sk) {
-    emu::launch({l.grid_x, l.grid_y}, l.threads, l.smem, [&] { forward_kernel<true>(p); });
-  } else {
-    emu::launch({l.grid_x, l.grid_y}, l.threads, l.smem, [&] { forward_kernel<false>(p); });
-  }
+  with_forward_kernel(p, /*tensor_cores=*/true, [&](auto kernel, size_t smem, int) {
+    emu::launch({l.grid_x, l.grid_y}, l.threads, smem, [&] { kernel(p); });
+  });
 }
 
 extern "C" void emu_backward(const BackwardParams* prm) {
