@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cstdio>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -21,41 +22,53 @@ namespace {
 
 constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
 
-// "(2, 8, 5)": shapes in error messages are formatted here rather than by streaming IntArrayRef.
+// Error messages are assembled from strings only: every number is formatted here (std::to_string,
+// snprintf), never streamed by TORCH_CHECK. On the H200 image, streaming integers into a message
+// (t.sizes(), an int64_t) crashed the process while string-only messages raised cleanly.
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+// "(2, 8, 5)"
 std::string shape_str(const at::Tensor& t) {
   std::string s = "(";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + num(t.size(i));
   return s + ")";
 }
 
 void check_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim,
                   at::ScalarType dtype) {
   TORCH_CHECK(t.is_cuda(), "protokern_C::", op, ": ", name, " must be a CUDA tensor, got device ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "protokern_C::", op, ": ", name, " must be ", dtype,
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim, "protokern_C::", op, ": ", name, " must have ", dim,
+              t.device().str());
+  TORCH_CHECK(t.scalar_type() == dtype, "protokern_C::", op, ": ", name, " must be ",
+              std::string(c10::toString(dtype)), ", got ", std::string(c10::toString(t.scalar_type())));
+  TORCH_CHECK(t.dim() == dim, "protokern_C::", op, ": ", name, " must have ", num(dim),
               " dimensions, got shape ", shape_str(t));
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
                        const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "protokern_C::", op, ": ", name, " is on ", t.device(),
-              " but z is on ", ref.device());
+  TORCH_CHECK(t.device() == ref.device(), "protokern_C::", op, ": ", name, " is on ",
+              t.device().str(), " but z is on ", ref.device().str());
 }
 
 void check_bm(const at::Tensor& t, int64_t B, int64_t M, const char* op, const char* name) {
   TORCH_CHECK(t.size(0) == B && t.size(1) == M, "protokern_C::", op, ": ", name,
-              " must have shape (B, M) = (", B, ", ", M, "), got ", shape_str(t));
+              " must have shape (B, M) = (", num(B), ", ", num(M), "), got ", shape_str(t));
 }
 
 void check_sizes(int64_t B, int64_t D, int64_t HW, int64_t M, const char* op) {
   TORCH_CHECK(D > 0 && HW > 0, "protokern_C::", op,
-              ": z must have at least one channel and one patch, got (D, HW) = (", D, ", ", HW,
-              ")");
-  TORCH_CHECK(B <= 65535, "protokern_C::", op, ": batch size must be <= 65535, got ", B);
+              ": z must have at least one channel and one patch, got (D, HW) = (", num(D), ", ",
+              num(HW), ")");
+  TORCH_CHECK(B <= 65535, "protokern_C::", op, ": batch size must be <= 65535, got ", num(B));
   TORCH_CHECK(D * HW <= kMaxInt && M * D <= kMaxInt && M <= kMaxInt, "protokern_C::", op,
-              ": sizes too large for 32-bit indexing (D=", D, ", HW=", HW, ", M=", M, ")");
+              ": sizes too large for 32-bit indexing (D=", num(D), ", HW=", num(HW), ", M=", num(M),
+              ")");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& z,
@@ -66,10 +79,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& z,
   check_same_device(p, z, "forward", "p");
   TORCH_CHECK(p.size(1) == z.size(1), "protokern_C::forward: channel mismatch: z is (B, D, HW) = ",
               shape_str(z), " but p is (M, D) = ", shape_str(p));
-  TORCH_CHECK(eps > 0, "protokern_C::forward: eps must be > 0, got ", eps);
+  TORCH_CHECK(eps > 0, "protokern_C::forward: eps must be > 0, got ", num(eps));
   TORCH_CHECK(precision == "highest" || precision == "high" || precision == "medium",
               "protokern_C::forward: precision must be 'highest', 'high' or 'medium', got '",
-              precision, "'");
+              std::string(precision), "'");
   const int64_t B = z.size(0), D = z.size(1), HW = z.size(2), M = p.size(0);
   check_sizes(B, D, HW, M, "forward");
 
@@ -118,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_similari
   TORCH_CHECK(p.size(1) == z.size(1),
               "protokern_C::backward: channel mismatch: z is (B, D, HW) = ", shape_str(z),
               " but p is (M, D) = ", shape_str(p));
-  TORCH_CHECK(eps > 0, "protokern_C::backward: eps must be > 0, got ", eps);
+  TORCH_CHECK(eps > 0, "protokern_C::backward: eps must be > 0, got ", num(eps));
   const int64_t B = z.size(0), D = z.size(1), HW = z.size(2), M = p.size(0);
   check_sizes(B, D, HW, M, "backward");
   check_bm(grad_similarity, B, M, "backward", "grad_similarity");
