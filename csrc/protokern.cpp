@@ -23,8 +23,9 @@ namespace {
 constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
 
 // Error messages are assembled from strings only: every number is formatted here (std::to_string,
-// snprintf), never streamed by TORCH_CHECK. On the H200 image, streaming integers into a message
-// (t.sizes(), an int64_t) crashed the process while string-only messages raised cleanly.
+// snprintf), never streamed by TORCH_CHECK. On the H200 image the checks whose messages streamed
+// numbers (t.sizes(), an int64_t) crashed the process while string-only ones raised cleanly; that
+// this was the cause is a hypothesis until tests/test_cuda_backend.py's child-process check passes.
 std::string num(int64_t v) { return std::to_string(v); }
 
 std::string num(double v) {

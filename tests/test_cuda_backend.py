@@ -276,7 +276,7 @@ print("all raised", flush=True)
 @gpu
 def test_raw_ops_reject_bad_input(cuda_backend):
     """Clear RuntimeErrors from the C++ input checks of both raw ops (in a child process, see above)."""
-    out = subprocess.run([sys.executable, "-c", RAW_BAD_INPUT], capture_output=True, text=True, timeout=300,
+    out = subprocess.run([sys.executable, "-X", "faulthandler", "-c", RAW_BAD_INPUT], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0 and "all raised" in out.stdout, (
         f"exit status {out.returncode}\nstdout:\n{out.stdout}\nstderr:\n{out.stderr[-3000:]}")
