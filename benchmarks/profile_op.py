@@ -1,4 +1,4 @@
-"""Where the time of one forward+backward of the fused op goes, per GPU backend and input layout.
+"""Where the time of one forward+backward of the fused op goes, per GPU backend, search precision and layout.
 
 Prints, for each case, the wall time per iteration (with a synchronize: shows CPU-bound launches), the GPU
 time per iteration, and the torch.profiler table of the kernels by GPU time.
@@ -25,36 +25,39 @@ def main(argv=None):
     B, D, H, W, M = (int(x) for x in args.shape.split(","))
     p = torch.rand(M, D, device="cuda", requires_grad=True)
     w = torch.randn(B, M, device="cuda")
+    cases = []
     for backend, reason in protokern.available_backends("cuda").items():
         if reason is not None or backend == "torch":
             continue
-        for layout in ("contiguous", "channels_last"):
-            z = torch.rand(B, D, H, W, device="cuda")
-            if layout == "channels_last":
-                z = z.contiguous(memory_format=torch.channels_last)
-            z.requires_grad_()
+        cases += [(backend, "highest", "contiguous"), (backend, "highest", "channels_last"),
+                  (backend, "high", "channels_last"), (backend, "medium", "channels_last")]
+    for backend, precision, layout in cases:
+        z = torch.rand(B, D, H, W, device="cuda")
+        if layout == "channels_last":
+            z = z.contiguous(memory_format=torch.channels_last)
+        z.requires_grad_()
 
-            def step():
-                sim, dist = protokern.prototype_similarity(z, p, backend=backend)
-                torch.autograd.grad((sim * w).sum() + (dist * w).sum(), (z, p))
+        def step():
+            sim, dist = protokern.prototype_similarity(z, p, backend=backend, precision=precision)
+            torch.autograd.grad((sim * w).sum() + (dist * w).sum(), (z, p))
 
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / args.iters * 1e6
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(args.iters):
-                step()
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - t) / args.iters * 1e6
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    step()
-                torch.cuda.synchronize()
-            events = prof.key_averages()
-            gpu = sum(e.device_time_total for e in events if e.device_type.name == "CUDA") / 5
-            print(f"\n=== {backend}, {layout} z, shape {(B, D, H, W, M)}: wall {wall:.1f} us/iter, "
-                  f"GPU kernels {gpu:.1f} us/iter")
-            print(events.table(sort_by="device_time_total", row_limit=14, max_name_column_width=60))
+        events = prof.key_averages()
+        gpu = sum(e.device_time_total for e in events if e.device_type.name == "CUDA") / 5
+        print(f"\n=== {backend} ({precision}), {layout} z, shape {(B, D, H, W, M)}: wall {wall:.1f} us/iter, "
+              f"GPU kernels {gpu:.1f} us/iter")
+        print(events.table(sort_by="device_time_total", row_limit=14, max_name_column_width=60))
 
 
 if __name__ == "__main__":
