@@ -565,10 +565,15 @@ constexpr int kGzMaxKT = 64;    // patches per pass (shared accumulators per war
 constexpr int kAccStride = 33;  // padded row: conflict-free for both access patterns below
 
 // grad_z[b, d, k] = sum_{m : k_bm == k} 2 g[b, m] (z[b, d, k] - p[m, d]), written for every (d, k)
-// (zeros where no prototype wins). Block = (b, 32 channels); patches in passes of KT.
-__global__ void __launch_bounds__(kGzWarps * 32) grad_z_kernel(const BackwardParams prm, int KT,
-                                                               int seg) {
-  extern __shared__ __align__(16) float acc_s[];  // [kGzWarps][KT][kAccStride]
+// (zeros where no prototype wins). Block = (b, 32 channels); patches in passes of KT, whose z tile
+// is staged in shared memory. Each warp scans a fixed range of prototypes in increasing order, 32 at
+// a time: the next 32's patches and coefficients are loaded while this 32's p rows (all issued at
+// once) are added into the warp's own shared accumulators; the warps' accumulators are then summed
+// in warp order. The work is a chain of dependent loads, so the point is to keep many in flight.
+__global__ void __launch_bounds__(kGzWarps * 32, 3) grad_z_kernel(const BackwardParams prm, int KT,
+                                                                  int seg) {
+  // [kGzWarps][KT][kAccStride] accumulators, then the z tile [KT][kAccStride]
+  extern __shared__ __align__(16) float acc_s[];
   const int lane = threadIdx.x & 31;
   const int w = threadIdx.x >> 5;
   const int b = blockIdx.x;
@@ -579,51 +584,65 @@ __global__ void __launch_bounds__(kGzWarps * 32) grad_z_kernel(const BackwardPar
   const float* __restrict__ zb = prm.z + b * prm.z_sb;
   const float* __restrict__ p = prm.p;
   float* const mine = acc_s + w * KT * kAccStride;
+  float* const z_s = acc_s + kGzWarps * KT * kAccStride;
   const int m_begin = w * seg;
   const int m_end = min(M, m_begin + seg);
 
+  // Raw inputs of the 32 prototypes c0.. of this warp (lane = one prototype); loads only, no use,
+  // so that they are in flight while the previous chunk is processed.
+  struct Chunk {
+    int64_t k;
+    float gs, gm, dist;
+  };
+  auto fetch = [&](int c0) {
+    Chunk c{0, 0.f, 0.f, 0.f};
+    const int m = c0 + lane;
+    if (m < m_end) {
+      const int64_t o = (int64_t)b * M + m;
+      c = {prm.patch_index[o], prm.grad_similarity[o], prm.grad_min_distances[o],
+           prm.min_distances[o]};
+    }
+    return c;
+  };
+
   for (int k0 = 0; k0 < HW; k0 += KT) {
+    const int kt = min(KT, HW - k0);
     for (int i = lane; i < KT * kAccStride; i += 32) mine[i] = 0.f;
-    __syncwarp();
+    for (int e = threadIdx.x; e < 32 * KT; e += kGzWarps * 32) {  // rows z[b, d0.., k0 + kl]
+      const int kl = e >> 5, dl = e & 31;
+      z_s[kl * kAccStride + dl] =
+          (kl < kt && d0 + dl < D) ? zb[(int64_t)(k0 + kl) * prm.z_sk + d0 + dl] : 0.f;
+    }
+    __syncthreads();
+
+    Chunk next = fetch(m_begin);
     for (int c0 = m_begin; c0 < m_end; c0 += 32) {
-      const int m = c0 + lane;
-      int kl = -1;  // this lane's prototype's winning patch, local to the pass; -1: not in it
-      float g = 0.f;
-      if (m < m_end) {
-        const int64_t o = (int64_t)b * M + m;
-        const int k = clamp_index(prm.patch_index[o], HW);
-        if (k >= k0 && k < k0 + KT) {
-          kl = k - k0;
-          g = grad_coef(prm.grad_similarity[o], prm.grad_min_distances[o], prm.min_distances[o],
-                        prm.eps);
-        }
+      const Chunk cur = next;
+      if (c0 + 32 < m_end) next = fetch(c0 + 32);
+      // This lane's prototype's winning patch, local to the pass (-1: not in it), and dL/dd.
+      const int k = c0 + lane < m_end ? clamp_index(cur.k, HW) : -1;
+      const int kl = (k >= k0 && k < k0 + KT) ? k - k0 : -1;
+      const float g = kl >= 0 ? grad_coef(cur.gs, cur.gm, cur.dist, prm.eps) : 0.f;
+      const unsigned in_pass = __ballot_sync(kFullMask, kl >= 0);
+      if (in_pass == 0) continue;
+      float pv[32];
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        pv[j] = (d_ok && ((in_pass >> j) & 1u)) ? p[(int64_t)(c0 + j) * D + d] : 0.f;
       }
-      if (!__any_sync(kFullMask, kl >= 0)) continue;
-      // Prototypes c0 + j in increasing order; loads first (16 rows in flight), then updates.
+      // Prototypes c0 + j in increasing order.
 #pragma unroll
-      for (int j0 = 0; j0 < 32; j0 += 16) {
-        int kj[16];
-        float pv[16], zv[16];
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          kj[j] = __shfl_sync(kFullMask, kl, j0 + j);
-          const int mj = min(c0 + j0 + j, M - 1);
-          pv[j] = d_ok ? p[(int64_t)mj * D + d] : 0.f;
-          zv[j] = d_ok ? zb[(k0 + max(kj[j], 0)) * prm.z_sk + d] : 0.f;
-        }
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const float gj = __shfl_sync(kFullMask, g, j0 + j);
-          if (kj[j] >= 0) {
-            float* const a = mine + kj[j] * kAccStride + lane;
-            *a = fmaf(gj, zv[j] - pv[j], *a);
-          }
+      for (int j = 0; j < 32; ++j) {
+        if ((in_pass >> j) & 1u) {  // warp-uniform
+          const int kj = __shfl_sync(kFullMask, kl, j);
+          const float gj = __shfl_sync(kFullMask, g, j);
+          float* const a = mine + kj * kAccStride + lane;
+          *a = fmaf(gj, z_s[kj * kAccStride + lane] - pv[j], *a);
         }
       }
     }
     __syncthreads();
     // Sum the warps' accumulators in warp order; consecutive threads write consecutive patches.
-    const int kt = min(KT, HW - k0);
     for (int e = threadIdx.x; e < 32 * KT; e += kGzWarps * 32) {
       const int dl = e / KT;
       const int kl = e - dl * KT;
@@ -684,7 +703,7 @@ inline GradZLaunch grad_z_launch(const BackwardParams& prm) {
   l.grid_x = prm.B;
   l.grid_y = (prm.D + 31) / 32;
   l.threads = kGzWarps * 32;
-  l.smem = sizeof(float) * kGzWarps * l.KT * kAccStride;  // <= 67.6 KB
+  l.smem = sizeof(float) * (kGzWarps + 1) * l.KT * kAccStride;  // <= 76 KB
   return l;
 }
 
@@ -740,7 +759,7 @@ void launch_backward(const BackwardParams& prm, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const GradZLaunch lz = grad_z_launch(prm);
-  allow_dynamic_smem(grad_z_kernel, sizeof(float) * kGzWarps * kGzMaxKT * kAccStride, grad_z_ready);
+  allow_dynamic_smem(grad_z_kernel, sizeof(float) * (kGzWarps + 1) * kGzMaxKT * kAccStride, grad_z_ready);
   grad_z_kernel<<<dim3(lz.grid_x, lz.grid_y), lz.threads, lz.smem, stream>>>(prm, lz.KT, lz.seg);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

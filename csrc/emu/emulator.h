@@ -99,14 +99,14 @@ T __shfl_sync(unsigned, T value, int src_lane) {
   return out;
 }
 
-inline bool __any_sync(unsigned, bool pred) {
+inline unsigned __ballot_sync(unsigned, bool pred) {
   uint64_t* slots = emu::block->exchange.data() + threadIdx.x / 32 * 32;
   slots[threadIdx.x % 32] = pred;
   emu::warp_barrier().arrive_and_wait();
-  bool any = false;
-  for (int i = 0; i < 32; ++i) any = any || slots[i] != 0;
+  unsigned mask = 0;
+  for (int i = 0; i < 32; ++i) mask |= (slots[i] != 0 ? 1u : 0u) << i;
   emu::warp_barrier().arrive_and_wait();
-  return any;
+  return mask;
 }
 
 inline uint32_t __float_as_uint(float x) {
