@@ -150,6 +150,7 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4],
 // patches 4ty..4ty+3 of the tile. Row strides 4 (mod 32) make the 8x4 tile_map stores conflict-free.
 struct FfmaSearch : Layout<kBM + 4, kBK + 4> {
   static constexpr int kEntries = kThreads / 16;
+  static constexpr int kMinBlocks = 2;  // resident blocks per SM the registers must allow
   float acc[8][4];
   float best[8];
   int best_k[8];
@@ -226,6 +227,7 @@ struct FfmaSearch : Layout<kBM + 4, kBK + 4> {
 template <bool kSplit>
 struct MmaSearch : Layout<kBM + 8, kBK + 8> {
   static constexpr int kEntries = 8;  // per prototype: 2 warps along patches x 4 lanes of a quad
+  static constexpr int kMinBlocks = 3;  // resident blocks per SM the registers must allow
   float acc[2][4][4];                 // [m16 tile][n8 tile][fragment]
   float best[4];                      // rows g, g + 8 of m16 tile 0, then of tile 1
   int best_k[4];
@@ -332,7 +334,7 @@ struct MmaSearch : Layout<kBM + 8, kBK + 8> {
 // by `Search`, ties to the lowest patch, NaN sticky; then the winner's distance recomputed exactly
 // as sum_d (z - p)^2 in fp32, whatever the search precision.
 template <bool z_dfast, class Search>  // z_dfast: is z's channel stride the smaller one?
-__global__ void __launch_bounds__(kThreads, 2) forward_kernel(const ForwardParams prm) {
+__global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(const ForwardParams prm) {
   extern __shared__ __align__(16) float smem[];
   constexpr int kPs = Search::kPs, kZs = Search::kZs, kStage = Search::kStage;
   float* const zn_s = smem + Search::kZnOffset;
