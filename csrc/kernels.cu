@@ -7,7 +7,7 @@
 //                  distance exactly as sum_d (z - p)^2. The B*M*HW distance map never leaves
 //                  registers. The search's products are exact fp32 FFMA (FfmaSearch, "highest") or
 //                  tensor-core MMA (MmaSearch: 3xTF32 "high", TF32 "medium"; sm_80+).
-// grad_p_kernel    one warp per prototype (lanes along channels), summing over b in order.
+// grad_p_kernel    one warp per (prototype, 32 channels), summing over b in order.
 // grad_z_kernel    one block per (b, 32 channels); each warp scans a fixed range of prototypes in
 //                  increasing order into its own shared accumulators, which are summed in warp order.
 // No float atomics anywhere: the backward is bitwise deterministic.
@@ -496,11 +496,11 @@ __device__ __forceinline__ int clamp_index(int64_t k, int HW) {
 
 constexpr int kGpM = 8;   // prototypes per grad_p block, one warp each
 constexpr int kGpB = 32;  // batch items whose coefficients are staged at a time (kGpM * kGpB threads)
-constexpr int kGpQ = 4;   // 32-channel groups per pass over the batch (128 channels)
 
-// grad_p[m, d] = sum_b 2 g[b, m] (p[m, d] - z[b, d, k_bm]). Warp w of block x owns prototype
-// 8x + w; lanes run along channels; b is summed in increasing order. Each block stages the (b, m)
-// coefficients of 32 batch items at a time in shared memory (one coalesced load per thread).
+// grad_p[m, d] = sum_b 2 g[b, m] (p[m, d] - z[b, d, k_bm]). Block (x, y) covers prototypes 8x..8x+7
+// (one warp each) and channels 32y..32y+31 (one lane each); b is summed in increasing order. The
+// (b, m) coefficients of 32 batch items at a time are staged in shared memory (one coalesced load
+// per thread), then the 32 gathered z values of each lane are loaded at once.
 __global__ void __launch_bounds__(kGpM * 32) grad_p_kernel(const BackwardParams prm) {
   static_assert(kGpB == 32, "one staged coefficient per thread (kGpM * 32 threads)");
   __shared__ float g_s[kGpM][kGpB + 1];
@@ -509,57 +509,43 @@ __global__ void __launch_bounds__(kGpM * 32) grad_p_kernel(const BackwardParams 
   const int B = prm.B, D = prm.D, HW = prm.HW, M = prm.M;
   const int m0 = blockIdx.x * kGpM;
   const int m = m0 + w;
-  const bool m_ok = m < M;
+  const int d = blockIdx.y * 32 + lane;
+  const bool ok = m < M && d < D;
   const float* __restrict__ z = prm.z;
 
-  for (int dbase = 0; dbase < D; dbase += 32 * kGpQ) {
-    float pv[kGpQ], acc[kGpQ];
-#pragma unroll
-    for (int q = 0; q < kGpQ; ++q) {
-      const int d = dbase + 32 * q + lane;
-      pv[q] = (m_ok && d < D) ? prm.p[(int64_t)m * D + d] : 0.f;
-      acc[q] = 0.f;
-    }
-    for (int b0 = 0; b0 < B; b0 += kGpB) {
-      {
-        const int bl = tid / kGpM, ml = tid % kGpM;
-        const int b = b0 + bl, mm = m0 + ml;
-        float g = 0.f;
-        int k = 0;
-        if (b < B && mm < M) {
-          const int64_t o = (int64_t)b * M + mm;
-          k = clamp_index(prm.patch_index[o], HW);
-          g = grad_coef(prm.grad_similarity[o], prm.grad_min_distances[o], prm.min_distances[o],
-                        prm.eps);
-        }
-        g_s[ml][bl] = g;
-        k_s[ml][bl] = k;
+  const float pv = ok ? prm.p[(int64_t)m * D + d] : 0.f;
+  float acc = 0.f;
+  for (int b0 = 0; b0 < B; b0 += kGpB) {
+    {
+      const int bl = tid / kGpM, ml = tid % kGpM;
+      const int b = b0 + bl, mm = m0 + ml;
+      float g = 0.f;
+      int k = 0;
+      if (b < B && mm < M) {
+        const int64_t o = (int64_t)b * M + mm;
+        k = clamp_index(prm.patch_index[o], HW);
+        g = grad_coef(prm.grad_similarity[o], prm.grad_min_distances[o], prm.min_distances[o],
+                      prm.eps);
       }
-      __syncthreads();
-      const int nb = min(kGpB, B - b0);
-      if (m_ok) {
-#pragma unroll 8
-        for (int j = 0; j < nb; ++j) {
-          const float g = g_s[w][j];
-          const float* const zrow = z + (b0 + j) * prm.z_sb + k_s[w][j] * prm.z_sk;
-#pragma unroll
-          for (int q = 0; q < kGpQ; ++q) {
-            const int d = dbase + 32 * q + lane;
-            const float zv = d < D ? zrow[d] : 0.f;
-            acc[q] = fmaf(g, pv[q] - zv, acc[q]);
-          }
-        }
-      }
-      __syncthreads();
+      g_s[ml][bl] = g;
+      k_s[ml][bl] = k;
     }
-    if (m_ok) {
+    __syncthreads();
+    const int nb = min(kGpB, B - b0);
+    if (ok) {
+      float zv[kGpB];
 #pragma unroll
-      for (int q = 0; q < kGpQ; ++q) {
-        const int d = dbase + 32 * q + lane;
-        if (d < D) prm.grad_p[(int64_t)m * D + d] = 2.f * acc[q];
+      for (int j = 0; j < kGpB; ++j) {
+        zv[j] = j < nb ? z[(int64_t)(b0 + j) * prm.z_sb + (int64_t)k_s[w][j] * prm.z_sk + d] : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < kGpB; ++j) {
+        if (j < nb) acc = fmaf(g_s[w][j], pv - zv[j], acc);
       }
     }
+    __syncthreads();
   }
+  if (ok) prm.grad_p[(int64_t)m * D + d] = 2.f * acc;
 }
 
 constexpr int kGzWarps = 8;     // warps per grad_z block, each owning a range of prototypes
@@ -690,7 +676,7 @@ inline Launch forward_launch(const ForwardParams& prm) {
 }
 
 inline Launch grad_p_launch(const BackwardParams& prm) {
-  return {(unsigned)((prm.M + kGpM - 1) / kGpM), 1, kGpM * 32, 0};
+  return {(unsigned)((prm.M + kGpM - 1) / kGpM), (unsigned)((prm.D + 31) / 32), kGpM * 32, 0};
 }
 
 struct GradZLaunch : Launch {
