@@ -8,8 +8,9 @@
 //                  registers. The search's products are exact fp32 FFMA (FfmaSearch, "highest") or
 //                  tensor-core MMA (MmaSearch: 3xTF32 "high", TF32 "medium"; sm_80+).
 // grad_p_kernel    one warp per (prototype, 32 channels), summing over b in order.
-// grad_z_kernel    one block per (b, 32 channels); each warp scans a fixed range of prototypes in
-//                  increasing order into its own shared accumulators, which are summed in warp order.
+// grad_z_kernel    one block per (b, 32 channels), z tile in shared memory; each warp scans a fixed
+//                  range of prototypes in increasing order into its own shared accumulators, which
+//                  are summed in warp order.
 // No float atomics anywhere: the backward is bitwise deterministic.
 //
 // CPU check without a GPU: python csrc/emu/check.py (runs this file's kernels on csrc/emu).
