@@ -144,3 +144,17 @@ def test_prune_that_would_remove_everything_keeps_the_run(tiny_args, tmp_path):
     with pytest.warns(UserWarning, match="pruning skipped"):
         main(tiny_args + ["--prune", "--prune-k", "4", "--prune-threshold", "5", "--no-explain"])
     assert not (tmp_path / "run" / "pruned.pt").exists() and (tmp_path / "run" / "best.pt").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flags", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16"], ["--compile"]],
+                         ids=["bf16-channels-last", "fp16", "compile"])
+def test_gpu_run(tiny_args, flags):
+    """The tiny run on CUDA with the trainer's speed options: it completes with finite metrics and a push."""
+    args = [a if a != "cpu" else "cuda" for a in tiny_args] + flags
+    summary = main(args)
+    assert summary["complete"] and summary["push_records"]
+    rows = _rows(args[args.index("--out") + 1])
+    assert [r["stage"] for r in rows] == STEPS
+    losses = [r["train_ce"] for r in rows if r.get("train_ce") is not None]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
