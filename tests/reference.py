@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+import protokern
+
 
 def original_layer(z: torch.Tensor, prototypes: torch.Tensor, eps: float = 1e-4):
     """conv2d expansion + ReLU, -max_pool2d(-d) over the whole map, log-similarity (as the original).
@@ -16,6 +18,28 @@ def original_layer(z: torch.Tensor, prototypes: torch.Tensor, eps: float = 1e-4)
     d = F.relu(d)
     min_d = -F.max_pool2d(-d, kernel_size=d.shape[2:]).flatten(1)
     return torch.log((min_d + 1) / (min_d + eps)), min_d
+
+
+def check_against_reference(z, p, backend, *, grad_tol=1e-4, grad_tol_z=None):
+    """Forward values and both gradients of ``protokern.prototype_similarity(z, p, backend=backend)`` against
+    the float64 original layer; ``grad_tol_z`` (default ``grad_tol``) bounds z's gradient.
+    Returns the op's (similarity, min_distances), detached."""
+    z = z.detach().requires_grad_()
+    p = p.detach().requires_grad_()
+    sim, dist = protokern.prototype_similarity(z, p, backend=backend)
+    assert sim.dtype == dist.dtype == torch.float32 and sim.shape == dist.shape == (z.shape[0], p.shape[0])
+    zr = z.detach().double().requires_grad_()
+    pr = p.detach().double().requires_grad_()
+    sim_ref, dist_ref = original_layer(zr, pr)
+    assert rel_err(dist, dist_ref) < 1e-5
+    assert (sim.double() - sim_ref).abs().max().item() < 1e-4
+    w_sim, w_dist = torch.randn_like(sim_ref), torch.randn_like(sim_ref)
+    ((sim * w_sim).sum() + (dist * w_dist).sum()).backward()
+    ((sim_ref * w_sim).sum() + (dist_ref * w_dist).sum()).backward()
+    assert z.grad.dtype == z.dtype and p.grad.dtype == p.dtype
+    assert rel_err(z.grad, zr.grad) < (grad_tol_z or grad_tol)
+    assert rel_err(p.grad, pr.grad) < grad_tol
+    return sim.detach(), dist.detach()
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

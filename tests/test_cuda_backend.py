@@ -23,7 +23,8 @@ import torch
 
 import protokern
 from protokern import _cuda
-from tests.reference import check_winners_and_gradients, original_layer, rel_err
+from tests import reference
+from tests.reference import check_winners_and_gradients, rel_err
 
 gpu = pytest.mark.gpu
 LOG_1_OVER_EPS = math.log(1 / 1e-4)
@@ -59,30 +60,14 @@ def full_distances(z, p):
 
 
 def check_against_reference(z, p, *, grad_tol=1e-4, grad_tol_z=None):
-    """Forward values, winning patches and both gradients of backend="cuda" vs the float64 original."""
-    z = z.detach().requires_grad_()
-    p = p.detach().requires_grad_()
-    sim, dist = protokern.prototype_similarity(z, p, backend="cuda")
-    assert sim.dtype == dist.dtype == torch.float32 and sim.shape == dist.shape == (z.shape[0], p.shape[0])
-    zr = z.detach().double().requires_grad_()
-    pr = p.detach().double().requires_grad_()
-    sim_ref, dist_ref = original_layer(zr, pr)
-    assert rel_err(dist, dist_ref) < 1e-5
-    assert (sim.double() - sim_ref).abs().max().item() < 1e-4
-
+    """Forward values and both gradients of backend="cuda" vs the float64 original, and its winning patches."""
+    _, dist = reference.check_against_reference(z, p, "cuda", grad_tol=grad_tol, grad_tol_z=grad_tol_z)
     d, idx = protokern.nearest_patches(z.detach(), p.detach(), backend="cuda")
-    assert idx.dtype == torch.int64 and torch.equal(d, dist.detach())
+    assert idx.dtype == torch.int64 and torch.equal(d, dist)
     full = full_distances(z.detach(), p.detach())
     at_idx = full.gather(2, idx[..., None])[..., 0]
     # fp32 search: the winner may differ from the exact argmin only by rounding (near-ties)
     assert bool((at_idx <= full.amin(2) * (1 + 2e-5) + 1e-5).all()), "a non-minimal patch won"
-
-    w_sim, w_dist = torch.randn_like(sim_ref), torch.randn_like(sim_ref)
-    ((sim * w_sim).sum() + (dist * w_dist).sum()).backward()
-    ((sim_ref * w_sim).sum() + (dist_ref * w_dist).sum()).backward()
-    assert z.grad.dtype == z.dtype and p.grad.dtype == p.dtype
-    assert rel_err(z.grad, zr.grad) < (grad_tol_z or grad_tol)
-    assert rel_err(p.grad, pr.grad) < grad_tol
 
 
 # (B, D, H, W, M): H=W=1; 7x7; 14x14; 17x19 (HW = 323: several patch tiles, not a power of two) with

@@ -5,7 +5,7 @@ import torch
 
 import protokern
 from protokern import torch_backend
-from tests.reference import check_winners_and_gradients, original_layer, rel_err
+from tests.reference import check_against_reference, check_winners_and_gradients, original_layer, rel_err
 
 gpu = pytest.mark.gpu
 CASES = [
@@ -36,24 +36,6 @@ def make_z(B, D, H, W, layout, device, dtype=torch.float32):
         return torch.rand(B, 2 * D, H, W + 3, device=device, dtype=dtype)[:, ::2, :, 2:-1]
     z = torch.rand(B, D, H, W, device=device, dtype=dtype)
     return z.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else z
-
-
-def check_against_reference(z, p, backend, grad_tol=1e-4):
-    z = z.detach().requires_grad_()
-    p = p.detach().requires_grad_()
-    sim, dist = protokern.prototype_similarity(z, p, backend=backend)
-    assert sim.dtype == dist.dtype == torch.float32 and sim.shape == dist.shape == (z.shape[0], p.shape[0])
-    zr = z.detach().double().requires_grad_()
-    pr = p.detach().double().requires_grad_()
-    sim_ref, dist_ref = original_layer(zr, pr)
-    assert rel_err(dist, dist_ref) < 1e-5
-    assert (sim.double() - sim_ref).abs().max().item() < 1e-4
-    w_sim, w_dist = torch.randn_like(sim_ref), torch.randn_like(sim_ref)
-    ((sim * w_sim).sum() + (dist * w_dist).sum()).backward()
-    ((sim_ref * w_sim).sum() + (dist_ref * w_dist).sum()).backward()
-    assert z.grad.dtype == z.dtype and p.grad.dtype == p.dtype
-    assert rel_err(z.grad, zr.grad) < grad_tol
-    assert rel_err(p.grad, pr.grad) < grad_tol
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

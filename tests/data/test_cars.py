@@ -9,6 +9,7 @@ from PIL import Image
 
 from protokern.data import StanfordCars
 from protokern.data.cars import read_annotations, read_class_names
+from tests.fake_trees import check_items
 
 FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")
 CLASS_NAMES = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Acura TL Sedan 2012"]
@@ -73,10 +74,7 @@ def test_splits_and_labels(cars_root):
     assert train.classes == CLASS_NAMES and len(train) == 3 and len(test) == 2
     assert train.targets == [0, 2, 1] and test.targets == [1, 2]
     for ds in (train, test):
-        for i in range(len(ds)):
-            x, y = ds[i]
-            assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == ds.targets[i]
-            assert 0 <= x.min() and x.max() <= 1
+        check_items(ds, 32)
 
 
 def test_bbox_crop_is_the_car(cars_root):

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from protokern.data import CUB200
-from tests.fake_trees import new_cub_lines, write_cub_annotations
+from tests.fake_trees import check_items, new_cub_lines, write_cub_annotations
 
 GREY, RED = (90, 90, 90), (230, 20, 20)
 CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
@@ -59,10 +59,7 @@ def test_splits_labels_classes(cub_root):
     assert train.classes == ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross"]
     assert len(train) == 3 and len(test) == 2
     for ds in (train, test):
-        for i in range(len(ds)):
-            x, y = ds[i]
-            assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == ds.targets[i]
-            assert 0 <= x.min() and x.max() <= 1
+        check_items(ds, 32)
 
 
 def test_bbox_crop_is_the_bird(cub_root):
