@@ -22,7 +22,7 @@ def _push_dataset(state: dict, data_root: str | None):
     from protokern.train.config import TrainConfig
     from protokern.train.data import build_datasets
 
-    cfg = TrainConfig(**config)
+    cfg = TrainConfig.from_saved(config)
     if data_root is not None:
         cfg.data_root = data_root
     if cfg.dataset != "synthetic" and not (cfg.data_root and os.path.isdir(cfg.data_root)):

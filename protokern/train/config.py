@@ -1,6 +1,8 @@
 """Training configuration: one dataclass, named presets, YAML/JSON files and command-line flags.
 
 Precedence, lowest first: dataclass defaults < preset < ``--config FILE`` < flags given on the command line.
+Each field carries its flag help in ``metadata["help"]``. Renamed settings (:data:`RENAMED`) are still
+accepted under their old names (flag, config file, a checkpoint's saved config) with a ``DeprecationWarning``.
 """
 
 from __future__ import annotations
@@ -10,91 +12,109 @@ import dataclasses
 import json
 import os
 import typing
-from dataclasses import dataclass, fields
+import warnings
+from dataclasses import dataclass, field, fields
 
 from protokern.models import ADD_ONS, BACKBONES
 
 DATASETS = ("synthetic", "cub", "cars", "folder")
 AMP_MODES = ("none", "bf16", "fp16")
+CROPS = ("bbox", "none")
+
+# old name -> new name (the old ones counted epochs, not iterations)
+RENAMED = {"last_layer_iters": "last_layer_epochs", "prune_retrain_iters": "prune_retrain_epochs"}
+
+
+def _opt(default, help: str):  # noqa: A002 - argparse's word
+    """A config field with its flag help."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs. Defaults are the original ProtoPNet's CUB settings (preset ``cub``)."""
 
-    preset: str = "cub"
+    preset: str = _opt("cub", "named base configuration (demo when no arguments are given)")
 
     # data
-    dataset: str = "cub"
-    data_root: str | None = None
-    image_size: int = 224
-    crop: str = "bbox"
-    augment: bool = True
-    aug_rotate: float = 15.0
-    aug_skew: float = 0.2
-    aug_shear: float = 10.0
-    aug_flip: float = 0.5
-    synthetic_classes: int = 10
-    synthetic_train_per_class: int = 60
-    synthetic_test_per_class: int = 30
-    synthetic_part_size: int | None = None
-    synthetic_seed: int | None = None
+    dataset: str = _opt("cub", f"one of {', '.join(DATASETS)}")
+    data_root: str | None = _opt(None, "dataset folder (cub: holding CUB_200_2011/, cars: the devkit layout, "
+                                       "folder: train/ and test/)")
+    image_size: int = _opt(224, "side of the square images fed to the model, in pixels")
+    crop: str = _opt("bbox", "cub / cars: crop each image to its object box (bbox) or keep it whole (none)")
+    val_fraction: float = _opt(0.1, "fraction of the training set held out (stratified by class, seeded by "
+                                    "--seed) to choose best.pt; 0 chooses on the test set as the original did")
+    augment: bool = _opt(True, "augmentation of training batches on their device (rotate / skew / shear / flip)")
+    aug_rotate: float = _opt(15.0, "max rotation in degrees")
+    aug_skew: float = _opt(0.2, "perspective skew magnitude")
+    aug_shear: float = _opt(10.0, "max shear in degrees")
+    aug_flip: float = _opt(0.5, "left-right flip probability")
+    synthetic_classes: int = _opt(10, "synthetic dataset: number of classes")
+    synthetic_train_per_class: int = _opt(60, "synthetic dataset: training images per class")
+    synthetic_test_per_class: int = _opt(30, "synthetic dataset: test images per class")
+    synthetic_part_size: int | None = _opt(None, "synthetic dataset: side of the class part in pixels "
+                                                 "(default image_size // 4)")
+    synthetic_seed: int | None = _opt(None, "seed of the synthetic images (default: --seed)")
 
     # model
-    backbone: str = "vgg19"
-    pretrained: bool = True
-    backbone_weights: str | None = None
-    prototypes_per_class: int = 10
-    prototype_dim: int = 128
-    add_on: str = "regular"
+    backbone: str = _opt("vgg19", f"trunk: one of {', '.join(BACKBONES)}")
+    pretrained: bool = _opt(True, "load torchvision ImageNet weights into the trunk")
+    backbone_weights: str | None = _opt(None, "local state-dict file for the trunk")
+    prototypes_per_class: int = _opt(10, "prototypes of each class")
+    prototype_dim: int = _opt(128, "channels of the add-on output and of each prototype")
+    add_on: str = _opt("regular", f"add-on layers between trunk and prototypes: one of {', '.join(ADD_ONS)}")
 
     # schedule (epochs count the warm-up + joint epochs; last-layer epochs come on top after each push)
-    epochs: int = 31
-    warm_epochs: int = 5
-    push_start: int = 10
-    push_every: int = 10
-    push_at_end: bool = True
-    last_layer_iters: int = 20
-    max_steps: int | None = None
+    epochs: int = _opt(31, "warm-up + joint epochs (last-layer epochs after each push come on top)")
+    warm_epochs: int = _opt(5, "warm-up epochs (trunk frozen) at the start of --epochs")
+    push_start: int = _opt(10, "first epoch (0-based) after which prototypes are pushed")
+    push_every: int = _opt(10, "push every this many epochs after push_start")
+    push_at_end: bool = _opt(True, "also push after the final epoch if it is not a push epoch")
+    last_layer_epochs: int = _opt(20, "last-layer-only epochs after each push (formerly --last-layer-iters)")
+    max_steps: int | None = _opt(None, "stop after this many schedule steps (resume later with --resume)")
 
     # batches (per process)
-    train_batch_size: int = 80
-    test_batch_size: int = 100
-    push_batch_size: int = 75
+    train_batch_size: int = _opt(80, "training batch size per process")
+    test_batch_size: int = _opt(100, "evaluation batch size per process")
+    push_batch_size: int = _opt(75, "push batch size per process")
 
     # optimisation
-    warm_add_on_lr: float = 3e-3
-    warm_prototypes_lr: float = 3e-3
-    joint_features_lr: float = 1e-4
-    joint_add_on_lr: float = 3e-3
-    joint_prototypes_lr: float = 3e-3
-    weight_decay: float = 1e-3
-    lr_step_size: int = 5
-    lr_gamma: float = 0.1
-    last_layer_lr: float = 1e-4
+    warm_add_on_lr: float = _opt(3e-3, "warm-up learning rate of the add-on")
+    warm_prototypes_lr: float = _opt(3e-3, "warm-up learning rate of the prototypes")
+    joint_features_lr: float = _opt(1e-4, "joint learning rate of the trunk")
+    joint_add_on_lr: float = _opt(3e-3, "joint learning rate of the add-on")
+    joint_prototypes_lr: float = _opt(3e-3, "joint learning rate of the prototypes")
+    weight_decay: float = _opt(1e-3, "weight decay of the trunk and add-on")
+    lr_step_size: int = _opt(5, "joint epochs between learning-rate decays (StepLR)")
+    lr_gamma: float = _opt(0.1, "learning-rate decay factor (StepLR)")
+    last_layer_lr: float = _opt(1e-4, "learning rate of the last layer (last-layer epochs and prune retraining)")
 
     # loss
-    ce_coef: float = 1.0
-    cluster_coef: float = 0.8
-    separation_coef: float = -0.08
-    l1_coef: float = 1e-4
+    ce_coef: float = _opt(1.0, "weight of the cross entropy")
+    cluster_coef: float = _opt(0.8, "weight of the cluster cost")
+    separation_coef: float = _opt(-0.08, "weight of the separation cost (negative: pushes apart)")
+    l1_coef: float = _opt(1e-4, "weight of the L1 penalty on the last layer's wrong-class connections")
 
     # runtime
-    out: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int | None = None
-    amp: str = "none"
-    channels_last: bool = False
-    compile: bool = False
-    resume: str | None = None
-    push_images: bool = True
-    quiet: bool = False
-    explain: bool = True
-    prune: bool = False
-    prune_k: int = 6
-    prune_threshold: int = 3
-    prune_retrain_iters: int = 100
+    out: str | None = _opt(None, "run directory (default runs/<timestamp>)")
+    seed: int = _opt(0, "seed of initialisation, shuffling, augmentation and the validation split")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    num_workers: int | None = _opt(None, "data-loader worker processes (default: usable CPUs - 1, at most 8)")
+    amp: str = _opt("none", "autocast dtype of the trunk: none, bf16 or fp16")
+    channels_last: bool = _opt(False, "channels-last memory format for the trunk")
+    compile: bool = _opt(False, "torch.compile the trunk")
+    resume: str | None = _opt(None, "run directory or checkpoint file to continue from")
+    push_images: bool = _opt(True, "write prototype PNGs at each push")
+    quiet: bool = _opt(False, "no progress bars or per-step lines")
+    explain: bool = _opt(True, "after training, write explanations, the prototype gallery and part "
+                               "localisation to the run directory (protokern.explain.explain_run)")
+    prune: bool = _opt(False, "after the last push, prune prototypes whose nearest training images are mostly "
+                              "of other classes, then retrain the last layer (writes pruned.pt and prune.json)")
+    prune_k: int = _opt(6, "nearest training images (one patch each) looked at per prototype")
+    prune_threshold: int = _opt(3, "prune when fewer than this many of the k nearest images are of the "
+                                   "prototype's class")
+    prune_retrain_epochs: int = _opt(100, "last-layer epochs after pruning (the original: 100, at the last-layer "
+                                          "lr; formerly --prune-retrain-iters)")
 
     def validate(self) -> TrainConfig:
         """Raise ``ValueError`` naming the first bad setting; return self."""
@@ -107,7 +127,7 @@ class TrainConfig:
         need(self.dataset == "synthetic" or bool(self.data_root),
              f"dataset {self.dataset!r} needs --data-root (the dataset folder)")
         need(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        need(self.crop in ("bbox", "none"), f"crop must be 'bbox' or 'none', got {self.crop!r}")
+        need(self.crop in CROPS, f"crop must be 'bbox' or 'none', got {self.crop!r}")
         need(self.backbone in BACKBONES, f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
         need(self.add_on in ADD_ONS, f"add_on must be one of {ADD_ONS}, got {self.add_on!r}")
         need(not (self.pretrained and self.backbone_weights), "give either --pretrained or --backbone-weights")
@@ -117,9 +137,10 @@ class TrainConfig:
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                  f"{name} must be an int >= 1, got {value!r}")
-        for name in ("warm_epochs", "push_start", "last_layer_iters", "seed"):
+        for name in ("warm_epochs", "push_start", "last_layer_epochs", "prune_retrain_epochs", "seed"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 0, f"{name} must be an int >= 0, got {value!r}")
+        need(0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps!r}")
         need(self.num_workers is None or self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         for name in ("warm_add_on_lr", "warm_prototypes_lr", "joint_features_lr", "joint_add_on_lr",
@@ -131,6 +152,64 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """Plain dict of all settings."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_saved(cls, settings: dict) -> TrainConfig:
+        """The config of a checkpoint's or ``config.yaml``'s saved settings (old names accepted).
+
+        A saved config without ``val_fraction`` predates the validation split: its run trained on the whole
+        training set and selected on the test set, so it gets ``val_fraction=0``.
+        """
+        settings = renamed_settings(settings, "saved config")
+        settings.setdefault("val_fraction", 0.0)
+        return cls(**settings)
+
+    # old attribute names, read and written through the new fields
+    @property
+    def last_layer_iters(self) -> int:
+        """Deprecated name of :attr:`last_layer_epochs`."""
+        _warn_renamed("last_layer_iters", "attribute")
+        return self.last_layer_epochs
+
+    @last_layer_iters.setter
+    def last_layer_iters(self, value: int) -> None:
+        _warn_renamed("last_layer_iters", "attribute")
+        self.last_layer_epochs = value
+
+    @property
+    def prune_retrain_iters(self) -> int:
+        """Deprecated name of :attr:`prune_retrain_epochs`."""
+        _warn_renamed("prune_retrain_iters", "attribute")
+        return self.prune_retrain_epochs
+
+    @prune_retrain_iters.setter
+    def prune_retrain_iters(self, value: int) -> None:
+        _warn_renamed("prune_retrain_iters", "attribute")
+        self.prune_retrain_epochs = value
+
+
+def _warn_renamed(old: str, where: str) -> None:
+    # "always": DeprecationWarning is hidden by default outside __main__, and a user of an old flag should see it
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DeprecationWarning)
+        names = (old, RENAMED[old])
+        if where == "flag":
+            names = tuple("--" + n.replace("_", "-") for n in names)
+        warnings.warn(f"{where} {names[0]} is deprecated (it counts epochs): use {names[1]}",
+                      DeprecationWarning, stacklevel=3)
+
+
+def renamed_settings(settings: dict, where: str) -> dict:
+    """A copy of ``settings`` with the old names of :data:`RENAMED` replaced (one ``DeprecationWarning`` each);
+    ``ValueError`` if both an old name and its new one are given."""
+    out = dict(settings)
+    for old, new in RENAMED.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"bad config: {where} gives both {old!r} (deprecated) and {new!r}")
+            _warn_renamed(old, where)
+            out[new] = out.pop(old)
+    return out
 
 
 # Presets: overrides of the dataclass defaults.
@@ -147,7 +226,7 @@ PRESETS: dict[str, dict] = {
         # one part per class -> one prototype per class: the cluster cost pulls only the nearest prototype of
         # the class, so extra ones tend to go unused and fire off the part
         "prototypes_per_class": 1, "prototype_dim": 32,
-        "epochs": 20, "warm_epochs": 1, "push_start": 19, "push_every": 19, "last_layer_iters": 3,
+        "epochs": 20, "warm_epochs": 1, "push_start": 19, "push_every": 19, "last_layer_epochs": 3,
         "train_batch_size": 32, "test_batch_size": 100, "push_batch_size": 100,
         # with random features the original 0.8 / -0.08 collapse every patch onto the prototypes before
         # cross entropy can make them discriminative; a weaker pull and a relatively stronger push (which
@@ -211,7 +290,7 @@ def load_config_file(path: str) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data = renamed_settings({str(k).replace("-", "_"): v for k, v in data.items()}, f"config file {path}: setting")
     types = _field_types()
     unknown = sorted(set(data) - set(types))
     if unknown:
@@ -219,41 +298,12 @@ def load_config_file(path: str) -> dict:
     return {k: _coerce(k, v, types[k]) for k, v in data.items()}
 
 
-_HELP = {
-    "preset": "named base configuration (demo is the default when no arguments are given)",
-    "dataset": f"one of {', '.join(DATASETS)}",
-    "data_root": "dataset folder (cub: holding CUB_200_2011/, cars: the devkit layout, folder: train/ and test/)",
-    "synthetic_seed": "seed of the synthetic images (default: --seed)",
-    "pretrained": "load torchvision ImageNet weights into the trunk",
-    "backbone_weights": "local state-dict file for the trunk",
-    "epochs": "warm-up + joint epochs (last-layer epochs after each push come on top)",
-    "push_start": "first epoch (0-based) after which prototypes are pushed",
-    "push_every": "push every this many epochs after push_start",
-    "push_at_end": "also push after the final epoch if it is not a push epoch",
-    "last_layer_iters": "last-layer-only epochs after each push",
-    "max_steps": "stop after this many schedule steps (resume later with --resume)",
-    "out": "run directory (default runs/<timestamp>)",
-    "device": "auto, cpu, cuda or cuda:N",
-    "amp": "autocast dtype of the trunk: none, bf16 or fp16",
-    "channels_last": "channels-last memory format for the trunk",
-    "compile": "torch.compile the trunk",
-    "resume": "run directory or checkpoint file to continue from",
-    "push_images": "write prototype PNGs at each push",
-    "augment": "GPU augmentation of training batches (the paper's rotate / skew / shear / flip)",
-    "aug_rotate": "max rotation in degrees", "aug_skew": "perspective skew magnitude",
-    "aug_shear": "max shear in degrees", "aug_flip": "left-right flip probability",
-    "quiet": "no progress bars",
-    "explain": "call protokern.explain.explain_run after training when it exists",
-    "prune": "after the last push, prune prototypes whose nearest training images are mostly of other classes, "
-             "then retrain the last layer (writes pruned.pt and prune.json)",
-    "prune_k": "nearest training images (one patch each) looked at per prototype",
-    "prune_threshold": "prune when fewer than this many of the k nearest images are of the prototype's class",
-    "prune_retrain_iters": "last-layer epochs after pruning (the original: 100, at the last-layer lr)",
-}
+_CHOICES = {"dataset": DATASETS, "amp": AMP_MODES, "crop": CROPS, "backbone": BACKBONES, "add_on": ADD_ONS}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser: ``--config``, plus one flag per :class:`TrainConfig` field (``--field-name``)."""
+    """The argparse parser: ``--config``, plus one flag per :class:`TrainConfig` field (``--field-name``) and
+    the deprecated flags of :data:`RENAMED`."""
     parser = argparse.ArgumentParser(
         prog="python -m protokern.train", argument_default=argparse.SUPPRESS,
         description="Train a ProtoPNet (warm-up, joint, push, last-layer stages as the original).")
@@ -262,16 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = types[f.name]
-        help_text = _HELP.get(f.name, "") + f" (default {f.default!r}, or the preset's)"
+        help_text = f.metadata["help"] + f" (default {f.default!r}, or the preset's)"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif f.name == "preset":
             parser.add_argument(flag, choices=sorted(PRESETS), help=help_text)
         else:
-            choices = {"dataset": DATASETS, "amp": AMP_MODES, "crop": ("bbox", "none"),
-                       "backbone": BACKBONES, "add_on": ADD_ONS}.get(f.name)
+            choices = _CHOICES.get(f.name)
             parser.add_argument(flag, type=kind, choices=choices, metavar=None if choices else f.name.upper(),
                                 help=help_text)
+    for old, new in RENAMED.items():
+        parser.add_argument("--" + old.replace("_", "-"), type=types[new], metavar=new.upper(),
+                            help=f"deprecated: use --{new.replace('_', '-')}")
     return parser
 
 
@@ -282,6 +334,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     """
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
+    args = renamed_settings(args, "flag")
     from_file = load_config_file(config_file) if config_file else {}
     preset = args.get("preset", from_file.get("preset", "demo"))
     config = preset_config(preset)

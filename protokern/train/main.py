@@ -61,7 +61,7 @@ class Trainer:
         if cfg.resume:
             path = ckpt.find_checkpoint(cfg.resume)
             resume_state = ckpt.load_checkpoint(path)
-            saved = TrainConfig(**resume_state["config"])
+            saved = TrainConfig.from_saved(resume_state["config"])
             overrides = {k: getattr(cfg, k) for k in explicit if k != "resume"}
             overrides.setdefault("max_steps", None)  # a per-session limit, not inherited
             cfg = dataclasses.replace(saved, **overrides, resume=cfg.resume).validate()
@@ -375,7 +375,7 @@ class Trainer:
             warnings.warn(f"pruning skipped: {error}", stacklevel=2)
             return
         self.records = result["push_records"]
-        retrain = retrain_last_layer(self.model, loader, iters=self.cfg.prune_retrain_iters, lr=self.cfg.last_layer_lr,
+        retrain = retrain_last_layer(self.model, loader, iters=self.cfg.prune_retrain_epochs, lr=self.cfg.last_layer_lr,
                                      device=self.device, progress=self._bars(), loss_fn=self.loss_fn, seed=self.cfg.seed)
         self.model.eval()
         test = run_epoch(TrainForward(self.model, self.amp_dtype), self.model, self.test_loader, self.loss_fn,

@@ -5,7 +5,7 @@
 - ``joint`` epochs: Adam on trunk (1e-4, wd 1e-3), add-on (3e-3, wd 1e-3) and prototypes (3e-3), with
   ``StepLR(5, 0.1)`` stepped at the start of every joint epoch (as the original, which steps before training).
 - ``push`` after epoch ``e`` when ``e >= push_start`` and ``e % push_every == 0`` (and, with
-  ``push_at_end``, after the final epoch), followed by ``last_layer_iters`` ``last`` epochs training only
+  ``push_at_end``, after the final epoch), followed by ``last_layer_epochs`` ``last`` epochs training only
   the last layer (Adam 1e-4).
 
 The last layer is in neither the warm nor the joint optimiser.
@@ -46,7 +46,7 @@ def build_schedule(cfg: TrainConfig) -> list[Step]:
         is_push = epoch >= cfg.push_start and epoch % cfg.push_every == 0
         if is_push or (cfg.push_at_end and epoch == cfg.epochs - 1):
             add("push", epoch)
-            for i in range(cfg.last_layer_iters):
+            for i in range(cfg.last_layer_epochs):
                 add("last", epoch, i)
     return steps
 

@@ -1,10 +1,12 @@
 """Configuration: presets, flags, YAML/JSON files and validation."""
 
+import dataclasses
 import json
 
 import pytest
 
-from protokern.train.config import PRESETS, TrainConfig, build_parser, load_config_file, parse_config, preset_config
+from protokern.train.config import (PRESETS, RENAMED, TrainConfig, build_parser, load_config_file, parse_config,
+                                    preset_config)
 
 
 def test_no_arguments_is_the_demo_preset():
@@ -16,7 +18,7 @@ def test_no_arguments_is_the_demo_preset():
 def test_cub_preset_matches_the_original():
     cfg = preset_config("cub")
     assert (cfg.backbone, cfg.image_size, cfg.prototypes_per_class, cfg.prototype_dim) == ("vgg19", 224, 10, 128)
-    assert (cfg.warm_epochs, cfg.push_start, cfg.push_every, cfg.last_layer_iters) == (5, 10, 10, 20)
+    assert (cfg.warm_epochs, cfg.push_start, cfg.push_every, cfg.last_layer_epochs) == (5, 10, 10, 20)
     assert (cfg.train_batch_size, cfg.test_batch_size, cfg.push_batch_size) == (80, 100, 75)
     assert (cfg.warm_add_on_lr, cfg.warm_prototypes_lr) == (3e-3, 3e-3)
     assert (cfg.joint_features_lr, cfg.joint_add_on_lr, cfg.joint_prototypes_lr) == (1e-4, 3e-3, 3e-3)
@@ -69,6 +71,9 @@ def test_config_file_errors(tmp_path):
     (["--epochs", "0"], "epochs must be an int >= 1"),
     (["--warm-epochs", "9", "--epochs", "3"], "warm_epochs"),
     (["--weight-decay", "-1"], "weight_decay must be >= 0"),
+    (["--val-fraction", "1"], "val_fraction must be in \\[0, 1\\)"),
+    (["--val-fraction", "-0.1"], "val_fraction must be in"),
+    (["--last-layer-epochs", "-1"], "last_layer_epochs must be an int >= 0"),
 ])
 def test_bad_values_are_named(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -84,3 +89,64 @@ def test_every_field_has_a_flag():
     text = build_parser().format_help()
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text
+
+
+def test_every_field_has_its_help_in_the_parser():
+    text = " ".join(build_parser().format_help().split())
+    for f in dataclasses.fields(TrainConfig):
+        help_text = f.metadata.get("help")
+        assert help_text, f"{f.name} has no help"
+        assert " ".join(help_text.split()).replace("%", "%%")[:40].replace("%%", "%") in text, f.name
+
+
+def test_explain_help_does_not_say_when_it_exists():
+    assert "when it exists" not in TrainConfig.__dataclass_fields__["explain"].metadata["help"]
+
+
+def test_val_fraction_defaults_to_a_tenth():
+    assert TrainConfig().val_fraction == 0.1 and preset_config("demo").val_fraction == 0.1
+    cfg, explicit = parse_config(["--val-fraction", "0"])
+    assert cfg.val_fraction == 0.0 and "val_fraction" in explicit
+
+
+@pytest.mark.parametrize("old, new", sorted(RENAMED.items()))
+def test_old_epoch_flag_names_still_work_with_a_warning(old, new):
+    flag = "--" + old.replace("_", "-")
+    with pytest.warns(DeprecationWarning, match=f"{flag} is deprecated.*--{new.replace('_', '-')}"):
+        cfg, explicit = parse_config([flag, "7"])
+    assert getattr(cfg, new) == 7 and new in explicit and old not in explicit
+    assert old not in cfg.to_dict()
+    with pytest.warns(DeprecationWarning):
+        assert getattr(cfg, old) == 7
+    with pytest.warns(DeprecationWarning):
+        setattr(cfg, old, 2)
+    assert getattr(cfg, new) == 2
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_old_names_in_a_config_file(tmp_path, suffix):
+    path = tmp_path / ("c" + suffix)
+    path.write_text(json.dumps({"last-layer-iters": 4, "prune_retrain_iters": 9}))  # JSON is YAML too
+    with pytest.warns(DeprecationWarning) as caught:
+        cfg, _ = parse_config(["--config", str(path)])
+    assert sorted(str(w.message).split(" setting ")[1].split()[0] for w in caught) == sorted(RENAMED)
+    assert (cfg.last_layer_epochs, cfg.prune_retrain_epochs) == (4, 9)
+    with pytest.warns(DeprecationWarning):  # a flag of either name still beats the file
+        cfg, _ = parse_config(["--config", str(path), "--last-layer-epochs", "1"])
+    assert cfg.last_layer_epochs == 1
+
+
+def test_old_and_new_name_together_is_an_error():
+    with pytest.raises(ValueError, match="both 'last_layer_iters' \\(deprecated\\) and 'last_layer_epochs'"):
+        parse_config(["--last-layer-iters", "1", "--last-layer-epochs", "2"])
+
+
+def test_saved_config_of_an_older_checkpoint():
+    saved = preset_config("demo").to_dict()
+    saved["last_layer_iters"] = saved.pop("last_layer_epochs")
+    saved["prune_retrain_iters"] = saved.pop("prune_retrain_epochs")
+    del saved["val_fraction"]  # written before the validation split: it trained on the whole training set
+    with pytest.warns(DeprecationWarning, match="saved config last_layer_iters"):
+        cfg = TrainConfig.from_saved(saved)
+    assert cfg.last_layer_epochs == 3 and cfg.prune_retrain_epochs == 100 and cfg.val_fraction == 0.0
+    assert TrainConfig.from_saved(preset_config("demo").to_dict()) == preset_config("demo")

@@ -127,7 +127,7 @@ def test_prune_flag_prunes_after_the_last_push(tiny_args, tmp_path):
     pruned.pt rebuilds a model whose prototype count matches prune.json."""
     from protokern.explain import model_from_checkpoint
 
-    args = tiny_args + ["--prune", "--prune-k", "4", "--prune-threshold", "2", "--prune-retrain-iters", "2",
+    args = tiny_args + ["--prune", "--prune-k", "4", "--prune-threshold", "2", "--prune-retrain-epochs", "2",
                         "--no-explain"]
     main(args)
     run = tmp_path / "run"
