@@ -1,68 +1,106 @@
-"""Checkpoints: atomic writes, RNG states, and finding the checkpoint of a run directory."""
+"""The trainer's side of checkpoints: RNG states in checkpoint-safe types, the run-directory lock, and the
+clean-up of temporary files a killed write left behind. Reading and writing files is
+:mod:`protokern.checkpoint` (re-exported here)."""
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import os
 import random
-import tempfile
+import warnings
 
 import numpy as np
 import torch
 
-LAST, BEST, INTERRUPTED = "last.pt", "best.pt", "interrupted.pt"
+from protokern.checkpoint import (BEST, INTERRUPTED, LAST, CheckpointError, atomic_save, atomic_write_text,
+                                  find_checkpoint, load_checkpoint, nonfinite_tensors, save_checkpoint)
 
+__all__ = ["BEST", "INTERRUPTED", "LAST", "CheckpointError", "RunDirLocked", "RunLock", "atomic_save",
+           "atomic_write_text", "find_checkpoint", "load_checkpoint", "nonfinite_tensors", "remove_orphan_temps",
+           "rng_state", "save_checkpoint", "set_rng_state"]
 
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: readers never see a
-    partial file, and an interrupted write leaves the previous file intact."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+LOCK_FILE = ".lock"
 
 
 def rng_state() -> dict:
-    """RNG states of torch (CPU and every CUDA device), NumPy and Python's ``random``."""
+    """RNG states of torch (CPU and every CUDA device), NumPy and Python's ``random``, as tensors and plain
+    values only (what ``torch.load(weights_only=True)`` reads back)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": [int(version), list(internal), gauss_next],
     }
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore :func:`rng_state` output (CUDA states only if the device count matches)."""
+    """Restore :func:`rng_state` output (also the first checkpoint format's NumPy tuple); CUDA states only if
+    the device count matches."""
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy = state["numpy"]
+    if isinstance(numpy, dict):
+        numpy = (numpy["kind"], np.asarray(numpy["keys"], dtype=np.uint32), numpy["pos"], numpy["has_gauss"],
+                 numpy["cached_gaussian"])
+    np.random.set_state(numpy)
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
-def find_checkpoint(path: str) -> str:
-    """``path`` if it is a file, else ``path/last.pt``; raise ``FileNotFoundError`` if missing."""
-    candidate = os.path.join(path, LAST) if os.path.isdir(path) else path
-    if not os.path.isfile(candidate):
-        raise FileNotFoundError(f"no checkpoint at {candidate}")
-    return candidate
+class RunDirLocked(RuntimeError):
+    """Another live process holds the run directory."""
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint written by the trainer (a dict; see ``protokern.train.main``)."""
-    path = find_checkpoint(path)
-    # RNG states hold NumPy arrays / Python tuples: trusted files written by this trainer
-    state = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        raise ValueError(f"{path} is not a protokern training checkpoint")
-    return state
+class RunLock:
+    """An exclusive ``fcntl`` lock on ``run_dir/.lock`` for as long as this object is open.
+
+    The file holds the holder's PID; a second process gets :class:`RunDirLocked` naming it. The lock goes
+    with the process (also on SIGKILL), so a stale ``.lock`` file never blocks a later run.
+    """
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, LOCK_FILE)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirLocked(f"run directory {run_dir} is in use by process {holder} (another training or "
+                               f"--resume of it); wait for it to end or pick another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __del__(self):
+        self.release()
+
+
+def remove_orphan_temps(run_dir: str) -> list[str]:
+    """Remove the ``NAME.XXXX.tmp`` files an interrupted atomic write left in ``run_dir`` (call it holding the
+    :class:`RunLock`, so that no live writer owns them); return their paths."""
+    removed = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(run_dir), "*.*.tmp"))):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    if removed:
+        warnings.warn(f"removed {len(removed)} temporary file(s) of an interrupted write: "
+                      f"{', '.join(os.path.basename(p) for p in removed)}", stacklevel=2)
+    return removed
+
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import typing
 import warnings
@@ -20,6 +21,7 @@ from protokern.models import ADD_ONS, BACKBONES
 DATASETS = ("synthetic", "cub", "cars", "folder")
 AMP_MODES = ("none", "bf16", "fp16")
 CROPS = ("bbox", "none")
+NAN_POLICIES = ("stop", "skip")
 
 # old name -> new name (the old ones counted epochs, not iterations)
 RENAMED = {"last_layer_iters": "last_layer_epochs", "prune_retrain_iters": "prune_retrain_epochs"}
@@ -103,7 +105,11 @@ class TrainConfig:
     amp: str = _opt("none", "autocast dtype of the trunk: none, bf16 or fp16")
     channels_last: bool = _opt(False, "channels-last memory format for the trunk")
     compile: bool = _opt(False, "torch.compile the trunk")
-    resume: str | None = _opt(None, "run directory or checkpoint file to continue from")
+    resume: str | None = _opt(None, "run directory or checkpoint file to continue from (RUN or RUN/last.pt; "
+                                    "interrupted.pt holds a mid-step state and is refused)")
+    nan_policy: str = _opt("stop", "on a non-finite training loss: stop (the run ends with an error, "
+                                   "checkpoints untouched) or skip (skip the batch, e.g. with fp16 AMP)")
+    debug: bool = _opt(False, "show the full traceback of errors (default: one line on stderr)")
     push_images: bool = _opt(True, "write prototype PNGs at each push")
     quiet: bool = _opt(False, "no progress bars or per-step lines")
     explain: bool = _opt(True, "after training, write explanations, the prototype gallery and part "
@@ -122,7 +128,11 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"bad config: {message}")
 
+        for f in fields(self):  # inf / nan learning rates, coefficients, magnitudes
+            value = getattr(self, f.name)
+            need(not isinstance(value, float) or math.isfinite(value), f"{f.name} must be finite, got {value!r}")
         need(self.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        need(self.nan_policy in NAN_POLICIES, f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
         need(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         need(self.dataset == "synthetic" or bool(self.data_root),
              f"dataset {self.dataset!r} needs --data-root (the dataset folder)")
@@ -278,14 +288,17 @@ def load_config_file(path: str) -> dict:
     """Read a YAML (``.yaml``/``.yml``) or JSON file of settings (a mapping of field names, ``-`` or ``_``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    if path.endswith(".json"):
-        data = json.loads(text)
-    else:
-        import yaml
+    import yaml
 
-        data = yaml.safe_load(text)
+    kind = "JSON" if path.endswith(".json") else "YAML"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"config file {path} is not a {kind} text file: {error}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -298,7 +311,8 @@ def load_config_file(path: str) -> dict:
     return {k: _coerce(k, v, types[k]) for k, v in data.items()}
 
 
-_CHOICES = {"dataset": DATASETS, "amp": AMP_MODES, "crop": CROPS, "backbone": BACKBONES, "add_on": ADD_ONS}
+_CHOICES = {"dataset": DATASETS, "amp": AMP_MODES, "crop": CROPS, "backbone": BACKBONES, "add_on": ADD_ONS,
+            "nan_policy": NAN_POLICIES}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,196 @@
+"""Checkpoint files: safe loading, atomic writing, and rebuilding a model from a checkpoint.
+
+Used by the trainer (``protokern.train``), explanations (``protokern.explain``) and push records. A checkpoint
+holds only tensors and plain values (dicts, lists, tuples, str, int, float, bool, None, torch dtypes and
+devices), so it is always read with ``torch.load(weights_only=True)``: a file holding anything else (a pickled
+object whose loading could run code) is refused with :class:`CheckpointError` before any of it is built.
+Checkpoints of the first format (NumPy RNG state stored as a NumPy array) still load: the three NumPy globals
+that an array needs are allowed for them, and nothing else.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import tempfile
+import zipfile
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+__all__ = ["BEST", "CheckpointError", "FORMAT", "INTERRUPTED", "LAST", "atomic_save", "atomic_write_text",
+           "check_safe_types", "find_checkpoint", "load_checkpoint", "model_from_checkpoint", "nonfinite_tensors",
+           "safe_load", "save_checkpoint"]
+
+LAST, BEST, INTERRUPTED = "last.pt", "best.pt", "interrupted.pt"
+FORMAT = 2  # 1: NumPy RNG state as a NumPy array (needs an allowlist); 2: tensors and plain values only
+
+_PLAIN = (torch.Tensor, str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+# what a format-1 checkpoint needs beyond tensors and plain values: NumPy's uint32 RNG key array
+_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+try:  # NumPy 2 names it numpy._core.multiarray._reconstruct, NumPy 1 numpy.core.multiarray._reconstruct
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # pragma: no cover - NumPy 1
+    from numpy.core.multiarray import _reconstruct
+_NUMPY_ARRAY_GLOBALS.append(_reconstruct)
+_NUMPY_ARRAY_NAMES = {"numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray",
+                      "numpy.dtype", "numpy.dtypes.UInt32DType"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: missing pieces, corrupt, unsafe, or not a checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def _atomic_write(path: str, write, mode: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+            kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else \
+                f"no {os.path.basename(path)} was written"
+            reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+            raise OSError(error.errno, f"could not write {path} ({reason}); {kept}") from error
+        raise
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: readers never see a
+    partial file, and an interrupted or failed write (disk full: an ``OSError`` naming ``path``) leaves the
+    previous file intact."""
+    _atomic_write(path, lambda fh: torch.save(obj, fh), "wb")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`atomic_save`."""
+    _atomic_write(path, lambda fh: fh.write(text), "w")
+
+
+def check_safe_types(obj, where: str = "checkpoint") -> None:
+    """Raise ``TypeError`` naming the first value of ``obj`` that ``torch.load(weights_only=True)`` would
+    refuse (anything but tensors, str, int, float, bool, None, torch dtypes / devices / sizes, and dicts,
+    lists and tuples of those)."""
+    if isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, (dict, OrderedDict)):
+        for key, value in obj.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}; checkpoints take str / int keys")
+            check_safe_types(value, f"{where}[{key!r}]")
+        return
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        for i, value in enumerate(obj):
+            check_safe_types(value, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; a checkpoint holds only "
+                    "tensors and plain values (weights_only loading refuses anything else)")
+
+
+def nonfinite_tensors(obj, where: str = "") -> list[str]:
+    """Paths (``[key][i]...``) of the floating-point tensors in ``obj`` holding NaN or +-inf."""
+    if isinstance(obj, torch.Tensor):
+        bad = obj.is_floating_point() and not bool(torch.isfinite(obj).all())
+        return [where or "tensor"] if bad else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [path for key, value in items for path in nonfinite_tensors(value, f"{where}[{key!r}]")]
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Check that ``state`` holds only safe types (:func:`check_safe_types`), mark it with :data:`FORMAT` and
+    write it atomically (:func:`atomic_save`)."""
+    check_safe_types(state)
+    atomic_save({**state, "format": FORMAT}, path)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def find_checkpoint(path: str, default: str = LAST) -> str:
+    """``path`` if it is a file, else ``path/<default>``; raise ``FileNotFoundError`` if missing."""
+    candidate = os.path.join(path, default) if os.path.isdir(path) else path
+    if not os.path.isfile(candidate):
+        raise FileNotFoundError(f"no checkpoint at {candidate}")
+    return candidate
+
+
+def _unsafe_globals(path: str) -> list[str] | None:
+    """The globals a zip checkpoint's pickle names beyond the weights_only allowlist (read, never run)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - not a zip checkpoint, or unreadable: treated as unknown
+        return None
+
+
+def safe_load(path: str, map_location="cpu", what: str = "checkpoint"):
+    """``torch.load(path, weights_only=True)`` with one-line errors (:class:`CheckpointError`) for empty,
+    truncated, corrupt and unsafe files. Format-1 checkpoints (a NumPy array inside) load with NumPy's array
+    globals allowed, nothing more."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {what} at {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty, not a {what} (a write that never finished?)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        unsafe = _unsafe_globals(path)
+        if unsafe and set(unsafe) <= _NUMPY_ARRAY_NAMES:  # format 1: NumPy RNG state
+            with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        named = ", ".join(unsafe) if unsafe else str(error).strip().splitlines()[-1][:200]
+        raise CheckpointError(f"refused to load {path}: it holds objects other than tensors and plain values "
+                              f"({named}); loading them could run code, so protokern loads only weights_only "
+                              f"files. Re-save the tensors you trust with torch.save(state_dict)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            raise
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise CheckpointError(f"{path} is not a readable {what} (truncated or corrupt?): {first}") from None
+
+
+def load_checkpoint(path: str, map_location="cpu", default: str = LAST) -> dict:
+    """Load a protokern checkpoint (a run folder means ``folder/<default>``) safely (:func:`safe_load`);
+    raise :class:`CheckpointError` if it is not one."""
+    path = find_checkpoint(path, default)
+    state = safe_load(path, map_location)
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointError(f"{path} is not a protokern training checkpoint (no 'model' and 'step' entries)")
+    if state.get("format", 1) > FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {state['format']}, newer than this protokern "
+                              f"({FORMAT}): upgrade protokern")
+    return state
+
+
+def model_from_checkpoint(path: str, device=None):
+    """Rebuild a trained ``ProtoPNet`` from a trainer checkpoint (``RUN/best.pt``, or a run folder: its best.pt).
+
+    Returns ``(model in eval mode, push records or None, the checkpoint dict)``. The model is rebuilt with
+    ``ProtoPNet.from_config(checkpoint["model_config"])`` and loaded from ``checkpoint["model"]``; a checkpoint
+    that does not fit its config raises :class:`CheckpointError`.
+    """
+    from protokern.models import ProtoPNet
+    from protokern.push import PushRecords
+
+    default = BEST if os.path.isdir(path) and os.path.isfile(os.path.join(path, BEST)) else LAST
+    state = load_checkpoint(path, default=default)
+    if not isinstance(state.get("model_config"), dict):
+        raise CheckpointError(f"{path}: checkpoint has no 'model_config' to rebuild the model from")
+    try:
+        model = ProtoPNet.from_config(state["model_config"])
+        model.load_state_dict(state["model"])
+        records = PushRecords.from_dict(state["push_records"]) if state.get("push_records") else None
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0][:300]
+        raise CheckpointError(f"{path}: the weights do not fit the saved model config ({first})") from None
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, records, state
