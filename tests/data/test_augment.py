@@ -1,11 +1,12 @@
-"""GpuAugment: batched projective warps, flip semantics, eval identity, reproducibility."""
+"""GpuAugment: batched projective warps, flip semantics, eval identity, reproducibility; the geometry of the
+original's one-of rotate / skew / shear (zoomed, no border) and of the compose mode."""
 import math
 
 import pytest
 import torch
 
 from protokern.data import GpuAugment
-from protokern.data.augment import square_to_quad
+from protokern.data.augment import OPS, square_to_quad
 
 
 def batch(b=16, h=24, w=24, dtype=torch.float32, device="cpu"):
@@ -45,7 +46,7 @@ def test_flip_only_matches_torch_flip():
 
 
 def test_rotation_keeps_centre_pixel():
-    aug = GpuAugment(rotate=15, skew=0, shear=0, flip=0, generator=torch.Generator().manual_seed(2))
+    aug = GpuAugment(rotate=15, skew=0, shear=0, flip=0, generator=torch.Generator().manual_seed(2), mode="compose")
     x = batch(8, 33, 33)
     y = aug(x)
     assert torch.allclose(y[..., 16, 16], x[..., 16, 16], atol=1e-5)
@@ -88,7 +89,7 @@ def test_reproducible_with_generator():
 def test_non_square_rotation_is_rigid():
     """In pixel units a rotation-only matrix is orthogonal, also for H != W."""
     h, w = 20, 50
-    m = GpuAugment(rotate=15, skew=0, shear=0, flip=0).sample_matrices(16, h, w)
+    m = GpuAugment(rotate=15, skew=0, shear=0, flip=0, mode="compose").sample_matrices(16, h, w)
     d = torch.diag(torch.tensor([w / 2, h / 2, 1.0]))
     r = d @ m @ torch.linalg.inv(d)
     assert torch.allclose(r[:, :2, :2] @ r[:, :2, :2].transpose(1, 2), torch.eye(2).expand(16, 2, 2), atol=1e-5)
@@ -99,11 +100,143 @@ def test_bad_input():
         GpuAugment(skew=0.7)
     with pytest.raises(ValueError):
         GpuAugment(padding="wrap")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        GpuAugment(mode="augmentor")
+    with pytest.raises(ValueError, match="shear < 45"):
+        GpuAugment(shear=50)
+    assert GpuAugment(shear=50, mode="compose").shear == 50
     aug = GpuAugment()
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         aug(torch.rand(3, 8, 8))
     with pytest.raises(TypeError):
         aug(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------- original mode
+FRAME = torch.tensor([[-1.0, -1.0, 1.0], [1.0, -1.0, 1.0], [1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]])
+
+
+def frame_image(m):
+    """Where the output frame's corners sample the input: (B, 4, 2) normalised coordinates."""
+    src = torch.einsum("bij,kj->bki", m.double(), FRAME.double())
+    return src[..., :2] / src[..., 2:]
+
+
+def pixel_units(m, h, w):
+    d = torch.diag(torch.tensor([w / 2, h / 2, 1.0], dtype=torch.float64))
+    return d @ m.double() @ torch.linalg.inv(d)
+
+
+def assert_inside_and_tight(m):
+    """The frame samples only inside the image ([-1, 1]^2: no padded border) and touches its edge (a zoom as
+    small as the crop allows, not a needless one)."""
+    corners = frame_image(m)
+    reach = corners.abs().flatten(1).amax(1)
+    assert reach.max() <= 1 + 1e-5
+    assert reach.min() >= 1 - 1e-5
+
+
+def whole_degrees(radians, limit):
+    degrees = torch.rad2deg(radians)
+    assert torch.allclose(degrees, degrees.round(), atol=1e-3)
+    assert degrees.abs().max() <= limit + 1e-3
+    return degrees.round().long()
+
+
+def test_original_is_one_of_with_flip():
+    aug = GpuAugment()
+    assert aug.mode == "original"
+    m, ops = aug.sample(6000, 32, 32, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(ops, minlength=3)
+    assert ops.min() >= 0 and len(counts) == 3 and ((counts / 6000 - 1 / 3).abs() < 0.03).all()
+    assert abs((m[:, 0, 0] * m[:, 1, 1] < 0).float().mean() - 0.5) < 0.03  # the flip, independent of the op
+    _, ops = GpuAugment(rotate=0).sample(500, 32, 32)
+    assert set(ops.tolist()) == {OPS.index("skew"), OPS.index("shear")}  # disabled transforms are never picked
+
+
+@pytest.mark.parametrize("h, w", [(32, 32), (20, 50)])
+def test_original_rotate_whole_degrees_cropped_to_largest_rectangle(h, w):
+    aug = GpuAugment(rotate=15, skew=0, shear=0, flip=0)
+    m, ops = aug.sample(3000, h, w, generator=torch.Generator().manual_seed(1))
+    assert (ops == OPS.index("rotate")).all()
+    a = pixel_units(m, h, w)
+    angle = torch.atan2(a[:, 1, 0], a[:, 0, 0])
+    degrees = whole_degrees(angle, 15)
+    assert set(degrees.tolist()) == set(range(-15, 16))
+    zoom = torch.linalg.det(a[:, :2, :2]).sqrt()  # rotation times a zoom onto the inner rectangle
+    rotation = a[:, :2, :2] / zoom[:, None, None]
+    assert torch.allclose(rotation @ rotation.transpose(1, 2), torch.eye(2, dtype=torch.float64).expand(3000, 2, 2),
+                          atol=1e-6)
+    assert torch.allclose(a[:, :2, 2], torch.zeros(3000, 2, dtype=torch.float64), atol=1e-6)  # centred
+    if h == w:  # a square's largest inner square after rotating by a has side 1 / (cos a + sin |a|)
+        expected = 1 / (angle.cos() + angle.sin().abs())
+        assert torch.allclose(zoom, expected, atol=1e-5)
+    assert_inside_and_tight(m)
+
+
+def test_original_shear_whole_degrees_cropped_and_resized():
+    h, w = 30, 40
+    aug = GpuAugment(rotate=0, skew=0, shear=10, flip=0)
+    m, ops = aug.sample(2000, h, w, generator=torch.Generator().manual_seed(2))
+    assert (ops == OPS.index("shear")).all()
+    a = pixel_units(m, h, w)
+    along_x = a[:, 0, 1].abs() > 1e-9
+    along_y = a[:, 1, 0].abs() > 1e-9
+    assert not (along_x & along_y).any() and 0.4 < along_x.float().mean() < 0.6
+    tan = torch.where(along_x, a[:, 0, 1], a[:, 1, 0])
+    assert set(whole_degrees(torch.atan(tan), 10).tolist()) == set(range(-10, 11))
+    # x shear: rows stay, columns squeezed to the band's covered width W - |tan| H, stretched back to W
+    x, y = along_x, along_y
+    assert torch.allclose(a[x, 0, 0], 1 - tan[x].abs() * h / w) and torch.allclose(a[x, 1, 1], torch.ones(1).double())
+    assert torch.allclose(a[y, 1, 1], 1 - tan[y].abs() * w / h) and torch.allclose(a[y, 0, 0], torch.ones(1).double())
+    assert torch.allclose(a[:, :2, 2], torch.zeros(2000, 2, dtype=torch.float64), atol=1e-6)
+    assert_inside_and_tight(m[tan.abs() > 1e-6])
+    assert torch.allclose(m[tan.abs() <= 1e-6], torch.eye(3).expand(int((tan.abs() <= 1e-6).sum()), 3, 3))
+
+
+def test_original_skew_pushes_one_or_two_corners_outward():
+    side = 50
+    aug = GpuAugment(rotate=0, skew=0.2, shear=0, flip=0)
+    m, ops = aug.sample(4000, side, side, generator=torch.Generator().manual_seed(3))
+    assert (ops == OPS.index("skew")).all()
+    # the quad the image's corners land on: the preimage of the image corners under output -> input
+    quad = frame_image(torch.linalg.inv(m.double()))
+    move = quad - FRAME[:, :2].double()
+    pixels = move.abs() * side / 2
+    moved = pixels > 1e-4
+    assert ((move * FRAME[:, :2].double()) >= -1e-6).all()  # outward only
+    assert torch.allclose(pixels[moved], pixels[moved].round(), atol=1e-3)  # whole pixels
+    assert pixels.max() <= math.ceil(0.2 * side) + 1e-3 and pixels[moved].min() >= 1 - 1e-3
+    count = moved.flatten(1).sum(1)
+    assert set(count.tolist()) == {1, 2} and abs((count == 2).float().mean() - 0.75) < 0.03
+    two = moved[count == 2]
+    axis = two.any(1).float().argmax(1)  # both moves along one axis, by the same amount, on one side
+    corners = two.any(2)
+    assert (two.sum(1).max(1).values == 2).all()
+    sides = {0: [(0, 1), (2, 3)], 1: [(0, 3), (1, 2)]}  # moves along x: top or bottom side; along y: left or right
+    for a, c in zip(axis.tolist(), corners.tolist()):
+        assert tuple(i for i in range(4) if c[i]) in sides[a]
+    amounts = pixels[count == 2].flatten(1)
+    nonzero = amounts[amounts > 1e-4].view(-1, 2)
+    assert torch.allclose(nonzero[:, 0], nonzero[:, 1], atol=1e-3)
+    assert (frame_image(m).abs() <= 1 + 1e-5).all()  # the frame lies inside the quad: a zoom, no border
+
+
+def test_original_never_shows_a_padded_border():
+    ones = torch.ones(256, 3, 40, 40)
+    g = torch.Generator().manual_seed(4)
+    y = GpuAugment(padding="zeros")(ones, generator=g)
+    assert y.min() > 0.2 and y.mean() > 0.995  # at most half a pixel of padding mixes in, at the very edge
+    composed = GpuAugment(padding="zeros", mode="compose")(ones, generator=torch.Generator().manual_seed(4))
+    assert composed.min() < 0.05  # the composition shows a border (filled by padding)
+
+
+def test_compose_mode_matches_its_old_stream():
+    """The compose mode draws its numbers as before (the demo preset's flips-only runs are unchanged)."""
+    aug = GpuAugment(rotate=0, skew=0, shear=0, flip=0.5, mode="compose")
+    u = torch.rand(16, 12, generator=torch.Generator().manual_seed(9))
+    m = aug.sample_matrices(16, 8, 8, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(m[:, 0, 0] < 0, u[:, 3] < 0.5)
 
 
 @pytest.mark.gpu
