@@ -26,3 +26,39 @@ def check_items(ds, size: int) -> None:
         x, y = ds[i]
         assert x.shape == (3, size, size) and x.dtype == torch.float32 and y == ds.targets[i]
         assert 0 <= x.min() and x.max() <= 1
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` 1-bit pixels and holds no pixel data (a decompression-bomb stand-in)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def write_bad_images(folder) -> dict[str, str]:
+    """Write one file of each undecodable kind into ``folder``; returns ``{kind: file name}``.
+
+    Kinds: a JPEG cut in half, garbage after a JPEG signature, a text file named .jpg, and PNG headers declaring
+    20000x20000 (over twice PIL's limit: an error there) and 10000x10000 pixels (over it: a warning there).
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(buf, "JPEG")
+    files = {"truncated": ("cut.jpg", buf.getvalue()[: len(buf.getvalue()) // 2]),
+             "garbage": ("garbage.jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4),
+             "text": ("text.jpg", b"not an image at all\n"),
+             "bomb": ("bomb.png", png_header_only(20000, 20000)),
+             "big": ("big.png", png_header_only(10000, 10000))}
+    for name, data in files.values():
+        (folder / name).write_bytes(data)
+    return {kind: name for kind, (name, _) in files.items()}

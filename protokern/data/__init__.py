@@ -4,6 +4,7 @@ Every dataset returns ``(image, label)`` with ``image`` a float32 (3, S, S) tens
 unnormalised; normalise batches with :func:`imagenet_normalize` on the training device.
 """
 from .augment import GpuAugment
+from .cache import CACHE_MODES, BadImageWarning, CachedBatches, ImageView, prepare_images
 from .cars import StanfordCars
 from .cub import CUB200
 from .folder import ImageFolderDataset
@@ -14,6 +15,7 @@ from .transforms import (
     IMAGENET_STD,
     imagenet_denormalize,
     imagenet_normalize,
+    BadImageError,
     load_image,
     open_rgb,
     to_rgb,
@@ -26,6 +28,12 @@ __all__ = [
     "ImageFolderDataset",
     "GpuAugment",
     "make_loader",
+    "prepare_images",
+    "ImageView",
+    "CachedBatches",
+    "CACHE_MODES",
+    "BadImageError",
+    "BadImageWarning",
     "imagenet_normalize",
     "imagenet_denormalize",
     "load_image",

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .transforms import load_image, map_boxes, output_mapping
+from .transforms import BadImageError, load_image_uint8, map_boxes, output_mapping, uint8_to_float
 
 CROPS = ("bbox", "none")
 
@@ -83,12 +83,18 @@ class BoxedImages(Dataset):
     def _crop_box(self, index: int):
         return self.source_boxes[index].tolist() if self.crop == "bbox" else None
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def decode(self, index: int) -> torch.Tensor:
+        """Image ``index`` as uint8 (3, S, S) (``self[index][0] == decode(index) / 255``); errors name the file."""
         try:
-            image, _ = load_image(self.paths[index], self.image_size, self._crop_box(index))
+            image, _ = load_image_uint8(self.paths[index], self.image_size, self._crop_box(index))
+        except BadImageError:
+            raise
         except ValueError as err:
             raise ValueError(f"{self.paths[index]}: {err}") from None
-        return image, self.targets[index]
+        return image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return uint8_to_float(self.decode(index)), self.targets[index]
 
     def source_size(self, index: int) -> tuple[int, int]:
         """(width, height) of the source image file (header read, cached)."""

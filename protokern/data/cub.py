@@ -11,12 +11,15 @@ Expected files, under ``root/CUB_200_2011/`` or ``root`` itself::
     parts/parts.txt          <part_id> <part name>                    (optional)
     images/<relative path>
 
-Box and part coordinates are read as continuous pixel coordinates of the source image.
+Box and part coordinates are read as continuous pixel coordinates of the source image. An images.txt
+path that leads outside ``images/`` (absolute, or through ``..``) is an error; image ids that other
+files list (or that leave a gap in 1..max id) but images.txt lacks are left out with one warning.
 """
 from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import torch
 
@@ -46,6 +49,26 @@ def _by_id(path: str, fields: int) -> dict[int, tuple[int, list[str]]]:
             raise ValueError(f"{path}:{lineno}: duplicate id {key}")
         out[key] = (lineno, parts[1:])
     return out
+
+
+def _inside(folder: str, rel: str, where: str) -> str:
+    """``folder/rel``, or ValueError naming ``where`` when ``rel`` leads outside ``folder`` (judged on the
+    path as written: symbolic links inside the folder may point anywhere)."""
+    path = os.path.normpath(os.path.join(folder, rel))
+    if os.path.isabs(rel) or os.path.commonpath([path, os.path.normpath(folder)]) != os.path.normpath(folder):
+        raise ValueError(f"{where}: image path {rel!r} leads outside {folder}")
+    return path
+
+
+def _warn_missing_ids(images_txt: str, images: dict, names: dict[str, str], tables) -> None:
+    """One warning listing the ids absent from images.txt that another table lists or that leave a gap."""
+    known = set().union(*tables)
+    expected = known | set(range(1, max(images, default=0) + 1))
+    missing = sorted(expected - set(images))
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        warnings.warn(f"{images_txt}: no line for image id(s) {shown} (listed in {', '.join(names)} or a gap in "
+                      f"the ids); those images are left out", stacklevel=3)
 
 
 class CUB200(BoxedImages):
@@ -79,9 +102,12 @@ class CUB200(BoxedImages):
         is_train = _by_id(f["train_test_split.txt"], 2)
         bboxes = _by_id(f["bounding_boxes.txt"], 5)
 
+        _warn_missing_ids(f["images.txt"], images, {name: f[name] for name in _REQUIRED[1:4]},
+                          (labels, is_train, bboxes))
+        image_dir = os.path.join(base, "images")
         want = 1 if split == "train" else 0
         ids, paths, targets, boxes = [], [], [], []
-        for image_id, (_, (rel,)) in sorted(images.items()):
+        for image_id, (image_line, (rel,)) in sorted(images.items()):
             for name, table in (("image_class_labels.txt", labels), ("train_test_split.txt", is_train),
                                 ("bounding_boxes.txt", bboxes)):
                 if image_id not in table:
@@ -97,7 +123,7 @@ class CUB200(BoxedImages):
             lineno, xywh = bboxes[image_id]
             x, y, w, h = (parse_number(f["bounding_boxes.txt"], lineno, v) for v in xywh)
             ids.append(image_id)
-            paths.append(os.path.join(base, "images", rel))
+            paths.append(_inside(image_dir, rel, f"{f['images.txt']}:{image_line}"))
             targets.append(class_index[cid])
             boxes.append((x, y, x + w, y + h))
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
-from .transforms import load_image
+from .transforms import load_image_uint8, uint8_to_float
 
 __all__ = ["ImageFolderDataset"]
 
@@ -20,7 +21,8 @@ class ImageFolderDataset(Dataset):
         image_size: side S of the returned (3, S, S) float32 images in [0, 1] (whole image resized).
 
     Attributes: ``classes``, ``class_to_idx``, ``targets`` (0-based labels), ``samples``
-    ((path, label) pairs), ``paths``.
+    ((path, label) pairs), ``paths``, ``unsupported`` (files under the class folders that are not
+    images by their extension; left out and listed in one warning).
     """
 
     def __init__(self, root: str, image_size: int = 224):
@@ -37,14 +39,31 @@ class ImageFolderDataset(Dataset):
         self.samples = list(index.samples)
         self.paths = [p for p, _ in self.samples]
         self.targets = [t for _, t in self.samples]
+        self.unsupported = _unsupported_files(root, self.classes, set(self.paths))
+        if self.unsupported:
+            shown = ", ".join(self.unsupported[:10])
+            more = f" and {len(self.unsupported) - 10} more" if len(self.unsupported) > 10 else ""
+            warnings.warn(f"{root}: {len(self.unsupported)} file(s) without an image extension left out: "
+                          f"{shown}{more}", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def decode(self, index: int) -> torch.Tensor:
+        """Image ``index`` as uint8 (3, S, S) (``self[index][0] == decode(index) / 255``); errors name the file."""
+        return load_image_uint8(self.paths[index], self.image_size)[0]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        image, _ = load_image(path, self.image_size)
-        return image, label
+        return uint8_to_float(self.decode(index)), self.targets[index]
 
     def __repr__(self) -> str:
         return f"ImageFolderDataset(root={self.root!r}, image_size={self.image_size}, n={len(self)})"
+
+
+def _unsupported_files(root: str, classes: list[str], images: set[str]) -> list[str]:
+    """Files under ``root/<class>/`` (walked as torchvision does) that are not in ``images``, sorted."""
+    out = []
+    for name in classes:
+        for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            out.extend(path for path in (os.path.join(folder, f) for f in sorted(files)) if path not in images)
+    return out

@@ -33,13 +33,20 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
             ``loader.sampler.set_epoch(epoch)`` each epoch so shuffling changes between epochs.
         seed: seed of the shuffling order.
 
-    Memory is pinned when CUDA is available; workers persist across epochs when there are any.
+    Memory is pinned when CUDA is available; workers persist across epochs when there are any. Over a
+    cached :class:`~protokern.data.cache.ImageView` (also under Subset / WithIndex wrappers) items are
+    gathered in this process (no workers): they are already decoded, and a GPU cache cannot cross processes.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     workers = default_num_workers() if num_workers is None else int(num_workers)
     if workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    from .cache import find_view  # cache.py builds on this module
+
+    view = find_view(dataset)
+    if view is not None and view.cached:
+        workers = 0
     sampler, generator = None, None
     if distributed:
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -15,6 +16,8 @@ import torch
 from PIL import Image
 
 __all__ = [
+    "BadImageError",
+    "MAX_IMAGE_PIXELS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "to_rgb",
@@ -23,6 +26,8 @@ __all__ = [
     "crop_box_pixels",
     "output_mapping",
     "load_image",
+    "load_image_uint8",
+    "uint8_to_float",
     "map_boxes",
     "imagenet_normalize",
     "imagenet_denormalize",
@@ -33,6 +38,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Background that transparent pixels are composited onto.
 _WHITE = (255, 255, 255)
+
+# Images with more pixels are refused as possible decompression bombs: PIL's own warning threshold
+# (about 89 megapixels, 256 MiB decoded as RGB); a CUB image has about 0.2.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded (garbage, truncated, a decompression bomb); ``path`` names it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -65,13 +82,28 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file and return it as RGB (see :func:`to_rgb`); clear error if missing."""
+    """Open an image file and return it as RGB (see :func:`to_rgb`).
+
+    A missing file raises FileNotFoundError; a file PIL cannot decode (garbage, truncated) or with more
+    than :data:`MAX_IMAGE_PIXELS` pixels raises :class:`BadImageError`; both name the file.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
-    with Image.open(path) as img:
-        img.load()
-        return to_rgb(img)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                pixels = img.width * img.height
+                if pixels > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{img.width}x{img.height} = {pixels} pixels")
+                img.load()
+                return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadImageError(path, f"refused as a possible decompression bomb ({err}; the limit is "
+                                  f"protokern.data.transforms.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS})") from None
+    except Exception as err:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise BadImageError(path, f"cannot decode image ({type(err).__name__}: {err})") from err
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -112,6 +144,23 @@ def output_mapping(width: int, height: int, image_size: int | None,
     return float(ox), float(oy), image_size / cw, image_size / ch
 
 
+def load_image_uint8(
+    path: str | os.PathLike,
+    image_size: int | None = None,
+    crop: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
+    """:func:`load_image` before the conversion to float: a uint8 (3, S, S) tensor and the mapping."""
+    if image_size is not None and int(image_size) <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    img = open_rgb(path)
+    mapping = output_mapping(img.width, img.height, image_size, crop)
+    if crop is not None:
+        img = img.crop(crop_box_pixels(crop, img.width, img.height))
+    if image_size is not None and img.size != (image_size, image_size):
+        img = img.resize((int(image_size), int(image_size)), Image.BILINEAR)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous(), mapping
+
+
 def load_image(
     path: str | os.PathLike,
     image_size: int | None = None,
@@ -126,17 +175,15 @@ def load_image(
 
     Returns:
         ``(image, mapping)`` with ``mapping = (ox, oy, sx, sy)`` from :func:`output_mapping`
-        (apply it to boxes with :func:`map_boxes`).
+        (apply it to boxes with :func:`map_boxes`). Errors as :func:`open_rgb`.
     """
-    if image_size is not None and int(image_size) <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    img = open_rgb(path)
-    mapping = output_mapping(img.width, img.height, image_size, crop)
-    if crop is not None:
-        img = img.crop(crop_box_pixels(crop, img.width, img.height))
-    if image_size is not None and img.size != (image_size, image_size):
-        img = img.resize((int(image_size), int(image_size)), Image.BILINEAR)
-    return pil_to_tensor(img), mapping
+    image, mapping = load_image_uint8(path, image_size, crop)
+    return uint8_to_float(image), mapping
+
+
+def uint8_to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any shape, any device) -> float32 in [0, 1] (``x / 255``), the datasets' convention."""
+    return images.float().div_(255.0)
 
 
 def map_boxes(boxes: torch.Tensor, mapping: tuple[float, float, float, float]) -> torch.Tensor:
