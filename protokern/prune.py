@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from protokern.ops import nearest_patches
-from protokern.push import PushRecords, _image_order
+from protokern.push import PushRecords
+from protokern.utils import image_order
 
 __all__ = ["Neighbours", "nearest_training_patches", "prune_prototypes", "retrain_last_layer", "select_records"]
 
@@ -90,7 +91,7 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     device = _device(model, device)
-    order, dataset = _image_order(loader)
+    order, dataset = image_order(loader)
     prototypes = model.prototype_layer.prototypes.detach().to(device).float()
     num = prototypes.shape[0]
     best_d = torch.empty(num, 0, device=device)

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
 from protokern.ops import nearest_patches
+from protokern.utils import eval_mode, image_order, progress as progress_bar
 
 __all__ = ["PushRecords", "push_prototypes", "activation_boxes"]
 
@@ -101,8 +101,14 @@ class PushRecords:
 
     @classmethod
     def load(cls, path: str) -> PushRecords:
-        """Read records written by :meth:`save`."""
-        return cls.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+        """Read records written by :meth:`save` (``torch.load(weights_only=True)``: a file holding anything but
+        tensors and plain values is refused with ``protokern.checkpoint.CheckpointError``)."""
+        from protokern.checkpoint import CheckpointError, safe_load
+
+        data = safe_load(path, what="push records file")
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} is not a push records file (it holds a {type(data).__name__})")
+        return cls.from_dict(data)
 
     def wait_images(self) -> None:
         """Block until the background PNG writing of this push has finished (re-raises its errors)."""
@@ -117,26 +123,6 @@ _TENSOR_FIELDS = ("image_index", "prototype_class", "patch", "min_distance", "rf
 # ---------------------------------------------------------------------------------------------- indices
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _image_order(loader) -> tuple[Tensor | None, object | None]:
-    """(dataset indices of the loader's samples in order, base dataset) for a DataLoader; (None, None) else.
-
-    Subsets are mapped to the indices of their underlying dataset.
-    """
-    if not isinstance(loader, DataLoader):
-        return None, None
-    sampler = loader.sampler
-    if isinstance(sampler, RandomSampler) or (isinstance(sampler, DistributedSampler) and sampler.shuffle):
-        raise ValueError("push needs a loader in a fixed order: build it with shuffle=False")
-    if loader.batch_sampler is not None and not hasattr(loader.batch_sampler, "sampler"):
-        raise ValueError("push cannot map a custom batch_sampler to image indices; use a plain loader")
-    order = torch.as_tensor(list(iter(sampler)), dtype=torch.int64)
-    dataset = loader.dataset
-    while isinstance(dataset, Subset):
-        order = torch.as_tensor(dataset.indices, dtype=torch.int64)[order]
-        dataset = dataset.dataset
-    return order, dataset
 
 
 # ---------------------------------------------------------------------------------------------- boxes
@@ -206,7 +192,7 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
 
-    order, dataset = _image_order(loader)
+    order, dataset = image_order(loader)
     best_d = torch.full((num_protos,), math.inf, device=device)
     best_idx = torch.full((num_protos,), -1, dtype=torch.int64, device=device)
     best_patch = torch.full((num_protos,), -1, dtype=torch.int64, device=device)
@@ -216,13 +202,9 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
     nan_count = torch.zeros((), dtype=torch.int64, device=device)
     arange_p = torch.arange(num_protos, device=device)
 
-    was_training = net.training
-    net.eval()
     position = 0
-    try:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(loader, desc="push", disable=not progress or rank != 0, leave=False, dynamic_ncols=True)
+    with eval_mode(net):
+        bar = progress_bar(loader, "push", progress and rank == 0)
         for images, labels in bar:
             images = images.to(device, non_blocking=True)
             labels = torch.as_tensor(labels).to(device, non_blocking=True)
@@ -268,8 +250,6 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
             best_patch = torch.where(better, batch_patch, best_patch)
             best_feat = torch.where(better[:, None], feat, best_feat)
             best_map = torch.where(better[:, None], self_map, best_map)
-    finally:
-        net.train(was_training)
 
     if feature_size is None:
         raise ValueError("push: the loader yielded no images")

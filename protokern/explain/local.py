@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,11 +20,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from protokern.checkpoint import model_from_checkpoint
 from protokern.explain import render
 from protokern.ops import prototype_distances
 from protokern.push import PushRecords, activation_boxes
+from protokern.utils import eval_mode
 
 __all__ = ["Explanation", "PrototypeEvidence", "explain_image", "load_image_tensor", "model_from_checkpoint"]
+_PANEL = re.compile(r"rank\d{2,}_prototype\d+\.png")  # the per-prototype files of Explanation.save
 
 Box = tuple[int, int, int, int]
 
@@ -135,6 +139,9 @@ class Explanation:
         enlarged (nearest neighbour) to at least ``min_side`` pixels. Returns the path of ``index.html``.
         """
         os.makedirs(out_dir, exist_ok=True)
+        for name in os.listdir(out_dir):  # the panels of an earlier explanation saved here (other top-k) go
+            if _PANEL.fullmatch(name):
+                os.remove(os.path.join(out_dir, name))
         image = render.to_uint8(self.image)
         render.save_png(render.upscale(image, min_side), os.path.join(out_dir, "image.png"))
         for e in self.top:
@@ -303,15 +310,12 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
 
     from protokern.data import imagenet_normalize
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         batch = imagenet_normalize(x[None].to(device))
-        logits, min_distances, similarity = model.forward_with_similarity(batch)
-        z = model.conv_features(batch).float()
+        z = model.conv_features(batch)  # the trunk runs once per image
+        logits, min_distances, similarity = model.classify_features(z)
+        z = z.float()
         distances = prototype_distances(z, prototypes.detach().float())[0]  # (P, H, W)
-    finally:
-        model.train(was_training)
     logits, min_distances, similarity = logits[0].cpu(), min_distances[0].cpu(), similarity[0].cpu()
     weights = model.last_layer.weight.detach().float().cpu()
     predicted = int(logits.argmax())
@@ -355,27 +359,3 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
     return Explanation(image=x, logits=logits, predicted_class=predicted, class_idx=c, similarity=similarity,
                        min_distances=min_distances, weights=weights, prototype_classes=classes, top=evidence,
                        class_names=list(class_names) if class_names is not None else None)
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-def model_from_checkpoint(path: str, device=None) -> tuple[nn.Module, PushRecords | None, dict]:
-    """Rebuild a trained ``ProtoPNet`` from a trainer checkpoint (``RUN/best.pt``, or a run folder).
-
-    Returns ``(model in eval mode, push records or None, the checkpoint dict)``. The model is rebuilt with
-    ``ProtoPNet.from_config(checkpoint["model_config"])`` and loaded from ``checkpoint["model"]``.
-    """
-    from protokern.models import ProtoPNet
-    from protokern.train.checkpoint import BEST, load_checkpoint
-
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, BEST)):
-        path = os.path.join(path, BEST)
-    state = load_checkpoint(path)
-    if "model_config" not in state:
-        raise ValueError(f"{path}: checkpoint has no 'model_config' to rebuild the model from")
-    model = ProtoPNet.from_config(state["model_config"])
-    model.load_state_dict(state["model"])
-    model.eval()
-    if device is not None:
-        model.to(device)
-    records = state.get("push_records")
-    return model, PushRecords.from_dict(records) if records else None, state

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from protokern.explain import render
 from protokern.ops import nearest_patches, prototype_distances
-from protokern.push import _image_order
+from protokern.utils import eval_mode, image_order, progress as _progress
 
 __all__ = [
     "PartCorrespondence",
@@ -43,7 +43,7 @@ SELECTIONS = ("own_class", "top")
 def _indexed_batches(data, batch_size: int, num_workers: int):
     """``(dataset, iterator of (images, labels, dataset indices))`` for a dataset or a fixed-order DataLoader."""
     if isinstance(data, DataLoader):
-        order, dataset = _image_order(data)
+        order, dataset = image_order(data)
         if order is None:
             raise ValueError("metrics need a DataLoader over a dataset")
 
@@ -68,12 +68,6 @@ def _indexed_batches(data, batch_size: int, num_workers: int):
             position += n
 
     return data, batches(), len(loader)
-
-
-def _progress(iterable, desc: str, enabled: bool, total=None):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
 def _argmax_pixels(maps: Tensor, size: tuple[int, int], chunk: int = 256) -> tuple[Tensor, Tensor]:
@@ -138,9 +132,7 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
     images_seen = 0
     from protokern.data import imagenet_normalize
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for images, labels, index in _progress(batches, "part localisation", progress, total):
             if int(index.max()) >= boxes.shape[0]:
                 raise ValueError(f"boxes has {boxes.shape[0]} rows but the data has an image {int(index.max())}")
@@ -169,8 +161,6 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
             hits.index_add_(0, j.cpu(), inside.double().cpu())
             counts.index_add_(0, j.cpu(), torch.ones(j.shape[0], dtype=torch.float64))
             images_seen += images.shape[0]
-    finally:
-        model.train(was_training)
     pairs = counts.sum().item()
     return {
         "overall": hits.sum().item() / pairs if pairs else None,
@@ -228,9 +218,7 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
     generator = torch.Generator().manual_seed(seed)
     _, batches, total = _indexed_batches(dataset, batch_size, num_workers)
     out = {"image": [], "prototype": [], "covered": [], "visible": []}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for images, labels, index in _progress(batches, "part correspondence", progress, total):
             images, labels = images.to(device).float(), labels.to(device)
             S = images.shape[-1]
@@ -253,8 +241,6 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
             out["prototype"].append(j.cpu())
             out["covered"].append(covered.cpu())
             out["visible"].append(visible.cpu())
-    finally:
-        model.train(was_training)
     if not out["image"]:
         raise ValueError("the dataset is empty")
     return PartCorrespondence(**{k: torch.cat(v) for k, v in out.items()}, num_prototypes=classes.shape[0])

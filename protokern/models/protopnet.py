@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from protokern import ProtoLayer, prototype_distances
+from protokern import ProtoLayer
 from protokern.models.add_on import make_add_on
 from protokern.models.backbones import make_backbone
 from protokern.models.receptive_field import ReceptiveField, compute_receptive_field
@@ -155,20 +155,19 @@ class ProtoPNet(nn.Module):
             raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
         return self.add_on(self.features(x))
 
+    def classify_features(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logits (B, C), min_distances (B, P), similarity (B, P))`` from conv features ``z`` (B, D, H, W)."""
+        similarity, min_distances = self.prototype_layer(z)
+        return self.last_layer(similarity), min_distances, similarity
+
     def forward_with_similarity(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(logits (B, C), min_distances (B, P), similarity (B, P))`` in one pass."""
-        similarity, min_distances = self.prototype_layer(self.conv_features(x))
-        return self.last_layer(similarity), min_distances, similarity
+        return self.classify_features(self.conv_features(x))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits (B, C), min_distances (B, P))`` as the original's ``forward``."""
         logits, min_distances, _ = self.forward_with_similarity(x)
         return logits, min_distances
-
-    def push_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(conv_features (B, D, H, W), distances (B, P, H, W))``: the full squared-L2 distance map."""
-        z = self.conv_features(x)
-        return z, prototype_distances(z, self.prototype_layer.prototypes)
 
     # ----------------------------------------------------------------------------------------- editing
     @torch.no_grad()

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from protokern import prototype_distances
 from protokern.losses import ProtoPNetLoss
 from protokern.models import ProtoPNet, make_backbone
 from protokern.models.receptive_field import backbone_receptive_field
@@ -22,10 +23,13 @@ def test_shapes_and_consistency(name, size, cells):
     with torch.no_grad():
         logits, min_d, sim = model.forward_with_similarity(x)
         logits2, min_d2 = model(x)
-        z, distances = model.push_forward(x)
+        z = model.conv_features(x)
+        distances = prototype_distances(z, model.prototype_layer.prototypes)
+        logits3, min_d3, _ = model.classify_features(z)
     assert logits.shape == (2, 4) and min_d.shape == sim.shape == (2, 12)
     assert z.shape == (2, 32, cells, cells) and distances.shape == (2, 12, cells, cells)
     assert torch.equal(logits, logits2) and torch.equal(min_d, min_d2)
+    assert torch.equal(logits, logits3) and torch.equal(min_d, min_d3)
     torch.testing.assert_close(distances.flatten(2).amin(2).clamp_min(0), min_d, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(sim, torch.log((min_d + 1) / (min_d + 1e-4)))
     torch.testing.assert_close(logits, sim @ model.last_layer.weight.t())

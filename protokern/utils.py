@@ -1,0 +1,54 @@
+"""Small helpers shared across protokern's layers (imports nothing from protokern).
+
+One owner each: the progress bar of long loops, the eval-mode context, and the dataset order of a loader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+
+
+def progress(iterable: Iterable, desc: str, enabled: bool = True, total: int | None = None):
+    """``iterable`` wrapped in a tqdm bar when ``enabled`` and stderr is a terminal (else a silent tqdm)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
+                disable=not enabled or not sys.stderr.isatty())
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the ``with`` block and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def image_order(loader) -> tuple[Tensor | None, object | None]:
+    """(dataset indices of the loader's samples in order, base dataset) for a DataLoader; (None, None) else.
+
+    Subsets are mapped to the indices of their underlying dataset. Raises ``ValueError`` for a shuffling
+    loader or a custom batch sampler, whose order cannot be known in advance.
+    """
+    if not isinstance(loader, DataLoader):
+        return None, None
+    sampler = loader.sampler
+    if isinstance(sampler, RandomSampler) or (isinstance(sampler, DistributedSampler) and sampler.shuffle):
+        raise ValueError("this needs a loader in a fixed order: build it with shuffle=False")
+    if loader.batch_sampler is not None and not hasattr(loader.batch_sampler, "sampler"):
+        raise ValueError("cannot map a custom batch_sampler to image indices; use a plain loader")
+    order = torch.as_tensor(list(iter(sampler)), dtype=torch.int64)
+    dataset = loader.dataset
+    while isinstance(dataset, Subset):
+        order = torch.as_tensor(dataset.indices, dtype=torch.int64)[order]
+        dataset = dataset.dataset
+    return order, dataset
