@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -13,8 +14,76 @@ from protokern.train.config import TrainConfig
 from protokern.train.distributed import DistInfo
 
 
+class Splits(NamedTuple):
+    """The datasets of a run. ``train`` and ``push`` are the same images (the training set less the held-out
+    validation images); ``val`` is None when ``val_fraction`` is 0 (then the test set selects best.pt)."""
+
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    push: Dataset
+    num_classes: int
+
+
+class LabelledSubset(Dataset):
+    """Images ``indices`` of a dataset, keeping its ``classes``, ``targets`` and ``boxes``.
+
+    Not a :class:`~torch.utils.data.Subset` on purpose: push records index the images of this set (push
+    unwraps Subsets, which DDP sharding adds, down to the dataset they select from)."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, list(indices)
+        self.classes = dataset.classes
+        self.targets = [dataset.targets[i] for i in indices]
+        boxes = getattr(dataset, "boxes", None)
+        if boxes is not None:
+            self.boxes = torch.as_tensor(boxes)[torch.as_tensor(self.indices, dtype=torch.long)]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+
+def stratified_split(targets: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(kept, held_out)`` sorted indices: about ``fraction`` of each class held out, at least one image of
+    each class with two or more, never a class's last image; the same for the same ``(targets, seed)``."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(targets, dtype=torch.long)
+    held_out = []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        count = min(max(1, round(fraction * len(members))), len(members) - 1)
+        held_out += members[torch.randperm(len(members), generator=generator)[:count]].tolist()
+    held = set(held_out)
+    return [i for i in range(len(labels)) if i not in held], sorted(held)
+
+
+def build_splits(cfg: TrainConfig) -> Splits:
+    """Datasets of a run: a stratified, seeded (``cfg.seed``) hold-out of ``cfg.val_fraction`` of the training
+    set for model selection; push, pruning and the last-layer stage see only the rest."""
+    train, test = _load(cfg)
+    num_classes = len(train.classes)
+    if cfg.val_fraction == 0:
+        return Splits(train, None, test, train, num_classes)
+    kept, held_out = stratified_split(train.targets, cfg.val_fraction, cfg.seed)
+    if not held_out:
+        raise ValueError(f"--val-fraction {cfg.val_fraction} holds out no image: every class of the {len(train)} "
+                         "training images has a single image (use --val-fraction 0)")
+    train, val = LabelledSubset(train, kept), LabelledSubset(train, held_out)
+    return Splits(train, val, test, train, num_classes)
+
+
 def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset, Dataset, int]:
-    """``(train, test, push, num_classes)``; the push set is the unaugmented train set, as the original's."""
+    """``(train, test, push, num_classes)`` of :func:`build_splits`; the push set is the unaugmented train set
+    (less the validation images), as the original's."""
+    splits = build_splits(cfg)
+    return splits.train, splits.test, splits.push, splits.num_classes
+
+
+def _load(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
+    """The dataset's own ``(train, test)`` splits."""
     size = cfg.image_size
     if cfg.dataset == "synthetic":
         seed = cfg.seed if cfg.synthetic_seed is None else cfg.synthetic_seed
@@ -39,7 +108,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset, Dataset, int]:
         raise ValueError(f"unknown dataset {cfg.dataset!r}")
     if len(train) == 0 or len(test) == 0:
         raise ValueError(f"dataset {cfg.dataset!r}: empty train ({len(train)}) or test ({len(test)}) split")
-    return train, test, train, len(train.classes)
+    return train, test
 
 
 def train_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> DataLoader:

@@ -5,9 +5,11 @@ Run directory (written by rank 0)::
     config.yaml        the resolved settings
     metrics.csv        one row per schedule step (stage, epoch, accuracies, loss terms, lrs, timing)
     metrics.jsonl      the same rows as JSON lines
-    last.pt, best.pt   checkpoints (see Trainer.state_dict); interrupted.pt after Ctrl-C
+    last.pt, best.pt   checkpoints (see Trainer.state_dict); best.pt has the best validation accuracy
+                       (test accuracy with --val-fraction 0); interrupted.pt after Ctrl-C
     push/epoch_NNN/    push_records.pt and the prototype PNGs of each push
-    summary.json       final accuracy, best accuracy, part localisation, push records path, timings
+    summary.json       test accuracy of the last and of the selected (best.pt) checkpoint, the split that
+                       selected it, part localisation, push records path, timings
     tb/                TensorBoard events (when tensorboard is installed)
 """
 
@@ -35,13 +37,13 @@ from protokern.models import ProtoPNet
 from protokern.push import RECORDS_FILE, PushRecords, push_prototypes
 from protokern.train import checkpoint as ckpt
 from protokern.train.config import TrainConfig, parse_config
-from protokern.train.data import WithIndex, build_datasets, train_loader
+from protokern.train.data import WithIndex, build_splits, train_loader
 from protokern.train.distributed import DistInfo, barrier, cleanup, init_distributed, shard
 from protokern.train.loop import TERMS, TrainForward, part_localisation, run_epoch
 from protokern.train.schedule import (Step, build_schedule, learning_rates, make_optimizers, make_scheduler,
                                       set_trainable, step_scheduler)
 
-CSV_COLUMNS = (["step", "stage", "epoch", "iteration", "train_accuracy", "test_accuracy"]
+CSV_COLUMNS = (["step", "stage", "epoch", "iteration", "train_accuracy", "val_accuracy", "test_accuracy"]
                + [f"train_{t}" for t in TERMS] + [f"test_{t}" for t in TERMS]
                + ["lr_features", "lr_add_on", "lr_prototypes", "lr_last_layer", "seconds", "images_per_s"])
 _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,6 +65,8 @@ class Trainer:
             resume_state = ckpt.load_checkpoint(path)
             saved = TrainConfig.from_saved(resume_state["config"])
             overrides = {k: getattr(cfg, k) for k in explicit if k != "resume"}
+            if overrides.get("val_fraction", saved.val_fraction) != saved.val_fraction:
+                raise ValueError(f"--val-fraction cannot change on resume (the run used {saved.val_fraction})")
             overrides.setdefault("max_steps", None)  # a per-session limit, not inherited
             cfg = dataclasses.replace(saved, **overrides, resume=cfg.resume).validate()
             if "out" not in explicit:
@@ -72,7 +76,8 @@ class Trainer:
         self.run_dir = self._run_dir()
         _seed_everything(cfg.seed)
 
-        self.train_set, self.test_set, self.push_set, num_classes = build_datasets(cfg)
+        self.train_set, self.val_set, self.test_set, self.push_set, num_classes = build_splits(cfg)
+        self.select_on = "test" if self.val_set is None else "val"  # the split that chooses best.pt
         self.model = ProtoPNet(backbone=cfg.backbone, num_classes=num_classes,
                                prototypes_per_class=cfg.prototypes_per_class, prototype_dim=cfg.prototype_dim,
                                add_on=cfg.add_on, pretrained=cfg.pretrained,
@@ -95,10 +100,12 @@ class Trainer:
                                        num_workers=cfg.num_workers)
         self.push_loader = make_loader(shard(self.push_set, info), cfg.push_batch_size, shuffle=False,
                                        num_workers=cfg.num_workers)
+        self.val_loader = None if self.val_set is None else make_loader(
+            shard(self.val_set, info), cfg.test_batch_size, shuffle=False, num_workers=cfg.num_workers)
 
         self.schedule = build_schedule(cfg)
         self.next_step = 0
-        self.best = {"accuracy": -1.0, "step": None, "pushed": False}
+        self.best = {"accuracy": -1.0, "step": None, "pushed": False, "split": self.select_on, "test_accuracy": None}
         self.records: PushRecords | None = None
         self.records_path: str | None = None
         self.stage_seconds: dict[str, float] = {}
@@ -171,6 +178,7 @@ class Trainer:
         if not self.cfg.quiet:
             where = f"epoch {row['epoch']}" + (f".{row['iteration']}" if row["stage"] == "last" else "")
             train = f"train acc {row['train_accuracy']:.3f}  " if "train_accuracy" in row else ""
+            train += f"val acc {row['val_accuracy']:.3f}  " if "val_accuracy" in row else ""
             print(f"[{row['step'] + 1}/{len(self.schedule)}] {row['stage']:5s} {where}: {train}"
                   f"test acc {row['test_accuracy']:.3f}  loss {row.get('train_total', row['test_total']):.3f}  "
                   f"({row['seconds']:.1f} s)", flush=True)
@@ -204,7 +212,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.next_step = state["step"] + 1
-        self.best = dict(state["best"])
+        self.best = {"split": "test", **state["best"]}  # checkpoints before the validation split chose on test
+        self.best.setdefault("test_accuracy", self.best["accuracy"] if self.best["split"] == "test" else None)
         self.records = PushRecords.from_dict(state["push_records"]) if state.get("push_records") else None
         self.records_path = state.get("push_records_path")
         self.stage_seconds = dict(state.get("stage_seconds", {}))
@@ -212,13 +221,16 @@ class Trainer:
             self._truncate_metrics(state["step"])
 
     def _save(self, row: dict) -> None:
-        """Write last.pt, and best.pt when this step has the best test accuracy so far (once a push has
-        happened, among projected models only: push and last-layer steps)."""
+        """Write last.pt, and best.pt when this step has the best validation accuracy so far (test accuracy
+        with ``val_fraction`` 0, as the original), once a push has happened among projected models only (push
+        and last-layer steps)."""
         pushed = row["stage"] in ("push", "last")
+        accuracy = row[f"{self.select_on}_accuracy"]
         improved = (pushed and not self.best["pushed"]) or (
-            pushed == self.best["pushed"] and row["test_accuracy"] > self.best["accuracy"])
+            pushed == self.best["pushed"] and accuracy > self.best["accuracy"])
         if improved:
-            self.best = {"accuracy": row["test_accuracy"], "step": row["step"], "pushed": pushed}
+            self.best = {"accuracy": accuracy, "step": row["step"], "pushed": pushed, "split": self.select_on,
+                         "test_accuracy": row["test_accuracy"]}
         if not self.is_main:
             return
         state = self.state_dict()
@@ -269,10 +281,15 @@ class Trainer:
         return {"images_per_s": len(self.push_set) / max(seconds, 1e-9)}
 
     def _evaluate(self, step: Step) -> dict:
+        """Accuracy and loss terms on the test set and, when held out, the validation set."""
         self.model.eval()
-        test = run_epoch(self.forward, self.model, self.test_loader, self.loss_fn, self.device,
-                         channels_last=self.cfg.channels_last, progress=self._bars(), desc="test")
-        return {f"test_{k}": v for k, v in test.items() if k not in ("images", "seconds")}
+        row = {}
+        for split, loader in (("val", self.val_loader), ("test", self.test_loader)):
+            if loader is not None:
+                result = run_epoch(self.forward, self.model, loader, self.loss_fn, self.device,
+                                   channels_last=self.cfg.channels_last, progress=self._bars(), desc=split)
+                row.update({f"{split}_{k}": v for k, v in result.items() if k not in ("images", "seconds")})
+        return row
 
     def _bars(self) -> bool:
         return self.is_main and not self.cfg.quiet and sys.stderr.isatty()
@@ -338,14 +355,19 @@ class Trainer:
             with open(self._path("metrics.jsonl"), encoding="utf-8") as fh:
                 lines = [line for line in fh if line.strip()]
             last_test = json.loads(lines[-1])["test_accuracy"] if lines else None
+        chosen = self.best["step"] is not None
         summary = {
             "run_dir": os.path.abspath(self.run_dir),
             "complete": complete,
             "steps_done": self.next_step,
             "steps_total": len(self.schedule),
-            "test_accuracy": last_test,
-            "best_test_accuracy": self.best["accuracy"] if self.best["step"] is not None else None,
+            "test_accuracy": last_test,  # of last.pt
+            "best_test_accuracy": self.best["test_accuracy"] if chosen else None,  # of best.pt
             "best_step": self.best["step"],
+            "selected_on": {"val": "validation", "test": "test"}[self.best["split"]],
+            "best_val_accuracy": self.best["accuracy"] if chosen and self.best["split"] == "val" else None,
+            "val_images": 0 if self.val_set is None else len(self.val_set),
+            "selection_note": _SELECTION_NOTE[self.best["split"]],
             "part_localisation": localisation,
             "push_records": self.records_path,
             "timings": {"this_session_s": seconds, "steps_total_s": sum(self.stage_seconds.values()),
@@ -355,9 +377,7 @@ class Trainer:
             with open(self._path("summary.json"), "w", encoding="utf-8") as fh:
                 json.dump(summary, fh, indent=2)
             if not self.cfg.quiet:
-                loc = "n/a" if localisation is None else f"{localisation:.3f}"
-                print(f"done: test accuracy {last_test}, part localisation {loc}, {seconds:.1f} s -> "
-                      f"{self.run_dir}", flush=True)
+                print(_final_line(summary, seconds), flush=True)
         return summary
 
     def _prune(self) -> None:
@@ -414,6 +434,28 @@ class Trainer:
             explain_run(self.run_dir, self.model, **kwargs)
         except Exception as error:  # noqa: BLE001 - explanations must not lose a finished training run
             warnings.warn(f"explain_run failed: {type(error).__name__}: {error}", stacklevel=2)
+
+
+_SELECTION_NOTE = {
+    "val": "best.pt has the best accuracy on the validation images held out of the training set; "
+           "the test set played no part in choosing it",
+    "test": "best.pt was chosen on the test set (--val-fraction 0, as the original did): "
+            "its test accuracy is optimistic",
+}
+
+
+def _final_line(summary: dict, seconds: float) -> str:
+    """``done: ...``: the test accuracy of the last and of the selected checkpoint, and what selected it."""
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    selected = f"best.pt (step {summary['best_step']}) {fmt(summary['best_test_accuracy'])}"
+    if summary["selected_on"] == "validation":
+        selected += f", chosen on validation accuracy {fmt(summary['best_val_accuracy'])}"
+    else:
+        selected += ", chosen on the TEST set (--val-fraction 0)"
+    return (f"done: test accuracy last.pt {fmt(summary['test_accuracy'])}, {selected}; "
+            f"part localisation {fmt(summary['part_localisation'])}, {seconds:.1f} s -> {summary['run_dir']}")
 
 
 def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
