@@ -11,7 +11,11 @@ import os
 import sys
 import warnings
 
-from protokern.explain.local import explain_image, model_from_checkpoint
+from protokern.checkpoint import model_from_checkpoint
+from protokern.cli import exit_on_error
+from protokern.explain.local import explain_image
+
+PROG = "python -m protokern.explain"
 
 
 def _push_dataset(state: dict, data_root: str | None):
@@ -22,41 +26,57 @@ def _push_dataset(state: dict, data_root: str | None):
     from protokern.train.config import TrainConfig
     from protokern.train.data import build_datasets
 
-    cfg = TrainConfig.from_saved(config)
+    try:
+        cfg = TrainConfig.from_saved(config)
+    except (TypeError, ValueError) as error:
+        warnings.warn(f"push set not rebuilt (saved config unusable: {error})", stacklevel=2)
+        return None
     if data_root is not None:
         cfg.data_root = data_root
     if cfg.dataset != "synthetic" and not (cfg.data_root and os.path.isdir(cfg.data_root)):
         return None
     try:
         return build_datasets(cfg)[2]
-    except (OSError, ValueError) as error:
+    except (OSError, TypeError, ValueError) as error:
         warnings.warn(f"push set not rebuilt ({error}); using the prototype images saved by push", stacklevel=2)
         return None
 
 
 def main(argv: list[str] | None = None) -> str:
-    """Command-line entry point; returns the path of the ``index.html`` written."""
-    parser = argparse.ArgumentParser(prog="python -m protokern.explain", description=__doc__.splitlines()[0])
+    """Command-line entry point; returns the path of the ``index.html`` written.
+
+    Bad input (missing or corrupt checkpoint, a checkpoint that does not fit its config, an unreadable image)
+    ends with one line on stderr and exit code 2; ``--debug`` raises the error with its traceback instead.
+    """
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="trainer checkpoint (RUN/best.pt) or run folder")
     parser.add_argument("--image", required=True, help="image file (any mode: RGBA, grayscale, CMYK ...)")
     parser.add_argument("--top-k", type=int, default=10, help="prototypes shown (default 10)")
-    parser.add_argument("--out", default=None, help="output folder (default RUN/explanations/<image name>)")
+    parser.add_argument("--out", default=None, help="output folder (default RUN/explanations/<image name>); "
+                                                    "the prototype panels of an earlier explanation there go")
     parser.add_argument("--class", dest="class_idx", type=int, default=None,
                         help="class index to explain (default: the predicted class)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--data-root", default=None, help="dataset folder, to show the prototypes' source images "
                                                           "if it moved since training")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
     if not os.path.isfile(args.image):
         parser.error(f"image not found: {args.image}")
-    try:
-        model, records, state = model_from_checkpoint(args.checkpoint, device=args.device)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
+    with exit_on_error(PROG, ["--debug"] if args.debug else []):
+        return _explain(args, parser)
+
+
+def _explain(args, parser) -> str:
+    model, records, state = model_from_checkpoint(args.checkpoint, device=args.device)
     if args.class_idx is not None and not 0 <= args.class_idx < model.num_classes:
         parser.error(f"--class must be in [0, {model.num_classes})")
+    if records is None:
+        print(f"warning: the prototypes of {args.checkpoint} were never pushed (a checkpoint from before the first "
+              "push): they are learned vectors, not patches of training images, so no source patches are shown",
+              file=sys.stderr, flush=True)
     push_set = _push_dataset(state, args.data_root) if records is not None else None
     explanation = explain_image(model, args.image, push_records=records, top_k=args.top_k, class_idx=args.class_idx,
                                 push_images=push_set, device=args.device)

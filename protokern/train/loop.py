@@ -4,10 +4,12 @@ part-localisation metric."""
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from protokern.data import imagenet_normalize
@@ -47,25 +49,37 @@ def _progress(iterable, desc: str, enabled: bool):
                 disable=not enabled or not sys.stderr.isatty())
 
 
+def _on_any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` or-ed over ranks, so that every rank takes the same decision (one that skips or stops alone
+    would hang DDP); just ``flag`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
+
+
 def run_epoch(forward: nn.Module, model: nn.Module, loader, loss_fn: nn.Module, device: torch.device, *,
               optimizer: torch.optim.Optimizer | None = None, augment: nn.Module | None = None,
               generator: torch.Generator | None = None, scaler=None, channels_last: bool = False,
-              progress: bool = False, desc: str = "") -> dict[str, float]:
+              progress: bool = False, desc: str = "", nan_policy: str = "stop") -> dict[str, float]:
     """Train (when ``optimizer`` is given) or evaluate over ``loader``; metrics summed over all ranks.
 
     Images come unnormalised in [0, 1]; they are moved to ``device``, augmented (training only, with
     ``generator``) and ImageNet-normalised there. ``forward`` is the (possibly DDP-wrapped)
     :class:`TrainForward`; ``model`` the bare ProtoPNet (for the loss). The caller sets train/eval mode.
 
-    Returns ``accuracy``, each loss term (batch-weighted means), ``images`` and ``seconds``.
+    A non-finite training loss raises ``FloatingPointError`` before its backward (``nan_policy="stop"``) or
+    skips the batch (``"skip"``, counted in ``skipped``).
+
+    Returns ``accuracy``, each loss term (batch-weighted means), ``images``, ``seconds`` and (training)
+    ``skipped``.
     """
     training = optimizer is not None
     start = time.perf_counter()
     sums = torch.zeros(len(TERMS), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    count = 0
+    count = skipped = 0
     bar = _progress(loader, desc, progress)
-    for images, labels in bar:
+    for batch_index, (images, labels) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if training and augment is not None:
@@ -76,6 +90,11 @@ def run_epoch(forward: nn.Module, model: nn.Module, loader, loss_fn: nn.Module, 
         with torch.set_grad_enabled(training):
             logits, min_distances = forward(images)
             loss, terms = loss_fn(logits, min_distances, labels, model)
+        if training and _on_any_rank(not math.isfinite(terms["total"]), device):
+            if nan_policy != "skip":
+                raise FloatingPointError(f"non-finite loss ({terms['total']}) at batch {batch_index}")
+            skipped += 1
+            continue
         if training:
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -96,6 +115,8 @@ def run_epoch(forward: nn.Module, model: nn.Module, loader, loss_fn: nn.Module, 
     n = max(totals[-1].item(), 1.0)
     out = {t: totals[i].item() / n for i, t in enumerate(TERMS)}
     out.update(accuracy=totals[-2].item() / n, images=int(totals[-1].item()), seconds=time.perf_counter() - start)
+    if training:
+        out["skipped"] = skipped
     return out
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from protokern.cli import exit_on_error
 from protokern.data import GpuAugment, make_loader
 from protokern.losses import ProtoPNetLoss
 from protokern.models import ProtoPNet
@@ -55,6 +56,44 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _resumable_config(path: str, state: dict) -> TrainConfig:
+    """The saved config of a checkpoint that ``--resume`` can continue from; ``CheckpointError`` otherwise.
+
+    ``interrupted.pt`` is refused: it holds the weights of a half-done step (for inspection), and the step
+    restarts from ``last.pt``, the state after the last completed step. So is ``pruned.pt`` (no optimisers).
+    """
+    run = os.path.dirname(os.path.abspath(path))
+    if "interrupted_during_step" in state:
+        how = (f"resume from the last completed step with --resume {run}" if os.path.isfile(os.path.join(run, ckpt.LAST))
+               else "no step had completed, so there is nothing to resume: start the run again")
+        raise ckpt.CheckpointError(f"{path} holds the mid-step state of an interrupted run (kept for inspection, "
+                                   f"not resumable); {how}")
+    if state.get("stage") == "prune" or "optimizers" not in state:
+        raise ckpt.CheckpointError(f"{path} is a pruned model without optimiser state and cannot be resumed; "
+                                   f"explain it with python -m protokern.explain --checkpoint {path}, or resume "
+                                   f"the training with --resume {run}")
+    try:
+        return TrainConfig.from_saved(state["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ckpt.CheckpointError(f"{path}: its saved training config is unusable ({error})") from None
+
+
+def _read_metrics(path: str) -> list[dict]:
+    """The rows of ``metrics.jsonl``; a torn last line (a kill during its write) is dropped with a warning."""
+    with open(path, encoding="utf-8") as fh:
+        lines = [line for line in fh if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not JSON (the file was edited or damaged)") from None
+            warnings.warn(f"{path}: dropped a partial last line (the run was killed while writing it)",
+                          stacklevel=3)
+    return rows
+
+
 class Trainer:
     """One training run (see the module docstring). ``run()`` returns the summary dict."""
 
@@ -63,7 +102,7 @@ class Trainer:
         if cfg.resume:
             path = ckpt.find_checkpoint(cfg.resume)
             resume_state = ckpt.load_checkpoint(path)
-            saved = TrainConfig.from_saved(resume_state["config"])
+            saved = _resumable_config(path, resume_state)
             overrides = {k: getattr(cfg, k) for k in explicit if k != "resume"}
             if overrides.get("val_fraction", saved.val_fraction) != saved.val_fraction:
                 raise ValueError(f"--val-fraction cannot change on resume (the run used {saved.val_fraction})")
@@ -110,8 +149,16 @@ class Trainer:
         self.records_path: str | None = None
         self.stage_seconds: dict[str, float] = {}
         self._wrapped = (None, None)  # (stage, DDP module) in use
+        # one process per run directory: taken once the input has been checked, before anything is written
+        self._lock = ckpt.RunLock(self.run_dir) if self.is_main else None
+        if self.is_main:
+            ckpt.remove_orphan_temps(self.run_dir)
         if resume_state is not None:
-            self.load_state_dict(resume_state)
+            try:
+                self.load_state_dict(resume_state)
+            except BaseException:
+                self.close()
+                raise
         self.writer = self._tensorboard()
 
     # ------------------------------------------------------------------------------------ files
@@ -137,22 +184,23 @@ class Trainer:
             return None
         return SummaryWriter(self._path("tb"))
 
+    def close(self) -> None:
+        """Release the run directory (its lock); ``train()`` calls it when the run ends or fails."""
+        if self._lock is not None:
+            self._lock.release()
+
     def _write_config(self) -> None:
         import yaml
 
-        with open(self._path("config.yaml"), "w", encoding="utf-8") as fh:
-            yaml.safe_dump(self.cfg.to_dict(), fh, sort_keys=False)
+        ckpt.atomic_write_text(self._path("config.yaml"), yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     def _truncate_metrics(self, last_step: int) -> None:
         """Keep only the metric rows of steps <= ``last_step`` (rows of an interrupted step go)."""
         path = self._path("metrics.jsonl")
         if not os.path.exists(path):
             return
-        with open(path, encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-        rows = [r for r in rows if r["step"] <= last_step]
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        rows = [r for r in _read_metrics(path) if r["step"] <= last_step]
+        ckpt.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         with open(self._path("metrics.csv"), "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
@@ -204,10 +252,16 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        for key, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][key])
-        self.scheduler.load_state_dict(state["scheduler"])
+        """Continue from :meth:`state_dict` output; ``CheckpointError`` if it does not fit this configuration."""
+        try:
+            self.model.load_state_dict(state["model"])
+            for key, optimizer in self.optimizers.items():
+                optimizer.load_state_dict(state["optimizers"][key])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            first = " ".join(str(error).split())[:300]
+            raise ckpt.CheckpointError(f"the checkpoint does not fit this configuration (a flag that changes the "
+                                       f"model or its optimisers?): {first}") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
@@ -234,9 +288,16 @@ class Trainer:
         if not self.is_main:
             return
         state = self.state_dict()
-        ckpt.atomic_save(state, self._path(ckpt.LAST))
+        self._write(state, ckpt.LAST)
         if improved:
-            ckpt.atomic_save(state, self._path(ckpt.BEST))
+            self._write(state, ckpt.BEST)
+
+    def _write(self, state: dict, name: str) -> None:
+        """Save a checkpoint in the run directory (safe types only); never one holding non-finite weights."""
+        bad = ckpt.nonfinite_tensors({"model": state["model"], "optimizers": state.get("optimizers")})
+        if bad:
+            raise FloatingPointError(f"not writing {name}: non-finite values in {', '.join(bad[:3])}")
+        ckpt.save_checkpoint(state, self._path(name))
 
     # ------------------------------------------------------------------------------------ steps
     def _wrapped_forward(self, stage: str):
@@ -262,7 +323,7 @@ class Trainer:
         train = run_epoch(self._wrapped_forward(step.stage), self.model, self.train_loader, self.loss_fn,
                           self.device, optimizer=optimizer, augment=self.augment, generator=self.generator,
                           scaler=self.scaler, channels_last=cfg.channels_last, progress=self._bars(),
-                          desc=f"{step.stage} {step.epoch}")
+                          desc=f"{step.stage} {step.epoch}", nan_policy=cfg.nan_policy)
         if self.info.enabled:  # BN statistics drift per rank after the last forward: use rank 0's everywhere
             for buffer in self.model.buffers():
                 dist.broadcast(buffer, src=0)
@@ -316,18 +377,18 @@ class Trainer:
                 if self.cfg.max_steps is not None and done >= self.cfg.max_steps:
                     break
                 step = self.schedule[self.next_step]
-                row = self.run_step(step)
+                try:
+                    row = self.run_step(step)
+                    self._check_finite(row)
+                except FloatingPointError as error:
+                    raise FloatingPointError(self._stopped(step, error)) from None
                 self.next_step += 1
                 done += 1
                 self._log(row)
                 self._save(row)
         except KeyboardInterrupt:
             if self.is_main:
-                state = self.state_dict()
-                state["interrupted_during_step"] = None if step is None else step.index
-                ckpt.atomic_save(state, self._path(ckpt.INTERRUPTED))
-                print(f"\ninterrupted: mid-step state in {self._path(ckpt.INTERRUPTED)}; "
-                      f"resume with --resume {self.run_dir} (from the last completed step)", flush=True)
+                self._interrupted(step)
             raise
         finally:
             if self.records is not None:
@@ -342,6 +403,41 @@ class Trainer:
             self._explain()
         barrier()
         return summary
+
+    def _check_finite(self, row: dict) -> None:
+        """``FloatingPointError`` when the model holds non-finite values after a step; warn on skipped batches."""
+        bad = ckpt.nonfinite_tensors(self.model.state_dict())
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise FloatingPointError(f"non-finite parameters after the step: {', '.join(bad[:3])}{more}")
+        if row.get("train_skipped"):
+            warnings.warn(f"step {row['step']} ({row['stage']}): skipped {row['train_skipped']} batch(es) with a "
+                          "non-finite loss (--nan-policy skip)", stacklevel=3)
+
+    def _stopped(self, step: Step, error: FloatingPointError) -> str:
+        """The message of a run stopped by a non-finite value: where, and which checkpoints are intact."""
+        kept = (f"nothing of this step was saved: last.pt and best.pt in {self.run_dir} are as they were"
+                if os.path.isfile(self._path(ckpt.LAST)) else "no checkpoint had been written yet")
+        hint = " (or --nan-policy skip to skip such batches)" if "loss" in str(error) else ""
+        return (f"step {step.index + 1}/{len(self.schedule)} ({step.stage}, epoch {step.epoch}): {error}; the run "
+                f"stopped and {kept}; lower the learning rates{hint}")
+
+    def _interrupted(self, step: Step | None) -> None:
+        """Ctrl-C: write interrupted.pt (the half-done step, for inspection only) and say how to go on."""
+        state = self.state_dict()
+        state["interrupted_during_step"] = None if step is None else step.index
+        try:
+            self._write(state, ckpt.INTERRUPTED)
+            saved = f"mid-step state in {self._path(ckpt.INTERRUPTED)} (for inspection, not resumable); "
+        except (FloatingPointError, OSError) as error:
+            saved = f"mid-step state not saved ({error}); "
+        if os.path.isfile(self._path(ckpt.LAST)):
+            how = (f"resume with --resume {self.run_dir}: it restarts at step {self.next_step + 1}/"
+                   f"{len(self.schedule)} from last.pt, the state after the last completed step")
+        else:
+            how = "no step had completed, so there is nothing to resume: run the same command again to start over"
+        where = "" if step is None else f" during step {step.index + 1}/{len(self.schedule)} ({step.stage})"
+        print(f"\ninterrupted{where}: {saved}{how}", flush=True)
 
     def _summary(self, seconds: float, complete: bool) -> dict:
         localisation = None
@@ -374,8 +470,7 @@ class Trainer:
                         "stage_s": dict(self.stage_seconds)},
         }
         if self.is_main:
-            with open(self._path("summary.json"), "w", encoding="utf-8") as fh:
-                json.dump(summary, fh, indent=2)
+            ckpt.atomic_write_text(self._path("summary.json"), json.dumps(summary, indent=2))
             if not self.cfg.quiet:
                 print(_final_line(summary, seconds), flush=True)
         return summary
@@ -406,9 +501,8 @@ class Trainer:
             state = {"model": self.model.state_dict(), "model_config": self.model.config, "config": self.cfg.to_dict(),
                      "step": self.next_step - 1, "stage": "prune", "push_records": self.records.to_dict(),
                      "prune": report}
-            ckpt.atomic_save(state, self._path("pruned.pt"))
-            with open(self._path("prune.json"), "w", encoding="utf-8") as fh:
-                json.dump(report, fh, indent=2)
+            self._write(state, "pruned.pt")
+            ckpt.atomic_write_text(self._path("prune.json"), json.dumps(report, indent=2))
             if not self.cfg.quiet:
                 print(f"pruned {report['num_pruned']} prototypes, {report['num_remaining']} remain; test accuracy "
                       f"after last-layer retraining {test['accuracy']:.3f} -> {self._path('pruned.pt')}", flush=True)
@@ -463,13 +557,23 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
     created = not (dist.is_available() and dist.is_initialized())
     info, device = init_distributed(cfg.device)
     try:
-        return Trainer(cfg, info, device, explicit).run()
+        trainer = Trainer(cfg, info, device, explicit)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
         if created:
             cleanup()
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Command-line entry point: ``python -m protokern.train [flags]`` (``--help`` lists them)."""
-    cfg, explicit = parse_config(argv)
-    return train(cfg, explicit)
+    """Command-line entry point: ``python -m protokern.train [flags]`` (``--help`` lists them).
+
+    Bad input (settings, config file, data or checkpoint paths, corrupt or unfitting checkpoints) ends with one
+    line on stderr and exit code 2; a run stopped by a non-finite value or a run directory in use by another
+    process with exit code 1. ``--debug`` raises the error with its traceback instead.
+    """
+    with exit_on_error("python -m protokern.train", argv, stopped=(FloatingPointError, ckpt.RunDirLocked)):
+        cfg, explicit = parse_config(argv)
+        return train(cfg, explicit)
