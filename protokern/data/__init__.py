@@ -4,7 +4,7 @@ Every dataset returns ``(image, label)`` with ``image`` a float32 (3, S, S) tens
 unnormalised; normalise batches with :func:`imagenet_normalize` on the training device.
 """
 from .augment import GpuAugment
-from .cache import CACHE_MODES, BadImageWarning, CachedBatches, ImageView, prepare_images
+from .cache import CACHE_MODES, BadImageWarning, CachedBatches, ImageView, prepare_images, skipped_images
 from .cars import StanfordCars
 from .cub import CUB200
 from .folder import ImageFolderDataset
@@ -29,6 +29,7 @@ __all__ = [
     "GpuAugment",
     "make_loader",
     "prepare_images",
+    "skipped_images",
     "ImageView",
     "CachedBatches",
     "CACHE_MODES",

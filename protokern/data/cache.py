@@ -31,8 +31,8 @@ from torch.utils.data import BatchSampler, Dataset
 from .loader import default_num_workers
 from .transforms import BadImageError, uint8_to_float
 
-__all__ = ["CACHE_MODES", "BadImageWarning", "ImageView", "CachedBatches", "prepare_images", "cache_bytes",
-           "choose_cache", "find_view"]
+__all__ = ["CACHE_MODES", "BadImageWarning", "ImageView", "CachedBatches", "cached_batches", "prepare_images",
+           "cache_bytes", "choose_cache", "find_view", "skipped_images"]
 
 CACHE_MODES = ("auto", "memory", "gpu", "off")
 _PER_ITEM_LISTS = ("targets", "paths", "image_ids", "samples")
@@ -139,6 +139,11 @@ def find_view(dataset) -> ImageView | None:
     return None
 
 
+def skipped_images(*datasets) -> list[str]:
+    """Sorted paths of the images left out (``skip_bad_images``) by the views under ``datasets`` (each once)."""
+    return sorted({path for ds in datasets if (view := find_view(ds)) is not None for path in view.skipped})
+
+
 def cache_bytes(dataset) -> int:
     """Bytes of a uint8 cache of ``dataset`` (N * 3 * S * S)."""
     return len(dataset) * 3 * int(dataset.image_size) ** 2
@@ -230,22 +235,53 @@ def prepare_images(dataset: Dataset, cache: str = "auto", *, skip_bad_images: bo
     return ImageView(dataset, good, skipped, images)
 
 
+def _index_chain(dataset):
+    """``(view, to_view)`` when ``dataset`` is a cached :class:`ImageView` or one seen through index wrappers
+    (Subset-like: ``.dataset`` and ``.indices``; repeat-like: ``.dataset`` and ``.copies``, item i is
+    ``dataset[i % len(dataset)]``); ``to_view`` maps an int64 index tensor to view indices. Else None."""
+    steps = []
+    for _ in range(16):
+        if isinstance(dataset, ImageView):
+            if not dataset.cached:
+                return None
+
+            def to_view(indices: torch.Tensor) -> torch.Tensor:
+                for kind, value in reversed(steps):
+                    indices = value[indices] if kind == "indices" else indices % value
+                return indices
+            return dataset, to_view
+        inner = getattr(dataset, "dataset", None)
+        if inner is None:
+            return None
+        if getattr(dataset, "indices", None) is not None:
+            steps.insert(0, ("indices", torch.as_tensor(list(dataset.indices), dtype=torch.int64)))
+        elif isinstance(getattr(dataset, "copies", None), int):
+            steps.insert(0, ("modulo", len(inner)))
+        else:
+            return None
+        dataset = inner
+    return None
+
+
 class CachedBatches:
     """Training batches from a cached :class:`ImageView`, in the order of ``sampler`` (as a DataLoader would).
 
-    Each batch is gathered as uint8 on the cache's device (into pinned memory when the cache is on the host and
-    ``device`` is a GPU), copied to ``device`` on a side stream without blocking, converted to float32 / 255
-    there, and prepared one batch ahead of the one being trained on. Yields ``(images, labels)`` on ``device``.
-    ``sampler`` (e.g. a DistributedSampler) keeps its ``set_epoch``; ``dataset`` is the view.
+    ``dataset`` is the view or the view seen through Subset-like / repeat-like wrappers (see
+    :func:`cached_batches`). Each batch is gathered as uint8 on the cache's device (into pinned memory when the
+    cache is on the host and ``device`` is a GPU), copied to ``device`` on a side stream without blocking,
+    converted to float32 / 255 there, and prepared one batch ahead of the one being trained on. Yields
+    ``(images, labels)`` on ``device``; ``sampler`` (e.g. a DistributedSampler) keeps its ``set_epoch``.
     """
 
-    def __init__(self, dataset: ImageView, sampler, batch_size: int, device: torch.device | str,
-                 drop_last: bool = False):
-        if not (isinstance(dataset, ImageView) and dataset.cached):
-            raise TypeError("CachedBatches needs a cached ImageView (see prepare_images)")
+    def __init__(self, dataset, sampler, batch_size: int, device: torch.device | str, drop_last: bool = False):
+        chain = _index_chain(dataset)
+        if chain is None:
+            raise TypeError("CachedBatches needs a cached ImageView (see prepare_images), possibly under "
+                            "Subset-like or repeat-like wrappers")
+        self.view, self._to_view = chain
         self.dataset, self.sampler, self.batch_size = dataset, sampler, int(batch_size)
         self.device, self.drop_last = torch.device(device), drop_last
-        self._pin = self.device.type == "cuda" and dataset.device.type == "cpu"
+        self._pin = self.device.type == "cuda" and self.view.device.type == "cpu"
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def __len__(self) -> int:
@@ -253,13 +289,12 @@ class CachedBatches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _fetch(self, indices: list[int]):
-        idx = torch.as_tensor(indices, dtype=torch.int64)
+        idx = self._to_view(torch.as_tensor(indices, dtype=torch.int64))
         out = None
         if self._pin:
-            size = self.dataset.images.shape[1:]
-            out = torch.empty((len(indices), *size), dtype=torch.uint8, pin_memory=True)
-        images = self.dataset.uint8_batch(idx, out=out)
-        labels = self.dataset.labels(idx)
+            out = torch.empty((len(indices), *self.view.images.shape[1:]), dtype=torch.uint8, pin_memory=True)
+        images = self.view.uint8_batch(idx, out=out)
+        labels = self.view.labels(idx)
         if self._stream is None:
             return uint8_to_float(images.to(self.device)), labels.to(self.device)
         with torch.cuda.stream(self._stream):
@@ -284,3 +319,11 @@ class CachedBatches:
             ahead = batch
         if ahead is not None:
             yield self._ready(ahead)
+
+
+def cached_batches(dataset, sampler, batch_size: int, device: torch.device | str,
+                   drop_last: bool = False) -> CachedBatches | None:
+    """:class:`CachedBatches` over ``dataset`` when it reads a cached view (see :class:`CachedBatches`), else None."""
+    if _index_chain(dataset) is None:
+        return None
+    return CachedBatches(dataset, sampler, batch_size, device, drop_last)
