@@ -15,8 +15,8 @@ from protokern.push import PushRecords
 from protokern.train import main
 from protokern.train import loop as train_loop
 from protokern.train.checkpoint import load_checkpoint
-from protokern.train.config import TrainConfig
-from protokern.train.data import build_datasets
+from protokern.train.config import TrainConfig, parse_config
+from protokern.train.data import build_datasets, build_splits
 
 TRAIN_MAIN = sys.modules["protokern.train.main"]
 
@@ -96,7 +96,7 @@ def test_interrupt_saves_and_resumes(tiny_args, tmp_path, monkeypatch):
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:  # during step 1 (joint) training; steps: warm train+test, joint train ...
+        if calls["n"] == 4:  # during step 1 (joint) training; steps: warm train+val+test, joint train ...
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -109,6 +109,60 @@ def test_interrupt_saves_and_resumes(tiny_args, tmp_path, monkeypatch):
     monkeypatch.setattr(TRAIN_MAIN, "run_epoch", real)
     summary = main(["--resume", str(run), "--quiet"])
     assert summary["complete"] and [r["stage"] for r in _rows(run)] == STEPS
+
+
+def test_best_is_chosen_on_validation_and_both_test_accuracies_reported(tiny_args, tmp_path, capsys):
+    """Default --val-fraction 0.1: one image of each class held out; best.pt has the best validation accuracy
+    among the projected steps, and the summary and final line give the test accuracy of best.pt and last.pt."""
+    summary = main(tiny_args + ["--last-layer-epochs", "4", "--no-quiet", "--no-explain"])
+    run = str(tmp_path / "run")
+    rows = _rows(run)
+    assert all("val_accuracy" in r and "val_ce" in r for r in rows)
+    pushed = [r for r in rows if r["stage"] in ("push", "last")]
+    best = max(pushed, key=lambda r: (r["val_accuracy"], -r["step"]))  # the first best
+    assert summary["selected_on"] == "validation" and summary["val_images"] == 3
+    assert summary["best_step"] == best["step"] and summary["best_val_accuracy"] == best["val_accuracy"]
+    assert summary["best_test_accuracy"] == best["test_accuracy"]
+    assert summary["test_accuracy"] == rows[-1]["test_accuracy"]
+    assert "no part in choosing" in summary["selection_note"]
+    state = load_checkpoint(os.path.join(run, "best.pt"))
+    assert state["step"] == best["step"] and state["best"]["split"] == "val"
+    with open(os.path.join(run, "summary.json")) as fh:
+        assert json.load(fh)["best_test_accuracy"] == best["test_accuracy"]
+    with open(os.path.join(run, "metrics.csv")) as fh:
+        assert [float(r["val_accuracy"]) for r in csv.DictReader(fh)] == [r["val_accuracy"] for r in rows]
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"done: test accuracy last.pt {rows[-1]['test_accuracy']:.3f}, "
+                           f"best.pt (step {best['step']}) {best['test_accuracy']:.3f}, "
+                           f"chosen on validation accuracy {best['val_accuracy']:.3f}")
+
+
+def test_held_out_images_are_not_pushed_onto(tiny_args, tmp_path):
+    main(tiny_args + ["--val-fraction", "0.5", "--no-explain"])
+    run = str(tmp_path / "run")
+    splits = build_splits(TrainConfig.from_saved(load_checkpoint(run)["config"]))
+    records = PushRecords.load(os.path.join(run, "push", "epoch_001", "push_records.pt"))
+    assert len(splits.val) == 9 and len(splits.push) == 9
+    sources = {splits.push.indices[i] for i in records.image_index.tolist()}
+    assert sources and not sources & set(splits.val.indices)
+
+
+def test_val_fraction_zero_selects_on_test(tiny_args, tmp_path, capsys):
+    summary = main(tiny_args + ["--val-fraction", "0", "--last-layer-epochs", "2", "--no-quiet", "--no-explain"])
+    rows = _rows(str(tmp_path / "run"))
+    assert not any("val_accuracy" in r for r in rows)
+    best = max((r for r in rows if r["stage"] in ("push", "last")), key=lambda r: (r["test_accuracy"], -r["step"]))
+    assert summary["selected_on"] == "test" and summary["val_images"] == 0 and summary["best_val_accuracy"] is None
+    assert summary["best_step"] == best["step"] and summary["best_test_accuracy"] == best["test_accuracy"]
+    assert "chosen on the test set" in summary["selection_note"]
+    assert "chosen on the TEST set (--val-fraction 0)" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_resume_keeps_the_validation_split(tiny_args, tmp_path):
+    run = str(tmp_path / "run")
+    main(tiny_args + ["--max-steps", "1"])
+    with pytest.raises(ValueError, match="--val-fraction cannot change on resume"):
+        TRAIN_MAIN.train(*parse_config(["--resume", run, "--quiet", "--val-fraction", "0.3"]))
 
 
 def test_explain_hook_is_called(tiny_args, monkeypatch):
