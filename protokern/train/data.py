@@ -111,16 +111,50 @@ def _load(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     return train, test
 
 
+class Repeated(Dataset):
+    """``copies`` copies of ``dataset`` back to back: item ``i`` is ``dataset[i % len(dataset)]``.
+
+    With the training loader's shuffling and the on-device augmentation every copy is a fresh augmentation: an
+    epoch over ``Repeated(train, 30)`` is the original's epoch over its 30 offline-augmented copies."""
+
+    def __init__(self, dataset: Dataset, copies: int):
+        if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
+            raise ValueError(f"copies must be an int >= 1, got {copies!r}")
+        self.dataset, self.copies = dataset, copies
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.copies
+
+    def __getitem__(self, index: int):
+        return self.dataset[index % len(self.dataset)]
+
+
+def process_batch_size(global_batch: int, world_size: int) -> int:
+    """This process's share of the global training batch; ``ValueError`` when it does not divide evenly."""
+    if global_batch % world_size:
+        raise ValueError(f"--train-batch-size {global_batch} is the global batch and must divide evenly across "
+                         f"the {world_size} processes (try {max(world_size, global_batch // world_size * world_size)})")
+    return global_batch // world_size
+
+
 def train_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> DataLoader:
     """Shuffling loader whose order depends only on ``(seed, epoch)``: call ``loader.sampler.set_epoch``.
+
+    An epoch holds ``cfg.augment_copies`` copies of every image (:class:`Repeated`), shuffled together; each
+    process loads ``cfg.train_batch_size / world_size`` of them per step (the global batch is
+    ``train_batch_size``, as the original's DataParallel batch), so the steps per epoch do not depend on the
+    number of processes.
 
     An adapter over ``protokern.data.make_loader``'s settings: a ``DistributedSampler`` (with this process's
     rank, even for one process) instead of a generator-driven ``RandomSampler``, so a resumed run sees
     exactly the batches an uninterrupted run would, whatever the number of workers.
     """
+    batch = process_batch_size(cfg.train_batch_size, info.world_size)
+    if cfg.augment_copies > 1:
+        dataset = Repeated(dataset, cfg.augment_copies)
     workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
-    return DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=sampler, num_workers=workers,
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 

@@ -42,7 +42,7 @@ from protokern.train.data import WithIndex, build_splits, train_loader
 from protokern.train.distributed import DistInfo, barrier, cleanup, init_distributed, shard
 from protokern.train.loop import TERMS, TrainForward, part_localisation, run_epoch
 from protokern.train.schedule import (Step, build_schedule, learning_rates, make_optimizers, make_scheduler,
-                                      set_trainable, step_scheduler)
+                                      optimizer_steps, set_trainable, step_scheduler)
 
 CSV_COLUMNS = (["step", "stage", "epoch", "iteration", "train_accuracy", "val_accuracy", "test_accuracy"]
                + [f"train_{t}" for t in TERMS] + [f"test_{t}" for t in TERMS]
@@ -131,7 +131,7 @@ class Trainer:
         self.loss_fn = ProtoPNetLoss(cross_entropy=cfg.ce_coef, cluster=cfg.cluster_coef,
                                      separation=cfg.separation_coef, l1=cfg.l1_coef)
         self.augment = GpuAugment(rotate=cfg.aug_rotate, skew=cfg.aug_skew, shear=cfg.aug_shear,
-                                  flip=cfg.aug_flip).to(device) if cfg.augment else None
+                                  flip=cfg.aug_flip, mode=cfg.augment_mode).to(device) if cfg.augment else None
         self.generator = torch.Generator(device=device)
 
         self.train_loader = train_loader(self.train_set, cfg, info)
@@ -143,6 +143,7 @@ class Trainer:
             shard(self.val_set, info), cfg.test_batch_size, shuffle=False, num_workers=cfg.num_workers)
 
         self.schedule = build_schedule(cfg)
+        self.optimizer_steps = optimizer_steps(self.schedule, len(self.train_loader))
         self.next_step = 0
         self.best = {"accuracy": -1.0, "step": None, "pushed": False, "split": self.select_on, "test_accuracy": None}
         self.records: PushRecords | None = None
@@ -370,6 +371,8 @@ class Trainer:
         """Walk the schedule from ``next_step``; return the summary (also written to summary.json)."""
         if self.is_main:
             self._write_config()
+            if not self.cfg.quiet:
+                print(self._steps_line(), flush=True)
         start, done = time.perf_counter(), 0
         step = None
         try:
@@ -439,6 +442,13 @@ class Trainer:
         where = "" if step is None else f" during step {step.index + 1}/{len(self.schedule)} ({step.stage})"
         print(f"\ninterrupted{where}: {saved}{how}", flush=True)
 
+    def _steps_line(self) -> str:
+        """The optimiser steps per epoch and per stage of this run (also in summary.json)."""
+        cfg, steps = self.cfg, self.optimizer_steps
+        return (f"optimiser steps: {len(self.train_loader)} per epoch ({len(self.train_set)} images x "
+                f"{cfg.augment_copies} augmented copies, global batch {cfg.train_batch_size}); warm {steps['warm']}, "
+                f"joint {steps['joint']}, last layer {steps['last']}, total {steps['total']}")
+
     def _summary(self, seconds: float, complete: bool) -> dict:
         localisation = None
         boxes = getattr(self.test_set, "boxes", None)
@@ -466,6 +476,7 @@ class Trainer:
             "selection_note": _SELECTION_NOTE[self.best["split"]],
             "part_localisation": localisation,
             "push_records": self.records_path,
+            "optimizer_steps": {"per_epoch": len(self.train_loader), **self.optimizer_steps},
             "timings": {"this_session_s": seconds, "steps_total_s": sum(self.stage_seconds.values()),
                         "stage_s": dict(self.stage_seconds)},
         }
@@ -479,6 +490,8 @@ class Trainer:
         """Prune after the last push (``protokern.prune``) and retrain the last layer; save ``pruned.pt``.
 
         Every rank prunes the same prototypes: each reads the whole (unaugmented) push set in the same order.
+        The retraining is the original's (``prune_retrain="original"``, :meth:`_retrain_pruned`) or the fast
+        ``cached`` one (:func:`protokern.prune.retrain_last_layer` on similarities of the push set computed once).
         """
         from protokern.prune import prune_prototypes, retrain_last_layer
 
@@ -490,13 +503,21 @@ class Trainer:
             warnings.warn(f"pruning skipped: {error}", stacklevel=2)
             return
         self.records = result["push_records"]
-        retrain = retrain_last_layer(self.model, loader, iters=self.cfg.prune_retrain_epochs, lr=self.cfg.last_layer_lr,
-                                     device=self.device, progress=self._bars(), loss_fn=self.loss_fn, seed=self.cfg.seed)
+        self._wrapped = (None, None)  # new prototype and last layers: DDP is rebuilt around them
+        epoch_tests = []
+        if self.cfg.prune_retrain == "cached":
+            retrain = retrain_last_layer(self.model, loader, iters=self.cfg.prune_retrain_epochs,
+                                         lr=self.cfg.last_layer_lr, device=self.device, progress=self._bars(),
+                                         loss_fn=self.loss_fn, seed=self.cfg.seed)
+        else:
+            retrain, epoch_tests = self._retrain_pruned()
         self.model.eval()
-        test = run_epoch(TrainForward(self.model, self.amp_dtype), self.model, self.test_loader, self.loss_fn,
-                         self.device, channels_last=self.cfg.channels_last)
+        test = epoch_tests[-1] if epoch_tests else run_epoch(
+            TrainForward(self.model, self.amp_dtype), self.model, self.test_loader, self.loss_fn, self.device,
+            channels_last=self.cfg.channels_last)["accuracy"]
         report = {k: v for k, v in result.items() if k not in ("neighbours", "push_records")}
-        report.update(retrain_accuracy=retrain["accuracy"], test_accuracy=test["accuracy"])
+        report.update(retrain=self.cfg.prune_retrain, retrain_epochs=self.cfg.prune_retrain_epochs,
+                      retrain_accuracy=retrain["accuracy"], retrain_test_accuracy=epoch_tests, test_accuracy=test)
         if self.is_main:
             state = {"model": self.model.state_dict(), "model_config": self.model.config, "config": self.cfg.to_dict(),
                      "step": self.next_step - 1, "stage": "prune", "push_records": self.records.to_dict(),
@@ -505,7 +526,38 @@ class Trainer:
             ckpt.atomic_write_text(self._path("prune.json"), json.dumps(report, indent=2))
             if not self.cfg.quiet:
                 print(f"pruned {report['num_pruned']} prototypes, {report['num_remaining']} remain; test accuracy "
-                      f"after last-layer retraining {test['accuracy']:.3f} -> {self._path('pruned.pt')}", flush=True)
+                      f"after last-layer retraining {test:.3f} -> {self._path('pruned.pt')}", flush=True)
+
+    def _retrain_pruned(self) -> tuple[dict, list[float]]:
+        """The original's retraining after pruning: ``prune_retrain_epochs`` epochs of the last layer alone over
+        the (augmented, ``augment_copies``) training loader with a fresh Adam at ``last_layer_lr``, the model in
+        train mode (BatchNorm statistics keep updating, as the original's ``train_and_test.train``), testing
+        after every epoch. Returns the last epoch's training metrics and the test accuracy of every epoch."""
+        cfg = self.cfg
+        optimizer = torch.optim.Adam(self.model.last_layer.parameters(), lr=cfg.last_layer_lr)
+        set_trainable(self.model, "last")
+        forward = self._wrapped_forward("last")
+        train, tests = {"accuracy": float("nan")}, []
+        for epoch in range(cfg.prune_retrain_epochs):
+            index = len(self.schedule) + epoch  # shuffling and augmentation seeds continue after the schedule's
+            self.model.train()
+            self.train_loader.sampler.set_epoch(index)
+            self.generator.manual_seed(cfg.seed * 1_000_003 + index * 7919 + self.info.rank)
+            train = run_epoch(forward, self.model, self.train_loader, self.loss_fn, self.device, optimizer=optimizer,
+                              augment=self.augment, generator=self.generator, scaler=self.scaler,
+                              channels_last=cfg.channels_last, progress=self._bars(), desc=f"prune retrain {epoch}",
+                              nan_policy=cfg.nan_policy)
+            if self.info.enabled:  # as _train: one set of BN statistics on every rank
+                for buffer in self.model.buffers():
+                    dist.broadcast(buffer, src=0)
+            self.model.eval()
+            test = run_epoch(self.forward, self.model, self.test_loader, self.loss_fn, self.device,
+                             channels_last=cfg.channels_last, progress=self._bars(), desc="test")
+            tests.append(test["accuracy"])
+            if self.is_main and not cfg.quiet:
+                print(f"prune retrain {epoch + 1}/{cfg.prune_retrain_epochs}: train acc {train['accuracy']:.3f}  "
+                      f"test acc {test['accuracy']:.3f}", flush=True)
+        return train, tests
 
     def _explain(self) -> None:
         """Call ``protokern.explain.explain_run(run_dir, model, ...)`` when that module exists."""

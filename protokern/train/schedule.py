@@ -5,8 +5,8 @@
 - ``joint`` epochs: Adam on trunk (1e-4, wd 1e-3), add-on (3e-3, wd 1e-3) and prototypes (3e-3), with
   ``StepLR(5, 0.1)`` stepped at the start of every joint epoch (as the original, which steps before training).
 - ``push`` after epoch ``e`` when ``e >= push_start`` and ``e % push_every == 0`` (and, with
-  ``push_at_end``, after the final epoch), followed by ``last_layer_epochs`` ``last`` epochs training only
-  the last layer (Adam 1e-4).
+  ``push_at_end``, after the final epoch; the original does not), followed by ``last_layer_epochs`` ``last``
+  epochs training only the last layer (Adam 1e-4).
 
 The last layer is in neither the warm nor the joint optimiser.
 """
@@ -48,6 +48,14 @@ def build_schedule(cfg: TrainConfig) -> list[Step]:
             add("push", epoch)
             for i in range(cfg.last_layer_epochs):
                 add("last", epoch, i)
+    return steps
+
+
+def optimizer_steps(schedule: list[Step], steps_per_epoch: int) -> dict[str, int]:
+    """Optimiser steps of each training stage (``warm``, ``joint``, ``last``) and in all (``total``) of
+    ``schedule``, for epochs of ``steps_per_epoch`` steps (``len`` of the training loader)."""
+    steps = {stage: steps_per_epoch * sum(s.stage == stage for s in schedule) for stage in ("warm", "joint", "last")}
+    steps["total"] = sum(steps.values())
     return steps
 
 

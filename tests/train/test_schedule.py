@@ -23,6 +23,8 @@ def test_cub_schedule():
 def test_push_at_end():
     cfg = preset_config("cub")
     cfg.epochs = 15
+    assert [s.epoch for s in build_schedule(cfg) if s.stage == "push"] == [10]  # the original: no final push
+    cfg.push_at_end = True
     pushes = [s.epoch for s in build_schedule(cfg) if s.stage == "push"]
     assert pushes == [10, 14]
     cfg.push_at_end = False
