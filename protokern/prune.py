@@ -3,7 +3,10 @@
 A prototype is pruned when fewer than ``threshold`` (3) of its ``k`` (6) nearest training patches, taken one
 per image, come from images of its own class: such a prototype stands for background or for a part shared
 with other classes. Afterwards the last layer is retrained (100 epochs, Adam lr 1e-4, the ProtoPNet loss of
-which only the cross entropy and the L1 term reach the last layer).
+which only the cross entropy and the L1 term reach the last layer). The original retrains over its augmented
+training set with the model in train mode, testing after every epoch (:func:`retrain_last_layer` with
+``augment``, ``train_mode=True`` and ``on_epoch``; the trainer's ``--prune-retrain original``); the cached
+path (similarities of the unaugmented images computed once) is a fast alternative.
 
 The search for each prototype's nearest images is one fused :func:`protokern.nearest_patches` call per batch
 and a running ``torch.topk`` over ``(P, k + B)`` candidates: no Python loop over prototypes or images. It is
@@ -15,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -224,17 +228,27 @@ def _similarities(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
 
 def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float = 1e-4, device=None,
                        progress: bool = True, loss_fn: nn.Module | None = None, augment: nn.Module | None = None,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, train_mode: bool = False,
+                       on_epoch: Callable[[int, dict], None] | None = None) -> dict:
     """Train only ``model.last_layer`` for ``iters`` epochs over ``loader`` (Adam, ``lr``), as after pruning.
 
     The loss is the ProtoPNet loss (``loss_fn``, default :class:`protokern.losses.ProtoPNetLoss`); with the
-    trunk, add-on and prototypes frozen only its cross-entropy and L1 terms reach the last layer. The frozen
-    part runs in eval mode (BatchNorm statistics frozen, as the trainer's last-layer epochs). Without
-    ``augment`` the similarities are computed once and cached, and the epochs reshuffle them in batches of
-    the loader's batch size (seeded by ``seed``); with ``augment`` (e.g. ``protokern.data.GpuAugment``) every
-    epoch runs the model on freshly augmented batches.
+    trunk, add-on and prototypes frozen only its cross-entropy and L1 terms reach the last layer.
 
-    Returns ``{"iters", "loss", "accuracy"}``: the last epoch's mean loss and training accuracy.
+    Two paths:
+
+    - cached (the fast one; without ``augment`` and ``train_mode``): the similarities are computed once in
+      eval mode, and the epochs reshuffle them in batches of the loader's batch size (seeded by ``seed``).
+    - live: every epoch runs the model over ``loader``, each batch augmented by ``augment`` (e.g.
+      ``protokern.data.GpuAugment``, seeded by ``seed``) when given. With ``train_mode=True`` the model runs in
+      train mode, so BatchNorm statistics keep following the (augmented) training batches, as the original's
+      retraining after pruning; otherwise in eval mode (statistics frozen, as the trainer's last-layer epochs).
+
+    ``on_epoch(epoch, stats)`` is called after every epoch (0-based) with that epoch's ``{"loss", "accuracy"}``,
+    e.g. to test the model as the original does; it may change the model's mode (it is reset every epoch).
+
+    Returns ``{"iters", "loss", "accuracy"}``: the last epoch's mean loss and training accuracy. The model's
+    mode and the last layer's ``requires_grad`` are restored.
     """
     from protokern.losses import ProtoPNetLoss
 
@@ -251,7 +265,9 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
 
     def live_batches():
         for images, labels in _batches(loader):
-            images = augment(images.to(device).float(), generator=aug_generator)
+            images = images.to(device).float()
+            if augment is not None:
+                images = augment(images, generator=aug_generator)
             yield (*_similarities(model, images), torch.as_tensor(labels).to(device))
 
     cache = None
@@ -260,7 +276,7 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
     weight.requires_grad_(True)
     stats = {"iters": iters, "loss": math.nan, "accuracy": math.nan}
     try:
-        if augment is None:
+        if augment is None and not train_mode:
             parts = [(*_similarities(model, images.to(device)), torch.as_tensor(labels).to(device))
                      for images, labels in _progress(_batches(loader), "last layer: features", progress)]
             if not parts:
@@ -268,7 +284,8 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
             cache = [torch.cat(p) for p in zip(*parts)]
             batch_size = getattr(loader, "batch_size", None) or parts[0][0].shape[0]
 
-        for _ in _progress(range(iters), "last layer", progress):
+        for epoch in _progress(range(iters), "last layer", progress):
+            model.train(train_mode)
             if cache is not None:
                 perm = torch.randperm(cache[0].shape[0], generator=generator).to(device)
                 batches = ((t[idx] for t in cache) for idx in perm.split(batch_size))
@@ -286,6 +303,8 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
                 correct += int((logits.argmax(1) == labels).sum())
                 count += n
             stats.update(loss=total / max(count, 1), accuracy=correct / max(count, 1))
+            if on_epoch is not None:
+                on_epoch(epoch, {"loss": stats["loss"], "accuracy": stats["accuracy"]})
     finally:
         model.train(was_training)
         weight.requires_grad_(requires_grad)

@@ -154,3 +154,35 @@ def test_retrain_fits_a_separable_task():
     assert stats["accuracy"] == 1.0
     w = model.last_layer.weight
     assert w[0, 0] > 0 and w[1, 1] > 0
+
+
+def test_retrain_in_train_mode_as_the_original():
+    """train_mode=True (the original's retraining): BatchNorm statistics follow the batches, nothing else but the
+    last layer changes; on_epoch sees every epoch (to test after each, as the original)."""
+    torch.manual_seed(0)
+    model = ProtoPNet("tiny", num_classes=2, prototypes_per_class=2, prototype_dim=8).eval()
+    images = torch.rand(12, 3, 32, 32)
+    loader = DataLoader(ListDataset(list(images), [0] * 6 + [1] * 6), batch_size=4, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    def on_epoch(epoch, stats):
+        seen.append((epoch, model.training, sorted(stats)))
+        model.eval()  # e.g. a test pass; the next epoch is back in train mode
+
+    stats = retrain_last_layer(model, loader, iters=3, lr=1e-2, progress=False, train_mode=True, on_epoch=on_epoch)
+    after = model.state_dict()
+    assert seen == [(e, True, ["accuracy", "loss"]) for e in range(3)] and stats["iters"] == 3
+    assert not model.training  # restored
+    statistics = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert statistics and all(not torch.equal(before[k], after[k]) for k in statistics)
+    assert all(torch.equal(before[k], after[k]) for k in before
+               if k not in statistics and k != "last_layer.weight" and not k.endswith("num_batches_tracked"))
+    assert not torch.equal(before["last_layer.weight"], after["last_layer.weight"])
+
+    model.load_state_dict(before)  # the cached path keeps eval mode: statistics stay, on_epoch still called
+    seen.clear()
+    retrain_last_layer(model, loader, iters=2, lr=1e-2, progress=False, on_epoch=on_epoch)
+    assert [e for e, _, _ in seen] == [0, 1] and not any(training for _, training, _ in seen)
+    assert all(torch.equal(before[k], model.state_dict()[k]) for k in statistics)
