@@ -1,9 +1,10 @@
 """Triton kernels of the fused prototype op: distance + global min/argmin + log-similarity.
 
 Forward: one program per (batch image, tile of prototypes). It walks the image's patches in tiles,
-computes squared distances with the expansion ``|p|^2 + |z|^2 - 2 p.z`` (a ``tl.dot``), keeps a running
-min and argmin per prototype in registers, then recomputes the winner's distance exactly as
-``sum_d (z - p)^2`` in fp32 and writes the similarity. The (B, M, H*W) map never reaches memory.
+computes approximate squared distances with the expansion ``|p|^2 + |z|^2 - 2 p.z`` (a ``tl.dot``) and
+rescores exactly, as ``sum_d (z - p)^2`` in fp32, every patch that the search's error bound cannot rule out
+(certified search, ``search_bound.py``); it keeps the exact min and argmin per prototype in registers and
+writes the similarity. The (B, M, H*W) map never reaches memory.
 
 Backward: gradients reach only the winning patch of each (b, m).
 
@@ -22,9 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-# "highest": exact fp32 products; "high": 3xTF32 (about fp32 accuracy); "medium": TF32. In every mode the
-# winning patch's distance is recomputed exactly in fp32.
+from protokern.kernels import search_bound
+
+# "highest": exact fp32 products; "high": 3xTF32 (about fp32 accuracy); "medium": TF32 (also the names of
+# their search_bound levels). The precision only changes the search's speed, never its result.
 INPUT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+MAX_PROGRAMS = 2 ** 31 - 1  # CUDA grid axis 0 limit; larger problems launch in runs of images
 
 
 # Forward launch configuration per precision: (largest channel slice, or None for 64/128 by tile size;
@@ -37,17 +41,31 @@ _FORWARD_CONFIG = {"highest": (None, 4, 3), "high": (None, 4, 3), "medium": (32,
 @triton.jit
 def _forward_kernel(
     z_ptr, p_ptr, sim_ptr, dist_ptr, idx_ptr,
-    D, HW, M, eps,
+    D, HW, M, eps, one_minus_eps, coef, tiny,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    """One program per (image, prototype tile), both folded into grid axis 0 (no 65535 limit on B).
+
+    Certified search: a~ = |p|^2 + |z|^2 - 2 p.z from tl.dot at PRECISION, delta = coef ((|z| + |p|)^2 + tiny)
+    >= |a~ - e| (coef and its derivation: ``search_bound.py``). Each patch tile updates the running threshold
+    thr = min (a~ + delta) and rescores exactly every patch with a~ - delta <= thr or a~ not finite (a superset
+    of the candidates of the final threshold, since thr only decreases), one candidate per row at a time in
+    increasing patch order. The exact distance sums (z_d - p_d)^2 sequentially over d for each row on its own:
+    the bits depend neither on the tile sizes nor on the warps, so every precision returns the same
+    (distance, index). Winner: the first NaN patch if any (distance NaN), else the first patch of smallest
+    exact distance (a patch holding +-inf is at +inf; if all are, patch 0).
+    """
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % m_tiles
+    b = (pid // m_tiles).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     z_base = z_ptr + b * stride_zb
-    p_rows = p_ptr + offs_m[:, None] * stride_pm
+    p_row = p_ptr + offs_m * stride_pm
+    p_rows = p_row[:, None]
 
     p_norm = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -55,10 +73,13 @@ def _forward_kernel(
         p = tl.load(p_rows + offs_d[None, :] * stride_pd,
                     mask=m_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
         p_norm += tl.sum(p * p, axis=1)
+    p_len = tl.sqrt(p_norm)
 
-    best = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
-    best_idx = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    has_nan = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    inf = float("inf")
+    thr = tl.full((BLOCK_M,), inf, dtype=tl.float32)
+    best = tl.full((BLOCK_M,), inf, dtype=tl.float32)
+    best_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)  # HW: none yet
+    nan_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)
     for k0 in range(0, HW, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < HW
@@ -73,33 +94,45 @@ def _forward_kernel(
                         mask=d_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
             dot = tl.dot(p, z, dot, input_precision=PRECISION)
             z_norm += tl.sum(z * z, axis=0)
-        dist = p_norm[:, None] + z_norm[None, :] - 2.0 * dot
-        is_nan = dist != dist
-        has_nan |= tl.max(is_nan.to(tl.int32), axis=1)
-        # Triton's min ignores nothing reliably: take NaN and padding out explicitly.
-        dist = tl.where(is_nan | (offs_k[None, :] >= HW), float("inf"), dist)
-        tile_min, tile_idx = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        better = tile_min < best  # strict: an earlier tile keeps ties
-        best = tl.where(better, tile_min, best)
-        best_idx = tl.where(better, k0 + tile_idx, best_idx)
+        approx = p_norm[:, None] + z_norm[None, :] - 2.0 * dot
+        radius = p_len[:, None] + tl.sqrt(z_norm)[None, :]
+        delta = coef * (radius * radius + tiny)
+        live = m_mask[:, None] & k_mask[None, :]
+        finite = tl.abs(approx) < inf  # False for NaN too
+        thr = tl.minimum(thr, tl.min(tl.where(live & finite, approx + delta, inf), axis=1))
+        cand = live & ((approx - delta <= thr[:, None]) | (finite == 0))
+        count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
+        while count > 0:
+            k = tl.min(tl.where(cand, offs_k[None, :], HW), axis=1)  # each row's next candidate
+            active = k < HW
+            z_col = z_base + tl.where(active, k, 0).to(tl.int64) * stride_zk
+            e = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for d in range(0, D):
+                zd = tl.load(z_col + d * stride_zd, mask=active, other=0.0).to(tl.float32)
+                pd = tl.load(p_row + d * stride_pd, mask=active, other=0.0).to(tl.float32)
+                diff = zd - pd
+                e += diff * diff
+            is_nan = e != e
+            nan_idx = tl.where(active & is_nan & (nan_idx == HW), k, nan_idx)
+            better = active & (is_nan == 0) & ((e < best) | (best_idx == HW))
+            best = tl.where(better, e, best)
+            best_idx = tl.where(better, k, best_idx)
+            cand = cand & (offs_k[None, :] != k[:, None])
+            count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
 
-    # Exact fp32 distance at the winning patch.
-    exact = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    z_win = z_base + best_idx.to(tl.int64)[:, None] * stride_zk
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask = m_mask[:, None] & (offs_d[None, :] < D)
-        p = tl.load(p_rows + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_win + offs_d[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
-        diff = z - p
-        exact += tl.sum(diff * diff, axis=1)
-    exact = tl.where(has_nan > 0, float("nan"), exact)
-    sim = tl.log((exact + 1.0) / (exact + eps))
+    has_nan = nan_idx < HW
+    exact = tl.where(has_nan, float("nan"), best)
+    win = tl.minimum(tl.where(has_nan, nan_idx, best_idx), HW - 1)
+    # log((d + 1) / (d + eps)) = log1p((1 - eps) / (d + eps)), log1p by Goldberg's u = 1 + x trick (no log1p
+    # in the interpreter): accurate for large d and exactly 0 at d = +inf.
+    x = one_minus_eps / (exact + eps)
+    u = 1.0 + x
+    sim = tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
 
     out = b * M + offs_m
     tl.store(dist_ptr + out, exact, mask=m_mask)
     tl.store(sim_ptr + out, sim, mask=m_mask)
-    tl.store(idx_ptr + out, best_idx.to(tl.int64), mask=m_mask)
+    tl.store(idx_ptr + out, win.to(tl.int64), mask=m_mask)
 
 
 @triton.jit
@@ -191,7 +224,8 @@ def _channels_innermost(z3: torch.Tensor) -> torch.Tensor:
 def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "highest"):
     """Fused forward on z3 (B, D, HW) (any strides, any float dtype) and p (M, D).
 
-    Returns (similarity, min_distances, patch_index), each (B, M); float32, float32, int64.
+    Returns (similarity, min_distances, patch_index), each (B, M); float32, float32, int64. Certified search:
+    the result is the same at every precision (see ``_forward_kernel``).
     """
     B, D, HW = z3.shape
     M = p.shape[0]
@@ -203,13 +237,17 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     block_k = _pow2(HW, 16, 64)
     max_d, num_warps, num_stages = _FORWARD_CONFIG[precision]
     block_d = _pow2(D, 16, max_d if max_d else (64 if block_m * block_k > 2048 else 128))
-    grid = (triton.cdiv(M, block_m), B)
-    _forward_kernel[grid](
-        z3, p, sim, dist, idx, D, HW, M, eps,
-        z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=INPUT_PRECISION[precision],
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    coef = search_bound.coefficient(INPUT_PRECISION[precision], D)
+    m_tiles = triton.cdiv(M, block_m)
+    images = max(1, MAX_PROGRAMS // m_tiles)  # images per launch: grid axis 0 holds images * m_tiles programs
+    for b0 in range(0, B, images):
+        b1 = min(B, b0 + images)
+        _forward_kernel[((b1 - b0) * m_tiles,)](
+            z3[b0:b1], p, sim[b0:b1], dist[b0:b1], idx[b0:b1], D, HW, M, eps, 1.0 - eps, coef, search_bound.TINY,
+            z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=INPUT_PRECISION[precision],
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return sim, dist, idx
 
 

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 
-from protokern.ops import prototype_similarity
+from protokern.backends import BACKENDS
+from protokern.ops import PRECISIONS, check_eps, prototype_similarity
+
+
+def _positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1 (Python or NumPy integer), else a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 class ProtoLayer(nn.Module):
@@ -14,16 +26,25 @@ class ProtoLayer(nn.Module):
     The parameter ``prototypes`` has the original implementation's shape (M, D, 1, 1) and is initialised
     uniform in [0, 1). ``forward(z)`` takes features (B, D, H, W) and returns ``(similarity, min_distances)``,
     each (B, M) float32, computed by the fused op (see ``protokern.prototype_similarity``).
+
+    Arguments are checked here, one clear error each: the counts must be integers >= 1 (NumPy integers
+    accepted), ``eps`` a real number as ``prototype_similarity`` requires it, ``backend`` one of "auto",
+    "torch", "triton", "cuda" (whether it runs is decided at the first call, on the features' device) and
+    ``precision`` one of "highest", "high", "medium".
     """
 
-    def __init__(self, num_prototypes: int, prototype_dim: int, *, eps: float = 1e-4, backend: str = "auto"):
+    def __init__(self, num_prototypes: int, prototype_dim: int, *, eps: float = 1e-4, backend: str = "auto",
+                 precision: str = "highest"):
         super().__init__()
-        if num_prototypes < 1 or prototype_dim < 1:
-            raise ValueError(f"num_prototypes and prototype_dim must be >= 1, got {num_prototypes}, {prototype_dim}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        self.eps = float(eps)
+        num_prototypes = _positive_int("num_prototypes", num_prototypes)
+        prototype_dim = _positive_int("prototype_dim", prototype_dim)
+        self.eps = check_eps(eps)
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from 'auto', " + ", ".join(map(repr, BACKENDS)))
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.backend = backend
+        self.precision = precision
         self.prototypes = nn.Parameter(torch.rand(num_prototypes, prototype_dim, 1, 1))
 
     @property
@@ -35,7 +56,8 @@ class ProtoLayer(nn.Module):
         return self.prototypes.shape[1]
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return prototype_similarity(z, self.prototypes, eps=self.eps, backend=self.backend)
+        return prototype_similarity(z, self.prototypes, eps=self.eps, backend=self.backend, precision=self.precision)
 
     def extra_repr(self) -> str:
-        return f"num_prototypes={self.num_prototypes}, prototype_dim={self.prototype_dim}, eps={self.eps}, backend={self.backend!r}"
+        return (f"num_prototypes={self.num_prototypes}, prototype_dim={self.prototype_dim}, eps={self.eps}, "
+                f"backend={self.backend!r}, precision={self.precision!r}")

@@ -9,7 +9,9 @@ dispatch (tens of microseconds a call, comparable to the kernels themselves).
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -18,6 +20,25 @@ from protokern import backends, torch_backend
 
 PRECISIONS = ("highest", "high", "medium")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@torch.compiler.assume_constant_result  # torch.compile evaluates it eagerly, like the eps it checks
+@functools.cache
+def _similarity_at_zero_is_finite(eps: float) -> bool:
+    e = torch.tensor(eps, dtype=torch.float32)
+    return bool(e > 0) and bool(torch.isfinite(torch.log1p((1 - e) / e)))
+
+
+def check_eps(eps) -> float:
+    """Return ``eps`` as a float if it is a real number > 0 whose similarity at d = 0,
+    log((0 + 1) / (0 + eps)), is finite in float32; raise a one-line error otherwise."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}")
+    value = float(eps)
+    if not (math.isfinite(value) and value > 0 and _similarity_at_zero_is_finite(value)):
+        raise ValueError(f"eps must be a finite number > 0 whose similarity log(1 / eps) is finite in float32, "
+                         f"got {eps!r}")
+    return value
 
 
 def _check(z: Tensor, prototypes: Tensor, eps: float = 1.0, precision: str = "highest") -> Tensor:
@@ -38,8 +59,7 @@ def _check(z: Tensor, prototypes: Tensor, eps: float = 1.0, precision: str = "hi
     for name, t in (("z", z), ("prototypes", p)):
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    check_eps(eps)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return p
@@ -140,7 +160,8 @@ def prototype_similarity(z: Tensor, prototypes: Tensor, *, eps: float = 1e-4, ba
     Args:
         z: features (B, D, H, W), float16/bfloat16/float32 (float64 on the torch backend), any strides.
         prototypes: (M, D) or (M, D, 1, 1), same device as ``z``.
-        eps: the epsilon of ``log((d + 1) / (d + eps))``; must be > 0.
+        eps: the epsilon of ``log((d + 1) / (d + eps))``; a finite number > 0 with log(1 / eps) finite in
+            float32 (about 3e-39 < eps < 1.7e7).
         backend: "auto" (fastest available for the device), "torch", "triton" or "cuda".
         precision: "highest" (exact fp32 products), "high" (3xTF32) or "medium" (TF32) for the search over
             patches on the fused GPU backends; the winning patch's distance is always recomputed exactly.

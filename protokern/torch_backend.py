@@ -11,7 +11,9 @@ from collections.abc import Iterator
 
 import torch
 
-SLAB = 1 << 24  # elements of the distance map held at once
+from protokern.kernels import search_bound
+
+SLAB = 1 << 22  # elements of the (b, m, HW) search slab held at once (a few such tensors live together)
 
 
 def _slabs(B: int, M: int, HW: int) -> Iterator[tuple[slice, slice]]:
@@ -31,27 +33,114 @@ def _winners(zt: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(zt, 1, idx[..., None].expand(-1, -1, zt.shape[-1]))
 
 
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """x (float32) truncated to TF32 (10 mantissa bits), as tensor cores read it; NaN stays NaN."""
+    return torch.where(x.isnan(), x, (x.view(torch.int32) & -8192).view(torch.float32))  # 0xffffe000
+
+
+def search_level(precision: str, dtype: torch.dtype, device: torch.device) -> str:
+    """The search arithmetic (a ``search_bound.LEVELS`` name) of ``precision`` on this device and dtype.
+
+    float64 always searches in float64 products. In float32 "high" and "medium" emulate 3xTF32 and TF32
+    products; torch's own matmul settings (TF32/bf16 matmuls) can only make the search less accurate.
+    """
+    if dtype == torch.float64:
+        return "ieee"
+    level = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}[precision]
+    matmul = {"highest": "ieee", "high": "tf32"}.get(torch.get_float32_matmul_precision(), "bf16")
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        matmul = search_bound.worst(matmul, "tf32")
+    return search_bound.worst(level, matmul)
+
+
+def _dot(p: torch.Tensor, z3: torch.Tensor, precision: str) -> torch.Tensor:
+    """p (m, D) @ z3 (b, D, HW) with the products of ``precision`` (float64: always exact products)."""
+    if precision == "highest" or p.dtype == torch.float64:
+        return torch.matmul(p, z3)
+    ph, zh = _tf32(p), _tf32(z3)
+    if precision == "medium":
+        return torch.matmul(ph, zh)
+    pl, zl = _tf32(p - ph), _tf32(z3 - zh)  # 3xTF32: hi.hi + (hi.lo + lo.hi)
+    return torch.matmul(ph, zh) + (torch.matmul(ph, zl) + torch.matmul(pl, zh))
+
+
+def search(z3: torch.Tensor, p: torch.Tensor, precision: str = "highest") -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate distances a~ (b, m, HW) = |z|^2 + |p|^2 - 2 z.p and their bound delta >= |a~ - e|.
+
+    Materialises (b, m, HW): the forward calls it one slab at a time. The bound is derived in
+    ``protokern.kernels.search_bound``.
+    """
+    D = z3.shape[1]
+    unit = search_bound.FP64_UNIT if z3.dtype == torch.float64 else search_bound.FP32_UNIT
+    coef = search_bound.coefficient(search_level(precision, z3.dtype, z3.device), D, unit)
+    z_norm, p_norm = (z3 * z3).sum(1), (p * p).sum(1)
+    approx = z_norm[:, None, :] + p_norm[None, :, None] - 2 * _dot(p, z3, precision)
+    delta = coef * ((z_norm.sqrt()[:, None, :] + p_norm.sqrt()[None, :, None]).square() + search_bound.TINY)
+    return approx, delta
+
+
+def exact_distances(zv: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
+    """sum_d (zv - pv)^2 over the last dim, in a fixed pairwise order that depends only on D.
+
+    Elementwise operations only: the bits do not depend on how many rows are scored at once, on the device,
+    or on the search precision that selected them.
+    """
+    x = (zv - pv).square()
+    while x.shape[-1] > 1:
+        if x.shape[-1] % 2:
+            x = torch.nn.functional.pad(x, (0, 1))  # + exact zeros
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x[..., 0]
+
+
+def _rescore(zt: torch.Tensor, p: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """Exact distances (b, m, HW) at the candidate entries of ``cand`` (others NaN), in chunks of rows."""
+    e = torch.full(cand.shape, float("nan"), device=zt.device, dtype=zt.dtype)
+    b, m, i = cand.nonzero(as_tuple=True)
+    chunk = max(1, SLAB // zt.shape[-1])  # at most SLAB gathered values at once, never B*M*HW*D
+    for s in range(0, b.numel(), chunk):
+        bs, ms, is_ = b[s:s + chunk], m[s:s + chunk], i[s:s + chunk]
+        e[bs, ms, is_] = exact_distances(zt[bs, is_], p[ms])
+    return e
+
+
+def similarity(dist: torch.Tensor, eps: float) -> torch.Tensor:
+    """log((d + 1) / (d + eps)) as log1p((1 - eps) / (d + eps)): accurate for large d, 0 at d = +inf."""
+    return torch.log1p((1 - eps) / (dist + eps))
+
+
 def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "highest"):
-    """Returns (similarity, min_distances, patch_index) for z3 (B, D, HW) and p (M, D)."""
+    """Returns (similarity, min_distances, patch_index) for z3 (B, D, HW) and p (M, D).
+
+    Certified search (see ``protokern.kernels.search_bound``): every patch whose approximate distance could
+    be the minimum, and every patch whose approximate distance is not finite, is rescored exactly; the
+    winner is the lowest index with the smallest exact distance, or the lowest NaN patch if there is one
+    (then the distance is NaN). A patch holding +-inf is at distance +inf.
+    """
     dtype = _compute_dtype(z3, p)
     z3, p = z3.to(dtype), p.to(dtype)
     B, D, HW = z3.shape
     M = p.shape[0]
     zt = z3.transpose(1, 2)
-    z_norm = (z3 * z3).sum(1)
-    p_norm = (p * p).sum(1)
     dist = torch.empty((B, M), device=z3.device, dtype=dtype)
     idx = torch.empty((B, M), device=z3.device, dtype=torch.int64)
     arange = torch.arange(HW, device=z3.device)
     for bs, ms in _slabs(B, M, HW):
-        d = z_norm[bs, None, :] + p_norm[None, ms, None] - 2 * torch.matmul(p[ms], z3[bs])
-        d_min = d.amin(-1)  # NaN propagates
-        first = torch.where(d == d_min[..., None], arange, HW).amin(-1).clamp_(max=HW - 1)
-        exact = (_winners(zt[bs], first) - p[None, ms]).square().sum(-1)
-        dist[bs, ms] = torch.where(d_min.isnan(), d_min, exact)
-        idx[bs, ms] = first
-    sim = torch.log((dist + 1) / (dist + eps))
-    return sim, dist, idx
+        approx, delta = search(z3[bs], p[ms], precision)
+        finite = approx.isfinite()
+        thr = torch.where(finite, approx + delta, float("inf")).amin(-1, keepdim=True)
+        cand = (approx - delta <= thr) | ~finite
+        e = _rescore(zt[bs], p[ms], cand)
+        is_nan = e.isnan() & cand
+        has_nan = is_nan.any(-1)
+        e = torch.where(cand & ~is_nan, e, float("inf"))
+        e_min = e.amin(-1)
+        first = torch.where(cand & ~is_nan & (e == e_min[..., None]), arange, HW).amin(-1)
+        first_nan = torch.where(is_nan, arange, HW).amin(-1)
+        dist[bs, ms] = torch.where(has_nan, float("nan"), e_min)
+        idx[bs, ms] = torch.where(has_nan, first_nan, first).clamp_(max=HW - 1)
+    return similarity(dist, eps), dist, idx
 
 
 def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):

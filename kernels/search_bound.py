@@ -1,0 +1,73 @@
+"""The certified patch search's error bound, shared by every backend (pure Python: no triton import).
+
+Each backend searches with the expansion ``a~ = |z|^2 + |p|^2 - 2 z.p`` (one GEMM) and then rescores
+exactly, in the difference form ``e = sum_d (z_d - p_d)^2``, every patch i with
+``a~_i - delta_i <= min_j (a~_j + delta_j)`` (and every patch whose a~ is not finite). If
+``|a~_i - e_i| <= delta_i`` for every i, the exact minimiser is always among the rescored patches, so the
+result does not depend on the search precision. This module gives ``delta``:
+
+    delta(z, p) = coefficient(level, D, u) * ((|z| + |p|)^2 + TINY)      (|.| the L2 norm)
+
+Derivation (u the unit roundoff of the arithmetic, 2^-24 for fp32; gamma(n, v) = n v / (1 - n v); E the
+real value sum_d (z_d - p_d)^2 = |z|^2 + |p|^2 - 2 z.p; note E, |z|^2 + |p|^2 and 2 |z| |p| are all
+<= (|z| + |p|)^2, and sum_d |z_d p_d| <= |z| |p| by Cauchy-Schwarz):
+
+* norms: the computed |z|^2 and |p|^2 (any summation order, FMA or not) are within gamma(D, u) relative;
+  their sum adds one rounding: |S - (|z|^2 + |p|^2)| <= gamma(D + 1, u) (|z| + |p|)^2.
+* products z.p (``dot_error``), relative to |z| |p|, accumulation with v = 2u per addition (tensor cores
+  may truncate instead of rounding):
+  - "ieee" (exact fp32 products, FFMA): gamma(D, 2u).
+  - "tf32" (operands truncated to 10 mantissa bits, t = 2^-10; products of two TF32 values are exact in
+    fp32): (2t + t^2) operand error + gamma(D, 2u) (1 + t)^2 accumulation.
+  - "tf32x3" (x = hi + lo + r with hi = tf32(x), lo = tf32(x - hi), |r| <= t^2 |x|; the three products
+    hi.hi + hi.lo + lo.hi are exact): the dropped terms lo.lo + (hi + lo) r' + r (hi' + lo') + r r' are at
+    most (3 t^2 + t^4) |z_d p_d|; 3D exact products accumulate with gamma(3D, 2u) (1 + t)^2.
+  - "bf16" (operands rounded to 7 mantissa bits, t = 2^-7; what torch's "medium" matmul precision may do):
+    as "tf32" with that t.
+* epilogue: a~ = fl(S - 2 dot) adds u (1 + small) (|z| + |p|)^2 (an FMA only removes roundings).
+* the exact e itself: each difference, square and addition rounds once: |e - E| <= gamma(D + 2, u) E.
+
+Summing: |a~ - e| <= (gamma(D + 1) + dot_error + 2u + gamma(D + 2)) (|z| + |p|)^2. ``coefficient`` returns
+twice that: the factor 2 covers the fp32 evaluation of delta itself (the norms it uses are computed ones,
+within gamma(D) + 4u relative; sqrt may be approximate on GPUs) and, through TINY = 2^-100, the absolute
+error of underflowing products and flushed subnormals (at most (3D + 8) 2^-126, below
+coefficient * TINY since coefficient >= 4 gamma(D, u)). Overflowing norms give delta = inf: such patches are
+always rescored. The comparisons are exact-safe because rounding is monotone: a~_w - delta_w <= e_w <=
+e_j <= a~_j + delta_j for the true winner w implies fl(a~_w - delta_w) <= fl(a~_j + delta_j).
+"""
+
+from __future__ import annotations
+
+TINY = 2.0 ** -100
+LEVELS = ("ieee", "tf32x3", "tf32", "bf16")  # increasing search error
+FP32_UNIT = 2.0 ** -24
+FP64_UNIT = 2.0 ** -53
+
+
+def _gamma(n: int, v: float) -> float:
+    if n * v >= 0.5:
+        raise ValueError(f"D = {n} is too large for a certified search bound")
+    return n * v / (1 - n * v)
+
+
+def dot_error(level: str, D: int, unit: float = FP32_UNIT) -> float:
+    """Bound on |computed z.p - z.p| / (|z| |p|) for the search's products at ``level`` (see module doc)."""
+    if level == "ieee":
+        return _gamma(D, 2 * unit)
+    if level in ("tf32", "bf16"):
+        t = 2.0 ** -10 if level == "tf32" else 2.0 ** -7
+        return 2 * t + t * t + _gamma(D, 2 * unit) * (1 + t) ** 2
+    if level == "tf32x3":
+        t = 2.0 ** -10
+        return 3 * t * t + t ** 4 + _gamma(3 * D, 2 * unit) * (1 + t) ** 2
+    raise ValueError(f"unknown search level {level!r}; choose from {LEVELS}")
+
+
+def coefficient(level: str, D: int, unit: float = FP32_UNIT) -> float:
+    """c such that |a~ - e| <= c * ((|z| + |p|)^2 + TINY) for every patch (see module doc)."""
+    return 2 * (_gamma(D + 1, unit) + dot_error(level, D, unit) + 2 * unit + _gamma(D + 2, unit))
+
+
+def worst(*levels: str) -> str:
+    """The least accurate of several search levels."""
+    return max(levels, key=LEVELS.index)
