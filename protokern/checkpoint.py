@@ -14,7 +14,7 @@ import errno
 import os
 import pickle
 import tempfile
-import zipfile
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -139,21 +139,32 @@ def safe_load(path: str, map_location="cpu", what: str = "checkpoint"):
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty, not a {what} (a write that never finished?)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a raw pickle's protocol: the error below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         unsafe = _unsafe_globals(path)
         if unsafe and set(unsafe) <= _NUMPY_ARRAY_NAMES:  # format 1: NumPy RNG state
             with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
                 return torch.load(path, map_location=map_location, weights_only=True)
-        named = ", ".join(unsafe) if unsafe else str(error).strip().splitlines()[-1][:200]
-        raise CheckpointError(f"refused to load {path}: it holds objects other than tensors and plain values "
-                              f"({named}); loading them could run code, so protokern loads only weights_only "
-                              f"files. Re-save the tensors you trust with torch.save(state_dict)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
-            raise
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise CheckpointError(f"{path} is not a readable {what} (truncated or corrupt?): {first}") from None
+        detail = f"it names {', '.join(unsafe)}" if unsafe else _weights_only_reason(error)
+        raise CheckpointError(f"refused to load {path}: not a weights-only {what} ({detail}); protokern loads only "
+                              "files of tensors and plain values, since unpickling anything else can run code. "
+                              "Re-save the tensors of a file you trust with torch.save") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as error:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:200]
+        raise CheckpointError(f"{path} is not a readable {what} (truncated or corrupt?): "
+                              f"{type(error).__name__}: {first}") from None
+
+
+def _weights_only_reason(error: Exception) -> str:
+    """The weights-only unpickler's reason, from its long message."""
+    text = str(error)
+    reason = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__).split(" Please use")[0][:200]
 
 
 def load_checkpoint(path: str, map_location="cpu", default: str = LAST) -> dict:

@@ -1,0 +1,138 @@
+"""Section 1 of issue 13: checkpoints hold only tensors and plain values and are always loaded with
+``torch.load(weights_only=True)``; a crafted pickle is refused by every loader before it can run."""
+
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from protokern.checkpoint import (CheckpointError, check_safe_types, load_checkpoint, model_from_checkpoint,
+                                  safe_load, save_checkpoint)
+from protokern.explain.__main__ import main as explain_main
+from protokern.push import RECORDS_FILE, PushRecords
+from protokern.train import main as train_main
+from protokern.train import checkpoint as train_ckpt
+
+from .conftest import stderr_line
+
+
+class _CreatesFile:
+    """Unpickling this calls ``open(path, "w")``: the file appears if a loader runs pickled code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _crafted(folder, kind: str) -> tuple[str, str]:
+    """(a crafted checkpoint, the file its loading would create). ``kind``: torch.save's zip format, or a
+    raw pickle (torch.load's legacy path)."""
+    marker = os.path.join(folder, "pwned.txt")
+    path = os.path.join(folder, f"crafted-{kind}.pt")
+    payload = {"model": {}, "step": 0, "config": {}, "model_config": {}, "evil": _CreatesFile(marker)}
+    if kind == "zip":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as fh:
+            pickle.dump(payload, fh)
+    return path, marker
+
+
+def _image(folder):
+    from PIL import Image
+
+    path = os.path.join(folder, "image.png")
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(path)
+    return path
+
+
+LOADERS = {
+    "load_checkpoint": lambda path, tmp: load_checkpoint(path),
+    "model_from_checkpoint": lambda path, tmp: model_from_checkpoint(path),
+    "push_records": lambda path, tmp: PushRecords.load(path),
+    "train_resume": lambda path, tmp: train_main(["--resume", path, "--quiet"]),
+    "explain_cli": lambda path, tmp: explain_main(["--checkpoint", path, "--image", _image(tmp),
+                                                   "--out", os.path.join(tmp, "out")]),
+}
+
+
+@pytest.mark.parametrize("kind", ["zip", "raw-pickle"])
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+def test_crafted_pickle_is_refused_by_every_loader(tmp_path, capsys, loader, kind):
+    path, marker = _crafted(str(tmp_path), kind)
+    if loader in ("train_resume", "explain_cli"):
+        with pytest.raises(SystemExit) as exit_info:
+            LOADERS[loader](path, str(tmp_path))
+        assert exit_info.value.code == 2
+        assert "refused to load" in stderr_line(capsys)
+    else:
+        with pytest.raises(CheckpointError, match="refused to load"):
+            LOADERS[loader](path, str(tmp_path))
+    assert not os.path.exists(marker)
+
+
+def test_trainer_files_load_with_plain_weights_only(finished_run):
+    """Everything the trainer writes loads with torch.load(weights_only=True) and no allowlist."""
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(finished_run / name, weights_only=True)
+        assert state["format"] == 2 and isinstance(state["rng"]["numpy"]["keys"], torch.Tensor)
+        assert isinstance(state["config"], dict) and isinstance(state["push_records"], dict)
+    records = [os.path.join(d, RECORDS_FILE) for d, _, files in os.walk(finished_run) if RECORDS_FILE in files]
+    assert records and all(isinstance(torch.load(p, weights_only=True), dict) for p in records)
+
+
+def test_rng_state_round_trips_through_a_safe_file(tmp_path):
+    state = train_ckpt.rng_state()
+    check_safe_types(state)
+    save_checkpoint({"model": {}, "step": 0, "rng": state}, str(tmp_path / "s.pt"))
+    expected = (torch.rand(3), np.random.rand(4), random.random())
+    train_ckpt.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(4), expected[1])
+    assert random.random() == expected[2]
+
+
+def test_unsafe_values_are_refused_at_save(tmp_path):
+    with pytest.raises(TypeError, match=r"checkpoint\['rng'\]\['numpy'\] is a numpy.ndarray"):
+        save_checkpoint({"model": {}, "step": 0, "rng": {"numpy": np.zeros(3)}}, str(tmp_path / "x.pt"))
+    with pytest.raises(TypeError, match="_CreatesFile"):
+        save_checkpoint({"x": [1, _CreatesFile("nope")]}, str(tmp_path / "x.pt"))
+    assert not os.listdir(tmp_path)
+
+
+def test_first_format_checkpoint_still_loads_and_resumes(run_copy):
+    """A checkpoint of the first format (NumPy RNG state as an array, Python state as tuples) loads safely
+    (only NumPy's array globals allowed) and a run resumes from it."""
+    state = torch.load(run_copy / "last.pt", weights_only=True)
+    np.random.seed(5)
+    random.seed(5)
+    state["rng"]["numpy"], state["rng"]["python"] = np.random.get_state(), random.getstate()
+    del state["format"]
+    torch.save(state, run_copy / "last.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(run_copy / "last.pt", weights_only=True)
+    loaded = load_checkpoint(str(run_copy))
+    train_ckpt.set_rng_state(loaded["rng"])
+    np.random.seed(5)
+    expected = np.random.rand()
+    train_ckpt.set_rng_state(loaded["rng"])
+    assert np.random.rand() == expected
+    summary = train_main(["--resume", str(run_copy), "--quiet", "--no-explain"])
+    assert summary["complete"]
+
+
+def test_safe_load_explains_bad_files(tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is empty"):
+        safe_load(str(empty))
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        safe_load(str(text))
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        safe_load(str(tmp_path / "missing.pt"))
