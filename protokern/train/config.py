@@ -185,10 +185,14 @@ class TrainConfig:
         """The config of a checkpoint's or ``config.yaml``'s saved settings (old names accepted).
 
         A saved config without ``val_fraction`` predates the validation split: its run trained on the whole
-        training set and selected on the test set, so it gets ``val_fraction=0``.
+        training set and selected on the test set, so it gets ``val_fraction=0``. One without ``augment_mode``
+        predates the original's recipe: it continues with one copy per image, the composed augmentation and
+        the cached retraining after pruning, as it started.
         """
         settings = renamed_settings(settings, "saved config")
         settings.setdefault("val_fraction", 0.0)
+        if "augment_mode" not in settings:
+            settings.update(augment_mode="compose", augment_copies=1, prune_retrain="cached")
         return cls(**settings)
 
     # old attribute names, read and written through the new fields

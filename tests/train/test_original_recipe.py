@@ -194,3 +194,15 @@ def test_global_batch_under_two_gloo_processes(tmp_path):
     # the two shards of an epoch are the 30 copies of every image, each exactly once (5994 x 30 divides by 2)
     seen = collections.Counter(a["cub"][2] + b["cub"][2])
     assert len(seen) == CUB_TRAIN_IMAGES * 30 and set(seen.values()) == {1}
+
+
+def test_runs_saved_before_the_recipe_resume_as_they_started():
+    from protokern.train.config import TrainConfig
+
+    saved = preset_config("cub").to_dict()
+    for name in ("augment_mode", "augment_copies", "prune_retrain"):
+        del saved[name]
+    cfg = TrainConfig.from_saved(saved)
+    assert (cfg.augment_mode, cfg.augment_copies, cfg.prune_retrain) == ("compose", 1, "cached")
+    cfg = TrainConfig.from_saved(preset_config("cub").to_dict())
+    assert (cfg.augment_mode, cfg.augment_copies, cfg.prune_retrain) == ("original", 30, "original")
