@@ -82,11 +82,11 @@ def square_to_quad(quad: torch.Tensor) -> torch.Tensor:
 
 def _skew_masks(device) -> torch.Tensor:
     """(12, 4, 2) float masks of the corner coordinates each skew choice moves (4 tilts, then 8 corners)."""
-    masks = torch.zeros(len(_SKEW_MOVES), 4, 2, device=device)
+    masks = torch.zeros(len(_SKEW_MOVES), 4, 2)
     for i, moves in enumerate(_SKEW_MOVES):
         for corner, axis in moves:
             masks[i, corner, axis] = 1.0
-    return masks
+    return masks.to(device)
 
 
 class GpuAugment(nn.Module):
@@ -222,7 +222,7 @@ class GpuAugment(nn.Module):
         corners = torch.tensor(_CORNERS, device=device)
         step = torch.stack([2 * pixels / w, 2 * pixels / h], -1)  # (B, 2) in normalised units
         quad = corners + corners * _skew_masks(device)[kind] * step[:, None, :]
-        skew = torch.linalg.inv(square_to_quad(quad))  # maps the quad onto the image, the frame inside it
+        skew = torch.linalg.inv_ex(square_to_quad(quad))[0]  # the quad onto the image (no host sync)
 
         matrices = torch.stack([_to_normalised(rot, height, width), skew,
                                 _to_normalised(shear, height, width)])  # (3, B, 3, 3)
