@@ -65,6 +65,7 @@ class RunLock:
     """
 
     def __init__(self, run_dir: str):
+        self._fd: int | None = None
         self.path = os.path.join(run_dir, LOCK_FILE)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -76,7 +77,7 @@ class RunLock:
                                f"--resume of it); wait for it to end or pick another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd: int | None = fd
+        self._fd = fd
 
     def release(self) -> None:
         """Release the lock (idempotent)."""

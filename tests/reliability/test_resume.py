@@ -1,0 +1,178 @@
+"""Section 4 of issue 13: resume cannot corrupt a run (lock, interrupted.pt, torn metrics, Ctrl-C in the
+first step, orphan temporaries, atomic text files, disk full)."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from protokern import checkpoint as neutral
+from protokern.checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
+from protokern.train import main
+from protokern.train.checkpoint import RunDirLocked, RunLock
+
+from .conftest import TRAIN_MAIN, no_temps, run_args, stderr_line
+
+
+def _rows(run):
+    with open(run / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.fixture
+def lock_holder(tmp_path):
+    """A child process holding the lock of ``tmp_path / 'run'`` until the test ends; yields (dir, pid)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    code = textwrap.dedent(f"""
+        import sys, time
+        from protokern.train.checkpoint import RunLock
+        lock = RunLock({str(run)!r})
+        print("locked", flush=True)
+        time.sleep(120)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        yield run, child.pid
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_second_process_on_the_run_dir_gets_the_holders_pid(lock_holder, capsys):
+    run, pid = lock_holder
+    with pytest.raises(RunDirLocked, match=f"in use by process {pid}"):
+        RunLock(str(run))
+    with pytest.raises(SystemExit) as exit_info:
+        main(run_args(run))
+    assert exit_info.value.code == 1 and f"in use by process {pid}" in stderr_line(capsys)
+    assert not (run / "metrics.jsonl").exists() and not (run / "last.pt").exists()
+
+
+def test_lock_of_a_dead_process_does_not_block(tmp_path):
+    (tmp_path / ".lock").write_text("999999\n")
+    lock = RunLock(str(tmp_path))
+    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    lock.release()
+    RunLock(str(tmp_path)).release()  # released: free again
+
+
+def _interrupt_at(monkeypatch, call):
+    real = TRAIN_MAIN.run_epoch
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(TRAIN_MAIN, "run_epoch", flaky)
+    return real
+
+
+def test_resume_from_interrupted_pt_is_refused_with_the_right_command(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    real = _interrupt_at(monkeypatch, 4)  # during the joint step's training (after warm train, val, test)
+    with pytest.raises(KeyboardInterrupt):
+        main(run_args(run))
+    printed = capsys.readouterr().out
+    assert "during step 2/4 (joint)" in printed and f"resume with --resume {run}" in printed
+    monkeypatch.setattr(TRAIN_MAIN, "run_epoch", real)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", str(run / "interrupted.pt"), "--quiet"])
+    line = stderr_line(capsys)
+    assert exit_info.value.code == 2 and "mid-step state" in line and f"--resume {run}" in line
+    assert main(["--resume", str(run), "--quiet", "--no-explain"])["complete"]
+
+
+def test_ctrl_c_in_the_first_step_says_there_is_nothing_to_resume(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    _interrupt_at(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        main(run_args(run))
+    printed = capsys.readouterr().out
+    assert "during step 1/4 (warm)" in printed and "nothing to resume" in printed and "--resume" not in printed
+    assert not (run / "last.pt").exists()
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        main(["--resume", str(run / "interrupted.pt"), "--debug"])
+
+
+def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    run = tmp_path / "run"
+    main(run_args(run, "--max-steps", "2"))
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 2, "stage": "pu')  # killed while writing step 2's row
+    with pytest.warns(UserWarning, match="dropped a partial last line"):
+        summary = main(["--resume", str(run), "--quiet", "--no-explain"])
+    assert summary["complete"] and [r["step"] for r in _rows(run)] == [0, 1, 2, 3]
+
+
+def test_damaged_metrics_line_in_the_middle_is_an_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    main(run_args(run, "--max-steps", "2"))
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("garbage\n" + "".join(lines))
+    with pytest.raises(SystemExit):
+        main(["--resume", str(run), "--quiet"])
+    assert "metrics.jsonl: line 1 is not JSON" in stderr_line(capsys)
+
+
+def test_orphan_temporaries_are_removed_at_the_next_start(run_copy):
+    orphans = [run_copy / "last.pt.k3j2h1.tmp", run_copy / "summary.json.abc.tmp"]
+    for path in orphans:
+        path.write_bytes(b"partial")
+    with pytest.warns(UserWarning, match="removed 2 temporary file"):
+        main(["--resume", str(run_copy), "--quiet"])
+    assert not any(path.exists() for path in orphans)
+
+
+def test_disk_full_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    main(run_args(run, "--max-steps", "1"))
+    before = (run / "last.pt").read_bytes()
+
+    def full(obj, fh):
+        fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(neutral.torch, "save", full)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", str(run), "--quiet", "--max-steps", "1"])
+    line = stderr_line(capsys)
+    assert exit_info.value.code == 2
+    assert f"could not write {run / 'last.pt'} (disk full); the previous last.pt is intact" in line
+    monkeypatch.undo()
+    assert (run / "last.pt").read_bytes() == before and load_checkpoint(str(run))["step"] == 0
+    assert no_temps(run)
+
+
+def test_text_files_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    atomic_write_text(str(path), "old")
+
+    def fail(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="previous summary.json is intact"):
+        atomic_write_text(str(path), "new")
+    with pytest.raises(OSError, match="no new.pt was written"):
+        atomic_save({"x": torch.ones(1)}, str(tmp_path / "new.pt"))
+    monkeypatch.undo()
+    assert path.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["summary.json"]
+
+
+def test_run_writes_config_and_summary_through_atomic_writes(tmp_path, monkeypatch):
+    written = []
+    real = TRAIN_MAIN.ckpt.atomic_write_text
+    monkeypatch.setattr(TRAIN_MAIN.ckpt, "atomic_write_text", lambda p, t: (written.append(os.path.basename(p)),
+                                                                             real(p, t)))
+    main(run_args(tmp_path / "run", "--max-steps", "1"))
+    assert {"config.yaml", "summary.json"} <= set(written)
