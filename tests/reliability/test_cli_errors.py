@@ -1,0 +1,143 @@
+"""Section 6 of issue 13: bad command-line input of ``python -m protokern.train`` and ``python -m
+protokern.explain`` ends with one line on stderr and exit code 2 (``--debug``: the traceback); explain warns
+about never-pushed prototypes and clears the stale panels of a reused --out."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from protokern.checkpoint import CheckpointError
+from protokern.explain.__main__ import main as explain
+from protokern.train import main as train
+
+from .conftest import run_args, stderr_line
+
+
+def _bad_checkpoint(kind: str, run, folder) -> str:
+    """A bad checkpoint file of ``kind`` made from the finished run ``run``."""
+    path = os.path.join(folder, f"{kind}.pt")
+    if kind == "missing":
+        return path
+    good = (run / "last.pt").read_bytes()
+    if kind == "empty":
+        open(path, "wb").close()
+    elif kind == "truncated":
+        open(path, "wb").write(good[: len(good) // 2])
+    elif kind == "text":
+        open(path, "w").write("not a checkpoint\n")
+    elif kind == "tensor":
+        torch.save(torch.ones(3), path)
+    else:
+        state = torch.load(run / "last.pt", weights_only=True)
+        if kind == "pruned":
+            state.update(stage="prune")
+            del state["optimizers"], state["scheduler"]
+        elif kind == "model-config":  # weights of another architecture than the saved config says
+            state["model_config"]["prototype_dim"] = 16
+        torch.save(state, path)
+    return path
+
+
+EXPECTED = {"missing": "no checkpoint at", "empty": "is empty", "truncated": "not a readable checkpoint",
+            "text": "refused to load", "tensor": "not a protokern training checkpoint",
+            "pruned": "cannot be resumed", "model-config": "do not fit the saved model config"}
+
+
+def _image(folder) -> str:
+    path = os.path.join(folder, "bird.png")
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(path)
+    return path
+
+
+def _exit_code(call, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        call(*args)
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "text", "tensor", "pruned"])
+def test_train_resume_from_a_bad_checkpoint(finished_run, tmp_path, capsys, kind):
+    path = _bad_checkpoint(kind, finished_run, str(tmp_path))
+    assert _exit_code(train, ["--resume", path, "--quiet"]) == 2
+    assert EXPECTED[kind] in stderr_line(capsys)
+
+
+def test_train_resume_with_a_different_config(run_copy, capsys):
+    assert _exit_code(train, ["--resume", str(run_copy), "--quiet", "--prototype-dim", "16"]) == 2
+    line = stderr_line(capsys)
+    assert "does not fit this configuration" in line and "size mismatch" in line
+
+
+CONFIGS = {"broken.yaml": ("lr: [1, 2\n", "not valid YAML"), "broken.json": ('{"epochs": ', "not a JSON text file"),
+           "list.yaml": ("- 1\n- 2\n", "must hold a mapping"), "unknown.yaml": ("learning_rate: 1\n", "unknown settings"),
+           "binary.yaml": (b"\xff\xfe\x00garbage", "not a YAML text file"), "missing.yaml": (None, "not found")}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_train_bad_config_file(tmp_path, capsys, name):
+    text, expected = CONFIGS[name]
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    elif text is not None:
+        path.write_text(text)
+    assert _exit_code(train, ["--config", str(path)]) == 2
+    assert expected in stderr_line(capsys)
+
+
+@pytest.mark.parametrize("dataset", ["folder", "cub", "cars"])
+def test_train_bad_data_path(tmp_path, capsys, dataset):
+    args = run_args(tmp_path / "run", "--dataset", dataset, "--data-root", str(tmp_path / "nowhere"))
+    assert _exit_code(train, args) == 2
+    assert "nowhere" in stderr_line(capsys)
+
+
+def test_debug_keeps_the_traceback(finished_run, tmp_path):
+    with pytest.raises(CheckpointError, match="is empty"):
+        train(["--resume", _bad_checkpoint("empty", finished_run, str(tmp_path)), "--debug"])
+    with pytest.raises(CheckpointError, match="is empty"):
+        explain(["--checkpoint", _bad_checkpoint("empty", finished_run, str(tmp_path)), "--image",
+                 _image(str(tmp_path)), "--debug"])
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "text", "tensor", "model-config"])
+def test_explain_bad_checkpoint(finished_run, tmp_path, capsys, kind):
+    path = _bad_checkpoint(kind, finished_run, str(tmp_path))
+    assert _exit_code(explain, ["--checkpoint", path, "--image", _image(str(tmp_path))]) == 2
+    assert EXPECTED[kind] in stderr_line(capsys)
+
+
+def test_explain_warns_when_prototypes_were_never_pushed(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(run_args(run, "--max-steps", "1"))  # warm-up only: no push yet
+    page = explain(["--checkpoint", str(run / "last.pt"), "--image", _image(str(tmp_path)), "--top-k", "2",
+                    "--out", str(tmp_path / "out")])
+    assert os.path.isfile(page)
+    assert "were never pushed" in capsys.readouterr().err
+
+
+def test_explain_clears_stale_panels_of_a_reused_out(finished_run, tmp_path, capsys):
+    out, image = tmp_path / "out", _image(str(tmp_path))
+    explain(["--checkpoint", str(finished_run / "best.pt"), "--image", image, "--top-k", "3", "--out", str(out)])
+    assert len([n for n in os.listdir(out) if n.startswith("rank")]) == 3
+    (out / "my_notes.png").write_bytes(b"keep me")
+    explain(["--checkpoint", str(finished_run / "best.pt"), "--image", image, "--top-k", "1", "--out", str(out)])
+    assert [n for n in os.listdir(out) if n.startswith("rank")] == [n for n in os.listdir(out)
+                                                                     if n.startswith("rank01_")]
+    assert len([n for n in os.listdir(out) if n.startswith("rank")]) == 1
+    assert (out / "my_notes.png").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("module", ["protokern.train", "protokern.explain"])
+def test_real_process_prints_one_line_and_exits_2(tmp_path, module):
+    args = (["--resume", str(tmp_path / "missing.pt")] if module == "protokern.train"
+            else ["--checkpoint", str(tmp_path / "missing.pt"), "--image", _image(str(tmp_path))])
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"python -m {module}: error: no checkpoint at")
