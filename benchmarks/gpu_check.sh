@@ -28,4 +28,7 @@ step tests "${TEST_LIMIT:-240}" python3 -m pytest -m gpu -v -rf --tb=short -p no
 step tests_cuda "${TEST_LIMIT:-240}" python3 -m pytest -m gpu -v -rf --tb=short -p no:cacheprovider tests/test_cuda_backend.py
 step bench "${BENCH_LIMIT:-300}" bash -c "python3 benchmarks/distance.py --out '$OUT'; python3 benchmarks/profile_op.py; \
   python3 benchmarks/push.py --out '$OUT'"
+# Whole training steps (benchmarks/train_step.py): ResNet34 only here (compiling the three trunks takes longer);
+# the table is printed into train.log.
+step train "${TRAIN_LIMIT:-150}" python3 benchmarks/train_step.py --backbones resnet34 --steps 20 --warmup 5
 exit $status
