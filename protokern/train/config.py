@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 
 from protokern.data.augment import MODES as AUGMENT_MODES
+from protokern.data.cache import CACHE_MODES
 from protokern.models import ADD_ONS, BACKBONES
 
 DATASETS = ("synthetic", "cub", "cars", "folder")
@@ -112,6 +113,11 @@ class TrainConfig:
     seed: int = _opt(0, "seed of initialisation, shuffling, augmentation and the validation split")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     num_workers: int | None = _opt(None, "data-loader worker processes (default: usable CPUs - 1, at most 8)")
+    data_cache: str = _opt("auto", "image files decoded once and kept as uint8: memory, gpu, off (decode at every "
+                                   "access) or auto (gpu if it takes <= 1/5 of the free GPU memory, else memory if "
+                                   "<= 1/2 of the available RAM, else off)")
+    skip_bad_images: bool = _opt(False, "leave out images that do not decode (one warning each, counted in "
+                                        "summary.json) instead of stopping with an error naming the file")
     amp: str = _opt("none", "autocast dtype of the trunk: none, bf16 or fp16")
     channels_last: bool = _opt(False, "channels-last memory format for the trunk")
     compile: bool = _opt(False, "torch.compile the trunk")
@@ -146,6 +152,7 @@ class TrainConfig:
             need(not isinstance(value, float) or math.isfinite(value), f"{f.name} must be finite, got {value!r}")
         need(self.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         need(self.nan_policy in NAN_POLICIES, f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
+        need(self.data_cache in CACHE_MODES, f"data_cache must be one of {CACHE_MODES}, got {self.data_cache!r}")
         need(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         need(self.dataset == "synthetic" or bool(self.data_root),
              f"dataset {self.dataset!r} needs --data-root (the dataset folder)")
@@ -340,7 +347,7 @@ def load_config_file(path: str) -> dict:
 
 _CHOICES = {"dataset": DATASETS, "amp": AMP_MODES, "crop": CROPS, "backbone": BACKBONES, "add_on": ADD_ONS,
             "augment_mode": AUGMENT_MODES, "prune_retrain": PRUNE_RETRAIN,
-            "nan_policy": NAN_POLICIES}
+            "nan_policy": NAN_POLICIES, "data_cache": CACHE_MODES}
 
 
 def build_parser() -> argparse.ArgumentParser:

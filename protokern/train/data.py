@@ -9,9 +9,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from protokern.data import CUB200, ImageFolderDataset, StanfordCars, SyntheticParts
+from protokern.data.cache import cached_batches, prepare_images
 from protokern.data.loader import default_num_workers
 from protokern.train.config import TrainConfig
-from protokern.train.distributed import DistInfo
+from protokern.train.distributed import DistInfo, resolve_device
 
 
 class Splits(NamedTuple):
@@ -108,7 +109,15 @@ def _load(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
         raise ValueError(f"unknown dataset {cfg.dataset!r}")
     if len(train) == 0 or len(test) == 0:
         raise ValueError(f"dataset {cfg.dataset!r}: empty train ({len(train)}) or test ({len(test)}) split")
-    return train, test
+    return _prepared(train, cfg, "train"), _prepared(test, cfg, "test")
+
+
+def _prepared(dataset: Dataset, cfg: TrainConfig, name: str) -> Dataset:
+    """``dataset`` through the input pipeline (``--data-cache``, ``--skip-bad-images``; protokern.data.cache):
+    file images decoded once into a uint8 cache, bad ones left out and listed in ``dataset.skipped``."""
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    return prepare_images(dataset, cfg.data_cache, skip_bad_images=cfg.skip_bad_images, device=device,
+                          progress=not cfg.quiet, desc=f"decoding {cfg.dataset} {name}")
 
 
 class Repeated(Dataset):
@@ -154,6 +163,9 @@ def train_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> DataLoad
         dataset = Repeated(dataset, cfg.augment_copies)
     workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
+    cached = cached_batches(dataset, sampler, batch, resolve_device(cfg.device, info.local_rank))
+    if cached is not None:  # batches gathered from the uint8 cache, converted and prefetched on the device
+        return cached
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from protokern.cli import exit_on_error
-from protokern.data import GpuAugment, make_loader
+from protokern.data import GpuAugment, make_loader, skipped_images
 from protokern.losses import ProtoPNetLoss
 from protokern.models import ProtoPNet
 from protokern.push import RECORDS_FILE, PushRecords, push_prototypes
@@ -473,6 +473,7 @@ class Trainer:
             "selected_on": {"val": "validation", "test": "test"}[self.best["split"]],
             "best_val_accuracy": self.best["accuracy"] if chosen and self.best["split"] == "val" else None,
             "val_images": 0 if self.val_set is None else len(self.val_set),
+            "skipped_images": len(skipped_images(self.train_set, self.val_set, self.test_set)),  # --skip-bad-images
             "selection_note": _SELECTION_NOTE[self.best["split"]],
             "part_localisation": localisation,
             "push_records": self.records_path,
