@@ -11,6 +11,12 @@ Run directory (written by rank 0)::
     summary.json       test accuracy of the last and of the selected (best.pt) checkpoint, the split that
                        selected it, part localisation, push records path, timings
     tb/                TensorBoard events (when tensorboard is installed)
+    .lock              held (fcntl) by the process training in the directory; it holds that PID
+
+Checkpoints hold only tensors and plain values and are read with ``torch.load(weights_only=True)``
+(:mod:`protokern.checkpoint`); none is written holding non-finite weights. ``--resume RUN`` (or RUN/last.pt)
+continues after the last completed step. ``interrupted.pt`` (Ctrl-C) keeps the half-done step's state for
+inspection or explanation only: ``--resume`` refuses it and names the command that resumes.
 """
 
 from __future__ import annotations
