@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from typing import Sequence
 
@@ -42,6 +43,7 @@ _WHITE = (255, 255, 255)
 # Images with more pixels are refused as possible decompression bombs: PIL's own warning threshold
 # (about 89 megapixels, 256 MiB decoded as RGB); a CUB image has about 0.2.
 MAX_IMAGE_PIXELS = 89_478_485
+_OPEN_LOCK = threading.Lock()
 
 
 class BadImageError(ValueError):
@@ -91,17 +93,22 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        with warnings.catch_warnings():
+        # PIL warns from Image.open above its limit: raise instead. The warning filters are process-wide, so
+        # only the (cheap, header-only) open runs under the lock; decoding runs in parallel.
+        with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                pixels = img.width * img.height
-                if pixels > MAX_IMAGE_PIXELS:
-                    raise Image.DecompressionBombError(f"{img.width}x{img.height} = {pixels} pixels")
-                img.load()
-                return to_rgb(img)
+            img = Image.open(path)
+        with img:
+            pixels = img.width * img.height
+            if pixels > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{img.width}x{img.height} = {pixels} pixels")
+            img.load()
+            return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadImageError(path, f"refused as a possible decompression bomb ({err}; the limit is "
                                   f"protokern.data.transforms.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS})") from None
+    except MemoryError:
+        raise
     except Exception as err:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise BadImageError(path, f"cannot decode image ({type(err).__name__}: {err})") from err
 
