@@ -61,7 +61,7 @@ def _extension_setup() -> dict:
     )
     ext = CUDAExtension(
         name="protokern._C",
-        sources=["csrc/protokern.cpp", "csrc/kernels.cu"],
+        sources=["csrc/protokern.cpp", "csrc/forward.cu", "csrc/backward.cu"],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}

@@ -2,7 +2,7 @@
 //   torch.ops.protokern_C.forward(z, p, eps, precision) -> (similarity, min_distances, patch_index)
 //   torch.ops.protokern_C.backward(grad_similarity, grad_min_distances, z, p, patch_index,
 //                                  min_distances, eps) -> (grad_z, grad_p)
-// Contracts: docs/design.md. Kernels: kernels.cu. Fake (meta) implementations: protokern/_cuda.py.
+// Contracts: docs/design.md. Kernels: forward.cuh, backward.cuh (launchers forward.cu, backward.cu). Fake (meta) implementations: protokern/_cuda.py.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,12 +10,13 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdio>
 #include <limits>
 #include <string>
 #include <tuple>
 
-#include "kernels.h"
+#include "params.h"
 
 namespace protokern {
 namespace {
@@ -72,6 +73,16 @@ void check_sizes(int64_t B, int64_t D, int64_t HW, int64_t M, const char* op) {
               ")");
 }
 
+// eps of log((d + 1) / (d + eps)): > 0, finite, and the similarity at d = 0 finite in float32 (as
+// the kernel computes it: log1p((1 - eps) / (d + eps))).
+void check_eps(double eps, const char* op) {
+  TORCH_CHECK(eps > 0, "protokern_C::", op, ": eps must be > 0, got ", num(eps));
+  const float e = static_cast<float>(eps);
+  TORCH_CHECK(std::isfinite(eps) && e > 0 && std::isfinite(std::log1p((1.f - e) / e)), "protokern_C::", op,
+              ": eps must be finite and give a finite similarity log((0 + 1) / (0 + eps)) in float32, got ",
+              num(eps));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& z,
                                                             const at::Tensor& p, double eps,
                                                             c10::string_view precision) {
@@ -80,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& z,
   check_same_device(p, z, "forward", "p");
   TORCH_CHECK(p.size(1) == z.size(1), "protokern_C::forward: channel mismatch: z is (B, D, HW) = ",
               shape_str(z), " but p is (M, D) = ", shape_str(p));
-  TORCH_CHECK(eps > 0, "protokern_C::forward: eps must be > 0, got ", num(eps));
+  check_eps(eps, "forward");
   TORCH_CHECK(precision == "highest" || precision == "high" || precision == "medium",
               "protokern_C::forward: precision must be 'highest', 'high' or 'medium', got '",
               std::string(precision), "'");
@@ -132,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_similari
   TORCH_CHECK(p.size(1) == z.size(1),
               "protokern_C::backward: channel mismatch: z is (B, D, HW) = ", shape_str(z),
               " but p is (M, D) = ", shape_str(p));
-  TORCH_CHECK(eps > 0, "protokern_C::backward: eps must be > 0, got ", num(eps));
+  check_eps(eps, "backward");
   const int64_t B = z.size(0), D = z.size(1), HW = z.size(2), M = p.size(0);
   check_sizes(B, D, HW, M, "backward");
   check_bm(grad_similarity, B, M, "backward", "grad_similarity");

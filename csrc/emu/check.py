@@ -1,18 +1,19 @@
-"""Run the CUDA kernels of csrc/kernels.cu on the CPU emulator (emulator.h) against a float64 reference.
+"""Run the CUDA kernels of csrc/forward.cuh and csrc/backward.cuh on the CPU emulator (emulator.h).
 
-No GPU needed: checks the kernels' indexing, tiling edges, strides, tie-break, NaN propagation and
-gradients on small shapes. It cannot see GPU-only problems (races, timing, cp.async, launch limits).
+No GPU needed: checks the kernels' indexing, tiling edges, strides, the op's result contract (certified
+search + exact rescoring, ties to the lowest index, NaN and inf rules) and gradients on small shapes, at
+the three search precisions ("highest" FFMA, "high" 3xTF32 MMA, "medium" TF32 MMA; the MMA through an
+emulated mma.sync with TF32-truncated operands). cp.async is emulated asynchronously (data lands at the
+wait, the destination is poisoned at issue), so pipeline bugs show as NaN. It cannot see GPU timing or
+launch limits; races show under ThreadSanitizer (tests/test_cuda_gates.py).
 
-    python csrc/emu/check.py            # build with g++ and run every case; exit status 1 on failure
-
-Every case runs at the three search precisions: "highest" (FFMA), "high" (3xTF32 MMA) and "medium" (TF32
-MMA), the tensor-core ones through an emulated mma.sync that follows the PTX fragment layout.
+    python csrc/emu/check.py            # build with g++ and run every check; exit status 1 on failure
 """
 
 from __future__ import annotations
 
 import ctypes
-import re
+import math
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,9 @@ if str(REPO) not in sys.path:
 
 from tests.reference import original_layer, rel_err  # noqa: E402
 
+PRECISIONS = {"highest": 0, "high": 1, "medium": 2}  # ForwardParams.precision (params.h kSearch*)
+LOG_1_OVER_EPS = math.log(1 / 1e-4)  # similarity at d = 0: 9.2103...
+
 
 class ForwardParams(ctypes.Structure):
     _fields_ = [("z", ctypes.c_void_p), ("z_sb", ctypes.c_int64), ("z_sd", ctypes.c_int64),
@@ -35,12 +39,6 @@ class ForwardParams(ctypes.Structure):
                 ("min_distances", ctypes.c_void_p), ("patch_index", ctypes.c_void_p),
                 ("B", ctypes.c_int), ("D", ctypes.c_int), ("HW", ctypes.c_int), ("M", ctypes.c_int),
                 ("eps", ctypes.c_float), ("precision", ctypes.c_int)]
-
-
-# precision -> (ForwardParams.precision, tolerance of the picked patch's distance over the minimum, relative,
-# norm-wise relative error of min_distances, absolute error of similarity). TF32 may pick a near-tie, whose
-# distance is still computed exactly; a near-tie at a tiny distance moves the log-similarity most.
-PRECISIONS = {"highest": (0, 1e-6, 1e-5, 1e-4), "high": (1, 1e-5, 1e-5, 1e-4), "medium": (2, 2e-3, 1e-3, 1e-2)}
 
 
 class BackwardParams(ctypes.Structure):
@@ -52,19 +50,15 @@ class BackwardParams(ctypes.Structure):
                 ("eps", ctypes.c_float)]
 
 
-def build(out_dir: Path) -> ctypes.CDLL:
-    """Compile kernels.cu (up to its host launchers) with the emulator into a shared library."""
-    src = (CSRC / "kernels.cu").read_text()
-    src = src[: src.index("// ==== Host launchers")]
-    src, n = re.subn(r"extern __shared__ (?:__align__\(\d+\) )?float (\w+)\[\];",
-                     r"float* const \1 = EMU_DYNAMIC_SMEM;", src)
-    assert n == 2, "expected two dynamic shared-memory declarations"
-    (out_dir / "kernels_emu.inc").write_text(src)
+def build(out_dir: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile the kernel headers (forward.cuh, backward.cuh) with the emulator into a shared library."""
     lib = out_dir / "libprotokern_emu.so"
     cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{HERE / 'fake'}", f"-I{HERE}",
-           f"-I{CSRC}", f"-I{out_dir}", str(HERE / "harness.cpp"), "-o", str(lib)]
+           f"-I{CSRC}", *extra_flags, str(HERE / "harness.cpp"), "-o", str(lib)]
     subprocess.run(cmd, check=True)
-    return ctypes.CDLL(str(lib))
+    lib = ctypes.CDLL(str(lib))
+    lib.emu_errors.restype = ctypes.c_int
+    return lib
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -80,7 +74,7 @@ def emu_forward(lib, z3: torch.Tensor, p: torch.Tensor, eps: float = 1e-4, preci
     dist = torch.full((B, M), -7.0)
     idx = torch.full((B, M), -7, dtype=torch.int64)
     prm = ForwardParams(_ptr(z3), *z3.stride(), _ptr(p), _ptr(sim), _ptr(dist), _ptr(idx), B, D, HW, M, eps,
-                        PRECISIONS[precision][0])
+                        PRECISIONS[precision])
     lib.emu_forward(ctypes.byref(prm))
     return sim, dist, idx
 
@@ -112,10 +106,25 @@ def make_z3(B, D, HW, layout):
     raise ValueError(layout)
 
 
+def contract_reference(z3: torch.Tensor, p: torch.Tensor, eps: float = 1e-4):
+    """The op's contract in float64 (difference form): (similarity, min_distances, patch_index), the lowest
+    index among the minima, NaN outputs and the lowest NaN patch where a distance is NaN, inf patches at
+    +inf (similarity 0). Exact for cases without fp32-level near-ties."""
+    full = ((z3.double()[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)  # (B, M, HW)
+    nan = full.isnan()
+    f = full.masked_fill(nan, math.inf)
+    dmin = f.amin(2)
+    idx = (f == dmin[..., None]).int().argmax(2)
+    has_nan = nan.any(2)
+    idx = torch.where(has_nan, nan.int().argmax(2), idx)
+    dist = torch.where(has_nan, torch.full_like(dmin, math.nan), dmin)
+    return torch.log1p((1 - eps) / (dist + eps)), dist, idx
+
+
 def check_case(lib, z3, p, *, grads=True, precision="highest") -> dict:
-    """Forward (values, index) and backward of the emulated kernels against the float64 original."""
+    """Forward (values, index) and backward of the emulated kernels against the float64 original. The picked
+    patch must be an exact minimiser up to fp32 rounding of the exact distance at every precision."""
     B, D, HW = z3.shape
-    _, idx_tol, dist_tol, sim_tol = PRECISIONS[precision]
     sim, dist, idx = emu_forward(lib, z3, p, precision=precision)
     zr, pr = z3.double()[..., None].requires_grad_(), p.double().requires_grad_()
     sim_ref, dist_ref = original_layer(zr, pr)
@@ -123,7 +132,7 @@ def check_case(lib, z3, p, *, grads=True, precision="highest") -> dict:
     res = {
         "dist_rel": rel_err(dist, dist_ref),
         "sim_abs": (sim.double() - sim_ref).abs().max().item(),
-        "idx_ok": bool((full.gather(2, idx[..., None])[..., 0] <= full.amin(2) * (1 + idx_tol) + 1e-9).all()),
+        "idx_ok": bool((full.gather(2, idx[..., None])[..., 0] <= full.amin(2) * (1 + 2e-6) + 1e-9).all()),
     }
     if grads:
         w_sim, w_dist = torch.randn(B, p.shape[0]), torch.randn(B, p.shape[0])
@@ -131,51 +140,106 @@ def check_case(lib, z3, p, *, grads=True, precision="highest") -> dict:
         ((sim_ref * w_sim).sum() + (dist_ref * w_dist).sum()).backward()
         res["gz_rel"] = rel_err(gz, zr.grad[..., 0])
         res["gp_rel"] = rel_err(gp, pr.grad)
-    res["ok"] = (res["dist_rel"] < dist_tol and res["sim_abs"] < sim_tol and res["idx_ok"]
+    res["ok"] = (res["dist_rel"] < 1e-5 and res["sim_abs"] < 1e-4 and res["idx_ok"]
                  and res.get("gz_rel", 0) < 1e-4 and res.get("gp_rel", 0) < 1e-4)
     return res
 
 
-def special_cases(lib, precision: str = "highest") -> dict[str, bool]:
-    """d = 0, ties, NaN."""
-    out = {}
-    z = torch.rand(2, 33, 4, 5)
-    p = torch.rand(6, 33)
-    p[3] = z[1, :, 2, 4]
-    sim, dist, idx = emu_forward(lib, z.flatten(2), p, precision=precision)
-    out["d=0"] = (dist[1, 3].item() == 0.0 and idx[1, 3].item() == 14
-                  and abs(sim[1, 3].item() - 9.210340371976184) < 1e-4)
+def _grid(*shape, high=4.0):
+    """Values in [0, high) on a grid of 2^-10: sums of their squared differences are exact in fp32."""
+    return torch.randint(0, int(high * 1024), shape).float() / 1024
 
-    z = torch.randint(0, 8, (2, 6, 3, 4)).float() / 8
-    z[:, :, 2, 3] = z[:, :, 0, 1]
-    p = z[:, :, 0, 1].clone()
-    p[:, 0] += 0.125
-    _, dist, idx = emu_forward(lib, z.flatten(2), p, precision=precision)
-    gz, _ = emu_backward(lib, torch.zeros(2, 2), torch.eye(2), z.flatten(2), p, idx, dist)
-    out["ties"] = (idx.diagonal().tolist() == [1, 1] and gz[:, :, 11].abs().sum().item() == 0
-                   and gz[:, :, 1].abs().sum().item() > 0)
 
-    z = torch.rand(2, 6, 70)  # duplicate patch in a later patch tile, and every patch equal
-    z[1, :, 66] = z[1, :, 3]
-    p = z[1, :, 3].clone()[None]
-    _, _, idx = emu_forward(lib, z, p, precision=precision)
-    _, _, idx_flat = emu_forward(lib, torch.ones(1, 5, 130), torch.rand(3, 5), precision=precision)
-    out["ties across tiles"] = idx[1, 0].item() == 3 and bool((idx_flat == 0).all())
+def adversarial_cases(gen_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The contract's adversarial inputs, name -> (z3 (B, D, HW), p (M, D)); the expected outputs are
+    contract_reference's (no case holds an fp32-level tie that summation order could break)."""
+    torch.manual_seed(gen_seed)
+    cases = {}
+    # Issue 9: 16 prototypes, each equal to a patch of its image, a second patch 1e-6..1.6e-5 away in
+    # squared distance (D = 128, values in [0, 4)); the near patch comes first for half of them.
+    B, D, HW = 16, 128, 49
+    z = torch.rand(B, D, HW) * 4
+    p = torch.empty(B, D)
+    for m in range(B):
+        k_exact, k_near = (30, 12) if m % 2 == 0 else (7, 40)
+        p[m] = z[m, :, k_exact]
+        z[m, :, k_near] = p[m]
+        z[m, m % D, k_near] += math.sqrt(1e-6 * (1 + m))  # squared distance ~ (1 .. 16) 1e-6
+    cases["issue: exact patch vs 1e-6..1.6e-5"] = (z, p)
 
-    z = torch.rand(3, 20, 4, 4)
+    # Near d = 1: the exact distance-1 patch (later index) against a patch at 1 + 1e-6 (earlier index),
+    # and near d = 0 with a 1e-6 gap on the 2^-10 grid (both exact in fp32); a third patch tile (HW = 130).
+    B, D, HW = 2, 40, 130
+    z = _grid(B, D, HW)
+    p = _grid(4, D)
+    for b in range(B):
+        z[b, :, 100] = p[0]
+        z[b, 0, 100] += 1.0  # distance 1 exactly
+        z[b, :, 5] = z[b, :, 100]
+        z[b, 1, 5] += 1e-3  # distance 1 + 1e-6
+        z[b, :, 70] = p[1]  # distance 0 exactly
+        z[b, :, 3] = p[1]
+        z[b, 2, 3] += 1e-3  # distance 1e-6
+    cases["near-ties at d = 0 and d = 1"] = (z, p)
+
+    # Exact duplicates of the winning patch (in three patch tiles) and many equal patches.
+    z = _grid(2, 24, 140)
+    p = _grid(3, 24)
+    for k in (9, 64 + 5, 128 + 1):
+        z[:, :, k] = p[0] + 0.25
+    z[1] = 0.5  # every patch of image 1 equal
+    cases["duplicates and equal patches"] = (z, p)
+
+    # NaN: one patch of image 0 (two NaN patches: the lower wins), one channel of image 1 (every patch),
+    # one prototype channel.
+    z = torch.rand(3, 20, 70)
     p = torch.rand(5, 20)
-    z[0, 3, 1, 2] = float("nan")
-    p[2, 7] = float("nan")
-    sim, dist, idx = emu_forward(lib, z.flatten(2), p, precision=precision)
-    nan = torch.zeros(3, 5, dtype=torch.bool)
-    nan[0, :] = True
-    nan[:, 2] = True
-    out["nan"] = (torch.equal(dist.isnan(), nan) and torch.equal(sim.isnan(), nan)
-                  and bool(((idx >= 0) & (idx < 16)).all()))
-    return out
+    z[0, 3, 66] = math.nan
+    z[0, 7, 41] = math.nan
+    z[1, 11, :] = math.nan
+    p[2, 7] = math.nan
+    cases["NaN in a patch, a channel, a prototype"] = (z, p)
+
+    # inf: +inf in one patch, -inf in another (the other patches stay finite and win), every patch of
+    # image 2 inf (mixed signs: the lowest index wins at +inf, similarity 0).
+    z = torch.rand(3, 20, 70)
+    p = torch.rand(6, 20)
+    z[0, 4, 10] = math.inf
+    z[0, 9, 65] = -math.inf
+    z[1, :, 0] = math.inf
+    p[4] = z[1, :, 1]  # the winner sits right after an inf patch
+    z[2, 0, :] = math.inf
+    z[2, 1, ::2] = -math.inf
+    cases["+inf and -inf patches, all patches inf"] = (z, p)
+    return cases
 
 
-# (B, D, HW, M, layout): several patch tiles (HW=323), channel stages (D=67), prototype blocks (M=150).
+def check_contract(outs: dict, z3, p) -> str | None:
+    """outs: precision -> (sim, dist, idx). None if every precision meets the contract and all precisions
+    agree bit for bit on (min_distances, patch_index), else what failed."""
+    sim_ref, dist_ref, idx_ref = contract_reference(z3, p)
+    for precision, (sim, dist, idx) in outs.items():
+        if not torch.equal(idx, idx_ref):
+            bad = (idx != idx_ref).nonzero()[:4].tolist()
+            return f"{precision}: patch_index differs from the contract at (b, m) {bad}"
+        same_nan = torch.equal(dist.isnan(), dist_ref.isnan()) and torch.equal(sim.isnan(), sim_ref.isnan())
+        finite = dist_ref.isfinite()
+        if not same_nan or not torch.equal(dist.isinf(), dist_ref.isinf()):
+            return f"{precision}: NaN/inf pattern of the outputs differs from the contract"
+        if not torch.allclose(dist[finite].double(), dist_ref[finite], rtol=1e-6, atol=1e-7):
+            return f"{precision}: min_distances differ from the contract"
+        ok_sim = ~sim_ref.isnan()
+        if not torch.allclose(sim[ok_sim].double(), sim_ref[ok_sim], rtol=0, atol=1e-4):
+            return f"{precision}: similarity differs from the contract"
+    first = next(iter(outs.values()))
+    for precision, (_, dist, idx) in outs.items():
+        if not (torch.equal(dist.view(torch.int32), first[1].view(torch.int32)) and torch.equal(idx, first[2])):
+            return f"{precision}: (min_distances, patch_index) not bit-identical across precisions"
+    return None
+
+
+# (B, D, HW, M, layout): several patch tiles (HW=323), channel stages (D=67), prototype blocks (M=150);
+# the CUB tile configuration (D=128, HW=49, a full and a partial prototype block).
 CASES = [
     (2, 67, 17 * 19, 150, "contiguous"),
     (2, 40, 35, 130, "channels_last"),
@@ -184,29 +248,50 @@ CASES = [
     (1, 16, 1, 1, "contiguous"),
     (3, 8, 49, 5, "channels_last"),
     (1, 1, 9, 4, "contiguous"),
+    (2, 128, 49, 130, "channels_last"),
     (1, 5, 20, 300, "strided_k"),  # several prototype chunks per grad_z warp
     (33, 130, 4, 3, "strided_d"),  # grad_p: several batch chunks and channel passes
 ]
 
 
-def run(verbose: bool = True, precisions=tuple(PRECISIONS)) -> bool:
-    """Every case at every search precision (gradients once: the backward does not depend on it)."""
+def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = True) -> bool:
+    """Every case at every search precision (gradients once: the backward does not depend on it), the
+    adversarial cases, bit-identity across precisions; with `mutation`, also that the adversarial cases
+    catch a search whose certification bound is switched off."""
     torch.manual_seed(0)
+    ok = True
+
+    def report(name, good, extra=""):
+        nonlocal ok
+        ok &= good
+        if verbose:
+            print(f"{name:60} ok={good} {extra}")
+
     with tempfile.TemporaryDirectory() as tmp:
         lib = build(Path(tmp))
-        ok = True
-        for precision in precisions:
-            for B, D, HW, M, layout in CASES:
-                res = check_case(lib, make_z3(B, D, HW, layout), torch.rand(M, D), precision=precision,
-                                 grads=precision == "highest")
-                ok &= res["ok"]
-                if verbose:
-                    print(f"{precision:8} {(B, D, HW, M)!s:20} {layout:14}",
-                          {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in res.items()})
-            for name, good in special_cases(lib, precision).items():
-                ok &= good
-                if verbose:
-                    print(f"{precision:8} {name:35} ok={good}")
+        for B, D, HW, M, layout in CASES:
+            z3, p = make_z3(B, D, HW, layout), torch.rand(M, D)
+            outs = {}
+            for precision in precisions:
+                res = check_case(lib, z3, p, precision=precision, grads=precision == "highest")
+                outs[precision] = emu_forward(lib, z3, p, precision=precision)
+                report(f"{precision:8} {(B, D, HW, M)!s:20} {layout:14}", res["ok"],
+                       {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in res.items() if k != "ok"})
+            first = next(iter(outs.values()))
+            same = all(torch.equal(o[1].view(torch.int32), first[1].view(torch.int32))
+                       and torch.equal(o[2], first[2]) for o in outs.values())
+            report(f"bit-identical across precisions {(B, D, HW, M)!s}", same)
+        for name, (z3, p) in adversarial_cases().items():
+            outs = {precision: emu_forward(lib, z3, p, precision=precision) for precision in precisions}
+            err = check_contract(outs, z3, p)
+            report(name, err is None, err or "")
+        report("no cp.async group left in flight", lib.emu_errors() == 0)
+        if mutation and "medium" in precisions:
+            (Path(tmp) / "mutant").mkdir()
+            bad = build(Path(tmp) / "mutant", ("-DPROTOKERN_EMU_CERT_SCALE=0.f",))
+            z3, p = adversarial_cases()["issue: exact patch vs 1e-6..1.6e-5"]
+            caught = check_contract({"medium": emu_forward(bad, z3, p, precision="medium")}, z3, p) is not None
+            report("mutation: TF32 search without its bound is caught", caught)
     return ok
 
 

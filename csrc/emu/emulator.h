@@ -1,14 +1,23 @@
-// A tiny CPU emulator for the kernels in ../kernels.cu, to check their indexing, tie-breaks, NaN
-// handling and determinism without a GPU (csrc/emu/check.py drives it). Each CUDA thread of a block
-// is an std::thread; __syncthreads / __syncwarp are barriers; shuffles and votes go through a per-warp
-// exchange buffer; mma.sync (m16n8k8 TF32) gathers the warp's fragments there too, following the PTX
-// fragment layout. cp.async takes its plain-load fallback (no __CUDA_ARCH__). Dynamic shared memory
-// is poisoned with NaN so reads of unwritten words show. Slow: for small shapes only.
+// A tiny CPU emulator for the kernels in ../forward.cuh and ../backward.cuh, to check their indexing,
+// tiling edges, certification, tie-breaks, NaN/inf handling and determinism without a GPU
+// (csrc/emu/check.py drives it; it includes the very same headers). Each CUDA thread of a block is an
+// std::thread, so the threads really run concurrently (and ThreadSanitizer sees their races);
+// __syncthreads / __syncwarp are barriers; shuffles and votes go through a per-warp exchange buffer.
+// Honest about the two things a CPU fallback would hide:
+// * cp.async is asynchronous: copy_async poisons its destination with NaN at issue (the stage's old
+//   contents are gone: the refill's issue is the point after the stage's last legitimate read) and
+//   the data lands only at the async_wait that retires its group, in the issuing thread; a thread
+//   that ends with copies in flight is an error (emu_errors()).
+// * mma.sync (m16n8k8 TF32) reads its operands as TF32 (the low 13 bits dropped, as the hardware
+//   does), follows the PTX fragment layout, and truncates its fp32 result toward zero.
+// Dynamic shared memory starts as NaN so reads of unwritten words show. Slow: small shapes only.
 #pragma once
 
 #define PROTOKERN_EMU 1
 
 #include <algorithm>
+#include <atomic>
+#include <deque>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -30,6 +39,7 @@ struct alignas(16) float4 {
   float x, y, z, w;
 };
 
+using std::isfinite;
 using std::isnan;
 using std::max;
 using std::min;
@@ -50,6 +60,39 @@ struct Block {
 
 inline thread_local Dim3 thread_idx, block_idx;
 inline thread_local Block* block;
+inline std::atomic<int> errors{0};  // protocol errors seen (cp.async groups left in flight)
+
+// cp.async: per-thread groups of pending copies.
+struct PendingCopy {
+  float* dst;
+  const float* src;
+  bool valid;
+};
+inline thread_local std::vector<PendingCopy> open_group;
+inline thread_local std::deque<std::vector<PendingCopy>> committed;
+
+inline void copy_async(float* dst, const float* src, bool valid) {
+  *dst = NAN;  // in flight
+  open_group.push_back({dst, src, valid});
+}
+
+inline void async_commit() {
+  committed.push_back(std::move(open_group));
+  open_group.clear();
+}
+
+inline void async_wait(int pending) {  // retire all but the `pending` most recent groups
+  while ((int)committed.size() > pending) {
+    for (const PendingCopy& c : committed.front()) *c.dst = c.valid ? *c.src : 0.f;
+    committed.pop_front();
+  }
+}
+
+inline void end_thread() {
+  if (!open_group.empty() || !committed.empty()) errors.fetch_add(1);
+  open_group.clear();
+  committed.clear();
+}
 
 inline std::barrier<>& warp_barrier() { return *block->warps[thread_idx.x / 32]; }
 
@@ -71,6 +114,7 @@ void launch(Dim3 grid, unsigned threads, size_t smem_bytes, Kernel kernel) {
           block_idx = {bx, by, 0};
           block = &blk;
           kernel();
+          end_thread();
         });
       }
       for (auto& th : pool) th.join();
@@ -99,6 +143,13 @@ T __shfl_sync(unsigned, T value, int src_lane) {
   return out;
 }
 
+template <class T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
+  return __shfl_sync(mask, value, (threadIdx.x % 32) ^ lane_mask);
+}
+
+inline int __ffsll(long long x) { return x == 0 ? 0 : __builtin_ctzll((unsigned long long)x) + 1; }
+
 inline unsigned __ballot_sync(unsigned, bool pred) {
   uint64_t* slots = emu::block->exchange.data() + threadIdx.x / 32 * 32;
   slots[threadIdx.x % 32] = pred;
@@ -124,7 +175,8 @@ inline float __uint_as_float(uint32_t u) {
 namespace emu {
 
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 for the calling warp: operands are read as TF32
-// (their low 13 bits ignored), products summed exactly (double) and rounded once into c.
+// (their low 13 bits ignored), products summed exactly (double), the result truncated toward zero
+// into fp32 (within the accumulation model of forward.cuh's bound).
 inline void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   const unsigned lane = threadIdx.x % 32;
   uint32_t* const frag = block->fragments.data() + threadIdx.x / 32 * 32 * 6;
@@ -141,7 +193,9 @@ inline void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[
     const int row = g + 8 * (q / 2), col = 2 * t + q % 2;
     double sum = c[q];
     for (int k = 0; k < 8; ++k) sum += A(row, k) * B(k, col);
-    c[q] = static_cast<float>(sum);
+    float f = static_cast<float>(sum);
+    if (std::isfinite(f) && std::fabs(static_cast<double>(f)) > std::fabs(sum)) f = std::nextafter(f, 0.f);
+    c[q] = f;
   }
   warp_barrier().arrive_and_wait();
 }

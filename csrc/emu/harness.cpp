@@ -1,10 +1,13 @@
-// C entry points of the CPU emulator (see emulator.h); kernels_emu.inc is kernels.cu up to its host
-// launchers, with `extern __shared__` declarations turned into pointers (made by check.py).
+// C entry points of the CPU emulator (see emulator.h): the kernels of ../forward.cuh and
+// ../backward.cuh, compiled by the host compiler with the same launch shapes as the launchers.
 #include "emulator.h"
 
-#include "kernels_emu.inc"
+#include <cstdio>
+#include <cstring>
+#include <string>
 
-}  // namespace protokern
+#include "backward.cuh"
+#include "forward.cuh"
 
 using namespace protokern;
 
@@ -12,7 +15,7 @@ extern "C" void emu_forward(const ForwardParams* prm) {
   if (prm->B == 0 || prm->M == 0) return;
   const Launch l = forward_launch(*prm);
   const ForwardParams p = *prm;
-  with_forward_kernel(p, /*tensor_cores=*/true, [&](auto kernel, size_t smem, int) {
+  with_forward_kernel(p, p.precision, [&](auto kernel, size_t smem, int) {
     emu::launch({l.grid_x, l.grid_y}, l.threads, smem, [&] { kernel(p); });
   });
 }
@@ -24,4 +27,28 @@ extern "C" void emu_backward(const BackwardParams* prm) {
   emu::launch({lp.grid_x, lp.grid_y}, lp.threads, lp.smem, [&] { grad_p_kernel(p); });
   const GradZLaunch lz = grad_z_launch(p);
   emu::launch({lz.grid_x, lz.grid_y}, lz.threads, lz.smem, [&] { grad_z_kernel(p, lz.KT, lz.seg); });
+}
+
+// Protocol errors seen so far (cp.async groups left in flight at a thread's end).
+extern "C" int emu_errors() { return emu::errors.load(); }
+
+// One line per kernel variant, "name threads min_blocks_per_sm max_dynamic_smem_bytes", for the
+// ptxas gate (tests/test_cuda_gates.py): the numbers the launchers use, from the same headers.
+extern "C" int emu_kernel_table(char* out, int size) {
+  std::string s;
+  auto row = [&](const char* name, int threads, int min_blocks, size_t smem) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "%s %d %d %zu\n", name, threads, min_blocks, smem);
+    s += buf;
+  };
+  row("forward_kernel<false, FfmaSearch>", kThreads, FfmaSearch::kMinBlocks, FfmaSearch::kBytes);
+  row("forward_kernel<true, FfmaSearch>", kThreads, FfmaSearch::kMinBlocks, FfmaSearch::kBytes);
+  row("forward_kernel<false, MmaSearch<true>>", kThreads, MmaSearch<true>::kMinBlocks, MmaSearch<true>::kBytes);
+  row("forward_kernel<true, MmaSearch<true>>", kThreads, MmaSearch<true>::kMinBlocks, MmaSearch<true>::kBytes);
+  row("forward_kernel<false, MmaSearch<false>>", kThreads, MmaSearch<false>::kMinBlocks, MmaSearch<false>::kBytes);
+  row("forward_kernel<true, MmaSearch<false>>", kThreads, MmaSearch<false>::kMinBlocks, MmaSearch<false>::kBytes);
+  row("grad_p_kernel", kGpM * 32, 1, 0);
+  row("grad_z_kernel", kGzWarps * 32, kGzMinBlocks, kGzMaxSmem);
+  std::snprintf(out, size, "%s", s.c_str());
+  return (int)s.size();
 }

@@ -1,3 +1,3 @@
 // CPU emulator stand-in for <cuda_runtime.h>: see ../emulator.h.
 #pragma once
-#include "../emulator.h"
+#include "../emulator.h"  // the emulator defines the CUDA types and intrinsics the kernels use

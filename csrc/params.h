@@ -1,6 +1,12 @@
-// Plain-C++ interface between the op registration (protokern.cpp, compiled by the host compiler
-// with the heavy torch headers) and the CUDA kernels (kernels.cu, compiled by nvcc with light
-// headers only). Keeping the two apart keeps the build fast.
+// Kernel parameters (FlashAttention-style: one plain struct per launch) and the host launchers: the
+// interface between the op registration (protokern.cpp, host compiler, heavy torch headers) and the
+// CUDA code (nvcc, light headers only). Layout of csrc/:
+//   params.h      this file
+//   common.cuh    device helpers shared by the kernels (cp.async, TF32 MMA, tie-break order, tiling)
+//   forward.cuh   forward kernel: certified patch search + exact rescoring (FFMA / 3xTF32 / TF32)
+//   backward.cuh  grad_p and grad_z kernels
+//   forward.cu, backward.cu   host launchers (one translation unit each: they compile in parallel)
+//   emu/          CPU emulator that includes the same .cuh headers (python csrc/emu/check.py)
 #pragma once
 
 #include <cstdint>
@@ -9,8 +15,9 @@
 
 namespace protokern {
 
-// Search precision of the forward (the winner's distance is always recomputed exactly in fp32):
-// "highest" = fp32 FFMA products, "high" = 3xTF32 tensor-core products, "medium" = TF32 ones.
+// Search precision of the forward: "highest" = fp32 FFMA products, "high" = 3xTF32 tensor-core
+// products, "medium" = TF32 ones. It changes speed only: every patch the search cannot rule out is
+// rescored exactly in fp32, so the outputs are identical for all three (forward.cuh).
 enum : int { kSearchFp32 = 0, kSearch3xTf32 = 1, kSearchTf32 = 2 };
 
 // Forward: z is (B, D, HW) float32 with arbitrary element strides; p is (M, D) contiguous float32.

@@ -1,0 +1,146 @@
+// Standalone driver of the CPU emulator for sanitizer builds (ThreadSanitizer; AddressSanitizer +
+// UndefinedBehaviorSanitizer), which cannot be loaded into Python: the CUB-shape tile configuration
+// (D = 128, HW = 49, a full and a partial 128-prototype block) and the tail cases (one patch, one
+// channel, a partial channel stage and patch tile), both z layouts, forward at every precision and
+// backward. Exit status 0 only if every run meets the checks below; the sanitizers abort on their own.
+//   g++ -std=c++20 -O1 -g -pthread -fsanitize=thread -Icsrc/emu/fake -Icsrc/emu -Icsrc \
+//       csrc/emu/harness.cpp csrc/emu/sanitize_main.cpp -o emu_tsan && ./emu_tsan
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "params.h"
+
+extern "C" void emu_forward(const protokern::ForwardParams* prm);
+extern "C" void emu_backward(const protokern::BackwardParams* prm);
+extern "C" int emu_errors();
+
+namespace {
+
+uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+float uniform() {  // [0, 1) on a 2^-20 grid
+  rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+  return (float)((rng_state >> 44) & 0xfffff) / (float)(1 << 20);
+}
+
+int failures = 0;
+void expect(bool ok, const char* what, int B, int D, int HW, int M) {
+  if (!ok) {
+    std::printf("FAIL %s at (B, D, HW, M) = (%d, %d, %d, %d)\n", what, B, D, HW, M);
+    ++failures;
+  }
+}
+
+void run_case(int B, int D, int HW, int M, bool channels_last) {
+  // z (B, D, HW): contiguous, or channels_last (stride_d = 1, stride_k = D)
+  std::vector<float> z((size_t)B * D * HW), p((size_t)M * D);
+  for (float& v : z) v = uniform();
+  for (float& v : p) v = uniform();
+  const int64_t sb = (int64_t)D * HW, sd = channels_last ? 1 : HW, sk = channels_last ? D : 1;
+  if (M > 1) {  // a prototype equal to a patch: distance exactly 0
+    for (int d = 0; d < D; ++d) p[(size_t)1 * D + d] = z[(size_t)(B - 1) * sb + d * sd + (HW - 1) * sk];
+  }
+  const size_t BM = (size_t)B * M;
+  std::vector<float> sim[3], dist[3];
+  std::vector<int64_t> idx[3];
+  for (int prec = 0; prec < 3; ++prec) {
+    sim[prec].assign(BM, -7.f);
+    dist[prec].assign(BM, -7.f);
+    idx[prec].assign(BM, -7);
+    protokern::ForwardParams prm{};
+    prm.z = z.data();
+    prm.z_sb = sb;
+    prm.z_sd = sd;
+    prm.z_sk = sk;
+    prm.p = p.data();
+    prm.similarity = sim[prec].data();
+    prm.min_distances = dist[prec].data();
+    prm.patch_index = idx[prec].data();
+    prm.B = B;
+    prm.D = D;
+    prm.HW = HW;
+    prm.M = M;
+    prm.eps = 1e-4f;
+    prm.precision = prec;
+    emu_forward(&prm);
+  }
+  for (int b = 0; b < B; ++b) {
+    for (int m = 0; m < M; ++m) {  // the winner is an exact minimum (double) up to fp32 rounding
+      double best = INFINITY;
+      for (int k = 0; k < HW; ++k) {
+        double s = 0;
+        for (int d = 0; d < D; ++d) {
+          const double diff = (double)z[b * sb + d * sd + k * sk] - p[(size_t)m * D + d];
+          s += diff * diff;
+        }
+        best = std::fmin(best, s);
+      }
+      const size_t o = (size_t)b * M + m;
+      const int64_t k = idx[0][o];
+      expect(k >= 0 && k < HW, "patch_index in range", B, D, HW, M);
+      if (k < 0 || k >= HW) continue;
+      double s = 0;
+      for (int d = 0; d < D; ++d) {
+        const double diff = (double)z[b * sb + d * sd + k * sk] - p[(size_t)m * D + d];
+        s += diff * diff;
+      }
+      expect(s <= best * (1 + 1e-5) + 1e-9, "winner is a minimum", B, D, HW, M);
+      expect(std::fabs(dist[0][o] - s) <= 1e-5 * (1 + s), "exact distance of the winner", B, D, HW, M);
+    }
+  }
+  for (int prec = 1; prec < 3; ++prec) {
+    expect(std::memcmp(dist[prec].data(), dist[0].data(), BM * sizeof(float)) == 0 &&
+               idx[prec] == idx[0] && std::memcmp(sim[prec].data(), sim[0].data(), BM * sizeof(float)) == 0,
+           "bit-identical outputs at every precision", B, D, HW, M);
+  }
+  if (M > 1) expect(dist[0][(size_t)(B - 1) * M + 1] == 0.f && idx[0][(size_t)(B - 1) * M + 1] == HW - 1,
+                    "prototype equal to a patch", B, D, HW, M);
+
+  // Backward on a channel-contiguous copy of z, as the op passes it.
+  std::vector<float> zc((size_t)B * D * HW);
+  for (int b = 0; b < B; ++b)
+    for (int d = 0; d < D; ++d)
+      for (int k = 0; k < HW; ++k) zc[(size_t)b * sb + (size_t)k * D + d] = z[b * sb + d * sd + k * sk];
+  std::vector<float> gs(BM), gm(BM), gz((size_t)B * D * HW, -7.f), gp((size_t)M * D, -7.f);
+  for (size_t i = 0; i < BM; ++i) {
+    gs[i] = uniform() - 0.5f;
+    gm[i] = uniform() - 0.5f;
+  }
+  protokern::BackwardParams bp{};
+  bp.grad_similarity = gs.data();
+  bp.grad_min_distances = gm.data();
+  bp.z = zc.data();
+  bp.z_sb = sb;
+  bp.z_sk = D;
+  bp.p = p.data();
+  bp.patch_index = idx[0].data();
+  bp.min_distances = dist[0].data();
+  bp.grad_z = gz.data();
+  bp.grad_p = gp.data();
+  bp.B = B;
+  bp.D = D;
+  bp.HW = HW;
+  bp.M = M;
+  bp.eps = 1e-4f;
+  emu_backward(&bp);
+  bool finite = true;
+  for (float v : gz) finite &= std::isfinite(v) && v != -7.f;
+  for (float v : gp) finite &= std::isfinite(v) && v != -7.f;
+  expect(finite, "every gradient element written and finite", B, D, HW, M);
+}
+
+}  // namespace
+
+int main() {
+  run_case(1, 128, 49, 130, true);   // CUB tile configuration, channels_last z
+  run_case(1, 128, 49, 130, false);  // same, contiguous z
+  run_case(2, 33, 65, 3, false);     // partial channel stage and patch tile, tiny M
+  run_case(1, 1, 1, 1, true);        // one channel, one patch, one prototype
+  run_case(1, 40, 70, 9, true);
+  expect(emu_errors() == 0, "no cp.async group left in flight", 0, 0, 0, 0);
+  std::printf(failures == 0 ? "sanitized emulator: all checks passed\n" : "sanitized emulator: %d failures\n",
+              failures);
+  return failures == 0 ? 0 : 1;
+}

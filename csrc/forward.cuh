@@ -1,0 +1,475 @@
+// Forward kernel of the fused prototype-distance op (contract: docs/design.md, issue 9 "Contract").
+//
+// One block per (128 prototypes, batch item b). For every patch tile of 64 patches:
+//   1. search: a tiled GEMM-like loop (p and z tiles of 32 channels double-buffered in shared memory
+//      with cp.async) accumulates s[m, k] = z_k . p_m, with exact fp32 FFMA products (FfmaSearch,
+//      "highest") or tensor-core MMA (MmaSearch: 3xTF32 "high", TF32 "medium"; sm_80+), and gives the
+//      approximate v~[m, k] = |z_k|^2 - 2 s[m, k] (|p_m|^2 is the same for every patch of m: dropped);
+//   2. certify: with the rigorous bound delta[m, k] >= |a~ - e| of the search error (derivation at
+//      cert_coef below), the running threshold T_m = min over finite v~ of (v~ + delta) so far, and
+//      every patch with v~ - delta <= T_m, or v~ not finite, is a candidate;
+//   3. rescore: each candidate's exact distance e = sum_d (z - p)^2 (difference form, fp32, fixed
+//      order: exact_distance) is folded into the prototype's (e, k) with `better` (NaN first, then
+//      smaller e, then lower k).
+// The candidates are a superset of the patches whose e can be the minimum (T_m only shrinks), and e
+// does not depend on the search, so (min_distances, patch_index) are identical at all three
+// precisions: the lowest-index exact minimum, or the lowest NaN patch. The B*M*HW distance map never
+// leaves registers.
+
+#pragma once
+
+#include "common.cuh"
+
+namespace protokern {
+namespace {
+
+constexpr int kThreads = 256;  // forward block size (8 warps)
+constexpr int kBM = 128;       // prototypes per block
+constexpr int kBK = 64;        // patches per tile
+constexpr int kDC = 32;        // channels per shared-memory stage
+constexpr int kPLoads = kDC * kBM / kThreads;  // p elements staged per thread per stage
+constexpr int kZLoads = kDC * kBK / kThreads;  // z elements staged per thread per stage
+static_assert(kThreads == 256 && kBM == 128 && kBK == 64, "thread layouts below assume these");
+static_assert(8 % (kDC / 8) == 0 && 8 % (kBK / 32) == 0 && 8 % (kBM / 32) == 0, "tile_map");
+
+// Dynamic shared memory (floats) of a search with shared tiles of row strides Ps (p: channel rows of
+// kBM prototypes) and Zs (z: channel rows of kBK patches), and Entries partial thresholds per
+// prototype: two pipeline stages of {p tile, z tile}; then, per patch tile, |z_k|^2 and |z_k|, per
+// prototype |p_m|, the running threshold T_m and the exact winner (e, k). The stage just consumed
+// is the scratch of the certification: Entries x kBM partial thresholds, then kBM x kBK flag bytes.
+template <int Ps, int Zs, int Entries>
+struct Layout {
+  static constexpr int kPs = Ps, kZs = Zs, kEntries = Entries;
+  static constexpr int kStage = kDC * (Ps + Zs);
+  static constexpr int kFlagOffset = Entries * kBM;  // in the scratch stage
+  static constexpr int kZnOffset = 2 * kStage;
+  static constexpr int kRzOffset = kZnOffset + kBK;
+  static constexpr int kRpOffset = kRzOffset + kBK;
+  static constexpr int kThrOffset = kRpOffset + kBM;
+  static constexpr int kBestOffset = kThrOffset + kBM;
+  static constexpr int kBestKOffset = kBestOffset + kBM;
+  static constexpr size_t kBytes = sizeof(float) * (kBestKOffset + kBM);
+  static_assert(Ps % 4 == 0 && Zs % 4 == 0, "rows must stay 16-byte aligned");
+  static_assert(kFlagOffset + kBM * kBK / 4 <= kStage, "certification scratch must fit in a stage");
+};
+
+// This thread's share of a cooperative kDC x C tile copy by kThreads threads: its i-th element
+// (0 <= i < kDC * C / kThreads) is (channel dd0 + i * ddi, column cc0 + i * cci) of the tile.
+// d_fast: each warp covers 8 consecutive channels x 4 columns (global reads in 32-byte runs when
+// stride_d == 1; conflict-free stores at a row stride of 4 mod 32). Otherwise each warp covers 32
+// consecutive columns of one channel (coalesced when the column stride is 1; conflict-free).
+struct TileMap {
+  int dd0, cc0, ddi, cci;
+};
+
+template <int C>
+__device__ __forceinline__ TileMap tile_map(int tid, bool d_fast) {
+  const int lane = tid & 31, w = tid >> 5;  // element tid + 256 i lies in warp-group w + 8 i
+  if (d_fast) {
+    constexpr int g = kDC / 8;
+    return {(lane & 7) + 8 * (w % g), (lane >> 3) + 4 * (w / g), 0, 32 / g};
+  }
+  constexpr int g = C / 32;
+  return {w / g, lane + 32 * (w % g), 8 / g, 0};
+}
+
+// ---- The certification bound ---------------------------------------------------------------------
+// u = 2^-24 (fp32 unit roundoff), gamma_n = n u / (1 - n u). For a patch z and a prototype p (D
+// channels), N = (|z| + |p|)^2 (L2 norms) bounds |z|^2, 2|z||p|, sum_d |z_d p_d| (<= |z||p|,
+// Cauchy-Schwarz), the true distance t = |z - p|^2 and |v| for v = |z|^2 - 2 z.p.
+// * The search: v~ = fma(-2, s~, zn~), zn~ an FFMA chain of z_d^2 (error <= gamma_D |z|^2) and s~
+//   approximating s = z.p with |s~ - s| <= eps_dot |z||p|:
+//     FFMA:    eps_dot = gamma_D (one fma chain over the channels).
+//     TF32:    operands rounded to nearest TF32 (relative 2^-11 each), a product is off by
+//              <= (2^-10 + 2^-22)|z_d p_d|; plus the HMMA accumulation over ceil(D/8) steps (below).
+//     3xTF32:  x = hi + lo + r with |r| <= 2^-22 |x|; dropping lo*lo and the r terms costs
+//              <= 4 * 2^-22 = 2^-20 relative per product; 3 ceil(D/8) HMMA steps.
+//   HMMA accumulation (assumed model, after Fasi et al. 2021, "Numerical behavior of NVIDIA tensor
+//   cores"): a m16n8k8 step c + sum of 8 exact products, aligned to the largest term and truncated,
+//   errs by <= 20u (|c| + sum |a b|); |c| <= the earlier |products|, so n steps err by
+//   <= 20 u n sum_d |z_d p_d| (times (1 + 2^-10)^2 for the split parts: in the safety factor).
+//   The epilogue fma rounds once more (u |v~|), so |v~ - v| <= (gamma_D + eps_dot + 2u) N.
+// * The exact rescoring e (fp32 difference form: one rounding per difference, fma chains of
+//   ceil(D/32) terms per lane, a 5-level butterfly) has |e - t| <= gamma_{D+7} t <= gamma_{D+7} N.
+// * a~ = v~ + |p|^2 and the test a~_i - delta_i <= min_j (a~_j + delta_j) is the same test on v~
+//   (|p|^2 cancels); its fp32 evaluation (v~ +- delta, the compare) costs <= 4u N more.
+// So delta = c N + c_abs with c = 2 (gamma_D + eps_dot + gamma_{D+7} + 6u): the factor 2 absorbs the
+// rounding of N itself (zn~ may be low by gamma_D, the square roots, the products), and
+// c_abs = (D + 8) 2^-126 covers products and squares that underflow or are flushed to zero.
+__device__ __forceinline__ float gamma_n(float n) {
+  const float nu = n * 0x1p-24f;
+  return nu < 0.25f ? nu / (1.f - nu) : INFINITY;  // a huge D: every patch becomes a candidate
+}
+
+// Search error of s = z.p relative to |z||p| (eps_dot above) for kSearch*.
+__device__ __forceinline__ float dot_error(int search, int D) {
+  const float steps = (float)((D + 7) / 8);
+  if (search == kSearchTf32) return 0x1p-10f + 0x1p-22f + 20.f * 0x1p-24f * steps;
+  if (search == kSearch3xTf32) return 0x1p-20f + 60.f * 0x1p-24f * steps;
+  return gamma_n((float)D);
+}
+
+// PROTOKERN_EMU_CERT_SCALE (emulator builds only) scales the bound, so that csrc/emu/check.py can
+// show that its adversarial cases fail without the certification (scale 0).
+#if defined(PROTOKERN_EMU) && defined(PROTOKERN_EMU_CERT_SCALE)
+constexpr float kCertScale = PROTOKERN_EMU_CERT_SCALE;
+#else
+constexpr float kCertScale = 1.f;
+#endif
+
+__device__ __forceinline__ float cert_coef(int search, int D) {
+  return kCertScale * 2.f * (gamma_n((float)D) + dot_error(search, D) + gamma_n((float)D + 7.f) + 6.f * 0x1p-24f);
+}
+
+// Exact distance e = sum_d (z[d] - p[d])^2 in fp32, for one warp: lane l sums channels l, l + 32, ...
+// in order (fma), then warp_sum. Every lane returns the same bits; the same function for every
+// precision, so e of a pair never depends on the search.
+__device__ __forceinline__ float exact_distance(const float* __restrict__ zk, int64_t sd,
+                                                const float* __restrict__ pm, int D, int lane) {
+  float s = 0.f;
+#pragma unroll 4
+  for (int d = lane; d < D; d += 32) {
+    const float diff = zk[(int64_t)d * sd] - pm[d];
+    s = fmaf(diff, diff, s);
+  }
+  return warp_sum(s);
+}
+
+// ---- Searches ------------------------------------------------------------------------------------
+// A search accumulates s[m, k] = sum_d p[m, d] z[d, k] over a block's 128 prototypes x 64 patches,
+// one kDC-channel stage at a time (step). visit(tid, f) calls f(slot, ml, kl, s) for each of this
+// thread's (prototype ml, patch kl) pairs of the tile, s a reference to the accumulator (slot: the
+// thread's index of prototype ml, in 0..kSlots-1); every (ml, kl) of the tile belongs to exactly one
+// thread. entry(tid) names the thread
+// among the kEntries threads that share a prototype; clear() zeroes the accumulators for the next tile.
+
+// Exact fp32 products (FFMA). Thread (tx, ty) holds prototypes 4tx..4tx+3, 64+4tx..64+4tx+3 and
+// patches 4ty..4ty+3 of the tile. Row strides 4 (mod 32) make the 8x4 tile_map stores conflict-free.
+struct FfmaSearch : Layout<kBM + 4, kBK + 4, kThreads / 16> {
+  static constexpr int kSearch = kSearchFp32;
+  static constexpr int kSlots = 8;
+  static constexpr int kMinBlocks = 2;  // resident blocks per SM the registers must allow
+  float acc[8][4];
+
+  __device__ __forceinline__ void clear() {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    }
+  }
+
+  __device__ __forceinline__ void step(const float* ps, const float* zs, int tid, int k0, int HW) {
+    const int tx = tid & 15, ty = tid >> 4;
+    // Warp w holds patches 8w..8w+7 of the tile; a warp with only padding (e.g. 56..63 of HW = 49)
+    // skips the math and leaves its issue slots to the others.
+    if (k0 + 8 * (tid >> 5) >= HW) return;
+#pragma unroll
+    for (int dd = 0; dd < kDC; ++dd) {
+      const float4 a0 = *reinterpret_cast<const float4*>(&ps[dd * kPs + 4 * tx]);
+      const float4 a1 = *reinterpret_cast<const float4*>(&ps[dd * kPs + 64 + 4 * tx]);
+      const float4 zz = *reinterpret_cast<const float4*>(&zs[dd * kZs + 4 * ty]);
+      const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      const float c[4] = {zz.x, zz.y, zz.z, zz.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], c[j], acc[i][j]);
+      }
+    }
+  }
+
+  __device__ __forceinline__ static int slot_ml(int tid, int i) {
+    const int tx = tid & 15;
+    return (i < 4) ? 4 * tx + i : 64 + 4 * tx + (i - 4);
+  }
+
+  __device__ __forceinline__ static int entry(int tid) { return tid >> 4; }
+
+  template <class F>
+  __device__ __forceinline__ void visit(int tid, F&& f) {
+    const int ty = tid >> 4;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) f(i, slot_ml(tid, i), 4 * ty + j, acc[i][j]);
+    }
+  }
+};
+
+// Tensor cores: TF32 products (kSplit = false) or 3xTF32 (kSplit = true: x = hi + lo with both
+// parts TF32, and a b ~ a_lo b_hi + a_hi b_lo + a_hi b_hi, close to fp32 accuracy). Warp w owns
+// prototypes 32 (w % 4).. + 31 (two m16 tiles) and patches 32 (w / 4).. + 31 (four n8 tiles) of the
+// block tile. Row strides 8 (mod 32) make the fragment loads conflict-free.
+template <bool kSplit>
+struct MmaSearch : Layout<kBM + 8, kBK + 8, 8> {  // 8 entries: 2 warps along patches x 4 quad lanes
+  static constexpr int kSearch = kSplit ? kSearch3xTf32 : kSearchTf32;
+  static constexpr int kSlots = 4;      // rows g, g + 8 of m16 tile 0, then of tile 1
+  // Resident blocks per SM the registers must allow: 2 (128 registers). At 3 (80 registers) ptxas
+  // spilled 20-108 bytes in every MMA variant once the certification state was added
+  // (tests/test_cuda_gates.py::test_ptxas_gate).
+  static constexpr int kMinBlocks = 2;
+  float acc[2][4][4];                   // [m16 tile][n8 tile][fragment]
+
+  __device__ __forceinline__ void clear() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+      }
+    }
+  }
+
+  __device__ __forceinline__ static void split(float x, uint32_t& hi, uint32_t& lo) {
+    hi = to_tf32(x);
+    lo = kSplit ? to_tf32(x - __uint_as_float(hi)) : 0u;
+  }
+
+  __device__ __forceinline__ void step(const float* ps, const float* zs, int tid, int k0, int HW) {
+    const int lane = tid & 31, w = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int mb = 32 * (w & 3), nb = 32 * (w >> 2);
+    const int n_tiles = min(4, max(0, (HW - k0 - nb + 7) / 8));  // n8 tiles holding real patches
+    if (n_tiles == 0) return;                                     // warp-uniform
+#pragma unroll
+    for (int kk = 0; kk < kDC; kk += 8) {
+      uint32_t a_hi[2][4], a_lo[2][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float* const col = ps + (kk + t) * kPs + mb + 16 * i + g;
+        split(col[0], a_hi[i][0], a_lo[i][0]);
+        split(col[8], a_hi[i][1], a_lo[i][1]);
+        split(col[4 * kPs], a_hi[i][2], a_lo[i][2]);
+        split(col[4 * kPs + 8], a_hi[i][3], a_lo[i][3]);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (j < n_tiles) {
+          const float* const row = zs + (kk + t) * kZs + nb + 8 * j + g;
+          uint32_t b_hi[2], b_lo[2];
+          split(row[0], b_hi[0], b_lo[0]);
+          split(row[4 * kZs], b_hi[1], b_lo[1]);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            if (kSplit) {  // small terms first
+              mma_tf32(acc[i][j], a_lo[i], b_hi);
+              mma_tf32(acc[i][j], a_hi[i], b_lo);
+            }
+            mma_tf32(acc[i][j], a_hi[i], b_hi);
+          }
+        }
+      }
+    }
+  }
+
+  __device__ __forceinline__ static int slot_ml(int tid, int r) {  // r = 2 i + h: tile i, row g + 8 h
+    const int lane = tid & 31, w = tid >> 5;
+    return 32 * (w & 3) + 16 * (r >> 1) + 8 * (r & 1) + (lane >> 2);
+  }
+
+  __device__ __forceinline__ static int entry(int tid) { return 4 * ((tid >> 5) >> 2) + (tid & 3); }
+
+  template <class F>
+  __device__ __forceinline__ void visit(int tid, F&& f) {
+    const int t = tid & 3, nb = 32 * ((tid >> 5) >> 2);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) f(r, slot_ml(tid, r), nb + 8 * j + 2 * t + c, acc[r >> 1][j][2 * (r & 1) + c]);
+      }
+    }
+  }
+};
+
+// Grid (ceil(M / kBM), B), kThreads threads, Search::kBytes of dynamic shared memory; see the top of
+// this file. Outputs: min_distances = the winner's exact e (NaN rule: NaN), similarity =
+// log1p((1 - eps) / (d + eps)) = log((d + 1) / (d + eps)) with d = +inf giving 0, patch_index.
+template <bool z_dfast, class Search>  // z_dfast: is z's channel stride the smaller one?
+__global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(const ForwardParams prm) {
+  PK_DYNAMIC_SMEM(smem);
+  constexpr int kPs = Search::kPs, kZs = Search::kZs, kStage = Search::kStage;
+  float* const zn_s = smem + Search::kZnOffset;  // |z_k|^2 of the current patch tile
+  float* const rz_s = smem + Search::kRzOffset;  // |z_k|
+  float* const rp_s = smem + Search::kRpOffset;  // |p_m|
+  float* const thr_s = smem + Search::kThrOffset;
+  float* const best_e = smem + Search::kBestOffset;
+  int* const best_k = reinterpret_cast<int*>(smem + Search::kBestKOffset);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int b = blockIdx.y;
+  const int m0 = blockIdx.x * kBM;
+  const int D = prm.D, HW = prm.HW, M = prm.M;
+  const float* __restrict__ zb = prm.z + b * prm.z_sb;
+  const float* __restrict__ p = prm.p;
+  const int64_t sd = prm.z_sd, sk = prm.z_sk;
+
+  const TileMap pmap = tile_map<kBM>(tid, true);
+  const TileMap zmap = tile_map<kBK>(tid, z_dfast);
+  const int n_d = (D + kDC - 1) / kDC;
+  const int n_iter = n_d * ((HW + kBK - 1) / kBK);  // flat loop over (patch tile, channel stage)
+
+  // Start the copy of stage `it` (patch tile it / n_d, channels (it % n_d) * kDC...) into `buf`.
+  auto issue = [&](int it, int buf) {
+    float* const ps = smem + buf * kStage;
+    float* const zs = ps + kDC * kPs;
+    const int k0 = (it / n_d) * kBK;
+    const int d0 = (it % n_d) * kDC;
+    {
+      const int d = d0 + pmap.dd0;
+      const float* src = p + (int64_t)(m0 + pmap.cc0) * D + d;
+#pragma unroll
+      for (int i = 0; i < kPLoads; ++i) {
+        const int cc = pmap.cc0 + i * pmap.cci;
+        const bool ok = d < D && m0 + cc < M;
+        copy_async(&ps[pmap.dd0 * kPs + cc], ok ? src + (int64_t)i * pmap.cci * D : p, ok);
+      }
+    }
+    {
+      const float* src = zb + (d0 + zmap.dd0) * sd + (k0 + zmap.cc0) * sk;
+      const int64_t step = zmap.ddi * sd + zmap.cci * sk;
+#pragma unroll
+      for (int i = 0; i < kZLoads; ++i) {
+        const int dd = zmap.dd0 + i * zmap.ddi, cc = zmap.cc0 + i * zmap.cci;
+        const bool ok = d0 + dd < D && k0 + cc < HW;
+        copy_async(&zs[dd * kZs + cc], ok ? src + i * step : zb, ok);
+      }
+    }
+    async_commit();
+  };
+
+  if (tid < kBM) {
+    thr_s[tid] = INFINITY;
+    best_e[tid] = INFINITY;
+    best_k[tid] = 0x7fffffff;
+  }
+  Search search;
+  search.clear();
+  float norm2 = 0.f;  // threads < kBK: |z_k|^2 of patch k0 + tid; threads >= kBM: |p_m|^2 of m0 + tid - kBM
+
+  issue(0, 0);
+  for (int it = 0; it < n_iter; ++it) {
+    if (it + 1 < n_iter) {
+      issue(it + 1, (it + 1) & 1);  // overlaps the math below
+      async_wait<1>();
+    } else {
+      async_wait<0>();
+    }
+    __syncthreads();
+    float* const ps = smem + (it & 1) * kStage;
+    const float* const zs = ps + kDC * kPs;
+    const int k0 = (it / n_d) * kBK;
+    search.step(ps, zs, tid, k0, HW);
+    if (tid < kBK) {  // channels in order, one fma chain
+#pragma unroll 8
+      for (int dd = 0; dd < kDC; ++dd) norm2 = fmaf(zs[dd * kZs + tid], zs[dd * kZs + tid], norm2);
+    } else if (tid >= kThreads - kBM && it < n_d) {  // |p|^2 during the first patch tile only
+      const int ml = tid - (kThreads - kBM);
+#pragma unroll 8
+      for (int dd = 0; dd < kDC; ++dd) norm2 = fmaf(ps[dd * kPs + ml], ps[dd * kPs + ml], norm2);
+    }
+
+    if (it % n_d == n_d - 1) {  // last stage of this patch tile: certify and rescore it
+      if (tid < kBK) {
+        zn_s[tid] = norm2;
+        rz_s[tid] = sqrtf(norm2);
+        norm2 = 0.f;
+      } else if (tid >= kThreads - kBM && it == n_d - 1) {
+        rp_s[tid - (kThreads - kBM)] = sqrtf(norm2);
+      }
+      __syncthreads();  // also: every thread is done reading stage `ps`, now the scratch
+      const float cert = cert_coef(Search::kSearch, D);  // here, not live across the main loop
+      const float cert_abs = kCertScale * (float)(D + 8) * 0x1p-126f;
+      float* const red = ps;
+      unsigned char* const flags = reinterpret_cast<unsigned char*>(ps + Search::kFlagOffset);
+      // (1) running threshold T_m = min(T_m, min over this tile's finite v~ of v~ + delta); each
+      // accumulator becomes its pair's lower end v~ - delta (-inf: v~ not finite, NaN: padding).
+      float tmin[Search::kSlots];
+#pragma unroll
+      for (int s = 0; s < Search::kSlots; ++s) tmin[s] = INFINITY;
+      search.visit(tid, [&](int s, int ml, int kl, float& acc) {
+        const float v = fmaf(-2.f, acc, zn_s[kl]);
+        const float r = rz_s[kl] + rp_s[ml];
+        const float delta = fmaf(cert, r * r, cert_abs);
+        const bool real = k0 + kl < HW, finite = isfinite(v);
+        if (real && finite) tmin[s] = fminf(tmin[s], v + delta);
+        acc = !real ? NAN : finite ? v - delta : -INFINITY;
+      });
+#pragma unroll
+      for (int s = 0; s < Search::kSlots; ++s)
+        red[Search::entry(tid) * kBM + Search::slot_ml(tid, s)] = tmin[s];
+      __syncthreads();
+      if (tid < kBM) {
+        float t = thr_s[tid];
+        for (int e = 0; e < Search::kEntries; ++e) t = fminf(t, red[e * kBM + tid]);
+        thr_s[tid] = t;
+      }
+      __syncthreads();
+      // (2) candidates: v~ - delta <= T_m, or v~ not finite (-inf); never padding (NaN)
+      search.visit(tid, [&](int, int ml, int kl, float& lower) { flags[ml * kBK + kl] = lower <= thr_s[ml]; });
+      search.clear();
+      __syncthreads();
+      // (3) exact rescoring: warp w takes prototypes w, w + 8, ...; candidates in increasing k
+      for (int ml = warp; ml < kBM && m0 + ml < M; ml += kThreads / 32) {
+        const uint32_t lo = __ballot_sync(kFullMask, flags[ml * kBK + lane] != 0);
+        const uint32_t hi = __ballot_sync(kFullMask, flags[ml * kBK + 32 + lane] != 0);
+        uint64_t cand = (uint64_t)hi << 32 | lo;
+        float be = best_e[ml];
+        int bk = best_k[ml];
+        const float* const pm = p + (int64_t)(m0 + ml) * D;
+        while (cand != 0) {  // warp-uniform
+          const int k = k0 + __ffsll((long long)cand) - 1;
+          cand &= cand - 1;
+          const float e = exact_distance(zb + (int64_t)k * sk, sd, pm, D, lane);
+          if (better(e, k, be, bk)) {
+            be = e;
+            bk = k;
+          }
+        }
+        __syncwarp();  // every lane has read best_* before lane 0 writes
+        if (lane == 0) {
+          best_e[ml] = be;
+          best_k[ml] = bk;
+        }
+      }
+    }
+    __syncthreads();  // this buffer is refilled by the next iteration's issue()
+  }
+
+  const int m = m0 + tid;
+  if (tid < kBM && m < M) {
+    const float d = best_e[tid];  // >= 0 or NaN (a sum of squares): no clamp
+    const int k = best_k[tid];
+    const int64_t o = (int64_t)b * M + m;
+    prm.min_distances[o] = d;
+    prm.similarity[o] = log1pf((1.f - prm.eps) / (d + prm.eps));
+    prm.patch_index[o] = (k >= 0 && k < HW) ? k : 0;
+  }
+}
+
+// Calls f(kernel, smem_bytes, variant) with the forward kernel for prm's z layout and `search`
+// (kSearch*); variant (0..5) names the instantiation.
+template <class F>
+void with_forward_kernel(const ForwardParams& prm, int search, F&& f) {
+  const bool dfast = prm.z_sd <= prm.z_sk;
+  const int variant = 3 * dfast + search;
+  if (search == kSearch3xTf32) {
+    using S = MmaSearch<true>;
+    dfast ? f(forward_kernel<true, S>, S::kBytes, variant) : f(forward_kernel<false, S>, S::kBytes, variant);
+  } else if (search == kSearchTf32) {
+    using S = MmaSearch<false>;
+    dfast ? f(forward_kernel<true, S>, S::kBytes, variant) : f(forward_kernel<false, S>, S::kBytes, variant);
+  } else {
+    using S = FfmaSearch;
+    dfast ? f(forward_kernel<true, S>, S::kBytes, variant) : f(forward_kernel<false, S>, S::kBytes, variant);
+  }
+}
+
+inline Launch forward_launch(const ForwardParams& prm) {
+  return {(unsigned)((prm.M + kBM - 1) / kBM), (unsigned)prm.B, kThreads, 0};
+}
+
+}  // namespace
+}  // namespace protokern

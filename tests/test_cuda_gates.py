@@ -1,0 +1,165 @@
+"""CPU gates for the CUDA kernels (csrc/), so that blind GPU work fails here rather than on the device.
+
+* ptxas gate: the launchers' translation units (csrc/forward.cu, csrc/backward.cu) compiled for sm_90 with
+  ``-Xptxas -v``: every kernel variant has 0 spill bytes, registers that let its launch-bounds blocks be
+  resident, and shared memory x resident blocks within the SM's 228 KB (227 KB per block + 1 KB reserved
+  each). Needs nvcc (skips without it). Prints the table.
+* The CPU emulator (csrc/emu) built with ThreadSanitizer, and with AddressSanitizer + UBSan, running the
+  CUB-shape tile configuration and the tail cases (csrc/emu/sanitize_main.cpp). Needs g++ >= 11 and the
+  sanitizer runtimes (skips without them).
+Not GPU tests: they run in CI on the CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CSRC = REPO / "csrc"
+EMU = CSRC / "emu"
+
+SM90_REGS = 65536          # 32-bit registers per SM
+SM90_SMEM_SM = 228 * 1024  # shared memory per SM, bytes
+SM90_SMEM_BLOCK = 227 * 1024
+SM90_SMEM_RESERVED = 1024  # per resident block
+
+
+def _nvcc() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _gxx_ok() -> str | None:
+    """None if g++ >= 11 is here, else why not."""
+    if shutil.which("g++") is None:
+        return "needs g++"
+    version = subprocess.run(["g++", "-dumpversion"], capture_output=True, text=True).stdout.strip()
+    if int(version.split(".")[0] or 0) < 11:
+        return f"needs g++ >= 11 for <barrier>, found {version}"
+    return None
+
+
+def kernel_table(tmp: Path) -> dict[str, tuple[int, int, int]]:
+    """name -> (threads, min blocks per SM, max dynamic shared memory bytes), from the kernel headers
+    (csrc/emu/harness.cpp: emu_kernel_table), i.e. the numbers the launchers use."""
+    sys.path.insert(0, str(EMU))
+    try:
+        import check  # csrc/emu/check.py
+    finally:
+        sys.path.remove(str(EMU))
+    lib = check.build(tmp)
+    buf = ctypes.create_string_buffer(4096)
+    lib.emu_kernel_table(buf, len(buf))
+    table = {}
+    for line in buf.value.decode().splitlines():
+        name, threads, blocks, smem = line.rsplit(" ", 3)
+        table[name] = (int(threads), int(blocks), int(smem))
+    return table
+
+
+def ptxas_report(nvcc: str, source: Path, tmp: Path) -> dict[str, dict[str, int]]:
+    """Demangled kernel name -> {registers, spill_stores, spill_loads, static_smem} from ptxas -v."""
+    from torch.utils.cpp_extension import include_paths
+
+    incs = [f"-I{p}" for p in include_paths()] + [f"-I{CSRC}"]
+    cmd = [nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v", *incs, str(source),
+           "-o", str(tmp / (source.stem + ".cubin"))]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = subprocess.run(["c++filt"], input=out.stderr, capture_output=True, text=True).stdout \
+        if shutil.which("c++filt") else out.stderr
+    report, current = {}, None
+    for line in text.splitlines():
+        m = re.search(r"Function properties for (.+)$", line)
+        if m:
+            current = m.group(1).strip()
+            report[current] = {"registers": 0, "spill_stores": 0, "spill_loads": 0, "static_smem": 0}
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            report[current]["spill_stores"], report[current]["spill_loads"] = int(m.group(1)), int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            report[current]["registers"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            report[current]["static_smem"] = int(s.group(1)) if s else 0
+    return report
+
+
+def _short(name: str) -> str:
+    """'void protokern::(anonymous namespace)::forward_kernel<true, protokern::(anonymous namespace)::
+    MmaSearch<true> >(protokern::ForwardParams)' -> 'forward_kernel<true, MmaSearch<true>>'."""
+    name = name.replace("protokern::(anonymous namespace)::", "").replace("protokern::", "")
+    name = re.sub(r"^void ", "", name)
+    name = name[: name.rindex("(")] if "(" in name else name
+    return name.replace(" >", ">")
+
+
+def test_ptxas_gate(tmp_path):
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("needs nvcc (CUDA toolkit)")
+    if (why := _gxx_ok()) is not None:
+        pytest.skip(why)
+    table = kernel_table(tmp_path)
+    report = {}
+    for source in ("forward.cu", "backward.cu"):
+        report.update({_short(k): v for k, v in ptxas_report(nvcc, CSRC / source, tmp_path).items()})
+    rows, problems = [], []
+    for name, (threads, blocks, smem) in table.items():
+        assert name in report, f"ptxas compiled no {name}; it compiled {sorted(report)}"
+        r = report[name]
+        regs_per_block = -(-r["registers"] // 8) * 8 * threads
+        reg_blocks = SM90_REGS // regs_per_block if regs_per_block else 99
+        smem_block = smem + r["static_smem"]
+        smem_total = blocks * (smem_block + SM90_SMEM_RESERVED)
+        rows.append(f"{name:42} {threads:7} {blocks:6} {r['registers']:4} {reg_blocks:9} "
+                    f"{r['spill_stores'] + r['spill_loads']:6} {smem_block:10} {smem_total:12}")
+        if r["spill_stores"] or r["spill_loads"]:
+            problems.append(f"{name}: {r['spill_stores']} bytes spill stores, {r['spill_loads']} bytes spill loads")
+        if reg_blocks < blocks:
+            problems.append(f"{name}: {r['registers']} registers allow {reg_blocks} blocks/SM, launch bounds say {blocks}")
+        if smem_block > SM90_SMEM_BLOCK or smem_total > SM90_SMEM_SM:
+            problems.append(f"{name}: {blocks} blocks x {smem_block} B shared memory exceed the SM")
+    print("\nkernel (sm_90)                             threads blocks regs reg-blocks spills smem/block smem/SM")
+    print("\n".join(rows))
+    assert not problems, "\n".join(problems)
+
+
+SANITIZERS = {
+    "thread": ["-fsanitize=thread"],
+    "address+undefined": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
+}
+
+
+@pytest.mark.parametrize("sanitizer", list(SANITIZERS))
+def test_emulator_under_sanitizer(tmp_path, sanitizer):
+    """The emulated kernels race-free (TSan) and memory/UB-clean (ASan + UBSan) on the CUB tile
+    configuration and the tails; the driver also checks the results (csrc/emu/sanitize_main.cpp)."""
+    if (why := _gxx_ok()) is not None:
+        pytest.skip(why)
+    exe = tmp_path / "emu_sanitized"
+    cmd = ["g++", "-std=c++20", "-O1", "-g", "-pthread", *SANITIZERS[sanitizer], f"-I{EMU / 'fake'}", f"-I{EMU}",
+           f"-I{CSRC}", str(EMU / "harness.cpp"), str(EMU / "sanitize_main.cpp"), "-o", str(exe)]
+    built = subprocess.run(cmd, capture_output=True, text=True)
+    if built.returncode != 0 and re.search(r"cannot find -l(tsan|asan|ubsan)|libtsan|libasan", built.stderr):
+        pytest.skip(f"no {sanitizer} sanitizer runtime: {built.stderr.strip().splitlines()[-1]}")
+    assert built.returncode == 0, built.stderr[-3000:]
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66 second_deadlock_stack=1",
+               ASAN_OPTIONS="halt_on_error=1 detect_leaks=1", UBSAN_OPTIONS="halt_on_error=1 print_stacktrace=1")
+    run = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=900)
+    print(run.stdout[-2000:])
+    assert run.returncode == 0 and "all checks passed" in run.stdout, (
+        f"exit status {run.returncode}\nstdout:\n{run.stdout[-3000:]}\nstderr:\n{run.stderr[-6000:]}")
