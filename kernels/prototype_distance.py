@@ -28,6 +28,7 @@ from protokern.kernels import search_bound
 # "highest": exact fp32 products; "high": 3xTF32 (about fp32 accuracy); "medium": TF32 (also the names of
 # their search_bound levels). The precision only changes the search's speed, never its result.
 INPUT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+SEQUENTIAL_EXACT = False  # True: the interpreter too rescores with the compiled kernels' sequential sum (tests)
 MAX_PROGRAMS = 2 ** 31 - 1  # CUDA grid axis 0 limit; larger problems launch in runs of images
 
 
@@ -43,8 +44,8 @@ def _forward_kernel(
     z_ptr, p_ptr, sim_ptr, dist_ptr, idx_ptr,
     D, HW, M, eps, one_minus_eps, coef, tiny,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    PRECISION: tl.constexpr, SEQUENTIAL: tl.constexpr,
 ):
     """One program per (image, prototype tile), both folded into grid axis 0 (no 65535 limit on B).
 
@@ -52,9 +53,10 @@ def _forward_kernel(
     >= |a~ - e| (coef and its derivation: ``search_bound.py``). Each patch tile updates the running threshold
     thr = min (a~ + delta) and rescores exactly every patch with a~ - delta <= thr or a~ not finite (a superset
     of the candidates of the final threshold, since thr only decreases), one candidate per row at a time in
-    increasing patch order. The exact distance sums (z_d - p_d)^2 sequentially over d for each row on its own:
-    the bits depend neither on the tile sizes nor on the warps, so every precision returns the same
-    (distance, index). Winner: the first NaN patch if any (distance NaN), else the first patch of smallest
+    increasing patch order. The exact distance sums (z_d - p_d)^2 sequentially over d for each row on its own
+    (SEQUENTIAL, compiled kernels) or in BLOCK_E tiles (the interpreter, where sums do not depend on the
+    layout): the bits depend neither on the search's tile sizes nor on its warps, so every precision returns
+    the same (distance, index). Winner: the first NaN patch if any (distance NaN), else the first patch of smallest
     exact distance (a patch holding +-inf is at +inf; if all are, patch 0).
     """
     pid = tl.program_id(0)
@@ -107,11 +109,20 @@ def _forward_kernel(
             active = k < HW
             z_col = z_base + tl.where(active, k, 0).to(tl.int64) * stride_zk
             e = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for d in range(0, D):
-                zd = tl.load(z_col + d * stride_zd, mask=active, other=0.0).to(tl.float32)
-                pd = tl.load(p_row + d * stride_pd, mask=active, other=0.0).to(tl.float32)
-                diff = zd - pd
-                e += diff * diff
+            if SEQUENTIAL:  # compiled kernels: one row per lane, d in order, independent of the layout
+                for d in range(0, D):
+                    zd = tl.load(z_col + d * stride_zd, mask=active, other=0.0).to(tl.float32)
+                    pd = tl.load(p_row + d * stride_pd, mask=active, other=0.0).to(tl.float32)
+                    diff = zd - pd
+                    e += diff * diff
+            else:  # the interpreter's sums are numpy's, the same for every layout: (BLOCK_M, BLOCK_E) tiles
+                for d0 in range(0, D, BLOCK_E):
+                    offs_e = d0 + tl.arange(0, BLOCK_E)
+                    mask = active[:, None] & (offs_e[None, :] < D)
+                    zd = tl.load(z_col[:, None] + offs_e[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
+                    pd = tl.load(p_rows + offs_e[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
+                    diff = zd - pd
+                    e += tl.sum(diff * diff, axis=1)
             is_nan = e != e
             nan_idx = tl.where(active & is_nan & (nan_idx == HW), k, nan_idx)
             better = active & (is_nan == 0) & ((e < best) | (best_idx == HW))
@@ -245,7 +256,8 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
         _forward_kernel[((b1 - b0) * m_tiles,)](
             z3[b0:b1], p, sim[b0:b1], dist[b0:b1], idx[b0:b1], D, HW, M, eps, 1.0 - eps, coef, search_bound.TINY,
             z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=INPUT_PRECISION[precision],
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_E=_pow2(D, 16, 128),
+            PRECISION=INPUT_PRECISION[precision], SEQUENTIAL=SEQUENTIAL_EXACT or z3.is_cuda,
             num_warps=num_warps, num_stages=num_stages,
         )
     return sim, dist, idx
@@ -259,7 +271,8 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     grad_sim = grad_sim.float().contiguous()
     grad_dist = grad_dist.float().contiguous()
     g = torch.empty((B, M), device=z3.device, dtype=torch.float32)
-    block_m, block_d, per_program = 16, _pow2(D, 16, 64), 8
+    block_m, block_d = 16, _pow2(D, 16, 64)
+    per_program = max(8, triton.cdiv(B, 65535))  # image runs go on grid axis 2 (at most 65535)
     runs = triton.cdiv(B, per_program)
     partial = torch.empty((runs, M, D), device=z3.device, dtype=torch.float32)
     _grad_prototypes_kernel[(triton.cdiv(M, block_m), triton.cdiv(D, block_d), runs)](

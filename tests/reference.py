@@ -20,13 +20,13 @@ def original_layer(z: torch.Tensor, prototypes: torch.Tensor, eps: float = 1e-4)
     return torch.log((min_d + 1) / (min_d + eps)), min_d
 
 
-def check_against_reference(z, p, backend, *, grad_tol=1e-4, grad_tol_z=None):
+def check_against_reference(z, p, backend, *, grad_tol=1e-4, grad_tol_z=None, precision="highest"):
     """Forward values and both gradients of ``protokern.prototype_similarity(z, p, backend=backend)`` against
     the float64 original layer; ``grad_tol_z`` (default ``grad_tol``) bounds z's gradient.
     Returns the op's (similarity, min_distances), detached."""
     z = z.detach().requires_grad_()
     p = p.detach().requires_grad_()
-    sim, dist = protokern.prototype_similarity(z, p, backend=backend)
+    sim, dist = protokern.prototype_similarity(z, p, backend=backend, precision=precision)
     assert sim.dtype == dist.dtype == torch.float32 and sim.shape == dist.shape == (z.shape[0], p.shape[0])
     zr = z.detach().double().requires_grad_()
     pr = p.detach().double().requires_grad_()
@@ -71,3 +71,82 @@ def check_winners_and_gradients(z, p, sim, dist, idx, w_sim, w_dist, grad_z, gra
     ref_gz = torch.zeros_like(z64).scatter_add_(2, gather, contrib)
     assert rel_err(grad_z.flatten(2), ref_gz) < 1e-5
     assert rel_err(grad_p.reshape(p64.shape), -contrib.sum(0).T) < 1e-5
+
+
+# ---- The op's result contract (docs/design.md): exact winner, NaN and inf rules, adversarial inputs ----
+
+
+def contract_result(z: torch.Tensor, p: torch.Tensor):
+    """Float64 reference of the contract: (min_distances (B, M) float64, patch_index (B, M) int64, CPU).
+
+    Exact distances in the difference form; the winner is the lowest NaN patch if any (distance NaN), else
+    the lowest index of smallest distance (a patch holding +-inf is at +inf). Materialises B*M*D*HW values:
+    small inputs only.
+    """
+    z64 = z.detach().double().cpu().flatten(2)
+    p64 = p.detach().double().cpu().reshape(p.shape[0], -1)
+    e = (z64[:, None, :, :] - p64[None, :, :, None]).square().sum(2)  # (B, M, HW)
+    arange = torch.arange(e.shape[-1])
+    is_nan = e.isnan()
+    has_nan = is_nan.any(-1)
+    e = torch.where(is_nan, float("inf"), e)
+    e_min = e.amin(-1)
+    first = torch.where(e == e_min[..., None], arange, e.shape[-1]).amin(-1)
+    first_nan = torch.where(is_nan, arange, e.shape[-1]).amin(-1)
+    return torch.where(has_nan, float("nan"), e_min), torch.where(has_nan, first_nan, first)
+
+
+def dyadic_features(B: int, D: int, H: int, W: int, generator=None) -> torch.Tensor:
+    """Features in [0, 4), multiples of 1/16: every fp32 distance between them is exact (19 bits)."""
+    return torch.randint(0, 64, (B, D, H, W), generator=generator).float() / 16
+
+
+def near_tie_case(kind: str, B: int = 4, D: int = 128, H: int = 7, W: int = 7, generator=None):
+    """Adversarial near-ties: prototype b belongs to image b; returns (z, p, winners (B,)).
+
+    In image b the winning patch w_b has a rival r_b < w_b (lower index, so a search that cannot tell them
+    apart picks the wrong one) whose exact distance is larger by 2^-20 (~1e-6). Kinds: "zero" (d_w = 0,
+    d_r = 2^-20), "small" (2^-20 against 2^-19), "one" (1 against 1 + 2^-20), "duplicates" (patches after
+    w_b duplicate it exactly: the lowest index, w_b, wins), "equal" (every patch of image b equals p_b:
+    patch 0 wins). All these distances are exact in fp32.
+    """
+    z = dyadic_features(B, D, H, W, generator).flatten(2)
+    HW = H * W
+    step = 2.0 ** -10
+    winners = torch.empty(B, dtype=torch.int64)
+    p = torch.empty(B, D)
+    for b in range(B):
+        w, r = HW // 2 + b % (HW // 2 - 1), b % (HW // 2)
+        p[b] = z[b, :, w]
+        if kind == "one":
+            p[b, 0] -= 1.0
+        elif kind == "small":
+            p[b, 2] += step
+        if kind in ("zero", "small", "one"):
+            z[b, :, r] = z[b, :, w]
+            z[b, 1, r] += step
+        elif kind == "duplicates":
+            z[b, :, w + 1:] = z[b, :, w, None]
+        elif kind == "equal":
+            z[b] = p[b, :, None]
+            w = 0
+        else:
+            raise ValueError(f"unknown near-tie kind {kind!r}")
+        winners[b] = w
+    return z.view(B, D, H, W), p, winners
+
+
+def issue_case(B: int = 16, D: int = 128, H: int = 7, W: int = 7, generator=None):
+    """Issue 9's case: prototype b equals a patch w_b of image b, and a lower patch of the same image lies
+    1e-6..1.6e-5 away in squared distance (values in [0, 4)). Returns (z, p, winners (B,))."""
+    z = (torch.rand(B, D, H * W, generator=generator) * 4).float()
+    HW = H * W
+    winners = torch.empty(B, dtype=torch.int64)
+    gaps = torch.linspace(1e-6, 1.6e-5, B)
+    for b in range(B):
+        w, r = HW // 2 + b % (HW // 2 - 1), b % (HW // 2)
+        z[b, :, r] = z[b, :, w]
+        z[b, b % D, r] += gaps[b].sqrt()
+        winners[b] = w
+    p = z[torch.arange(B), :, winners].clone()
+    return z.view(B, D, H, W), p, winners

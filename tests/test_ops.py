@@ -1,11 +1,21 @@
 """The fused op, every backend, against the float64 original formulation (forward and both gradients)."""
 
+import math
+
 import pytest
 import torch
 
 import protokern
 from protokern import torch_backend
-from tests.reference import check_against_reference, check_winners_and_gradients, original_layer, rel_err
+from tests.reference import (
+    check_against_reference,
+    check_winners_and_gradients,
+    contract_result,
+    issue_case,
+    near_tie_case,
+    original_layer,
+    rel_err,
+)
 
 gpu = pytest.mark.gpu
 CASES = [
@@ -201,6 +211,12 @@ def test_compile_fullgraph_cpu(monkeypatch):
         ((2, 8, 3, 3), (4, 7), {}, ValueError, "channel mismatch"),
         ((2, 8, 3, 3), (4, 8), {"eps": 0.0}, ValueError, "eps"),
         ((2, 8, 3, 3), (4, 8), {"eps": -1.0}, ValueError, "eps"),
+        ((2, 8, 3, 3), (4, 8), {"eps": float("inf")}, ValueError, "eps"),
+        ((2, 8, 3, 3), (4, 8), {"eps": float("nan")}, ValueError, "eps"),
+        ((2, 8, 3, 3), (4, 8), {"eps": 1e-50}, ValueError, "finite in float32"),  # 0 in float32
+        ((2, 8, 3, 3), (4, 8), {"eps": 1e-39}, ValueError, "finite in float32"),  # log(1 / eps) overflows
+        ((2, 8, 3, 3), (4, 8), {"eps": 1e8}, ValueError, "finite in float32"),  # 1 - eps == -eps: log(0)
+        ((2, 8, 3, 3), (4, 8), {"eps": "1e-4"}, TypeError, "eps must be a real number"),
         ((2, 8, 3, 3), (4, 8), {"backend": "cudnn"}, ValueError, "unknown backend"),
         ((2, 8, 3, 3), (4, 8), {"backend": "cuda"}, RuntimeError, "not available"),
         ((2, 8, 3, 3), (4, 8), {"precision": "low"}, ValueError, "precision"),
@@ -236,3 +252,108 @@ def test_many_pairs_winners_and_gradients(case):
     w_sim, w_dist = torch.randn_like(sim), torch.randn_like(sim)
     gz, gp = torch.autograd.grad((sim * w_sim).sum() + (dist * w_dist).sum(), (z, p))
     check_winners_and_gradients(z, p, sim, dist, idx, w_sim, w_dist, gz, gp)
+
+
+# ---- The result contract (docs/design.md): certified search, NaN and inf rules, every precision ----
+PRECISIONS = ("highest", "high", "medium")
+
+
+def run_all_precisions(z, p, backend, eps=1e-4):
+    """{precision: (similarity, min_distances, patch_index)} for every precision, checking that
+    prototype_similarity and nearest_patches agree."""
+    out = {}
+    for precision in PRECISIONS:
+        sim, dist = protokern.prototype_similarity(z, p, backend=backend, precision=precision, eps=eps)
+        dist2, idx = protokern.nearest_patches(z, p, backend=backend, precision=precision)
+        assert torch.equal(dist.isnan(), dist2.isnan()) and torch.equal(dist.nan_to_num(), dist2.nan_to_num())
+        out[precision] = (sim.cpu(), dist.cpu(), idx.cpu())
+    return out
+
+
+def check_contract(z, p, backend):
+    """Every precision returns the float64 contract's winners and distances, bit-identical across precisions.
+    Returns the "highest" (similarity, min_distances, patch_index)."""
+    ref_dist, ref_idx = contract_result(z, p)
+    out = run_all_precisions(z, p, backend)
+    sim, dist, idx = out["highest"]
+    for precision, (s, d, i) in out.items():
+        assert torch.equal(i, idx), f"{precision}: winners differ from 'highest'"
+        assert torch.equal(d.nan_to_num(), dist.nan_to_num()) and torch.equal(d.isnan(), dist.isnan()), precision
+        assert torch.equal(s.nan_to_num(), sim.nan_to_num()), precision
+    assert torch.equal(idx, ref_idx), f"winners {idx[idx != ref_idx]} instead of {ref_idx[idx != ref_idx]}"
+    assert torch.equal(dist.isnan(), ref_dist.isnan()) and torch.equal(dist.isinf(), ref_dist.isinf())
+    finite = ref_dist.isfinite()
+    assert ((dist.double() - ref_dist)[finite].abs() <= 1e-6 * (1 + ref_dist[finite])).all()
+    ref_sim = torch.log1p((1 - 1e-4) / (ref_dist + 1e-4))
+    assert ((sim.double() - ref_sim)[finite].abs() <= 1e-5 * (1 + ref_sim[finite].abs())).all()
+    return sim, dist, idx
+
+
+@pytest.mark.parametrize("kind", ["zero", "small", "one", "duplicates", "equal"])
+def test_near_ties_pick_the_exact_winner(case, kind):
+    """Exact distances 1e-6 apart near d = 0 and d = 1, exact duplicates, all-equal patches: the lowest
+    index of the exact minimum wins, at every precision."""
+    device, backend = case
+    z, p, winners = near_tie_case(kind, B=4, D=64 if device == "cpu" and backend == "triton" else 128)
+    _, dist, idx = check_contract(z.to(device), p.to(device), backend)
+    assert torch.equal(idx.diagonal(), winners)
+    assert dist.diagonal().tolist() == [{"zero": 0.0, "small": 2.0 ** -20, "one": 1.0}.get(kind, 0.0)] * 4
+
+
+def test_issue_case_exact_patch_wins(case):
+    """Issue 9: prototypes equal to a patch of their image, a lower patch 1e-6..1.6e-5 away: similarity 9.21."""
+    device, backend = case
+    z, p, winners = issue_case()
+    sim, dist, idx = check_contract(z.to(device), p.to(device), backend)
+    assert torch.equal(idx.diagonal(), winners)
+    assert (dist.diagonal() == 0).all()
+    assert (sim.diagonal() - math.log(1e4)).abs().max().item() < 1e-4  # 9.2103
+
+
+def test_nan_rule(case):
+    """A NaN distance makes (b, m) NaN with the lowest NaN patch as index; other pairs are unaffected."""
+    device, backend = case
+    z = torch.rand(3, 12, 3, 4)
+    p = torch.rand(5, 12)
+    z[0, 3, 2, 1] = float("nan")  # patch 9
+    z[0, 7, 1, 0] = float("nan")  # patch 4: the lowest NaN patch of image 0
+    p[2, 5] = float("nan")  # every patch NaN for prototype 2: patch 0
+    sim, dist, idx = check_contract(z.to(device), p.to(device), backend)
+    nan = torch.zeros(3, 5, dtype=torch.bool)
+    nan[0, :] = nan[:, 2] = True
+    assert torch.equal(dist.isnan(), nan) and torch.equal(sim.isnan(), nan)
+    assert idx[0].tolist() == [4, 4, 0, 4, 4] and idx[:, 2].tolist() == [0, 0, 0]
+
+
+def test_inf_rule(case):
+    """A patch holding +-inf is at distance +inf: it never wins unless every patch is inf (then patch 0,
+    similarity 0); the other patches' results stay finite, and so do the gradients."""
+    device, backend = case
+    z = torch.rand(4, 12, 3, 4)
+    p = torch.rand(5, 12)
+    z[0, 3, 0, 0] = float("inf")  # patch 0 of image 0
+    z[1, 0, 1, 1] = float("-inf")  # patch 5 of image 1
+    z[2, 4, :, :] = float("inf")  # every patch of image 2
+    p[1] = z[0, :, 0, 0].nan_to_num(posinf=0.5)  # prototype 1 is nearly patch 0 of image 0, which is at +inf
+    z, p = z.to(device).requires_grad_(), p.to(device).requires_grad_()
+    sim, dist, idx = check_contract(z, p, backend)
+    assert dist[[0, 1, 3]].isfinite().all() and sim[[0, 1, 3]].isfinite().all()
+    assert (idx[0] != 0).all() and (idx[1] != 5).all()
+    assert dist[2].isinf().all() and (sim[2] == 0).all() and (idx[2] == 0).all()
+    z = z.detach()[[0, 1, 3]].requires_grad_()  # (an all-inf winner has an inf - p gradient: not these)
+    s, d = protokern.prototype_similarity(z, p, backend=backend)
+    gz, gp = torch.autograd.grad(s.sum() + d.sum(), (z, p))
+    assert gz.isfinite().all() and gp.isfinite().all()
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=str)
+def test_matches_original_every_precision(case, shape):
+    """The tensor-core precisions give the original's values and gradients too, bit-identical to "highest"
+    (the search is certified)."""
+    device, backend = case
+    B, D, H, W, M = shape
+    z, p = make_z(B, D, H, W, "contiguous", device), torch.rand(M, D, device=device)
+    sim, dist = check_against_reference(z, p, backend)
+    for precision in ("high", "medium"):
+        s, d = check_against_reference(z, p, backend, precision=precision)
+        assert torch.equal(s, sim) and torch.equal(d, dist), precision
