@@ -290,27 +290,33 @@ class CachedBatches:
 
     def _fetch(self, indices: list[int]):
         idx = self._to_view(torch.as_tensor(indices, dtype=torch.int64))
+        labels = self.view.labels(idx)
         out = None
         if self._pin:
             out = torch.empty((len(indices), *self.view.images.shape[1:]), dtype=torch.uint8, pin_memory=True)
-        images = self.view.uint8_batch(idx, out=out)
-        labels = self.view.labels(idx)
         if self._stream is None:
-            return uint8_to_float(images.to(self.device)), labels.to(self.device)
+            return uint8_to_float(self.view.uint8_batch(idx, out=out).to(self.device)), labels.to(self.device), None
+        # everything on the side stream (a GPU gather too), so its temporaries live and die there
         with torch.cuda.stream(self._stream):
-            images = uint8_to_float(images.to(self.device, non_blocking=True))
+            images = uint8_to_float(self.view.uint8_batch(idx, out=out).to(self.device, non_blocking=True))
             labels = labels.pin_memory().to(self.device, non_blocking=True)
-        return images, labels
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return images, labels, done
 
     def _ready(self, batch):
-        if self._stream is not None:
+        """``(images, labels)`` usable on the current stream (it waits for this batch only, not the next)."""
+        images, labels, done = batch
+        if done is not None:
             current = torch.cuda.current_stream(self.device)
-            current.wait_stream(self._stream)
-            for tensor in batch:
-                tensor.record_stream(current)
-        return batch
+            current.wait_event(done)
+            images.record_stream(current)
+            labels.record_stream(current)
+        return images, labels
 
     def __iter__(self):
+        if self._stream is not None:  # the cache's own writes first; after that the side stream runs ahead
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
         ahead = None
         for indices in BatchSampler(self.sampler, self.batch_size, self.drop_last):
             batch = self._fetch(indices)
