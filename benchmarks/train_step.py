@@ -20,6 +20,10 @@ synchronisations after warm-up steps (compilation happens there).
     python benchmarks/train_step.py                        # GPU, the defaults above -> benchmarks/results/
     python benchmarks/train_step.py --quick                # CPU smoke run: tiny images, batch 2, no compile
     python benchmarks/train_step.py --backbones resnet34 --steps 50
+
+Status: written and run on the CPU only (``--quick``, tests/test_train_step_benchmark.py); no GPU figures yet, so
+the CUDA paths (graph capture, the pinned / GPU cache feeding the step) await their first GPU run
+(``benchmarks/gpu_check.sh`` runs ResNet34).
 """
 
 from __future__ import annotations
