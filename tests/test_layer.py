@@ -1,5 +1,6 @@
 """ProtoLayer: the drop-in module over the fused op."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,10 +39,50 @@ def test_in_a_model_and_state_dict_round_trip():
     assert torch.equal(other.prototypes, layer.prototypes)
 
 
-@pytest.mark.parametrize("args, kwargs", [((0, 4), {}), ((4, 0), {}), ((4, 4), {"eps": 0})])
-def test_bad_arguments(args, kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "args, kwargs, exc, match",
+    [
+        (("5", 4), {}, TypeError, "num_prototypes must be an integer"),
+        ((2.5, 4), {}, TypeError, "num_prototypes must be an integer"),
+        ((True, 4), {}, TypeError, "num_prototypes must be an integer"),
+        ((0, 4), {}, ValueError, "num_prototypes must be an integer >= 1"),
+        ((4, "5"), {}, TypeError, "prototype_dim must be an integer"),
+        ((4, 2.5), {}, TypeError, "prototype_dim must be an integer"),
+        ((4, 0), {}, ValueError, "prototype_dim must be an integer >= 1"),
+        ((4, 4), {"eps": 0}, ValueError, "eps"),
+        ((4, 4), {"eps": -1e-4}, ValueError, "eps"),
+        ((4, 4), {"eps": float("inf")}, ValueError, "eps"),
+        ((4, 4), {"eps": float("nan")}, ValueError, "eps"),
+        ((4, 4), {"eps": "1e-4"}, TypeError, "eps must be a real number"),
+        ((4, 4), {"backend": "cudnn"}, ValueError, "unknown backend 'cudnn'"),
+        ((4, 4), {"precision": "low"}, ValueError, "precision must be one of"),
+    ],
+)
+def test_bad_arguments(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
         protokern.ProtoLayer(*args, **kwargs)
+
+
+def test_numpy_scalars_accepted():
+    layer = protokern.ProtoLayer(np.int64(5), np.int32(3), eps=np.float32(1e-3), backend="torch")
+    assert layer.num_prototypes == 5 and layer.prototype_dim == 3 and type(layer.eps) is float
+    assert layer(torch.rand(2, 3, 4, 4))[0].shape == (2, 5)
+
+
+def test_precision_is_passed_to_the_op(monkeypatch):
+    """The layer's precision reaches the op; results are the same at every precision (certified search)."""
+    from protokern import torch_backend
+
+    seen = []
+    forward = torch_backend.forward
+    monkeypatch.setattr(torch_backend, "forward", lambda *args: seen.append(args[3]) or forward(*args))
+    z = torch.rand(2, 6, 3, 3)
+    layers = [protokern.ProtoLayer(4, 6, precision=precision) for precision in ("highest", "high", "medium")]
+    for layer in layers[1:]:
+        layer.load_state_dict(layers[0].state_dict())
+    outs = [layer(z) for layer in layers]
+    assert "precision='medium'" in repr(layers[2]) and seen == ["highest", "high", "medium"]
+    assert all(torch.equal(a, b) for out in outs[1:] for a, b in zip(out, outs[0]))
 
 
 def test_wrong_feature_channels():

@@ -357,3 +357,69 @@ def test_matches_original_every_precision(case, shape):
     for precision in ("high", "medium"):
         s, d = check_against_reference(z, p, backend, precision=precision)
         assert torch.equal(s, sim) and torch.equal(d, dist), precision
+
+
+# ---- The search bound (protokern/kernels/search_bound.py) ----
+def _bound_inputs():
+    """Random features and prototypes at several scales, with prototypes near patches (cancellation)."""
+    g = torch.Generator().manual_seed(1)
+    cases = []
+    for scale, offset in [(1.0, 0.0), (4.0, 0.0), (1e-3, 0.0), (1e3, 0.0), (1e-2, 100.0), (1e-20, 0.0)]:
+        z3 = torch.rand(3, 64, 20, generator=g) * scale + offset
+        p = torch.rand(30, 64, generator=g) * scale + offset
+        p[:10] = z3[0, :, :10].T + scale * 1e-4 * torch.randn(10, 64, generator=g)
+        p[10] = z3[1, :, 3]
+        cases.append((z3, p))
+    z3 = torch.randn(2, 64, 20, generator=g)
+    z3[:, :, ::2] *= 1e4  # mixed magnitudes
+    cases.append((z3, torch.randn(30, 64, generator=g)))
+    return cases
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_search_bound_holds(precision):
+    """|a~ - e| <= delta for every pair, with e the fp32 exact distance, at every emulated precision."""
+    for z3, p in _bound_inputs():
+        approx, delta = torch_backend.search(z3, p, precision)
+        e = torch_backend.exact_distances(z3.transpose(1, 2)[:, None], p[None, :, None])
+        e64 = (z3.double().transpose(1, 2)[:, None] - p.double()[None, :, None]).square().sum(-1)
+        assert ((approx - e).abs() <= delta).all() and ((approx.double() - e64).abs() <= delta.double()).all()
+        radius = (z3.norm(dim=1)[:, None, :] + p.norm(dim=1)[None, :, None]).square()
+        assert (delta <= {"highest": 1e-4, "high": 1e-4, "medium": 1e-2}[precision] * radius + 1e-30).all()
+
+
+def test_search_bound_is_needed():
+    """The emulated TF32 search really errs beyond the fp32 bound (so the bound test can fail), and the
+    levels order as documented."""
+    from protokern.kernels import search_bound
+
+    z3, p = _bound_inputs()[1]
+    approx, _ = torch_backend.search(z3, p, "medium")
+    _, delta_fp32 = torch_backend.search(z3, p, "highest")
+    e = torch_backend.exact_distances(z3.transpose(1, 2)[:, None], p[None, :, None])
+    assert ((approx - e).abs() > delta_fp32).any()
+    coefs = [search_bound.coefficient(level, 128) for level in search_bound.LEVELS]
+    assert coefs == sorted(coefs) and coefs[0] < 1e-4
+
+
+def test_search_level_follows_torch_matmul_precision():
+    """A TF32/bf16 matmul setting can only loosen the torch backend's bound, never tighten it."""
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert torch_backend.search_level("highest", torch.float32, torch.device("cpu")) == "bf16"
+        torch.set_float32_matmul_precision("high")
+        assert torch_backend.search_level("high", torch.float32, torch.device("cpu")) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch_backend.search_level("highest", torch.float32, torch.device("cpu")) == "ieee"
+    assert torch_backend.search_level("medium", torch.float64, torch.device("cpu")) == "ieee"
+
+
+def test_torch_rescoring_memory_is_bounded(monkeypatch):
+    """Every patch a candidate (all equal): the rescoring runs in chunks and still returns patch 0."""
+    monkeypatch.setattr(torch_backend, "SLAB", 64)
+    z = torch.rand(2, 16, 1, 1).expand(2, 16, 5, 6).contiguous()
+    p = torch.rand(7, 16)
+    dist, idx = protokern.nearest_patches(z, p, backend="torch")
+    assert (idx == 0).all() and rel_err(dist, contract_result(z, p)[0]) < 1e-6
