@@ -117,3 +117,16 @@ def test_nan_policy_flag_is_checked():
     assert parse_config(["--nan-policy", "skip"])[0].nan_policy == "skip"
     with pytest.raises(SystemExit):
         parse_config(["--nan-policy", "ignore"])
+
+
+@pytest.mark.gpu
+def test_gpu_fp16_run_with_skip_policy_resumes_from_safe_checkpoints(tmp_path):
+    """On CUDA with fp16 autocast and --nan-policy skip: the checkpoints (CUDA RNG states included) load with
+    plain weights_only, and a run resumed from them completes with finite weights."""
+    run = tmp_path / "run"
+    args = [a if a != "cpu" else "cuda" for a in run_args(run, "--amp", "fp16", "--nan-policy", "skip")]
+    main(args + ["--max-steps", "2"])
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["rng"]["cuda"] and all(isinstance(s, torch.Tensor) for s in state["rng"]["cuda"])
+    summary = main(["--resume", str(run), "--quiet", "--no-explain"])
+    assert summary["complete"] and not nonfinite_tensors(load_checkpoint(str(run))["model"])
