@@ -19,126 +19,16 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from protokern.ops import nearest_patches
-from protokern.push import PushRecords
-from protokern.utils import image_order
+from protokern.push import PushRecords, nearest_training_patches
+from protokern.utils import image_batches, progress as _progress
 
-__all__ = ["Neighbours", "nearest_training_patches", "prune_prototypes", "retrain_last_layer", "select_records"]
+__all__ = ["prune_prototypes", "retrain_last_layer", "select_records"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Neighbours:
-    """The ``k`` nearest images of every prototype, one patch per image, nearest first.
-
-    Attributes:
-        distance: (P, k) float32 squared L2 distance of the prototype to the image's nearest patch.
-        image_index: (P, k) int64 dataset index of the image (position in the loader for loaders that are
-            not a ``DataLoader`` over a dataset).
-        label: (P, k) int64 class of the image.
-        patch: (P, k, 2) int64 ``(h, w)`` of the nearest patch on the feature map.
-        image_size: ``(height, width)`` of the images; feature_size: ``(H, W)`` of the feature map.
-        dataset: the loader's dataset (to fetch the images), or None.
-    """
-
-    distance: Tensor
-    image_index: Tensor
-    label: Tensor
-    patch: Tensor
-    image_size: tuple[int, int]
-    feature_size: tuple[int, int]
-    dataset: object = None
-
-
-def _batches(loader):
-    """``(images, labels)`` of each batch; extra items (dataset indices ...) are ignored."""
-    for batch in loader:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise ValueError("the loader must yield (images, labels, ...) batches")
-        yield batch[0], batch[1]
-
-
-def _progress(iterable, desc: str, enabled: bool, total=None):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
-def _device(model: nn.Module, device) -> torch.device:
-    return torch.device(device) if device is not None else model.prototype_layer.prototypes.device
-
-
-@torch.no_grad()
-def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, progress: bool = True,
-                             desc: str = "nearest patches") -> Neighbours:
-    """The ``k`` nearest images of every prototype of ``model`` over ``loader`` (one patch per image).
-
-    Args:
-        model: a ``ProtoPNet`` (taking ImageNet-normalised images); run in eval mode, its mode is restored.
-        loader: iterable of ``(images, labels, ...)`` batches, images unnormalised in [0, 1] (B, 3, S, S),
-            in a fixed order (a ``DataLoader`` must not shuffle).
-        k: neighbours per prototype (at most the number of images).
-        device: where to compute (default: the prototypes' device).
-        progress: show a tqdm bar.
-
-    Returns:
-        :class:`Neighbours`. NaN distances count as infinitely far.
-    """
-    from protokern.data import imagenet_normalize
-
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    device = _device(model, device)
-    order, dataset = image_order(loader)
-    prototypes = model.prototype_layer.prototypes.detach().to(device).float()
-    num = prototypes.shape[0]
-    best_d = torch.empty(num, 0, device=device)
-    best_i = torch.empty(num, 0, dtype=torch.int64, device=device)
-    best_y = torch.empty(num, 0, dtype=torch.int64, device=device)
-    best_p = torch.empty(num, 0, dtype=torch.int64, device=device)
-    image_size = feature_size = None
-    position = 0
-    was_training = model.training
-    model.eval()
-    try:
-        for images, labels in _progress(_batches(loader), desc, progress):
-            images = images.to(device).float()
-            batch = images.shape[0]
-            z = model.conv_features(imagenet_normalize(images)).float()
-            if feature_size is None:
-                image_size, feature_size = tuple(images.shape[-2:]), tuple(z.shape[-2:])
-            elif tuple(z.shape[-2:]) != feature_size:
-                raise ValueError(f"all images must have one size: got {tuple(images.shape[-2:])} after {image_size}")
-            distance, patch = nearest_patches(z, prototypes)  # (B, P)
-            distance = torch.nan_to_num(distance, nan=math.inf)
-            if order is not None:
-                index = order[position:position + batch].to(device)
-            else:
-                index = torch.arange(position, position + batch, device=device)
-            position += batch
-            labels = torch.as_tensor(labels).to(device=device, dtype=torch.int64)
-
-            cand_d = torch.cat([best_d, distance.t()], 1)  # (P, k + B)
-            best_d, pick = cand_d.topk(min(k, cand_d.shape[1]), dim=1, largest=False, sorted=True)
-            best_i = torch.cat([best_i, index.expand(num, batch)], 1).gather(1, pick)
-            best_y = torch.cat([best_y, labels.expand(num, batch)], 1).gather(1, pick)
-            best_p = torch.cat([best_p, patch.t()], 1).gather(1, pick)
-    finally:
-        model.train(was_training)
-    if feature_size is None:
-        raise ValueError("the loader yielded no images")
-    if best_d.shape[1] < k:
-        raise ValueError(f"k={k} nearest images asked for, but the loader holds only {best_d.shape[1]} images")
-    W = feature_size[1]
-    patch = torch.stack([best_p // W, best_p % W], -1)
-    return Neighbours(distance=best_d.cpu(), image_index=best_i.cpu(), label=best_y.cpu(), patch=patch.cpu(),
-                      image_size=image_size, feature_size=feature_size, dataset=dataset)
 
 
 def select_records(records: PushRecords, keep) -> PushRecords:
@@ -256,7 +146,7 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be > 0, got {lr!r}")
-    device = _device(model, device)
+    device = torch.device(device) if device is not None else model.prototype_layer.prototypes.device
     loss_fn = loss_fn if loss_fn is not None else ProtoPNetLoss()
     weight = model.last_layer.weight
     optimizer = torch.optim.Adam(model.last_layer.parameters(), lr=lr)
@@ -264,7 +154,7 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
     aug_generator = torch.Generator(device=device).manual_seed(seed) if augment is not None else None
 
     def live_batches():
-        for images, labels in _batches(loader):
+        for images, labels in image_batches(loader):
             images = images.to(device).float()
             if augment is not None:
                 images = augment(images, generator=aug_generator)
@@ -278,7 +168,7 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
     try:
         if augment is None and not train_mode:
             parts = [(*_similarities(model, images.to(device)), torch.as_tensor(labels).to(device))
-                     for images, labels in _progress(_batches(loader), "last layer: features", progress)]
+                     for images, labels in _progress(image_batches(loader), "last layer: features", progress)]
             if not parts:
                 raise ValueError("the loader yielded no images")
             cache = [torch.cat(p) for p in zip(*parts)]

@@ -52,3 +52,11 @@ def image_order(loader) -> tuple[Tensor | None, object | None]:
         order = torch.as_tensor(dataset.indices, dtype=torch.int64)[order]
         dataset = dataset.dataset
     return order, dataset
+
+
+def image_batches(loader) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(images, labels)`` of each batch of ``loader``; extra items (dataset indices ...) are ignored."""
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError("the loader must yield (images, labels, ...) batches")
+        yield batch[0], batch[1]

@@ -7,7 +7,8 @@ from torch.utils.data import DataLoader, Subset
 
 from protokern.data import imagenet_normalize
 from protokern.models import ProtoPNet
-from protokern.prune import nearest_training_patches, prune_prototypes, retrain_last_layer, select_records
+from protokern.prune import prune_prototypes, retrain_last_layer, select_records
+from protokern.push import nearest_training_patches
 from protokern.push import push_prototypes
 from tests.explain.helpers import ListDataset, colour_model
 

@@ -1,6 +1,6 @@
 """Global explanation: every prototype next to its k nearest training patches (one per image).
 
-The search is :func:`protokern.prune.nearest_training_patches` (one fused op call per batch, a running
+The search is :func:`protokern.push.nearest_training_patches` (one fused op call per batch, a running
 top-k); the result is drawn as PNG pages (one row per prototype: its source image with its high-activation
 box, then the k nearest images with the receptive field of the nearest patch) and an ``index.html`` page.
 """
@@ -16,8 +16,7 @@ from PIL import Image
 from torch import nn
 
 from protokern.explain import render
-from protokern.prune import nearest_training_patches
-from protokern.push import PushRecords
+from protokern.push import PushRecords, nearest_training_patches
 
 __all__ = ["gallery"]
 
@@ -72,7 +71,7 @@ def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records:
         tile: side of each image tile in pixels.
 
     Returns:
-        dict with ``pages`` (PNG paths), ``html`` (path), ``neighbours`` (:class:`protokern.prune.Neighbours`).
+        dict with ``pages`` (PNG paths), ``html`` (path), ``neighbours`` (:class:`protokern.push.Neighbours`).
     """
     from tqdm.auto import tqdm
 
