@@ -25,6 +25,7 @@ import csv
 import dataclasses
 import importlib
 import inspect
+import io
 import json
 import os
 import random
@@ -208,10 +209,11 @@ class Trainer:
             return
         rows = [r for r in _read_metrics(path) if r["step"] <= last_step]
         ckpt.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-        with open(self._path("metrics.csv"), "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, CSV_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        ckpt.atomic_write_text(self._path("metrics.csv"), table.getvalue())
 
     def _log(self, row: dict) -> None:
         if not self.is_main:
