@@ -117,7 +117,8 @@ def _prepared(dataset: Dataset, cfg: TrainConfig, name: str) -> Dataset:
     file images decoded once into a uint8 cache, bad ones left out and listed in ``dataset.skipped``."""
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     return prepare_images(dataset, cfg.data_cache, skip_bad_images=cfg.skip_bad_images, device=device,
-                          progress=not cfg.quiet, desc=f"decoding {cfg.dataset} {name}")
+                          progress=not cfg.quiet and os.environ.get("RANK", "0") == "0",
+                          desc=f"decoding {cfg.dataset} {name}")
 
 
 class Repeated(Dataset):
