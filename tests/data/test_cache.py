@@ -96,3 +96,18 @@ def test_gpu_cache_and_pinned_batches(cub):
         want = list(DataLoader(cub, batch_size=4, sampler=DistributedSampler(cub, 1, 0, shuffle=True, seed=1)))
         for (x, y), (rx, ry) in zip(got, want):
             assert x.device.type == "cuda" and torch.equal(x.cpu(), rx) and torch.equal(y.cpu(), ry)
+
+
+@pytest.mark.parametrize("tty, progress, shown", [(True, True, True), (False, True, False), (True, False, False)])
+def test_progress_bar_only_on_a_tty(cub, monkeypatch, tty, progress, shown):
+    import io
+    import sys
+
+    class Stream(io.StringIO):
+        def isatty(self):
+            return tty
+
+    err = Stream()
+    monkeypatch.setattr(sys, "stderr", err)
+    prepare_images(cub, "memory", progress=progress, desc="decoding cub train")
+    assert ("decoding cub train" in err.getvalue()) == shown
