@@ -42,3 +42,21 @@ def test_find_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="not a protokern training checkpoint"):
         torch.save([1], tmp_path / "x.pt")
         ckpt.load_checkpoint(str(tmp_path / "x.pt"))
+
+
+def test_explain_loads_a_model_without_importing_the_trainer(tmp_path):
+    """Checkpoint and model loading live in protokern.checkpoint: explain and push use it, not protokern.train."""
+    import subprocess
+    import sys
+
+    from protokern.models import ProtoPNet
+
+    model = ProtoPNet(backbone="tiny", num_classes=2, prototypes_per_class=1, prototype_dim=8, pretrained=False)
+    ckpt.save_checkpoint({"model": model.state_dict(), "model_config": model.config, "step": 0},
+                         str(tmp_path / "last.pt"))
+    code = ("import sys, protokern.explain as e; m, r, s = e.model_from_checkpoint(sys.argv[1]); "
+            "assert r is None and m.num_prototypes == 2; "
+            "print(sorted(n for n in sys.modules if n.startswith('protokern.train')))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
