@@ -43,6 +43,15 @@ def read_table(path: str, fields: int) -> list[tuple[int, list[str]]]:
     return rows
 
 
+def inside_folder(folder: str, rel: str, where: str) -> str:
+    """``folder/rel``, or ValueError naming ``where`` when ``rel`` leads outside ``folder`` (judged on the
+    path as written: symbolic links inside the folder may point anywhere)."""
+    path = os.path.normpath(os.path.join(folder, rel))
+    if os.path.isabs(rel) or os.path.commonpath([path, os.path.normpath(folder)]) != os.path.normpath(folder):
+        raise ValueError(f"{where}: image path {rel!r} leads outside {folder}")
+    return path
+
+
 def parse_number(path: str, lineno: int, text: str, kind=float):
     """``text`` as a float (or an int when ``kind is int``), with an error naming file and line."""
     try:

@@ -9,7 +9,8 @@ Expected under ``root``::
     cars_train/<fname>, cars_test/<fname>   (a nested cars_train/cars_train/ is accepted too)
 
 Devkit boxes are 1-based inclusive pixel indices (MATLAB); they are converted to continuous
-0-based coordinates ``(x1 - 1, y1 - 1, x2, y2)``.
+0-based coordinates ``(x1 - 1, y1 - 1, x2, y2)``. An fname leading outside the image folder (absolute, or
+through ``..``) is an error.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import scipy.io
 import torch
 
-from ._boxed import BoxedImages, require_file
+from ._boxed import BoxedImages, inside_folder, require_file
 
 __all__ = ["StanfordCars"]
 
@@ -121,7 +122,7 @@ class StanfordCars(BoxedImages):
             if not 0 <= label < len(classes):
                 raise ValueError(f"{annos_path}: annotation #{i + 1} has class {int(a['class'])}, "
                                  f"outside 1..{len(classes)}")
-            paths.append(os.path.join(folder, a["fname"]))
+            paths.append(inside_folder(folder, a["fname"], f"{annos_path}: annotation #{i + 1}"))
             targets.append(label)
             boxes.append((a["bbox_x1"] - 1, a["bbox_y1"] - 1, a["bbox_x2"], a["bbox_y2"]))
 

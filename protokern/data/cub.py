@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from ._boxed import BoxedImages, parse_number, read_table, require_file
+from ._boxed import BoxedImages, inside_folder, parse_number, read_table, require_file
 
 __all__ = ["CUB200"]
 
@@ -49,15 +49,6 @@ def _by_id(path: str, fields: int) -> dict[int, tuple[int, list[str]]]:
             raise ValueError(f"{path}:{lineno}: duplicate id {key}")
         out[key] = (lineno, parts[1:])
     return out
-
-
-def _inside(folder: str, rel: str, where: str) -> str:
-    """``folder/rel``, or ValueError naming ``where`` when ``rel`` leads outside ``folder`` (judged on the
-    path as written: symbolic links inside the folder may point anywhere)."""
-    path = os.path.normpath(os.path.join(folder, rel))
-    if os.path.isabs(rel) or os.path.commonpath([path, os.path.normpath(folder)]) != os.path.normpath(folder):
-        raise ValueError(f"{where}: image path {rel!r} leads outside {folder}")
-    return path
 
 
 def _warn_missing_ids(images_txt: str, images: dict, names: dict[str, str], tables) -> None:
@@ -123,7 +114,7 @@ class CUB200(BoxedImages):
             lineno, xywh = bboxes[image_id]
             x, y, w, h = (parse_number(f["bounding_boxes.txt"], lineno, v) for v in xywh)
             ids.append(image_id)
-            paths.append(_inside(image_dir, rel, f"{f['images.txt']}:{image_line}"))
+            paths.append(inside_folder(image_dir, rel, f"{f['images.txt']}:{image_line}"))
             targets.append(class_index[cid])
             boxes.append((x, y, x + w, y + h))
 

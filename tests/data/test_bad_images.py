@@ -131,3 +131,16 @@ def test_unsupported_folder_files_listed_once(tmp_path):
         ds = ImageFolderDataset(tmp_path, image_size=8)
     assert len(record) == 1 and len(ds) == 2
     assert ds.unsupported == [str(tmp_path / "a" / "notes.txt"), str(tmp_path / "b" / "deep" / "scan.pdf")]
+
+
+def test_cars_fname_escaping_the_root_is_an_error(tmp_path):
+    import scipy.io
+
+    from protokern.data import StanfordCars
+    from tests.data.test_cars import TRAIN, make_cars, struct_array
+
+    make_cars(tmp_path)
+    rows = [TRAIN[0], ("../../etc/hostname",) + TRAIN[1][1:]]
+    scipy.io.savemat(tmp_path / "devkit" / "cars_train_annos.mat", {"annotations": struct_array(rows)})
+    with pytest.raises(ValueError, match=r"cars_train_annos\.mat: annotation #2: image path .* leads outside"):
+        StanfordCars(tmp_path, "train")
