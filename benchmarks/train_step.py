@@ -230,7 +230,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         fast = by.get("fastest", {})
         notes = [f"cache: {fast.get('cache')}"]
         notes.append("fastest: compiled" if fast.get("compiled") else "fastest: not compiled")
-        notes.append("CUDA graph" if fast.get("cuda_graph") else f"no CUDA graph ({fast.get('graph_failure') or 'off'})")
+        graph = "CUDA graph" if fast.get("cuda_graph") else f"no CUDA graph ({fast.get('graph_failure') or 'off'})"
+        notes.append(graph)
         for key, label in (("step_images_per_s", "step"), ("input_images_per_s", "step + input")):
             vals = [by[s][key] if s in by else None for s in SETTINGS]
             ratio = f"{vals[2] / vals[0]:.2f}x" if vals[0] and vals[2] else "-"

@@ -29,7 +29,7 @@ def check_items(ds, size: int) -> None:
 
 
 def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares ``width`` x ``height`` 1-bit pixels and holds no pixel data (a decompression-bomb stand-in)."""
+    """A PNG declaring ``width`` x ``height`` 1-bit pixels and holding no pixel data (a decompression-bomb stand-in)."""
     import struct
     import zlib
 
