@@ -30,13 +30,16 @@ from protokern.kernels import search_bound
 INPUT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 SEQUENTIAL_EXACT = False  # True: the interpreter too rescores with the compiled kernels' sequential sum (tests)
 MAX_PROGRAMS = 2 ** 31 - 1  # CUDA grid axis 0 limit; larger problems launch in runs of images
+MAX_GRID_YZ = 65535  # CUDA grid axes 1 and 2 limit
 
 
 # Forward launch configuration per precision: (largest channel slice, or None for 64/128 by tile size;
-# num_warps; num_stages). Chosen from H200 measurements (benchmarks/results/distance-2026-11-27-h200-v*.md):
-# the FMA ("ieee") and 3xTF32 paths ran fastest with 4 warps over 64/128-channel slices, the TF32 path with
-# 8 warps over 32-channel slices (81 us against 182 us at the CUB shape).
-_FORWARD_CONFIG = {"highest": (None, 4, 3), "high": (None, 4, 3), "medium": (32, 8, 2)}
+# num_warps; num_stages). The H200 measurements of the uncertified kernel (benchmarks/results/
+# distance-2026-11-27-h200-v*.md) favoured 4 warps over 64/128-channel slices for FMA and 3xTF32, but that
+# configuration spills 2-4 KB per thread when compiled for sm_90 (as did the uncertified kernel:
+# tests/kernels/sm90_gate.py), while 8 warps over 32-channel slices (the TF32 choice, 81 us against 182 us
+# at the CUB shape then) spills nothing at any precision. Unmeasured on a GPU for the certified kernel.
+_FORWARD_CONFIG = {"highest": (32, 8, 2), "high": (32, 8, 2), "medium": (32, 8, 2)}
 
 
 @triton.jit
@@ -232,6 +235,24 @@ def _channels_innermost(z3: torch.Tensor) -> torch.Tensor:
     return z3.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def forward_config(D: int, HW: int, M: int, precision: str, sequential: bool = True) -> tuple[dict, dict]:
+    """(constexpr arguments, launch options) of ``_forward_kernel`` for a problem: the launcher's only choice."""
+    block_m = _pow2(M, 16, 64)
+    block_k = _pow2(HW, 16, 64)
+    max_d, num_warps, num_stages = _FORWARD_CONFIG[precision]
+    block_d = _pow2(D, 16, max_d if max_d else (64 if block_m * block_k > 2048 else 128))
+    meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_E=_pow2(D, 16, 128),
+                PRECISION=INPUT_PRECISION[precision], SEQUENTIAL=sequential)
+    return meta, dict(num_warps=num_warps, num_stages=num_stages)
+
+
+def backward_configs(D: int) -> dict[str, dict]:
+    """Constexpr arguments of the two backward kernels (default launch options), by kernel name."""
+    return {"_grad_prototypes_kernel": dict(BLOCK_M=16, BLOCK_D=_pow2(D, 16, 64), IMAGES_PER_PROGRAM=8),
+            # BLOCK_J 32 measured on H200: 48 us at the CUB shape, against 59 us for 16 pairs a step
+            "_grad_features_kernel": dict(BLOCK_J=32, BLOCK_D=_pow2(D, 16, 128))}
+
+
 def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "highest"):
     """Fused forward on z3 (B, D, HW) (any strides, any float dtype) and p (M, D).
 
@@ -244,21 +265,16 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     sim = torch.empty((B, M), device=z3.device, dtype=torch.float32)
     dist = torch.empty_like(sim)
     idx = torch.empty((B, M), device=z3.device, dtype=torch.int64)
-    block_m = _pow2(M, 16, 64)
-    block_k = _pow2(HW, 16, 64)
-    max_d, num_warps, num_stages = _FORWARD_CONFIG[precision]
-    block_d = _pow2(D, 16, max_d if max_d else (64 if block_m * block_k > 2048 else 128))
+    meta, options = forward_config(D, HW, M, precision, SEQUENTIAL_EXACT or z3.is_cuda)
     coef = search_bound.coefficient(INPUT_PRECISION[precision], D)
-    m_tiles = triton.cdiv(M, block_m)
+    m_tiles = triton.cdiv(M, meta["BLOCK_M"])
     images = max(1, MAX_PROGRAMS // m_tiles)  # images per launch: grid axis 0 holds images * m_tiles programs
     for b0 in range(0, B, images):
         b1 = min(B, b0 + images)
         _forward_kernel[((b1 - b0) * m_tiles,)](
             z3[b0:b1], p, sim[b0:b1], dist[b0:b1], idx[b0:b1], D, HW, M, eps, 1.0 - eps, coef, search_bound.TINY,
             z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_E=_pow2(D, 16, 128),
-            PRECISION=INPUT_PRECISION[precision], SEQUENTIAL=SEQUENTIAL_EXACT or z3.is_cuda,
-            num_warps=num_warps, num_stages=num_stages,
+            **meta, **options,
         )
     return sim, dist, idx
 
@@ -271,14 +287,15 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     grad_sim = grad_sim.float().contiguous()
     grad_dist = grad_dist.float().contiguous()
     g = torch.empty((B, M), device=z3.device, dtype=torch.float32)
-    block_m, block_d = 16, _pow2(D, 16, 64)
-    per_program = max(8, triton.cdiv(B, 65535))  # image runs go on grid axis 2 (at most 65535)
+    meta = backward_configs(D)
+    block_m, block_d = meta["_grad_prototypes_kernel"]["BLOCK_M"], meta["_grad_prototypes_kernel"]["BLOCK_D"]
+    per_program = max(8, triton.cdiv(B, MAX_GRID_YZ))  # image runs go on grid axis 2
     runs = triton.cdiv(B, per_program)
     partial = torch.empty((runs, M, D), device=z3.device, dtype=torch.float32)
     _grad_prototypes_kernel[(triton.cdiv(M, block_m), triton.cdiv(D, block_d), runs)](
         grad_sim, grad_dist, dist, idx, z3, p, g, partial, B, D, M, eps,
         z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
-        BLOCK_M=block_m, BLOCK_D=block_d, IMAGES_PER_PROGRAM=per_program,
+        **{**meta["_grad_prototypes_kernel"], "IMAGES_PER_PROGRAM": per_program},
     )
     grad_p = partial[0] if runs == 1 else partial.sum(0)  # a fixed-order reduction: deterministic
     # Group the (b, m) pairs by winning patch; stable sort keeps m increasing within a patch.
@@ -286,10 +303,9 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     patch_sorted, order = torch.sort(patch, stable=True)
     seg = torch.searchsorted(patch_sorted, torch.arange(B * HW + 1, device=idx.device, dtype=torch.int32))
     grad_z = torch.empty((B, D, HW), device=z3.device, dtype=torch.float32)
-    block_d = _pow2(D, 16, 128)
-    _grad_features_kernel[(B * HW, triton.cdiv(D, block_d))](
+    features = meta["_grad_features_kernel"]
+    _grad_features_kernel[(B * HW, triton.cdiv(D, features["BLOCK_D"]))](
         g, order, seg, z3, p, grad_z, D, HW, M,
-        z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
-        BLOCK_J=32, BLOCK_D=block_d,  # measured on H200: 48 us at the CUB shape, against 59 us for 16 pairs a step
+        z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1), **features,
     )
     return grad_z, grad_p

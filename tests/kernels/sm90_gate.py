@@ -1,0 +1,127 @@
+"""CPU gate for the Triton kernels (issue 10): compile every launch configuration offline for sm_90, no GPU.
+
+``python -m tests.kernels.sm90_gate [--all | --probe]`` compiles the configurations the launchers pick for a set of
+problem shapes (by default the largest tiles, where spills would appear first; ``--all`` adds the small
+ones), runs ptxas -v on each PTX and prints one JSON line per kernel: registers, spill bytes, shared memory.
+Exit status 1 if any kernel spills. ``--probe`` only checks that offline compilation works here. Must run with TRITON_INTERPRET unset or 0 (compiled ``triton.jit``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+# (D, HW, M): the CUB shape, a wide and a large map; --all adds a tiny problem (smallest tiles).
+SHAPES = [(128, 49, 2000), (512, 784, 2000)]
+SMALL_SHAPES = [(20, 9, 10)]
+ARCH = 90
+
+
+def _ptxas() -> str:
+    try:
+        from triton import knobs
+
+        return knobs.nvidia.ptxas.path
+    except (ImportError, AttributeError):  # older triton
+        from triton.backends.nvidia.compiler import _path_to_binary
+
+        return _path_to_binary("ptxas")[0]
+
+
+def _signature(fn, meta: dict) -> tuple[dict, dict]:
+    types = {}
+    for name in fn.arg_names:
+        if name in meta:
+            types[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            types[name] = {"idx_ptr": "*i64", "order_ptr": "*i64", "seg_ptr": "*i64"}.get(name, "*fp32")
+        elif name in ("eps", "one_minus_eps", "coef", "tiny"):
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    return types, {(fn.arg_names.index(name),): value for name, value in meta.items()}
+
+
+def configurations(shapes) -> list[tuple[str, dict, dict]]:
+    """Distinct (kernel name, constexprs, options) the launchers pick for these shapes, all precisions."""
+    from protokern.kernels import prototype_distance as K
+
+    seen = []
+    for D, HW, M in shapes:
+        for precision in K.INPUT_PRECISION:
+            meta, options = K.forward_config(D, HW, M, precision, sequential=True)
+            seen.append(("_forward_kernel", meta, options))
+        for name, meta in K.backward_configs(D).items():
+            seen.append((name, meta, {}))
+    unique = []
+    for config in seen:
+        if config not in unique:
+            unique.append(config)
+    return unique
+
+
+def compile_one(name: str, meta: dict, options: dict) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from protokern.kernels import prototype_distance as K
+
+    fn = getattr(K, name)
+    types, constexprs = _signature(fn, meta)
+    kernel = triton.compile(ASTSource(fn=fn, signature=types, constexprs=constexprs),
+                            target=GPUTarget("cuda", ARCH, 32), options=options)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(kernel.asm["ptx"])
+        f.flush()
+        log = subprocess.run([_ptxas(), f"--gpu-name=sm_{ARCH}a", "-v", f.name, "-o", "/dev/null"],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    return {"kernel": name, **{k: v for k, v in meta.items()}, **options, "registers": int(regs.group(1)),
+            "spill_bytes": sum(spills), "shared_bytes": kernel.metadata.shared}
+
+
+def _compile_packed(config):
+    return compile_one(*config)
+
+
+def probe() -> None:
+    """Compile a trivial kernel for sm_90: raises if this machine cannot compile offline at all."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    @triton.jit
+    def _copy(x_ptr, y_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs))
+
+    triton.compile(ASTSource(fn=_copy, signature={"x_ptr": "*fp32", "y_ptr": "*fp32", "BLOCK": "constexpr"},
+                             constexprs={(2,): 32}), target=GPUTarget("cuda", ARCH, 32))
+    subprocess.run([_ptxas(), "--version"], capture_output=True, check=True)
+
+
+def main(argv: list[str]) -> int:
+    if "--probe" in argv:
+        probe()
+        return 0
+    shapes = SHAPES + (SMALL_SHAPES if "--all" in argv else [])
+    spilled = False
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for result in pool.map(_compile_packed, configurations(shapes)):
+            print(json.dumps(result), flush=True)
+            spilled |= result["spill_bytes"] > 0
+    return 1 if spilled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
