@@ -111,3 +111,12 @@ def test_progress_bar_only_on_a_tty(cub, monkeypatch, tty, progress, shown):
     monkeypatch.setattr(sys, "stderr", err)
     prepare_images(cub, "memory", progress=progress, desc="decoding cub train")
     assert ("decoding cub train" in err.getvalue()) == shown
+
+
+def test_streamed_view_pickles_for_worker_processes(cub):
+    import pickle
+
+    view = ImageView(cub, [2, 0], ["gone.jpg"])
+    copy = pickle.loads(pickle.dumps(view))
+    assert copy.skipped == ["gone.jpg"] and copy.targets == view.targets and copy.classes == cub.classes
+    assert torch.equal(copy[0][0], cub[2][0])
