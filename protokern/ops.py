@@ -164,13 +164,15 @@ def prototype_similarity(z: Tensor, prototypes: Tensor, *, eps: float = 1e-4, ba
             float32 (about 3e-39 < eps < 1.7e7).
         backend: "auto" (fastest available for the device), "torch", "triton" or "cuda".
         precision: "highest" (exact fp32 products), "high" (3xTF32) or "medium" (TF32) for the search over
-            patches on the fused GPU backends; the winning patch's distance is always recomputed exactly.
+            patches. The search is certified (docs/design.md): every patch it cannot rule out is rescored
+            exactly, so the precision changes the speed, not the result.
 
     Returns:
         ``(similarity, min_distances)``, each (B, M), float32 (float64 for float64 inputs on the torch
         backend), where ``min_distances[b, m] = min_{h,w} ||z[b, :, h, w] - p[m]||^2`` and
         ``similarity = log((min_distances + 1) / (min_distances + eps))``. Gradients flow to ``z`` (at the
-        winning patch only; ties go to the lowest h*W + w) and to ``prototypes``. NaN inputs give NaN outputs.
+        winning patch only: the lowest h*W + w of the exact minimum) and to ``prototypes``. A NaN distance
+        makes that (b, m) NaN; a patch holding +-inf is at distance +inf (similarity 0 if every patch is).
     """
     p = _check(z, prototypes, eps, precision)
     name = backends.resolve(backend, z.device.type)
@@ -181,7 +183,10 @@ def prototype_similarity(z: Tensor, prototypes: Tensor, *, eps: float = 1e-4, ba
 
 def nearest_patches(z: Tensor, prototypes: Tensor, *, backend: str = "auto",
                     precision: str = "highest") -> tuple[Tensor, Tensor]:
-    """Min squared-L2 distance (B, M) and winning patch index (B, M) int64 (``h * W + w``); no gradient."""
+    """Min squared-L2 distance (B, M) and winning patch index (B, M) int64 (``h * W + w``); no gradient.
+
+    The same winners and distances as ``prototype_similarity`` (lowest index of the exact minimum, or of
+    the first NaN), at every ``precision``."""
     p = _check(z, prototypes, precision=precision)
     name = backends.resolve(backend, z.device.type)
     with torch.no_grad():

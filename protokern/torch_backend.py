@@ -1,8 +1,10 @@
 """Pure-PyTorch backend of the fused prototype op: any device, bounded memory.
 
-Same semantics and hand-written backward as the fused kernels. The (B, M, H*W) distance map is only ever
-held one slab at a time (at most ``SLAB`` elements), so huge problems run in bounded memory.
-Computes in float64 when both inputs are float64 (for ``gradcheck``), else in float32.
+Same result contract and hand-written backward as the fused kernels (docs/design.md): a certified search
+(``search``, with the precisions' products emulated: TF32 truncation, 3xTF32 split) and an exact rescoring
+of the candidates (``exact_distances``). The (B, M, H*W) map is only ever held one slab at a time (at most
+``SLAB`` elements), and the rescoring gathers at most ``SLAB`` feature values at once, so huge problems run
+in bounded memory. Computes in float64 when both inputs are float64 (for ``gradcheck``), else in float32.
 """
 
 from __future__ import annotations
