@@ -26,6 +26,23 @@ step build "${BUILD_LIMIT:-240}" python3 -m pip install --no-build-isolation --n
 step tests "${TEST_LIMIT:-240}" python3 -m pytest -m gpu -v -rf --tb=short -p no:cacheprovider \
   --deselect tests/test_cuda_backend.py ${TEST_PATHS:-tests}
 step tests_cuda "${TEST_LIMIT:-240}" python3 -m pytest -m gpu -v -rf --tb=short -p no:cacheprovider tests/test_cuda_backend.py
+# CUDA-extension CPU gates on the real toolkit (ptxas: 0 spills, registers and shared memory per launch bounds;
+# the table is printed into gates.log); the emulator sanitizer runs stay on the CPU CI.
+step gates "${GATES_LIMIT:-180}" python3 -m pytest -v -s -rf --tb=short -p no:cacheprovider \
+  tests/test_cuda_gates.py -k ptxas
+# compute-sanitizer memcheck and racecheck of the cuda backend's kernels at a small shape, every precision.
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  step cuda_sanitizer "${SAN_LIMIT:-240}" bash -c 'for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 3 python3 -c "
+import torch, protokern._C
+z = torch.rand(2, 67, 70, device=\"cuda\").transpose(1, 2).contiguous().transpose(1, 2)
+p = torch.rand(130, 67, device=\"cuda\")
+for prec in (\"highest\", \"high\", \"medium\"):
+    sim, dist, idx = torch.ops.protokern_C.forward(z, p, 1e-4, prec)
+    g = torch.randn_like(sim)
+    torch.ops.protokern_C.backward(g, g, z, p, idx, dist, 1e-4)
+torch.cuda.synchronize(); print(\"$tool done\")" || exit 1; done'
+fi
 step bench "${BENCH_LIMIT:-300}" bash -c "python3 benchmarks/distance.py --out '$OUT'; python3 benchmarks/profile_op.py; \
   python3 benchmarks/push.py --out '$OUT'"
 # Whole training steps (benchmarks/train_step.py): ResNet34 only here (compiling the three trunks takes longer);

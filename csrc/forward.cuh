@@ -9,7 +9,7 @@
 //      cert_coef below), the running threshold T_m = min over finite v~ of (v~ + delta) so far, and
 //      every patch with v~ - delta <= T_m, or v~ not finite, is a candidate;
 //   3. rescore: each candidate's exact distance e = sum_d (z - p)^2 (difference form, fp32, fixed
-//      order: exact_distance) is folded into the prototype's (e, k) with `better` (NaN first, then
+//      order: exact_distances) is folded into the prototype's (e, k) with `better` (NaN first, then
 //      smaller e, then lower k).
 // The candidates are a superset of the patches whose e can be the minimum (T_m only shrinks), and e
 // does not depend on the search, so (min_distances, patch_index) are identical at all three
@@ -121,18 +121,31 @@ __device__ __forceinline__ float cert_coef(int search, int D) {
   return kCertScale * 2.f * (gamma_n((float)D) + dot_error(search, D) + gamma_n((float)D + 7.f) + 6.f * 0x1p-24f);
 }
 
-// Exact distance e = sum_d (z[d] - p[d])^2 in fp32, for one warp: lane l sums channels l, l + 32, ...
-// in order (fma), then warp_sum. Every lane returns the same bits; the same function for every
-// precision, so e of a pair never depends on the search.
-__device__ __forceinline__ float exact_distance(const float* __restrict__ zk, int64_t sd,
-                                                const float* __restrict__ pm, int D, int lane) {
-  float s = 0.f;
-#pragma unroll 4
+// Exact distances e = sum_d (z[d] - p[d])^2 in fp32 of up to kRescoreBatch (patch, prototype) pairs at
+// once, for one warp: lane l sums channels l, l + 32, ... in order (fma), then warp_sum; the pairs' loads
+// are interleaved so that their L2 round trips overlap. Every lane gets the same bits; pair j's e depends
+// only on pair j (not on the batch or the search precision). n (<= kRescoreBatch) is warp-uniform.
+constexpr int kRescoreBatch = 4;
+
+__device__ __forceinline__ void exact_distances(const float* const (&zk)[kRescoreBatch], int64_t sd,
+                                                const float* const (&pm)[kRescoreBatch], int n, int D,
+                                                int lane, float (&e)[kRescoreBatch]) {
+#pragma unroll
+  for (int j = 0; j < kRescoreBatch; ++j) e[j] = 0.f;
+#pragma unroll 2
   for (int d = lane; d < D; d += 32) {
-    const float diff = zk[(int64_t)d * sd] - pm[d];
-    s = fmaf(diff, diff, s);
+#pragma unroll
+    for (int j = 0; j < kRescoreBatch; ++j) {
+      if (j < n) {
+        const float diff = zk[j][(int64_t)d * sd] - pm[j][d];
+        e[j] = fmaf(diff, diff, e[j]);
+      }
+    }
   }
-  return warp_sum(s);
+#pragma unroll
+  for (int j = 0; j < kRescoreBatch; ++j) {
+    if (j < n) e[j] = warp_sum(e[j]);
+  }
 }
 
 // ---- Searches ------------------------------------------------------------------------------------
@@ -411,27 +424,53 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       search.visit(tid, [&](int, int ml, int kl, float& lower) { flags[ml * kBK + kl] = lower <= thr_s[ml]; });
       search.clear();
       __syncthreads();
-      // (3) exact rescoring: warp w takes prototypes w, w + 8, ...; candidates in increasing k
-      for (int ml = warp; ml < kBM && m0 + ml < M; ml += kThreads / 32) {
-        const uint32_t lo = __ballot_sync(kFullMask, flags[ml * kBK + lane] != 0);
-        const uint32_t hi = __ballot_sync(kFullMask, flags[ml * kBK + 32 + lane] != 0);
-        uint64_t cand = (uint64_t)hi << 32 | lo;
-        float be = best_e[ml];
-        int bk = best_k[ml];
-        const float* const pm = p + (int64_t)(m0 + ml) * D;
-        while (cand != 0) {  // warp-uniform
-          const int k = k0 + __ffsll((long long)cand) - 1;
-          cand &= cand - 1;
-          const float e = exact_distance(zb + (int64_t)k * sk, sd, pm, D, lane);
-          if (better(e, k, be, bk)) {
-            be = e;
-            bk = k;
+      // (3) exact rescoring: warp w takes the candidates of prototypes w, w + 8, ..., kRescoreBatch at a
+      // time, in order of (prototype, patch); lane 0 alone folds them into its prototypes' (e, k).
+      {
+        int ml = warp - kThreads / 32;  // prototype whose candidates `cand` holds
+        uint64_t cand = 0;
+        bool more = true;
+        while (more) {  // warp-uniform; the batch arrays are indexed by unrolled constants (registers)
+          const float* zk[kRescoreBatch];
+          const float* pm[kRescoreBatch];
+          int mls[kRescoreBatch], ks[kRescoreBatch];
+          int n = 0;
+#pragma unroll
+          for (int j = 0; j < kRescoreBatch; ++j) {
+            while (more && cand == 0) {
+              ml += kThreads / 32;
+              if (ml >= kBM || m0 + ml >= M) {
+                more = false;
+              } else {
+                const uint32_t lo = __ballot_sync(kFullMask, flags[ml * kBK + lane] != 0);
+                const uint32_t hi = __ballot_sync(kFullMask, flags[ml * kBK + 32 + lane] != 0);
+                cand = (uint64_t)hi << 32 | lo;
+              }
+            }
+            zk[j] = pm[j] = p;  // unused unless j < n
+            mls[j] = ks[j] = 0;
+            if (more) {
+              const int k = k0 + __ffsll((long long)cand) - 1;
+              cand &= cand - 1;
+              zk[j] = zb + (int64_t)k * sk;
+              pm[j] = p + (int64_t)(m0 + ml) * D;
+              mls[j] = ml;
+              ks[j] = k;
+              n = j + 1;
+            }
           }
-        }
-        __syncwarp();  // every lane has read best_* before lane 0 writes
-        if (lane == 0) {
-          best_e[ml] = be;
-          best_k[ml] = bk;
+          if (n == 0) break;
+          float e[kRescoreBatch];
+          exact_distances(zk, sd, pm, n, D, lane, e);
+          if (lane == 0) {
+#pragma unroll
+            for (int j = 0; j < kRescoreBatch; ++j) {
+              if (j < n && better(e[j], ks[j], best_e[mls[j]], best_k[mls[j]])) {
+                best_e[mls[j]] = e[j];
+                best_k[mls[j]] = ks[j];
+              }
+            }
+          }
         }
       }
     }

@@ -72,7 +72,8 @@ def ptxas_report(nvcc: str, source: Path, tmp: Path) -> dict[str, dict[str, int]
     from torch.utils.cpp_extension import include_paths
 
     incs = [f"-I{p}" for p in include_paths()] + [f"-I{CSRC}"]
-    cmd = [nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v", *incs, str(source),
+    cmd = [nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas", "-v",
+           *incs, str(source),
            "-o", str(tmp / (source.stem + ".cubin"))]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -147,11 +148,13 @@ SANITIZERS = {
 @pytest.mark.parametrize("sanitizer", list(SANITIZERS))
 def test_emulator_under_sanitizer(tmp_path, sanitizer):
     """The emulated kernels race-free (TSan) and memory/UB-clean (ASan + UBSan) on the CUB tile
-    configuration and the tails; the driver also checks the results (csrc/emu/sanitize_main.cpp)."""
+    configuration and the tails, every CUDA thread a real OS thread (PROTOKERN_EMU_THREADS); the driver also
+    checks the results (csrc/emu/sanitize_main.cpp)."""
     if (why := _gxx_ok()) is not None:
         pytest.skip(why)
     exe = tmp_path / "emu_sanitized"
-    cmd = ["g++", "-std=c++20", "-O1", "-g", "-pthread", *SANITIZERS[sanitizer], f"-I{EMU / 'fake'}", f"-I{EMU}",
+    cmd = ["g++", "-std=c++20", "-O1", "-g", "-pthread", "-DPROTOKERN_EMU_THREADS", *SANITIZERS[sanitizer],
+           f"-I{EMU / 'fake'}", f"-I{EMU}",
            f"-I{CSRC}", str(EMU / "harness.cpp"), str(EMU / "sanitize_main.cpp"), "-o", str(exe)]
     built = subprocess.run(cmd, capture_output=True, text=True)
     if built.returncode != 0 and re.search(r"cannot find -l(tsan|asan|ubsan)|libtsan|libasan", built.stderr):

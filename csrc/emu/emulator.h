@@ -1,7 +1,8 @@
 // A tiny CPU emulator for the kernels in ../forward.cuh and ../backward.cuh, to check their indexing,
 // tiling edges, certification, tie-breaks, NaN/inf handling and determinism without a GPU
-// (csrc/emu/check.py drives it; it includes the very same headers). Each CUDA thread of a block is an
-// std::thread, so the threads really run concurrently (and ThreadSanitizer sees their races);
+// (csrc/emu/check.py drives it; it includes the very same headers). Each CUDA thread of a block is a
+// fiber of one OS thread (default: deterministic, fast), or with PROTOKERN_EMU_THREADS an std::thread,
+// so that the threads really run concurrently and ThreadSanitizer sees their races (sanitize_main.cpp);
 // __syncthreads / __syncwarp are barriers; shuffles and votes go through a per-warp exchange buffer.
 // Honest about the two things a CPU fallback would hide:
 // * cp.async is asynchronous: copy_async poisons its destination with NaN at issue (the stage's old
@@ -24,6 +25,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <ucontext.h>
 #include <vector>
 
 #define __global__
@@ -50,81 +52,152 @@ struct Dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 
-struct Block {
-  std::barrier<>* block;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
-  std::vector<uint64_t> exchange;  // 32 slots per warp
-  std::vector<uint32_t> fragments;  // 32 x 6 per warp (mma operands)
-  float* smem;
-};
-
-inline thread_local Dim3 thread_idx, block_idx;
-inline thread_local Block* block;
-inline std::atomic<int> errors{0};  // protocol errors seen (cp.async groups left in flight)
-
 // cp.async: per-thread groups of pending copies.
 struct PendingCopy {
   float* dst;
   const float* src;
   bool valid;
 };
-inline thread_local std::vector<PendingCopy> open_group;
-inline thread_local std::deque<std::vector<PendingCopy>> committed;
+
+// What each emulated CUDA thread owns.
+struct ThreadState {
+  Dim3 tid;
+  std::vector<PendingCopy> open_group;
+  std::deque<std::vector<PendingCopy>> committed;
+};
+
+inline thread_local ThreadState* self;  // the running CUDA thread
+inline std::atomic<int> errors{0};      // protocol errors seen (cp.async groups left in flight)
+
+#ifdef PROTOKERN_EMU_THREADS
+// Real OS threads: concurrent, so ThreadSanitizer sees the kernels' races (sanitizer builds).
+using Barrier = std::barrier<>;
+#else
+// Default: every CUDA thread of a block is a fiber (ucontext) of one OS thread, switched round-robin at
+// barriers: deterministic and fast, with no scheduler contention.
+inline ucontext_t scheduler;
+inline ucontext_t* running_fiber;
+inline bool fiber_returned;  // set by a fiber as it ends
+inline void yield() { swapcontext(running_fiber, &scheduler); }
+
+struct Barrier {
+  explicit Barrier(std::ptrdiff_t n) : n(n) {}
+  void arrive_and_wait() {
+    const unsigned g = gen;
+    if (++count == n) {
+      count = 0;
+      ++gen;
+    } else {
+      while (gen == g) yield();
+    }
+  }
+  std::ptrdiff_t n, count = 0;
+  unsigned gen = 0;
+};
+#endif
+
+struct Block {
+  Barrier* block;
+  std::vector<std::unique_ptr<Barrier>> warps;
+  std::vector<uint64_t> exchange;  // 32 slots per warp
+  std::vector<uint32_t> fragments;  // 32 x 6 per warp (mma operands)
+  float* smem;
+};
+
+inline Dim3 block_idx;  // blocks run one at a time: the same for every thread
+inline Block* block;
 
 inline void copy_async(float* dst, const float* src, bool valid) {
   *dst = NAN;  // in flight
-  open_group.push_back({dst, src, valid});
+  self->open_group.push_back({dst, src, valid});
 }
 
 inline void async_commit() {
-  committed.push_back(std::move(open_group));
-  open_group.clear();
+  self->committed.push_back(std::move(self->open_group));
+  self->open_group.clear();
 }
 
 inline void async_wait(int pending) {  // retire all but the `pending` most recent groups
-  while ((int)committed.size() > pending) {
-    for (const PendingCopy& c : committed.front()) *c.dst = c.valid ? *c.src : 0.f;
-    committed.pop_front();
+  while ((int)self->committed.size() > pending) {
+    for (const PendingCopy& c : self->committed.front()) *c.dst = c.valid ? *c.src : 0.f;
+    self->committed.pop_front();
   }
 }
 
 inline void end_thread() {
-  if (!open_group.empty() || !committed.empty()) errors.fetch_add(1);
-  open_group.clear();
-  committed.clear();
+  if (!self->open_group.empty() || !self->committed.empty()) errors.fetch_add(1);
+  self->open_group.clear();
+  self->committed.clear();
 }
 
-inline std::barrier<>& warp_barrier() { return *block->warps[thread_idx.x / 32]; }
+inline Barrier& warp_barrier() { return *block->warps[self->tid.x / 32]; }
 
 // Runs kernel() for every thread of every block of grid (x, y), one block at a time.
 template <class Kernel>
 void launch(Dim3 grid, unsigned threads, size_t smem_bytes, Kernel kernel) {
+  std::vector<ThreadState> states(threads);
+  for (unsigned t = 0; t < threads; ++t) states[t].tid = {t, 0, 0};
+#ifndef PROTOKERN_EMU_THREADS
+  constexpr size_t kStack = 256 * 1024;
+  std::vector<char> stacks(kStack * threads);
+  std::vector<ucontext_t> fibers(threads);
+  std::vector<char> done(threads);
+  static thread_local Kernel* current;
+  current = &kernel;
+#endif
   for (unsigned by = 0; by < grid.y; ++by) {
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       std::vector<float> smem(smem_bytes / sizeof(float) + 4, NAN);
-      std::barrier<> bar(threads);
+      Barrier bar(threads);
       Block blk{&bar, {}, std::vector<uint64_t>((threads + 31) / 32 * 32),
                 std::vector<uint32_t>((threads + 31) / 32 * 32 * 6), smem.data()};
-      for (unsigned w = 0; w < (threads + 31) / 32; ++w)
-        blk.warps.push_back(std::make_unique<std::barrier<>>(32));
+      for (unsigned w = 0; w < (threads + 31) / 32; ++w) blk.warps.push_back(std::make_unique<Barrier>(32));
+      block_idx = {bx, by, 0};
+      block = &blk;
+#ifdef PROTOKERN_EMU_THREADS
       std::vector<std::thread> pool;
       for (unsigned t = 0; t < threads; ++t) {
         pool.emplace_back([&, t] {
-          thread_idx = {t, 0, 0};
-          block_idx = {bx, by, 0};
-          block = &blk;
+          self = &states[t];
           kernel();
           end_thread();
         });
       }
       for (auto& th : pool) th.join();
+#else
+      for (unsigned t = 0; t < threads; ++t) {
+        getcontext(&fibers[t]);
+        fibers[t].uc_stack.ss_sp = stacks.data() + kStack * t;
+        fibers[t].uc_stack.ss_size = kStack;
+        fibers[t].uc_link = &scheduler;
+        makecontext(&fibers[t], (void (*)()) + [] {
+          (*current)();
+          end_thread();
+          fiber_returned = true;
+        }, 0);
+        done[t] = 0;
+      }
+      for (unsigned alive = threads; alive > 0;) {
+        for (unsigned t = 0; t < threads; ++t) {
+          if (done[t]) continue;
+          self = &states[t];
+          running_fiber = &fibers[t];
+          fiber_returned = false;
+          swapcontext(&scheduler, &fibers[t]);  // back when fiber t waits at a barrier or ends (uc_link)
+          if (fiber_returned) {
+            done[t] = 1;
+            --alive;
+          }
+        }
+      }
+#endif
     }
   }
 }
 
 }  // namespace emu
 
-#define threadIdx emu::thread_idx
+#define threadIdx (emu::self->tid)
 #define blockIdx emu::block_idx
 #define EMU_DYNAMIC_SMEM emu::block->smem
 
