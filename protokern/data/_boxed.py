@@ -106,10 +106,16 @@ class BoxedImages(Dataset):
         return uint8_to_float(self.decode(index)), self.targets[index]
 
     def source_size(self, index: int) -> tuple[int, int]:
-        """(width, height) of the source image file (header read, cached)."""
+        """(width, height) of the source image file (header read, cached); errors name the file."""
         if index not in self._sizes:
-            with Image.open(self.paths[index]) as img:
-                self._sizes[index] = img.size
+            path = self.paths[index]
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"image file not found: {path}")
+            try:
+                with Image.open(path) as img:
+                    self._sizes[index] = img.size
+            except Exception as err:  # noqa: BLE001 - PIL raises many types
+                raise BadImageError(path, f"cannot read the image header ({type(err).__name__}: {err})") from err
         return self._sizes[index]
 
     def mapping(self, index: int) -> tuple[float, float, float, float]:
@@ -117,10 +123,13 @@ class BoxedImages(Dataset):
         w, h = self.source_size(index)
         return output_mapping(w, h, self.image_size, self._crop_box(index))
 
+    def box(self, index: int) -> torch.Tensor:
+        """(4,) float32 box (x0, y0, x1, y1) of image ``index`` in pixels of the returned image."""
+        return map_boxes(self.source_boxes[index], self.mapping(index))
+
     @property
     def boxes(self) -> torch.Tensor:
         """(N, 4) float32 boxes (x0, y0, x1, y1) in pixels of the returned images."""
         if self._boxes is None:
-            self._boxes = torch.stack([map_boxes(self.source_boxes[i], self.mapping(i))
-                                       for i in range(len(self))]) if len(self) else torch.zeros(0, 4)
+            self._boxes = torch.stack([self.box(i) for i in range(len(self))]) if len(self) else torch.zeros(0, 4)
         return self._boxes

@@ -36,7 +36,7 @@ __all__ = ["CACHE_MODES", "BadImageWarning", "ImageView", "CachedBatches", "cach
 
 CACHE_MODES = ("auto", "memory", "gpu", "off")
 _PER_ITEM_LISTS = ("targets", "paths", "image_ids", "samples")
-_PER_ITEM_METHODS = ("part_locations", "mapping", "source_size")
+_PER_ITEM_METHODS = ("part_locations", "mapping", "source_size", "box")
 
 
 class BadImageWarning(UserWarning):
@@ -53,7 +53,7 @@ class ImageView(Dataset):
         images: None (decode at access) or a uint8 (len(dataset), 3, S, S) tensor indexed by dataset index.
 
     Per-item attributes (``targets``, ``paths``, ``image_ids``, ``samples``, ``boxes``, ``source_boxes``) and
-    methods (``part_locations``, ``mapping``, ``source_size``) follow the view's indices; other attributes
+    methods (``part_locations``, ``mapping``, ``source_size``, ``box``) follow the view's indices; other attributes
     (``classes``, ``root``, ``image_size``, ...) are the dataset's.
     """
 
@@ -78,8 +78,15 @@ class ImageView(Dataset):
 
     @property
     def boxes(self) -> torch.Tensor:
-        """The dataset's ``boxes`` of the view's items."""
-        return self.dataset.boxes[self.rows]
+        """The dataset's ``boxes`` of the view's items (per item when it has ``box(index)``: the boxes of
+        skipped images may not be computable)."""
+        if self.__dict__.get("_boxes") is None:
+            box = getattr(self.dataset, "box", None)
+            if callable(box):
+                self._boxes = torch.stack([box(int(r)) for r in self.rows]) if len(self) else torch.zeros(0, 4)
+            else:
+                self._boxes = self.dataset.boxes[self.rows]
+        return self._boxes
 
     @property
     def source_boxes(self) -> torch.Tensor:
@@ -130,7 +137,7 @@ class ImageView(Dataset):
 
 
 def find_view(dataset) -> ImageView | None:
-    """The :class:`ImageView` under ``dataset``'s chain of ``.dataset`` wrappers (Subset, WithIndex), if any."""
+    """The :class:`ImageView` under ``dataset``'s chain of ``.dataset`` wrappers (Subset, ...), if any."""
     seen = 0
     while dataset is not None and seen < 16:
         if isinstance(dataset, ImageView):

@@ -144,3 +144,19 @@ def test_cars_fname_escaping_the_root_is_an_error(tmp_path):
     scipy.io.savemat(tmp_path / "devkit" / "cars_train_annos.mat", {"annotations": struct_array(rows)})
     with pytest.raises(ValueError, match=r"cars_train_annos\.mat: annotation #2: image path .* leads outside"):
         StanfordCars(tmp_path, "train")
+
+
+def test_cub_view_without_a_bad_image_keeps_its_annotations(tmp_path):
+    base = make_cub(tmp_path)
+    ds = CUB200(tmp_path, "train", image_size=8)
+    good_boxes = ds.boxes.clone()
+    ds = CUB200(tmp_path, "train", image_size=8)  # fresh: no header sizes cached yet
+    bad = ds.paths[1]
+    (base / "images" / bad.split("images" + os.sep, 1)[1]).write_bytes(b"garbage")
+    with pytest.raises(BadImageError, match=os.path.basename(bad)):
+        ds.boxes  # the header of the bad file cannot be read: named
+    with pytest.warns(BadImageWarning):
+        view = prepare_images(ds, "memory", skip_bad_images=True, progress=False)
+    assert view.skipped == [bad] and view.image_ids == [ds.image_ids[0], ds.image_ids[2]]
+    assert torch.equal(view.boxes, good_boxes[[0, 2]])
+    assert torch.equal(view.part_locations(1), ds.part_locations(2)) and torch.equal(view.box(1), good_boxes[2])
