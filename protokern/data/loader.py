@@ -34,7 +34,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         seed: seed of the shuffling order.
 
     Memory is pinned when CUDA is available; workers persist across epochs when there are any. Over a
-    cached :class:`~protokern.data.cache.ImageView` (also under Subset / WithIndex wrappers) items are
+    cached :class:`~protokern.data.cache.ImageView` (also under Subset wrappers) items are
     gathered in this process (no workers): they are already decoded, and a GPU cache cannot cross processes.
     """
     if batch_size < 1:

@@ -63,7 +63,7 @@ def _pick_images(dataset, n: int) -> list[int]:
 
 def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=None, push_dataset=None,
                 n_images: int = 3, top_k: int = 10, k: int = 5, device=None, batch_size: int = 64,
-                config=None, progress: bool | None = None) -> dict:
+                config=None, progress: bool | None = None, part_localisation_result: dict | None = None) -> dict:
     """Explanations and interpretability metrics of a trained (pushed) model, written into ``run_dir``.
 
     Writes ``run_dir/explanations/`` (local explanations of ``n_images`` test images of different classes,
@@ -79,6 +79,8 @@ def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=No
         n_images, top_k, k: images explained, prototypes per explanation, neighbours per gallery row.
         device, batch_size: how to run. config: the training config (only ``quiet`` is read).
         progress: tqdm bars (default: unless ``config.quiet``).
+        part_localisation_result: :func:`part_localisation` of this model on ``test_dataset`` with
+            ``location="rf_centre"`` when the caller has it already (the trainer's summary): not computed again.
 
     Returns:
         dict with the paths written and the metrics.
@@ -109,7 +111,10 @@ def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=No
 
     if getattr(test_dataset, "boxes", None) is not None:
         results = {loc: part_localisation(model, test_dataset, location=loc, device=device, batch_size=batch_size,
-                                          progress=progress) for loc in ("rf_centre", "argmax")}
+                                          progress=progress)
+                   for loc in ("rf_centre", "argmax") if loc != "rf_centre" or part_localisation_result is None}
+        if part_localisation_result is not None:
+            results["rf_centre"] = part_localisation_result
         record = {"part_localisation": results["rf_centre"]["overall"],
                   "definition": "fraction of (test image, prototype of its class) pairs whose most activated "
                                 "location (centre of the receptive field of the nearest patch) lies in the part box",

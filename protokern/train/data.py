@@ -169,17 +169,3 @@ def train_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> DataLoad
         return cached
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
-
-
-class WithIndex(Dataset):
-    """``(image, label, index)`` items of a dataset (for metrics that need per-image annotations)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        image, label = self.dataset[index]
-        return image, label, index

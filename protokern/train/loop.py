@@ -1,11 +1,9 @@
-"""One pass over a loader: training (with augmentation and optimiser steps) or evaluation; plus the
-part-localisation metric."""
+"""One pass over a loader: training (with augmentation and optimiser steps) or evaluation."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 
 import torch
@@ -13,8 +11,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from protokern.data import imagenet_normalize
-from protokern.ops import nearest_patches
 from protokern.train.distributed import all_reduce_sum
+from protokern.utils import progress as progress_bar
 
 TERMS = ("ce", "cluster", "separation", "avg_separation", "l1", "total")
 
@@ -40,13 +38,6 @@ class TrainForward(nn.Module):
             f = self._trunk(x)
         similarity, min_distances = self.model.prototype_layer(self.model.add_on(f.float()))
         return self.model.last_layer(similarity), min_distances
-
-
-def _progress(iterable, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True,
-                disable=not enabled or not sys.stderr.isatty())
 
 
 def _on_any_rank(flag: bool, device: torch.device) -> bool:
@@ -78,7 +69,7 @@ def run_epoch(forward: nn.Module, model: nn.Module, loader, loss_fn: nn.Module, 
     sums = torch.zeros(len(TERMS), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = skipped = 0
-    bar = _progress(loader, desc, progress)
+    bar = progress_bar(loader, desc, progress)
     for batch_index, (images, labels) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
@@ -118,37 +109,3 @@ def run_epoch(forward: nn.Module, model: nn.Module, loader, loss_fn: nn.Module, 
     if training:
         out["skipped"] = skipped
     return out
-
-
-@torch.no_grad()
-def part_localisation(model: nn.Module, loader, boxes: Tensor, device: torch.device) -> float | None:
-    """Fraction of (test image, own-class prototype) pairs whose most activated patch lies on the part.
-
-    A patch "lies on the part" when the centre of its receptive field falls inside the image's part box
-    ``boxes[index]`` ((x0, y0, x1, y1) pixels). ``loader`` yields ``(images, labels, dataset indices)``
-    (see ``WithIndex``). Summed over ranks. None when the model has no receptive field.
-    """
-    rf = getattr(model, "receptive_field", None)
-    if rf is None:
-        return None
-    was_training = model.training
-    model.eval()
-    classes = model.prototype_classes.to(device)
-    prototypes = model.prototype_layer.prototypes
-    hits = torch.zeros(2, dtype=torch.float64, device=device)
-    try:
-        for images, labels, index in loader:
-            images, labels = images.to(device), labels.to(device)
-            z = model.conv_features(imagenet_normalize(images))
-            _, patch = nearest_patches(z.float(), prototypes)  # (B, P)
-            W = z.shape[3]
-            cy = rf.start + (patch // W).double() * rf.jump
-            cx = rf.start + (patch % W).double() * rf.jump
-            box = boxes[index].to(device).double()  # (B, 4)
-            inside = ((cx >= box[:, 0:1]) & (cx <= box[:, 2:3]) & (cy >= box[:, 1:2]) & (cy <= box[:, 3:4]))
-            own = labels[:, None] == classes[None, :]
-            hits += torch.stack([(inside & own).sum(), own.sum()]).double()
-    finally:
-        model.train(was_training)
-    hits = all_reduce_sum(hits).cpu()
-    return hits[0].item() / max(hits[1].item(), 1.0)

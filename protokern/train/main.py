@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib
-import inspect
 import io
 import json
 import os
@@ -40,14 +38,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from protokern.cli import exit_on_error
 from protokern.data import GpuAugment, make_loader, skipped_images
+from protokern.explain import explain_run
+from protokern.explain.metrics import part_localisation
 from protokern.losses import ProtoPNetLoss
 from protokern.models import ProtoPNet
 from protokern.push import RECORDS_FILE, PushRecords, push_prototypes
 from protokern.train import checkpoint as ckpt
 from protokern.train.config import TrainConfig, parse_config
-from protokern.train.data import WithIndex, build_splits, train_loader
+from protokern.train.data import build_splits, train_loader
 from protokern.train.distributed import DistInfo, barrier, cleanup, init_distributed, shard
-from protokern.train.loop import TERMS, TrainForward, part_localisation, run_epoch
+from protokern.train.loop import TERMS, TrainForward, run_epoch
 from protokern.train.schedule import (Step, build_schedule, learning_rates, make_optimizers, make_scheduler,
                                       optimizer_steps, set_trainable, step_scheduler)
 
@@ -155,6 +155,7 @@ class Trainer:
         self.best = {"accuracy": -1.0, "step": None, "pushed": False, "split": self.select_on, "test_accuracy": None}
         self.records: PushRecords | None = None
         self.records_path: str | None = None
+        self._localisation: dict | None = None  # part_localisation() of the final model, for explain_run
         self.stage_seconds: dict[str, float] = {}
         self._wrapped = (None, None)  # (stage, DDP module) in use
         # one process per run directory: taken once the input has been checked, before anything is written
@@ -460,10 +461,18 @@ class Trainer:
     def _summary(self, seconds: float, complete: bool) -> dict:
         localisation = None
         boxes = getattr(self.test_set, "boxes", None)
-        if boxes is not None:
-            loader = make_loader(shard(WithIndex(self.test_set), self.info), self.cfg.test_batch_size,
-                                 shuffle=False, num_workers=self.cfg.num_workers)
-            localisation = part_localisation(self.model, loader, torch.as_tensor(boxes), self.device)
+        if boxes is not None and getattr(self.model, "receptive_field", None) is not None:
+            # once, on rank 0 (the explanations reuse it), then shared so that every rank's summary agrees
+            if self.is_main:
+                loader = make_loader(self.test_set, self.cfg.test_batch_size, shuffle=False,
+                                     num_workers=self.cfg.num_workers)
+                self._localisation = part_localisation(self.model, loader, boxes, location="rf_centre",
+                                                       device=self.device, progress=self._bars())
+                localisation = self._localisation["overall"]
+            if self.info.enabled:
+                box = [localisation]
+                dist.broadcast_object_list(box, src=0)
+                localisation = box[0]
         last_test = None
         if self.is_main and os.path.exists(self._path("metrics.jsonl")):
             with open(self._path("metrics.jsonl"), encoding="utf-8") as fh:
@@ -569,24 +578,11 @@ class Trainer:
         return train, tests
 
     def _explain(self) -> None:
-        """Call ``protokern.explain.explain_run(run_dir, model, ...)`` when that module exists."""
+        """Explanations, gallery and interpretability metrics of the finished run (``protokern.explain``)."""
         try:
-            explain = importlib.import_module("protokern.explain")
-        except ModuleNotFoundError as error:
-            if error.name == "protokern.explain":
-                return
-            raise
-        explain_run = getattr(explain, "explain_run", None)
-        if explain_run is None:
-            return
-        available = {"records": self.records, "push_records": self.records, "dataset": self.test_set,
-                     "test_dataset": self.test_set, "push_dataset": self.push_set, "device": self.device,
-                     "config": self.cfg, "progress": self._bars()}
-        params = inspect.signature(explain_run).parameters
-        takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        kwargs = {k: v for k, v in available.items() if takes_all or k in params}
-        try:
-            explain_run(self.run_dir, self.model, **kwargs)
+            explain_run(self.run_dir, self.model, test_dataset=self.test_set, push_records=self.records,
+                        push_dataset=self.push_set, device=self.device, config=self.cfg, progress=self._bars(),
+                        part_localisation_result=self._localisation)
         except Exception as error:  # noqa: BLE001 - explanations must not lose a finished training run
             warnings.warn(f"explain_run failed: {type(error).__name__}: {error}", stacklevel=2)
 

@@ -166,13 +166,14 @@ def test_resume_keeps_the_validation_split(tiny_args, tmp_path):
 
 
 def test_explain_hook_is_called(tiny_args, monkeypatch):
-    import types
-
+    """The trainer calls protokern.explain.explain_run once at the end, with the push records and the part
+    localisation its summary computed (not computed twice)."""
     calls = []
-    module = types.ModuleType("protokern.explain")
-    module.explain_run = lambda run_dir, model, records=None: calls.append((run_dir, records))
-    monkeypatch.setitem(sys.modules, "protokern.explain", module)
-    main(tiny_args)
+    monkeypatch.setattr(TRAIN_MAIN, "explain_run", lambda run_dir, model, push_records=None, **kw: calls.append(
+        (run_dir, push_records, kw)))
+    summary = main(tiny_args)
+    assert len(calls) == 1 and isinstance(calls[0][1], PushRecords)
+    assert calls[0][2]["part_localisation_result"]["overall"] == summary["part_localisation"]
     assert len(calls) == 1 and isinstance(calls[0][1], PushRecords)
 
 
