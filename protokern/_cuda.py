@@ -47,7 +47,13 @@ def _require() -> None:
 
 def forward(z3: Tensor, p: Tensor, eps: float, precision: str = "highest") -> tuple[Tensor, Tensor, Tensor]:
     """(similarity, min_distances, patch_index), each (B, M), for z3 (B, D, HW) float32 (any strides)
-    and p (M, D) float32 on one CUDA device. See docs/design.md."""
+    and p (M, D) float32 on one CUDA device. See docs/design.md.
+
+    ``precision`` ("highest" FFMA, "high" 3xTF32, "medium" TF32 search) changes speed only: every patch the
+    search cannot rule out is rescored exactly in fp32 (csrc/forward.cuh), so the outputs are the same for
+    all three: the lowest-index exact minimum, NaN outputs and the lowest NaN patch where a distance is NaN,
+    +inf patches never winning unless all are. A build whose kernels lack the tensor-core code (below
+    compute_80) runs the FFMA search for every precision."""
     _require()
     return torch.ops.protokern_C.forward(z3, p, float(eps), precision)
 

@@ -6,7 +6,8 @@
   each). Needs nvcc (skips without it). Prints the table.
 * The CPU emulator (csrc/emu) built with ThreadSanitizer, and with AddressSanitizer + UBSan, running the
   CUB-shape tile configuration and the tail cases (csrc/emu/sanitize_main.cpp). Needs g++ >= 11 and the
-  sanitizer runtimes (skips without them).
+  sanitizer runtimes (skips without them). ASan warns that it does not fully support swapcontext (the
+  emulator's fibers); it has reported nothing here.
 Not GPU tests: they run in CI on the CPU.
 """
 
@@ -148,13 +149,14 @@ SANITIZERS = {
 @pytest.mark.parametrize("sanitizer", list(SANITIZERS))
 def test_emulator_under_sanitizer(tmp_path, sanitizer):
     """The emulated kernels race-free (TSan) and memory/UB-clean (ASan + UBSan) on the CUB tile
-    configuration and the tails, every CUDA thread a real OS thread (PROTOKERN_EMU_THREADS); the driver also
-    checks the results (csrc/emu/sanitize_main.cpp)."""
+    configuration and the tails; the driver also checks the results (csrc/emu/sanitize_main.cpp). The CUDA
+    threads are fibers that TSan tracks as such: only barriers order them, so a missing __syncthreads is a
+    reported race (checked by hand: removing the forward's end-of-stage barrier is reported). About 3 minutes
+    for TSan and 30 s for ASan on 2 busy cores."""
     if (why := _gxx_ok()) is not None:
         pytest.skip(why)
     exe = tmp_path / "emu_sanitized"
-    cmd = ["g++", "-std=c++20", "-O1", "-g", "-pthread", "-DPROTOKERN_EMU_THREADS", *SANITIZERS[sanitizer],
-           f"-I{EMU / 'fake'}", f"-I{EMU}",
+    cmd = ["g++", "-std=c++20", "-O1", "-g", "-pthread", *SANITIZERS[sanitizer], f"-I{EMU / 'fake'}", f"-I{EMU}",
            f"-I{CSRC}", str(EMU / "harness.cpp"), str(EMU / "sanitize_main.cpp"), "-o", str(exe)]
     built = subprocess.run(cmd, capture_output=True, text=True)
     if built.returncode != 0 and re.search(r"cannot find -l(tsan|asan|ubsan)|libtsan|libasan", built.stderr):

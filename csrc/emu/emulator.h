@@ -1,8 +1,9 @@
 // A tiny CPU emulator for the kernels in ../forward.cuh and ../backward.cuh, to check their indexing,
 // tiling edges, certification, tie-breaks, NaN/inf handling and determinism without a GPU
 // (csrc/emu/check.py drives it; it includes the very same headers). Each CUDA thread of a block is a
-// fiber of one OS thread (default: deterministic, fast), or with PROTOKERN_EMU_THREADS an std::thread,
-// so that the threads really run concurrently and ThreadSanitizer sees their races (sanitize_main.cpp);
+// fiber of one OS thread (default: deterministic, fast; under ThreadSanitizer the fibers are TSan fibers
+// that only the barriers order, so races are still reported), or with PROTOKERN_EMU_THREADS an
+// std::thread (real concurrency, slow);
 // __syncthreads / __syncwarp are barriers; shuffles and votes go through a per-warp exchange buffer.
 // Honest about the two things a CPU fallback would hide:
 // * cp.async is asynchronous: copy_async poisons its destination with NaN at issue (the stage's old
@@ -66,33 +67,67 @@ struct ThreadState {
   std::deque<std::vector<PendingCopy>> committed;
 };
 
-inline thread_local ThreadState* self;  // the running CUDA thread
+// The running CUDA thread (atomic: the fiber scheduler switches it under running fibers' feet without
+// creating a happens-before edge for ThreadSanitizer).
+inline thread_local std::atomic<ThreadState*> self_ptr{nullptr};
+inline ThreadState* me() { return self_ptr.load(std::memory_order_relaxed); }
 inline std::atomic<int> errors{0};      // protocol errors seen (cp.async groups left in flight)
 
 #ifdef PROTOKERN_EMU_THREADS
-// Real OS threads: concurrent, so ThreadSanitizer sees the kernels' races (sanitizer builds).
+// Real OS threads: concurrent (optional; the sanitizer gates use the fibers below).
 using Barrier = std::barrier<>;
 #else
 // Default: every CUDA thread of a block is a fiber (ucontext) of one OS thread, switched round-robin at
-// barriers: deterministic and fast, with no scheduler contention.
+// barriers: deterministic and fast, with no scheduler contention. Under ThreadSanitizer each fiber is a
+// TSan fiber switched without synchronisation, and only the barriers (and the scheduler's hand-over of
+// its own state) create happens-before edges, so a missing __syncthreads / __syncwarp is still a race.
+#if defined(__SANITIZE_THREAD__)
+extern "C" {
+void* __tsan_get_current_fiber(void);
+void* __tsan_create_fiber(unsigned flags);
+void __tsan_destroy_fiber(void* fiber);
+void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+void __tsan_acquire(void* addr);
+void __tsan_release(void* addr);
+}
+inline void tsan_release(void* a) { __tsan_release(a); }
+inline void tsan_acquire(void* a) { __tsan_acquire(a); }
+inline void tsan_switch(void* fiber) { __tsan_switch_to_fiber(fiber, 1 /* no sync */); }
+#else
+inline void tsan_release(void*) {}
+inline void tsan_acquire(void*) {}
+inline void tsan_switch(void*) {}
+#endif
+
 inline ucontext_t scheduler;
-inline ucontext_t* running_fiber;
-inline bool fiber_returned;  // set by a fiber as it ends
-inline void yield() { swapcontext(running_fiber, &scheduler); }
+inline std::atomic<ucontext_t*> running_fiber;
+inline std::atomic<void*> scheduler_tsan;  // TSan fiber of the scheduler (ThreadSanitizer builds)
+inline std::atomic<bool> fiber_returned;  // set by a fiber as it ends (atomic: no happens-before edge)
+inline char scheduler_handover;  // address of the scheduler -> fiber edges (ThreadSanitizer)
+inline char block_end;  // address of the fibers -> scheduler edges at a block's end (ThreadSanitizer)
+
+inline void yield() {
+  tsan_switch(scheduler_tsan.load(std::memory_order_relaxed));
+  swapcontext(running_fiber.load(std::memory_order_relaxed), &scheduler);
+  tsan_acquire(&scheduler_handover);
+}
 
 struct Barrier {
   explicit Barrier(std::ptrdiff_t n) : n(n) {}
   void arrive_and_wait() {
-    const unsigned g = gen;
-    if (++count == n) {
-      count = 0;
-      ++gen;
+    tsan_release(this);
+    const unsigned g = gen.load(std::memory_order_relaxed);
+    if (count.fetch_add(1, std::memory_order_relaxed) + 1 == n) {
+      count.store(0, std::memory_order_relaxed);
+      gen.store(g + 1, std::memory_order_relaxed);
     } else {
-      while (gen == g) yield();
+      while (gen.load(std::memory_order_relaxed) == g) yield();
     }
+    tsan_acquire(this);
   }
-  std::ptrdiff_t n, count = 0;
-  unsigned gen = 0;
+  const std::ptrdiff_t n;
+  std::atomic<std::ptrdiff_t> count{0};
+  std::atomic<unsigned> gen{0};
 };
 #endif
 
@@ -109,28 +144,28 @@ inline Block* block;
 
 inline void copy_async(float* dst, const float* src, bool valid) {
   *dst = NAN;  // in flight
-  self->open_group.push_back({dst, src, valid});
+  me()->open_group.push_back({dst, src, valid});
 }
 
 inline void async_commit() {
-  self->committed.push_back(std::move(self->open_group));
-  self->open_group.clear();
+  me()->committed.push_back(std::move(me()->open_group));
+  me()->open_group.clear();
 }
 
 inline void async_wait(int pending) {  // retire all but the `pending` most recent groups
-  while ((int)self->committed.size() > pending) {
-    for (const PendingCopy& c : self->committed.front()) *c.dst = c.valid ? *c.src : 0.f;
-    self->committed.pop_front();
+  while ((int)me()->committed.size() > pending) {
+    for (const PendingCopy& c : me()->committed.front()) *c.dst = c.valid ? *c.src : 0.f;
+    me()->committed.pop_front();
   }
 }
 
 inline void end_thread() {
-  if (!self->open_group.empty() || !self->committed.empty()) errors.fetch_add(1);
-  self->open_group.clear();
-  self->committed.clear();
+  if (!me()->open_group.empty() || !me()->committed.empty()) errors.fetch_add(1);
+  me()->open_group.clear();
+  me()->committed.clear();
 }
 
-inline Barrier& warp_barrier() { return *block->warps[self->tid.x / 32]; }
+inline Barrier& warp_barrier() { return *block->warps[me()->tid.x / 32]; }
 
 // Runs kernel() for every thread of every block of grid (x, y), one block at a time.
 template <class Kernel>
@@ -144,6 +179,10 @@ void launch(Dim3 grid, unsigned threads, size_t smem_bytes, Kernel kernel) {
   std::vector<char> done(threads);
   static thread_local Kernel* current;
   current = &kernel;
+  std::vector<void*> tsan_fibers(threads);
+#if defined(__SANITIZE_THREAD__)
+  scheduler_tsan.store(__tsan_get_current_fiber(), std::memory_order_relaxed);
+#endif
 #endif
   for (unsigned by = 0; by < grid.y; ++by) {
     for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -158,7 +197,7 @@ void launch(Dim3 grid, unsigned threads, size_t smem_bytes, Kernel kernel) {
       std::vector<std::thread> pool;
       for (unsigned t = 0; t < threads; ++t) {
         pool.emplace_back([&, t] {
-          self = &states[t];
+          self_ptr.store(&states[t], std::memory_order_relaxed);
           kernel();
           end_thread();
         });
@@ -171,25 +210,38 @@ void launch(Dim3 grid, unsigned threads, size_t smem_bytes, Kernel kernel) {
         fibers[t].uc_stack.ss_size = kStack;
         fibers[t].uc_link = &scheduler;
         makecontext(&fibers[t], (void (*)()) + [] {
+          tsan_acquire(&scheduler_handover);
           (*current)();
           end_thread();
-          fiber_returned = true;
+          tsan_release(&block_end);  // the block is over: what follows it (the next block) sees this
+          fiber_returned.store(true, std::memory_order_relaxed);
+          yield();  // never resumed: the fiber does not return (under TSan its exit would be recorded on
+                    // the scheduler's fiber)
         }, 0);
         done[t] = 0;
+#if defined(__SANITIZE_THREAD__)
+        tsan_fibers[t] = __tsan_create_fiber(0);  // a fresh TSan fiber per CUDA thread and block
+#endif
       }
       for (unsigned alive = threads; alive > 0;) {
         for (unsigned t = 0; t < threads; ++t) {
           if (done[t]) continue;
-          self = &states[t];
-          running_fiber = &fibers[t];
-          fiber_returned = false;
+          self_ptr.store(&states[t], std::memory_order_relaxed);
+          running_fiber.store(&fibers[t], std::memory_order_relaxed);
+          fiber_returned.store(false, std::memory_order_relaxed);
+          tsan_release(&scheduler_handover);
+          tsan_switch(tsan_fibers[t]);
           swapcontext(&scheduler, &fibers[t]);  // back when fiber t waits at a barrier or ends (uc_link)
-          if (fiber_returned) {
+          if (fiber_returned.load(std::memory_order_relaxed)) {
             done[t] = 1;
             --alive;
           }
         }
       }
+      tsan_acquire(&block_end);
+#if defined(__SANITIZE_THREAD__)
+      for (void* f : tsan_fibers) __tsan_destroy_fiber(f);
+#endif
 #endif
     }
   }
@@ -197,7 +249,7 @@ void launch(Dim3 grid, unsigned threads, size_t smem_bytes, Kernel kernel) {
 
 }  // namespace emu
 
-#define threadIdx (emu::self->tid)
+#define threadIdx (emu::me()->tid)
 #define blockIdx emu::block_idx
 #define EMU_DYNAMIC_SMEM emu::block->smem
 

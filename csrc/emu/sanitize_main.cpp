@@ -3,8 +3,9 @@
 // (D = 128, HW = 49, a full and a partial 128-prototype block) and the tail cases (one patch, one
 // channel, a partial channel stage and patch tile), both z layouts, forward at every precision and
 // backward. Exit status 0 only if every run meets the checks below; the sanitizers abort on their own.
-// Built with PROTOKERN_EMU_THREADS (every CUDA thread an OS thread, so that races are real):
-//   g++ -std=c++20 -O1 -g -pthread -DPROTOKERN_EMU_THREADS -fsanitize=thread -Icsrc/emu/fake -Icsrc/emu -Icsrc \
+// The emulator's fibers are TSan fibers ordered only by the barriers (emulator.h); -DPROTOKERN_EMU_THREADS
+// runs real OS threads instead (slower, same checks):
+//   g++ -std=c++20 -O1 -g -pthread -fsanitize=thread -Icsrc/emu/fake -Icsrc/emu -Icsrc \
 //       csrc/emu/harness.cpp csrc/emu/sanitize_main.cpp -o emu_tsan && ./emu_tsan
 #include <cmath>
 #include <cstdint>
