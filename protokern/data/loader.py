@@ -1,11 +1,11 @@
-"""make_loader: one place for DataLoader settings (sampler, pinning, workers)."""
+"""make_loader: one place for DataLoader settings (shuffling, pinning, workers); the trainer's sharded,
+repeating training loader is protokern.train.data.train_loader."""
 from __future__ import annotations
 
 import os
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
 
 __all__ = ["make_loader", "default_num_workers"]
 
@@ -20,17 +20,15 @@ def default_num_workers() -> int:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int | None = None,
-                drop_last: bool = False, distributed: bool = False, seed: int = 0) -> DataLoader:
+                drop_last: bool = False, seed: int = 0) -> DataLoader:
     """A DataLoader for ``dataset`` with protokern's defaults.
 
     Args:
         dataset: any map-style dataset.
-        batch_size: samples per batch (per process when distributed).
+        batch_size: samples per batch.
         shuffle: reshuffle every epoch; the order is reproducible from ``seed``.
         num_workers: worker processes; None picks :func:`default_num_workers`.
         drop_last: drop the last incomplete batch.
-        distributed: shard with a DistributedSampler (needs an initialised process group); call
-            ``loader.sampler.set_epoch(epoch)`` each epoch so shuffling changes between epochs.
         seed: seed of the shuffling order.
 
     Memory is pinned when CUDA is available; workers persist across epochs when there are any. Over a
@@ -47,17 +45,11 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
     view = find_view(dataset)
     if view is not None and view.cached:
         workers = 0
-    sampler, generator = None, None
-    if distributed:
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        shuffle = False  # the sampler shuffles
-    elif shuffle:
-        generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
-        sampler=sampler,
         num_workers=workers,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),

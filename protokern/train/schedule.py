@@ -21,8 +21,6 @@ from torch import nn
 
 from protokern.train.config import TrainConfig
 
-STAGES = ("warm", "joint", "push", "last")
-
 
 @dataclass(frozen=True)
 class Step:

@@ -1,7 +1,6 @@
-"""make_loader: batching, seeded shuffling, worker / pinning settings, distributed sampler."""
+"""make_loader: batching, seeded shuffling, worker / pinning settings."""
 import torch
-import torch.distributed as dist
-from torch.utils.data import DistributedSampler, TensorDataset
+from torch.utils.data import TensorDataset
 
 from protokern.data import make_loader
 
@@ -24,13 +23,3 @@ def test_workers_persist():
     loader = make_loader(data(), batch_size=5, shuffle=False, num_workers=1)
     assert loader.persistent_workers and loader.num_workers == 1
     assert torch.equal(torch.cat([y for _, y in loader]), torch.arange(10))
-
-
-def test_distributed_sampler(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        loader = make_loader(data(), batch_size=3, shuffle=True, num_workers=0, distributed=True, seed=3)
-        assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.seed == 3
-        assert sorted(torch.cat([y for _, y in loader]).tolist()) == list(range(10))
-    finally:
-        dist.destroy_process_group()

@@ -16,7 +16,7 @@ ARGS = [
     "--preset", "demo", "--synthetic-classes", "3", "--synthetic-train-per-class", "6",
     "--synthetic-test-per-class", "4", "--image-size", "32", "--prototypes-per-class", "2",
     "--prototype-dim", "8", "--epochs", "1", "--warm-epochs", "1", "--push-start", "0", "--push-every", "1",
-    "--last-layer-iters", "1", "--train-batch-size", "8", "--test-batch-size", "8", "--push-batch-size", "8",
+    "--last-layer-epochs", "1", "--train-batch-size", "8", "--test-batch-size", "8", "--push-batch-size", "8",
     "--num-workers", "0", "--quiet", "--device", "cpu", "--seed", "1",
 ]
 
