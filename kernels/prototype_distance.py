@@ -35,11 +35,13 @@ MAX_GRID_YZ = 65535  # CUDA grid axes 1 and 2 limit
 
 # Forward launch configuration per precision: (largest channel slice, or None for 64/128 by tile size;
 # num_warps; num_stages). The H200 measurements of the uncertified kernel (benchmarks/results/
-# distance-2026-11-27-h200-v*.md) favoured 4 warps over 64/128-channel slices for FMA and 3xTF32, but that
-# configuration spills 2-4 KB per thread when compiled for sm_90 (as did the uncertified kernel:
-# tests/kernels/sm90_gate.py), while 8 warps over 32-channel slices (the TF32 choice, 81 us against 182 us
-# at the CUB shape then) spills nothing at any precision. Unmeasured on a GPU for the certified kernel.
-_FORWARD_CONFIG = {"highest": (32, 8, 2), "high": (32, 8, 2), "medium": (32, 8, 2)}
+# distance-2026-11-27-h200-v*.md) favoured 4 warps over 64/128-channel slices with 3 stages for FMA and
+# 3xTF32, and 8 warps over 32-channel slices with 2 stages for TF32 (81 us against 182 us at the CUB shape
+# then). Compiled for sm_90 (tests/kernels/sm90_gate.py --all), the 4-warp configurations spill 2-4 KB (as
+# they did before the certified search); 8 warps over 32-channel slices spill nothing on triton 3.6 and 3.8
+# at the largest and smallest tiles with 1 stage for FMA and 3xTF32 (2 stages spill there) and with 2 stages
+# for TF32 (1 stage spills there). Unmeasured on a GPU for the certified kernel.
+_FORWARD_CONFIG = {"highest": (32, 8, 1), "high": (32, 8, 1), "medium": (32, 8, 2)}
 
 
 @triton.jit

@@ -150,15 +150,16 @@ def test_sequential_rescoring_matches_tiles(monkeypatch, kind):
 
 
 def test_every_triton_configuration_compiles_for_sm90_without_spills():
-    """Issue 10's CPU gate: the launch configurations of the CUB-size and larger shapes, every precision,
-    compiled offline for sm_90 (no GPU), spill nothing. Prints registers and shared memory (pytest -s)."""
+    """Issue 10's CPU gate: the launch configurations of the largest and smallest tiles, every precision and
+    both backward kernels, compiled offline for sm_90 (no GPU), spill nothing. Prints registers and shared
+    memory (pytest -s)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     cmd = [sys.executable, "-m", "tests.kernels.sm90_gate"]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     probe = subprocess.run(cmd + ["--probe"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     if probe.returncode != 0:
         pytest.skip("triton cannot compile for sm_90 offline here: " + probe.stderr.strip().splitlines()[-1])
-    run = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd + ["--all"], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     print(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     results = [json.loads(line) for line in run.stdout.splitlines()]
