@@ -27,6 +27,7 @@ REPO = CSRC.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests import reference  # noqa: E402
 from tests.reference import original_layer, rel_err  # noqa: E402
 
 PRECISIONS = {"highest": 0, "high": 1, "medium": 2}  # ForwardParams.precision (params.h kSearch*)
@@ -107,17 +108,9 @@ def make_z3(B, D, HW, layout):
 
 
 def contract_reference(z3: torch.Tensor, p: torch.Tensor, eps: float = 1e-4):
-    """The op's contract in float64 (difference form): (similarity, min_distances, patch_index), the lowest
-    index among the minima, NaN outputs and the lowest NaN patch where a distance is NaN, inf patches at
-    +inf (similarity 0). Exact for cases without fp32-level near-ties."""
-    full = ((z3.double()[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)  # (B, M, HW)
-    nan = full.isnan()
-    f = full.masked_fill(nan, math.inf)
-    dmin = f.amin(2)
-    idx = (f == dmin[..., None]).int().argmax(2)
-    has_nan = nan.any(2)
-    idx = torch.where(has_nan, nan.int().argmax(2), idx)
-    dist = torch.where(has_nan, torch.full_like(dmin, math.nan), dmin)
+    """The op's contract in float64 (tests/reference.contract_result): (similarity, min_distances,
+    patch_index), similarity 0 at d = +inf. Exact for cases without fp32-level near-ties."""
+    dist, idx = reference.contract_result(z3, p)
     return torch.log1p((1 - eps) / (dist + eps)), dist, idx
 
 
@@ -154,21 +147,18 @@ def adversarial_cases(gen_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.
     """The contract's adversarial inputs, name -> (z3 (B, D, HW), p (M, D)); the expected outputs are
     contract_reference's (no case holds an fp32-level tie that summation order could break)."""
     torch.manual_seed(gen_seed)
+    gen = torch.Generator().manual_seed(gen_seed)
     cases = {}
-    # Issue 9: 16 prototypes, each equal to a patch of its image, a second patch 1e-6..1.6e-5 away in
-    # squared distance (D = 128, values in [0, 4)); the near patch comes first for half of them.
-    B, D, HW = 16, 128, 49
-    z = torch.rand(B, D, HW) * 4
-    p = torch.empty(B, D)
-    for m in range(B):
-        k_exact, k_near = (30, 12) if m % 2 == 0 else (7, 40)
-        p[m] = z[m, :, k_exact]
-        z[m, :, k_near] = p[m]
-        z[m, m % D, k_near] += math.sqrt(1e-6 * (1 + m))  # squared distance ~ (1 .. 16) 1e-6
-    cases["issue: exact patch vs 1e-6..1.6e-5"] = (z, p)
+    # Issue 9: 16 prototypes, each equal to a patch of its image, a lower patch 1e-6..1.6e-5 away in
+    # squared distance (D = 128, values in [0, 4)); and the shared near-tie builders (tests/reference.py).
+    z, p, _ = reference.issue_case(generator=gen)
+    cases["issue: exact patch vs 1e-6..1.6e-5"] = (z.flatten(2), p)
+    for kind in ("zero", "small", "one", "duplicates", "equal"):
+        z, p, _ = reference.near_tie_case(kind, generator=gen)
+        cases[f"near_tie_case {kind!r}"] = (z.flatten(2), p)
 
-    # Near d = 1: the exact distance-1 patch (later index) against a patch at 1 + 1e-6 (earlier index),
-    # and near d = 0 with a 1e-6 gap on the 2^-10 grid (both exact in fp32); a third patch tile (HW = 130).
+    # Across patch tiles (HW = 130): the exact distance-1 patch (later tile) against a patch at 1 + 1e-6
+    # (earlier tile), and d = 0 against a 1e-6 gap on the 2^-10 grid (both exact in fp32).
     B, D, HW = 2, 40, 130
     z = _grid(B, D, HW)
     p = _grid(4, D)
@@ -180,7 +170,7 @@ def adversarial_cases(gen_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.
         z[b, :, 70] = p[1]  # distance 0 exactly
         z[b, :, 3] = p[1]
         z[b, 2, 3] += 1e-3  # distance 1e-6
-    cases["near-ties at d = 0 and d = 1"] = (z, p)
+    cases["near-ties at d = 0 and d = 1 across tiles"] = (z, p)
 
     # Exact duplicates of the winning patch (in three patch tiles) and many equal patches.
     z = _grid(2, 24, 140)
