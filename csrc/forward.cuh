@@ -408,6 +408,9 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
         const float delta = fmaf(cert, r * r, cert_abs);
         const bool real = k0 + kl < HW, finite = isfinite(v);
         if (real && finite) tmin[s] = fminf(tmin[s], v + delta);
+#ifdef PROTOKERN_EMU
+        if (real && m0 + ml < M) emu::record_search(b, m0 + ml, k0 + kl, v, delta);  // the bound's test
+#endif
         acc = !real ? NAN : finite ? v - delta : -INFINITY;
       });
 #pragma unroll

@@ -94,6 +94,48 @@ def emu_backward(lib, grad_sim, grad_dist, z3, p, idx, dist, eps: float = 1e-4):
     return grad_z, grad_p
 
 
+def emu_search_values(lib, z3: torch.Tensor, p: torch.Tensor, precision: str):
+    """The forward's recorded search values: (v~, delta), each (B, M, HW) float32, where v~ = |z_k|^2 - 2 z_k.p_m
+    as the search computed it and delta its certification bound (forward.cuh)."""
+    B, D, HW = z3.shape
+    M = p.shape[0]
+    p = p.contiguous()
+    out = torch.full((B, M, HW, 2), math.nan)
+    sim, dist, idx = torch.empty(B, M), torch.empty(B, M), torch.empty(B, M, dtype=torch.int64)
+    prm = ForwardParams(_ptr(z3), *z3.stride(), _ptr(p), _ptr(sim), _ptr(dist), _ptr(idx), B, D, HW, M, 1e-4,
+                        PRECISIONS[precision])
+    lib.emu_search_values(ctypes.byref(prm), ctypes.c_void_p(_ptr(out)))
+    return out[..., 0], out[..., 1]
+
+
+def check_bound(lib, precision: str) -> str | None:
+    """|a~ - t| <= delta for every pair (a~ = v~ + |p|^2, t the true distance, in float64) on features at
+    several scales, prototypes near patches (cancellation) and mixed magnitudes; and delta no looser than
+    1e-4 (FFMA, 3xTF32) or 1e-2 (TF32) of (|z| + |p|)^2. None if both hold, else what failed."""
+    g = torch.Generator().manual_seed(1)
+    cases = []
+    for scale, offset in [(1.0, 0.0), (4.0, 0.0), (1e-3, 0.0), (1e3, 0.0), (1e-2, 100.0), (1e-20, 0.0)]:
+        z3 = torch.rand(2, 64, 20, generator=g) * scale + offset
+        p = torch.rand(30, 64, generator=g) * scale + offset
+        p[:10] = z3[0, :, :10].T + scale * 1e-4 * torch.randn(10, 64, generator=g)
+        p[10] = z3[1, :, 3]
+        cases.append((z3, p))
+    z3 = torch.randn(2, 64, 20, generator=g)
+    z3[:, :, ::2] *= 1e4
+    cases.append((z3, torch.randn(30, 64, generator=g)))
+    for i, (z3, p) in enumerate(cases):
+        v, delta = emu_search_values(lib, z3, p, precision)
+        t = ((z3.double()[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)
+        a = v.double() + (p.double() ** 2).sum(1)[None, :, None]
+        if not ((a - t).abs() <= delta.double()).all():
+            return f"case {i}: |a~ - t| exceeds delta, by up to {((a - t).abs() / delta.double()).max().item():.3g}x"
+        radius = (z3.double().norm(dim=1)[:, None, :] + p.double().norm(dim=1)[None, :, None]) ** 2
+        limit = {"highest": 1e-4, "high": 1e-4, "medium": 1e-2}[precision]
+        if not (delta.double() <= limit * radius + 1e-30).all():
+            return f"case {i}: delta looser than {limit} (|z| + |p|)^2"
+    return None
+
+
 def make_z3(B, D, HW, layout):
     """z as the kernels see it, (B, D, HW), in several memory layouts."""
     if layout == "contiguous":
@@ -246,8 +288,8 @@ CASES = [
 
 def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = True) -> bool:
     """Every case at every search precision (gradients once: the backward does not depend on it), the
-    adversarial cases, bit-identity across precisions; with `mutation`, also that the adversarial cases
-    catch a search whose certification bound is switched off."""
+    adversarial cases, bit-identity across precisions, the certification bound on every searched pair; with
+    `mutation`, also that the adversarial cases catch a search whose certification bound is switched off."""
     torch.manual_seed(0)
     ok = True
 
@@ -275,6 +317,9 @@ def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = Tru
             outs = {precision: emu_forward(lib, z3, p, precision=precision) for precision in precisions}
             err = check_contract(outs, z3, p)
             report(name, err is None, err or "")
+        for precision in precisions:
+            err = check_bound(lib, precision)
+            report(f"{precision:8} certification bound holds and is tight", err is None, err or "")
         report("no cp.async group left in flight", lib.emu_errors() == 0)
         if mutation and "medium" in precisions:
             (Path(tmp) / "mutant").mkdir()

@@ -142,6 +142,17 @@ struct Block {
 inline Dim3 block_idx;  // blocks run one at a time: the same for every thread
 inline Block* block;
 
+// Recording of the forward's search values (check.py tests the certification bound on them): when
+// search_log is set, (v~, delta) of pair (b, m, k) land at search_log[2 ((b M + m) HW + k)].
+inline float* search_log = nullptr;
+inline int search_log_M = 0, search_log_HW = 0;
+inline void record_search(int b, int m, int k, float v, float delta) {
+  if (search_log == nullptr) return;
+  float* const at = search_log + 2 * (((int64_t)b * search_log_M + m) * search_log_HW + k);
+  at[0] = v;
+  at[1] = delta;
+}
+
 inline void copy_async(float* dst, const float* src, bool valid) {
   *dst = NAN;  // in flight
   me()->open_group.push_back({dst, src, valid});

@@ -29,6 +29,16 @@ extern "C" void emu_backward(const BackwardParams* prm) {
   emu::launch({lz.grid_x, lz.grid_y}, lz.threads, lz.smem, [&] { grad_z_kernel(p, lz.KT, lz.seg); });
 }
 
+// The forward with its search values recorded: out (B, M, HW, 2) receives (v~, delta) of every pair,
+// v~ = |z_k|^2 - 2 z_k.p_m as searched and delta the certification bound (forward.cuh).
+extern "C" void emu_search_values(const ForwardParams* prm, float* out) {
+  emu::search_log = out;
+  emu::search_log_M = prm->M;
+  emu::search_log_HW = prm->HW;
+  emu_forward(prm);
+  emu::search_log = nullptr;
+}
+
 // Protocol errors seen so far (cp.async groups left in flight at a thread's end).
 extern "C" int emu_errors() { return emu::errors.load(); }
 
