@@ -9,7 +9,6 @@ dispatch (tens of microseconds a call, comparable to the kernels themselves).
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
@@ -22,11 +21,15 @@ PRECISIONS = ("highest", "high", "medium")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+_EPS_CHECKED: dict[float, bool] = {}
+
+
 @torch.compiler.assume_constant_result  # torch.compile evaluates it eagerly, like the eps it checks
-@functools.cache
 def _similarity_at_zero_is_finite(eps: float) -> bool:
-    e = torch.tensor(eps, dtype=torch.float32)
-    return bool(e > 0) and bool(torch.isfinite(torch.log1p((1 - e) / e)))
+    if eps not in _EPS_CHECKED:
+        e = torch.tensor(eps, dtype=torch.float32)
+        _EPS_CHECKED[eps] = bool(e > 0) and bool(torch.isfinite(torch.log1p((1 - e) / e)))
+    return _EPS_CHECKED[eps]
 
 
 def check_eps(eps) -> float:
