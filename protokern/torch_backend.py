@@ -96,15 +96,21 @@ def exact_distances(zv: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
     return x[..., 0]
 
 
-def _rescore(zt: torch.Tensor, p: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """Exact distances (b, m, HW) at the candidate entries of ``cand`` (others NaN), in chunks of rows."""
-    e = torch.full(cand.shape, float("nan"), device=zt.device, dtype=zt.dtype)
+def _rescore(zt: torch.Tensor, p: torch.Tensor, cand: torch.Tensor):
+    """Exact distances at the candidates of ``cand`` (b, m, HW): (row b * m_count + m, patch, distance),
+    each (K,), rows in order and patches increasing within a row; at most SLAB feature values at once."""
     b, m, i = cand.nonzero(as_tuple=True)
-    chunk = max(1, SLAB // zt.shape[-1])  # at most SLAB gathered values at once, never B*M*HW*D
+    e = torch.empty(b.shape, device=zt.device, dtype=zt.dtype)
+    chunk = max(1, SLAB // zt.shape[-1])  # never B*M*HW*D
     for s in range(0, b.numel(), chunk):
-        bs, ms, is_ = b[s:s + chunk], m[s:s + chunk], i[s:s + chunk]
-        e[bs, ms, is_] = exact_distances(zt[bs, is_], p[ms])
-    return e
+        e[s:s + chunk] = exact_distances(zt[b[s:s + chunk], i[s:s + chunk]], p[m[s:s + chunk]])
+    return b * cand.shape[1] + m, i, e
+
+
+def _row_min(rows: int, row: torch.Tensor, value: torch.Tensor, init) -> torch.Tensor:
+    """Per-row minimum of ``value`` (order-free, hence deterministic); ``init`` where a row has none."""
+    out = torch.full((rows,), init, device=value.device, dtype=value.dtype)
+    return out.scatter_reduce_(0, row, value, "amin")
 
 
 def similarity(dist: torch.Tensor, eps: float) -> torch.Tensor:
@@ -127,21 +133,22 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     zt = z3.transpose(1, 2)
     dist = torch.empty((B, M), device=z3.device, dtype=dtype)
     idx = torch.empty((B, M), device=z3.device, dtype=torch.int64)
-    arange = torch.arange(HW, device=z3.device)
     for bs, ms in _slabs(B, M, HW):
         approx, delta = search(z3[bs], p[ms], precision)
         finite = approx.isfinite()
         thr = torch.where(finite, approx + delta, float("inf")).amin(-1, keepdim=True)
-        cand = (approx - delta <= thr) | ~finite
-        e = _rescore(zt[bs], p[ms], cand)
-        is_nan = e.isnan() & cand
-        has_nan = is_nan.any(-1)
-        e = torch.where(cand & ~is_nan, e, float("inf"))
-        e_min = e.amin(-1)
-        first = torch.where(cand & ~is_nan & (e == e_min[..., None]), arange, HW).amin(-1)
-        first_nan = torch.where(is_nan, arange, HW).amin(-1)
-        dist[bs, ms] = torch.where(has_nan, float("nan"), e_min)
-        idx[bs, ms] = torch.where(has_nan, first_nan, first).clamp_(max=HW - 1)
+        cand = (approx - delta <= thr) | ~finite  # at least one per (b, m)
+        del approx, delta, finite
+        row, patch, e = _rescore(zt[bs], p[ms], cand)
+        rows = cand.shape[0] * cand.shape[1]
+        is_nan = e.isnan()
+        first_nan = _row_min(rows, row, torch.where(is_nan, patch, HW), HW)
+        e = torch.where(is_nan, float("inf"), e)
+        e_min = _row_min(rows, row, e, float("inf"))
+        first = _row_min(rows, row, torch.where(e == e_min[row], patch, HW), HW)
+        has_nan = first_nan < HW
+        dist[bs, ms] = torch.where(has_nan, float("nan"), e_min).view(cand.shape[:2])
+        idx[bs, ms] = torch.where(has_nan, first_nan, first).clamp_(max=HW - 1).view(cand.shape[:2])
     return similarity(dist, eps), dist, idx
 
 
