@@ -79,18 +79,6 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // ---- Tensor-core helpers (sm_80+): TF32 m16n8k8 MMA ---------------------------------------------
 
-// x rounded to TF32 (10 mantissa bits, to nearest, ties away from zero), as the bits of a float.
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(PROTOKERN_EMU)
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return r;
-#else
-  if (isnan(x)) return 0x7fffe000u;
-  return (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
-#endif
-}
-
 // c += a b for one warp: a is 16x8 (row-major), b is 8x8 (column-major), TF32 in, fp32 accumulate.
 // Fragments (g = lane / 4, t = lane % 4): a = {A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]},
 // b = {B[t][g], B[t+4][g]}, c = {C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]}.

@@ -80,10 +80,13 @@ __device__ __forceinline__ TileMap tile_map(int tid, bool d_fast) {
 // * The search: v~ = fma(-2, s~, zn~), zn~ an FFMA chain of z_d^2 (error <= gamma_D |z|^2) and s~
 //   approximating s = z.p with |s~ - s| <= eps_dot |z||p|:
 //     FFMA:    eps_dot = gamma_D (one fma chain over the channels).
-//     TF32:    operands rounded to nearest TF32 (relative 2^-11 each), a product is off by
-//              <= (2^-10 + 2^-22)|z_d p_d|; plus the HMMA accumulation over ceil(D/8) steps (below).
-//     3xTF32:  x = hi + lo + r with |r| <= 2^-22 |x|; dropping lo*lo and the r terms costs
-//              <= 4 * 2^-22 = 2^-20 relative per product; 3 ceil(D/8) HMMA steps.
+//     TF32:    the MMA reads fp32 operands as TF32, dropping their low 13 bits (truncation: relative
+//              2^-10 each; rounding would be 2^-11, so the bound holds either way), a product is off by
+//              <= (2^-9 + 2^-20)|z_d p_d|; plus the HMMA accumulation over ceil(D/8) steps (below).
+//     3xTF32:  x = hi + lo exactly, hi = x with its low 13 bits cleared (|lo| <= 2^-10 |x|), and the MMA
+//              truncates lo to lo' (|lo - lo'| <= 2^-10 |lo| <= 2^-20 |x|); a b - (a_hi b_hi +
+//              a_hi b_lo' + a_lo' b_hi) = a_lo b_lo + a_hi (b_lo - b_lo') + (a_lo - a_lo') b_hi is
+//              <= 3 * 2^-20 relative per product; 3 ceil(D/8) HMMA steps.
 //   HMMA accumulation (assumed model, after Fasi et al. 2021, "Numerical behavior of NVIDIA tensor
 //   cores"): a m16n8k8 step c + sum of 8 exact products, aligned to the largest term and truncated,
 //   errs by <= 20u (|c| + sum |a b|); |c| <= the earlier |products|, so n steps err by
@@ -104,8 +107,8 @@ __device__ __forceinline__ float gamma_n(float n) {
 // Search error of s = z.p relative to |z||p| (eps_dot above) for kSearch*.
 __device__ __forceinline__ float dot_error(int search, int D) {
   const float steps = (float)((D + 7) / 8);
-  if (search == kSearchTf32) return 0x1p-10f + 0x1p-22f + 20.f * 0x1p-24f * steps;
-  if (search == kSearch3xTf32) return 0x1p-20f + 60.f * 0x1p-24f * steps;
+  if (search == kSearchTf32) return 0x1p-9f + 0x1p-20f + 20.f * 0x1p-24f * steps;
+  if (search == kSearch3xTf32) return 3.f * 0x1p-20f + 60.f * 0x1p-24f * steps;
   return gamma_n((float)D);
 }
 
@@ -210,8 +213,8 @@ struct FfmaSearch : Layout<kBM + 4, kBK + 4, kThreads / 16> {
   }
 };
 
-// Tensor cores: TF32 products (kSplit = false) or 3xTF32 (kSplit = true: x = hi + lo with both
-// parts TF32, and a b ~ a_lo b_hi + a_hi b_lo + a_hi b_hi, close to fp32 accuracy). Warp w owns
+// Tensor cores: TF32 products (kSplit = false) or 3xTF32 (kSplit = true: x = hi + lo, each read by
+// the MMA as TF32, and a b ~ a_lo b_hi + a_hi b_lo + a_hi b_hi, close to fp32 accuracy). Warp w owns
 // prototypes 32 (w % 4).. + 31 (two m16 tiles) and patches 32 (w / 4).. + 31 (four n8 tiles) of the
 // block tile. Row strides 8 (mod 32) make the fragment loads conflict-free.
 template <bool kSplit>
@@ -235,9 +238,14 @@ struct MmaSearch : Layout<kBM + 8, kBK + 8, 8> {  // 8 entries: 2 warps along pa
     }
   }
 
+  // MMA operands without a conversion instruction: the MMA itself drops the low 13 bits of each fp32
+  // operand (truncation to TF32). TF32: x as is. 3xTF32: hi = x with those bits cleared, lo = x - hi
+  // (exact in fp32). Non-finite x stays non-finite in hi (a NaN may become inf, or lo NaN): the pair's
+  // v~ is then not finite, hence a candidate, rescored exactly.
   __device__ __forceinline__ static void split(float x, uint32_t& hi, uint32_t& lo) {
-    hi = to_tf32(x);
-    lo = kSplit ? to_tf32(x - __uint_as_float(hi)) : 0u;
+    const uint32_t bits = __float_as_uint(x);
+    hi = kSplit ? bits & 0xffffe000u : bits;
+    lo = kSplit ? __float_as_uint(x - __uint_as_float(hi)) : 0u;
   }
 
   __device__ __forceinline__ void step(const float* ps, const float* zs, int tid, int k0, int HW) {
