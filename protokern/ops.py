@@ -205,3 +205,12 @@ def prototype_distances(z: Tensor, prototypes: Tensor) -> Tensor:
     p = _check(z, prototypes)
     B, _, H, W = z.shape
     return torch_backend.distances(z.flatten(2), p).view(B, p.shape[0], H, W)
+
+
+def log_similarity(distances: Tensor, eps: float = 1e-4) -> Tensor:
+    """ProtoPNet's similarity ``log((d + 1) / (d + eps))`` of squared distances, elementwise.
+
+    The one Python home of the formula (the fused kernels carry their own copy): computed as
+    ``log1p((1 - eps) / (d + eps))``, accurate for large ``d`` and exactly 0 at ``d = +inf``.
+    """
+    return torch_backend.similarity(distances, eps)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protokern.ops import nearest_patches
+from protokern.ops import log_similarity, nearest_patches
 from protokern.utils import eval_mode, image_batches, image_order, progress as progress_bar
 
 __all__ = ["PushRecords", "push_prototypes", "activation_boxes"]
@@ -393,7 +393,7 @@ def _make_records(net, best_d, best_idx, best_patch, best_map, classes, image_si
     pushed = best_idx >= 0
     eps = net.prototype_layer.eps
     maps = best_map.view(-1, H, W)
-    sim_maps = torch.log((maps + 1) / (maps + eps))
+    sim_maps = log_similarity(maps, eps)
     act_box = activation_boxes(sim_maps, image_size)
     act_box[~pushed] = -1
     patch = torch.stack([best_patch // W, best_patch % W], 1)

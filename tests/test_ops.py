@@ -423,3 +423,11 @@ def test_torch_rescoring_memory_is_bounded(monkeypatch):
     p = torch.rand(7, 16)
     dist, idx = protokern.nearest_patches(z, p, backend="torch")
     assert (idx == 0).all() and rel_err(dist, contract_result(z, p)[0]) < 1e-6
+
+
+def test_log_similarity_is_the_original_formula_and_zero_at_inf():
+    d = torch.tensor([0.0, 1e-6, 0.5, 3.0, 1e6], dtype=torch.float64)
+    torch.testing.assert_close(protokern.log_similarity(d, 1e-4), torch.log((d + 1) / (d + 1e-4)))
+    assert protokern.log_similarity(torch.tensor([math.inf]), 1e-4).item() == 0.0
+    sim, dist = protokern.prototype_similarity(torch.rand(2, 3, 4, 4), torch.rand(5, 3), backend="torch")
+    torch.testing.assert_close(protokern.log_similarity(dist, 1e-4), sim)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from protokern.checkpoint import model_from_checkpoint
 from protokern.explain import render
-from protokern.ops import prototype_distances
+from protokern.ops import log_similarity, prototype_distances
 from protokern.push import PushRecords, activation_boxes
 from protokern.utils import eval_mode
 
@@ -326,7 +326,7 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
     contributions = similarity * weights[c]
     top = torch.argsort(contributions, descending=True, stable=True)[:k].tolist()
     eps = model.prototype_layer.eps
-    maps = torch.log((distances[top] + 1) / (distances[top] + eps)).cpu()  # (k, H, W) log-similarity
+    maps = log_similarity(distances[top], eps).cpu()  # (k, H, W)
     size = tuple(x.shape[1:])
     heatmaps = render.upsample(maps, size)
     boxes = activation_boxes(maps, size)

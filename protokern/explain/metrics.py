@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from protokern.explain import render
-from protokern.ops import nearest_patches, prototype_distances
+from protokern.ops import log_similarity, nearest_patches, prototype_distances
 from protokern.utils import eval_mode, image_order, progress as _progress
 
 __all__ = [
@@ -84,7 +84,7 @@ def _similarity_maps(model: nn.Module, z: Tensor) -> Tensor:
     """(B, P, H, W) log-similarity maps of every prototype."""
     distances = prototype_distances(z, model.prototype_layer.prototypes.detach().float())
     eps = model.prototype_layer.eps
-    return torch.log((distances + 1) / (distances + eps))
+    return log_similarity(distances, eps)
 
 
 @torch.no_grad()

@@ -160,3 +160,11 @@ def test_bad_arguments():
         ProtoPNet(nn.Conv2d(3, 8, 3), num_classes=2, out_channels=8, pretrained=True)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         _tiny_model()(torch.randn(3, 64, 64))
+
+
+def test_pruning_keeps_the_layer_settings():
+    model = _tiny_model(num_classes=3, prototypes_per_class=2)
+    model.prototype_layer.precision = "high"
+    model.prune_prototypes([1])
+    layer = model.prototype_layer
+    assert (layer.precision, layer.backend, layer.eps, model.num_prototypes) == ("high", "auto", 1e-4, 5)
