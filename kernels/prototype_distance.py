@@ -34,13 +34,9 @@ MAX_GRID_YZ = 65535  # CUDA grid axes 1 and 2 limit
 
 
 # Forward launch configuration per precision: (largest channel slice, or None for 64/128 by tile size;
-# num_warps; num_stages). The H200 measurements of the uncertified kernel (benchmarks/results/
-# distance-2026-11-27-h200-v*.md) favoured 4 warps over 64/128-channel slices with 3 stages for FMA and
-# 3xTF32, and 8 warps over 32-channel slices with 2 stages for TF32 (81 us against 182 us at the CUB shape
-# then). Compiled for sm_90 (tests/kernels/sm90_gate.py --all), the 4-warp configurations spill 2-4 KB (as
-# they did before the certified search); 8 warps over 32-channel slices spill nothing on triton 3.6 and 3.8
-# at the largest and smallest tiles with 1 stage for FMA and 3xTF32 (2 stages spill there) and with 2 stages
-# for TF32 (1 stage spills there). Unmeasured on a GPU for the certified kernel.
+# num_warps; num_stages): the configurations that compile for sm_90 without spills on triton 3.6 and 3.8
+# (tests/kernels/sm90_gate.py). Why these, with the measured history: benchmarks/NOTES.md, "Triton launch
+# configuration".
 _FORWARD_CONFIG = {"highest": (32, 8, 1), "high": (32, 8, 1), "medium": (32, 8, 2)}
 
 
@@ -251,7 +247,7 @@ def forward_config(D: int, HW: int, M: int, precision: str, sequential: bool = T
 def backward_configs(D: int) -> dict[str, dict]:
     """Constexpr arguments of the two backward kernels (default launch options), by kernel name."""
     return {"_grad_prototypes_kernel": dict(BLOCK_M=16, BLOCK_D=_pow2(D, 16, 64), IMAGES_PER_PROGRAM=8),
-            # BLOCK_J 32 measured on H200: 48 us at the CUB shape, against 59 us for 16 pairs a step
+            # BLOCK_J: benchmarks/NOTES.md, "Triton launch configuration"
             "_grad_features_kernel": dict(BLOCK_J=32, BLOCK_D=_pow2(D, 16, 128))}
 
 
