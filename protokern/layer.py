@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from protokern.backends import BACKENDS
-from protokern.ops import PRECISIONS, check_eps, prototype_similarity
+from protokern.ops import PRECISIONS, check_eps, check_similarity, prototype_similarity
 
 
 def _positive_int(name: str, value) -> int:
@@ -20,24 +20,38 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+def _prototype_size(value) -> tuple[int, int]:
+    """``value`` (an int k or a pair (kh, kw) of ints >= 1) as (kh, kw), else a one-line error."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"prototype_size must be an integer or a pair (kh, kw), got {value!r}")
+        return _positive_int("prototype_size[0]", value[0]), _positive_int("prototype_size[1]", value[1])
+    k = _positive_int("prototype_size", value)
+    return k, k
+
+
 class ProtoLayer(nn.Module):
     """ProtoPNet prototype layer: similarity and min distance of ``num_prototypes`` learned prototypes.
 
-    The parameter ``prototypes`` has the original implementation's shape (M, D, 1, 1) and is initialised
-    uniform in [0, 1). ``forward(z)`` takes features (B, D, H, W) and returns ``(similarity, min_distances)``,
-    each (B, M) float32, computed by the fused op (see ``protokern.prototype_similarity``).
+    The parameter ``prototypes`` has the original implementation's shape (M, D, kh, kw) (``prototype_size``
+    (kh, kw), default (1, 1)) and is initialised uniform in [0, 1). ``forward(z)`` takes features (B, D, H, W)
+    with H >= kh, W >= kw and returns ``(similarity, min_distances)``, each (B, M) float32, computed by the
+    fused op with ``similarity`` "log", "linear" or "cosine" (see ``protokern.prototype_similarity``).
 
     Arguments are checked here, one clear error each: the counts must be integers >= 1 (NumPy integers
-    accepted), ``eps`` a real number as ``prototype_similarity`` requires it, ``backend`` one of "auto",
+    accepted), ``prototype_size`` such an integer or a pair of them, ``similarity`` a known one, ``eps`` a
+    real number as ``prototype_similarity`` requires it, ``backend`` one of "auto",
     "torch", "triton", "cuda" (whether it runs is decided at the first call, on the features' device) and
     ``precision`` one of "highest", "high", "medium".
     """
 
-    def __init__(self, num_prototypes: int, prototype_dim: int, *, eps: float = 1e-4, backend: str = "auto",
-                 precision: str = "highest"):
+    def __init__(self, num_prototypes: int, prototype_dim: int, *, prototype_size=(1, 1), similarity: str = "log",
+                 eps: float = 1e-4, backend: str = "auto", precision: str = "highest"):
         super().__init__()
         num_prototypes = _positive_int("num_prototypes", num_prototypes)
         prototype_dim = _positive_int("prototype_dim", prototype_dim)
+        kh, kw = _prototype_size(prototype_size)
+        self.similarity = check_similarity(similarity)
         self.eps = check_eps(eps)
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from 'auto', " + ", ".join(map(repr, BACKENDS)))
@@ -45,7 +59,7 @@ class ProtoLayer(nn.Module):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.backend = backend
         self.precision = precision
-        self.prototypes = nn.Parameter(torch.rand(num_prototypes, prototype_dim, 1, 1))
+        self.prototypes = nn.Parameter(torch.rand(num_prototypes, prototype_dim, kh, kw))
 
     @property
     def num_prototypes(self) -> int:
@@ -55,9 +69,15 @@ class ProtoLayer(nn.Module):
     def prototype_dim(self) -> int:
         return self.prototypes.shape[1]
 
+    @property
+    def prototype_size(self) -> tuple[int, int]:
+        return self.prototypes.shape[2], self.prototypes.shape[3]
+
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return prototype_similarity(z, self.prototypes, eps=self.eps, backend=self.backend, precision=self.precision)
+        return prototype_similarity(z, self.prototypes, similarity=self.similarity, eps=self.eps,
+                                    backend=self.backend, precision=self.precision)
 
     def extra_repr(self) -> str:
-        return (f"num_prototypes={self.num_prototypes}, prototype_dim={self.prototype_dim}, eps={self.eps}, "
+        return (f"num_prototypes={self.num_prototypes}, prototype_dim={self.prototype_dim}, "
+                f"prototype_size={self.prototype_size}, similarity={self.similarity!r}, eps={self.eps}, "
                 f"backend={self.backend!r}, precision={self.precision!r}")

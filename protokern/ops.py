@@ -13,11 +13,14 @@ import math
 import numbers
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from protokern import backends, torch_backend
 
 PRECISIONS = ("highest", "high", "medium")
+SIMILARITIES = ("log", "linear", "cosine")
+COSINE_EPS = 1e-8  # |x| floor of the 'cosine' similarity (F.cosine_similarity's default eps)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -45,18 +48,22 @@ def check_eps(eps) -> float:
 
 
 def _check(z: Tensor, prototypes: Tensor, eps: float = 1.0, precision: str = "highest") -> Tensor:
-    """Validate the op's inputs; return the prototypes as an (M, D) view."""
+    """Validate the op's inputs; return the prototypes as an (M, D * kh * kw) view ((M, D) for 1 x 1)."""
     if not isinstance(z, Tensor) or not isinstance(prototypes, Tensor):
         raise TypeError("z and prototypes must be torch.Tensors")
     if z.dim() != 4:
         raise ValueError(f"z must be 4-D (B, D, H, W), got shape {tuple(z.shape)}")
-    if not (prototypes.dim() == 2 or (prototypes.dim() == 4 and prototypes.shape[2:] == (1, 1))):
-        raise ValueError(f"prototypes must be (M, D) or (M, D, 1, 1), got shape {tuple(prototypes.shape)}")
+    if prototypes.dim() not in (2, 4):
+        raise ValueError(f"prototypes must be (M, D) or (M, D, kh, kw), got shape {tuple(prototypes.shape)}")
     p = prototypes.flatten(1)
-    if z.shape[1] != p.shape[1]:
-        raise ValueError(f"channel mismatch: z has D={z.shape[1]} but prototypes have D={p.shape[1]}")
-    if z.shape[1] == 0 or z.shape[2] * z.shape[3] == 0 or p.shape[0] == 0:
+    if z.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"channel mismatch: z has D={z.shape[1]} but prototypes have D={prototypes.shape[1]}")
+    if z.shape[1] == 0 or z.shape[2] * z.shape[3] == 0 or p.shape[0] * p.shape[1] == 0:
         raise ValueError(f"empty input: z {tuple(z.shape)}, prototypes {tuple(prototypes.shape)}")
+    kh, kw = _window(prototypes)
+    if kh > z.shape[2] or kw > z.shape[3]:
+        raise ValueError(f"prototype window {kh} x {kw} is larger than the feature map "
+                         f"{z.shape[2]} x {z.shape[3]}")
     if z.device != p.device:
         raise ValueError(f"device mismatch: z on {z.device}, prototypes on {p.device}")
     for name, t in (("z", z), ("prototypes", p)):
@@ -66,6 +73,78 @@ def _check(z: Tensor, prototypes: Tensor, eps: float = 1.0, precision: str = "hi
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return p
+
+
+def _window(prototypes: Tensor) -> tuple[int, int]:
+    """(kh, kw) of prototypes (M, D) or (M, D, kh, kw)."""
+    return (1, 1) if prototypes.dim() == 2 else (prototypes.shape[2], prototypes.shape[3])
+
+
+def check_similarity(similarity) -> str:
+    """Return ``similarity`` if it is one of ``SIMILARITIES``; raise a one-line error otherwise."""
+    if not isinstance(similarity, str) or similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    return similarity
+
+
+class _UnitVectors(torch.autograd.Function):
+    """x (N, K, ...) -> (N, K + 2, ...): each vector along dim 1 divided by max(|x|, COSINE_EPS), followed by
+    two padding channels (a, 0) (``slot`` 0) or (0, a) (``slot`` 1) with a = sqrt(1 - |x_hat|^2), which is 0
+    unless |x| < COSINE_EPS (a = 1 for a zero vector).
+
+    The padding makes every output a unit vector (so the squared distance of a z output and a prototype output
+    is exactly 2 - 2 cos, cos = x_hat . y_hat, also for zero vectors, whose cos is 0) without changing any dot
+    product between a z output and a prototype output. A vector holding NaN gives NaN; one holding +-inf
+    (no NaN) is passed through unchanged, so the fused op puts it at distance +inf. The norm is computed
+    scaled by the largest |x_i| (no overflow or underflow). Backward: the exact Jacobian of that map
+    ((I - x_hat x_hat^T) / |x| for |x| >= COSINE_EPS; the padding's derivative inside the eps ball).
+    """
+
+    @staticmethod
+    def forward(ctx, x, slot):
+        scale = x.abs().amax(1, keepdim=True)  # NaN if the vector holds a NaN
+        w = x / scale
+        norm_w = torch.linalg.vector_norm(w, dim=1, keepdim=True)
+        r = torch.where(scale == 0, 0.0, scale * norm_w)  # |x|
+        t = r / COSINE_EPS
+        small = t < 1  # includes zero vectors; False for NaN and inf vectors
+        inf = scale == float("inf")
+        u = torch.where(small, x / COSINE_EPS, torch.where(inf, x, w / norm_w))
+        ts = torch.where(small, t, 0.0)
+        a = torch.where(small, ((1 - ts) * (1 + ts)).sqrt(), 0.0)
+        pad = (a, torch.zeros_like(a)) if slot == 0 else (torch.zeros_like(a), a)
+        ctx.save_for_backward(u, r, a, small, inf)
+        ctx.slot = slot
+        return torch.cat((u, *pad), 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, r, a, small, inf = ctx.saved_tensors
+        K = u.shape[1]
+        gu, ga = grad[:, :K], grad[:, K + ctx.slot:K + ctx.slot + 1]
+        normal = (gu - (gu * u).sum(1, keepdim=True) * u) / r
+        inside = (gu - ga * u / torch.where(small, a, 1.0)) / COSINE_EPS
+        return torch.where(small, inside, torch.where(inf, gu, normal)), None
+
+
+def _prepare(z: Tensor, prototypes: Tensor, similarity: str, eps: float = 1.0,
+             precision: str = "highest") -> tuple[Tensor, Tensor]:
+    """Checked inputs of the fused op for any window and similarity: (z' (B, K, Hout, Wout), p' (M, K)).
+
+    1 x 1 'log' and 'linear' calls get today's (z, p) unchanged. A kh x kw window unfolds z (F.unfold: every
+    valid position, no padding; channel order d * kh * kw + i * kw + j, that of ``prototypes.flatten(1)``).
+    'cosine' maps both sides to unit vectors (``_UnitVectors``) in float32 (float64 if both are float64).
+    """
+    check_similarity(similarity)
+    p = _check(z, prototypes, eps, precision)
+    kh, kw = _window(prototypes)
+    if (kh, kw) != (1, 1):
+        B, _, H, W = z.shape
+        z = F.unfold(z, (kh, kw)).view(B, p.shape[1], H - kh + 1, W - kw + 1)
+    if similarity == "cosine":
+        dtype = torch_backend._compute_dtype(z, p)
+        z, p = _UnitVectors.apply(z.to(dtype), 0), _UnitVectors.apply(p.to(dtype), 1)
+    return z, p
 
 
 def _out_dtype(z: Tensor, p: Tensor, backend: str) -> torch.dtype:
@@ -156,55 +235,77 @@ class _PrototypeSimilarity(torch.autograd.Function):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def prototype_similarity(z: Tensor, prototypes: Tensor, *, eps: float = 1e-4, backend: str = "auto",
-                         precision: str = "highest") -> tuple[Tensor, Tensor]:
-    """Fused ProtoPNet prototype layer: log-similarity and min squared-L2 distance of each prototype.
+def prototype_similarity(z: Tensor, prototypes: Tensor, *, similarity: str = "log", eps: float = 1e-4,
+                         backend: str = "auto", precision: str = "highest") -> tuple[Tensor, Tensor]:
+    """Fused ProtoPNet prototype layer: similarity and min distance of each prototype over the map's windows.
 
     Args:
         z: features (B, D, H, W), float16/bfloat16/float32 (float64 on the torch backend), any strides.
-        prototypes: (M, D) or (M, D, 1, 1), same device as ``z``.
-        eps: the epsilon of ``log((d + 1) / (d + eps))``; a finite number > 0 with log(1 / eps) finite in
-            float32 (about 3e-39 < eps < 1.7e7).
+        prototypes: (M, D), (M, D, 1, 1) or (M, D, kh, kw) with kh <= H and kw <= W, same device as ``z``.
+            A kh x kw prototype is compared with every valid kh x kw window of ``z`` (no padding, as the
+            original's conv2d), over the window's D * kh * kw values.
+        similarity: "log" (ProtoPNet's ``log((d + 1) / (d + eps))``), "linear" (``-d``, the original's
+            'linear' activation) or "cosine" (the cosine between prototype and window, max over windows).
+        eps: the epsilon of the "log" similarity; a finite number > 0 with log(1 / eps) finite in float32
+            (about 3e-39 < eps < 1.7e7). Checked for every similarity, used by "log" only.
         backend: "auto" (fastest available for the device), "torch", "triton" or "cuda".
         precision: "highest" (exact fp32 products), "high" (3xTF32) or "medium" (TF32) for the search over
-            patches. The search is certified (docs/design.md): every patch it cannot rule out is rescored
+            windows. The search is certified (docs/design.md): every window it cannot rule out is rescored
             exactly, so the precision changes the speed, not the result.
 
     Returns:
         ``(similarity, min_distances)``, each (B, M), float32 (float64 for float64 inputs on the torch
-        backend), where ``min_distances[b, m] = min_{h,w} ||z[b, :, h, w] - p[m]||^2`` and
-        ``similarity = log((min_distances + 1) / (min_distances + eps))``. Gradients flow to ``z`` (at the
-        winning patch only: the lowest h*W + w of the exact minimum) and to ``prototypes``. A NaN distance
-        makes that (b, m) NaN; a patch holding +-inf is at distance +inf (similarity 0 if every patch is).
+        backend). For "log" and "linear", ``min_distances[b, m]`` is the min over windows of the squared L2
+        distance ``sum (z_window - p[m])^2``; ``similarity`` is ``log1p((1 - eps) / (d + eps))`` or ``-d``.
+        For "cosine", both sides are first divided by ``max(|v|, COSINE_EPS)`` (and padded so that each is a
+        unit vector, see ``_UnitVectors``): ``min_distances`` is the min squared distance between those unit
+        vectors, ``d = 2 - 2 cos``, and ``similarity = 1 - d / 2`` is the largest cosine (0 for a zero window
+        or prototype). Gradients flow to ``z`` (at the winning window only: the lowest index of the exact
+        minimum; a window's gradient is folded back onto the pixels it covers) and to ``prototypes``.
+        A NaN distance makes that (b, m) NaN; a window holding +-inf is at distance +inf (similarity 0 for
+        "log", -inf for "linear", -inf for "cosine" if every window holds one).
+
+    A 1 x 1 "log" call is exactly the single fused op; kh x kw runs that op on the unfolded map (memory
+    kh * kw times that of ``z``) and "cosine" on unit vectors, so every backend's certified search, NaN, tie
+    and determinism rules and hand-written backward apply unchanged.
     """
-    p = _check(z, prototypes, eps, precision)
+    zin, p = _prepare(z, prototypes, similarity, eps, precision)
     name = backends.resolve(backend, z.device.type)
     op = _forward_op if torch.compiler.is_compiling() else _PrototypeSimilarity.apply
-    sim, dist, _ = op(z, p, float(eps), name, precision)
+    sim, dist, _ = op(zin, p, float(eps), name, precision)
+    if similarity == "linear":
+        sim = -dist
+    elif similarity == "cosine":
+        sim = 1 - dist / 2
     return sim, dist
 
 
-def nearest_patches(z: Tensor, prototypes: Tensor, *, backend: str = "auto",
+def nearest_patches(z: Tensor, prototypes: Tensor, *, similarity: str = "log", backend: str = "auto",
                     precision: str = "highest") -> tuple[Tensor, Tensor]:
-    """Min squared-L2 distance (B, M) and winning patch index (B, M) int64 (``h * W + w``); no gradient.
+    """Min distance (B, M) and winning window index (B, M) int64 (``h * Wout + w`` of the window's top-left
+    position, ``Wout = W - kw + 1``; ``h * W + w`` for 1 x 1 prototypes); no gradient.
 
-    The same winners and distances as ``prototype_similarity`` (lowest index of the exact minimum, or of
-    the first NaN), at every ``precision``."""
-    p = _check(z, prototypes, precision=precision)
+    The same winners and distances as ``prototype_similarity`` with the same ``similarity`` ("log" and
+    "linear" search the same squared L2 distance; "cosine" the distance between unit vectors) and prototype
+    shape (lowest index of the exact minimum, or of the first NaN), at every ``precision``."""
+    zin, p = _prepare(z, prototypes, similarity, precision=precision)
     name = backends.resolve(backend, z.device.type)
     with torch.no_grad():
-        _, dist, idx = _forward_impl(z, p, 1.0, name, precision)
+        _, dist, idx = _forward_impl(zin, p, 1.0, name, precision)
     return dist, idx
 
 
-def prototype_distances(z: Tensor, prototypes: Tensor) -> Tensor:
-    """Full squared-L2 distance map (B, M, H, W), clamped at 0: for heatmaps, not for training.
+def prototype_distances(z: Tensor, prototypes: Tensor, *, similarity: str = "log") -> Tensor:
+    """Full distance map (B, M, Hout, Wout) over the windows (``Hout = H - kh + 1``; (B, M, H, W) for 1 x 1
+    prototypes), clamped at 0: for heatmaps, not for training. Squared L2 for "log" and "linear", the
+    distance between unit vectors (2 - 2 cos) for "cosine".
 
-    Materialises B*M*H*W values; use ``nearest_patches`` or ``prototype_similarity`` where the min is enough.
+    Materialises B*M*Hout*Wout values; use ``nearest_patches`` or ``prototype_similarity`` where the min is
+    enough.
     """
-    p = _check(z, prototypes)
-    B, _, H, W = z.shape
-    return torch_backend.distances(z.flatten(2), p).view(B, p.shape[0], H, W)
+    zin, p = _prepare(z, prototypes, similarity)
+    B, _, H, W = zin.shape
+    return torch_backend.distances(zin.flatten(2), p).view(B, p.shape[0], H, W)
 
 
 def log_similarity(distances: Tensor, eps: float = 1e-4) -> Tensor:
