@@ -247,7 +247,7 @@ def test_cosine_zero_window_has_cosine_zero_and_exact_gradient():
     z = -torch.rand(1, 4, 2, 2, dtype=torch.float64) - 0.1
     z[0, :, 0, 1] = 0
     p = torch.rand(2, 4, 1, 1, dtype=torch.float64) + 0.1
-    sim, dist, = protokern.prototype_similarity(z, p, similarity="cosine", backend="torch")
+    sim, dist = protokern.prototype_similarity(z, p, similarity="cosine", backend="torch")
     _, idx = protokern.nearest_patches(z, p, similarity="cosine", backend="torch")
     assert torch.equal(idx, torch.ones_like(idx)) and torch.equal(sim, torch.zeros_like(sim))
     assert torch.equal(dist, torch.full_like(dist, 2.0))
