@@ -222,11 +222,13 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _channels_innermost(z3: torch.Tensor) -> torch.Tensor:
+def channels_innermost(z3: torch.Tensor) -> torch.Tensor:
     """z3 (B, D, HW) with unit channel stride (one copy unless already so, e.g. channels_last features).
 
     The winner gathers read whole channel vectors z[b, :, k]: with unit stride those are coalesced rows,
     with stride HW every element is a separate memory sector. The tile loads are coalesced either way.
+    The CUDA extension's host code (csrc/protokern.cpp) makes the same copy in C++; its emulator harness
+    (csrc/emu/check.py) uses this function.
     """
     if z3.stride(1) == 1 or z3.shape[1] == 1:
         return z3
@@ -259,7 +261,7 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     """
     B, D, HW = z3.shape
     M = p.shape[0]
-    z3 = _channels_innermost(z3)
+    z3 = channels_innermost(z3)
     sim = torch.empty((B, M), device=z3.device, dtype=torch.float32)
     dist = torch.empty_like(sim)
     idx = torch.empty((B, M), device=z3.device, dtype=torch.int64)
@@ -281,7 +283,7 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     """Hand-written backward: (grad_z3 (B, D, HW) contiguous float32, grad_p (M, D) float32)."""
     B, D, HW = z3.shape
     M = p.shape[0]
-    z3 = _channels_innermost(z3)
+    z3 = channels_innermost(z3)
     grad_sim = grad_sim.float().contiguous()
     grad_dist = grad_dist.float().contiguous()
     g = torch.empty((B, M), device=z3.device, dtype=torch.float32)

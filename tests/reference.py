@@ -150,3 +150,20 @@ def issue_case(B: int = 16, D: int = 128, H: int = 7, W: int = 7, generator=None
         winners[b] = w
     p = z[torch.arange(B), :, winners].clone()
     return z.view(B, D, H, W), p, winners
+
+
+def bound_cases(batch: int = 3):
+    """(z3, p) pairs for checking a search-error bound: random features and prototypes at several scales,
+    prototypes near patches (cancellation), exact copies of a patch, and mixed magnitudes."""
+    g = torch.Generator().manual_seed(1)
+    cases = []
+    for scale, offset in [(1.0, 0.0), (4.0, 0.0), (1e-3, 0.0), (1e3, 0.0), (1e-2, 100.0), (1e-20, 0.0)]:
+        z3 = torch.rand(batch, 64, 20, generator=g) * scale + offset
+        p = torch.rand(30, 64, generator=g) * scale + offset
+        p[:10] = z3[0, :, :10].T + scale * 1e-4 * torch.randn(10, 64, generator=g)
+        p[10] = z3[1, :, 3]
+        cases.append((z3, p))
+    z3 = torch.randn(2, 64, 20, generator=g)
+    z3[:, :, ::2] *= 1e4  # mixed magnitudes
+    cases.append((z3, torch.randn(30, 64, generator=g)))
+    return cases

@@ -196,7 +196,8 @@ class ProtoPNet(nn.Module):
         old_layer, old_last = self.prototype_layer, self.last_layer
         prototypes = old_layer.prototypes
         layer = ProtoLayer(keep.numel(), prototypes.shape[1], eps=old_layer.eps, backend=old_layer.backend,
-                           precision=old_layer.precision)
+                           precision=old_layer.precision, prototype_size=old_layer.prototype_size,
+                           similarity=old_layer.similarity)
         layer = layer.to(device=prototypes.device, dtype=prototypes.dtype)
         layer.prototypes.copy_(prototypes[keep.to(prototypes.device)])
         layer.prototypes.requires_grad_(prototypes.requires_grad)
