@@ -202,29 +202,6 @@ class TrainConfig:
             settings.update(augment_mode="compose", augment_copies=1, prune_retrain="cached")
         return cls(**settings)
 
-    # old attribute names, read and written through the new fields
-    @property
-    def last_layer_iters(self) -> int:
-        """Deprecated name of :attr:`last_layer_epochs`."""
-        _warn_renamed("last_layer_iters", "attribute")
-        return self.last_layer_epochs
-
-    @last_layer_iters.setter
-    def last_layer_iters(self, value: int) -> None:
-        _warn_renamed("last_layer_iters", "attribute")
-        self.last_layer_epochs = value
-
-    @property
-    def prune_retrain_iters(self) -> int:
-        """Deprecated name of :attr:`prune_retrain_epochs`."""
-        _warn_renamed("prune_retrain_iters", "attribute")
-        return self.prune_retrain_epochs
-
-    @prune_retrain_iters.setter
-    def prune_retrain_iters(self, value: int) -> None:
-        _warn_renamed("prune_retrain_iters", "attribute")
-        self.prune_retrain_epochs = value
-
 
 def _warn_renamed(old: str, where: str) -> None:
     # "always": DeprecationWarning is hidden by default outside __main__, and a user of an old flag should see it
@@ -235,6 +212,25 @@ def _warn_renamed(old: str, where: str) -> None:
             names = tuple("--" + n.replace("_", "-") for n in names)
         warnings.warn(f"{where} {names[0]} is deprecated (it counts epochs): use {names[1]}",
                       DeprecationWarning, stacklevel=3)
+
+
+def _renamed_attribute(old: str) -> property:
+    """A deprecated attribute ``old`` read and written through its new field (:data:`RENAMED`)."""
+    new = RENAMED[old]
+
+    def get(self):
+        _warn_renamed(old, "attribute")
+        return getattr(self, new)
+
+    def set(self, value):
+        _warn_renamed(old, "attribute")
+        setattr(self, new, value)
+
+    return property(get, set, doc=f"Deprecated name of :attr:`{new}`.")
+
+
+for _old in RENAMED:  # the old attribute names, read and written through the new fields
+    setattr(TrainConfig, _old, _renamed_attribute(_old))
 
 
 def renamed_settings(settings: dict, where: str) -> dict:
