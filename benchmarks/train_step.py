@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import sys
@@ -127,7 +126,7 @@ def make_step(model, step_forward, optimizer):
     def step(x, y):
         logits, min_distances = step_forward(x)
         terms = protopnet_loss_terms(logits, min_distances, y, model.prototype_class_identity,
-                                     model.last_layer.weight, max_dist=math.prod(model.prototype_shape[1:]))
+                                     model.last_layer.weight, max_dist=model.prototype_layer.max_distance)
         loss = sum(w * terms[k] for k, w in WEIGHTS.items())
         optimizer.zero_grad(set_to_none=False)
         loss.backward()

@@ -6,8 +6,15 @@ patch, the global min over patches and the log-similarity, with a hand-written b
 
 from protokern.backends import available_backends
 from protokern.layer import ProtoLayer
-from protokern.ops import log_similarity, nearest_patches, prototype_distances, prototype_similarity
+from protokern.ops import (
+    distance_to_similarity,
+    log_similarity,
+    nearest_patches,
+    prototype_distances,
+    prototype_similarity,
+    prototype_windows,
+)
 
-__all__ = ["ProtoLayer", "available_backends", "log_similarity", "nearest_patches", "prototype_distances",
-           "prototype_similarity"]
+__all__ = ["ProtoLayer", "available_backends", "distance_to_similarity", "log_similarity", "nearest_patches",
+           "prototype_distances", "prototype_similarity", "prototype_windows"]
 __version__ = "0.1.0"

@@ -8,7 +8,16 @@ import torch
 from torch import Tensor, nn
 
 from protokern.backends import BACKENDS
-from protokern.ops import PRECISIONS, check_eps, check_similarity, prototype_similarity
+from protokern.ops import (
+    PRECISIONS,
+    check_eps,
+    check_similarity,
+    distance_to_similarity,
+    nearest_patches,
+    prototype_distances,
+    prototype_similarity,
+    prototype_windows,
+)
 
 
 def _positive_int(name: str, value) -> int:
@@ -73,9 +82,42 @@ class ProtoLayer(nn.Module):
     def prototype_size(self) -> tuple[int, int]:
         return self.prototypes.shape[2], self.prototypes.shape[3]
 
+    @property
+    def max_distance(self) -> float:
+        """An upper bound of the layer's distances for features in [0, 1] (the original's ``max_dist``,
+        D * kh * kw, used by the cluster and separation costs); 4 for "cosine" (d = 2 - 2 cos <= 4)."""
+        return 4.0 if self.similarity == "cosine" else float(self.prototypes[0].numel())
+
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return prototype_similarity(z, self.prototypes, similarity=self.similarity, eps=self.eps,
                                     backend=self.backend, precision=self.precision)
+
+    # What push, pruning and the explanations need, with this layer's window, similarity and backend.
+    def to_similarity(self, distances: Tensor) -> Tensor:
+        """This layer's similarity of distances (min distances or maps), elementwise."""
+        return distance_to_similarity(distances, self.similarity, self.eps)
+
+    def nearest(self, z: Tensor, prototypes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(min_distances (B, M), window index (B, M))`` of ``z`` (no gradient): see ``nearest_patches``.
+
+        ``prototypes`` (default: this layer's, detached, float32) lets a caller search with a copy."""
+        p = self.prototypes.detach().float() if prototypes is None else prototypes
+        return nearest_patches(z, p, similarity=self.similarity, backend=self.backend, precision=self.precision)
+
+    def distance_maps(self, z: Tensor, prototypes: Tensor | None = None, *, paired: bool = False) -> Tensor:
+        """Distance maps over every window, (B, M, Hout, Wout) (``paired``: (M, Hout, Wout), prototype m on
+        image m): see ``prototype_distances``. ``prototypes`` defaults to this layer's, detached, float32."""
+        p = self.prototypes.detach().float() if prototypes is None else prototypes
+        return prototype_distances(z, p, similarity=self.similarity, paired=paired)
+
+    def windows(self, z: Tensor, index: Tensor) -> Tensor:
+        """The windows (N, D, kh, kw) of ``z`` (N, D, H, W) at top-left indices ``index`` (N,)."""
+        return prototype_windows(z, index, self.prototype_size)
+
+    def output_size(self, feature_size) -> tuple[int, int]:
+        """(Hout, Wout): the number of window positions on a feature map of ``feature_size`` (H, W)."""
+        kh, kw = self.prototype_size
+        return int(feature_size[0]) - kh + 1, int(feature_size[1]) - kw + 1
 
     def extra_repr(self) -> str:
         return (f"num_prototypes={self.num_prototypes}, prototype_dim={self.prototype_dim}, "

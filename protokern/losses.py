@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,7 +24,8 @@ def protopnet_loss_terms(
     Args:
         logits: (B, C); min_distances: (B, P); target: (B,) class indices.
         class_identity: (P, C) one-hot class of each prototype; last_layer_weight: (C, P).
-        max_dist: D * h * w of a prototype (the original's bound used in the cluster / separation max).
+        max_dist: an upper bound of the distances: D * h * w of a prototype (the original's bound used in the
+            cluster / separation max; ``ProtoLayer.max_distance``, 4 for cosine).
 
     Returns ``ce`` (cross entropy), ``cluster`` (mean over the batch of the min distance to a prototype of
     the image's class, computed as ``max_dist - max((max_dist - d) * own)``, so a sample whose own-class
@@ -70,7 +69,7 @@ class ProtoPNetLoss(nn.Module):
     """ProtoPNet loss: ``cross_entropy*CE + cluster*clst + separation*sep + l1*L1`` (the paper's weights).
 
     ``forward(logits, min_distances, target, model)`` takes the model's outputs and the model (for its
-    ``prototype_class_identity``, ``last_layer.weight`` and ``prototype_shape``) and returns
+    ``prototype_class_identity``, ``last_layer.weight`` and ``prototype_layer.max_distance``) and returns
     ``(total, terms)``: the total loss tensor and a dict of floats ``ce``, ``cluster``, ``separation``,
     ``avg_separation``, ``l1``, ``total`` (one device sync for all of them).
     """
@@ -86,7 +85,7 @@ class ProtoPNetLoss(nn.Module):
             target,
             model.prototype_class_identity,
             model.last_layer.weight,
-            max_dist=math.prod(model.prototype_shape[1:]),
+            max_dist=model.prototype_layer.max_distance,
         )
         total = sum(weight * terms[name] for name, weight in self.weights.items())
         values = torch.stack([terms[name].detach().float() for name in _TERMS] + [total.detach().float()]).tolist()

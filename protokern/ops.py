@@ -273,10 +273,8 @@ def prototype_similarity(z: Tensor, prototypes: Tensor, *, similarity: str = "lo
     name = backends.resolve(backend, z.device.type)
     op = _forward_op if torch.compiler.is_compiling() else _PrototypeSimilarity.apply
     sim, dist, _ = op(zin, p, float(eps), name, precision)
-    if similarity == "linear":
-        sim = -dist
-    elif similarity == "cosine":
-        sim = 1 - dist / 2
+    if similarity != "log":  # the fused kernels compute the log similarity themselves
+        sim = distance_to_similarity(dist, similarity)
     return sim, dist
 
 
@@ -295,17 +293,55 @@ def nearest_patches(z: Tensor, prototypes: Tensor, *, similarity: str = "log", b
     return dist, idx
 
 
-def prototype_distances(z: Tensor, prototypes: Tensor, *, similarity: str = "log") -> Tensor:
+def prototype_distances(z: Tensor, prototypes: Tensor, *, similarity: str = "log", paired: bool = False,
+                        chunk: int = 256) -> Tensor:
     """Full distance map (B, M, Hout, Wout) over the windows (``Hout = H - kh + 1``; (B, M, H, W) for 1 x 1
     prototypes), clamped at 0: for heatmaps, not for training. Squared L2 for "log" and "linear", the
     distance between unit vectors (2 - 2 cos) for "cosine".
 
+    ``paired=True`` takes one image per prototype (``z`` (M, D, H, W)) and returns (M, Hout, Wout), prototype
+    m on image m only, in the difference form ``sum (z_window - p)^2``: exactly 0 where a window equals its
+    prototype (push's self-activation maps). It works ``chunk`` prototypes at a time.
+
     Materialises B*M*Hout*Wout values; use ``nearest_patches`` or ``prototype_similarity`` where the min is
     enough.
     """
+    if paired and (z.dim() != 4 or not isinstance(prototypes, Tensor) or z.shape[0] != prototypes.shape[0]):
+        raise ValueError(f"paired=True needs one image per prototype: z {tuple(z.shape)}, "
+                         f"prototypes {tuple(prototypes.shape)}")
     zin, p = _prepare(z, prototypes, similarity)
     B, _, H, W = zin.shape
+    if paired:
+        z3 = zin.flatten(2)
+        return torch.cat([(zc - pc[:, :, None]).square().sum(1) for zc, pc in zip(z3.split(chunk), p.split(chunk))]
+                         ).view(B, H, W)
     return torch_backend.distances(zin.flatten(2), p).view(B, p.shape[0], H, W)
+
+
+def prototype_windows(z: Tensor, index: Tensor, prototype_size=(1, 1)) -> Tensor:
+    """The kh x kw windows of ``z`` (N, D, H, W) whose top-left positions are ``index`` (N,) (``h * Wout + w``,
+    as ``nearest_patches`` returns them, ``Wout = W - kw + 1``): (N, D, kh, kw), window n from image n.
+
+    These are the values push copies into prototypes (the raw features, also for "cosine").
+    """
+    kh, kw = prototype_size
+    N, D, H, W = z.shape
+    if index.shape != (N,):
+        raise ValueError(f"index must be (N,) = ({N},), got {tuple(index.shape)}")
+    wout = W - kw + 1
+    rows = (index // wout)[:, None] + torch.arange(kh, device=z.device)  # (N, kh)
+    cols = (index % wout)[:, None] + torch.arange(kw, device=z.device)  # (N, kw)
+    n = torch.arange(N, device=z.device)[:, None, None]
+    return z.permute(0, 2, 3, 1)[n, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def distance_to_similarity(distances: Tensor, similarity: str = "log", eps: float = 1e-4) -> Tensor:
+    """The similarity of min distances or distance maps, elementwise, as ``prototype_similarity`` returns it:
+    "log" ``log_similarity(d, eps)``, "linear" ``-d``, "cosine" ``1 - d / 2`` (``d`` between unit vectors)."""
+    check_similarity(similarity)
+    if similarity == "log":
+        return log_similarity(distances, eps)
+    return -distances if similarity == "linear" else 1 - distances / 2
 
 
 def log_similarity(distances: Tensor, eps: float = 1e-4) -> Tensor:

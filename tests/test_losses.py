@@ -17,6 +17,7 @@ def _fake_model(num_classes=3, per_class=2, dim=8, weight=None):
         prototype_class_identity=identity,
         last_layer=SimpleNamespace(weight=weight.clone().requires_grad_(True)),
         prototype_shape=(num, dim, 1, 1),
+        prototype_layer=SimpleNamespace(max_distance=float(dim)),  # D * 1 * 1, as ProtoLayer.max_distance
     )
 
 
@@ -107,3 +108,17 @@ def test_shape_errors():
         loss(torch.zeros(4, 3), torch.zeros(4, 5), torch.zeros(4, dtype=torch.long), model)
     with pytest.raises(ValueError, match="expected logits"):
         loss(torch.zeros(4), torch.zeros(4, 6), torch.zeros(4, dtype=torch.long), model)
+
+
+def test_max_distance_of_the_layer():
+    """The loss's bound is the original's D * kh * kw for 'log' and 'linear', and 4 (= max of 2 - 2 cos) for
+    'cosine', whose distances never exceed it."""
+    from protokern import ProtoLayer
+
+    assert ProtoLayer(4, 8, prototype_size=(2, 3)).max_distance == 48
+    assert ProtoLayer(4, 8, similarity="linear").max_distance == 8
+    layer = ProtoLayer(4, 1, similarity="cosine")
+    assert layer.max_distance == 4
+    _, d = layer(-torch.rand(2, 1, 3, 3))  # opposite directions: d = 4, the bound
+    assert float(d.detach().max()) <= layer.max_distance
+    torch.testing.assert_close(d, torch.full_like(d, 4.0))

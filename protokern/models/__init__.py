@@ -9,6 +9,7 @@ from protokern.models.receptive_field import (
     backbone_receptive_field,
     compute_receptive_field,
     patch_box,
+    window_center,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "make_add_on",
     "make_backbone",
     "patch_box",
+    "window_center",
 ]

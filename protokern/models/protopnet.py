@@ -31,6 +31,10 @@ class ProtoPNet(nn.Module):
         add_on: ``'regular'`` or ``'bottleneck'`` (see :func:`protokern.models.make_add_on`).
         pretrained: load torchvision's ImageNet weights into a named trunk.
         backbone_weights: path of a local state dict for a named trunk (see ``make_backbone``).
+        prototype_size: (kh, kw) (or k) of each prototype, default (1, 1); compared with every kh x kw window
+            of the feature map (no padding), as the original's ``prototype_shape[2:]``.
+        similarity: "log" (the original's default activation), "linear" (``-d``, the original's other
+            activation) or "cosine"; see :func:`protokern.prototype_similarity`.
         eps, backend: passed to :class:`protokern.ProtoLayer`.
         out_channels: output channels of a module trunk.
         prototype_classes: class index of each prototype, instead of ``prototypes_per_class`` (used to rebuild
@@ -55,6 +59,8 @@ class ProtoPNet(nn.Module):
         backend: str = "auto",
         out_channels: int | None = None,
         prototype_classes: Sequence[int] | None = None,
+        prototype_size=(1, 1),
+        similarity: str = "log",
     ):
         super().__init__()
         _check_positive_int("num_classes", num_classes)
@@ -86,7 +92,8 @@ class ProtoPNet(nn.Module):
 
         self.features = trunk
         self.add_on = make_add_on(add_on, trunk_channels, prototype_dim)
-        self.prototype_layer = ProtoLayer(len(classes), prototype_dim, eps=eps, backend=backend)
+        self.prototype_layer = ProtoLayer(len(classes), prototype_dim, eps=eps, backend=backend,
+                                          prototype_size=prototype_size, similarity=similarity)
         self.last_layer = nn.Linear(len(classes), num_classes, bias=False)
         identity = torch.zeros(len(classes), num_classes)
         identity[torch.arange(len(classes)), classes] = 1.0
@@ -110,6 +117,8 @@ class ProtoPNet(nn.Module):
             "backend": backend,
             "out_channels": trunk_channels,
             "prototype_classes": None if prototype_classes is None else classes.tolist(),
+            "prototype_size": list(self.prototype_layer.prototype_size),
+            "similarity": self.prototype_layer.similarity,
         }
 
     # ----------------------------------------------------------------------------------------- attributes
@@ -120,7 +129,7 @@ class ProtoPNet(nn.Module):
 
     @property
     def prototype_shape(self) -> tuple[int, int, int, int]:
-        """(P, D, 1, 1), as the original's ``prototype_shape``."""
+        """(P, D, kh, kw), as the original's ``prototype_shape``."""
         return tuple(self.prototype_layer.prototypes.shape)
 
     @property

@@ -30,6 +30,7 @@ __all__ = [
     "compute_receptive_field",
     "layer_geometry",
     "patch_box",
+    "window_center",
     "receptive_field_from_layers",
 ]
 
@@ -156,20 +157,31 @@ def backbone_receptive_field(name: str) -> ReceptiveField:
     return compute_receptive_field(trunk)
 
 
-def patch_box(rf: ReceptiveField, img_size, h: int, w: int) -> tuple[int, int, int, int]:
-    """Pixel box ``(y0, y1, x0, x1)`` (half-open) seen by output cell ``(h, w)``, clipped to the image.
+def patch_box(rf: ReceptiveField, img_size, h: int, w: int, window=(1, 1)) -> tuple[int, int, int, int]:
+    """Pixel box ``(y0, y1, x0, x1)`` (half-open) seen by the ``window`` (kh, kw) of output cells whose
+    top-left cell is ``(h, w)``, clipped to the image.
 
     ``img_size`` is the image side, or ``(height, width)``. Same box as the original's
-    ``compute_rf_protoL_at_spatial_location``.
+    ``compute_rf_protoL_at_spatial_location`` with its prototype layer's receptive field
+    (``compute_proto_layer_rf_info_v2``: a VALID kh x kw convolution of stride 1 on the map): the union of
+    the boxes of the window's first and last cells.
     """
     img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+    kh, kw = window
     if h < 0 or w < 0:
         raise ValueError(f"cell indices must be >= 0, got ({h}, {w})")
+    if kh < 1 or kw < 1:
+        raise ValueError(f"window must be (kh, kw) with kh, kw >= 1, got {window!r}")
     half = rf.size / 2
-    center_h = rf.start + h * rf.jump
-    center_w = rf.start + w * rf.jump
-    y0 = max(math.floor(center_h - half), 0)
-    y1 = min(math.floor(center_h + half), img_h)
-    x0 = max(math.floor(center_w - half), 0)
-    x1 = min(math.floor(center_w + half), img_w)
+    y0 = max(math.floor(rf.start + h * rf.jump - half), 0)
+    y1 = min(math.floor(rf.start + (h + kh - 1) * rf.jump + half), img_h)
+    x0 = max(math.floor(rf.start + w * rf.jump - half), 0)
+    x1 = min(math.floor(rf.start + (w + kw - 1) * rf.jump + half), img_w)
     return y0, y1, x0, x1
+
+
+def window_center(rf: ReceptiveField, h, w, window=(1, 1)):
+    """Pixel centre ``(cy, cx)`` of the window (kh, kw) of cells with top-left cell ``(h, w)`` (numbers or
+    tensors): the centre of its receptive field before clipping."""
+    kh, kw = window
+    return rf.start + (h + (kh - 1) / 2) * rf.jump, rf.start + (w + (kw - 1) / 2) * rf.jump
