@@ -22,7 +22,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protokern.ops import log_similarity, nearest_patches
 from protokern.utils import eval_mode, image_batches, image_order, progress as progress_bar
 
 __all__ = ["PushRecords", "push_prototypes", "activation_boxes"]
@@ -40,15 +39,18 @@ class PushRecords:
             loader is a ``DataLoader`` over a dataset or a ``Subset`` of it, else the position in the
             loader); -1 for prototypes that were not pushed (no image of their class).
         prototype_class: (P,) int64 class of each prototype.
-        patch: (P, 2) int64 ``(h, w)`` of the source patch on the feature map; -1 if not pushed.
-        min_distance: (P,) float32 squared distance of the prototype *before* the push to its source patch
-            (inf if not pushed); after the push the distance is 0.
+        patch: (P, 2) int64 ``(h, w)`` of the source window's top-left cell on the feature map (for 1 x 1
+            prototypes, the source patch); -1 if not pushed.
+        min_distance: (P,) float32 distance of the prototype *before* the push to its source window (inf if
+            not pushed); after the push the distance is 0.
         rf_box: (P, 4) int64 receptive-field box ``(y0, y1, x0, x1)`` (half-open pixel rows / columns) of the
-            source patch; -1 if not pushed or if the model has no receptive field.
+            source window; -1 if not pushed or if the model has no receptive field.
         activation_box: (P, 4) int64 ``(y0, y1, x0, x1)`` box of the pixels at or above the 95th percentile of
-            the bicubically upsampled self-activation (log-similarity) map on the source image; -1 if not pushed.
-        activation_map: (P, H, W) float32 low-resolution self-activation (log-similarity) maps.
+            the bicubically upsampled self-activation map on the source image; -1 if not pushed.
+        activation_map: (P, Hout, Wout) float32 low-resolution self-activation maps: the layer's similarity
+            (``ProtoLayer.to_similarity``) of the pushed prototype to every window of its source image.
         image_size: ``(height, width)`` of the push images; feature_size: ``(H, W)`` of the feature map.
+        window: ``(kh, kw)`` of the prototypes (``Hout = H - kh + 1``, ``Wout = W - kw + 1``).
         image_dir: folder the prototype PNGs are (being) written to, or None.
     """
 
@@ -61,6 +63,7 @@ class PushRecords:
     activation_map: Tensor = field(repr=False)
     image_size: tuple[int, int]
     feature_size: tuple[int, int]
+    window: tuple[int, int] = (1, 1)
     image_dir: str | None = None
     _pending: list = field(default_factory=list, repr=False, compare=False)
 
@@ -82,7 +85,8 @@ class PushRecords:
     def to_dict(self) -> dict:
         """Plain dict of CPU tensors / ints / str (what checkpoints store); inverse of :meth:`from_dict`."""
         out = {name: getattr(self, name) for name in _TENSOR_FIELDS}
-        out.update(image_size=list(self.image_size), feature_size=list(self.feature_size), image_dir=self.image_dir)
+        out.update(image_size=list(self.image_size), feature_size=list(self.feature_size), window=list(self.window),
+                   image_dir=self.image_dir)
         return out
 
     @classmethod
@@ -93,7 +97,7 @@ class PushRecords:
             raise ValueError(f"not push records: missing {missing}")
         return cls(**{k: torch.as_tensor(data[k]) for k in _TENSOR_FIELDS},
                    image_size=tuple(data["image_size"]), feature_size=tuple(data["feature_size"]),
-                   image_dir=data.get("image_dir"))
+                   window=tuple(data.get("window", (1, 1))), image_dir=data.get("image_dir"))
 
     def save(self, path: str) -> None:
         """``torch.save`` the :meth:`to_dict` form to ``path``."""
@@ -128,16 +132,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------- k nearest
 @dataclass
 class Neighbours:
-    """The ``k`` nearest images of every prototype, one patch per image, nearest first.
+    """The ``k`` nearest images of every prototype, one window (patch, for 1 x 1 prototypes) per image,
+    nearest first.
 
     Attributes:
-        distance: (P, k) float32 squared L2 distance of the prototype to the image's nearest patch.
+        distance: (P, k) float32 distance of the prototype to the image's nearest window.
         image_index: (P, k) int64 dataset index of the image (position in the loader for loaders that are
             not a ``DataLoader`` over a dataset).
         label: (P, k) int64 class of the image.
-        patch: (P, k, 2) int64 ``(h, w)`` of the nearest patch on the feature map.
+        patch: (P, k, 2) int64 ``(h, w)`` of the nearest window's top-left cell on the feature map.
         image_size: ``(height, width)`` of the images; feature_size: ``(H, W)`` of the feature map.
         dataset: the loader's dataset (to fetch the images), or None.
+        window: ``(kh, kw)`` of the prototypes.
     """
 
     distance: Tensor
@@ -147,6 +153,7 @@ class Neighbours:
     image_size: tuple[int, int]
     feature_size: tuple[int, int]
     dataset: object = None
+    window: tuple[int, int] = (1, 1)
 
 
 def _device(model: nn.Module, device) -> torch.device:
@@ -175,7 +182,8 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
         raise ValueError(f"k must be a positive int, got {k!r}")
     device = _device(model, device)
     order, dataset = image_order(loader)
-    prototypes = model.prototype_layer.prototypes.detach().to(device).float()
+    layer = model.prototype_layer
+    prototypes = layer.prototypes.detach().to(device).float()
     num = prototypes.shape[0]
     best_d = torch.empty(num, 0, device=device)
     best_i = torch.empty(num, 0, dtype=torch.int64, device=device)
@@ -192,7 +200,7 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
                 image_size, feature_size = tuple(images.shape[-2:]), tuple(z.shape[-2:])
             elif tuple(z.shape[-2:]) != feature_size:
                 raise ValueError(f"all images must have one size: got {tuple(images.shape[-2:])} after {image_size}")
-            distance, patch = nearest_patches(z, prototypes)  # (B, P)
+            distance, patch = layer.nearest(z, prototypes)  # (B, P)
             distance = torch.nan_to_num(distance, nan=math.inf)
             if order is not None:
                 index = order[position:position + batch].to(device)
@@ -210,10 +218,10 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
         raise ValueError("the loader yielded no images")
     if best_d.shape[1] < k:
         raise ValueError(f"k={k} nearest images asked for, but the loader holds only {best_d.shape[1]} images")
-    W = feature_size[1]
-    patch = torch.stack([best_p // W, best_p % W], -1)
+    wout = layer.output_size(feature_size)[1]
+    patch = torch.stack([best_p // wout, best_p % wout], -1)
     return Neighbours(distance=best_d.cpu(), image_index=best_i.cpu(), label=best_y.cpu(), patch=patch.cpu(),
-                      image_size=image_size, feature_size=feature_size, dataset=dataset)
+                      image_size=image_size, feature_size=feature_size, dataset=dataset, window=layer.prototype_size)
 
 
 # ---------------------------------------------------------------------------------------------- boxes
@@ -248,7 +256,11 @@ def _span(rows: Tensor) -> Tensor:
 def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | None = None,
                     save_dir: str | None = None, save_images: bool = True, progress: bool = True,
                     autocast_dtype: torch.dtype | None = None, image_workers: int = 4) -> PushRecords:
-    """Project every prototype of ``model`` onto its nearest patch of an image of its own class.
+    """Project every prototype of ``model`` onto its nearest window of an image of its own class.
+
+    A window is a patch (one cell of the feature map) for 1 x 1 prototypes, kh x kw cells for (kh, kw)
+    prototypes; the prototype becomes that window's features (the raw features also for "cosine"), and the
+    distances are those of the layer's similarity.
 
     Args:
         model: a ``ProtoPNet`` (or DDP-wrapped one); taking ImageNet-normalised images.
@@ -279,7 +291,7 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
     prototypes = layer.prototypes
     device = torch.device(device) if device is not None else prototypes.device
     classes = net.prototype_classes.to(device)
-    num_protos, dim = prototypes.shape[:2]
+    num_protos = prototypes.shape[0]
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
 
@@ -287,8 +299,8 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
     best_d = torch.full((num_protos,), math.inf, device=device)
     best_idx = torch.full((num_protos,), -1, dtype=torch.int64, device=device)
     best_patch = torch.full((num_protos,), -1, dtype=torch.int64, device=device)
-    best_feat = torch.zeros(num_protos, dim, device=device)
-    best_map = None  # (P, H*W), created with the first batch
+    best_feat = torch.zeros(prototypes.shape, device=device)  # (P, D, kh, kw)
+    best_map = None  # (P, Hout*Wout), created with the first batch
     image_size = feature_size = None
     nan_count = torch.zeros((), dtype=torch.int64, device=device)
     arange_p = torch.arange(num_protos, device=device)
@@ -315,12 +327,12 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
             z = z.float()
             if feature_size is None:
                 image_size, feature_size = tuple(images.shape[-2:]), tuple(z.shape[-2:])
-                best_map = torch.zeros(num_protos, z.shape[2] * z.shape[3], device=device)
+                best_map = torch.zeros(num_protos, math.prod(layer.output_size(feature_size)), device=device)
             elif tuple(z.shape[-2:]) != feature_size:
                 raise ValueError(f"push images must all have one size: got {tuple(images.shape[-2:])} "
                                  f"after {image_size}")
 
-            distances, patch = nearest_patches(z, prototypes.detach().float())  # (B, P)
+            distances, patch = layer.nearest(z)  # (B, P)
             nan_count += distances.isnan().sum()
             own = labels[:, None] == classes[None, :]
             distances = torch.where(own & ~distances.isnan(), distances, math.inf)
@@ -331,15 +343,16 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
             batch_idx = gidx[row]
             better = batch_d.isfinite() & ((batch_d < best_d) | ((batch_d == best_d) & (batch_idx < best_idx)))
 
-            z3 = z.flatten(2)  # (B, D, HW)
             batch_patch = patch[row, arange_p]
-            feat = z3[row, :, batch_patch]  # (P, D)
-            self_map = (z3[row] - feat[:, :, None]).square_().sum(1)  # (P, HW), exactly 0 at the winner
+            source = z[row]  # (P, D, H, W): each prototype's best image of the batch
+            feat = layer.windows(source, batch_patch)  # (P, D, kh, kw)
+            self_map = layer.distance_maps(source, feat, paired=True).flatten(1)  # (P, Hout*Wout), 0 at the winner
+            del source
 
             best_d = torch.where(better, batch_d, best_d)
             best_idx = torch.where(better, batch_idx, best_idx)
             best_patch = torch.where(better, batch_patch, best_patch)
-            best_feat = torch.where(better[:, None], feat, best_feat)
+            best_feat = torch.where(better[:, None, None, None], feat, best_feat)
             best_map = torch.where(better[:, None], self_map, best_map)
 
     if feature_size is None:
@@ -351,8 +364,8 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
         warnings.warn(f"push: {int(nan_count)} NaN distances ignored (NaN features?)", stacklevel=2)
 
     pushed = best_idx >= 0
-    prototypes.data.copy_(torch.where(pushed[:, None], best_feat, prototypes.detach().flatten(1).float())
-                          .to(prototypes.dtype).view_as(prototypes))
+    prototypes.data.copy_(torch.where(pushed[:, None, None, None], best_feat, prototypes.detach().float())
+                          .to(prototypes.dtype))
     missing = (~pushed).nonzero().flatten().tolist()
     if missing:
         absent = sorted({int(c) for c in classes[missing].tolist()})
@@ -389,14 +402,13 @@ def _merge_ranks(best_d, best_idx, best_patch, best_feat, best_map):
 
 
 def _make_records(net, best_d, best_idx, best_patch, best_map, classes, image_size, feature_size) -> PushRecords:
-    H, W = feature_size
+    layer = net.prototype_layer
+    hout, wout = layer.output_size(feature_size)
     pushed = best_idx >= 0
-    eps = net.prototype_layer.eps
-    maps = best_map.view(-1, H, W)
-    sim_maps = log_similarity(maps, eps)
+    sim_maps = layer.to_similarity(best_map.view(-1, hout, wout))
     act_box = activation_boxes(sim_maps, image_size)
     act_box[~pushed] = -1
-    patch = torch.stack([best_patch // W, best_patch % W], 1)
+    patch = torch.stack([best_patch // wout, best_patch % wout], 1)
     patch[~pushed] = -1
     patch, pushed_cpu = patch.cpu(), pushed.cpu()
     rf_box = torch.full((len(patch), 4), -1, dtype=torch.int64)
@@ -405,11 +417,13 @@ def _make_records(net, best_d, best_idx, best_patch, best_map, classes, image_si
         from protokern.models.receptive_field import patch_box
 
         for j in pushed_cpu.nonzero().flatten().tolist():  # once per push, P small calls
-            rf_box[j] = torch.tensor(patch_box(rf, image_size, int(patch[j, 0]), int(patch[j, 1])))
+            rf_box[j] = torch.tensor(patch_box(rf, image_size, int(patch[j, 0]), int(patch[j, 1]),
+                                               window=layer.prototype_size))
     return PushRecords(
         image_index=best_idx.cpu(), prototype_class=classes.cpu(), patch=patch, min_distance=best_d.float().cpu(),
         rf_box=rf_box, activation_box=act_box.cpu(), activation_map=sim_maps.float().cpu(),
-        image_size=tuple(int(s) for s in image_size), feature_size=(int(H), int(W)),
+        image_size=tuple(int(s) for s in image_size), feature_size=tuple(int(s) for s in feature_size),
+        window=layer.prototype_size,
     )
 
 

@@ -187,3 +187,39 @@ def test_retrain_in_train_mode_as_the_original():
     retrain_last_layer(model, loader, iters=2, lr=1e-2, progress=False, on_epoch=on_epoch)
     assert [e for e, _, _ in seen] == [0, 1] and not any(training for _, training, _ in seen)
     assert all(torch.equal(before[k], model.state_dict()[k]) for k in statistics)
+
+
+@pytest.mark.parametrize("similarity", ["linear", "cosine"])
+def test_nearest_training_windows_match_brute_force(similarity):
+    """(2, 3) prototypes: the k nearest images by the layer's distance over every window (explicit loops),
+    the window's top-left cell on the (Hout, Wout) grid, and the window recorded."""
+    from tests.test_push import _window_reference
+
+    torch.manual_seed(3)
+    model = ProtoPNet("tiny", num_classes=3, prototypes_per_class=3, prototype_dim=8, prototype_size=(2, 3),
+                      similarity=similarity).eval()
+    images = torch.rand(11, 3, 32, 32)
+    labels = torch.randint(0, 3, (11,))
+    nb = nearest_training_patches(model, DataLoader(ListDataset(list(images), labels.tolist()), batch_size=4),
+                                  k=3, progress=False)
+    with torch.no_grad():
+        z = model.conv_features(imagenet_normalize(images))
+    d = _window_reference(z, model.prototype_layer.prototypes.detach(), similarity).flatten(2)  # (N, P, 6)
+    best, window = d.min(2)
+    ref_d, ref_i = best.t().sort(1)
+    assert nb.window == (2, 3) and nb.feature_size == (4, 4)
+    torch.testing.assert_close(nb.distance.double(), ref_d[:, :3], rtol=1e-4, atol=1e-5)
+    assert torch.equal(nb.image_index, ref_i[:, :3])
+    assert torch.equal(nb.patch[..., 0] * 2 + nb.patch[..., 1], window.t().gather(1, ref_i[:, :3]))
+
+
+def test_prune_keeps_window_and_similarity():
+    model = ProtoPNet("tiny", num_classes=3, prototypes_per_class=2, prototype_dim=8, prototype_size=(2, 2),
+                      similarity="linear")
+    model.prune_prototypes([1, 4])
+    layer = model.prototype_layer
+    assert layer.prototype_size == (2, 2) and layer.similarity == "linear" and model.num_prototypes == 4
+    assert model.config["prototype_size"] == [2, 2] and model.config["similarity"] == "linear"
+    rebuilt = ProtoPNet.from_config(model.config)
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.prototype_layer.prototype_size == (2, 2) and rebuilt.prototype_layer.similarity == "linear"

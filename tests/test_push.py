@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -206,3 +207,68 @@ def test_ddp_push_matches_single_process(tmp_path):
         assert torch.equal(got["records"]["image_index"], records.image_index)
         assert torch.equal(got["records"]["patch"], records.patch)
         torch.testing.assert_close(got["prototypes"], model.prototype_layer.prototypes.detach())
+
+
+# ---------------------------------------------------------------------------------------------- k x k, kinds
+def _window_reference(z: torch.Tensor, p: torch.Tensor, similarity: str) -> torch.Tensor:
+    """(N, P, Hout, Wout) float64 distances of every prototype to every kh x kw window, by explicit loops
+    over positions (the original's conv formulation for 'log' / 'linear'; 2 - 2 cos for 'cosine')."""
+    z, p = z.double(), p.double()
+    kh, kw = p.shape[2:]
+    hout, wout = z.shape[2] - kh + 1, z.shape[3] - kw + 1
+    out = torch.empty(z.shape[0], p.shape[0], hout, wout, dtype=torch.float64)
+    for h in range(hout):
+        for w in range(wout):
+            window = z[:, None, :, h:h + kh, w:w + kw]  # (N, 1, D, kh, kw)
+            if similarity == "cosine":
+                cos = (window * p).sum((2, 3, 4)) / (window.flatten(2).norm(dim=2) * p.flatten(1).norm(dim=1))
+                out[:, :, h, w] = 2 - 2 * cos
+            else:
+                out[:, :, h, w] = (window - p).square().sum((2, 3, 4))
+    return out
+
+
+@pytest.mark.parametrize("similarity", ["log", "linear", "cosine"])
+def test_push_of_window_prototypes_matches_brute_force(similarity, tmp_path):
+    """(2, 3) prototypes (kh != kw) with every similarity: push picks the own-class window of the brute-force
+    minimum, copies that window's features into the prototype, and records its top-left cell, its receptive
+    field box (the original's prototype-layer box of the window) and a self-activation map over the window
+    positions that peaks at the source window."""
+    torch.manual_seed(0)
+    model = ProtoPNet("tiny", num_classes=NUM_CLASSES, prototypes_per_class=PER_CLASS, prototype_dim=8,
+                      prototype_size=(2, 3), similarity=similarity)
+    with torch.no_grad():
+        model.prototype_layer.prototypes.uniform_(0.3, 0.7)
+    data = _dataset()
+    model.eval()
+    images, labels = data.tensors
+    with torch.no_grad():
+        z = model.conv_features(imagenet_normalize(images))
+    d = _window_reference(z, model.prototype_layer.prototypes.detach(), similarity)  # (N, P, 3, 2)
+    N, P, hout, wout = d.shape
+    assert (hout, wout) == (3, 2)
+    own = labels[:, None] == model.prototype_classes[None, :]
+    d = torch.where(own[..., None, None], d, torch.inf).permute(1, 0, 2, 3).reshape(P, -1)
+    best, flat = d.min(1)
+    image, window = flat // (hout * wout), flat % (hout * wout)
+
+    records = push_prototypes(model, _loader(data), progress=False, save_dir=str(tmp_path), save_images=False)
+    assert torch.equal(records.image_index, image)
+    assert torch.equal(records.patch[:, 0] * wout + records.patch[:, 1], window)
+    torch.testing.assert_close(records.min_distance.double(), best, rtol=1e-5, atol=1e-5)
+    assert records.window == (2, 3) and records.activation_map.shape == (P, hout, wout)
+
+    protos = model.prototype_layer.prototypes.detach()
+    for j in range(P):
+        h, w = records.patch[j].tolist()
+        torch.testing.assert_close(protos[j], z[image[j], :, h:h + 2, w:w + 3], rtol=0, atol=1e-6)
+        assert tuple(records.rf_box[j].tolist()) == patch_box(model.receptive_field, SIZE, h, w, window=(2, 3))
+        assert records.activation_map[j].argmax().item() == h * wout + w
+    peak = {"log": math.log(1 / 1e-4), "linear": 0.0, "cosine": 1.0}[similarity]
+    torch.testing.assert_close(records.activation_map.amax((1, 2)), torch.full((P,), peak), rtol=1e-4, atol=1e-4)
+    # after the push each prototype sits at distance ~0 from its source window
+    with torch.no_grad():
+        sim, dist = model.prototype_layer(z[image])
+    assert dist.diagonal().abs().max() < 1e-5
+    loaded = PushRecords.load(os.path.join(tmp_path, "push_records.pt"))
+    assert loaded.window == (2, 3) and torch.equal(loaded.rf_box, records.rf_box)
