@@ -117,7 +117,8 @@ def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=No
             results["rf_centre"] = part_localisation_result
         record = {"part_localisation": results["rf_centre"]["overall"],
                   "definition": "fraction of (test image, prototype of its class) pairs whose most activated "
-                                "location (centre of the receptive field of the nearest patch) lies in the part box",
+                                "location (centre of the receptive field of the nearest window of the prototype "
+                                "layer, kh x kw cells) lies in the part box",
                   "argmax_part_localisation": results["argmax"]["overall"], **results}
         path = os.path.join(run_dir, "part_localisation.json")
         with open(path, "w", encoding="utf-8") as fh:

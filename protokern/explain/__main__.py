@@ -84,8 +84,10 @@ def _explain(args, parser) -> str:
     out = args.out or os.path.join(run_dir, "explanations", os.path.splitext(os.path.basename(args.image))[0])
     page = explanation.save(out)
     c = explanation.class_idx
+    kh, kw = explanation.prototype_size
     print(f"class {explanation.class_name(c)} (logit {float(explanation.logits[c]):.4f}, predicted "
-          f"{explanation.class_name(explanation.predicted_class)}); top prototypes:")
+          f"{explanation.class_name(explanation.predicted_class)}); top prototypes ({kh} x {kw}, "
+          f"{explanation.similarity_kind} similarity):")
     for e in explanation.top:
         print(f"  {e.rank:2d}. prototype {e.prototype:4d} (class {explanation.class_name(e.prototype_class)}): "
               f"similarity {e.similarity:.4f} x weight {e.weight:.4f} = {e.contribution:.4f}")

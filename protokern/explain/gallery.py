@@ -2,7 +2,8 @@
 
 The search is :func:`protokern.push.nearest_training_patches` (one fused op call per batch, a running
 top-k); the result is drawn as PNG pages (one row per prototype: its source image with its high-activation
-box, then the k nearest images with the receptive field of the nearest patch) and an ``index.html`` page.
+box, then the k nearest images with the receptive field of the nearest patch: the whole kh x kw window of
+the prototype layer) and an ``index.html`` page.
 """
 
 from __future__ import annotations
@@ -41,14 +42,16 @@ def _item_image(dataset, index: int):
     return item[0] if isinstance(item, (tuple, list)) else item
 
 
-def _cell_box(rf, image_size, feature_size, h: int, w: int):
-    """Receptive field of cell (h, w), or the cell's share of the image when the model has none."""
+def _window_box(rf, image_size, feature_size, h: int, w: int, window: tuple[int, int]):
+    """Receptive field of the ``window`` (kh, kw) of cells with top-left cell (h, w), or the window's share of
+    the image when the model has none."""
     if rf is not None:
         from protokern.models import patch_box
 
-        return patch_box(rf, image_size, h, w)
+        return patch_box(rf, image_size, h, w, window=window)
+    kh, kw = window
     sy, sx = image_size[0] / feature_size[0], image_size[1] / feature_size[1]
-    return round(h * sy), round((h + 1) * sy), round(w * sx), round((w + 1) * sx)
+    return round(h * sy), round((h + kh) * sy), round(w * sx), round((w + kw) * sx)
 
 
 def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records: PushRecords | None = None,
@@ -108,7 +111,7 @@ def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records:
             label = int(neighbours.label[j, r])
             h, w = (int(v) for v in neighbours.patch[j, r])
             distance = float(neighbours.distance[j, r])
-            box = _cell_box(rf, neighbours.image_size, neighbours.feature_size, h, w)
+            box = _window_box(rf, neighbours.image_size, neighbours.feature_size, h, w, neighbours.window)
             mark = "" if label == classes[j] else "x"  # other class
             row.append(_tile(_item_image(dataset, index), box, tile, f"{mark}d={distance:.3g} c{label}"[:18]))
             entry["neighbours"].append({"image_index": index, "class": label, "distance": distance,
@@ -121,19 +124,24 @@ def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records:
             rows = []
 
     with open(os.path.join(out_dir, "gallery.json"), "w", encoding="utf-8") as fh:
-        json.dump({"k": k, "prototypes": entries}, fh, indent=1)
+        json.dump({"k": k, "window": list(neighbours.window), "similarity": model.prototype_layer.similarity,
+                   "prototypes": entries}, fh, indent=1)
     page_path = render.write_html(os.path.join(out_dir, "index.html"), "protokern prototype gallery",
-                                  _html(entries, pages, k, per_page, push_records is not None))
+                                  _html(entries, pages, k, per_page, push_records is not None, neighbours.window,
+                                        model.prototype_layer.similarity))
     return {"pages": pages, "html": page_path, "neighbours": neighbours}
 
 
-def _html(entries: list[dict], pages: list[str], k: int, per_page: int, with_source: bool) -> str:
+def _html(entries: list[dict], pages: list[str], k: int, per_page: int, with_source: bool,
+          window: tuple[int, int], similarity: str) -> str:
     esc = html.escape
+    kh, kw = window
     first = "the prototype's source image (red: most activated box), then " if with_source else ""
+    distance = "distance between unit vectors, 2 - 2 cos" if similarity == "cosine" else "squared distance"
     parts = [f"<h1>Prototypes and their {k} nearest training patches</h1>",
              f"<p>One row per prototype: {first}its {k} nearest training images, one patch each (yellow: "
-             "receptive field of the nearest patch; d = squared distance, c = class, x = another class than "
-             "the prototype's).</p>"]
+             f"receptive field of the nearest {kh} &times; {kw} window of feature cells; d = {distance}, "
+             "c = class, x = another class than the prototype's).</p>"]
     for page, path in enumerate(pages):
         chunk = entries[page * per_page:(page + 1) * per_page]
         parts.append(f"<h2>Prototypes {chunk[0]['prototype']}&ndash;{chunk[-1]['prototype']}</h2>"

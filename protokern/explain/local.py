@@ -3,7 +3,8 @@
 For a class (the predicted one unless given), the logit is a sum over all prototypes of
 ``similarity_j * last_layer.weight[c, j]``; :func:`explain_image` ranks those contributions and, for the top
 ``k``, shows where on the image the prototype is most activated next to the training patch it was pushed
-onto. :meth:`Explanation.save` writes one PNG per prototype and an ``index.html`` page.
+onto. :meth:`Explanation.save` writes one PNG per prototype and an ``index.html`` page. Any prototype layer
+works: kh x kw prototypes (maps over the window positions, boxes of whole windows) and every similarity kind.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from torch import Tensor, nn
 
 from protokern.checkpoint import model_from_checkpoint
 from protokern.explain import render
-from protokern.ops import log_similarity, prototype_distances
 from protokern.push import PushRecords, activation_boxes
 from protokern.utils import eval_mode
 
@@ -30,6 +30,11 @@ __all__ = ["Explanation", "PrototypeEvidence", "explain_image", "load_image_tens
 _PANEL = re.compile(r"rank\d{2,}_prototype\d+\.png")  # the per-prototype files of Explanation.save
 
 Box = tuple[int, int, int, int]
+SIMILARITY_NAMES = {  # how pages and panels name each similarity kind of the prototype layer
+    "log": "log-similarity log((d + 1) / (d + eps))",
+    "linear": "linear similarity -d",
+    "cosine": "cosine similarity 1 - d / 2",
+}
 
 
 @dataclass
@@ -38,13 +43,17 @@ class PrototypeEvidence:
 
     Attributes:
         rank: 1 for the largest contribution. prototype: index j. prototype_class: its class.
-        similarity: log-similarity of the prototype to its nearest patch of the image; distance: that
-            patch's squared L2 distance; weight: ``last_layer.weight[c, j]``; contribution: similarity x weight.
-        patch: ``(h, w)`` of the nearest patch on the feature map.
+        similarity: the prototype layer's similarity (log, linear or cosine, see
+            :attr:`Explanation.similarity_kind`) of the prototype to its nearest window of the image;
+            distance: that window's distance (squared L2; 2 - 2 cos for cosine); weight:
+            ``last_layer.weight[c, j]``; contribution: similarity x weight.
+        patch: ``(h, w)`` of the nearest window's top-left cell, on the (Hout, Wout) grid of window positions
+            (the feature map itself for 1 x 1 prototypes).
         box: ``(y0, y1, x0, x1)`` box of the pixels at or above the 95th percentile of the upsampled
-            activation map (the original's "most activated" box); rf_box: receptive field of the nearest
-            patch (None when the model has no receptive field).
-        heatmap: (S, S) bicubically upsampled log-similarity map on the image.
+            activation map (the original's "most activated" box); rf_box: receptive field of the whole
+            nearest kh x kw window (None when the model has no receptive field).
+        heatmap: (S, S) similarity map over the (Hout, Wout) window positions, bicubically upsampled to the
+            image (as the original).
         source_index: index of the prototype's source image in the push set (None if not pushed).
         source_box / source_rf_box: high-activation / receptive-field box on the source image.
         source_image: (3, S, S) source image in [0, 1], when available.
@@ -76,7 +85,8 @@ class Explanation:
     Attributes: ``image`` (3, S, S) in [0, 1]; ``logits`` (C,); ``predicted_class``; ``class_idx`` (the class
     explained); ``similarity`` and ``min_distances`` (P,); ``weights`` (C, P) last-layer weights;
     ``prototype_classes`` (P,); ``top`` (the top-k :class:`PrototypeEvidence`, largest contribution first);
-    ``class_names`` (optional).
+    ``class_names`` (optional); ``similarity_kind`` ("log", "linear" or "cosine") and ``prototype_size``
+    (kh, kw) of the model's prototype layer.
     """
 
     image: Tensor = field(repr=False)
@@ -89,6 +99,8 @@ class Explanation:
     prototype_classes: Tensor = field(repr=False)
     top: list[PrototypeEvidence]
     class_names: list[str] | None = None
+    similarity_kind: str = "log"
+    prototype_size: tuple[int, int] = (1, 1)
 
     def contributions(self, class_idx: int | None = None) -> Tensor:
         """(P,) ``similarity_j * weight[c, j]`` of every prototype j to class c (default: the explained one).
@@ -122,6 +134,8 @@ class Explanation:
             "logits": [float(v) for v in self.logits],
             "logit": float(self.logits[c]),
             "sum_of_contributions": float(self.contributions(c).sum()),
+            "similarity_kind": self.similarity_kind,
+            "prototype_size": list(self.prototype_size),
             "top": [{"rank": e.rank, "prototype": e.prototype, "prototype_class": e.prototype_class,
                      "similarity": e.similarity, "distance": e.distance, "weight": e.weight,
                      "contribution": e.contribution, "patch": list(e.patch), "box": list(e.box),
@@ -146,13 +160,14 @@ class Explanation:
         render.save_png(render.upscale(image, min_side), os.path.join(out_dir, "image.png"))
         for e in self.top:
             e.file = f"rank{e.rank:02d}_prototype{e.prototype}.png"
-            render.save_png(_evidence_panel(image, e, min_side), os.path.join(out_dir, e.file))
+            render.save_png(_evidence_panel(image, e, min_side, self.similarity_kind), os.path.join(out_dir, e.file))
         with open(os.path.join(out_dir, "explanation.json"), "w", encoding="utf-8") as fh:
             json.dump(self.to_dict(), fh, indent=1)
         return render.write_html(os.path.join(out_dir, "index.html"), "protokern explanation", self._html())
 
     def _html(self) -> str:
         c, esc = self.class_idx, html.escape
+        kh, kw = self.prototype_size
         probs = torch.softmax(self.logits.double(), 0)
         order = torch.argsort(self.logits, descending=True)[:5].tolist()
         rows = "".join(f"<tr><td class=left>{esc(self.class_name(k))}</td><td>{float(self.logits[k]):.4f}</td>"
@@ -164,6 +179,8 @@ class Explanation:
             f" (logit {float(self.logits[self.predicted_class]):.4f}). Explained class: <b>{esc(self.class_name(c))}"
             f"</b>, logit {float(self.logits[c]):.4f} = sum over all {len(self.similarity)} prototypes of "
             f"similarity &times; weight = {float(self.contributions(c).sum()):.4f}.</p>",
+            f"<p>Prototypes: {kh} &times; {kw} windows of the feature map; similarity: "
+            f"{esc(SIMILARITY_NAMES[self.similarity_kind])} (d: {esc(self._distance_name())}).</p>",
             f"<table><tr><th class=left>class</th><th>logit</th><th>probability</th></tr>{rows}</table>",
             f"<h2>Top {len(self.top)} prototypes by contribution</h2>",
             "<p>Each row: the image with the prototype's activation map and most activated box "
@@ -186,6 +203,10 @@ class Explanation:
         parts.append("</table>")
         return "\n".join(parts)
 
+    def _distance_name(self) -> str:
+        return "distance between unit vectors, 2 - 2 cos" if self.similarity_kind == "cosine" else \
+            "squared L2 distance"
+
 
 def _crop(image: np.ndarray, box: Box | None, size: int) -> np.ndarray:
     """The ``box`` region of ``image`` scaled to fit a ``size`` square (a placeholder if there is none)."""
@@ -198,11 +219,11 @@ def _crop(image: np.ndarray, box: Box | None, size: int) -> np.ndarray:
     return np.asarray(patch.resize(new, Image.NEAREST), dtype=np.uint8)
 
 
-def _evidence_panel(image: np.ndarray, e: PrototypeEvidence, min_side: int) -> np.ndarray:
+def _evidence_panel(image: np.ndarray, e: PrototypeEvidence, min_side: int, kind: str) -> np.ndarray:
     test = render.draw_box(render.overlay(image, e.heatmap), e.box)
     test = render.upscale(test, min_side)
     side = test.shape[0]
-    tiles = [render.label(test, f"prototype {e.prototype}: sim {e.similarity:.3f} x w {e.weight:.3f}"),
+    tiles = [render.label(test, f"prototype {e.prototype}: {kind} sim {e.similarity:.3f} x w {e.weight:.3f}"),
              render.label(_crop(image, e.box, side), "this")]
     if e.source_image is not None:
         source = render.to_uint8(e.source_image)
@@ -294,7 +315,8 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
     Returns:
         :class:`Explanation`; call ``.save(out_dir)`` for the PNGs and ``index.html``.
     """
-    prototypes = model.prototype_layer.prototypes
+    layer = model.prototype_layer
+    prototypes = layer.prototypes
     num_protos = prototypes.shape[0]
     if push_records is not None and len(push_records.image_index) != num_protos:
         raise ValueError(f"push_records describe {len(push_records.image_index)} prototypes but the model has "
@@ -315,7 +337,8 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
         z = model.conv_features(batch)  # the trunk runs once per image
         logits, min_distances, similarity = model.classify_features(z)
         z = z.float()
-        distances = prototype_distances(z, prototypes.detach().float())[0]  # (P, H, W)
+        _, nearest = layer.nearest(z)  # the op's winning windows: (1, P), h * Wout + w
+        distances = layer.distance_maps(z)[0]  # (P, Hout, Wout) in the layer's distance
     logits, min_distances, similarity = logits[0].cpu(), min_distances[0].cpu(), similarity[0].cpu()
     weights = model.last_layer.weight.detach().float().cpu()
     predicted = int(logits.argmax())
@@ -325,25 +348,25 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
     k = min(top_k, num_protos)
     contributions = similarity * weights[c]
     top = torch.argsort(contributions, descending=True, stable=True)[:k].tolist()
-    eps = model.prototype_layer.eps
-    maps = log_similarity(distances[top], eps).cpu()  # (k, H, W)
+    maps = layer.to_similarity(distances[top]).cpu()  # (k, Hout, Wout)
     size = tuple(x.shape[1:])
     heatmaps = render.upsample(maps, size)
     boxes = activation_boxes(maps, size)
-    W = distances.shape[2]
-    patches = distances[top].flatten(1).argmin(1).cpu()
+    wout = distances.shape[2]
+    patches = nearest[0, top].cpu()
+    window = layer.prototype_size
     rf = getattr(model, "receptive_field", None)
     if class_names is None:
         class_names = getattr(push_images, "classes", None)
 
     evidence = []
     for rank, (j, patch, box, heat) in enumerate(zip(top, patches.tolist(), boxes.tolist(), heatmaps), 1):
-        h, w = divmod(patch, W)
+        h, w = divmod(patch, wout)
         rf_box = None
         if rf is not None:
             from protokern.models import patch_box
 
-            rf_box = patch_box(rf, size, h, w)
+            rf_box = patch_box(rf, size, h, w, window=window)
         source_index = source_box = source_rf = None
         if push_records is not None and int(push_records.image_index[j]) >= 0:
             source_index = int(push_records.image_index[j])
@@ -358,4 +381,5 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
         ))
     return Explanation(image=x, logits=logits, predicted_class=predicted, class_idx=c, similarity=similarity,
                        min_distances=min_distances, weights=weights, prototype_classes=classes, top=evidence,
-                       class_names=list(class_names) if class_names is not None else None)
+                       class_names=list(class_names) if class_names is not None else None,
+                       similarity_kind=layer.similarity, prototype_size=tuple(window))

@@ -12,6 +12,11 @@
   stability score is the mean over prototypes of the fraction of images of their class on which the set of
   covered parts stays the same when Gaussian noise (std 0.2, clipped to +-0.25) is added to the normalised
   image. Scores are fractions in [0, 1] (the paper reports percentages).
+
+Every prototype layer works: activation maps are the layer's similarity (log, linear or cosine) over the
+(Hout, Wout) positions of its kh x kw windows, upsampled to the image as the original does, and a window's
+location is the centre of the receptive field of the whole window
+(:func:`protokern.models.receptive_field.window_center`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from protokern.explain import render
-from protokern.ops import log_similarity, nearest_patches, prototype_distances
 from protokern.utils import eval_mode, image_order, progress as _progress
 
 __all__ = [
@@ -81,10 +85,9 @@ def _argmax_pixels(maps: Tensor, size: tuple[int, int], chunk: int = 256) -> tup
 
 
 def _similarity_maps(model: nn.Module, z: Tensor) -> Tensor:
-    """(B, P, H, W) log-similarity maps of every prototype."""
-    distances = prototype_distances(z, model.prototype_layer.prototypes.detach().float())
-    eps = model.prototype_layer.eps
-    return log_similarity(distances, eps)
+    """(B, P, Hout, Wout) maps of every prototype in the layer's similarity, over its window positions."""
+    layer = model.prototype_layer
+    return layer.to_similarity(layer.distance_maps(z))
 
 
 @torch.no_grad()
@@ -100,8 +103,9 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
             index; default: the dataset's ``boxes`` (e.g. ``SyntheticParts``).
         prototypes: which (image, prototype) pairs count: ``"own_class"`` (every prototype of the image's
             class) or ``"top"`` (the ``top_k`` most activated prototypes of each image).
-        location: ``"rf_centre"`` (the centre of the receptive field of the nearest patch) or ``"argmax"``
-            (the pixel maximum of the bicubically upsampled similarity map).
+        location: ``"rf_centre"`` (the centre of the receptive field of the nearest window, the whole kh x kw
+            window for kh x kw prototypes) or ``"argmax"`` (the pixel maximum of the similarity map over the
+            window positions, bicubically upsampled to the image).
         device, batch_size, num_workers, progress: how to run.
 
     Returns:
@@ -112,6 +116,7 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
         raise ValueError(f"location must be one of {LOCATIONS}, got {location!r}")
     if prototypes not in SELECTIONS:
         raise ValueError(f"prototypes must be one of {SELECTIONS}, got {prototypes!r}")
+    layer = model.prototype_layer
     rf = getattr(model, "receptive_field", None)
     if location == "rf_centre" and rf is None:
         raise ValueError("the model has no receptive field: use location='argmax'")
@@ -131,6 +136,7 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
     counts = torch.zeros(num_protos, dtype=torch.float64)
     images_seen = 0
     from protokern.data import imagenet_normalize
+    from protokern.models.receptive_field import window_center
 
     with eval_mode(model):
         for images, labels, index in _progress(batches, "part localisation", progress, total):
@@ -139,10 +145,10 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
             images, labels = images.to(device).float(), labels.to(device)
             z = model.conv_features(imagenet_normalize(images)).float()
             if location == "rf_centre":
-                distance, patch = nearest_patches(z, model.prototype_layer.prototypes.detach().float())
-                score = -distance
+                distance, patch = layer.nearest(z)  # (B, P), patch = h * Wout + w
+                score = -distance  # every similarity kind decreases with the distance
             else:
-                maps = _similarity_maps(model, z)  # (B, P, H, W)
+                maps = _similarity_maps(model, z)  # (B, P, Hout, Wout)
                 score = maps.flatten(2).amax(2)
             if prototypes == "own_class":
                 selected = labels[:, None] == classes[None, :]
@@ -151,9 +157,9 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
                 selected.scatter_(1, score.topk(top_k, dim=1).indices, True)
             b, j = selected.nonzero(as_tuple=True)  # the counted (image, prototype) pairs
             if location == "rf_centre":
-                W = z.shape[3]
-                cy = rf.start + (patch[b, j] // W).double() * rf.jump
-                cx = rf.start + (patch[b, j] % W).double() * rf.jump
+                wout = layer.output_size(z.shape[-2:])[1]
+                cy, cx = window_center(rf, (patch[b, j] // wout).double(), (patch[b, j] % wout).double(),
+                                       layer.prototype_size)
             else:
                 cy, cx = (v.double() for v in _argmax_pixels(maps[b, j], tuple(images.shape[-2:])))
             box = boxes[index.to(boxes.device)[b.cpu()]].to(device)  # (n, 4)
@@ -227,7 +233,7 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
             if noise_std > 0:
                 noise = torch.randn(x.shape, generator=generator) * noise_std
                 x = x + noise.clamp(-noise_clip, noise_clip).to(device)
-            maps = _similarity_maps(model, model.conv_features(x).float())  # (B, P, H, W)
+            maps = _similarity_maps(model, model.conv_features(x).float())  # (B, P, Hout, Wout)
             b, j = (labels[:, None] == classes[None, :]).nonzero(as_tuple=True)  # own-class pairs
             parts = torch.stack([torch.as_tensor(dataset.part_locations(int(i)), dtype=torch.float32)
                                  for i in index]).to(device)  # (B, K, 3)
