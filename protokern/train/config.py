@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from protokern.data.augment import MODES as AUGMENT_MODES
 from protokern.data.cache import CACHE_MODES
 from protokern.models import ADD_ONS, BACKBONES
+from protokern.ops import SIMILARITIES
 
 DATASETS = ("synthetic", "cub", "cars", "folder")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -74,6 +75,10 @@ class TrainConfig:
     prototypes_per_class: int = _opt(10, "prototypes of each class")
     prototype_dim: int = _opt(128, "channels of the add-on output and of each prototype")
     add_on: str = _opt("regular", f"add-on layers between trunk and prototypes: one of {', '.join(ADD_ONS)}")
+    prototype_size: str = _opt("1", "prototype window on the feature map: K (K x K) or KHxKW, e.g. 1, 3 or 2x3 "
+                                    "(the original's prototype_shape[2:], 1 x 1 in its runs)")
+    similarity: str = _opt("log", "prototype similarity: log (log((d + 1) / (d + eps)), the original's default), "
+                                  "linear (-d; as the original, no last-layer epochs after a push) or cosine")
 
     # schedule (epochs count the warm-up + joint epochs; last-layer epochs come on top after each push)
     epochs: int = _opt(31, "warm-up + joint epochs (last-layer epochs after each push come on top)")
@@ -82,7 +87,8 @@ class TrainConfig:
     push_every: int = _opt(10, "push every this many epochs after push_start")
     push_at_end: bool = _opt(False, "also push after the final epoch if it is not a push epoch (the original "
                                     "does not)")
-    last_layer_epochs: int = _opt(20, "last-layer-only epochs after each push (formerly --last-layer-iters)")
+    last_layer_epochs: int = _opt(20, "last-layer-only epochs after each push (none with --similarity linear, as "
+                                       "the original; formerly --last-layer-iters)")
     max_steps: int | None = _opt(None, "stop after this many schedule steps (resume later with --resume)")
 
     # batches (training: global, split across torchrun processes; test and push: per process)
@@ -141,6 +147,11 @@ class TrainConfig:
     prune_retrain_epochs: int = _opt(100, "last-layer epochs after pruning (the original: 100, at the last-layer "
                                           "lr; formerly --prune-retrain-iters)")
 
+    @property
+    def window(self) -> tuple[int, int]:
+        """``prototype_size`` as (kh, kw)."""
+        return parse_window(self.prototype_size)
+
     def validate(self) -> TrainConfig:
         """Raise ``ValueError`` naming the first bad setting; return self."""
         def need(ok: bool, message: str):
@@ -164,6 +175,8 @@ class TrainConfig:
         need(self.crop in CROPS, f"crop must be 'bbox' or 'none', got {self.crop!r}")
         need(self.backbone in BACKBONES, f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
         need(self.add_on in ADD_ONS, f"add_on must be one of {ADD_ONS}, got {self.add_on!r}")
+        need(self.similarity in SIMILARITIES, f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        self.window  # noqa: B018 - raises the one-line error of a bad prototype_size
         need(not (self.pretrained and self.backbone_weights), "give either --pretrained or --backbone-weights")
         for name in ("image_size", "prototypes_per_class", "prototype_dim", "epochs", "push_every",
                      "train_batch_size", "test_batch_size", "push_batch_size", "lr_step_size", "augment_copies",
@@ -201,6 +214,15 @@ class TrainConfig:
         if "augment_mode" not in settings:
             settings.update(augment_mode="compose", augment_copies=1, prune_retrain="cached")
         return cls(**settings)
+
+
+def parse_window(text) -> tuple[int, int]:
+    """(kh, kw) of a ``prototype_size`` setting "K" or "KHxKW" (an int K is taken too)."""
+    parts = str(text).lower().replace(" ", "").split("x")
+    if len(parts) in (1, 2) and all(p.isdigit() and int(p) >= 1 for p in parts):
+        return int(parts[0]), int(parts[-1])
+    raise ValueError(f"bad config: prototype_size must be K or KHxKW with integers >= 1 (e.g. 1, 3, 2x3), "
+                     f"got {text!r}")
 
 
 def _warn_renamed(old: str, where: str) -> None:
@@ -311,6 +333,8 @@ def _coerce(name: str, value, kind: type):
             pass
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
+    if name == "prototype_size" and isinstance(value, int) and not isinstance(value, bool):  # YAML: 3
+        return str(value)
     raise ValueError(f"bad config: {name} must be {kind.__name__}, got {value!r}")
 
 
@@ -343,7 +367,7 @@ def load_config_file(path: str) -> dict:
 
 _CHOICES = {"dataset": DATASETS, "amp": AMP_MODES, "crop": CROPS, "backbone": BACKBONES, "add_on": ADD_ONS,
             "augment_mode": AUGMENT_MODES, "prune_retrain": PRUNE_RETRAIN,
-            "nan_policy": NAN_POLICIES, "data_cache": CACHE_MODES}
+            "nan_policy": NAN_POLICIES, "data_cache": CACHE_MODES, "similarity": SIMILARITIES}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -127,7 +127,8 @@ class Trainer:
         self.model = ProtoPNet(backbone=cfg.backbone, num_classes=num_classes,
                                prototypes_per_class=cfg.prototypes_per_class, prototype_dim=cfg.prototype_dim,
                                add_on=cfg.add_on, pretrained=cfg.pretrained,
-                               backbone_weights=cfg.backbone_weights).to(device)
+                               backbone_weights=cfg.backbone_weights, prototype_size=cfg.window,
+                               similarity=cfg.similarity).to(device)
         if cfg.channels_last:
             self.model.features.to(memory_format=torch.channels_last)
         self.amp_dtype = _AMP[cfg.amp]

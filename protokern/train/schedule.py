@@ -6,7 +6,8 @@
   ``StepLR(5, 0.1)`` stepped at the start of every joint epoch (as the original, which steps before training).
 - ``push`` after epoch ``e`` when ``e >= push_start`` and ``e % push_every == 0`` (and, with
   ``push_at_end``, after the final epoch; the original does not), followed by ``last_layer_epochs`` ``last``
-  epochs training only the last layer (Adam 1e-4).
+  epochs training only the last layer (Adam 1e-4); none for the "linear" similarity, as the original
+  (whose last-layer stage runs only for its 'log' activation).
 
 The last layer is in neither the warm nor the joint optimiser.
 """
@@ -39,12 +40,13 @@ def build_schedule(cfg: TrainConfig) -> list[Step]:
     def add(stage, epoch, iteration=0):
         steps.append(Step(len(steps), stage, epoch, iteration))
 
+    last_layer_epochs = 0 if cfg.similarity == "linear" else cfg.last_layer_epochs
     for epoch in range(cfg.epochs):
         add("warm" if epoch < cfg.warm_epochs else "joint", epoch)
         is_push = epoch >= cfg.push_start and epoch % cfg.push_every == 0
         if is_push or (cfg.push_at_end and epoch == cfg.epochs - 1):
             add("push", epoch)
-            for i in range(cfg.last_layer_epochs):
+            for i in range(last_layer_epochs):
                 add("last", epoch, i)
     return steps
 

@@ -74,6 +74,9 @@ def test_config_file_errors(tmp_path):
     (["--val-fraction", "1"], "val_fraction must be in \\[0, 1\\)"),
     (["--val-fraction", "-0.1"], "val_fraction must be in"),
     (["--last-layer-epochs", "-1"], "last_layer_epochs must be an int >= 0"),
+    (["--prototype-size", "0"], "prototype_size must be K or KHxKW"),
+    (["--prototype-size", "2x"], "prototype_size must be K or KHxKW"),
+    (["--prototype-size", "1x2x3"], "prototype_size must be K or KHxKW"),
 ])
 def test_bad_values_are_named(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -151,3 +154,22 @@ def test_saved_config_of_an_older_checkpoint():
     assert sorted(str(w.message).split()[2] for w in caught) == sorted(RENAMED)
     assert cfg.last_layer_epochs == 3 and cfg.prune_retrain_epochs == 100 and cfg.val_fraction == 0.0
     assert TrainConfig.from_saved(preset_config("demo").to_dict()) == preset_config("demo")
+
+
+def test_prototype_size_and_similarity(tmp_path):
+    """--prototype-size K or KHxKW, --similarity one of the op's kinds; a config file may give K as a number;
+    the trainer's schedule skips the last-layer epochs for 'linear' only."""
+    from protokern.train.schedule import build_schedule
+
+    cfg, _ = parse_config(["--prototype-size", "2x3", "--similarity", "cosine"])
+    assert cfg.window == (2, 3) and cfg.similarity == "cosine"
+    assert parse_config(["--prototype-size", "3"])[0].window == (3, 3)
+    assert parse_config([])[0].window == (1, 1) and parse_config([])[0].similarity == "log"
+    path = tmp_path / "c.yaml"
+    path.write_text("prototype_size: 2\nsimilarity: linear\n")
+    cfg, _ = parse_config(["--config", str(path)])
+    assert cfg.window == (2, 2) and cfg.similarity == "linear"
+    assert "last" not in {s.stage for s in build_schedule(cfg)}
+    assert "last" in {s.stage for s in build_schedule(parse_config(["--similarity", "cosine"])[0])}
+    with pytest.raises(SystemExit):
+        parse_config(["--similarity", "euclid"])

@@ -213,3 +213,29 @@ def test_gpu_run(tiny_args, flags):
     assert [r["stage"] for r in rows] == STEPS
     losses = [r["train_ce"] for r in rows if r.get("train_ce") is not None]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("size,similarity", [("2x3", "cosine"), ("2", "linear")])
+def test_window_prototypes_and_similarity_kinds_train_end_to_end(tiny_args, tmp_path, size, similarity):
+    """--prototype-size and --similarity reach the model, push and the saved model; with 'linear' the
+    schedule has no last-layer epochs after a push, as the original."""
+    summary = main(tiny_args + ["--prototype-size", size, "--similarity", similarity])
+    run = str(tmp_path / "run")
+    stages = [r["stage"] for r in _rows(run)]
+    assert stages == (["warm", "joint", "push"] if similarity == "linear" else STEPS)
+    assert summary["complete"]
+    state = load_checkpoint(run)
+    model = ProtoPNet.from_config(state["model_config"])
+    model.load_state_dict(state["model"])
+    kh, kw = (2, 3) if size == "2x3" else (2, 2)
+    assert model.prototype_shape[2:] == (kh, kw) and model.prototype_layer.similarity == similarity
+    records = PushRecords.load(os.path.join(run, "push", "epoch_001", "push_records.pt"))
+    assert records.window == (kh, kw) and records.pushed.all()
+    _, _, push_set, _ = build_datasets(TrainConfig(**state["config"]))
+    images = torch.stack([push_set[i][0] for i in records.image_index.tolist()])
+    model.eval()
+    with torch.no_grad():  # the pushed prototypes are exactly windows of their source images
+        d, idx = model.prototype_layer.nearest(model.conv_features(imagenet_normalize(images)))
+    assert d.diagonal().max() < 1e-5
+    wout = 4 - kw + 1
+    assert torch.equal(idx.diagonal(), records.patch[:, 0] * wout + records.patch[:, 1])
