@@ -7,6 +7,7 @@ covers pixels [8h, 8h + 8) x [8w, 8w + 8), centre (8h + 4, 8w + 4)).
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from protokern.data import imagenet_normalize
@@ -18,20 +19,51 @@ GREEN = (0.1, 0.8, 0.1)
 BLUE = (0.1, 0.2, 0.9)
 
 
-def colour_model(colours, prototype_classes, num_classes: int, pool: int = 8) -> ProtoPNet:
-    """ProtoPNet with prototypes = the normalised ``colours`` (P, 3) of the given classes."""
+def colour_model(colours, prototype_classes, num_classes: int, pool: int = 8, similarity: str = "log") -> ProtoPNet:
+    """ProtoPNet with prototypes = the normalised ``colours`` of the given classes: (P, 3) colours (1 x 1
+    prototypes) or (P, kh, kw, 3) grids of colours (kh x kw prototypes, row h of the grid = row h of cells)."""
+    grid = torch.as_tensor(colours, dtype=torch.float32)
+    grid = grid[:, None, None] if grid.dim() == 2 else grid  # (P, kh, kw, 3)
     model = ProtoPNet(nn.AvgPool2d(pool), num_classes=num_classes, prototype_classes=prototype_classes,
-                      prototype_dim=3, out_channels=3)
+                      prototype_dim=3, out_channels=3, prototype_size=tuple(grid.shape[1:3]), similarity=similarity)
     model.add_on = nn.Identity()
     with torch.no_grad():
-        p = imagenet_normalize(torch.tensor(colours, dtype=torch.float32).view(-1, 3, 1, 1))
-        model.prototype_layer.prototypes.copy_(p)
+        model.prototype_layer.prototypes.copy_(imagenet_normalize(grid.permute(0, 3, 1, 2)))
     return model.eval()
+
+
+def reference_distance_maps(z: torch.Tensor, prototypes: torch.Tensor, similarity: str) -> torch.Tensor:
+    """(B, M, Hout, Wout) float64 distances of every (M, D, kh, kw) prototype to every kh x kw window of z
+    (B, D, H, W), written out from the definitions (F.unfold windows; 2 - 2 cos for "cosine")."""
+    kh, kw = prototypes.shape[2:]
+    B, _, H, W = z.shape
+    windows = F.unfold(z.double(), (kh, kw))[:, None]  # (B, 1, D*kh*kw, L)
+    p = prototypes.double().flatten(1)[None, :, :, None]  # (1, M, D*kh*kw, 1)
+    if similarity == "cosine":
+        d = 2 - 2 * F.cosine_similarity(windows, p, dim=2, eps=1e-8)
+    else:
+        d = (windows - p).square().sum(2)
+    return d.view(B, prototypes.shape[0], H - kh + 1, W - kw + 1)
+
+
+def reference_similarity(d: torch.Tensor, similarity: str, eps: float = 1e-4) -> torch.Tensor:
+    """The similarity of distances ``d``, written out: log((d + 1) / (d + eps)), -d or 1 - d / 2."""
+    if similarity == "log":
+        return torch.log((d + 1) / (d + eps))
+    return -d if similarity == "linear" else 1 - d / 2
 
 
 def canvas(size: int = 64, background=GREY) -> torch.Tensor:
     """A uniform (3, size, size) image."""
     return torch.tensor(background, dtype=torch.float32).view(3, 1, 1).expand(3, size, size).clone()
+
+
+def paint_grid(image: torch.Tensor, cell: tuple[int, int], grid, cell_size: int = 8) -> torch.Tensor:
+    """Paint a (kh, kw) grid of colours with its top-left on feature cell ``cell``, in place."""
+    for dh, row in enumerate(grid):
+        for dw, colour in enumerate(row):
+            paint(image, (cell[0] + dh, cell[1] + dw), colour, cell_size)
+    return image
 
 
 def paint(image: torch.Tensor, cell: tuple[int, int], colour, cell_size: int = 8) -> torch.Tensor:

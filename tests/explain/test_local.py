@@ -9,11 +9,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from protokern.data import imagenet_normalize
 from protokern.explain import explain_image
-from protokern.explain.render import BOX_COLOUR
-from protokern.models import ProtoPNet
+from protokern.explain.local import SIMILARITY_NAMES
+from protokern.explain.render import BOX_COLOUR, upsample
+from protokern.models import ProtoPNet, patch_box
 from protokern.push import push_prototypes
-from tests.explain.helpers import BLUE, GREEN, RED, ListDataset, canvas, colour_model, paint
+from tests.explain.helpers import (BLUE, GREEN, RED, ListDataset, canvas, colour_model, paint, paint_grid,
+                                   reference_distance_maps, reference_similarity)
 
 
 def test_contributions_add_up_to_the_logits():
@@ -142,3 +145,80 @@ def test_bad_inputs():
     records = push_prototypes(other, DataLoader(_scene(), batch_size=4), progress=False)
     with pytest.raises(ValueError, match="before pruning"):
         explain_image(model, torch.rand(3, 64, 64), push_records=records)
+
+
+# ------------------------------------------------------------------------------------------- kh x kw prototypes
+KINDS = ["log", "linear", "cosine"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_window_prototypes_explained_as_the_layer_computes_them(kind):
+    """2 x 3 prototypes: similarities and the ranking are the layer's, maps cover the (Hout, Wout) window
+    positions, the box is the receptive field of the whole nearest window (all from float64 references)."""
+    torch.manual_seed(0)
+    model = colour_model(torch.rand(5, 2, 3, 3), [0, 0, 1, 1, 1], num_classes=2, similarity=kind)
+    with torch.no_grad():
+        model.last_layer.weight.normal_()
+    image = torch.rand(3, 64, 64)  # feature map 8 x 8: Hout, Wout = 7, 6
+    e = explain_image(model, image, top_k=4)
+    with torch.no_grad():
+        z = model.conv_features(imagenet_normalize(image[None]))
+        similarity, min_distances = model.prototype_layer(z)
+    torch.testing.assert_close(e.similarity, similarity[0])
+    torch.testing.assert_close(e.min_distances, min_distances[0])
+    contributions = similarity[0] * model.last_layer.weight[e.class_idx].detach()
+    assert [x.prototype for x in e.top] == contributions.argsort(descending=True)[:4].tolist()
+    assert e.similarity_kind == kind and e.prototype_size == (2, 3)
+    d = reference_distance_maps(z, model.prototype_layer.prototypes.detach(), kind)[0]  # (5, 7, 6)
+    sim = reference_similarity(d, kind)
+    for x in e.top:
+        h, w = divmod(int(d[x.prototype].argmin()), 6)
+        assert x.patch == (h, w)
+        assert x.rf_box == (8 * h, 8 * h + 16, 8 * w, 8 * w + 24)  # cells h..h+1, w..w+2 of 8 pixels each
+        assert x.rf_box == patch_box(model.receptive_field, 64, h, w, window=(2, 3))
+        assert x.similarity == pytest.approx(float(sim[x.prototype].max()), rel=1e-4, abs=1e-5)
+        assert x.distance == pytest.approx(float(d[x.prototype].min()), rel=1e-4, abs=1e-5)
+        assert x.heatmap.shape == (64, 64)
+        torch.testing.assert_close(x.heatmap, upsample(sim[x.prototype].float(), (64, 64)), rtol=1e-4, atol=1e-4)
+    data = e.to_dict()
+    assert data["similarity_kind"] == kind and data["prototype_size"] == [2, 3]
+    assert SIMILARITY_NAMES[kind] in e._html()
+
+
+BLOCK = [[RED, BLUE, RED], [BLUE, RED, BLUE]]  # a 2 x 3 pattern of cells
+
+
+def _block_scene():
+    """Class 0: the 2 x 3 block at cells (1 + i, 2 + i); class 1: a green cell (1 x 1) and nothing else."""
+    images, labels = [], []
+    for i in range(4):
+        img = canvas(64)
+        if i % 2 == 0:
+            paint_grid(img, (1 + i, 2 + i), BLOCK)
+        else:
+            paint(img, (3, 3), GREEN)
+        images.append(img)
+        labels.append(i % 2)
+    return ListDataset(images, labels, classes=["block", "green"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_window_prototype_box_on_the_image_and_its_source(kind):
+    grey = [[(0.5, 0.5, 0.5)] * 3] * 2
+    model = colour_model([BLOCK, [[GREEN] + [(0.5, 0.5, 0.5)] * 2, grey[0]]], [0, 1], num_classes=2,
+                         similarity=kind)
+    with torch.no_grad():
+        model.prototype_layer.prototypes.add_(0.05 * torch.randn(2, 3, 2, 3, generator=torch.Generator().manual_seed(1)))
+    dataset = _block_scene()
+    records = push_prototypes(model, DataLoader(dataset, batch_size=2), progress=False)
+    assert records.patch[0].tolist() == [1, 2]  # pushed onto image 0's block (distance 0 on images 0 and 2)
+    test = paint_grid(canvas(64), (4, 2), BLOCK)
+    e = explain_image(model, test, push_records=records, push_images=dataset, top_k=2)
+    block = next(x for x in e.top if x.prototype == 0)
+    assert block.patch == (4, 2) and block.rf_box == (32, 48, 16, 40)  # cells 4..5 x 2..4
+    # the (7, 6) map of window positions is stretched over the image (as the original): its peak, position
+    # (4, 2), lands on pixel (4.5 * 64 / 7, 2.5 * 64 / 6) = (41.1, 26.7)
+    y0, y1, x0, x1 = block.box
+    assert y0 <= 41 < y1 and x0 <= 26 < x1 and (y1 - y0) <= 24 and (x1 - x0) <= 24
+    assert block.source_index == 0 and block.source_rf_box == (8, 24, 16, 40)
+    assert torch.equal(block.source_image, dataset[0][0])
