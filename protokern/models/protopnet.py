@@ -230,13 +230,14 @@ class ProtoPNet(nn.Module):
 
         Keys: ``features.*`` (the original's VGG / DenseNet feature classes nest torchvision's layers one
         level deeper, ``features.features.*``; its ResNet uses torchvision's names), ``add_on_layers.*``,
-        ``prototype_vectors`` (P, D, 1, 1), ``ones``, ``last_layer.weight`` (C, P). A ``module.`` prefix
+        ``prototype_vectors`` (P, D, kh, kw), ``ones``, ``last_layer.weight`` (C, P). A ``module.`` prefix
         (DataParallel) is stripped; an ``nn.Module`` is taken by its ``state_dict()``.
 
         ``kwargs`` go to the constructor; ``backbone`` must name the original's base architecture (default
         'vgg19', as the constructor) or be a module trunk. ``num_classes``, ``prototype_dim``,
-        ``prototypes_per_class`` and ``add_on`` are inferred. The original does not save the class identity:
-        for a pruned model pass ``prototype_classes``.
+        ``prototype_size``, ``prototypes_per_class`` and ``add_on`` are inferred. The original saves neither
+        its ``prototype_activation_function`` nor the class identity: for a model trained with 'linear' pass
+        ``similarity="linear"`` (default "log"), for a pruned model pass ``prototype_classes``.
         """
         if isinstance(state_dict, nn.Module):
             state_dict = state_dict.state_dict()
@@ -245,8 +246,11 @@ class ProtoPNet(nn.Module):
             if key not in state:
                 raise ValueError(f"not a state dict of the original ProtoPNet: no {key!r}")
         vectors, last = state["prototype_vectors"], state["last_layer.weight"]
-        if vectors.dim() != 4 or tuple(vectors.shape[2:]) != (1, 1):
-            raise ValueError(f"only 1x1 prototypes are supported, got prototype_vectors {tuple(vectors.shape)}")
+        if vectors.dim() != 4:
+            raise ValueError(f"prototype_vectors must be (P, D, kh, kw), got {tuple(vectors.shape)}")
+        if kwargs.get("similarity", "log") not in ("log", "linear"):
+            raise ValueError(f"the original's activations are 'log' and 'linear', got similarity="
+                             f"{kwargs['similarity']!r}")
         num_prototypes, prototype_dim = vectors.shape[:2]
         num_classes = last.shape[0]
         if last.shape[1] != num_prototypes:
@@ -257,8 +261,12 @@ class ProtoPNet(nn.Module):
             "num_classes": num_classes,
             "prototype_dim": prototype_dim,
             "add_on": "regular" if len(add_on_convs) == 2 else "bottleneck",
+            "prototype_size": tuple(vectors.shape[2:]),
         }
         for key, value in inferred.items():
+            if key == "prototype_size" and isinstance(kwargs.get(key), (list, int)):  # (k, k), [kh, kw], k
+                size = kwargs[key]
+                kwargs[key] = (size, size) if isinstance(size, int) else tuple(size)
             if kwargs.setdefault(key, value) != value:
                 raise ValueError(f"{key}={kwargs[key]!r} but the state dict has {value!r}")
         if kwargs.get("prototype_classes") is None:

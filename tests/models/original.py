@@ -3,7 +3,8 @@
 Written from the facts in shared/reference/original-protopnet.md and the original's module layout: feature
 classes that nest torchvision layers (VGG / DenseNet under ``.features``, ResNet with torchvision's names),
 ``add_on_layers``, ``prototype_vectors``, ``ones``, ``last_layer``; distances by the conv2d expansion with
-ReLU, min-pooling by ``-max_pool2d(-d)``, log similarity.
+ReLU (over kh x kw windows for (P, D, kh, kw) prototypes), min-pooling by ``-max_pool2d(-d)``, 'log' or
+'linear' activation.
 """
 
 
@@ -61,8 +62,10 @@ def original_add_on(kind, in_channels, d):
 
 
 class OrigPPNet(nn.Module):
-    def __init__(self, features, in_channels, prototype_shape, num_classes, add_on="regular"):
+    def __init__(self, features, in_channels, prototype_shape, num_classes, add_on="regular",
+                 prototype_activation_function="log"):
         super().__init__()
+        self.prototype_activation_function = prototype_activation_function
         self.prototype_shape = prototype_shape
         self.num_prototypes = prototype_shape[0]
         self.epsilon = 1e-4
@@ -82,7 +85,10 @@ class OrigPPNet(nn.Module):
         distances = self._l2_convolution(self.add_on_layers(self.features(x)))
         min_distances = -F.max_pool2d(-distances, kernel_size=(distances.size(2), distances.size(3)))
         min_distances = min_distances.view(-1, self.num_prototypes)
-        activations = torch.log((min_distances + 1) / (min_distances + self.epsilon))
+        if self.prototype_activation_function == "log":
+            activations = torch.log((min_distances + 1) / (min_distances + self.epsilon))
+        else:  # 'linear'
+            activations = -min_distances
         return self.last_layer(activations), min_distances
 
 

@@ -14,9 +14,11 @@ CASES = [
 ]
 
 
-def _original(name, features_cls, channels, add_on, num_classes=3, per_class=4, dim=24):
+def _original(name, features_cls, channels, add_on, num_classes=3, per_class=4, dim=24, window=(1, 1),
+              activation="log"):
     torch.manual_seed(3)
-    original = OrigPPNet(features_cls(name), channels, (num_classes * per_class, dim, 1, 1), num_classes, add_on)
+    original = OrigPPNet(features_cls(name), channels, (num_classes * per_class, dim, *window), num_classes, add_on,
+                         prototype_activation_function=activation)
     randomize(original)
     with torch.no_grad():
         original.last_layer.weight.normal_()
@@ -73,3 +75,38 @@ def test_import_errors():
     extra = dict(state, stray=torch.zeros(1))
     with pytest.raises(ValueError, match="unexpected.*stray"):
         ProtoPNet.from_original_state_dict(extra, backbone="vgg11")
+
+
+@pytest.mark.parametrize("name, features_cls, channels, window, activation", [
+    ("vgg11", OrigVGGFeatures, 512, (2, 3), "log"),  # 96 px: a 3 x 3 map, kh != kw
+    ("vgg11", OrigVGGFeatures, 512, (3, 3), "linear"),  # a window as large as the map
+    ("resnet18", OrigResNetFeatures, 512, (2, 1), "linear"),
+])
+def test_window_prototypes_and_linear_activation_match_the_original(name, features_cls, channels, window,
+                                                                    activation):
+    """kh x kw prototype_vectors import with their window inferred, 'linear' with similarity="linear"; the
+    outputs equal the original's (its conv formulation over windows), in float64 to rounding."""
+    size = 96 if name == "vgg11" else 64
+    original = _original(name, features_cls, channels, "regular", window=window, activation=activation)
+    model = ProtoPNet.from_original_state_dict(original.state_dict(), backbone=name, similarity=activation).eval()
+    assert model.prototype_shape == (12, 24, *window) and model.prototype_layer.similarity == activation
+    assert model.config["prototype_size"] == list(window)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ref_logits, ref_min = original(x)
+        logits, min_d = model(x)
+        torch.testing.assert_close(min_d, ref_min, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(logits, ref_logits, atol=2e-3, rtol=1e-3)
+        ref_logits, ref_min = original.double()(x.double())
+        logits, min_d = model.double()(x.double())
+    torch.testing.assert_close(min_d, ref_min, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-7, rtol=1e-7)
+
+
+def test_import_of_window_prototypes_errors():
+    state = _original("vgg11", OrigVGGFeatures, 512, "regular", window=(2, 2)).state_dict()
+    with pytest.raises(ValueError, match="prototype_size"):
+        ProtoPNet.from_original_state_dict(state, backbone="vgg11", prototype_size=(1, 1))
+    assert ProtoPNet.from_original_state_dict(state, backbone="vgg11", prototype_size=2).prototype_shape[2:] == (2, 2)
+    with pytest.raises(ValueError, match="'log' and 'linear'"):
+        ProtoPNet.from_original_state_dict(state, backbone="vgg11", similarity="cosine")
