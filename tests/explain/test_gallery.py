@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader
 
 from protokern.explain import gallery
 from protokern.explain.render import BOX_COLOUR
+from protokern.models import patch_box
 from protokern.push import push_prototypes
-from tests.explain.helpers import BLUE, GREEN, RED, ListDataset, canvas, colour_model, paint
+from tests.explain.helpers import BLUE, GREEN, RED, ListDataset, canvas, colour_model, paint, paint_grid
 
 
 def _dataset():
@@ -64,3 +65,34 @@ def test_gallery_without_records_and_errors(tmp_path):
     with pytest.raises(ValueError, match="DataLoader over a dataset"):
         gallery(model, [(torch.rand(2, 3, 64, 64), torch.tensor([0, 1]))], k=1, out_dir=str(tmp_path),
                 progress=False)
+
+
+BLOCK = [[RED, BLUE, RED], [BLUE, RED, BLUE]]  # a 2 x 3 pattern of cells
+
+
+@pytest.mark.parametrize("kind", ["log", "linear", "cosine"])
+@pytest.mark.parametrize("with_rf", [True, False])
+def test_gallery_boxes_of_window_prototypes(tmp_path, kind, with_rf):
+    """2 x 3 prototypes: each neighbour's box covers the whole nearest window (receptive field, or the window's
+    share of the image without one), at the window's top-left cell on the (Hout, Wout) grid."""
+    cells = [(0, 0), (3, 1), (6, 5), (2, 4)]  # top-left cells of the block in images 0..3 (Hout, Wout = 7, 6)
+    images = [paint_grid(canvas(64), cell, BLOCK) for cell in cells]
+    images.append(paint(canvas(64), (5, 5), GREEN))
+    dataset = ListDataset(images, [0, 0, 0, 0, 1], classes=["block", "green"])
+    grey = [(0.5, 0.5, 0.5)] * 3
+    model = colour_model([BLOCK, [[GREEN] + grey[:2], grey]], [0, 1], num_classes=2, similarity=kind)
+    if not with_rf:
+        model.receptive_field = None
+    result = gallery(model, DataLoader(dataset, batch_size=2), k=4, out_dir=str(tmp_path), progress=False, tile=32)
+    nb = result["neighbours"]
+    assert nb.window == (2, 3) and nb.feature_size == (8, 8)
+    assert sorted(nb.image_index[0].tolist()) == [0, 1, 2, 3]  # the block prototype: every block, at distance 0
+    data = json.load(open(tmp_path / "gallery.json"))
+    assert data["window"] == [2, 3] and data["similarity"] == kind
+    for n in data["prototypes"][0]["neighbours"]:
+        h, w = cells[n["image_index"]]
+        assert n["patch"] == [h, w] and n["distance"] == pytest.approx(0, abs=1e-5)
+        assert n["box"] == [8 * h, 8 * h + 16, 8 * w, 8 * w + 24]  # cells h..h+1 x w..w+2 of 8 pixels
+        if with_rf:
+            assert tuple(n["box"]) == patch_box(colour_model([RED], [0], 1).receptive_field, 64, h, w, window=(2, 3))
+    assert "2 &times; 3 window" in open(result["html"], encoding="utf-8").read()
