@@ -5,12 +5,19 @@ protokern backend and precision), measures forward and forward+backward time (me
 ``triton.testing.do_bench``) and the peak extra memory of forward+backward (GPU only). Prints a Markdown table
 and writes JSON + Markdown under ``--out``.
 
+Variants (``--variants``): ``log`` (1 x 1 prototypes, the log similarity: the ProtoPNet layer), ``2x2``
+(2 x 2 prototypes, log similarity; protokern runs them as a 1 x 1 call on the unfolded map, the original as its
+conv2d over windows) and ``cosine`` (1 x 1 prototypes; protokern on unit vectors, the original's formulation
+with cosines from the same convolutions). By default ``log`` runs at every shape and ``2x2`` and ``cosine``
+at the first (the CUB shape), at each backend's default precision.
+
 On GPU each method is timed twice: as launched from Python (what a training loop sees; on a slow host this is
 bound by launch overhead) and as the replay of a captured CUDA graph of the same work (the GPU time alone).
 
     python benchmarks/distance.py                 # default shapes, on the GPU
     python benchmarks/distance.py --quick         # small shapes, runs anywhere (CPU: torch backend only)
     python benchmarks/distance.py --shape 80,128,7,7,2000 --shape 16,64,5,5,300
+    python benchmarks/distance.py --variants 2x2,cosine  # the prototype-kind rows at every shape
 """
 
 from __future__ import annotations
@@ -31,30 +38,43 @@ import protokern
 DEFAULT_SHAPES = [(80, 128, 7, 7, 2000), (128, 256, 14, 14, 2000), (64, 128, 7, 7, 10000), (32, 512, 28, 28, 2000)]
 QUICK_SHAPES = [(8, 64, 7, 7, 200), (4, 128, 14, 14, 100)]
 EPS = 1e-4
+# variant -> (prototype window, similarity)
+VARIANTS = {"log": ((1, 1), "log"), "2x2": ((2, 2), "log"), "cosine": ((1, 1), "cosine")}
 
 
-def original_layer(z, p):
-    """The original formulation in the input precision: conv2d expansion, ReLU, -max_pool2d(-d), log."""
-    p = p.view(p.shape[0], -1, 1, 1)
-    d = F.conv2d(z * z, torch.ones_like(p)) - 2 * F.conv2d(z, p) + (p * p).sum((1, 2, 3)).view(1, -1, 1, 1)
-    d = F.relu(d)
+def original_layer(z, p, similarity="log"):
+    """The original formulation in the input precision: conv2d expansion over the prototype's window, ReLU,
+    -max_pool2d(-d), then log ('log'), -d ('linear'); for 'cosine' the same convolutions give
+    d = 2 - 2 z.p / (|z| |p|) (the norms floored at 1e-8 as ``protokern.ops.COSINE_EPS``)."""
+    p = p.view(p.shape[0], -1, 1, 1) if p.dim() == 2 else p
+    zz, zp = F.conv2d(z * z, torch.ones_like(p)), F.conv2d(z, p)
+    pp = (p * p).sum((1, 2, 3)).view(1, -1, 1, 1)
+    if similarity == "cosine":
+        d = 2 - 2 * zp / (zz.sqrt().clamp_min(1e-8) * pp.sqrt().clamp_min(1e-8))
+    else:
+        d = F.relu(zz - 2 * zp + pp)
     min_d = -F.max_pool2d(-d, kernel_size=d.shape[2:]).flatten(1)
-    return torch.log((min_d + 1) / (min_d + EPS)), min_d
+    if similarity == "cosine":
+        return 1 - min_d / 2, min_d
+    return (torch.log((min_d + 1) / (min_d + EPS)) if similarity == "log" else -min_d), min_d
 
 
-def methods(device: torch.device, quick: bool):
-    """(name, fn(z, p) -> (sim, dist)) for every method that runs on ``device``."""
-    out = [("original eager", original_layer)]
+def methods(device: torch.device, quick: bool, variant: str = "log"):
+    """(name, fn(z, p) -> (sim, dist)) for every method that runs on ``device``; for the ``2x2`` and
+    ``cosine`` variants each backend at its default precision only."""
+    similarity = VARIANTS[variant][1]
+    out = [("original eager", lambda z, p: original_layer(z, p, similarity))]
     if device.type == "cuda" or not quick:
-        out.append(("original compiled", torch.compile(original_layer)))
+        out.append(("original compiled", torch.compile(lambda z, p: original_layer(z, p, similarity))))
     avail = protokern.available_backends(device)
     for backend, reason in avail.items():
         if reason is not None or (backend == "triton" and device.type == "cpu"):
             continue  # the Triton interpreter is a correctness tool, not a benchmark target
-        precisions = ["highest", "high", "medium"] if backend != "torch" and device.type == "cuda" else ["highest"]
-        for prec in precisions:
+        all_precisions = backend != "torch" and device.type == "cuda" and variant == "log"
+        for prec in ["highest", "high", "medium"] if all_precisions else ["highest"]:
             name = backend if prec == "highest" else f"{backend} ({prec})"
-            out.append((name, lambda z, p, b=backend, pr=prec: protokern.prototype_similarity(z, p, backend=b, precision=pr)))
+            out.append((name, lambda z, p, b=backend, pr=prec: protokern.prototype_similarity(
+                z, p, similarity=similarity, backend=b, precision=pr)))
     return out
 
 
@@ -88,13 +108,14 @@ def graphed(fn):
     return graph.replay
 
 
-def bench_shape(shape, device, quick, measure):
+def bench_shape(shape, device, quick, measure, variant="log"):
     B, D, H, W, M = shape
+    window = VARIANTS[variant][0]
     z = torch.rand(B, D, H, W, device=device).requires_grad_()
-    p = torch.rand(M, D, device=device).requires_grad_()
+    p = torch.rand(M, D, *window, device=device).requires_grad_()
     w = torch.randn(B, M, device=device)
     rows = []
-    for name, fn in methods(device, quick):
+    for name, fn in methods(device, quick, variant):
         def fwd():
             with torch.no_grad():
                 fn(z, p)
@@ -103,7 +124,7 @@ def bench_shape(shape, device, quick, measure):
             sim, dist = fn(z, p)
             torch.autograd.grad((sim * w).sum() + (dist * w).sum(), (z, p))
 
-        row = {"method": name, "shape": list(shape)}
+        row = {"method": name, "shape": list(shape), "variant": variant}
         try:
             row["fwd_us"] = measure(fwd)
             row["fwd_bwd_us"] = measure(fwd_bwd)
@@ -123,7 +144,7 @@ def bench_shape(shape, device, quick, measure):
         except Exception as exc:  # noqa: BLE001 - report the failure in the table, go on with other methods
             row["error"] = f"{type(exc).__name__}: {exc}"[:200]
         rows.append(row)
-        print(f"  {name:24s} " + (row.get("error") or f"fwd {row['fwd_us']:9.1f} us  fwd+bwd {row['fwd_bwd_us']:9.1f} us"),
+        print(f"  {variant:6s} {name:24s} " + (row.get("error") or f"fwd {row['fwd_us']:9.1f} us  fwd+bwd {row['fwd_bwd_us']:9.1f} us"),
               flush=True)
     base = next((r for r in rows if r["method"] == "original eager" and "fwd_bwd_us" in r), None)
     for r in rows:
@@ -154,18 +175,21 @@ def markdown(env: dict, rows: list[dict]) -> str:
              "above the inputs.", "",
              "Graph columns: replays of a captured CUDA graph of the same work (GPU time without Python launch cost).",
              "",
-             "| shape (B, D, HxW, M) | method | fwd (us) | fwd+bwd (us) | speed-up fwd+bwd vs original eager "
+             "Variant: log = 1x1 prototypes, log similarity (the ProtoPNet layer); 2x2 = 2x2 prototypes, log "
+             "(protokern: a 1x1 call on the unfolded map); cosine = 1x1 prototypes, cosine similarity.", "",
+             "| shape (B, D, HxW, M) | variant | method | fwd (us) | fwd+bwd (us) | speed-up fwd+bwd vs original eager "
              "| fwd graph (us) | fwd+bwd graph (us) | speed-up fwd+bwd graph | extra memory (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         B, D, H, W, M = r["shape"]
+        head = f"| ({B}, {D}, {H}x{W}, {M}) | {r.get('variant', 'log')} | {r['method']}"
         if "error" in r:
-            lines.append(f"| ({B}, {D}, {H}x{W}, {M}) | {r['method']} | error: {r['error']} | | | | | | |")
+            lines.append(f"{head} | error: {r['error']} | | | | | | |")
             continue
         extra = f"{r['extra_mib']:.1f}" if "extra_mib" in r else "-"
         def fmt(key, spec=".1f", suffix=""):
             return f"{r[key]:{spec}}{suffix}" if key in r else ("capture failed" if "graph_error" in r and "graph" in key else "-")
-        lines.append(f"| ({B}, {D}, {H}x{W}, {M}) | {r['method']} | {r['fwd_us']:.1f} | {r['fwd_bwd_us']:.1f} "
+        lines.append(f"{head} | {r['fwd_us']:.1f} | {r['fwd_bwd_us']:.1f} "
                      f"| {fmt('speedup_fwd_bwd_vs_eager', '.1f', 'x')} | {fmt('fwd_graph_us')} | {fmt('fwd_bwd_graph_us')} "
                      f"| {fmt('speedup_fwd_bwd_graph', '.1f', 'x')} | {extra} |")
     return "\n".join(lines) + "\n"
@@ -178,11 +202,22 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return parts
 
 
+def parse_variants(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"variants must be a comma list of {', '.join(VARIANTS)}, got {text!r}")
+    return names
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", action="append", type=parse_shape, help="B,D,H,W,M (repeatable)")
     ap.add_argument("--quick", action="store_true", help="small shapes: runs on a CPU in seconds")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--variants", type=parse_variants, default=None,
+                    help="comma list of log, 2x2, cosine to run at every shape (default: log at every shape, "
+                         "plus 2x2 and cosine at the first)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for JSON + Markdown")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -193,9 +228,10 @@ def main(argv=None):
     measure = timer(device)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"distance-{env['date']}-{device.type}{'-quick' if args.quick else ''}"
-    for shape in shapes:
+    for i, shape in enumerate(shapes):
         print(f"shape {shape}:", flush=True)
-        rows += bench_shape(shape, device, args.quick, measure)
+        for variant in args.variants or (["log", "2x2", "cosine"] if i == 0 else ["log"]):
+            rows += bench_shape(shape, device, args.quick, measure, variant)
         text = markdown(env, rows)  # written after every shape: an interrupted run keeps what it measured
         (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
         (args.out / f"{stem}.md").write_text(text)
