@@ -6,10 +6,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from protokern.data import CUB200
+from protokern.data import CUB200, imagenet_normalize
 from protokern.explain.metrics import (consistency_and_stability, consistency_score, part_correspondence,
                                        part_localisation, stability_score)
-from tests.explain.helpers import BLUE, GREEN, RED, ListDataset, canvas, colour_model, paint
+from protokern.explain.render import upsample
+from tests.explain.helpers import (BLUE, GREEN, RED, ListDataset, canvas, colour_model, paint,
+                                   reference_distance_maps, reference_similarity)
 from tests.fake_trees import new_cub_lines, write_cub_annotations
 
 
@@ -156,3 +158,93 @@ def test_consistency_leaves_out_prototypes_without_images(fake_cub):
         part_correspondence(model, ListDataset([canvas(64)], [0]), progress=False)
     with pytest.raises(ValueError, match="mu"):
         consistency_and_stability(model, fake_cub, mu=0, progress=False)
+
+
+# ------------------------------------------------------------------------------------------- kh x kw prototypes
+class _PartsDataset(ListDataset):
+    """Random images with part boxes and K part keypoints ``(x, y, visible)`` per image."""
+
+    def __init__(self, images, labels, boxes, parts):
+        super().__init__(images, labels, boxes=boxes)
+        self.parts = parts
+
+    def part_locations(self, index):
+        return self.parts[index]
+
+
+def _window_setup(kind):
+    """A colour model with five 2 x 3 prototypes (classes 0, 0, 1, 1, 1) and 8 random 64 x 64 images."""
+    g = torch.Generator().manual_seed(3)
+    model = colour_model(torch.rand(5, 2, 3, 3, generator=g), [0, 0, 1, 1, 1], num_classes=2, similarity=kind)
+    images = [torch.rand(3, 64, 64, generator=g) for _ in range(8)]
+    corner = torch.randint(0, 32, (8, 2), generator=g)
+    side = torch.randint(24, 41, (8, 2), generator=g)
+    boxes = torch.cat([corner, (corner + side).clamp(max=64)], 1)  # (x0, y0, x1, y1)
+    parts = torch.cat([torch.rand(8, 4, 2, generator=g) * 64, (torch.rand(8, 4, 1, generator=g) > 0.2).float()], 2)
+    return model, _PartsDataset(images, [i % 2 for i in range(8)], boxes, parts)
+
+
+def _reference_locations(model, dataset, kind):
+    """Per image: (P,) distances, window centres (cy, cx) and upsampled-argmax pixel centres (cy, cx), all from
+    float64 references (cell (h, w) covers pixels [8h, 8h + 8) x [8w, 8w + 8); a 2 x 3 window's centre is
+    (8h + 8, 8w + 12)."""
+    out = []
+    for image, _ in dataset:
+        with torch.no_grad():
+            z = model.conv_features(imagenet_normalize(image[None]))
+        d = reference_distance_maps(z, model.prototype_layer.prototypes.detach(), kind)[0]  # (P, 7, 6)
+        h, w = d.flatten(1).argmin(1) // 6, d.flatten(1).argmin(1) % 6
+        up = upsample(reference_similarity(d, kind).float(), (64, 64)).flatten(1).argmax(1)
+        out.append((d.flatten(1).amin(1), (8.0 * h + 8, 8.0 * w + 12), (up // 64 + 0.5, up % 64 + 0.5)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["log", "linear", "cosine"])
+def test_part_localisation_of_window_prototypes_matches_a_recomputation(kind):
+    model, data = _window_setup(kind)
+    reference = _reference_locations(model, data, kind)
+    classes = model.prototype_classes
+    for location, slot in (("rf_centre", 1), ("argmax", 2)):
+        for selection in ("own_class", "top"):
+            hits, counts = torch.zeros(5), torch.zeros(5)
+            for i, (distance, *centres) in enumerate(reference):
+                cy, cx = centres[slot - 1]
+                x0, y0, x1, y1 = data.boxes[i].tolist()
+                chosen = (classes == data.targets[i]).nonzero().flatten() if selection == "own_class" else \
+                    distance.argsort()[:2]
+                for j in chosen.tolist():
+                    counts[j] += 1
+                    hits[j] += float(x0 <= cx[j] <= x1 and y0 <= cy[j] <= y1)
+            expected = [h / c if c else None for h, c in zip(hits.tolist(), counts.tolist())]
+            result = part_localisation(model, data, location=location, prototypes=selection, top_k=2,
+                                       batch_size=3, progress=False)
+            assert result["per_prototype"] == expected, (location, selection)
+            assert result["pairs"] == int(counts.sum())
+            assert 0 < result["overall"] < 1, (location, selection)  # the boxes hold some locations, not all
+
+
+@pytest.mark.parametrize("kind", ["log", "linear", "cosine"])
+def test_consistency_of_window_prototypes_matches_a_recomputation(kind):
+    model, data = _window_setup(kind)
+    reference = _reference_locations(model, data, kind)
+    corr = part_correspondence(model, data, half_size=12, batch_size=3, progress=False)
+    classes = model.prototype_classes
+    covered, visible, pairs = [], [], []
+    for i, (_, _, (cy, cx)) in enumerate(reference):
+        parts = data.parts[i]
+        for j in (classes == data.targets[i]).nonzero().flatten().tolist():
+            pairs.append((i, j))
+            visible.append(parts[:, 2] > 0)
+            covered.append(visible[-1] & ((parts[:, 0] - cx[j]).abs() <= 12) & ((parts[:, 1] - cy[j]).abs() <= 12))
+    assert list(zip(corr.image.tolist(), corr.prototype.tolist())) == pairs
+    assert torch.equal(corr.covered, torch.stack(covered)) and torch.equal(corr.visible, torch.stack(visible))
+    assert corr.covered.any() and not corr.covered.all()
+    consistent = []
+    for j in range(5):
+        rows = [n for n, (_, p) in enumerate(pairs) if p == j]
+        fraction = corr.covered[rows].float().sum(0) / corr.visible[rows].float().sum(0).clamp_min(1)
+        consistent.append(bool((fraction >= 0.5).any()))
+    scores = consistency_and_stability(model, data, mu=0.5, half_size=12, batch_size=3, progress=False)
+    assert scores["consistent"] == consistent
+    assert 0 <= scores["stability"] <= 1
+    assert stability_score(model, data, noise_std=0.0, half_size=12, batch_size=3, progress=False) == 1.0
