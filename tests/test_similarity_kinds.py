@@ -371,3 +371,53 @@ def test_proto_layer_default_is_unchanged():
 def test_proto_layer_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         protokern.ProtoLayer(5, 4, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- helpers above
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("z_shape, p_shape", SHAPES)
+def test_layer_helpers_match_the_reference(z_shape, p_shape, similarity):
+    """What push and the explanations use: the layer's nearest windows, its windows' values, the paired
+    self-distance maps (exactly 0 at the source window) and its similarity of distances, against the float64
+    references."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.rand(z_shape, generator=g)
+    layer = protokern.ProtoLayer(p_shape[0], p_shape[1], prototype_size=p_shape[2:], similarity=similarity)
+    with torch.no_grad():
+        layer.prototypes.copy_(torch.rand(p_shape, generator=g))
+    p = layer.prototypes.detach()
+    ref = distance_map(z, p) if similarity != "cosine" else 2 - 2 * cosine_map(z, p)  # (B, M, Hout, Wout)
+    assert layer.output_size(z_shape[2:]) == tuple(ref.shape[2:])
+    torch.testing.assert_close(layer.distance_maps(z).double(), ref, rtol=1e-5, atol=1e-5)
+    dist, idx = layer.nearest(z)
+    torch.testing.assert_close(dist.double(), ref.flatten(2).amin(2), rtol=1e-5, atol=1e-5)
+    sim, _ = layer(z)
+    torch.testing.assert_close(layer.to_similarity(dist), sim)
+
+    # windows: image b's winning window of prototype 0, cut out by hand
+    kh, kw = p_shape[2:]
+    wout = z_shape[3] - kw + 1
+    windows = layer.windows(z, idx[:, 0])
+    assert windows.shape == (z_shape[0], z_shape[1], kh, kw)
+    for b in range(z_shape[0]):
+        h, w = divmod(int(idx[b, 0]), wout)
+        assert torch.equal(windows[b], z[b, :, h:h + kh, w:w + kw])
+    # paired maps: window b as prototype b on image b; 0 at that window, the reference elsewhere
+    paired = layer.distance_maps(z, windows, paired=True)  # (B, Hout, Wout)
+    ref_paired = (distance_map if similarity != "cosine" else lambda a, b: 2 - 2 * cosine_map(a, b))(z, windows)
+    torch.testing.assert_close(paired.double(), ref_paired.diagonal().permute(2, 0, 1), rtol=1e-5, atol=1e-5)
+    at_source = paired.flatten(1).gather(1, idx[:, :1])
+    assert at_source.abs().max() <= (1e-6 if similarity == "cosine" else 0)
+
+
+def test_distance_to_similarity_and_errors():
+    d = torch.tensor([0.0, 0.5, 3.0, float("inf")])
+    torch.testing.assert_close(protokern.distance_to_similarity(d, "log", 1e-4), protokern.log_similarity(d, 1e-4))
+    torch.testing.assert_close(protokern.distance_to_similarity(d, "linear"), -d)
+    torch.testing.assert_close(protokern.distance_to_similarity(d[:3], "cosine"), 1 - d[:3] / 2)
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        protokern.distance_to_similarity(d, "dot")
+    with pytest.raises(ValueError, match="one image per prototype"):
+        protokern.prototype_distances(torch.rand(2, 3, 4, 4), torch.rand(3, 3), paired=True)
+    with pytest.raises(ValueError, match="index must be"):
+        protokern.prototype_windows(torch.rand(2, 3, 4, 4), torch.zeros(3, dtype=torch.long), (1, 1))

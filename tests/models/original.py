@@ -135,13 +135,23 @@ def original_layer_lists(name):
     raise KeyError(name)
 
 
-def original_rf_info(img_size, ks, ss, ps):
-    """The original's compute_proto_layer_rf_info_v2 (integer paddings, then a 1x1 VALID prototype layer)."""
+def original_rf_info(img_size, ks, ss, ps, prototype_kernel_size=1):
+    """The original's compute_proto_layer_rf_info_v2 (integer paddings, then a k x k VALID prototype layer)."""
     n, j, r, start = img_size, 1, 1, 0.5
-    for k, s, p in list(zip(ks, ss, ps)) + [(1, 1, 0)]:
+    for k, s, p in list(zip(ks, ss, ps)) + [(prototype_kernel_size, 1, 0)]:
         n_out = (n - k + 2 * p) // s + 1
         start = start + ((k - 1) / 2 - p) * j
         r = r + (k - 1) * j
         j = j * s
         n = n_out
     return [n, j, r, start]
+
+
+def original_rf_box(img_size, h, w, rf_info):
+    """The original's compute_rf_protoL_at_spatial_location: [y0, y1, x0, x1] of output cell (h, w)."""
+    import math
+
+    _, j, r, start = rf_info
+    center_h, center_w = start + h * j, start + w * j
+    return (max(int(math.floor(center_h - r / 2)), 0), min(int(math.floor(center_h + r / 2)), img_size),
+            max(int(math.floor(center_w - r / 2)), 0), min(int(math.floor(center_w + r / 2)), img_size))

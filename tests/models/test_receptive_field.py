@@ -7,7 +7,7 @@ from torch import nn
 from protokern.models import BACKBONES, compute_receptive_field, make_add_on, make_backbone, patch_box
 from protokern.models.receptive_field import LayerGeometry, backbone_receptive_field, layer_geometry
 
-from .original import original_layer_lists, original_rf_info
+from .original import original_layer_lists, original_rf_box, original_rf_info
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,3 +115,35 @@ def test_layer_geometry_ceil_mode_output_size():
     assert geometry == LayerGeometry(3, 2, 0, 1, True)
     for n in range(3, 12):
         assert geometry.output_size(n) == pool(torch.zeros(1, 1, n, n)).shape[-1]
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet34"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_window_box_is_the_original_prototype_layer_box(name, k):
+    """A k x k window's box equals the original's box with its prototype layer a k x k VALID convolution
+    (compute_proto_layer_rf_info_v2 with prototype_kernel_size=k), at every position of the 7 x 7 map."""
+    info = original_rf_info(224, *original_layer_lists(name), prototype_kernel_size=k)
+    assert info[0] == 7 - k + 1
+    for h in range(info[0]):
+        for w in range(info[0]):
+            assert patch_box(_rf(name), 224, h, w, window=(k, k)) == original_rf_box(224, h, w, info), (h, w)
+
+
+def test_window_box_is_the_influence_of_a_window_conv():
+    """On a plain conv stack followed by a (kh, kw) VALID convolution, the window box is exactly the set of
+    pixels that reach the output cell; window_center is that box's centre before clipping."""
+    from protokern.models import window_center
+
+    torch.manual_seed(4)
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 2, stride=2),
+                          nn.Conv2d(4, 4, 3, stride=2, padding=1)).double()
+    rf = compute_receptive_field(trunk)
+    net = nn.Sequential(trunk, nn.Conv2d(4, 4, (2, 3))).double()
+    img = 40
+    n = rf.output_size(img)
+    for h, w in [(0, 0), (3, 2), (n - 2, n - 3)]:
+        assert _influence_box(net, img, h, w) == patch_box(rf, img, h, w, window=(2, 3)), (h, w)
+    y0, y1, x0, x1 = patch_box(rf, img, 3, 2, window=(2, 3))  # an interior window: no clipping
+    assert window_center(rf, 3, 2, window=(2, 3)) == ((y0 + y1) / 2, (x0 + x1) / 2)
+    with pytest.raises(ValueError):
+        patch_box(rf, img, 0, 0, window=(0, 1))
