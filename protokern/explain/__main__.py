@@ -86,11 +86,11 @@ def _explain(args, parser) -> str:
     c = explanation.class_idx
     kh, kw = explanation.prototype_size
     print(f"class {explanation.class_name(c)} (logit {float(explanation.logits[c]):.4f}, predicted "
-          f"{explanation.class_name(explanation.predicted_class)}); top prototypes ({kh} x {kw}, "
-          f"{explanation.similarity_kind} similarity):")
+          f"{explanation.class_name(explanation.predicted_class)}); top prototypes ({kh} x {kw} windows):")
     for e in explanation.top:
         print(f"  {e.rank:2d}. prototype {e.prototype:4d} (class {explanation.class_name(e.prototype_class)}): "
-              f"similarity {e.similarity:.4f} x weight {e.weight:.4f} = {e.contribution:.4f}")
+              f"{explanation.similarity_kind} similarity {e.similarity:.4f} x weight {e.weight:.4f} = "
+              f"{e.contribution:.4f}")
     print(f"-> {page}")
     return page
 
