@@ -1,20 +1,27 @@
 """Triton kernels of the fused prototype op: distance + global min/argmin + log-similarity.
 
-Forward: one program per (batch image, tile of prototypes). It walks the image's patches in tiles,
-computes approximate squared distances with the expansion ``|p|^2 + |z|^2 - 2 p.z`` (a ``tl.dot``) and
-rescores exactly, as ``sum_d (z - p)^2`` in fp32, every patch that the search's error bound cannot rule out
-(certified search, ``search_bound.py``); it keeps the exact min and argmin per prototype in registers and
-writes the similarity. The (B, M, H*W) map never reaches memory.
+Forward: one program per (block of images, tile of prototypes). The prototype tile's norms are computed once
+and the tile serves every image of the block (when the channels fit one slice, the p tile itself is loaded
+once into registers; otherwise its slices are re-read, L1-hot, for each image and patch tile). For each image
+the program walks the patches in tiles, computes approximate squared distances with the expansion
+``|p|^2 + |z|^2 - 2 p.z`` (a ``tl.dot``) and rescores exactly, as ``sum_d (z - p)^2`` in fp32, every patch
+that the search's error bound cannot rule out (certified search, ``search_bound.py``); it keeps the exact min
+and argmin per prototype in registers and writes the similarity. The (B, M, H*W) map never reaches memory.
 
-Backward: gradients reach only the winning patch of each (b, m).
+Backward: gradients reach only the winning patch of each (b, m); no sort, no float atomics, two independent
+launches, every sum in a fixed order: gradients are bitwise reproducible.
 
-* ``grad_p``: one program per (prototype tile, channel tile, run of images), looping over its images in order;
-  the partial sums of the runs are then reduced in a fixed order.
-* ``grad_z``: the (b, m) pairs are sorted by winning patch (stable sort: deterministic), then one program
-  per patch sums the contributions of the prototypes it won, in increasing m.
+* ``grad_z``: one program per (block of images, tile of their patches, channel tile). It walks the prototypes
+  in tiles; for each tile it builds in registers the selection ``sel[q, (b, m)] = 1`` if pair (b, m) won
+  patch q of the block, forms each pair's contribution ``g (z_win - p)`` in the difference form (the winning
+  z rows gathered), and adds ``sel @ contributions`` with tensor-core dots whose products are exact (the
+  contributions are split into three TF32-exact parts, ``sel`` is 0/1). Non-finite contributions take a
+  separate exact path, so a NaN or inf pair reaches its own winning patch only.
+* ``grad_p``: one program per (prototype tile, channel tile, run of images), looping over its images in
+  order with the winning z rows gathered; the partial sums of the runs are then reduced in a fixed order.
 
-No float atomics anywhere: gradients are bitwise reproducible. Inputs may be fp16/bf16/fp32/fp64 with
-any strides over (B, D, H*W); all arithmetic is fp32.
+Inputs may be fp16/bf16/fp32/fp64 with any strides over (B, D, H*W); all arithmetic is fp32. Every
+configuration a launcher can pick is listed by ``launch_configs()`` (the sm_90 compile gate compiles them all).
 """
 
 from __future__ import annotations
@@ -31,24 +38,34 @@ INPUT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 SEQUENTIAL_EXACT = False  # True: the interpreter too rescores with the compiled kernels' sequential sum (tests)
 MAX_PROGRAMS = 2 ** 31 - 1  # CUDA grid axis 0 limit; larger problems launch in runs of images
 MAX_GRID_YZ = 65535  # CUDA grid axes 1 and 2 limit
+TARGET_PROGRAMS = 1024  # the forward packs images into programs while at least this many remain (~8 per SM)
 
-
-# Forward launch configuration per precision: (largest channel slice, or None for 64/128 by tile size;
-# num_warps; num_stages): the configurations that compile for sm_90 without spills on triton 3.6 and 3.8
-# (tests/kernels/sm90_gate.py). Why these, with the measured history: benchmarks/NOTES.md, "Triton launch
-# configuration".
-_FORWARD_CONFIG = {"highest": (32, 8, 1), "high": (32, 8, 1), "medium": (32, 8, 2)}
+# Tile sizes a launcher can pick (powers of two; each tile's size follows its problem dimension).
+FORWARD_TILES = (16, 32, 64)  # BLOCK_M from M, BLOCK_K from HW
+FORWARD_SLICE = 32  # channels per step of the forward search
+# Forward launch options per precision: (num_warps, num_stages), the ones that compile for sm_90 without
+# spills (tests/kernels/sm90_gate.py). Why these, with the measured history: benchmarks/NOTES.md, "Triton
+# launch configuration".
+_FORWARD_OPTIONS = {"highest": (8, 1), "high": (8, 1), "medium": (8, 2)}
+GRAD_Z_PATCH_TILES = (16, 32, 64)  # BLOCK_Q from HW
+GRAD_Z_PAIRS = 64  # (image, prototype) pairs per step of grad_z: IMAGES * BLOCK_M
+GRAD_Z_CHANNEL_TILES = (16, 32)  # BLOCK_D of grad_z, from D (64 channels spill or reach 255 registers)
+GRAD_P_CHANNEL_TILES = (16, 32, 64)  # BLOCK_D of grad_p, from D
+_GRAD_Z_OPTIONS = dict(num_warps=8, num_stages=1)
+_TF32_MASK = -8192  # 0xffffe000: the sign, exponent and 10 mantissa bits that a TF32 operand keeps
 
 
 @triton.jit
 def _forward_kernel(
     z_ptr, p_ptr, sim_ptr, dist_ptr, idx_ptr,
-    D, HW, M, eps, one_minus_eps, coef, tiny,
+    B, D, HW, M, IMAGES, eps, one_minus_eps, coef, tiny,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    PRECISION: tl.constexpr, SEQUENTIAL: tl.constexpr,
+    P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr, SEQUENTIAL: tl.constexpr,
 ):
-    """One program per (image, prototype tile), both folded into grid axis 0 (no 65535 limit on B).
+    """One program per (block of IMAGES images, prototype tile), folded into grid axis 0 (no 65535 limit on B).
+
+    P_RESIDENT (D <= BLOCK_D): the p tile is loaded once, before the image loop, and stays in registers.
 
     Certified search: a~ = |p|^2 + |z|^2 - 2 p.z from tl.dot at PRECISION, delta = coef ((|z| + |p|)^2 + tiny)
     >= |a~ - e| (coef and its derivation: ``search_bound.py``). Each patch tile updates the running threshold
@@ -63,10 +80,9 @@ def _forward_kernel(
     pid = tl.program_id(0)
     m_tiles = tl.cdiv(M, BLOCK_M)
     pid_m = pid % m_tiles
-    b = (pid // m_tiles).to(tl.int64)
+    b0 = (pid // m_tiles) * IMAGES
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    z_base = z_ptr + b * stride_zb
     p_row = p_ptr + offs_m * stride_pm
     p_rows = p_row[:, None]
 
@@ -77,88 +93,113 @@ def _forward_kernel(
                     mask=m_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
         p_norm += tl.sum(p * p, axis=1)
     p_len = tl.sqrt(p_norm)
+    if P_RESIDENT:
+        offs_d = tl.arange(0, BLOCK_D)
+        p_tile = tl.load(p_rows + offs_d[None, :] * stride_pd,
+                         mask=m_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
 
     inf = float("inf")
-    thr = tl.full((BLOCK_M,), inf, dtype=tl.float32)
-    best = tl.full((BLOCK_M,), inf, dtype=tl.float32)
-    best_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)  # HW: none yet
-    nan_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)
-    for k0 in range(0, HW, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < HW
-        dot = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        z_norm = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < D
-            p = tl.load(p_rows + offs_d[None, :] * stride_pd,
-                        mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            z = tl.load(z_base + offs_d[:, None] * stride_zd + offs_k[None, :] * stride_zk,
-                        mask=d_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            dot = tl.dot(p, z, dot, input_precision=PRECISION)
-            z_norm += tl.sum(z * z, axis=0)
-        approx = p_norm[:, None] + z_norm[None, :] - 2.0 * dot
-        radius = p_len[:, None] + tl.sqrt(z_norm)[None, :]
-        delta = coef * (radius * radius + tiny)
-        live = m_mask[:, None] & k_mask[None, :]
-        finite = tl.abs(approx) < inf  # False for NaN too
-        thr = tl.minimum(thr, tl.min(tl.where(live & finite, approx + delta, inf), axis=1))
-        cand = live & ((approx - delta <= thr[:, None]) | (finite == 0))
-        count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
-        while count > 0:
-            k = tl.min(tl.where(cand, offs_k[None, :], HW), axis=1)  # each row's next candidate
-            active = k < HW
-            z_col = z_base + tl.where(active, k, 0).to(tl.int64) * stride_zk
-            e = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            if SEQUENTIAL:  # compiled kernels: one row per lane, d in order, independent of the layout
-                for d in range(0, D):
-                    zd = tl.load(z_col + d * stride_zd, mask=active, other=0.0).to(tl.float32)
-                    pd = tl.load(p_row + d * stride_pd, mask=active, other=0.0).to(tl.float32)
-                    diff = zd - pd
-                    e += diff * diff
-            else:  # the interpreter's sums are numpy's, the same for every layout: (BLOCK_M, BLOCK_E) tiles
-                for d0 in range(0, D, BLOCK_E):
-                    offs_e = d0 + tl.arange(0, BLOCK_E)
-                    mask = active[:, None] & (offs_e[None, :] < D)
-                    zd = tl.load(z_col[:, None] + offs_e[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
-                    pd = tl.load(p_rows + offs_e[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
-                    diff = zd - pd
-                    e += tl.sum(diff * diff, axis=1)
-            is_nan = e != e
-            nan_idx = tl.where(active & is_nan & (nan_idx == HW), k, nan_idx)
-            better = active & (is_nan == 0) & ((e < best) | (best_idx == HW))
-            best = tl.where(better, e, best)
-            best_idx = tl.where(better, k, best_idx)
-            cand = cand & (offs_k[None, :] != k[:, None])
+    z_base = z_ptr + b0.to(tl.int64) * stride_zb  # then advanced by one image per iteration
+    out = b0.to(tl.int64) * M + offs_m
+    for b in range(b0, tl.minimum(b0 + IMAGES, B)):
+        thr = tl.full((BLOCK_M,), inf, dtype=tl.float32)
+        best = tl.full((BLOCK_M,), inf, dtype=tl.float32)
+        best_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)  # HW: none yet
+        nan_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)
+        for k0 in range(0, HW, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < HW
+            dot = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            z_norm = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_mask = offs_d < D
+                if P_RESIDENT:
+                    p = p_tile
+                else:
+                    p = tl.load(p_rows + offs_d[None, :] * stride_pd,
+                                mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                z = tl.load(z_base + offs_d[:, None] * stride_zd + offs_k[None, :] * stride_zk,
+                            mask=d_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                dot = tl.dot(p, z, dot, input_precision=PRECISION)
+                z_norm += tl.sum(z * z, axis=0)
+            approx = p_norm[:, None] + z_norm[None, :] - 2.0 * dot
+            radius = p_len[:, None] + tl.sqrt(z_norm)[None, :]
+            delta = coef * (radius * radius + tiny)
+            live = m_mask[:, None] & k_mask[None, :]
+            finite = tl.abs(approx) < inf  # False for NaN too
+            thr = tl.minimum(thr, tl.min(tl.where(live & finite, approx + delta, inf), axis=1))
+            cand = live & ((approx - delta <= thr[:, None]) | (finite == 0))
             count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
+            while count > 0:
+                k = tl.min(tl.where(cand, offs_k[None, :], HW), axis=1)  # each row's next candidate
+                active = k < HW
+                z_col = z_base + tl.where(active, k, 0).to(tl.int64) * stride_zk
+                e = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                if SEQUENTIAL:  # compiled kernels: one row per lane, d in order, independent of the layout
+                    for d in range(0, D):
+                        zd = tl.load(z_col + d * stride_zd, mask=active, other=0.0).to(tl.float32)
+                        pd = tl.load(p_row + d * stride_pd, mask=active, other=0.0).to(tl.float32)
+                        diff = zd - pd
+                        e += diff * diff
+                else:  # the interpreter's sums are numpy's, the same for every layout: (BLOCK_M, BLOCK_E) tiles
+                    for d0 in range(0, D, BLOCK_E):
+                        offs_e = d0 + tl.arange(0, BLOCK_E)
+                        mask = active[:, None] & (offs_e[None, :] < D)
+                        zd = tl.load(z_col[:, None] + offs_e[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
+                        pd = tl.load(p_rows + offs_e[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
+                        diff = zd - pd
+                        e += tl.sum(diff * diff, axis=1)
+                is_nan = e != e
+                nan_idx = tl.where(active & is_nan & (nan_idx == HW), k, nan_idx)
+                better = active & (is_nan == 0) & ((e < best) | (best_idx == HW))
+                best = tl.where(better, e, best)
+                best_idx = tl.where(better, k, best_idx)
+                cand = cand & (offs_k[None, :] != k[:, None])
+                count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
 
-    has_nan = nan_idx < HW
-    exact = tl.where(has_nan, float("nan"), best)
-    win = tl.minimum(tl.where(has_nan, nan_idx, best_idx), HW - 1)
-    # log((d + 1) / (d + eps)) = log1p((1 - eps) / (d + eps)), log1p by Goldberg's u = 1 + x trick (no log1p
-    # in the interpreter): accurate for large d and exactly 0 at d = +inf.
-    x = one_minus_eps / (exact + eps)
-    u = 1.0 + x
-    sim = tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+        has_nan = nan_idx < HW
+        exact = tl.where(has_nan, float("nan"), best)
+        win = tl.minimum(tl.where(has_nan, nan_idx, best_idx), HW - 1)
+        # log((d + 1) / (d + eps)) = log1p((1 - eps) / (d + eps)), log1p by Goldberg's u = 1 + x trick (no
+        # log1p in the interpreter): accurate for large d and exactly 0 at d = +inf.
+        x = one_minus_eps / (exact + eps)
+        u = 1.0 + x
+        sim = tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
 
-    out = b * M + offs_m
-    tl.store(dist_ptr + out, exact, mask=m_mask)
-    tl.store(sim_ptr + out, sim, mask=m_mask)
-    tl.store(idx_ptr + out, win.to(tl.int64), mask=m_mask)
+        tl.store(dist_ptr + out, exact, mask=m_mask)
+        tl.store(sim_ptr + out, sim, mask=m_mask)
+        tl.store(idx_ptr + out, win.to(tl.int64), mask=m_mask)
+        z_base += stride_zb
+        out += M
+
+
+@triton.jit
+def _pair_coefficient(gsim_ptr, gdist_ptr, dist_ptr, pair, mask, eps):
+    """g = grad_d + grad_sim * d(sim)/d(d) of the pairs ``pair`` (flat b * M + m); 0 where masked."""
+    dist = tl.load(dist_ptr + pair, mask=mask, other=0.0)
+    g_sim = tl.load(gsim_ptr + pair, mask=mask, other=0.0)
+    return tl.load(gdist_ptr + pair, mask=mask, other=0.0) + g_sim * (1.0 / (dist + 1.0) - 1.0 / (dist + eps))
+
+
+@triton.jit
+def _tf32_part(x):
+    """The leading TF32 part of x (sign, exponent, 10 mantissa bits): exact as a TF32 operand; x - part is exact."""
+    return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _grad_prototypes_kernel(
-    gsim_ptr, gdist_ptr, dist_ptr, idx_ptr, z_ptr, p_ptr, g_ptr, gp_ptr,
-    B, D, M, eps,
+    gsim_ptr, gdist_ptr, dist_ptr, idx_ptr, z_ptr, p_ptr, gp_ptr,
+    B, D, M, IMAGES_PER_PROGRAM, eps,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IMAGES_PER_PROGRAM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Partial grad_p over one run of images: 2 * sum_b g[b, m] * (p[m] - z[b, :, idx[b, m]]).
 
-    Program (m tile, d tile, image run s) writes partial[s]; the runs are summed in a fixed order afterwards.
-    Also writes g for the grad_z kernel. Differences are taken before scaling by g (never
-    p * sum(g) - sum(g * z)): g reaches -1/eps near d = 0.
+    Program (m tile, d tile, image run s) keeps its p tile in registers, gathers the winning z rows of each
+    image in order and writes partial[s]; the runs are summed in a fixed order afterwards. Differences are
+    taken before scaling by g (never p * sum(g) - sum(g * z)): g reaches -1/eps near d = 0.
     """
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -170,52 +211,82 @@ def _grad_prototypes_kernel(
     p = tl.load(p_ptr + offs_m[:, None] * stride_pm + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     b0 = pid_s * IMAGES_PER_PROGRAM
-    z_b = z_ptr + b0.to(tl.int64) * stride_zb  # then advanced by stride_zb per image
+    z_b = z_ptr + b0.to(tl.int64) * stride_zb  # then advanced by one image per iteration
+    row = b0.to(tl.int64) * M + offs_m
     for b in range(b0, tl.minimum(b0 + IMAGES_PER_PROGRAM, B)):
-        row = b * M + offs_m
-        dist = tl.load(dist_ptr + row, mask=m_mask, other=0.0)
-        g = tl.load(gdist_ptr + row, mask=m_mask, other=0.0) + tl.load(
-            gsim_ptr + row, mask=m_mask, other=0.0) * (1.0 / (dist + 1.0) - 1.0 / (dist + eps))
-        if pid_d == 0:
-            tl.store(g_ptr + row, g, mask=m_mask)
+        g = _pair_coefficient(gsim_ptr, gdist_ptr, dist_ptr, row, m_mask, eps)
         k = tl.load(idx_ptr + row, mask=m_mask, other=0)
         z = tl.load(z_b + k[:, None] * stride_zk + offs_d[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
         z_b += stride_zb
+        row += M
         acc += g[:, None] * (p - z)
-    tl.store(gp_ptr + pid_s * M * D + offs_m[:, None] * D + offs_d[None, :], 2.0 * acc, mask=mask)
+    tl.store(gp_ptr + pid_s.to(tl.int64) * M * D + offs_m[:, None] * D + offs_d[None, :], 2.0 * acc, mask=mask)
 
 
 @triton.jit
 def _grad_features_kernel(
-    g_ptr, order_ptr, seg_ptr, z_ptr, p_ptr, gz_ptr,
-    D, HW, M,
+    gsim_ptr, gdist_ptr, dist_ptr, idx_ptr, z_ptr, p_ptr, gz_ptr,
+    B, D, HW, M, eps,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
-    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    IMAGES: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """grad_z[b, :, k] = 2 * sum over m won at (b, k) of g[b, m] * (z[b, :, k] - p[m]).
+    """grad_z[b, :, k] = 2 * sum over the m won at (b, k) of g[b, m] * (z[b, :, k] - p[m]), no sort.
 
-    ``order`` lists the flat (b * M + m) pairs sorted by flat patch b * HW + k; ``seg[i]:seg[i+1]`` is patch i's run.
+    Program (image block, patch tile, d tile): the block's patches are numbered q = i * HW + k (image b0 + i),
+    its pairs j = i * BLOCK_M + (m - m0) for each prototype tile m0. ``sel[q, j]`` (registers) is 1 where pair
+    j won patch q, so ``sel @ c`` with c[j] = g_j (z[b_j, :, k_j] - p[m_j]) is each patch's sum over the pairs
+    it won. The dots are exact in their products (sel is 0/1, c goes in as three TF32-exact parts), so
+    only their fixed-order fp32 accumulation rounds, at every tile size. A non-finite c never enters a dot
+    (0 * inf would reach every patch): its kind (+inf, -inf, NaN) is counted per patch by one more exact dot,
+    only in tiles that hold one, and added as +inf, -inf or NaN, which is what any summation order gives.
     """
-    patch = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    pid = tl.program_id(0)
+    q_tiles = tl.cdiv(IMAGES * HW, BLOCK_Q)
+    b0 = (pid // q_tiles) * IMAGES
+    offs_q = (pid % q_tiles) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    b = (patch // HW).to(tl.int64)
-    k = patch % HW
-    z = tl.load(z_ptr + b * stride_zb + k * stride_zk + offs_d * stride_zd, mask=d_mask, other=0.0).to(tl.float32)
-    start = tl.load(seg_ptr + patch)
-    end = tl.load(seg_ptr + patch + 1)
-    acc = tl.zeros((BLOCK_J, BLOCK_D), dtype=tl.float32)
-    for j0 in range(start, end, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        j_mask = offs_j < end
-        pair = tl.load(order_ptr + offs_j, mask=j_mask, other=0)
-        g = tl.load(g_ptr + pair, mask=j_mask, other=0.0)
-        p = tl.load(p_ptr + (pair % M)[:, None] * stride_pm + offs_d[None, :] * stride_pd,
-                    mask=j_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        acc += g[:, None] * (z[None, :] - p)
-    grad = 2.0 * tl.sum(acc, axis=0)
-    tl.store(gz_ptr + b * D * HW + offs_d * HW + k, grad, mask=d_mask)
+    offs_j = tl.arange(0, IMAGES * BLOCK_M)
+    b_j = b0 + offs_j // BLOCK_M
+    q_base = (offs_j // BLOCK_M) * HW  # first patch of pair j's image in the block's numbering
+    z_j = z_ptr + b_j.to(tl.int64) * stride_zb
+    inf = float("inf")
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        m_j = m0 + offs_j % BLOCK_M
+        live = (m_j < M) & (b_j < B)
+        pair = b_j.to(tl.int64) * M + m_j
+        k_j = tl.load(idx_ptr + pair, mask=live, other=0).to(tl.int32)
+        sel = (offs_q[:, None] == (q_base + k_j)[None, :]) & live[None, :]
+        if tl.sum(tl.sum(sel.to(tl.int32), axis=1), axis=0) > 0:  # some pair of this tile won a patch here
+            g = _pair_coefficient(gsim_ptr, gdist_ptr, dist_ptr, pair, live, eps)
+            mask = live[:, None] & d_mask[None, :]
+            z = tl.load(z_j[:, None] + k_j[:, None] * stride_zk + offs_d[None, :] * stride_zd,
+                        mask=mask, other=0.0).to(tl.float32)
+            p = tl.load(p_ptr + m_j[:, None] * stride_pm + offs_d[None, :] * stride_pd,
+                        mask=mask, other=0.0).to(tl.float32)
+            c = g[:, None] * (z - p)
+            finite = tl.abs(c) < inf
+            c_fin = tl.where(finite, c, 0.0)
+            hi = _tf32_part(c_fin)
+            rest = c_fin - hi  # exact: the low 13 bits of c
+            mid = _tf32_part(rest)
+            w = sel.to(tl.float32)
+            part = tl.dot(w, rest - mid, input_precision="tf32")  # rest - mid: at most 2 bits, exact
+            part = tl.dot(w, mid, part, input_precision="tf32")
+            acc += tl.dot(w, hi, part, input_precision="tf32")
+            if tl.sum(tl.sum((finite == 0).to(tl.int32), axis=1), axis=0) > 0:
+                kind = tl.where(c == inf, 1.0, 0.0) + tl.where(c == -inf, 256.0, 0.0) + tl.where(c != c, 65536.0, 0.0)
+                counts = tl.dot(w, kind, input_precision="tf32").to(tl.int32)  # < 256 of each: exact
+                pos = (counts & 255) > 0
+                neg = ((counts >> 8) & 255) > 0
+                nan = (counts >> 16) > 0
+                acc += tl.where(nan | (pos & neg), float("nan"), tl.where(pos, inf, tl.where(neg, -inf, 0.0)))
+    b_q = b0 + offs_q // HW
+    k_q = offs_q % HW
+    row_ok = (offs_q < IMAGES * HW) & (b_q < B)
+    out = gz_ptr + (b_q.to(tl.int64) * D * HW + k_q)[:, None] + offs_d[None, :] * HW
+    tl.store(out, 2.0 * acc, mask=row_ok[:, None] & d_mask[None, :])
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -236,21 +307,64 @@ def channels_innermost(z3: torch.Tensor) -> torch.Tensor:
 
 
 def forward_config(D: int, HW: int, M: int, precision: str, sequential: bool = True) -> tuple[dict, dict]:
-    """(constexpr arguments, launch options) of ``_forward_kernel`` for a problem: the launcher's only choice."""
-    block_m = _pow2(M, 16, 64)
-    block_k = _pow2(HW, 16, 64)
-    max_d, num_warps, num_stages = _FORWARD_CONFIG[precision]
-    block_d = _pow2(D, 16, max_d if max_d else (64 if block_m * block_k > 2048 else 128))
-    meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_E=_pow2(D, 16, 128),
-                PRECISION=INPUT_PRECISION[precision], SEQUENTIAL=sequential)
+    """(constexpr arguments, launch options) of ``_forward_kernel`` for a problem: the launcher's only choice.
+
+    Tiles follow the problem: BLOCK_M from M and BLOCK_K from HW (each the next power of two in 16..64),
+    32-channel slices, the p tile held in registers when D fits one slice; warps and stages by precision.
+    """
+    num_warps, num_stages = _FORWARD_OPTIONS[precision]
+    meta = dict(BLOCK_M=_pow2(M, FORWARD_TILES[0], FORWARD_TILES[-1]),
+                BLOCK_K=_pow2(HW, FORWARD_TILES[0], FORWARD_TILES[-1]), BLOCK_D=FORWARD_SLICE,
+                # BLOCK_E: the interpreter's rescoring tile; unused (fixed) in compiled kernels
+                BLOCK_E=16 if sequential else _pow2(D, 16, 128),
+                P_RESIDENT=D <= FORWARD_SLICE, PRECISION=INPUT_PRECISION[precision], SEQUENTIAL=sequential)
     return meta, dict(num_warps=num_warps, num_stages=num_stages)
 
 
-def backward_configs(D: int) -> dict[str, dict]:
-    """Constexpr arguments of the two backward kernels (default launch options), by kernel name."""
-    return {"_grad_prototypes_kernel": dict(BLOCK_M=16, BLOCK_D=_pow2(D, 16, 64), IMAGES_PER_PROGRAM=8),
-            # BLOCK_J: benchmarks/NOTES.md, "Triton launch configuration"
-            "_grad_features_kernel": dict(BLOCK_J=32, BLOCK_D=_pow2(D, 16, 128))}
+def forward_images_per_program(B: int, M: int, block_m: int) -> int:
+    """Images per forward program: 1, 2, 4 or 8, the most that still leave TARGET_PROGRAMS programs (not
+    measured: a grid of ~8 programs per SM on a 132-SM card; more images per program re-use the p tile)."""
+    m_tiles = triton.cdiv(M, block_m)
+    images = 1
+    while images < 8 and triton.cdiv(B, 2 * images) * m_tiles >= TARGET_PROGRAMS:
+        images *= 2
+    return images
+
+
+def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
+    """(constexpr arguments, launch options) of the two backward kernels, by kernel name.
+
+    grad_z: BLOCK_Q patches (the next power of two of HW in 16..64); when several whole images fit a tile,
+    the tile holds IMAGES of them (a power of two) and the GRAD_Z_PAIRS pairs of a step are IMAGES x BLOCK_M.
+    """
+    block_q = _pow2(HW, GRAD_Z_PATCH_TILES[0], GRAD_Z_PATCH_TILES[-1])
+    images = 1
+    while 2 * images * HW <= block_q:
+        images *= 2
+    return {
+        "_grad_prototypes_kernel": (
+            dict(BLOCK_M=16, BLOCK_D=_pow2(D, GRAD_P_CHANNEL_TILES[0], GRAD_P_CHANNEL_TILES[-1])), {}),
+        "_grad_features_kernel": (
+            dict(IMAGES=images, BLOCK_Q=block_q, BLOCK_M=GRAD_Z_PAIRS // images,
+                 BLOCK_D=_pow2(D, GRAD_Z_CHANNEL_TILES[0], GRAD_Z_CHANNEL_TILES[-1])), dict(_GRAD_Z_OPTIONS)),
+    }
+
+
+def launch_configs() -> list[tuple[str, dict, dict]]:
+    """Every distinct (kernel name, constexpr arguments, launch options) the compiled launchers can pick."""
+    shapes = [(D, HW, M) for D in (16, 32, 64, 128) for HW in (1, 2, 4, 8, 16, 32, 64) for M in (16, 32, 64)]
+    configs = []
+    for D, HW, M in shapes:
+        for precision in INPUT_PRECISION:
+            meta, options = forward_config(D, HW, M, precision, sequential=True)
+            configs.append(("_forward_kernel", meta, options))
+        for name, (meta, options) in backward_configs(D, HW).items():
+            configs.append((name, meta, options))
+    unique = []
+    for config in configs:
+        if config not in unique:
+            unique.append(config)
+    return unique
 
 
 def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "highest"):
@@ -267,12 +381,14 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     idx = torch.empty((B, M), device=z3.device, dtype=torch.int64)
     meta, options = forward_config(D, HW, M, precision, SEQUENTIAL_EXACT or z3.is_cuda)
     coef = search_bound.coefficient(INPUT_PRECISION[precision], D)
+    images = forward_images_per_program(B, M, meta["BLOCK_M"])
     m_tiles = triton.cdiv(M, meta["BLOCK_M"])
-    images = max(1, MAX_PROGRAMS // m_tiles)  # images per launch: grid axis 0 holds images * m_tiles programs
-    for b0 in range(0, B, images):
-        b1 = min(B, b0 + images)
-        _forward_kernel[((b1 - b0) * m_tiles,)](
-            z3[b0:b1], p, sim[b0:b1], dist[b0:b1], idx[b0:b1], D, HW, M, eps, 1.0 - eps, coef, search_bound.TINY,
+    per_launch = max(1, MAX_PROGRAMS // m_tiles) * images  # grid axis 0: image blocks x prototype tiles
+    for b0 in range(0, B, per_launch):
+        b1 = min(B, b0 + per_launch)
+        _forward_kernel[(triton.cdiv(b1 - b0, images) * m_tiles,)](
+            z3[b0:b1], p, sim[b0:b1], dist[b0:b1], idx[b0:b1], b1 - b0, D, HW, M, images,
+            eps, 1.0 - eps, coef, search_bound.TINY,
             z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
             **meta, **options,
         )
@@ -280,32 +396,29 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
 
 
 def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
-    """Hand-written backward: (grad_z3 (B, D, HW) contiguous float32, grad_p (M, D) float32)."""
+    """Hand-written backward: (grad_z3 (B, D, HW) contiguous float32, grad_p (M, D) float32); no sort."""
     B, D, HW = z3.shape
     M = p.shape[0]
     z3 = channels_innermost(z3)
     grad_sim = grad_sim.float().contiguous()
     grad_dist = grad_dist.float().contiguous()
-    g = torch.empty((B, M), device=z3.device, dtype=torch.float32)
-    meta = backward_configs(D)
-    block_m, block_d = meta["_grad_prototypes_kernel"]["BLOCK_M"], meta["_grad_prototypes_kernel"]["BLOCK_D"]
+    dist, idx = dist.contiguous(), idx.contiguous()
+    configs = backward_configs(D, HW)
+    strides = (z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1))
+
+    meta, options = configs["_grad_prototypes_kernel"]
     per_program = max(8, triton.cdiv(B, MAX_GRID_YZ))  # image runs go on grid axis 2
     runs = triton.cdiv(B, per_program)
     partial = torch.empty((runs, M, D), device=z3.device, dtype=torch.float32)
-    _grad_prototypes_kernel[(triton.cdiv(M, block_m), triton.cdiv(D, block_d), runs)](
-        grad_sim, grad_dist, dist, idx, z3, p, g, partial, B, D, M, eps,
-        z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
-        **{**meta["_grad_prototypes_kernel"], "IMAGES_PER_PROGRAM": per_program},
+    _grad_prototypes_kernel[(triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"]), runs)](
+        grad_sim, grad_dist, dist, idx, z3, p, partial, B, D, M, per_program, eps, *strides, **meta, **options,
     )
     grad_p = partial[0] if runs == 1 else partial.sum(0)  # a fixed-order reduction: deterministic
-    # Group the (b, m) pairs by winning patch; stable sort keeps m increasing within a patch.
-    patch = (idx.int() + torch.arange(B, device=idx.device, dtype=torch.int32)[:, None] * HW).flatten()
-    patch_sorted, order = torch.sort(patch, stable=True)
-    seg = torch.searchsorted(patch_sorted, torch.arange(B * HW + 1, device=idx.device, dtype=torch.int32))
+
+    meta, options = configs["_grad_features_kernel"]
     grad_z = torch.empty((B, D, HW), device=z3.device, dtype=torch.float32)
-    features = meta["_grad_features_kernel"]
-    _grad_features_kernel[(B * HW, triton.cdiv(D, features["BLOCK_D"]))](
-        g, order, seg, z3, p, grad_z, D, HW, M,
-        z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1), **features,
+    blocks = triton.cdiv(B, meta["IMAGES"]) * triton.cdiv(meta["IMAGES"] * HW, meta["BLOCK_Q"])
+    _grad_features_kernel[(blocks, triton.cdiv(D, meta["BLOCK_D"]))](
+        grad_sim, grad_dist, dist, idx, z3, p, grad_z, B, D, HW, M, eps, *strides, **meta, **options,
     )
     return grad_z, grad_p

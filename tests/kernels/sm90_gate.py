@@ -1,11 +1,13 @@
-"""CPU gate for the Triton kernels (issue 10): compile every launch configuration offline for sm_90, no GPU.
+"""CPU gate for the Triton kernels (issue 10): compile launch configurations offline for sm_90, no GPU.
 
-``python -m tests.kernels.sm90_gate [--all | --probe]`` compiles the configurations the launchers pick for a
-set of problem shapes (by default the largest tiles; ``--all`` adds the smallest ones), reads Triton's own
-ptxas -v log of each (its flags, its cubin) and prints one JSON line per kernel: registers, spill bytes,
-shared memory. Exit status 1 if any kernel spills. ``--probe`` only checks that offline compilation works
-here. Must run with TRITON_INTERPRET unset or 0 (compiled ``triton.jit``). Intermediate tiles (e.g. 32x32)
-are not compiled: the full product of tile sizes would take minutes.
+``python -m tests.kernels.sm90_gate [--all | --probe]`` compiles kernel configurations, reads Triton's own
+ptxas -v log of each (its flags, its cubin) and prints one JSON line per configuration: registers, spill
+bytes, shared memory. Exit status 1 if any configuration spills. By default it compiles a representative
+subset, the configurations the launchers pick for SHAPES (both ends of every tile range, the p tile resident
+and not, one and sixteen images per grad_z tile); ``--all`` compiles every configuration a launcher can pick
+(``prototype_distance.launch_configs()``). Each distinct configuration is compiled once per run.
+``--probe`` only checks that offline compilation works here. Must run with TRITON_INTERPRET unset or 0
+(compiled ``triton.jit``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import os
 import re
 import sys
 
-# (D, HW, M): the CUB shape, a wide and a large map; --all adds a tiny problem (smallest tiles).
-SHAPES = [(128, 49, 2000), (512, 784, 2000)]
-SMALL_SHAPES = [(20, 9, 10)]
+# (D, HW, M): the CUB shape, a wide and a large map (largest tiles), a tiny problem and 1 x 1 maps
+# (smallest tiles, p resident, several images per grad_z tile).
+SHAPES = [(128, 49, 2000), (512, 784, 2000), (20, 9, 10), (16, 1, 5)]
 ARCH = 90
 
 
@@ -31,7 +33,7 @@ def _signature(fn, meta: dict) -> tuple[dict, dict]:
         if name in meta:
             types[name] = "constexpr"
         elif name.endswith("_ptr"):
-            types[name] = {"idx_ptr": "*i64", "order_ptr": "*i64", "seg_ptr": "*i64"}.get(name, "*fp32")
+            types[name] = "*i64" if name == "idx_ptr" else "*fp32"
         elif name in ("eps", "one_minus_eps", "coef", "tiny"):
             types[name] = "fp32"
         else:
@@ -48,8 +50,8 @@ def configurations(shapes) -> list[tuple[str, dict, dict]]:
         for precision in K.INPUT_PRECISION:
             meta, options = K.forward_config(D, HW, M, precision, sequential=True)
             seen.append(("_forward_kernel", meta, options))
-        for name, meta in K.backward_configs(D).items():
-            seen.append((name, meta, {}))
+        for name, (meta, options) in K.backward_configs(D, HW).items():
+            seen.append((name, meta, options))
     unique = []
     for config in seen:
         if config not in unique:
@@ -105,11 +107,16 @@ def main(argv: list[str]) -> int:
     if "--probe" in argv:
         probe()
         return 0
-    shapes = SHAPES + (SMALL_SHAPES if "--all" in argv else [])
+    if "--all" in argv:
+        from protokern.kernels import prototype_distance as K
+
+        configs = K.launch_configs()
+    else:
+        configs = configurations(SHAPES)
     spilled = False
     workers = max(1, min(4, os.cpu_count() or 1))
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for result in pool.map(_compile_packed, configurations(shapes)):
+        for result in pool.map(_compile_packed, configs):
             print(json.dumps(result), flush=True)
             spilled |= result["spill_bytes"] > 0
     return 1 if spilled else 0
