@@ -93,3 +93,33 @@ def test_model_from_checkpoint_matches_the_trained_model(run_dir):
     assert not model.training and records is not None and len(records.image_index) == model.num_prototypes
     for key, value in state["model"].items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_window_cosine_run_and_cli(tmp_path_factory, capsys):
+    """A 2 x 3 cosine run: the trainer's explanations and gallery, and the command line on its checkpoint, show
+    whole-window boxes and name the similarity."""
+    from protokern.models import patch_box
+
+    out = tmp_path_factory.mktemp("window_run")
+    train_main(ARGS + ["--out", str(out), "--prototype-size", "2x3", "--similarity", "cosine"])
+    gallery = json.load(open(out / "gallery" / "gallery.json"))
+    assert gallery["window"] == [2, 3] and gallery["similarity"] == "cosine"
+    assert os.path.isfile(out / "explanations" / "test_00000" / "index.html")
+    image = out / "x.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)).save(image)
+    page = cli(["--checkpoint", str(out / "best.pt"), "--image", str(image), "--top-k", "3", "--out",
+                str(tmp_path_factory.mktemp("cli"))])
+    printed = capsys.readouterr().out
+    assert "2 x 3 windows" in printed and printed.count("cosine similarity") == 3
+    assert "cosine similarity 1 - d / 2" in open(page, encoding="utf-8").read()
+    data = json.load(open(os.path.join(os.path.dirname(page), "explanation.json")))
+    assert data["prototype_size"] == [2, 3] and data["similarity_kind"] == "cosine"
+    model, records, _ = model_from_checkpoint(str(out / "best.pt"))
+    H, W = records.feature_size
+    assert records.window == (2, 3)
+    for top in data["top"]:
+        h, w = top["patch"]
+        assert 0 <= h < H - 1 and 0 <= w < W - 2  # a window position
+        assert top["rf_box"] == list(patch_box(model.receptive_field, 32, h, w, window=(2, 3)))
+        assert -1 - 1e-6 <= top["similarity"] <= 1 + 1e-6  # a cosine
+        assert top["source_index"] == int(records.image_index[top["prototype"]])
