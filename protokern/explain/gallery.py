@@ -137,10 +137,10 @@ def _html(entries: list[dict], pages: list[str], k: int, per_page: int, with_sou
     esc = html.escape
     kh, kw = window
     first = "the prototype's source image (red: most activated box), then " if with_source else ""
-    distance = "distance between unit vectors, 2 - 2 cos" if similarity == "cosine" else "squared distance"
     parts = [f"<h1>Prototypes and their {k} nearest training patches</h1>",
              f"<p>One row per prototype: {first}its {k} nearest training images, one patch each (yellow: "
-             f"receptive field of the nearest {kh} &times; {kw} window of feature cells; d = {distance}, "
+             f"receptive field of the nearest {kh} &times; {kw} window of feature cells; d = "
+             f"{render.DISTANCE_NAMES[similarity]}, "
              "c = class, x = another class than the prototype's).</p>"]
     for page, path in enumerate(pages):
         chunk = entries[page * per_page:(page + 1) * per_page]

@@ -30,11 +30,6 @@ __all__ = ["Explanation", "PrototypeEvidence", "explain_image", "load_image_tens
 _PANEL = re.compile(r"rank\d{2,}_prototype\d+\.png")  # the per-prototype files of Explanation.save
 
 Box = tuple[int, int, int, int]
-SIMILARITY_NAMES = {  # how pages and panels name each similarity kind of the prototype layer
-    "log": "log-similarity log((d + 1) / (d + eps))",
-    "linear": "linear similarity -d",
-    "cosine": "cosine similarity 1 - d / 2",
-}
 
 
 @dataclass
@@ -160,7 +155,8 @@ class Explanation:
         render.save_png(render.upscale(image, min_side), os.path.join(out_dir, "image.png"))
         for e in self.top:
             e.file = f"rank{e.rank:02d}_prototype{e.prototype}.png"
-            render.save_png(_evidence_panel(image, e, min_side, self.similarity_kind), os.path.join(out_dir, e.file))
+            panel = _evidence_panel(image, e, min_side, self.similarity_kind)
+            render.save_png(panel, os.path.join(out_dir, e.file))
         with open(os.path.join(out_dir, "explanation.json"), "w", encoding="utf-8") as fh:
             json.dump(self.to_dict(), fh, indent=1)
         return render.write_html(os.path.join(out_dir, "index.html"), "protokern explanation", self._html())
@@ -180,7 +176,8 @@ class Explanation:
             f"</b>, logit {float(self.logits[c]):.4f} = sum over all {len(self.similarity)} prototypes of "
             f"similarity &times; weight = {float(self.contributions(c).sum()):.4f}.</p>",
             f"<p>Prototypes: {kh} &times; {kw} windows of the feature map; similarity: "
-            f"{esc(SIMILARITY_NAMES[self.similarity_kind])} (d: {esc(self._distance_name())}).</p>",
+            f"{esc(render.SIMILARITY_NAMES[self.similarity_kind])} "
+            f"(d: {esc(render.DISTANCE_NAMES[self.similarity_kind])}).</p>",
             f"<table><tr><th class=left>class</th><th>logit</th><th>probability</th></tr>{rows}</table>",
             f"<h2>Top {len(self.top)} prototypes by contribution</h2>",
             "<p>Each row: the image with the prototype's activation map and most activated box "
@@ -202,10 +199,6 @@ class Explanation:
                          f"<td>{row['contribution']:.4f}</td></tr>")
         parts.append("</table>")
         return "\n".join(parts)
-
-    def _distance_name(self) -> str:
-        return "distance between unit vectors, 2 - 2 cos" if self.similarity_kind == "cosine" else \
-            "squared L2 distance"
 
 
 def _crop(image: np.ndarray, box: Box | None, size: int) -> np.ndarray:

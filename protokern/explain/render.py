@@ -16,6 +16,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "BOX_COLOUR",
+    "DISTANCE_NAMES",
+    "SIMILARITY_NAMES",
     "draw_box",
     "grid",
     "hstack",
@@ -31,6 +33,11 @@ __all__ = [
 ]
 
 BOX_COLOUR = (255, 230, 0)  # yellow: visible on the jet map and on most photos
+# how pages name each similarity kind of the prototype layer, and the distance it is a function of
+SIMILARITY_NAMES = {"log": "log-similarity log((d + 1) / (d + eps))", "linear": "linear similarity -d",
+                    "cosine": "cosine similarity 1 - d / 2"}
+DISTANCE_NAMES = {"log": "squared L2 distance", "linear": "squared L2 distance",
+                  "cosine": "distance between unit vectors, 2 - 2 cos"}
 BACKGROUND = (255, 255, 255)
 
 

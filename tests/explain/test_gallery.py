@@ -13,7 +13,7 @@ from protokern.explain import gallery
 from protokern.explain.render import BOX_COLOUR
 from protokern.models import patch_box
 from protokern.push import push_prototypes
-from tests.explain.helpers import BLUE, GREEN, RED, ListDataset, canvas, colour_model, paint, paint_grid
+from tests.explain.helpers import BLUE, GREEN, GREY, RED, ListDataset, canvas, colour_model, paint, paint_grid
 
 
 def _dataset():
@@ -79,8 +79,7 @@ def test_gallery_boxes_of_window_prototypes(tmp_path, kind, with_rf):
     images = [paint_grid(canvas(64), cell, BLOCK) for cell in cells]
     images.append(paint(canvas(64), (5, 5), GREEN))
     dataset = ListDataset(images, [0, 0, 0, 0, 1], classes=["block", "green"])
-    grey = [(0.5, 0.5, 0.5)] * 3
-    model = colour_model([BLOCK, [[GREEN] + grey[:2], grey]], [0, 1], num_classes=2, similarity=kind)
+    model = colour_model([BLOCK, [[GREEN, GREY, GREY], [GREY] * 3]], [0, 1], num_classes=2, similarity=kind)
     if not with_rf:
         model.receptive_field = None
     result = gallery(model, DataLoader(dataset, batch_size=2), k=4, out_dir=str(tmp_path), progress=False, tile=32)

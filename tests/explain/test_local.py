@@ -11,11 +11,10 @@ from torch.utils.data import DataLoader
 
 from protokern.data import imagenet_normalize
 from protokern.explain import explain_image
-from protokern.explain.local import SIMILARITY_NAMES
-from protokern.explain.render import BOX_COLOUR, upsample
+from protokern.explain.render import BOX_COLOUR, SIMILARITY_NAMES, upsample
 from protokern.models import ProtoPNet, patch_box
 from protokern.push import push_prototypes
-from tests.explain.helpers import (BLUE, GREEN, RED, ListDataset, canvas, colour_model, paint, paint_grid,
+from tests.explain.helpers import (BLUE, GREEN, GREY, RED, ListDataset, canvas, colour_model, paint, paint_grid,
                                    reference_distance_maps, reference_similarity)
 
 
@@ -204,11 +203,10 @@ def _block_scene():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_window_prototype_box_on_the_image_and_its_source(kind):
-    grey = [[(0.5, 0.5, 0.5)] * 3] * 2
-    model = colour_model([BLOCK, [[GREEN] + [(0.5, 0.5, 0.5)] * 2, grey[0]]], [0, 1], num_classes=2,
-                         similarity=kind)
-    with torch.no_grad():
-        model.prototype_layer.prototypes.add_(0.05 * torch.randn(2, 3, 2, 3, generator=torch.Generator().manual_seed(1)))
+    model = colour_model([BLOCK, [[GREEN, GREY, GREY], [GREY] * 3]], [0, 1], num_classes=2, similarity=kind)
+    with torch.no_grad():  # prototypes near, not at, the patterns: push moves them
+        noise = torch.randn(2, 3, 2, 3, generator=torch.Generator().manual_seed(1))
+        model.prototype_layer.prototypes.add_(0.05 * noise)
     dataset = _block_scene()
     records = push_prototypes(model, DataLoader(dataset, batch_size=2), progress=False)
     assert records.patch[0].tolist() == [1, 2]  # pushed onto image 0's block (distance 0 on images 0 and 2)
