@@ -44,7 +44,7 @@ from protokern.losses import ProtoPNetLoss
 from protokern.models import ProtoPNet
 from protokern.push import RECORDS_FILE, PushRecords, push_prototypes
 from protokern.train import checkpoint as ckpt
-from protokern.train.config import TrainConfig, parse_config
+from protokern.train.config import TrainConfig, parse_config, parse_window
 from protokern.train.data import build_splits, train_loader
 from protokern.train.distributed import DistInfo, barrier, cleanup, init_distributed, shard
 from protokern.train.loop import TERMS, TrainForward, run_epoch
@@ -101,6 +101,14 @@ def _read_metrics(path: str) -> list[dict]:
     return rows
 
 
+# Settings a resumed run cannot change: the saved model's architecture and data split, and what the saved
+# optimiser and scheduler states hold (their learning rates would silently win over a new flag).
+FIXED_ON_RESUME = ("val_fraction", "dataset", "backbone", "prototypes_per_class", "prototype_dim", "add_on",
+                   "prototype_size", "similarity", "warm_add_on_lr", "warm_prototypes_lr", "joint_features_lr",
+                   "joint_add_on_lr", "joint_prototypes_lr", "weight_decay", "lr_step_size", "lr_gamma",
+                   "last_layer_lr")
+
+
 class Trainer:
     """One training run (see the module docstring). ``run()`` returns the summary dict."""
 
@@ -111,8 +119,13 @@ class Trainer:
             resume_state = ckpt.load_checkpoint(path)
             saved = _resumable_config(path, resume_state)
             overrides = {k: getattr(cfg, k) for k in explicit if k != "resume"}
-            if overrides.get("val_fraction", saved.val_fraction) != saved.val_fraction:
-                raise ValueError(f"--val-fraction cannot change on resume (the run used {saved.val_fraction})")
+            same = lambda k: (parse_window(overrides[k]) == saved.window if k == "prototype_size"  # noqa: E731
+                              else overrides[k] == getattr(saved, k))
+            changed = sorted(k for k in FIXED_ON_RESUME if k in overrides and not same(k))
+            if changed:
+                flag = "--" + changed[0].replace("_", "-")
+                raise ValueError(f"{flag} cannot change on resume (the run used {getattr(saved, changed[0])!r}): "
+                                 f"the saved model and optimiser state were made with it")
             overrides.setdefault("max_steps", None)  # a per-session limit, not inherited
             cfg = dataclasses.replace(saved, **overrides, resume=cfg.resume).validate()
             if "out" not in explicit:

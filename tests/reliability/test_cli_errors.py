@@ -70,7 +70,7 @@ def test_train_resume_from_a_bad_checkpoint(finished_run, tmp_path, capsys, kind
 def test_train_resume_with_a_different_config(run_copy, capsys):
     assert _exit_code(train, ["--resume", str(run_copy), "--quiet", "--prototype-dim", "16"]) == 2
     line = stderr_line(capsys)
-    assert "does not fit this configuration" in line and "size mismatch" in line
+    assert "--prototype-dim cannot change on resume" in line and "(the run used 8)" in line
 
 
 CONFIGS = {"broken.yaml": ("lr: [1, 2\n", "not valid YAML"), "broken.json": ('{"epochs": ', "not a JSON text file"),

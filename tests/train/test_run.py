@@ -165,6 +165,23 @@ def test_resume_keeps_the_validation_split(tiny_args, tmp_path):
         TRAIN_MAIN.train(*parse_config(["--resume", run, "--quiet", "--val-fraction", "0.3"]))
 
 
+@pytest.mark.parametrize("flags, name", [
+    (["--prototype-size", "2"], "--prototype-size"), (["--similarity", "cosine"], "--similarity"),
+    (["--prototype-dim", "16"], "--prototype-dim"), (["--joint-features-lr", "0.5"], "--joint-features-lr"),
+])
+def test_resume_refuses_a_changed_architecture_or_optimiser_setting(tiny_args, tmp_path, flags, name):
+    """The saved model was built, and the saved optimiser state holds learning rates, from the run's settings:
+    a resume that changes one is a one-line error naming the flag (a new learning rate would otherwise be
+    silently replaced by the saved one); an unchanged value, or another spelling of it, is accepted."""
+    run = str(tmp_path / "run")
+    main(tiny_args + ["--max-steps", "1"])
+    with pytest.raises(ValueError, match=f"{name} cannot change on resume"):
+        TRAIN_MAIN.train(*parse_config(["--resume", run, "--quiet", *flags]))
+    summary = TRAIN_MAIN.train(*parse_config(["--resume", run, "--quiet", "--prototype-size", "1x1",
+                                              "--prototype-dim", "8", "--max-steps", "1", "--no-explain"]))
+    assert summary is not None
+
+
 def test_explain_hook_is_called(tiny_args, monkeypatch):
     """The trainer calls protokern.explain.explain_run once at the end, with the push records and the part
     localisation its summary computed (not computed twice)."""
