@@ -88,6 +88,111 @@ def test_compile_fullgraph_cuda_fresh_process():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
+# ---- The sort-free backward and the multi-image forward, against float64 references ----
+def _reference_backward(z3, p, idx, g_sim, g_dist, eps=1e-4):
+    """Float64 gradients at the given winners: each pair's 2 g (z - p) reaches its winning patch only
+    (scatter_add: a NaN or inf pair leaves the other patches alone)."""
+    z64, p64 = z3.double(), p.double()
+    gather = idx[:, None, :].expand(-1, z3.shape[1], -1)
+    diff = z64.gather(2, gather) - p64.T[None]  # (B, D, M)
+    d = (diff * diff).sum(1)
+    g = g_dist.double() + g_sim.double() * (1 / (d + 1) - 1 / (d + eps))
+    contrib = 2 * g[:, None, :] * diff
+    return torch.zeros_like(z64).scatter_add_(2, gather, contrib), -contrib.sum(0).T
+
+
+def _check_backward(z3, p, idx, dist, tol=1e-6):
+    g_sim, g_dist = torch.randn(dist.shape), torch.randn(dist.shape)
+    gz, gp = K.backward(g_sim, g_dist, z3, p, idx, dist, 1e-4)
+    ref_gz, ref_gp = _reference_backward(z3, p, idx, g_sim, g_dist)
+    assert gz.shape == z3.shape and gp.shape == p.shape and gz.is_contiguous()
+    for got, ref in ((gz, ref_gz), (gp, ref_gp)):
+        assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
+        assert torch.equal(got[got.isinf()], ref[ref.isinf()].float())
+        finite = ref.isfinite()
+        assert rel_err(got[finite], ref[finite]) < tol
+    again = K.backward(g_sim, g_dist, z3, p, idx, dist, 1e-4)
+    assert torch.equal(again[0].nan_to_num(), gz.nan_to_num()) and torch.equal(again[1].nan_to_num(), gp.nan_to_num())
+    return gz, gp
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("shape", [
+    (1, 20, 35, 1),  # B = 1, M = 1, HW not a multiple of the patch tile
+    (3, 40, 70, 9),  # two patch tiles per image, two channel tiles
+    (5, 8, 3, 70),  # four images per grad_z tile, B not a multiple of it, several prototype steps
+    (19, 12, 1, 6),  # 1 x 1 maps: sixteen images per tile, a partial second block
+    (2, 33, 9, 130),  # HW = 9: one image per tile, M across three pair steps
+], ids=str)
+def test_backward_matches_float64_reference(shape):
+    """grad_z and grad_p at the forward's winners equal the float64 scatter reference (products exact, only
+    fp32 accumulation rounds), and repeat bit for bit."""
+    B, D, HW, M = shape
+    z3, p = torch.rand(B, D, HW), torch.rand(M, D)
+    _, dist, idx = K.forward(z3, p, 1e-4)
+    _check_backward(z3, p, idx, dist)
+
+
+@needs_triton_cpu
+def test_backward_many_pairs_on_one_patch():
+    """Every prototype of a tile (and of several tiles) picks the same patch: its gradient sums them all, in
+    the difference form even where g ~ 1/eps (prototypes 1e-3 from the patch)."""
+    B, D, HW, M = 2, 24, 12, 150
+    z3 = torch.rand(B, D, HW)
+    p = z3[0, :, 5][None] + 1e-3 * torch.randn(M, D)
+    z3[1] = z3[0]
+    _, dist, idx = K.forward(z3, p, 1e-4)
+    assert (idx == 5).all()
+    gz, _ = _check_backward(z3, p, idx, dist)
+    assert gz[:, :, 5].abs().sum() > 0 and gz[:, :, :5].abs().sum() == 0 and gz[:, :, 6:].abs().sum() == 0
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("HW", [1, 6, 40])
+def test_backward_non_finite_pairs_reach_only_their_patch(HW):
+    """A NaN pair (NaN distance) and +-inf pairs (an image whose every patch holds inf) put NaN / inf in
+    their winning patch only; +inf and -inf contributions to one patch give NaN, as any summation order."""
+    B, D, M = 4, 10, 40
+    z3, p = torch.rand(B, D, HW), torch.rand(M, D)
+    z3[1, 3, HW // 2] = float("nan")  # image 1: every pair wins the NaN patch
+    z3[2, 0, :] = float("inf")  # image 2: every patch at +inf, patch 0 wins with +-inf contributions
+    p[7, 2] = float("nan")  # prototype 7: NaN in every image
+    _, dist, idx = K.forward(z3, p, 1e-4)
+    assert dist[1].isnan().all() and dist[2, torch.arange(M) != 7].isinf().all()
+    assert (idx[:, 7] == 0).all()  # prototype 7's lowest NaN patch
+    gz, gp = _check_backward(z3, p, idx, dist)
+    assert gz[0, :, 1:].isfinite().all() and gz[3, :, 1:].isfinite().all()
+    others = (torch.arange(HW) != HW // 2) & (torch.arange(HW) != 0)
+    assert gz[1, :, others].isfinite().all() and gz[2, :, 1:].isfinite().all()
+    assert gz[1, :, HW // 2].isnan().all()
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("D", [20, 40])  # p tile resident in registers, and read per slice
+def test_forward_images_per_program(monkeypatch, D):
+    """Several images per forward program (a partial last block) give the same bits as one image each,
+    and the contract's winners."""
+    from tests.reference import contract_result
+
+    z3, p = torch.rand(11, D, 30), torch.rand(37, D)
+    z3[4, :, 7] = p[3]  # an exact hit
+    one = K.forward(z3, p, 1e-4)
+    monkeypatch.setattr(K, "TARGET_PROGRAMS", 1)
+    assert K.forward_images_per_program(11, 37, 64) == 8
+    packed = K.forward(z3, p, 1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(one, packed))
+    ref_dist, ref_idx = contract_result(z3, p)
+    assert torch.equal(packed[2], ref_idx) and rel_err(packed[1], ref_dist) < 1e-6
+    assert packed[1][4, 3].item() == 0.0
+
+
+def test_forward_images_per_program_keeps_the_grid_full():
+    """Images are packed only while TARGET_PROGRAMS programs remain (CUB shape: 2 images, 40 x 32 programs)."""
+    assert K.forward_images_per_program(80, 2000, 64) == 2
+    assert K.forward_images_per_program(1, 2000, 64) == 1
+    assert K.forward_images_per_program(10 ** 6, 10, 16) == 8
+
+
 # ---- Launch limits, the rescoring paths, and the sm_90 compile gate ----
 class _GridSpy:
     """Stands in for a triton kernel: records each launch grid and launches the real kernel."""
@@ -149,20 +254,54 @@ def test_sequential_rescoring_matches_tiles(monkeypatch, kind):
     assert rel_err(sequential[1], ref_dist) < 1e-6 and rel_err(tiled[1], ref_dist) < 1e-6
 
 
-def test_every_triton_configuration_compiles_for_sm90_without_spills():
-    """Issue 10's CPU gate: the launch configurations of the largest and smallest tiles, every precision and
-    both backward kernels, compiled offline for sm_90 (no GPU), spill nothing. Prints registers and shared
-    memory (pytest -s)."""
+def _run_gate(*args: str) -> list[dict]:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     cmd = [sys.executable, "-m", "tests.kernels.sm90_gate"]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     probe = subprocess.run(cmd + ["--probe"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     if probe.returncode != 0:
         pytest.skip("triton cannot compile for sm_90 offline here: " + probe.stderr.strip().splitlines()[-1])
-    run = subprocess.run(cmd + ["--all"], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd + list(args), env=env, cwd=root, capture_output=True, text=True, timeout=3000)
     print(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     results = [json.loads(line) for line in run.stdout.splitlines()]
+    assert all(r["spill_bytes"] == 0 and r["registers"] <= 255 for r in results)
+    assert all(r["shared_bytes"] <= 227 * 1024 for r in results)
+    return results
+
+
+def test_representative_triton_configurations_compile_for_sm90_without_spills():
+    """Issue 10's CPU gate, default run: the configurations the launchers pick for the gate's SHAPES (both
+    ends of every tile range, every precision, both backward kernels), compiled offline for sm_90 (no GPU),
+    spill nothing. Prints registers and shared memory per configuration (pytest -s)."""
+    from tests.kernels.sm90_gate import SHAPES, configurations
+
+    results = _run_gate()
+    assert len(results) == len(configurations(SHAPES))
     assert {r["kernel"] for r in results} == {"_forward_kernel", "_grad_prototypes_kernel", "_grad_features_kernel"}
     assert {r.get("PRECISION") for r in results} >= {"ieee", "tf32x3", "tf32"}
-    assert all(r["spill_bytes"] == 0 and r["registers"] <= 255 for r in results)
+    assert {r.get("P_RESIDENT") for r in results} >= {True, False}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PROTOKERN_SM90_GATE") != "all", reason="set PROTOKERN_SM90_GATE=all (minutes)")
+def test_every_triton_launch_configuration_compiles_for_sm90_without_spills():
+    """The full gate: every configuration in ``launch_configs()`` compiled for sm_90 without spills."""
+    results = _run_gate("--all")
+    assert len(results) == len(K.launch_configs())
+
+
+@pytest.mark.parametrize("precision", list(K.INPUT_PRECISION))
+def test_launchers_pick_only_enumerated_configurations(precision):
+    """Whatever the shape, the launchers' choices are among ``launch_configs()`` (what the gate compiles)."""
+    configs = K.launch_configs()
+    g = torch.Generator().manual_seed(2)
+    shapes = [(1, 1, 1), (128, 49, 2000), (512, 784, 2000), (3, 5000, 7)]
+    shapes += [tuple(int(x) for x in torch.randint(1, 3000, (3,), generator=g)) for _ in range(30)]
+    for D, HW, M in shapes:
+        meta, options = K.forward_config(D, HW, M, precision)
+        assert ("_forward_kernel", meta, options) in configs
+        for name, (meta, options) in K.backward_configs(D, HW).items():
+            assert (name, meta, options) in configs
+            if name == "_grad_features_kernel":
+                assert meta["IMAGES"] == 1 or meta["IMAGES"] * HW <= meta["BLOCK_Q"]
