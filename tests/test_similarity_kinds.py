@@ -116,6 +116,22 @@ def test_triton_backend_matches_reference(z_shape, p_shape, similarity):
     check_against_reference(z, p, similarity, "triton")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+@pytest.mark.parametrize("z_shape, p_shape", SHAPES)
+def test_fused_gpu_backends_match_reference(z_shape, p_shape, similarity, backend):
+    """Every window shape and similarity through the fused GPU backends (the CUDA extension too), forward and
+    both gradients against the float64 references."""
+    reason = protokern.available_backends("cuda")[backend]
+    if reason is not None:
+        pytest.skip(reason)
+    z, p = torch.randn(z_shape, device="cuda"), torch.randn(p_shape, device="cuda")
+    if similarity != "cosine":
+        z, p = z.abs(), p.abs()
+    check_against_reference(z, p, similarity, backend)
+
+
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 def test_float64_gradcheck_torch_backend(similarity):
     z = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
