@@ -1,4 +1,4 @@
-// Host launcher of the backward kernels (backward.cuh).
+// Host launcher of the backward kernel (backward.cuh): one launch for grad_z and grad_p.
 
 #include "backward.cuh"
 #include "launch.h"
@@ -6,19 +6,15 @@
 namespace protokern {
 namespace {
 
-std::atomic<uint64_t> grad_z_ready{0};
+std::atomic<uint64_t> backward_ready{0};
 
 }  // namespace
 
 void launch_backward(const BackwardParams& prm, cudaStream_t stream) {
   if (prm.B == 0 || prm.M == 0) return;  // the caller fills zeros
-  const Launch lp = grad_p_launch(prm);
-  grad_p_kernel<<<dim3(lp.grid_x, lp.grid_y), lp.threads, 0, stream>>>(prm);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  const GradZLaunch lz = grad_z_launch(prm);
-  allow_dynamic_smem(grad_z_kernel, kGzMaxSmem, grad_z_ready);
-  grad_z_kernel<<<dim3(lz.grid_x, lz.grid_y), lz.threads, lz.smem, stream>>>(prm, lz.KT, lz.seg);
+  const BackwardLaunch l = backward_launch(prm);
+  allow_dynamic_smem(backward_kernel, kBwMaxSmem, backward_ready);
+  backward_kernel<<<l.blocks, kBwThreads, l.smem, stream>>>(prm, l);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

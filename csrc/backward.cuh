@@ -1,11 +1,19 @@
-// Backward kernels of the fused prototype-distance op: grad_p and grad_z at the winning patches, in
-// the difference form 2 g (z - p) with g = dL/dd = grad_min + grad_sim (1/(d+1) - 1/(d+eps)).
+// Backward of the fused prototype-distance op, ONE launch: grad_z and grad_p at the winning patches, in
+// the difference form 2 g (z - p) with g = dL/dd = grad_min + grad_sim (1/(d+1) - 1/(d+eps)) (the
+// expanded form z g - g p cancels at d ~ 0, where g ~ 1/eps).
 //
-// grad_p_kernel    one warp per (prototype, 32 channels), summing over b in order.
-// grad_z_kernel    one block per (b, 32 channels), z tile in shared memory; each warp scans a fixed
-//                  range of prototypes in increasing order into its own shared accumulators, which
-//                  are summed in warp order.
-// No float atomics anywhere: the backward is bitwise deterministic.
+// backward_kernel  a 1-D grid of BackwardLaunch::blocks blocks of kBwThreads threads; the block index
+//                  decides the role: blocks [0, gz_blocks) are grad_z blocks, the rest grad_p blocks.
+// grad_z role      one block per (group of G images, 32 channels); each warp scans a fixed range of
+//                  prototypes in increasing order and, for every image of the group, adds 2 g (z - p)
+//                  into its own shared accumulators: one p-row read serves the G images. The warps'
+//                  accumulators are summed in warp order.
+// grad_p role      one block per (64 prototypes, 32 channels), 8 prototypes per warp, one channel per
+//                  lane; z[b]'s 32-channel slice of several images at a time is staged in shared memory
+//                  (cp.async, double-buffered, z's own strides) with their (g, k), and b is summed in
+//                  increasing order in registers. Above kGpStageRows patches z is gathered from global.
+// z is read with its own strides (no channels-innermost copy). Fixed-order sums, no float atomics: the
+// backward is bitwise deterministic.
 
 #pragma once
 
@@ -24,181 +32,282 @@ __device__ __forceinline__ int clamp_index(int64_t k, int HW) {
   return k < 0 ? 0 : (k >= HW ? HW - 1 : (int)k);
 }
 
-constexpr int kGpM = 8;   // prototypes per grad_p block, one warp each
-constexpr int kGpB = 32;  // batch items whose coefficients are staged at a time (kGpM * kGpB threads)
+constexpr int kBwWarps = 8;                // warps per block, both roles
+constexpr int kBwThreads = kBwWarps * 32;
+constexpr int kBwMinBlocks = 3;            // resident blocks per SM the registers must allow
+constexpr int kAccStride = 33;             // padded 32-channel row: conflict-free both ways
 
-// grad_p[m, d] = sum_b 2 g[b, m] (p[m, d] - z[b, d, k_bm]). Block (x, y) covers prototypes 8x..8x+7
-// (one warp each) and channels 32y..32y+31 (one lane each); b is summed in increasing order. The
-// (b, m) coefficients of 32 batch items at a time are staged in shared memory (one coalesced load
-// per thread), then the 32 gathered z values of each lane are loaded at once.
-__global__ void __launch_bounds__(kGpM * 32) grad_p_kernel(const BackwardParams prm) {
-  static_assert(kGpB == 32, "one staged coefficient per thread (kGpM * 32 threads)");
-  __shared__ float g_s[kGpM][kGpB + 1];
-  __shared__ int k_s[kGpM][kGpB + 1];
-  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
-  const int B = prm.B, D = prm.D, HW = prm.HW, M = prm.M;
-  const int m0 = blockIdx.x * kGpM;
-  const int m = m0 + w;
-  const int d = blockIdx.y * 32 + lane;
-  const bool ok = m < M && d < D;
-  const float* __restrict__ z = prm.z;
+constexpr int kGzGroup = 2;   // images per grad_z block (at most)
+constexpr int kGzRows = 64;   // accumulator rows per warp: G x KT <= kGzRows
 
-  const float pv = ok ? prm.p[(int64_t)m * D + d] : 0.f;
-  float acc = 0.f;
-  for (int b0 = 0; b0 < B; b0 += kGpB) {
-    {
-      const int bl = tid / kGpM, ml = tid % kGpM;
-      const int b = b0 + bl, mm = m0 + ml;
-      float g = 0.f;
-      int k = 0;
-      if (b < B && mm < M) {
-        const int64_t o = (int64_t)b * M + mm;
-        k = clamp_index(prm.patch_index[o], HW);
-        g = grad_coef(prm.grad_similarity[o], prm.grad_min_distances[o], prm.min_distances[o],
-                      prm.eps);
-      }
-      g_s[ml][bl] = g;
-      k_s[ml][bl] = k;
-    }
-    __syncthreads();
-    const int nb = min(kGpB, B - b0);
-    if (ok) {
-      float zv[kGpB];
-#pragma unroll
-      for (int j = 0; j < kGpB; ++j) {
-        zv[j] = j < nb ? z[(int64_t)(b0 + j) * prm.z_sb + (int64_t)k_s[w][j] * prm.z_sk + d] : 0.f;
-      }
-#pragma unroll
-      for (int j = 0; j < kGpB; ++j) {
-        if (j < nb) acc = fmaf(g_s[w][j], pv - zv[j], acc);
-      }
-    }
-    __syncthreads();
-  }
-  if (ok) prm.grad_p[(int64_t)m * D + d] = 2.f * acc;
+constexpr int kGpM = 64;                     // prototypes per grad_p block
+constexpr int kGpPerWarp = kGpM / kBwWarps;  // 8, one register accumulator each
+constexpr int kGpMaxImages = 8;              // images per grad_p stage (at most)
+constexpr int kGpStageRows = 256;            // staged patch rows per stage: images x HW <= this
+
+struct BackwardLaunch {
+  unsigned blocks;     // grid size (1-D)
+  unsigned gz_blocks;  // the first gz_blocks blocks are grad_z blocks
+  int d_slices;        // 32-channel slices
+  int G, KT, seg;      // grad_z: images per block, patches per pass, prototypes per warp (multiple of 32)
+  int gp_images;       // grad_p: images per stage
+  int gp_stage;        // grad_p: 1 if z slices are staged in shared memory (HW x gp_images <= kGpStageRows)
+  size_t smem;         // dynamic shared memory, bytes
+};
+
+// Floats of dynamic shared memory of each role.
+__host__ __device__ constexpr int gz_smem_floats(int G, int KT) { return (kBwWarps + 1) * G * KT * kAccStride; }
+__host__ __device__ constexpr int gp_stage_floats(int images, int staged_hw) {
+  return images * (staged_hw * kAccStride + 2 * kGpM);  // z slices, then g[images][kGpM], k[images][kGpM]
 }
 
-constexpr int kGzWarps = 8;     // warps per grad_z block, each owning a range of prototypes
-constexpr int kGzMinBlocks = 3;  // resident grad_z blocks per SM the registers must allow
-constexpr int kGzMaxKT = 64;    // patches per pass (shared accumulators per warp: KT x 33)
-constexpr int kAccStride = 33;  // padded row: conflict-free for both access patterns below
+// Largest dynamic shared memory of the kernel (either role): 76 KB.
+constexpr size_t kBwMaxSmem = sizeof(float) * (gz_smem_floats(1, kGzRows) > 2 * gp_stage_floats(kGpMaxImages, kGpStageRows / kGpMaxImages)
+                                                   ? gz_smem_floats(1, kGzRows)
+                                                   : 2 * gp_stage_floats(kGpMaxImages, kGpStageRows / kGpMaxImages));
 
-// grad_z[b, d, k] = sum_{m : k_bm == k} 2 g[b, m] (z[b, d, k] - p[m, d]), written for every (d, k)
-// (zeros where no prototype wins). Block = (b, 32 channels); patches in passes of KT, whose z tile
-// is staged in shared memory. Each warp scans a fixed range of prototypes in increasing order, 32 at
-// a time: the next 32's patches and coefficients are loaded while this 32's p rows (all issued at
-// once) are added into the warp's own shared accumulators; the warps' accumulators are then summed
-// in warp order. The work is a chain of dependent loads, so the point is to keep many in flight.
-__global__ void __launch_bounds__(kGzWarps * 32, kGzMinBlocks) grad_z_kernel(const BackwardParams prm, int KT,
-                                                                  int seg) {
-  // [kGzWarps][KT][kAccStride] accumulators, then the z tile [KT][kAccStride]
-  PK_DYNAMIC_SMEM(acc_s);
-  const int lane = threadIdx.x & 31;
-  const int w = threadIdx.x >> 5;
-  const int b = blockIdx.x;
-  const int d0 = blockIdx.y * 32;
-  const int d = d0 + lane;
+// grad_z[b, d, k] = sum_{m : k_bm == k} 2 g[b, m] (z[b, d, k] - p[m, d]) for the G images b0.. of the
+// group and channels d0..d0+31, written for every (d, k) (zeros where no prototype wins). Patches in
+// passes of KT; per pass the group's z tiles are staged (rows z[b, d0.., k]) and every warp clears its
+// G x KT accumulator rows. Warp w scans prototypes [w seg, (w+1) seg) 32 at a time: the next chunk's
+// (k, g) of every image are loaded while this chunk's p rows (only of prototypes that win in the pass
+// for some image; all issued at once) are added into the accumulators of each image in increasing m.
+__device__ __forceinline__ void grad_z_block(const BackwardParams& prm, const BackwardLaunch& l, float* smem,
+                                             int group, int slice) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int M = prm.M, D = prm.D, HW = prm.HW;
+  const int G = l.G, KT = l.KT, rows = G * KT;
+  const int b0 = group * G;
+  const int ng = min(G, prm.B - b0);  // images of this group
+  const int d0 = slice * 32, d = d0 + lane;
   const bool d_ok = d < D;
-  const float* __restrict__ zb = prm.z + b * prm.z_sb;
   const float* __restrict__ p = prm.p;
-  float* const mine = acc_s + w * KT * kAccStride;
-  float* const z_s = acc_s + kGzWarps * KT * kAccStride;
-  const int m_begin = w * seg;
-  const int m_end = min(M, m_begin + seg);
+  const float* __restrict__ z = prm.z;
+  float* const mine = smem + w * rows * kAccStride;
+  float* const z_s = smem + kBwWarps * rows * kAccStride;
+  const int m_begin = w * l.seg;
+  const int m_end = min(M, m_begin + l.seg);
+  const bool dfast = prm.z_sd <= prm.z_sk;  // stage along channels (else along patches): coalesced reads
 
-  // Raw inputs of the 32 prototypes c0.. of this warp (lane = one prototype); loads only, no use,
-  // so that they are in flight while the previous chunk is processed.
+  // Raw inputs of the 32 prototypes c0.. (lane = one prototype) for image b0 + gi; loads only, no use, so
+  // that they are in flight while the previous chunk is processed.
   struct Chunk {
     int64_t k;
     float gs, gm, dist;
   };
-  auto fetch = [&](int c0) {
+  auto fetch = [&](int gi, int c0) {
     Chunk c{0, 0.f, 0.f, 0.f};
     const int m = c0 + lane;
-    if (m < m_end) {
-      const int64_t o = (int64_t)b * M + m;
-      c = {prm.patch_index[o], prm.grad_similarity[o], prm.grad_min_distances[o],
-           prm.min_distances[o]};
+    if (gi < ng && m < m_end) {
+      const int64_t o = (int64_t)(b0 + gi) * M + m;
+      c = {prm.patch_index[o], prm.grad_similarity[o], prm.grad_min_distances[o], prm.min_distances[o]};
     }
     return c;
   };
 
   for (int k0 = 0; k0 < HW; k0 += KT) {
     const int kt = min(KT, HW - k0);
-    for (int i = lane; i < KT * kAccStride; i += 32) mine[i] = 0.f;
-    for (int e = threadIdx.x; e < 32 * KT; e += kGzWarps * 32) {  // rows z[b, d0.., k0 + kl]
-      const int kl = e >> 5, dl = e & 31;
-      z_s[kl * kAccStride + dl] =
-          (kl < kt && d0 + dl < D) ? zb[(int64_t)(k0 + kl) * prm.z_sk + d0 + dl] : 0.f;
+    for (int i = lane; i < rows * kAccStride; i += 32) mine[i] = 0.f;
+    for (int e = threadIdx.x; e < rows * 32; e += kBwThreads) {  // z[b0 + gi, d0 + dl, k0 + kl]
+      const int gi = e / (32 * KT), r = e - gi * 32 * KT;
+      const int kl = dfast ? r >> 5 : r % KT, dl = dfast ? r & 31 : r / KT;
+      z_s[(gi * KT + kl) * kAccStride + dl] =
+          (gi < ng && kl < kt && d0 + dl < D)
+              ? z[(int64_t)(b0 + gi) * prm.z_sb + (int64_t)(d0 + dl) * prm.z_sd + (int64_t)(k0 + kl) * prm.z_sk]
+              : 0.f;
     }
     __syncthreads();
 
-    Chunk next = fetch(m_begin);
+    Chunk next[kGzGroup];
+#pragma unroll
+    for (int gi = 0; gi < kGzGroup; ++gi) next[gi] = fetch(gi, m_begin);
     for (int c0 = m_begin; c0 < m_end; c0 += 32) {
-      const Chunk cur = next;
-      if (c0 + 32 < m_end) next = fetch(c0 + 32);
-      // This lane's prototype's winning patch, local to the pass (-1: not in it), and dL/dd.
-      const int k = c0 + lane < m_end ? clamp_index(cur.k, HW) : -1;
-      const int kl = (k >= k0 && k < k0 + KT) ? k - k0 : -1;
-      const float g = kl >= 0 ? grad_coef(cur.gs, cur.gm, cur.dist, prm.eps) : 0.f;
-      const unsigned in_pass = __ballot_sync(kFullMask, kl >= 0);
-      if (in_pass == 0) continue;
-      float pv[32];
+      Chunk cur[kGzGroup];
 #pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        pv[j] = (d_ok && ((in_pass >> j) & 1u)) ? p[(int64_t)(c0 + j) * D + d] : 0.f;
+      for (int gi = 0; gi < kGzGroup; ++gi) {
+        cur[gi] = next[gi];
+        if (c0 + 32 < m_end) next[gi] = fetch(gi, c0 + 32);
       }
-      // Prototypes c0 + j in increasing order.
+      // This lane's prototype's winning patch in image gi, local to the pass (-1: not in it), and dL/dd.
+      int kl[kGzGroup];
+      float g[kGzGroup];
+      unsigned in_pass[kGzGroup], any = 0;
 #pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        if ((in_pass >> j) & 1u) {  // warp-uniform
-          const int kj = __shfl_sync(kFullMask, kl, j);
-          const float gj = __shfl_sync(kFullMask, g, j);
-          float* const a = mine + kj * kAccStride + lane;
-          *a = fmaf(gj, z_s[kj * kAccStride + lane] - pv[j], *a);
+      for (int gi = 0; gi < kGzGroup; ++gi) {
+        const int k = (gi < ng && c0 + lane < m_end) ? clamp_index(cur[gi].k, HW) : -1;
+        kl[gi] = (k >= k0 && k < k0 + kt) ? k - k0 : -1;
+        g[gi] = kl[gi] >= 0 ? grad_coef(cur[gi].gs, cur[gi].gm, cur[gi].dist, prm.eps) : 0.f;
+        in_pass[gi] = __ballot_sync(kFullMask, kl[gi] >= 0);
+        any |= in_pass[gi];
+      }
+      if (any == 0) continue;  // warp-uniform
+      // p rows of the chunk, read once for the G images; 16 at a time (registers: 0 spills at 3 blocks/SM).
+#pragma unroll
+      for (int h = 0; h < 32; h += 16) {
+        if (((any >> h) & 0xffffu) == 0) continue;  // warp-uniform
+        float pv[16];
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+          pv[j] = (d_ok && ((any >> (h + j)) & 1u)) ? p[(int64_t)(c0 + h + j) * D + d] : 0.f;
+#pragma unroll
+        for (int gi = 0; gi < kGzGroup; ++gi) {
+          if (((in_pass[gi] >> h) & 0xffffu) == 0) continue;  // warp-uniform
+          float* const acc = mine + gi * KT * kAccStride;
+          const float* const zt = z_s + gi * KT * kAccStride;
+          // Prototypes c0 + h + j in increasing order (per image: the order of m).
+#pragma unroll
+          for (int j = 0; j < 16; ++j) {
+            if ((in_pass[gi] >> (h + j)) & 1u) {  // warp-uniform
+              const int kj = __shfl_sync(kFullMask, kl[gi], h + j);
+              const float gj = __shfl_sync(kFullMask, g[gi], h + j);
+              float* const a = acc + kj * kAccStride + lane;
+              *a = fmaf(gj, zt[kj * kAccStride + lane] - pv[j], *a);
+            }
+          }
         }
       }
     }
     __syncthreads();
     // Sum the warps' accumulators in warp order; consecutive threads write consecutive patches.
-    for (int e = threadIdx.x; e < 32 * KT; e += kGzWarps * 32) {
-      const int dl = e / KT;
-      const int kl = e - dl * KT;
-      if (kl < kt && d0 + dl < D) {
+    for (int e = threadIdx.x; e < rows * 32; e += kBwThreads) {
+      const int gi = e / (32 * KT), r = e - gi * 32 * KT;
+      const int dl = r / KT, kl = r - dl * KT;
+      if (gi < ng && kl < kt && d0 + dl < D) {
         float s = 0.f;
 #pragma unroll
-        for (int ww = 0; ww < kGzWarps; ++ww) s += acc_s[(ww * KT + kl) * kAccStride + dl];
-        prm.grad_z[((int64_t)b * D + d0 + dl) * HW + k0 + kl] = 2.f * s;
+        for (int ww = 0; ww < kBwWarps; ++ww) s += smem[(ww * rows + gi * KT + kl) * kAccStride + dl];
+        prm.grad_z[((int64_t)(b0 + gi) * D + d0 + dl) * HW + k0 + kl] = 2.f * s;
       }
     }
     __syncthreads();
   }
 }
 
-inline Launch grad_p_launch(const BackwardParams& prm) {
-  return {(unsigned)((prm.M + kGpM - 1) / kGpM), (unsigned)((prm.D + 31) / 32), kGpM * 32, 0};
+// grad_p[m, d] = sum_b 2 g[b, m] (p[m, d] - z[b, d, k_bm]) for prototypes m0..m0+63 (warp w: m0 + 8w..
+// m0 + 8w + 7) and channels d0..d0+31 (one lane each), b summed in increasing order in registers. Stages
+// of gp_images images: their (g, k) (one coalesced load per element), and with gp_stage their z slices
+// z[b, d0.., :] (cp.async, z's own strides), double-buffered: stage i + 1 is in flight while stage i is used.
+__device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const BackwardLaunch& l, float* smem,
+                                             int mtile, int slice) {
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+  const int B = prm.B, M = prm.M, D = prm.D, HW = prm.HW;
+  const int m0 = mtile * kGpM, d0 = slice * 32, d = d0 + lane;
+  const bool d_ok = d < D;
+  const int NB = l.gp_images;
+  const bool staged = l.gp_stage != 0;
+  const int shw = staged ? HW : 0;  // staged patch rows per image
+  const int stage_floats = gp_stage_floats(NB, shw);
+  const float* __restrict__ z = prm.z;
+  const int64_t sb = prm.z_sb, sd = prm.z_sd, sk = prm.z_sk;
+  const bool dfast = sd <= sk;
+
+  float pv[kGpPerWarp], acc[kGpPerWarp];
+#pragma unroll
+  for (int j = 0; j < kGpPerWarp; ++j) {
+    const int m = m0 + kGpPerWarp * w + j;
+    pv[j] = (m < M && d_ok) ? prm.p[(int64_t)m * D + d] : 0.f;
+    acc[j] = 0.f;
+  }
+
+  // Stage s: images s NB.. into buffer s & 1 (z slices by cp.async, committed as one group; (g, k) by
+  // plain loads and stores: the buffer's last reads were before the previous iteration's last barrier).
+  auto issue = [&](int s) {
+    float* const st = smem + (s & 1) * stage_floats;
+    float* const g_s = st + NB * shw * kAccStride;
+    int* const k_s = reinterpret_cast<int*>(g_s + NB * kGpM);
+    const int bs = s * NB;
+    if (staged) {
+      for (int e = tid; e < NB * 32 * HW; e += kBwThreads) {
+        const int bl = e / (32 * HW), r = e - bl * 32 * HW;
+        const int kl = dfast ? r >> 5 : r % HW, dl = dfast ? r & 31 : r / HW;
+        const bool ok = bs + bl < B && d0 + dl < D;
+        copy_async(&st[(bl * HW + kl) * kAccStride + dl],
+                   ok ? z + (bs + bl) * sb + (d0 + dl) * sd + (int64_t)kl * sk : z, ok);
+      }
+    }
+    async_commit();
+    for (int e = tid; e < NB * kGpM; e += kBwThreads) {
+      const int bl = e / kGpM, ml = e - bl * kGpM;
+      const int b = bs + bl, m = m0 + ml;
+      float g = 0.f;
+      int k = 0;
+      if (b < B && m < M) {
+        const int64_t o = (int64_t)b * M + m;
+        k = clamp_index(prm.patch_index[o], HW);
+        g = grad_coef(prm.grad_similarity[o], prm.grad_min_distances[o], prm.min_distances[o], prm.eps);
+      }
+      g_s[e] = g;
+      k_s[e] = k;
+    }
+  };
+
+  const int n_stages = (B + NB - 1) / NB;
+  issue(0);
+  for (int s = 0; s < n_stages; ++s) {
+    if (s + 1 < n_stages) {
+      issue(s + 1);
+      async_wait<1>();
+    } else {
+      async_wait<0>();
+    }
+    __syncthreads();
+    const float* const st = smem + (s & 1) * stage_floats;
+    const float* const g_s = st + NB * shw * kAccStride;
+    const int* const k_s = reinterpret_cast<const int*>(g_s + NB * kGpM);
+    const int nb = min(NB, B - s * NB);
+    if (d_ok) {
+      for (int bl = 0; bl < nb; ++bl) {  // b in increasing order
+        const int b = s * NB + bl;
+        float zv[kGpPerWarp];
+#pragma unroll
+        for (int j = 0; j < kGpPerWarp; ++j) {
+          const int k = k_s[bl * kGpM + kGpPerWarp * w + j];
+          zv[j] = staged ? st[(bl * HW + k) * kAccStride + lane] : z[b * sb + (int64_t)d * sd + (int64_t)k * sk];
+        }
+#pragma unroll
+        for (int j = 0; j < kGpPerWarp; ++j) acc[j] = fmaf(g_s[bl * kGpM + kGpPerWarp * w + j], pv[j] - zv[j], acc[j]);
+      }
+    }
+    __syncthreads();  // buffer s & 1 is refilled by the next iteration's issue
+  }
+#pragma unroll
+  for (int j = 0; j < kGpPerWarp; ++j) {
+    const int m = m0 + kGpPerWarp * w + j;
+    if (m < M && d_ok) prm.grad_p[(int64_t)m * D + d] = 2.f * acc[j];
+  }
 }
 
-struct GradZLaunch : Launch {
-  int KT;   // patches per pass
-  int seg;  // prototypes per warp (a multiple of 32)
-};
+// The one backward launch: grid (l.blocks), kBwThreads threads, l.smem bytes of dynamic shared memory.
+__global__ void __launch_bounds__(kBwThreads, kBwMinBlocks) backward_kernel(const BackwardParams prm,
+                                                                           const BackwardLaunch l) {
+  PK_DYNAMIC_SMEM(smem);
+  const unsigned i = blockIdx.x;
+  if (i < l.gz_blocks) {
+    grad_z_block(prm, l, smem, (int)(i / l.d_slices), (int)(i % l.d_slices));
+  } else {
+    const unsigned j = i - l.gz_blocks;
+    grad_p_block(prm, l, smem, (int)(j / l.d_slices), (int)(j % l.d_slices));
+  }
+}
 
-inline GradZLaunch grad_z_launch(const BackwardParams& prm) {
-  GradZLaunch l;
-  l.KT = prm.HW < kGzMaxKT ? prm.HW : kGzMaxKT;
-  l.seg = ((prm.M + kGzWarps - 1) / kGzWarps + 31) / 32 * 32;
-  l.grid_x = prm.B;
-  l.grid_y = (prm.D + 31) / 32;
-  l.threads = kGzWarps * 32;
-  l.smem = sizeof(float) * (kGzWarps + 1) * l.KT * kAccStride;
+inline BackwardLaunch backward_launch(const BackwardParams& prm) {
+  BackwardLaunch l{};
+  l.d_slices = (prm.D + 31) / 32;
+  l.G = prm.B < kGzGroup ? prm.B : kGzGroup;
+  const int per_pass = kGzRows / l.G;                        // patches per pass at most
+  const int passes = (prm.HW + per_pass - 1) / per_pass;
+  l.KT = (prm.HW + passes - 1) / passes;                     // balanced passes (49 -> 25 + 24 at G = 2)
+  l.seg = ((prm.M + kBwWarps - 1) / kBwWarps + 31) / 32 * 32;
+  l.gz_blocks = (unsigned)((prm.B + l.G - 1) / l.G * l.d_slices);
+  l.gp_stage = prm.HW <= kGpStageRows;
+  const int images = l.gp_stage ? kGpStageRows / prm.HW : kGpMaxImages;
+  l.gp_images = images < kGpMaxImages ? images : kGpMaxImages;
+  l.blocks = l.gz_blocks + (unsigned)((prm.M + kGpM - 1) / kGpM * l.d_slices);
+  const int gz = gz_smem_floats(l.G, l.KT);
+  const int gp = 2 * gp_stage_floats(l.gp_images, l.gp_stage ? prm.HW : 0);
+  l.smem = sizeof(float) * (size_t)(gz > gp ? gz : gp);
   return l;
 }
-
-// grad_z's largest dynamic shared memory (KT = kGzMaxKT): 76 KB.
-constexpr size_t kGzMaxSmem = sizeof(float) * (kGzWarps + 1) * kGzMaxKT * kAccStride;
-
 
 }  // namespace
 }  // namespace protokern

@@ -1,5 +1,5 @@
 // Device helpers shared by the forward (forward.cuh) and backward (backward.cuh) kernels: cp.async
-// staging, the TF32 tensor-core MMA, the tie-break order, warp sums, dynamic shared memory. Every
+// staging (4- and 16-byte), the TF32 tensor-core MMA, the tie-break order, warp sums, dynamic shared memory. Every
 // helper has a CPU-emulator branch (PROTOKERN_EMU, csrc/emu/emulator.h), so the emulator compiles
 // these very headers.
 #pragma once
@@ -40,6 +40,21 @@ __device__ __forceinline__ void copy_async(float* dst, const float* src, bool va
                : "memory");
 #else
   *dst = valid ? *src : 0.f;
+#endif
+}
+
+// 16-byte global -> shared copy of 4 floats: the first n (0..4) from src, the rest zero-filled; dst and
+// src must be 16-byte aligned (the emulator counts a misaligned one as an error). Asynchronous on sm_80+
+// (cp.async.cg: L2 only, no L1 allocation), with the same protocol as copy_async.
+__device__ __forceinline__ void copy_async16(float* dst, const float* src, int n) {
+#if defined(PROTOKERN_EMU)
+  emu::copy_async16(dst, src, n);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(4 * n) : "memory");
+#else
+#pragma unroll
+  for (int i = 0; i < 4; ++i) dst[i] = i < n ? src[i] : 0.f;
 #endif
 }
 

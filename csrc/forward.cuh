@@ -2,7 +2,7 @@
 //
 // One block per (128 prototypes, batch item b). For every patch tile of 64 patches:
 //   1. search: a tiled GEMM-like loop (p and z tiles of 32 channels double-buffered in shared memory
-//      with cp.async) accumulates s[m, k] = z_k . p_m, with exact fp32 FFMA products (FfmaSearch,
+//      with cp.async: 16-byte copies where the runtime alignment allows, else 4-byte ones) accumulates s[m, k] = z_k . p_m, with exact fp32 FFMA products (FfmaSearch,
 //      "highest") or tensor-core MMA (MmaSearch: 3xTF32 "high", TF32 "medium"; sm_80+), and gives the
 //      approximate v~[m, k] = |z_k|^2 - 2 s[m, k] (|p_m|^2 is the same for every patch of m: dropped);
 //   2. certify: with the rigorous bound delta[m, k] >= |a~ - e| of the search error (derivation at
@@ -27,20 +27,22 @@ constexpr int kThreads = 256;  // forward block size (8 warps)
 constexpr int kBM = 128;       // prototypes per block
 constexpr int kBK = 64;        // patches per tile
 constexpr int kDC = 32;        // channels per shared-memory stage
-constexpr int kPLoads = kDC * kBM / kThreads;  // p elements staged per thread per stage
-constexpr int kZLoads = kDC * kBK / kThreads;  // z elements staged per thread per stage
+constexpr int kPLoads = kDC * kBM / kThreads;  // p elements staged per thread per stage (4-byte copies)
+constexpr int kZLoads = kDC * kBK / kThreads;  // z elements staged per thread per stage (4-byte copies)
+constexpr int kPChunks = kPLoads / 4;          // the same in 16-byte copies
+constexpr int kZChunks = kZLoads / 4;
 static_assert(kThreads == 256 && kBM == 128 && kBK == 64, "thread layouts below assume these");
 static_assert(8 % (kDC / 8) == 0 && 8 % (kBK / 32) == 0 && 8 % (kBM / 32) == 0, "tile_map");
 
-// Dynamic shared memory (floats) of a search with shared tiles of row strides Ps (p: channel rows of
-// kBM prototypes) and Zs (z: channel rows of kBK patches), and Entries partial thresholds per
-// prototype: two pipeline stages of {p tile, z tile}; then, per patch tile, |z_k|^2 and |z_k|, per
+// Dynamic shared memory (floats) of a search with shared tiles of row strides Ps (p: prototype rows of
+// kDC channels, as p lies in global memory, so that 16-byte copies land whole) and Zs (z: channel rows
+// of kBK patches), and Entries partial thresholds per prototype: two pipeline stages of {p tile, z tile}; then, per patch tile, |z_k|^2 and |z_k|, per
 // prototype |p_m|, the running threshold T_m and the exact winner (e, k). The stage just consumed
 // is the scratch of the certification: Entries x kBM partial thresholds, then kBM x kBK flag bytes.
 template <int Ps, int Zs, int Entries>
 struct Layout {
   static constexpr int kPs = Ps, kZs = Zs, kEntries = Entries;
-  static constexpr int kStage = kDC * (Ps + Zs);
+  static constexpr int kStage = kBM * Ps + kDC * Zs;
   static constexpr int kFlagOffset = Entries * kBM;  // in the scratch stage
   static constexpr int kZnOffset = 2 * kStage;
   static constexpr int kRzOffset = kZnOffset + kBK;
@@ -49,7 +51,7 @@ struct Layout {
   static constexpr int kBestOffset = kThrOffset + kBM;
   static constexpr int kBestKOffset = kBestOffset + kBM;
   static constexpr size_t kBytes = sizeof(float) * (kBestKOffset + kBM);
-  static_assert(Ps % 4 == 0 && Zs % 4 == 0, "rows must stay 16-byte aligned");
+  static_assert(Ps % 4 == 0 && Zs % 4 == 0 && kStage % 4 == 0, "rows must stay 16-byte aligned");
   static_assert(kFlagOffset + kBM * kBK / 4 <= kStage, "certification scratch must fit in a stage");
 };
 
@@ -159,9 +161,11 @@ __device__ __forceinline__ void exact_distances(const float* const (&zk)[kRescor
 // thread. entry(tid) names the thread
 // among the kEntries threads that share a prototype; clear() zeroes the accumulators for the next tile.
 
-// Exact fp32 products (FFMA). Thread (tx, ty) holds prototypes 4tx..4tx+3, 64+4tx..64+4tx+3 and
-// patches 4ty..4ty+3 of the tile. Row strides 4 (mod 32) make the 8x4 tile_map stores conflict-free.
-struct FfmaSearch : Layout<kBM + 4, kBK + 4, kThreads / 16> {
+// Exact fp32 products (FFMA). Thread (tx, ty) holds prototypes tx + 16 i (i < 8) and patches 4ty..4ty+3
+// of the tile, and reads 4 channels at a time (float4 along a prototype row, then 4 z rows). A p row
+// stride of 4 (mod 32) makes the float4 reads of 8 consecutive tx conflict-free; a z row stride of 4
+// (mod 32) the 8x4 tile_map stores.
+struct FfmaSearch : Layout<kDC + 4, kBK + 4, kThreads / 16> {
   static constexpr int kSearch = kSearchFp32;
   static constexpr int kSlots = 8;
   static constexpr int kMinBlocks = 2;  // resident blocks per SM the registers must allow
@@ -181,24 +185,26 @@ struct FfmaSearch : Layout<kBM + 4, kBK + 4, kThreads / 16> {
     // skips the math and leaves its issue slots to the others.
     if (k0 + 8 * (tid >> 5) >= HW) return;
 #pragma unroll
-    for (int dd = 0; dd < kDC; ++dd) {
-      const float4 a0 = *reinterpret_cast<const float4*>(&ps[dd * kPs + 4 * tx]);
-      const float4 a1 = *reinterpret_cast<const float4*>(&ps[dd * kPs + 64 + 4 * tx]);
-      const float4 zz = *reinterpret_cast<const float4*>(&zs[dd * kZs + 4 * ty]);
-      const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const float c[4] = {zz.x, zz.y, zz.z, zz.w};
+    for (int dd = 0; dd < kDC; dd += 4) {
+      float4 a4[8], z4[4];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
+      for (int i = 0; i < 8; ++i) a4[i] = *reinterpret_cast<const float4*>(&ps[(tx + 16 * i) * kPs + dd]);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], c[j], acc[i][j]);
+      for (int q = 0; q < 4; ++q) z4[q] = *reinterpret_cast<const float4*>(&zs[(dd + q) * kZs + 4 * ty]);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {  // channel dd + q: every accumulator's fma chain runs in channel order
+        const float c[4] = {z4[q].x, z4[q].y, z4[q].z, z4[q].w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float a = q == 0 ? a4[i].x : q == 1 ? a4[i].y : q == 2 ? a4[i].z : a4[i].w;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a, c[j], acc[i][j]);
+        }
       }
     }
   }
 
-  __device__ __forceinline__ static int slot_ml(int tid, int i) {
-    const int tx = tid & 15;
-    return (i < 4) ? 4 * tx + i : 64 + 4 * tx + (i - 4);
-  }
+  __device__ __forceinline__ static int slot_ml(int tid, int i) { return (tid & 15) + 16 * i; }
 
   __device__ __forceinline__ static int entry(int tid) { return tid >> 4; }
 
@@ -216,9 +222,10 @@ struct FfmaSearch : Layout<kBM + 4, kBK + 4, kThreads / 16> {
 // Tensor cores: TF32 products (kSplit = false) or 3xTF32 (kSplit = true: x = hi + lo, each read by
 // the MMA as TF32, and a b ~ a_lo b_hi + a_hi b_lo + a_hi b_hi, close to fp32 accuracy). Warp w owns
 // prototypes 32 (w % 4).. + 31 (two m16 tiles) and patches 32 (w / 4).. + 31 (four n8 tiles) of the
-// block tile. Row strides 8 (mod 32) make the fragment loads conflict-free.
+// block tile. Fragments are plain 32-bit shared loads (see the note at step); a p row stride of 4 (mod 32)
+// and a z row stride of 8 (mod 32) make them conflict-free.
 template <bool kSplit>
-struct MmaSearch : Layout<kBM + 8, kBK + 8, 8> {  // 8 entries: 2 warps along patches x 4 quad lanes
+struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along patches x 4 quad lanes
   static constexpr int kSearch = kSplit ? kSearch3xTf32 : kSearchTf32;
   static constexpr int kSlots = 4;      // rows g, g + 8 of m16 tile 0, then of tile 1
   // Resident blocks per SM the registers must allow: 2 (128 registers). At 3 (80 registers) ptxas
@@ -248,6 +255,10 @@ struct MmaSearch : Layout<kBM + 8, kBK + 8, 8> {  // 8 entries: 2 warps along pa
     lo = kSplit ? __float_as_uint(x - __uint_as_float(hi)) : 0u;
   }
 
+  // No ldmatrix: A (p, prototype rows with contiguous channels) would fit ldmatrix.x4 (a b16 8x8 matrix
+  // is an fp32 8x4 one, and the fragment a[0..3] is four of them), but B (z, channel rows with contiguous
+  // patches) needs the transposed load, and ldmatrix.trans transposes b16 elements, which splits each fp32
+  // value in halves; so both operands use the same plain loads, 4 + 2 per m16n8k8 pair of tiles.
   __device__ __forceinline__ void step(const float* ps, const float* zs, int tid, int k0, int HW) {
     const int lane = tid & 31, w = tid >> 5, g = lane >> 2, t = lane & 3;
     const int mb = 32 * (w & 3), nb = 32 * (w >> 2);
@@ -258,11 +269,11 @@ struct MmaSearch : Layout<kBM + 8, kBK + 8, 8> {  // 8 entries: 2 warps along pa
       uint32_t a_hi[2][4], a_lo[2][4];
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const float* const col = ps + (kk + t) * kPs + mb + 16 * i + g;
-        split(col[0], a_hi[i][0], a_lo[i][0]);
-        split(col[8], a_hi[i][1], a_lo[i][1]);
-        split(col[4 * kPs], a_hi[i][2], a_lo[i][2]);
-        split(col[4 * kPs + 8], a_hi[i][3], a_lo[i][3]);
+        const float* const row = ps + (mb + 16 * i + g) * kPs + kk + t;  // A[g][t]: bank 4 g + t
+        split(row[0], a_hi[i][0], a_lo[i][0]);
+        split(row[8 * kPs], a_hi[i][1], a_lo[i][1]);
+        split(row[4], a_hi[i][2], a_lo[i][2]);
+        split(row[8 * kPs + 4], a_hi[i][3], a_lo[i][3]);
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -327,28 +338,44 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   const float* __restrict__ p = prm.p;
   const int64_t sd = prm.z_sd, sk = prm.z_sk;
 
-  const TileMap pmap = tile_map<kBM>(tid, true);
   const TileMap zmap = tile_map<kBK>(tid, z_dfast);
+  // 16-byte copies where the alignment allows (uniform over the launch): p rows when D % 4 == 0 and p is
+  // 16-byte aligned; z along patches when stride_k == 1, stride_d and stride_b are multiples of 4 and z
+  // is 16-byte aligned (e.g. contiguous z with HW % 4 == 0). Else 4-byte copies.
+  const bool p_vec = D % 4 == 0 && (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+  const bool z_vec = sk == 1 && sd % 4 == 0 && prm.z_sb % 4 == 0 && (reinterpret_cast<uintptr_t>(prm.z) & 15) == 0;
   const int n_d = (D + kDC - 1) / kDC;
   const int n_iter = n_d * ((HW + kBK - 1) / kBK);  // flat loop over (patch tile, channel stage)
 
   // Start the copy of stage `it` (patch tile it / n_d, channels (it % n_d) * kDC...) into `buf`.
   auto issue = [&](int it, int buf) {
     float* const ps = smem + buf * kStage;
-    float* const zs = ps + kDC * kPs;
+    float* const zs = ps + kBM * kPs;
     const int k0 = (it / n_d) * kBK;
     const int d0 = (it % n_d) * kDC;
-    {
-      const int d = d0 + pmap.dd0;
-      const float* src = p + (int64_t)(m0 + pmap.cc0) * D + d;
+    if (p_vec) {  // chunk c = tid + 256 i: prototype c / 8, channels 4 (c % 8).. (8 threads per 128-byte row)
+#pragma unroll
+      for (int i = 0; i < kPChunks; ++i) {
+        const int c = tid + kThreads * i, ml = c >> 3, dd = 4 * (c & 7);
+        const int n = m0 + ml < M ? max(0, min(4, D - d0 - dd)) : 0;
+        copy_async16(&ps[ml * kPs + dd], n > 0 ? p + (int64_t)(m0 + ml) * D + d0 + dd : p, n);
+      }
+    } else {  // warp w copies prototypes w + 8 i, one channel per lane
 #pragma unroll
       for (int i = 0; i < kPLoads; ++i) {
-        const int cc = pmap.cc0 + i * pmap.cci;
-        const bool ok = d < D && m0 + cc < M;
-        copy_async(&ps[pmap.dd0 * kPs + cc], ok ? src + (int64_t)i * pmap.cci * D : p, ok);
+        const int ml = warp + 8 * i, d = d0 + lane;
+        const bool ok = d < D && m0 + ml < M;
+        copy_async(&ps[ml * kPs + lane], ok ? p + (int64_t)(m0 + ml) * D + d : p, ok);
       }
     }
-    {
+    if (z_vec) {  // chunk c = tid + 256 i: channel c / 16, patches 4 (c % 16).. (stride_k == 1)
+#pragma unroll
+      for (int i = 0; i < kZChunks; ++i) {
+        const int c = tid + kThreads * i, dd = c >> 4, kk = 4 * (c & 15);
+        const int n = d0 + dd < D ? max(0, min(4, HW - k0 - kk)) : 0;
+        copy_async16(&zs[dd * kZs + kk], n > 0 ? zb + (d0 + dd) * sd + k0 + kk : zb, n);
+      }
+    } else {
       const float* src = zb + (d0 + zmap.dd0) * sd + (k0 + zmap.cc0) * sk;
       const int64_t step = zmap.ddi * sd + zmap.cci * sk;
 #pragma unroll
@@ -380,7 +407,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     }
     __syncthreads();
     float* const ps = smem + (it & 1) * kStage;
-    const float* const zs = ps + kDC * kPs;
+    const float* const zs = ps + kBM * kPs;
     const int k0 = (it / n_d) * kBK;
     search.step(ps, zs, tid, k0, HW);
     if (tid < kBK) {  // channels in order, one fma chain
@@ -388,8 +415,14 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       for (int dd = 0; dd < kDC; ++dd) norm2 = fmaf(zs[dd * kZs + tid], zs[dd * kZs + tid], norm2);
     } else if (tid >= kThreads - kBM && it < n_d) {  // |p|^2 during the first patch tile only
       const int ml = tid - (kThreads - kBM);
-#pragma unroll 8
-      for (int dd = 0; dd < kDC; ++dd) norm2 = fmaf(ps[dd * kPs + ml], ps[dd * kPs + ml], norm2);
+#pragma unroll
+      for (int dd = 0; dd < kDC; dd += 4) {  // channels in order; float4 reads, conflict-free
+        const float4 v = *reinterpret_cast<const float4*>(&ps[ml * kPs + dd]);
+        norm2 = fmaf(v.x, v.x, norm2);
+        norm2 = fmaf(v.y, v.y, norm2);
+        norm2 = fmaf(v.z, v.z, norm2);
+        norm2 = fmaf(v.w, v.w, norm2);
+      }
     }
 
     if (it % n_d == n_d - 1) {  // last stage of this patch tile: certify and rescore it

@@ -4,7 +4,7 @@
 //   params.h      this file
 //   common.cuh    device helpers shared by the kernels (cp.async, TF32 MMA, tie-break order, tiling)
 //   forward.cuh   forward kernel: certified patch search + exact rescoring (FFMA / 3xTF32 / TF32)
-//   backward.cuh  grad_p and grad_z kernels
+//   backward.cuh  the backward kernel (grad_z and grad_p blocks in one launch)
 //   forward.cu, backward.cu   host launchers (one translation unit each: they compile in parallel)
 //   emu/          CPU emulator that includes the same .cuh headers (python csrc/emu/check.py)
 #pragma once
@@ -34,13 +34,13 @@ struct ForwardParams {
   int precision;  // kSearch*
 };
 
-// Backward: z is (B, D, HW) float32 with stride_d == 1 (the op makes such a copy when needed);
+// Backward: z is (B, D, HW) float32 with arbitrary element strides (staged as they are, no copy);
 // all (B, M) tensors and p are contiguous; grad_z is written (B, D, HW) contiguous.
 struct BackwardParams {
   const float* grad_similarity;
   const float* grad_min_distances;
   const float* z;
-  int64_t z_sb, z_sk;  // element strides of z over B and HW (stride over D is 1)
+  int64_t z_sb, z_sd, z_sk;  // element strides of z over (B, D, HW)
   const float* p;
   const int64_t* patch_index;
   const float* min_distances;

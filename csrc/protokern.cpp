@@ -2,7 +2,8 @@
 //   torch.ops.protokern_C.forward(z, p, eps, precision) -> (similarity, min_distances, patch_index)
 //   torch.ops.protokern_C.backward(grad_similarity, grad_min_distances, z, p, patch_index,
 //                                  min_distances, eps) -> (grad_z, grad_p)
-// Contracts: docs/design.md. Kernels: forward.cuh, backward.cuh (launchers forward.cu, backward.cu). Fake (meta) implementations: protokern/_cuda.py.
+// Contracts: docs/design.md. Kernels: forward.cuh, backward.cuh (launchers forward.cu, backward.cu).
+// Fake (meta) implementations: protokern/_cuda.py.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -154,9 +155,6 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_similari
   const c10::cuda::CUDAGuard guard(z.device());
   if (B == 0 || M == 0) return {at::zeros({B, D, HW}, z.options()), at::zeros({M, D}, p.options())};
 
-  // The kernels read z with unit channel stride (coalesced rows z[b, :, k]); copy if needed.
-  const at::Tensor zc =
-      (z.stride(1) == 1 || D == 1) ? z : z.transpose(1, 2).contiguous().transpose(1, 2);
   const at::Tensor pc = p.contiguous();
   const at::Tensor gs = grad_similarity.contiguous();
   const at::Tensor gm = grad_min_distances.contiguous();
@@ -168,9 +166,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_similari
   BackwardParams prm{};
   prm.grad_similarity = gs.data_ptr<float>();
   prm.grad_min_distances = gm.data_ptr<float>();
-  prm.z = zc.data_ptr<float>();
-  prm.z_sb = zc.stride(0);
-  prm.z_sk = zc.stride(2);
+  prm.z = z.data_ptr<float>();  // read with its own strides (backward.cuh stages it)
+  prm.z_sb = z.stride(0);
+  prm.z_sd = z.stride(1);
+  prm.z_sk = z.stride(2);
   prm.p = pc.data_ptr<float>();
   prm.patch_index = idx.data_ptr<int64_t>();
   prm.min_distances = md.data_ptr<float>();

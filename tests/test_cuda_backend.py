@@ -206,6 +206,33 @@ def test_backward_is_deterministic(cuda_backend, layout):
 
 
 @gpu
+@pytest.mark.parametrize("shape", [(3, 128, 7, 7, 300), (2, 36, 14, 14, 70)], ids=str)
+def test_layout_and_alignment_free(cuda_backend, shape):
+    """Same values, different memory: the forward's 16-byte cp.async path (aligned z with stride_k == 1, p with
+    D % 4 == 0) and its 4-byte fallback (views one float past alignment) give the same bits at every
+    precision; the one-launch backward, which stages z with its own strides, gives the same gradient bits
+    for every layout."""
+    B, D, H, W, M = shape
+    z3 = torch.rand(B, D, H * W, device="cuda")
+    p = torch.rand(M, D, device="cuda")
+    z_off = torch.empty(B * D * H * W + 1, device="cuda")[1:].view(B, D, H * W).copy_(z3)
+    p_off = torch.empty(M * D + 1, device="cuda")[1:].view(M, D).copy_(p)
+    for precision in PRECISIONS:
+        ref = torch.ops.protokern_C.forward(z3, p, 1e-4, precision)
+        for zz, pp in ((z_off, p), (z3, p_off), (z_off, p_off)):
+            out = torch.ops.protokern_C.forward(zz, pp, 1e-4, precision)
+            assert all(torch.equal(a, b) for a, b in zip(out, ref)), precision
+    _, dist, idx = ref
+    gs, gd = torch.randn(B, M, device="cuda"), torch.randn(B, M, device="cuda")
+    grads = torch.ops.protokern_C.backward(gs, gd, z3, p, idx, dist, 1e-4)
+    for layout in ("channels_last", "sliced", "sliced_channels_last"):
+        zl = make_z(B, D, H, W, layout)
+        zl.copy_(z3.view(B, D, H, W))
+        other = torch.ops.protokern_C.backward(gs, gd, zl.flatten(2), p, idx, dist, 1e-4)
+        assert torch.equal(other[0], grads[0]) and torch.equal(other[1], grads[1]), layout
+
+
+@gpu
 def test_raw_ops_contract(cuda_backend):
     """torch.ops.protokern_C.* directly: output shapes, dtypes, layouts; precisions; B = 0."""
     z3 = make_z(4, 96, 5, 6, "sliced_channels_last").flatten(2)

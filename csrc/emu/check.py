@@ -29,7 +29,6 @@ if str(REPO) not in sys.path:
 
 from tests import reference  # noqa: E402
 from tests.reference import original_layer, rel_err  # noqa: E402
-from protokern.kernels.prototype_distance import channels_innermost  # noqa: E402
 
 PRECISIONS = {"highest": 0, "high": 1, "medium": 2}  # ForwardParams.precision (params.h kSearch*)
 LOG_1_OVER_EPS = math.log(1 / 1e-4)  # similarity at d = 0: 9.2103...
@@ -45,8 +44,8 @@ class ForwardParams(ctypes.Structure):
 
 class BackwardParams(ctypes.Structure):
     _fields_ = [("grad_similarity", ctypes.c_void_p), ("grad_min_distances", ctypes.c_void_p),
-                ("z", ctypes.c_void_p), ("z_sb", ctypes.c_int64), ("z_sk", ctypes.c_int64),
-                ("p", ctypes.c_void_p), ("patch_index", ctypes.c_void_p), ("min_distances", ctypes.c_void_p),
+                ("z", ctypes.c_void_p), ("z_sb", ctypes.c_int64), ("z_sd", ctypes.c_int64),
+                ("z_sk", ctypes.c_int64), ("p", ctypes.c_void_p), ("patch_index", ctypes.c_void_p), ("min_distances", ctypes.c_void_p),
                 ("grad_z", ctypes.c_void_p), ("grad_p", ctypes.c_void_p),
                 ("B", ctypes.c_int), ("D", ctypes.c_int), ("HW", ctypes.c_int), ("M", ctypes.c_int),
                 ("eps", ctypes.c_float)]
@@ -60,6 +59,7 @@ def build(out_dir: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     subprocess.run(cmd, check=True)
     lib = ctypes.CDLL(str(lib))
     lib.emu_errors.restype = ctypes.c_int
+    lib.emu_vector_copies.restype = ctypes.c_longlong
     return lib
 
 
@@ -82,14 +82,13 @@ def emu_forward(lib, z3: torch.Tensor, p: torch.Tensor, eps: float = 1e-4, preci
 
 
 def emu_backward(lib, grad_sim, grad_dist, z3, p, idx, dist, eps: float = 1e-4):
-    """The backward kernels (z3 is made channel-contiguous first, as the op does)."""
+    """The backward kernel (one launch: grad_z and grad_p blocks) on z3 (B, D, HW) with its own strides."""
     B, D, HW = z3.shape
     M = p.shape[0]
-    zc = channels_innermost(z3)  # as csrc/protokern.cpp does before launching
     grad_z = torch.full((B, D, HW), -7.0)
     grad_p = torch.full((M, D), -7.0)
     gs, gd, idx, dist, p = (t.contiguous() for t in (grad_sim, grad_dist, idx, dist, p))
-    prm = BackwardParams(_ptr(gs), _ptr(gd), _ptr(zc), zc.stride(0), zc.stride(2), _ptr(p), _ptr(idx),
+    prm = BackwardParams(_ptr(gs), _ptr(gd), _ptr(z3), *z3.stride(), _ptr(p), _ptr(idx),
                          _ptr(dist), _ptr(grad_z), _ptr(grad_p), B, D, HW, M, eps)
     lib.emu_backward(ctypes.byref(prm))
     return grad_z, grad_p
@@ -137,6 +136,10 @@ def make_z3(B, D, HW, layout):
         return torch.rand(B, 2 * D, 2 * HW + 1)[:, ::2, 1::2]
     if layout == "strided_d":  # stride_d = 3, stride_k = 3 D
         return torch.rand(B, HW, 3 * D).transpose(1, 2)[:, ::3]
+    if layout == "padded_k":  # stride_k = 1, rows padded to a multiple of 4: 16-byte copies, a partial last one
+        return torch.rand(B, D, (HW + 3) // 4 * 4)[:, :, :HW]
+    if layout == "misaligned":  # contiguous strides, base one float past 16-byte alignment: 4-byte copies
+        return torch.rand(B * D * HW + 1)[1:].view(B, D, HW)
     raise ValueError(layout)
 
 
@@ -166,8 +169,12 @@ def check_case(lib, z3, p, *, grads=True, precision="highest") -> dict:
         ((sim_ref * w_sim).sum() + (dist_ref * w_dist).sum()).backward()
         res["gz_rel"] = rel_err(gz, zr.grad[..., 0])
         res["gp_rel"] = rel_err(gp, pr.grad)
+        # The sums run in a fixed order that does not depend on z's strides: bit-identical on a copy.
+        gz2, gp2 = emu_backward(lib, w_sim, w_dist, z3.contiguous(), p, idx, dist)
+        res["grads_layout_free"] = torch.equal(gz, gz2) and torch.equal(gp, gp2)
     res["ok"] = (res["dist_rel"] < 1e-5 and res["sim_abs"] < 1e-4 and res["idx_ok"]
-                 and res.get("gz_rel", 0) < 1e-4 and res.get("gp_rel", 0) < 1e-4)
+                 and res.get("gz_rel", 0) < 1e-4 and res.get("gp_rel", 0) < 1e-4
+                 and res.get("grads_layout_free", True))
     return res
 
 
@@ -274,7 +281,38 @@ CASES = [
     (2, 128, 49, 130, "channels_last"),
     (1, 5, 20, 300, "strided_k"),  # several prototype chunks per grad_z warp
     (33, 130, 4, 3, "strided_d"),  # grad_p: several batch chunks and channel passes
+    (11, 40, 49, 600, "strided_d"),  # backward: 6 image pairs (last one single), 3 grad_p stages of 5 images
+    (9, 20, 300, 70, "channels_last"),  # grad_p without staging (HW > 256), 2 stages; grad_z passes of 32
+    (2, 36, 196, 70, "contiguous"),  # 16-byte copies of z (14 x 14) and p (D % 4 == 0)
+    (2, 40, 67, 20, "padded_k"),  # 16-byte copies of z with a partial last chunk (67 = 16 x 4 + 3)
+    (2, 36, 196, 30, "misaligned"),  # 4-byte fallback for z, 16-byte copies of p
 ]
+
+
+def check_copy_paths(lib) -> str | None:
+    """The forward's staging paths: 16-byte cp.async where the alignment allows (z with stride_k == 1, stride_d
+    and stride_b multiples of 4, 16-byte aligned; p with D % 4 == 0, 16-byte aligned), 4-byte copies otherwise,
+    and the same output bits either way. None if so, else what failed."""
+    B, D, HW, M = 2, 36, 196, 70
+    z3, p = torch.rand(B, D, HW), torch.rand(M, D)
+    z_off = torch.empty(B * D * HW + 1)[1:].view(B, D, HW).copy_(z3)  # same values, misaligned base
+    p_off = torch.empty(M * D + 1)[1:].view(M, D).copy_(p)
+    for precision in PRECISIONS:
+        runs = {}
+        for name, (zz, pp) in {"aligned": (z3, p), "z misaligned": (z_off, p), "p misaligned": (z3, p_off),
+                               "both misaligned": (z_off, p_off)}.items():
+            before = lib.emu_vector_copies()
+            runs[name] = (emu_forward(lib, zz, pp, precision=precision), lib.emu_vector_copies() - before)
+        # 16-byte copies issued: per block and stage 1024 of p (4 per thread) and 512 of z (2 per thread)
+        stages = B * math.ceil(M / 128) * math.ceil(D / 32) * math.ceil(HW / 64)
+        expect = {"aligned": 1536 * stages, "z misaligned": 1024 * stages, "p misaligned": 512 * stages,
+                  "both misaligned": 0}
+        for name, (out, vec) in runs.items():
+            if vec != expect[name]:
+                return f"{precision} {name}: {vec} 16-byte copies, expected {expect[name]}"
+            if not all(torch.equal(a, b) for a, b in zip(out, runs["aligned"][0])):
+                return f"{precision} {name}: outputs differ from the 16-byte path's"
+    return None
 
 
 def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = True) -> bool:
@@ -308,6 +346,8 @@ def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = Tru
             outs = {precision: emu_forward(lib, z3, p, precision=precision) for precision in precisions}
             err = check_contract(outs, z3, p)
             report(name, err is None, err or "")
+        err = check_copy_paths(lib)
+        report("16-byte cp.async where aligned, 4-byte fallback, same bits", err is None, err or "")
         for precision in precisions:
             err = check_bound(lib, precision)
             report(f"{precision:8} certification bound holds and is tight", err is None, err or "")

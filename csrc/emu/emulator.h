@@ -6,7 +6,7 @@
 // std::thread (real concurrency, slow);
 // __syncthreads / __syncwarp are barriers; shuffles and votes go through a per-warp exchange buffer.
 // Honest about the two things a CPU fallback would hide:
-// * cp.async is asynchronous: copy_async poisons its destination with NaN at issue (the stage's old
+// * cp.async (4- and 16-byte; a misaligned 16-byte copy is an error) is asynchronous: copy_async poisons its destination with NaN at issue (the stage's old
 //   contents are gone: the refill's issue is the point after the stage's last legitimate read) and
 //   the data lands only at the async_wait that retires its group, in the issuing thread; a thread
 //   that ends with copies in flight is an error (emu_errors()).
@@ -71,7 +71,7 @@ struct ThreadState {
 // creating a happens-before edge for ThreadSanitizer).
 inline thread_local std::atomic<ThreadState*> self_ptr{nullptr};
 inline ThreadState* me() { return self_ptr.load(std::memory_order_relaxed); }
-inline std::atomic<int> errors{0};      // protocol errors seen (cp.async groups left in flight)
+inline std::atomic<int> errors{0};      // protocol errors seen (cp.async left in flight, misaligned)
 
 #ifdef PROTOKERN_EMU_THREADS
 // Real OS threads: concurrent (optional; the sanitizer gates use the fibers below).
@@ -156,6 +156,19 @@ inline void record_search(int b, int m, int k, float v, float delta) {
 inline void copy_async(float* dst, const float* src, bool valid) {
   *dst = NAN;  // in flight
   me()->open_group.push_back({dst, src, valid});
+}
+
+inline std::atomic<int64_t> vector_copies{0};  // 16-byte copies issued (check.py: which path ran)
+
+inline void copy_async16(float* dst, const float* src, int n) {
+  if ((reinterpret_cast<uintptr_t>(dst) & 15) != 0 || (reinterpret_cast<uintptr_t>(src) & 15) != 0 || n < 0 ||
+      n > 4)
+    errors.fetch_add(1);  // misaligned: the hardware would fault
+  vector_copies.fetch_add(1, std::memory_order_relaxed);
+  for (int i = 0; i < 4; ++i) {
+    dst[i] = NAN;  // in flight
+    me()->open_group.push_back({dst + i, i < n ? src + i : src, i < n});
+  }
 }
 
 inline void async_commit() {

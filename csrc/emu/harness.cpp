@@ -23,10 +23,8 @@ extern "C" void emu_forward(const ForwardParams* prm) {
 extern "C" void emu_backward(const BackwardParams* prm) {
   if (prm->B == 0 || prm->M == 0) return;
   const BackwardParams p = *prm;
-  const Launch lp = grad_p_launch(p);
-  emu::launch({lp.grid_x, lp.grid_y}, lp.threads, lp.smem, [&] { grad_p_kernel(p); });
-  const GradZLaunch lz = grad_z_launch(p);
-  emu::launch({lz.grid_x, lz.grid_y}, lz.threads, lz.smem, [&] { grad_z_kernel(p, lz.KT, lz.seg); });
+  const BackwardLaunch l = backward_launch(p);
+  emu::launch({l.blocks, 1}, kBwThreads, l.smem, [&] { backward_kernel(p, l); });
 }
 
 // The forward with its search values recorded: out (B, M, HW, 2) receives (v~, delta) of every pair,
@@ -39,8 +37,11 @@ extern "C" void emu_search_values(const ForwardParams* prm, float* out) {
   emu::search_log = nullptr;
 }
 
-// Protocol errors seen so far (cp.async groups left in flight at a thread's end).
+// Protocol errors seen so far (cp.async groups left in flight at a thread's end, misaligned 16-byte copies).
 extern "C" int emu_errors() { return emu::errors.load(); }
+
+// 16-byte cp.async copies issued so far (which staging path the kernels took).
+extern "C" long long emu_vector_copies() { return emu::vector_copies.load(); }
 
 // One line per kernel variant, "name threads min_blocks_per_sm max_dynamic_smem_bytes", for the
 // ptxas gate (tests/test_cuda_gates.py): the numbers the launchers use, from the same headers.
@@ -57,8 +58,7 @@ extern "C" int emu_kernel_table(char* out, int size) {
   row("forward_kernel<true, MmaSearch<true>>", kThreads, MmaSearch<true>::kMinBlocks, MmaSearch<true>::kBytes);
   row("forward_kernel<false, MmaSearch<false>>", kThreads, MmaSearch<false>::kMinBlocks, MmaSearch<false>::kBytes);
   row("forward_kernel<true, MmaSearch<false>>", kThreads, MmaSearch<false>::kMinBlocks, MmaSearch<false>::kBytes);
-  row("grad_p_kernel", kGpM * 32, 1, 0);
-  row("grad_z_kernel", kGzWarps * 32, kGzMinBlocks, kGzMaxSmem);
+  row("backward_kernel", kBwThreads, kBwMinBlocks, kBwMaxSmem);
   std::snprintf(out, size, "%s", s.c_str());
   return (int)s.size();
 }

@@ -2,7 +2,8 @@
 // UndefinedBehaviorSanitizer), which cannot be loaded into Python: the CUB-shape tile configuration
 // (D = 128, HW = 49, a full and a partial 128-prototype block) and the tail cases (one patch, one
 // channel, a partial channel stage and patch tile), both z layouts, forward at every precision and
-// backward. Exit status 0 only if every run meets the checks below; the sanitizers abort on their own.
+// backward (one launch, z with its own strides; gradients against a double reference). Exit status 0
+// only if every run meets the checks below; the sanitizers abort on their own.
 // The emulator's fibers are TSan fibers ordered only by the barriers (emulator.h); -DPROTOKERN_EMU_THREADS
 // runs real OS threads instead (slower, same checks):
 //   g++ -std=c++20 -O1 -g -pthread -fsanitize=thread -Icsrc/emu/fake -Icsrc/emu -Icsrc \
@@ -100,11 +101,7 @@ void run_case(int B, int D, int HW, int M, bool channels_last) {
   if (M > 1) expect(dist[0][(size_t)(B - 1) * M + 1] == 0.f && idx[0][(size_t)(B - 1) * M + 1] == HW - 1,
                     "prototype equal to a patch", B, D, HW, M);
 
-  // Backward on a channel-contiguous copy of z, as the op passes it.
-  std::vector<float> zc((size_t)B * D * HW);
-  for (int b = 0; b < B; ++b)
-    for (int d = 0; d < D; ++d)
-      for (int k = 0; k < HW; ++k) zc[(size_t)b * sb + (size_t)k * D + d] = z[b * sb + d * sd + k * sk];
+  // Backward on z with its own strides (the kernel stages it as it is).
   std::vector<float> gs(BM), gm(BM), gz((size_t)B * D * HW, -7.f), gp((size_t)M * D, -7.f);
   for (size_t i = 0; i < BM; ++i) {
     gs[i] = uniform() - 0.5f;
@@ -113,9 +110,10 @@ void run_case(int B, int D, int HW, int M, bool channels_last) {
   protokern::BackwardParams bp{};
   bp.grad_similarity = gs.data();
   bp.grad_min_distances = gm.data();
-  bp.z = zc.data();
+  bp.z = z.data();
   bp.z_sb = sb;
-  bp.z_sk = D;
+  bp.z_sd = sd;
+  bp.z_sk = sk;
   bp.p = p.data();
   bp.patch_index = idx[0].data();
   bp.min_distances = dist[0].data();
@@ -131,6 +129,27 @@ void run_case(int B, int D, int HW, int M, bool channels_last) {
   for (float v : gz) finite &= std::isfinite(v) && v != -7.f;
   for (float v : gp) finite &= std::isfinite(v) && v != -7.f;
   expect(finite, "every gradient element written and finite", B, D, HW, M);
+  // Against a double reference at the forward's winners: 2 g (z - p), error relative to sum |terms|.
+  std::vector<double> rz((size_t)B * D * HW, 0.0), az((size_t)B * D * HW, 0.0), rp((size_t)M * D, 0.0),
+      ap((size_t)M * D, 0.0);
+  for (int b = 0; b < B; ++b) {
+    for (int m = 0; m < M; ++m) {
+      const size_t o = (size_t)b * M + m;
+      const double dd = dist[0][o], g = gm[o] + gs[o] * (1e-4 - 1.0) / ((dd + 1.0) * (dd + 1e-4));
+      const int k = (int)idx[0][o];
+      for (int d = 0; d < D; ++d) {
+        const double t = 2 * g * ((double)z[b * sb + d * sd + k * sk] - p[(size_t)m * D + d]);
+        rz[((size_t)b * D + d) * HW + k] += t;
+        az[((size_t)b * D + d) * HW + k] += std::fabs(t);
+        rp[(size_t)m * D + d] -= t;
+        ap[(size_t)m * D + d] += std::fabs(t);
+      }
+    }
+  }
+  bool close = true;
+  for (size_t i = 0; i < gz.size(); ++i) close &= std::fabs(gz[i] - rz[i]) <= 1e-5 * az[i] + 1e-30;
+  for (size_t i = 0; i < gp.size(); ++i) close &= std::fabs(gp[i] - rp[i]) <= 1e-5 * ap[i] + 1e-30;
+  expect(close, "gradients match the double reference", B, D, HW, M);
 }
 
 }  // namespace
@@ -141,6 +160,7 @@ int main() {
   run_case(2, 33, 65, 3, false);     // partial channel stage and patch tile, tiny M
   run_case(1, 1, 1, 1, true);        // one channel, one patch, one prototype
   run_case(1, 40, 70, 9, true);
+  run_case(5, 20, 49, 70, false);    // backward: image pairs and a single, grad_p stages of 5 images
   expect(emu_errors() == 0, "no cp.async group left in flight", 0, 0, 0, 0);
   std::printf(failures == 0 ? "sanitized emulator: all checks passed\n" : "sanitized emulator: %d failures\n",
               failures);
