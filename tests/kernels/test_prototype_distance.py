@@ -207,18 +207,21 @@ class _GridSpy:
 
 @needs_triton_cpu
 @pytest.mark.parametrize("M", [40, 70])  # one and two prototype tiles
-def test_forward_folds_images_into_grid_axis_0(monkeypatch, M):
-    """Images and prototype tiles share grid axis 0 (no 65535 limit on B); beyond MAX_PROGRAMS programs
-    the launcher splits the batch into runs of images, with the same results."""
-    z3, p = torch.rand(5, 8, 6), torch.rand(M, 8)
+@pytest.mark.parametrize("images", [1, 2])  # images per program
+def test_forward_folds_images_into_grid_axis_0(monkeypatch, M, images):
+    """Image blocks and prototype tiles share grid axis 0 (no 65535 limit on B); beyond MAX_PROGRAMS programs
+    the launcher splits the batch into runs of image blocks, with the same results."""
+    z3, p = torch.rand(9, 8, 6), torch.rand(M, 8)
     expected = K.forward(z3, p, 1e-4)
     spy = _GridSpy(K._forward_kernel)
     monkeypatch.setattr(K, "_forward_kernel", spy)
     monkeypatch.setattr(K, "MAX_PROGRAMS", 3)
+    monkeypatch.setattr(K, "forward_images_per_program", lambda B, M, block_m: images)
     got = K.forward(z3, p, 1e-4)
     assert all(len(grid) == 1 and grid[0] <= 3 for grid in spy.grids)
     m_tiles = -(-M // K.forward_config(8, 6, M, "highest")[0]["BLOCK_M"])
-    assert len(spy.grids) > 1 and sum(grid[0] for grid in spy.grids) == 5 * m_tiles
+    runs = [-(-(min(9, b0 + 3 // m_tiles * images) - b0) // images) for b0 in range(0, 9, 3 // m_tiles * images)]
+    assert [grid[0] for grid in spy.grids] == [r * m_tiles for r in runs] and len(runs) > 1
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
