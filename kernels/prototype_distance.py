@@ -61,7 +61,6 @@ GRAD_Z_PAIRS = 64  # (image, prototype) pairs per step of grad_z: IMAGES * BLOCK
 GRAD_Z_CHANNEL_TILES = (16, 32)  # BLOCK_D of grad_z, from D (64 channels spill or reach 255 registers)
 GRAD_P_CHANNEL_TILES = (16, 32, 64)  # BLOCK_D of grad_p, from D
 _GRAD_Z_OPTIONS = dict(num_warps=8, num_stages=1)
-_TF32_MASK = -8192  # 0xffffe000: the sign, exponent and 10 mantissa bits that a TF32 operand keeps
 
 
 @triton.jit
@@ -193,7 +192,8 @@ def _pair_coefficient(gsim_ptr, gdist_ptr, dist_ptr, pair, mask, eps):
 
 @triton.jit
 def _tf32_part(x):
-    """The leading TF32 part of x (sign, exponent, 10 mantissa bits): exact as a TF32 operand; x - part is exact."""
+    """The leading TF32 part of x (sign, exponent, 10 mantissa bits; -8192 = 0xffffe000): exact as a TF32
+    operand, and x - part is exact in fp32."""
     return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
 
 
@@ -307,8 +307,6 @@ def channels_innermost(z3: torch.Tensor) -> torch.Tensor:
 
     The winner gathers read whole channel vectors z[b, :, k]: with unit stride those are coalesced rows,
     with stride HW every element is a separate memory sector. The tile loads are coalesced either way.
-    The CUDA extension's host code (csrc/protokern.cpp) makes the same copy in C++; its emulator harness
-    (csrc/emu/check.py) uses this function.
     """
     if z3.stride(1) == 1 or z3.shape[1] == 1:
         return z3
