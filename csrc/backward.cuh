@@ -62,9 +62,9 @@ __host__ __device__ constexpr int gp_stage_floats(int images, int staged_hw) {
 }
 
 // Largest dynamic shared memory of the kernel (either role): 76 KB.
-constexpr size_t kBwMaxSmem = sizeof(float) * (gz_smem_floats(1, kGzRows) > 2 * gp_stage_floats(kGpMaxImages, kGpStageRows / kGpMaxImages)
-                                                   ? gz_smem_floats(1, kGzRows)
-                                                   : 2 * gp_stage_floats(kGpMaxImages, kGpStageRows / kGpMaxImages));
+constexpr int kGzMaxFloats = gz_smem_floats(1, kGzRows);  // G x KT <= kGzRows
+constexpr int kGpMaxFloats = 2 * gp_stage_floats(kGpMaxImages, kGpStageRows / kGpMaxImages);  // images x HW <= 256
+constexpr size_t kBwMaxSmem = sizeof(float) * (kGzMaxFloats > kGpMaxFloats ? kGzMaxFloats : kGpMaxFloats);
 
 // grad_z[b, d, k] = sum_{m : k_bm == k} 2 g[b, m] (z[b, d, k] - p[m, d]) for the G images b0.. of the
 // group and channels d0..d0+31, written for every (d, k) (zeros where no prototype wins). Patches in

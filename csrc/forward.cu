@@ -6,36 +6,47 @@
 namespace protokern {
 namespace {
 
-std::atomic<uint64_t> forward_ready[6];
+std::atomic<uint64_t> forward_ready[12];
 
 // Can the tensor-core searches run on the current device? Decided by what was compiled, not by the
 // device's capability: the MMA kernel image loaded for this device must come from PTX of compute_80
 // or later (a build for sm_75 or a compute_75 PTX JIT-compiled on an sm_90 has mma_tf32 trapping).
 // Without them every precision runs the FFMA search, which gives the same outputs (forward.cuh).
 // Cached per device.
-bool mma_search_compiled() {
+bool mma_search_compiled(int device) {
   static std::atomic<int> cache[64];  // 0 unknown, 1 no, 2 yes
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
   if (device < 64 && cache[device].load(std::memory_order_relaxed) != 0)
     return cache[device].load(std::memory_order_relaxed) == 2;
   cudaFuncAttributes a1{}, a2{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&a1, forward_kernel<true, MmaSearch<true>>));
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&a2, forward_kernel<false, MmaSearch<false>>));
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&a1, forward_kernel<true, MmaSearch<true>, false>));
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&a2, forward_kernel<false, MmaSearch<false>, false>));
   const bool ok = a1.ptxVersion >= 80 && a2.ptxVersion >= 80;
   if (device < 64) cache[device].store(ok ? 2 : 1, std::memory_order_relaxed);
   return ok;
+}
+
+// Streaming multiprocessors of `device`, cached.
+int sm_count(int device) {
+  static std::atomic<int> cache[64];
+  if (device < 64 && cache[device].load(std::memory_order_relaxed) != 0)
+    return cache[device].load(std::memory_order_relaxed);
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  if (device < 64) cache[device].store(n, std::memory_order_relaxed);
+  return n;
 }
 
 }  // namespace
 
 void launch_forward(const ForwardParams& prm, cudaStream_t stream) {
   if (prm.B == 0 || prm.M == 0) return;
-  const Launch l = forward_launch(prm);
-  const int search = mma_search_compiled() ? prm.precision : kSearchFp32;
-  with_forward_kernel(prm, search, [&](auto kernel, size_t smem, int variant) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const ForwardLaunch l = forward_launch(prm, 2 * sm_count(device));  // 2 resident blocks per SM
+  const int search = mma_search_compiled(device) ? prm.precision : kSearchFp32;
+  with_forward_kernel(prm, search, l.resident, [&](auto kernel, size_t smem, int variant) {
     allow_dynamic_smem(kernel, smem, forward_ready[variant]);
-    kernel<<<dim3(l.grid_x, l.grid_y), l.threads, smem, stream>>>(prm);
+    kernel<<<dim3(l.grid_x, l.grid_y), l.threads, smem, stream>>>(prm, l.ipb);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -1,10 +1,11 @@
 // Forward kernel of the fused prototype-distance op (contract: docs/design.md, issue 9 "Contract").
 //
-// One block per (128 prototypes, batch item b). For every patch tile of 64 patches:
+// One block per (128 prototypes, a run of ipb images). For every image and patch tile of 64 patches:
 //   1. search: a tiled GEMM-like loop (p and z tiles of 32 channels double-buffered in shared memory
-//      with cp.async: 16-byte copies where the runtime alignment allows, else 4-byte ones) accumulates s[m, k] = z_k . p_m, with exact fp32 FFMA products (FfmaSearch,
-//      "highest") or tensor-core MMA (MmaSearch: 3xTF32 "high", TF32 "medium"; sm_80+), and gives the
-//      approximate v~[m, k] = |z_k|^2 - 2 s[m, k] (|p_m|^2 is the same for every patch of m: dropped);
+//      with cp.async: 16-byte copies where the runtime alignment allows, else 4-byte ones) accumulates
+//      s[m, k] = z_k . p_m, with exact fp32 FFMA products (FfmaSearch, "highest") or tensor-core MMA
+//      (MmaSearch: 3xTF32 "high", TF32 "medium"; sm_80+), and gives the approximate v~[m, k] =
+//      |z_k|^2 - 2 s[m, k] (|p_m|^2 is the same for every patch of m: dropped);
 //   2. certify: with the rigorous bound delta[m, k] >= |a~ - e| of the search error (derivation at
 //      cert_coef below), the running threshold T_m = min over finite v~ of (v~ + delta) so far, and
 //      every patch with v~ - delta <= T_m, or v~ not finite, is a candidate;
@@ -15,6 +16,13 @@
 // does not depend on the search, so (min_distances, patch_index) are identical at all three
 // precisions: the lowest-index exact minimum, or the lowest NaN patch. The B*M*HW distance map never
 // leaves registers.
+//
+// Two shared-memory plans (Plan): streaming (p tiles staged with the z tiles at every stage, one image per
+// block) and p-resident (D <= kResidentMaxD: the block's whole p tile is loaded once and kept in shared
+// memory while the z tiles of its ipb images stream through the double buffer; the rescoring reads p rows
+// from shared memory). Both give the same output bits. Padding: a 64-patch tile of a 7x7 map does the math
+// of 56 patches (the FFMA warps and MMA n8 tiles that hold only padding skip it); the padding's copies are
+// zero-fills that read no memory.
 
 #pragma once
 
@@ -34,25 +42,42 @@ constexpr int kZChunks = kZLoads / 4;
 static_assert(kThreads == 256 && kBM == 128 && kBK == 64, "thread layouts below assume these");
 static_assert(8 % (kDC / 8) == 0 && 8 % (kBK / 32) == 0 && 8 % (kBM / 32) == 0, "tile_map");
 
-// Dynamic shared memory (floats) of a search with shared tiles of row strides Ps (p: prototype rows of
-// kDC channels, as p lies in global memory, so that 16-byte copies land whole) and Zs (z: channel rows
-// of kBK patches), and Entries partial thresholds per prototype: two pipeline stages of {p tile, z tile}; then, per patch tile, |z_k|^2 and |z_k|, per
-// prototype |p_m|, the running threshold T_m and the exact winner (e, k). The stage just consumed
-// is the scratch of the certification: Entries x kBM partial thresholds, then kBM x kBK flag bytes.
+// Row strides of a search's shared tiles, Ps (p: prototype rows of kDC channels, as p lies in global
+// memory, so that 16-byte copies land whole) and Zs (z: channel rows of kBK patches), and Entries partial
+// thresholds per prototype in the certification.
 template <int Ps, int Zs, int Entries>
 struct Layout {
   static constexpr int kPs = Ps, kZs = Zs, kEntries = Entries;
-  static constexpr int kStage = kBM * Ps + kDC * Zs;
-  static constexpr int kFlagOffset = Entries * kBM;  // in the scratch stage
-  static constexpr int kZnOffset = 2 * kStage;
+  static_assert(Ps % 4 == 0 && Zs % 4 == 0, "rows must stay 16-byte aligned");
+};
+
+constexpr int kResidentMaxD = 128;              // largest D of the p-resident plan
+constexpr int kResidentPs = kResidentMaxD + 4;  // its p row stride: 4 (mod 32), as the searches need
+
+// Dynamic shared memory (floats) of a forward block. Streaming (kResident = false): two pipeline stages of
+// {p tile (kBM rows, stride Search::kPs), z tile (kDC rows, stride Search::kZs)}; the stage just consumed
+// is the certification scratch. p-resident: the whole p tile (kBM rows of up to kResidentMaxD channels,
+// stride kResidentPs), two stages of z tiles only, and a scratch of its own. The scratch holds Entries x
+// kBM partial thresholds, then kBM x kBK flag bytes. Then per patch tile |z_k|^2 and |z_k|, per prototype
+// |p_m|, the running threshold T_m and the exact winner (e, k).
+template <class Search, bool kResident>
+struct Plan {
+  static constexpr int kPs = kResident ? kResidentPs : Search::kPs;
+  static constexpr int kZs = Search::kZs;
+  static constexpr int kPRes = kResident ? kBM * kResidentPs : 0;  // the resident p tile, at 0
+  static constexpr int kZInStage = kResident ? 0 : kBM * Search::kPs;
+  static constexpr int kStage = kZInStage + kDC * kZs;
+  static constexpr int kScratchFloats = Search::kEntries * kBM + kBM * kBK / 4;
+  static constexpr int kScratch = kPRes + 2 * kStage;  // p-resident only
+  static constexpr int kZnOffset = kScratch + (kResident ? kScratchFloats : 0);
   static constexpr int kRzOffset = kZnOffset + kBK;
   static constexpr int kRpOffset = kRzOffset + kBK;
   static constexpr int kThrOffset = kRpOffset + kBM;
   static constexpr int kBestOffset = kThrOffset + kBM;
   static constexpr int kBestKOffset = kBestOffset + kBM;
   static constexpr size_t kBytes = sizeof(float) * (kBestKOffset + kBM);
-  static_assert(Ps % 4 == 0 && Zs % 4 == 0 && kStage % 4 == 0, "rows must stay 16-byte aligned");
-  static_assert(kFlagOffset + kBM * kBK / 4 <= kStage, "certification scratch must fit in a stage");
+  static_assert(kPRes % 4 == 0 && kStage % 4 == 0 && kZInStage % 4 == 0, "tiles must stay 16-byte aligned");
+  static_assert(kResident || kScratchFloats <= kStage, "certification scratch must fit in a stage");
 };
 
 // This thread's share of a cooperative kDC x C tile copy by kThreads threads: its i-th element
@@ -179,6 +204,7 @@ struct FfmaSearch : Layout<kDC + 4, kBK + 4, kThreads / 16> {
     }
   }
 
+  template <int PS>  // p row stride
   __device__ __forceinline__ void step(const float* ps, const float* zs, int tid, int k0, int HW) {
     const int tx = tid & 15, ty = tid >> 4;
     // Warp w holds patches 8w..8w+7 of the tile; a warp with only padding (e.g. 56..63 of HW = 49)
@@ -188,7 +214,7 @@ struct FfmaSearch : Layout<kDC + 4, kBK + 4, kThreads / 16> {
     for (int dd = 0; dd < kDC; dd += 4) {
       float4 a4[8], z4[4];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) a4[i] = *reinterpret_cast<const float4*>(&ps[(tx + 16 * i) * kPs + dd]);
+      for (int i = 0; i < 8; ++i) a4[i] = *reinterpret_cast<const float4*>(&ps[(tx + 16 * i) * PS + dd]);
 #pragma unroll
       for (int q = 0; q < 4; ++q) z4[q] = *reinterpret_cast<const float4*>(&zs[(dd + q) * kZs + 4 * ty]);
 #pragma unroll
@@ -259,6 +285,7 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
   // is an fp32 8x4 one, and the fragment a[0..3] is four of them), but B (z, channel rows with contiguous
   // patches) needs the transposed load, and ldmatrix.trans transposes b16 elements, which splits each fp32
   // value in halves; so both operands use the same plain loads, 4 + 2 per m16n8k8 pair of tiles.
+  template <int PS>  // p row stride
   __device__ __forceinline__ void step(const float* ps, const float* zs, int tid, int k0, int HW) {
     const int lane = tid & 31, w = tid >> 5, g = lane >> 2, t = lane & 3;
     const int mb = 32 * (w & 3), nb = 32 * (w >> 2);
@@ -269,11 +296,11 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
       uint32_t a_hi[2][4], a_lo[2][4];
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const float* const row = ps + (mb + 16 * i + g) * kPs + kk + t;  // A[g][t]: bank 4 g + t
+        const float* const row = ps + (mb + 16 * i + g) * PS + kk + t;  // A[g][t]: bank 4 g + t
         split(row[0], a_hi[i][0], a_lo[i][0]);
-        split(row[8 * kPs], a_hi[i][1], a_lo[i][1]);
+        split(row[8 * PS], a_hi[i][1], a_lo[i][1]);
         split(row[4], a_hi[i][2], a_lo[i][2]);
-        split(row[8 * kPs + 4], a_hi[i][3], a_lo[i][3]);
+        split(row[8 * PS + 4], a_hi[i][3], a_lo[i][3]);
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -316,25 +343,28 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
   }
 };
 
-// Grid (ceil(M / kBM), B), kThreads threads, Search::kBytes of dynamic shared memory; see the top of
-// this file. Outputs: min_distances = the winner's exact e (NaN rule: NaN), similarity =
-// log1p((1 - eps) / (d + eps)) = log((d + 1) / (d + eps)) with d = +inf giving 0, patch_index.
-template <bool z_dfast, class Search>  // z_dfast: is z's channel stride the smaller one?
-__global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(const ForwardParams prm) {
+// Grid (ceil(M / kBM), ceil(B / ipb)), kThreads threads, Plan<Search, kResident>::kBytes of dynamic shared
+// memory; block (x, y) covers prototypes kBM x.. and images ipb y..; see the top of this file. Outputs:
+// min_distances = the winner's exact e (NaN rule: NaN), similarity = log1p((1 - eps) / (d + eps)) =
+// log((d + 1) / (d + eps)) with d = +inf giving 0, patch_index.
+template <bool z_dfast, class Search, bool kResident>  // z_dfast: is z's channel stride the smaller one?
+__global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(const ForwardParams prm, int ipb) {
+  using P = Plan<Search, kResident>;
   PK_DYNAMIC_SMEM(smem);
-  constexpr int kPs = Search::kPs, kZs = Search::kZs, kStage = Search::kStage;
-  float* const zn_s = smem + Search::kZnOffset;  // |z_k|^2 of the current patch tile
-  float* const rz_s = smem + Search::kRzOffset;  // |z_k|
-  float* const rp_s = smem + Search::kRpOffset;  // |p_m|
-  float* const thr_s = smem + Search::kThrOffset;
-  float* const best_e = smem + Search::kBestOffset;
-  int* const best_k = reinterpret_cast<int*>(smem + Search::kBestKOffset);
+  constexpr int kPs = P::kPs, kZs = P::kZs, kStage = P::kStage;
+  float* const p_res = smem;              // the resident p tile (kResident)
+  float* const stages = smem + P::kPRes;  // two pipeline stages
+  float* const zn_s = smem + P::kZnOffset;  // |z_k|^2 of the current patch tile
+  float* const rz_s = smem + P::kRzOffset;  // |z_k|
+  float* const rp_s = smem + P::kRpOffset;  // |p_m|
+  float* const thr_s = smem + P::kThrOffset;
+  float* const best_e = smem + P::kBestOffset;
+  int* const best_k = reinterpret_cast<int*>(smem + P::kBestKOffset);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int b = blockIdx.y;
+  const int b0 = blockIdx.y * ipb;
   const int m0 = blockIdx.x * kBM;
   const int D = prm.D, HW = prm.HW, M = prm.M;
-  const float* __restrict__ zb = prm.z + b * prm.z_sb;
   const float* __restrict__ p = prm.p;
   const int64_t sd = prm.z_sd, sk = prm.z_sk;
 
@@ -345,27 +375,34 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   const bool p_vec = D % 4 == 0 && (reinterpret_cast<uintptr_t>(p) & 15) == 0;
   const bool z_vec = sk == 1 && sd % 4 == 0 && prm.z_sb % 4 == 0 && (reinterpret_cast<uintptr_t>(prm.z) & 15) == 0;
   const int n_d = (D + kDC - 1) / kDC;
-  const int n_iter = n_d * ((HW + kBK - 1) / kBK);  // flat loop over (patch tile, channel stage)
+  const int per_img = n_d * ((HW + kBK - 1) / kBK);          // (patch tile, channel stage) steps per image
+  const int n_iter = per_img * min(ipb, prm.B - b0);         // flat loop over (image, patch tile, stage)
 
-  // Start the copy of stage `it` (patch tile it / n_d, channels (it % n_d) * kDC...) into `buf`.
+  // Start the copy of step `it` (image b0 + it / per_img; patch tile and channel stage from it % per_img)
+  // into stage `buf`: its z tile, and in the streaming plan its p tile.
   auto issue = [&](int it, int buf) {
-    float* const ps = smem + buf * kStage;
-    float* const zs = ps + kBM * kPs;
-    const int k0 = (it / n_d) * kBK;
-    const int d0 = (it % n_d) * kDC;
-    if (p_vec) {  // chunk c = tid + 256 i: prototype c / 8, channels 4 (c % 8).. (8 threads per 128-byte row)
+    float* const st = stages + buf * kStage;
+    float* const zs = st + P::kZInStage;
+    const int r = it % per_img;
+    const int k0 = (r / n_d) * kBK;
+    const int d0 = (r % n_d) * kDC;
+    const float* const zb = prm.z + (int64_t)(b0 + it / per_img) * prm.z_sb;
+    if constexpr (!kResident) {
+      float* const ps = st;
+      if (p_vec) {  // chunk c = tid + 256 i: prototype c / 8, channels 4 (c % 8).. (8 threads per 128-byte row)
 #pragma unroll
-      for (int i = 0; i < kPChunks; ++i) {
-        const int c = tid + kThreads * i, ml = c >> 3, dd = 4 * (c & 7);
-        const int n = m0 + ml < M ? max(0, min(4, D - d0 - dd)) : 0;
-        copy_async16(&ps[ml * kPs + dd], n > 0 ? p + (int64_t)(m0 + ml) * D + d0 + dd : p, n);
-      }
-    } else {  // warp w copies prototypes w + 8 i, one channel per lane
+        for (int i = 0; i < kPChunks; ++i) {
+          const int c = tid + kThreads * i, ml = c >> 3, dd = 4 * (c & 7);
+          const int n = m0 + ml < M ? max(0, min(4, D - d0 - dd)) : 0;
+          copy_async16(&ps[ml * kPs + dd], n > 0 ? p + (int64_t)(m0 + ml) * D + d0 + dd : p, n);
+        }
+      } else {  // warp w copies prototypes w + 8 i, one channel per lane
 #pragma unroll
-      for (int i = 0; i < kPLoads; ++i) {
-        const int ml = warp + 8 * i, d = d0 + lane;
-        const bool ok = d < D && m0 + ml < M;
-        copy_async(&ps[ml * kPs + lane], ok ? p + (int64_t)(m0 + ml) * D + d : p, ok);
+        for (int i = 0; i < kPLoads; ++i) {
+          const int ml = warp + 8 * i, d = d0 + lane;
+          const bool ok = d < D && m0 + ml < M;
+          copy_async(&ps[ml * kPs + lane], ok ? p + (int64_t)(m0 + ml) * D + d : p, ok);
+        }
       }
     }
     if (z_vec) {  // chunk c = tid + 256 i: channel c / 16, patches 4 (c % 16).. (stride_k == 1)
@@ -393,6 +430,23 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     best_e[tid] = INFINITY;
     best_k[tid] = 0x7fffffff;
   }
+  if constexpr (kResident) {  // the whole p tile, once, as its own group: n_d * kDC channels, 0 past D and M
+    const int row = n_d * kDC;
+    if (p_vec) {
+      for (int c = tid; c < kBM * row / 4; c += kThreads) {  // consecutive threads: consecutive 16 bytes of a row
+        const int ml = c / (row / 4), dd = 4 * (c - ml * (row / 4));
+        const int n = m0 + ml < M ? max(0, min(4, D - dd)) : 0;
+        copy_async16(&p_res[ml * kPs + dd], n > 0 ? p + (int64_t)(m0 + ml) * D + dd : p, n);
+      }
+    } else {
+      for (int e = tid; e < kBM * row; e += kThreads) {
+        const int ml = e / row, d = e - ml * row;
+        const bool ok = d < D && m0 + ml < M;
+        copy_async(&p_res[ml * kPs + d], ok ? p + (int64_t)(m0 + ml) * D + d : p, ok);
+      }
+    }
+    async_commit();
+  }
   Search search;
   search.clear();
   float norm2 = 0.f;  // threads < kBK: |z_k|^2 of patch k0 + tid; threads >= kBM: |p_m|^2 of m0 + tid - kBM
@@ -406,10 +460,14 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       async_wait<0>();
     }
     __syncthreads();
-    float* const ps = smem + (it & 1) * kStage;
-    const float* const zs = ps + kBM * kPs;
-    const int k0 = (it / n_d) * kBK;
-    search.step(ps, zs, tid, k0, HW);
+    const int r = it % per_img;  // step within the image
+    const int b = b0 + it / per_img;
+    const float* __restrict__ zb = prm.z + (int64_t)b * prm.z_sb;
+    float* const st = stages + (it & 1) * kStage;
+    const float* const zs = st + P::kZInStage;
+    const float* const ps = kResident ? p_res + (r % n_d) * kDC : st;
+    const int k0 = (r / n_d) * kBK;
+    search.template step<kPs>(ps, zs, tid, k0, HW);
     if (tid < kBK) {  // channels in order, one fma chain
 #pragma unroll 8
       for (int dd = 0; dd < kDC; ++dd) norm2 = fmaf(zs[dd * kZs + tid], zs[dd * kZs + tid], norm2);
@@ -425,7 +483,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       }
     }
 
-    if (it % n_d == n_d - 1) {  // last stage of this patch tile: certify and rescore it
+    if (r % n_d == n_d - 1) {  // last stage of this patch tile: certify and rescore it
       if (tid < kBK) {
         zn_s[tid] = norm2;
         rz_s[tid] = sqrtf(norm2);
@@ -433,11 +491,11 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       } else if (tid >= kThreads - kBM && it == n_d - 1) {
         rp_s[tid - (kThreads - kBM)] = sqrtf(norm2);
       }
-      __syncthreads();  // also: every thread is done reading stage `ps`, now the scratch
+      __syncthreads();  // also: every thread is done reading stage `st`, the streaming plan's scratch
       const float cert = cert_coef(Search::kSearch, D);  // here, not live across the main loop
       const float cert_abs = kCertScale * (float)(D + 8) * 0x1p-126f;
-      float* const red = ps;
-      unsigned char* const flags = reinterpret_cast<unsigned char*>(ps + Search::kFlagOffset);
+      float* const red = kResident ? smem + P::kScratch : st;
+      unsigned char* const flags = reinterpret_cast<unsigned char*>(red + Search::kEntries * kBM);
       // (1) running threshold T_m = min(T_m, min over this tile's finite v~ of v~ + delta); each
       // accumulator becomes its pair's lower end v~ - delta (-inf: v~ not finite, NaN: padding).
       float tmin[Search::kSlots];
@@ -497,7 +555,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
               const int k = k0 + __ffsll((long long)cand) - 1;
               cand &= cand - 1;
               zk[j] = zb + (int64_t)k * sk;
-              pm[j] = p + (int64_t)(m0 + ml) * D;
+              pm[j] = kResident ? p_res + ml * kPs : p + (int64_t)(m0 + ml) * D;  // resident: shared memory
               mls[j] = ml;
               ks[j] = k;
               n = j + 1;
@@ -519,39 +577,67 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       }
     }
     __syncthreads();  // this buffer is refilled by the next iteration's issue()
-  }
-
-  const int m = m0 + tid;
-  if (tid < kBM && m < M) {
-    const float d = best_e[tid];  // >= 0 or NaN (a sum of squares): no clamp
-    const int k = best_k[tid];
-    const int64_t o = (int64_t)b * M + m;
-    prm.min_distances[o] = d;
-    prm.similarity[o] = log1pf((1.f - prm.eps) / (d + prm.eps));
-    prm.patch_index[o] = (k >= 0 && k < HW) ? k : 0;
+    if (r == per_img - 1 && tid < kBM) {  // image b done: its outputs, and a fresh state for the next image
+      const int m = m0 + tid;
+      if (m < M) {
+        const float d = best_e[tid];  // >= 0 or NaN (a sum of squares): no clamp
+        const int k = best_k[tid];
+        const int64_t o = (int64_t)b * M + m;
+        prm.min_distances[o] = d;
+        prm.similarity[o] = log1pf((1.f - prm.eps) / (d + prm.eps));
+        prm.patch_index[o] = (k >= 0 && k < HW) ? k : 0;
+      }
+      thr_s[tid] = INFINITY;  // read again only after the next iteration's first barrier
+      best_e[tid] = INFINITY;
+      best_k[tid] = 0x7fffffff;
+    }
   }
 }
 
-// Calls f(kernel, smem_bytes, variant) with the forward kernel for prm's z layout and `search`
-// (kSearch*); variant (0..5) names the instantiation.
+// Launch shape of the forward: grid (ceil(M / kBM), ceil(B / ipb)), the plan, images per block.
+struct ForwardLaunch : Launch {
+  bool resident;  // p-resident plan
+  int ipb;        // images per block
+};
+
+// The p-resident plan when D <= kResidentMaxD and a block gets more than one image: the images are spread
+// so that the grid about fills `slots` resident blocks (2 per SM: the launcher passes 2 x the SM count);
+// otherwise the streaming plan, one image per block.
+inline ForwardLaunch forward_launch(const ForwardParams& prm, int slots) {
+  ForwardLaunch l{};
+  l.grid_x = (unsigned)((prm.M + kBM - 1) / kBM);
+  const int rows = slots / (int)l.grid_x > 1 ? slots / (int)l.grid_x : 1;  // image groups that fill the slots
+  l.ipb = (prm.B + rows - 1) / rows;
+  l.resident = prm.D <= kResidentMaxD && l.ipb > 1;
+  if (!l.resident) l.ipb = 1;
+  l.grid_y = (unsigned)((prm.B + l.ipb - 1) / l.ipb);
+  l.threads = kThreads;
+  return l;
+}
+
+// Calls f(kernel, smem_bytes, variant) with the forward kernel for prm's z layout, `search` (kSearch*)
+// and plan; variant (0..11) names the instantiation.
 template <class F>
-void with_forward_kernel(const ForwardParams& prm, int search, F&& f) {
+void with_forward_kernel(const ForwardParams& prm, int search, bool resident, F&& f) {
   const bool dfast = prm.z_sd <= prm.z_sk;
-  const int variant = 3 * dfast + search;
+  const int variant = 6 * resident + 3 * dfast + search;
+  auto pick = [&](auto s) {
+    using S = decltype(s);
+    if (resident) {
+      dfast ? f(forward_kernel<true, S, true>, Plan<S, true>::kBytes, variant)
+            : f(forward_kernel<false, S, true>, Plan<S, true>::kBytes, variant);
+    } else {
+      dfast ? f(forward_kernel<true, S, false>, Plan<S, false>::kBytes, variant)
+            : f(forward_kernel<false, S, false>, Plan<S, false>::kBytes, variant);
+    }
+  };
   if (search == kSearch3xTf32) {
-    using S = MmaSearch<true>;
-    dfast ? f(forward_kernel<true, S>, S::kBytes, variant) : f(forward_kernel<false, S>, S::kBytes, variant);
+    pick(MmaSearch<true>{});
   } else if (search == kSearchTf32) {
-    using S = MmaSearch<false>;
-    dfast ? f(forward_kernel<true, S>, S::kBytes, variant) : f(forward_kernel<false, S>, S::kBytes, variant);
+    pick(MmaSearch<false>{});
   } else {
-    using S = FfmaSearch;
-    dfast ? f(forward_kernel<true, S>, S::kBytes, variant) : f(forward_kernel<false, S>, S::kBytes, variant);
+    pick(FfmaSearch{});
   }
-}
-
-inline Launch forward_launch(const ForwardParams& prm) {
-  return {(unsigned)((prm.M + kBM - 1) / kBM), (unsigned)prm.B, kThreads, 0};
 }
 
 }  // namespace

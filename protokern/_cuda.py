@@ -60,7 +60,9 @@ def forward(z3: Tensor, p: Tensor, eps: float, precision: str = "highest") -> tu
 
 def backward(grad_sim: Tensor, grad_min: Tensor, z3: Tensor, p: Tensor, patch_index: Tensor,
              min_distances: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(grad_z3 (B, D, HW) contiguous, grad_p (M, D)), float32, bitwise deterministic."""
+    """(grad_z3 (B, D, HW) contiguous, grad_p (M, D)), float32, in one kernel launch; z3 is read with its own
+    strides (no copy). Bitwise deterministic: every sum runs in a fixed order that does not depend on z3's
+    layout (csrc/backward.cuh)."""
     _require()
     return torch.ops.protokern_C.backward(grad_sim, grad_min, z3, p, patch_index, min_distances, float(eps))
 

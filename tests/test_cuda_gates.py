@@ -1,7 +1,8 @@
 """CPU gates for the CUDA kernels (csrc/), so that blind GPU work fails here rather than on the device.
 
 * ptxas gate: the launchers' translation units (csrc/forward.cu, csrc/backward.cu) compiled for sm_90 with
-  ``-Xptxas -v``: every kernel variant has 0 spill bytes, registers that let its launch-bounds blocks be
+  ``-Xptxas -v``: every kernel variant (forward: 3 searches x 2 z layouts x streaming / p-resident plan;
+  the one-launch backward) has 0 spill bytes, registers that let its launch-bounds blocks be
   resident, and shared memory x resident blocks within the SM's 228 KB (227 KB per block + 1 KB reserved
   each). Needs nvcc (skips without it). Prints the table.
 * The CPU emulator (csrc/emu) built with ThreadSanitizer, and with AddressSanitizer + UBSan, running the
@@ -102,7 +103,7 @@ def ptxas_report(nvcc: str, source: Path, tmp: Path) -> dict[str, dict[str, int]
 
 def _short(name: str) -> str:
     """'void protokern::(anonymous namespace)::forward_kernel<true, protokern::(anonymous namespace)::
-    MmaSearch<true> >(protokern::ForwardParams)' -> 'forward_kernel<true, MmaSearch<true>>'."""
+    MmaSearch<true>, false>(protokern::ForwardParams, int)' -> 'forward_kernel<true, MmaSearch<true>, false>'."""
     name = name.replace("protokern::(anonymous namespace)::", "").replace("protokern::", "")
     name = re.sub(r"^void ", "", name)
     name = name[: name.rindex("(")] if "(" in name else name
@@ -127,7 +128,7 @@ def test_ptxas_gate(tmp_path):
         reg_blocks = SM90_REGS // regs_per_block if regs_per_block else 99
         smem_block = smem + r["static_smem"]
         smem_total = blocks * (smem_block + SM90_SMEM_RESERVED)
-        rows.append(f"{name:42} {threads:7} {blocks:6} {r['registers']:4} {reg_blocks:9} "
+        rows.append(f"{name:48} {threads:7} {blocks:6} {r['registers']:4} {reg_blocks:9} "
                     f"{r['spill_stores'] + r['spill_loads']:6} {smem_block:10} {smem_total:12}")
         if r["spill_stores"] or r["spill_loads"]:
             problems.append(f"{name}: {r['spill_stores']} bytes spill stores, {r['spill_loads']} bytes spill loads")
@@ -135,7 +136,7 @@ def test_ptxas_gate(tmp_path):
             problems.append(f"{name}: {r['registers']} registers allow {reg_blocks} blocks/SM, launch bounds say {blocks}")
         if smem_block > SM90_SMEM_BLOCK or smem_total > SM90_SMEM_SM:
             problems.append(f"{name}: {blocks} blocks x {smem_block} B shared memory exceed the SM")
-    print("\nkernel (sm_90)                             threads blocks regs reg-blocks spills smem/block smem/SM")
+    print("\nkernel (sm_90)                                   threads blocks regs reg-blocks spills smem/block smem/SM")
     print("\n".join(rows))
     assert not problems, "\n".join(problems)
 

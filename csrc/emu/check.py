@@ -45,7 +45,8 @@ class ForwardParams(ctypes.Structure):
 class BackwardParams(ctypes.Structure):
     _fields_ = [("grad_similarity", ctypes.c_void_p), ("grad_min_distances", ctypes.c_void_p),
                 ("z", ctypes.c_void_p), ("z_sb", ctypes.c_int64), ("z_sd", ctypes.c_int64),
-                ("z_sk", ctypes.c_int64), ("p", ctypes.c_void_p), ("patch_index", ctypes.c_void_p), ("min_distances", ctypes.c_void_p),
+                ("z_sk", ctypes.c_int64), ("p", ctypes.c_void_p), ("patch_index", ctypes.c_void_p),
+                ("min_distances", ctypes.c_void_p),
                 ("grad_z", ctypes.c_void_p), ("grad_p", ctypes.c_void_p),
                 ("B", ctypes.c_int), ("D", ctypes.c_int), ("HW", ctypes.c_int), ("M", ctypes.c_int),
                 ("eps", ctypes.c_float)]
@@ -67,8 +68,10 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def emu_forward(lib, z3: torch.Tensor, p: torch.Tensor, eps: float = 1e-4, precision: str = "highest"):
-    """The forward kernel on z3 (B, D, HW) float32 (any strides) and p (M, D)."""
+def emu_forward(lib, z3: torch.Tensor, p: torch.Tensor, eps: float = 1e-4, precision: str = "highest",
+                plan: tuple[bool, int] | None = None):
+    """The forward kernel on z3 (B, D, HW) float32 (any strides) and p (M, D); plan (p-resident?, images per
+    block), or None for the launcher's choice on a one-SM device (csrc/emu/harness.cpp)."""
     B, D, HW = z3.shape
     M = p.shape[0]
     p = p.contiguous()
@@ -77,8 +80,21 @@ def emu_forward(lib, z3: torch.Tensor, p: torch.Tensor, eps: float = 1e-4, preci
     idx = torch.full((B, M), -7, dtype=torch.int64)
     prm = ForwardParams(_ptr(z3), *z3.stride(), _ptr(p), _ptr(sim), _ptr(dist), _ptr(idx), B, D, HW, M, eps,
                         PRECISIONS[precision])
-    lib.emu_forward(ctypes.byref(prm))
+    if plan is None:
+        lib.emu_forward(ctypes.byref(prm))
+    else:
+        lib.emu_forward_plan(ctypes.byref(prm), int(plan[0]), plan[1])
     return sim, dist, idx
+
+
+def plans(B: int, D: int) -> dict[str, tuple[bool, int]]:
+    """The forward's shared-memory plans to run on a case: streaming, and where D allows p-resident blocks of
+    2 images (a partial last block when B is odd) and of all B images."""
+    out = {"streaming": (False, 1)}
+    if D <= 128:  # forward.cuh kResidentMaxD
+        out["p-resident x2"] = (True, 2)
+        out[f"p-resident x{B}"] = (True, B)
+    return out
 
 
 def emu_backward(lib, grad_sim, grad_dist, z3, p, idx, dist, eps: float = 1e-4):
@@ -281,7 +297,7 @@ CASES = [
     (2, 128, 49, 130, "channels_last"),
     (1, 5, 20, 300, "strided_k"),  # several prototype chunks per grad_z warp
     (33, 130, 4, 3, "strided_d"),  # grad_p: several batch chunks and channel passes
-    (11, 40, 49, 600, "strided_d"),  # backward: 6 image pairs (last one single), 3 grad_p stages of 5 images
+    (11, 40, 49, 300, "strided_d"),  # backward: 6 image pairs (last one single), 3 grad_p stages of 5 images
     (9, 20, 300, 70, "channels_last"),  # grad_p without staging (HW > 256), 2 stages; grad_z passes of 32
     (2, 36, 196, 70, "contiguous"),  # 16-byte copies of z (14 x 14) and p (D % 4 == 0)
     (2, 40, 67, 20, "padded_k"),  # 16-byte copies of z with a partial last chunk (67 = 16 x 4 + 3)
@@ -292,26 +308,29 @@ CASES = [
 def check_copy_paths(lib) -> str | None:
     """The forward's staging paths: 16-byte cp.async where the alignment allows (z with stride_k == 1, stride_d
     and stride_b multiples of 4, 16-byte aligned; p with D % 4 == 0, 16-byte aligned), 4-byte copies otherwise,
-    and the same output bits either way. None if so, else what failed."""
+    in both plans, and the same output bits either way. None if so, else what failed."""
     B, D, HW, M = 2, 36, 196, 70
     z3, p = torch.rand(B, D, HW), torch.rand(M, D)
     z_off = torch.empty(B * D * HW + 1)[1:].view(B, D, HW).copy_(z3)  # same values, misaligned base
     p_off = torch.empty(M * D + 1)[1:].view(M, D).copy_(p)
+    n_d, tiles, grid_x = math.ceil(D / 32), math.ceil(HW / 64), math.ceil(M / 128)
+    # 16-byte copies of z: 2 per thread per stage (512 per block and stage); of p: 4 per thread per stage
+    # (streaming), or 8 per prototype row of 32 channels once per block (p-resident)
+    z_vec, p_vec = {"streaming": 512 * B * grid_x * n_d * tiles, "resident": 512 * B * grid_x * n_d * tiles}, \
+        {"streaming": 1024 * B * grid_x * n_d * tiles, "resident": 128 * 8 * n_d * grid_x}
+    ref = emu_forward(lib, z3, p)
     for precision in PRECISIONS:
-        runs = {}
-        for name, (zz, pp) in {"aligned": (z3, p), "z misaligned": (z_off, p), "p misaligned": (z3, p_off),
-                               "both misaligned": (z_off, p_off)}.items():
-            before = lib.emu_vector_copies()
-            runs[name] = (emu_forward(lib, zz, pp, precision=precision), lib.emu_vector_copies() - before)
-        # 16-byte copies issued: per block and stage 1024 of p (4 per thread) and 512 of z (2 per thread)
-        stages = B * math.ceil(M / 128) * math.ceil(D / 32) * math.ceil(HW / 64)
-        expect = {"aligned": 1536 * stages, "z misaligned": 1024 * stages, "p misaligned": 512 * stages,
-                  "both misaligned": 0}
-        for name, (out, vec) in runs.items():
-            if vec != expect[name]:
-                return f"{precision} {name}: {vec} 16-byte copies, expected {expect[name]}"
-            if not all(torch.equal(a, b) for a, b in zip(out, runs["aligned"][0])):
-                return f"{precision} {name}: outputs differ from the 16-byte path's"
+        for plan_name, plan in (("streaming", (False, 1)), ("resident", (True, B))):
+            for name, (zz, pp, zv, pv) in {"aligned": (z3, p, 1, 1), "z misaligned": (z_off, p, 0, 1),
+                                           "p misaligned": (z3, p_off, 1, 0), "both misaligned": (z_off, p_off, 0, 0)
+                                           }.items():
+                before = lib.emu_vector_copies()
+                out = emu_forward(lib, zz, pp, precision=precision, plan=plan)
+                vec, expect = lib.emu_vector_copies() - before, zv * z_vec[plan_name] + pv * p_vec[plan_name]
+                if vec != expect:
+                    return f"{precision} {plan_name} {name}: {vec} 16-byte copies, expected {expect}"
+                if not all(torch.equal(a, b) for a, b in zip(out, ref)):
+                    return f"{precision} {plan_name} {name}: outputs differ from the default path's"
     return None
 
 
@@ -336,18 +355,21 @@ def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = Tru
             for precision in precisions:
                 res = check_case(lib, z3, p, precision=precision, grads=precision == "highest")
                 outs[precision] = emu_forward(lib, z3, p, precision=precision)
+                for name, plan in plans(B, D).items():
+                    outs[f"{precision} {name}"] = emu_forward(lib, z3, p, precision=precision, plan=plan)
                 report(f"{precision:8} {(B, D, HW, M)!s:20} {layout:14}", res["ok"],
                        {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in res.items() if k != "ok"})
             first = next(iter(outs.values()))
             same = all(torch.equal(o[1].view(torch.int32), first[1].view(torch.int32))
                        and torch.equal(o[2], first[2]) for o in outs.values())
-            report(f"bit-identical across precisions {(B, D, HW, M)!s}", same)
+            report(f"bit-identical across precisions and plans {(B, D, HW, M)!s}", same)
         for name, (z3, p) in adversarial_cases().items():
-            outs = {precision: emu_forward(lib, z3, p, precision=precision) for precision in precisions}
+            outs = {f"{precision} {name}": emu_forward(lib, z3, p, precision=precision, plan=plan)
+                    for precision in precisions for name, plan in plans(z3.shape[0], z3.shape[1]).items()}
             err = check_contract(outs, z3, p)
             report(name, err is None, err or "")
         err = check_copy_paths(lib)
-        report("16-byte cp.async where aligned, 4-byte fallback, same bits", err is None, err or "")
+        report("16-byte cp.async where aligned, 4-byte fallback, both plans, same bits", err is None, err or "")
         for precision in precisions:
             err = check_bound(lib, precision)
             report(f"{precision:8} certification bound holds and is tight", err is None, err or "")

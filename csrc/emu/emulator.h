@@ -6,10 +6,11 @@
 // std::thread (real concurrency, slow);
 // __syncthreads / __syncwarp are barriers; shuffles and votes go through a per-warp exchange buffer.
 // Honest about the two things a CPU fallback would hide:
-// * cp.async (4- and 16-byte; a misaligned 16-byte copy is an error) is asynchronous: copy_async poisons its destination with NaN at issue (the stage's old
-//   contents are gone: the refill's issue is the point after the stage's last legitimate read) and
-//   the data lands only at the async_wait that retires its group, in the issuing thread; a thread
-//   that ends with copies in flight is an error (emu_errors()).
+// * cp.async (4- and 16-byte; a misaligned 16-byte copy is an error) is asynchronous: copy_async
+//   poisons its destination with NaN at issue (the stage's old contents are gone: the refill's issue
+//   is the point after the stage's last legitimate read) and the data lands only at the async_wait
+//   that retires its group, in the issuing thread; a thread that ends with copies in flight is an
+//   error (emu_errors()).
 // * mma.sync (m16n8k8 TF32) reads its operands as TF32 (the low 13 bits dropped, as the hardware
 //   does), follows the PTX fragment layout, and truncates its fp32 result toward zero.
 // Dynamic shared memory starts as NaN so reads of unwritten words show. Slow: small shapes only.

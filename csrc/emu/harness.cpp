@@ -11,13 +11,24 @@
 
 using namespace protokern;
 
+// The forward with an explicit plan: resident (p-resident) and ipb images per block.
+extern "C" void emu_forward_plan(const ForwardParams* prm, int resident, int ipb) {
+  if (prm->B == 0 || prm->M == 0) return;
+  const ForwardParams p = *prm;
+  const unsigned grid_x = (unsigned)((p.M + kBM - 1) / kBM), grid_y = (unsigned)((p.B + ipb - 1) / ipb);
+  with_forward_kernel(p, p.precision, resident != 0, [&](auto kernel, size_t smem, int) {
+    emu::launch({grid_x, grid_y}, kThreads, smem, [&] { kernel(p, ipb); });
+  });
+}
+
+// The forward as the launcher runs it on a device with kEmuSlots resident blocks (one SM): blocks of
+// small grids get several images, hence the p-resident plan where D allows it.
+constexpr int kEmuSlots = 2;
+
 extern "C" void emu_forward(const ForwardParams* prm) {
   if (prm->B == 0 || prm->M == 0) return;
-  const Launch l = forward_launch(*prm);
-  const ForwardParams p = *prm;
-  with_forward_kernel(p, p.precision, [&](auto kernel, size_t smem, int) {
-    emu::launch({l.grid_x, l.grid_y}, l.threads, smem, [&] { kernel(p); });
-  });
+  const ForwardLaunch l = forward_launch(*prm, kEmuSlots);
+  emu_forward_plan(prm, l.resident, l.ipb);
 }
 
 extern "C" void emu_backward(const BackwardParams* prm) {
@@ -52,12 +63,20 @@ extern "C" int emu_kernel_table(char* out, int size) {
     std::snprintf(buf, sizeof buf, "%s %d %d %zu\n", name, threads, min_blocks, smem);
     s += buf;
   };
-  row("forward_kernel<false, FfmaSearch>", kThreads, FfmaSearch::kMinBlocks, FfmaSearch::kBytes);
-  row("forward_kernel<true, FfmaSearch>", kThreads, FfmaSearch::kMinBlocks, FfmaSearch::kBytes);
-  row("forward_kernel<false, MmaSearch<true>>", kThreads, MmaSearch<true>::kMinBlocks, MmaSearch<true>::kBytes);
-  row("forward_kernel<true, MmaSearch<true>>", kThreads, MmaSearch<true>::kMinBlocks, MmaSearch<true>::kBytes);
-  row("forward_kernel<false, MmaSearch<false>>", kThreads, MmaSearch<false>::kMinBlocks, MmaSearch<false>::kBytes);
-  row("forward_kernel<true, MmaSearch<false>>", kThreads, MmaSearch<false>::kMinBlocks, MmaSearch<false>::kBytes);
+  auto forward_rows = [&](auto search, const char* name) {
+    using S = decltype(search);
+    char buf[96];
+    for (int resident = 0; resident < 2; ++resident) {
+      for (int dfast = 0; dfast < 2; ++dfast) {
+        std::snprintf(buf, sizeof buf, "forward_kernel<%s, %s, %s>", dfast ? "true" : "false", name,
+                      resident ? "true" : "false");
+        row(buf, kThreads, S::kMinBlocks, resident ? Plan<S, true>::kBytes : Plan<S, false>::kBytes);
+      }
+    }
+  };
+  forward_rows(FfmaSearch{}, "FfmaSearch");
+  forward_rows(MmaSearch<true>{}, "MmaSearch<true>");
+  forward_rows(MmaSearch<false>{}, "MmaSearch<false>");
   row("backward_kernel", kBwThreads, kBwMinBlocks, kBwMaxSmem);
   std::snprintf(out, size, "%s", s.c_str());
   return (int)s.size();

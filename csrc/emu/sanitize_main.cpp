@@ -1,9 +1,10 @@
 // Standalone driver of the CPU emulator for sanitizer builds (ThreadSanitizer; AddressSanitizer +
 // UndefinedBehaviorSanitizer), which cannot be loaded into Python: the CUB-shape tile configuration
 // (D = 128, HW = 49, a full and a partial 128-prototype block) and the tail cases (one patch, one
-// channel, a partial channel stage and patch tile), both z layouts, forward at every precision and
-// backward (one launch, z with its own strides; gradients against a double reference). Exit status 0
-// only if every run meets the checks below; the sanitizers abort on their own.
+// channel, a partial channel stage and patch tile), both z layouts, forward at every precision (the
+// launcher's plan, and the streaming and p-resident plans explicitly) and backward (one launch, z with its
+// own strides; gradients against a double reference). Exit status 0 only if every run meets the checks
+// below; the sanitizers abort on their own.
 // The emulator's fibers are TSan fibers ordered only by the barriers (emulator.h); -DPROTOKERN_EMU_THREADS
 // runs real OS threads instead (slower, same checks):
 //   g++ -std=c++20 -O1 -g -pthread -fsanitize=thread -Icsrc/emu/fake -Icsrc/emu -Icsrc \
@@ -17,6 +18,7 @@
 #include "params.h"
 
 extern "C" void emu_forward(const protokern::ForwardParams* prm);
+extern "C" void emu_forward_plan(const protokern::ForwardParams* prm, int resident, int ipb);
 extern "C" void emu_backward(const protokern::BackwardParams* prm);
 extern "C" int emu_errors();
 
@@ -68,6 +70,17 @@ void run_case(int B, int D, int HW, int M, bool channels_last) {
     prm.eps = 1e-4f;
     prm.precision = prec;
     emu_forward(&prm);
+    for (int resident = 0; resident <= (D <= 128); ++resident) {  // streaming; p-resident, all images per block
+      std::vector<float> sim2(BM, -7.f), dist2(BM, -7.f);
+      std::vector<int64_t> idx2(BM, -7);
+      prm.similarity = sim2.data();
+      prm.min_distances = dist2.data();
+      prm.patch_index = idx2.data();
+      emu_forward_plan(&prm, resident, resident ? B : 1);
+      expect(std::memcmp(dist2.data(), dist[prec].data(), BM * sizeof(float)) == 0 && idx2 == idx[prec] &&
+                 std::memcmp(sim2.data(), sim[prec].data(), BM * sizeof(float)) == 0,
+             "every plan gives the same bits", B, D, HW, M);
+    }
   }
   for (int b = 0; b < B; ++b) {
     for (int m = 0; m < M; ++m) {  // the winner is an exact minimum (double) up to fp32 rounding
@@ -161,6 +174,7 @@ int main() {
   run_case(1, 1, 1, 1, true);        // one channel, one patch, one prototype
   run_case(1, 40, 70, 9, true);
   run_case(5, 20, 49, 70, false);    // backward: image pairs and a single, grad_p stages of 5 images
+  run_case(3, 128, 49, 130, true);   // CUB tile configuration, several images per block
   expect(emu_errors() == 0, "no cp.async group left in flight", 0, 0, 0, 0);
   std::printf(failures == 0 ? "sanitized emulator: all checks passed\n" : "sanitized emulator: %d failures\n",
               failures);
