@@ -37,10 +37,12 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
 import torch, protokern._C
 z = torch.rand(2, 67, 70, device=\"cuda\").transpose(1, 2).contiguous().transpose(1, 2)
 p = torch.rand(130, 67, device=\"cuda\")
-for prec in (\"highest\", \"high\", \"medium\"):
-    sim, dist, idx = torch.ops.protokern_C.forward(z, p, 1e-4, prec)
+z2, p2 = torch.rand(24, 128, 49, device=\"cuda\"), torch.rand(4000, 128, device=\"cuda\")  # p-resident plan
+for zz, pp in ((z, p), (z2, p2)):
+  for prec in (\"highest\", \"high\", \"medium\"):
+    sim, dist, idx = torch.ops.protokern_C.forward(zz, pp, 1e-4, prec)
     g = torch.randn_like(sim)
-    torch.ops.protokern_C.backward(g, g, z, p, idx, dist, 1e-4)
+    torch.ops.protokern_C.backward(g, g, zz, pp, idx, dist, 1e-4)
 torch.cuda.synchronize(); print(\"$tool done\")" || exit 1; done'
 fi
 step bench "${BENCH_LIMIT:-300}" bash -c "python3 benchmarks/distance.py --out '$OUT'; python3 benchmarks/profile_op.py; \
