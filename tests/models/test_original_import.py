@@ -32,15 +32,20 @@ def test_outputs_match_the_original(name, features_cls, channels, add_on, size):
     assert model.config["add_on"] == add_on and model.num_prototypes == 12 and model.num_classes == 3
     assert model.prototype_classes.tolist() == [j // 4 for j in range(12)]
 
+    _check_same_outputs(original, model, size, float64=name != "densenet121")  # float64 DenseNet is slow on CPU
+
+
+def _check_same_outputs(original, model, size, float64=True):
+    """Both models' (logits, min_distances) on one random batch: equal to float32 rounding, and in float64
+    (``float64``) to float64 rounding."""
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         ref_logits, ref_min = original(x)
         logits, min_d = model(x)
         torch.testing.assert_close(min_d, ref_min, atol=2e-4, rtol=1e-4)
         torch.testing.assert_close(logits, ref_logits, atol=2e-3, rtol=1e-3)
-        if name == "densenet121":
-            return  # float64 DenseNet is slow on CPU
-        # in float64 the two agree to rounding
+        if not float64:
+            return
         ref_logits, ref_min = original.double()(x.double())
         logits, min_d = model.double()(x.double())
     torch.testing.assert_close(min_d, ref_min, atol=1e-9, rtol=1e-9)
@@ -91,16 +96,7 @@ def test_window_prototypes_and_linear_activation_match_the_original(name, featur
     model = ProtoPNet.from_original_state_dict(original.state_dict(), backbone=name, similarity=activation).eval()
     assert model.prototype_shape == (12, 24, *window) and model.prototype_layer.similarity == activation
     assert model.config["prototype_size"] == list(window)
-    x = torch.randn(2, 3, size, size)
-    with torch.no_grad():
-        ref_logits, ref_min = original(x)
-        logits, min_d = model(x)
-        torch.testing.assert_close(min_d, ref_min, atol=2e-4, rtol=1e-4)
-        torch.testing.assert_close(logits, ref_logits, atol=2e-3, rtol=1e-3)
-        ref_logits, ref_min = original.double()(x.double())
-        logits, min_d = model.double()(x.double())
-    torch.testing.assert_close(min_d, ref_min, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-7, rtol=1e-7)
+    _check_same_outputs(original, model, size)
 
 
 def test_import_of_window_prototypes_errors():
