@@ -47,15 +47,12 @@ FORWARD_SLICE = 32  # channels per step of the forward search
 # spills (tests/kernels/sm90_gate.py). Why these, with the measured history: benchmarks/NOTES.md, "Triton
 # launch configuration".
 _FORWARD_OPTIONS = {"highest": (8, 1), "high": (8, 1), "medium": (8, 2)}
-# Forward configurations (precision, BLOCK_M, BLOCK_K, P_RESIDENT) for which ptxas (13.x, as Triton 3.8 calls
-# it), left to choose, aims at 64-128 registers and spills 8-196 bytes: they launch with .maxnreg 255, which
-# keeps everything in registers. The others keep ptxas's choice (e.g. 128 registers, 2 blocks/SM, at the CUB
-# shape's "highest"; a cap of 255 there would take 168). Found and checked by tests/kernels/sm90_gate.py --all.
-_SPILL_UNCAPPED = {
-    ("highest", 64, 16, False), ("highest", 16, 32, False), ("high", 16, 16, False), ("high", 32, 16, False),
-    ("medium", 32, 32, True), ("medium", 32, 64, True), ("medium", 32, 16, False), ("medium", 16, 32, False),
-    ("medium", 32, 32, False), ("medium", 16, 64, False), ("medium", 32, 64, False),
-}
+# ptxas's register cap (.maxnreg) for forward tiles smaller than 64 x 64: left to choose, ptxas aims at 64-128
+# registers for some of them and spills 8-200 bytes (11 configurations on Triton 3.8 / ptxas 13, 2 others on
+# Triton 3.6); with 255 it keeps everything in registers. The 64 x 64 tile (the CUB shape and every larger
+# problem) keeps ptxas's own choice, spill-free on both (128 registers, 2 blocks/SM, for "highest"; a cap
+# would make it 168). Checked by tests/kernels/sm90_gate.py --all.
+SMALL_TILE_MAX_REGISTERS = 255
 GRAD_Z_PATCH_TILES = (16, 32, 64)  # BLOCK_Q from HW
 GRAD_Z_PAIRS = 64  # (image, prototype) pairs per step of grad_z: IMAGES * BLOCK_M
 GRAD_Z_CHANNEL_TILES = (16, 32)  # BLOCK_D of grad_z, from D (64 channels spill or reach 255 registers)
@@ -326,8 +323,8 @@ def forward_config(D: int, HW: int, M: int, precision: str, sequential: bool = T
                 BLOCK_E=16 if sequential else _pow2(D, 16, 128),
                 P_RESIDENT=D <= FORWARD_SLICE, PRECISION=INPUT_PRECISION[precision], SEQUENTIAL=sequential)
     options = dict(num_warps=num_warps, num_stages=num_stages)
-    if (precision, meta["BLOCK_M"], meta["BLOCK_K"], meta["P_RESIDENT"]) in _SPILL_UNCAPPED:
-        options["maxnreg"] = 255
+    if meta["BLOCK_M"] * meta["BLOCK_K"] < FORWARD_TILES[-1] ** 2:
+        options["maxnreg"] = SMALL_TILE_MAX_REGISTERS
     return meta, options
 
 
