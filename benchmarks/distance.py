@@ -13,6 +13,10 @@ at the first (the CUB shape), at each backend's default precision.
 
 On GPU each method is timed twice: as launched from Python (what a training loop sees; on a slow host this is
 bound by launch overhead) and as the replay of a captured CUDA graph of the same work (the GPU time alone).
+fwd+bwd is op-only: the forward, then the backward from fixed upstream gradients of both outputs
+(``torch.autograd.grad`` with ``grad_outputs``; no loss kernels). Reference rows (``log`` variant): ``null op``
+(the harness alone: a method doing nothing) and, on GPU, ``matmul fp32`` / ``matmul tf32``, the cuBLAS time of
+the search's GEMM (M, D) x (D, B*H*W) in fp32 and in TF32, a floor for a GEMM-shaped forward.
 
     python benchmarks/distance.py                 # default shapes, on the GPU
     python benchmarks/distance.py --quick         # small shapes, runs anywhere (CPU: torch backend only)
@@ -108,22 +112,49 @@ def graphed(fn):
     return graph.replay
 
 
+def reference_rows(device: torch.device, z, p):
+    """(name, fwd, fwd_bwd) of the reference rows: the harness alone and the cuBLAS GEMM of the search."""
+    def nothing():
+        pass
+
+    rows = [("null op", nothing, nothing)]
+    if device.type == "cuda":
+        zt = z.detach().flatten(2).transpose(0, 1).reshape(z.shape[1], -1)  # (D, B*H*W)
+        pm = p.detach().flatten(1)  # (M, D)
+        for name, level in (("matmul fp32", "highest"), ("matmul tf32", "high")):
+            def gemm(level=level):
+                previous = torch.get_float32_matmul_precision()
+                torch.set_float32_matmul_precision(level)
+                try:
+                    torch.mm(pm, zt)
+                finally:
+                    torch.set_float32_matmul_precision(previous)
+
+            rows.append((name, gemm, gemm))
+    return rows
+
+
 def bench_shape(shape, device, quick, measure, variant="log"):
     B, D, H, W, M = shape
     window = VARIANTS[variant][0]
     z = torch.rand(B, D, H, W, device=device).requires_grad_()
     p = torch.rand(M, D, *window, device=device).requires_grad_()
-    w = torch.randn(B, M, device=device)
-    rows = []
+    w_sim, w_dist = torch.randn(B, M, device=device), torch.randn(B, M, device=device)
+    cases = []
     for name, fn in methods(device, quick, variant):
-        def fwd():
+        def fwd(fn=fn):
             with torch.no_grad():
                 fn(z, p)
 
-        def fwd_bwd():
+        def fwd_bwd(fn=fn):
             sim, dist = fn(z, p)
-            torch.autograd.grad((sim * w).sum() + (dist * w).sum(), (z, p))
+            torch.autograd.grad((sim, dist), (z, p), grad_outputs=(w_sim, w_dist))
 
+        cases.append((name, fwd, fwd_bwd))
+    if variant == "log":
+        cases += reference_rows(device, z, p)
+    rows = []
+    for name, fwd, fwd_bwd in cases:
         row = {"method": name, "shape": list(shape), "variant": variant}
         try:
             row["fwd_us"] = measure(fwd)
