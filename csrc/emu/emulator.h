@@ -113,22 +113,27 @@ inline void yield() {
   tsan_acquire(&scheduler_handover);
 }
 
+// The happens-before edges of a barrier go through one address per generation parity: a fiber resumed
+// late from generation g (its acquire runs when the scheduler comes back to it) must not pick up what a
+// faster fiber released at generation g + 1 (a single address would hide a missing barrier between the
+// two). Generation g + 2 cannot release before every fiber has left g.
 struct Barrier {
   explicit Barrier(std::ptrdiff_t n) : n(n) {}
   void arrive_and_wait() {
-    tsan_release(this);
     const unsigned g = gen.load(std::memory_order_relaxed);
+    tsan_release(&phase[g & 1]);
     if (count.fetch_add(1, std::memory_order_relaxed) + 1 == n) {
       count.store(0, std::memory_order_relaxed);
       gen.store(g + 1, std::memory_order_relaxed);
     } else {
       while (gen.load(std::memory_order_relaxed) == g) yield();
     }
-    tsan_acquire(this);
+    tsan_acquire(&phase[g & 1]);
   }
   const std::ptrdiff_t n;
   std::atomic<std::ptrdiff_t> count{0};
   std::atomic<unsigned> gen{0};
+  char phase[2] = {0, 0};
 };
 #endif
 
