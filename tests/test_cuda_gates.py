@@ -152,8 +152,8 @@ def test_emulator_under_sanitizer(tmp_path, sanitizer):
     """The emulated kernels race-free (TSan) and memory/UB-clean (ASan + UBSan) on the CUB tile
     configuration and the tails; the driver also checks the results (csrc/emu/sanitize_main.cpp). The CUDA
     threads are fibers that TSan tracks as such: only barriers order them, so a missing __syncthreads is a
-    reported race (checked by hand: removing the forward's end-of-stage barrier is reported). About 3 minutes
-    for TSan and 30 s for ASan on 2 busy cores."""
+    reported race (checked by hand: removing the forward's end-of-stage barrier, or grad_p's barrier before its
+    double buffer is refilled, is reported). About 4 minutes for TSan and 3 for ASan on 2 busy cores."""
     if (why := _gxx_ok()) is not None:
         pytest.skip(why)
     exe = tmp_path / "emu_sanitized"
