@@ -35,7 +35,6 @@ from protokern.kernels import search_bound
 # "highest": exact fp32 products; "high": 3xTF32 (about fp32 accuracy); "medium": TF32 (also the names of
 # their search_bound levels). The precision only changes the search's speed, never its result.
 INPUT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
-SEQUENTIAL_EXACT = False  # True: the interpreter too rescores with the compiled kernels' sequential sum (tests)
 MAX_PROGRAMS = 2 ** 31 - 1  # CUDA grid axis 0 limit; larger problems launch in runs of images
 MAX_GRID_YZ = 65535  # CUDA grid axes 1 and 2 limit
 TARGET_PROGRAMS = 1024  # the forward packs images into programs while at least this many remain (~8 per SM)
@@ -43,6 +42,11 @@ TARGET_PROGRAMS = 1024  # the forward packs images into programs while at least 
 # Tile sizes a launcher can pick (powers of two; each tile's size follows its problem dimension).
 FORWARD_TILES = (16, 32, 64)  # BLOCK_M from M, BLOCK_K from HW
 FORWARD_SLICE = 32  # channels per step of the forward search
+# The exact rescoring's summation order, the same in every configuration, compiled or interpreted: lane e of
+# RESCORE_LANES sums (z_d - p_d)^2 over d = e, e + 32, ... in order, then a pairwise tree adds the lanes
+# (``_lane_tree_sum``). Built from elementwise adds only, so it depends on no tile size, warp count or
+# register layout; compiled kernels may fuse each square into its lane's addition (FMA).
+RESCORE_LANES = tl.constexpr(32)
 # Forward launch options per precision: (num_warps, num_stages), the ones that compile for sm_90 without
 # spills (tests/kernels/sm90_gate.py). Why these, with the measured history: benchmarks/NOTES.md, "Triton
 # launch configuration".
@@ -50,12 +54,18 @@ _FORWARD_OPTIONS = {"highest": (8, 1), "high": (8, 1), "medium": (8, 2)}
 # ptxas's register cap (.maxnreg) for forward tiles smaller than 64 x 64: left to choose, ptxas aims at 64-128
 # registers for some of them and spills 8-200 bytes (11 configurations on Triton 3.8 / ptxas 13, 2 others on
 # Triton 3.6); with 255 it keeps everything in registers. The 64 x 64 tile (the CUB shape and every larger
-# problem) keeps ptxas's own choice, spill-free on both (128 registers, 2 blocks/SM, for "highest"; a cap
-# would make it 168). Checked by tests/kernels/sm90_gate.py --all.
+# problem) keeps ptxas's own choice for "high" and "medium" (spill-free, about 240 registers: a cap of 128
+# spills 480-744 bytes) and for a resident p tile (a cap of 128 spills 1 KB); "highest" with p re-read per
+# slice (D > 32, the CUB shape) is capped at 128 so that 2 blocks of 256 threads fit an SM (left to choose,
+# ptxas takes 162 since the rescoring runs over channel tiles). Checked by sm90_gate.py --all.
 SMALL_TILE_MAX_REGISTERS = 255
+STREAMED_P_MAX_REGISTERS = {"highest": 128}
 GRAD_Z_PATCH_TILES = (16, 32, 64)  # BLOCK_Q from HW
 GRAD_Z_PAIRS = 64  # (image, prototype) pairs per step of grad_z: IMAGES * BLOCK_M
 GRAD_Z_CHANNEL_TILES = (16, 32)  # BLOCK_D of grad_z, from D (64 channels spill or reach 255 registers)
+# 64-patch grad_z tiles take 16 channels whatever D: 128 registers, 2 blocks of 256 threads per SM (with
+# 32 channels ptxas takes 169, 1 block per SM, and a cap of 128 spills); sm90_gate.py --all checks it.
+GRAD_Z_WIDE_TILE_CHANNELS = 16
 GRAD_P_CHANNEL_TILES = (16, 32, 64)  # BLOCK_D of grad_p, from D
 _GRAD_Z_OPTIONS = dict(num_warps=8, num_stages=1)
 
@@ -65,8 +75,8 @@ def _forward_kernel(
     z_ptr, p_ptr, sim_ptr, dist_ptr, idx_ptr,
     B, D, HW, M, IMAGES, eps, one_minus_eps, coef, tiny,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-    P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr, SEQUENTIAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program per (block of IMAGES images, prototype tile), folded into grid axis 0 (no 65535 limit on B).
 
@@ -76,10 +86,9 @@ def _forward_kernel(
     >= |a~ - e| (coef and its derivation: ``search_bound.py``). Each patch tile updates the running threshold
     thr = min (a~ + delta) and rescores exactly every patch with a~ - delta <= thr or a~ not finite (a superset
     of the candidates of the final threshold, since thr only decreases), one candidate per row at a time in
-    increasing patch order. The exact distance sums (z_d - p_d)^2 sequentially over d for each row on its own
-    (SEQUENTIAL, compiled kernels) or in BLOCK_E tiles (the interpreter, where sums do not depend on the
-    layout): the bits depend neither on the search's tile sizes nor on its warps, so every precision returns
-    the same (distance, index). Winner: the first NaN patch if any (distance NaN), else the first patch of smallest
+    increasing patch order, all rows at once over (BLOCK_M, RESCORE_LANES) channel tiles. The exact distance
+    is summed in the fixed order of RESCORE_LANES (lanes over channels, then a pairwise tree): its bits depend
+    neither on the search's tile sizes nor on its warps, so every precision returns the same (distance, index). Winner: the first NaN patch if any (distance NaN), else the first patch of smallest
     exact distance (a patch holding +-inf is at +inf; if all are, patch 0).
     """
     pid = tl.program_id(0)
@@ -140,21 +149,15 @@ def _forward_kernel(
                 k = tl.min(tl.where(cand, offs_k[None, :], HW), axis=1)  # each row's next candidate
                 active = k < HW
                 z_col = z_base + tl.where(active, k, 0).to(tl.int64) * stride_zk
-                e = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                if SEQUENTIAL:  # compiled kernels: one row per lane, d in order, independent of the layout
-                    for d in range(0, D):
-                        zd = tl.load(z_col + d * stride_zd, mask=active, other=0.0).to(tl.float32)
-                        pd = tl.load(p_row + d * stride_pd, mask=active, other=0.0).to(tl.float32)
-                        diff = zd - pd
-                        e += diff * diff
-                else:  # the interpreter's sums are numpy's, the same for every layout: (BLOCK_M, BLOCK_E) tiles
-                    for d0 in range(0, D, BLOCK_E):
-                        offs_e = d0 + tl.arange(0, BLOCK_E)
-                        mask = active[:, None] & (offs_e[None, :] < D)
-                        zd = tl.load(z_col[:, None] + offs_e[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
-                        pd = tl.load(p_rows + offs_e[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
-                        diff = zd - pd
-                        e += tl.sum(diff * diff, axis=1)
+                lanes = tl.zeros((BLOCK_M, RESCORE_LANES), dtype=tl.float32)
+                for d0 in range(0, D, RESCORE_LANES):  # lane e sums d = e, e + 32, ... in order
+                    offs_e = d0 + tl.arange(0, RESCORE_LANES)
+                    mask = active[:, None] & (offs_e[None, :] < D)
+                    zd = tl.load(z_col[:, None] + offs_e[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
+                    pd = tl.load(p_rows + offs_e[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
+                    diff = zd - pd
+                    lanes += diff * diff
+                e = _lane_tree_sum(lanes, BLOCK_M)
                 is_nan = e != e
                 nan_idx = tl.where(active & is_nan & (nan_idx == HW), k, nan_idx)
                 better = active & (is_nan == 0) & ((e < best) | (best_idx == HW))
@@ -177,6 +180,22 @@ def _forward_kernel(
         tl.store(idx_ptr + out, win.to(tl.int64), mask=m_mask)
         z_base += stride_zb
         out += M
+
+
+@triton.jit
+def _halve(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """(ROWS, WIDTH) -> (ROWS, WIDTH // 2): column i is x[:, 2i] + x[:, 2i + 1] (elementwise, fixed order)."""
+    a, b = tl.split(tl.reshape(x, (ROWS, WIDTH // 2, 2)))
+    return a + b
+
+
+@triton.jit
+def _lane_tree_sum(lanes, ROWS: tl.constexpr):
+    """Row sums of lanes (ROWS, RESCORE_LANES = 32) as a pairwise tree, the same bits under any layout."""
+    tl.static_assert(lanes.shape[1] == 32)
+    x = _halve(_halve(_halve(_halve(lanes, ROWS, 32), ROWS, 16), ROWS, 8), ROWS, 4)
+    a, b = tl.split(x)
+    return a + b
 
 
 @triton.jit
@@ -245,11 +264,13 @@ def _grad_features_kernel(
     only their fixed-order fp32 accumulation rounds, at every tile size. A non-finite c never enters a dot
     (0 * inf would reach every patch): its kind (+inf, -inf, NaN) is counted per patch by one more exact dot,
     only in tiles that hold one, and added as +inf, -inf or NaN, which is what any summation order gives.
+    Only the pairs that won a patch of the tile are gathered (the others' c is 0); steps with none are skipped.
     """
     pid = tl.program_id(0)
     q_tiles = tl.cdiv(IMAGES * HW, BLOCK_Q)
     b0 = (pid // q_tiles) * IMAGES
-    offs_q = (pid % q_tiles) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q0 = (pid % q_tiles) * BLOCK_Q
+    offs_q = q0 + tl.arange(0, BLOCK_Q)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     offs_j = tl.arange(0, IMAGES * BLOCK_M)
@@ -262,12 +283,13 @@ def _grad_features_kernel(
         m_j = m0 + offs_j % BLOCK_M
         live = (m_j < M) & (b_j < B)
         pair = b_j.to(tl.int64) * M + m_j
-        k_j = tl.load(idx_ptr + pair, mask=live, other=0).to(tl.int32)
-        sel = (offs_q[:, None] == (q_base + k_j)[None, :]) & live[None, :]
-        if tl.sum(tl.sum(sel.to(tl.int32), axis=1), axis=0) > 0:  # some pair of this tile won a patch here
-            g = _pair_coefficient(gsim_ptr, gdist_ptr, dist_ptr, pair, live, eps)
-            mask = live[:, None] & d_mask[None, :]
-            z = tl.load(z_j[:, None] + k_j[:, None] * stride_zk + offs_d[None, :] * stride_zd,
+        q_j = tl.load(idx_ptr + pair, mask=live, other=0).to(tl.int32) + q_base  # pair j's patch in the block
+        won = live & (q_j >= q0) & (q_j < q0 + BLOCK_Q)
+        if tl.max(won.to(tl.int32), axis=0) > 0:  # some pair of this step won a patch of this tile
+            sel = (offs_q[:, None] == q_j[None, :]) & won[None, :]
+            g = _pair_coefficient(gsim_ptr, gdist_ptr, dist_ptr, pair, won, eps)  # 0 for the others
+            mask = won[:, None] & d_mask[None, :]  # only the pairs won here are gathered
+            z = tl.load(z_j[:, None] + (q_j - q_base)[:, None] * stride_zk + offs_d[None, :] * stride_zd,
                         mask=mask, other=0.0).to(tl.float32)
             p = tl.load(p_ptr + m_j[:, None] * stride_pm + offs_d[None, :] * stride_pd,
                         mask=mask, other=0.0).to(tl.float32)
@@ -310,7 +332,7 @@ def channels_innermost(z3: torch.Tensor) -> torch.Tensor:
     return z3.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def forward_config(D: int, HW: int, M: int, precision: str, sequential: bool = True) -> tuple[dict, dict]:
+def forward_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]:
     """(constexpr arguments, launch options) of ``_forward_kernel`` for a problem: the launcher's only choice.
 
     Tiles follow the problem: BLOCK_M from M and BLOCK_K from HW (each the next power of two in 16..64),
@@ -319,12 +341,12 @@ def forward_config(D: int, HW: int, M: int, precision: str, sequential: bool = T
     num_warps, num_stages = _FORWARD_OPTIONS[precision]
     meta = dict(BLOCK_M=_pow2(M, FORWARD_TILES[0], FORWARD_TILES[-1]),
                 BLOCK_K=_pow2(HW, FORWARD_TILES[0], FORWARD_TILES[-1]), BLOCK_D=FORWARD_SLICE,
-                # BLOCK_E: the interpreter's rescoring tile; unused (fixed) in compiled kernels
-                BLOCK_E=16 if sequential else _pow2(D, 16, 128),
-                P_RESIDENT=D <= FORWARD_SLICE, PRECISION=INPUT_PRECISION[precision], SEQUENTIAL=sequential)
+                P_RESIDENT=D <= FORWARD_SLICE, PRECISION=INPUT_PRECISION[precision])
     options = dict(num_warps=num_warps, num_stages=num_stages)
     if meta["BLOCK_M"] * meta["BLOCK_K"] < FORWARD_TILES[-1] ** 2:
         options["maxnreg"] = SMALL_TILE_MAX_REGISTERS
+    elif precision in STREAMED_P_MAX_REGISTERS and not meta["P_RESIDENT"]:
+        options["maxnreg"] = STREAMED_P_MAX_REGISTERS[precision]
     return meta, options
 
 
@@ -343,8 +365,12 @@ def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
 
     grad_z: BLOCK_Q patches (the next power of two of HW in 16..64); when several whole images fit a tile,
     the tile holds IMAGES of them (a power of two) and the GRAD_Z_PAIRS pairs of a step are IMAGES x BLOCK_M.
+    BLOCK_D: 16 or 32 channels from D; always GRAD_Z_WIDE_TILE_CHANNELS with the largest patch tile.
     """
     block_q = _pow2(HW, GRAD_Z_PATCH_TILES[0], GRAD_Z_PATCH_TILES[-1])
+    gz_channels = _pow2(D, GRAD_Z_CHANNEL_TILES[0], GRAD_Z_CHANNEL_TILES[-1])
+    if block_q == GRAD_Z_PATCH_TILES[-1]:
+        gz_channels = GRAD_Z_WIDE_TILE_CHANNELS
     images = 1
     while 2 * images * HW <= block_q:
         images *= 2
@@ -353,7 +379,7 @@ def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
             dict(BLOCK_M=16, BLOCK_D=_pow2(D, GRAD_P_CHANNEL_TILES[0], GRAD_P_CHANNEL_TILES[-1])), {}),
         "_grad_features_kernel": (
             dict(IMAGES=images, BLOCK_Q=block_q, BLOCK_M=GRAD_Z_PAIRS // images,
-                 BLOCK_D=_pow2(D, GRAD_Z_CHANNEL_TILES[0], GRAD_Z_CHANNEL_TILES[-1])), dict(_GRAD_Z_OPTIONS)),
+                 BLOCK_D=gz_channels), dict(_GRAD_Z_OPTIONS)),
     }
 
 
@@ -367,7 +393,7 @@ def launch_configs() -> list[tuple[str, dict, dict]]:
     configs = []
     for D, HW, M in shapes:
         for precision in INPUT_PRECISION:
-            meta, options = forward_config(D, HW, M, precision, sequential=True)
+            meta, options = forward_config(D, HW, M, precision)
             configs.append(("_forward_kernel", meta, options))
         for name, (meta, options) in backward_configs(D, HW).items():
             configs.append((name, meta, options))
@@ -390,7 +416,7 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     sim = torch.empty((B, M), device=z3.device, dtype=torch.float32)
     dist = torch.empty_like(sim)
     idx = torch.empty((B, M), device=z3.device, dtype=torch.int64)
-    meta, options = forward_config(D, HW, M, precision, SEQUENTIAL_EXACT or z3.is_cuda)
+    meta, options = forward_config(D, HW, M, precision)
     coef = search_bound.coefficient(INPUT_PRECISION[precision], D)
     images = forward_images_per_program(B, M, meta["BLOCK_M"])
     m_tiles = triton.cdiv(M, meta["BLOCK_M"])

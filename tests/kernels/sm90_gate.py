@@ -49,7 +49,7 @@ def configurations(shapes) -> list[tuple[str, dict, dict]]:
     seen = []
     for D, HW, M in shapes:
         for precision in K.INPUT_PRECISION:
-            meta, options = K.forward_config(D, HW, M, precision, sequential=True)
+            meta, options = K.forward_config(D, HW, M, precision)
             seen.append(("_forward_kernel", meta, options))
         for name, (meta, options) in K.backward_configs(D, HW).items():
             seen.append((name, meta, options))

@@ -148,7 +148,7 @@ def test_backward_many_pairs_on_one_patch():
 
 
 @needs_triton_cpu
-@pytest.mark.parametrize("HW", [1, 6, 40])
+@pytest.mark.parametrize("HW", [1, 6, 40, 70])  # 70: two patch tiles, each gathering only its won pairs
 def test_backward_non_finite_pairs_reach_only_their_patch(HW):
     """A NaN pair (NaN distance) and +-inf pairs (an image whose every patch holds inf) put NaN / inf in
     their winning patch only; +inf and -inf contributions to one patch give NaN, as any summation order."""
@@ -240,21 +240,38 @@ def test_backward_image_runs_fit_grid_axis_2(monkeypatch):
     assert torch.equal(got[0], expected[0]) and rel_err(got[1], expected[1]) < 1e-6
 
 
+def _rescoring_order(z3, p, idx):
+    """The forward's exact distance of each (b, m) at patch idx, in the documented order (fp32): lane e of 32
+    sums (z_d - p_d)^2 over d = e, e + 32, ... in order, then a pairwise tree adds the lanes."""
+    B, D, _ = z3.shape
+    diff = z3.float().gather(2, idx[:, None, :].expand(-1, D, -1)).transpose(1, 2) - p.float()[None]  # (B, M, D)
+    diff = torch.nn.functional.pad(diff, (0, -D % 32))
+    lanes = torch.zeros(diff.shape[:2] + (32,))
+    for d0 in range(0, diff.shape[-1], 32):
+        lanes = lanes + diff[..., d0:d0 + 32] * diff[..., d0:d0 + 32]
+    while lanes.shape[-1] > 1:
+        lanes = lanes[..., 0::2] + lanes[..., 1::2]
+    return lanes[..., 0]
+
+
 @needs_triton_cpu
 @pytest.mark.parametrize("kind", ["issue", "small", "equal"])
-def test_sequential_rescoring_matches_tiles(monkeypatch, kind):
-    """The compiled kernels' rescoring (one row per lane, d in order) picks the same winners as the
-    interpreter's tiled one, and both match the float64 contract."""
+@pytest.mark.parametrize("D", [40, 100])  # a partial last lane slice; four slices
+def test_rescoring_sums_in_the_documented_order(kind, D):
+    """The exact distances are the fixed-order sums of the contract (lanes over channels, then a pairwise
+    tree), bit for bit, at every precision and tile size; the winners are the float64 contract's."""
     from tests.reference import contract_result, issue_case, near_tie_case
 
-    z, p, winners = issue_case(B=3, D=40, H=3, W=5) if kind == "issue" else near_tie_case(kind, 3, 40, 3, 5)
-    tiled = K.forward(z.flatten(2), p, 1e-4)
-    monkeypatch.setattr(K, "SEQUENTIAL_EXACT", True)
-    sequential = K.forward(z.flatten(2), p, 1e-4)
+    z, p, winners = issue_case(B=3, D=D, H=3, W=5) if kind == "issue" else near_tie_case(kind, 3, D, 3, 5)
+    z3 = z.flatten(2)
     ref_dist, ref_idx = contract_result(z, p)
-    assert torch.equal(sequential[2], tiled[2]) and torch.equal(sequential[2], ref_idx)
-    assert torch.equal(sequential[2].diagonal(), winners)
-    assert rel_err(sequential[1], ref_dist) < 1e-6 and rel_err(tiled[1], ref_dist) < 1e-6
+    results = [K.forward(z3, p, 1e-4, precision) for precision in K.INPUT_PRECISION]
+    results.append(K.forward(z3, torch.cat([p] * 11), 1e-4))  # 33 prototypes: a 64-prototype tile
+    for _, dist, idx in results:
+        copies = dist.shape[1] // p.shape[0]
+        assert torch.equal(idx, ref_idx.repeat(1, copies))
+        assert torch.equal(dist, _rescoring_order(z3, torch.cat([p] * copies), idx))
+    assert torch.equal(results[0][2].diagonal(), winners) and rel_err(results[0][1], ref_dist) < 1e-6
 
 
 def _run_gate(*args: str) -> list[dict]:
@@ -283,6 +300,11 @@ def test_every_triton_launch_configuration_compiles_for_sm90_without_spills():
     assert {r["kernel"] for r in results} == {"_forward_kernel", "_grad_prototypes_kernel", "_grad_features_kernel"}
     assert {r.get("PRECISION") for r in results} >= {"ieee", "tf32x3", "tf32"}
     assert {r.get("P_RESIDENT") for r in results} >= {True, False}
+    # 2 blocks of 256 threads per SM where the launcher asks for it: grad_z's 64-patch tiles (16 channels)
+    # and the "highest" forward with p streamed (the CUB shape's configuration).
+    wide_gz = [r for r in results if r["kernel"] == "_grad_features_kernel" and r["BLOCK_Q"] == 64]
+    capped = [r for r in results if r.get("maxnreg") == 128]
+    assert wide_gz and capped and all(r["registers"] <= 128 for r in wide_gz + capped)
 
 
 @pytest.mark.parametrize("precision", list(K.INPUT_PRECISION))
