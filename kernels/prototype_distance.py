@@ -4,9 +4,10 @@ Forward: one program per (block of images, tile of prototypes). The prototype ti
 and the tile serves every image of the block (when the channels fit one slice, the p tile itself is loaded
 once into registers; otherwise its slices are re-read, L1-hot, for each image and patch tile). For each image
 the program walks the patches in tiles, computes approximate squared distances with the expansion
-``|p|^2 + |z|^2 - 2 p.z`` (a ``tl.dot``) and rescores exactly, as ``sum_d (z - p)^2`` in fp32, every patch
-that the search's error bound cannot rule out (certified search, ``search_bound.py``); it keeps the exact min
-and argmin per prototype in registers and writes the similarity. The (B, M, H*W) map never reaches memory.
+``|p|^2 + |z|^2 - 2 p.z`` (a ``tl.dot``) and rescores exactly, as ``sum_d (z - p)^2`` in fp32 in a fixed
+order (``RESCORE_LANES``), every patch that the search's error bound cannot rule out (certified search,
+``search_bound.py``); it keeps the exact min and argmin per prototype in registers and writes the
+similarity. The (B, M, H*W) map never reaches memory.
 
 Backward: gradients reach only the winning patch of each (b, m); no sort, no float atomics, two independent
 launches, every sum in a fixed order: gradients are bitwise reproducible.
@@ -15,8 +16,10 @@ launches, every sum in a fixed order: gradients are bitwise reproducible.
   in tiles; for each tile it builds in registers the selection ``sel[q, (b, m)] = 1`` if pair (b, m) won
   patch q of the block, forms each pair's contribution ``g (z_win - p)`` in the difference form (the winning
   z rows gathered), and adds ``sel @ contributions`` with tensor-core dots whose products are exact (the
-  contributions are split into three TF32-exact parts, ``sel`` is 0/1). Non-finite contributions take a
-  separate exact path, so a NaN or inf pair reaches its own winning patch only.
+  contributions are split into three TF32-exact parts, ``sel`` is 0/1). Only the pairs won in the tile are
+  gathered; in tiles smaller than their image (COMPACT) a prefix sum queues them so that the dots run on
+  full steps of won pairs. Non-finite contributions take a separate exact path, so a NaN or inf pair
+  reaches its own winning patch only.
 * ``grad_p``: one program per (prototype tile, channel tile, run of images), looping over its images in
   order with the winning z rows gathered; the partial sums of the runs are then reduced in a fixed order.
 
@@ -56,15 +59,18 @@ _FORWARD_OPTIONS = {"highest": (8, 1), "high": (8, 1), "medium": (8, 2)}
 # Triton 3.6); with 255 it keeps everything in registers. The 64 x 64 tile (the CUB shape and every larger
 # problem) keeps ptxas's own choice for "high" and "medium" (spill-free, about 240 registers: a cap of 128
 # spills 480-744 bytes) and for a resident p tile (a cap of 128 spills 1 KB); "highest" with p re-read per
-# slice (D > 32, the CUB shape) is capped at 128 so that 2 blocks of 256 threads fit an SM (left to choose,
-# ptxas takes 162 since the rescoring runs over channel tiles). Checked by sm90_gate.py --all.
+# slice (D > 32, the CUB shape) is capped at 128 on Triton >= 3.8 so that 2 blocks of 256 threads fit an SM
+# (left to choose, ptxas takes 162 since the rescoring runs over channel tiles); Triton 3.6's code spills
+# under that cap (480 bytes) and keeps ptxas's choice (200). Checked by sm90_gate.py --all on both.
 SMALL_TILE_MAX_REGISTERS = 255
-STREAMED_P_MAX_REGISTERS = {"highest": 128}
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+STREAMED_P_MAX_REGISTERS = {"highest": 128} if TRITON_VERSION >= (3, 8) else {}
 GRAD_Z_PATCH_TILES = (16, 32, 64)  # BLOCK_Q from HW
 GRAD_Z_PAIRS = 64  # (image, prototype) pairs per step of grad_z: IMAGES * BLOCK_M
 GRAD_Z_CHANNEL_TILES = (16, 32)  # BLOCK_D of grad_z, from D (64 channels spill or reach 255 registers)
-# 64-patch grad_z tiles take 16 channels whatever D: 128 registers, 2 blocks of 256 threads per SM (with
-# 32 channels ptxas takes 169, 1 block per SM, and a cap of 128 spills); sm90_gate.py --all checks it.
+# 64-patch grad_z tiles take 16 channels whatever D: 128 registers on Triton 3.8, 2 blocks of 256 threads
+# per SM (with 32 channels ptxas takes 169, 1 block per SM, and a cap of 128 spills; Triton 3.6: 205 against
+# 255); sm90_gate.py --all checks it.
 GRAD_Z_WIDE_TILE_CHANNELS = 16
 GRAD_P_CHANNEL_TILES = (16, 32, 64)  # BLOCK_D of grad_p, from D
 _GRAD_Z_OPTIONS = dict(num_warps=8, num_stages=1)
@@ -88,8 +94,9 @@ def _forward_kernel(
     of the candidates of the final threshold, since thr only decreases), one candidate per row at a time in
     increasing patch order, all rows at once over (BLOCK_M, RESCORE_LANES) channel tiles. The exact distance
     is summed in the fixed order of RESCORE_LANES (lanes over channels, then a pairwise tree): its bits depend
-    neither on the search's tile sizes nor on its warps, so every precision returns the same (distance, index). Winner: the first NaN patch if any (distance NaN), else the first patch of smallest
-    exact distance (a patch holding +-inf is at +inf; if all are, patch 0).
+    neither on the search's tile sizes nor on its warps, so every precision returns the same (distance,
+    index). Winner: the first NaN patch if any (distance NaN), else the first patch of smallest exact
+    distance (a patch holding +-inf is at +inf; if all are, patch 0).
     """
     pid = tl.program_id(0)
     m_tiles = tl.cdiv(M, BLOCK_M)
@@ -249,11 +256,44 @@ def _grad_prototypes_kernel(
 
 
 @triton.jit
+def _add_won_pairs(acc, offs_q, q_j, won, pair, z_rows, m_j, offs_d, d_mask, gsim_ptr, gdist_ptr, dist_ptr,
+                   p_ptr, stride_zd, stride_pm, stride_pd, eps):
+    """acc[q] += sum over the pairs j with won[j] and q_j = q of g_j (z_j - p_j) (q_j: the pair's patch in the
+    tile's numbering; z_rows: its winning z row). Exact products, fixed-order fp32 accumulation (see
+    ``_grad_features_kernel``); the pairs not won are not gathered (their contribution is 0)."""
+    inf = float("inf")
+    sel = (offs_q[:, None] == q_j[None, :]) & won[None, :]
+    g = _pair_coefficient(gsim_ptr, gdist_ptr, dist_ptr, pair, won, eps)
+    mask = won[:, None] & d_mask[None, :]
+    z = tl.load(z_rows[:, None] + offs_d[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + m_j[:, None] * stride_pm + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
+    c = g[:, None] * (z - p)
+    finite = tl.abs(c) < inf
+    c_fin = tl.where(finite, c, 0.0)
+    hi = _tf32_part(c_fin)
+    rest = c_fin - hi  # exact: the low 13 bits of c
+    mid = _tf32_part(rest)
+    w = sel.to(tl.float32)
+    part = tl.dot(w, rest - mid, input_precision="tf32")  # rest - mid: at most 2 bits, exact
+    part = tl.dot(w, mid, part, input_precision="tf32")
+    acc += tl.dot(w, hi, part, input_precision="tf32")
+    if tl.sum(tl.sum((finite == 0).to(tl.int32), axis=1), axis=0) > 0:
+        kind = tl.where(c == inf, 1.0, 0.0) + tl.where(c == -inf, 256.0, 0.0) + tl.where(c != c, 65536.0, 0.0)
+        counts = tl.dot(w, kind, input_precision="tf32").to(tl.int32)  # < 256 of each: exact
+        pos = (counts & 255) > 0
+        neg = ((counts >> 8) & 255) > 0
+        nan = (counts >> 16) > 0
+        acc += tl.where(nan | (pos & neg), float("nan"), tl.where(pos, inf, tl.where(neg, -inf, 0.0)))
+    return acc
+
+
+@triton.jit
 def _grad_features_kernel(
     gsim_ptr, gdist_ptr, dist_ptr, idx_ptr, z_ptr, p_ptr, gz_ptr,
     B, D, HW, M, eps,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
     IMAGES: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    COMPACT: tl.constexpr,
 ):
     """grad_z[b, :, k] = 2 * sum over the m won at (b, k) of g[b, m] * (z[b, :, k] - p[m]), no sort.
 
@@ -264,7 +304,11 @@ def _grad_features_kernel(
     only their fixed-order fp32 accumulation rounds, at every tile size. A non-finite c never enters a dot
     (0 * inf would reach every patch): its kind (+inf, -inf, NaN) is counted per patch by one more exact dot,
     only in tiles that hold one, and added as +inf, -inf or NaN, which is what any summation order gives.
-    Only the pairs that won a patch of the tile are gathered (the others' c is 0); steps with none are skipped.
+    Only the pairs that won a patch of the tile are gathered; steps with none are skipped.
+
+    COMPACT (a tile smaller than its image, IMAGES = 1): the pairs won in the tile are queued in scan order
+    (a prefix sum places them) and the dots run on full queues of BLOCK_M won pairs only (and the last,
+    partial one), so the dot work is that of the tile's won pairs, not of all the image's pairs.
     """
     pid = tl.program_id(0)
     q_tiles = tl.cdiv(IMAGES * HW, BLOCK_Q)
@@ -277,44 +321,58 @@ def _grad_features_kernel(
     b_j = b0 + offs_j // BLOCK_M
     q_base = (offs_j // BLOCK_M) * HW  # first patch of pair j's image in the block's numbering
     z_j = z_ptr + b_j.to(tl.int64) * stride_zb
-    inf = float("inf")
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        m_j = m0 + offs_j % BLOCK_M
-        live = (m_j < M) & (b_j < B)
-        pair = b_j.to(tl.int64) * M + m_j
-        q_j = tl.load(idx_ptr + pair, mask=live, other=0).to(tl.int32) + q_base  # pair j's patch in the block
-        won = live & (q_j >= q0) & (q_j < q0 + BLOCK_Q)
-        if tl.max(won.to(tl.int32), axis=0) > 0:  # some pair of this step won a patch of this tile
-            sel = (offs_q[:, None] == q_j[None, :]) & won[None, :]
-            g = _pair_coefficient(gsim_ptr, gdist_ptr, dist_ptr, pair, won, eps)  # 0 for the others
-            mask = won[:, None] & d_mask[None, :]  # only the pairs won here are gathered
-            z = tl.load(z_j[:, None] + (q_j - q_base)[:, None] * stride_zk + offs_d[None, :] * stride_zd,
-                        mask=mask, other=0.0).to(tl.float32)
-            p = tl.load(p_ptr + m_j[:, None] * stride_pm + offs_d[None, :] * stride_pd,
-                        mask=mask, other=0.0).to(tl.float32)
-            c = g[:, None] * (z - p)
-            finite = tl.abs(c) < inf
-            c_fin = tl.where(finite, c, 0.0)
-            hi = _tf32_part(c_fin)
-            rest = c_fin - hi  # exact: the low 13 bits of c
-            mid = _tf32_part(rest)
-            w = sel.to(tl.float32)
-            part = tl.dot(w, rest - mid, input_precision="tf32")  # rest - mid: at most 2 bits, exact
-            part = tl.dot(w, mid, part, input_precision="tf32")
-            acc += tl.dot(w, hi, part, input_precision="tf32")
-            if tl.sum(tl.sum((finite == 0).to(tl.int32), axis=1), axis=0) > 0:
-                kind = tl.where(c == inf, 1.0, 0.0) + tl.where(c == -inf, 256.0, 0.0) + tl.where(c != c, 65536.0, 0.0)
-                counts = tl.dot(w, kind, input_precision="tf32").to(tl.int32)  # < 256 of each: exact
-                pos = (counts & 255) > 0
-                neg = ((counts >> 8) & 255) > 0
-                nan = (counts >> 16) > 0
-                acc += tl.where(nan | (pos & neg), float("nan"), tl.where(pos, inf, tl.where(neg, -inf, 0.0)))
+    if COMPACT:
+        tl.static_assert(IMAGES == 1)
+        queue = tl.zeros((BLOCK_M,), dtype=tl.int32)  # queued prototypes; slots >= fill hold 0
+        fill = b0 * 0  # int32
+        for m0 in range(0, M, BLOCK_M):
+            m_j = m0 + offs_j
+            k_j = tl.load(idx_ptr + b0.to(tl.int64) * M + m_j, mask=m_j < M, other=0).to(tl.int32)
+            won = (m_j < M) & (k_j >= q0) & (k_j < q0 + BLOCK_Q)
+            n = tl.sum(won.to(tl.int32), axis=0)
+            if n > 0:
+                slot = fill + tl.cumsum(won.to(tl.int32), axis=0) - 1  # fill.. in scan order, may pass BLOCK_M
+                hit = won[None, :] & (slot[None, :] == offs_j[:, None])  # (queue slot, scanned pair)
+                queue += tl.sum(tl.where(hit, m_j[None, :], 0), axis=1)
+                if fill + n >= BLOCK_M:  # a full queue: its dots, then the overflow starts the next one
+                    acc = _add_queue(acc, queue, BLOCK_M, b0, offs_q, offs_d, d_mask, idx_ptr, gsim_ptr, gdist_ptr,
+                                     dist_ptr, z_ptr, p_ptr, M, stride_zb, stride_zd, stride_zk, stride_pm,
+                                     stride_pd, eps, BLOCK_M)
+                    hit = won[None, :] & (slot[None, :] == offs_j[:, None] + BLOCK_M)
+                    queue = tl.sum(tl.where(hit, m_j[None, :], 0), axis=1)
+                fill = (fill + n) % BLOCK_M
+        acc = _add_queue(acc, queue, fill, b0, offs_q, offs_d, d_mask, idx_ptr, gsim_ptr, gdist_ptr, dist_ptr,
+                         z_ptr, p_ptr, M, stride_zb, stride_zd, stride_zk, stride_pm, stride_pd, eps, BLOCK_M)
+    else:
+        for m0 in range(0, M, BLOCK_M):
+            m_j = m0 + offs_j % BLOCK_M
+            live = (m_j < M) & (b_j < B)
+            pair = b_j.to(tl.int64) * M + m_j
+            k_j = tl.load(idx_ptr + pair, mask=live, other=0).to(tl.int32)
+            q_j = k_j + q_base  # pair j's patch in the block
+            won = live & (q_j >= q0) & (q_j < q0 + BLOCK_Q)
+            if tl.max(won.to(tl.int32), axis=0) > 0:  # some pair of this step won a patch of this tile
+                acc = _add_won_pairs(acc, offs_q, q_j, won, pair, z_j + k_j.to(tl.int64) * stride_zk, m_j, offs_d,
+                                     d_mask, gsim_ptr, gdist_ptr, dist_ptr, p_ptr, stride_zd, stride_pm,
+                                     stride_pd, eps)
     b_q = b0 + offs_q // HW
     k_q = offs_q % HW
     row_ok = (offs_q < IMAGES * HW) & (b_q < B)
     out = gz_ptr + (b_q.to(tl.int64) * D * HW + k_q)[:, None] + offs_d[None, :] * HW
     tl.store(out, 2.0 * acc, mask=row_ok[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _add_queue(acc, queue, fill, b, offs_q, offs_d, d_mask, idx_ptr, gsim_ptr, gdist_ptr, dist_ptr, z_ptr, p_ptr,
+               M, stride_zb, stride_zd, stride_zk, stride_pm, stride_pd, eps, SLOTS: tl.constexpr):
+    """``_add_won_pairs`` for the first ``fill`` queued prototypes of image b (COMPACT grad_z)."""
+    used = tl.arange(0, SLOTS) < fill
+    pair = b.to(tl.int64) * M + queue
+    k = tl.load(idx_ptr + pair, mask=used, other=0).to(tl.int32)
+    z_rows = z_ptr + b.to(tl.int64) * stride_zb + k.to(tl.int64) * stride_zk
+    return _add_won_pairs(acc, offs_q, k, used, pair, z_rows, queue, offs_d, d_mask, gsim_ptr, gdist_ptr, dist_ptr,
+                          p_ptr, stride_zd, stride_pm, stride_pd, eps)
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -379,7 +437,7 @@ def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
             dict(BLOCK_M=16, BLOCK_D=_pow2(D, GRAD_P_CHANNEL_TILES[0], GRAD_P_CHANNEL_TILES[-1])), {}),
         "_grad_features_kernel": (
             dict(IMAGES=images, BLOCK_Q=block_q, BLOCK_M=GRAD_Z_PAIRS // images,
-                 BLOCK_D=gz_channels), dict(_GRAD_Z_OPTIONS)),
+                 BLOCK_D=gz_channels, COMPACT=HW > block_q), dict(_GRAD_Z_OPTIONS)),
     }
 
 
