@@ -22,3 +22,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def sanitizer_jobs(tmp_path_factory):
+    """The CUDA emulator's sanitizer builds and runs (tests/sanitizer_jobs.py), started in the background the
+    first time a test asks for them; None without a suitable g++."""
+    from tests import sanitizer_jobs as jobs
+
+    if jobs.gxx_ok() is not None:
+        return None
+    return jobs.start(tmp_path_factory.mktemp("sanitizers"))

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.sanitizer_jobs import SANITIZERS
+from tests.sanitizer_jobs import gxx_ok as _gxx_ok
+
 REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc"
 EMU = CSRC / "emu"
@@ -39,16 +42,6 @@ def _nvcc() -> str | None:
         if home and (Path(home) / "bin" / "nvcc").exists():
             return str(Path(home) / "bin" / "nvcc")
     return shutil.which("nvcc")
-
-
-def _gxx_ok() -> str | None:
-    """None if g++ >= 11 is here, else why not."""
-    if shutil.which("g++") is None:
-        return "needs g++"
-    version = subprocess.run(["g++", "-dumpversion"], capture_output=True, text=True).stdout.strip()
-    if int(version.split(".")[0] or 0) < 11:
-        return f"needs g++ >= 11 for <barrier>, found {version}"
-    return None
 
 
 def kernel_table(tmp: Path) -> dict[str, tuple[int, int, int]]:
@@ -141,31 +134,20 @@ def test_ptxas_gate(tmp_path):
     assert not problems, "\n".join(problems)
 
 
-SANITIZERS = {
-    "thread": ["-fsanitize=thread"],
-    "address+undefined": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
-}
-
-
 @pytest.mark.parametrize("sanitizer", list(SANITIZERS))
-def test_emulator_under_sanitizer(tmp_path, sanitizer):
+def test_emulator_under_sanitizer(sanitizer_jobs, sanitizer):
     """The emulated kernels race-free (TSan) and memory/UB-clean (ASan + UBSan) on the CUB tile
     configuration and the tails; the driver also checks the results (csrc/emu/sanitize_main.cpp). The CUDA
     threads are fibers that TSan tracks as such: only barriers order them, so a missing __syncthreads is a
     reported race (checked by hand: removing the forward's end-of-stage barrier, or grad_p's barrier before its
-    double buffer is refilled, is reported). About 4 minutes for TSan and 3 for ASan on 2 busy cores."""
+    double buffer is refilled, is reported). Both builds run in the background from the first test that asks
+    for them (tests/sanitizer_jobs.py): about 3 minutes for TSan and 1.5 for ASan of one core each."""
     if (why := _gxx_ok()) is not None:
         pytest.skip(why)
-    exe = tmp_path / "emu_sanitized"
-    cmd = ["g++", "-std=c++20", "-O1", "-g", "-pthread", *SANITIZERS[sanitizer], f"-I{EMU / 'fake'}", f"-I{EMU}",
-           f"-I{CSRC}", str(EMU / "harness.cpp"), str(EMU / "sanitize_main.cpp"), "-o", str(exe)]
-    built = subprocess.run(cmd, capture_output=True, text=True)
+    built, run = sanitizer_jobs[sanitizer].result()
     if built.returncode != 0 and re.search(r"cannot find -l(tsan|asan|ubsan)|libtsan|libasan", built.stderr):
         pytest.skip(f"no {sanitizer} sanitizer runtime: {built.stderr.strip().splitlines()[-1]}")
     assert built.returncode == 0, built.stderr[-3000:]
-    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66 second_deadlock_stack=1",
-               ASAN_OPTIONS="halt_on_error=1 detect_leaks=1", UBSAN_OPTIONS="halt_on_error=1 print_stacktrace=1")
-    run = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=900)
     print(run.stdout[-2000:])
     assert run.returncode == 0 and "all checks passed" in run.stdout, (
         f"exit status {run.returncode}\nstdout:\n{run.stdout[-3000:]}\nstderr:\n{run.stderr[-6000:]}")
