@@ -441,13 +441,15 @@ def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
     }
 
 
-def launch_configs() -> list[tuple[str, dict, dict]]:
-    """Every distinct (kernel name, constexpr arguments, launch options) the compiled launchers can pick.
+def launch_configs(shapes=None) -> list[tuple[str, dict, dict]]:
+    """Every distinct (kernel name, constexpr arguments, launch options) the compiled launchers can pick,
+    over all precisions: for the (D, HW, M) ``shapes`` given, or by default for all shapes.
 
     Each choice is a step function of D, HW and M that is constant beyond these ranges (D > 64, HW > 64,
-    M > 64 pick the same as 65), so these shapes reach every value.
+    M > 64 pick the same as 65), so the default shapes reach every value.
     """
-    shapes = [(D, HW, M) for D in (16, 32, 64, 65) for HW in range(1, 66) for M in (16, 32, 64, 65)]
+    if shapes is None:
+        shapes = [(D, HW, M) for D in (16, 32, 64, 65) for HW in range(1, 66) for M in (16, 32, 64, 65)]
     configs = []
     for D, HW, M in shapes:
         for precision in INPUT_PRECISION:

@@ -46,18 +46,7 @@ def configurations(shapes) -> list[tuple[str, dict, dict]]:
     """Distinct (kernel name, constexprs, options) the launchers pick for these shapes, all precisions."""
     from protokern.kernels import prototype_distance as K
 
-    seen = []
-    for D, HW, M in shapes:
-        for precision in K.INPUT_PRECISION:
-            meta, options = K.forward_config(D, HW, M, precision)
-            seen.append(("_forward_kernel", meta, options))
-        for name, (meta, options) in K.backward_configs(D, HW).items():
-            seen.append((name, meta, options))
-    unique = []
-    for config in seen:
-        if config not in unique:
-            unique.append(config)
-    return unique
+    return K.launch_configs(shapes)
 
 
 def compile_one(name: str, meta: dict, options: dict) -> dict:
