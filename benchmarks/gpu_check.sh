@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: build the CUDA extension, run the GPU tests and the benchmarks.
-# Run from the repository root on a machine with a CUDA GPU; results go to $OUT (default ./gpu-out):
-#   build.log, tests.log, tests_cuda.log, bench.log (distance, profile, push), distance-*.json/.md,
-#   push-*.json/.md (the device tool brings back at most 8 files)
+# Run from the repository root on a machine with a CUDA GPU. Every step writes NAME.log (and the benchmarks their
+# JSON / Markdown tables) into $OUT/all; at the end that folder is packed into $OUT/gpu-check.tgz and the op
+# tables (distance-*.md) are copied next to it: a handful of files, as the device tool brings back at most 8.
+# $OUT defaults to ./gpu-out.
 # Steps are independent: a failing step is logged and the next one still runs. Exit status: 0 only if all passed.
 set -u
-OUT=${OUT:-$PWD/gpu-out}
+FINAL=${OUT:-$PWD/gpu-out}
+OUT=$FINAL/all
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
@@ -52,4 +54,7 @@ step bench_profile_push "${PROFILE_LIMIT:-120}" bash -c "python3 benchmarks/prof
 # Whole training steps (benchmarks/train_step.py): ResNet34 only here (compiling the three trunks takes longer);
 # the table is printed into train.log.
 step train "${TRAIN_LIMIT:-150}" python3 benchmarks/train_step.py --backbones resnet34 --steps 20 --warmup 5
+cp "$OUT"/distance-*.md "$FINAL"/ 2>/dev/null
+tar -czf "$FINAL/gpu-check.tgz" -C "$OUT" . && rm -rf "$OUT"
+ls -l "$FINAL"
 exit $status
