@@ -29,7 +29,7 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _prototype_size(value) -> tuple[int, int]:
+def window_size(value) -> tuple[int, int]:
     """``value`` (an int k or a pair (kh, kw) of ints >= 1) as (kh, kw), else a one-line error."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
@@ -59,7 +59,7 @@ class ProtoLayer(nn.Module):
         super().__init__()
         num_prototypes = _positive_int("num_prototypes", num_prototypes)
         prototype_dim = _positive_int("prototype_dim", prototype_dim)
-        kh, kw = _prototype_size(prototype_size)
+        kh, kw = window_size(prototype_size)
         self.similarity = check_similarity(similarity)
         self.eps = check_eps(eps)
         if backend != "auto" and backend not in BACKENDS:

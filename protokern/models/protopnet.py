@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from protokern import ProtoLayer
+from protokern.layer import window_size
 from protokern.models.add_on import make_add_on
 from protokern.models.backbones import make_backbone
 from protokern.models.receptive_field import ReceptiveField, compute_receptive_field
@@ -264,9 +265,8 @@ class ProtoPNet(nn.Module):
             "prototype_size": tuple(vectors.shape[2:]),
         }
         for key, value in inferred.items():
-            if key == "prototype_size" and isinstance(kwargs.get(key), (list, int)):  # (k, k), [kh, kw], k
-                size = kwargs[key]
-                kwargs[key] = (size, size) if isinstance(size, int) else tuple(size)
+            if key == "prototype_size" and key in kwargs:  # k, [kh, kw] or (kh, kw), as ProtoLayer takes it
+                kwargs[key] = window_size(kwargs[key])
             if kwargs.setdefault(key, value) != value:
                 raise ValueError(f"{key}={kwargs[key]!r} but the state dict has {value!r}")
         if kwargs.get("prototype_classes") is None:
