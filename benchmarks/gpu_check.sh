@@ -1,40 +1,83 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: build the CUDA extension, run the GPU tests and the benchmarks.
-# Run from the repository root on a machine with a CUDA GPU. Every step writes NAME.log (and the benchmarks their
-# JSON / Markdown tables) into $OUT/all; at the end that folder is packed into $OUT/gpu-check.tgz and the op
-# tables (distance-*.md) are copied next to it: a handful of files, as the device tool brings back at most 8.
-# $OUT defaults to ./gpu-out.
-# Steps are independent: a failing step is logged and the next one still runs. Exit status: 0 only if all passed.
+# The one prepared GPU check: build the CUDA extension, run the GPU tests, the op benchmark, the per-kernel
+# counters and the sanitizers. Run from the repository root on a machine with a CUDA GPU:
+#
+#   bash benchmarks/gpu_check.sh                        # every step, most important first, within DEADLINE_S
+#   STEPS="build bench ncu" bash benchmarks/gpu_check.sh  # a subset (a second call on a warm machine)
+#
+# Steps, in this order: build, tests_cuda, tests, bench, ncu, sanitizer, profile, push, train, gates. Each is
+# independent: a failing step is logged and the next one still runs. The whole run keeps to DEADLINE_S seconds
+# (default 530): a step gets min(its own limit, what is left), a step with under MIN_STEP_S (20) s left is
+# skipped, and all of it is killed at its limit (`timeout -k`), so the results always come back. Every step writes NAME.log (the
+# benchmarks their JSON / Markdown tables too) into a work folder that is packed into $OUT/gpu-check.tgz AFTER
+# EVERY STEP; $OUT also gets summary.txt (each step's status and time) and the op tables (distance-*.md). So $OUT
+# holds a handful of files whenever the run stops (the device tool brings back at most 8). $OUT defaults to
+# ./gpu-out. Exit status: 0 only if every step ran and passed.
 set -u
 FINAL=${OUT:-$PWD/gpu-out}
-OUT=$FINAL/all
-mkdir -p "$OUT"
+DEADLINE=${DEADLINE_S:-530}
+STEPS=${STEPS:-build tests_cuda tests bench ncu sanitizer profile push train gates}
+RESERVE=${RESERVE_S:-8}     # seconds kept for the last packing
+MIN_STEP=${MIN_STEP_S:-20}  # a step with less time than this left is skipped
+mkdir -p "$FINAL"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 export PYTHONUNBUFFERED=1
 status=0
-step() {  # step NAME TIMEOUT_S CMD...
+
+pack() {
+  tar -czf "$WORK.tgz" -C "$WORK" . && mv -f "$WORK.tgz" "$FINAL/gpu-check.tgz"
+  cp "$WORK"/summary.txt "$FINAL"/
+  cp "$WORK"/distance-*.md "$FINAL"/ 2>/dev/null
+  return 0
+}
+
+step() {  # step NAME LIMIT_S CMD...: runs CMD if NAME is in $STEPS, within the deadline
   local name=$1 limit=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return 0;; esac
+  local left=$((DEADLINE - SECONDS - RESERVE))
+  if [ "$left" -lt "$MIN_STEP" ]; then
+    echo "== $name: skipped (${left}s left before the deadline)" | tee -a "$WORK/summary.txt"
+    status=1; pack; return 0
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
   local t0=$SECONDS
   echo "== $name (limit ${limit}s)"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout -k 5 "$limit" "$@" >"$WORK/$name.log" 2>&1
   local rc=$?
-  echo "== $name: rc=$rc in $((SECONDS - t0))s"; tail -n 25 "$OUT/$name.log"
+  local verdict="rc=$rc"
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && verdict="rc=$rc (cut at its ${limit}s limit)"
+  echo "== $name: $verdict in $((SECONDS - t0))s" | tee -a "$WORK/summary.txt"
+  tail -n 25 "$WORK/$name.log"
   [ $rc -eq 0 ] || status=1
+  pack
 }
-date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; nvcc --version | tail -2
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+{ date -u; git rev-parse HEAD 2>/dev/null
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+  nvcc --version 2>&1 | tail -2
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1
+  echo "deadline ${DEADLINE}s, steps: $STEPS"; } | tee "$WORK/summary.txt"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+
 step build "${BUILD_LIMIT:-240}" python3 -m pip install --no-build-isolation --no-deps -e .
-# The CUDA-extension tests run in their own process: a crash there cannot hide the other results.
-step tests "${TEST_LIMIT:-240}" python3 -m pytest -m gpu -v -rf --tb=short -p no:cacheprovider \
+# The CUDA-extension tests in their own process: a crash there cannot hide the other results.
+step tests_cuda "${TEST_LIMIT:-150}" python3 -m pytest -m gpu -v -rf --tb=short -p no:cacheprovider \
+  tests/test_cuda_backend.py
+step tests "${TEST_LIMIT:-200}" python3 -m pytest -m gpu -v -rf --tb=short -p no:cacheprovider \
   --deselect tests/test_cuda_backend.py ${TEST_PATHS:-tests}
-step tests_cuda "${TEST_LIMIT:-240}" python3 -m pytest -m gpu -v -rf --tb=short -p no:cacheprovider tests/test_cuda_backend.py
-# CUDA-extension CPU gates on the real toolkit (ptxas: 0 spills, registers and shared memory per launch bounds;
-# the table is printed into gates.log); the emulator sanitizer runs stay on the CPU CI.
-step gates "${GATES_LIMIT:-180}" python3 -m pytest -v -s -rf --tb=short -p no:cacheprovider \
-  tests/test_cuda_gates.py -k ptxas
-# compute-sanitizer memcheck and racecheck of the cuda backend's kernels at a small shape, every precision.
+# The op table: it writes its JSON and Markdown after every shape, so a cut keeps the shapes done.
+step bench "${BENCH_LIMIT:-240}" python3 benchmarks/distance.py --out "$WORK"
+# Per-kernel counters (issue 9: instructions, issue activity, L2 bytes, tensor-pipe use) of one fwd+bwd per case
+# at the CUB shape, clocks left alone; sections, not single metrics, so that no metric name can fail the run.
+if command -v ncu >/dev/null 2>&1; then
+  step ncu "${NCU_LIMIT:-120}" ncu --clock-control none --profile-from-start off --nvtx \
+    -k regex:"forward_kernel|backward_kernel|_grad_" --section SpeedOfLight --section LaunchStats \
+    --section Occupancy --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section InstructionStats python3 benchmarks/profile_op.py --ncu
+fi
+# compute-sanitizer memcheck and racecheck of the cuda backend's kernels at small shapes, every precision.
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  step cuda_sanitizer "${SAN_LIMIT:-240}" bash -c 'for tool in memcheck racecheck; do
+  step sanitizer "${SAN_LIMIT:-150}" bash -c 'for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 3 python3 -c "
 import torch, protokern._C
 z = torch.rand(2, 67, 70, device=\"cuda\").transpose(1, 2).contiguous().transpose(1, 2)
@@ -47,14 +90,15 @@ for zz, pp in ((z, p), (z2, p2)):
     torch.ops.protokern_C.backward(g, g, zz, pp, idx, dist, 1e-4)
 torch.cuda.synchronize(); print(\"$tool done\")" || exit 1; done'
 fi
-# The op table (58 rows with the 2x2 / cosine variants and the reference rows; it writes its JSON and Markdown after
-# every shape, so a timeout keeps the shapes done) apart from the profile and push, which a slow table must not starve.
-step bench "${BENCH_LIMIT:-240}" python3 benchmarks/distance.py --out "$OUT"
-step bench_profile_push "${PROFILE_LIMIT:-120}" bash -c "python3 benchmarks/profile_op.py; python3 benchmarks/push.py --out '$OUT'"
-# Whole training steps (benchmarks/train_step.py): ResNet34 only here (compiling the three trunks takes longer);
-# the table is printed into train.log.
+step profile "${PROFILE_LIMIT:-90}" python3 benchmarks/profile_op.py
+step push "${PUSH_LIMIT:-90}" python3 benchmarks/push.py --out "$WORK"
+# Whole training steps (benchmarks/train_step.py): ResNet34 only here (compiling the three trunks takes longer).
 step train "${TRAIN_LIMIT:-150}" python3 benchmarks/train_step.py --backbones resnet34 --steps 20 --warmup 5
-cp "$OUT"/distance-*.md "$FINAL"/ 2>/dev/null
-tar -czf "$FINAL/gpu-check.tgz" -C "$OUT" . && rm -rf "$OUT"
+# The CUDA-extension CPU gate on that machine's toolkit (ptxas: spills, registers, shared memory); CI runs it too.
+step gates "${GATES_LIMIT:-90}" python3 -m pytest -v -s -rf --tb=short -p no:cacheprovider \
+  tests/test_cuda_gates.py -k ptxas
+echo "done in ${SECONDS}s, status $status" | tee -a "$WORK/summary.txt"
+pack
+rm -rf "$WORK"
 ls -l "$FINAL"
 exit $status

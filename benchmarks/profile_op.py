@@ -4,6 +4,10 @@ Prints, for each case, the wall time per iteration (with a synchronize: shows CP
 time per iteration, and the torch.profiler table of the kernels by GPU time.
 
     python benchmarks/profile_op.py [--shape 80,128,7,7,2000]
+
+With ``--ncu`` it runs each backend x precision (contiguous z) once after a warm-up, between
+cudaProfilerStart/Stop and inside an NVTX range named after the case, for Nsight Compute's
+``--profile-from-start off`` (benchmarks/gpu_check.sh, step ``ncu``): no timing, no torch.profiler.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="80,128,7,7,2000", help="B,D,H,W,M")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--ncu", action="store_true", help="one profiled fwd+bwd per case, for ncu (see above)")
     args = ap.parse_args(argv)
     B, D, H, W, M = (int(x) for x in args.shape.split(","))
     p = torch.rand(M, D, device="cuda", requires_grad=True)
@@ -29,8 +34,11 @@ def main(argv=None):
     for backend, reason in protokern.available_backends("cuda").items():
         if reason is not None or backend == "torch":
             continue
-        cases += [(backend, "highest", "contiguous"), (backend, "highest", "channels_last"),
-                  (backend, "high", "channels_last"), (backend, "medium", "channels_last")]
+        if args.ncu:
+            cases += [(backend, precision, "contiguous") for precision in ("highest", "high", "medium")]
+        else:
+            cases += [(backend, "highest", "contiguous"), (backend, "highest", "channels_last"),
+                      (backend, "high", "channels_last"), (backend, "medium", "channels_last")]
     for backend, precision, layout in cases:
         z = torch.rand(B, D, H, W, device="cuda")
         if layout == "channels_last":
@@ -41,9 +49,18 @@ def main(argv=None):
             sim, dist = protokern.prototype_similarity(z, p, backend=backend, precision=precision)
             torch.autograd.grad((sim * w).sum() + (dist * w).sum(), (z, p))
 
-        for _ in range(5):
+        for _ in range(2 if args.ncu else 5):
             step()
         torch.cuda.synchronize()
+        if args.ncu:
+            name = f"{backend} ({precision})"
+            print(f"=== ncu case: {name}, {layout} z, shape {(B, D, H, W, M)}", flush=True)
+            torch.cuda.profiler.start()
+            with torch.cuda.nvtx.range(name):
+                step()
+                torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
+            continue
         t = time.perf_counter()
         for _ in range(args.iters):
             step()
