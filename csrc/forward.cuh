@@ -602,15 +602,18 @@ struct ForwardLaunch : Launch {
 
 // The p-resident plan when D <= kResidentMaxD and a block gets more than one image: the images are spread
 // so that the grid about fills `slots` resident blocks (2 per SM: the launcher passes 2 x the SM count);
-// otherwise the streaming plan, one image per block.
+// otherwise the streaming plan, one image per block, or as few more as keep grid_y within CUDA's 65535
+// (B > 65535: the kernel takes any ipb in either plan).
+constexpr int kMaxGridY = 65535;
 inline ForwardLaunch forward_launch(const ForwardParams& prm, int slots) {
   ForwardLaunch l{};
   l.grid_x = (unsigned)((prm.M + kBM - 1) / kBM);
   const int rows = slots / (int)l.grid_x > 1 ? slots / (int)l.grid_x : 1;  // image groups that fill the slots
-  l.ipb = (prm.B + rows - 1) / rows;
+  const int64_t B = prm.B;  // 64-bit: B + rows - 1 may pass INT_MAX
+  l.ipb = (int)((B + rows - 1) / rows);
   l.resident = prm.D <= kResidentMaxD && l.ipb > 1;
-  if (!l.resident) l.ipb = 1;
-  l.grid_y = (unsigned)((prm.B + l.ipb - 1) / l.ipb);
+  if (!l.resident) l.ipb = (int)((B + kMaxGridY - 1) / kMaxGridY);  // 1 unless B > 65535
+  l.grid_y = (unsigned)((B + l.ipb - 1) / l.ipb);
   l.threads = kThreads;
   return l;
 }

@@ -68,7 +68,7 @@ void check_sizes(int64_t B, int64_t D, int64_t HW, int64_t M, const char* op) {
   TORCH_CHECK(D > 0 && HW > 0, "protokern_C::", op,
               ": z must have at least one channel and one patch, got (D, HW) = (", num(D), ", ",
               num(HW), ")");
-  TORCH_CHECK(B <= 65535, "protokern_C::", op, ": batch size must be <= 65535, got ", num(B));
+  TORCH_CHECK(B <= kMaxInt, "protokern_C::", op, ": batch size too large for 32-bit indexing, got ", num(B));
   TORCH_CHECK(D * HW <= kMaxInt && M * D <= kMaxInt && M <= kMaxInt, "protokern_C::", op,
               ": sizes too large for 32-bit indexing (D=", num(D), ", HW=", num(HW), ", M=", num(M),
               ")");

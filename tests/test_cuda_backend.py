@@ -101,6 +101,27 @@ def test_large_cub_shape(cuda_backend):
 
 
 @gpu
+@pytest.mark.parametrize("D", [64, 256], ids=["p-resident", "streaming"])
+def test_batch_beyond_grid_limit(cuda_backend, D):
+    """B > 65535 (CUDA's grid_y): the streaming plan takes 2 images per block, the p-resident plan its usual
+    spread; outputs and gradients equal the torch backend's. Small integer features: every distance is exact in
+    fp32, so both backends must pick the same patch (lowest index on ties) with the same distance."""
+    B, M = 70001, 3
+    z = torch.randint(0, 4, (B, D, 1, 2), device="cuda").float().requires_grad_()
+    p = torch.randint(0, 4, (M, D), device="cuda").float().requires_grad_()
+    w = torch.randn(B, M, device="cuda")
+    out = {}
+    for backend in ("cuda", "torch"):
+        sim, dist = protokern.prototype_similarity(z, p, backend=backend)
+        _, idx = protokern.nearest_patches(z.detach(), p.detach(), backend=backend)
+        out[backend] = (sim, dist, idx, torch.autograd.grad(((sim + dist) * w).sum(), (z, p)))
+    (sim_c, dist_c, idx_c, g_c), (sim_t, dist_t, idx_t, g_t) = out["cuda"], out["torch"]
+    assert torch.equal(idx_c, idx_t) and torch.equal(dist_c, dist_t)
+    assert (sim_c - sim_t).abs().max().item() < 1e-4
+    assert rel_err(g_c[0], g_t[0]) < 1e-4 and rel_err(g_c[1], g_t[1]) < 1e-4
+
+
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs(cuda_backend, dtype):
     """Compared on the same rounded values; z's gradient comes back rounded to z's dtype."""

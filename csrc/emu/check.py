@@ -88,9 +88,10 @@ def emu_forward(lib, z3: torch.Tensor, p: torch.Tensor, eps: float = 1e-4, preci
 
 
 def plans(B: int, D: int) -> dict[str, tuple[bool, int]]:
-    """The forward's shared-memory plans to run on a case: streaming, and where D allows p-resident blocks of
-    2 images (a partial last block when B is odd) and of all B images."""
-    out = {"streaming": (False, 1)}
+    """The forward's shared-memory plans to run on a case: streaming with 1 and 2 images per block (the launcher
+    takes 2+ only for B > 65535), and where D allows p-resident blocks of 2 images (a partial last block when B
+    is odd) and of all B images."""
+    out = {"streaming": (False, 1), "streaming x2": (False, 2)}
     if D <= 128:  # forward.cuh kResidentMaxD
         out["p-resident x2"] = (True, 2)
         out[f"p-resident x{B}"] = (True, B)
@@ -305,6 +306,21 @@ CASES = [
 ]
 
 
+def check_launch_shapes(lib) -> str | None:
+    """The launcher's forward grid (forward_launch) keeps grid_y within CUDA's 65535 and gives every image to
+    exactly one block row, in both plans, for batch sizes around and far beyond that limit. None if so."""
+    out = (ctypes.c_longlong * 4)()
+    for B in (1, 2, 263, 65535, 65536, 200001, 2 ** 31 - 1):
+        for D, M in ((64, 130), (256, 130), (128, 100000)):
+            prm = ForwardParams(B=B, D=D, HW=49, M=M)
+            lib.emu_forward_launch(ctypes.byref(prm), 264, out)
+            gx, gy, ipb, resident = out
+            if not (gx == -(-M // 128) and 1 <= gy <= 65535 and (gy - 1) * ipb < B <= gy * ipb
+                    and bool(resident) == (D <= 128 and ipb > 1)):
+                return f"B={B} D={D} M={M}: grid ({gx}, {gy}), {ipb} images per block, resident={resident}"
+    return None
+
+
 def check_copy_paths(lib) -> str | None:
     """The forward's staging paths: 16-byte cp.async where the alignment allows (z with stride_k == 1, stride_d
     and stride_b multiples of 4, 16-byte aligned; p with D % 4 == 0, 16-byte aligned), 4-byte copies otherwise,
@@ -368,6 +384,8 @@ def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = Tru
                     for precision in precisions for name, plan in plans(z3.shape[0], z3.shape[1]).items()}
             err = check_contract(outs, z3, p)
             report(name, err is None, err or "")
+        err = check_launch_shapes(lib)
+        report("forward grid_y <= 65535 and every image in one block row, any B", err is None, err or "")
         err = check_copy_paths(lib)
         report("16-byte cp.async where aligned, 4-byte fallback, both plans, same bits", err is None, err or "")
         for precision in precisions:

@@ -31,6 +31,15 @@ extern "C" void emu_forward(const ForwardParams* prm) {
   emu_forward_plan(prm, l.resident, l.ipb);
 }
 
+// The launcher's forward launch shape for `slots` resident blocks: out = {grid_x, grid_y, ipb, resident}.
+extern "C" void emu_forward_launch(const ForwardParams* prm, int slots, long long* out) {
+  const ForwardLaunch l = forward_launch(*prm, slots);
+  out[0] = l.grid_x;
+  out[1] = l.grid_y;
+  out[2] = l.ipb;
+  out[3] = l.resident;
+}
+
 extern "C" void emu_backward(const BackwardParams* prm) {
   if (prm->B == 0 || prm->M == 0) return;
   const BackwardParams p = *prm;
