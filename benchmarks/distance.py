@@ -74,9 +74,12 @@ def methods(device: torch.device, quick: bool, variant: str = "log"):
     for backend, reason in avail.items():
         if reason is not None or (backend == "triton" and device.type == "cpu"):
             continue  # the Triton interpreter is a correctness tool, not a benchmark target
+        # A backend's plain row is its default, precision="auto" (protokern.backends.AUTO_PRECISION); on GPU the
+        # other search precisions get rows of their own, named after the precision.
+        default = protokern.backends.AUTO_PRECISION[backend]
         all_precisions = backend != "torch" and device.type == "cuda" and variant == "log"
-        for prec in ["highest", "high", "medium"] if all_precisions else ["highest"]:
-            name = backend if prec == "highest" else f"{backend} ({prec})"
+        for prec in [default] + [q for q in ("highest", "high", "medium") if q != default and all_precisions]:
+            name = backend if prec == default else f"{backend} ({prec})"
             out.append((name, lambda z, p, b=backend, pr=prec: protokern.prototype_similarity(
                 z, p, similarity=similarity, backend=b, precision=pr)))
     return out
@@ -202,12 +205,17 @@ def environment(device: torch.device) -> dict:
 def markdown(env: dict, rows: list[dict]) -> str:
     lines = [f"# Fused prototype op benchmark: {env['device']}", "",
              f"{env['date']}, torch {env['torch']}, triton {env['triton']}, fp32 inputs, "
-             "medians; fwd+bwd = forward and backward of a loss using both outputs; extra = peak memory of fwd+bwd "
+             "medians; fwd+bwd = the forward, then the backward from fixed upstream gradients of both outputs (op only, "
+             "no loss kernels); extra = peak memory of fwd+bwd "
              "above the inputs.", "",
              "Graph columns: replays of a captured CUDA graph of the same work (GPU time without Python launch cost).",
              "",
              "Variant: log = 1x1 prototypes, log similarity (the ProtoPNet layer); 2x2 = 2x2 prototypes, log "
              "(protokern: a 1x1 call on the unfolded map); cosine = 1x1 prototypes, cosine similarity.", "",
+             "A backend's plain row is its default search precision (precision=\"auto\": "
+             + ", ".join(f"{b} {p}" for b, p in protokern.backends.AUTO_PRECISION.items())
+             + "); rows named `backend (precision)` search with that one. Outputs are the same at every precision.",
+             "",
              "| shape (B, D, HxW, M) | variant | method | fwd (us) | fwd+bwd (us) | speed-up fwd+bwd vs original eager "
              "| fwd graph (us) | fwd+bwd graph (us) | speed-up fwd+bwd graph | extra memory (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -5,7 +5,7 @@ prototypes of depth 128) three settings from one run:
 
 - ``original``: the original recipe: fp32, the original layer formulation (conv2d expansion, ReLU,
   -max_pool2d(-d), log; ``benchmarks/distance.py``), eager;
-- ``default``: protokern's defaults: fp32, the fused op (``backend="auto"``, ``precision="highest"``), eager;
+- ``default``: protokern's defaults: fp32, the fused op (``backend="auto"``, ``precision="auto"``), eager;
 - ``fastest``: bf16 autocast of the trunk, channels_last, ``torch.compile`` of the trunk and, on CUDA, the
   whole step captured as a CUDA graph where capture works (else the failure is recorded and the step runs
   without it).

@@ -15,6 +15,16 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
+SEARCH_PRECISIONS = ("highest", "high", "medium")  # FFMA, 3xTF32, TF32 products in the certified search
+# What precision="auto" (the default) searches with on each backend. Every precision returns the same outputs
+# (certified search, docs/design.md), so this is a speed choice alone:
+# - triton: "medium". Measured on an H200 (benchmarks/results/distance-2026-11-27-h200-v2.md, before the
+#   search was certified), its forward at the CUB shape took 657 us at "highest", 191 us at "high" and 81 us
+#   at "medium", the same order at every shape; TF32's error bound is also the one least sensitive to how the
+#   tensor cores accumulate (its operand truncation dominates it by ~40x).
+# - cuda: "highest" until its tensor-core searches have run on a GPU (none has yet: benchmarks/NOTES.md).
+# - torch: "highest": "high" and "medium" emulate TF32 products with extra passes, never faster.
+AUTO_PRECISION = {"torch": "highest", "triton": "medium", "cuda": "highest"}
 _log = logging.getLogger("protokern")
 
 
@@ -90,6 +100,12 @@ def _resolve(backend: str, device_type: str) -> str:
             raise ValueError(reason)
         raise RuntimeError(f"backend {backend!r} is not available for {device_type} tensors: {reason}")
     return backend
+
+
+def search_precision(name: str, precision: str) -> str:
+    """The search precision backend ``name`` (already resolved) runs for ``precision`` ("auto" or one of
+    ``SEARCH_PRECISIONS``, already checked)."""
+    return AUTO_PRECISION[name] if precision == "auto" else precision
 
 
 def get(name: str) -> ModuleType:

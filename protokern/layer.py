@@ -51,11 +51,11 @@ class ProtoLayer(nn.Module):
     accepted), ``prototype_size`` such an integer or a pair of them, ``similarity`` a known one, ``eps`` a
     real number as ``prototype_similarity`` requires it, ``backend`` one of "auto",
     "torch", "triton", "cuda" (whether it runs is decided at the first call, on the features' device) and
-    ``precision`` one of "highest", "high", "medium".
+    ``precision`` one of "auto" (the backend's fastest search), "highest", "high", "medium".
     """
 
     def __init__(self, num_prototypes: int, prototype_dim: int, *, prototype_size=(1, 1), similarity: str = "log",
-                 eps: float = 1e-4, backend: str = "auto", precision: str = "highest"):
+                 eps: float = 1e-4, backend: str = "auto", precision: str = "auto"):
         super().__init__()
         num_prototypes = _positive_int("num_prototypes", num_prototypes)
         prototype_dim = _positive_int("prototype_dim", prototype_dim)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from protokern import backends, torch_backend
 
-PRECISIONS = ("highest", "high", "medium")
+PRECISIONS = ("auto",) + backends.SEARCH_PRECISIONS  # "auto": backends.AUTO_PRECISION
 SIMILARITIES = ("log", "linear", "cosine")
 COSINE_EPS = 1e-8  # |x| floor of the 'cosine' similarity (F.cosine_similarity's default eps)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -47,7 +47,7 @@ def check_eps(eps) -> float:
     return value
 
 
-def _check(z: Tensor, prototypes: Tensor, eps: float = 1.0, precision: str = "highest") -> Tensor:
+def _check(z: Tensor, prototypes: Tensor, eps: float = 1.0, precision: str = "auto") -> Tensor:
     """Validate the op's inputs; return the prototypes as an (M, D * kh * kw) view ((M, D) for 1 x 1)."""
     if not isinstance(z, Tensor) or not isinstance(prototypes, Tensor):
         raise TypeError("z and prototypes must be torch.Tensors")
@@ -128,7 +128,7 @@ class _UnitVectors(torch.autograd.Function):
 
 
 def _prepare(z: Tensor, prototypes: Tensor, similarity: str, eps: float = 1.0,
-             precision: str = "highest") -> tuple[Tensor, Tensor]:
+             precision: str = "auto") -> tuple[Tensor, Tensor]:
     """Checked inputs of the fused op for any window and similarity: (z' (B, K, Hout, Wout), p' (M, K)).
 
     1 x 1 'log' and 'linear' calls get today's (z, p) unchanged. A kh x kw window unfolds z (F.unfold: every
@@ -236,7 +236,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def prototype_similarity(z: Tensor, prototypes: Tensor, *, similarity: str = "log", eps: float = 1e-4,
-                         backend: str = "auto", precision: str = "highest") -> tuple[Tensor, Tensor]:
+                         backend: str = "auto", precision: str = "auto") -> tuple[Tensor, Tensor]:
     """Fused ProtoPNet prototype layer: similarity and min distance of each prototype over the map's windows.
 
     Args:
@@ -250,8 +250,9 @@ def prototype_similarity(z: Tensor, prototypes: Tensor, *, similarity: str = "lo
             (about 3e-39 < eps < 1.7e7). Checked for every similarity, used by "log" only.
         backend: "auto" (fastest available for the device), "torch", "triton" or "cuda".
         precision: "highest" (exact fp32 products), "high" (3xTF32) or "medium" (TF32) for the search over
-            windows. The search is certified (docs/design.md): every window it cannot rule out is rescored
-            exactly, so the precision changes the speed, not the result.
+            windows, or "auto" (the default): the backend's fastest (``backends.AUTO_PRECISION``: "medium" for
+            triton, "highest" for cuda and torch). The search is certified (docs/design.md): every window it
+            cannot rule out is rescored exactly, so the precision changes the speed, not the result.
 
     Returns:
         ``(similarity, min_distances)``, each (B, M), float32 (float64 for float64 inputs on the torch
@@ -272,14 +273,14 @@ def prototype_similarity(z: Tensor, prototypes: Tensor, *, similarity: str = "lo
     zin, p = _prepare(z, prototypes, similarity, eps, precision)
     name = backends.resolve(backend, z.device.type)
     op = _forward_op if torch.compiler.is_compiling() else _PrototypeSimilarity.apply
-    sim, dist, _ = op(zin, p, float(eps), name, precision)
+    sim, dist, _ = op(zin, p, float(eps), name, backends.search_precision(name, precision))
     if similarity != "log":  # the fused kernels compute the log similarity themselves
         sim = distance_to_similarity(dist, similarity)
     return sim, dist
 
 
 def nearest_patches(z: Tensor, prototypes: Tensor, *, similarity: str = "log", backend: str = "auto",
-                    precision: str = "highest") -> tuple[Tensor, Tensor]:
+                    precision: str = "auto") -> tuple[Tensor, Tensor]:
     """Min distance (B, M) and winning window index (B, M) int64 (``h * Wout + w`` of the window's top-left
     position, ``Wout = W - kw + 1``; ``h * W + w`` for 1 x 1 prototypes); no gradient.
 
@@ -289,7 +290,7 @@ def nearest_patches(z: Tensor, prototypes: Tensor, *, similarity: str = "log", b
     zin, p = _prepare(z, prototypes, similarity, precision=precision)
     name = backends.resolve(backend, z.device.type)
     with torch.no_grad():
-        _, dist, idx = _forward_impl(zin, p, 1.0, name, precision)
+        _, dist, idx = _forward_impl(zin, p, 1.0, name, backends.search_precision(name, precision))
     return dist, idx
 
 

@@ -85,6 +85,25 @@ def test_precision_is_passed_to_the_op(monkeypatch):
     assert all(torch.equal(a, b) for out in outs[1:] for a, b in zip(out, outs[0]))
 
 
+def test_default_precision_is_auto(monkeypatch):
+    """precision="auto" (the default) searches with the backend's entry of AUTO_PRECISION: "highest" on torch
+    today; a changed entry reaches the backend, with the same outputs (certified search)."""
+    from protokern import backends, torch_backend
+
+    seen = []
+    forward = torch_backend.forward
+    monkeypatch.setattr(torch_backend, "forward", lambda *args: seen.append(args[3]) or forward(*args))
+    layer = protokern.ProtoLayer(4, 6)
+    z = torch.rand(2, 6, 3, 3)
+    assert layer.precision == "auto" and "precision='auto'" in repr(layer)
+    first = layer(z)
+    monkeypatch.setitem(backends.AUTO_PRECISION, "torch", "high")
+    second = layer(z)
+    layer.nearest(z)
+    assert seen == ["highest", "high", "high"]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 def test_wrong_feature_channels():
     with pytest.raises(ValueError, match="channel mismatch"):
         protokern.ProtoLayer(4, 8)(torch.rand(1, 6, 3, 3))

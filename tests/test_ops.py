@@ -255,6 +255,30 @@ def test_many_pairs_winners_and_gradients(case):
     check_winners_and_gradients(z, p, sim, dist, idx, w_sim, w_dist, gz, gp)
 
 
+def test_auto_precision_per_backend(monkeypatch):
+    """precision="auto" resolves after the backend, to its AUTO_PRECISION entry (triton: "medium", cuda and torch:
+    "highest"); explicit precisions pass through; anything else is a one-line error naming the choices."""
+    from protokern import backends
+
+    assert backends.AUTO_PRECISION == {"torch": "highest", "triton": "medium", "cuda": "highest"}
+    for name in backends.BACKENDS:
+        assert backends.search_precision(name, "auto") == backends.AUTO_PRECISION[name]
+        for precision in backends.SEARCH_PRECISIONS:
+            assert backends.search_precision(name, precision) == precision
+    seen = []
+    module = backends.get("torch")
+    monkeypatch.setattr(backends, "get", lambda name: seen.append(name) or module)
+    monkeypatch.setattr(backends, "resolve", lambda backend, device_type: "triton")  # as if on a GPU
+    forward = module.forward
+    monkeypatch.setattr(module, "forward", lambda *args: seen.append(args[3]) or forward(*args))
+    z, p = torch.rand(2, 8, 3, 3), torch.rand(5, 8)
+    protokern.prototype_similarity(z, p)
+    protokern.nearest_patches(z, p, precision="high")
+    assert seen == ["triton", "medium", "triton", "high"]
+    with pytest.raises(ValueError, match=r"precision must be one of \('auto', 'highest', 'high', 'medium'\)"):
+        protokern.prototype_similarity(z, p, precision="fast")
+
+
 # ---- The result contract (docs/design.md): certified search, NaN and inf rules, every precision ----
 PRECISIONS = ("highest", "high", "medium")
 
