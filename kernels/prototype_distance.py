@@ -52,16 +52,22 @@ FORWARD_SLICE = 32  # channels per step of the forward search
 RESCORE_LANES = tl.constexpr(32)
 # Forward launch options per precision: (num_warps, num_stages), the ones that compile for sm_90 without
 # spills (tests/kernels/sm90_gate.py). Why these, with the measured history: benchmarks/NOTES.md, "Triton
-# launch configuration".
-_FORWARD_OPTIONS = {"highest": (8, 1), "high": (8, 1), "medium": (8, 2)}
-# ptxas's register cap (.maxnreg) for forward tiles smaller than 64 x 64: left to choose, ptxas aims at 64-128
-# registers for some of them and spills 8-200 bytes (11 configurations on Triton 3.8 / ptxas 13, 2 others on
-# Triton 3.6); with 255 it keeps everything in registers. The 64 x 64 tile (the CUB shape and every larger
-# problem) keeps ptxas's own choice for "high" and "medium" (spill-free, about 240 registers: a cap of 128
-# spills 480-744 bytes) and for a resident p tile (a cap of 128 spills 1 KB); "highest" with p re-read per
-# slice (D > 32, the CUB shape) is capped at 128 on Triton >= 3.8 so that 2 blocks of 256 threads fit an SM
-# (left to choose, ptxas takes 162 since the rescoring runs over channel tiles); Triton 3.6's code spills
-# under that cap (480 bytes) and keeps ptxas's choice (200). Checked by sm90_gate.py --all on both.
+# launch configuration" and "Triton v7" ("medium" takes 1 stage since v7: with 2, 64 x 32 tiles spill under
+# the 128-register cap).
+_FORWARD_OPTIONS = {"highest": (8, 1), "high": (8, 1), "medium": (8, 1)}
+# Tensor-core searches ("high", "medium") run 2 blocks of 256 threads per SM: ptxas is capped at 128 registers
+# (.maxnreg) and their tiles hold at most 64 x 32 (prototypes x patches; BLOCK_K is halved where M and HW
+# would pick 64 x 64). At 64 x 64 no arrangement tried compiles under that cap without spilling on both
+# Triton 3.6 and 3.8 (24-176 bytes; benchmarks/NOTES.md "Triton v7"); every smaller tile does.
+TENSOR_CORE_MAX_REGISTERS = 128
+TENSOR_CORE_MAX_TILE = 64 * 32
+# ptxas's register cap for the "highest" forward's tiles smaller than 64 x 64: left to choose, ptxas aims at
+# 64-128 registers for some of them and spills 8-200 bytes (11 configurations on Triton 3.8 / ptxas 13, 2
+# others on Triton 3.6); with 255 it keeps everything in registers. The 64 x 64 tile keeps ptxas's own choice
+# for a resident p tile (a cap of 128 spills 1 KB); with p re-read per slice (D > 32, the CUB shape) it is
+# capped at 128 on Triton >= 3.8 so that 2 blocks of 256 threads fit an SM (left to choose, ptxas takes 162
+# since the rescoring runs over channel tiles); Triton 3.6's code spills under that cap (480 bytes) and keeps
+# ptxas's choice (200). Checked by sm90_gate.py --all on both.
 SMALL_TILE_MAX_REGISTERS = 255
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 STREAMED_P_MAX_REGISTERS = {"highest": 128} if TRITON_VERSION >= (3, 8) else {}
@@ -88,7 +94,7 @@ def _forward_kernel(
 
     P_RESIDENT (D <= BLOCK_D): the p tile is loaded once, before the image loop, and stays in registers.
 
-    Certified search: a~ = |p|^2 + |z|^2 - 2 p.z from tl.dot at PRECISION, delta = coef ((|z| + |p|)^2 + tiny)
+    Certified search: a~ = |p|^2 + |z|^2 - 2 p.z from tl.dot at PRECISION (``_search_dot``), delta = coef ((|z| + |p|)^2 + tiny)
     >= |a~ - e| (coef and its derivation: ``search_bound.py``). Each patch tile updates the running threshold
     thr = min (a~ + delta) and rescores exactly every patch with a~ - delta <= thr or a~ not finite (a superset
     of the candidates of the final threshold, since thr only decreases), one candidate per row at a time in
@@ -142,7 +148,7 @@ def _forward_kernel(
                                 mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
                 z = tl.load(z_base + offs_d[:, None] * stride_zd + offs_k[None, :] * stride_zk,
                             mask=d_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                dot = tl.dot(p, z, dot, input_precision=PRECISION)
+                dot = _search_dot(p, z, dot, PRECISION)
                 z_norm += tl.sum(z * z, axis=0)
             approx = p_norm[:, None] + z_norm[None, :] - 2.0 * dot
             radius = p_len[:, None] + tl.sqrt(z_norm)[None, :]
@@ -187,6 +193,25 @@ def _forward_kernel(
         tl.store(idx_ptr + out, win.to(tl.int64), mask=m_mask)
         z_base += stride_zb
         out += M
+
+
+@triton.jit
+def _search_dot(p, z, acc, PRECISION: tl.constexpr):
+    """acc + p @ z at the search's PRECISION. "tf32x3" is written out as three TF32 dots whose operands are
+    TF32-exact parts of p and z (``_tf32_part``: x = hi + lo + r, |x - hi| < 2^-10 |x|, |r| < 2^-20 |x|, the
+    split ``search_bound`` assumes), p_lo z_hi + p_hi z_lo + p_hi z_hi, accumulated in acc in that order. They
+    are one ``tl.dot`` in a 3-step loop, not three chained dots: Triton lays chained dots out over
+    (num_warps, 1) warps, which at 64 prototypes per tile computes the tile twice and moves the accumulator
+    between two layouts through shared memory at every step (Triton's own "tf32x3" does; 240 registers at the
+    CUB shape against 199 for the loop, before the cap)."""
+    if PRECISION == "tf32x3":
+        for part in range(3):
+            a = _tf32_part(tl.where(part == 0, p - _tf32_part(p), p))  # p_lo, then p_hi twice
+            b = _tf32_part(tl.where(part == 1, z - _tf32_part(z), z))  # z_hi, z_lo, z_hi
+            acc = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(p, z, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -393,15 +418,22 @@ def channels_innermost(z3: torch.Tensor) -> torch.Tensor:
 def forward_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]:
     """(constexpr arguments, launch options) of ``_forward_kernel`` for a problem: the launcher's only choice.
 
-    Tiles follow the problem: BLOCK_M from M and BLOCK_K from HW (each the next power of two in 16..64),
-    32-channel slices, the p tile held in registers when D fits one slice; warps and stages by precision.
+    Tiles follow the problem: BLOCK_M from M and BLOCK_K from HW (each the next power of two in 16..64; for
+    the tensor-core precisions BLOCK_K then shrinks to fit TENSOR_CORE_MAX_TILE), 32-channel slices, the p tile
+    held in registers when D fits one slice; warps, stages and register cap by precision.
     """
     num_warps, num_stages = _FORWARD_OPTIONS[precision]
-    meta = dict(BLOCK_M=_pow2(M, FORWARD_TILES[0], FORWARD_TILES[-1]),
-                BLOCK_K=_pow2(HW, FORWARD_TILES[0], FORWARD_TILES[-1]), BLOCK_D=FORWARD_SLICE,
+    block_m = _pow2(M, FORWARD_TILES[0], FORWARD_TILES[-1])
+    block_k = _pow2(HW, FORWARD_TILES[0], FORWARD_TILES[-1])
+    tensor_cores = precision != "highest"
+    if tensor_cores:
+        block_k = min(block_k, TENSOR_CORE_MAX_TILE // block_m)
+    meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=FORWARD_SLICE,
                 P_RESIDENT=D <= FORWARD_SLICE, PRECISION=INPUT_PRECISION[precision])
     options = dict(num_warps=num_warps, num_stages=num_stages)
-    if meta["BLOCK_M"] * meta["BLOCK_K"] < FORWARD_TILES[-1] ** 2:
+    if tensor_cores:
+        options["maxnreg"] = TENSOR_CORE_MAX_REGISTERS
+    elif meta["BLOCK_M"] * meta["BLOCK_K"] < FORWARD_TILES[-1] ** 2:
         options["maxnreg"] = SMALL_TILE_MAX_REGISTERS
     elif precision in STREAMED_P_MAX_REGISTERS and not meta["P_RESIDENT"]:
         options["maxnreg"] = STREAMED_P_MAX_REGISTERS[precision]

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import protokern
 from protokern import torch_backend
@@ -276,6 +278,66 @@ def test_rescoring_sums_in_the_documented_order(kind, D):
     assert torch.equal(results[0][2].diagonal(), winners) and rel_err(results[0][1], ref_dist) < 1e-6
 
 
+@triton.jit
+def _search_dot_probe(p_ptr, z_ptr, out_ptr, PRECISION: tl.constexpr):
+    offs16, offs32 = tl.arange(0, 16), tl.arange(0, 32)
+    p = tl.load(p_ptr + offs16[:, None] * 32 + offs32[None, :])
+    z = tl.load(z_ptr + offs32[:, None] * 16 + offs16[None, :])
+    acc = K._search_dot(p, z, tl.zeros((16, 16), dtype=tl.float32), PRECISION)
+    tl.store(out_ptr + offs16[:, None] * 16 + offs16[None, :], acc)
+
+
+def _tf32(x):
+    return (x.view(torch.int32) & -8192).view(torch.float32)
+
+
+@needs_triton_cpu
+def test_search_dot_3xtf32_split_is_within_its_bound():
+    """The "high" search's product (``_search_dot``: three TF32 dots of the truncated parts of p and z) is
+    within search_bound's tf32x3 error of the float64 product, on data where each of its three partial
+    products is larger than that bound (a dropped or repeated part fails)."""
+    from protokern.kernels import search_bound
+
+    g = torch.Generator().manual_seed(5)
+    p = torch.rand(16, 32, generator=g) * 2 - 1
+    z = torch.rand(32, 16, generator=g) * 2 - 1
+    out = torch.empty(16, 16)
+    _search_dot_probe[(1,)](p, z, out, PRECISION="tf32x3")
+    scale = p.double().norm(dim=1)[:, None] * z.double().norm(dim=0)[None, :]
+    bound = search_bound.dot_error("tf32x3", 32) * scale
+    assert ((out.double() - p.double() @ z.double()).abs() <= bound).all()
+    p_hi, z_hi = _tf32(p), _tf32(z)
+    p_lo, z_lo = _tf32(p - p_hi), _tf32(z - z_hi)
+    for a, b in ((p_lo, z_hi), (p_hi, z_lo), (p_hi, z_hi)):
+        assert ((a.double() @ b.double()).abs() > bound).any()
+
+
+@needs_triton_cpu
+def test_tensor_core_tiles_split_the_patches():
+    """At M >= 33 and 33 <= HW <= 64 the tensor-core searches take 64 x 32 tiles (two patch tiles, the first
+    one's candidates rescored against its own threshold) where "highest" takes 64 x 64: the same bits."""
+    from tests.reference import contract_result
+
+    g = torch.Generator().manual_seed(6)
+    z3, p = torch.rand(3, 40, 49, generator=g), torch.rand(70, 40, generator=g)
+    z3[1, :, 45] = p[9]  # an exact hit in the second patch tile
+    z3[2, :, 40] = p[60] + 1e-3
+    z3[2, :, 3] = p[60] + 1e-3  # a tie across the two tiles: the lower patch wins
+    assert K.forward_config(40, 49, 70, "highest")[0]["BLOCK_K"] == 64
+    results = {}
+    for precision in K.INPUT_PRECISION:
+        meta, options = K.forward_config(40, 49, 70, precision)
+        if precision != "highest":
+            assert (meta["BLOCK_M"], meta["BLOCK_K"], options["maxnreg"]) == (64, 32, 128)
+        results[precision] = K.forward(z3, p, 1e-4, precision)
+    for precision in ("high", "medium"):
+        assert all(torch.equal(a, b) for a, b in zip(results[precision], results["highest"]))
+    ref_dist, ref_idx = contract_result(z3, p)
+    _, dist, idx = results["medium"]
+    assert torch.equal(idx, ref_idx) and rel_err(dist, ref_dist) < 1e-6
+    assert idx[1, 9].item() == 45 and dist[1, 9].item() == 0.0 and idx[2, 60].item() == 3
+
+
 def _run_gate(*args: str) -> list[dict]:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     cmd = [sys.executable, "-m", "tests.kernels.sm90_gate"]
@@ -296,12 +358,16 @@ def _run_gate(*args: str) -> list[dict]:
 def test_every_triton_launch_configuration_compiles_for_sm90_without_spills():
     """Issue 10's CPU gate: every configuration in ``launch_configs()`` (every tile size, precision and both
     backward kernels) compiled offline for sm_90 (no GPU) spills nothing and fits the SM's shared memory.
-    Prints registers and shared memory per configuration (pytest -s). About 2 minutes on 2 CPU cores."""
+    Prints registers and shared memory per configuration (pytest -s). About 2 minutes on 2 CPU cores.
+    The tensor-core forward configurations hold 2 blocks of 256 threads per SM (<= 128 registers)."""
     results = _run_gate("--all")
     assert len(results) == len(K.launch_configs())
     assert {r["kernel"] for r in results} == {"_forward_kernel", "_grad_prototypes_kernel", "_grad_features_kernel"}
     assert {r.get("PRECISION") for r in results} >= {"ieee", "tf32x3", "tf32"}
     assert {r.get("P_RESIDENT") for r in results} >= {True, False}
+    # 2 blocks of 256 threads per SM for every tensor-core search ("high", "medium"), on Triton 3.6 and 3.8
+    tensor_core = [r for r in results if r.get("PRECISION") in ("tf32x3", "tf32")]
+    assert tensor_core and all(r["maxnreg"] == 128 and r["registers"] <= 128 for r in tensor_core)
     if K.TRITON_VERSION >= (3, 8):  # 2 blocks of 256 threads per SM: grad_z's 64-patch tiles (16 channels)
         # and the "highest" forward with p streamed (the CUB shape's configuration); Triton 3.6 takes more
         wide_gz = [r for r in results if r["kernel"] == "_grad_features_kernel" and r["BLOCK_Q"] == 64
@@ -320,6 +386,9 @@ def test_launchers_pick_only_enumerated_configurations(precision):
     for D, HW, M in shapes:
         meta, options = K.forward_config(D, HW, M, precision)
         assert ("_forward_kernel", meta, options) in configs
+        if precision != "highest":
+            assert meta["BLOCK_M"] * meta["BLOCK_K"] <= K.TENSOR_CORE_MAX_TILE
+            assert meta["BLOCK_M"] == min(64, max(16, triton.next_power_of_2(M)))
         for name, (meta, options) in K.backward_configs(D, HW).items():
             assert (name, meta, options) in configs
             if name == "_grad_features_kernel":
