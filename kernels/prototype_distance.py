@@ -56,9 +56,9 @@ RESCORE_LANES = tl.constexpr(32)
 # the 128-register cap).
 _FORWARD_OPTIONS = {"highest": (8, 1), "high": (8, 1), "medium": (8, 1)}
 # Tensor-core searches ("high", "medium") run 2 blocks of 256 threads per SM: ptxas is capped at 128 registers
-# (.maxnreg) and their tiles hold at most 64 x 32 (prototypes x patches; BLOCK_K is halved where M and HW
-# would pick 64 x 64). At 64 x 64 no arrangement tried compiles under that cap without spilling on both
-# Triton 3.6 and 3.8 (24-176 bytes; benchmarks/NOTES.md "Triton v7"); every smaller tile does.
+# (.maxnreg) and their tiles hold at most 64 x 32 (prototypes x patches). At 64 x 64 no arrangement tried
+# compiles under that cap without spilling on both Triton 3.6 and 3.8 (24-176 bytes; benchmarks/NOTES.md
+# "Triton v7"); every smaller tile does.
 TENSOR_CORE_MAX_REGISTERS = 128
 TENSOR_CORE_MAX_TILE = 64 * 32
 # ptxas's register cap for the "highest" forward's tiles smaller than 64 x 64: left to choose, ptxas aims at
@@ -94,9 +94,10 @@ def _forward_kernel(
 
     P_RESIDENT (D <= BLOCK_D): the p tile is loaded once, before the image loop, and stays in registers.
 
-    Certified search: a~ = |p|^2 + |z|^2 - 2 p.z from tl.dot at PRECISION (``_search_dot``), delta = coef ((|z| + |p|)^2 + tiny)
-    >= |a~ - e| (coef and its derivation: ``search_bound.py``). Each patch tile updates the running threshold
-    thr = min (a~ + delta) and rescores exactly every patch with a~ - delta <= thr or a~ not finite (a superset
+    Certified search: a~ = |p|^2 + |z|^2 - 2 p.z from tl.dot at PRECISION (``_search_dot``), delta =
+    coef ((|z| + |p|)^2 + tiny) >= |a~ - e| (coef and its derivation: ``search_bound.py``). Each patch tile
+    updates the running threshold thr = min (a~ + delta) and rescores exactly every patch with
+    a~ - delta <= thr or a~ not finite (a superset
     of the candidates of the final threshold, since thr only decreases), one candidate per row at a time in
     increasing patch order, all rows at once over (BLOCK_M, RESCORE_LANES) channel tiles. The exact distance
     is summed in the fixed order of RESCORE_LANES (lanes over channels, then a pairwise tree): its bits depend
@@ -418,9 +419,12 @@ def channels_innermost(z3: torch.Tensor) -> torch.Tensor:
 def forward_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]:
     """(constexpr arguments, launch options) of ``_forward_kernel`` for a problem: the launcher's only choice.
 
-    Tiles follow the problem: BLOCK_M from M and BLOCK_K from HW (each the next power of two in 16..64; for
-    the tensor-core precisions BLOCK_K then shrinks to fit TENSOR_CORE_MAX_TILE), 32-channel slices, the p tile
-    held in registers when D fits one slice; warps, stages and register cap by precision.
+    Tiles follow the problem: BLOCK_M from M and BLOCK_K from HW (each the next power of two in 16..64),
+    32-channel slices, the p tile held in registers when D fits one slice; warps, stages and register cap by
+    precision. Where M and HW would pick 64 x 64, the tensor-core precisions take 64 x 32
+    (TENSOR_CORE_MAX_TILE): 64-row tiles keep Hopper's warp-group MMA (32-row tiles compile to mma.sync) and
+    z is read once per 64 prototypes; the cost is a second patch tile, so a second candidate round, at
+    33 <= HW <= 64 (NOTES.md, "Triton v7": the 32 x 64 alternative; neither measured).
     """
     num_warps, num_stages = _FORWARD_OPTIONS[precision]
     block_m = _pow2(M, FORWARD_TILES[0], FORWARD_TILES[-1])

@@ -313,20 +313,22 @@ def test_search_dot_3xtf32_split_is_within_its_bound():
 
 
 @needs_triton_cpu
-def test_tensor_core_tiles_split_the_patches():
-    """At M >= 33 and 33 <= HW <= 64 the tensor-core searches take 64 x 32 tiles (two patch tiles, the first
-    one's candidates rescored against its own threshold) where "highest" takes 64 x 64: the same bits."""
+@pytest.mark.parametrize("HW", [49, 70])
+def test_tensor_core_tiles_give_the_same_bits(HW):
+    """Where "highest" takes 64 x 64 tiles, the tensor-core searches take 64 x 32 under the 128-register cap
+    (each patch tile's candidates rescored against its own threshold): the same bits as "highest", the
+    contract's winners."""
     from tests.reference import contract_result
 
     g = torch.Generator().manual_seed(6)
-    z3, p = torch.rand(3, 40, 49, generator=g), torch.rand(70, 40, generator=g)
-    z3[1, :, 45] = p[9]  # an exact hit in the second patch tile
+    z3, p = torch.rand(3, 40, HW, generator=g), torch.rand(70, 40, generator=g)
+    z3[1, :, 45] = p[9]  # an exact hit in the second 32-patch tile
     z3[2, :, 40] = p[60] + 1e-3
-    z3[2, :, 3] = p[60] + 1e-3  # a tie across the two tiles: the lower patch wins
-    assert K.forward_config(40, 49, 70, "highest")[0]["BLOCK_K"] == 64
+    z3[2, :, 3] = p[60] + 1e-3  # a tie across the two 32-patch tiles: the lower patch wins
+    assert K.forward_config(40, HW, 70, "highest")[0]["BLOCK_K"] == 64
     results = {}
     for precision in K.INPUT_PRECISION:
-        meta, options = K.forward_config(40, 49, 70, precision)
+        meta, options = K.forward_config(40, HW, 70, precision)
         if precision != "highest":
             assert (meta["BLOCK_M"], meta["BLOCK_K"], options["maxnreg"]) == (64, 32, 128)
         results[precision] = K.forward(z3, p, 1e-4, precision)
