@@ -61,6 +61,11 @@ _FORWARD_OPTIONS = {"highest": (8, 1), "high": (8, 1), "medium": (8, 1)}
 # "Triton v7"); every smaller tile does.
 TENSOR_CORE_MAX_REGISTERS = 128
 TENSOR_CORE_MAX_TILE = 64 * 32
+# Where its patch tile was halved, "medium" (the triton default) searches both 32-patch tiles of each 64-patch
+# window before rescoring their candidates together against the window's threshold (PAIR = 2): one candidate
+# round per window, as with a 64 x 64 tile. "high" keeps a round per tile: paired, it spills under the cap
+# (16 bytes with p streamed on Triton 3.8; 120 / 308 with p resident on 3.6 / 3.8).
+PAIRED_TILES = ("medium",)
 # ptxas's register cap for the "highest" forward's tiles smaller than 64 x 64: left to choose, ptxas aims at
 # 64-128 registers for some of them and spills 8-200 bytes (11 configurations on Triton 3.8 / ptxas 13, 2
 # others on Triton 3.6); with 255 it keeps everything in registers. The 64 x 64 tile keeps ptxas's own choice
@@ -88,17 +93,18 @@ def _forward_kernel(
     B, D, HW, M, IMAGES, eps, one_minus_eps, coef, tiny,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
+    P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr, PAIR: tl.constexpr,
 ):
     """One program per (block of IMAGES images, prototype tile), folded into grid axis 0 (no 65535 limit on B).
 
     P_RESIDENT (D <= BLOCK_D): the p tile is loaded once, before the image loop, and stays in registers.
+    PAIR (1 or 2): patch tiles searched (``_search_tile``) before their candidates are rescored together.
 
     Certified search: a~ = |p|^2 + |z|^2 - 2 p.z from tl.dot at PRECISION (``_search_dot``), delta =
-    coef ((|z| + |p|)^2 + tiny) >= |a~ - e| (coef and its derivation: ``search_bound.py``). Each patch tile
-    updates the running threshold thr = min (a~ + delta) and rescores exactly every patch with
-    a~ - delta <= thr or a~ not finite (a superset
-    of the candidates of the final threshold, since thr only decreases), one candidate per row at a time in
+    coef ((|z| + |p|)^2 + tiny) >= |a~ - e| (coef and its derivation: ``search_bound.py``). Each window of
+    PAIR patch tiles lowers the running threshold thr = min (a~ + delta), then rescores exactly every patch of
+    the window with a~ - delta <= thr or a~ not finite (a superset of the candidates of the final threshold,
+    since thr only decreases), one candidate per row at a time in
     increasing patch order, all rows at once over (BLOCK_M, RESCORE_LANES) channel tiles. The exact distance
     is summed in the fixed order of RESCORE_LANES (lanes over channels, then a pairwise tree): its bits depend
     neither on the search's tile sizes nor on its warps, so every precision returns the same (distance,
@@ -121,6 +127,7 @@ def _forward_kernel(
                     mask=m_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
         p_norm += tl.sum(p * p, axis=1)
     p_len = tl.sqrt(p_norm)
+    p_tile = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # unused unless P_RESIDENT
     if P_RESIDENT:
         offs_d = tl.arange(0, BLOCK_D)
         p_tile = tl.load(p_rows + offs_d[None, :] * stride_pd,
@@ -134,33 +141,23 @@ def _forward_kernel(
         best = tl.full((BLOCK_M,), inf, dtype=tl.float32)
         best_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)  # HW: none yet
         nan_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)
-        for k0 in range(0, HW, BLOCK_K):
+        for k0 in range(0, HW, PAIR * BLOCK_K):  # windows of PAIR patch tiles, candidates rescored together
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < HW
-            dot = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            z_norm = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                d_mask = offs_d < D
-                if P_RESIDENT:
-                    p = p_tile
-                else:
-                    p = tl.load(p_rows + offs_d[None, :] * stride_pd,
-                                mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-                z = tl.load(z_base + offs_d[:, None] * stride_zd + offs_k[None, :] * stride_zk,
-                            mask=d_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                dot = _search_dot(p, z, dot, PRECISION)
-                z_norm += tl.sum(z * z, axis=0)
-            approx = p_norm[:, None] + z_norm[None, :] - 2.0 * dot
-            radius = p_len[:, None] + tl.sqrt(z_norm)[None, :]
-            delta = coef * (radius * radius + tiny)
-            live = m_mask[:, None] & k_mask[None, :]
-            finite = tl.abs(approx) < inf  # False for NaN too
-            thr = tl.minimum(thr, tl.min(tl.where(live & finite, approx + delta, inf), axis=1))
-            cand = live & ((approx - delta <= thr[:, None]) | (finite == 0))
+            lo, thr = _search_tile(z_base, p_rows, p_tile, p_norm, p_len, m_mask, thr, k0, D, HW, coef, tiny,
+                                   stride_zd, stride_zk, stride_pd, BLOCK_M, BLOCK_K, BLOCK_D, P_RESIDENT, PRECISION)
+            if PAIR == 2:
+                lo_b, thr = _search_tile(z_base, p_rows, p_tile, p_norm, p_len, m_mask, thr, k0 + BLOCK_K, D, HW, coef,
+                                         tiny, stride_zd, stride_zk, stride_pd, BLOCK_M, BLOCK_K, BLOCK_D, P_RESIDENT,
+                                         PRECISION)
+                cand_b = lo_b <= thr[:, None]
+            cand = lo <= thr[:, None]
             count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
+            if PAIR == 2:
+                count += tl.sum(tl.sum(cand_b.to(tl.int32), axis=1), axis=0)
             while count > 0:
                 k = tl.min(tl.where(cand, offs_k[None, :], HW), axis=1)  # each row's next candidate
+                if PAIR == 2:
+                    k = tl.minimum(k, tl.min(tl.where(cand_b, offs_k[None, :] + BLOCK_K, HW), axis=1))
                 active = k < HW
                 z_col = z_base + tl.where(active, k, 0).to(tl.int64) * stride_zk
                 lanes = tl.zeros((BLOCK_M, RESCORE_LANES), dtype=tl.float32)
@@ -179,6 +176,9 @@ def _forward_kernel(
                 best_idx = tl.where(better, k, best_idx)
                 cand = cand & (offs_k[None, :] != k[:, None])
                 count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
+                if PAIR == 2:
+                    cand_b = cand_b & (offs_k[None, :] + BLOCK_K != k[:, None])
+                    count += tl.sum(tl.sum(cand_b.to(tl.int32), axis=1), axis=0)
 
         has_nan = nan_idx < HW
         exact = tl.where(has_nan, float("nan"), best)
@@ -194,6 +194,39 @@ def _forward_kernel(
         tl.store(idx_ptr + out, win.to(tl.int64), mask=m_mask)
         z_base += stride_zb
         out += M
+
+
+@triton.jit
+def _search_tile(z_base, p_rows, p_tile, p_norm, p_len, m_mask, thr, k0, D, HW, coef, tiny, stride_zd, stride_zk,
+                 stride_pd, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                 P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
+    """The search over the patch tile at k0 of one image: (lower bounds a~ - delta of the tile, -inf where a~ is
+    not finite (always a candidate) and NaN outside the problem (never one); thr lowered by the tile's
+    a~ + delta)."""
+    inf = float("inf")
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < HW
+    dot = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    z_norm = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        if P_RESIDENT:
+            p = p_tile
+        else:
+            p = tl.load(p_rows + offs_d[None, :] * stride_pd,
+                        mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        z = tl.load(z_base + offs_d[:, None] * stride_zd + offs_k[None, :] * stride_zk,
+                    mask=d_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        dot = _search_dot(p, z, dot, PRECISION)
+        z_norm += tl.sum(z * z, axis=0)
+    approx = p_norm[:, None] + z_norm[None, :] - 2.0 * dot
+    radius = p_len[:, None] + tl.sqrt(z_norm)[None, :]
+    delta = coef * (radius * radius + tiny)
+    live = m_mask[:, None] & k_mask[None, :]
+    finite = tl.abs(approx) < inf  # False for NaN too
+    thr = tl.minimum(thr, tl.min(tl.where(live & finite, approx + delta, inf), axis=1))
+    return tl.where(live, tl.where(finite, approx - delta, -inf), float("nan")), thr
 
 
 @triton.jit
@@ -423,8 +456,8 @@ def forward_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]
     32-channel slices, the p tile held in registers when D fits one slice; warps, stages and register cap by
     precision. Where M and HW would pick 64 x 64, the tensor-core precisions take 64 x 32
     (TENSOR_CORE_MAX_TILE): 64-row tiles keep Hopper's warp-group MMA (32-row tiles compile to mma.sync) and
-    z is read once per 64 prototypes; the cost is a second patch tile, so a second candidate round, at
-    33 <= HW <= 64 (NOTES.md, "Triton v7": the 32 x 64 alternative; neither measured).
+    z is read once per 64 prototypes. The precisions in PAIRED_TILES then rescore two patch tiles at once
+    (PAIR = 2); the others pay a second candidate round per 64 patches (NOTES.md, "Triton v7"; not measured).
     """
     num_warps, num_stages = _FORWARD_OPTIONS[precision]
     block_m = _pow2(M, FORWARD_TILES[0], FORWARD_TILES[-1])
@@ -432,8 +465,9 @@ def forward_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]
     tensor_cores = precision != "highest"
     if tensor_cores:
         block_k = min(block_k, TENSOR_CORE_MAX_TILE // block_m)
+    pair = precision in PAIRED_TILES and block_k < _pow2(HW, FORWARD_TILES[0], FORWARD_TILES[-1])
     meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=FORWARD_SLICE,
-                P_RESIDENT=D <= FORWARD_SLICE, PRECISION=INPUT_PRECISION[precision])
+                P_RESIDENT=D <= FORWARD_SLICE, PRECISION=INPUT_PRECISION[precision], PAIR=2 if pair else 1)
     options = dict(num_warps=num_warps, num_stages=num_stages)
     if tensor_cores:
         options["maxnreg"] = TENSOR_CORE_MAX_REGISTERS
