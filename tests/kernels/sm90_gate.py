@@ -3,7 +3,7 @@
 ``python -m tests.kernels.sm90_gate [--all | --probe]`` compiles kernel configurations, reads Triton's own
 ptxas -v log of each (its flags, its cubin) and prints one JSON line per configuration: registers, spill
 bytes, shared memory. Exit status 1 if any configuration spills. ``--all`` (what the test runs, about 2
-minutes on 2 CPU cores for 67 configurations) compiles every configuration a launcher can pick
+minutes on 2 CPU cores for 69 configurations) compiles every configuration a launcher can pick
 (``prototype_distance.launch_configs()``); without it, a quick representative subset for development: the
 configurations the launchers pick for SHAPES (both ends of every tile range, the p tile resident and not,
 one and sixteen images per grad_z tile). Each distinct configuration is compiled once per run.
