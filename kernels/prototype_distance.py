@@ -104,8 +104,8 @@ def _forward_kernel(
     coef ((|z| + |p|)^2 + tiny) >= |a~ - e| (coef and its derivation: ``search_bound.py``). Each window of
     PAIR patch tiles lowers the running threshold thr = min (a~ + delta), then rescores exactly every patch of
     the window with a~ - delta <= thr or a~ not finite (a superset of the candidates of the final threshold,
-    since thr only decreases), one candidate per row at a time in
-    increasing patch order, all rows at once over (BLOCK_M, RESCORE_LANES) channel tiles. The exact distance
+    since thr only decreases), one candidate per row at a time in increasing patch order, all rows at once
+    over (BLOCK_M, RESCORE_LANES) channel tiles. The exact distance
     is summed in the fixed order of RESCORE_LANES (lanes over channels, then a pairwise tree): its bits depend
     neither on the search's tile sizes nor on its warps, so every precision returns the same (distance,
     index). Winner: the first NaN patch if any (distance NaN), else the first patch of smallest exact
@@ -461,11 +461,11 @@ def forward_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]
     """
     num_warps, num_stages = _FORWARD_OPTIONS[precision]
     block_m = _pow2(M, FORWARD_TILES[0], FORWARD_TILES[-1])
-    block_k = _pow2(HW, FORWARD_TILES[0], FORWARD_TILES[-1])
+    block_k = whole_k = _pow2(HW, FORWARD_TILES[0], FORWARD_TILES[-1])
     tensor_cores = precision != "highest"
     if tensor_cores:
         block_k = min(block_k, TENSOR_CORE_MAX_TILE // block_m)
-    pair = precision in PAIRED_TILES and block_k < _pow2(HW, FORWARD_TILES[0], FORWARD_TILES[-1])
+    pair = precision in PAIRED_TILES and block_k < whole_k
     meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=FORWARD_SLICE,
                 P_RESIDENT=D <= FORWARD_SLICE, PRECISION=INPUT_PRECISION[precision], PAIR=2 if pair else 1)
     options = dict(num_warps=num_warps, num_stages=num_stages)
