@@ -9,12 +9,13 @@ order (``RESCORE_LANES``), every patch that the search's error bound cannot rule
 ``search_bound.py``); it keeps the exact min and argmin per prototype in registers and writes the
 similarity. The (B, M, H*W) map never reaches memory.
 
-Backward: gradients reach only the winning patch of each (b, m); no sort, no float atomics, two independent
-launches, every sum in a fixed order: gradients are bitwise reproducible.
+Backward: gradients reach only the winning patch of each (b, m); no sort, no float atomics, two launches
+(grad_p first: it also writes each pair's coefficient g for grad_z), every sum in a fixed order: gradients
+are bitwise reproducible.
 
 * ``grad_z``: one program per (block of images, tile of their patches, channel tile). It walks the prototypes
   in tiles; for each tile it builds in registers the selection ``sel[q, (b, m)] = 1`` if pair (b, m) won
-  patch q of the block, forms each pair's contribution ``g (z_win - p)`` in the difference form (the winning
+  patch q of the block, forms each pair's contribution ``g (z_win - p)`` (g as grad_p wrote it) in the difference form (the winning
   z rows gathered), and adds ``sel @ contributions`` with tensor-core dots whose products are exact (the
   contributions are split into three TF32-exact parts, ``sel`` is 0/1). Only the pairs won in the tile are
   gathered; in tiles smaller than their image (COMPACT) a prefix sum queues them so that the dots run on
@@ -22,6 +23,7 @@ launches, every sum in a fixed order: gradients are bitwise reproducible.
   reaches its own winning patch only.
 * ``grad_p``: one program per (prototype tile, channel tile, run of images), looping over its images in
   order with the winning z rows gathered; the partial sums of the runs are then reduced in a fixed order.
+  Its first channel tile writes g[b, m] = grad_d + grad_sim * d(sim)/d(d) for grad_z.
 
 Inputs may be fp16/bf16/fp32/fp64 with any strides over (B, D, H*W); all arithmetic is fp32. Every
 configuration a launcher can pick is listed by ``launch_configs()`` (the sm_90 compile gate compiles them all).
@@ -81,8 +83,11 @@ GRAD_Z_PAIRS = 64  # (image, prototype) pairs per step of grad_z: IMAGES * BLOCK
 GRAD_Z_CHANNEL_TILES = (16, 32)  # BLOCK_D of grad_z, from D (64 channels spill or reach 255 registers)
 # 64-patch grad_z tiles take 16 channels whatever D: 128 registers on Triton 3.8, 2 blocks of 256 threads
 # per SM (with 32 channels ptxas takes 169, 1 block per SM, and a cap of 128 spills; Triton 3.6: 205 against
-# 255); sm90_gate.py --all checks it.
+# 255); sm90_gate.py --all checks it. Since its offsets went int32 and g comes from grad_p (NOTES.md
+# "Triton v8") ptxas takes 166 on Triton 3.8 by itself, so the 64-patch tiles of whole images carry the cap
+# (0 spills, 521 instructions per step against 497 uncapped); Triton 3.6 keeps ptxas's choice.
 GRAD_Z_WIDE_TILE_CHANNELS = 16
+GRAD_Z_WIDE_TILE_MAX_REGISTERS = {"maxnreg": 128} if TRITON_VERSION >= (3, 8) else {}
 GRAD_P_CHANNEL_TILES = (16, 32, 64)  # BLOCK_D of grad_p, from D
 _GRAD_Z_OPTIONS = dict(num_warps=8, num_stages=1)
 
@@ -281,7 +286,7 @@ def _tf32_part(x):
 
 @triton.jit
 def _grad_prototypes_kernel(
-    gsim_ptr, gdist_ptr, dist_ptr, idx_ptr, z_ptr, p_ptr, gp_ptr,
+    gsim_ptr, gdist_ptr, dist_ptr, idx_ptr, z_ptr, p_ptr, gp_ptr, g_ptr,
     B, D, M, IMAGES_PER_PROGRAM, eps,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -290,7 +295,8 @@ def _grad_prototypes_kernel(
 
     Program (m tile, d tile, image run s) keeps its p tile in registers, gathers the winning z rows of each
     image in order and writes partial[s]; the runs are summed in a fixed order afterwards. Differences are
-    taken before scaling by g (never p * sum(g) - sum(g * z)): g reaches -1/eps near d = 0.
+    taken before scaling by g (never p * sum(g) - sum(g * z)): g reaches -1/eps near d = 0. The programs of the
+    first d tile also write g[b, m] to g_ptr (B, M), which grad_z reads instead of computing it again.
     """
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -306,6 +312,7 @@ def _grad_prototypes_kernel(
     row = b0.to(tl.int64) * M + offs_m
     for b in range(b0, tl.minimum(b0 + IMAGES_PER_PROGRAM, B)):
         g = _pair_coefficient(gsim_ptr, gdist_ptr, dist_ptr, row, m_mask, eps)
+        tl.store(g_ptr + row, g, mask=m_mask & (pid_d == 0))
         k = tl.load(idx_ptr + row, mask=m_mask, other=0)
         z = tl.load(z_b + k[:, None] * stride_zk + offs_d[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
         z_b += stride_zb
@@ -315,16 +322,17 @@ def _grad_prototypes_kernel(
 
 
 @triton.jit
-def _add_won_pairs(acc, offs_q, q_j, won, pair, z_rows, m_j, offs_d, d_mask, gsim_ptr, gdist_ptr, dist_ptr,
-                   p_ptr, stride_zd, stride_pm, stride_pd, eps):
-    """acc[q] += sum over the pairs j with won[j] and q_j = q of g_j (z_j - p_j) (q_j: the pair's patch in the
-    tile's numbering; z_rows: its winning z row). Exact products, fixed-order fp32 accumulation (see
-    ``_grad_features_kernel``); the pairs not won are not gathered (their contribution is 0)."""
+def _add_won_pairs(acc, rows, q_j, won, pair, z_b, z_row, m_j, offs_d, d_mask, g_ptr, p_ptr, stride_zd, stride_pm,
+                   stride_pd):
+    """acc[q] += sum over the pairs j with won[j] and q_j = q of g_j (z_j - p_j) (rows: 0..BLOCK_Q - 1; q_j: the
+    pair's patch relative to the tile's first, so that each row's compare is against a constant; z_b + z_row: its winning z row, an int32 offset from the block's z; pair: its int32 offset
+    from the block's first pair in g_ptr, the pairs' coefficients written by ``_grad_prototypes_kernel``). Exact products, fixed-order fp32 accumulation
+    (see ``_grad_features_kernel``); the pairs not won are not gathered (their contribution is 0)."""
     inf = float("inf")
-    sel = (offs_q[:, None] == q_j[None, :]) & won[None, :]
-    g = _pair_coefficient(gsim_ptr, gdist_ptr, dist_ptr, pair, won, eps)
+    sel = (rows[:, None] == q_j[None, :]) & won[None, :]
+    g = tl.load(g_ptr + pair, mask=won, other=0.0)
     mask = won[:, None] & d_mask[None, :]
-    z = tl.load(z_rows[:, None] + offs_d[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_b + (z_row[:, None] + offs_d[None, :] * stride_zd), mask=mask, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + m_j[:, None] * stride_pm + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
     c = g[:, None] * (z - p)
     finite = tl.abs(c) < inf
@@ -348,8 +356,8 @@ def _add_won_pairs(acc, offs_q, q_j, won, pair, z_rows, m_j, offs_d, d_mask, gsi
 
 @triton.jit
 def _grad_features_kernel(
-    gsim_ptr, gdist_ptr, dist_ptr, idx_ptr, z_ptr, p_ptr, gz_ptr,
-    B, D, HW, M, eps,
+    g_ptr, idx_ptr, z_ptr, p_ptr, gz_ptr,
+    B, D, HW, M,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
     IMAGES: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPACT: tl.constexpr,
@@ -359,7 +367,8 @@ def _grad_features_kernel(
     Program (image block, patch tile, d tile): the block's patches are numbered q = i * HW + k (image b0 + i),
     its pairs j = i * BLOCK_M + (m - m0) for each prototype tile m0. ``sel[q, j]`` (registers) is 1 where pair
     j won patch q, so ``sel @ c`` with c[j] = g_j (z[b_j, :, k_j] - p[m_j]) is each patch's sum over the pairs
-    it won. The dots are exact in their products (sel is 0/1, c goes in as three TF32-exact parts), so
+    it won (g_j from g_ptr, written by ``_grad_prototypes_kernel``). Offsets are int32 from the block's first
+    pair and first z element, loop-invariant parts hoisted (the launcher checks that they fit). The dots are exact in their products (sel is 0/1, c goes in as three TF32-exact parts), so
     only their fixed-order fp32 accumulation rounds, at every tile size. A non-finite c never enters a dot
     (0 * inf would reach every patch): its kind (+inf, -inf, NaN) is counted per patch by one more exact dot,
     only in tiles that hold one, and added as +inf, -inf or NaN, which is what any summation order gives.
@@ -373,13 +382,13 @@ def _grad_features_kernel(
     q_tiles = tl.cdiv(IMAGES * HW, BLOCK_Q)
     b0 = (pid // q_tiles) * IMAGES
     q0 = (pid % q_tiles) * BLOCK_Q
-    offs_q = q0 + tl.arange(0, BLOCK_Q)
+    rows = tl.arange(0, BLOCK_Q)
+    offs_q = q0 + rows
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     offs_j = tl.arange(0, IMAGES * BLOCK_M)
     b_j = b0 + offs_j // BLOCK_M
     q_base = (offs_j // BLOCK_M) * HW  # first patch of pair j's image in the block's numbering
-    z_j = z_ptr + b_j.to(tl.int64) * stride_zb
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     if COMPACT:
         tl.static_assert(IMAGES == 1)
@@ -395,26 +404,31 @@ def _grad_features_kernel(
                 hit = won[None, :] & (slot[None, :] == offs_j[:, None])  # (queue slot, scanned pair)
                 queue += tl.sum(tl.where(hit, m_j[None, :], 0), axis=1)
                 if fill + n >= BLOCK_M:  # a full queue: its dots, then the overflow starts the next one
-                    acc = _add_queue(acc, queue, BLOCK_M, b0, offs_q, offs_d, d_mask, idx_ptr, gsim_ptr, gdist_ptr,
-                                     dist_ptr, z_ptr, p_ptr, M, stride_zb, stride_zd, stride_zk, stride_pm,
-                                     stride_pd, eps, BLOCK_M)
+                    acc = _add_queue(acc, queue, BLOCK_M, b0, q0, rows, offs_d, d_mask, idx_ptr, g_ptr, z_ptr, p_ptr,
+                                     M, stride_zb, stride_zd, stride_zk, stride_pm, stride_pd, BLOCK_M)
                     hit = won[None, :] & (slot[None, :] == offs_j[:, None] + BLOCK_M)
                     queue = tl.sum(tl.where(hit, m_j[None, :], 0), axis=1)
                 fill = (fill + n) % BLOCK_M
-        acc = _add_queue(acc, queue, fill, b0, offs_q, offs_d, d_mask, idx_ptr, gsim_ptr, gdist_ptr, dist_ptr,
-                         z_ptr, p_ptr, M, stride_zb, stride_zd, stride_zk, stride_pm, stride_pd, eps, BLOCK_M)
+        acc = _add_queue(acc, queue, fill, b0, q0, rows, offs_d, d_mask, idx_ptr, g_ptr, z_ptr, p_ptr, M, stride_zb,
+                         stride_zd, stride_zk, stride_pm, stride_pd, BLOCK_M)
     else:
+        first = b0.to(tl.int64) * M
+        idx_b, g_b = idx_ptr + first, g_ptr + first
+        z_b = z_ptr + b0.to(tl.int64) * stride_zb
+        i_j = offs_j // BLOCK_M
+        pair_j = i_j * M + offs_j % BLOCK_M  # pair j's offset at m0 = 0
+        z_img = i_j * stride_zb
+        live_b = b_j < B
         for m0 in range(0, M, BLOCK_M):
             m_j = m0 + offs_j % BLOCK_M
-            live = (m_j < M) & (b_j < B)
-            pair = b_j.to(tl.int64) * M + m_j
-            k_j = tl.load(idx_ptr + pair, mask=live, other=0).to(tl.int32)
+            live = (m_j < M) & live_b
+            pair = pair_j + m0
+            k_j = tl.load(idx_b + pair, mask=live, other=0).to(tl.int32)
             q_j = k_j + q_base  # pair j's patch in the block
             won = live & (q_j >= q0) & (q_j < q0 + BLOCK_Q)
             if tl.max(won.to(tl.int32), axis=0) > 0:  # some pair of this step won a patch of this tile
-                acc = _add_won_pairs(acc, offs_q, q_j, won, pair, z_j + k_j.to(tl.int64) * stride_zk, m_j, offs_d,
-                                     d_mask, gsim_ptr, gdist_ptr, dist_ptr, p_ptr, stride_zd, stride_pm,
-                                     stride_pd, eps)
+                acc = _add_won_pairs(acc, rows, q_j - q0, won, pair, z_b, z_img + k_j * stride_zk, m_j, offs_d,
+                                     d_mask, g_b, p_ptr, stride_zd, stride_pm, stride_pd)
     b_q = b0 + offs_q // HW
     k_q = offs_q % HW
     row_ok = (offs_q < IMAGES * HW) & (b_q < B)
@@ -423,15 +437,14 @@ def _grad_features_kernel(
 
 
 @triton.jit
-def _add_queue(acc, queue, fill, b, offs_q, offs_d, d_mask, idx_ptr, gsim_ptr, gdist_ptr, dist_ptr, z_ptr, p_ptr,
-               M, stride_zb, stride_zd, stride_zk, stride_pm, stride_pd, eps, SLOTS: tl.constexpr):
+def _add_queue(acc, queue, fill, b, q0, rows, offs_d, d_mask, idx_ptr, g_ptr, z_ptr, p_ptr, M, stride_zb, stride_zd,
+               stride_zk, stride_pm, stride_pd, SLOTS: tl.constexpr):
     """``_add_won_pairs`` for the first ``fill`` queued prototypes of image b (COMPACT grad_z)."""
     used = tl.arange(0, SLOTS) < fill
-    pair = b.to(tl.int64) * M + queue
-    k = tl.load(idx_ptr + pair, mask=used, other=0).to(tl.int32)
-    z_rows = z_ptr + b.to(tl.int64) * stride_zb + k.to(tl.int64) * stride_zk
-    return _add_won_pairs(acc, offs_q, k, used, pair, z_rows, queue, offs_d, d_mask, gsim_ptr, gdist_ptr, dist_ptr,
-                          p_ptr, stride_zd, stride_pm, stride_pd, eps)
+    first = b.to(tl.int64) * M
+    k = tl.load(idx_ptr + first + queue, mask=used, other=0).to(tl.int32)
+    return _add_won_pairs(acc, rows, k - q0, used, queue, z_ptr + b.to(tl.int64) * stride_zb, k * stride_zk, queue,
+                          offs_d, d_mask, g_ptr + first, p_ptr, stride_zd, stride_pm, stride_pd)
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -499,6 +512,9 @@ def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
     gz_channels = _pow2(D, GRAD_Z_CHANNEL_TILES[0], GRAD_Z_CHANNEL_TILES[-1])
     if block_q == GRAD_Z_PATCH_TILES[-1]:
         gz_channels = GRAD_Z_WIDE_TILE_CHANNELS
+    gz_options = dict(_GRAD_Z_OPTIONS)
+    if block_q == GRAD_Z_PATCH_TILES[-1] and HW <= block_q:
+        gz_options.update(GRAD_Z_WIDE_TILE_MAX_REGISTERS)
     images = 1
     while 2 * images * HW <= block_q:
         images *= 2
@@ -507,7 +523,7 @@ def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
             dict(BLOCK_M=16, BLOCK_D=_pow2(D, GRAD_P_CHANNEL_TILES[0], GRAD_P_CHANNEL_TILES[-1])), {}),
         "_grad_features_kernel": (
             dict(IMAGES=images, BLOCK_Q=block_q, BLOCK_M=GRAD_Z_PAIRS // images,
-                 BLOCK_D=gz_channels, COMPACT=HW > block_q), dict(_GRAD_Z_OPTIONS)),
+                 BLOCK_D=gz_channels, COMPACT=HW > block_q), gz_options),
     }
 
 
@@ -577,15 +593,20 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     per_program = max(8, triton.cdiv(B, MAX_GRID_YZ))  # image runs go on grid axis 2
     runs = triton.cdiv(B, per_program)
     partial = torch.empty((runs, M, D), device=z3.device, dtype=torch.float32)
+    g = torch.empty((B, M), device=z3.device, dtype=torch.float32)  # written by grad_p, read by grad_z
     _grad_prototypes_kernel[(triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"]), runs)](
-        grad_sim, grad_dist, dist, idx, z3, p, partial, B, D, M, per_program, eps, *strides, **meta, **options,
+        grad_sim, grad_dist, dist, idx, z3, p, partial, g, B, D, M, per_program, eps, *strides, **meta, **options,
     )
     grad_p = partial[0] if runs == 1 else partial.sum(0)  # a fixed-order reduction: deterministic
 
     meta, options = configs["_grad_features_kernel"]
+    span = (meta["IMAGES"] - 1) * abs(z3.stride(0)) + (HW - 1) * abs(z3.stride(2)) + (D - 1) * abs(z3.stride(1))
+    if meta["IMAGES"] * M >= 2**31 or span >= 2**31:
+        raise ValueError(f"triton grad_z: {meta['IMAGES']} images of {M} pairs or a z block of {span + 1} "
+                         "elements do not fit its int32 offsets; use the torch or cuda backend")
     grad_z = torch.empty((B, D, HW), device=z3.device, dtype=torch.float32)
     blocks = triton.cdiv(B, meta["IMAGES"]) * triton.cdiv(meta["IMAGES"] * HW, meta["BLOCK_Q"])
     _grad_features_kernel[(blocks, triton.cdiv(D, meta["BLOCK_D"]))](
-        grad_sim, grad_dist, dist, idx, z3, p, grad_z, B, D, HW, M, eps, *strides, **meta, **options,
+        g, idx, z3, p, grad_z, B, D, HW, M, *strides, **meta, **options,
     )
     return grad_z, grad_p

@@ -1,14 +1,17 @@
 """CPU gate for the Triton kernels (issue 10): compile launch configurations offline for sm_90, no GPU.
 
-``python -m tests.kernels.sm90_gate [--all | --probe]`` compiles kernel configurations, reads Triton's own
-ptxas -v log of each (its flags, its cubin) and prints one JSON line per configuration: registers, spill
-bytes, shared memory. Exit status 1 if any configuration spills. ``--all`` (what the test runs, about 2
-minutes on 2 CPU cores for 69 configurations) compiles every configuration a launcher can pick
-(``prototype_distance.launch_configs()``); without it, a quick representative subset for development: the
-configurations the launchers pick for SHAPES (both ends of every tile range, the p tile resident and not,
-one and sixteen images per grad_z tile). Each distinct configuration is compiled once per run.
-``--probe`` only checks that offline compilation works here. Must run with TRITON_INTERPRET unset or 0
-(compiled ``triton.jit``).
+``python -m tests.kernels.sm90_gate [--all | --probe | --sass [KERNEL ...]]`` compiles kernel
+configurations, reads Triton's own ptxas -v log of each (its flags, its cubin) and prints one JSON line per
+configuration: registers, spill bytes, shared memory. Exit status 1 if any configuration spills. ``--all``
+(what the test runs, about 2 minutes on 2 CPU cores for 69 configurations) compiles every configuration a
+launcher can pick (``prototype_distance.launch_configs()``); without it, a quick representative subset for
+development: the configurations the launchers pick for SHAPES (both ends of every tile range, the p tile
+resident and not, one and sixteen images per grad_z tile). Each distinct configuration is compiled once per
+run. ``--probe`` only checks that offline compilation works here. ``--sass`` prints, for the CUB shape's
+configurations (grad_z, grad_p, the forward at each precision; or only the KERNELs named), the SASS
+instruction mix by opcode class of the whole kernel and of each loop (from a back-edge branch's target to
+the branch), read from the cubin with the nvdisasm that ships with Triton (``sass_mix``). Must run with
+TRITON_INTERPRET unset or 0 (compiled ``triton.jit``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import sys
 # (D, HW, M): the CUB shape, a wide and a large map (largest tiles), a tiny problem and 1 x 1 maps
 # (smallest tiles, p resident, several images per grad_z tile).
 SHAPES = [(128, 49, 2000), (512, 784, 2000), (20, 9, 10), (16, 1, 5)]
+CUB_SHAPE = SHAPES[0]
 ARCH = 90
 
 
@@ -73,6 +77,76 @@ def compile_one(name: str, meta: dict, options: dict) -> dict:
             "spill_bytes": sum(spills), "shared_bytes": kernel.metadata.shared}
 
 
+# SASS opcode classes of ``sass_mix`` (base opcode, before the first '.'); the rest count as "other".
+SASS_CLASSES = {
+    "mma": ("HGMMA", "HMMA", "WARPGROUP"),
+    "fp32": ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "MUFU", "FCHK"),
+    "ldg_stg": ("LDG", "STG", "LDGSTS", "LDGDEPBAR", "RED", "ATOM"),
+    "shared": ("LDS", "STS", "LDSM", "STSM"),
+    "bar": ("BAR", "DEPBAR", "SYNCS", "MEMBAR"),
+    "int_alu": ("IMAD", "IADD3", "LOP3", "ISETP", "LEA", "SHF", "SEL", "IMNMX", "IABS", "I2F", "F2I", "PRMT",
+                "IADD", "VIADD", "VIMNMX", "SGXT", "I2FP", "UIADD3", "UIMAD", "ULOP3", "USHF", "ULEA", "UISETP", "USEL", "UMOV", "MOV", "S2R", "S2UR",
+                "CS2R", "R2UR", "POPC", "FLO", "PLOP3", "P2R", "R2P", "VOTE", "VOTEU", "UPLOP3"),
+    "shfl": ("SHFL",),
+    "branch": ("BRA", "BSSY", "BSYNC", "EXIT", "RET", "CALL", "WARPSYNC", "NOP", "YIELD"),
+}
+_OPCLASS = {op: cls for cls, ops in SASS_CLASSES.items() for op in ops}
+
+
+def _sass_count(opcodes: list[str]) -> dict:
+    mix = {"total": len(opcodes)}
+    for cls in list(SASS_CLASSES) + ["other"]:
+        mix[cls] = 0
+    top: dict[str, int] = {}
+    for op in opcodes:
+        base = op.split(".")[0]
+        mix[_OPCLASS.get(base, "other")] += 1
+        top[base] = top.get(base, 0) + 1
+    mix["top"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:12])
+    return mix
+
+
+def sass_mix(name: str, meta: dict, options: dict) -> dict:
+    """SASS instruction mix of one configuration compiled for sm_90: whole-kernel totals by opcode class and,
+    for each loop (a backward branch to an earlier label), the mix of its body (target label to branch;
+    an inner loop's instructions count in its outer loop too). No GPU: the cubin is disassembled offline."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from protokern.kernels import prototype_distance as K
+
+    fn = getattr(K, name)
+    types, constexprs = _signature(fn, meta)
+    with contextlib.redirect_stdout(io.StringIO()):
+        kernel = triton.compile(ASTSource(fn=fn, signature=types, constexprs=constexprs),
+                                target=GPUTarget("cuda", ARCH, 32), options=options)
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([nvdisasm, "-c", f.name], check=True, capture_output=True, text=True).stdout
+    opcodes, labels, branches = [], {}, []
+    for line in text.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(opcodes)
+            continue
+        ins = re.match(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);", line)
+        if ins is None:
+            continue
+        target = re.search(r"`\((\.L_x_\d+)\)", ins.group(2))
+        if ins.group(1).split(".")[0] == "BRA" and target:
+            branches.append((len(opcodes), target.group(1)))
+        opcodes.append(ins.group(1))
+    loops = [{"label": t, "first": labels[t], "last": at, **_sass_count(opcodes[labels[t]:at + 1])}
+             for at, t in branches if t in labels and labels[t] < at]  # not the closing `BRA` to itself
+    return {"kernel": name, **meta, **options, "whole": _sass_count(opcodes), "loops": loops}
+
+
 def _compile_packed(config):
     return compile_one(*config)
 
@@ -96,6 +170,12 @@ def probe() -> None:
 def main(argv: list[str]) -> int:
     if "--probe" in argv:
         probe()
+        return 0
+    if "--sass" in argv:
+        names = [a for a in argv if a.startswith("_")]  # kernel names: only those (default all)
+        for config in configurations([CUB_SHAPE]):
+            if not names or config[0] in names:
+                print(json.dumps(sass_mix(*config)), flush=True)
         return 0
     if "--all" in argv:
         from protokern.kernels import prototype_distance as K

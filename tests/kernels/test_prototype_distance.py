@@ -14,6 +14,7 @@ import protokern
 from protokern import torch_backend
 from protokern.kernels import prototype_distance as K
 from tests.reference import check_winners_and_gradients, original_layer, rel_err
+from tests.kernels import sm90_gate
 
 needs_triton_cpu = pytest.mark.skipif(
     protokern.available_backends("cpu")["triton"] is not None, reason="Triton interpreter not enabled"
@@ -353,6 +354,8 @@ def _run_gate(*args: str) -> list[dict]:
     print(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     results = [json.loads(line) for line in run.stdout.splitlines()]
+    if "--sass" in args:
+        return results
     assert all(r["spill_bytes"] == 0 and r["registers"] <= 255 for r in results)
     assert all(r["shared_bytes"] <= 227 * 1024 for r in results)
     return results
@@ -378,6 +381,19 @@ def test_every_triton_launch_configuration_compiles_for_sm90_without_spills():
                    and not r["COMPACT"]]
         capped = [r for r in results if r.get("maxnreg") == 128]
         assert wide_gz and capped and all(r["registers"] <= 128 for r in wide_gz + capped)
+
+
+def test_sass_mix_of_grad_z_at_the_cub_shape():
+    """``sm90_gate --sass``: grad_z's main loop at the CUB shape holds its 48 warp-group MMAs (three exact TF32
+    dots of 64 x 64 x 16) and, on Triton 3.8, no more than the 521 instructions of NOTES.md "Triton v8"
+    (660 before: int32 offsets, g read from grad_p, the selection compared against constant rows)."""
+    (mix,) = _run_gate("--sass", "_grad_features_kernel")
+    loops = [loop for loop in mix["loops"] if loop["mma"] > 0]
+    assert len(loops) == 1 and loops[0]["top"]["HGMMA"] == 48 == mix["whole"]["top"]["HGMMA"]
+    assert mix["whole"]["total"] > loops[0]["total"] > 0
+    assert loops[0]["total"] == sum(v for k, v in loops[0].items() if k in sm90_gate.SASS_CLASSES or k == "other")
+    if K.TRITON_VERSION[:2] == (3, 8):
+        assert loops[0]["total"] <= 521
 
 
 @pytest.mark.parametrize("precision", list(K.INPUT_PRECISION))
