@@ -13,14 +13,14 @@ Backward: gradients reach only the winning patch of each (b, m); no sort, no flo
 (grad_p first: it also writes each pair's coefficient g for grad_z), every sum in a fixed order: gradients
 are bitwise reproducible.
 
-* ``grad_z``: one program per (block of images, tile of their patches, channel tile). It walks the prototypes
-  in tiles; for each tile it builds in registers the selection ``sel[q, (b, m)] = 1`` if pair (b, m) won
-  patch q of the block, forms each pair's contribution ``g (z_win - p)`` (g as grad_p wrote it) in the difference form (the winning
-  z rows gathered), and adds ``sel @ contributions`` with tensor-core dots whose products are exact (the
+* ``grad_z``: one program per (block of images, tile of their patches, channel tile). It walks the prototypes in
+  tiles; for each tile it builds in registers the selection ``sel[q, (b, m)] = 1`` if pair (b, m) won patch q of
+  the block, forms each pair's contribution ``g (z_win - p)`` (g as grad_p wrote it) in the difference form (the
+  winning z rows gathered), and adds ``sel @ contributions`` with tensor-core dots whose products are exact (the
   contributions are split into three TF32-exact parts, ``sel`` is 0/1). Only the pairs won in the tile are
-  gathered; in tiles smaller than their image (COMPACT) a prefix sum queues them so that the dots run on
-  full steps of won pairs. Non-finite contributions take a separate exact path, so a NaN or inf pair
-  reaches its own winning patch only.
+  gathered; in tiles smaller than their image (COMPACT) a prefix sum queues them so that the dots run on full
+  steps of won pairs. Non-finite contributions take a separate exact path, so a NaN or inf pair reaches its own
+  winning patch only.
 * ``grad_p``: one program per (prototype tile, channel tile, run of images), looping over its images in
   order with the winning z rows gathered; the partial sums of the runs are then reduced in a fixed order.
   Its first channel tile writes g[b, m] = grad_d + grad_sim * d(sim)/d(d) for grad_z.
@@ -88,6 +88,9 @@ GRAD_Z_CHANNEL_TILES = (16, 32)  # BLOCK_D of grad_z, from D (64 channels spill 
 # (0 spills, 521 instructions per step against 497 uncapped); Triton 3.6 keeps ptxas's choice.
 GRAD_Z_WIDE_TILE_CHANNELS = 16
 GRAD_Z_WIDE_TILE_MAX_REGISTERS = {"maxnreg": 128} if TRITON_VERSION >= (3, 8) else {}
+# Triton 3.6 spills 40 bytes at 32 patches x 32 channels since g comes from grad_p (NOTES.md "Triton v8"):
+# its 32-patch tiles take 16 channels there (230 registers).
+GRAD_Z_NARROW_PATCH_TILES = (32,) if TRITON_VERSION < (3, 8) else ()
 GRAD_P_CHANNEL_TILES = (16, 32, 64)  # BLOCK_D of grad_p, from D
 _GRAD_Z_OPTIONS = dict(num_warps=8, num_stages=1)
 
@@ -312,7 +315,8 @@ def _grad_prototypes_kernel(
     row = b0.to(tl.int64) * M + offs_m
     for b in range(b0, tl.minimum(b0 + IMAGES_PER_PROGRAM, B)):
         g = _pair_coefficient(gsim_ptr, gdist_ptr, dist_ptr, row, m_mask, eps)
-        tl.store(g_ptr + row, g, mask=m_mask & (pid_d == 0))
+        if pid_d == 0:
+            tl.store(g_ptr + row, g, mask=m_mask)
         k = tl.load(idx_ptr + row, mask=m_mask, other=0)
         z = tl.load(z_b + k[:, None] * stride_zk + offs_d[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
         z_b += stride_zb
@@ -324,10 +328,12 @@ def _grad_prototypes_kernel(
 @triton.jit
 def _add_won_pairs(acc, rows, q_j, won, pair, z_b, z_row, m_j, offs_d, d_mask, g_ptr, p_ptr, stride_zd, stride_pm,
                    stride_pd):
-    """acc[q] += sum over the pairs j with won[j] and q_j = q of g_j (z_j - p_j) (rows: 0..BLOCK_Q - 1; q_j: the
-    pair's patch relative to the tile's first, so that each row's compare is against a constant; z_b + z_row: its winning z row, an int32 offset from the block's z; pair: its int32 offset
-    from the block's first pair in g_ptr, the pairs' coefficients written by ``_grad_prototypes_kernel``). Exact products, fixed-order fp32 accumulation
-    (see ``_grad_features_kernel``); the pairs not won are not gathered (their contribution is 0)."""
+    """acc[q] += sum over the pairs j with won[j] and q_j = q of g_j (z_j - p_j). rows: 0..BLOCK_Q - 1; q_j: the
+    pair's patch relative to the tile's first (each row compares against a constant); z_b + z_row: its winning
+    z row (z_row an int32 offset from the block's z); pair: its int32 offset from the block's first pair in
+    g_ptr, the coefficients written by ``_grad_prototypes_kernel``. Exact products, fixed-order fp32
+    accumulation (see ``_grad_features_kernel``); the pairs not won are not gathered (their contribution is 0).
+    """
     inf = float("inf")
     sel = (rows[:, None] == q_j[None, :]) & won[None, :]
     g = tl.load(g_ptr + pair, mask=won, other=0.0)
@@ -368,8 +374,9 @@ def _grad_features_kernel(
     its pairs j = i * BLOCK_M + (m - m0) for each prototype tile m0. ``sel[q, j]`` (registers) is 1 where pair
     j won patch q, so ``sel @ c`` with c[j] = g_j (z[b_j, :, k_j] - p[m_j]) is each patch's sum over the pairs
     it won (g_j from g_ptr, written by ``_grad_prototypes_kernel``). Offsets are int32 from the block's first
-    pair and first z element, loop-invariant parts hoisted (the launcher checks that they fit). The dots are exact in their products (sel is 0/1, c goes in as three TF32-exact parts), so
-    only their fixed-order fp32 accumulation rounds, at every tile size. A non-finite c never enters a dot
+    pair and first z element, loop-invariant parts hoisted (the launcher checks that they fit). The dots are
+    exact in their products (sel is 0/1, c goes in as three TF32-exact parts), so only their fixed-order fp32
+    accumulation rounds, at every tile size. A non-finite c never enters a dot
     (0 * inf would reach every patch): its kind (+inf, -inf, NaN) is counted per patch by one more exact dot,
     only in tiles that hold one, and added as +inf, -inf or NaN, which is what any summation order gives.
     Only the pairs that won a patch of the tile are gathered; steps with none are skipped.
@@ -506,11 +513,12 @@ def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
 
     grad_z: BLOCK_Q patches (the next power of two of HW in 16..64); when several whole images fit a tile,
     the tile holds IMAGES of them (a power of two) and the GRAD_Z_PAIRS pairs of a step are IMAGES x BLOCK_M.
-    BLOCK_D: 16 or 32 channels from D; always GRAD_Z_WIDE_TILE_CHANNELS with the largest patch tile.
+    BLOCK_D: 16 or 32 channels from D; always GRAD_Z_WIDE_TILE_CHANNELS with the largest patch tile (and, on
+    Triton 3.6, with GRAD_Z_NARROW_PATCH_TILES).
     """
     block_q = _pow2(HW, GRAD_Z_PATCH_TILES[0], GRAD_Z_PATCH_TILES[-1])
     gz_channels = _pow2(D, GRAD_Z_CHANNEL_TILES[0], GRAD_Z_CHANNEL_TILES[-1])
-    if block_q == GRAD_Z_PATCH_TILES[-1]:
+    if block_q == GRAD_Z_PATCH_TILES[-1] or block_q in GRAD_Z_NARROW_PATCH_TILES:
         gz_channels = GRAD_Z_WIDE_TILE_CHANNELS
     gz_options = dict(_GRAD_Z_OPTIONS)
     if block_q == GRAD_Z_PATCH_TILES[-1] and HW <= block_q:

@@ -85,8 +85,9 @@ SASS_CLASSES = {
     "shared": ("LDS", "STS", "LDSM", "STSM"),
     "bar": ("BAR", "DEPBAR", "SYNCS", "MEMBAR"),
     "int_alu": ("IMAD", "IADD3", "LOP3", "ISETP", "LEA", "SHF", "SEL", "IMNMX", "IABS", "I2F", "F2I", "PRMT",
-                "IADD", "VIADD", "VIMNMX", "SGXT", "I2FP", "UIADD3", "UIMAD", "ULOP3", "USHF", "ULEA", "UISETP", "USEL", "UMOV", "MOV", "S2R", "S2UR",
-                "CS2R", "R2UR", "POPC", "FLO", "PLOP3", "P2R", "R2P", "VOTE", "VOTEU", "UPLOP3"),
+                "IADD", "VIADD", "VIMNMX", "SGXT", "I2FP", "UIADD3", "UIMAD", "ULOP3", "USHF", "ULEA", "UISETP",
+                "USEL", "UMOV", "MOV", "S2R", "S2UR", "CS2R", "R2UR", "POPC", "FLO", "PLOP3", "P2R", "R2P", "VOTE",
+                "VOTEU", "UPLOP3"),
     "shfl": ("SHFL",),
     "branch": ("BRA", "BSSY", "BSYNC", "EXIT", "RET", "CALL", "WARPSYNC", "NOP", "YIELD"),
 }
