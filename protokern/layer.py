@@ -51,7 +51,7 @@ class ProtoLayer(nn.Module):
     accepted), ``prototype_size`` such an integer or a pair of them, ``similarity`` a known one, ``eps`` a
     real number as ``prototype_similarity`` requires it, ``backend`` one of "auto",
     "torch", "triton", "cuda" (whether it runs is decided at the first call, on the features' device) and
-    ``precision`` one of "auto" (the backend's fastest search), "highest", "high", "medium".
+    ``precision`` one of "auto" (the backend's own choice, ``backends.AUTO_PRECISION``), "highest", "high", "medium".
     """
 
     def __init__(self, num_prototypes: int, prototype_dim: int, *, prototype_size=(1, 1), similarity: str = "log",
