@@ -596,6 +596,11 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     dist, idx = dist.contiguous(), idx.contiguous()
     configs = backward_configs(D, HW)
     strides = (z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1))
+    images = configs["_grad_features_kernel"][0]["IMAGES"]  # grad_z's int32 offsets, checked before any launch
+    span = (images - 1) * abs(z3.stride(0)) + (HW - 1) * abs(z3.stride(2)) + (D - 1) * abs(z3.stride(1))
+    if images * M >= 2**31 or span >= 2**31:
+        raise ValueError(f"triton grad_z: {images} images of {M} pairs or a z block of {span + 1} "
+                         "elements do not fit its int32 offsets; use the torch or cuda backend")
 
     meta, options = configs["_grad_prototypes_kernel"]
     per_program = max(8, triton.cdiv(B, MAX_GRID_YZ))  # image runs go on grid axis 2
@@ -608,10 +613,6 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     grad_p = partial[0] if runs == 1 else partial.sum(0)  # a fixed-order reduction: deterministic
 
     meta, options = configs["_grad_features_kernel"]
-    span = (meta["IMAGES"] - 1) * abs(z3.stride(0)) + (HW - 1) * abs(z3.stride(2)) + (D - 1) * abs(z3.stride(1))
-    if meta["IMAGES"] * M >= 2**31 or span >= 2**31:
-        raise ValueError(f"triton grad_z: {meta['IMAGES']} images of {M} pairs or a z block of {span + 1} "
-                         "elements do not fit its int32 offsets; use the torch or cuda backend")
     grad_z = torch.empty((B, D, HW), device=z3.device, dtype=torch.float32)
     blocks = triton.cdiv(B, meta["IMAGES"]) * triton.cdiv(meta["IMAGES"] * HW, meta["BLOCK_Q"])
     _grad_features_kernel[(blocks, triton.cdiv(D, meta["BLOCK_D"]))](

@@ -53,9 +53,8 @@ def configurations(shapes) -> list[tuple[str, dict, dict]]:
     return K.launch_configs(shapes)
 
 
-def compile_one(name: str, meta: dict, options: dict) -> dict:
-    """Compile one kernel configuration for sm_90; registers and spills from Triton's own ptxas run."""
-    os.environ.update(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1")  # no cache hit: ptxas runs, logs
+def _compile(name: str, meta: dict, options: dict):
+    """(compiled kernel, what the compiler printed) of one configuration of kernel ``name`` for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -68,7 +67,13 @@ def compile_one(name: str, meta: dict, options: dict) -> dict:
     with contextlib.redirect_stdout(log):
         kernel = triton.compile(ASTSource(fn=fn, signature=types, constexprs=constexprs),
                                 target=GPUTarget("cuda", ARCH, 32), options=options)
-    log = log.getvalue()
+    return kernel, log.getvalue()
+
+
+def compile_one(name: str, meta: dict, options: dict) -> dict:
+    """Compile one kernel configuration for sm_90; registers and spills from Triton's own ptxas run."""
+    os.environ.update(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1")  # no cache hit: ptxas runs, logs
+    kernel, log = _compile(name, meta, options)
     regs = re.search(r"Used (\d+) registers", log)
     if regs is None:
         raise RuntimeError(f"no ptxas log for {name} {meta}: {log[-500:]!r}")
@@ -115,16 +120,8 @@ def sass_mix(name: str, meta: dict, options: dict) -> dict:
     import tempfile
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    from protokern.kernels import prototype_distance as K
-
-    fn = getattr(K, name)
-    types, constexprs = _signature(fn, meta)
-    with contextlib.redirect_stdout(io.StringIO()):
-        kernel = triton.compile(ASTSource(fn=fn, signature=types, constexprs=constexprs),
-                                target=GPUTarget("cuda", ARCH, 32), options=options)
+    kernel, _ = _compile(name, meta, options)
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
