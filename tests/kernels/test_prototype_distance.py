@@ -288,10 +288,6 @@ def _search_dot_probe(p_ptr, z_ptr, out_ptr, PRECISION: tl.constexpr):
     tl.store(out_ptr + offs16[:, None] * 16 + offs16[None, :], acc)
 
 
-def _tf32(x):
-    return (x.view(torch.int32) & -8192).view(torch.float32)
-
-
 @needs_triton_cpu
 def test_search_dot_3xtf32_split_is_within_its_bound():
     """The "high" search's product (``_search_dot``: three TF32 dots of the truncated parts of p and z) is
@@ -307,8 +303,9 @@ def test_search_dot_3xtf32_split_is_within_its_bound():
     scale = p.double().norm(dim=1)[:, None] * z.double().norm(dim=0)[None, :]
     bound = search_bound.dot_error("tf32x3", 32) * scale
     assert ((out.double() - p.double() @ z.double()).abs() <= bound).all()
-    p_hi, z_hi = _tf32(p), _tf32(z)
-    p_lo, z_lo = _tf32(p - p_hi), _tf32(z - z_hi)
+    tf32 = torch_backend._tf32  # the truncation the kernels' operands get
+    p_hi, z_hi = tf32(p), tf32(z)
+    p_lo, z_lo = tf32(p - p_hi), tf32(z - z_hi)
     for a, b in ((p_lo, z_hi), (p_hi, z_lo), (p_hi, z_hi)):
         assert ((a.double() @ b.double()).abs() > bound).any()
 
