@@ -64,12 +64,13 @@ def original_layer(z, p, similarity="log"):
 
 
 def methods(device: torch.device, quick: bool, variant: str = "log"):
-    """(name, fn(z, p) -> (sim, dist)) for every method that runs on ``device``; for the ``2x2`` and
-    ``cosine`` variants each backend at its default precision only."""
+    """(name, fn(z, p) -> (sim, dist), row fields) for every method that runs on ``device``; a backend's row
+    fields name its backend and search precision. For the ``2x2`` and ``cosine`` variants each backend at its
+    default precision only."""
     similarity = VARIANTS[variant][1]
-    out = [("original eager", lambda z, p: original_layer(z, p, similarity))]
+    out = [("original eager", lambda z, p: original_layer(z, p, similarity), {})]
     if device.type == "cuda" or not quick:
-        out.append(("original compiled", torch.compile(lambda z, p: original_layer(z, p, similarity))))
+        out.append(("original compiled", torch.compile(lambda z, p: original_layer(z, p, similarity)), {}))
     avail = protokern.available_backends(device)
     for backend, reason in avail.items():
         if reason is not None or (backend == "triton" and device.type == "cpu"):
@@ -81,7 +82,7 @@ def methods(device: torch.device, quick: bool, variant: str = "log"):
         for prec in [default] + [q for q in ("highest", "high", "medium") if q != default and all_precisions]:
             name = backend if prec == default else f"{backend} ({prec})"
             out.append((name, lambda z, p, b=backend, pr=prec: protokern.prototype_similarity(
-                z, p, similarity=similarity, backend=b, precision=pr)))
+                z, p, similarity=similarity, backend=b, precision=pr), {"backend": backend, "precision": prec}))
     return out
 
 
@@ -144,7 +145,7 @@ def bench_shape(shape, device, quick, measure, variant="log"):
     p = torch.rand(M, D, *window, device=device).requires_grad_()
     w_sim, w_dist = torch.randn(B, M, device=device), torch.randn(B, M, device=device)
     cases = []
-    for name, fn in methods(device, quick, variant):
+    for name, fn, fields in methods(device, quick, variant):
         def fwd(fn=fn):
             with torch.no_grad():
                 fn(z, p)
@@ -153,12 +154,12 @@ def bench_shape(shape, device, quick, measure, variant="log"):
             sim, dist = fn(z, p)
             torch.autograd.grad((sim, dist), (z, p), grad_outputs=(w_sim, w_dist))
 
-        cases.append((name, fwd, fwd_bwd))
+        cases.append((name, fwd, fwd_bwd, fields))
     if variant == "log":
-        cases += reference_rows(device, z, p)
+        cases += [(*ref, {}) for ref in reference_rows(device, z, p)]
     rows = []
-    for name, fwd, fwd_bwd in cases:
-        row = {"method": name, "shape": list(shape), "variant": variant}
+    for name, fwd, fwd_bwd, fields in cases:
+        row = {"method": name, "shape": list(shape), "variant": variant, **fields}
         try:
             row["fwd_us"] = measure(fwd)
             row["fwd_bwd_us"] = measure(fwd_bwd)
@@ -187,6 +188,29 @@ def bench_shape(shape, device, quick, measure, variant="log"):
         if base and "fwd_bwd_graph_us" in r and "fwd_bwd_graph_us" in base:
             r["speedup_fwd_bwd_graph"] = base["fwd_bwd_graph_us"] / r["fwd_bwd_graph_us"]
     return rows
+
+
+def fastest_precisions(rows: list[dict]) -> list[dict]:
+    """Per (shape, variant, backend) timed at more than one search precision: the precision of the fastest
+    fwd+bwd (graph replays where every row has them, else as launched) beside the default's. Outputs are the
+    same at every precision (certified search), so the fastest one is the candidate for
+    ``protokern.backends.AUTO_PRECISION`` once the GPU tests of that backend pass."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "precision" in r and "fwd_bwd_us" in r:
+            groups.setdefault((tuple(r["shape"]), r["variant"], r["backend"]), []).append(r)
+    out = []
+    for (shape, variant, backend), group in groups.items():
+        if len(group) < 2:
+            continue
+        key = "fwd_bwd_graph_us" if all("fwd_bwd_graph_us" in r for r in group) else "fwd_bwd_us"
+        best = min(group, key=lambda r: r[key])
+        default = protokern.backends.AUTO_PRECISION[backend]
+        current = next((r for r in group if r["precision"] == default), None)
+        out.append({"shape": list(shape), "variant": variant, "backend": backend, "timing": key,
+                    "fastest": best["precision"], "fastest_us": best[key], "default": default,
+                    "default_us": current[key] if current else None})
+    return out
 
 
 def environment(device: torch.device) -> dict:
@@ -231,6 +255,18 @@ def markdown(env: dict, rows: list[dict]) -> str:
         lines.append(f"{head} | {r['fwd_us']:.1f} | {r['fwd_bwd_us']:.1f} "
                      f"| {fmt('speedup_fwd_bwd_vs_eager', '.1f', 'x')} | {fmt('fwd_graph_us')} | {fmt('fwd_bwd_graph_us')} "
                      f"| {fmt('speedup_fwd_bwd_graph', '.1f', 'x')} | {extra} |")
+    fastest = fastest_precisions(rows)
+    if fastest:
+        lines += ["", "Fastest search precision per backend (same outputs at every precision; the candidate for "
+                  "`protokern.backends.AUTO_PRECISION` once that backend's GPU tests pass):", "",
+                  "| shape (B, D, HxW, M) | variant | backend | timing | fastest | fwd+bwd (us) | default | "
+                  "default fwd+bwd (us) |", "|---|---|---|---|---|---|---|---|"]
+        for f in fastest:
+            B, D, H, W, M = f["shape"]
+            default_us = "-" if f["default_us"] is None else f"{f['default_us']:.1f}"
+            timing = "graph" if f["timing"] == "fwd_bwd_graph_us" else "launched"
+            lines.append(f"| ({B}, {D}, {H}x{W}, {M}) | {f['variant']} | {f['backend']} | {timing} | {f['fastest']} "
+                         f"| {f['fastest_us']:.1f} | {f['default']} | {default_us} |")
     return "\n".join(lines) + "\n"
 
 
@@ -272,7 +308,7 @@ def main(argv=None):
         for variant in args.variants or (["log", "2x2", "cosine"] if i == 0 else ["log"]):
             rows += bench_shape(shape, device, args.quick, measure, variant)
         text = markdown(env, rows)  # written after every shape: an interrupted run keeps what it measured
-        (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+        (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows, "fastest": fastest_precisions(rows)}, indent=1))
         (args.out / f"{stem}.md").write_text(text)
     print(text)
     print(f"wrote {args.out / stem}.json and .md")

@@ -51,3 +51,30 @@ def test_fwd_bwd_is_op_only(monkeypatch):
     assert calls and all(len(out) == 2 and out[0].shape == (1, 5) and grads is not None and len(grads) == 2
                          for out, grads in calls)
     assert {r["method"] for r in rows} == {"original eager", "torch", "null op"}
+
+
+def test_fastest_precision_per_backend():
+    """The summary picks each backend's fastest precision per shape from graph times when every row has
+    them, from launched times otherwise, and leaves out backends timed at one precision only."""
+    default = protokern.backends.AUTO_PRECISION["cuda"]
+    others = [q for q in ("highest", "high", "medium") if q != default]
+
+    def row(backend, precision, us, graph=None, shape=(80, 128, 7, 7, 2000)):
+        r = {"method": backend, "shape": list(shape), "variant": "log", "backend": backend, "precision": precision,
+             "fwd_us": us, "fwd_bwd_us": us}
+        if graph is not None:
+            r["fwd_bwd_graph_us"] = graph
+        return r
+
+    rows = [row("cuda", default, 100.0, 90.0), row("cuda", others[0], 50.0, 60.0), row("cuda", others[1], 70.0, 40.0),
+            row("triton", "medium", 10.0, 8.0, shape=(1, 2, 3, 3, 4)), row("triton", "high", 5.0, shape=(1, 2, 3, 3, 4)),
+            row("torch", "highest", 1.0), {"method": "original eager", "shape": [80, 128, 7, 7, 2000],
+                                            "variant": "log", "fwd_us": 1.0, "fwd_bwd_us": 1.0}]
+    fastest = {f["backend"]: f for f in distance.fastest_precisions(rows)}
+    assert set(fastest) == {"cuda", "triton"}
+    assert (fastest["cuda"]["fastest"], fastest["cuda"]["fastest_us"], fastest["cuda"]["timing"]) == (
+        others[1], 40.0, "fwd_bwd_graph_us")
+    assert (fastest["cuda"]["default"], fastest["cuda"]["default_us"]) == (default, 90.0)
+    assert (fastest["triton"]["fastest"], fastest["triton"]["timing"]) == ("high", "fwd_bwd_us")
+    text = distance.markdown({"device": "card", "date": "today", "torch": "t", "triton": "x"}, rows)
+    assert f"| (80, 128, 7x7, 2000) | log | cuda | graph | {others[1]} | 40.0 | {default} | 90.0 |" in text
