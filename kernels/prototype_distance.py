@@ -81,12 +81,11 @@ STREAMED_P_MAX_REGISTERS = {"highest": 128} if TRITON_VERSION >= (3, 8) else {}
 GRAD_Z_PATCH_TILES = (16, 32, 64)  # BLOCK_Q from HW
 GRAD_Z_PAIRS = 64  # (image, prototype) pairs per step of grad_z: IMAGES * BLOCK_M
 GRAD_Z_CHANNEL_TILES = (16, 32)  # BLOCK_D of grad_z, from D (64 channels spill or reach 255 registers)
-# 64-patch grad_z tiles take 16 channels whatever D: 128 registers on Triton 3.8, 2 blocks of 256 threads
-# per SM (with 32 channels ptxas takes 169, 1 block per SM, and a cap of 128 spills; Triton 3.6: 205 against
-# 255); sm90_gate.py --all checks it. Since its offsets went int32 and g comes from grad_p (NOTES.md
-# "Triton v8") ptxas takes 166 on Triton 3.8 by itself, so the 64-patch tiles of whole images carry the cap
-# (0 spills, 521 instructions per step against 497 uncapped); Triton 3.6 keeps ptxas's choice.
-GRAD_Z_WIDE_TILE_CHANNELS = 16
+# The 64-patch grad_z tiles of whole images are capped at 128 registers on Triton 3.8: 2 blocks of 256 threads
+# per SM, 0 spills with 32 channels (NOTES.md "Triton v9": the channel-independent part of a step, about 230
+# of its instructions, is paid once per 32 channels instead of once per 16); Triton 3.6's code spills under
+# that cap and keeps ptxas's choice (217 registers, 1 block per SM, as with 16 channels before).
+# sm90_gate.py --all checks both.
 GRAD_Z_WIDE_TILE_MAX_REGISTERS = {"maxnreg": 128} if TRITON_VERSION >= (3, 8) else {}
 # Triton 3.6 spills 40 bytes at 32 patches x 32 channels since g comes from grad_p (NOTES.md "Triton v8"):
 # its 32-patch tiles take 16 channels there (230 registers).
@@ -335,7 +334,7 @@ def _add_won_pairs(acc, rows, q_j, won, pair, z_b, z_row, m_j, offs_d, d_mask, g
     accumulation (see ``_grad_features_kernel``); the pairs not won are not gathered (their contribution is 0).
     """
     inf = float("inf")
-    sel = (rows[:, None] == q_j[None, :]) & won[None, :]
+    sel = rows[:, None] == tl.where(won, q_j, -1)[None, :]  # the won test once per pair, not per (q, pair)
     g = tl.load(g_ptr + pair, mask=won, other=0.0)
     mask = won[:, None] & d_mask[None, :]
     z = tl.load(z_b + (z_row[:, None] + offs_d[None, :] * stride_zd), mask=mask, other=0.0).to(tl.float32)
@@ -428,14 +427,11 @@ def _grad_features_kernel(
         live_b = b_j < B
         for m0 in range(0, M, BLOCK_M):
             m_j = m0 + offs_j % BLOCK_M
-            live = (m_j < M) & live_b
+            live = (m_j < M) & live_b  # the tile holds every patch of its images: each live pair won one
             pair = pair_j + m0
             k_j = tl.load(idx_b + pair, mask=live, other=0).to(tl.int32)
-            q_j = k_j + q_base  # pair j's patch in the block
-            won = live & (q_j >= q0) & (q_j < q0 + BLOCK_Q)
-            if tl.max(won.to(tl.int32), axis=0) > 0:  # some pair of this step won a patch of this tile
-                acc = _add_won_pairs(acc, rows, q_j - q0, won, pair, z_b, z_img + k_j * stride_zk, m_j, offs_d,
-                                     d_mask, g_b, p_ptr, stride_zd, stride_pm, stride_pd)
+            acc = _add_won_pairs(acc, rows, k_j + q_base, live, pair, z_b, z_img + k_j * stride_zk, m_j, offs_d,
+                                 d_mask, g_b, p_ptr, stride_zd, stride_pm, stride_pd)
     b_q = b0 + offs_q // HW
     k_q = offs_q % HW
     row_ok = (offs_q < IMAGES * HW) & (b_q < B)
@@ -513,13 +509,12 @@ def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
 
     grad_z: BLOCK_Q patches (the next power of two of HW in 16..64); when several whole images fit a tile,
     the tile holds IMAGES of them (a power of two) and the GRAD_Z_PAIRS pairs of a step are IMAGES x BLOCK_M.
-    BLOCK_D: 16 or 32 channels from D; always GRAD_Z_WIDE_TILE_CHANNELS with the largest patch tile (and, on
-    Triton 3.6, with GRAD_Z_NARROW_PATCH_TILES).
+    BLOCK_D: 16 or 32 channels from D (16 on Triton 3.6 with GRAD_Z_NARROW_PATCH_TILES).
     """
     block_q = _pow2(HW, GRAD_Z_PATCH_TILES[0], GRAD_Z_PATCH_TILES[-1])
     gz_channels = _pow2(D, GRAD_Z_CHANNEL_TILES[0], GRAD_Z_CHANNEL_TILES[-1])
-    if block_q == GRAD_Z_PATCH_TILES[-1] or block_q in GRAD_Z_NARROW_PATCH_TILES:
-        gz_channels = GRAD_Z_WIDE_TILE_CHANNELS
+    if block_q in GRAD_Z_NARROW_PATCH_TILES:
+        gz_channels = GRAD_Z_CHANNEL_TILES[0]
     gz_options = dict(_GRAD_Z_OPTIONS)
     if block_q == GRAD_Z_PATCH_TILES[-1] and HW <= block_q:
         gz_options.update(GRAD_Z_WIDE_TILE_MAX_REGISTERS)
