@@ -81,12 +81,11 @@ STREAMED_P_MAX_REGISTERS = {"highest": 128} if TRITON_VERSION >= (3, 8) else {}
 GRAD_Z_PATCH_TILES = (16, 32, 64)  # BLOCK_Q from HW
 GRAD_Z_PAIRS = 64  # (image, prototype) pairs per step of grad_z: IMAGES * BLOCK_M
 GRAD_Z_CHANNEL_TILES = (16, 32)  # BLOCK_D of grad_z, from D (64 channels spill or reach 255 registers)
-# The 64-patch grad_z tiles of whole images are capped at 128 registers on Triton 3.8: 2 blocks of 256 threads
-# per SM, 0 spills with 32 channels (NOTES.md "Triton v9": the channel-independent part of a step, about 230
-# of its instructions, is paid once per 32 channels instead of once per 16); Triton 3.6's code spills under
-# that cap and keeps ptxas's choice (217 registers, 1 block per SM, as with 16 channels before).
+# The 64-patch grad_z tiles of whole images are capped at 128 registers: 2 blocks of 256 threads per SM, 0
+# spills with 32 channels on Triton 3.8 and 3.6 since a step no longer reduces a non-finite test over the
+# block (NOTES.md "Triton v9"; before, Triton 3.6 spilled under the cap and ran 1 block per SM).
 # sm90_gate.py --all checks both.
-GRAD_Z_WIDE_TILE_MAX_REGISTERS = {"maxnreg": 128} if TRITON_VERSION >= (3, 8) else {}
+GRAD_Z_WIDE_TILE_MAX_REGISTERS = {"maxnreg": 128}
 # Triton 3.6 spills 40 bytes at 32 patches x 32 channels since g comes from grad_p (NOTES.md "Triton v8"):
 # its 32-patch tiles take 16 channels there (230 registers).
 GRAD_Z_NARROW_PATCH_TILES = (32,) if TRITON_VERSION < (3, 8) else ()
@@ -325,37 +324,64 @@ def _grad_prototypes_kernel(
 
 
 @triton.jit
-def _add_won_pairs(acc, rows, q_j, won, pair, z_b, z_row, m_j, offs_d, d_mask, g_ptr, p_ptr, stride_zd, stride_pm,
-                   stride_pd):
-    """acc[q] += sum over the pairs j with won[j] and q_j = q of g_j (z_j - p_j). rows: 0..BLOCK_Q - 1; q_j: the
-    pair's patch relative to the tile's first (each row compares against a constant); z_b + z_row: its winning
-    z row (z_row an int32 offset from the block's z); pair: its int32 offset from the block's first pair in
-    g_ptr, the coefficients written by ``_grad_prototypes_kernel``. Exact products, fixed-order fp32
-    accumulation (see ``_grad_features_kernel``); the pairs not won are not gathered (their contribution is 0).
-    """
-    inf = float("inf")
-    sel = rows[:, None] == tl.where(won, q_j, -1)[None, :]  # the won test once per pair, not per (q, pair)
+def _contributions(pair, won, z_b, z_row, m_j, offs_d, d_mask, g_ptr, p_ptr, stride_zd, stride_pm, stride_pd):
+    """c[j] = g_j (z_j - p_j) of the won pairs j (0 for the others, which are not gathered): z_b + z_row is pair
+    j's winning z row (z_row an int32 offset from the block's z), pair its int32 offset from the block's first
+    pair in g_ptr (the coefficients written by ``_grad_prototypes_kernel``)."""
     g = tl.load(g_ptr + pair, mask=won, other=0.0)
     mask = won[:, None] & d_mask[None, :]
     z = tl.load(z_b + (z_row[:, None] + offs_d[None, :] * stride_zd), mask=mask, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + m_j[:, None] * stride_pm + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
-    c = g[:, None] * (z - p)
-    finite = tl.abs(c) < inf
+    return g[:, None] * (z - p)
+
+
+@triton.jit
+def _add_won_pairs(acc, bad, rows, q_j, won, pair, z_b, z_row, m_j, offs_d, d_mask, g_ptr, p_ptr, stride_zd,
+                   stride_pm, stride_pd):
+    """acc[q] += sum over the pairs j with won[j] and q_j = q of the finite g_j (z_j - p_j) (``_contributions``);
+    bad |= which contributions are not finite (``_add_non_finite`` adds those after the last step). rows:
+    0..BLOCK_Q - 1; q_j: the pair's patch relative to the tile's first (each row compares against a constant).
+    Exact products, fixed-order fp32 accumulation (see ``_grad_features_kernel``).
+    """
+    w = (rows[:, None] == tl.where(won, q_j, -1)[None, :]).to(tl.float32)  # the won test once per pair
+    c = _contributions(pair, won, z_b, z_row, m_j, offs_d, d_mask, g_ptr, p_ptr, stride_zd, stride_pm, stride_pd)
+    finite = tl.abs(c) < float("inf")
     c_fin = tl.where(finite, c, 0.0)
     hi = _tf32_part(c_fin)
     rest = c_fin - hi  # exact: the low 13 bits of c
     mid = _tf32_part(rest)
-    w = sel.to(tl.float32)
     part = tl.dot(w, rest - mid, input_precision="tf32")  # rest - mid: at most 2 bits, exact
     part = tl.dot(w, mid, part, input_precision="tf32")
     acc += tl.dot(w, hi, part, input_precision="tf32")
-    if tl.sum(tl.sum((finite == 0).to(tl.int32), axis=1), axis=0) > 0:
-        kind = tl.where(c == inf, 1.0, 0.0) + tl.where(c == -inf, 256.0, 0.0) + tl.where(c != c, 65536.0, 0.0)
-        counts = tl.dot(w, kind, input_precision="tf32").to(tl.int32)  # < 256 of each: exact
-        pos = (counts & 255) > 0
-        neg = ((counts >> 8) & 255) > 0
-        nan = (counts >> 16) > 0
-        acc += tl.where(nan | (pos & neg), float("nan"), tl.where(pos, inf, tl.where(neg, -inf, 0.0)))
+    return acc, bad | (finite == 0)
+
+
+@triton.jit
+def _add_non_finite(acc, rows, q0, idx_b, g_b, z_b, p_ptr, pair_j, z_img, q_base, live_b, offs_j, offs_d, d_mask, M,
+                    stride_zd, stride_zk, stride_pm, stride_pd, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
+    """acc[q] += +inf, -inf or NaN where the pairs that won patch q have non-finite contributions: a second walk
+    over the prototype steps, run only by programs whose first walk met one. Each step's kinds (+inf, -inf,
+    NaN) are counted per patch by an exact dot and added in step order, so every patch gets what any summation
+    order gives (NaN if a NaN or both infinities, else the infinity), as if they had been added in the first
+    walk (the finite sums are finite there: adding an infinity earlier or later gives the same)."""
+    inf = float("inf")
+    for m0 in range(0, M, BLOCK_M):
+        m_j = m0 + offs_j % BLOCK_M
+        pair = pair_j + m0
+        live = (m_j < M) & live_b
+        k_j = tl.load(idx_b + pair, mask=live, other=0).to(tl.int32)
+        q_j = k_j + q_base - q0
+        won = live & (q_j >= 0) & (q_j < BLOCK_Q)
+        c = _contributions(pair, won, z_b, z_img + k_j * stride_zk, m_j, offs_d, d_mask, g_b, p_ptr, stride_zd,
+                           stride_pm, stride_pd)
+        if tl.max(tl.max(((tl.abs(c) < inf) == 0).to(tl.int32), axis=1), axis=0) > 0:
+            w = (rows[:, None] == tl.where(won, q_j, -1)[None, :]).to(tl.float32)
+            kind = tl.where(c == inf, 1.0, 0.0) + tl.where(c == -inf, 256.0, 0.0) + tl.where(c != c, 65536.0, 0.0)
+            counts = tl.dot(w, kind, input_precision="tf32").to(tl.int32)  # < 256 of each: exact
+            pos = (counts & 255) > 0
+            neg = ((counts >> 8) & 255) > 0
+            nan = (counts >> 16) > 0
+            acc += tl.where(nan | (pos & neg), float("nan"), tl.where(pos, inf, tl.where(neg, -inf, 0.0)))
     return acc
 
 
@@ -376,9 +402,10 @@ def _grad_features_kernel(
     pair and first z element, loop-invariant parts hoisted (the launcher checks that they fit). The dots are
     exact in their products (sel is 0/1, c goes in as three TF32-exact parts), so only their fixed-order fp32
     accumulation rounds, at every tile size. A non-finite c never enters a dot
-    (0 * inf would reach every patch): its kind (+inf, -inf, NaN) is counted per patch by one more exact dot,
-    only in tiles that hold one, and added as +inf, -inf or NaN, which is what any summation order gives.
-    Only the pairs that won a patch of the tile are gathered; steps with none are skipped.
+    (0 * inf would reach every patch): each thread notes where its contributions were not finite (no
+    reduction per step), and a program that met one walks the steps again (``_add_non_finite``) adding
+    +inf, -inf or NaN per patch, which is what any summation order gives. Only the pairs that won a patch of
+    the tile are gathered.
 
     COMPACT (a tile smaller than its image, IMAGES = 1): the pairs won in the tile are queued in scan order
     (a prefix sum places them) and the dots run on full queues of BLOCK_M won pairs only (and the last,
@@ -396,6 +423,14 @@ def _grad_features_kernel(
     b_j = b0 + offs_j // BLOCK_M
     q_base = (offs_j // BLOCK_M) * HW  # first patch of pair j's image in the block's numbering
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    bad = tl.zeros((IMAGES * BLOCK_M, BLOCK_D), dtype=tl.int1)  # where a contribution was not finite
+    first = b0.to(tl.int64) * M
+    idx_b, g_b = idx_ptr + first, g_ptr + first
+    z_b = z_ptr + b0.to(tl.int64) * stride_zb
+    i_j = offs_j // BLOCK_M
+    pair_j = i_j * M + offs_j % BLOCK_M  # pair j's offset at m0 = 0
+    z_img = i_j * stride_zb
+    live_b = b_j < B
     if COMPACT:
         tl.static_assert(IMAGES == 1)
         queue = tl.zeros((BLOCK_M,), dtype=tl.int32)  # queued prototypes; slots >= fill hold 0
@@ -410,28 +445,24 @@ def _grad_features_kernel(
                 hit = won[None, :] & (slot[None, :] == offs_j[:, None])  # (queue slot, scanned pair)
                 queue += tl.sum(tl.where(hit, m_j[None, :], 0), axis=1)
                 if fill + n >= BLOCK_M:  # a full queue: its dots, then the overflow starts the next one
-                    acc = _add_queue(acc, queue, BLOCK_M, b0, q0, rows, offs_d, d_mask, idx_ptr, g_ptr, z_ptr, p_ptr,
-                                     M, stride_zb, stride_zd, stride_zk, stride_pm, stride_pd, BLOCK_M)
+                    acc, bad = _add_queue(acc, bad, queue, BLOCK_M, q0, rows, offs_d, d_mask, idx_b, g_b, z_b,
+                                          p_ptr, stride_zd, stride_zk, stride_pm, stride_pd, BLOCK_M)
                     hit = won[None, :] & (slot[None, :] == offs_j[:, None] + BLOCK_M)
                     queue = tl.sum(tl.where(hit, m_j[None, :], 0), axis=1)
                 fill = (fill + n) % BLOCK_M
-        acc = _add_queue(acc, queue, fill, b0, q0, rows, offs_d, d_mask, idx_ptr, g_ptr, z_ptr, p_ptr, M, stride_zb,
-                         stride_zd, stride_zk, stride_pm, stride_pd, BLOCK_M)
+        acc, bad = _add_queue(acc, bad, queue, fill, q0, rows, offs_d, d_mask, idx_b, g_b, z_b, p_ptr, stride_zd,
+                              stride_zk, stride_pm, stride_pd, BLOCK_M)
     else:
-        first = b0.to(tl.int64) * M
-        idx_b, g_b = idx_ptr + first, g_ptr + first
-        z_b = z_ptr + b0.to(tl.int64) * stride_zb
-        i_j = offs_j // BLOCK_M
-        pair_j = i_j * M + offs_j % BLOCK_M  # pair j's offset at m0 = 0
-        z_img = i_j * stride_zb
-        live_b = b_j < B
         for m0 in range(0, M, BLOCK_M):
             m_j = m0 + offs_j % BLOCK_M
             live = (m_j < M) & live_b  # the tile holds every patch of its images: each live pair won one
             pair = pair_j + m0
             k_j = tl.load(idx_b + pair, mask=live, other=0).to(tl.int32)
-            acc = _add_won_pairs(acc, rows, k_j + q_base, live, pair, z_b, z_img + k_j * stride_zk, m_j, offs_d,
-                                 d_mask, g_b, p_ptr, stride_zd, stride_pm, stride_pd)
+            acc, bad = _add_won_pairs(acc, bad, rows, k_j + q_base, live, pair, z_b, z_img + k_j * stride_zk, m_j,
+                                      offs_d, d_mask, g_b, p_ptr, stride_zd, stride_pm, stride_pd)
+    if tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0:  # one reduction per program, not per step
+        acc = _add_non_finite(acc, rows, q0, idx_b, g_b, z_b, p_ptr, pair_j, z_img, q_base, live_b, offs_j, offs_d,
+                              d_mask, M, stride_zd, stride_zk, stride_pm, stride_pd, BLOCK_Q, BLOCK_M)
     b_q = b0 + offs_q // HW
     k_q = offs_q % HW
     row_ok = (offs_q < IMAGES * HW) & (b_q < B)
@@ -440,14 +471,13 @@ def _grad_features_kernel(
 
 
 @triton.jit
-def _add_queue(acc, queue, fill, b, q0, rows, offs_d, d_mask, idx_ptr, g_ptr, z_ptr, p_ptr, M, stride_zb, stride_zd,
-               stride_zk, stride_pm, stride_pd, SLOTS: tl.constexpr):
-    """``_add_won_pairs`` for the first ``fill`` queued prototypes of image b (COMPACT grad_z)."""
+def _add_queue(acc, bad, queue, fill, q0, rows, offs_d, d_mask, idx_b, g_b, z_b, p_ptr, stride_zd, stride_zk,
+               stride_pm, stride_pd, SLOTS: tl.constexpr):
+    """``_add_won_pairs`` for the first ``fill`` queued prototypes of the program's image (COMPACT grad_z)."""
     used = tl.arange(0, SLOTS) < fill
-    first = b.to(tl.int64) * M
-    k = tl.load(idx_ptr + first + queue, mask=used, other=0).to(tl.int32)
-    return _add_won_pairs(acc, rows, k - q0, used, queue, z_ptr + b.to(tl.int64) * stride_zb, k * stride_zk, queue,
-                          offs_d, d_mask, g_ptr + first, p_ptr, stride_zd, stride_pm, stride_pd)
+    k = tl.load(idx_b + queue, mask=used, other=0).to(tl.int32)
+    return _add_won_pairs(acc, bad, rows, k - q0, used, queue, z_b, k * stride_zk, queue, offs_d, d_mask, g_b, p_ptr,
+                          stride_zd, stride_pm, stride_pd)
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:

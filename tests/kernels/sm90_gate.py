@@ -1,17 +1,18 @@
 """CPU gate for the Triton kernels (issue 10): compile launch configurations offline for sm_90, no GPU.
 
-``python -m tests.kernels.sm90_gate [--all | --probe | --sass [KERNEL ...]]`` compiles kernel
+``python -m tests.kernels.sm90_gate [--all | --probe | --sass [--runtime] [KERNEL ...]]`` compiles kernel
 configurations, reads Triton's own ptxas -v log of each (its flags, its cubin) and prints one JSON line per
 configuration: registers, spill bytes, shared memory. Exit status 1 if any configuration spills. ``--all``
-(what the test runs, about 2 minutes on 2 CPU cores for 69 configurations) compiles every configuration a
+(what the test runs, about 2 minutes on 2 CPU cores for 71 configurations) compiles every configuration a
 launcher can pick (``prototype_distance.launch_configs()``); without it, a quick representative subset for
 development: the configurations the launchers pick for SHAPES (both ends of every tile range, the p tile
 resident and not, one and sixteen images per grad_z tile). Each distinct configuration is compiled once per
 run. ``--probe`` only checks that offline compilation works here. ``--sass`` prints, for the CUB shape's
 configurations (grad_z, grad_p, the forward at each precision; or only the KERNELs named), the SASS
 instruction mix by opcode class of the whole kernel and of each loop (from a back-edge branch's target to
-the branch), read from the cubin with the nvdisasm that ships with Triton (``sass_mix``). Must run with
-TRITON_INTERPRET unset or 0 (compiled ``triton.jit``).
+the branch), read from the cubin with the nvdisasm that ships with Triton (``sass_mix``); with
+``--runtime``, of the kernels as the JIT specialises them for the CUB shape's argument values
+(``CUB_RUNTIME``). Must run with TRITON_INTERPRET unset or 0 (compiled ``triton.jit``).
 """
 
 from __future__ import annotations
@@ -30,20 +31,35 @@ import sys
 SHAPES = [(128, 49, 2000), (512, 784, 2000), (20, 9, 10), (16, 1, 5)]
 CUB_SHAPE = SHAPES[0]
 ARCH = 90
+# ``--runtime``: the integer arguments the launchers pass at the CUB shape (p contiguous, z as
+# ``channels_innermost`` lays it out), by name. Triton's JIT compiles an integer argument equal to 1 as a
+# constant and tells the compiler which integers are multiples of 16 and which pointers 16-byte aligned;
+# without these values the offline compile sees plain i32 arguments (the kernel the gate checks for every
+# configuration, with more address arithmetic and narrower loads than the one launched at this shape).
+CUB_RUNTIME = dict(B=80, D=128, HW=49, M=2000, stride_zb=128 * 49, stride_zd=1, stride_zk=128, stride_pm=128,
+                   stride_pd=1)
 
 
-def _signature(fn, meta: dict) -> tuple[dict, dict]:
-    types = {}
-    for name in fn.arg_names:
-        if name in meta:
+def _signature(fn, meta: dict, runtime: dict | None = None) -> tuple[dict, dict, dict]:
+    """(types, constexprs, attributes) of ``fn``'s arguments; with ``runtime`` (argument values by name) as
+    Triton's JIT specialises them: values equal to 1 become constants, multiples of 16 and (all) pointers
+    are marked divisible by 16."""
+    types, constexprs, attrs = {}, {}, {}
+    runtime = runtime or {}
+    for at, name in enumerate(fn.arg_names):
+        if name in meta or runtime.get(name) == 1:
             types[name] = "constexpr"
-        elif name.endswith("_ptr"):
+            constexprs[(at,)] = meta[name] if name in meta else 1
+            continue
+        if name.endswith("_ptr"):
             types[name] = "*i64" if name == "idx_ptr" else "*fp32"
         elif name in ("eps", "one_minus_eps", "coef", "tiny"):
             types[name] = "fp32"
         else:
             types[name] = "i32"
-    return types, {(fn.arg_names.index(name),): value for name, value in meta.items()}
+        if (runtime and name.endswith("_ptr")) or runtime.get(name, 1) % 16 == 0:
+            attrs[(at,)] = [["tt.divisibility", 16]]
+    return types, constexprs, attrs
 
 
 def configurations(shapes) -> list[tuple[str, dict, dict]]:
@@ -53,8 +69,9 @@ def configurations(shapes) -> list[tuple[str, dict, dict]]:
     return K.launch_configs(shapes)
 
 
-def _compile(name: str, meta: dict, options: dict):
-    """(compiled kernel, what the compiler printed) of one configuration of kernel ``name`` for sm_90."""
+def _compile(name: str, meta: dict, options: dict, runtime: dict | None = None):
+    """(compiled kernel, what the compiler printed) of one configuration of kernel ``name`` for sm_90,
+    specialised for the ``runtime`` argument values if given (``_signature``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -62,24 +79,28 @@ def _compile(name: str, meta: dict, options: dict):
     from protokern.kernels import prototype_distance as K
 
     fn = getattr(K, name)
-    types, constexprs = _signature(fn, meta)
+    types, constexprs, attrs = _signature(fn, meta, runtime)
+    os.environ.update(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1")  # no cache hit: ptxas runs, logs
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        kernel = triton.compile(ASTSource(fn=fn, signature=types, constexprs=constexprs),
+        kernel = triton.compile(ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=attrs),
                                 target=GPUTarget("cuda", ARCH, 32), options=options)
     return kernel, log.getvalue()
 
 
 def compile_one(name: str, meta: dict, options: dict) -> dict:
     """Compile one kernel configuration for sm_90; registers and spills from Triton's own ptxas run."""
-    os.environ.update(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1")  # no cache hit: ptxas runs, logs
     kernel, log = _compile(name, meta, options)
+    return {"kernel": name, **meta, **options, **_ptxas_facts(name, meta, log),
+            "shared_bytes": kernel.metadata.shared}
+
+
+def _ptxas_facts(name: str, meta: dict, log: str) -> dict:
     regs = re.search(r"Used (\d+) registers", log)
     if regs is None:
         raise RuntimeError(f"no ptxas log for {name} {meta}: {log[-500:]!r}")
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
-    return {"kernel": name, **meta, **options, "registers": int(regs.group(1)),
-            "spill_bytes": sum(spills), "shared_bytes": kernel.metadata.shared}
+    return {"registers": int(regs.group(1)), "spill_bytes": sum(spills)}
 
 
 # SASS opcode classes of ``sass_mix`` (base opcode, before the first '.'); the rest count as "other".
@@ -112,16 +133,17 @@ def _sass_count(opcodes: list[str]) -> dict:
     return mix
 
 
-def sass_mix(name: str, meta: dict, options: dict) -> dict:
-    """SASS instruction mix of one configuration compiled for sm_90: whole-kernel totals by opcode class and,
-    for each loop (a backward branch to an earlier label), the mix of its body (target label to branch;
-    an inner loop's instructions count in its outer loop too). No GPU: the cubin is disassembled offline."""
+def sass_mix(name: str, meta: dict, options: dict, runtime: dict | None = None) -> dict:
+    """SASS instruction mix of one configuration compiled for sm_90 (specialised for ``runtime`` argument
+    values if given): registers, spills, whole-kernel totals by opcode class and, for each loop (a backward
+    branch to an earlier label), the mix of its body (target label to branch; an inner loop's instructions
+    count in its outer loop too). No GPU: the cubin is disassembled offline."""
     import subprocess
     import tempfile
 
     import triton
 
-    kernel, _ = _compile(name, meta, options)
+    kernel, log = _compile(name, meta, options, runtime)
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -142,7 +164,8 @@ def sass_mix(name: str, meta: dict, options: dict) -> dict:
         opcodes.append(ins.group(1))
     loops = [{"label": t, "first": labels[t], "last": at, **_sass_count(opcodes[labels[t]:at + 1])}
              for at, t in branches if t in labels and labels[t] < at]  # not the closing `BRA` to itself
-    return {"kernel": name, **meta, **options, "whole": _sass_count(opcodes), "loops": loops}
+    return {"kernel": name, **meta, **options, **_ptxas_facts(name, meta, log), "runtime": bool(runtime),
+            "whole": _sass_count(opcodes), "loops": loops}
 
 
 def _compile_packed(config):
@@ -173,7 +196,7 @@ def main(argv: list[str]) -> int:
         names = [a for a in argv if a.startswith("_")]  # kernel names: only those (default all)
         for config in configurations([CUB_SHAPE]):
             if not names or config[0] in names:
-                print(json.dumps(sass_mix(*config)), flush=True)
+                print(json.dumps(sass_mix(*config, CUB_RUNTIME if "--runtime" in argv else None)), flush=True)
         return 0
     if "--all" in argv:
         from protokern.kernels import prototype_distance as K
