@@ -1,5 +1,6 @@
 """Triton kernels of the fused op, called through their launchers: layouts, dtypes, GPU shapes, precisions."""
 
+import functools
 import json
 import os
 import subprocess
@@ -358,6 +359,7 @@ def test_tensor_core_tiles_give_the_same_bits(HW):
     assert idx[1, 9].item() == 45 and dist[1, 9].item() == 0.0 and idx[2, 60].item() == 3
 
 
+@functools.cache  # one compile per distinct argument list and test session
 def _run_gate(*args: str) -> list[dict]:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     cmd = [sys.executable, "-m", "tests.kernels.sm90_gate"]
@@ -415,16 +417,20 @@ def test_sass_mix_of_grad_z_at_the_cub_shape():
         assert mix["BLOCK_D"] == 32 and per_image <= 15776
 
 
-def test_grad_z_as_launched_at_the_cub_shape_does_not_spill():
-    """``sm90_gate --sass --runtime``: grad_z compiled as the JIT specialises it for the CUB shape's arguments
-    (unit channel strides as constants, multiples of 16) keeps 2 blocks of 256 threads per SM without spilling,
-    on Triton 3.6 and 3.8 (fb811af's kernel, with a non-finite test in every step, spilled 24 bytes so on 3.8
-    while its generic compile, the one ``--all`` checks, did not), and its main loop is no longer than the
-    generic one's."""
-    (mix,) = _run_gate("--sass", "--runtime", "_grad_features_kernel")
+def test_kernels_as_launched_at_the_cub_shape_do_not_spill():
+    """``sm90_gate --sass --runtime``: every kernel the launchers pick at the CUB shape (the forward at each
+    precision, grad_p, grad_z), compiled as the JIT specialises it for that shape's arguments (unit channel
+    strides as constants, multiples of 16), spills nothing, on Triton 3.6 and 3.8 (fb811af's grad_z, with a
+    non-finite test in every step, spilled 24 bytes so on 3.8 while its generic compile, the one ``--all``
+    checks, did not); grad_z and the tensor-core forwards keep 2 blocks of 256 threads per SM, and grad_z's
+    main loop is no longer than the generic one's."""
+    launched = _run_gate("--sass", "--runtime")
+    assert {m["kernel"] for m in launched} == {"_forward_kernel", "_grad_prototypes_kernel", "_grad_features_kernel"}
+    assert all(m["runtime"] and m["spill_bytes"] == 0 for m in launched), launched
+    assert all(m["registers"] <= 128 for m in launched if m.get("PRECISION", "tf32") != "ieee")
+    (mix,) = [m for m in launched if m["kernel"] == "_grad_features_kernel"]
     (generic,) = _run_gate("--sass", "_grad_features_kernel")
-    assert mix["runtime"] and not generic["runtime"]
-    assert mix["spill_bytes"] == 0 and mix["registers"] <= 128
+    assert not generic["runtime"]
     main = max(mix["loops"], key=lambda loop: loop["mma"])
     assert main["top"]["HGMMA"] == 40
     assert main["total"] <= max(generic["loops"], key=lambda loop: loop["mma"])["total"]
