@@ -151,3 +151,60 @@ def test_emulator_under_sanitizer(sanitizer_jobs, sanitizer):
     print(run.stdout[-2000:])
     assert run.returncode == 0 and "all checks passed" in run.stdout, (
         f"exit status {run.returncode}\nstdout:\n{run.stdout[-3000:]}\nstderr:\n{run.stderr[-6000:]}")
+
+
+def test_cuda_sass_phases(tmp_path):
+    """tests/cuda_sass.py (the static issue budget): every phase of every kernel variant is found in the SASS
+    with instructions (the phase anchors still match the source), the MMA search step holds what the source
+    implies (per 32-channel stage 32 HMMA for TF32, 96 for 3xTF32: 4 k8 steps x 4 n8 tiles x 2 m16 tiles,
+    x 3 for the split; 1024 FFMA for the FFMA search: 8 x 4 accumulators x 32 channels) and no other phase
+    has an HMMA; the model's constants match forward.cuh; the budget at the CUB shape is positive and puts
+    the search's share where the source says (FFMA's search is its largest phase)."""
+    from tests import cuda_sass
+
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("needs nvcc (CUDA toolkit)")
+    source = (CSRC / "forward.cuh").read_text()
+    for name in ("kBM", "kBK", "kDC", "kRescoreBatch"):
+        assert re.search(rf"constexpr int {name} = {getattr(cuda_sass, name)};", source), name
+    kernels = cuda_sass.compile_kernels(tmp_path)
+    forward_phases = {p for p, _ in cuda_sass.FORWARD_PHASES if p}
+    backward_phases = {p for p, _ in cuda_sass.BACKWARD_PHASES if p}
+    forwards = [k for k in kernels if k.startswith("forward_kernel<")]
+    assert len(forwards) == 12, sorted(kernels)
+    for name in forwards:
+        _, ph, _ = kernels[name]
+        assert forward_phases <= set(ph), (name, forward_phases - set(ph))
+        assert all(ph[p].hot > 0 for p in forward_phases), name
+        hmma = {p: c.count("HMMA") for p, c in ph.items() if c.count("HMMA")}
+        if "MmaSearch<false>" in name:
+            assert hmma == {"search": 32}, (name, hmma)
+        elif "MmaSearch<true>" in name:
+            assert hmma == {"search": 96}, (name, hmma)
+        else:
+            assert hmma == {} and ph["search"].count("FFMA") == 1024, (name, hmma, ph["search"].count("FFMA"))
+    _, ph, _ = kernels["backward_kernel"]
+    assert backward_phases <= set(ph) and all(ph[p].hot > 0 for p in backward_phases), set(ph)
+    cand = {"per_bm": 1.0, "per_warp_tile": 16.0, "batches": 4.0, "batch_iters": 5.0}
+    _, ffma, _ = kernels["forward_kernel<false, FfmaSearch, true>"]
+    per_tile = cuda_sass.forward_per_tile(ffma, cuda_sass.CUB, cand)
+    assert min(per_tile.values()) > 0 and max(per_tile, key=per_tile.get) == "search", per_tile
+    bw = cuda_sass.backward_per_warp(ph, cuda_sass.CUB)
+    assert bw["launch"] == {"G": 2, "KT": 25, "passes": 2, "chunks": 8, "NB": 5, "stages": 16,
+                            "gz_blocks": 160, "gp_blocks": 128}
+    assert min(bw["grad_z"].values()) > 0 and min(bw["grad_p"].values()) > 0
+    assert cuda_sass.forward_launch(cuda_sass.CUB, 132) == (True, 5, 256)  # forward.cuh forward_launch
+
+
+def test_cuda_sass_candidates():
+    """The budget's candidate counts from the emulator: every (b, m) has at least its winner, and the TF32
+    search's looser bound gives more candidates than FFMA's."""
+    from tests import cuda_sass
+
+    if (why := _gxx_ok()) is not None:
+        pytest.skip(why)
+    fp32 = cuda_sass.candidate_stats("highest", B=2, M=128)
+    tf32 = cuda_sass.candidate_stats("medium", B=2, M=128)
+    assert 1.0 <= fp32["per_bm"] < tf32["per_bm"], (fp32, tf32)
+    assert fp32["batches"] >= fp32["per_warp_tile"] / 4 and fp32["batch_iters"] >= fp32["batches"]

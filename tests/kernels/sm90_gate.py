@@ -26,6 +26,8 @@ import os
 import re
 import sys
 
+from tests.sass import SASS_CLASSES, disassemble, parse_sass, sass_count  # noqa: F401 (SASS_CLASSES: tests)
+
 # (D, HW, M): the CUB shape, a wide and a large map (largest tiles), a tiny problem and 1 x 1 maps
 # (smallest tiles, p resident, several images per grad_z tile).
 SHAPES = [(128, 49, 2000), (512, 784, 2000), (20, 9, 10), (16, 1, 5)]
@@ -103,69 +105,18 @@ def _ptxas_facts(name: str, meta: dict, log: str) -> dict:
     return {"registers": int(regs.group(1)), "spill_bytes": sum(spills)}
 
 
-# SASS opcode classes of ``sass_mix`` (base opcode, before the first '.'); the rest count as "other".
-SASS_CLASSES = {
-    "mma": ("HGMMA", "HMMA", "WARPGROUP"),
-    "fp32": ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "MUFU", "FCHK"),
-    "ldg_stg": ("LDG", "STG", "LDGSTS", "LDGDEPBAR", "RED", "ATOM"),
-    "shared": ("LDS", "STS", "LDSM", "STSM"),
-    "bar": ("BAR", "DEPBAR", "SYNCS", "MEMBAR"),
-    "int_alu": ("IMAD", "IADD3", "LOP3", "ISETP", "LEA", "SHF", "SEL", "IMNMX", "IABS", "I2F", "F2I", "PRMT",
-                "IADD", "VIADD", "VIMNMX", "SGXT", "I2FP", "UIADD3", "UIMAD", "ULOP3", "USHF", "ULEA", "UISETP",
-                "USEL", "UMOV", "MOV", "S2R", "S2UR", "CS2R", "R2UR", "POPC", "FLO", "PLOP3", "P2R", "R2P", "VOTE",
-                "VOTEU", "UPLOP3"),
-    "shfl": ("SHFL",),
-    "branch": ("BRA", "BSSY", "BSYNC", "EXIT", "RET", "CALL", "WARPSYNC", "NOP", "YIELD"),
-}
-_OPCLASS = {op: cls for cls, ops in SASS_CLASSES.items() for op in ops}
-
-
-def _sass_count(opcodes: list[str]) -> dict:
-    mix = {"total": len(opcodes)}
-    for cls in list(SASS_CLASSES) + ["other"]:
-        mix[cls] = 0
-    top: dict[str, int] = {}
-    for op in opcodes:
-        base = op.split(".")[0]
-        mix[_OPCLASS.get(base, "other")] += 1
-        top[base] = top.get(base, 0) + 1
-    mix["top"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:12])
-    return mix
-
-
 def sass_mix(name: str, meta: dict, options: dict, runtime: dict | None = None) -> dict:
     """SASS instruction mix of one configuration compiled for sm_90 (specialised for ``runtime`` argument
     values if given): registers, spills, whole-kernel totals by opcode class and, for each loop (a backward
     branch to an earlier label), the mix of its body (target label to branch; an inner loop's instructions
     count in its outer loop too). No GPU: the cubin is disassembled offline."""
-    import subprocess
-    import tempfile
-
-    import triton
-
     kernel, log = _compile(name, meta, options, runtime)
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        text = subprocess.run([nvdisasm, "-c", f.name], check=True, capture_output=True, text=True).stdout
-    opcodes, labels, branches = [], {}, []
-    for line in text.splitlines():
-        label = re.match(r"^\s*(\.L_x_\d+):", line)
-        if label:
-            labels[label.group(1)] = len(opcodes)
-            continue
-        ins = re.match(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);", line)
-        if ins is None:
-            continue
-        target = re.search(r"`\((\.L_x_\d+)\)", ins.group(2))
-        if ins.group(1).split(".")[0] == "BRA" and target:
-            branches.append((len(opcodes), target.group(1)))
-        opcodes.append(ins.group(1))
-    loops = [{"label": t, "first": labels[t], "last": at, **_sass_count(opcodes[labels[t]:at + 1])}
-             for at, t in branches if t in labels and labels[t] < at]  # not the closing `BRA` to itself
+    (fn,) = parse_sass(disassemble(kernel.asm["cubin"]))  # one kernel per cubin
+    opcodes = fn.opcodes
+    loops = [{"label": label, "first": first, "last": last, **sass_count(opcodes[first:last + 1])}
+             for label, first, last in fn.loops]
     return {"kernel": name, **meta, **options, **_ptxas_facts(name, meta, log), "runtime": bool(runtime),
-            "whole": _sass_count(opcodes), "loops": loops}
+            "whole": sass_count(opcodes), "loops": loops}
 
 
 def _compile_packed(config):

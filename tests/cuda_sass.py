@@ -1,0 +1,394 @@
+"""Static issue budget of the CUDA kernels (csrc/, issue 9), offline for sm_90, no GPU.
+
+``python -m tests.cuda_sass [--json]`` compiles csrc/forward.cu and csrc/backward.cu for sm_90 with
+-lineinfo (the ptxas gate's command: tests/test_cuda_gates.py::ptxas_report), disassembles the cubins with
+``nvdisasm -gi`` (source line and inline stack of every SASS instruction; parsing shared with
+tests/kernels/sm90_gate.py in tests/sass.py) and sums the instructions of each kernel variant by phase:
+
+* forward_kernel: prologue, pipeline (the loop's copies, waits and index math), the search step, norms,
+  (1) threshold (visit + reduction), (2) flags, (3) rescoring (batch assembly, ballots, exact_distances,
+  fold), outputs;
+* backward_kernel: grad_z pass (clear, stage z, sum + write), grad_z chunk overhead, grad_z per-pair
+  update, grad_p stage issue, grad_p per-image update.
+
+An instruction belongs to the phase of the outermost frame of its inline stack that lies in a phase's source
+range (a phase runs from its anchor line in the source to the next anchor), so code inlined from helpers
+(exact_distances, warp_sum, the searches' visit) counts in the phase that calls it. Per phase: the static
+mix and its clean loops (back-edge loops all of whose instructions are in the phase).
+
+Then ``budget``: executed warp-instructions at a shape = static per-phase counts x how often each phase runs
+per warp (stages per tile, rescoring batches from the candidates per (b, m), loop trips) x warps x blocks,
+and an issue floor for an H200 (132 SMs x 4 schedulers x 1 warp-instruction per cycle at ~1.98 GHz). A
+model, not a measurement: branches inside a phase count as if every instruction issued (an upper bound,
+e.g. the MMA search's warps of 7x7 maps that skip one n8 tile issue 3/4 of its MMA part).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.sass import Function, disassemble, parse_sass, sass_count
+
+REPO = Path(__file__).resolve().parents[1]
+CSRC = REPO / "csrc"
+
+# (phase, anchor): a phase starts at the first line after the previous anchor's that contains its anchor
+# text, and runs to the line before the next anchor. A phase of None is transparent (the frame is skipped
+# for an inner one). The last anchor ends the table.
+FORWARD_PHASES = [
+    ("prologue", "forward_kernel(const ForwardParams prm"),
+    ("pipeline", "for (int it = 0; it < n_iter; ++it) {"),
+    ("search", "search.template step<kPs>"),
+    ("norms", "if (tid < kBK) {  // channels in order"),
+    ("(1) threshold", "const float cert = cert_coef"),
+    ("(2) flags", "// (2) candidates"),
+    ("(3) batch", "// (3) exact rescoring"),
+    ("(3) ballots", "while (more && cand == 0) {"),
+    ("(3) batch", "zk[j] = pm[j] = p;"),
+    ("(3) exact_distances", "float e[kRescoreBatch];"),
+    ("(3) fold", "if (lane == 0) {"),
+    ("outputs", "__syncthreads();  // this buffer is refilled"),
+    (None, "// Launch shape of the forward"),
+]
+BACKWARD_PHASES = [
+    ("grad_z pass", "void grad_z_block("),
+    ("grad_z clear", "for (int i = lane; i < rows * kAccStride; i += 32)"),
+    ("grad_z stage z", "for (int e = threadIdx.x; e < rows * 32; e += kBwThreads) {"),
+    ("grad_z pass", "Chunk next[kGzGroup];"),
+    ("grad_z chunk", "for (int c0 = m_begin; c0 < m_end; c0 += 32) {"),
+    ("grad_z pair", "if ((in_pass[gi] >> (h + j)) & 1u) {"),
+    ("grad_z chunk", "__syncthreads();"),
+    ("grad_z sum + write", "// Sum the warps' accumulators"),
+    ("grad_p setup", "void grad_p_block("),
+    ("grad_p issue z", "if (staged) {"),
+    ("grad_p issue g, k", "async_commit();"),
+    ("grad_p stage", "const int n_stages ="),
+    (None, "issue(0);"),  # the issue lambda's calls: its own lines tell the phase
+    ("grad_p stage", "for (int s = 0; s < n_stages; ++s) {"),
+    (None, "issue(s + 1);"),
+    ("grad_p stage", "async_wait<1>();"),
+    ("grad_p image", "for (int bl = 0; bl < nb; ++bl) {"),
+    ("grad_p stage", "__syncthreads();  // buffer s & 1"),
+    ("grad_p store", "#pragma unroll"),
+    (None, "__global__ void __launch_bounds__(kBwThreads"),
+    (None, "inline BackwardLaunch backward_launch("),
+]
+SOURCES = {"forward.cu": ("forward.cuh", FORWARD_PHASES), "backward.cu": ("backward.cuh", BACKWARD_PHASES)}
+
+
+def phase_lines(path: Path, table: list[tuple[str | None, str]]) -> dict[int, str | None]:
+    """Source line -> phase (None: transparent) of the lines a phase table covers; raises if an anchor is
+    missing (the source changed: update the table)."""
+    lines = path.read_text().splitlines()
+    starts, at = [], 0
+    for phase, anchor in table:
+        hit = next((i for i in range(at, len(lines)) if anchor in lines[i]), None)
+        if hit is None:
+            raise ValueError(f"{path.name}: no line with {anchor!r} after line {at + 1}")
+        starts.append((hit + 1, phase))
+        at = hit + 1
+    out = {}
+    for (first, phase), (nxt, _) in zip(starts, starts[1:] + [(len(lines) + 1, None)]):
+        if nxt == len(lines) + 1 and phase is None and (first, phase) == starts[-1]:
+            break  # the closing anchor
+        out.update({line: phase for line in range(first, nxt)})
+    return out
+
+
+def phase_of(stack, file: str, lines: dict[int, str | None]) -> str:
+    """The phase of an instruction: its outermost non-transparent frame in `file` that a phase covers."""
+    for f, line in stack:
+        if f == file and lines.get(line) is not None:
+            return lines[line]
+    return "other"
+
+
+@dataclass
+class PhaseCount:
+    """One phase of a kernel: ``static`` all its instructions; ``opcodes`` its hot ones (Function.hot: not
+    the divergent-warp fallbacks nor slow-path subroutines); ``loop`` the hot opcodes of the phase that lie
+    in its loops (back edges whose hot instructions are mostly, > 80%, of the phase)."""
+    static: int
+    opcodes: list[str]
+    loop: list[str] = field(default_factory=list)
+
+    @property
+    def hot(self) -> int:
+        return len(self.opcodes)
+
+    def count(self, prefix: str, within: list[str] | None = None) -> int:
+        """Instructions whose opcode starts with ``prefix`` (e.g. "HMMA", "LDG", "FFMA"), of the phase or
+        of ``within``."""
+        return sum(op.startswith(prefix) for op in (self.opcodes if within is None else within))
+
+    def executed(self, runs: float = 1.0, marker: str | None = None, per_iter: float = 1.0,
+                 iters: float = 0.0) -> float:
+        """Instructions one warp issues for ``runs`` executions of the phase. Without ``marker``: every hot
+        instruction once per run. With it, the phase is a loop of ``iters`` source iterations per run, each
+        holding ``per_iter`` instructions of opcode ``marker``: an iteration costs the loop's instructions /
+        its markers x per_iter (unrolling cancels; with no loop, the phase's), copies of the iteration outside
+        the loop (peeled or remainder iterations, counted by their markers) are not charged, and what is
+        left (set-up, reductions after the loop) runs once per run."""
+        if marker is None:
+            return self.hot * runs
+        body = self.loop or self.opcodes
+        in_body, total = self.count(marker, body), self.count(marker)
+        if in_body == 0:
+            raise ValueError(f"no {marker} in the phase's loop: update the budget model")
+        cost = len(body) * per_iter / in_body
+        rest = self.hot - len(body) - (total - in_body) / per_iter * cost if self.loop else 0.0
+        return runs * (max(0.0, rest) + cost * iters)
+
+
+def phases(fn: Function, file: str, lines: dict[int, str | None]) -> dict[str, PhaseCount]:
+    """Per phase of a kernel function: static and hot instructions and its loops."""
+    tags = [phase_of(stack, file, lines) for stack in fn.stacks]
+    hot = fn.hot()
+    out: dict[str, PhaseCount] = {}
+    for op, tag, h in zip(fn.opcodes, tags, hot):
+        pc = out.setdefault(tag, PhaseCount(0, []))
+        pc.static += 1
+        if h:
+            pc.opcodes.append(op)
+    in_loop: dict[str, set[int]] = {}
+    for _, first, last in fn.loops:
+        hot_tags = [t for t, h in zip(tags[first:last + 1], hot[first:last + 1]) if h]
+        top = max(set(hot_tags), key=hot_tags.count) if hot_tags else None
+        if top is not None and hot_tags.count(top) > 0.8 * len(hot_tags):
+            in_loop.setdefault(top, set()).update(i for i in range(first, last + 1) if hot[i] and tags[i] == top)
+    for tag, members in in_loop.items():
+        out[tag].loop = [fn.opcodes[i] for i in sorted(members)]
+    return out
+
+
+def demangle(names: list[str]) -> list[str]:
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return out if len(out) == len(names) else names
+
+
+def compile_kernels(tmp: Path) -> dict[str, tuple[Function, dict[str, PhaseCount], dict]]:
+    """Short kernel name (tests/test_cuda_gates.py::_short) -> (SASS function, phases, ptxas facts) of every
+    kernel in csrc/forward.cu and csrc/backward.cu compiled for sm_90. Raises without nvcc."""
+    from tests.test_cuda_gates import _nvcc, _short, ptxas_report
+
+    nvcc = _nvcc()
+    if nvcc is None:
+        raise RuntimeError("needs nvcc (CUDA toolkit)")
+    out = {}
+    for source, (header, table) in SOURCES.items():
+        facts = {_short(k): v for k, v in ptxas_report(nvcc, CSRC / source, tmp).items()}
+        lines = phase_lines(CSRC / header, table)
+        cubin = (tmp / (Path(source).stem + ".cubin")).read_bytes()
+        funcs = parse_sass(disassemble(cubin, line_info=True))
+        for fn, name in zip(funcs, demangle([f.name for f in funcs])):
+            short = _short(name)
+            out[short] = (fn, phases(fn, header, lines), facts.get(short, {}))
+    return out
+
+
+# ---- The budget at a shape ------------------------------------------------------------------------
+H200 = {"sms": 132, "schedulers": 4, "ghz": 1.98}
+CUB = {"B": 80, "D": 128, "HW": 49, "M": 2000}
+PRECISIONS = {"highest": "FfmaSearch", "high": "MmaSearch<true>", "medium": "MmaSearch<false>"}
+# forward.cuh constants the model needs (checked against the source by the test)
+kBM, kBK, kDC, kWarps, kRescoreBatch = 128, 64, 32, 8, 4
+
+
+def candidate_stats(precision: str, B: int = 4, M: int = 256, seed: int = 0, HW: int = 49, D: int = 128) -> dict:
+    """Candidates of the certified search on random CUB-like data (z and p uniform in [0, 1): ProtoPNet's
+    sigmoid add-on and its prototype initialisation), from the CPU emulator's recorded (v~, delta)
+    (csrc/emu/check.py: emu_search_values; one patch tile, so T_m is the tile's minimum of v~ + delta). Per
+    (b, m): mean candidates; per warp and tile (warp w rescores prototypes w, w + 8, ... of its block's 128):
+    mean rescoring batches ceil(C_w / 4) and batch-loop iterations floor(C_w / 4) + 1 (the last one finds
+    no candidate when C_w % 4 == 0, or ends early)."""
+    import torch
+
+    sys.path.insert(0, str(CSRC / "emu"))
+    try:
+        import check
+    finally:
+        sys.path.remove(str(CSRC / "emu"))
+    if HW > kBK:
+        raise ValueError("candidate_stats models one patch tile per image (HW <= 64)")
+    lib = _emulator(check)
+    gen = torch.Generator().manual_seed(seed)
+    z3, p = torch.rand(B, D, HW, generator=gen), torch.rand(M, D, generator=gen)
+    v, delta = check.emu_search_values(lib, z3, p, precision)
+    thr = torch.where(torch.isfinite(v), v + delta, torch.inf).amin(2, keepdim=True)
+    per_bm = ((v - delta) <= thr).sum(2)  # (B, M)
+    per_warp = per_bm.reshape(B, M // kBM, kBM // kWarps, kWarps).sum(2).flatten().double()  # ml % 8 = warp
+    return {"per_bm": per_bm.double().mean().item(), "per_warp_tile": per_warp.mean().item(),
+            "batches": torch.ceil(per_warp / kRescoreBatch).mean().item(),
+            "batch_iters": (torch.floor(per_warp / kRescoreBatch) + 1).mean().item()}
+
+
+_EMU = {}
+
+
+def _emulator(check):
+    if "lib" not in _EMU:
+        _EMU["lib"] = check.build(Path(tempfile.mkdtemp(prefix="cuda_sass_emu")))
+    return _EMU["lib"]
+
+
+def forward_launch(shape: dict, sms: int) -> tuple[bool, int, int]:
+    """(p-resident, images per block, blocks) as csrc/forward.cuh forward_launch picks them at 2 x sms slots."""
+    grid_x = -(-shape["M"] // kBM)
+    rows = max(1, (2 * sms) // grid_x)
+    ipb = -(-shape["B"] // rows)
+    resident = shape["D"] <= 128 and ipb > 1
+    ipb = ipb if resident else 1
+    return resident, ipb, grid_x * -(-shape["B"] // ipb)
+
+
+def forward_per_tile(ph: dict[str, PhaseCount], shape: dict, cand: dict) -> dict[str, float]:
+    """Warp-instructions one warp issues per (image, 64-patch tile) of its block, by phase (the model: see
+    the module docstring). Stages per tile n_d = D / 32; the norms' z loop runs on 2 of the 8 warps (threads
+    < 64, one FFMA per channel), the p norms once per block (left out); outputs once per image on 4 warps."""
+    n_d = -(-shape["D"] // kDC)
+    tiles = -(-shape["HW"] // kBK)
+    out = {
+        "pipeline": ph["pipeline"].executed(n_d),
+        "search": ph["search"].executed(n_d),
+        "norms": n_d * (2 / kWarps) * ph["norms"].executed(1, "FFMA", 1, kDC),
+        "(1) threshold": ph["(1) threshold"].executed(),
+        "(2) flags": ph["(2) flags"].executed(),
+        # each batch-loop iteration runs the 4 slots' loop tests; each prototype visited costs one iteration
+        # of a ballot loop (2 ballots): 128 / 8 prototypes per warp, + 1 that ends the walk
+        "(3) ballots": ph["(3) ballots"].executed(1, "VOTE", 2, kBM / kWarps + 1)
+        + (ph["(3) ballots"].hot - len(ph["(3) ballots"].loop)) * (cand["batch_iters"] - 1),
+        "(3) batch": ph["(3) batch"].executed(cand["batch_iters"]),
+        # lane l sums channels l, l + 32, ...: D / 32 iterations of 4 candidates' FFMA
+        "(3) exact_distances": ph["(3) exact_distances"].executed(cand["batches"], "FFMA", kRescoreBatch,
+                                                                  -(-shape["D"] // 32)),
+        "(3) fold": ph["(3) fold"].executed(cand["batches"]),
+        "outputs": ph["outputs"].executed(0.5 / tiles),
+    }
+    return out
+
+
+def backward_per_warp(ph: dict[str, PhaseCount], shape: dict) -> dict[str, dict[str, float]]:
+    """Warp-instructions one warp issues in a grad_z block and in a grad_p block, by phase (backward.cuh's
+    launch at ``shape``): grad_z: G = 2 images, passes of KT patches, chunks of 32 prototypes, one pair update
+    per (image, prototype) (its winner lies in one pass; the per-pair tests of losers, about 2 instructions
+    each, are left out); grad_p: stages of NB images."""
+    B, D, HW, M = shape["B"], shape["D"], shape["HW"], shape["M"]
+    G = min(B, 2)
+    per_pass = 64 // G
+    passes = -(-HW // per_pass)
+    KT = -(-HW // passes)
+    rows = G * KT
+    seg = (-(-M // kWarps) + 31) // 32 * 32
+    chunks = seg // 32
+    pair = ph["grad_z pair"]
+    gz = {
+        "grad_z pass": ph["grad_z pass"].executed(passes),
+        "grad_z clear": ph["grad_z clear"].executed(passes, "STS", 1, rows * 33 / 32),
+        "grad_z stage z": ph["grad_z stage z"].executed(passes, "STS", 1, rows * 32 / (kWarps * 32)),
+        "grad_z chunk": ph["grad_z chunk"].executed(passes * chunks),
+        "grad_z pair": pair.executed(1, "SHFL", 2, G * seg),  # 2 shuffles (k, g) per pair update
+        "grad_z sum + write": ph["grad_z sum + write"].executed(passes, "STG", 1, rows * 32 / (kWarps * 32)),
+    }
+    NB = min(8, 256 // HW) if HW <= 256 else 8
+    stages = -(-B // NB)
+    gp = {
+        "grad_p setup": ph["grad_p setup"].executed(),
+        "grad_p stage": ph["grad_p stage"].executed(stages),
+        "grad_p issue z": ph["grad_p issue z"].executed(stages, "LDGSTS", 1, NB * 32 * HW / (kWarps * 32)),
+        "grad_p issue g, k": ph["grad_p issue g, k"].executed(stages, "STS", 2, NB * 64 / (kWarps * 32)),
+        "grad_p image": ph["grad_p image"].executed(stages, "FFMA", 8, NB),
+        "grad_p store": ph["grad_p store"].executed(),
+    }
+    return {"grad_z": gz, "grad_p": gp, "launch": {"G": G, "KT": KT, "passes": passes, "chunks": chunks,
+                                                    "NB": NB, "stages": stages,
+                                                    "gz_blocks": -(-B // G) * -(-D // 32),
+                                                    "gp_blocks": -(-M // 64) * -(-D // 32)}}
+
+
+def floor_us(warp_instructions_per_sm: float, gpu: dict = H200) -> float:
+    """Issue floor: warp-instructions of the busiest SM at one per scheduler and cycle."""
+    return warp_instructions_per_sm / gpu["schedulers"] / (gpu["ghz"] * 1e3)
+
+
+def budget(kernels: dict, shape: dict = CUB, gpu: dict = H200, cand_B: int = 4, cand_M: int = 256) -> dict:
+    """The static issue budget at ``shape``: per precision and forward plan, and for the backward."""
+    resident, ipb, blocks = forward_launch(shape, gpu["sms"])
+    z_dfast = False  # NCHW z: stride_d = HW > stride_k = 1 (forward.cuh z_dfast)
+    plans = {"p-resident" if resident else "streaming": (resident, ipb, blocks)}
+    grid_x = -(-shape["M"] // kBM)
+    plans.setdefault("streaming", (False, 1, grid_x * shape["B"]))
+    tiles = -(-shape["HW"] // kBK)
+    out = {"shape": shape, "gpu": gpu, "forward": {}, "backward": {}}
+    for precision, search in PRECISIONS.items():
+        cand = candidate_stats(precision, B=cand_B, M=cand_M, HW=shape["HW"], D=shape["D"])
+        for plan, (res, ipb_, blocks_) in plans.items():
+            name = f"forward_kernel<{str(z_dfast).lower()}, {search}, {str(res).lower()}>"
+            _, ph, facts = kernels[name]
+            per_tile = forward_per_tile(ph, shape, cand)
+            per_block = kWarps * ipb_ * tiles * sum(per_tile.values()) + kWarps * ph["prologue"].hot
+            busiest = -(-blocks_ // (2 * gpu["sms"])) * 2 if blocks_ > 2 * gpu["sms"] else min(2, -(-blocks_ // gpu["sms"]))
+            if blocks_ > 2 * gpu["sms"]:  # blocks stream through the slots: the busiest SM runs ceil(blocks / SMs)
+                busiest = -(-blocks_ // gpu["sms"])
+            out["forward"][f"{precision} {plan}"] = {
+                "kernel": name, "registers": facts.get("registers"), "images_per_block": ipb_, "blocks": blocks_,
+                "candidates": cand,
+                "static": {k: v.static for k, v in ph.items()}, "hot": {k: v.hot for k, v in ph.items()},
+                "mma": {k: v.count("HMMA") for k, v in ph.items()},
+                "per_warp_tile": per_tile, "per_block": per_block,
+                "per_sm_mean": per_block * blocks_ / gpu["sms"], "per_sm_busiest": per_block * busiest,
+                "floor_us_mean": floor_us(per_block * blocks_ / gpu["sms"], gpu),
+                "floor_us": floor_us(per_block * busiest, gpu)}
+    _, ph, facts = kernels["backward_kernel"]
+    bw = backward_per_warp(ph, shape)
+    gz, gp = kWarps * sum(bw["grad_z"].values()), kWarps * sum(bw["grad_p"].values())
+    n_gz, n_gp = bw["launch"]["gz_blocks"], bw["launch"]["gp_blocks"]
+    # round-robin dispatch of the 1-D grid (grad_z blocks first), up to 3 blocks per SM in one wave
+    load = [0.0] * gpu["sms"]
+    for i in range(n_gz + n_gp):
+        load[i % gpu["sms"]] += gz if i < n_gz else gp
+    out["backward"] = {"registers": facts.get("registers"), **bw,
+                       "static": {k: v.static for k, v in ph.items()}, "hot": {k: v.hot for k, v in ph.items()},
+                       "per_block": {"grad_z": gz, "grad_p": gp},
+                       "per_sm_mean": sum(load) / gpu["sms"], "per_sm_busiest": max(load),
+                       "floor_us_mean": floor_us(sum(load) / gpu["sms"], gpu), "floor_us": floor_us(max(load), gpu)}
+    return out
+
+
+def main(argv: list[str]) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        kernels = compile_kernels(Path(tmp))
+    result = budget(kernels)
+    if "--json" in argv:
+        print(json.dumps(result, indent=1, default=str))
+        return 0
+    for key, f in result["forward"].items():
+        c = f["candidates"]
+        print(f"forward {key}: {f['kernel']}, {f['registers']} registers, {f['blocks']} blocks of "
+              f"{f['images_per_block']} images; candidates per (b, m) {c['per_bm']:.2f}, per warp-tile "
+              f"{c['per_warp_tile']:.1f} ({c['batches']:.2f} batches)")
+        print(f"  {'phase':22} {'static':>6} {'hot':>6} {'per warp-tile':>13}")
+        for phase, n in f["per_warp_tile"].items():
+            print(f"  {phase:22} {f['static'][phase]:6} {f['hot'][phase]:6} {n:13.0f}")
+        print(f"  per block {f['per_block']:.3g}, per SM mean {f['per_sm_mean']:.3g} busiest "
+              f"{f['per_sm_busiest']:.3g} warp-instructions: issue floor {f['floor_us']:.1f} us "
+              f"(mean {f['floor_us_mean']:.1f} us)")
+    b = result["backward"]
+    print(f"backward: {b['registers']} registers, {b['launch']}")
+    for role in ("grad_z", "grad_p"):
+        for phase, n in b[role].items():
+            print(f"  {phase:22} {b['static'][phase]:6} {b['hot'][phase]:6} {n:13.0f} per warp")
+    print(f"  per block grad_z {b['per_block']['grad_z']:.3g}, grad_p {b['per_block']['grad_p']:.3g}; per SM "
+          f"mean {b['per_sm_mean']:.3g}, busiest {b['per_sm_busiest']:.3g}: issue floor {b['floor_us']:.1f} us "
+          f"(mean {b['floor_us_mean']:.1f} us)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
