@@ -8,8 +8,8 @@ tests/kernels/sm90_gate.py in tests/sass.py) and sums the instructions of each k
 * forward_kernel: prologue, pipeline (the loop's copies, waits and index math), the search step, norms,
   (1) threshold (visit + reduction), (2) flags, (3) rescoring (batch assembly, ballots, exact_distances,
   fold), outputs;
-* backward_kernel: grad_z pass (clear, stage z, sum + write), grad_z chunk overhead, grad_z per-pair
-  update, grad_p stage issue, grad_p per-image update.
+* backward_kernel: grad_z pass set-up, clear, stage z, chunk overhead, per-pair update, sum + write;
+  grad_p set-up, stage loop, issue z, issue (g, k), per-image update, store.
 
 An instruction belongs to the phase of the outermost frame of its inline stack that lies in a phase's source
 range (a phase runs from its anchor line in the source to the next anchor), so code inlined from helpers
@@ -26,15 +26,13 @@ e.g. the MMA search's warps of 7x7 maps that skip one n8 tile issue 3/4 of its M
 from __future__ import annotations
 
 import json
-import math
-import re
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.sass import Function, disassemble, parse_sass, sass_count
+from tests.sass import Function, disassemble, parse_sass
 
 REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc"
@@ -333,9 +331,7 @@ def budget(kernels: dict, shape: dict = CUB, gpu: dict = H200, cand_B: int = 4, 
             _, ph, facts = kernels[name]
             per_tile = forward_per_tile(ph, shape, cand)
             per_block = kWarps * ipb_ * tiles * sum(per_tile.values()) + kWarps * ph["prologue"].hot
-            busiest = -(-blocks_ // (2 * gpu["sms"])) * 2 if blocks_ > 2 * gpu["sms"] else min(2, -(-blocks_ // gpu["sms"]))
-            if blocks_ > 2 * gpu["sms"]:  # blocks stream through the slots: the busiest SM runs ceil(blocks / SMs)
-                busiest = -(-blocks_ // gpu["sms"])
+            busiest = -(-blocks_ // gpu["sms"])  # blocks the busiest SM runs (equal blocks, 2 resident at a time)
             out["forward"][f"{precision} {plan}"] = {
                 "kernel": name, "registers": facts.get("registers"), "images_per_block": ipb_, "blocks": blocks_,
                 "candidates": cand,
