@@ -63,7 +63,7 @@ _FORWARD_OPTIONS = {"highest": (8, 1), "high": (8, 1), "medium": (8, 1)}
 # "Triton v7"); every smaller tile does.
 TENSOR_CORE_MAX_REGISTERS = 128
 TENSOR_CORE_MAX_TILE = 64 * 32
-# Where its patch tile was halved, "medium" (the triton default) searches both 32-patch tiles of each 64-patch
+# Where its patch tile was halved, "medium" searches both 32-patch tiles of each 64-patch
 # window before rescoring their candidates together against the window's threshold (PAIR = 2): one candidate
 # round per window, as with a 64 x 64 tile. "high" keeps a round per tile: paired, it spills under the cap
 # (16 bytes with p streamed on Triton 3.8; 120 / 308 with p resident on 3.6 / 3.8).

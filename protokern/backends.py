@@ -18,13 +18,15 @@ BACKENDS = ("torch", "triton", "cuda")
 SEARCH_PRECISIONS = ("highest", "high", "medium")  # FFMA, 3xTF32, TF32 products in the certified search
 # What precision="auto" (the default) searches with on each backend. Every precision returns the same outputs
 # (certified search, docs/design.md), so this is a speed choice alone:
-# - triton: "medium". Measured on an H200 (benchmarks/results/distance-2026-11-27-h200-v2.md, before the
-#   search was certified), its forward at the CUB shape took 657 us at "highest", 191 us at "high" and 81 us
-#   at "medium", the same order at every shape; TF32's error bound is also the one least sensitive to how the
-#   tensor cores accumulate (its operand truncation dominates it by ~40x).
+# - triton: "high" (3xTF32), a static choice (benchmarks/NOTES.md "Triton: the default precision"). Before the
+#   search was certified, an H200 (benchmarks/results/distance-2026-11-27-h200-v2.md) ran its forward at the
+#   CUB shape in 657 / 191 / 81 us at "highest" / "high" / "medium". The certified search rescores every
+#   candidate exactly, and TF32's wider bound admits ~3.9 candidates per (image, prototype) on uniform
+#   features against ~1.06 at 3xTF32: ~12 rescoring rounds per 64-patch window at "medium" against ~3.4 at
+#   "high", whose image loop is also the shorter in SASS. A GPU table (`fastest_precisions`) settles it.
 # - cuda: "highest" until its tensor-core searches have run on a GPU (none has yet: benchmarks/NOTES.md).
 # - torch: "highest": "high" and "medium" emulate TF32 products with extra passes, never faster.
-AUTO_PRECISION = {"torch": "highest", "triton": "medium", "cuda": "highest"}
+AUTO_PRECISION = {"torch": "highest", "triton": "high", "cuda": "highest"}
 _log = logging.getLogger("protokern")
 
 
