@@ -62,14 +62,29 @@ def kernel_table(tmp: Path) -> dict[str, tuple[int, int, int]]:
     return table
 
 
+_COMPILED: dict[tuple[str, Path], tuple[dict[str, dict[str, int]], bytes]] = {}  # one nvcc run per source and session
+
+
 def ptxas_report(nvcc: str, source: Path, tmp: Path) -> dict[str, dict[str, int]]:
-    """Demangled kernel name -> {registers, spill_stores, spill_loads, static_smem} from ptxas -v."""
+    """Demangled kernel name -> {registers, spill_stores, spill_loads, static_smem} from ptxas -v; the cubin
+    is written to tmp/<stem>.cubin. Compiled once per source and test session (the ptxas gate and
+    tests/cuda_sass.py read the same compile)."""
+    cubin = tmp / (source.stem + ".cubin")
+    if (nvcc, source) not in _COMPILED:
+        report = _ptxas_compile(nvcc, source, cubin)
+        _COMPILED[nvcc, source] = (report, cubin.read_bytes())
+    report, data = _COMPILED[nvcc, source]
+    if not cubin.exists():
+        cubin.write_bytes(data)
+    return {name: dict(facts) for name, facts in report.items()}
+
+
+def _ptxas_compile(nvcc: str, source: Path, cubin: Path) -> dict[str, dict[str, int]]:
     from torch.utils.cpp_extension import include_paths
 
     incs = [f"-I{p}" for p in include_paths()] + [f"-I{CSRC}"]
     cmd = [nvcc, "-cubin", "-arch=sm_90", "-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas", "-v",
-           *incs, str(source),
-           "-o", str(tmp / (source.stem + ".cubin"))]
+           *incs, str(source), "-o", str(cubin)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     text = subprocess.run(["c++filt"], input=out.stderr, capture_output=True, text=True).stdout \
