@@ -549,7 +549,8 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
                 cand = (uint64_t)hi << 32 | lo;
               }
             }
-            zk[j] = pm[j] = p;  // unused unless j < n
+            zk[j] = p;  // unused unless j < n; resident: every pm[j] in shared memory, so its loads are LDS
+            pm[j] = kResident ? p_res : p;
             mls[j] = ks[j] = 0;
             if (more) {
               const int k = k0 + __ffsll((long long)cand) - 1;

@@ -49,7 +49,7 @@ FORWARD_PHASES = [
     ("(2) flags", "// (2) candidates"),
     ("(3) batch", "// (3) exact rescoring"),
     ("(3) ballots", "while (more && cand == 0) {"),
-    ("(3) batch", "zk[j] = pm[j] = p;"),
+    ("(3) batch", "zk[j] = p;  // unused unless j < n"),
     ("(3) exact_distances", "float e[kRescoreBatch];"),
     ("(3) fold", "if (lane == 0) {"),
     ("outputs", "__syncthreads();  // this buffer is refilled"),
