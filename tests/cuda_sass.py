@@ -25,7 +25,9 @@ e.g. the MMA search's warps of 7x7 maps that skip one n8 tile issue 3/4 of its M
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -232,7 +234,9 @@ _EMU = {}
 
 def _emulator(check):
     if "lib" not in _EMU:
-        _EMU["lib"] = check.build(Path(tempfile.mkdtemp(prefix="cuda_sass_emu")))
+        build_dir = tempfile.mkdtemp(prefix="cuda_sass_emu")
+        atexit.register(shutil.rmtree, build_dir, ignore_errors=True)
+        _EMU["lib"] = check.build(Path(build_dir))
     return _EMU["lib"]
 
 
