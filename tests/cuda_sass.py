@@ -26,6 +26,7 @@ e.g. the MMA search's warps of 7x7 maps that skip one n8 tile issue 3/4 of its M
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import shutil
 import subprocess
@@ -210,11 +211,7 @@ def candidate_stats(precision: str, B: int = 4, M: int = 256, seed: int = 0, HW:
     no candidate when C_w % 4 == 0, or ends early)."""
     import torch
 
-    sys.path.insert(0, str(CSRC / "emu"))
-    try:
-        import check
-    finally:
-        sys.path.remove(str(CSRC / "emu"))
+    check = _check()
     if HW > kBK:
         raise ValueError("candidate_stats models one patch tile per image (HW <= 64)")
     lib = _emulator(check)
@@ -232,6 +229,16 @@ def candidate_stats(precision: str, B: int = 4, M: int = 256, seed: int = 0, HW:
 _EMU = {}
 
 
+def _check():
+    """csrc/emu/check.py, the emulator's Python side."""
+    sys.path.insert(0, str(CSRC / "emu"))
+    try:
+        import check
+    finally:
+        sys.path.remove(str(CSRC / "emu"))
+    return check
+
+
 def _emulator(check):
     if "lib" not in _EMU:
         build_dir = tempfile.mkdtemp(prefix="cuda_sass_emu")
@@ -241,13 +248,23 @@ def _emulator(check):
 
 
 def forward_launch(shape: dict, sms: int) -> tuple[bool, int, int]:
-    """(p-resident, images per block, blocks) as csrc/forward.cuh forward_launch picks them at 2 x sms slots."""
-    grid_x = -(-shape["M"] // kBM)
-    rows = max(1, (2 * sms) // grid_x)
-    ipb = -(-shape["B"] // rows)
-    resident = shape["D"] <= 128 and ipb > 1
-    ipb = ipb if resident else 1
-    return resident, ipb, grid_x * -(-shape["B"] // ipb)
+    """(p-resident, images per block, blocks) that csrc/forward.cuh forward_launch picks at 2 x sms slots (the
+    launcher itself, through the emulator build)."""
+    check = _check()
+    out = (ctypes.c_longlong * 4)()
+    prm = check.ForwardParams(B=shape["B"], D=shape["D"], HW=shape["HW"], M=shape["M"])
+    _emulator(check).emu_forward_launch(ctypes.byref(prm), 2 * sms, out)
+    grid_x, grid_y, ipb, resident = out
+    return bool(resident), ipb, grid_x * grid_y
+
+
+def backward_launch(shape: dict) -> dict[str, int]:
+    """csrc/backward.cuh backward_launch at ``shape`` (the launcher itself, through the emulator build)."""
+    check = _check()
+    out = (ctypes.c_longlong * 8)()
+    prm = check.BackwardParams(B=shape["B"], D=shape["D"], HW=shape["HW"], M=shape["M"])
+    _emulator(check).emu_backward_launch(ctypes.byref(prm), out)
+    return dict(zip(("blocks", "gz_blocks", "d_slices", "G", "KT", "seg", "gp_images", "gp_stage"), out))
 
 
 def forward_per_tile(ph: dict[str, PhaseCount], shape: dict, cand: dict) -> dict[str, float]:
@@ -281,13 +298,11 @@ def backward_per_warp(ph: dict[str, PhaseCount], shape: dict) -> dict[str, dict[
     launch at ``shape``): grad_z: G = 2 images, passes of KT patches, chunks of 32 prototypes, one pair update
     per (image, prototype) (its winner lies in one pass; the per-pair tests of losers, about 2 instructions
     each, are left out); grad_p: stages of NB images."""
-    B, D, HW, M = shape["B"], shape["D"], shape["HW"], shape["M"]
-    G = min(B, 2)
-    per_pass = 64 // G
-    passes = -(-HW // per_pass)
-    KT = -(-HW // passes)
+    B, HW = shape["B"], shape["HW"]
+    launch = backward_launch(shape)
+    G, KT, seg = launch["G"], launch["KT"], launch["seg"]
+    passes = -(-HW // KT)
     rows = G * KT
-    seg = (-(-M // kWarps) + 31) // 32 * 32
     chunks = seg // 32
     pair = ph["grad_z pair"]
     gz = {
@@ -298,7 +313,7 @@ def backward_per_warp(ph: dict[str, PhaseCount], shape: dict) -> dict[str, dict[
         "grad_z pair": pair.executed(1, "SHFL", 2, G * seg),  # 2 shuffles (k, g) per pair update
         "grad_z sum + write": ph["grad_z sum + write"].executed(passes, "STG", 1, rows * 32 / (kWarps * 32)),
     }
-    NB = min(8, 256 // HW) if HW <= 256 else 8
+    NB = launch["gp_images"]
     stages = -(-B // NB)
     gp = {
         "grad_p setup": ph["grad_p setup"].executed(),
@@ -310,8 +325,8 @@ def backward_per_warp(ph: dict[str, PhaseCount], shape: dict) -> dict[str, dict[
     }
     return {"grad_z": gz, "grad_p": gp, "launch": {"G": G, "KT": KT, "passes": passes, "chunks": chunks,
                                                     "NB": NB, "stages": stages,
-                                                    "gz_blocks": -(-B // G) * -(-D // 32),
-                                                    "gp_blocks": -(-M // 64) * -(-D // 32)}}
+                                                    "gz_blocks": launch["gz_blocks"],
+                                                    "gp_blocks": launch["blocks"] - launch["gz_blocks"]}}
 
 
 def floor_us(warp_instructions_per_sm: float, gpu: dict = H200) -> float:

@@ -180,6 +180,8 @@ def test_cuda_sass_phases(tmp_path):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("needs nvcc (CUDA toolkit)")
+    if (why := _gxx_ok()) is not None:  # the launch shapes come from the launchers through the emulator build
+        pytest.skip(why)
     source = (CSRC / "forward.cuh").read_text()
     for name in ("kBM", "kBK", "kDC", "kRescoreBatch"):
         assert re.search(rf"constexpr int {name} = {getattr(cuda_sass, name)};", source), name

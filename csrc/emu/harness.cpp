@@ -40,6 +40,13 @@ extern "C" void emu_forward_launch(const ForwardParams* prm, int slots, long lon
   out[3] = l.resident;
 }
 
+// The launcher's backward launch shape: out = {blocks, gz_blocks, d_slices, G, KT, seg, gp_images, gp_stage}.
+extern "C" void emu_backward_launch(const BackwardParams* prm, long long* out) {
+  const BackwardLaunch l = backward_launch(*prm);
+  const long long v[8] = {l.blocks, l.gz_blocks, l.d_slices, l.G, l.KT, l.seg, l.gp_images, l.gp_stage};
+  for (int i = 0; i < 8; ++i) out[i] = v[i];
+}
+
 extern "C" void emu_backward(const BackwardParams* prm) {
   if (prm->B == 0 || prm->M == 0) return;
   const BackwardParams p = *prm;
