@@ -58,7 +58,8 @@ struct BackwardLaunch {
 // Floats of dynamic shared memory of each role.
 __host__ __device__ constexpr int gz_smem_floats(int G, int KT) { return (kBwWarps + 1) * G * KT * kAccStride; }
 __host__ __device__ constexpr int gp_stage_floats(int images, int staged_hw) {
-  return images * (staged_hw * kAccStride + 2 * kGpM);  // z slices, then g[images][kGpM], k[images][kGpM]
+  // z slices, then g[images][kGpM], k[images][kGpM]; a multiple of 4 floats (16-byte copies into either buffer)
+  return (images * (staged_hw * kAccStride + 2 * kGpM) + 3) / 4 * 4;
 }
 
 // Largest dynamic shared memory of the kernel (either role): 76 KB.
@@ -183,6 +184,76 @@ __device__ __forceinline__ void grad_z_block(const BackwardParams& prm, const Ba
   }
 }
 
+// The z copies of one grad_p stage, 4-byte path: an image slice is rin x rout copies, digits (o, in) with in
+// innermost; element (image bl, o, in) comes from z + bl sb + o so + in si (elements) and goes to
+// st + bl img + o to + in ti (floats); copies with o >= o_lim or in >= in_lim are zero-filled.
+struct StageWalk {
+  int rin, rout;
+  int64_t si, so;
+  int ti, to;
+  int in_lim, o_lim;
+};
+
+// Issues this thread's copies e = tid, tid + kBwThreads, ... of nbv image slices. The digits (o, in) of e
+// advance by kBwThreads = so_ rin + si_ per step with carries, the source pointer and the staged offset by
+// precomputed deltas: no division and no 64-bit multiply per copy.
+__device__ __forceinline__ void walk_copies4(const StageWalk& wk, float* st, const float* zs, int64_t sb, int img,
+                                             int nbv) {
+  const int tid = threadIdx.x, per_img = wk.rin * wk.rout;
+  const int so_ = kBwThreads / wk.rin, si_ = kBwThreads - so_ * wk.rin;
+  const int bl0 = tid / per_img;
+  int o = (tid - bl0 * per_img) / wk.rin, in = tid - bl0 * per_img - o * wk.rin;
+  const float* src = zs + bl0 * sb + o * wk.so + in * wk.si;
+  int dst = bl0 * img + o * wk.to + in * wk.ti;
+  const int64_t src_step = so_ * wk.so + si_ * wk.si, src_in = wk.so - wk.rin * wk.si,
+                src_o = sb - wk.rout * wk.so;
+  const int dst_step = so_ * wk.to + si_ * wk.ti, dst_in = wk.to - wk.rin * wk.ti, dst_o = img - wk.rout * wk.to;
+  for (int e = tid; e < nbv * per_img; e += kBwThreads) {
+    const bool ok = o < wk.o_lim && in < wk.in_lim;
+    copy_async(st + dst, ok ? src : zs, ok);
+    in += si_;
+    o += so_;
+    src += src_step;
+    dst += dst_step;
+    if (in >= wk.rin) {
+      in -= wk.rin;
+      ++o;
+      src += src_in;
+      dst += dst_in;
+    }
+    while (o >= wk.rout) {  // at most kBwThreads / per_img + 1 times
+      o -= wk.rout;
+      src += src_o;
+      dst += dst_o;
+    }
+  }
+}
+
+// 16-byte path, z staged as it lies (dense, 16-byte aligned): an image slice is rows x cpr 16-byte copies
+// (cpr = 1 or 8 divides kBwThreads), row r starting at z + r rs (elements); this thread's copies are chunk
+// j = tid % cpr of rows tid / cpr + (kBwThreads / cpr) i, flattened over the images, landing at
+// st + 4 (tid + kBwThreads i). Copies of rows >= row_lim, or with 4 j >= j_lim, are zero-filled.
+__device__ __forceinline__ void walk_copies16(float* st, const float* zs, int64_t sb, int rows, int cpr, int64_t rs,
+                                              int row_lim, int j_lim, int nbv) {
+  const int tid = threadIdx.x, j = tid % cpr, rstep = kBwThreads / cpr;
+  const bool j_ok = 4 * j < j_lim;
+  int r = tid / cpr;
+  const int bl0 = r / rows;
+  r -= bl0 * rows;
+  const float* src = zs + bl0 * sb + r * rs + 4 * j;
+  const int64_t step = rstep * rs, jump = sb - rows * rs;
+  for (int e = tid; e < nbv * rows * cpr; e += kBwThreads) {
+    const bool ok = j_ok && r < row_lim;
+    copy_async16(st + 4 * e, ok ? src : zs, ok ? 4 : 0);
+    r += rstep;
+    src += step;
+    while (r >= rows) {  // at most kBwThreads / (rows cpr) + 1 times
+      r -= rows;
+      src += jump;
+    }
+  }
+}
+
 // grad_p[m, d] = sum_b 2 g[b, m] (p[m, d] - z[b, d, k_bm]) for prototypes m0..m0+63 (warp w: m0 + 8w..
 // m0 + 8w + 7) and channels d0..d0+31 (one lane each), b summed in increasing order in registers. Stages
 // of gp_images images: their (g, k) (one coalesced load per element), and with gp_stage their z slices
@@ -209,6 +280,23 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
     acc[j] = 0.f;
   }
 
+  // Staged layout of an image's z slice (32 channels x HW patches) and how it is copied; the read of
+  // (image bl, patch k, channel d0 + lane) is st[bl img + k ks + lane ls] in every layout:
+  //  - z 16-byte aligned (base, image stride) and its runs of whole 16-byte chunks: NCHW (sk == 1, sd == HW:
+  //    the slice is one run of 32 HW floats, HW Dv % 4 == 0) or NHWC (sd == 1, sk % 4 == 0: a run of 32
+  //    channels per patch, Dv % 4 == 0): staged densely as they lie in z by 16-byte copies. NCHW reads: lane
+  //    stride HW, conflict-free for odd HW (7x7), gcd(HW, 32)-way bank conflicts else.
+  //  - else 4-byte copies into rows of kAccStride floats per patch (conflict-free both ways).
+  const int Dv = min(32, D - d0);  // valid channels of the slice
+  const bool aligned = staged && (reinterpret_cast<uintptr_t>(z) & 15) == 0 && (B == 1 || sb % 4 == 0);
+  const bool nchw = aligned && sk == 1 && sd == HW && Dv * HW % 4 == 0;
+  const bool nhwc = aligned && !nchw && sd == 1 && (HW == 1 || sk % 4 == 0) && Dv % 4 == 0;
+  const bool vec = nchw || nhwc;
+  const int img = vec ? 32 * HW : HW * kAccStride, ks = nchw ? 1 : (nhwc ? 32 : kAccStride), ls = nchw ? HW : 1;
+  // 4-byte path: in is the channel and o the patch (dfast), or the reverse.
+  const StageWalk wk = dfast ? StageWalk{32, HW, sd, sk, 1, kAccStride, Dv, HW}
+                             : StageWalk{HW, 32, sk, sd, kAccStride, 1, HW, Dv};
+
   // Stage s: images s NB.. into buffer s & 1 (z slices by cp.async, committed as one group; (g, k) by
   // plain loads and stores: the buffer's last reads were before the previous iteration's last barrier).
   auto issue = [&](int s) {
@@ -217,28 +305,14 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
     int* const k_s = reinterpret_cast<int*>(g_s + NB * kGpM);
     const int bs = s * NB;
     if (staged) {
-      // Element e = tid + kBwThreads i is image bl = e / (32 HW) and r = e % (32 HW) = o rin + in (dfast:
-      // o = kl, in = dl; else o = dl, in = kl). The digits (bl, o, in) advance by kBwThreads = so rin + si
-      // per step with carries instead of three integer divisions by runtime values per element: the same
-      // copies in the same order (tests/cuda_sass.py: they were 80% of grad_p's instructions at 7x7).
-      const int rin = dfast ? 32 : HW, rout = dfast ? HW : 32;
-      const int so = kBwThreads / rin, si = kBwThreads - so * rin;
-      int bl = tid / (32 * HW), o = (tid - bl * 32 * HW) / rin, in = tid - bl * 32 * HW - o * rin;
-      for (int e = tid; e < NB * 32 * HW; e += kBwThreads) {
-        const int kl = dfast ? o : in, dl = dfast ? in : o;
-        const bool ok = bs + bl < B && d0 + dl < D;
-        copy_async(&st[(bl * HW + kl) * kAccStride + dl],
-                   ok ? z + (bs + bl) * sb + (d0 + dl) * sd + (int64_t)kl * sk : z, ok);
-        in += si;
-        o += so;
-        if (in >= rin) {
-          in -= rin;
-          ++o;
-        }
-        while (o >= rout) {  // at most kBwThreads / (32 HW) + 1 times
-          o -= rout;
-          ++bl;
-        }
+      const int nbv = min(NB, B - bs);  // images of the stage (the rest is never read)
+      const float* const zs = z + bs * sb + d0 * sd;
+      if (nchw) {  // rows: the 8 HW chunks of the run
+        walk_copies16(st, zs, sb, 8 * HW, 1, 4, Dv * HW / 4, 4, nbv);
+      } else if (nhwc) {  // rows: the HW patches, 8 chunks of 4 channels each
+        walk_copies16(st, zs, sb, HW, 8, sk, HW, Dv, nbv);
+      } else {
+        walk_copies4(wk, st, zs, sb, img, nbv);
       }
     }
     async_commit();
@@ -278,7 +352,7 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
 #pragma unroll
         for (int j = 0; j < kGpPerWarp; ++j) {
           const int k = k_s[bl * kGpM + kGpPerWarp * w + j];
-          zv[j] = staged ? st[(bl * HW + k) * kAccStride + lane] : z[b * sb + (int64_t)d * sd + (int64_t)k * sk];
+          zv[j] = staged ? st[bl * img + k * ks + lane * ls] : z[b * sb + (int64_t)d * sd + (int64_t)k * sk];
         }
 #pragma unroll
         for (int j = 0; j < kGpPerWarp; ++j) acc[j] = fmaf(g_s[bl * kGpM + kGpPerWarp * w + j], pv[j] - zv[j], acc[j]);

@@ -69,6 +69,7 @@ BACKWARD_PHASES = [
     ("grad_z sum + write", "// Sum the warps' accumulators"),
     ("grad_p setup", "void grad_p_block("),
     ("grad_p issue z", "if (staged) {"),
+    ("grad_p issue z, other layouts", "} else if (nhwc) {"),
     ("grad_p issue g, k", "async_commit();"),
     ("grad_p stage", "const int n_stages ="),
     (None, "issue(0);"),  # the issue lambda's calls: its own lines tell the phase
@@ -318,7 +319,8 @@ def backward_per_warp(ph: dict[str, PhaseCount], shape: dict) -> dict[str, dict[
     gp = {
         "grad_p setup": ph["grad_p setup"].executed(),
         "grad_p stage": ph["grad_p stage"].executed(stages),
-        "grad_p issue z": ph["grad_p issue z"].executed(stages, "LDGSTS", 1, NB * 32 * HW / (kWarps * 32)),
+        # NCHW z (16-byte aligned at the CUB shape): 16-byte copies of each image's 32-channel run of 32 HW floats
+        "grad_p issue z": ph["grad_p issue z"].executed(stages, "LDGSTS", 1, NB * 8 * HW / (kWarps * 32)),
         "grad_p issue g, k": ph["grad_p issue g, k"].executed(stages, "STS", 2, NB * 64 / (kWarps * 32)),
         "grad_p image": ph["grad_p image"].executed(stages, "FFMA", 8, NB),
         "grad_p store": ph["grad_p store"].executed(),
