@@ -38,7 +38,7 @@ constexpr int kBwMinBlocks = 3;            // resident blocks per SM the registe
 constexpr int kAccStride = 33;             // padded 32-channel row: conflict-free both ways
 
 constexpr int kGzGroup = 2;   // images per grad_z block (at most)
-constexpr int kGzRows = 64;   // accumulator rows per warp: G x KT <= kGzRows
+constexpr int kGzRows = 60;   // accumulator rows per warp: G x KT <= kGzRows (3 blocks/SM with the pair table)
 
 constexpr int kGpM = 64;                     // prototypes per grad_p block
 constexpr int kGpPerWarp = kGpM / kBwWarps;  // 8, one register accumulator each
@@ -56,13 +56,15 @@ struct BackwardLaunch {
 };
 
 // Floats of dynamic shared memory of each role.
-__host__ __device__ constexpr int gz_smem_floats(int G, int KT) { return (kBwWarps + 1) * G * KT * kAccStride; }
+// grad_z: the warps' accumulators and the z tile (rows of kAccStride), then each warp's pair table.
+__host__ __device__ constexpr int gz_table_offset(int G, int KT) { return ((kBwWarps + 1) * G * KT * kAccStride + 1) / 2 * 2; }
+__host__ __device__ constexpr int gz_smem_floats(int G, int KT) { return gz_table_offset(G, KT) + kBwWarps * kGzGroup * 64; }
 __host__ __device__ constexpr int gp_stage_floats(int images, int staged_hw) {
   // z slices, then g[images][kGpM], k[images][kGpM]; a multiple of 4 floats (16-byte copies into either buffer)
   return (images * (staged_hw * kAccStride + 2 * kGpM) + 3) / 4 * 4;
 }
 
-// Largest dynamic shared memory of the kernel (either role): 76 KB.
+// Largest dynamic shared memory of the kernel (either role): 75.8 KB.
 constexpr int kGzMaxFloats = gz_smem_floats(1, kGzRows);  // G x KT <= kGzRows
 constexpr int kGpMaxFloats = 2 * gp_stage_floats(kGpMaxImages, kGpStageRows / kGpMaxImages);  // images x HW <= 256
 constexpr size_t kBwMaxSmem = sizeof(float) * (kGzMaxFloats > kGpMaxFloats ? kGzMaxFloats : kGpMaxFloats);
@@ -81,11 +83,19 @@ __device__ __forceinline__ void grad_z_block(const BackwardParams& prm, const Ba
   const int b0 = group * G;
   const int ng = min(G, prm.B - b0);  // images of this group
   const int d0 = slice * 32, d = d0 + lane;
-  const bool d_ok = d < D;
+  const int dc = min(d, D - 1);  // the lane's channel for p-row reads
   const float* __restrict__ p = prm.p;
   const float* __restrict__ z = prm.z;
   float* const mine = smem + w * rows * kAccStride;
   float* const z_s = smem + kBwWarps * rows * kAccStride;
+  // This warp's pair table: per image and lane (prototype) of the chunk, the byte offset of the winner's
+  // accumulator row (kl kAccStride floats) and g; the pair updates read it back one prototype at a time (one broadcast LDS.64
+  // instead of two shuffles).
+  struct PairCoef {
+    int off;
+    float g;
+  };
+  PairCoef* const table = reinterpret_cast<PairCoef*>(smem + gz_table_offset(G, KT)) + w * kGzGroup * 32;
   const int m_begin = w * l.seg;
   const int m_end = min(M, m_begin + l.seg);
   const bool dfast = prm.z_sd <= prm.z_sk;  // stage along channels (else along patches): coalesced reads
@@ -142,27 +152,31 @@ __device__ __forceinline__ void grad_z_block(const BackwardParams& prm, const Ba
         any |= in_pass[gi];
       }
       if (any == 0) continue;  // warp-uniform
+      __syncwarp();  // the previous chunk's table reads are done
+#pragma unroll
+      for (int gi = 0; gi < kGzGroup; ++gi) table[gi * 32 + lane] = {kl[gi] * (kAccStride * 4), g[gi]};
+      __syncwarp();
       // p rows of the chunk, read once for the G images; 16 at a time (registers: 0 spills at 3 blocks/SM).
 #pragma unroll
       for (int h = 0; h < 32; h += 16) {
         if (((any >> h) & 0xffffu) == 0) continue;  // warp-uniform
+        // Row c0 + h + j by a pointer advanced by D; lanes past D read channel D - 1 (never written out).
+        const float* prow = p + (int64_t)(c0 + h) * D + dc;
         float pv[16];
 #pragma unroll
-        for (int j = 0; j < 16; ++j)
-          pv[j] = (d_ok && ((any >> (h + j)) & 1u)) ? p[(int64_t)(c0 + h + j) * D + d] : 0.f;
+        for (int j = 0; j < 16; ++j, prow += D) pv[j] = ((any >> (h + j)) & 1u) ? *prow : 0.f;
 #pragma unroll
         for (int gi = 0; gi < kGzGroup; ++gi) {
           if (((in_pass[gi] >> h) & 0xffffu) == 0) continue;  // warp-uniform
-          float* const acc = mine + gi * KT * kAccStride;
-          const float* const zt = z_s + gi * KT * kAccStride;
+          char* const acc = reinterpret_cast<char*>(mine + gi * KT * kAccStride + lane);
+          const char* const zt = reinterpret_cast<const char*>(z_s + gi * KT * kAccStride + lane);
           // Prototypes c0 + h + j in increasing order (per image: the order of m).
 #pragma unroll
           for (int j = 0; j < 16; ++j) {
             if ((in_pass[gi] >> (h + j)) & 1u) {  // warp-uniform
-              const int kj = __shfl_sync(kFullMask, kl[gi], h + j);
-              const float gj = __shfl_sync(kFullMask, g[gi], h + j);
-              float* const a = acc + kj * kAccStride + lane;
-              *a = fmaf(gj, zt[kj * kAccStride + lane] - pv[j], *a);
+              const PairCoef c = table[gi * 32 + h + j];
+              float* const a = reinterpret_cast<float*>(acc + c.off);
+              *a = fmaf(c.g, *reinterpret_cast<const float*>(zt + c.off) - pv[j], *a);
             }
           }
         }

@@ -311,7 +311,7 @@ def backward_per_warp(ph: dict[str, PhaseCount], shape: dict) -> dict[str, dict[
         "grad_z clear": ph["grad_z clear"].executed(passes, "STS", 1, rows * 33 / 32),
         "grad_z stage z": ph["grad_z stage z"].executed(passes, "STS", 1, rows * 32 / (kWarps * 32)),
         "grad_z chunk": ph["grad_z chunk"].executed(passes * chunks),
-        "grad_z pair": pair.executed(1, "SHFL", 2, G * seg),  # 2 shuffles (k, g) per pair update
+        "grad_z pair": pair.executed(1, "FFMA", 1, G * seg),  # one FFMA per pair update
         "grad_z sum + write": ph["grad_z sum + write"].executed(passes, "STG", 1, rows * 32 / (kWarps * 32)),
     }
     NB = launch["gp_images"]
