@@ -59,9 +59,13 @@ struct BackwardLaunch {
 // grad_z: the warps' accumulators and the z tile (rows of kAccStride), then each warp's pair table.
 __host__ __device__ constexpr int gz_table_offset(int G, int KT) { return ((kBwWarps + 1) * G * KT * kAccStride + 1) / 2 * 2; }
 __host__ __device__ constexpr int gz_smem_floats(int G, int KT) { return gz_table_offset(G, KT) + kBwWarps * kGzGroup * 64; }
+// grad_p stage buffer: z slices (rounded up to 16 bytes), then g[images][kGpM], k[images][kGpM] (16-byte
+// loads of a warp's 8); a multiple of 4 floats (16-byte copies into either buffer).
+__host__ __device__ constexpr int gp_z_floats(int images, int staged_hw) {
+  return (images * staged_hw * kAccStride + 3) / 4 * 4;
+}
 __host__ __device__ constexpr int gp_stage_floats(int images, int staged_hw) {
-  // z slices, then g[images][kGpM], k[images][kGpM]; a multiple of 4 floats (16-byte copies into either buffer)
-  return (images * (staged_hw * kAccStride + 2 * kGpM) + 3) / 4 * 4;
+  return gp_z_floats(images, staged_hw) + 2 * images * kGpM;
 }
 
 // Largest dynamic shared memory of the kernel (either role): 75.8 KB.
@@ -198,6 +202,15 @@ __device__ __forceinline__ void grad_z_block(const BackwardParams& prm, const Ba
   }
 }
 
+// x, hidden from the optimiser: what a walker derives from it is computed where the walker runs (once per
+// stage) instead of being hoisted out of the stage loop into registers held across it (spills at 80).
+__device__ __forceinline__ int opaque(int x) {
+#if defined(__CUDA_ARCH__) && !defined(PROTOKERN_EMU)
+  asm volatile("" : "+r"(x));
+#endif
+  return x;
+}
+
 // The z copies of one grad_p stage, 4-byte path: an image slice is rin x rout copies, digits (o, in) with in
 // innermost; element (image bl, o, in) comes from z + bl sb + o so + in si (elements) and goes to
 // st + bl img + o to + in ti (floats); copies with o >= o_lim or in >= in_lim are zero-filled.
@@ -213,7 +226,7 @@ struct StageWalk {
 // precomputed deltas: no division and no 64-bit multiply per copy.
 __device__ __forceinline__ void walk_copies4(const StageWalk& wk, float* st, const float* zs, int64_t sb, int img,
                                              int nbv) {
-  const int tid = threadIdx.x, per_img = wk.rin * wk.rout;
+  const int tid = opaque(threadIdx.x), per_img = wk.rin * wk.rout;
   const int so_ = kBwThreads / wk.rin, si_ = kBwThreads - so_ * wk.rin;
   const int bl0 = tid / per_img;
   int o = (tid - bl0 * per_img) / wk.rin, in = tid - bl0 * per_img - o * wk.rin;
@@ -249,7 +262,7 @@ __device__ __forceinline__ void walk_copies4(const StageWalk& wk, float* st, con
 // st + 4 (tid + kBwThreads i). Copies of rows >= row_lim, or with 4 j >= j_lim, are zero-filled.
 __device__ __forceinline__ void walk_copies16(float* st, const float* zs, int64_t sb, int rows, int cpr, int64_t rs,
                                               int row_lim, int j_lim, int nbv) {
-  const int tid = threadIdx.x, j = tid % cpr, rstep = kBwThreads / cpr;
+  const int tid = opaque(threadIdx.x), j = tid % cpr, rstep = kBwThreads / cpr;
   const bool j_ok = 4 * j < j_lim;
   int r = tid / cpr;
   const int bl0 = r / rows;
@@ -267,6 +280,12 @@ __device__ __forceinline__ void walk_copies16(float* st, const float* zs, int64_
     }
   }
 }
+
+// 8 values loaded from shared memory as two 16-byte words.
+template <class T>
+struct alignas(16) Vec8 {
+  T v[8];
+};
 
 // grad_p[m, d] = sum_b 2 g[b, m] (p[m, d] - z[b, d, k_bm]) for prototypes m0..m0+63 (warp w: m0 + 8w..
 // m0 + 8w + 7) and channels d0..d0+31 (one lane each), b summed in increasing order in registers. Stages
@@ -307,15 +326,13 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
   const bool nhwc = aligned && !nchw && sd == 1 && (HW == 1 || sk % 4 == 0) && Dv % 4 == 0;
   const bool vec = nchw || nhwc;
   const int img = vec ? 32 * HW : HW * kAccStride, ks = nchw ? 1 : (nhwc ? 32 : kAccStride), ls = nchw ? HW : 1;
-  // 4-byte path: in is the channel and o the patch (dfast), or the reverse.
-  const StageWalk wk = dfast ? StageWalk{32, HW, sd, sk, 1, kAccStride, Dv, HW}
-                             : StageWalk{HW, 32, sk, sd, kAccStride, 1, HW, Dv};
+  const int kmul = staged ? 4 * ks : 1;  // k_s holds k kmul: the staged row's byte offset, or k
 
   // Stage s: images s NB.. into buffer s & 1 (z slices by cp.async, committed as one group; (g, k) by
   // plain loads and stores: the buffer's last reads were before the previous iteration's last barrier).
   auto issue = [&](int s) {
     float* const st = smem + (s & 1) * stage_floats;
-    float* const g_s = st + NB * shw * kAccStride;
+    float* const g_s = st + gp_z_floats(NB, shw);
     int* const k_s = reinterpret_cast<int*>(g_s + NB * kGpM);
     const int bs = s * NB;
     if (staged) {
@@ -325,7 +342,9 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
         walk_copies16(st, zs, sb, 8 * HW, 1, 4, Dv * HW / 4, 4, nbv);
       } else if (nhwc) {  // rows: the HW patches, 8 chunks of 4 channels each
         walk_copies16(st, zs, sb, HW, 8, sk, HW, Dv, nbv);
-      } else {
+      } else {  // in: the channel and o the patch (dfast), or the reverse
+        const StageWalk wk = dfast ? StageWalk{32, HW, sd, sk, 1, kAccStride, Dv, HW}
+                                   : StageWalk{HW, 32, sk, sd, kAccStride, 1, HW, Dv};
         walk_copies4(wk, st, zs, sb, img, nbv);
       }
     }
@@ -341,7 +360,7 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
         g = grad_coef(prm.grad_similarity[o], prm.grad_min_distances[o], prm.min_distances[o], prm.eps);
       }
       g_s[e] = g;
-      k_s[e] = k;
+      k_s[e] = k * kmul;
     }
   };
 
@@ -356,20 +375,27 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
     }
     __syncthreads();
     const float* const st = smem + (s & 1) * stage_floats;
-    const float* const g_s = st + NB * shw * kAccStride;
+    const float* const g_s = st + gp_z_floats(NB, shw);
     const int* const k_s = reinterpret_cast<const int*>(g_s + NB * kGpM);
     const int nb = min(NB, B - s * NB);
-    if (d_ok) {
+    if (d_ok && staged) {
       for (int bl = 0; bl < nb; ++bl) {  // b in increasing order
+        // This warp's 8 k kmul of image bl (two 16-byte loads), then its 8 g.
+        const Vec8<int> kv = *reinterpret_cast<const Vec8<int>*>(k_s + bl * kGpM + kGpPerWarp * w);
+        const float* const gb = g_s + bl * kGpM + kGpPerWarp * w;
+        const char* const zb = reinterpret_cast<const char*>(st + bl * img + lane * ls);
+#pragma unroll
+        for (int j = 0; j < kGpPerWarp; ++j)
+          acc[j] = fmaf(gb[j], pv[j] - *reinterpret_cast<const float*>(zb + kv.v[j]), acc[j]);
+      }
+    } else if (d_ok) {  // z gathered from global memory
+      for (int bl = 0; bl < nb; ++bl) {
         const int b = s * NB + bl;
-        float zv[kGpPerWarp];
 #pragma unroll
         for (int j = 0; j < kGpPerWarp; ++j) {
-          const int k = k_s[bl * kGpM + kGpPerWarp * w + j];
-          zv[j] = staged ? st[bl * img + k * ks + lane * ls] : z[b * sb + (int64_t)d * sd + (int64_t)k * sk];
+          const int i = bl * kGpM + kGpPerWarp * w + j;
+          acc[j] = fmaf(g_s[i], pv[j] - z[b * sb + (int64_t)d * sd + (int64_t)k_s[i] * sk], acc[j]);
         }
-#pragma unroll
-        for (int j = 0; j < kGpPerWarp; ++j) acc[j] = fmaf(g_s[bl * kGpM + kGpPerWarp * w + j], pv[j] - zv[j], acc[j]);
       }
     }
     __syncthreads();  // buffer s & 1 is refilled by the next iteration's issue

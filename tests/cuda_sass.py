@@ -77,6 +77,7 @@ BACKWARD_PHASES = [
     (None, "issue(s + 1);"),
     ("grad_p stage", "async_wait<1>();"),
     ("grad_p image", "for (int bl = 0; bl < nb; ++bl) {"),
+    ("grad_p image, unstaged", "} else if (d_ok) {  // z gathered"),
     ("grad_p stage", "__syncthreads();  // buffer s & 1"),
     ("grad_p store", "#pragma unroll"),
     (None, "__global__ void __launch_bounds__(kBwThreads"),
