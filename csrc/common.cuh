@@ -1,7 +1,7 @@
 // Device helpers shared by the forward (forward.cuh) and backward (backward.cuh) kernels: cp.async
-// staging (4- and 16-byte), the TF32 tensor-core MMA, the tie-break order, warp sums, dynamic shared memory. Every
-// helper has a CPU-emulator branch (PROTOKERN_EMU, csrc/emu/emulator.h), so the emulator compiles
-// these very headers.
+// staging (4- and 16-byte), the TF32 tensor-core MMA, the tie-break order (rank_key), dynamic
+// shared memory. Every helper has a CPU-emulator branch (PROTOKERN_EMU, csrc/emu/emulator.h), so
+// the emulator compiles these very headers.
 #pragma once
 
 #include <cmath>
@@ -75,21 +75,18 @@ __device__ __forceinline__ void async_wait() {
 #endif
 }
 
-// Candidate (v, k) beats the incumbent (bv, bk)? NaN beats everything (so NaN propagates, lowest NaN
-// index first), then smaller value, then lower patch index. A total order: any reduction order gives
-// the same winner.
-__device__ __forceinline__ bool better(float v, int k, float bv, int bk) {
-  if (isnan(bv)) return isnan(v) && k < bk;
-  if (isnan(v)) return true;
-  return v < bv || (v == bv && k < bk);
+// The winner's order as one unsigned 64-bit key, smaller = better: NaN first (so NaN propagates, lowest
+// NaN index first), then smaller value, then lower index k. For v >= +0, +inf or NaN (sums of squares: the
+// rescoring's values) the bits of v order like v, so key = (NaN ? 0 : bits(v) + 1) << 32 | k. A total
+// order: any reduction order gives the same winner. key_value inverts it (any NaN comes back as NAN).
+__device__ __forceinline__ uint64_t rank_key(float v, uint32_t k) {
+  const uint32_t hi = isnan(v) ? 0u : __float_as_uint(v) + 1u;
+  return (uint64_t)hi << 32 | k;
 }
 
-// Sum over the 32 lanes of a warp by a fixed xor butterfly: every lane returns the same bits
-// (each level adds the same two values, in either order).
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
+__device__ __forceinline__ float key_value(uint64_t key) {
+  const uint32_t hi = (uint32_t)(key >> 32);
+  return hi == 0 ? NAN : __uint_as_float(hi - 1u);
 }
 
 // ---- Tensor-core helpers (sm_80+): TF32 m16n8k8 MMA ---------------------------------------------

@@ -9,9 +9,9 @@
 //   2. certify: with the rigorous bound delta[m, k] >= |a~ - e| of the search error (derivation at
 //      cert_coef below), the running threshold T_m = min over finite v~ of (v~ + delta) so far, and
 //      every patch with v~ - delta <= T_m, or v~ not finite, is a candidate;
-//   3. rescore: each candidate's exact distance e = sum_d (z - p)^2 (difference form, fp32, fixed
-//      order: exact_distances) is folded into the prototype's (e, k) with `better` (NaN first, then
-//      smaller e, then lower k).
+//   3. rescore: the candidates are compacted into a list per warp; each one's exact distance
+//      e = sum_d (z - p)^2 (difference form, fp32, fixed order) is folded into the
+//      prototype's winner by rank_key (NaN first, then smaller e, then lower k).
 // The candidates are a superset of the patches whose e can be the minimum (T_m only shrinks), and e
 // does not depend on the search, so (min_distances, patch_index) are identical at all three
 // precisions: the lowest-index exact minimum, or the lowest NaN patch. The B*M*HW distance map never
@@ -58,8 +58,9 @@ constexpr int kResidentPs = kResidentMaxD + 4;  // its p row stride: 4 (mod 32),
 // {p tile (kBM rows, stride Search::kPs), z tile (kDC rows, stride Search::kZs)}; the stage just consumed
 // is the certification scratch. p-resident: the whole p tile (kBM rows of up to kResidentMaxD channels,
 // stride kResidentPs), two stages of z tiles only, and a scratch of its own. The scratch holds Entries x
-// kBM partial thresholds, then kBM x kBK flag bytes. Then per patch tile |z_k|^2 and |z_k|, per prototype
-// |p_m|, the running threshold T_m and the exact winner (e, k).
+// kBM partial thresholds (then, per warp, kListCap entries of the rescoring list), then kBM x kBK flag
+// bytes. Then per patch tile |z_k|^2 and |z_k|, per prototype |p_m|, the running threshold T_m and the
+// exact winner's rank_key(e, k).
 template <class Search, bool kResident>
 struct Plan {
   static constexpr int kPs = kResident ? kResidentPs : Search::kPs;
@@ -68,15 +69,16 @@ struct Plan {
   static constexpr int kZInStage = kResident ? 0 : kBM * Search::kPs;
   static constexpr int kStage = kZInStage + kDC * kZs;
   static constexpr int kScratchFloats = Search::kEntries * kBM + kBM * kBK / 4;
+  static constexpr int kListCap = Search::kEntries * kBM / (kThreads / 32);  // rescoring list entries per warp
   static constexpr int kScratch = kPRes + 2 * kStage;  // p-resident only
   static constexpr int kZnOffset = kScratch + (kResident ? kScratchFloats : 0);
   static constexpr int kRzOffset = kZnOffset + kBK;
   static constexpr int kRpOffset = kRzOffset + kBK;
   static constexpr int kThrOffset = kRpOffset + kBM;
-  static constexpr int kBestOffset = kThrOffset + kBM;
-  static constexpr int kBestKOffset = kBestOffset + kBM;
-  static constexpr size_t kBytes = sizeof(float) * (kBestKOffset + kBM);
+  static constexpr int kBestOffset = kThrOffset + kBM;  // kBM 64-bit keys (rank_key)
+  static constexpr size_t kBytes = sizeof(float) * (kBestOffset + 2 * kBM);
   static_assert(kPRes % 4 == 0 && kStage % 4 == 0 && kZInStage % 4 == 0, "tiles must stay 16-byte aligned");
+  static_assert(kBestOffset % 2 == 0, "64-bit keys");
   static_assert(kResident || kScratchFloats <= kStage, "certification scratch must fit in a stage");
 };
 
@@ -119,8 +121,9 @@ __device__ __forceinline__ TileMap tile_map(int tid, bool d_fast) {
 //   errs by <= 20u (|c| + sum |a b|); |c| <= the earlier |products|, so n steps err by
 //   <= 20 u n sum_d |z_d p_d| (times (1 + 2^-10)^2 for the split parts: in the safety factor).
 //   The epilogue fma rounds once more (u |v~|), so |v~ - v| <= (gamma_D + eps_dot + 2u) N.
-// * The exact rescoring e (fp32 difference form: one rounding per difference, fma chains of
-//   ceil(D/32) terms per lane, a 5-level butterfly) has |e - t| <= gamma_{D+7} t <= gamma_{D+7} N.
+// * The exact rescoring e (fp32 difference form: one rounding per difference, fma chains of at most
+//   ceil(D/4) terms per lane, a 2-level butterfly: at most ceil(D/4) + 3 roundings on any term's path,
+//   within the D + 7 that cert_coef allows) has |e - t| <= gamma_{D+7} t <= gamma_{D+7} N.
 // * a~ = v~ + |p|^2 and the test a~_i - delta_i <= min_j (a~_j + delta_j) is the same test on v~
 //   (|p|^2 cancels); its fp32 evaluation (v~ +- delta, the compare) costs <= 4u N more.
 // So delta = c N + c_abs with c = 2 (gamma_D + eps_dot + gamma_{D+7} + 6u): the factor 2 absorbs the
@@ -151,32 +154,9 @@ __device__ __forceinline__ float cert_coef(int search, int D) {
   return kCertScale * 2.f * (gamma_n((float)D) + dot_error(search, D) + gamma_n((float)D + 7.f) + 6.f * 0x1p-24f);
 }
 
-// Exact distances e = sum_d (z[d] - p[d])^2 in fp32 of up to kRescoreBatch (patch, prototype) pairs at
-// once, for one warp: lane l sums channels l, l + 32, ... in order (fma), then warp_sum; the pairs' loads
-// are interleaved so that their L2 round trips overlap. Every lane gets the same bits; pair j's e depends
-// only on pair j (not on the batch or the search precision). n (<= kRescoreBatch) is warp-uniform.
-constexpr int kRescoreBatch = 4;
-
-__device__ __forceinline__ void exact_distances(const float* const (&zk)[kRescoreBatch], int64_t sd,
-                                                const float* const (&pm)[kRescoreBatch], int n, int D,
-                                                int lane, float (&e)[kRescoreBatch]) {
-#pragma unroll
-  for (int j = 0; j < kRescoreBatch; ++j) e[j] = 0.f;
-#pragma unroll 2
-  for (int d = lane; d < D; d += 32) {
-#pragma unroll
-    for (int j = 0; j < kRescoreBatch; ++j) {
-      if (j < n) {
-        const float diff = zk[j][(int64_t)d * sd] - pm[j][d];
-        e[j] = fmaf(diff, diff, e[j]);
-      }
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < kRescoreBatch; ++j) {
-    if (j < n) e[j] = warp_sum(e[j]);
-  }
-}
+// Candidates rescored per warp and round of the exact rescoring: one per group of 4 lanes.
+constexpr int kRescoreBatch = 8;
+static_assert(32 * (kMaxForwardZsd - 1) <= 0xffffffff, "the rescoring's z steps must fit 32 bits");
 
 // ---- Searches ------------------------------------------------------------------------------------
 // A search accumulates s[m, k] = sum_d p[m, d] z[d, k] over a block's 128 prototypes x 64 patches,
@@ -358,8 +338,8 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   float* const rz_s = smem + P::kRzOffset;  // |z_k|
   float* const rp_s = smem + P::kRpOffset;  // |p_m|
   float* const thr_s = smem + P::kThrOffset;
-  float* const best_e = smem + P::kBestOffset;
-  int* const best_k = reinterpret_cast<int*>(smem + P::kBestKOffset);
+  // The exact winner's rank_key(e, k) of each prototype (unsigned long long: atomicMin's type)
+  unsigned long long* const best = reinterpret_cast<unsigned long long*>(smem + P::kBestOffset);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b0 = blockIdx.y * ipb;
@@ -427,8 +407,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
 
   if (tid < kBM) {
     thr_s[tid] = INFINITY;
-    best_e[tid] = INFINITY;
-    best_k[tid] = 0x7fffffff;
+    best[tid] = rank_key(INFINITY, 0x7fffffff);
   }
   if constexpr (kResident) {  // the whole p tile, once, as its own group: n_d * kDC channels, 0 past D and M
     const int row = n_d * kDC;
@@ -448,7 +427,6 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     async_commit();
   }
   Search search;
-  search.clear();
   float norm2 = 0.f;  // threads < kBK: |z_k|^2 of patch k0 + tid; threads >= kBM: |p_m|^2 of m0 + tid - kBM
 
   issue(0, 0);
@@ -467,6 +445,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     const float* const zs = st + P::kZInStage;
     const float* const ps = kResident ? p_res + (r % n_d) * kDC : st;
     const int k0 = (r / n_d) * kBK;
+    if (r % n_d == 0) search.clear();  // a new patch tile (here: zeros are not held across the rescoring)
     search.template step<kPs>(ps, zs, tid, k0, HW);
     if (tid < kBK) {  // channels in order, one fma chain
 #pragma unroll 8
@@ -524,56 +503,94 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       __syncthreads();
       // (2) candidates: v~ - delta <= T_m, or v~ not finite (-inf); never padding (NaN)
       search.visit(tid, [&](int, int ml, int kl, float& lower) { flags[ml * kBK + kl] = lower <= thr_s[ml]; });
-      search.clear();
       __syncthreads();
-      // (3) exact rescoring: warp w takes the candidates of prototypes w, w + 8, ..., kRescoreBatch at a
-      // time, in order of (prototype, patch); lane 0 alone folds them into its prototypes' (e, k).
+      // (3) exact rescoring. Warp w owns prototypes ml = w + 8 i (i < 16): it compacts their flags into a list of
+      // entries (ml, kl) in its kListCap-entry slice of `red` (dead since (1)), then rescores kRescoreBatch
+      // entries per round, entry c0 + j on lane group j = lane / 4, and folds them into best. More than
+      // kListCap candidates (e.g. NaN features: every patch is one) take several windows of the list.
       {
-        int ml = warp - kThreads / 32;  // prototype whose candidates `cand` holds
-        uint64_t cand = 0;
-        bool more = true;
-        while (more) {  // warp-uniform; the batch arrays are indexed by unrolled constants (registers)
-          const float* zk[kRescoreBatch];
-          const float* pm[kRescoreBatch];
-          int mls[kRescoreBatch], ks[kRescoreBatch];
-          int n = 0;
+        constexpr int kKlBits = 6;  // entry = ml << kKlBits | kl
+        static_assert(kBK == 1 << kKlBits, "rescoring entries");
+        int* const list = reinterpret_cast<int*>(red) + warp * P::kListCap;
+        const int ml_l = warp + 8 * (lane >> 1), h = lane & 1;  // this lane's flags: prototype ml_l, patches 32 h..
+        uint32_t mask = 0;  // bit 8 i + w: the flag of patch 32 h + 4 w + i (flags are bytes 0 / 1)
+        if (m0 + ml_l < M) {
+          const uint4* const f = reinterpret_cast<const uint4*>(flags + ml_l * kBK + 32 * h);
+          const uint4 a = f[0], c = f[1];
+          mask = a.x | a.y << 1 | a.z << 2 | a.w << 3 | c.x << 4 | c.y << 5 | c.z << 6 | c.w << 7;
+        }
+        const int cnt = __popc(mask);
+        int end = cnt;  // inclusive prefix sum over the lanes: the end of this lane's entries in the list
 #pragma unroll
-          for (int j = 0; j < kRescoreBatch; ++j) {
-            while (more && cand == 0) {
-              ml += kThreads / 32;
-              if (ml >= kBM || m0 + ml >= M) {
-                more = false;
+        for (int o = 1; o < 32; o <<= 1) {
+          const int v = __shfl_up_sync(kFullMask, end, o);
+          if (lane >= o) end += v;
+        }
+        const int total = __shfl_sync(kFullMask, end, 31);
+        const int grp = lane >> 2, s = lane & 3;
+        const uint32_t usd = (uint32_t)sd;
+#ifdef PROTOKERN_EMU
+        if (sd >= kMaxForwardZsd) emu::errors.fetch_add(1);  // params.h: the host passes a copy of such a z
+#endif
+        for (int w0 = 0; w0 < total; w0 += P::kListCap) {  // warp-uniform
+          int q = end - cnt - w0;  // this lane's next entry's place in the window
+          for (uint32_t m = mask; m != 0; m &= m - 1, ++q) {
+            const int bit = __ffs((int)m) - 1;
+            if (q >= 0 && q < P::kListCap) list[q] = ml_l << kKlBits | (32 * h + 4 * (bit & 7) + (bit >> 3));
+          }
+          __syncwarp();
+          const int n = min(total - w0, P::kListCap);
+          for (int c0 = 0; c0 < n; c0 += kRescoreBatch) {  // a round: entries c0..
+            const bool valid = c0 + grp < n;  // an idle group recomputes entry c0
+            const int ent = list[valid ? c0 + grp : c0];
+            const int ml = ent >> kKlBits, kl = ent & (kBK - 1);
+            // Exact e = sum_d (z[d] - p[d])^2 in fp32: lane s of the group sums channels 8 s + 32 t + i (t = 0, 1, ...,
+            // i < 8) in that order (one fma chain of about D / 4 terms), then a 2-level xor butterfly inside the
+            // group, so its 4 lanes get the same bits, which depend only on the pair (not on the round, the plan or
+            // the search precision). p rows: the resident tile (16-byte aligned: float4 reads) or global p.
+            const float* const pm = kResident ? p_res + ml * kPs : p + (int64_t)(m0 + ml) * D;
+            const float* zq = zb + (k0 + kl) * sk + 8 * s * sd;  // channel 8 s + 32 t of the patch
+            const int chunks = D >= 8 * s + 8 ? (D - 8 * s - 8) / 32 + 1 : 0;  // whole chunks of 8 channels
+            // z's channel stride as a uint32_t, 32 of it within 32 bits (stride_d < kMaxForwardZsd, params.h): nvcc
+            // then forms each channel's address as one IMAD.WIDE.U32 (from an int64_t stride, as three).
+            float e = 0.f;
+#pragma unroll 1
+            for (int t = 0; t < chunks; ++t) {
+              float pv[8];
+              if constexpr (kResident) {
+#pragma unroll
+                for (int h4 = 0; h4 < 2; ++h4) {
+                  const float4 v = *reinterpret_cast<const float4*>(pm + 8 * s + 32 * t + 4 * h4);
+                  pv[4 * h4] = v.x, pv[4 * h4 + 1] = v.y, pv[4 * h4 + 2] = v.z, pv[4 * h4 + 3] = v.w;
+                }
               } else {
-                const uint32_t lo = __ballot_sync(kFullMask, flags[ml * kBK + lane] != 0);
-                const uint32_t hi = __ballot_sync(kFullMask, flags[ml * kBK + 32 + lane] != 0);
-                cand = (uint64_t)hi << 32 | lo;
-              }
-            }
-            zk[j] = p;  // unused unless j < n; resident: every pm[j] in shared memory, so its loads are LDS
-            pm[j] = kResident ? p_res : p;
-            mls[j] = ks[j] = 0;
-            if (more) {
-              const int k = k0 + __ffsll((long long)cand) - 1;
-              cand &= cand - 1;
-              zk[j] = zb + (int64_t)k * sk;
-              pm[j] = kResident ? p_res + ml * kPs : p + (int64_t)(m0 + ml) * D;  // resident: shared memory
-              mls[j] = ml;
-              ks[j] = k;
-              n = j + 1;
-            }
-          }
-          if (n == 0) break;
-          float e[kRescoreBatch];
-          exact_distances(zk, sd, pm, n, D, lane, e);
-          if (lane == 0) {
 #pragma unroll
-            for (int j = 0; j < kRescoreBatch; ++j) {
-              if (j < n && better(e[j], ks[j], best_e[mls[j]], best_k[mls[j]])) {
-                best_e[mls[j]] = e[j];
-                best_k[mls[j]] = ks[j];
+                for (int i = 0; i < 8; ++i) pv[i] = pm[8 * s + 32 * t + i];
+              }
+#pragma unroll
+              for (int i = 0; i < 8; ++i) {
+                const float diff = zq[(uint64_t)usd * i] - pv[i];
+                e = fmaf(diff, diff, e);
+              }
+              zq += 32u * usd;
+            }
+            const int d = 8 * s + 32 * chunks;
+            if (d < D) {  // a last, partial chunk (D % 8 != 0): d + 8 > D
+#pragma unroll
+              for (int i = 0; i < 7; ++i) {
+                if (d + i < D) {
+                  const float diff = zq[i * sd] - pm[d + i];
+                  e = fmaf(diff, diff, e);
+                }
               }
             }
+#pragma unroll
+            for (int o = 2; o > 0; o >>= 1) e += __shfl_xor_sync(kFullMask, e, o);
+            // Fold: the group's first lane takes best[ml] = min(best[ml], rank_key(e, k)); two groups of a round may
+            // hold the same prototype, hence an atomic min (the result does not depend on their order).
+            if (s == 0 && valid) atomicMin(&best[ml], (unsigned long long)rank_key(e, k0 + kl));
           }
+          __syncwarp();  // every lane is done reading the list before the next window rewrites it
         }
       }
     }
@@ -581,16 +598,15 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     if (r == per_img - 1 && tid < kBM) {  // image b done: its outputs, and a fresh state for the next image
       const int m = m0 + tid;
       if (m < M) {
-        const float d = best_e[tid];  // >= 0 or NaN (a sum of squares): no clamp
-        const int k = best_k[tid];
+        const float d = key_value(best[tid]);  // >= 0 or NaN (a sum of squares): no clamp
+        const int k = (int)(uint32_t)best[tid];
         const int64_t o = (int64_t)b * M + m;
         prm.min_distances[o] = d;
         prm.similarity[o] = log1pf((1.f - prm.eps) / (d + prm.eps));
         prm.patch_index[o] = (k >= 0 && k < HW) ? k : 0;
       }
       thr_s[tid] = INFINITY;  // read again only after the next iteration's first barrier
-      best_e[tid] = INFINITY;
-      best_k[tid] = 0x7fffffff;
+      best[tid] = rank_key(INFINITY, 0x7fffffff);
     }
   }
 }

@@ -20,8 +20,10 @@ namespace protokern {
 // rescored exactly in fp32, so the outputs are identical for all three (forward.cuh).
 enum : int { kSearchFp32 = 0, kSearch3xTf32 = 1, kSearchTf32 = 2 };
 
-// Forward: z is (B, D, HW) float32 with arbitrary element strides; p is (M, D) contiguous float32.
-// Outputs are (B, M) contiguous.
+// Forward: z is (B, D, HW) float32 with arbitrary element strides, the channel stride below kMaxForwardZsd
+// (the rescoring steps it in 32-bit arithmetic; protokern.cpp passes a copy of a z past it); p is (M, D)
+// contiguous float32. Outputs are (B, M) contiguous.
+constexpr int64_t kMaxForwardZsd = int64_t{1} << 27;
 struct ForwardParams {
   const float* z;
   int64_t z_sb, z_sd, z_sk;  // element strides of z over (B, D, HW)

@@ -106,11 +106,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& z,
   at::Tensor patch_index = at::empty({B, M}, z.options().dtype(at::kLong));
   if (B == 0 || M == 0) return {similarity, min_distances, patch_index};
 
+  // A channel stride past kMaxForwardZsd (params.h): a channels-innermost copy (stride_d = 1).
+  const at::Tensor zf = z.stride(1) < kMaxForwardZsd ? z : z.transpose(1, 2).contiguous().transpose(1, 2);
   ForwardParams prm{};
-  prm.z = z.data_ptr<float>();
-  prm.z_sb = z.stride(0);
-  prm.z_sd = z.stride(1);
-  prm.z_sk = z.stride(2);
+  prm.z = zf.data_ptr<float>();
+  prm.z_sb = zf.stride(0);
+  prm.z_sd = zf.stride(1);
+  prm.z_sk = zf.stride(2);
   prm.p = pc.data_ptr<float>();
   prm.similarity = similarity.data_ptr<float>();
   prm.min_distances = min_distances.data_ptr<float>();

@@ -6,14 +6,14 @@
 tests/kernels/sm90_gate.py in tests/sass.py) and sums the instructions of each kernel variant by phase:
 
 * forward_kernel: prologue, pipeline (the loop's copies, waits and index math), the search step, norms,
-  (1) threshold (visit + reduction), (2) flags, (3) rescoring (batch assembly, ballots, exact_distances,
-  fold), outputs;
+  (1) threshold (visit + reduction), (2) flags, (3) rescoring (compaction of the flags into a list, and per
+  round of 8 candidates: entry, exact distance set-up and butterfly, channel loop, partial chunk, fold), outputs;
 * backward_kernel: grad_z pass set-up, clear, stage z, chunk overhead, per-pair update, sum + write;
   grad_p set-up, stage loop, issue z, issue (g, k), per-image update, store.
 
 An instruction belongs to the phase of the outermost frame of its inline stack that lies in a phase's source
 range (a phase runs from its anchor line in the source to the next anchor), so code inlined from helpers
-(exact_distances, warp_sum, the searches' visit) counts in the phase that calls it. Per phase: the static
+(the searches' visit) counts in the phase that calls it. Per phase: the static
 mix and its clean loops (back-edge loops all of whose instructions are in the phase).
 
 Then ``budget``: executed warp-instructions at a shape = static per-phase counts x how often each phase runs
@@ -46,15 +46,19 @@ CSRC = REPO / "csrc"
 FORWARD_PHASES = [
     ("prologue", "forward_kernel(const ForwardParams prm"),
     ("pipeline", "for (int it = 0; it < n_iter; ++it) {"),
+    ("clear", "if (r % n_d == 0) search.clear();"),
     ("search", "search.template step<kPs>"),
     ("norms", "if (tid < kBK) {  // channels in order"),
     ("(1) threshold", "const float cert = cert_coef"),
     ("(2) flags", "// (2) candidates"),
-    ("(3) batch", "// (3) exact rescoring"),
-    ("(3) ballots", "while (more && cand == 0) {"),
-    ("(3) batch", "zk[j] = p;  // unused unless j < n"),
-    ("(3) exact_distances", "float e[kRescoreBatch];"),
-    ("(3) fold", "if (lane == 0) {"),
+    ("(3) compact", "// (3) exact rescoring"),
+    ("(3) round", "for (int c0 = 0; c0 < n; c0 += kRescoreBatch) {"),
+    ("(3) exact_distance", "// Exact e = sum_d (z[d] - p[d])^2 in fp32"),
+    ("(3) channel loop", "for (int t = 0; t < chunks; ++t) {"),
+    ("(3) tail", "const int d = 8 * s + 32 * chunks;"),
+    ("(3) exact_distance", "e += __shfl_xor_sync(kFullMask, e, o);"),
+    ("(3) fold", "// Fold: the group's first lane takes best[ml]"),
+    ("(3) compact", "__syncwarp();  // every lane is done reading the list"),
     ("outputs", "__syncthreads();  // this buffer is refilled"),
     (None, "// Launch shape of the forward"),
 ]
@@ -201,7 +205,7 @@ H200 = {"sms": 132, "schedulers": 4, "ghz": 1.98}
 CUB = {"B": 80, "D": 128, "HW": 49, "M": 2000}
 PRECISIONS = {"highest": "FfmaSearch", "high": "MmaSearch<true>", "medium": "MmaSearch<false>"}
 # forward.cuh constants the model needs (checked against the source by the test)
-kBM, kBK, kDC, kWarps, kRescoreBatch = 128, 64, 32, 8, 4
+kBM, kBK, kDC, kWarps, kRescoreBatch = 128, 64, 32, 8, 8
 
 
 def candidate_stats(precision: str, B: int = 4, M: int = 256, seed: int = 0, HW: int = 49, D: int = 128) -> dict:
@@ -209,8 +213,8 @@ def candidate_stats(precision: str, B: int = 4, M: int = 256, seed: int = 0, HW:
     sigmoid add-on and its prototype initialisation), from the CPU emulator's recorded (v~, delta)
     (csrc/emu/check.py: emu_search_values; one patch tile, so T_m is the tile's minimum of v~ + delta). Per
     (b, m): mean candidates; per warp and tile (warp w rescores prototypes w, w + 8, ... of its block's 128):
-    mean rescoring batches ceil(C_w / 4) and batch-loop iterations floor(C_w / 4) + 1 (the last one finds
-    no candidate when C_w % 4 == 0, or ends early)."""
+    mean rescoring rounds ("batches") ceil(C_w / kRescoreBatch), and the compaction's write-loop trips (the
+    warp's busiest lane: a lane holds one prototype's flags of half the tile)."""
     import torch
 
     check = _check()
@@ -221,11 +225,13 @@ def candidate_stats(precision: str, B: int = 4, M: int = 256, seed: int = 0, HW:
     z3, p = torch.rand(B, D, HW, generator=gen), torch.rand(M, D, generator=gen)
     v, delta = check.emu_search_values(lib, z3, p, precision)
     thr = torch.where(torch.isfinite(v), v + delta, torch.inf).amin(2, keepdim=True)
-    per_bm = ((v - delta) <= thr).sum(2)  # (B, M)
+    cand = (v - delta) <= thr  # (B, M, HW)
+    per_bm = cand.sum(2)  # (B, M)
     per_warp = per_bm.reshape(B, M // kBM, kBM // kWarps, kWarps).sum(2).flatten().double()  # ml % 8 = warp
+    halves = torch.nn.functional.pad(cand, (0, kBK - HW)).reshape(B, M // kBM, kBM // kWarps, kWarps, 2, kBK // 2)
+    write_iters = halves.sum(5).amax((2, 4)).double().mean().item()
     return {"per_bm": per_bm.double().mean().item(), "per_warp_tile": per_warp.mean().item(),
-            "batches": torch.ceil(per_warp / kRescoreBatch).mean().item(),
-            "batch_iters": (torch.floor(per_warp / kRescoreBatch) + 1).mean().item()}
+            "batches": torch.ceil(per_warp / kRescoreBatch).mean().item(), "write_iters": write_iters}
 
 
 _EMU = {}
@@ -277,18 +283,20 @@ def forward_per_tile(ph: dict[str, PhaseCount], shape: dict, cand: dict) -> dict
     tiles = -(-shape["HW"] // kBK)
     out = {
         "pipeline": ph["pipeline"].executed(n_d),
+        "clear": ph["clear"].executed(),  # the accumulators' zeros, once per tile (its test: in the pipeline)
         "search": ph["search"].executed(n_d),
         "norms": n_d * (2 / kWarps) * ph["norms"].executed(1, "FFMA", 1, kDC),
         "(1) threshold": ph["(1) threshold"].executed(),
         "(2) flags": ph["(2) flags"].executed(),
-        # each batch-loop iteration runs the 4 slots' loop tests; each prototype visited costs one iteration
-        # of a ballot loop (2 ballots): 128 / 8 prototypes per warp, + 1 that ends the walk
-        "(3) ballots": ph["(3) ballots"].executed(1, "VOTE", 2, kBM / kWarps + 1)
-        + (ph["(3) ballots"].hot - len(ph["(3) ballots"].loop)) * (cand["batch_iters"] - 1),
-        "(3) batch": ph["(3) batch"].executed(cand["batch_iters"]),
-        # lane l sums channels l, l + 32, ...: D / 32 iterations of 4 candidates' FFMA
-        "(3) exact_distances": ph["(3) exact_distances"].executed(cand["batches"], "FFMA", kRescoreBatch,
-                                                                  -(-shape["D"] // 32)),
+        # (3): the compaction once (its write loop as often as the warp's busiest lane has candidates), then
+        # ceil(C_w / 8) rounds of 8 candidates: entry, set-up and butterfly, the channel loop (lane s: whole chunks
+        # of 8 channels 8 s + 32 t.., 8 FFMA each, D / 32 of them at D % 32 == 0), the last partial chunk
+        # (D % 8 != 0 only; else its test, 2 instructions), the fold
+        "(3) compact": ph["(3) compact"].executed(1, "STS", 1, cand["write_iters"]),
+        "(3) round": ph["(3) round"].executed(cand["batches"]),
+        "(3) exact_distance": ph["(3) exact_distance"].executed(cand["batches"]),
+        "(3) channel loop": ph["(3) channel loop"].executed(cand["batches"], "FFMA", 8, -(-shape["D"] // 32)),
+        "(3) tail": ph["(3) tail"].executed(cand["batches"]) if shape["D"] % 8 else 2.0 * cand["batches"],
         "(3) fold": ph["(3) fold"].executed(cand["batches"]),
         "outputs": ph["outputs"].executed(0.5 / tiles),
     }
@@ -360,6 +368,8 @@ def budget(kernels: dict, shape: dict = CUB, gpu: dict = H200, cand_B: int = 4, 
                 "static": {k: v.static for k, v in ph.items()}, "hot": {k: v.hot for k, v in ph.items()},
                 "mma": {k: v.count("HMMA") for k, v in ph.items()},
                 "per_warp_tile": per_tile, "per_block": per_block,
+                "rescoring_per_candidate": sum(v for k, v in per_tile.items() if k.startswith("(3)"))
+                / max(cand["per_warp_tile"], 1e-9),
                 "per_sm_mean": per_block * blocks_ / gpu["sms"], "per_sm_busiest": per_block * busiest,
                 "floor_us_mean": floor_us(per_block * blocks_ / gpu["sms"], gpu),
                 "floor_us": floor_us(per_block * busiest, gpu)}
@@ -394,6 +404,7 @@ def main(argv: list[str]) -> int:
         print(f"  {'phase':22} {'static':>6} {'hot':>6} {'per warp-tile':>13}")
         for phase, n in f["per_warp_tile"].items():
             print(f"  {phase:22} {f['static'][phase]:6} {f['hot'][phase]:6} {n:13.0f}")
+        print(f"  rescoring (3) per candidate {f['rescoring_per_candidate']:.1f} warp-instructions")
         print(f"  per block {f['per_block']:.3g}, per SM mean {f['per_sm_mean']:.3g} busiest "
               f"{f['per_sm_busiest']:.3g} warp-instructions: issue floor {f['floor_us']:.1f} us "
               f"(mean {f['floor_us_mean']:.1f} us)")

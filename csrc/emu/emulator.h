@@ -42,6 +42,9 @@ typedef struct CUstream_st* cudaStream_t;
 struct alignas(16) float4 {
   float x, y, z, w;
 };
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
 
 using std::isfinite;
 using std::isnan;
@@ -303,7 +306,32 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   return __shfl_sync(mask, value, (threadIdx.x % 32) ^ lane_mask);
 }
 
+// __shfl_up_sync / __shfl_down_sync: a lane whose source lies outside the warp gets its own value.
+template <class T>
+T __shfl_up_sync(unsigned mask, T value, unsigned delta) {
+  const int lane = threadIdx.x % 32;
+  return __shfl_sync(mask, value, lane >= (int)delta ? lane - (int)delta : lane);
+}
+
+template <class T>
+T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
+  const int lane = threadIdx.x % 32;
+  return __shfl_sync(mask, value, lane + (int)delta < 32 ? lane + (int)delta : lane);
+}
+
 inline int __ffsll(long long x) { return x == 0 ? 0 : __builtin_ctzll((unsigned long long)x) + 1; }
+inline int __ffs(int x) { return x == 0 ? 0 : __builtin_ctz((unsigned)x) + 1; }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
+// atomicMin on a 64-bit word (shared memory in the kernels): a real atomic, so that ThreadSanitizer sees
+// concurrent updates as synchronised.
+inline unsigned long long atomicMin(unsigned long long* address, unsigned long long val) {
+  std::atomic_ref<unsigned long long> a(*address);
+  unsigned long long old = a.load();
+  while (val < old && !a.compare_exchange_weak(old, val)) {
+  }
+  return old;
+}
 
 inline unsigned __ballot_sync(unsigned, bool pred) {
   uint64_t* slots = emu::block->exchange.data() + threadIdx.x / 32 * 32;
