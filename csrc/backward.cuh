@@ -6,12 +6,13 @@
 //                  decides the role: blocks [0, gz_blocks) are grad_z blocks, the rest grad_p blocks.
 // grad_z role      one block per (group of G images, 32 channels); each warp scans a fixed range of
 //                  prototypes in increasing order and, for every image of the group, adds 2 g (z - p)
-//                  into its own shared accumulators: one p-row read serves the G images. The warps'
-//                  accumulators are summed in warp order.
+//                  into its own shared accumulators: one p-row read serves the G images (G = 2 only where
+//                  both fit one pass of patches). The warps' accumulators are summed in warp order.
 // grad_p role      one block per (64 prototypes, 32 channels), 8 prototypes per warp, one channel per
 //                  lane; z[b]'s 32-channel slice of several images at a time is staged in shared memory
-//                  (cp.async, double-buffered, z's own strides) with their (g, k), and b is summed in
-//                  increasing order in registers. Above kGpStageRows patches z is gathered from global.
+//                  (cp.async, double-buffered, z's own strides: 16-byte copies where z lies in aligned runs)
+//                  with their (g, k), and b is summed in increasing order in registers. Above kGpStageRows
+//                  patches z is gathered from global.
 // z is read with its own strides (no channels-innermost copy). Fixed-order sums, no float atomics: the
 // backward is bitwise deterministic.
 
@@ -423,7 +424,9 @@ __global__ void __launch_bounds__(kBwThreads, kBwMinBlocks) backward_kernel(cons
 inline BackwardLaunch backward_launch(const BackwardParams& prm) {
   BackwardLaunch l{};
   l.d_slices = (prm.D + 31) / 32;
-  l.G = prm.B < kGzGroup ? prm.B : kGzGroup;
+  // Two images per block only where they fit one pass: at larger maps a second image per block saves no p-row
+  // read (twice the passes) and halves the blocks (7x7: 320 blocks of 1 image balance the SMs better than 160).
+  l.G = prm.B >= kGzGroup && prm.HW * kGzGroup <= kGzRows ? kGzGroup : 1;
   const int per_pass = kGzRows / l.G;                        // patches per pass at most
   const int passes = (prm.HW + per_pass - 1) / per_pass;
   l.KT = (prm.HW + passes - 1) / passes;                     // balanced passes (49 -> 25 + 24 at G = 2)

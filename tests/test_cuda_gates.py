@@ -217,8 +217,12 @@ def test_cuda_sass_phases(tmp_path):
             rescoring = sum(v for k, v in per_tile.items() if k.startswith("(3)"))
             assert rescoring / cand["per_warp_tile"] < 50, (name, per_tile)
     bw = cuda_sass.backward_per_warp(ph, cuda_sass.CUB)
-    assert bw["launch"] == {"G": 2, "KT": 25, "passes": 2, "chunks": 8, "NB": 5, "stages": 16,
-                            "gz_blocks": 160, "gp_blocks": 128}
+    assert bw["launch"] == {"G": 1, "KT": 49, "passes": 1, "chunks": 8, "NB": 5, "stages": 16,
+                            "gz_blocks": 320, "gp_blocks": 128}
+    # the CUB shape's grad_p stages z by 16-byte copies only; grad_z's pair updates read a table, no shuffles
+    issue_z = ph["grad_p issue z"]
+    assert 0 < issue_z.count("LDGSTS.E.BYPASS.128") == issue_z.count("LDGSTS"), issue_z.opcodes
+    assert ph["grad_z pair"].count("SHFL") == 0 and ph["grad_z pair"].count("LDS.64") > 0
     assert min(bw["grad_z"].values()) > 0 and min(bw["grad_p"].values()) > 0
     assert cuda_sass.forward_launch(cuda_sass.CUB, 132) == (True, 5, 256)  # forward.cuh forward_launch
 
