@@ -261,6 +261,14 @@ def adversarial_cases(gen_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.
     z[2, 0, :] = math.inf
     z[2, 1, ::2] = -math.inf
     cases["+inf and -inf patches, all patches inf"] = (z, p)
+
+    # Every patch but the last one +inf in a channel: all 64 patches of every prototype are candidates, 5
+    # prototypes per warp (M = 40) make 320 per warp and tile, more than a warp's rescoring list holds (128 for
+    # the MMA searches, 256 for FFMA: forward.cuh kListCap), so later windows hold the finite winners.
+    z = torch.rand(2, 8, 64)
+    p = torch.rand(40, 8)
+    z[:, 3, :63] = math.inf
+    cases["inf everywhere but the last patch: several rescoring windows"] = (z, p)
     return cases
 
 
