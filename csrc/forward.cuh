@@ -355,18 +355,44 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   const bool p_vec = D % 4 == 0 && (reinterpret_cast<uintptr_t>(p) & 15) == 0;
   const bool z_vec = sk == 1 && sd % 4 == 0 && prm.z_sb % 4 == 0 && (reinterpret_cast<uintptr_t>(prm.z) & 15) == 0;
   const int n_d = (D + kDC - 1) / kDC;
-  const int per_img = n_d * ((HW + kBK - 1) / kBK);          // (patch tile, channel stage) steps per image
-  const int n_iter = per_img * min(ipb, prm.B - b0);         // flat loop over (image, patch tile, stage)
+  const int n_iter = n_d * ((HW + kBK - 1) / kBK) * min(ipb, prm.B - b0);  // (image, patch tile, stage) steps
+  // This thread's z copies of a stage: the i-th from the stage's origin + zoff + i * zstep (elements), to
+  // channel zdd + i * ddi, patch zkk + i * cci of the tile. 16-byte path: chunks c = tid + 256 i, channel
+  // c / 16, patches 4 (c % 16).. (stride_k == 1: ddi = 16, cci = 0); 4-byte path: tile_map's (ddi, cci:
+  // compile-time constants).
+  constexpr int kVecDdi = kThreads / 16;
+  const int zdd = z_vec ? tid >> 4 : zmap.dd0, zkk = z_vec ? 4 * (tid & 15) : zmap.cc0;
+  const int64_t zoff = zdd * sd + zkk * sk;
+  const int64_t zstep = z_vec ? kVecDdi * sd : zmap.ddi * sd + zmap.cci * sk;
 
-  // Start the copy of step `it` (image b0 + it / per_img; patch tile and channel stage from it % per_img)
-  // into stage `buf`: its z tile, and in the streaming plan its p tile.
-  auto issue = [&](int it, int buf) {
+  // A step of the flat loop: image b (z at zimg), patch tile k0, channel stage ds, its z origin zst = zimg +
+  // k0 sk + 32 ds sd; advanced by carries and pointer increments (no divisions, no 64-bit products per stage).
+  struct Step {
+    const float* zimg;
+    const float* zst;
+    int b, k0, ds;
+  };
+  const int64_t zdstep = kDC * sd;
+  auto advance = [&](Step& s) {
+    s.zst += zdstep;
+    if (++s.ds == n_d) {
+      s.ds = 0;
+      s.k0 += kBK;
+      if (s.k0 >= HW) {
+        s.k0 = 0;
+        ++s.b;
+        s.zimg += prm.z_sb;
+      }
+      s.zst = s.zimg + s.k0 * sk;
+    }
+  };
+
+  // Start the copy of step s into stage `buf`: its z tile, and in the streaming plan its p tile.
+  auto issue = [&](const Step& s, int buf) {
     float* const st = stages + buf * kStage;
     float* const zs = st + P::kZInStage;
-    const int r = it % per_img;
-    const int k0 = (r / n_d) * kBK;
-    const int d0 = (r % n_d) * kDC;
-    const float* const zb = prm.z + (int64_t)(b0 + it / per_img) * prm.z_sb;
+    const int k0 = s.k0, d0 = s.ds * kDC;
+    const float* const zb = s.zimg;
     if constexpr (!kResident) {
       float* const ps = st;
       if (p_vec) {  // chunk c = tid + 256 i: prototype c / 8, channels 4 (c % 8).. (8 threads per 128-byte row)
@@ -385,21 +411,21 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
         }
       }
     }
-    if (z_vec) {  // chunk c = tid + 256 i: channel c / 16, patches 4 (c % 16).. (stride_k == 1)
+    const float* src = s.zst + zoff;
+    float* dst = zs + zdd * kZs + zkk;
+    const int dlim = D - d0 - zdd, klim = HW - k0 - zkk;  // this thread's copy i is in range iff
+    if (z_vec) {                                          // i * ddi < dlim and i * cci < klim
+      const int n4 = max(0, min(4, klim));
 #pragma unroll
-      for (int i = 0; i < kZChunks; ++i) {
-        const int c = tid + kThreads * i, dd = c >> 4, kk = 4 * (c & 15);
-        const int n = d0 + dd < D ? max(0, min(4, HW - k0 - kk)) : 0;
-        copy_async16(&zs[dd * kZs + kk], n > 0 ? zb + (d0 + dd) * sd + k0 + kk : zb, n);
+      for (int i = 0; i < kZChunks; ++i, src += zstep, dst += kVecDdi * kZs) {
+        const int n = i * kVecDdi < dlim ? n4 : 0;
+        copy_async16(dst, n > 0 ? src : zb, n);
       }
     } else {
-      const float* src = zb + (d0 + zmap.dd0) * sd + (k0 + zmap.cc0) * sk;
-      const int64_t step = zmap.ddi * sd + zmap.cci * sk;
 #pragma unroll
-      for (int i = 0; i < kZLoads; ++i) {
-        const int dd = zmap.dd0 + i * zmap.ddi, cc = zmap.cc0 + i * zmap.cci;
-        const bool ok = d0 + dd < D && k0 + cc < HW;
-        copy_async(&zs[dd * kZs + cc], ok ? src + i * step : zb, ok);
+      for (int i = 0; i < kZLoads; ++i, src += zstep, dst += zmap.ddi * kZs + zmap.cci) {
+        const bool ok = i * zmap.ddi < dlim && i * zmap.cci < klim;
+        copy_async(dst, ok ? src : zb, ok);
       }
     }
     async_commit();
@@ -429,23 +455,28 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   Search search;
   float norm2 = 0.f;  // threads < kBK: |z_k|^2 of patch k0 + tid; threads >= kBM: |p_m|^2 of m0 + tid - kBM
 
-  issue(0, 0);
+  // The certification's coefficients (nvcc computes them before the loop wherever they are written)
+  const float cert = cert_coef(Search::kSearch, D);
+  const float cert_abs = kCertScale * (float)(D + 8) * 0x1p-126f;
+  Step cur{prm.z + (int64_t)b0 * prm.z_sb, nullptr, b0, 0, 0};  // the step the loop body consumes
+  cur.zst = cur.zimg;
+  Step nxt = cur;  // the last step issued
+  issue(nxt, 0);
   for (int it = 0; it < n_iter; ++it) {
     if (it + 1 < n_iter) {
-      issue(it + 1, (it + 1) & 1);  // overlaps the math below
+      advance(nxt);
+      issue(nxt, (it + 1) & 1);  // overlaps the math below
       async_wait<1>();
     } else {
       async_wait<0>();
     }
     __syncthreads();
-    const int r = it % per_img;  // step within the image
-    const int b = b0 + it / per_img;
-    const float* __restrict__ zb = prm.z + (int64_t)b * prm.z_sb;
+    const int b = cur.b, k0 = cur.k0, ds = cur.ds;
+    const float* __restrict__ zb = cur.zimg;
     float* const st = stages + (it & 1) * kStage;
     const float* const zs = st + P::kZInStage;
-    const float* const ps = kResident ? p_res + (r % n_d) * kDC : st;
-    const int k0 = (r / n_d) * kBK;
-    if (r % n_d == 0) search.clear();  // a new patch tile (here: zeros are not held across the rescoring)
+    const float* const ps = kResident ? p_res + ds * kDC : st;
+    if (ds == 0) search.clear();  // a new patch tile (here: zeros are not held across the rescoring)
     search.template step<kPs>(ps, zs, tid, k0, HW);
     if (tid < kBK) {  // channels in order, one fma chain
 #pragma unroll 8
@@ -462,7 +493,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       }
     }
 
-    if (r % n_d == n_d - 1) {  // last stage of this patch tile: certify and rescore it
+    if (ds == n_d - 1) {  // last stage of this patch tile: certify and rescore it
       if (tid < kBK) {
         zn_s[tid] = norm2;
         rz_s[tid] = sqrtf(norm2);
@@ -471,8 +502,6 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
         rp_s[tid - (kThreads - kBM)] = sqrtf(norm2);
       }
       __syncthreads();  // also: every thread is done reading stage `st`, the streaming plan's scratch
-      const float cert = cert_coef(Search::kSearch, D);  // here, not live across the main loop
-      const float cert_abs = kCertScale * (float)(D + 8) * 0x1p-126f;
       float* const red = kResident ? smem + P::kScratch : st;
       unsigned char* const flags = reinterpret_cast<unsigned char*>(red + Search::kEntries * kBM);
       // (1) running threshold T_m = min(T_m, min over this tile's finite v~ of v~ + delta); each
@@ -595,7 +624,9 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       }
     }
     __syncthreads();  // this buffer is refilled by the next iteration's issue()
-    if (r == per_img - 1 && tid < kBM) {  // image b done: its outputs, and a fresh state for the next image
+    const bool img_done = ds == n_d - 1 && k0 + kBK >= HW;
+    advance(cur);
+    if (img_done && tid < kBM) {  // image b done: its outputs, and a fresh state for the next image
       const int m = m0 + tid;
       if (m < M) {
         const float d = key_value(best[tid]);  // >= 0 or NaN (a sum of squares): no clamp

@@ -46,10 +46,10 @@ CSRC = REPO / "csrc"
 FORWARD_PHASES = [
     ("prologue", "forward_kernel(const ForwardParams prm"),
     ("pipeline", "for (int it = 0; it < n_iter; ++it) {"),
-    ("clear", "if (r % n_d == 0) search.clear();"),
+    ("clear", "if (ds == 0) search.clear();"),
     ("search", "search.template step<kPs>"),
     ("norms", "if (tid < kBK) {  // channels in order"),
-    ("(1) threshold", "const float cert = cert_coef"),
+    ("(1) threshold", "float* const red = kResident ? smem + P::kScratch : st;"),
     ("(2) flags", "// (2) candidates"),
     ("(3) compact", "// (3) exact rescoring"),
     ("(3) round", "for (int c0 = 0; c0 < n; c0 += kRescoreBatch) {"),
