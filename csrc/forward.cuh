@@ -128,7 +128,9 @@ __device__ __forceinline__ TileMap tile_map(int tid, bool d_fast) {
 //   (|p|^2 cancels); its fp32 evaluation (v~ +- delta, the compare) costs <= 4u N more.
 // So delta = c N + c_abs with c = 2 (gamma_D + eps_dot + gamma_{D+7} + 6u): the factor 2 absorbs the
 // rounding of N itself (zn~ may be low by gamma_D, the square roots, the products), and
-// c_abs = (D + 8) 2^-126 covers products and squares that underflow or are flushed to zero.
+// c_abs = (D + 8) 2^-126 covers products and squares that underflow or are flushed to zero. The kernel
+// evaluates it as q^2 + c_abs with q = sqrt(c) |z| + sqrt(c) |p| (the two terms stored per patch and per
+// prototype): about 7 roundings of relative u each instead of 5, also within the factor 2.
 __device__ __forceinline__ float gamma_n(float n) {
   const float nu = n * 0x1p-24f;
   return nu < 0.25f ? nu / (1.f - nu) : INFINITY;  // a huge D: every patch becomes a candidate
@@ -335,8 +337,8 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   float* const p_res = smem;              // the resident p tile (kResident)
   float* const stages = smem + P::kPRes;  // two pipeline stages
   float* const zn_s = smem + P::kZnOffset;  // |z_k|^2 of the current patch tile
-  float* const rz_s = smem + P::kRzOffset;  // |z_k|
-  float* const rp_s = smem + P::kRpOffset;  // |p_m|
+  float* const rz_s = smem + P::kRzOffset;  // sqrt(cert_coef) |z_k|
+  float* const rp_s = smem + P::kRpOffset;  // sqrt(cert_coef) |p_m|
   float* const thr_s = smem + P::kThrOffset;
   // The exact winner's rank_key(e, k) of each prototype (unsigned long long: atomicMin's type)
   unsigned long long* const best = reinterpret_cast<unsigned long long*>(smem + P::kBestOffset);
@@ -456,7 +458,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   float norm2 = 0.f;  // threads < kBK: |z_k|^2 of patch k0 + tid; threads >= kBM: |p_m|^2 of m0 + tid - kBM
 
   // The certification's coefficients (nvcc computes them before the loop wherever they are written)
-  const float cert = cert_coef(Search::kSearch, D);
+  const float cert_sqrt = sqrtf(cert_coef(Search::kSearch, D));  // delta = (cert_sqrt (|z| + |p|))^2 + cert_abs
   const float cert_abs = kCertScale * (float)(D + 8) * 0x1p-126f;
   Step cur{prm.z + (int64_t)b0 * prm.z_sb, nullptr, b0, 0, 0};  // the step the loop body consumes
   cur.zst = cur.zimg;
@@ -496,10 +498,10 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     if (ds == n_d - 1) {  // last stage of this patch tile: certify and rescore it
       if (tid < kBK) {
         zn_s[tid] = norm2;
-        rz_s[tid] = sqrtf(norm2);
+        rz_s[tid] = cert_sqrt * sqrtf(norm2);  // sqrt(c) |z_k|
         norm2 = 0.f;
       } else if (tid >= kThreads - kBM && it == n_d - 1) {
-        rp_s[tid - (kThreads - kBM)] = sqrtf(norm2);
+        rp_s[tid - (kThreads - kBM)] = cert_sqrt * sqrtf(norm2);  // sqrt(c) |p_m|
       }
       __syncthreads();  // also: every thread is done reading stage `st`, the streaming plan's scratch
       float* const red = kResident ? smem + P::kScratch : st;
@@ -511,8 +513,8 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       for (int s = 0; s < Search::kSlots; ++s) tmin[s] = INFINITY;
       search.visit(tid, [&](int s, int ml, int kl, float& acc) {
         const float v = fmaf(-2.f, acc, zn_s[kl]);
-        const float r = rz_s[kl] + rp_s[ml];
-        const float delta = fmaf(cert, r * r, cert_abs);
+        const float q = rz_s[kl] + rp_s[ml];  // sqrt(c) (|z| + |p|)
+        const float delta = fmaf(q, q, cert_abs);
         const bool real = k0 + kl < HW, finite = isfinite(v);
         if (real && finite) tmin[s] = fminf(tmin[s], v + delta);
 #ifdef PROTOKERN_EMU

@@ -269,6 +269,15 @@ def adversarial_cases(gen_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.
     p = torch.rand(40, 8)
     z[:, 3, :63] = math.inf
     cases["inf everywhere but the last patch: several rescoring windows"] = (z, p)
+
+    # A prototype with an inf channel over 7x7 maps whose rows are stored 64 apart with NaN in the gaps: the
+    # tile's padding patches (49..63) get a non-finite v~ too (0 * inf) and must never be rescored (their z
+    # would be the gaps' NaN, a NaN winner at patch >= HW).
+    z = torch.full((2, 16, 64), math.nan)[:, :, :49]
+    z.copy_(torch.rand(2, 16, 49))
+    p = torch.rand(3, 16)
+    p[1, 5] = math.inf
+    cases["inf prototype, NaN between 7x7 rows: padding never rescored"] = (z, p)
     return cases
 
 
