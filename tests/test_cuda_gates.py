@@ -201,6 +201,11 @@ def test_cuda_sass_phases(tmp_path):
             assert hmma == {"search": 96}, (name, hmma)
         else:
             assert hmma == {} and ph["search"].count("FFMA") == 1024, (name, hmma, ph["search"].count("FFMA"))
+        # the pipeline advances its stage indices by carries (no integer division: I2F.RP + MUFU.RCP) and
+        # issues z's 8 four-byte and 2 sixteen-byte copies per thread unrolled (a loop the model counts once)
+        pipe = ph["pipeline"]
+        assert pipe.count("I2F") == pipe.count("MUFU") == 0, (name, pipe.opcodes)
+        assert pipe.count("LDGSTS") >= 10, (name, pipe.count("LDGSTS"))
     _, ph, _ = kernels["backward_kernel"]
     assert backward_phases <= set(ph) and all(ph[p].hot > 0 for p in backward_phases), set(ph)
     cand = {"per_bm": 1.0, "per_warp_tile": 16.0, "batches": 2.0, "write_iters": 1.0}
