@@ -24,7 +24,9 @@ SEARCH_PRECISIONS = ("highest", "high", "medium")  # FFMA, 3xTF32, TF32 products
 #   candidate exactly, and TF32's wider bound admits ~3.9 candidates per (image, prototype) on uniform
 #   features against ~1.06 at 3xTF32: ~12 rescoring rounds per 64-patch window at "medium" against ~3.4 at
 #   "high", whose image loop is also the shorter in SASS. A GPU table (`fastest_precisions`) settles it.
-# - cuda: "highest" until its tensor-core searches have run on a GPU (none has yet: benchmarks/NOTES.md).
+# - cuda: "highest" until its tensor-core searches have run on a GPU (none has yet). The static issue model
+#   (benchmarks/NOTES.md, v8 (cuda forward)) puts its forward at >= 68 / 38 / 45 us at "highest" / "high" /
+#   "medium" on the CUB shape, so "high" is the expected choice once a GPU table confirms it.
 # - torch: "highest": "high" and "medium" emulate TF32 products with extra passes, never faster.
 AUTO_PRECISION = {"torch": "highest", "triton": "high", "cuda": "highest"}
 _log = logging.getLogger("protokern")
