@@ -303,11 +303,16 @@ def forward_per_tile(ph: dict[str, PhaseCount], shape: dict, cand: dict) -> dict
     return out
 
 
+def rescoring_per_candidate(per_tile: dict[str, float], cand: dict) -> float:
+    """Warp-instructions of the forward's phase (3), the certified rescoring, per candidate (issue 9: < 50)."""
+    return sum(v for k, v in per_tile.items() if k.startswith("(3)")) / max(cand["per_warp_tile"], 1e-9)
+
+
 def backward_per_warp(ph: dict[str, PhaseCount], shape: dict) -> dict[str, dict[str, float]]:
     """Warp-instructions one warp issues in a grad_z block and in a grad_p block, by phase (backward.cuh's
-    launch at ``shape``): grad_z: G = 2 images, passes of KT patches, chunks of 32 prototypes, one pair update
-    per (image, prototype) (its winner lies in one pass; the per-pair tests of losers, about 2 instructions
-    each, are left out); grad_p: stages of NB images."""
+    launch at ``shape``, from backward_launch): grad_z: G images, passes of KT patches, chunks of 32
+    prototypes, one pair update per (image, prototype) (its winner lies in one pass; the per-pair tests of
+    losers, about 2 instructions each, are left out); grad_p: stages of NB images."""
     B, HW = shape["B"], shape["HW"]
     launch = backward_launch(shape)
     G, KT, seg = launch["G"], launch["KT"], launch["seg"]
@@ -368,8 +373,7 @@ def budget(kernels: dict, shape: dict = CUB, gpu: dict = H200, cand_B: int = 4, 
                 "static": {k: v.static for k, v in ph.items()}, "hot": {k: v.hot for k, v in ph.items()},
                 "mma": {k: v.count("HMMA") for k, v in ph.items()},
                 "per_warp_tile": per_tile, "per_block": per_block,
-                "rescoring_per_candidate": sum(v for k, v in per_tile.items() if k.startswith("(3)"))
-                / max(cand["per_warp_tile"], 1e-9),
+                "rescoring_per_candidate": rescoring_per_candidate(per_tile, cand),
                 "per_sm_mean": per_block * blocks_ / gpu["sms"], "per_sm_busiest": per_block * busiest,
                 "floor_us_mean": floor_us(per_block * blocks_ / gpu["sms"], gpu),
                 "floor_us": floor_us(per_block * busiest, gpu)}

@@ -219,8 +219,7 @@ def test_cuda_sass_phases(tmp_path):
     for name in forwards:
         if name.endswith(", true>"):
             per_tile = cuda_sass.forward_per_tile(kernels[name][1], cuda_sass.CUB, cand)
-            rescoring = sum(v for k, v in per_tile.items() if k.startswith("(3)"))
-            assert rescoring / cand["per_warp_tile"] < 50, (name, per_tile)
+            assert cuda_sass.rescoring_per_candidate(per_tile, cand) < 50, (name, per_tile)
     bw = cuda_sass.backward_per_warp(ph, cuda_sass.CUB)
     assert bw["launch"] == {"G": 1, "KT": 49, "passes": 1, "chunks": 8, "NB": 5, "stages": 16,
                             "gz_blocks": 320, "gp_blocks": 128}

@@ -306,20 +306,13 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   return __shfl_sync(mask, value, (threadIdx.x % 32) ^ lane_mask);
 }
 
-// __shfl_up_sync / __shfl_down_sync: a lane whose source lies outside the warp gets its own value.
+// __shfl_up_sync: a lane whose source lies outside the warp gets its own value.
 template <class T>
 T __shfl_up_sync(unsigned mask, T value, unsigned delta) {
   const int lane = threadIdx.x % 32;
   return __shfl_sync(mask, value, lane >= (int)delta ? lane - (int)delta : lane);
 }
 
-template <class T>
-T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
-  const int lane = threadIdx.x % 32;
-  return __shfl_sync(mask, value, lane + (int)delta < 32 ? lane + (int)delta : lane);
-}
-
-inline int __ffsll(long long x) { return x == 0 ? 0 : __builtin_ctzll((unsigned long long)x) + 1; }
 inline int __ffs(int x) { return x == 0 ? 0 : __builtin_ctz((unsigned)x) + 1; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
