@@ -37,8 +37,9 @@ import triton.language as tl
 
 from protokern.kernels import search_bound
 
-# "highest": exact fp32 products; "high": 3xTF32 (about fp32 accuracy); "medium": TF32 (also the names of
-# their search_bound levels). The precision only changes the search's speed, never its result.
+# "highest": exact fp32 products; "high": 3xTF32 (about fp32 accuracy); "medium": TF32 on operands the kernel
+# truncates itself, bounded by their residuals (search_bound.truncated_tf32_bound) (also the names of their
+# search_bound levels). The precision only changes the search's speed, never its result.
 INPUT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 MAX_PROGRAMS = 2 ** 31 - 1  # CUDA grid axis 0 limit; larger problems launch in runs of images
 MAX_GRID_YZ = 65535  # CUDA grid axes 1 and 2 limit
@@ -63,11 +64,6 @@ _FORWARD_OPTIONS = {"highest": (8, 1), "high": (8, 1), "medium": (8, 1)}
 # "Triton v7"); every smaller tile does.
 TENSOR_CORE_MAX_REGISTERS = 128
 TENSOR_CORE_MAX_TILE = 64 * 32
-# Where its patch tile was halved, "medium" searches both 32-patch tiles of each 64-patch
-# window before rescoring their candidates together against the window's threshold (PAIR = 2): one candidate
-# round per window, as with a 64 x 64 tile. "high" keeps a round per tile: paired, it spills under the cap
-# (16 bytes with p streamed on Triton 3.8; 120 / 308 with p resident on 3.6 / 3.8).
-PAIRED_TILES = ("medium",)
 # ptxas's register cap for the "highest" forward's tiles smaller than 64 x 64: left to choose, ptxas aims at
 # 64-128 registers for some of them and spills 8-200 bytes (11 configurations on Triton 3.8 / ptxas 13, 2
 # others on Triton 3.6); with 255 it keeps everything in registers. The 64 x 64 tile keeps ptxas's own choice
@@ -96,20 +92,22 @@ _GRAD_Z_OPTIONS = dict(num_warps=8, num_stages=1)
 @triton.jit
 def _forward_kernel(
     z_ptr, p_ptr, sim_ptr, dist_ptr, idx_ptr,
-    B, D, HW, M, IMAGES, eps, one_minus_eps, coef, tiny,
+    B, D, HW, M, IMAGES, eps, one_minus_eps, coef, tiny, res_coef,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr, PAIR: tl.constexpr,
+    P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program per (block of IMAGES images, prototype tile), folded into grid axis 0 (no 65535 limit on B).
 
     P_RESIDENT (D <= BLOCK_D): the p tile is loaded once, before the image loop, and stays in registers.
-    PAIR (1 or 2): patch tiles searched (``_search_tile``) before their candidates are rescored together.
 
     Certified search: a~ = |p|^2 + |z|^2 - 2 p.z from tl.dot at PRECISION (``_search_dot``), delta =
-    coef ((|z| + |p|)^2 + tiny) >= |a~ - e| (coef and its derivation: ``search_bound.py``). Each window of
-    PAIR patch tiles lowers the running threshold thr = min (a~ + delta), then rescores exactly every patch of
-    the window with a~ - delta <= thr or a~ not finite (a superset of the candidates of the final threshold,
+    coef ((|z| + |p|)^2 + tiny) >= |a~ - e| (coef and its derivation: ``search_bound.py``); "tf32" truncates
+    its operands itself and adds res_coef |p| (|z_lo| + rho_p |z|) from its operands' residual norms, rho_p
+    the tile's largest |p_lo| / |p| (``search_bound.truncated_tf32_bound``), where the generic "tf32" bound
+    would take a coef 64x the others'. Each patch
+    tile lowers the running threshold thr = min (a~ + delta), then rescores exactly every patch of
+    the tile with a~ - delta <= thr or a~ not finite (a superset of the candidates of the final threshold,
     since thr only decreases), one candidate per row at a time in increasing patch order, all rows at once
     over (BLOCK_M, RESCORE_LANES) channel tiles. The exact distance
     is summed in the fixed order of RESCORE_LANES (lanes over channels, then a pairwise tree): its bits depend
@@ -127,19 +125,30 @@ def _forward_kernel(
     p_rows = p_row[:, None]
 
     p_norm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    p_lo = tl.zeros((BLOCK_M,), dtype=tl.float32)  # "tf32": |p - tf32(p)|^2
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         p = tl.load(p_rows + offs_d[None, :] * stride_pd,
                     mask=m_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
         p_norm += tl.sum(p * p, axis=1)
+        if PRECISION == "tf32":
+            r = p - _tf32_part(p)
+            p_lo += tl.sum(r * r, axis=1)
     p_len = tl.sqrt(p_norm)
+    inf = float("inf")
+    rho_p = 0.0
+    if PRECISION == "tf32":  # max |p_lo| / |p| over the tile's finite non-zero rows (a zero row has p_lo = 0; a
+        # row that is not finite has a~ not finite, always rescored, whatever its delta)
+        live_p = m_mask & (p_len > 0) & (p_len < inf)
+        rho_p = tl.max(tl.where(live_p, tl.sqrt(p_lo) / tl.where(live_p, p_len, 1.0), 0.0), axis=0)
     p_tile = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # unused unless P_RESIDENT
     if P_RESIDENT:
         offs_d = tl.arange(0, BLOCK_D)
         p_tile = tl.load(p_rows + offs_d[None, :] * stride_pd,
                          mask=m_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        if PRECISION == "tf32":  # the search's operand, truncated once (the rescoring reads p from memory)
+            p_tile = _tf32_part(p_tile)
 
-    inf = float("inf")
     z_base = z_ptr + b0.to(tl.int64) * stride_zb  # then advanced by one image per iteration
     out = b0.to(tl.int64) * M + offs_m
     for b in range(b0, tl.minimum(b0 + IMAGES, B)):
@@ -147,23 +156,15 @@ def _forward_kernel(
         best = tl.full((BLOCK_M,), inf, dtype=tl.float32)
         best_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)  # HW: none yet
         nan_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)
-        for k0 in range(0, HW, PAIR * BLOCK_K):  # windows of PAIR patch tiles, candidates rescored together
+        for k0 in range(0, HW, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            lo, thr = _search_tile(z_base, p_rows, p_tile, p_norm, p_len, m_mask, thr, k0, D, HW, coef, tiny,
-                                   stride_zd, stride_zk, stride_pd, BLOCK_M, BLOCK_K, BLOCK_D, P_RESIDENT, PRECISION)
-            if PAIR == 2:
-                lo_b, thr = _search_tile(z_base, p_rows, p_tile, p_norm, p_len, m_mask, thr, k0 + BLOCK_K, D, HW, coef,
-                                         tiny, stride_zd, stride_zk, stride_pd, BLOCK_M, BLOCK_K, BLOCK_D, P_RESIDENT,
-                                         PRECISION)
-                cand_b = lo_b <= thr[:, None]
+            lo, thr = _search_tile(z_base, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr, k0, D, HW, coef, tiny,
+                                   res_coef, stride_zd, stride_zk, stride_pd, BLOCK_M, BLOCK_K, BLOCK_D,
+                                   P_RESIDENT, PRECISION)
             cand = lo <= thr[:, None]
             count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
-            if PAIR == 2:
-                count += tl.sum(tl.sum(cand_b.to(tl.int32), axis=1), axis=0)
             while count > 0:
                 k = tl.min(tl.where(cand, offs_k[None, :], HW), axis=1)  # each row's next candidate
-                if PAIR == 2:
-                    k = tl.minimum(k, tl.min(tl.where(cand_b, offs_k[None, :] + BLOCK_K, HW), axis=1))
                 active = k < HW
                 z_col = z_base + tl.where(active, k, 0).to(tl.int64) * stride_zk
                 lanes = tl.zeros((BLOCK_M, RESCORE_LANES), dtype=tl.float32)
@@ -182,9 +183,6 @@ def _forward_kernel(
                 best_idx = tl.where(better, k, best_idx)
                 cand = cand & (offs_k[None, :] != k[:, None])
                 count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
-                if PAIR == 2:
-                    cand_b = cand_b & (offs_k[None, :] + BLOCK_K != k[:, None])
-                    count += tl.sum(tl.sum(cand_b.to(tl.int32), axis=1), axis=0)
 
         has_nan = nan_idx < HW
         exact = tl.where(has_nan, float("nan"), best)
@@ -203,17 +201,19 @@ def _forward_kernel(
 
 
 @triton.jit
-def _search_tile(z_base, p_rows, p_tile, p_norm, p_len, m_mask, thr, k0, D, HW, coef, tiny, stride_zd, stride_zk,
-                 stride_pd, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                 P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
+def _search_tile(z_base, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr, k0, D, HW, coef, tiny, res_coef,
+                 stride_zd, stride_zk, stride_pd, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_D: tl.constexpr, P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
     """The search over the patch tile at k0 of one image: (lower bounds a~ - delta of the tile, -inf where a~ is
     not finite (always a candidate) and NaN outside the problem (never one); thr lowered by the tile's
-    a~ + delta)."""
+    a~ + delta). "tf32" searches on TF32 parts it truncates itself (the MMA's own rounding cannot change
+    them) and bounds the error by their residuals (rho_p: the tile's largest |p - tf32(p)| / |p|)."""
     inf = float("inf")
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_mask = offs_k < HW
     dot = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     z_norm = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    z_lo = tl.zeros((BLOCK_K,), dtype=tl.float32)  # "tf32": |z - tf32(z)|^2
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
@@ -224,11 +224,19 @@ def _search_tile(z_base, p_rows, p_tile, p_norm, p_len, m_mask, thr, k0, D, HW, 
                         mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         z = tl.load(z_base + offs_d[:, None] * stride_zd + offs_k[None, :] * stride_zk,
                     mask=d_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        dot = _search_dot(p, z, dot, PRECISION)
+        if PRECISION == "tf32":
+            z_hi = _tf32_part(z)
+            dot = tl.dot(p if P_RESIDENT else _tf32_part(p), z_hi, dot, input_precision="tf32")
+            z_lo += tl.sum((z - z_hi) * (z - z_hi), axis=0)
+        else:
+            dot = _search_dot(p, z, dot, PRECISION)
         z_norm += tl.sum(z * z, axis=0)
     approx = p_norm[:, None] + z_norm[None, :] - 2.0 * dot
-    radius = p_len[:, None] + tl.sqrt(z_norm)[None, :]
+    z_len = tl.sqrt(z_norm)
+    radius = p_len[:, None] + z_len[None, :]
     delta = coef * (radius * radius + tiny)
+    if PRECISION == "tf32":
+        delta += p_len[:, None] * (res_coef * (tl.sqrt(z_lo) + rho_p * z_len))[None, :]
     live = m_mask[:, None] & k_mask[None, :]
     finite = tl.abs(approx) < inf  # False for NaN too
     thr = tl.minimum(thr, tl.min(tl.where(live & finite, approx + delta, inf), axis=1))
@@ -502,18 +510,17 @@ def forward_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]
     32-channel slices, the p tile held in registers when D fits one slice; warps, stages and register cap by
     precision. Where M and HW would pick 64 x 64, the tensor-core precisions take 64 x 32
     (TENSOR_CORE_MAX_TILE): 64-row tiles keep Hopper's warp-group MMA (32-row tiles compile to mma.sync) and
-    z is read once per 64 prototypes. The precisions in PAIRED_TILES then rescore two patch tiles at once
-    (PAIR = 2); the others pay a second candidate round per 64 patches (NOTES.md, "Triton v7"; not measured).
+    z is read once per 64 prototypes; each 32-patch tile has its own candidate rounds (NOTES.md, "Triton v7"
+    and "Triton v10"; not measured).
     """
     num_warps, num_stages = _FORWARD_OPTIONS[precision]
     block_m = _pow2(M, FORWARD_TILES[0], FORWARD_TILES[-1])
-    block_k = whole_k = _pow2(HW, FORWARD_TILES[0], FORWARD_TILES[-1])
+    block_k = _pow2(HW, FORWARD_TILES[0], FORWARD_TILES[-1])
     tensor_cores = precision != "highest"
     if tensor_cores:
         block_k = min(block_k, TENSOR_CORE_MAX_TILE // block_m)
-    pair = precision in PAIRED_TILES and block_k < whole_k
     meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=FORWARD_SLICE,
-                P_RESIDENT=D <= FORWARD_SLICE, PRECISION=INPUT_PRECISION[precision], PAIR=2 if pair else 1)
+                P_RESIDENT=D <= FORWARD_SLICE, PRECISION=INPUT_PRECISION[precision])
     options = dict(num_warps=num_warps, num_stages=num_stages)
     if tensor_cores:
         options["maxnreg"] = TENSOR_CORE_MAX_REGISTERS
@@ -596,7 +603,11 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     dist = torch.empty_like(sim)
     idx = torch.empty((B, M), device=z3.device, dtype=torch.int64)
     meta, options = forward_config(D, HW, M, precision)
-    coef = search_bound.coefficient(INPUT_PRECISION[precision], D)
+    level = INPUT_PRECISION[precision]
+    if level == "tf32":  # the kernel truncates the operands itself: their residuals bound the search
+        coef, res_coef, tiny = search_bound.truncated_tf32_bound(D)
+    else:
+        coef, res_coef, tiny = search_bound.coefficient(level, D), 0.0, search_bound.TINY
     images = forward_images_per_program(B, M, meta["BLOCK_M"])
     m_tiles = triton.cdiv(M, meta["BLOCK_M"])
     per_launch = max(1, MAX_PROGRAMS // m_tiles) * images  # grid axis 0: image blocks x prototype tiles
@@ -604,7 +615,7 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
         b1 = min(B, b0 + per_launch)
         _forward_kernel[(triton.cdiv(b1 - b0, images) * m_tiles,)](
             z3[b0:b1], p, sim[b0:b1], dist[b0:b1], idx[b0:b1], b1 - b0, D, HW, M, images,
-            eps, 1.0 - eps, coef, search_bound.TINY,
+            eps, 1.0 - eps, coef, tiny, res_coef,
             z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
             **meta, **options,
         )

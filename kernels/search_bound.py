@@ -34,9 +34,31 @@ error of underflowing products and flushed subnormals (at most (3D + 8) 2^-126, 
 coefficient * TINY since coefficient >= 4 gamma(D, u)). Overflowing norms give delta = inf: such patches are
 always rescored. The comparisons are exact-safe because rounding is monotone: a~_w - delta_w <= e_w <=
 e_j <= a~_j + delta_j for the true winner w implies fl(a~_w - delta_w) <= fl(a~_j + delta_j).
+
+A TF32 search whose kernel truncates the operands itself (hi = tf32(x) by masking the 13 low mantissa bits,
+so |hi_d| <= |x_d| and the MMA's own conversion cannot change them) knows its operand error better than
+"tf32"'s 2^-9 |z| |p|: with x_lo = x - hi (exact in fp32),
+
+    z.p - z_hi.p_hi = z_lo.p + z_hi.p_lo,   so   |z.p - z_hi.p_hi| <= |z_lo| |p| + |z| |p_lo|   (Cauchy-Schwarz),
+
+and the products z_hi_d p_hi_d are exact with sum_d |z_hi_d p_hi_d| <= |z| |p|, so the rest of the error is
+the "ieee" search's. ``truncated_tf32_bound`` gives (c, r, tiny) with
+
+    delta(z, p) = c ((|z| + |p|)^2 + tiny) + r (|z_lo| |p| + |z| |p_lo|),   c = coefficient("ieee", D), r = 4
+
+(2 for the 2 z.p of a~, times the same factor 2 for evaluating delta in fp32). The residual norms are
+computed ones, and a square x_lo_d^2 below fp32's normal range may be flushed to 0: that loses at most
+rho = sqrt(D) 2^-63 of |x_lo| (each flushed |x_lo_d| < 2^-63), so the bound needs 4 rho (|z| + |p|) more,
+which c ((|z| + |p|)^2 + tiny) covers for every norm once tiny >= (2 rho / c)^2 (a quadratic in |z| + |p|
+without real roots). A kernel may relax |p_lo| to rho_p |p| with rho_p the largest |p_lo| / |p| of its
+prototype tile. On uniform [0, 1) data |x_lo| is about 0.38 2^-10 |x|, and the bound is about 5x tighter
+than "tf32"'s in its operand term: 1.4 instead of 4.0 candidates per (b, m) at (D, HW) = (128, 49), 2.8
+instead of 38 at (512, 784) (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
+
+import math
 
 TINY = 2.0 ** -100
 LEVELS = ("ieee", "tf32x3", "tf32", "bf16")  # increasing search error
@@ -66,6 +88,14 @@ def dot_error(level: str, D: int, unit: float = FP32_UNIT) -> float:
 def coefficient(level: str, D: int, unit: float = FP32_UNIT) -> float:
     """c such that |a~ - e| <= c * ((|z| + |p|)^2 + TINY) for every patch (see module doc)."""
     return 2 * (_gamma(D + 1, unit) + dot_error(level, D, unit) + 2 * unit + _gamma(D + 2, unit))
+
+
+def truncated_tf32_bound(D: int) -> tuple[float, float, float]:
+    """(c, r, tiny) of a fp32 TF32 search on operands the kernel truncated itself (see module doc):
+    delta = c ((|z| + |p|)^2 + tiny) + r (|z_lo| |p| + |z| |p_lo|), x_lo = x - tf32(x)."""
+    c = coefficient("ieee", D)
+    rho = math.sqrt(D) * 2.0 ** -63
+    return c, 4.0, max(TINY, (2 * rho / c) ** 2)
 
 
 def worst(*levels: str) -> str:

@@ -21,9 +21,10 @@ SEARCH_PRECISIONS = ("highest", "high", "medium")  # FFMA, 3xTF32, TF32 products
 # - triton: "high" (3xTF32), a static choice (benchmarks/NOTES.md "Triton: the default precision"). Before the
 #   search was certified, an H200 (benchmarks/results/distance-2026-11-27-h200-v2.md) ran its forward at the
 #   CUB shape in 657 / 191 / 81 us at "highest" / "high" / "medium". The certified search rescores every
-#   candidate exactly, and TF32's wider bound admits ~3.9 candidates per (image, prototype) on uniform
-#   features against ~1.06 at 3xTF32: ~12 rescoring rounds per 64-patch window at "medium" against ~3.4 at
-#   "high", whose image loop is also the shorter in SASS. A GPU table (`fastest_precisions`) settles it.
+#   candidate exactly; with the residual bound (search_bound.truncated_tf32_bound) "medium" admits ~1.8
+#   candidates per (image, prototype) per 32-patch tile on uniform features against ~1.4 at 3xTF32, and the
+#   static SASS count per warp, image and 64-prototype tile is still 3.7k at "medium" against 3.05k at
+#   "high" (benchmarks/NOTES.md "Triton v10"). A GPU table (`fastest_precisions`) settles it.
 # - cuda: "highest" until its tensor-core searches have run on a GPU (none has yet). The static issue model
 #   (benchmarks/NOTES.md, v8 (cuda forward)) puts its forward at >= 68 / 38 / 45 us at "highest" / "high" /
 #   "medium" on the CUB shape, so "high" is the expected choice once a GPU table confirms it.

@@ -74,11 +74,17 @@ def search(z3: torch.Tensor, p: torch.Tensor, precision: str = "highest") -> tup
     """
     D = z3.shape[1]
     unit = search_bound.FP64_UNIT if z3.dtype == torch.float64 else search_bound.FP32_UNIT
-    coef = search_bound.coefficient(search_level(precision, z3.dtype, z3.device), D, unit)
+    level = search_level(precision, z3.dtype, z3.device)
     z_norm, p_norm = (z3 * z3).sum(1), (p * p).sum(1)
     approx = z_norm[:, None, :] + p_norm[None, :, None] - 2 * _dot(p, z3, precision)
-    delta = coef * ((z_norm.sqrt()[:, None, :] + p_norm.sqrt()[None, :, None]).square() + search_bound.TINY)
-    return approx, delta
+    z_len, p_len = z_norm.sqrt()[:, None, :], p_norm.sqrt()[None, :, None]
+    if precision == "medium" and level == "tf32":  # _dot truncated the operands itself: their residuals bound it
+        coef, res, tiny = search_bound.truncated_tf32_bound(D)
+        z_lo = (z3 - _tf32(z3)).square().sum(1).sqrt()[:, None, :]
+        p_lo = (p - _tf32(p)).square().sum(1).sqrt()[None, :, None]
+        return approx, coef * ((z_len + p_len).square() + tiny) + res * (z_lo * p_len + z_len * p_lo)
+    coef = search_bound.coefficient(level, D, unit)
+    return approx, coef * ((z_len + p_len).square() + search_bound.TINY)
 
 
 def exact_distances(zv: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:

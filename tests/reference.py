@@ -152,6 +152,23 @@ def issue_case(B: int = 16, D: int = 128, H: int = 7, W: int = 7, generator=None
     return z.view(B, D, H, W), p, winners
 
 
+def residual_case(B: int = 4, D: int = 64, H: int = 5, W: int = 5, generator=None):
+    """TF32's worst operands: every value in [1, 2) with its 13 low mantissa bits set (the largest truncation
+    residual, all of one sign, so that the errors add up). Prototype b equals patch w_b of image b (d = 0); a
+    lower patch r_b holds p_b truncated to TF32 (d = |p_b - tf32(p_b)|^2, about D 2^-20), which a TF32 search
+    ranks first by about 3 D 2^-10: only the rescoring finds w_b. Returns (z, p, winners (B,))."""
+    z = torch.rand(B, D, H * W, generator=generator) + 1
+    z = (z.view(torch.int32) | 0x1FFF).view(torch.float32)
+    HW = H * W
+    winners = torch.empty(B, dtype=torch.int64)
+    for b in range(B):
+        w, r = HW // 2 + b % (HW // 2 - 1), b % (HW // 2)
+        z[b, :, r] = (z[b, :, w].view(torch.int32) & -8192).view(torch.float32)
+        winners[b] = w
+    p = z[torch.arange(B), :, winners].clone()
+    return z.view(B, D, H, W), p, winners
+
+
 def bound_cases(batch: int = 3):
     """(z3, p) pairs for checking a search-error bound: random features and prototypes at several scales,
     prototypes near patches (cancellation), exact copies of a patch, and mixed magnitudes."""

@@ -16,6 +16,7 @@ from tests.reference import (
     near_tie_case,
     original_layer,
     rel_err,
+    residual_case,
 )
 
 gpu = pytest.mark.gpu
@@ -335,6 +336,17 @@ def test_issue_case_exact_patch_wins(case):
     assert (sim.diagonal() - math.log(1e4)).abs().max().item() < 1e-4  # 9.2103
 
 
+def test_largest_tf32_residuals_pick_the_exact_winner(case):
+    """Operands whose TF32 truncation loses the most (search_bound.truncated_tf32_bound's worst case): the
+    search alone ranks the truncated copy r_b first at "medium", the rescoring still returns w_b (d = 0)."""
+    device, backend = case
+    z, p, winners = residual_case()
+    approx, _ = torch_backend.search(z.flatten(2), p, "medium")
+    assert (approx.argmin(-1).diagonal() != winners).all()  # the case is adversarial
+    _, dist, idx = check_contract(z.to(device), p.to(device), backend)
+    assert torch.equal(idx.diagonal(), winners) and (dist.diagonal() == 0).all()
+
+
 def test_nan_rule(case):
     """A NaN distance makes (b, m) NaN with the lowest NaN patch as index; other pairs are unaffected."""
     device, backend = case
@@ -411,6 +423,28 @@ def test_search_bound_is_needed():
     assert ((approx - e).abs() > delta_fp32).any()
     coefs = [search_bound.coefficient(level, 128) for level in search_bound.LEVELS]
     assert coefs == sorted(coefs) and coefs[0] < 1e-4
+
+
+def test_truncated_tf32_bound_holds_and_is_tight():
+    """"medium"'s bound from its operands' truncation residuals: it holds where they are largest and aligned,
+    the residual term is needed there (the error exceeds the rest of the bound) and within 4x of the error,
+    and on uniform features it is several times tighter than the generic "tf32" bound."""
+    from protokern.kernels import search_bound
+
+    z, p, _ = residual_case(B=2, D=64)
+    z3 = z.flatten(2)
+    approx, delta = torch_backend.search(z3, p, "medium")
+    e64 = (z3.double().transpose(1, 2)[:, None] - p.double()[None, :, None]).square().sum(-1)
+    err = (approx.double() - e64).abs()
+    radius = (z3.norm(dim=1)[:, None, :] + p.norm(dim=1)[None, :, None]).square().double()
+    assert (err <= delta.double()).all()
+    assert (err > search_bound.coefficient("ieee", 64) * radius).all()  # the operand term is what covers it
+    assert (delta.double() < 4 * err).all()
+    g = torch.Generator().manual_seed(5)
+    z3, p = torch.rand(2, 128, 49, generator=g), torch.rand(50, 128, generator=g)
+    _, delta = torch_backend.search(z3, p, "medium")
+    radius = (z3.norm(dim=1)[:, None, :] + p.norm(dim=1)[None, :, None]).square()
+    assert (delta < search_bound.coefficient("tf32", 128) * radius / 4).all()
 
 
 def test_search_level_follows_torch_matmul_precision():

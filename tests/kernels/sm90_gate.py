@@ -55,7 +55,7 @@ def _signature(fn, meta: dict, runtime: dict | None = None) -> tuple[dict, dict,
             continue
         if name.endswith("_ptr"):
             types[name] = "*i64" if name == "idx_ptr" else "*fp32"
-        elif name in ("eps", "one_minus_eps", "coef", "tiny"):
+        elif name in ("eps", "one_minus_eps", "coef", "tiny", "res_coef"):
             types[name] = "fp32"
         else:
             types[name] = "i32"
