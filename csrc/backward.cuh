@@ -258,26 +258,22 @@ __device__ __forceinline__ void walk_copies4(const StageWalk& wk, float* st, con
 }
 
 // 16-byte path, z staged as it lies (dense, 16-byte aligned): an image slice is rows x cpr 16-byte copies
-// (cpr = 1 or 8 divides kBwThreads), row r starting at z + r rs (elements); this thread's copies are chunk
-// j = tid % cpr of rows tid / cpr + (kBwThreads / cpr) i, flattened over the images, landing at
-// st + 4 (tid + kBwThreads i). Copies of rows >= row_lim, or with 4 j >= j_lim, are zero-filled.
+// (cpr = 1 or 8 divides kBwThreads), row r starting at zs + r rs (elements), copy c = r cpr + j landing at
+// st + 4 (bl n16 + c), n16 = rows cpr. This thread's copies are c = tid + kBwThreads i: chunk j = tid % cpr of
+// rows tid / cpr + (kBwThreads / cpr) i, at the same offsets in every image and stage, so its source pointer
+// advances by constant steps (no division, no carry). Copies with c >= c_lim, or with 4 j >= j_lim, are
+// zero-filled.
 __device__ __forceinline__ void walk_copies16(float* st, const float* zs, int64_t sb, int rows, int cpr, int64_t rs,
-                                              int row_lim, int j_lim, int nbv) {
-  const int tid = opaque(threadIdx.x), j = tid % cpr, rstep = kBwThreads / cpr;
-  const bool j_ok = 4 * j < j_lim;
-  int r = tid / cpr;
-  const int bl0 = r / rows;
-  r -= bl0 * rows;
-  const float* src = zs + bl0 * sb + r * rs + 4 * j;
-  const int64_t step = rstep * rs, jump = sb - rows * rs;
-  for (int e = tid; e < nbv * rows * cpr; e += kBwThreads) {
-    const bool ok = j_ok && r < row_lim;
-    copy_async16(st + 4 * e, ok ? src : zs, ok ? 4 : 0);
-    r += rstep;
-    src += step;
-    while (r >= rows) {  // at most kBwThreads / (rows cpr) + 1 times
-      r -= rows;
-      src += jump;
+                                              int c_lim, int j_lim, int nbv) {
+  const int tid = opaque(threadIdx.x), j = tid % cpr, n16 = rows * cpr;
+  const int lim = 4 * j < j_lim ? c_lim : 0;
+  const int64_t off = (tid / cpr) * rs + 4 * j, step = (kBwThreads / cpr) * rs;
+  for (int bl = 0; bl < nbv; ++bl, zs += sb, st += 4 * n16) {
+    const float* src = zs + off;
+#pragma unroll 1
+    for (int c = tid; c < n16; c += kBwThreads, src += step) {
+      const bool ok = c < lim;
+      copy_async16(st + 4 * c, ok ? src : zs, ok ? 4 : 0);
     }
   }
 }
@@ -288,23 +284,43 @@ struct alignas(16) Vec8 {
   T v[8];
 };
 
+// How a grad_p block stages z (grad_p_block's template parameter; gp_layout chooses per block):
+//  - kGpNchw / kGpNhwc: z 16-byte aligned (base, image stride) with runs of whole 16-byte chunks: NCHW (sk == 1,
+//    sd == HW: the slice is one run of 32 HW floats, HW Dv % 4 == 0) or NHWC (sd == 1, sk % 4 == 0: a run of
+//    32 channels per patch, Dv % 4 == 0), staged densely as they lie in z by 16-byte copies. NCHW reads: lane
+//    stride HW, conflict-free for odd HW (7x7), gcd(HW, 32)-way bank conflicts else.
+//  - kGpOther: 4-byte copies into rows of kAccStride floats per patch (conflict-free both ways), or, without
+//    gp_stage, z gathered from global memory.
+// One instance per layout: each holds only its own staging code and registers (at 80 registers, one body
+// holding every path spilled).
+enum GpLayout : int { kGpNchw = 0, kGpNhwc = 1, kGpOther = 2 };
+
+__device__ __forceinline__ GpLayout gp_layout(const BackwardParams& prm, const BackwardLaunch& l, int slice) {
+  const int Dv = min(32, prm.D - slice * 32);  // valid channels of the slice
+  const bool aligned = l.gp_stage && (reinterpret_cast<uintptr_t>(prm.z) & 15) == 0 && (prm.B == 1 || prm.z_sb % 4 == 0);
+  if (aligned && prm.z_sk == 1 && prm.z_sd == prm.HW && Dv * prm.HW % 4 == 0) return kGpNchw;
+  if (aligned && prm.z_sd == 1 && (prm.HW == 1 || prm.z_sk % 4 == 0) && Dv % 4 == 0) return kGpNhwc;
+  return kGpOther;
+}
+
 // grad_p[m, d] = sum_b 2 g[b, m] (p[m, d] - z[b, d, k_bm]) for prototypes m0..m0+63 (warp w: m0 + 8w..
 // m0 + 8w + 7) and channels d0..d0+31 (one lane each), b summed in increasing order in registers. Stages
 // of gp_images images: their (g, k) (one coalesced load per element), and with gp_stage their z slices
 // z[b, d0.., :] (cp.async, z's own strides), double-buffered: stage i + 1 is in flight while stage i is used.
+template <GpLayout L>
 __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const BackwardLaunch& l, float* smem,
                                              int mtile, int slice) {
+  constexpr bool kNchw = L == kGpNchw, kNhwc = L == kGpNhwc, kDense = kNchw || kNhwc;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   const int B = prm.B, M = prm.M, D = prm.D, HW = prm.HW;
   const int m0 = mtile * kGpM, d0 = slice * 32, d = d0 + lane;
   const bool d_ok = d < D;
   const int NB = l.gp_images;
-  const bool staged = l.gp_stage != 0;
+  const bool staged = kDense || l.gp_stage != 0;
   const int shw = staged ? HW : 0;  // staged patch rows per image
   const int stage_floats = gp_stage_floats(NB, shw);
   const float* __restrict__ z = prm.z;
   const int64_t sb = prm.z_sb, sd = prm.z_sd, sk = prm.z_sk;
-  const bool dfast = sd <= sk;
 
   float pv[kGpPerWarp], acc[kGpPerWarp];
 #pragma unroll
@@ -314,71 +330,64 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
     acc[j] = 0.f;
   }
 
-  // Staged layout of an image's z slice (32 channels x HW patches) and how it is copied; the read of
-  // (image bl, patch k, channel d0 + lane) is st[bl img + k ks + lane ls] in every layout:
-  //  - z 16-byte aligned (base, image stride) and its runs of whole 16-byte chunks: NCHW (sk == 1, sd == HW:
-  //    the slice is one run of 32 HW floats, HW Dv % 4 == 0) or NHWC (sd == 1, sk % 4 == 0: a run of 32
-  //    channels per patch, Dv % 4 == 0): staged densely as they lie in z by 16-byte copies. NCHW reads: lane
-  //    stride HW, conflict-free for odd HW (7x7), gcd(HW, 32)-way bank conflicts else.
-  //  - else 4-byte copies into rows of kAccStride floats per patch (conflict-free both ways).
+  // The staged read of (image bl, patch k, channel d0 + lane) is st[bl img + k ks + lane ls] in every layout.
   const int Dv = min(32, D - d0);  // valid channels of the slice
-  const bool aligned = staged && (reinterpret_cast<uintptr_t>(z) & 15) == 0 && (B == 1 || sb % 4 == 0);
-  const bool nchw = aligned && sk == 1 && sd == HW && Dv * HW % 4 == 0;
-  const bool nhwc = aligned && !nchw && sd == 1 && (HW == 1 || sk % 4 == 0) && Dv % 4 == 0;
-  const bool vec = nchw || nhwc;
-  const int img = vec ? 32 * HW : HW * kAccStride, ks = nchw ? 1 : (nhwc ? 32 : kAccStride), ls = nchw ? HW : 1;
+  const int img = kDense ? 32 * HW : HW * kAccStride, ks = kNchw ? 1 : (kNhwc ? 32 : kAccStride), ls = kNchw ? HW : 1;
   const int kmul = staged ? 4 * ks : 1;  // k_s holds k kmul: the staged row's byte offset, or k
 
-  // Stage s: images s NB.. into buffer s & 1 (z slices by cp.async, committed as one group; (g, k) by
+  // Stage s: images bs = s NB.. into buffer s & 1 (z slices by cp.async, committed as one group; (g, k) by
   // plain loads and stores: the buffer's last reads were before the previous iteration's last barrier).
-  auto issue = [&](int s) {
-    float* const st = smem + (s & 1) * stage_floats;
+  auto issue = [&](int bs, int buf) {
+    float* const st = smem + buf * stage_floats;
     float* const g_s = st + gp_z_floats(NB, shw);
     int* const k_s = reinterpret_cast<int*>(g_s + NB * kGpM);
-    const int bs = s * NB;
-    if (staged) {
-      const int nbv = min(NB, B - bs);  // images of the stage (the rest is never read)
-      const float* const zs = z + bs * sb + d0 * sd;
-      if (nchw) {  // rows: the 8 HW chunks of the run
-        walk_copies16(st, zs, sb, 8 * HW, 1, 4, Dv * HW / 4, 4, nbv);
-      } else if (nhwc) {  // rows: the HW patches, 8 chunks of 4 channels each
-        walk_copies16(st, zs, sb, HW, 8, sk, HW, Dv, nbv);
-      } else {  // in: the channel and o the patch (dfast), or the reverse
-        const StageWalk wk = dfast ? StageWalk{32, HW, sd, sk, 1, kAccStride, Dv, HW}
-                                   : StageWalk{HW, 32, sk, sd, kAccStride, 1, HW, Dv};
-        walk_copies4(wk, st, zs, sb, img, nbv);
-      }
+    const int nbv = min(NB, B - bs);  // images of the stage (the rest is never read)
+    const float* const zs = z + bs * sb + d0 * sd;
+    if constexpr (kNchw) {  // rows: the run's 8 HW chunks, the first Dv HW / 4 valid
+      walk_copies16(st, zs, sb, 8 * HW, 1, 4, Dv * HW / 4, 4, nbv);
+    } else if constexpr (kNhwc) {  // rows: the HW patches, 8 chunks of 4 channels each
+      walk_copies16(st, zs, sb, HW, 8, sk, 8 * HW, Dv, nbv);
+    } else if (staged) {  // in: the channel and o the patch (dfast), or the reverse
+      const StageWalk wk = sd <= sk ? StageWalk{32, HW, sd, sk, 1, kAccStride, Dv, HW}
+                                    : StageWalk{HW, 32, sk, sd, kAccStride, 1, HW, Dv};
+      walk_copies4(wk, st, zs, sb, img, nbv);
     }
     async_commit();
-    for (int e = tid; e < NB * kGpM; e += kBwThreads) {
-      const int bl = e / kGpM, ml = e - bl * kGpM;
-      const int b = bs + bl, m = m0 + ml;
-      float g = 0.f;
-      int k = 0;
-      if (b < B && m < M) {
-        const int64_t o = (int64_t)b * M + m;
-        k = clamp_index(prm.patch_index[o], HW);
-        g = grad_coef(prm.grad_similarity[o], prm.grad_min_distances[o], prm.min_distances[o], prm.eps);
+    // (g, k): thread tid takes prototype m0 + tid % kGpM of images tid / kGpM + (kBwThreads / kGpM) r (at most
+    // two), read at the stage's offset bs M plus 32-bit offsets (NB M < 2^31: backward_launch).
+    const int ml = tid % kGpM, m = m0 + ml;
+    const int64_t base = (int64_t)bs * M;
+#pragma unroll
+    for (int r = 0; r < kGpMaxImages * kGpM / kBwThreads; ++r) {
+      const int bl = tid / kGpM + r * (kBwThreads / kGpM);
+      if (bl < NB) {
+        float g = 0.f;
+        int k = 0;
+        if (bs + bl < B && m < M) {
+          const int o = bl * M + m;
+          k = clamp_index(prm.patch_index[base + o], HW);
+          g = grad_coef(prm.grad_similarity[base + o], prm.grad_min_distances[base + o],
+                        prm.min_distances[base + o], prm.eps);
+        }
+        g_s[bl * kGpM + ml] = g;
+        k_s[bl * kGpM + ml] = k * kmul;
       }
-      g_s[e] = g;
-      k_s[e] = k * kmul;
     }
   };
 
-  const int n_stages = (B + NB - 1) / NB;
-  issue(0);
-  for (int s = 0; s < n_stages; ++s) {
-    if (s + 1 < n_stages) {
-      issue(s + 1);
+  issue(0, 0);
+  for (int bs = 0, buf = 0; bs < B; bs += NB, buf ^= 1) {
+    if (bs + NB < B) {
+      issue(bs + NB, buf ^ 1);
       async_wait<1>();
     } else {
       async_wait<0>();
     }
     __syncthreads();
-    const float* const st = smem + (s & 1) * stage_floats;
+    const float* const st = smem + buf * stage_floats;
     const float* const g_s = st + gp_z_floats(NB, shw);
     const int* const k_s = reinterpret_cast<const int*>(g_s + NB * kGpM);
-    const int nb = min(NB, B - s * NB);
+    const int nb = min(NB, B - bs);
     if (d_ok && staged) {
       for (int bl = 0; bl < nb; ++bl) {  // b in increasing order
         // This warp's 8 k kmul of image bl (two 16-byte loads), then its 8 g.
@@ -389,9 +398,9 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
         for (int j = 0; j < kGpPerWarp; ++j)
           acc[j] = fmaf(gb[j], pv[j] - *reinterpret_cast<const float*>(zb + kv.v[j]), acc[j]);
       }
-    } else if (d_ok) {  // z gathered from global memory
+    } else if (d_ok) {  // z gathered from global memory (kGpOther only)
       for (int bl = 0; bl < nb; ++bl) {
-        const int b = s * NB + bl;
+        const int b = bs + bl;
 #pragma unroll
         for (int j = 0; j < kGpPerWarp; ++j) {
           const int i = bl * kGpM + kGpPerWarp * w + j;
@@ -399,7 +408,7 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
         }
       }
     }
-    __syncthreads();  // buffer s & 1 is refilled by the next iteration's issue
+    __syncthreads();  // buffer buf is refilled by the next iteration's issue
   }
 #pragma unroll
   for (int j = 0; j < kGpPerWarp; ++j) {
@@ -415,9 +424,17 @@ __global__ void __launch_bounds__(kBwThreads, kBwMinBlocks) backward_kernel(cons
   const unsigned i = blockIdx.x;
   if (i < l.gz_blocks) {
     grad_z_block(prm, l, smem, (int)(i / l.d_slices), (int)(i % l.d_slices));
+    return;
+  }
+  const unsigned j = i - l.gz_blocks;
+  const int mtile = (int)(j / l.d_slices), slice = (int)(j % l.d_slices);
+  const GpLayout layout = gp_layout(prm, l, slice);
+  if (layout == kGpNchw) {
+    grad_p_block<kGpNchw>(prm, l, smem, mtile, slice);
+  } else if (layout == kGpNhwc) {
+    grad_p_block<kGpNhwc>(prm, l, smem, mtile, slice);
   } else {
-    const unsigned j = i - l.gz_blocks;
-    grad_p_block(prm, l, smem, (int)(j / l.d_slices), (int)(j % l.d_slices));
+    grad_p_block<kGpOther>(prm, l, smem, mtile, slice);
   }
 }
 
@@ -433,8 +450,10 @@ inline BackwardLaunch backward_launch(const BackwardParams& prm) {
   l.seg = ((prm.M + kBwWarps - 1) / kBwWarps + 31) / 32 * 32;
   l.gz_blocks = (unsigned)((prm.B + l.G - 1) / l.G * l.d_slices);
   l.gp_stage = prm.HW <= kGpStageRows;
-  const int images = l.gp_stage ? kGpStageRows / prm.HW : kGpMaxImages;
-  l.gp_images = images < kGpMaxImages ? images : kGpMaxImages;
+  int images = l.gp_stage ? kGpStageRows / prm.HW : kGpMaxImages;
+  images = images < kGpMaxImages ? images : kGpMaxImages;
+  const int fit = 0x7fffffff / prm.M;  // grad_p reads (g, k) at 32-bit offsets within a stage: images M < 2^31
+  l.gp_images = images < fit ? images : (fit > 1 ? fit : 1);
   l.blocks = l.gz_blocks + (unsigned)((prm.M + kGpM - 1) / kGpM * l.d_slices);
   const int gz = gz_smem_floats(l.G, l.KT);
   const int gp = 2 * gp_stage_floats(l.gp_images, l.gp_stage ? prm.HW : 0);

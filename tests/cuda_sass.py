@@ -72,19 +72,18 @@ BACKWARD_PHASES = [
     ("grad_z chunk", "__syncthreads();"),
     ("grad_z sum + write", "// Sum the warps' accumulators"),
     ("grad_p setup", "void grad_p_block("),
-    ("grad_p issue z", "if (staged) {"),
-    ("grad_p issue z, other layouts", "} else if (nhwc) {"),
+    ("grad_p issue z", "auto issue = [&](int bs, int buf) {"),
     ("grad_p issue g, k", "async_commit();"),
-    ("grad_p stage", "const int n_stages ="),
-    (None, "issue(0);"),  # the issue lambda's calls: its own lines tell the phase
-    ("grad_p stage", "for (int s = 0; s < n_stages; ++s) {"),
-    (None, "issue(s + 1);"),
+    (None, "issue(0, 0);"),  # the issue lambda's calls: its own lines tell the phase
+    ("grad_p stage", "for (int bs = 0, buf = 0; bs < B; bs += NB, buf ^= 1) {"),
+    (None, "issue(bs + NB, buf ^ 1);"),
     ("grad_p stage", "async_wait<1>();"),
     ("grad_p image", "for (int bl = 0; bl < nb; ++bl) {"),
-    ("grad_p image, unstaged", "} else if (d_ok) {  // z gathered"),
-    ("grad_p stage", "__syncthreads();  // buffer s & 1"),
+    ("grad_p stage", "__syncthreads();  // buffer buf"),
     ("grad_p store", "#pragma unroll"),
     (None, "__global__ void __launch_bounds__(kBwThreads"),
+    # the NHWC and 4-byte / gathered instances of grad_p_block (the CUB shape's NCHW z takes neither)
+    ("grad_p other layouts", "grad_p_block<kGpNhwc>(prm"),
     (None, "inline BackwardLaunch backward_launch("),
 ]
 SOURCES = {"forward.cu": ("forward.cuh", FORWARD_PHASES), "backward.cu": ("backward.cuh", BACKWARD_PHASES)}
@@ -121,10 +120,12 @@ def phase_of(stack, file: str, lines: dict[int, str | None]) -> str:
 class PhaseCount:
     """One phase of a kernel: ``static`` all its instructions; ``opcodes`` its hot ones (Function.hot: not
     the divergent-warp fallbacks nor slow-path subroutines); ``loop`` the hot opcodes of the phase that lie
-    in its loops (back edges whose hot instructions are mostly, > 80%, of the phase)."""
+    in its loops (back edges whose hot instructions are mostly, > 80%, of the phase); ``nest`` each such loop
+    (first and last instruction, its hot opcodes of the phase)."""
     static: int
     opcodes: list[str]
     loop: list[str] = field(default_factory=list)
+    nest: list[tuple[int, int, list[str]]] = field(default_factory=list)  # each loop: (first, last, hot opcodes)
 
     @property
     def hot(self) -> int:
@@ -153,6 +154,24 @@ class PhaseCount:
         rest = self.hot - len(body) - (total - in_body) / per_iter * cost if self.loop else 0.0
         return runs * (max(0.0, rest) + cost * iters)
 
+    def nested(self, runs: float, marker: str, outer_iters: float, inner_iters: float) -> float:
+        """Instructions one warp issues for ``runs`` executions of a phase whose every copy (e.g. a lambda inlined
+        twice) is an outer loop around an inner loop holding ``marker``: per run ``outer_iters`` outer iterations
+        of ``inner_iters`` inner ones each; the phase's instructions outside its loops are split evenly between
+        its copies and run once per run."""
+        def inside(a, b):
+            return a is not b and b[0] <= a[0] and a[1] <= b[1]
+        inner = [r for r in self.nest if any(op.startswith(marker) for op in r[2])
+                 and not any(inside(o, r) for o in self.nest)]
+        if not inner:
+            raise ValueError(f"no innermost loop with {marker} in the phase: update the budget model")
+        outer = [o for o in self.nest if inside(inner[0], o)]
+        if not outer:
+            raise ValueError("the phase's inner loop has no outer loop: update the budget model")
+        enclosing = min(outer, key=lambda o: o[1] - o[0])
+        rest = (self.hot - len(self.loop)) / len(inner)
+        return runs * (rest + outer_iters * (len(enclosing[2]) - len(inner[0][2]) + inner_iters * len(inner[0][2])))
+
 
 def phases(fn: Function, file: str, lines: dict[int, str | None]) -> dict[str, PhaseCount]:
     """Per phase of a kernel function: static and hot instructions and its loops."""
@@ -169,7 +188,9 @@ def phases(fn: Function, file: str, lines: dict[int, str | None]) -> dict[str, P
         hot_tags = [t for t, h in zip(tags[first:last + 1], hot[first:last + 1]) if h]
         top = max(set(hot_tags), key=hot_tags.count) if hot_tags else None
         if top is not None and hot_tags.count(top) > 0.8 * len(hot_tags):
-            in_loop.setdefault(top, set()).update(i for i in range(first, last + 1) if hot[i] and tags[i] == top)
+            members = [i for i in range(first, last + 1) if hot[i] and tags[i] == top]
+            in_loop.setdefault(top, set()).update(members)
+            out[top].nest.append((first, last, [fn.opcodes[i] for i in members]))
     for tag, members in in_loop.items():
         out[tag].loop = [fn.opcodes[i] for i in sorted(members)]
     return out
@@ -333,8 +354,8 @@ def backward_per_warp(ph: dict[str, PhaseCount], shape: dict) -> dict[str, dict[
     gp = {
         "grad_p setup": ph["grad_p setup"].executed(),
         "grad_p stage": ph["grad_p stage"].executed(stages),
-        # NCHW z (16-byte aligned at the CUB shape): 16-byte copies of each image's 32-channel run of 32 HW floats
-        "grad_p issue z": ph["grad_p issue z"].executed(stages, "LDGSTS", 1, NB * 8 * HW / (kWarps * 32)),
+        # NCHW z (16-byte aligned at the CUB shape): per image, 16-byte copies of its 32-channel run of 32 HW floats
+        "grad_p issue z": ph["grad_p issue z"].nested(stages, "LDGSTS", NB, 8 * HW / (kWarps * 32)),
         "grad_p issue g, k": ph["grad_p issue g, k"].executed(stages, "STS", 2, NB * 64 / (kWarps * 32)),
         "grad_p image": ph["grad_p image"].executed(stages, "FFMA", 8, NB),
         "grad_p store": ph["grad_p store"].executed(),

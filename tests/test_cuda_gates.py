@@ -226,6 +226,8 @@ def test_cuda_sass_phases(tmp_path):
     # the CUB shape's grad_p stages z by 16-byte copies only; grad_z's pair updates read a table, no shuffles
     issue_z = ph["grad_p issue z"]
     assert 0 < issue_z.count("LDGSTS.E.BYPASS.128") == issue_z.count("LDGSTS"), issue_z.opcodes
+    # its walker keeps each thread's copy offsets across images and stages: no integer division (I2F + MUFU)
+    assert issue_z.count("I2F") == issue_z.count("MUFU") == 0, issue_z.opcodes
     assert ph["grad_z pair"].count("SHFL") == 0 and ph["grad_z pair"].count("LDS.64") > 0
     assert min(bw["grad_z"].values()) > 0 and min(bw["grad_p"].values()) > 0
     assert cuda_sass.forward_launch(cuda_sass.CUB, 132) == (True, 5, 256)  # forward.cuh forward_launch
