@@ -6,7 +6,7 @@
 namespace protokern {
 namespace {
 
-std::atomic<uint64_t> forward_ready[12];
+std::atomic<uint64_t> forward_ready[kForwardVariants];
 
 // Can the tensor-core searches run on the current device? Decided by what was compiled, not by the
 // device's capability: the MMA kernel image loaded for this device must come from PTX of compute_80
@@ -18,8 +18,8 @@ bool mma_search_compiled(int device) {
   if (device < 64 && cache[device].load(std::memory_order_relaxed) != 0)
     return cache[device].load(std::memory_order_relaxed) == 2;
   cudaFuncAttributes a1{}, a2{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&a1, forward_kernel<true, MmaSearch<true>, false>));
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&a2, forward_kernel<false, MmaSearch<false>, false>));
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&a1, forward_kernel<kZCols4, MmaSearch<true>, false>));
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&a2, forward_kernel<kZCols4, MmaSearch<false>, false>));
   const bool ok = a1.ptxVersion >= 80 && a2.ptxVersion >= 80;
   if (device < 64) cache[device].store(ok ? 2 : 1, std::memory_order_relaxed);
   return ok;

@@ -17,6 +17,8 @@
 // precisions: the lowest-index exact minimum, or the lowest NaN patch. The B*M*HW distance map never
 // leaves registers.
 //
+// z copy paths (ZCopy, a template parameter: uniform per launch, chosen on the host by forward_z_copy): 4-byte
+// copies in one of two thread layouts, 16-byte copies along patches, or the dense NCHW path of small maps.
 // Two shared-memory plans (Plan): streaming (p tiles staged with the z tiles at every stage, one image per
 // block) and p-resident (D <= kResidentMaxD: the block's whole p tile is loaded once and kept in shared
 // memory while the z tiles of its ipb images stream through the double buffer; the rescoring reads p rows
@@ -25,6 +27,8 @@
 // zero-fills that read no memory.
 
 #pragma once
+
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -50,6 +54,22 @@ struct Layout {
   static constexpr int kPs = Ps, kZs = Zs, kEntries = Entries;
   static_assert(Ps % 4 == 0 && Zs % 4 == 0, "rows must stay 16-byte aligned");
 };
+
+// How a launch stages its z tiles (the kernel's first template parameter; forward_z_copy picks it):
+//   kZCols4   4-byte copies, each warp 32 consecutive patches of one channel (stride_k the smaller stride);
+//   kZChans4  4-byte copies, each warp 8 channels x 4 patches (stride_d <= stride_k: channels-last z);
+//   kZCols16  16-byte copies along patches (stride_k == 1, stride_d and stride_b multiples of 4, z 16-byte
+//             aligned: e.g. contiguous z with HW % 4 == 0);
+//   kZDense   NCHW z of 7x7 maps (stride_k == 1, stride_d == HW == kDenseHW: rows that are not 16-byte
+//             runs), z and stride_b 16-byte aligned: a stage's 32 channels of an image are one run of 32 HW
+//             floats, copied whole in 16-byte chunks (8 HW = 392 of them, 2 per thread, the rest zero-fills)
+//             and landing with z row stride HW (not kZs). The tile's patches HW..63 then read the next channel's
+//             (or a stale) value instead of a zero: they are padding, masked in the certification as on the
+//             other paths. MMA searches only (FfmaSearch reads z rows as float4). One map size only, so that
+//             the row stride is a compile-time constant: the fragment and norm loads then take immediate
+//             offsets (with HW at run time they cost about as much as the dense copies save).
+enum : int { kZCols4 = 0, kZChans4 = 1, kZCols16 = 2, kZDense = 3 };
+constexpr int kDenseHW = 49;
 
 constexpr int kResidentMaxD = 128;              // largest D of the p-resident plan
 constexpr int kResidentPs = kResidentMaxD + 4;  // its p row stride: 4 (mod 32), as the searches need
@@ -162,7 +182,8 @@ static_assert(32 * (kMaxForwardZsd - 1) <= 0xffffffff, "the rescoring's z steps 
 
 // ---- Searches ------------------------------------------------------------------------------------
 // A search accumulates s[m, k] = sum_d p[m, d] z[d, k] over a block's 128 prototypes x 64 patches,
-// one kDC-channel stage at a time (step). visit(tid, f) calls f(slot, ml, kl, s) for each of this
+// one kDC-channel stage at a time (step; zrow: the z tile's row stride, kZs or kDenseHW: a constant).
+// visit(tid, f) calls f(slot, ml, kl, s) for each of this
 // thread's (prototype ml, patch kl) pairs of the tile, s a reference to the accumulator (slot: the
 // thread's index of prototype ml, in 0..kSlots-1); every (ml, kl) of the tile belongs to exactly one
 // thread. entry(tid) names the thread
@@ -186,8 +207,8 @@ struct FfmaSearch : Layout<kDC + 4, kBK + 4, kThreads / 16> {
     }
   }
 
-  template <int PS>  // p row stride
-  __device__ __forceinline__ void step(const float* ps, const float* zs, int tid, int k0, int HW) {
+  template <int PS>  // p row stride; zrow: kZs (a multiple of 4: float4 reads)
+  __device__ __forceinline__ void step(const float* ps, const float* zs, int zrow, int tid, int k0, int HW) {
     const int tx = tid & 15, ty = tid >> 4;
     // Warp w holds patches 8w..8w+7 of the tile; a warp with only padding (e.g. 56..63 of HW = 49)
     // skips the math and leaves its issue slots to the others.
@@ -198,7 +219,7 @@ struct FfmaSearch : Layout<kDC + 4, kBK + 4, kThreads / 16> {
 #pragma unroll
       for (int i = 0; i < 8; ++i) a4[i] = *reinterpret_cast<const float4*>(&ps[(tx + 16 * i) * PS + dd]);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) z4[q] = *reinterpret_cast<const float4*>(&zs[(dd + q) * kZs + 4 * ty]);
+      for (int q = 0; q < 4; ++q) z4[q] = *reinterpret_cast<const float4*>(&zs[(dd + q) * zrow + 4 * ty]);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {  // channel dd + q: every accumulator's fma chain runs in channel order
         const float c[4] = {z4[q].x, z4[q].y, z4[q].z, z4[q].w};
@@ -231,7 +252,9 @@ struct FfmaSearch : Layout<kDC + 4, kBK + 4, kThreads / 16> {
 // the MMA as TF32, and a b ~ a_lo b_hi + a_hi b_lo + a_hi b_hi, close to fp32 accuracy). Warp w owns
 // prototypes 32 (w % 4).. + 31 (two m16 tiles) and patches 32 (w / 4).. + 31 (four n8 tiles) of the
 // block tile. Fragments are plain 32-bit shared loads (see the note at step); a p row stride of 4 (mod 32)
-// and a z row stride of 8 (mod 32) make them conflict-free.
+// and a z row stride of 8 (mod 32) make them conflict-free. The dense z path's row stride 49 (kDenseHW)
+// puts B[t][g] in bank 17 t + g (mod 32): lanes t and t + 2 share 6 of their 8 banks, a 2-way conflict on
+// the B loads (not on A); see benchmarks/NOTES.md v9.
 template <bool kSplit>
 struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along patches x 4 quad lanes
   static constexpr int kSearch = kSplit ? kSearch3xTf32 : kSearchTf32;
@@ -267,8 +290,8 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
   // is an fp32 8x4 one, and the fragment a[0..3] is four of them), but B (z, channel rows with contiguous
   // patches) needs the transposed load, and ldmatrix.trans transposes b16 elements, which splits each fp32
   // value in halves; so both operands use the same plain loads, 4 + 2 per m16n8k8 pair of tiles.
-  template <int PS>  // p row stride
-  __device__ __forceinline__ void step(const float* ps, const float* zs, int tid, int k0, int HW) {
+  template <int PS>  // p row stride; zrow: z row stride (any: 32-bit loads)
+  __device__ __forceinline__ void step(const float* ps, const float* zs, int zrow, int tid, int k0, int HW) {
     const int lane = tid & 31, w = tid >> 5, g = lane >> 2, t = lane & 3;
     const int mb = 32 * (w & 3), nb = 32 * (w >> 2);
     const int n_tiles = min(4, max(0, (HW - k0 - nb + 7) / 8));  // n8 tiles holding real patches
@@ -287,10 +310,10 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         if (j < n_tiles) {
-          const float* const row = zs + (kk + t) * kZs + nb + 8 * j + g;
+          const float* const row = zs + (kk + t) * zrow + nb + 8 * j + g;
           uint32_t b_hi[2], b_lo[2];
           split(row[0], b_hi[0], b_lo[0]);
-          split(row[4 * kZs], b_hi[1], b_lo[1]);
+          split(row[4 * zrow], b_hi[1], b_lo[1]);
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             if (kSplit) {  // small terms first
@@ -329,9 +352,10 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
 // memory; block (x, y) covers prototypes kBM x.. and images ipb y..; see the top of this file. Outputs:
 // min_distances = the winner's exact e (NaN rule: NaN), similarity = log1p((1 - eps) / (d + eps)) =
 // log((d + 1) / (d + eps)) with d = +inf giving 0, patch_index.
-template <bool z_dfast, class Search, bool kResident>  // z_dfast: is z's channel stride the smaller one?
+template <int kZ, class Search, bool kResident>  // kZ: the z copy path (kZCols4 .. kZDense)
 __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(const ForwardParams prm, int ipb) {
   using P = Plan<Search, kResident>;
+  static_assert(kZ != kZDense || Search::kSearch != kSearchFp32, "dense z staging: MMA searches only");
   PK_DYNAMIC_SMEM(smem);
   constexpr int kPs = P::kPs, kZs = P::kZs, kStage = P::kStage;
   float* const p_res = smem;              // the resident p tile (kResident)
@@ -346,26 +370,26 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b0 = blockIdx.y * ipb;
   const int m0 = blockIdx.x * kBM;
-  const int D = prm.D, HW = prm.HW, M = prm.M;
+  const int D = prm.D, HW = kZ == kZDense ? kDenseHW : prm.HW, M = prm.M;  // kZDense: HW a constant
   const float* __restrict__ p = prm.p;
   const int64_t sd = prm.z_sd, sk = prm.z_sk;
 
-  const TileMap zmap = tile_map<kBK>(tid, z_dfast);
-  // 16-byte copies where the alignment allows (uniform over the launch): p rows when D % 4 == 0 and p is
-  // 16-byte aligned; z along patches when stride_k == 1, stride_d and stride_b are multiples of 4 and z
-  // is 16-byte aligned (e.g. contiguous z with HW % 4 == 0). Else 4-byte copies.
+  const TileMap zmap = tile_map<kBK>(tid, kZ == kZChans4);
+  // p rows by 16-byte copies when D % 4 == 0 and p is 16-byte aligned (uniform over the launch), else 4-byte
+  // ones; z by the path kZ.
   const bool p_vec = D % 4 == 0 && (reinterpret_cast<uintptr_t>(p) & 15) == 0;
-  const bool z_vec = sk == 1 && sd % 4 == 0 && prm.z_sb % 4 == 0 && (reinterpret_cast<uintptr_t>(prm.z) & 15) == 0;
   const int n_d = (D + kDC - 1) / kDC;
   const int n_iter = n_d * ((HW + kBK - 1) / kBK) * min(ipb, prm.B - b0);  // (image, patch tile, stage) steps
   // This thread's z copies of a stage: the i-th from the stage's origin + zoff + i * zstep (elements), to
-  // channel zdd + i * ddi, patch zkk + i * cci of the tile. 16-byte path: chunks c = tid + 256 i, channel
-  // c / 16, patches 4 (c % 16).. (stride_k == 1: ddi = 16, cci = 0); 4-byte path: tile_map's (ddi, cci:
-  // compile-time constants).
+  // channel zdd + i * ddi, patch zkk + i * cci of the tile. kZCols16: chunks c = tid + 256 i, channel c / 16,
+  // patches 4 (c % 16).. (stride_k == 1: ddi = 16, cci = 0); 4-byte paths: tile_map's (ddi, cci: compile-time
+  // constants). kZDense: chunks c = tid + 256 i < 8 HW, floats 4 c.. of the stage's run (zoff = 4 tid).
   constexpr int kVecDdi = kThreads / 16;
-  const int zdd = z_vec ? tid >> 4 : zmap.dd0, zkk = z_vec ? 4 * (tid & 15) : zmap.cc0;
+  const int zdd = kZ == kZCols16 ? tid >> 4 : kZ == kZDense ? 0 : zmap.dd0;
+  const int zkk = kZ == kZCols16 ? 4 * (tid & 15) : kZ == kZDense ? 4 * tid : zmap.cc0;
   const int64_t zoff = zdd * sd + zkk * sk;
-  const int64_t zstep = z_vec ? kVecDdi * sd : zmap.ddi * sd + zmap.cci * sk;
+  const int64_t zstep = kZ == kZCols16 ? kVecDdi * sd : zmap.ddi * sd + zmap.cci * sk;
+  constexpr int kZRow = kZ == kZDense ? kDenseHW : kZs;  // z row stride of the shared z tiles
 
   // A step of the flat loop: image b (z at zimg), patch tile k0, channel stage ds, its z origin zst = zimg +
   // k0 sk + 32 ds sd; advanced by carries and pointer increments (no divisions, no 64-bit products per stage).
@@ -380,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     if (++s.ds == n_d) {
       s.ds = 0;
       s.k0 += kBK;
-      if (s.k0 >= HW) {
+      if (kZ == kZDense || s.k0 >= HW) {  // kZDense: one patch tile per image (HW == kDenseHW)
         s.k0 = 0;
         ++s.b;
         s.zimg += prm.z_sb;
@@ -416,7 +440,14 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     const float* src = s.zst + zoff;
     float* dst = zs + zdd * kZs + zkk;
     const int dlim = D - d0 - zdd, klim = HW - k0 - zkk;  // this thread's copy i is in range iff
-    if (z_vec) {                                          // i * ddi < dlim and i * cci < klim
+    if constexpr (kZ == kZDense) {                        // i * ddi < dlim and i * cci < klim
+      // floats of the run (min(D - d0, 32) channels of HW) from this thread's first chunk on, zero-filled past
+      // it: past D, and in the second chunk of threads 2 HW.. (8 HW = 392 chunks; a branch would cost more)
+      const int left = min(D - d0, kDC) * kDenseHW - zkk;
+      constexpr int kNext = 4 * kThreads;
+      copy_async16(dst, left > 0 ? src : zb, max(0, min(4, left)));
+      copy_async16(dst + kNext, left > kNext ? src + kNext : zb, max(0, min(4, left - kNext)));
+    } else if constexpr (kZ == kZCols16) {
       const int n4 = max(0, min(4, klim));
 #pragma unroll
       for (int i = 0; i < kZChunks; ++i, src += zstep, dst += kVecDdi * kZs) {
@@ -479,10 +510,10 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     const float* const zs = st + P::kZInStage;
     const float* const ps = kResident ? p_res + ds * kDC : st;
     if (ds == 0) search.clear();  // a new patch tile (here: zeros are not held across the rescoring)
-    search.template step<kPs>(ps, zs, tid, k0, HW);
+    search.template step<kPs>(ps, zs, kZRow, tid, k0, HW);
     if (tid < kBK) {  // channels in order, one fma chain
 #pragma unroll 8
-      for (int dd = 0; dd < kDC; ++dd) norm2 = fmaf(zs[dd * kZs + tid], zs[dd * kZs + tid], norm2);
+      for (int dd = 0; dd < kDC; ++dd) norm2 = fmaf(zs[dd * kZRow + tid], zs[dd * kZRow + tid], norm2);
     } else if (tid >= kThreads - kBM && it < n_d) {  // |p|^2 during the first patch tile only
       const int ml = tid - (kThreads - kBM);
 #pragma unroll
@@ -668,20 +699,38 @@ inline ForwardLaunch forward_launch(const ForwardParams& prm, int slots) {
   return l;
 }
 
-// Calls f(kernel, smem_bytes, variant) with the forward kernel for prm's z layout, `search` (kSearch*)
-// and plan; variant (0..11) names the instantiation.
+// The z copy path (kZ*) of a forward launch with `search` (kSearch*): 16-byte copies where z's strides and
+// alignment allow (kZCols16, else kZDense for the MMA searches), else 4-byte ones in the layout that suits
+// the smaller stride.
+inline int forward_z_copy(const ForwardParams& prm, int search) {
+  const bool aligned = (reinterpret_cast<uintptr_t>(prm.z) & 15) == 0 && prm.z_sb % 4 == 0;
+  if (aligned && prm.z_sk == 1 && prm.z_sd % 4 == 0) return kZCols16;
+  if (aligned && prm.z_sk == 1 && prm.z_sd == prm.HW && prm.HW == kDenseHW && search != kSearchFp32) return kZDense;
+  return prm.z_sd <= prm.z_sk ? kZChans4 : kZCols4;
+}
+
+constexpr int kForwardVariants = 24;  // index 12 plan + 4 search + z path (22 kernels: no FFMA kZDense)
+
+// Calls f(kernel, smem_bytes, variant) with the forward kernel for prm's z copy path, `search` (kSearch*)
+// and plan; variant (< kForwardVariants) names the instantiation.
 template <class F>
 void with_forward_kernel(const ForwardParams& prm, int search, bool resident, F&& f) {
-  const bool dfast = prm.z_sd <= prm.z_sk;
-  const int variant = 6 * resident + 3 * dfast + search;
+  const int zc = forward_z_copy(prm, search);
+  const int variant = 12 * resident + 4 * search + zc;
   auto pick = [&](auto s) {
-    using S = decltype(s);
-    if (resident) {
-      dfast ? f(forward_kernel<true, S, true>, Plan<S, true>::kBytes, variant)
-            : f(forward_kernel<false, S, true>, Plan<S, true>::kBytes, variant);
-    } else {
-      dfast ? f(forward_kernel<true, S, false>, Plan<S, false>::kBytes, variant)
-            : f(forward_kernel<false, S, false>, Plan<S, false>::kBytes, variant);
+    using S = std::decay_t<decltype(s)>;
+    auto plan = [&](auto z) {
+      constexpr int kZ = decltype(z)::value;
+      if constexpr (kZ != kZDense || S::kSearch != kSearchFp32) {  // forward_z_copy never picks FFMA kZDense
+        resident ? f(forward_kernel<kZ, S, true>, Plan<S, true>::kBytes, variant)
+                 : f(forward_kernel<kZ, S, false>, Plan<S, false>::kBytes, variant);
+      }
+    };
+    switch (zc) {
+      case kZCols4: plan(std::integral_constant<int, kZCols4>{}); break;
+      case kZChans4: plan(std::integral_constant<int, kZChans4>{}); break;
+      case kZCols16: plan(std::integral_constant<int, kZCols16>{}); break;
+      default: plan(std::integral_constant<int, kZDense>{}); break;
     }
   };
   if (search == kSearch3xTf32) {

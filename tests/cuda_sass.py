@@ -287,6 +287,16 @@ def forward_launch(shape: dict, sms: int) -> tuple[bool, int, int]:
     return bool(resident), ipb, grid_x * grid_y
 
 
+def forward_z_copy(shape: dict, precision: str) -> int:
+    """The z copy path (csrc/forward.cuh kZ*: the forward kernel's first template argument) that the launcher
+    picks for contiguous NCHW z (16-byte aligned) at ``shape`` and ``precision`` (through the emulator build)."""
+    check = _check()
+    D, HW = shape["D"], shape["HW"]
+    prm = check.ForwardParams(z=1 << 20, z_sb=D * HW, z_sd=HW, z_sk=1, B=shape["B"], D=D, HW=HW, M=shape["M"],
+                              precision=check.PRECISIONS[precision])
+    return _emulator(check).emu_forward_z_copy(ctypes.byref(prm))
+
+
 def backward_launch(shape: dict) -> dict[str, int]:
     """csrc/backward.cuh backward_launch at ``shape`` (the launcher itself, through the emulator build)."""
     check = _check()
@@ -374,7 +384,6 @@ def floor_us(warp_instructions_per_sm: float, gpu: dict = H200) -> float:
 def budget(kernels: dict, shape: dict = CUB, gpu: dict = H200, cand_B: int = 4, cand_M: int = 256) -> dict:
     """The static issue budget at ``shape``: per precision and forward plan, and for the backward."""
     resident, ipb, blocks = forward_launch(shape, gpu["sms"])
-    z_dfast = False  # NCHW z: stride_d = HW > stride_k = 1 (forward.cuh z_dfast)
     plans = {"p-resident" if resident else "streaming": (resident, ipb, blocks)}
     grid_x = -(-shape["M"] // kBM)
     plans.setdefault("streaming", (False, 1, grid_x * shape["B"]))
@@ -383,7 +392,7 @@ def budget(kernels: dict, shape: dict = CUB, gpu: dict = H200, cand_B: int = 4, 
     for precision, search in PRECISIONS.items():
         cand = candidate_stats(precision, B=cand_B, M=cand_M, HW=shape["HW"], D=shape["D"])
         for plan, (res, ipb_, blocks_) in plans.items():
-            name = f"forward_kernel<{str(z_dfast).lower()}, {search}, {str(res).lower()}>"
+            name = f"forward_kernel<{forward_z_copy(shape, precision)}, {search}, {str(res).lower()}>"
             _, ph, facts = kernels[name]
             per_tile = forward_per_tile(ph, shape, cand)
             per_block = kWarps * ipb_ * tiles * sum(per_tile.values()) + kWarps * ph["prologue"].hot

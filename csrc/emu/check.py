@@ -278,6 +278,15 @@ def adversarial_cases(gen_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.
     p = torch.rand(3, 16)
     p[1, 5] = math.inf
     cases["inf prototype, NaN between 7x7 rows: padding never rescored"] = (z, p)
+
+    # The same over contiguous 7x7 z (the MMA searches stage it densely, forward.cuh kZDense: a tile's padding
+    # patches 49..63 see the next channel's values, or stale shared memory) followed in memory by NaN: a padding
+    # patch that were rescored would read past the tensor, a NaN winner.
+    z = torch.full((2 * 16 * 49 + 64,), math.nan)[:2 * 16 * 49].view(2, 16, 49)
+    z.copy_(torch.rand(2, 16, 49))
+    p = torch.rand(3, 16)
+    p[1, 5] = math.inf
+    cases["inf prototype over dense 7x7 z, NaN past it: padding never rescored"] = (z, p)
     return cases
 
 
@@ -370,6 +379,36 @@ def check_copy_paths(lib) -> str | None:
     return None
 
 
+def check_dense_copy_paths(lib) -> str | None:
+    """The forward's dense NCHW z path (forward.cuh kZDense) on CUB-like launches: 7x7 maps of contiguous,
+    16-byte-aligned z take it at "high" and "medium" (the launcher's forward_z_copy; 2 16-byte copies per thread and
+    channel stage: an image's 32-channel run of 32 HW floats in 8 HW chunks, zero-filled past D and past the run),
+    "highest" and a z base one float off alignment take 4-byte copies (no 16-byte z copy); p as check_copy_paths;
+    the same output bits on every path, plan and precision. None if so, else what failed."""
+    for B, D, HW, M in ((2, 128, 49, 130), (3, 72, 49, 20)):  # the CUB tile configuration; a partial last stage
+        z3, p = torch.rand(B, D, HW), torch.rand(M, D)
+        z_off = torch.empty(B * D * HW + 1)[1:].view(B, D, HW).copy_(z3)  # same values, misaligned base
+        n_d, grid_x = math.ceil(D / 32), math.ceil(M / 128)
+        p_vec = {"streaming": 1024 * B * grid_x * n_d, "resident": 128 * 8 * n_d * grid_x}
+        ref = emu_forward(lib, z3, p)
+        for precision in PRECISIONS:
+            for plan_name, plan in (("streaming", (False, 1)), ("resident", (True, B))):
+                for name, zz in (("aligned", z3), ("z misaligned", z_off)):
+                    dense = name == "aligned" and precision != "highest"
+                    prm = ForwardParams(_ptr(zz), *zz.stride(), HW=HW, precision=PRECISIONS[precision])
+                    if (path := lib.emu_forward_z_copy(ctypes.byref(prm))) != (3 if dense else 0):
+                        return f"{(B, D, HW, M)} {precision} {name}: z copy path {path}"
+                    before = lib.emu_vector_copies()
+                    out = emu_forward(lib, zz, p, precision=precision, plan=plan)
+                    vec = lib.emu_vector_copies() - before
+                    expect = p_vec[plan_name] + (512 * B * grid_x * n_d if dense else 0)
+                    if vec != expect:
+                        return f"{(B, D, HW, M)} {precision} {plan_name} {name}: {vec} 16-byte copies, expected {expect}"
+                    if not all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(out, ref)):
+                        return f"{(B, D, HW, M)} {precision} {plan_name} {name}: outputs differ from the launcher's"
+    return None
+
+
 def check_backward_copy_paths(lib) -> str | None:
     """grad_p's staging paths (backward.cuh): 16-byte cp.async of z as it lies where z is 16-byte aligned with
     NCHW runs (stride_k == 1, stride_d == HW) or NHWC runs (stride_d == 1, stride_k % 4 == 0), one per 4 floats
@@ -434,6 +473,8 @@ def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = Tru
         report("forward grid_y <= 65535 and every image in one block row, any B", err is None, err or "")
         err = check_copy_paths(lib)
         report("16-byte cp.async where aligned, 4-byte fallback, both plans, same bits", err is None, err or "")
+        err = check_dense_copy_paths(lib)
+        report("dense 7x7 NCHW z staging (MMA), 4-byte when misaligned, same bits", err is None, err or "")
         err = check_backward_copy_paths(lib)
         report("backward: 16-byte z staging where aligned, 4-byte fallback, same bits", err is None, err or "")
         for precision in precisions:

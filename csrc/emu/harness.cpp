@@ -40,6 +40,9 @@ extern "C" void emu_forward_launch(const ForwardParams* prm, int slots, long lon
   out[3] = l.resident;
 }
 
+// The forward's z copy path (forward.cuh kZ*) for prm's z strides and alignment at its precision.
+extern "C" int emu_forward_z_copy(const ForwardParams* prm) { return forward_z_copy(*prm, prm->precision); }
+
 // The launcher's backward launch shape: out = {blocks, gz_blocks, d_slices, G, KT, seg, gp_images, gp_stage}.
 extern "C" void emu_backward_launch(const BackwardParams* prm, long long* out) {
   const BackwardLaunch l = backward_launch(*prm);
@@ -83,9 +86,9 @@ extern "C" int emu_kernel_table(char* out, int size) {
     using S = decltype(search);
     char buf[96];
     for (int resident = 0; resident < 2; ++resident) {
-      for (int dfast = 0; dfast < 2; ++dfast) {
-        std::snprintf(buf, sizeof buf, "forward_kernel<%s, %s, %s>", dfast ? "true" : "false", name,
-                      resident ? "true" : "false");
+      for (int zc = kZCols4; zc <= kZDense; ++zc) {  // forward.cuh ZCopy; no FFMA kZDense
+        if (zc == kZDense && S::kSearch == kSearchFp32) continue;
+        std::snprintf(buf, sizeof buf, "forward_kernel<%d, %s, %s>", zc, name, resident ? "true" : "false");
         row(buf, kThreads, S::kMinBlocks, resident ? Plan<S, true>::kBytes : Plan<S, false>::kBytes);
       }
     }
