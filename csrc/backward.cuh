@@ -80,11 +80,12 @@ constexpr size_t kBwMaxSmem = sizeof(float) * (kGzMaxFloats > kGpMaxFloats ? kGz
 // G x KT accumulator rows. Warp w scans prototypes [w seg, (w+1) seg) 32 at a time: the next chunk's
 // (k, g) of every image are loaded while this chunk's p rows (only of prototypes that win in the pass
 // for some image; all issued at once) are added into the accumulators of each image in increasing m.
+template <int G>  // l.G: one instance per group size, so that one-image blocks carry no second image's code
 __device__ __forceinline__ void grad_z_block(const BackwardParams& prm, const BackwardLaunch& l, float* smem,
                                              int group, int slice) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int M = prm.M, D = prm.D, HW = prm.HW;
-  const int G = l.G, KT = l.KT, rows = G * KT;
+  const int KT = l.KT, rows = G * KT;
   const int b0 = group * G;
   const int ng = min(G, prm.B - b0);  // images of this group
   const int d0 = slice * 32, d = d0 + lane;
@@ -134,22 +135,22 @@ __device__ __forceinline__ void grad_z_block(const BackwardParams& prm, const Ba
     }
     __syncthreads();
 
-    Chunk next[kGzGroup];
+    Chunk next[G];
 #pragma unroll
-    for (int gi = 0; gi < kGzGroup; ++gi) next[gi] = fetch(gi, m_begin);
+    for (int gi = 0; gi < G; ++gi) next[gi] = fetch(gi, m_begin);
     for (int c0 = m_begin; c0 < m_end; c0 += 32) {
-      Chunk cur[kGzGroup];
+      Chunk cur[G];
 #pragma unroll
-      for (int gi = 0; gi < kGzGroup; ++gi) {
+      for (int gi = 0; gi < G; ++gi) {
         cur[gi] = next[gi];
         if (c0 + 32 < m_end) next[gi] = fetch(gi, c0 + 32);
       }
       // This lane's prototype's winning patch in image gi, local to the pass (-1: not in it), and dL/dd.
-      int kl[kGzGroup];
-      float g[kGzGroup];
-      unsigned in_pass[kGzGroup], any = 0;
+      int kl[G];
+      float g[G];
+      unsigned in_pass[G], any = 0;
 #pragma unroll
-      for (int gi = 0; gi < kGzGroup; ++gi) {
+      for (int gi = 0; gi < G; ++gi) {
         const int k = (gi < ng && c0 + lane < m_end) ? clamp_index(cur[gi].k, HW) : -1;
         kl[gi] = (k >= k0 && k < k0 + kt) ? k - k0 : -1;
         g[gi] = kl[gi] >= 0 ? grad_coef(cur[gi].gs, cur[gi].gm, cur[gi].dist, prm.eps) : 0.f;
@@ -159,29 +160,45 @@ __device__ __forceinline__ void grad_z_block(const BackwardParams& prm, const Ba
       if (any == 0) continue;  // warp-uniform
       __syncwarp();  // the previous chunk's table reads are done
 #pragma unroll
-      for (int gi = 0; gi < kGzGroup; ++gi) table[gi * 32 + lane] = {kl[gi] * (kAccStride * 4), g[gi]};
+      for (int gi = 0; gi < G; ++gi) table[gi * 32 + lane] = {kl[gi] * (kAccStride * 4), g[gi]};
       __syncwarp();
       // p rows of the chunk, read once for the G images; 16 at a time (registers: 0 spills at 3 blocks/SM).
+      // Halves whose 16 prototypes all win in the pass (every one at one pass per image) skip the per-row and
+      // per-pair tests.
 #pragma unroll
       for (int h = 0; h < 32; h += 16) {
-        if (((any >> h) & 0xffffu) == 0) continue;  // warp-uniform
+        const unsigned ah = (any >> h) & 0xffffu;
+        if (ah == 0) continue;  // warp-uniform
         // Row c0 + h + j by a pointer advanced by D; lanes past D read channel D - 1 (never written out).
         const float* prow = p + (int64_t)(c0 + h) * D + dc;
         float pv[16];
+        if (ah == 0xffffu) {
 #pragma unroll
-        for (int j = 0; j < 16; ++j, prow += D) pv[j] = ((any >> (h + j)) & 1u) ? *prow : 0.f;
+          for (int j = 0; j < 16; ++j, prow += D) pv[j] = *prow;
+        } else {  // some of the 16 rows are not needed
 #pragma unroll
-        for (int gi = 0; gi < kGzGroup; ++gi) {
-          if (((in_pass[gi] >> h) & 0xffffu) == 0) continue;  // warp-uniform
+          for (int j = 0; j < 16; ++j, prow += D) pv[j] = ((ah >> j) & 1u) ? *prow : 0.f;
+        }
+#pragma unroll
+        for (int gi = 0; gi < G; ++gi) {
+          const unsigned bits = (in_pass[gi] >> h) & 0xffffu;
+          if (bits == 0) continue;  // warp-uniform
           char* const acc = reinterpret_cast<char*>(mine + gi * KT * kAccStride + lane);
           const char* const zt = reinterpret_cast<const char*>(z_s + gi * KT * kAccStride + lane);
+          const PairCoef* const tab = table + gi * 32 + h;
           // Prototypes c0 + h + j in increasing order (per image: the order of m).
+          auto update = [&](int j) {
+            const PairCoef c = tab[j];
+            float* const a = reinterpret_cast<float*>(acc + c.off);
+            *a = fmaf(c.g, *reinterpret_cast<const float*>(zt + c.off) - pv[j], *a);
+          };
+          if (bits == 0xffffu) {
 #pragma unroll
-          for (int j = 0; j < 16; ++j) {
-            if ((in_pass[gi] >> (h + j)) & 1u) {  // warp-uniform
-              const PairCoef c = table[gi * 32 + h + j];
-              float* const a = reinterpret_cast<float*>(acc + c.off);
-              *a = fmaf(c.g, *reinterpret_cast<const float*>(zt + c.off) - pv[j], *a);
+            for (int j = 0; j < 16; ++j) update(j);
+          } else {  // some of the 16 prototypes win outside the pass
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+              if ((bits >> j) & 1u) update(j);  // warp-uniform
             }
           }
         }
@@ -423,7 +440,11 @@ __global__ void __launch_bounds__(kBwThreads, kBwMinBlocks) backward_kernel(cons
   PK_DYNAMIC_SMEM(smem);
   const unsigned i = blockIdx.x;
   if (i < l.gz_blocks) {
-    grad_z_block(prm, l, smem, (int)(i / l.d_slices), (int)(i % l.d_slices));
+    if (l.G == 1) {
+      grad_z_block<1>(prm, l, smem, (int)(i / l.d_slices), (int)(i % l.d_slices));
+    } else {
+      grad_z_block<kGzGroup>(prm, l, smem, (int)(i / l.d_slices), (int)(i % l.d_slices));
+    }
     return;
   }
   const unsigned j = i - l.gz_blocks;

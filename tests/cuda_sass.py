@@ -66,9 +66,12 @@ BACKWARD_PHASES = [
     ("grad_z pass", "void grad_z_block("),
     ("grad_z clear", "for (int i = lane; i < rows * kAccStride; i += 32)"),
     ("grad_z stage z", "for (int e = threadIdx.x; e < rows * 32; e += kBwThreads) {"),
-    ("grad_z pass", "Chunk next[kGzGroup];"),
+    ("grad_z pass", "Chunk next[G];"),
     ("grad_z chunk", "for (int c0 = m_begin; c0 < m_end; c0 += 32) {"),
-    ("grad_z pair", "if ((in_pass[gi] >> (h + j)) & 1u) {"),
+    ("grad_z rows, partial", "} else {  // some of the 16 rows are not needed"),
+    ("grad_z chunk", "const unsigned bits = (in_pass[gi] >> h) & 0xffffu;"),
+    ("grad_z pair", "auto update = [&](int j) {"),
+    ("grad_z pair, partial", "} else {  // some of the 16 prototypes win outside the pass"),
     ("grad_z chunk", "__syncthreads();"),
     ("grad_z sum + write", "// Sum the warps' accumulators"),
     ("grad_p setup", "void grad_p_block("),
@@ -82,6 +85,9 @@ BACKWARD_PHASES = [
     ("grad_p stage", "__syncthreads();  // buffer buf"),
     ("grad_p store", "#pragma unroll"),
     (None, "__global__ void __launch_bounds__(kBwThreads"),
+    # the two-image instance of grad_z_block (maps of HW <= 30; the CUB shape's blocks hold one image)
+    ("grad_z two images", "grad_z_block<kGzGroup>(prm"),
+    (None, "return;"),
     # the NHWC and 4-byte / gathered instances of grad_p_block (the CUB shape's NCHW z takes neither)
     ("grad_p other layouts", "grad_p_block<kGpNhwc>(prm"),
     (None, "inline BackwardLaunch backward_launch("),
@@ -343,10 +349,13 @@ def backward_per_warp(ph: dict[str, PhaseCount], shape: dict) -> dict[str, dict[
     """Warp-instructions one warp issues in a grad_z block and in a grad_p block, by phase (backward.cuh's
     launch at ``shape``, from backward_launch): grad_z: G images, passes of KT patches, chunks of 32
     prototypes, one pair update per (image, prototype) (its winner lies in one pass; the per-pair tests of
-    losers, about 2 instructions each, are left out); grad_p: stages of NB images."""
+    losers, about 2 instructions each, are left out); grad_p: stages of NB images (per image, the 16-byte
+    copies of its z slice)."""
     B, HW = shape["B"], shape["HW"]
     launch = backward_launch(shape)
     G, KT, seg = launch["G"], launch["KT"], launch["seg"]
+    if G != 1:
+        raise ValueError("the model counts grad_z_block<1>; the two-image instance is not modelled")
     passes = -(-HW // KT)
     rows = G * KT
     chunks = seg // 32
@@ -359,6 +368,10 @@ def backward_per_warp(ph: dict[str, PhaseCount], shape: dict) -> dict[str, dict[
         "grad_z pair": pair.executed(1, "FFMA", 1, G * seg),  # one FFMA per pair update
         "grad_z sum + write": ph["grad_z sum + write"].executed(passes, "STG", 1, rows * 32 / (kWarps * 32)),
     }
+    if passes > 1:  # halves of a chunk holding prototypes that win in another pass: the tested row loads and pair
+        # updates (an upper bound: every half charged both ways); at one pass every prototype wins in it
+        gz["grad_z rows, partial"] = ph["grad_z rows, partial"].executed(passes * chunks)
+        gz["grad_z pair, partial"] = ph["grad_z pair, partial"].executed(1, "FFMA", 1, G * seg)
     NB = launch["gp_images"]
     stages = -(-B // NB)
     gp = {

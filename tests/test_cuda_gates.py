@@ -236,6 +236,10 @@ def test_cuda_sass_phases(tmp_path):
     # its walker keeps each thread's copy offsets across images and stages: no integer division (I2F + MUFU)
     assert issue_z.count("I2F") == issue_z.count("MUFU") == 0, issue_z.opcodes
     assert ph["grad_z pair"].count("SHFL") == 0 and ph["grad_z pair"].count("LDS.64") > 0
+    # at one pass every prototype of a chunk wins in it: its pair updates carry no per-pair test (8 instructions:
+    # LDS.64, 2 IADD, 2 LDS, FADD, FFMA, STS; v7's tested updates cost 10)
+    pairs = bw["launch"]["G"] * bw["launch"]["chunks"] * 32
+    assert bw["grad_z"]["grad_z pair"] <= 8.5 * pairs, (bw["grad_z"]["grad_z pair"] / pairs, ph["grad_z pair"].opcodes)
     assert min(bw["grad_z"].values()) > 0 and min(bw["grad_p"].values()) > 0
     assert cuda_sass.forward_launch(cuda_sass.CUB, 132) == (True, 5, 256)  # forward.cuh forward_launch
     # the CUB launch (NCHW 7x7 z, 16-byte aligned) stages z densely at "high" and "medium" (16-byte copies only,
