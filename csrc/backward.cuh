@@ -305,7 +305,8 @@ struct alignas(16) Vec8 {
 //  - kGpNchw / kGpNhwc: z 16-byte aligned (base, image stride) with runs of whole 16-byte chunks: NCHW (sk == 1,
 //    sd == HW: the slice is one run of 32 HW floats, HW Dv % 4 == 0) or NHWC (sd == 1, sk % 4 == 0: a run of
 //    32 channels per patch, Dv % 4 == 0), staged densely as they lie in z by 16-byte copies. NCHW reads: lane
-//    stride HW, conflict-free for odd HW (7x7), gcd(HW, 32)-way bank conflicts else.
+//    stride HW, gcd(HW, 32)-way bank conflicts: conflict-free for odd HW (7x7), at most 4-way for HW % 8 != 0;
+//    NCHW maps with HW % 8 == 0 (4x4, 8x8, 16x16: 8- to 32-way) take kGpOther instead.
 //  - kGpOther: 4-byte copies into rows of kAccStride floats per patch (conflict-free both ways), or, without
 //    gp_stage, z gathered from global memory.
 // One instance per layout: each holds only its own staging code and registers (at 80 registers, one body
@@ -315,7 +316,7 @@ enum GpLayout : int { kGpNchw = 0, kGpNhwc = 1, kGpOther = 2 };
 __device__ __forceinline__ GpLayout gp_layout(const BackwardParams& prm, const BackwardLaunch& l, int slice) {
   const int Dv = min(32, prm.D - slice * 32);  // valid channels of the slice
   const bool aligned = l.gp_stage && (reinterpret_cast<uintptr_t>(prm.z) & 15) == 0 && (prm.B == 1 || prm.z_sb % 4 == 0);
-  if (aligned && prm.z_sk == 1 && prm.z_sd == prm.HW && Dv * prm.HW % 4 == 0) return kGpNchw;
+  if (aligned && prm.z_sk == 1 && prm.z_sd == prm.HW && Dv * prm.HW % 4 == 0 && prm.HW % 8 != 0) return kGpNchw;
   if (aligned && prm.z_sd == 1 && (prm.HW == 1 || prm.z_sk % 4 == 0) && Dv % 4 == 0) return kGpNhwc;
   return kGpOther;
 }

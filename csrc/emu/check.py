@@ -411,26 +411,29 @@ def check_dense_copy_paths(lib) -> str | None:
 
 def check_backward_copy_paths(lib) -> str | None:
     """grad_p's staging paths (backward.cuh): 16-byte cp.async of z as it lies where z is 16-byte aligned with
-    NCHW runs (stride_k == 1, stride_d == HW) or NHWC runs (stride_d == 1, stride_k % 4 == 0), one per 4 floats
-    of every staged (image, 32-channel slice) and prototype tile; 4-byte copies otherwise; the same gradient
-    bits on every path. None if so, else what failed."""
-    B, D, HW, M = 3, 64, 49, 70
-    z3 = torch.rand(B, D, HW)
-    args = (torch.randn(B, M), torch.randn(B, M))
-    p, idx, dist = torch.rand(M, D), torch.randint(0, HW, (B, M)), torch.rand(B, M)
-    vec = B * D * HW // 4 * math.ceil(M / 64)  # backward.cuh kGpM = 64 prototypes per grad_p block
-    layouts = {"NCHW": (z3, vec), "NHWC": (torch.empty(B, HW, D).copy_(z3.transpose(1, 2)).transpose(1, 2), vec),
-               "misaligned": (torch.empty(B * D * HW + 1)[1:].view(B, D, HW).copy_(z3), 0),
-               "strided_d": (torch.empty(B, HW, 2 * D)[:, :, ::2].copy_(z3.transpose(1, 2)).transpose(1, 2), 0)}
-    ref = None
-    for name, (zz, expect) in layouts.items():
-        before = lib.emu_vector_copies()
-        out = emu_backward(lib, *args, zz, p, idx, dist)
-        if (n := lib.emu_vector_copies() - before) != expect:
-            return f"{name}: {n} 16-byte copies, expected {expect}"
-        ref = ref or out
-        if not all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(out, ref)):
-            return f"{name}: gradients differ from the NCHW path's"
+    NCHW runs (stride_k == 1, stride_d == HW, HW % 8 != 0: an 8x8 map's lane stride of 64 floats would read with
+    32-way bank conflicts) or NHWC runs (stride_d == 1, stride_k % 4 == 0), one per 4 floats of every staged
+    (image, 32-channel slice) and prototype tile; 4-byte copies otherwise; the same gradient bits on every path.
+    None if so, else what failed."""
+    for HW in (49, 64):
+        B, D, M = 3, 64, 70
+        z3 = torch.rand(B, D, HW)
+        args = (torch.randn(B, M), torch.randn(B, M))
+        p, idx, dist = torch.rand(M, D), torch.randint(0, HW, (B, M)), torch.rand(B, M)
+        vec = B * D * HW // 4 * math.ceil(M / 64)  # backward.cuh kGpM = 64 prototypes per grad_p block
+        layouts = {"NCHW": (z3, vec if HW % 8 else 0),
+                   "NHWC": (torch.empty(B, HW, D).copy_(z3.transpose(1, 2)).transpose(1, 2), vec),
+                   "misaligned": (torch.empty(B * D * HW + 1)[1:].view(B, D, HW).copy_(z3), 0),
+                   "strided_d": (torch.empty(B, HW, 2 * D)[:, :, ::2].copy_(z3.transpose(1, 2)).transpose(1, 2), 0)}
+        ref = None
+        for name, (zz, expect) in layouts.items():
+            before = lib.emu_vector_copies()
+            out = emu_backward(lib, *args, zz, p, idx, dist)
+            if (n := lib.emu_vector_copies() - before) != expect:
+                return f"HW = {HW}, {name}: {n} 16-byte copies, expected {expect}"
+            ref = ref or out
+            if not all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(out, ref)):
+                return f"HW = {HW}, {name}: gradients differ from the NCHW path's"
     return None
 
 
