@@ -79,8 +79,8 @@ constexpr int kResidentPs = kResidentMaxD + 4;  // its p row stride: 4 (mod 32),
 // is the certification scratch. p-resident: the whole p tile (kBM rows of up to kResidentMaxD channels,
 // stride kResidentPs), two stages of z tiles only, and a scratch of its own. The scratch holds Entries x
 // kBM partial thresholds (then, per warp, kListCap entries of the rescoring list), then kBM x kBK flag
-// bytes. Then per patch tile |z_k|^2 and |z_k|, per prototype |p_m|, the running threshold T_m and the
-// exact winner's rank_key(e, k).
+// bytes. Then per patch tile |z_k|^2 and |z_k|, per prototype |p_m|, per patch the TF32 search's residual
+// term (lz_s in forward_kernel), the running threshold T_m and the exact winner's rank_key(e, k).
 template <class Search, bool kResident>
 struct Plan {
   static constexpr int kPs = kResident ? kResidentPs : Search::kPs;
@@ -94,7 +94,8 @@ struct Plan {
   static constexpr int kZnOffset = kScratch + (kResident ? kScratchFloats : 0);
   static constexpr int kRzOffset = kZnOffset + kBK;
   static constexpr int kRpOffset = kRzOffset + kBK;
-  static constexpr int kThrOffset = kRpOffset + kBM;
+  static constexpr int kLzOffset = kRpOffset + kBM;
+  static constexpr int kThrOffset = kLzOffset + kBK;
   static constexpr int kBestOffset = kThrOffset + kBM;  // kBM 64-bit keys (rank_key)
   static constexpr size_t kBytes = sizeof(float) * (kBestOffset + 2 * kBM);
   static_assert(kPRes % 4 == 0 && kStage % 4 == 0 && kZInStage % 4 == 0, "tiles must stay 16-byte aligned");
@@ -129,9 +130,13 @@ __device__ __forceinline__ TileMap tile_map(int tid, bool d_fast) {
 // * The search: v~ = fma(-2, s~, zn~), zn~ an FFMA chain of z_d^2 (error <= gamma_D |z|^2) and s~
 //   approximating s = z.p with |s~ - s| <= eps_dot |z||p|:
 //     FFMA:    eps_dot = gamma_D (one fma chain over the channels).
-//     TF32:    the MMA reads fp32 operands as TF32, dropping their low 13 bits (truncation: relative
-//              2^-10 each; rounding would be 2^-11, so the bound holds either way), a product is off by
-//              <= (2^-9 + 2^-20)|z_d p_d|; plus the HMMA accumulation over ceil(D/8) steps (below).
+//     TF32:    z's fragments are truncated to TF32 here (z_hi = z with its low 13 bits cleared, z_lo =
+//              z - z_hi exact), p's by the MMA (truncation or rounding: |p_d - p_hi_d| <= 2^-10 |p_d|):
+//              z.p - z_hi.p_hi = z_lo.p + z_hi.(p - p_hi), at most |z_lo| |p| + 2^-10 |z| |p|
+//              (Cauchy-Schwarz; |z_hi| <= |z|), with |z_lo| summed per patch beside |z|^2. That
+//              operand term goes into delta on its own (lz_s), so eps_dot keeps only the HMMA
+//              accumulation over ceil(D/8) steps (below): on uniform features 1.7 instead of 3.9
+//              candidates per (b, m) at D = 128, 5 instead of 39 at (512, 784).
 //     3xTF32:  x = hi + lo exactly, hi = x with its low 13 bits cleared (|lo| <= 2^-10 |x|), and the MMA
 //              truncates lo to lo' (|lo - lo'| <= 2^-10 |lo| <= 2^-20 |x|); a b - (a_hi b_hi +
 //              a_hi b_lo' + a_lo' b_hi) = a_lo b_lo + a_hi (b_lo - b_lo') + (a_lo - a_lo') b_hi is
@@ -151,6 +156,10 @@ __device__ __forceinline__ TileMap tile_map(int tid, bool d_fast) {
 // c_abs = (D + 8) 2^-126 covers products and squares that underflow or are flushed to zero. The kernel
 // evaluates it as q^2 + c_abs with q = sqrt(c) |z| + sqrt(c) |p| (the two terms stored per patch and per
 // prototype): about 7 roundings of relative u each instead of 5, also within the factor 2.
+// TF32 adds 4 |p| (|z_lo| + 2^-10 |z|) (2 for the 2 z.p of v~, 2 for its fp32 evaluation), evaluated as
+// (sqrt(c) |p|) * (4 (|z_lo| + 2^-10 |z|) / sqrt(c)), the second factor stored per patch; a square of z_lo
+// flushed to zero loses at most sqrt(D) 2^-63 of |z_lo|, and c N + c_abs covers the missing 4 sqrt(D) 2^-63
+// |p| for every |p| once c_abs >= 4 D 2^-126 / c (tf32_abs).
 __device__ __forceinline__ float gamma_n(float n) {
   const float nu = n * 0x1p-24f;
   return nu < 0.25f ? nu / (1.f - nu) : INFINITY;  // a huge D: every patch becomes a candidate
@@ -159,7 +168,7 @@ __device__ __forceinline__ float gamma_n(float n) {
 // Search error of s = z.p relative to |z||p| (eps_dot above) for kSearch*.
 __device__ __forceinline__ float dot_error(int search, int D) {
   const float steps = (float)((D + 7) / 8);
-  if (search == kSearchTf32) return 0x1p-9f + 0x1p-20f + 20.f * 0x1p-24f * steps;
+  if (search == kSearchTf32) return 20.f * 0x1p-24f * steps;  // the operand error: lz_s below
   if (search == kSearch3xTf32) return 3.f * 0x1p-20f + 60.f * 0x1p-24f * steps;
   return gamma_n((float)D);
 }
@@ -172,9 +181,20 @@ constexpr float kCertScale = PROTOKERN_EMU_CERT_SCALE;
 constexpr float kCertScale = 1.f;
 #endif
 
+// PROTOKERN_EMU_LZ_SCALE (emulator builds only) scales the TF32 search's residual term alone, so that
+// check.py can show that the bound check needs all of it.
+#if defined(PROTOKERN_EMU) && defined(PROTOKERN_EMU_LZ_SCALE)
+constexpr float kLzScale = PROTOKERN_EMU_LZ_SCALE;
+#else
+constexpr float kLzScale = 1.f;
+#endif
+
 __device__ __forceinline__ float cert_coef(int search, int D) {
   return kCertScale * 2.f * (gamma_n((float)D) + dot_error(search, D) + gamma_n((float)D + 7.f) + 6.f * 0x1p-24f);
 }
+
+// The TF32 search's c_abs beyond (D + 8) 2^-126 (see the bound above), for the coefficient c.
+__device__ __forceinline__ float tf32_abs(float c, int D) { return c > 0.f ? 4.f * (float)D * 0x1p-126f / c : 0.f; }
 
 // Candidates rescored per warp and round of the exact rescoring: one per group of 4 lanes.
 constexpr int kRescoreBatch = 8;
@@ -276,13 +296,13 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
     }
   }
 
-  // MMA operands without a conversion instruction: the MMA itself drops the low 13 bits of each fp32
-  // operand (truncation to TF32). TF32: x as is. 3xTF32: hi = x with those bits cleared, lo = x - hi
-  // (exact in fp32). Non-finite x stays non-finite in hi (a NaN may become inf, or lo NaN): the pair's
-  // v~ is then not finite, hence a candidate, rescored exactly.
+  // MMA operands without a conversion instruction: hi = x with its low 13 bits cleared (TF32 truncation,
+  // what the MMA would do itself, done here so that the TF32 bound knows z_hi), lo = x - hi (exact in fp32;
+  // 3xTF32 only). Non-finite x stays non-finite in hi (a NaN may become inf, or lo NaN): the pair's v~ is
+  // then not finite, hence a candidate, rescored exactly.
   __device__ __forceinline__ static void split(float x, uint32_t& hi, uint32_t& lo) {
     const uint32_t bits = __float_as_uint(x);
-    hi = kSplit ? bits & 0xffffe000u : bits;
+    hi = bits & 0xffffe000u;
     lo = kSplit ? __float_as_uint(x - __uint_as_float(hi)) : 0u;
   }
 
@@ -363,6 +383,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   float* const zn_s = smem + P::kZnOffset;  // |z_k|^2 of the current patch tile
   float* const rz_s = smem + P::kRzOffset;  // sqrt(cert_coef) |z_k|
   float* const rp_s = smem + P::kRpOffset;  // sqrt(cert_coef) |p_m|
+  float* const lz_s = smem + P::kLzOffset;  // TF32: 4 (|z_lo,k| + 2^-10 |z_k|) / sqrt(cert_coef)
   float* const thr_s = smem + P::kThrOffset;
   // The exact winner's rank_key(e, k) of each prototype (unsigned long long: atomicMin's type)
   unsigned long long* const best = reinterpret_cast<unsigned long long*>(smem + P::kBestOffset);
@@ -487,10 +508,13 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   }
   Search search;
   float norm2 = 0.f;  // threads < kBK: |z_k|^2 of patch k0 + tid; threads >= kBM: |p_m|^2 of m0 + tid - kBM
+  float lo2 = 0.f;    // TF32, threads < kBK: |z_k - tf32(z_k)|^2
+  constexpr bool kTf32 = Search::kSearch == kSearchTf32;
 
   // The certification's coefficients (nvcc computes them before the loop wherever they are written)
   const float cert_sqrt = sqrtf(cert_coef(Search::kSearch, D));  // delta = (cert_sqrt (|z| + |p|))^2 + cert_abs
-  const float cert_abs = kCertScale * (float)(D + 8) * 0x1p-126f;
+  const float cert_abs = kCertScale * (float)(D + 8) * 0x1p-126f + (kTf32 ? tf32_abs(cert_sqrt * cert_sqrt, D) : 0.f);
+  const float lz_scale = cert_sqrt > 0.f ? kLzScale * kCertScale * 4.f / cert_sqrt : 0.f;  // TF32: lz_s = lz_scale (...)
   Step cur{prm.z + (int64_t)b0 * prm.z_sb, nullptr, b0, 0, 0};  // the step the loop body consumes
   cur.zst = cur.zimg;
   Step nxt = cur;  // the last step issued
@@ -511,9 +535,16 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     const float* const ps = kResident ? p_res + ds * kDC : st;
     if (ds == 0) search.clear();  // a new patch tile (here: zeros are not held across the rescoring)
     search.template step<kPs>(ps, zs, kZRow, tid, k0, HW);
-    if (tid < kBK) {  // channels in order, one fma chain
+    if (tid < kBK) {  // channels in order, one fma chain (TF32: and one of the truncation residuals)
 #pragma unroll 8
-      for (int dd = 0; dd < kDC; ++dd) norm2 = fmaf(zs[dd * kZRow + tid], zs[dd * kZRow + tid], norm2);
+      for (int dd = 0; dd < kDC; ++dd) {
+        const float x = zs[dd * kZRow + tid];
+        norm2 = fmaf(x, x, norm2);
+        if constexpr (kTf32) {
+          const float r = x - __uint_as_float(__float_as_uint(x) & 0xffffe000u);
+          lo2 = fmaf(r, r, lo2);
+        }
+      }
     } else if (tid >= kThreads - kBM && it < n_d) {  // |p|^2 during the first patch tile only
       const int ml = tid - (kThreads - kBM);
 #pragma unroll
@@ -530,7 +561,9 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       if (tid < kBK) {
         zn_s[tid] = norm2;
         rz_s[tid] = cert_sqrt * sqrtf(norm2);  // sqrt(c) |z_k|
+        if constexpr (kTf32) lz_s[tid] = lz_scale * (sqrtf(lo2) + 0x1p-10f * sqrtf(norm2));
         norm2 = 0.f;
+        lo2 = 0.f;
       } else if (tid >= kThreads - kBM && it == n_d - 1) {
         rp_s[tid - (kThreads - kBM)] = cert_sqrt * sqrtf(norm2);  // sqrt(c) |p_m|
       }
@@ -545,7 +578,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       search.visit(tid, [&](int s, int ml, int kl, float& acc) {
         const float v = fmaf(-2.f, acc, zn_s[kl]);
         const float q = rz_s[kl] + rp_s[ml];  // sqrt(c) (|z| + |p|)
-        const float delta = fmaf(q, q, cert_abs);
+        const float delta = kTf32 ? fmaf(rp_s[ml], lz_s[kl], fmaf(q, q, cert_abs)) : fmaf(q, q, cert_abs);
         const bool real = k0 + kl < HW, finite = isfinite(v);
         if (real && finite) tmin[s] = fminf(tmin[s], v + delta);
 #ifdef PROTOKERN_EMU

@@ -171,7 +171,8 @@ def residual_case(B: int = 4, D: int = 64, H: int = 5, W: int = 5, generator=Non
 
 def bound_cases(batch: int = 3):
     """(z3, p) pairs for checking a search-error bound: random features and prototypes at several scales,
-    prototypes near patches (cancellation), exact copies of a patch, and mixed magnitudes."""
+    prototypes near patches (cancellation), exact copies of a patch, mixed magnitudes, and operands whose
+    TF32 truncation residuals are the largest (``residual_case``)."""
     g = torch.Generator().manual_seed(1)
     cases = []
     for scale, offset in [(1.0, 0.0), (4.0, 0.0), (1e-3, 0.0), (1e3, 0.0), (1e-2, 100.0), (1e-20, 0.0)]:
@@ -183,4 +184,6 @@ def bound_cases(batch: int = 3):
     z3 = torch.randn(2, 64, 20, generator=g)
     z3[:, :, ::2] *= 1e4  # mixed magnitudes
     cases.append((z3, torch.randn(30, 64, generator=g)))
+    z, p, _ = residual_case(B=batch, D=64, H=4, W=5, generator=g)  # TF32's largest truncation residuals
+    cases.append((z.flatten(2), torch.cat([p, z[0].flatten(1).T[:27]])))
     return cases

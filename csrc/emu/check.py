@@ -216,6 +216,9 @@ def adversarial_cases(gen_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.
     for kind in ("zero", "small", "one", "duplicates", "equal"):
         z, p, _ = reference.near_tie_case(kind, generator=gen)
         cases[f"near_tie_case {kind!r}"] = (z.flatten(2), p)
+    # TF32's largest truncation residuals: the search alone ranks a prototype's truncated copy first.
+    z, p, _ = reference.residual_case(B=2, D=128, H=7, W=7, generator=gen)
+    cases["largest TF32 residuals: truncated copy vs exact patch"] = (z.flatten(2), p)
 
     # Across patch tiles (HW = 130): the exact distance-1 patch (later tile) against a patch at 1 + 1e-6
     # (earlier tile), and d = 0 against a 1e-6 gap on the 2^-10 grid (both exact in fp32).
@@ -490,6 +493,10 @@ def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = Tru
             z3, p = adversarial_cases()["issue: exact patch vs 1e-6..1.6e-5"]
             caught = check_contract({"medium": emu_forward(bad, z3, p, precision="medium")}, z3, p) is not None
             report("mutation: TF32 search without its bound is caught", caught)
+            (Path(tmp) / "mutant_lz").mkdir()
+            bad = build(Path(tmp) / "mutant_lz", ("-DPROTOKERN_EMU_LZ_SCALE=0.25f",))
+            report("mutation: TF32 residual term at a quarter fails the bound check",
+                   check_bound(bad, "medium") is not None)
     return ok
 
 
