@@ -26,8 +26,9 @@ SEARCH_PRECISIONS = ("highest", "high", "medium")  # FFMA, 3xTF32, TF32 products
 #   static SASS count per warp, image and 64-prototype tile is still 3.7k at "medium" against 3.05k at
 #   "high" (benchmarks/NOTES.md "Triton v10"). A GPU table (`fastest_precisions`) settles it.
 # - cuda: "highest" until its tensor-core searches have run on a GPU (none has yet). The static issue model
-#   (benchmarks/NOTES.md, v8 (cuda forward)) puts its forward at >= 68 / 38 / 45 us at "highest" / "high" /
-#   "medium" on the CUB shape, so "high" is the expected choice once a GPU table confirms it.
+#   (benchmarks/NOTES.md, v8-v10 (cuda)) puts its forward at >= 66 / 34 / 28 us at "highest"
+#   / "high" / "medium" on the CUB shape ("medium" since its bound uses z's truncation residuals), so "medium"
+#   or "high" is the expected choice once a GPU table confirms it.
 # - torch: "highest": "high" and "medium" emulate TF32 products with extra passes, never faster.
 AUTO_PRECISION = {"torch": "highest", "triton": "high", "cuda": "highest"}
 _log = logging.getLogger("protokern")
