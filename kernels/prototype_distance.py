@@ -146,8 +146,6 @@ def _forward_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         p_tile = tl.load(p_rows + offs_d[None, :] * stride_pd,
                          mask=m_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-        if PRECISION == "tf32":  # the search's operand, truncated once (the rescoring reads p from memory)
-            p_tile = _tf32_part(p_tile)
 
     z_base = z_ptr + b0.to(tl.int64) * stride_zb  # then advanced by one image per iteration
     out = b0.to(tl.int64) * M + offs_m
@@ -224,13 +222,11 @@ def _search_tile(z_base, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr, k0, 
                         mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         z = tl.load(z_base + offs_d[:, None] * stride_zd + offs_k[None, :] * stride_zk,
                     mask=d_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        if PRECISION == "tf32":
-            z_hi = _tf32_part(z)
-            dot = tl.dot(p if P_RESIDENT else _tf32_part(p), z_hi, dot, input_precision="tf32")
-            z_lo += tl.sum((z - z_hi) * (z - z_hi), axis=0)
-        else:
-            dot = _search_dot(p, z, dot, PRECISION)
+        dot = _search_dot(p, z, dot, PRECISION)
         z_norm += tl.sum(z * z, axis=0)
+        if PRECISION == "tf32":
+            r = z - _tf32_part(z)
+            z_lo += tl.sum(r * r, axis=0)
     approx = p_norm[:, None] + z_norm[None, :] - 2.0 * dot
     z_len = tl.sqrt(z_norm)
     radius = p_len[:, None] + z_len[None, :]
@@ -251,12 +247,16 @@ def _search_dot(p, z, acc, PRECISION: tl.constexpr):
     are one ``tl.dot`` in a 3-step loop, not three chained dots: Triton lays chained dots out over
     (num_warps, 1) warps, which at 64 prototypes per tile computes the tile twice and moves the accumulator
     between two layouts through shared memory at every step (Triton's own "tf32x3" does; 240 registers at the
-    CUB shape against 199 for the loop, before the cap)."""
+    CUB shape against 199 for the loop, before the cap). "tf32" dots the TF32 parts it truncates itself, so
+    that the MMA's own rounding cannot change them (``search_bound.truncated_tf32_bound`` bounds the error by
+    what the truncation dropped)."""
     if PRECISION == "tf32x3":
         for part in range(3):
             a = _tf32_part(tl.where(part == 0, p - _tf32_part(p), p))  # p_lo, then p_hi twice
             b = _tf32_part(tl.where(part == 1, z - _tf32_part(z), z))  # z_hi, z_lo, z_hi
             acc = tl.dot(a, b, acc, input_precision="tf32")
+    elif PRECISION == "tf32":
+        acc = tl.dot(_tf32_part(p), _tf32_part(z), acc, input_precision="tf32")
     else:
         acc = tl.dot(p, z, acc, input_precision=PRECISION)
     return acc
