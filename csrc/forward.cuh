@@ -193,6 +193,9 @@ __device__ __forceinline__ float cert_coef(int search, int D) {
   return kCertScale * 2.f * (gamma_n((float)D) + dot_error(search, D) + gamma_n((float)D + 7.f) + 6.f * 0x1p-24f);
 }
 
+// x truncated to TF32 (its low 13 mantissa bits cleared): the MMA searches' operands, and z_hi of the TF32 bound.
+__device__ __forceinline__ float tf32_hi(float x) { return __uint_as_float(__float_as_uint(x) & 0xffffe000u); }
+
 // The TF32 search's c_abs beyond (D + 8) 2^-126 (see the bound above), for the coefficient c.
 __device__ __forceinline__ float tf32_abs(float c, int D) { return c > 0.f ? 4.f * (float)D * 0x1p-126f / c : 0.f; }
 
@@ -301,9 +304,9 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
   // 3xTF32 only). Non-finite x stays non-finite in hi (a NaN may become inf, or lo NaN): the pair's v~ is
   // then not finite, hence a candidate, rescored exactly.
   __device__ __forceinline__ static void split(float x, uint32_t& hi, uint32_t& lo) {
-    const uint32_t bits = __float_as_uint(x);
-    hi = bits & 0xffffe000u;
-    lo = kSplit ? __float_as_uint(x - __uint_as_float(hi)) : 0u;
+    const float h = tf32_hi(x);
+    hi = __float_as_uint(h);
+    lo = kSplit ? __float_as_uint(x - h) : 0u;
   }
 
   // No ldmatrix: A (p, prototype rows with contiguous channels) would fit ldmatrix.x4 (a b16 8x8 matrix
@@ -541,7 +544,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
         const float x = zs[dd * kZRow + tid];
         norm2 = fmaf(x, x, norm2);
         if constexpr (kTf32) {
-          const float r = x - __uint_as_float(__float_as_uint(x) & 0xffffe000u);
+          const float r = x - tf32_hi(x);
           lo2 = fmaf(r, r, lo2);
         }
       }
