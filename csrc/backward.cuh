@@ -8,6 +8,10 @@
 //                  prototypes in increasing order and, for every image of the group, adds 2 g (z - p)
 //                  into its own shared accumulators: one p-row read serves the G images (G = 2 only where
 //                  both fit one pass of patches). The warps' accumulators are summed in warp order.
+//                  Where that would take several passes of patches (maps above 60 patches: each pass re-reads
+//                  every prototype's (k, g)), the sorted plan instead: one block per (image, 32 channels)
+//                  sorts the image's winners by patch once (stable in m) and each warp sums its patches'
+//                  winners in increasing m (grad_z_sorted_block).
 // grad_p role      one block per (64 prototypes, 32 channels), 8 prototypes per warp, one channel per
 //                  lane; z[b]'s 32-channel slice of several images at a time is staged in shared memory
 //                  (cp.async, double-buffered, z's own strides: 16-byte copies where z lies in aligned runs)
@@ -51,6 +55,7 @@ struct BackwardLaunch {
   unsigned gz_blocks;  // the first gz_blocks blocks are grad_z blocks
   int d_slices;        // 32-channel slices
   int G, KT, seg;      // grad_z: images per block, patches per pass, prototypes per warp (multiple of 32)
+  int gz_sorted;       // grad_z: 1 for the sorted plan (grad_z_sorted_block), 0 for the scanning one
   int gp_images;       // grad_p: images per stage
   int gp_stage;        // grad_p: 1 if z slices are staged in shared memory (HW x gp_images <= kGpStageRows)
   size_t smem;         // dynamic shared memory, bytes
@@ -73,6 +78,17 @@ __host__ __device__ constexpr int gp_stage_floats(int images, int staged_hw) {
 constexpr int kGzMaxFloats = gz_smem_floats(1, kGzRows);  // G x KT <= kGzRows
 constexpr int kGpMaxFloats = 2 * gp_stage_floats(kGpMaxImages, kGpStageRows / kGpMaxImages);  // images x HW <= 256
 constexpr size_t kBwMaxSmem = sizeof(float) * (kGzMaxFloats > kGpMaxFloats ? kGzMaxFloats : kGpMaxFloats);
+
+// grad_z, sorted plan: the image's winners {k << 16 | m, g} sorted by patch (2 M floats), start[0..HW] (HW + 1 ints), then
+// a region that holds first the sort's scratch (k and g per prototype, counts per warp and patch) and then the
+// z tile (KT rows of kAccStride). At most kGsMaxKT patches per pass.
+constexpr int kGsMaxKT = 256;
+constexpr int kGsLoads = 4;   // prototypes per thread whose (k, g) inputs are in flight at once
+constexpr int kGsBatch = 8;   // winners whose p rows are in flight at once
+__host__ __device__ constexpr int64_t gs_scratch_offset(int64_t M, int HW) { return (2 * M + HW + 1 + 3) / 4 * 4; }
+__host__ __device__ constexpr int64_t gs_smem_floats(int64_t M, int HW, int KT) {
+  return gs_scratch_offset(M, HW) + (2 * M + kBwWarps * HW > KT * kAccStride ? 2 * M + kBwWarps * HW : KT * kAccStride);
+}
 
 // grad_z[b, d, k] = sum_{m : k_bm == k} 2 g[b, m] (z[b, d, k] - p[m, d]) for the G images b0.. of the
 // group and channels d0..d0+31, written for every (d, k) (zeros where no prototype wins). Patches in
@@ -215,6 +231,197 @@ __device__ __forceinline__ void grad_z_block(const BackwardParams& prm, const Ba
         for (int ww = 0; ww < kBwWarps; ++ww) s += smem[(ww * rows + gi * KT + kl) * kAccStride + dl];
         prm.grad_z[((int64_t)(b0 + gi) * D + d0 + dl) * HW + k0 + kl] = 2.f * s;
       }
+    }
+    __syncthreads();
+  }
+}
+
+// The lanes of the warp whose v equals this lane's (match.any.sync on sm_70+; elsewhere, and in the
+// emulator, by 32 shuffles).
+__device__ __forceinline__ unsigned match_any(int v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700 && !defined(PROTOKERN_EMU)
+  return __match_any_sync(kFullMask, v);
+#else
+  unsigned peers = 0;
+  for (int i = 0; i < 32; ++i) peers |= (__shfl_sync(kFullMask, v, i) == v ? 1u : 0u) << i;
+  return peers;
+#endif
+}
+
+// grad_z, sorted plan (backward_launch: where the scanning plan needs several passes of patches and this
+// plan's shared memory fits): one block per (image b, channels d0..d0+31). The scanning plan above reads every
+// prototype's (k, g) once per pass of patches; here the image's winners are sorted by patch once, stably in
+// m, and each patch walks only its own:
+//  (1) k and g of every prototype into shared memory (all threads, 4 loads in flight each);
+//  (2) warp w counts its prototypes [w seg, (w + 1) seg) per patch, 32 at a time (the last lane of each group
+//      of equal k adds the group's size);
+//  (3) start[k] = winners of the patches before k (a scan over the patches), and warp w's first slot in patch
+//      k = start[k] + counts of the warps before w;
+//  (4) each warp writes its {k << 16 | m, g} there in increasing m (rank in a chunk: the lanes below with the
+//      same k).
+// Then passes of KT patches: the z tile is staged (rows of kAccStride, z's own strides), warp w walks the
+// winners of its KT / 8 patches in order with 8 p rows in flight, each patch's 2 sum_m g (z - p_m) one fma
+// chain in increasing m (deterministic), written over the patch's z row; the tile is written out (zeros
+// where no prototype wins).
+__device__ __forceinline__ void grad_z_sorted_block(const BackwardParams& prm, const BackwardLaunch& l, float* smem,
+                                                    int b, int slice) {
+  struct alignas(8) Winner {
+    int km;  // k << 16 | m (the plan runs only where M < 2^16, HW < 2^15 and M D < 2^32: backward_launch)
+    float g;
+  };
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+  const int M = prm.M, D = prm.D, HW = prm.HW, KT = l.KT;
+  const int d0 = slice * 32, dc = min(d0 + lane, D - 1);  // lanes past D read channel D - 1 (never written)
+  Winner* const ent = reinterpret_cast<Winner*>(smem);
+  int* const start = reinterpret_cast<int*>(smem + 2 * M);
+  float* const scratch = smem + gs_scratch_offset(M, HW);
+  int* const kk = reinterpret_cast<int*>(scratch);
+  float* const gg = scratch + M;
+  int* const cnt = reinterpret_cast<int*>(scratch + 2 * M);  // cnt[w HW + k]
+  float* const z_s = scratch;                                 // after the sort
+  const int64_t o0 = (int64_t)b * M;
+
+  for (int i = tid; i < kBwWarps * HW; i += kBwThreads) cnt[i] = 0;
+  // (1) the prototypes' (k, g)
+  for (int m0 = tid; m0 < M; m0 += kGsLoads * kBwThreads) {
+    int64_t kr[kGsLoads];
+    float gs[kGsLoads], gm[kGsLoads], dd[kGsLoads];
+#pragma unroll
+    for (int j = 0; j < kGsLoads; ++j) {
+      kr[j] = 0;
+      gs[j] = gm[j] = dd[j] = 0.f;
+      const int m = m0 + j * kBwThreads;
+      if (m < M) {
+        kr[j] = prm.patch_index[o0 + m];
+        gs[j] = prm.grad_similarity[o0 + m];
+        gm[j] = prm.grad_min_distances[o0 + m];
+        dd[j] = prm.min_distances[o0 + m];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kGsLoads; ++j) {
+      const int m = m0 + j * kBwThreads;
+      if (m < M) {
+        kk[m] = clamp_index(kr[j], HW);
+        gg[m] = grad_coef(gs[j], gm[j], dd[j], prm.eps);
+      }
+    }
+  }
+  __syncthreads();
+  // (2) counts per warp and patch
+  const int m_begin = w * l.seg, m_end = min(M, m_begin + l.seg);
+  int* const mine = cnt + w * HW;
+  for (int c0 = m_begin; c0 < m_end; c0 += 32) {
+    const int m = c0 + lane;
+    const int k = m < m_end ? kk[m] : -1;
+    const unsigned peers = match_any(k);
+    if (k >= 0 && (peers >> lane) == 1u) mine[k] += __popc(peers);  // the group's last lane
+    __syncwarp();
+  }
+  __syncthreads();
+  // (3) the scan
+  for (int k = tid; k < HW; k += kBwThreads) {
+    int s = 0;
+    for (int ww = 0; ww < kBwWarps; ++ww) {
+      const int c = cnt[ww * HW + k];
+      cnt[ww * HW + k] = s;
+      s += c;
+    }
+    start[k] = s;
+  }
+  __syncthreads();
+  if (w == 0) {
+    int carry = 0;
+    for (int k0 = 0; k0 < HW; k0 += 32) {
+      const int k = k0 + lane;
+      const int v = k < HW ? start[k] : 0;
+      int x = v;  // inclusive scan over the lanes
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(kFullMask, x, o);
+        if (lane >= o) x += y;
+      }
+      if (k < HW) start[k] = carry + x - v;
+      carry += __shfl_sync(kFullMask, x, 31);
+    }
+    if (lane == 0) start[HW] = carry;  // M
+  }
+  __syncthreads();
+  // (4) the scatter
+  for (int c0 = m_begin; c0 < m_end; c0 += 32) {
+    const int m = c0 + lane;
+    const int k = m < m_end ? kk[m] : -1;
+    const unsigned peers = match_any(k);
+    if (k >= 0) ent[start[k] + mine[k] + __popc(peers & ((1u << lane) - 1u))] = {k << 16 | m, gg[m]};
+    __syncwarp();
+    if (k >= 0 && (peers >> lane) == 1u) mine[k] += __popc(peers);
+    __syncwarp();
+  }
+  __syncthreads();
+
+  const bool dfast = prm.z_sd <= prm.z_sk;  // stage along channels (else along patches): coalesced reads
+  const int64_t sd = prm.z_sd, sk = prm.z_sk;
+  const float* const zb = prm.z + (int64_t)b * prm.z_sb;
+  float* const gzb = prm.grad_z + (int64_t)b * D * HW;
+  const float* const pl = prm.p + dc;  // pl[m D]: this lane's channel of p row m
+  const int per_warp = KT / kBwWarps;
+  for (int k0 = 0; k0 < HW; k0 += KT) {
+    const int kt = min(KT, HW - k0);
+    float* const zl = z_s + lane;  // zl[(k - k0) kAccStride]: patch k's row, this lane's channel
+    if (dfast) {  // lanes along channels
+      const bool ok = d0 + lane < D;
+      const float* const src = zb + (int64_t)(ok ? d0 + lane : 0) * sd + k0 * sk;
+#pragma unroll 4
+      for (int kl = w; kl < kt; kl += kBwWarps) copy_async(z_s + kl * kAccStride + lane, src + kl * sk, ok);
+    } else {  // lanes along patches
+      for (int dl = w; dl < 32; dl += kBwWarps) {
+        const bool ok = d0 + dl < D;
+        const float* const src = zb + (int64_t)(ok ? d0 + dl : 0) * sd + k0 * sk;
+#pragma unroll 4
+        for (int kl = lane; kl < kt; kl += 32) copy_async(z_s + kl * kAccStride + dl, src + kl * sk, ok);
+      }
+    }
+    async_commit();
+    async_wait<0>();
+    __syncthreads();
+    const int ka = min(k0 + w * per_warp, k0 + kt), kb = min(ka + per_warp, k0 + kt);
+    const int e_end = start[kb];
+    // Patch kc's sum so far; a patch change writes it over kc's z row (the first write may put 0 on a patch
+    // without winners, which the write-out ignores).
+    int kc = ka;
+    float zc = ka < kb ? zl[(ka - k0) * kAccStride] : 0.f, acc = 0.f;
+    auto visit = [&](const Winner& en, float pe) {
+      const int k = en.km >> 16;
+      if (k != kc) {  // warp-uniform
+        zl[(kc - k0) * kAccStride] = 2.f * acc;
+        kc = k;
+        zc = zl[(k - k0) * kAccStride];
+        acc = 0.f;
+      }
+      acc = fmaf(en.g, zc - pe, acc);
+    };
+    int e = start[ka];
+    for (; e + kGsBatch <= e_end; e += kGsBatch) {  // full batches: 8 p rows in flight
+      Winner en[kGsBatch];
+      float pe[kGsBatch];
+#pragma unroll
+      for (int j = 0; j < kGsBatch; ++j) en[j] = ent[e + j];
+#pragma unroll
+      for (int j = 0; j < kGsBatch; ++j) pe[j] = pl[(uint32_t)(en[j].km & 0xffff) * (uint32_t)D];
+#pragma unroll
+      for (int j = 0; j < kGsBatch; ++j) visit(en[j], pe[j]);
+    }
+    for (; e < e_end; ++e) {
+      const Winner en = ent[e];
+      visit(en, pl[(uint32_t)(en.km & 0xffff) * (uint32_t)D]);
+    }
+    if (ka < kb) zl[(kc - k0) * kAccStride] = 2.f * acc;
+    __syncthreads();
+    // Write the tile out: consecutive lanes write consecutive patches.
+    for (int dl = w; dl < 32 && d0 + dl < D; dl += kBwWarps) {
+      float* const dst = gzb + (int64_t)(d0 + dl) * HW + k0;
+      for (int kl = lane; kl < kt; kl += 32)  // a patch without winners still holds z: its gradient is 0
+        dst[kl] = start[k0 + kl + 1] > start[k0 + kl] ? z_s[kl * kAccStride + dl] : 0.f;
     }
     __syncthreads();
   }
@@ -428,9 +635,10 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
     }
     __syncthreads();  // buffer buf is refilled by the next iteration's issue
   }
+  const int mw = opaque(m0 + kGpPerWarp * w);  // recomputed here, not held from the p loads (spills at 80)
 #pragma unroll
   for (int j = 0; j < kGpPerWarp; ++j) {
-    const int m = m0 + kGpPerWarp * w + j;
+    const int m = mw + j;
     if (m < M && d_ok) prm.grad_p[(int64_t)m * D + d] = 2.f * acc[j];
   }
 }
@@ -441,7 +649,9 @@ __global__ void __launch_bounds__(kBwThreads, kBwMinBlocks) backward_kernel(cons
   PK_DYNAMIC_SMEM(smem);
   const unsigned i = blockIdx.x;
   if (i < l.gz_blocks) {
-    if (l.G == 1) {
+    if (l.gz_sorted) {
+      grad_z_sorted_block(prm, l, smem, (int)(i / l.d_slices), (int)(i % l.d_slices));
+    } else if (l.G == 1) {
       grad_z_block<1>(prm, l, smem, (int)(i / l.d_slices), (int)(i % l.d_slices));
     } else {
       grad_z_block<kGzGroup>(prm, l, smem, (int)(i / l.d_slices), (int)(i % l.d_slices));
@@ -470,6 +680,18 @@ inline BackwardLaunch backward_launch(const BackwardParams& prm) {
   const int passes = (prm.HW + per_pass - 1) / per_pass;
   l.KT = (prm.HW + passes - 1) / passes;                     // balanced passes (49 -> 25 + 24 at G = 2)
   l.seg = ((prm.M + kBwWarps - 1) / kBwWarps + 31) / 32 * 32;
+  // grad_z's sorted plan where the scanning plan would need several passes (it reads every prototype's (k, g)
+  // and pays its 32-prototype chunk overhead once per pass: at 14x14 and 28x28 most of grad_z's instructions)
+  // and the sorted plan's shared memory fits; in one pass the scanning plan issues fewer instructions per pair.
+  const int gs_passes = (prm.HW + kGsMaxKT - 1) / kGsMaxKT;
+  const int gs_kt = ((prm.HW + gs_passes - 1) / gs_passes + kBwWarps - 1) / kBwWarps * kBwWarps;
+  const int64_t gs = gs_smem_floats(prm.M, prm.HW, gs_kt);
+  l.gz_sorted = passes > 1 && prm.M <= 0xffff && prm.HW <= 0x7fff && (int64_t)prm.M * prm.D <= 0xffffffffLL &&
+                 sizeof(float) * gs <= kBwMaxSmem;
+  if (l.gz_sorted) {
+    l.G = 1;
+    l.KT = gs_kt;
+  }
   l.gz_blocks = (unsigned)((prm.B + l.G - 1) / l.G * l.d_slices);
   l.gp_stage = prm.HW <= kGpStageRows;
   int images = l.gp_stage ? kGpStageRows / prm.HW : kGpMaxImages;
@@ -477,7 +699,7 @@ inline BackwardLaunch backward_launch(const BackwardParams& prm) {
   const int fit = 0x7fffffff / prm.M;  // grad_p reads (g, k) at 32-bit offsets within a stage: images M < 2^31
   l.gp_images = images < fit ? images : (fit > 1 ? fit : 1);
   l.blocks = l.gz_blocks + (unsigned)((prm.M + kGpM - 1) / kGpM * l.d_slices);
-  const int gz = gz_smem_floats(l.G, l.KT);
+  const int gz = l.gz_sorted ? (int)gs : gz_smem_floats(l.G, l.KT);
   const int gp = 2 * gp_stage_floats(l.gp_images, l.gp_stage ? prm.HW : 0);
   l.smem = sizeof(float) * (size_t)(gz > gp ? gz : gp);
   return l;

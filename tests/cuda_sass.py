@@ -74,6 +74,19 @@ BACKWARD_PHASES = [
     ("grad_z pair, partial", "} else {  // some of the 16 prototypes win outside the pass"),
     ("grad_z chunk", "__syncthreads();"),
     ("grad_z sum + write", "// Sum the warps' accumulators"),
+    (None, "unsigned match_any(int v) {"),
+    ("grad_zs load", "void grad_z_sorted_block("),
+    ("grad_zs count", "// (2) counts per warp and patch"),
+    ("grad_zs scan", "// (3) the scan"),
+    ("grad_zs scatter", "// (4) the scatter"),
+    ("grad_zs stage", "for (int k0 = 0; k0 < HW; k0 += KT) {"),
+    ("grad_zs walk", "const int ka = min(k0 + w * per_warp"),
+    ("grad_zs flush", "if (k != kc) {  // warp-uniform"),
+    ("grad_zs walk", "acc = fmaf(en.g, zc - pe, acc);"),
+    (None, "for (int j = 0; j < kGsBatch; ++j) visit(en[j], pe[j]);"),  # the visit's own lines tell
+    ("grad_zs walk", "for (; e < e_end; ++e) {"),
+    ("grad_zs write", "// Write the tile out"),
+    (None, "// x, hidden from the optimiser"),
     ("grad_p setup", "void grad_p_block("),
     ("grad_p issue z", "auto issue = [&](int bs, int buf) {"),
     ("grad_p issue g, k", "async_commit();"),
@@ -306,10 +319,11 @@ def forward_z_copy(shape: dict, precision: str) -> int:
 def backward_launch(shape: dict) -> dict[str, int]:
     """csrc/backward.cuh backward_launch at ``shape`` (the launcher itself, through the emulator build)."""
     check = _check()
-    out = (ctypes.c_longlong * 8)()
+    out = (ctypes.c_longlong * 9)()
     prm = check.BackwardParams(B=shape["B"], D=shape["D"], HW=shape["HW"], M=shape["M"])
     _emulator(check).emu_backward_launch(ctypes.byref(prm), out)
-    return dict(zip(("blocks", "gz_blocks", "d_slices", "G", "KT", "seg", "gp_images", "gp_stage"), out))
+    return dict(zip(("blocks", "gz_blocks", "d_slices", "G", "KT", "seg", "gp_images", "gp_stage",
+                         "gz_sorted"), out))
 
 
 def forward_per_tile(ph: dict[str, PhaseCount], shape: dict, cand: dict) -> dict[str, float]:
@@ -345,17 +359,11 @@ def rescoring_per_candidate(per_tile: dict[str, float], cand: dict) -> float:
     return sum(v for k, v in per_tile.items() if k.startswith("(3)")) / max(cand["per_warp_tile"], 1e-9)
 
 
-def backward_per_warp(ph: dict[str, PhaseCount], shape: dict) -> dict[str, dict[str, float]]:
-    """Warp-instructions one warp issues in a grad_z block and in a grad_p block, by phase (backward.cuh's
-    launch at ``shape``, from backward_launch): grad_z: G images, passes of KT patches, chunks of 32
-    prototypes, one pair update per (image, prototype) (its winner lies in one pass; the per-pair tests of
-    losers, about 2 instructions each, are left out); grad_p: stages of NB images (per image, the 16-byte
-    copies of its z slice)."""
-    B, HW = shape["B"], shape["HW"]
-    launch = backward_launch(shape)
-    G, KT, seg = launch["G"], launch["KT"], launch["seg"]
-    if G != 1:
-        raise ValueError("the model counts grad_z_block<1>; the two-image instance is not modelled")
+def scanning_per_warp(ph: dict[str, PhaseCount], shape: dict, KT: int, seg: int) -> dict[str, float]:
+    """grad_z_block<1> (the scanning plan), per warp: passes of KT patches, chunks of 32 prototypes, one pair
+    update per (image, prototype) (its winner lies in one pass; the per-pair tests of losers, about 2
+    instructions each, are left out)."""
+    G, HW = 1, shape["HW"]
     passes = -(-HW // KT)
     rows = G * KT
     chunks = seg // 32
@@ -372,6 +380,49 @@ def backward_per_warp(ph: dict[str, PhaseCount], shape: dict) -> dict[str, dict[
         # updates (an upper bound: every half charged both ways); at one pass every prototype wins in it
         gz["grad_z rows, partial"] = ph["grad_z rows, partial"].executed(passes * chunks)
         gz["grad_z pair, partial"] = ph["grad_z pair, partial"].executed(1, "FFMA", 1, G * seg)
+    return gz
+
+
+def sorted_per_warp(ph: dict[str, PhaseCount], shape: dict, KT: int, seg: int) -> dict[str, float]:
+    """grad_z_sorted_block, per warp: (1) ceil(M / 1024) rounds of 4 prototypes per thread; (2) and (4) seg /
+    32 chunks of the warp's prototypes (one MATCH each); (3) warp 0's scan, ceil(HW / 32) steps (charged
+    1 / 8 per warp); passes of KT patches: KT / 8 copies per thread, the walk over M / 8 winners per warp in
+    batches of 8 (the tail of fewer left out), a flush per patch (one of its 9 copies), 4 rows of ceil(KT / 32) stores."""
+    M, HW = shape["M"], shape["HW"]
+    passes = -(-HW // KT)
+
+    def loop(name, marker, iters, runs=1.0):
+        pc = ph[name]
+        return pc.executed(runs, marker, pc.count(marker, pc.loop or pc.opcodes), iters)
+
+    return {
+        "grad_zs load": loop("grad_zs load", "LDG", -(-M // (4 * kWarps * 32))),
+        "grad_zs count": loop("grad_zs count", "MATCH", seg / 32),
+        "grad_zs scan": loop("grad_zs scan", "SHFL", -(-HW // 32) / kWarps),
+        "grad_zs scatter": loop("grad_zs scatter", "MATCH", seg / 32),
+        "grad_zs stage": ph["grad_zs stage"].executed(passes, "LDGSTS", 1, -(-KT // kWarps)),
+        "grad_zs walk": loop("grad_zs walk", "FFMA", M / kWarps / 8),
+        "grad_zs flush": ph["grad_zs flush"].hot / 9 * HW / kWarps,  # once per patch (9 copies: batch and tail)
+        "grad_zs write": ph["grad_zs write"].executed(passes, "STG", 1, 4 * -(-KT // 32)),
+    }
+
+
+def backward_per_warp(ph: dict[str, PhaseCount], shape: dict) -> dict[str, dict[str, float]]:
+    """Warp-instructions one warp issues in a grad_z block and in a grad_p block, by phase (backward.cuh's
+    launch at ``shape``, from backward_launch): grad_z: G images, passes of KT patches, chunks of 32
+    prototypes, one pair update per (image, prototype) (its winner lies in one pass; the per-pair tests of
+    losers, about 2 instructions each, are left out); grad_p: stages of NB images (per image, the 16-byte
+    copies of its z slice)."""
+    B, HW = shape["B"], shape["HW"]
+    launch = backward_launch(shape)
+    G, KT, seg = launch["G"], launch["KT"], launch["seg"]
+    if launch["gz_sorted"]:
+        gz = sorted_per_warp(ph, shape, KT, seg)
+    elif G != 1:
+        raise ValueError("the model counts grad_z_block<1>; the two-image instance is not modelled")
+    else:
+        gz = scanning_per_warp(ph, shape, KT, seg)
+    passes, chunks = -(-HW // KT), seg // 32
     NB = launch["gp_images"]
     stages = -(-B // NB)
     gp = {

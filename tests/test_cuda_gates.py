@@ -241,6 +241,16 @@ def test_cuda_sass_phases(tmp_path):
     pairs = bw["launch"]["G"] * bw["launch"]["chunks"] * 32
     assert bw["grad_z"]["grad_z pair"] <= 8.5 * pairs, (bw["grad_z"]["grad_z pair"] / pairs, ph["grad_z pair"].opcodes)
     assert min(bw["grad_z"].values()) > 0 and min(bw["grad_p"].values()) > 0
+    # at (32, 512, 28x28, 2000) grad_z sorts the image's winners by patch once per block: its walk issues < 13
+    # instructions per winner (LDS.64 of {k m, g}, the p row's address and load, FADD, FFMA, the patch test; the
+    # tail batch and the patch changes apart), and the block is under a third of the scanning plan's, whose 14
+    # passes each re-read every prototype's (k, g) (249 -> 40 us of issue floor by this model)
+    big = {"B": 32, "D": 512, "HW": 784, "M": 2000}
+    bw_big = cuda_sass.backward_per_warp(ph, big)
+    assert (bw_big["launch"]["KT"], bw_big["launch"]["passes"]) == (200, 4), bw_big["launch"]
+    assert bw_big["grad_z"]["grad_zs walk"] < 13 * big["M"] / 8, (bw_big["grad_z"], ph["grad_zs walk"].loop)
+    scanning = cuda_sass.scanning_per_warp(ph, big, KT=56, seg=256)
+    assert sum(bw_big["grad_z"].values()) < sum(scanning.values()) / 3, (bw_big["grad_z"], scanning)
     assert cuda_sass.forward_launch(cuda_sass.CUB, 132) == (True, 5, 256)  # forward.cuh forward_launch
     # the CUB launch (NCHW 7x7 z, 16-byte aligned) stages z densely at "high" and "medium" (16-byte copies only,
     # asserted above for kZDense), by 4-byte copies at "highest"; the budget counts those variants

@@ -335,6 +335,7 @@ CASES = [
     (2, 36, 196, 70, "contiguous"),  # 16-byte copies of z (14 x 14) and p (D % 4 == 0)
     (2, 40, 67, 20, "padded_k"),  # 16-byte copies of z with a partial last chunk (67 = 16 x 4 + 3)
     (2, 36, 196, 30, "misaligned"),  # 4-byte fallback for z, 16-byte copies of p
+    (1, 8, 100, 5000, "contiguous"),  # grad_z scanning plan in two passes (the sorted plan does not fit)
 ]
 
 
@@ -440,6 +441,20 @@ def check_backward_copy_paths(lib) -> str | None:
     return None
 
 
+def check_backward_plans(lib) -> str | None:
+    """grad_z's plan (backward.cuh backward_launch): the sorted one (winners sorted by patch once per block)
+    where the scanning plan would need several passes of patches and the sorted plan's shared memory fits,
+    the scanning one otherwise (the CUB shape, many prototypes). None if the launcher picks as expected."""
+    expect = {(80, 128, 49, 2000): 0, (64, 128, 49, 10000): 0, (128, 256, 196, 2000): 1, (32, 512, 784, 2000): 1,
+              (2, 36, 196, 70): 1, (1, 8, 100, 5000): 0, (2, 4, 100, 70000): 0}
+    out = (ctypes.c_longlong * 9)()
+    for (B, D, HW, M), sorted_plan in expect.items():
+        lib.emu_backward_launch(ctypes.byref(BackwardParams(B=B, D=D, HW=HW, M=M)), out)
+        if out[8] != sorted_plan:
+            return f"{(B, D, HW, M)}: gz_sorted = {out[8]}, expected {sorted_plan}"
+    return None
+
+
 def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = True) -> bool:
     """Every case at every search precision (gradients once: the backward does not depend on it), the
     adversarial cases, bit-identity across precisions, the certification bound on every searched pair; with
@@ -483,6 +498,8 @@ def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = Tru
         report("dense 7x7 NCHW z staging (MMA), 4-byte when misaligned, same bits", err is None, err or "")
         err = check_backward_copy_paths(lib)
         report("backward: 16-byte z staging where aligned, 4-byte fallback, same bits", err is None, err or "")
+        err = check_backward_plans(lib)
+        report("backward: grad_z sorted by patch where the scan needs passes", err is None, err or "")
         for precision in precisions:
             err = check_bound(lib, precision)
             report(f"{precision:8} certification bound holds and is tight", err is None, err or "")

@@ -176,6 +176,7 @@ int main() {
   run_case(5, 20, 49, 70, false);    // backward: image pairs and a single, grad_p stages of 5 images
   run_case(3, 128, 49, 130, true);   // CUB tile configuration, several images per block
   run_case(12, 20, 49, 70, true);    // grad_p: 3 stages of 5 images (double-buffer reuse); 6 grad_z pairs
+  run_case(2, 24, 81, 300, false);   // grad_z sorted by patch (81 > one scanning pass), 5 warps' prototypes
   expect(emu_errors() == 0, "no cp.async group left in flight", 0, 0, 0, 0);
   std::printf(failures == 0 ? "sanitized emulator: all checks passed\n" : "sanitized emulator: %d failures\n",
               failures);
