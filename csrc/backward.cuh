@@ -16,8 +16,8 @@
 //                  lane; z[b]'s 32-channel slice of several images at a time is staged in shared memory
 //                  (cp.async, double-buffered, z's own strides: 16-byte copies where z lies in aligned runs)
 //                  with their (g, k), and b is summed in increasing order in registers. Above kGpStageRows
-//                  patches z is gathered from global.
-// z is read with its own strides (no channels-innermost copy). Fixed-order sums, no float atomics: the
+//                  patches z is gathered from global (channels innermost: the op passes such a copy).
+// z is read with its own strides (no copy up to kGpStageRows patches). Fixed-order sums, no float atomics: the
 // backward is bitwise deterministic.
 
 #pragma once
@@ -48,7 +48,7 @@ constexpr int kGzRows = 60;   // accumulator rows per warp: G x KT <= kGzRows (3
 constexpr int kGpM = 64;                     // prototypes per grad_p block
 constexpr int kGpPerWarp = kGpM / kBwWarps;  // 8, one register accumulator each
 constexpr int kGpMaxImages = 8;              // images per grad_p stage (at most)
-constexpr int kGpStageRows = 256;            // staged patch rows per stage: images x HW <= this
+constexpr int kGpStageRows = kBackwardStagedPatches;  // staged patch rows per stage: images x HW <= this
 
 struct BackwardLaunch {
   unsigned blocks;     // grid size (1-D)

@@ -36,8 +36,12 @@ struct ForwardParams {
   int precision;  // kSearch*
 };
 
-// Backward: z is (B, D, HW) float32 with arbitrary element strides (staged as they are, no copy);
-// all (B, M) tensors and p are contiguous; grad_z is written (B, D, HW) contiguous.
+// Backward: z is (B, D, HW) float32 with arbitrary element strides (staged as they are); all (B, M) tensors
+// and p are contiguous; grad_z is written (B, D, HW) contiguous. Above kBackwardStagedPatches patches grad_p
+// gathers each winner's 32-channel run of z from global memory, one 32-byte sector per element unless the
+// channels are innermost: protokern.cpp then passes a channels-innermost copy of z (one read and write of z
+// against 8x the gathered bytes).
+constexpr int kBackwardStagedPatches = 256;
 struct BackwardParams {
   const float* grad_similarity;
   const float* grad_min_distances;

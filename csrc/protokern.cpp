@@ -165,13 +165,16 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_similari
   at::Tensor grad_z = at::empty({B, D, HW}, z.options());
   at::Tensor grad_p = at::empty({M, D}, p.options());
 
+  // z is read with its own strides (backward.cuh stages it), except where grad_p gathers it (params.h).
+  const at::Tensor zg =
+      HW > kBackwardStagedPatches && z.stride(1) != 1 ? z.transpose(1, 2).contiguous().transpose(1, 2) : z;
   BackwardParams prm{};
   prm.grad_similarity = gs.data_ptr<float>();
   prm.grad_min_distances = gm.data_ptr<float>();
-  prm.z = z.data_ptr<float>();  // read with its own strides (backward.cuh stages it)
-  prm.z_sb = z.stride(0);
-  prm.z_sd = z.stride(1);
-  prm.z_sk = z.stride(2);
+  prm.z = zg.data_ptr<float>();
+  prm.z_sb = zg.stride(0);
+  prm.z_sd = zg.stride(1);
+  prm.z_sk = zg.stride(2);
   prm.p = pc.data_ptr<float>();
   prm.patch_index = idx.data_ptr<int64_t>();
   prm.min_distances = md.data_ptr<float>();

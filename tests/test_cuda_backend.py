@@ -72,12 +72,14 @@ def check_against_reference(z, p, *, grad_tol=1e-4, grad_tol_z=None):
 
 
 # (B, D, H, W, M): H=W=1; 7x7; 14x14; 17x19 (HW = 323: several patch tiles, not a power of two) with
-# D=67 (not a multiple of the channel stage); D=512; M=1; B=1 with M=2000.
+# D=67 (not a multiple of the channel stage); 28x28 (grad_z sorted by patch in 4 passes, grad_p gathering z
+# from its channels-innermost copy); D=512; M=1; B=1 with M=2000.
 SHAPES = [
     (2, 128, 1, 1, 10),
     (3, 128, 7, 7, 200),
     (2, 128, 14, 14, 100),
     (2, 67, 17, 19, 150),
+    (2, 64, 28, 28, 300),
     (2, 512, 7, 7, 130),
     (4, 32, 7, 7, 1),
     (1, 128, 7, 7, 2000),
@@ -214,9 +216,11 @@ def test_nan_propagates(cuda_backend, precision):
 
 @gpu
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_backward_is_deterministic(cuda_backend, layout):
-    """Many prototypes share each winning patch: any float atomics would show as bit differences."""
-    z = make_z(16, 128, 7, 7, layout).requires_grad_()
+@pytest.mark.parametrize("hw", [7, 28])
+def test_backward_is_deterministic(cuda_backend, layout, hw):
+    """Many prototypes share each winning patch: any float atomics would show as bit differences (7x7: the
+    scanning grad_z; 28x28: the sorted one)."""
+    z = make_z(16, 128, hw, hw, layout).requires_grad_()
     p = torch.rand(2000, 128, device="cuda", requires_grad=True)
     grads = []
     for _ in range(3):
@@ -227,12 +231,12 @@ def test_backward_is_deterministic(cuda_backend, layout):
 
 
 @gpu
-@pytest.mark.parametrize("shape", [(3, 128, 7, 7, 300), (2, 36, 14, 14, 70)], ids=str)
+@pytest.mark.parametrize("shape", [(3, 128, 7, 7, 300), (2, 36, 14, 14, 70), (2, 40, 17, 19, 70)], ids=str)
 def test_layout_and_alignment_free(cuda_backend, shape):
     """Same values, different memory: the forward's 16-byte cp.async path (aligned z with stride_k == 1, p with
     D % 4 == 0) and its 4-byte fallback (views one float past alignment) give the same bits at every
-    precision; the one-launch backward, which stages z with its own strides, gives the same gradient bits
-    for every layout."""
+    precision; the one-launch backward, which stages z with its own strides (above 256 patches: gathers it from
+    a channels-innermost copy), gives the same gradient bits for every layout."""
     B, D, H, W, M = shape
     z3 = torch.rand(B, D, H * W, device="cuda")
     p = torch.rand(M, D, device="cuda")
