@@ -79,13 +79,16 @@ constexpr int kGzMaxFloats = gz_smem_floats(1, kGzRows);  // G x KT <= kGzRows
 constexpr int kGpMaxFloats = 2 * gp_stage_floats(kGpMaxImages, kGpStageRows / kGpMaxImages);  // images x HW <= 256
 constexpr size_t kBwMaxSmem = sizeof(float) * (kGzMaxFloats > kGpMaxFloats ? kGzMaxFloats : kGpMaxFloats);
 
-// grad_z, sorted plan: the image's winners {k << 16 | m, g} sorted by patch (2 M floats), start[0..HW] (HW + 1 ints), then
-// a region that holds first the sort's scratch (k and g per prototype, counts per warp and patch) and then the
-// z tile (KT rows of kAccStride). At most kGsMaxKT patches per pass.
+// grad_z, sorted plan: the image's winners {k << 16 | m, g} sorted by patch (2 M floats), start[0..HW] (HW + 1
+// ints) and the scan's 8 per-warp totals, then a region that holds first the sort's scratch (k and g per
+// prototype, counts per warp and patch) and then the z tile (KT rows of kAccStride). At most kGsMaxKT patches
+// per pass.
 constexpr int kGsMaxKT = 256;
 constexpr int kGsLoads = 4;   // prototypes per thread whose (k, g) inputs are in flight at once
 constexpr int kGsBatch = 8;   // winners whose p rows are in flight at once
-__host__ __device__ constexpr int64_t gs_scratch_offset(int64_t M, int HW) { return (2 * M + HW + 1 + 3) / 4 * 4; }
+__host__ __device__ constexpr int64_t gs_scratch_offset(int64_t M, int HW) {
+  return (2 * M + HW + 1 + kBwWarps + 3) / 4 * 4;
+}
 __host__ __device__ constexpr int64_t gs_smem_floats(int64_t M, int HW, int KT) {
   return gs_scratch_offset(M, HW) + (2 * M + kBwWarps * HW > KT * kAccStride ? 2 * M + kBwWarps * HW : KT * kAccStride);
 }
@@ -255,8 +258,8 @@ __device__ __forceinline__ unsigned match_any(int v) {
 //  (1) k and g of every prototype into shared memory (all threads, 4 loads in flight each);
 //  (2) warp w counts its prototypes [w seg, (w + 1) seg) per patch, 32 at a time (the last lane of each group
 //      of equal k adds the group's size);
-//  (3) start[k] = winners of the patches before k (a scan over the patches), and warp w's first slot in patch
-//      k = start[k] + counts of the warps before w;
+//  (3) start[k] = winners of the patches before k (a scan over the patches, each warp a run of them), and
+//      warp w's first slot in patch k = start[k] + counts of the warps before w;
 //  (4) each warp writes its {k << 16 | m, g} there in increasing m (rank in a chunk: the lanes below with the
 //      same k).
 // Then passes of KT patches: the z tile is staged (rows of kAccStride, z's own strides), warp w walks the
@@ -274,6 +277,7 @@ __device__ __forceinline__ void grad_z_sorted_block(const BackwardParams& prm, c
   const int d0 = slice * 32, dc = min(d0 + lane, D - 1);  // lanes past D read channel D - 1 (never written)
   Winner* const ent = reinterpret_cast<Winner*>(smem);
   int* const start = reinterpret_cast<int*>(smem + 2 * M);
+  int* const runs = start + HW + 1;  // the scan's per-warp totals
   float* const scratch = smem + gs_scratch_offset(M, HW);
   int* const kk = reinterpret_cast<int*>(scratch);
   float* const gg = scratch + M;
@@ -330,21 +334,30 @@ __device__ __forceinline__ void grad_z_sorted_block(const BackwardParams& prm, c
     start[k] = s;
   }
   __syncthreads();
-  if (w == 0) {
+  {  // exclusive scan of start[0..HW): warp w scans its run of patches, then each run adds the runs before it
+    const int run = (HW + kBwWarps * 32 - 1) / (kBwWarps * 32) * 32;
+    const int k_end = min(HW, (w + 1) * run);
     int carry = 0;
-    for (int k0 = 0; k0 < HW; k0 += 32) {
+    for (int k0 = w * run; k0 < k_end; k0 += 32) {
       const int k = k0 + lane;
-      const int v = k < HW ? start[k] : 0;
+      const int v = k < k_end ? start[k] : 0;
       int x = v;  // inclusive scan over the lanes
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
         const int y = __shfl_up_sync(kFullMask, x, o);
         if (lane >= o) x += y;
       }
-      if (k < HW) start[k] = carry + x - v;
+      if (k < k_end) start[k] = carry + x - v;
       carry += __shfl_sync(kFullMask, x, 31);
     }
-    if (lane == 0) start[HW] = carry;  // M
+    if (lane == 0) runs[w] = carry;
+    __syncthreads();
+    for (int k = tid; k <= HW; k += kBwThreads) {
+      const int r = k < HW ? k / run : kBwWarps;  // start[HW] = all of them (M)
+      int before = 0;
+      for (int ww = 0; ww < r; ++ww) before += runs[ww];
+      start[k] = (k < HW ? start[k] : 0) + before;
+    }
   }
   __syncthreads();
   // (4) the scatter

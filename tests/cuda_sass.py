@@ -385,8 +385,8 @@ def scanning_per_warp(ph: dict[str, PhaseCount], shape: dict, KT: int, seg: int)
 
 def sorted_per_warp(ph: dict[str, PhaseCount], shape: dict, KT: int, seg: int) -> dict[str, float]:
     """grad_z_sorted_block, per warp: (1) ceil(M / 1024) rounds of 4 prototypes per thread; (2) and (4) seg /
-    32 chunks of the warp's prototypes (one MATCH each); (3) warp 0's scan, ceil(HW / 32) steps (charged
-    1 / 8 per warp); passes of KT patches: KT / 8 copies per thread, the walk over M / 8 winners per warp in
+    32 chunks of the warp's prototypes (one MATCH each); (3) the scan, each warp ceil(HW / 256) steps of 32
+    patches; passes of KT patches: KT / 8 copies per thread, the walk over M / 8 winners per warp in
     batches of 8 (the tail of fewer left out), a flush per patch (one of its 9 copies), 4 rows of ceil(KT / 32) stores."""
     M, HW = shape["M"], shape["HW"]
     passes = -(-HW // KT)
@@ -398,7 +398,7 @@ def sorted_per_warp(ph: dict[str, PhaseCount], shape: dict, KT: int, seg: int) -
     return {
         "grad_zs load": loop("grad_zs load", "LDG", -(-M // (4 * kWarps * 32))),
         "grad_zs count": loop("grad_zs count", "MATCH", seg / 32),
-        "grad_zs scan": loop("grad_zs scan", "SHFL", -(-HW // 32) / kWarps),
+        "grad_zs scan": loop("grad_zs scan", "SHFL", -(-HW // (32 * kWarps))),
         "grad_zs scatter": loop("grad_zs scatter", "MATCH", seg / 32),
         "grad_zs stage": ph["grad_zs stage"].executed(passes, "LDGSTS", 1, -(-KT // kWarps)),
         "grad_zs walk": loop("grad_zs walk", "FFMA", M / kWarps / 8),

@@ -244,7 +244,7 @@ def test_cuda_sass_phases(tmp_path):
     # at (32, 512, 28x28, 2000) grad_z sorts the image's winners by patch once per block: its walk issues < 13
     # instructions per winner (LDS.64 of {k m, g}, the p row's address and load, FADD, FFMA, the patch test; the
     # tail batch and the patch changes apart), and the block is under a third of the scanning plan's, whose 14
-    # passes each re-read every prototype's (k, g) (249 -> 40 us of issue floor by this model)
+    # passes each re-read every prototype's (k, g) (249 -> 44 us of issue floor by this model)
     big = {"B": 32, "D": 512, "HW": 784, "M": 2000}
     bw_big = cuda_sass.backward_per_warp(ph, big)
     assert (bw_big["launch"]["KT"], bw_big["launch"]["passes"]) == (200, 4), bw_big["launch"]

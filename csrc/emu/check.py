@@ -336,6 +336,7 @@ CASES = [
     (2, 40, 67, 20, "padded_k"),  # 16-byte copies of z with a partial last chunk (67 = 16 x 4 + 3)
     (2, 36, 196, 30, "misaligned"),  # 4-byte fallback for z, 16-byte copies of p
     (1, 8, 100, 5000, "contiguous"),  # grad_z scanning plan in two passes (the sorted plan does not fit)
+    (1, 8, 2000, 50, "channels_last"),  # grad_z sorted by patch in 8 passes; the scan's runs on all 8 warps
 ]
 
 
