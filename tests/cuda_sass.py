@@ -8,8 +8,9 @@ tests/kernels/sm90_gate.py in tests/sass.py) and sums the instructions of each k
 * forward_kernel: prologue, pipeline (the loop's copies, waits and index math), the search step, norms,
   (1) threshold (visit + reduction), (2) flags, (3) rescoring (compaction of the flags into a list, and per
   round of 8 candidates: entry, exact distance set-up and butterfly, channel loop, partial chunk, fold), outputs;
-* backward_kernel: grad_z pass set-up, clear, stage z, chunk overhead, per-pair update, sum + write;
-  grad_p set-up, stage loop, issue z, issue (g, k), per-image update, store.
+* backward_kernel: grad_z pass set-up, clear, stage z, chunk overhead, per-pair update, sum + write (the
+  scanning plan); grad_zs load, count, scan, scatter, stage, walk, flush, write (the sorted plan of maps that
+  need several scanning passes); grad_p set-up, stage loop, issue z, issue (g, k), per-image update, store.
 
 An instruction belongs to the phase of the outermost frame of its inline stack that lies in a phase's source
 range (a phase runs from its anchor line in the source to the next anchor), so code inlined from helpers
@@ -385,15 +386,16 @@ def scanning_per_warp(ph: dict[str, PhaseCount], shape: dict, KT: int, seg: int)
 
 def sorted_per_warp(ph: dict[str, PhaseCount], shape: dict, KT: int, seg: int) -> dict[str, float]:
     """grad_z_sorted_block, per warp: (1) ceil(M / 1024) rounds of 4 prototypes per thread; (2) and (4) seg /
-    32 chunks of the warp's prototypes (one MATCH each); (3) the scan, each warp ceil(HW / 256) steps of 32
-    patches; passes of KT patches: KT / 8 copies per thread, the walk over M / 8 winners per warp in
-    batches of 8 (the tail of fewer left out), a flush per patch (one of its 9 copies), 4 rows of ceil(KT / 32) stores."""
+    32 chunks of the warp's prototypes (one MATCH each); (3) the scan, ceil(HW / 256) steps of 32 patches per
+    warp (an upper bound: every instruction of its three loops charged per step); passes of KT patches: KT /
+    8 copies per thread, the walk over M / 8 winners per warp in batches of 8 (the tail of fewer left out),
+    a flush per patch (one of its 9 copies), 4 rows of ceil(KT / 32) stores."""
     M, HW = shape["M"], shape["HW"]
     passes = -(-HW // KT)
 
-    def loop(name, marker, iters, runs=1.0):
+    def loop(name, marker, iters):  # the phase's loops `iters` times, the rest once
         pc = ph[name]
-        return pc.executed(runs, marker, pc.count(marker, pc.loop or pc.opcodes), iters)
+        return pc.executed(1.0, marker, pc.count(marker, pc.loop or pc.opcodes), iters)
 
     return {
         "grad_zs load": loop("grad_zs load", "LDG", -(-M // (4 * kWarps * 32))),
@@ -409,10 +411,8 @@ def sorted_per_warp(ph: dict[str, PhaseCount], shape: dict, KT: int, seg: int) -
 
 def backward_per_warp(ph: dict[str, PhaseCount], shape: dict) -> dict[str, dict[str, float]]:
     """Warp-instructions one warp issues in a grad_z block and in a grad_p block, by phase (backward.cuh's
-    launch at ``shape``, from backward_launch): grad_z: G images, passes of KT patches, chunks of 32
-    prototypes, one pair update per (image, prototype) (its winner lies in one pass; the per-pair tests of
-    losers, about 2 instructions each, are left out); grad_p: stages of NB images (per image, the 16-byte
-    copies of its z slice)."""
+    launch at ``shape``, from backward_launch): grad_z by the launch's plan (scanning_per_warp or
+    sorted_per_warp); grad_p: stages of NB images (per image, the 16-byte copies of its z slice)."""
     B, HW = shape["B"], shape["HW"]
     launch = backward_launch(shape)
     G, KT, seg = launch["G"], launch["KT"], launch["seg"]
