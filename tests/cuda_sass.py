@@ -1,7 +1,8 @@
 """Static issue budget of the CUDA kernels (csrc/, issue 9), offline for sm_90, no GPU.
 
-``python -m tests.cuda_sass [--json]`` compiles csrc/forward.cu and csrc/backward.cu for sm_90 with
--lineinfo (the ptxas gate's command: tests/test_cuda_gates.py::ptxas_report), disassembles the cubins with
+``python -m tests.cuda_sass [--json] [--shape B,D,HW,M]`` (default: the CUB shape) compiles csrc/forward.cu
+and csrc/backward.cu for sm_90 with -lineinfo (the ptxas gate's command:
+tests/test_cuda_gates.py::ptxas_report), disassembles the cubins with
 ``nvdisasm -gi`` (source line and inline stack of every SASS instruction; parsing shared with
 tests/kernels/sm90_gate.py in tests/sass.py) and sums the instructions of each kernel variant by phase:
 
@@ -446,7 +447,9 @@ def floor_us(warp_instructions_per_sm: float, gpu: dict = H200) -> float:
 
 
 def budget(kernels: dict, shape: dict = CUB, gpu: dict = H200, cand_B: int = 4, cand_M: int = 256) -> dict:
-    """The static issue budget at ``shape``: per precision and forward plan, and for the backward."""
+    """The static issue budget at ``shape``: per precision and forward plan, and for the backward. Maps of
+    several patch tiles (HW > 64) charge every tile a first tile's candidates (statistics of one 64-patch
+    tile): an upper bound for the rescoring, whose running threshold leaves later tiles fewer."""
     resident, ipb, blocks = forward_launch(shape, gpu["sms"])
     plans = {"p-resident" if resident else "streaming": (resident, ipb, blocks)}
     grid_x = -(-shape["M"] // kBM)
@@ -454,7 +457,7 @@ def budget(kernels: dict, shape: dict = CUB, gpu: dict = H200, cand_B: int = 4, 
     tiles = -(-shape["HW"] // kBK)
     out = {"shape": shape, "gpu": gpu, "forward": {}, "backward": {}}
     for precision, search in PRECISIONS.items():
-        cand = candidate_stats(precision, B=cand_B, M=cand_M, HW=shape["HW"], D=shape["D"])
+        cand = candidate_stats(precision, B=cand_B, M=cand_M, HW=min(shape["HW"], kBK), D=shape["D"])
         for plan, (res, ipb_, blocks_) in plans.items():
             name = f"forward_kernel<{forward_z_copy(shape, precision)}, {search}, {str(res).lower()}>"
             _, ph, facts = kernels[name]
@@ -488,9 +491,12 @@ def budget(kernels: dict, shape: dict = CUB, gpu: dict = H200, cand_B: int = 4, 
 
 
 def main(argv: list[str]) -> int:
+    shape = CUB
+    if "--shape" in argv:  # --shape B,D,HW,M
+        shape = dict(zip(("B", "D", "HW", "M"), map(int, argv[argv.index("--shape") + 1].split(","))))
     with tempfile.TemporaryDirectory() as tmp:
         kernels = compile_kernels(Path(tmp))
-    result = budget(kernels)
+    result = budget(kernels, shape)
     if "--json" in argv:
         print(json.dumps(result, indent=1, default=str))
         return 0
