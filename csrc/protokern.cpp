@@ -36,6 +36,11 @@ std::string num(double v) {
   return buf;
 }
 
+// z (B, D, HW) with its channels innermost (stride_d = 1): z itself if they already are, else a copy.
+at::Tensor channels_innermost(const at::Tensor& z) {
+  return z.stride(1) == 1 ? z : z.transpose(1, 2).contiguous().transpose(1, 2);
+}
+
 // "(2, 8, 5)"
 std::string shape_str(const at::Tensor& t) {
   std::string s = "(";
@@ -107,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& z,
   if (B == 0 || M == 0) return {similarity, min_distances, patch_index};
 
   // A channel stride past kMaxForwardZsd (params.h): a channels-innermost copy (stride_d = 1).
-  const at::Tensor zf = z.stride(1) < kMaxForwardZsd ? z : z.transpose(1, 2).contiguous().transpose(1, 2);
+  const at::Tensor zf = z.stride(1) < kMaxForwardZsd ? z : channels_innermost(z);
   ForwardParams prm{};
   prm.z = zf.data_ptr<float>();
   prm.z_sb = zf.stride(0);
@@ -166,8 +171,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_similari
   at::Tensor grad_p = at::empty({M, D}, p.options());
 
   // z is read with its own strides (backward.cuh stages it), except where grad_p gathers it (params.h).
-  const at::Tensor zg =
-      HW > kBackwardStagedPatches && z.stride(1) != 1 ? z.transpose(1, 2).contiguous().transpose(1, 2) : z;
+  const at::Tensor zg = HW > kBackwardStagedPatches ? channels_innermost(z) : z;
   BackwardParams prm{};
   prm.grad_similarity = gs.data_ptr<float>();
   prm.grad_min_distances = gm.data_ptr<float>();
