@@ -402,6 +402,14 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   // p rows by 16-byte copies when D % 4 == 0 and p is 16-byte aligned (uniform over the launch), else 4-byte
   // ones; z by the path kZ.
   const bool p_vec = D % 4 == 0 && (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+  // The streaming plan's 16-byte p copies: this thread's chunks are prototypes pml + 32 i (the first p_rows
+  // of them exist), channels pdd.. of each stage; their addresses are p_chunk + d0 + i * p_chunk_step, so a
+  // stage pays no row products (they had been a third of its pipeline's instructions, NOTES v12).
+  static_assert(kThreads / 8 == 32, "the p copies' thread map");
+  const int pml = tid >> 3, pdd = 4 * (tid & 7);
+  const int p_rows = max(0, min(kPChunks, (M - m0 - pml + 31) / 32));
+  const float* const p_chunk = p + (int64_t)(p_rows > 0 ? m0 + pml : 0) * D + pdd;
+  const int64_t p_chunk_step = 32 * (int64_t)D;
   const int n_d = (D + kDC - 1) / kDC;
   const int n_iter = n_d * ((HW + kBK - 1) / kBK) * min(ipb, prm.B - b0);  // (image, patch tile, stage) steps
   // This thread's z copies of a stage: the i-th from the stage's origin + zoff + i * zstep (elements), to
@@ -445,19 +453,19 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     const float* const zb = s.zimg;
     if constexpr (!kResident) {
       float* const ps = st;
-      if (p_vec) {  // chunk c = tid + 256 i: prototype c / 8, channels 4 (c % 8).. (8 threads per 128-byte row)
+      if (p_vec) {  // chunk c = tid + 256 i: prototype c / 8 = pml + 32 i, channels pdd.. of the stage
+        const int rows = d0 + pdd < D ? p_rows : 0;  // whole chunks or none: D % 4 == 0
+        const float* const src = p_chunk + d0;
 #pragma unroll
-        for (int i = 0; i < kPChunks; ++i) {
-          const int c = tid + kThreads * i, ml = c >> 3, dd = 4 * (c & 7);
-          const int n = m0 + ml < M ? max(0, min(4, D - d0 - dd)) : 0;
-          copy_async16(&ps[ml * kPs + dd], n > 0 ? p + (int64_t)(m0 + ml) * D + d0 + dd : p, n);
-        }
-      } else {  // warp w copies prototypes w + 8 i, one channel per lane
-#pragma unroll
-        for (int i = 0; i < kPLoads; ++i) {
-          const int ml = warp + 8 * i, d = d0 + lane;
-          const bool ok = d < D && m0 + ml < M;
-          copy_async(&ps[ml * kPs + lane], ok ? p + (int64_t)(m0 + ml) * D + d : p, ok);
+        for (int i = 0; i < kPChunks; ++i)
+          copy_async16_whole(&ps[(pml + 32 * i) * kPs + pdd], i < rows ? src + i * p_chunk_step : p, i < rows);
+      } else {  // warp w copies prototypes w + 8 i, one channel per lane (D % 4 != 0 or unaligned p: a loop)
+        const bool in_d = d0 + lane < D;
+        const float* src = p + (int64_t)(m0 + warp) * D + d0 + lane;
+#pragma unroll 1
+        for (int i = 0; i < kPLoads; ++i, src += 8 * D) {
+          const bool ok = in_d && m0 + warp + 8 * i < M;
+          copy_async(&ps[(warp + 8 * i) * kPs + lane], ok ? src : p, ok);
         }
       }
     }

@@ -107,7 +107,15 @@ BACKWARD_PHASES = [
     ("grad_p other layouts", "grad_p_block<kGpNhwc>(prm"),
     (None, "inline BackwardLaunch backward_launch("),
 ]
-SOURCES = {"forward.cu": ("forward.cuh", FORWARD_PHASES), "backward.cu": ("backward.cuh", BACKWARD_PHASES)}
+# (phase, outer phase, first anchor, end anchor): code of the lines from the first anchor's to the line before the
+# end anchor's, inlined where the outer phase calls it, counts in `phase` instead (rare paths a phase's calls
+# inline, which the model does not charge)
+FORWARD_INNER = [
+    # the streaming plan's 4-byte p copies, for D % 4 != 0 or unaligned p (the issue lambda's, in the prologue's lines)
+    ("pipeline, p fallback", "pipeline", "} else {  // warp w copies prototypes w + 8 i", "const float* src = s.zst + zoff;"),
+]
+SOURCES = {"forward.cu": ("forward.cuh", FORWARD_PHASES, FORWARD_INNER),
+           "backward.cu": ("backward.cuh", BACKWARD_PHASES, [])}
 
 
 def phase_lines(path: Path, table: list[tuple[str | None, str]]) -> dict[int, str | None]:
@@ -129,10 +137,27 @@ def phase_lines(path: Path, table: list[tuple[str | None, str]]) -> dict[int, st
     return out
 
 
-def phase_of(stack, file: str, lines: dict[int, str | None]) -> str:
-    """The phase of an instruction: its outermost non-transparent frame in `file` that a phase covers."""
-    for f, line in stack:
+def inner_lines(path: Path, table: list[tuple[str, str, str, str]]) -> dict[int, tuple[str, str]]:
+    """Source line -> (phase, outer phase) of an inner table's ranges (FORWARD_INNER); raises if an anchor is missing."""
+    lines = path.read_text().splitlines()
+    out = {}
+    for phase, outer, first, end in table:
+        a = next((i for i, text in enumerate(lines) if first in text), None)
+        b = next((i for i in range(a or 0, len(lines)) if end in lines[i]), None) if a is not None else None
+        if a is None or b is None:
+            raise ValueError(f"{path.name}: no lines from {first!r} to {end!r}")
+        out.update({line: (phase, outer) for line in range(a + 1, b + 1)})
+    return out
+
+
+def phase_of(stack, file: str, lines: dict[int, str | None], inner: dict[int, tuple[str, str]] | None = None) -> str:
+    """The phase of an instruction: its outermost non-transparent frame in `file` that a phase covers, unless
+    a frame inside it lies in an inner range of that phase (FORWARD_INNER)."""
+    for i, (f, line) in enumerate(stack):
         if f == file and lines.get(line) is not None:
+            for g, inner_line in stack[i + 1:]:
+                if g == file and inner and inner.get(inner_line, (None, None))[1] == lines[line]:
+                    return inner[inner_line][0]
             return lines[line]
     return "other"
 
@@ -194,9 +219,10 @@ class PhaseCount:
         return runs * (rest + outer_iters * (len(enclosing[2]) - len(inner[0][2]) + inner_iters * len(inner[0][2])))
 
 
-def phases(fn: Function, file: str, lines: dict[int, str | None]) -> dict[str, PhaseCount]:
+def phases(fn: Function, file: str, lines: dict[int, str | None],
+           inner: dict[int, tuple[str, str]] | None = None) -> dict[str, PhaseCount]:
     """Per phase of a kernel function: static and hot instructions and its loops."""
-    tags = [phase_of(stack, file, lines) for stack in fn.stacks]
+    tags = [phase_of(stack, file, lines, inner) for stack in fn.stacks]
     hot = fn.hot()
     out: dict[str, PhaseCount] = {}
     for op, tag, h in zip(fn.opcodes, tags, hot):
@@ -231,14 +257,15 @@ def compile_kernels(tmp: Path) -> dict[str, tuple[Function, dict[str, PhaseCount
     if nvcc is None:
         raise RuntimeError("needs nvcc (CUDA toolkit)")
     out = {}
-    for source, (header, table) in SOURCES.items():
+    for source, (header, table, inner_table) in SOURCES.items():
         facts = {_short(k): v for k, v in ptxas_report(nvcc, CSRC / source, tmp).items()}
         lines = phase_lines(CSRC / header, table)
+        inner = inner_lines(CSRC / header, inner_table)
         cubin = (tmp / (Path(source).stem + ".cubin")).read_bytes()
         funcs = parse_sass(disassemble(cubin, line_info=True))
         for fn, name in zip(funcs, demangle([f.name for f in funcs])):
             short = _short(name)
-            out[short] = (fn, phases(fn, header, lines), facts.get(short, {}))
+            out[short] = (fn, phases(fn, header, lines, inner), facts.get(short, {}))
     return out
 
 

@@ -204,15 +204,26 @@ def test_cuda_sass_phases(tmp_path):
         # the pipeline advances its stage indices by carries (no integer division: I2F.RP + MUFU.RCP) and
         # issues only its own z path's copies, unrolled (a loop the model counts once): 8 four-byte ones per
         # thread (kZCols4, kZChans4) or 2 sixteen-byte ones (kZCols16, kZDense); the streaming plan adds p's 4
-        # sixteen-byte copies and its 4-byte fallback, a loop (both: p's alignment is a run-time choice)
+        # sixteen-byte copies, whole chunks (no ZFILL address arithmetic), and its 4-byte fallback is a loop of
+        # its own phase (p's alignment is a run-time choice; the model does not charge it)
         pipe = ph["pipeline"]
         assert pipe.count("I2F") == pipe.count("MUFU") == 0, (name, pipe.opcodes)
         zc = int(name[len("forward_kernel<"):].split(",")[0])
         wide = pipe.count("LDGSTS.E.BYPASS.128")
         copies = (wide, pipe.count("LDGSTS") - wide)
         z_copies = (0, 8) if zc in (0, 1) else (2, 0)
-        p_copies = (0, 0) if name.endswith(", true>") else (4, 1)
+        streaming = name.endswith(", false>")
+        p_copies = (4, 0) if streaming else (0, 0)
         assert copies == (z_copies[0] + p_copies[0], z_copies[1] + p_copies[1]), (name, copies)
+        assert pipe.count("LDGSTS.E.BYPASS.128.ZFILL") == z_copies[0], (name, pipe.opcodes)
+        fallback = ph.get("pipeline, p fallback")
+        if streaming:
+            # a loop (ptxas may unroll it by 2)
+            assert fallback is not None and 0 < fallback.count("LDGSTS") <= 2 and fallback.loop, (name, fallback)
+            # the p copies' addresses: no row products per stage (v12: 39 instructions for the 4, from 94)
+            assert pipe.hot < 190, (name, pipe.hot)
+        else:
+            assert fallback is None, name
     _, ph, _ = kernels["backward_kernel"]
     assert backward_phases <= set(ph) and all(ph[p].hot > 0 for p in backward_phases), set(ph)
     cand = {"per_bm": 1.0, "per_warp_tile": 16.0, "batches": 2.0, "write_iters": 1.0}
