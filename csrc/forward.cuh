@@ -23,8 +23,8 @@
 // block) and p-resident (D <= kResidentMaxD: the block's whole p tile is loaded once and kept in shared
 // memory while the z tiles of its ipb images stream through the double buffer; the rescoring reads p rows
 // from shared memory). Both give the same output bits. Padding: a 64-patch tile of a 7x7 map does the math
-// of 56 patches (the FFMA warps and MMA n8 tiles that hold only padding skip it); the padding's copies are
-// zero-fills that read no memory.
+// of 56 patches (the FFMA warps that hold only padding skip it; the MMA warps skip only when all their 32
+// patches are padding); the padding's copies are zero-fills that read no memory.
 
 #pragma once
 
@@ -97,7 +97,8 @@ struct Plan {
   static constexpr int kLzOffset = kRpOffset + kBM;
   static constexpr int kThrOffset = kLzOffset + kBK;
   static constexpr int kBestOffset = kThrOffset + kBM;  // kBM 64-bit keys (rank_key)
-  static constexpr size_t kBytes = sizeof(float) * (kBestOffset + 2 * kBM);
+  static constexpr int kCoefOffset = kBestOffset + 2 * kBM;  // the certification's 3 coefficients
+  static constexpr size_t kBytes = sizeof(float) * (kCoefOffset + 4);
   static_assert(kPRes % 4 == 0 && kStage % 4 == 0 && kZInStage % 4 == 0, "tiles must stay 16-byte aligned");
   static_assert(kBestOffset % 2 == 0, "64-bit keys");
   static_assert(kResident || kScratchFloats <= kStage, "certification scratch must fit in a stage");
@@ -230,7 +231,7 @@ struct FfmaSearch : Layout<kDC + 4, kBK + 4, kThreads / 16> {
     }
   }
 
-  template <int PS>  // p row stride; zrow: kZs (a multiple of 4: float4 reads)
+  template <int PS, bool>  // p row stride, (MmaSearch's tile tests); zrow: kZs (a multiple of 4: float4 reads)
   __device__ __forceinline__ void step(const float* ps, const float* zs, int zrow, int tid, int k0, int HW) {
     const int tx = tid & 15, ty = tid >> 4;
     // Warp w holds patches 8w..8w+7 of the tile; a warp with only padding (e.g. 56..63 of HW = 49)
@@ -313,12 +314,18 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
   // is an fp32 8x4 one, and the fragment a[0..3] is four of them), but B (z, channel rows with contiguous
   // patches) needs the transposed load, and ldmatrix.trans transposes b16 elements, which splits each fp32
   // value in halves; so both operands use the same plain loads, 4 + 2 per m16n8k8 pair of tiles.
-  template <int PS>  // p row stride; zrow: z row stride (any: 32-bit loads)
+  template <int PS, bool kTileTests>  // p row stride; zrow: z row stride (any: 32-bit loads)
   __device__ __forceinline__ void step(const float* ps, const float* zs, int zrow, int tid, int k0, int HW) {
     const int lane = tid & 31, w = tid >> 5, g = lane >> 2, t = lane & 3;
     const int mb = 32 * (w & 3), nb = 32 * (w >> 2);
-    const int n_tiles = min(4, max(0, (HW - k0 - nb + 7) / 8));  // n8 tiles holding real patches
-    if (n_tiles == 0) return;                                     // warp-uniform
+    // A warp whose 32 patches are all padding (e.g. 32..63 of a map of 4) skips the math. The others run all
+    // four n8 tiles, padding included (zero-filled, or the dense path's next-channel values; masked in the
+    // certification): a test per tile made ptxas put a WARPSYNC before each tile's MMAs (16 per stage, and
+    // 3xTF32's NOPs and branches), more than the padding tile's math costs a 7x7 map's second warp row.
+    // kTileTests keeps the tests (skipping the n8 tiles that hold only padding) where running all four
+    // spills (the ptxas gate: the caller's choice).
+    const int n_tiles = kTileTests ? min(4, (HW - k0 - nb + 7) / 8) : 4;  // n8 tiles to run
+    if (k0 + nb >= HW) return;  // warp-uniform
 #pragma unroll
     for (int kk = 0; kk < kDC; kk += 8) {
       uint32_t a_hi[2][4], a_lo[2][4];
@@ -332,19 +339,18 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        if (j < n_tiles) {
-          const float* const row = zs + (kk + t) * zrow + nb + 8 * j + g;
-          uint32_t b_hi[2], b_lo[2];
-          split(row[0], b_hi[0], b_lo[0]);
-          split(row[4 * zrow], b_hi[1], b_lo[1]);
+        if (kTileTests && j >= n_tiles) continue;
+        const float* const row = zs + (kk + t) * zrow + nb + 8 * j + g;
+        uint32_t b_hi[2], b_lo[2];
+        split(row[0], b_hi[0], b_lo[0]);
+        split(row[4 * zrow], b_hi[1], b_lo[1]);
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            if (kSplit) {  // small terms first
-              mma_tf32(acc[i][j], a_lo[i], b_hi);
-              mma_tf32(acc[i][j], a_hi[i], b_lo);
-            }
-            mma_tf32(acc[i][j], a_hi[i], b_hi);
+        for (int i = 0; i < 2; ++i) {
+          if (kSplit) {  // small terms first
+            mma_tf32(acc[i][j], a_lo[i], b_hi);
+            mma_tf32(acc[i][j], a_hi[i], b_lo);
           }
+          mma_tf32(acc[i][j], a_hi[i], b_hi);
         }
       }
     }
@@ -388,6 +394,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   float* const rp_s = smem + P::kRpOffset;  // sqrt(cert_coef) |p_m|
   float* const lz_s = smem + P::kLzOffset;  // TF32: 4 (|z_lo,k| + 2^-10 |z_k|) / sqrt(cert_coef)
   float* const thr_s = smem + P::kThrOffset;
+  float* const coef_s = smem + P::kCoefOffset;  // sqrt(cert_coef), c_abs, the TF32 residual's scale
   // The exact winner's rank_key(e, k) of each prototype (unsigned long long: atomicMin's type)
   unsigned long long* const best = reinterpret_cast<unsigned long long*>(smem + P::kBestOffset);
 
@@ -521,11 +528,18 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   float norm2 = 0.f;  // threads < kBK: |z_k|^2 of patch k0 + tid; threads >= kBM: |p_m|^2 of m0 + tid - kBM
   float lo2 = 0.f;    // TF32, threads < kBK: |z_k - tf32(z_k)|^2
   constexpr bool kTf32 = Search::kSearch == kSearchTf32;
+  // MmaSearch: test each n8 tile for real patches only in the variant that spills without the tests (16-byte z
+  // copies, p-resident, TF32: 16 bytes at 128 registers)
+  constexpr bool kTileTests = kZ == kZCols16 && kResident && kTf32;
 
-  // The certification's coefficients (nvcc computes them before the loop wherever they are written)
-  const float cert_sqrt = sqrtf(cert_coef(Search::kSearch, D));  // delta = (cert_sqrt (|z| + |p|))^2 + cert_abs
-  const float cert_abs = kCertScale * (float)(D + 8) * 0x1p-126f + (kTf32 ? tf32_abs(cert_sqrt * cert_sqrt, D) : 0.f);
-  const float lz_scale = cert_sqrt > 0.f ? kLzScale * kCertScale * 4.f / cert_sqrt : 0.f;  // TF32: lz_s = lz_scale (...)
+  // The certification's coefficients, kept in shared memory (read once per tile): held in registers across the
+  // loop (nvcc computes them before it wherever they are written) they made the MMA variants spill.
+  if (tid == 0) {
+    const float c_sqrt = sqrtf(cert_coef(Search::kSearch, D));
+    coef_s[0] = c_sqrt;  // delta = (c_sqrt (|z| + |p|))^2 + coef_s[1]
+    coef_s[1] = kCertScale * (float)(D + 8) * 0x1p-126f + (kTf32 ? tf32_abs(c_sqrt * c_sqrt, D) : 0.f);
+    coef_s[2] = c_sqrt > 0.f ? kLzScale * kCertScale * 4.f / c_sqrt : 0.f;  // TF32: lz_s = coef_s[2] (...)
+  }
   Step cur{prm.z + (int64_t)b0 * prm.z_sb, nullptr, b0, 0, 0};  // the step the loop body consumes
   cur.zst = cur.zimg;
   Step nxt = cur;  // the last step issued
@@ -545,7 +559,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     const float* const zs = st + P::kZInStage;
     const float* const ps = kResident ? p_res + ds * kDC : st;
     if (ds == 0) search.clear();  // a new patch tile (here: zeros are not held across the rescoring)
-    search.template step<kPs>(ps, zs, kZRow, tid, k0, HW);
+    search.template step<kPs, kTileTests>(ps, zs, kZRow, tid, k0, HW);
     if (tid < kBK) {  // channels in order, one fma chain (TF32: and one of the truncation residuals)
 #pragma unroll 8
       for (int dd = 0; dd < kDC; ++dd) {
@@ -571,12 +585,12 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     if (ds == n_d - 1) {  // last stage of this patch tile: certify and rescore it
       if (tid < kBK) {
         zn_s[tid] = norm2;
-        rz_s[tid] = cert_sqrt * sqrtf(norm2);  // sqrt(c) |z_k|
-        if constexpr (kTf32) lz_s[tid] = lz_scale * (sqrtf(lo2) + 0x1p-10f * sqrtf(norm2));
+        rz_s[tid] = coef_s[0] * sqrtf(norm2);  // sqrt(c) |z_k|
+        if constexpr (kTf32) lz_s[tid] = coef_s[2] * (sqrtf(lo2) + 0x1p-10f * sqrtf(norm2));
         norm2 = 0.f;
         lo2 = 0.f;
       } else if (tid >= kThreads - kBM && it == n_d - 1) {
-        rp_s[tid - (kThreads - kBM)] = cert_sqrt * sqrtf(norm2);  // sqrt(c) |p_m|
+        rp_s[tid - (kThreads - kBM)] = coef_s[0] * sqrtf(norm2);  // sqrt(c) |p_m|
       }
       __syncthreads();  // also: every thread is done reading stage `st`, the streaming plan's scratch
       float* const red = kResident ? smem + P::kScratch : st;
@@ -586,6 +600,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       float tmin[Search::kSlots];
 #pragma unroll
       for (int s = 0; s < Search::kSlots; ++s) tmin[s] = INFINITY;
+      const float cert_abs = coef_s[1];
       search.visit(tid, [&](int s, int ml, int kl, float& acc) {
         const float v = fmaf(-2.f, acc, zn_s[kl]);
         const float q = rz_s[kl] + rp_s[ml];  // sqrt(c) (|z| + |p|)

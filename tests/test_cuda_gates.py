@@ -195,6 +195,9 @@ def test_cuda_sass_phases(tmp_path):
         assert forward_phases <= set(ph), (name, forward_phases - set(ph))
         assert all(ph[p].hot > 0 for p in forward_phases), name
         hmma = {p: c.count("HMMA") for p, c in ph.items() if c.count("HMMA")}
+        if "MmaSearch" in name and name != "forward_kernel<2, MmaSearch<false>, true>":
+            # all four n8 tiles, no test per tile: no WARPSYNC before each tile's MMAs (forward.cuh, kTileTests)
+            assert ph["search"].count("WARPSYNC") <= 1, (name, ph["search"].opcodes)
         if "MmaSearch<false>" in name:
             assert hmma == {"search": 32}, (name, hmma)
         elif "MmaSearch<true>" in name:
