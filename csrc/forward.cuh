@@ -484,16 +484,30 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       // it: past D, and in the second chunk of threads 2 HW.. (8 HW = 392 chunks; a branch would cost more)
       const int left = min(D - d0, kDC) * kDenseHW - zkk;
       constexpr int kNext = 4 * kThreads;
-      copy_async16(dst, left > 0 ? src : zb, max(0, min(4, left)));
-      copy_async16(dst + kNext, left > kNext ? src + kNext : zb, max(0, min(4, left - kNext)));
-    } else if constexpr (kZ == kZCols16) {
-      const int n4 = max(0, min(4, klim));
-#pragma unroll
-      for (int i = 0; i < kZChunks; ++i, src += zstep, dst += kVecDdi * kZs) {
-        const int n = i * kVecDdi < dlim ? n4 : 0;
-        copy_async16(dst, n > 0 ? src : zb, n);
+      if (D % 4 == 0) {  // left is a multiple of 4: whole chunks or none (zero-fill by predicate)
+        copy_async16_whole(dst, left > 0 ? src : zb, left > 0);
+        copy_async16_whole(dst + kNext, left > kNext ? src + kNext : zb, left > kNext);
+      } else {  // z partial chunks (D % 4 != 0)
+        copy_async16(dst, left > 0 ? src : zb, max(0, min(4, left)));
+        copy_async16(dst + kNext, left > kNext ? src + kNext : zb, max(0, min(4, left - kNext)));
       }
-    } else {
+    } else if constexpr (kZ == kZCols16) {
+      if (HW % 4 == 0) {  // klim is a multiple of 4: whole chunks or none (zero-fill by predicate)
+        const bool in_k = klim > 0;
+#pragma unroll
+        for (int i = 0; i < kZChunks; ++i, src += zstep, dst += kVecDdi * kZs) {
+          const bool ok = in_k && i * kVecDdi < dlim;
+          copy_async16_whole(dst, ok ? src : zb, ok);
+        }
+      } else {  // z partial chunks (HW % 4 != 0: rows padded to a multiple of 4)
+        const int n4 = max(0, min(4, klim));
+#pragma unroll
+        for (int i = 0; i < kZChunks; ++i, src += zstep, dst += kVecDdi * kZs) {
+          const int n = i * kVecDdi < dlim ? n4 : 0;
+          copy_async16(dst, n > 0 ? src : zb, n);
+        }
+      }
+    } else {  // 4-byte copies
 #pragma unroll
       for (int i = 0; i < kZLoads; ++i, src += zstep, dst += zmap.ddi * kZs + zmap.cci) {
         const bool ok = i * zmap.ddi < dlim && i * zmap.cci < klim;

@@ -6,7 +6,9 @@ tests/test_cuda_gates.py::ptxas_report), disassembles the cubins with
 ``nvdisasm -gi`` (source line and inline stack of every SASS instruction; parsing shared with
 tests/kernels/sm90_gate.py in tests/sass.py) and sums the instructions of each kernel variant by phase:
 
-* forward_kernel: prologue, pipeline (the loop's copies, waits and index math), the search step, norms,
+* forward_kernel: prologue, pipeline (the loop's copies, waits and index math; its instructions outside every
+  loop are "pipeline setup", once per block; its rare copy paths are phases of their own, FORWARD_INNER, not
+  charged), the search step, norms,
   (1) threshold (visit + reduction), (2) flags, (3) rescoring (compaction of the flags into a list, and per
   round of 8 candidates: entry, exact distance set-up and butterfly, channel loop, partial chunk, fold), outputs;
 * backward_kernel: grad_z pass set-up, clear, stage z, chunk overhead, per-pair update, sum + write (the
@@ -113,6 +115,9 @@ BACKWARD_PHASES = [
 FORWARD_INNER = [
     # the streaming plan's 4-byte p copies, for D % 4 != 0 or unaligned p (the issue lambda's, in the prologue's lines)
     ("pipeline, p fallback", "pipeline", "} else {  // warp w copies prototypes w + 8 i", "const float* src = s.zst + zoff;"),
+    # the z copies' partial chunks (dense path: D % 4 != 0; 16-byte path: HW % 4 != 0, padded rows)
+    ("pipeline, z partial", "pipeline", "} else {  // z partial chunks (D % 4 != 0)", "} else if constexpr (kZ == kZCols16) {"),
+    ("pipeline, z partial", "pipeline", "} else {  // z partial chunks (HW % 4 != 0", "} else {  // 4-byte copies"),
 ]
 SOURCES = {"forward.cu": ("forward.cuh", FORWARD_PHASES, FORWARD_INNER),
            "backward.cu": ("backward.cuh", BACKWARD_PHASES, [])}
@@ -143,7 +148,7 @@ def inner_lines(path: Path, table: list[tuple[str, str, str, str]]) -> dict[int,
     out = {}
     for phase, outer, first, end in table:
         a = next((i for i, text in enumerate(lines) if first in text), None)
-        b = next((i for i in range(a or 0, len(lines)) if end in lines[i]), None) if a is not None else None
+        b = next((i for i in range(a + 1, len(lines)) if end in lines[i]), None) if a is not None else None
         if a is None or b is None:
             raise ValueError(f"{path.name}: no lines from {first!r} to {end!r}")
         out.update({line: (phase, outer) for line in range(a + 1, b + 1)})
@@ -223,6 +228,12 @@ def phases(fn: Function, file: str, lines: dict[int, str | None],
            inner: dict[int, tuple[str, str]] | None = None) -> dict[str, PhaseCount]:
     """Per phase of a kernel function: static and hot instructions and its loops."""
     tags = [phase_of(stack, file, lines, inner) for stack in fn.stacks]
+    # the forward's pipeline instructions outside every loop are its set-up, hoisted by the compiler before the
+    # main loop (run once per block, charged like the prologue)
+    in_any_loop = set()
+    for _, first, last in fn.loops:
+        in_any_loop.update(range(first, last + 1))
+    tags = [t + " setup" if t == "pipeline" and i not in in_any_loop else t for i, t in enumerate(tags)]
     hot = fn.hot()
     out: dict[str, PhaseCount] = {}
     for op, tag, h in zip(fn.opcodes, tags, hot):
@@ -489,7 +500,8 @@ def budget(kernels: dict, shape: dict = CUB, gpu: dict = H200, cand_B: int = 4, 
             name = f"forward_kernel<{forward_z_copy(shape, precision)}, {search}, {str(res).lower()}>"
             _, ph, facts = kernels[name]
             per_tile = forward_per_tile(ph, shape, cand)
-            per_block = kWarps * ipb_ * tiles * sum(per_tile.values()) + kWarps * ph["prologue"].hot
+            once = ph["prologue"].hot + (ph["pipeline setup"].hot if "pipeline setup" in ph else 0)
+            per_block = kWarps * ipb_ * tiles * sum(per_tile.values()) + kWarps * once
             busiest = -(-blocks_ // gpu["sms"])  # blocks the busiest SM runs (equal blocks, 2 resident at a time)
             out["forward"][f"{precision} {plan}"] = {
                 "kernel": name, "registers": facts.get("registers"), "images_per_block": ipb_, "blocks": blocks_,
