@@ -24,7 +24,8 @@ Then ``budget``: executed warp-instructions at a shape = static per-phase counts
 per warp (stages per tile, rescoring batches from the candidates per (b, m), loop trips) x warps x blocks,
 and an issue floor for an H200 (132 SMs x 4 schedulers x 1 warp-instruction per cycle at ~1.98 GHz). A
 model, not a measurement: branches inside a phase count as if every instruction issued (an upper bound,
-e.g. the MMA search's warps of 7x7 maps that skip one n8 tile issue 3/4 of its MMA part).
+e.g. the FFMA search's warps that hold only padding skip its math; a tile's carries in the pipeline run once
+per tile, not per stage).
 """
 
 from __future__ import annotations
