@@ -58,20 +58,11 @@ __device__ __forceinline__ void copy_async16(float* dst, const float* src, int n
 #endif
 }
 
-// copy_async16 of a whole chunk or none (n = 4 or 0): the copy's zero-fill is then a predicate of the
-// instruction (as in copy_async), where a run-time n costs ptxas about 5 instructions of address
-// arithmetic per copy.
+// copy_async16 of a whole chunk or none (n = 4 or 0, known so at the call): the copy's size is then a select of
+// 16 or 0 that ptxas turns into the instruction's zero-fill predicate (as in copy_async), where a run-time n
+// costs about 5 instructions of address arithmetic per copy.
 __device__ __forceinline__ void copy_async16_whole(float* dst, const float* src, bool valid) {
-#if defined(PROTOKERN_EMU)
-  emu::copy_async16(dst, src, valid ? 4 : 0);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-#else
-#pragma unroll
-  for (int i = 0; i < 4; ++i) dst[i] = valid ? src[i] : 0.f;
-#endif
+  copy_async16(dst, src, valid ? 4 : 0);
 }
 
 __device__ __forceinline__ void async_commit() {
