@@ -63,14 +63,21 @@ def check_winners_and_gradients(z, p, sim, dist, idx, w_sim, w_dist, grad_z, gra
     assert rel_err(dist, picked) < 1e-5
     assert rel_err(dist, true_min) < max(1e-5, search_tol)
     assert (sim.double() - torch.log((picked + 1) / (picked + eps))).abs().max().item() < 1e-4
-    gather = idx[:, None, :].expand(-1, D, -1)
-    diff = z64.gather(2, gather) - p64.T[None]  # (B, D, M)
+    diff = z64.gather(2, idx[:, None, :].expand(-1, D, -1)) - p64.T[None]  # (B, D, M)
     d = (diff * diff).sum(1)
     g = w_dist.double() + w_sim.double() * (1 / (d + 1) - 1 / (d + eps))
-    contrib = 2 * g[:, None, :] * diff
-    ref_gz = torch.zeros_like(z64).scatter_add_(2, gather, contrib)
+    ref_gz, ref_gp = winner_gradients(z64, p64, idx, g)
     assert rel_err(grad_z.flatten(2), ref_gz) < 1e-5
-    assert rel_err(grad_p.reshape(p64.shape), -contrib.sum(0).T) < 1e-5
+    assert rel_err(grad_p.reshape(p64.shape), ref_gp) < 1e-5
+
+
+def winner_gradients(z: torch.Tensor, p: torch.Tensor, idx: torch.Tensor, g: torch.Tensor):
+    """Float64 gradients of sum_{b,m} g[b, m] |z[b, :, idx[b, m]] - p[m]|^2 (the op's backward at given winners
+    and coefficients dL/dd), difference form: (grad_z (B, D, HW), grad_p (M, D)). z (B, D, HW), p (M, D)."""
+    z64, p64 = z.detach().double(), p.detach().double()
+    gather = idx[:, None, :].expand(-1, z64.shape[1], -1)
+    contrib = 2 * g.double()[:, None, :] * (z64.gather(2, gather) - p64.T[None])  # (B, D, M)
+    return torch.zeros_like(z64).scatter_add_(2, gather, contrib), -contrib.sum(0).T
 
 
 # ---- The op's result contract (docs/design.md): exact winner, NaN and inf rules, adversarial inputs ----

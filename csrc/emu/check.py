@@ -462,10 +462,7 @@ def check_backward_plans(lib) -> str | None:
     gs, gd = torch.randn(B, M), torch.randn(B, M)
     gz, gp = emu_backward(lib, gs, gd, z3, p, idx, dist)
     g = gd.double() + gs.double() * ((1e-4 - 1) / ((dist.double() + 1) * (dist.double() + 1e-4)))  # dL/dd
-    diff = torch.gather(z3.double(), 2, idx[:, None, :].expand(B, D, M)) - p.double().T[None]  # (B, D, M)
-    ref_z = torch.zeros(B, D, HW, dtype=torch.float64).scatter_add_(2, idx[:, None, :].expand(B, D, M),
-                                                                   2 * g[:, None] * diff)
-    ref_p = -(2 * g[:, None] * diff).sum(0).T
+    ref_z, ref_p = reference.winner_gradients(z3, p, idx, g)
     if rel_err(gz, ref_z) > 1e-5 or rel_err(gp, ref_p) > 1e-5:
         return f"{(B, D, HW, M)} scanning plan: gradients off ({rel_err(gz, ref_z):.1e}, {rel_err(gp, ref_p):.1e})"
     return None
