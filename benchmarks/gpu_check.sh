@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_check.sh                        # every step, most important first, within DEADLINE_S
 #   STEPS="build bench ncu" bash benchmarks/gpu_check.sh  # a subset (a second call on a warm machine)
 #
-# Steps, in this order: build, tests_cuda, tests, bench, ncu, sanitizer, profile, push, train, gates. Each is
+# Steps, in this order: build, tests_cuda, bench, ncu, tests, sanitizer, profile, push, train, gates. Each is
 # independent: a failing step is logged and the next one still runs. The whole run keeps to DEADLINE_S seconds
 # (default 530): a step gets min(its own limit, what is left), a step with under MIN_STEP_S (20) s left is
 # skipped, and all of it is killed at its limit (`timeout -k`), so the results always come back. Every step writes NAME.log (the
@@ -16,7 +16,7 @@
 set -u
 FINAL=${OUT:-$PWD/gpu-out}
 DEADLINE=${DEADLINE_S:-530}
-STEPS=${STEPS:-build tests_cuda tests bench ncu sanitizer profile push train gates}
+STEPS=${STEPS:-build tests_cuda bench ncu tests sanitizer profile push train gates}
 RESERVE=${RESERVE_S:-8}     # seconds kept for the last packing
 MIN_STEP=${MIN_STEP_S:-20}  # a step with less time than this left is skipped
 mkdir -p "$FINAL"
@@ -63,10 +63,16 @@ step build "${BUILD_LIMIT:-240}" python3 -m pip install --no-build-isolation --n
 # The CUDA-extension tests in their own process: a crash there cannot hide the other results.
 step tests_cuda "${TEST_LIMIT:-150}" python3 -m pytest -m gpu -v -rf --tb=short -p no:cacheprovider \
   tests/test_cuda_backend.py
-step tests "${TEST_LIMIT:-200}" python3 -m pytest -m gpu -v -rf --tb=short -p no:cacheprovider \
-  --deselect tests/test_cuda_backend.py ${TEST_PATHS:-tests}
-# The op table: it writes its JSON and Markdown after every shape, so a cut keeps the shapes done.
-step bench "${BENCH_LIMIT:-240}" python3 benchmarks/distance.py --out "$WORK"
+# The op table, one process per shape (a fault in one shape's kernels cannot take the others' rows with it;
+# each writes its JSON and Markdown under bench-N/, its Markdown copied up as distance-shapeN.md). The prototype
+# kinds (2x2, cosine) at the CUB shape only.
+export WORK
+step bench "${BENCH_LIMIT:-240}" bash -c 'rc=0; i=0
+  for s in 80,128,7,7,2000 128,256,14,14,2000 64,128,7,7,10000 32,512,28,28,2000; do
+    v=log; [ $i -eq 0 ] && v=log,2x2,cosine
+    echo "== shape $s"; python3 benchmarks/distance.py --shape $s --variants $v --out "$WORK/bench-$i" || rc=1
+    cp "$WORK"/bench-$i/distance-*.md "$WORK/distance-shape$i.md" 2>/dev/null; i=$((i + 1))
+  done; exit $rc'
 # Per-kernel counters (issue 9: instructions, issue activity, L2 bytes, tensor-pipe use) of one fwd+bwd per case
 # at the CUB shape, clocks left alone; sections, not single metrics, so that no metric name can fail the run.
 if command -v ncu >/dev/null 2>&1; then
@@ -75,6 +81,8 @@ if command -v ncu >/dev/null 2>&1; then
     --section Occupancy --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --section InstructionStats python3 benchmarks/profile_op.py --ncu
 fi
+step tests "${TEST_LIMIT:-200}" python3 -m pytest -m gpu -v -rf --tb=short -p no:cacheprovider \
+  --deselect tests/test_cuda_backend.py ${TEST_PATHS:-tests}
 # compute-sanitizer memcheck and racecheck of the cuda backend's kernels at small shapes, every precision.
 if command -v compute-sanitizer >/dev/null 2>&1; then
   step sanitizer "${SAN_LIMIT:-150}" bash -c 'for tool in memcheck racecheck; do
