@@ -17,20 +17,15 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 SEARCH_PRECISIONS = ("highest", "high", "medium")  # FFMA, 3xTF32, TF32 products in the certified search
 # What precision="auto" (the default) searches with on each backend. Every precision returns the same outputs
-# (certified search, docs/design.md), so this is a speed choice alone:
-# - triton: "high" (3xTF32), a static choice (benchmarks/NOTES.md "Triton: the default precision"). Before the
-#   search was certified, an H200 (benchmarks/results/distance-2026-11-27-h200-v2.md) ran its forward at the
-#   CUB shape in 657 / 191 / 81 us at "highest" / "high" / "medium". The certified search rescores every
-#   candidate exactly; with the residual bound (search_bound.truncated_tf32_bound) "medium" admits ~1.8
-#   candidates per (image, prototype) per 32-patch tile on uniform features against ~1.4 at 3xTF32, and the
-#   static SASS count per warp, image and 64-prototype tile is still 3.7k at "medium" against 3.05k at
-#   "high" (benchmarks/NOTES.md "Triton v10"). A GPU table (`fastest_precisions`) settles it.
-# - cuda: "highest" until its tensor-core searches have run on a GPU (none has yet). The static issue model
-#   (benchmarks/NOTES.md, v8-v10 (cuda)) puts its forward at >= 66 / 34 / 28 us at "highest"
-#   / "high" / "medium" on the CUB shape ("medium" since its bound uses z's truncation residuals), so "medium"
-#   or "high" is the expected choice once a GPU table confirms it.
+# (certified search, docs/design.md), so this is a speed choice alone, taken from the fastest op-only fwd+bwd
+# (CUDA-graph replays) of an H200 at all four default shapes (benchmarks/results/distance-2026-11-30-h200-v12.md):
+# - cuda: "high" (3xTF32): 151 / 1265 / 498 / 1607 us at (80,128,7x7,2000) / (128,256,14x14,2000) /
+#   (64,128,7x7,10000) / (32,512,28x28,2000), against 159 / 1315 / 527 / 1688 at "medium" (its wider bound
+#   rescores more patches) and 185 / 1585 / 643 / 2147 at "highest".
+# - triton: "medium" (TF32): 405 / 3738 / 1323 / 5171 us, against 416 / 4129 / 1396 / 5969 at "high" and
+#   652 / 7393 / 2353 / 10983 at "highest".
 # - torch: "highest": "high" and "medium" emulate TF32 products with extra passes, never faster.
-AUTO_PRECISION = {"torch": "highest", "triton": "high", "cuda": "highest"}
+AUTO_PRECISION = {"torch": "highest", "triton": "medium", "cuda": "high"}
 _log = logging.getLogger("protokern")
 
 

@@ -250,9 +250,8 @@ def prototype_similarity(z: Tensor, prototypes: Tensor, *, similarity: str = "lo
             (about 3e-39 < eps < 1.7e7). Checked for every similarity, used by "log" only.
         backend: "auto" (fastest available for the device), "torch", "triton" or "cuda".
         precision: "highest" (exact fp32 products), "high" (3xTF32) or "medium" (TF32) for the search over
-            windows, or "auto" (the default): the backend's own choice (``backends.AUTO_PRECISION``: "high"
-            for triton, expected its fastest certified search; "highest" for torch, and for cuda until its tensor-core searches
-            have run on a GPU). The search is certified (docs/design.md): every window it
+            windows, or "auto" (the default): the backend's own choice (``backends.AUTO_PRECISION``: each one's
+            fastest certified search on an H200, "high" for cuda and "medium" for triton; "highest" for torch). The search is certified (docs/design.md): every window it
             cannot rule out is rescored exactly, so the precision changes the speed, not the result.
 
     Returns:

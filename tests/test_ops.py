@@ -257,11 +257,11 @@ def test_many_pairs_winners_and_gradients(case):
 
 
 def test_auto_precision_per_backend(monkeypatch):
-    """precision="auto" resolves after the backend, to its AUTO_PRECISION entry (triton: "high", cuda and torch:
-    "highest"); explicit precisions pass through; anything else is a one-line error naming the choices."""
+    """precision="auto" resolves after the backend, to its AUTO_PRECISION entry (cuda: "high", triton: "medium",
+    torch: "highest"); explicit precisions pass through; anything else is a one-line error naming the choices."""
     from protokern import backends
 
-    assert backends.AUTO_PRECISION == {"torch": "highest", "triton": "high", "cuda": "highest"}
+    assert backends.AUTO_PRECISION == {"torch": "highest", "triton": "medium", "cuda": "high"}
     for name in backends.BACKENDS:
         assert backends.search_precision(name, "auto") == backends.AUTO_PRECISION[name]
         for precision in backends.SEARCH_PRECISIONS:
@@ -274,8 +274,8 @@ def test_auto_precision_per_backend(monkeypatch):
     monkeypatch.setattr(module, "forward", lambda *args: seen.append(args[3]) or forward(*args))
     z, p = torch.rand(2, 8, 3, 3), torch.rand(5, 8)
     protokern.prototype_similarity(z, p)
-    protokern.nearest_patches(z, p, precision="medium")
-    assert seen == ["triton", "high", "triton", "medium"]
+    protokern.nearest_patches(z, p, precision="high")
+    assert seen == ["triton", "medium", "triton", "high"]
     with pytest.raises(ValueError, match=r"precision must be one of \('auto', 'highest', 'high', 'medium'\)"):
         protokern.prototype_similarity(z, p, precision="fast")
 
