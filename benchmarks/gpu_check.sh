@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_check.sh                        # every step, most important first, within DEADLINE_S
 #   STEPS="build bench ncu" bash benchmarks/gpu_check.sh  # a subset (a second call on a warm machine)
 #
-# Steps, in this order: build, tests_cuda, bench, ncu, tests, sanitizer, profile, push, train, gates. Each is
+# Steps, in this order: build, tests_cuda, bench, ncu, tests, sanitizer, sweep, stalls, profile, push, train,
+# gates. Each is
 # independent: a failing step is logged and the next one still runs. The whole run keeps to DEADLINE_S seconds
 # (default 530): a step gets min(its own limit, what is left), a step with under MIN_STEP_S (20) s left is
 # skipped, and all of it is killed at its limit (`timeout -k`), so the results always come back. Every step writes NAME.log (the
@@ -16,7 +17,7 @@
 set -u
 FINAL=${OUT:-$PWD/gpu-out}
 DEADLINE=${DEADLINE_S:-530}
-STEPS=${STEPS:-build tests_cuda bench ncu tests sanitizer profile push train gates}
+STEPS=${STEPS:-build tests_cuda bench ncu tests sanitizer sweep stalls profile push train gates}
 RESERVE=${RESERVE_S:-8}     # seconds kept for the last packing
 MIN_STEP=${MIN_STEP_S:-20}  # a step with less time than this left is skipped
 mkdir -p "$FINAL"
@@ -27,7 +28,7 @@ status=0
 pack() {
   tar -czf "$WORK.tgz" -C "$WORK" . && mv -f "$WORK.tgz" "$FINAL/gpu-check.tgz"
   cp "$WORK"/summary.txt "$FINAL"/
-  cp "$WORK"/distance-*.md "$FINAL"/ 2>/dev/null
+  cp "$WORK"/distance-*.md "$WORK"/triton-sweep-*.md "$FINAL"/ 2>/dev/null
   return 0
 }
 
@@ -97,6 +98,21 @@ for zz, pp in ((z, p), (z2, p2)):
     g = torch.randn_like(sim)
     torch.ops.protokern_C.backward(g, g, zz, pp, idx, dist, 1e-4)
 torch.cuda.synchronize(); print(\"$tool done\")" || exit 1; done'
+fi
+# Triton launch configurations against the launcher's choice (benchmarks/triton_sweep.py), at the default precision.
+step sweep "${SWEEP_LIMIT:-120}" python3 benchmarks/triton_sweep.py --out "$WORK"
+# Where the default precision's kernels stall (CUB shape, one fwd+bwd of cuda and triton): ncu's warp-state and
+# source-counter sections (stall reasons, and per SASS instruction with --page source where this ncu has it).
+if command -v ncu >/dev/null 2>&1; then
+  step stalls "${STALLS_LIMIT:-100}" bash -c 'set -e
+    ncu --clock-control none --profile-from-start off --import-source yes -f -o "$WORK/stalls" \
+      -k regex:"forward_kernel|backward_kernel|_grad_" --section SpeedOfLight --section WarpStateStats \
+      --section SourceCounters python3 benchmarks/profile_op.py --ncu --cases cuda:high,triton:medium
+    ncu -i "$WORK/stalls.ncu-rep" --page details > "$WORK/stalls-details.txt"
+    ncu -i "$WORK/stalls.ncu-rep" --page raw --csv > "$WORK/stalls-raw.csv" || echo "no raw page"
+    ncu -i "$WORK/stalls.ncu-rep" --page source --csv --print-source sass > "$WORK/stalls-sass.csv" ||
+      echo "no --page source --print-source sass here"
+    gzip -f "$WORK/stalls-sass.csv" 2>/dev/null || true; rm -f "$WORK/stalls.ncu-rep"; tail -n 60 "$WORK/stalls-details.txt"'
 fi
 step profile "${PROFILE_LIMIT:-90}" python3 benchmarks/profile_op.py
 step push "${PUSH_LIMIT:-90}" python3 benchmarks/push.py --out "$WORK"

@@ -7,7 +7,8 @@ time per iteration, and the torch.profiler table of the kernels by GPU time.
 
 With ``--ncu`` it runs each backend x precision (contiguous z) once after a warm-up, between
 cudaProfilerStart/Stop and inside an NVTX range named after the case, for Nsight Compute's
-``--profile-from-start off`` (benchmarks/gpu_check.sh, step ``ncu``): no timing, no torch.profiler.
+``--profile-from-start off`` (benchmarks/gpu_check.sh, steps ``ncu`` and ``stalls``): no timing, no torch.profiler;
+``--cases cuda:high,triton:medium`` keeps only those backend:precision cases.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main(argv=None):
     ap.add_argument("--shape", default="80,128,7,7,2000", help="B,D,H,W,M")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--ncu", action="store_true", help="one profiled fwd+bwd per case, for ncu (see above)")
+    ap.add_argument("--cases", default=None,
+                    help="with --ncu: only these backend:precision cases, comma-separated (e.g. cuda:high,triton:medium)")
     args = ap.parse_args(argv)
     B, D, H, W, M = (int(x) for x in args.shape.split(","))
     p = torch.rand(M, D, device="cuda", requires_grad=True)
@@ -35,7 +38,9 @@ def main(argv=None):
         if reason is not None or backend == "torch":
             continue
         if args.ncu:
-            cases += [(backend, precision, "contiguous") for precision in ("highest", "high", "medium")]
+            wanted = None if args.cases is None else {tuple(c.split(":")) for c in args.cases.split(",")}
+            cases += [(backend, precision, "contiguous") for precision in ("highest", "high", "medium")
+                      if wanted is None or (backend, precision) in wanted]
         else:
             cases += [(backend, "highest", "contiguous"), (backend, "highest", "channels_last"),
                       (backend, "high", "channels_last"), (backend, "medium", "channels_last")]

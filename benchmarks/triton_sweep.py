@@ -1,0 +1,229 @@
+"""Measure Triton launch configurations of the fused op against the launcher's own choice.
+
+For each shape, each candidate configuration of the forward (at one search precision) and of the two
+backward kernels replaces the launcher's choice for that kernel alone (``kernels/prototype_distance.py``:
+``forward_config``, ``forward_images_per_program``, ``backward_configs``), and the op is timed as CUDA-graph
+replays (median of ``triton.testing.do_bench``). Outputs are checked against the default configuration's: the
+forward bit for bit (certified search: tile sizes change no result), the gradients to 1e-5 relative (their
+fixed-order sums may group differently with the tile). Each compiled kernel's registers and spill bytes are
+reported (a configuration that spills is not a candidate for the launcher: tests/kernels/sm90_gate.py).
+
+    python benchmarks/triton_sweep.py                    # default shapes, on the GPU
+    python benchmarks/triton_sweep.py --shape 80,128,7,7,2000 --precision medium --out /tmp/sweep
+    TRITON_INTERPRET=1 python benchmarks/triton_sweep.py --quick   # a tiny shape on the CPU: checks only
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from protokern.kernels import prototype_distance as pd
+
+DEFAULT_SHAPES = [(80, 128, 7, 7, 2000), (128, 256, 14, 14, 2000)]
+QUICK_SHAPES = [(3, 40, 3, 3, 20)]
+EPS = 1e-4
+# name -> overrides: "options" (launch options), "meta" (constexpr arguments), "images" (forward images per
+# program), per kernel ("forward", "_grad_features_kernel", "_grad_prototypes_kernel").
+CANDIDATES = {
+    "forward": {
+        "default": {},
+        "4 images": {"images": 4},
+        "8 images": {"images": 8},
+        "32 x 64 tiles": {"meta": {"BLOCK_M": 32, "BLOCK_K": 64}},
+        "32 x 32 tiles": {"meta": {"BLOCK_M": 32, "BLOCK_K": 32}},
+        "32 x 32 tiles, 4 warps": {"meta": {"BLOCK_M": 32, "BLOCK_K": 32}, "options": {"num_warps": 4}},
+    },
+    "_grad_features_kernel": {
+        "default": {},
+        "16 channels": {"meta": {"BLOCK_D": 16}},
+        "4 warps": {"options": {"num_warps": 4}},
+        "4 warps, 16 channels": {"options": {"num_warps": 4}, "meta": {"BLOCK_D": 16}},
+        "32 pairs": {"meta": {"BLOCK_M": "half"}},
+    },
+    "_grad_prototypes_kernel": {
+        "default": {},
+        "32 prototypes": {"meta": {"BLOCK_M": 32}},
+        "8 warps": {"options": {"num_warps": 8}},
+    },
+}
+QUICK_CANDIDATES = {"forward": ["default", "4 images"], "_grad_features_kernel": ["default", "16 channels"],
+                    "_grad_prototypes_kernel": ["default"]}
+
+
+def _apply(meta: dict, options: dict, change: dict) -> tuple[dict, dict]:
+    meta, options = dict(meta), dict(options)
+    for key, value in change.get("meta", {}).items():
+        meta[key] = max(1, meta[key] // 2) if value == "half" else value
+    options.update(change.get("options", {}))
+    return meta, options
+
+
+@contextlib.contextmanager
+def configured(kernel: str, change: dict):
+    """The launcher with ``change`` applied to ``kernel``'s configuration (module functions patched)."""
+    saved = {name: getattr(pd, name) for name in ("forward_config", "forward_images_per_program", "backward_configs")}
+    if kernel == "forward":
+        def forward_config(D, HW, M, precision):
+            return _apply(*saved["forward_config"](D, HW, M, precision), change)
+
+        pd.forward_config = forward_config
+        if "images" in change:
+            pd.forward_images_per_program = lambda B, M, block_m: change["images"]
+    else:
+        def backward_configs(D, HW):
+            configs = dict(saved["backward_configs"](D, HW))
+            configs[kernel] = _apply(*configs[kernel], change)
+            return configs
+
+        pd.backward_configs = backward_configs
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(pd, name, fn)
+
+
+def compiled_stats(jit_fn) -> dict:
+    """{key: (registers, spill bytes, warps)} of every compiled kernel of a Triton JIT function (best effort:
+    the cache's layout differs between Triton versions)."""
+    out = {}
+    try:
+        for cache in jit_fn.device_caches.values():
+            kernels = cache[0] if isinstance(cache, tuple) else cache
+            for key, k in kernels.items():
+                out[str(key)] = (getattr(k, "n_regs", None), getattr(k, "n_spills", None),
+                                 getattr(getattr(k, "metadata", None), "num_warps", None))
+    except Exception:  # noqa: BLE001 - statistics are a courtesy
+        pass
+    return out
+
+
+def timer(device: torch.device):
+    if device.type == "cuda":
+        import triton.testing
+
+        def gpu_time(fn):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            return triton.testing.do_bench(graph.replay, warmup=25, rep=150, return_mode="median") * 1e3
+
+        return gpu_time
+
+    def cpu_time(fn):
+        fn()
+        samples = []
+        for _ in range(2):
+            t = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t)
+        return statistics.median(samples) * 1e6
+
+    return cpu_time
+
+
+def sweep_shape(shape, precision: str, device: torch.device, names: dict | None, measure) -> list[dict]:
+    B, D, H, W, M = shape
+    z3 = torch.rand(B, D, H * W, device=device)
+    p = torch.rand(M, D, device=device)
+    gs, gd = torch.randn(B, M, device=device), torch.randn(B, M, device=device)
+    jits = {"forward": pd._forward_kernel, "_grad_features_kernel": pd._grad_features_kernel,
+            "_grad_prototypes_kernel": pd._grad_prototypes_kernel}
+    ref_fwd = pd.forward(z3, p, EPS, precision)
+    _, dist, idx = ref_fwd
+    ref_bwd = pd.backward(gs, gd, z3, p, idx, dist, EPS)
+    rows = []
+    for kernel, candidates in CANDIDATES.items():
+        for name, change in candidates.items():
+            if names is not None and name not in names.get(kernel, ()):
+                continue
+            row = {"shape": list(shape), "precision": precision, "kernel": kernel, "candidate": name}
+            before = compiled_stats(jits[kernel])
+            try:
+                with configured(kernel, change):
+                    if kernel == "forward":
+                        out = pd.forward(z3, p, EPS, precision)
+                        row["same_outputs"] = all(torch.equal(a, b) for a, b in zip(out, ref_fwd))
+                        row["us"] = measure(lambda: pd.forward(z3, p, EPS, precision))
+                    else:
+                        out = pd.backward(gs, gd, z3, p, idx, dist, EPS)
+                        errs = [float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(out, ref_bwd)]
+                        row["rel_err"] = max(errs)
+                        row["bitwise"] = all(torch.equal(a, b) for a, b in zip(out, ref_bwd))
+                        row["same_outputs"] = row["rel_err"] <= 1e-5
+                        row["us"] = measure(lambda: pd.backward(gs, gd, z3, p, idx, dist, EPS))
+                new = {k: v for k, v in compiled_stats(jits[kernel]).items() if k not in before}
+                row["compiled"] = list(new.values())
+            except Exception as exc:  # noqa: BLE001 - a candidate that fails to compile or run is a result too
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            rows.append(row)
+            print(f"  {str(shape):24s} {kernel:24s} {name:20s} "
+                  + (row.get("error") or f"{row['us']:9.1f} us  same {row['same_outputs']}  compiled {row['compiled']}"),
+                  flush=True)
+    return rows
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    lines = [f"# Triton launch configurations: {env['device']}", "",
+             f"{env['date']}, torch {env['torch']}, triton {env['triton']}, fp32 inputs, search precision "
+             f"{rows[0]['precision'] if rows else '-'}; times are medians of CUDA-graph replays of the whole forward "
+             "(kernel forward) or the whole backward (the two backward kernels), one kernel's configuration changed "
+             "at a time; compiled = (registers, spill bytes, warps) of the kernels compiled for the candidate.", "",
+             "| shape (B, D, HxW, M) | kernel | candidate | time (us) | vs default | same outputs | compiled |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        B, D, H, W, M = r["shape"]
+        head = f"| ({B}, {D}, {H}x{W}, {M}) | {r['kernel']} | {r['candidate']}"
+        if "error" in r:
+            lines.append(f"{head} | error: {r['error']} | | | |")
+            continue
+        base = next((x for x in rows if x["shape"] == r["shape"] and x["kernel"] == r["kernel"]
+                     and x["candidate"] == "default" and "us" in x), None)
+        ratio = f"{base['us'] / r['us']:.2f}x" if base else "-"
+        lines.append(f"{head} | {r['us']:.1f} | {ratio} | {r['same_outputs']} | {r['compiled']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", action="append", help="B,D,H,W,M (repeatable)")
+    ap.add_argument("--precision", default="medium", choices=("highest", "high", "medium"))
+    ap.add_argument("--quick", action="store_true", help="a tiny shape and two candidates per kernel (CPU checks)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    shapes = ([tuple(int(x) for x in s.split(",")) for s in args.shape] if args.shape
+              else QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    import triton
+
+    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    measure = timer(device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"triton-sweep-{env['date']}-{device.type}"
+    rows = []
+    for shape in shapes:
+        rows += sweep_shape(shape, args.precision, device, QUICK_CANDIDATES if args.quick else None, measure)
+        stem.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+        stem.with_suffix(".md").write_text(markdown(env, rows))
+    print(markdown(env, rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
