@@ -6,6 +6,7 @@ import torch
 
 from benchmarks import train_step
 from protokern import ProtoLayer
+from protokern.data.transforms import uint8_to_float
 
 
 def test_original_layer_computes_the_same_function():
@@ -23,7 +24,7 @@ def test_input_batches_come_from_the_cache():
     seen = [next(batches) for _ in range(3)]  # drop_last: one batch of 4 per pass, passes reshuffled
     for images, labels in seen:
         assert images.shape == (4, 3, 8, 8) and images.dtype == torch.float32
-        matches = [(data.images.float() / 255 == img).all(dim=(1, 2, 3)).nonzero().flatten() for img in images]
+        matches = [(uint8_to_float(data.images) == img).all(dim=(1, 2, 3)).nonzero().flatten() for img in images]
         assert all(len(m) == 1 for m in matches)
         assert labels.tolist() == [data.targets[int(m[0])] for m in matches]
 

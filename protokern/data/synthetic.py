@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .transforms import uint8_to_float
+
 __all__ = ["SyntheticParts", "SHAPES", "COLOURS"]
 
 SHAPES = ("square", "disc", "triangle", "cross", "ring", "diamond")
@@ -280,7 +282,7 @@ class SyntheticParts(Dataset):
         return self._images.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self._images[index].float().div_(255.0), self.targets[index]
+        return uint8_to_float(self._images[index]), self.targets[index]
 
     def part_mask(self, index: int) -> torch.Tensor:
         """Boolean (S, S) mask of the pixels drawn for the part of image ``index``."""

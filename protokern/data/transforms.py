@@ -39,6 +39,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Background that transparent pixels are composited onto.
 _WHITE = (255, 255, 255)
+_INV_255 = 1.0 / 255.0  # rounds to the float32 reciprocal of 255 in every float32 multiplication
 
 # Images with more pixels are refused as possible decompression bombs: PIL's own warning threshold
 # (about 89 megapixels, 256 MiB decoded as RGB); a CUB image has about 0.2.
@@ -114,9 +115,9 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 tensor (3, H, W) in [0, 1]."""
+    """RGB PIL image -> float32 tensor (3, H, W) in [0, 1] (:func:`uint8_to_float`)."""
     arr = np.asarray(to_rgb(img), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    return uint8_to_float(torch.from_numpy(arr.copy()).permute(2, 0, 1))
 
 
 def crop_box_pixels(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
@@ -189,8 +190,11 @@ def load_image(
 
 
 def uint8_to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (any shape, any device) -> float32 in [0, 1] (``x / 255``), the datasets' convention."""
-    return images.float().div_(255.0)
+    """uint8 images (any shape, any device) -> float32 in [0, 1], the datasets' convention: ``x * (1 / 255)``
+    with the float32 reciprocal, the same bits on every device. (``x / 255`` is not: CUDA divides a tensor by a
+    scalar as this multiplication, the CPU divides exactly, and 126 of the 256 byte values then differ by an
+    ulp, so a batch converted on the GPU from a cache differed from the same items decoded on the CPU.)"""
+    return images.float().mul_(_INV_255)
 
 
 def map_boxes(boxes: torch.Tensor, mapping: tuple[float, float, float, float]) -> torch.Tensor:

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from protokern.data import imagenet_denormalize, imagenet_normalize, load_image, open_rgb, to_rgb
-from protokern.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_box_pixels, map_boxes, output_mapping
+from protokern.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, crop_box_pixels, map_boxes, output_mapping,
+                                       uint8_to_float)
 
 
 def _rgb(img):
@@ -120,3 +121,20 @@ def test_normalize_cuda():
     y = imagenet_normalize(x)
     assert y.device == x.device and y.dtype == torch.bfloat16
     assert torch.allclose(y.float().cpu(), imagenet_normalize(x.float().cpu()), atol=0.05)
+
+
+def test_uint8_to_float_is_the_float32_reciprocal_product():
+    """Every byte value converts to k * float32(1/255), CUDA's way of dividing by a scalar, so that a batch
+    converted on a GPU (cached batches) has the bits of the same items converted on the CPU; true division
+    differs from it for 126 of the 256 values."""
+    k = torch.arange(256, dtype=torch.uint8)
+    want = k.float() * torch.tensor(1 / 255, dtype=torch.float32)
+    assert torch.equal(uint8_to_float(k), want) and uint8_to_float(k).dtype == torch.float32
+    assert uint8_to_float(k)[255] == 1.0 and uint8_to_float(k)[0] == 0.0
+    assert (k.float() / 255 != want).sum() == 126  # why the exact division is not used
+
+
+@pytest.mark.gpu
+def test_uint8_to_float_same_bits_on_gpu():
+    k = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(uint8_to_float(k.cuda()).cpu(), uint8_to_float(k))
