@@ -77,11 +77,17 @@ STREAMED_P_MAX_REGISTERS = {"highest": 128} if TRITON_VERSION >= (3, 8) else {}
 GRAD_Z_PATCH_TILES = (16, 32, 64)  # BLOCK_Q from HW
 GRAD_Z_PAIRS = 64  # (image, prototype) pairs per step of grad_z: IMAGES * BLOCK_M
 GRAD_Z_CHANNEL_TILES = (16, 32)  # BLOCK_D of grad_z, from D (64 channels spill or reach 255 registers)
-# The 64-patch grad_z tiles of whole images are capped at 128 registers: 2 blocks of 256 threads per SM, 0
-# spills with 32 channels on Triton 3.8 and 3.6 since a step no longer reduces a non-finite test over the
-# block (NOTES.md "Triton v9"; before, Triton 3.6 spilled under the cap and ran 1 block per SM).
-# sm90_gate.py --all checks both.
-GRAD_Z_WIDE_TILE_MAX_REGISTERS = {"maxnreg": 128}
+# Tiles of part of an image (COMPACT: HW > BLOCK_Q) take 32 pairs per step: 104 registers, 2 blocks of 256
+# threads per SM, against 210 registers and 1 block at 64 pairs; measured on an H200 (benchmarks/results/
+# triton-sweep-2026-11-30-h200.md) the backward at (128, 256, 14x14, 2000) in 1502 us against 2226. (4 warps
+# ran it in 1430 us, but at 255 registers, spilling 72 bytes on Triton 3.8.)
+GRAD_Z_COMPACT_PAIRS = 32
+# The 64-patch grad_z tiles of whole images run 4 warps capped at 128 registers: 4 blocks per SM, all of the
+# CUB shape's 320 programs in one wave (8 warps at 128 registers: 2 blocks per SM, 1.2 waves). Measured on an
+# H200 (same file): the backward at (80, 128, 7x7, 2000) in 141 us against 214 with 8 warps, the same bits;
+# 0 spills on Triton 3.6 and 3.8 (sm90_gate.py --all checks both). The 128-register cap holds since a step no
+# longer reduces a non-finite test over the block (NOTES.md "Triton v9").
+GRAD_Z_WIDE_TILE_OPTIONS = {"maxnreg": 128, "num_warps": 4}
 # Triton 3.6 spills 40 bytes at 32 patches x 32 channels since g comes from grad_p (NOTES.md "Triton v8"):
 # its 32-patch tiles take 16 channels there (230 registers).
 GRAD_Z_NARROW_PATCH_TILES = (32,) if TRITON_VERSION < (3, 8) else ()
@@ -545,7 +551,8 @@ def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
     """(constexpr arguments, launch options) of the two backward kernels, by kernel name.
 
     grad_z: BLOCK_Q patches (the next power of two of HW in 16..64); when several whole images fit a tile,
-    the tile holds IMAGES of them (a power of two) and the GRAD_Z_PAIRS pairs of a step are IMAGES x BLOCK_M.
+    the tile holds IMAGES of them (a power of two) and the GRAD_Z_PAIRS pairs of a step are IMAGES x BLOCK_M
+    (GRAD_Z_COMPACT_PAIRS for tiles of part of an image); 4 warps for 64-patch tiles of whole images.
     BLOCK_D: 16 or 32 channels from D (16 on Triton 3.6 with GRAD_Z_NARROW_PATCH_TILES).
     """
     block_q = _pow2(HW, GRAD_Z_PATCH_TILES[0], GRAD_Z_PATCH_TILES[-1])
@@ -554,15 +561,16 @@ def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
         gz_channels = GRAD_Z_CHANNEL_TILES[0]
     gz_options = dict(_GRAD_Z_OPTIONS)
     if block_q == GRAD_Z_PATCH_TILES[-1] and HW <= block_q:
-        gz_options.update(GRAD_Z_WIDE_TILE_MAX_REGISTERS)
+        gz_options.update(GRAD_Z_WIDE_TILE_OPTIONS)
     images = 1
     while 2 * images * HW <= block_q:
         images *= 2
+    pairs = GRAD_Z_COMPACT_PAIRS if HW > block_q else GRAD_Z_PAIRS
     return {
         "_grad_prototypes_kernel": (
             dict(BLOCK_M=16, BLOCK_D=_pow2(D, GRAD_P_CHANNEL_TILES[0], GRAD_P_CHANNEL_TILES[-1])), {}),
         "_grad_features_kernel": (
-            dict(IMAGES=images, BLOCK_Q=block_q, BLOCK_M=GRAD_Z_PAIRS // images,
+            dict(IMAGES=images, BLOCK_Q=block_q, BLOCK_M=pairs // images,
                  BLOCK_D=gz_channels, COMPACT=HW > block_q), gz_options),
     }
 
