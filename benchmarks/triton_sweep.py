@@ -109,20 +109,9 @@ def compiled_stats(jit_fn) -> dict:
 def timer(device: torch.device):
     if device.type == "cuda":
         import triton.testing
+        from distance import graphed  # benchmarks/distance.py (this folder is on sys.path when run as a script)
 
-        def gpu_time(fn):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            return triton.testing.do_bench(graph.replay, warmup=25, rep=150, return_mode="median") * 1e3
-
-        return gpu_time
+        return lambda fn: triton.testing.do_bench(graphed(fn), warmup=25, rep=150, return_mode="median") * 1e3
 
     def cpu_time(fn):
         fn()

@@ -14,14 +14,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ["build", "tests_cuda", "tests", "bench", "ncu", "sanitizer", "profile", "push", "train", "gates"]
+STEPS = ["build", "tests_cuda", "bench", "ncu", "tests", "sanitizer", "sweep", "stalls", "profile", "push", "train",
+         "gates"]
 
 PYTHON_STUB = r"""#!/usr/bin/env bash
 echo "python3 $*" >> "$STUB_LOG"
 case "$*" in
   *--deselect*) exit "${STUB_TESTS_RC:-0}";;
   *test_cuda_backend.py*) sleep "${STUB_CUDA_TESTS_SLEEP:-0}";;
-  *distance.py*) args="$*"; out=${args##*--out }; echo "| op table |" > "$out/distance-stub.md"; echo "{}" > "$out/distance-stub.json";;
+  *distance.py*) args="$*"; out=${args##*--out }; mkdir -p "$out"; echo "| op table |" > "$out/distance-stub.md"; echo "{}" > "$out/distance-stub.json";;
+  *triton_sweep.py*) args="$*"; out=${args##*--out }; echo "| sweep |" > "$out/triton-sweep-stub.md";;
 esac
 exit 0
 """
@@ -61,15 +63,22 @@ def test_every_step_runs_in_order_and_is_packed(tmp_path):
     proc, out, calls = _run(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["distance-stub.md", "gpu-check.tgz", "summary.txt"]  # the device tool brings back <= 8
+    # the op table one process per shape, its tables copied up; the device tool brings back <= 8 files
+    assert files == [f"distance-shape{i}.md" for i in range(4)] + ["gpu-check.tgz", "summary.txt",
+                                                                   "triton-sweep-stub.md"]
     assert {f"{s}.log" for s in STEPS} | {"summary.txt", "distance-stub.json", "distance-stub.md"} <= _packed(out)
+    assert sum("distance.py --shape" in c for c in calls) == 4
     summary = (out / "summary.txt").read_text()
     assert [line.split(":")[0][3:] for line in summary.splitlines() if line.startswith("== ")] == STEPS
     assert all(f"== {s}: rc=0" in summary for s in STEPS)
     assert not list(tmp_path.glob("gpu-check.*")), "the work folder is left behind"
-    # the ncu step profiles the op's kernels from benchmarks/profile_op.py's --ncu mode
+    # the ncu step profiles the op's kernels from benchmarks/profile_op.py's --ncu mode, the stalls step the
+    # default precisions' ones with source counters, and reads its report back as pages
     assert any(c.startswith("ncu ") and "--profile-from-start off" in c and c.endswith("profile_op.py --ncu")
                for c in calls)
+    assert any(c.startswith("ncu ") and "SourceCounters" in c and c.endswith("--cases cuda:high,triton:medium")
+               for c in calls)
+    assert any(c.startswith("ncu -i ") and "--page source" in c for c in calls)
 
 
 def test_a_failing_step_fails_the_run_but_not_the_next_steps(tmp_path):
@@ -115,4 +124,4 @@ def test_steps_selects_a_subset(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert [line.split(":")[0][3:] for line in summary.splitlines() if line.startswith("== ")] == ["bench", "gates"]
     assert not any("pip install" in c for c in calls)
-    assert (out / "distance-stub.md").exists()
+    assert (out / "distance-shape0.md").exists()

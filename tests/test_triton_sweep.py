@@ -1,0 +1,43 @@
+"""benchmarks/triton_sweep.py on the CPU (Triton interpreter): candidates replace one kernel's configuration
+at a time, outputs are checked against the launcher's own, and the launcher is restored afterwards."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import triton_sweep  # noqa: E402
+
+from protokern.kernels import prototype_distance as pd  # noqa: E402
+
+
+def test_quick_sweep_checks_outputs_and_restores_the_launcher(tmp_path):
+    before = (pd.forward_config, pd.forward_images_per_program, pd.backward_configs)
+    rows = triton_sweep.main(["--quick", "--out", str(tmp_path), "--device", "cpu"])
+    assert (pd.forward_config, pd.forward_images_per_program, pd.backward_configs) == before
+    assert [(r["kernel"], r["candidate"]) for r in rows] == [
+        (k, name) for k, names in triton_sweep.QUICK_CANDIDATES.items() for name in names]
+    assert all("error" not in r and r["same_outputs"] and r["us"] > 0 for r in rows), rows
+    (md,) = tmp_path.glob("triton-sweep-*.md")
+    assert "| (3, 40, 3x3, 20) | forward | 4 images |" in md.read_text()
+    assert len(json.loads(next(tmp_path.glob("triton-sweep-*.json")).read_text())["rows"]) == len(rows)
+
+
+def test_a_candidate_changes_only_its_kernel():
+    forward = pd.forward_config(128, 49, 2000, "medium")
+    grad_p = pd.backward_configs(128, 49)["_grad_prototypes_kernel"]
+    with triton_sweep.configured("_grad_features_kernel", {"options": {"num_warps": 2}, "meta": {"BLOCK_M": "half"}}):
+        meta, options = pd.backward_configs(128, 49)["_grad_features_kernel"]
+        assert options["num_warps"] == 2 and meta["BLOCK_M"] == pd.GRAD_Z_PAIRS // 2
+        assert pd.forward_config(128, 49, 2000, "medium") == forward
+        assert pd.backward_configs(128, 49)["_grad_prototypes_kernel"] == grad_p
+    with triton_sweep.configured("forward", {"images": 4, "options": {"num_warps": 4}}):
+        assert pd.forward_images_per_program(80, 2000, 64) == 4
+        assert pd.forward_config(128, 49, 2000, "medium")[1]["num_warps"] == 4
+    assert pd.backward_configs(128, 49)["_grad_features_kernel"][1]["num_warps"] == 4  # the launcher's own again
+    assert pd.forward_config(128, 49, 2000, "medium")[1]["num_warps"] == 8
