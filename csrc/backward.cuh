@@ -3,7 +3,9 @@
 // expanded form z g - g p cancels at d ~ 0, where g ~ 1/eps).
 //
 // backward_kernel  a 1-D grid of BackwardLaunch::blocks blocks of kBwThreads threads; the block index
-//                  decides the role: blocks [0, gz_blocks) are grad_z blocks, the rest grad_p blocks.
+//                  decides the role: the role with the longer blocks comes first (gp_first: the grad_p
+//                  blocks [0, blocks - gz_blocks), then grad_z; else grad_z blocks [0, gz_blocks) first), so
+//                  that the blocks of the last wave are the short ones.
 // grad_z role      one block per (group of G images, 32 channels); each warp scans a fixed range of
 //                  prototypes in increasing order and, for every image of the group, adds 2 g (z - p)
 //                  into its own shared accumulators: one p-row read serves the G images (G = 2 only where
@@ -58,6 +60,7 @@ struct BackwardLaunch {
   int gz_sorted;       // grad_z: 1 for the sorted plan (grad_z_sorted_block), 0 for the scanning one
   int gp_images;       // grad_p: images per stage
   int gp_stage;        // grad_p: 1 if z slices are staged in shared memory (HW x gp_images <= kGpStageRows)
+  int gp_first;        // 1: the grad_p blocks take the first block indices (backward_launch)
   size_t smem;         // dynamic shared memory, bytes
 };
 
@@ -660,8 +663,10 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
 __global__ void __launch_bounds__(kBwThreads, kBwMinBlocks) backward_kernel(const BackwardParams prm,
                                                                            const BackwardLaunch l) {
   PK_DYNAMIC_SMEM(smem);
-  const unsigned i = blockIdx.x;
-  if (i < l.gz_blocks) {
+  const unsigned gp_blocks = l.blocks - l.gz_blocks;
+  const bool gz_role = l.gp_first ? blockIdx.x >= gp_blocks : blockIdx.x < l.gz_blocks;
+  if (gz_role) {
+    const unsigned i = l.gp_first ? blockIdx.x - gp_blocks : blockIdx.x;
     if (l.gz_sorted) {
       grad_z_sorted_block(prm, l, smem, (int)(i / l.d_slices), (int)(i % l.d_slices));
     } else if (l.G == 1) {
@@ -671,7 +676,7 @@ __global__ void __launch_bounds__(kBwThreads, kBwMinBlocks) backward_kernel(cons
     }
     return;
   }
-  const unsigned j = i - l.gz_blocks;
+  const unsigned j = l.gp_first ? blockIdx.x : blockIdx.x - l.gz_blocks;
   const int mtile = (int)(j / l.d_slices), slice = (int)(j % l.d_slices);
   const GpLayout layout = gp_layout(prm, l, slice);
   if (layout == kGpNchw) {
@@ -712,6 +717,11 @@ inline BackwardLaunch backward_launch(const BackwardParams& prm) {
   const int fit = 0x7fffffff / prm.M;  // grad_p reads (g, k) at 32-bit offsets within a stage: images M < 2^31
   l.gp_images = images < fit ? images : (fit > 1 ? fit : 1);
   l.blocks = l.gz_blocks + (unsigned)((prm.M + kGpM - 1) / kGpM * l.d_slices);
+  // Longer blocks first. A grad_z block adds G x M (image, prototype) pairs, a grad_p block kGpM x B, both over 8
+  // warps; measured on an H200 at (80, 128, 7x7, 2000) (ncu warp samples per role,
+  // benchmarks/results/stalls-2026-11-30-h200-v12.md): a grad_p block (5120 pairs) ran 2.3x as long as a grad_z
+  // block (2000), and with grad_z first the 52 grad_p blocks of the second wave set the end (67 us).
+  l.gp_first = (int64_t)kGpM * prm.B > (int64_t)l.G * prm.M;
   const int gz = l.gz_sorted ? (int)gs : gz_smem_floats(l.G, l.KT);
   const int gp = 2 * gp_stage_floats(l.gp_images, l.gp_stage ? prm.HW : 0);
   l.smem = sizeof(float) * (size_t)(gz > gp ? gz : gp);

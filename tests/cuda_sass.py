@@ -26,6 +26,10 @@ and an issue floor for an H200 (132 SMs x 4 schedulers x 1 warp-instruction per 
 model, not a measurement: branches inside a phase count as if every instruction issued (an upper bound,
 e.g. the FFMA search's warps that hold only padding skip its math; a tile's carries in the pipeline run once
 per tile, not per stage).
+
+``python -m tests.cuda_sass --stalls stalls-sass.csv.gz`` puts a measurement beside the model: a device's ncu
+source page (benchmarks/gpu_check.sh, step stalls; warp-stall samples per SASS instruction) of kernels built
+from the same sources, by the same phases (stall_phases; the SASS must match this build's opcode by opcode).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ FORWARD_PHASES = [
     ("(3) compact", "// (3) exact rescoring"),
     ("(3) round", "for (int c0 = 0; c0 < n; c0 += kRescoreBatch) {"),
     ("(3) exact_distance", "// Exact e = sum_d (z[d] - p[d])^2 in fp32"),
-    ("(3) channel loop", "for (int t = 0; t < chunks; ++t) {"),
+    ("(3) channel loop", "auto p_chunk = [&](int t, float (&pv)[8]) {"),
     ("(3) tail", "const int d = 8 * s + 32 * chunks;"),
     ("(3) exact_distance", "e += __shfl_xor_sync(kFullMask, e, o);"),
     ("(3) fold", "// Fold: the group's first lane takes best[ml]"),
@@ -360,11 +364,11 @@ def forward_z_copy(shape: dict, precision: str) -> int:
 def backward_launch(shape: dict) -> dict[str, int]:
     """csrc/backward.cuh backward_launch at ``shape`` (the launcher itself, through the emulator build)."""
     check = _check()
-    out = (ctypes.c_longlong * 9)()
+    out = (ctypes.c_longlong * 10)()
     prm = check.BackwardParams(B=shape["B"], D=shape["D"], HW=shape["HW"], M=shape["M"])
     _emulator(check).emu_backward_launch(ctypes.byref(prm), out)
     return dict(zip(("blocks", "gz_blocks", "d_slices", "G", "KT", "seg", "gp_images", "gp_stage",
-                         "gz_sorted"), out))
+                         "gz_sorted", "gp_first"), out))
 
 
 def forward_per_tile(ph: dict[str, PhaseCount], shape: dict, cand: dict) -> dict[str, float]:
@@ -530,7 +534,96 @@ def budget(kernels: dict, shape: dict = CUB, gpu: dict = H200, cand_B: int = 4, 
     return out
 
 
+# ---- Measured stalls by phase -----------------------------------------------------------------------
+STALL_REASONS = ("barrier", "branch_resolving", "dispatch", "drain", "imc", "lg", "long_sb", "math", "membar", "mio",
+                 "misc", "no_inst", "not_selected", "selected", "short_sb", "sleep", "tex", "wait")
+
+
+def ncu_source_pages(text: str) -> dict[str, list[dict[str, str]]]:
+    """Kernel name -> rows (column -> value) of ``ncu --page source --csv --print-source sass`` output: one
+    row per SASS instruction in address order, with its warp-stall samples (benchmarks/gpu_check.sh, step
+    stalls, writes it as stalls-sass.csv.gz)."""
+    import csv
+    import io
+
+    pages: dict[str, list[str]] = {}
+    name = None
+    for line in text.splitlines():
+        if line.startswith('"Kernel Name"'):
+            name = next(csv.reader([line]))[1]
+            pages[name] = []
+        elif name is not None:
+            pages[name].append(line)
+    return {k: list(csv.DictReader(io.StringIO("\n".join(v)))) for k, v in pages.items()}
+
+
+def stall_phases(fn: Function, file: str, lines: dict[int, str | None], rows: list[dict[str, str]],
+                 inner: dict[int, tuple[str, str]] | None = None) -> dict[str, dict[str, float]]:
+    """Per phase of a kernel: its share of the measured warp-stall samples, executed warp-instructions, excess
+    shared wavefronts (bank conflicts) and the share of each stall reason in its samples, from a device's ncu
+    source page (``rows``, ncu_source_pages) of the same SASS as ``fn`` (same compiler and flags: checked
+    opcode by opcode)."""
+    def num(row, key):
+        try:
+            return float(row.get(key, "0").replace(",", "") or 0)
+        except ValueError:
+            return 0.0
+
+    ops = [row["Source"].split(";")[0].strip() for row in rows]
+    ops = [op.split(None, 1)[1] if op.startswith("@") else op for op in ops]
+    if [op.split()[0] if op else "" for op in ops] != fn.opcodes:
+        raise ValueError(f"{fn.name}: the measured SASS is not this build's ({len(ops)} against {len(fn.opcodes)} "
+                         "instructions, or other opcodes)")
+    total = sum(num(r, "Warp Stall Sampling (All Samples)") for r in rows) or 1.0
+    out: dict[str, dict[str, float]] = {}
+    for stack, row in zip(fn.stacks, rows):
+        p = out.setdefault(phase_of(stack, file, lines, inner), {"samples": 0.0, "executed": 0.0, "shared_excess": 0.0,
+                                                                 **{r: 0.0 for r in STALL_REASONS}})
+        p["samples"] += num(row, "Warp Stall Sampling (All Samples)")
+        p["executed"] += num(row, "Instructions Executed")
+        p["shared_excess"] += num(row, "L1 Wavefronts Shared Excessive")
+        for r in STALL_REASONS:
+            p[r] += num(row, "stall_" + r)
+    for p in out.values():
+        samples = p["samples"] or 1.0
+        for r in STALL_REASONS:
+            p[r] /= samples
+        p["share"] = p["samples"] / total
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["samples"]))
+
+
+def print_stalls(kernels: dict, csv_path: Path) -> None:
+    """``--stalls FILE``: the measured samples of every kernel of FILE that this build compiles, by phase."""
+    import gzip
+
+    raw = gzip.open(csv_path, "rt").read() if csv_path.suffix == ".gz" else csv_path.read_text()
+    from tests.test_cuda_gates import _short
+
+    for name, rows in ncu_source_pages(raw).items():
+        short = _short(name.replace("<unnamed>::", "").replace("(int)", "").replace("(bool)1", "true")
+                       .replace("(bool)0", "false"))
+        if short not in kernels:
+            continue
+        fn, _, _ = kernels[short]
+        header, table, inner_table = SOURCES["forward.cu" if short.startswith("forward") else "backward.cu"]
+        try:
+            ph = stall_phases(fn, header, phase_lines(CSRC / header, table), rows,
+                              inner_lines(CSRC / header, inner_table))
+        except ValueError as err:  # measured on other sources (an older commit)
+            print(f"{short}: {err}")
+            continue
+        print(f"{short}: share of warp-stall samples, executed warp-instructions, excess shared wavefronts, top stalls")
+        for phase, p in ph.items():
+            top = sorted(STALL_REASONS, key=lambda r: -p[r])[:3]
+            print(f"  {phase:24} {100 * p['share']:5.1f}%  {p['executed'] / 1e6:6.2f}M  {p['shared_excess'] / 1e3:6.0f}k  "
+                  + ", ".join(f"{r} {100 * p[r]:.0f}%" for r in top))
+
+
 def main(argv: list[str]) -> int:
+    if "--stalls" in argv:  # --stalls stalls-sass.csv[.gz]: a device's measured stalls by phase
+        with tempfile.TemporaryDirectory() as tmp:
+            print_stalls(compile_kernels(Path(tmp)), Path(argv[argv.index("--stalls") + 1]))
+        return 0
     shape = CUB
     if "--shape" in argv:  # --shape B,D,HW,M
         shape = dict(zip(("B", "D", "HW", "M"), map(int, argv[argv.index("--shape") + 1].split(","))))

@@ -446,14 +446,16 @@ def check_backward_copy_paths(lib) -> str | None:
 def check_backward_plans(lib) -> str | None:
     """grad_z's plan (backward.cuh backward_launch): the sorted one (winners sorted by patch once per block)
     where the scanning plan would need several passes of patches and the sorted plan's shared memory fits,
-    the scanning one otherwise (the CUB shape, many prototypes). None if the launcher picks as expected."""
-    expect = {(80, 128, 49, 2000): 0, (64, 128, 49, 10000): 0, (128, 256, 196, 2000): 1, (32, 512, 784, 2000): 1,
-              (2, 36, 196, 70): 1, (1, 8, 100, 5000): 0, (2, 4, 100, 70000): 0}
-    out = (ctypes.c_longlong * 9)()
-    for (B, D, HW, M), sorted_plan in expect.items():
+    the scanning one otherwise (the CUB shape, many prototypes); and the role order (gp_first: grad_p's blocks
+    first where they add more pairs than grad_z's, 64 B > G M). None if the launcher picks as expected."""
+    expect = {(80, 128, 49, 2000): (0, 1), (64, 128, 49, 10000): (0, 0), (128, 256, 196, 2000): (1, 1),
+              (32, 512, 784, 2000): (1, 1), (2, 36, 196, 70): (1, 1), (1, 8, 100, 5000): (0, 0),
+              (2, 4, 100, 70000): (0, 0), (40, 8, 16, 2000): (0, 0)}  # the last: G = 2 images per grad_z block
+    out = (ctypes.c_longlong * 10)()
+    for (B, D, HW, M), (sorted_plan, gp_first) in expect.items():
         lib.emu_backward_launch(ctypes.byref(BackwardParams(B=B, D=D, HW=HW, M=M)), out)
-        if out[8] != sorted_plan:
-            return f"{(B, D, HW, M)}: gz_sorted = {out[8]}, expected {sorted_plan}"
+        if (out[8], out[9]) != (sorted_plan, gp_first):
+            return f"{(B, D, HW, M)}: (gz_sorted, gp_first) = {(out[8], out[9])}, expected {(sorted_plan, gp_first)}"
     # The scanning plan in two passes (where the sorted plan does not fit; CASES cover the sorted plan at
     # HW > 60) against float64, from random winners (the backward alone: no forward to emulate).
     B, D, HW, M = 1, 8, 100, 5000

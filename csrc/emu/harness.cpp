@@ -44,12 +44,12 @@ extern "C" void emu_forward_launch(const ForwardParams* prm, int slots, long lon
 extern "C" int emu_forward_z_copy(const ForwardParams* prm) { return forward_z_copy(*prm, prm->precision); }
 
 // The launcher's backward launch shape: out = {blocks, gz_blocks, d_slices, G, KT, seg, gp_images, gp_stage,
-// gz_sorted}.
+// gz_sorted, gp_first}.
 extern "C" void emu_backward_launch(const BackwardParams* prm, long long* out) {
   const BackwardLaunch l = backward_launch(*prm);
-  const long long v[9] = {l.blocks, l.gz_blocks, l.d_slices, l.G, l.KT, l.seg, l.gp_images, l.gp_stage,
-                          l.gz_sorted};
-  for (int i = 0; i < 9; ++i) out[i] = v[i];
+  const long long v[10] = {l.blocks, l.gz_blocks, l.d_slices, l.G, l.KT, l.seg, l.gp_images, l.gp_stage,
+                           l.gz_sorted, l.gp_first};
+  for (int i = 0; i < 10; ++i) out[i] = v[i];
 }
 
 extern "C" void emu_backward(const BackwardParams* prm) {
