@@ -161,7 +161,8 @@ def sweep_shape(shape, precision: str, device: torch.device, names: dict | None,
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)
             print(f"  {str(shape):24s} {kernel:24s} {name:20s} "
-                  + (row.get("error") or f"{row['us']:9.1f} us  same {row['same_outputs']}  compiled {row['compiled']}"),
+                  + (row.get("error")
+                     or f"{row['us']:9.1f} us  same {row['same_outputs']}  compiled {row['compiled']}"),
                   flush=True)
     return rows
 

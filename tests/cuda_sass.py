@@ -615,7 +615,8 @@ def print_stalls(kernels: dict, csv_path: Path) -> None:
         print(f"{short}: share of warp-stall samples, executed warp-instructions, excess shared wavefronts, top stalls")
         for phase, p in ph.items():
             top = sorted(STALL_REASONS, key=lambda r: -p[r])[:3]
-            print(f"  {phase:24} {100 * p['share']:5.1f}%  {p['executed'] / 1e6:6.2f}M  {p['shared_excess'] / 1e3:6.0f}k  "
+            print(f"  {phase:24} {100 * p['share']:5.1f}%  {p['executed'] / 1e6:6.2f}M  "
+                  f"{p['shared_excess'] / 1e3:6.0f}k  "
                   + ", ".join(f"{r} {100 * p[r]:.0f}%" for r in top))
 
 

@@ -273,6 +273,28 @@ def test_cuda_sass_phases(tmp_path):
     # the CUB launch (NCHW 7x7 z, 16-byte aligned) stages z densely at "high" and "medium" (16-byte copies only,
     # asserted above for kZDense), by 4-byte copies at "highest"; the budget counts those variants
     assert [cuda_sass.forward_z_copy(cuda_sass.CUB, q) for q in ("highest", "high", "medium")] == [0, 3, 3]
+    # --stalls: a device's ncu source page of this build, by phase. A synthetic page: one sample per HMMA (all in
+    # the search), 2 per LDG with a long-scoreboard reason; a page of other SASS is refused
+    fn, _, _ = kernels["forward_kernel<3, MmaSearch<true>, true>"]
+    cols = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
+            "L1 Wavefronts Shared Excessive", "stall_long_sb", "stall_math"]
+    rows = [[hex(16 * i), f"  @P0 {op} R0, R1 ;" if i % 2 else f"  {op} R0, R1 ;",
+             "1" if op.startswith("HMMA") else "2" if op.startswith("LDG") else "0", "7", "0",
+             "2" if op.startswith("LDG") else "0", "1" if op.startswith("HMMA") else "0"]
+            for i, op in enumerate(fn.opcodes)]
+    text = "\n".join([f'"Kernel Name","{fn.name}",', ",".join(f'"{c}"' for c in cols)]
+                     + [",".join(f'"{v}"' for v in r) for r in rows])
+    (page,) = cuda_sass.ncu_source_pages(text).values()
+    header, table, inner = cuda_sass.SOURCES["forward.cu"]
+    lines, inner_lines = cuda_sass.phase_lines(CSRC / header, table), cuda_sass.inner_lines(CSRC / header, inner)
+    ph = cuda_sass.stall_phases(fn, header, lines, page, inner_lines)
+    n_hmma, n_ldg = (sum(op.startswith(x) for op in fn.opcodes) for x in ("HMMA", "LDG"))
+    assert abs(sum(p["share"] for p in ph.values()) - 1) < 1e-9
+    assert sum(p["executed"] for p in ph.values()) == 7 * len(rows)
+    assert ph["search"]["samples"] >= n_hmma and ph["search"]["math"] > 0
+    assert sum(p["samples"] for p in ph.values()) == n_hmma + 2 * n_ldg
+    with pytest.raises(ValueError, match="not this build"):
+        cuda_sass.stall_phases(fn, header, lines, page[:-1], inner_lines)
 
 
 def test_cuda_sass_candidates():
