@@ -45,8 +45,10 @@ CANDIDATES = {
         "default": {},
         "16 channels": {"meta": {"BLOCK_D": 16}},
         "4 warps": {"options": {"num_warps": 4}},
-        "4 warps, 16 channels": {"options": {"num_warps": 4}, "meta": {"BLOCK_D": 16}},
-        "32 pairs": {"meta": {"BLOCK_M": "half"}},
+        "8 warps": {"options": {"num_warps": 8}},
+        "half the pairs": {"meta": {"BLOCK_M": "half"}},
+        "twice the pairs": {"meta": {"BLOCK_M": "double"}},
+        "4 warps, half the pairs": {"options": {"num_warps": 4}, "meta": {"BLOCK_M": "half"}},
     },
     "_grad_prototypes_kernel": {
         "default": {},
@@ -61,7 +63,7 @@ QUICK_CANDIDATES = {"forward": ["default", "4 images"], "_grad_features_kernel":
 def _apply(meta: dict, options: dict, change: dict) -> tuple[dict, dict]:
     meta, options = dict(meta), dict(options)
     for key, value in change.get("meta", {}).items():
-        meta[key] = max(1, meta[key] // 2) if value == "half" else value
+        meta[key] = max(1, meta[key] // 2) if value == "half" else 2 * meta[key] if value == "double" else value
     options.update(change.get("options", {}))
     return meta, options
 
