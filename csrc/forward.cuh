@@ -695,7 +695,9 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
             // each, from z as it lies) wait on L2, and on an H200 they held the rescoring with 8 in flight
             // (benchmarks/NOTES.md "v12 measured"). The sum's order is unchanged.
             constexpr int kInFlight = kRescoreInFlight[kResident];
-            auto p_chunk = [&](int t, float (&pv)[8]) {  // p[m, 8 s + 32 t + i], i < 8
+            float e = 0.f;
+            auto add_chunk = [&](int t, const float (&zv)[8]) {  // e += (z[8 s + 32 t + i] - p[m, ...])^2, i < 8
+              float pv[8];
               if constexpr (kResident) {
 #pragma unroll
                 for (int h4 = 0; h4 < 2; ++h4) {
@@ -706,39 +708,31 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
 #pragma unroll
                 for (int i = 0; i < 8; ++i) pv[i] = pm[8 * s + 32 * t + i];
               }
+#pragma unroll
+              for (int i = 0; i < 8; ++i) {
+                const float diff = zv[i] - pv[i];
+                e = fmaf(diff, diff, e);
+              }
             };
-            float e = 0.f;
+            auto load_chunk = [&](float (&zv)[8]) {  // z's 8 channels of the chunk at zq; zq to the next chunk
+#pragma unroll
+              for (int i = 0; i < 8; ++i) zv[i] = zq[(uint64_t)usd * i];
+              zq += 32u * usd;
+            };
             int t = 0;
 #pragma unroll 1
             for (; t + kInFlight <= chunks; t += kInFlight) {  // kInFlight chunks' z loads, then their sums
               float zv[kInFlight][8];
 #pragma unroll
-              for (int j = 0; j < kInFlight; ++j) {
+              for (int j = 0; j < kInFlight; ++j) load_chunk(zv[j]);
 #pragma unroll
-                for (int i = 0; i < 8; ++i) zv[j][i] = zq[(uint64_t)usd * i];
-                zq += 32u * usd;
-              }
-#pragma unroll
-              for (int j = 0; j < kInFlight; ++j) {
-                float pv[8];
-                p_chunk(t + j, pv);
-#pragma unroll
-                for (int i = 0; i < 8; ++i) {
-                  const float diff = zv[j][i] - pv[i];
-                  e = fmaf(diff, diff, e);
-                }
-              }
+              for (int j = 0; j < kInFlight; ++j) add_chunk(t + j, zv[j]);
             }
 #pragma unroll 1
             for (; t < chunks; ++t) {  // the whole chunks left (D not a multiple of 32 kInFlight)
-              float pv[8];
-              p_chunk(t, pv);
-#pragma unroll
-              for (int i = 0; i < 8; ++i) {
-                const float diff = zq[(uint64_t)usd * i] - pv[i];
-                e = fmaf(diff, diff, e);
-              }
-              zq += 32u * usd;
+              float zv[8];
+              load_chunk(zv);
+              add_chunk(t, zv);
             }
             const int d = 8 * s + 32 * chunks;
             if (d < D) {  // a last, partial chunk (D % 8 != 0): d + 8 > D

@@ -63,7 +63,7 @@ FORWARD_PHASES = [
     ("(3) compact", "// (3) exact rescoring"),
     ("(3) round", "for (int c0 = 0; c0 < n; c0 += kRescoreBatch) {"),
     ("(3) exact_distance", "// Exact e = sum_d (z[d] - p[d])^2 in fp32"),
-    ("(3) channel loop", "auto p_chunk = [&](int t, float (&pv)[8]) {"),
+    ("(3) channel loop", "auto add_chunk = [&](int t, const float (&zv)[8]) {"),
     ("(3) tail", "const int d = 8 * s + 32 * chunks;"),
     ("(3) exact_distance", "e += __shfl_xor_sync(kFullMask, e, o);"),
     ("(3) fold", "// Fold: the group's first lane takes best[ml]"),
@@ -229,16 +229,22 @@ class PhaseCount:
         return runs * (rest + outer_iters * (len(enclosing[2]) - len(inner[0][2]) + inner_iters * len(inner[0][2])))
 
 
-def phases(fn: Function, file: str, lines: dict[int, str | None],
-           inner: dict[int, tuple[str, str]] | None = None) -> dict[str, PhaseCount]:
-    """Per phase of a kernel function: static and hot instructions and its loops."""
+def phase_tags(fn: Function, file: str, lines: dict[int, str | None],
+               inner: dict[int, tuple[str, str]] | None = None) -> list[str]:
+    """The phase of each of ``fn``'s instructions (phase_of), the forward's pipeline instructions outside every
+    loop being "pipeline setup": hoisted by the compiler before the main loop, run once per block (charged like
+    the prologue)."""
     tags = [phase_of(stack, file, lines, inner) for stack in fn.stacks]
-    # the forward's pipeline instructions outside every loop are its set-up, hoisted by the compiler before the
-    # main loop (run once per block, charged like the prologue)
     in_any_loop = set()
     for _, first, last in fn.loops:
         in_any_loop.update(range(first, last + 1))
-    tags = [t + " setup" if t == "pipeline" and i not in in_any_loop else t for i, t in enumerate(tags)]
+    return [t + " setup" if t == "pipeline" and i not in in_any_loop else t for i, t in enumerate(tags)]
+
+
+def phases(fn: Function, file: str, lines: dict[int, str | None],
+           inner: dict[int, tuple[str, str]] | None = None) -> dict[str, PhaseCount]:
+    """Per phase of a kernel function: static and hot instructions and its loops."""
+    tags = phase_tags(fn, file, lines, inner)
     hot = fn.hot()
     out: dict[str, PhaseCount] = {}
     for op, tag, h in zip(fn.opcodes, tags, hot):
@@ -576,9 +582,8 @@ def stall_phases(fn: Function, file: str, lines: dict[int, str | None], rows: li
                          "instructions, or other opcodes)")
     total = sum(num(r, "Warp Stall Sampling (All Samples)") for r in rows) or 1.0
     out: dict[str, dict[str, float]] = {}
-    for stack, row in zip(fn.stacks, rows):
-        p = out.setdefault(phase_of(stack, file, lines, inner), {"samples": 0.0, "executed": 0.0, "shared_excess": 0.0,
-                                                                 **{r: 0.0 for r in STALL_REASONS}})
+    for tag, row in zip(phase_tags(fn, file, lines, inner), rows):
+        p = out.setdefault(tag, {"samples": 0.0, "executed": 0.0, "shared_excess": 0.0, **{r: 0.0 for r in STALL_REASONS}})
         p["samples"] += num(row, "Warp Stall Sampling (All Samples)")
         p["executed"] += num(row, "Instructions Executed")
         p["shared_excess"] += num(row, "L1 Wavefronts Shared Excessive")
