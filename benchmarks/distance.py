@@ -226,6 +226,12 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def shape_cell(shape) -> str:
+    """A table's shape cell: (B, D, HxW, M)."""
+    B, D, H, W, M = shape
+    return f"({B}, {D}, {H}x{W}, {M})"
+
+
 def markdown(env: dict, rows: list[dict]) -> str:
     lines = [f"# Fused prototype op benchmark: {env['device']}", "",
              f"{env['date']}, torch {env['torch']}, triton {env['triton']}, fp32 inputs, "
@@ -244,8 +250,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
              "| fwd graph (us) | fwd+bwd graph (us) | speed-up fwd+bwd graph | extra memory (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        B, D, H, W, M = r["shape"]
-        head = f"| ({B}, {D}, {H}x{W}, {M}) | {r.get('variant', 'log')} | {r['method']}"
+        head = f"| {shape_cell(r['shape'])} | {r.get('variant', 'log')} | {r['method']}"
         if "error" in r:
             lines.append(f"{head} | error: {r['error']} | | | | | | |")
             continue
@@ -262,10 +267,9 @@ def markdown(env: dict, rows: list[dict]) -> str:
                   "| shape (B, D, HxW, M) | variant | backend | timing | fastest | fwd+bwd (us) | default | "
                   "default fwd+bwd (us) |", "|---|---|---|---|---|---|---|---|"]
         for f in fastest:
-            B, D, H, W, M = f["shape"]
             default_us = "-" if f["default_us"] is None else f"{f['default_us']:.1f}"
             timing = "graph" if f["timing"] == "fwd_bwd_graph_us" else "launched"
-            lines.append(f"| ({B}, {D}, {H}x{W}, {M}) | {f['variant']} | {f['backend']} | {timing} | {f['fastest']} "
+            lines.append(f"| {shape_cell(f['shape'])} | {f['variant']} | {f['backend']} | {timing} | {f['fastest']} "
                          f"| {f['fastest_us']:.1f} | {f['default']} | {default_us} |")
     return "\n".join(lines) + "\n"
 

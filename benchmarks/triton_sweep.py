@@ -19,12 +19,11 @@ import argparse
 import contextlib
 import datetime
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from distance import graphed, shape_cell, timer as launched_timer  # benchmarks/ is on sys.path as a script
 from protokern.kernels import prototype_distance as pd
 
 DEFAULT_SHAPES = [(80, 128, 7, 7, 2000), (128, 256, 14, 14, 2000)]
@@ -109,22 +108,9 @@ def compiled_stats(jit_fn) -> dict:
 
 
 def timer(device: torch.device):
-    if device.type == "cuda":
-        import triton.testing
-        from distance import graphed  # benchmarks/distance.py (this folder is on sys.path when run as a script)
-
-        return lambda fn: triton.testing.do_bench(graphed(fn), warmup=25, rep=150, return_mode="median") * 1e3
-
-    def cpu_time(fn):
-        fn()
-        samples = []
-        for _ in range(2):
-            t = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t)
-        return statistics.median(samples) * 1e6
-
-    return cpu_time
+    """Microseconds of fn: CUDA-graph replays on a GPU, launched calls on the CPU (benchmarks/distance.py's)."""
+    measure = launched_timer(device)
+    return (lambda fn: measure(graphed(fn))) if device.type == "cuda" else measure
 
 
 def sweep_shape(shape, precision: str, device: torch.device, names: dict | None, measure) -> list[dict]:
@@ -178,8 +164,7 @@ def markdown(env: dict, rows: list[dict]) -> str:
              "| shape (B, D, HxW, M) | kernel | candidate | time (us) | vs default | same outputs | compiled |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        B, D, H, W, M = r["shape"]
-        head = f"| ({B}, {D}, {H}x{W}, {M}) | {r['kernel']} | {r['candidate']}"
+        head = f"| {shape_cell(r['shape'])} | {r['kernel']} | {r['candidate']}"
         if "error" in r:
             lines.append(f"{head} | error: {r['error']} | | | |")
             continue
