@@ -41,6 +41,7 @@ from protokern.kernels import search_bound
 # truncates itself, bounded by their residuals (search_bound.truncated_tf32_bound) (also the names of their
 # search_bound levels). The precision only changes the search's speed, never its result.
 INPUT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 MAX_PROGRAMS = 2 ** 31 - 1  # CUDA grid axis 0 limit; larger problems launch in runs of images
 MAX_GRID_YZ = 65535  # CUDA grid axes 1 and 2 limit
 TARGET_PROGRAMS = 1024  # the forward packs images into programs while at least this many remain (~8 per SM)
@@ -64,6 +65,13 @@ _FORWARD_OPTIONS = {"highest": (8, 1), "high": (8, 1), "medium": (8, 1)}
 # "Triton v7"); every smaller tile does.
 TENSOR_CORE_MAX_REGISTERS = 128
 TENSOR_CORE_MAX_TILE = 64 * 32
+# ... and at most 32 patches, two such tiles a step (PAIRED) where the map has more: the rescoring rounds then
+# follow the threshold of 64 patches and take each row's candidates from the bits of two int32 words (NOTES.md
+# "Triton v11").
+TENSOR_CORE_MAX_PATCHES = 32
+# Pairs of 64 x 32 tiles spill on Triton 3.8 (24 bytes; 288 with the p tile resident): there only tiles of 16 and
+# 32 prototypes pair. Triton 3.6 compiles every paired tile without spills (sm90_gate.py --all, on both).
+PAIRED_MAX_ROWS = 64 if TRITON_VERSION < (3, 8) else 32
 # ptxas's register cap for the "highest" forward's tiles smaller than 64 x 64: left to choose, ptxas aims at
 # 64-128 registers for some of them and spills 8-200 bytes (11 configurations on Triton 3.8 / ptxas 13, 2
 # others on Triton 3.6); with 255 it keeps everything in registers. The 64 x 64 tile keeps ptxas's own choice
@@ -72,7 +80,6 @@ TENSOR_CORE_MAX_TILE = 64 * 32
 # since the rescoring runs over channel tiles); Triton 3.6's code spills under that cap (480 bytes) and keeps
 # ptxas's choice (200). Checked by sm90_gate.py --all on both.
 SMALL_TILE_MAX_REGISTERS = 255
-TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 STREAMED_P_MAX_REGISTERS = {"highest": 128} if TRITON_VERSION >= (3, 8) else {}
 GRAD_Z_PATCH_TILES = (16, 32, 64)  # BLOCK_Q from HW
 GRAD_Z_PAIRS = 64  # (image, prototype) pairs per step of grad_z: IMAGES * BLOCK_M
@@ -101,7 +108,7 @@ def _forward_kernel(
     B, D, HW, M, IMAGES, eps, one_minus_eps, coef, tiny, res_coef,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
+    P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr,
 ):
     """One program per (block of IMAGES images, prototype tile), folded into grid axis 0 (no 65535 limit on B).
 
@@ -111,16 +118,19 @@ def _forward_kernel(
     coef ((|z| + |p|)^2 + tiny) >= |a~ - e| (coef and its derivation: ``search_bound.py``); "tf32" truncates
     its operands itself and adds res_coef |p| (|z_lo| + rho_p |z|) from its operands' residual norms, rho_p
     the tile's largest |p_lo| / |p| (``search_bound.truncated_tf32_bound``), where the generic "tf32" bound
-    would take a coef 64x the others'. Each patch
-    tile lowers the running threshold thr = min (a~ + delta), then rescores exactly every patch of
-    the tile with a~ - delta <= thr or a~ not finite (a superset of the candidates of the final threshold,
-    since thr only decreases), one candidate per row at a time in increasing patch order, all rows at once
-    over (BLOCK_M, RESCORE_LANES) channel tiles. The exact distance
+    would take a coef 64x the others'. Each step (one patch tile, or two when PAIRED) lowers the running
+    threshold thr = min (a~ + delta), then rescores exactly every patch of the step with a~ - delta <= thr or
+    a~ not finite (a superset of the candidates of the final threshold, since thr only decreases), one
+    candidate per row at a time in increasing patch order (a round, ``_rescore``), all rows at once over
+    (BLOCK_M, RESCORE_LANES) channel tiles; a row's candidates are the bits of int32 words in tiles of up to
+    32 patches (no reduction per round), a mask in wider ones. The exact distance
     is summed in the fixed order of RESCORE_LANES (lanes over channels, then a pairwise tree): its bits depend
     neither on the search's tile sizes nor on its warps, so every precision returns the same (distance,
     index). Winner: the first NaN patch if any (distance NaN), else the first patch of smallest exact
     distance (a patch holding +-inf is at +inf; if all are, patch 0).
     """
+    STEP_K: tl.constexpr = 2 * BLOCK_K if PAIRED else BLOCK_K
+    tl.static_assert(BLOCK_K <= 32 or not PAIRED)  # a row's candidates of a tile: the bits of one int32
     pid = tl.program_id(0)
     m_tiles = tl.cdiv(M, BLOCK_M)
     pid_m = pid % m_tiles
@@ -160,33 +170,48 @@ def _forward_kernel(
         best = tl.full((BLOCK_M,), inf, dtype=tl.float32)
         best_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)  # HW: none yet
         nan_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)
-        for k0 in range(0, HW, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+        for k0 in range(0, HW, STEP_K):
             lo, thr = _search_tile(z_base, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr, k0, D, HW, coef, tiny,
                                    res_coef, stride_zd, stride_zk, stride_pd, BLOCK_M, BLOCK_K, BLOCK_D,
                                    P_RESIDENT, PRECISION)
-            cand = lo <= thr[:, None]
-            count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
-            while count > 0:
-                k = tl.min(tl.where(cand, offs_k[None, :], HW), axis=1)  # each row's next candidate
-                active = k < HW
-                z_col = z_base + tl.where(active, k, 0).to(tl.int64) * stride_zk
-                lanes = tl.zeros((BLOCK_M, RESCORE_LANES), dtype=tl.float32)
-                for d0 in range(0, D, RESCORE_LANES):  # lane e sums d = e, e + 32, ... in order
-                    offs_e = d0 + tl.arange(0, RESCORE_LANES)
-                    mask = active[:, None] & (offs_e[None, :] < D)
-                    zd = tl.load(z_col[:, None] + offs_e[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
-                    pd = tl.load(p_rows + offs_e[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
-                    diff = zd - pd
-                    lanes += diff * diff
-                e = _lane_tree_sum(lanes, BLOCK_M)
-                is_nan = e != e
-                nan_idx = tl.where(active & is_nan & (nan_idx == HW), k, nan_idx)
-                better = active & (is_nan == 0) & ((e < best) | (best_idx == HW))
-                best = tl.where(better, e, best)
-                best_idx = tl.where(better, k, best_idx)
-                cand = cand & (offs_k[None, :] != k[:, None])
+            lo_next = lo  # PAIRED: the next tile's bounds (NaN, never a candidate, past the last patch)
+            if PAIRED:
+                if k0 + BLOCK_K < HW:
+                    lo_next, thr = _search_tile(z_base, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr,
+                                                k0 + BLOCK_K, D, HW, coef, tiny, res_coef, stride_zd, stride_zk,
+                                                stride_pd, BLOCK_M, BLOCK_K, BLOCK_D, P_RESIDENT, PRECISION)
+                else:
+                    lo_next = tl.full((BLOCK_M, BLOCK_K), float("nan"), dtype=tl.float32)
+            # A round rescores each row's next candidate, in increasing patch order (ties keep the first).
+            if BLOCK_K > 32:  # "highest"'s 64-patch tiles: the candidates as a mask
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                cand = lo <= thr[:, None]  # -inf (a~ not finite): always; NaN (outside the problem): never
                 count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
+                while count > 0:
+                    k = tl.min(tl.where(cand, offs_k[None, :], HW), axis=1)
+                    best, best_idx, nan_idx = _rescore(z_base, p_rows, k, k < HW, best, best_idx, nan_idx, D, HW,
+                                                       stride_zd, stride_zk, stride_pd, BLOCK_M)
+                    cand = cand & (offs_k[None, :] != k[:, None])
+                    count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
+            else:  # tiles of at most 32 patches (two when PAIRED): a row's candidates as the bits of int32 words,
+                # patch k0 + j is bit j of low_bits (j < BLOCK_K) or bit j - BLOCK_K of high_bits
+                cand = lo <= thr[:, None]
+                count = tl.sum(cand.to(tl.int32), axis=1)
+                low_bits = _bit_word(cand, BLOCK_K)
+                high_bits = low_bits * 0
+                if PAIRED:
+                    cand = lo_next <= thr[:, None]
+                    count += tl.sum(cand.to(tl.int32), axis=1)
+                    high_bits = _bit_word(cand, BLOCK_K)
+                for _ in range(tl.max(count, axis=0)):
+                    in_low = low_bits != 0
+                    word = tl.where(in_low, low_bits, high_bits)
+                    low = word & -word  # the lowest set bit (0 when the row has no candidate left)
+                    low_bits = tl.where(in_low, low_bits ^ low, low_bits)
+                    high_bits = tl.where(in_low, high_bits, high_bits ^ low)
+                    k = k0 + _bit_index(low) + tl.where(in_low, 0, BLOCK_K)
+                    best, best_idx, nan_idx = _rescore(z_base, p_rows, k, low != 0, best, best_idx, nan_idx, D, HW,
+                                                       stride_zd, stride_zk, stride_pd, BLOCK_M)
 
         has_nan = nan_idx < HW
         exact = tl.where(has_nan, float("nan"), best)
@@ -202,6 +227,42 @@ def _forward_kernel(
         tl.store(idx_ptr + out, win.to(tl.int64), mask=m_mask)
         z_base += stride_zb
         out += M
+
+
+@triton.jit
+def _rescore(z_base, p_rows, k, active, best, best_idx, nan_idx, D, HW, stride_zd, stride_zk, stride_pd,
+             BLOCK_M: tl.constexpr):
+    """One candidate round: the exact distance sum_d (z[:, k] - p)^2 of each active row's candidate patch k, in the
+    fixed order of RESCORE_LANES, and the rows' (best, best_idx, nan_idx) updated with it (candidates come in
+    increasing patch order: the first NaN and the first of equal minima win)."""
+    z_col = z_base + tl.where(active, k, 0).to(tl.int64) * stride_zk
+    lanes = tl.zeros((BLOCK_M, RESCORE_LANES), dtype=tl.float32)
+    for d0 in range(0, D, RESCORE_LANES):  # lane e sums d = e, e + 32, ... in order
+        offs_e = d0 + tl.arange(0, RESCORE_LANES)
+        mask = active[:, None] & (offs_e[None, :] < D)
+        zd = tl.load(z_col[:, None] + offs_e[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
+        pd = tl.load(p_rows + offs_e[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
+        diff = zd - pd
+        lanes += diff * diff
+    e = _lane_tree_sum(lanes, BLOCK_M)
+    is_nan = e != e
+    nan_idx = tl.where(active & is_nan & (nan_idx == HW), k, nan_idx)
+    better = active & (is_nan == 0) & ((e < best) | (best_idx == HW))
+    return tl.where(better, e, best), tl.where(better, k, best_idx), nan_idx
+
+
+@triton.jit
+def _bit_word(cand, BLOCK_K: tl.constexpr):
+    """Per row of cand (BLOCK_M, BLOCK_K <= 32): the int32 whose bit j is cand[:, j] (the bits are disjoint, so
+    their sum is their or, bit 31 included)."""
+    return tl.sum(tl.where(cand, 1 << tl.arange(0, BLOCK_K)[None, :], 0), axis=1)
+
+
+@triton.jit
+def _bit_index(low):
+    """i of int32 values low = 2^i (the float32 conversion of a power of two is exact and its exponent field
+    holds 127 + i, also for 2^31, negative as int32); garbage for low = 0."""
+    return ((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 255) - 127
 
 
 @triton.jit
@@ -524,9 +585,10 @@ def forward_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]
     block_k = _pow2(HW, FORWARD_TILES[0], FORWARD_TILES[-1])
     tensor_cores = precision != "highest"
     if tensor_cores:
-        block_k = min(block_k, TENSOR_CORE_MAX_TILE // block_m)
+        block_k = min(block_k, TENSOR_CORE_MAX_TILE // block_m, TENSOR_CORE_MAX_PATCHES)
     meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=FORWARD_SLICE,
-                P_RESIDENT=D <= FORWARD_SLICE, PRECISION=INPUT_PRECISION[precision])
+                P_RESIDENT=D <= FORWARD_SLICE, PRECISION=INPUT_PRECISION[precision],
+                PAIRED=tensor_cores and HW > block_k and block_m <= PAIRED_MAX_ROWS)
     options = dict(num_warps=num_warps, num_stages=num_stages)
     if tensor_cores:
         options["maxnreg"] = TENSOR_CORE_MAX_REGISTERS

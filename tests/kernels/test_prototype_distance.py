@@ -333,8 +333,8 @@ def test_search_dot_3xtf32_split_is_within_its_bound():
 @pytest.mark.parametrize("HW", [49, 70])
 def test_tensor_core_tiles_give_the_same_bits(HW):
     """Where "highest" takes 64 x 64 tiles, the tensor-core searches take 64 x 32 under the 128-register cap
-    (each tile's candidates rescored against the threshold of the patches searched so far): the same bits as
-    "highest", the contract's winners."""
+    (candidates rescored against the threshold of the patches searched so far: one tile, or two when PAIRED):
+    the same bits as "highest", the contract's winners."""
     from tests.reference import contract_result
 
     g = torch.Generator().manual_seed(6)
@@ -355,6 +355,40 @@ def test_tensor_core_tiles_give_the_same_bits(HW):
     _, dist, idx = results["medium"]
     assert torch.equal(idx, ref_idx) and rel_err(dist, ref_dist) < 1e-6
     assert idx[1, 9].item() == 45 and dist[1, 9].item() == 0.0 and idx[2, 60].item() == 3
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("HW, M", [(33, 20), (64, 70), (70, 40)], ids=str)
+def test_paired_tiles_and_candidate_bits_give_the_contract_winners(monkeypatch, HW, M):
+    """Tensor-core searches take two 32-patch tiles a step (PAIRED) and each row's candidates as the bits of two
+    int32 words, whatever PAIRED_MAX_ROWS allows on this Triton version: both ways, every precision gives the
+    contract's winners, bit for bit the same. Every patch a candidate (all equal: 64 rounds, patch 0 wins),
+    ties across bit 31 of the low word and bit 0 of the high word, an exact hit on the last bit, a NaN patch."""
+    from tests.reference import contract_result
+
+    g = torch.Generator().manual_seed(7)
+    z3, p = torch.rand(4, 24, HW, generator=g), torch.rand(M, 24, generator=g)
+    z3[0] = p[1][:, None]  # image 0: every patch is prototype 1
+    z3[1, :, 31] = p[2]
+    z3[1, :, 32] = p[2]  # a tie between bit 31 of the low word and bit 0 of the high word: 31 wins
+    z3[2, :, min(HW, 64) - 1] = p[3]  # the last bit of the step
+    z3[3, 5, HW - 2] = float("nan")  # every prototype's winner in image 3: the NaN patch
+    ref_dist, ref_idx = contract_result(z3, p)
+    results = []
+    for rows in (0, 64):  # PAIRED never, PAIRED for every tile size
+        monkeypatch.setattr(K, "PAIRED_MAX_ROWS", rows)
+        for precision in ("high", "medium"):
+            meta, _ = K.forward_config(24, HW, M, precision)
+            assert meta["BLOCK_K"] == 32 and meta["PAIRED"] == (rows == 64)
+            results.append(K.forward(z3, p, 1e-4, precision))
+    _, dist, idx = results[0]
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(dist.isnan(), ref_dist.isnan()) and rel_err(dist[:3], ref_dist[:3]) < 1e-6
+    assert (idx[0] == 0).all() and idx[1, 2].item() == 31 and idx[2, 3].item() == min(HW, 64) - 1
+    assert (idx[3] == HW - 2).all() and dist[3].isnan().all()
+    for other in results[1:]:  # the same bits (NaN where NaN)
+        assert torch.equal(other[2], idx)
+        assert all(torch.allclose(a, b, rtol=0, atol=0, equal_nan=True) for a, b in zip(other[:2], results[0][:2]))
 
 
 @functools.cache  # one compile per distinct argument list and test session
