@@ -18,9 +18,9 @@ are bitwise reproducible.
   the block, forms each pair's contribution ``g (z_win - p)`` (g as grad_p wrote it) in the difference form (the
   winning z rows gathered), and adds ``sel @ contributions`` with tensor-core dots whose products are exact (the
   contributions are split into three TF32-exact parts, ``sel`` is 0/1). Only the pairs won in the tile are
-  gathered; in tiles smaller than their image (COMPACT) a prefix sum queues them so that the dots run on full
-  steps of won pairs. Non-finite contributions take a separate exact path, so a NaN or inf pair reaches its own
-  winning patch only.
+  gathered; in tiles smaller than their image (COMPACT) a prefix sum lists them first, once per (image, tile)
+  (``_won_pairs_kernel``), so that the dots run on full steps of won pairs. Non-finite contributions take a
+  separate exact path, so a NaN or inf pair reaches its own winning patch only.
 * ``grad_p``: one program per (prototype tile, channel tile, run of images), looping over its images in
   order with the winning z rows gathered; the partial sums of the runs are then reduced in a fixed order.
   Its first channel tile writes g[b, m] = grad_d + grad_sim * d(sim)/d(d) for grad_z.
@@ -84,11 +84,13 @@ STREAMED_P_MAX_REGISTERS = {"highest": 128} if TRITON_VERSION >= (3, 8) else {}
 GRAD_Z_PATCH_TILES = (16, 32, 64)  # BLOCK_Q from HW
 GRAD_Z_PAIRS = 64  # (image, prototype) pairs per step of grad_z: IMAGES * BLOCK_M
 GRAD_Z_CHANNEL_TILES = (16, 32)  # BLOCK_D of grad_z, from D (64 channels spill or reach 255 registers)
-# Tiles of part of an image (COMPACT: HW > BLOCK_Q) take 32 pairs per step: 104 registers, 2 blocks of 256
-# threads per SM, against 210 registers and 1 block at 64 pairs; measured on an H200 (benchmarks/results/
-# triton-sweep-2026-11-30-h200.md) the backward at (128, 256, 14x14, 2000) in 1502 us against 2226. (4 warps
-# ran it in 1430 us, but at 255 registers, spilling 72 bytes on Triton 3.8.)
+# Tiles of part of an image (COMPACT: HW > BLOCK_Q) take 32 pairs per step: measured on an H200 with the
+# in-kernel queue (benchmarks/results/triton-sweep-2026-11-30-h200.md: 104 registers, 2 blocks of 256 threads
+# per SM, against 210 and 1 block at 64 pairs) the backward at (128, 256, 14x14, 2000) in 1502 us against
+# 2226. Since the won pairs come listed (_won_pairs_kernel), 73 registers at 32 pairs and 148 at 64 on
+# Triton 3.8 (NOTES.md "Triton v12"; not measured).
 GRAD_Z_COMPACT_PAIRS = 32
+WON_PAIRS_BLOCK = 1024  # prototypes per step of _won_pairs_kernel (which lists the won pairs of COMPACT tiles)
 # The 64-patch grad_z tiles of whole images run 4 warps capped at 128 registers: 4 blocks per SM, all of the
 # CUB shape's 320 programs in one wave (8 warps at 128 registers: 2 blocks per SM, 1.2 waves). Measured on an
 # H200 (same file): the backward at (80, 128, 7x7, 2000) in 141 us against 214 with 8 warps, the same bits;
@@ -462,7 +464,7 @@ def _add_non_finite(acc, rows, q0, idx_b, g_b, z_b, p_ptr, pair_j, z_img, q_base
 
 @triton.jit
 def _grad_features_kernel(
-    g_ptr, idx_ptr, z_ptr, p_ptr, gz_ptr,
+    g_ptr, idx_ptr, z_ptr, p_ptr, gz_ptr, won_ptr, won_count_ptr,
     B, D, HW, M,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
     IMAGES: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -482,9 +484,11 @@ def _grad_features_kernel(
     +inf, -inf or NaN per patch, which is what any summation order gives. Only the pairs that won a patch of
     the tile are gathered.
 
-    COMPACT (a tile smaller than its image, IMAGES = 1): the pairs won in the tile are queued in scan order
-    (a prefix sum places them) and the dots run on full queues of BLOCK_M won pairs only (and the last,
-    partial one), so the dot work is that of the tile's won pairs, not of all the image's pairs.
+    COMPACT (a tile smaller than its image, IMAGES = 1): the prototypes that won a patch of the tile, in
+    increasing order, come from ``_won_pairs_kernel`` (won_ptr: a row of M per (image, tile), the program's
+    own; won_count_ptr: how many), and the dots run on full steps of BLOCK_M of them (and the last, partial
+    one): the dot work is that of the tile's won pairs, and the image's pairs are scanned once per tile, not
+    once per channel tile.
     """
     pid = tl.program_id(0)
     q_tiles = tl.cdiv(IMAGES * HW, BLOCK_Q)
@@ -508,25 +512,14 @@ def _grad_features_kernel(
     live_b = b_j < B
     if COMPACT:
         tl.static_assert(IMAGES == 1)
-        queue = tl.zeros((BLOCK_M,), dtype=tl.int32)  # queued prototypes; slots >= fill hold 0
-        fill = b0 * 0  # int32
-        for m0 in range(0, M, BLOCK_M):
-            m_j = m0 + offs_j
-            k_j = tl.load(idx_ptr + b0.to(tl.int64) * M + m_j, mask=m_j < M, other=0).to(tl.int32)
-            won = (m_j < M) & (k_j >= q0) & (k_j < q0 + BLOCK_Q)
-            n = tl.sum(won.to(tl.int32), axis=0)
-            if n > 0:
-                slot = fill + tl.cumsum(won.to(tl.int32), axis=0) - 1  # fill.. in scan order, may pass BLOCK_M
-                hit = won[None, :] & (slot[None, :] == offs_j[:, None])  # (queue slot, scanned pair)
-                queue += tl.sum(tl.where(hit, m_j[None, :], 0), axis=1)
-                if fill + n >= BLOCK_M:  # a full queue: its dots, then the overflow starts the next one
-                    acc, bad = _add_queue(acc, bad, queue, BLOCK_M, q0, rows, offs_d, d_mask, idx_b, g_b, z_b,
-                                          p_ptr, stride_zd, stride_zk, stride_pm, stride_pd, BLOCK_M)
-                    hit = won[None, :] & (slot[None, :] == offs_j[:, None] + BLOCK_M)
-                    queue = tl.sum(tl.where(hit, m_j[None, :], 0), axis=1)
-                fill = (fill + n) % BLOCK_M
-        acc, bad = _add_queue(acc, bad, queue, fill, q0, rows, offs_d, d_mask, idx_b, g_b, z_b, p_ptr, stride_zd,
-                              stride_zk, stride_pm, stride_pd, BLOCK_M)
+        won_b = won_ptr + pid.to(tl.int64) * M  # the program's row: (image, tile) = (b0, pid % q_tiles)
+        n_won = tl.load(won_count_ptr + pid)
+        for s0 in range(0, n_won, BLOCK_M):
+            used = s0 + offs_j < n_won
+            m_j = tl.load(won_b + s0 + offs_j, mask=used, other=0)
+            k_j = tl.load(idx_b + m_j, mask=used, other=0).to(tl.int32)
+            acc, bad = _add_won_pairs(acc, bad, rows, k_j - q0, used, m_j, z_b, k_j * stride_zk, m_j, offs_d, d_mask,
+                                      g_b, p_ptr, stride_zd, stride_pm, stride_pd)
     else:
         for m0 in range(0, M, BLOCK_M):
             m_j = m0 + offs_j % BLOCK_M
@@ -546,13 +539,24 @@ def _grad_features_kernel(
 
 
 @triton.jit
-def _add_queue(acc, bad, queue, fill, q0, rows, offs_d, d_mask, idx_b, g_b, z_b, p_ptr, stride_zd, stride_zk,
-               stride_pm, stride_pd, SLOTS: tl.constexpr):
-    """``_add_won_pairs`` for the first ``fill`` queued prototypes of the program's image (COMPACT grad_z)."""
-    used = tl.arange(0, SLOTS) < fill
-    k = tl.load(idx_b + queue, mask=used, other=0).to(tl.int32)
-    return _add_won_pairs(acc, bad, rows, k - q0, used, queue, z_b, k * stride_zk, queue, offs_d, d_mask, g_b, p_ptr,
-                          stride_zd, stride_pm, stride_pd)
+def _won_pairs_kernel(idx_ptr, won_ptr, won_count_ptr, M, HW, BLOCK_Q: tl.constexpr, BLOCK: tl.constexpr):
+    """For COMPACT grad_z: program (image b, patch tile t) writes the prototypes m whose winning patch idx[b, m]
+    lies in tile t, in increasing order, to won_ptr's row b * tiles + t (a prefix sum places them), and their
+    number to won_count_ptr. Integer work only: the same list on every run."""
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(HW, BLOCK_Q)
+    q0 = (pid % tiles) * BLOCK_Q
+    idx_b = idx_ptr + (pid // tiles).to(tl.int64) * M
+    won_b = won_ptr + pid.to(tl.int64) * M
+    fill = pid * 0
+    for m0 in range(0, M, BLOCK):
+        m = m0 + tl.arange(0, BLOCK)
+        k = tl.load(idx_b + m, mask=m < M, other=-1)
+        won = (m < M) & (k >= q0) & (k < q0 + BLOCK_Q)
+        slot = fill + tl.cumsum(won.to(tl.int32), axis=0) - 1
+        tl.store(won_b + slot, m, mask=won)
+        fill += tl.sum(won.to(tl.int32), axis=0)
+    tl.store(won_count_ptr + pid, fill)
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -610,7 +614,8 @@ def forward_images_per_program(B: int, M: int, block_m: int) -> int:
 
 
 def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
-    """(constexpr arguments, launch options) of the two backward kernels, by kernel name.
+    """(constexpr arguments, launch options) of the backward kernels, by kernel name (``_won_pairs_kernel`` only
+    for COMPACT grad_z tiles).
 
     grad_z: BLOCK_Q patches (the next power of two of HW in 16..64); when several whole images fit a tile,
     the tile holds IMAGES of them (a power of two) and the GRAD_Z_PAIRS pairs of a step are IMAGES x BLOCK_M
@@ -628,13 +633,16 @@ def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
     while 2 * images * HW <= block_q:
         images *= 2
     pairs = GRAD_Z_COMPACT_PAIRS if HW > block_q else GRAD_Z_PAIRS
-    return {
+    configs = {
         "_grad_prototypes_kernel": (
             dict(BLOCK_M=16, BLOCK_D=_pow2(D, GRAD_P_CHANNEL_TILES[0], GRAD_P_CHANNEL_TILES[-1])), {}),
         "_grad_features_kernel": (
             dict(IMAGES=images, BLOCK_Q=block_q, BLOCK_M=pairs // images,
                  BLOCK_D=gz_channels, COMPACT=HW > block_q), gz_options),
     }
+    if HW > block_q:  # COMPACT: each (image, tile)'s won prototypes listed first
+        configs["_won_pairs_kernel"] = (dict(BLOCK_Q=block_q, BLOCK=WON_PAIRS_BLOCK), {})
+    return configs
 
 
 def launch_configs(shapes=None) -> list[tuple[str, dict, dict]]:
@@ -693,7 +701,8 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
 
 
 def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
-    """Hand-written backward: (grad_z3 (B, D, HW) contiguous float32, grad_p (M, D) float32); no sort."""
+    """Hand-written backward: (grad_z3 (B, D, HW) contiguous float32, grad_p (M, D) float32); no sort (maps of
+    several grad_z tiles list each tile's won prototypes by a prefix sum, ``_won_pairs_kernel``)."""
     B, D, HW = z3.shape
     M = p.shape[0]
     z3 = channels_innermost(z3)
@@ -721,7 +730,12 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     meta, options = configs["_grad_features_kernel"]
     grad_z = torch.empty((B, D, HW), device=z3.device, dtype=torch.float32)
     blocks = triton.cdiv(B, meta["IMAGES"]) * triton.cdiv(meta["IMAGES"] * HW, meta["BLOCK_Q"])
+    won, won_count = idx, idx  # unused unless COMPACT
+    if meta["COMPACT"]:  # each (image, patch tile)'s won prototypes, listed once for all its channel tiles
+        won = torch.empty((blocks, M), device=z3.device, dtype=torch.int32)
+        won_count = torch.empty((blocks,), device=z3.device, dtype=torch.int32)
+        _won_pairs_kernel[(blocks,)](idx, won, won_count, M, HW, **configs["_won_pairs_kernel"][0])
     _grad_features_kernel[(blocks, triton.cdiv(D, meta["BLOCK_D"]))](
-        g, idx, z3, p, grad_z, B, D, HW, M, *strides, **meta, **options,
+        g, idx, z3, p, grad_z, won, won_count, B, D, HW, M, *strides, **meta, **options,
     )
     return grad_z, grad_p

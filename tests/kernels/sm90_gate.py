@@ -38,6 +38,7 @@ ARCH = 90
 # constant and tells the compiler which integers are multiples of 16 and which pointers 16-byte aligned;
 # without these values the offline compile sees plain i32 arguments (the kernel the gate checks for every
 # configuration, with more address arithmetic and narrower loads than the one launched at this shape).
+POINTER_TYPES = {"idx_ptr": "*i64", "won_ptr": "*i32", "won_count_ptr": "*i32"}  # the others: float32
 CUB_RUNTIME = dict(B=80, D=128, HW=49, M=2000, stride_zb=128 * 49, stride_zd=1, stride_zk=128, stride_pm=128,
                    stride_pd=1)
 
@@ -54,7 +55,7 @@ def _signature(fn, meta: dict, runtime: dict | None = None) -> tuple[dict, dict,
             constexprs[(at,)] = meta[name] if name in meta else 1
             continue
         if name.endswith("_ptr"):
-            types[name] = "*i64" if name == "idx_ptr" else "*fp32"
+            types[name] = POINTER_TYPES.get(name, "*fp32")
         elif name in ("eps", "one_minus_eps", "coef", "tiny", "res_coef"):
             types[name] = "fp32"
         else:

@@ -413,12 +413,13 @@ def _run_gate(*args: str) -> list[dict]:
 @pytest.mark.slow
 def test_every_triton_launch_configuration_compiles_for_sm90_without_spills():
     """Issue 10's CPU gate: every configuration in ``launch_configs()`` (every tile size, precision and both
-    backward kernels) compiled offline for sm_90 (no GPU) spills nothing and fits the SM's shared memory.
+    backward kernel) compiled offline for sm_90 (no GPU) spills nothing and fits the SM's shared memory.
     Prints registers and shared memory per configuration (pytest -s). About 2 minutes on 2 CPU cores.
     The tensor-core forward configurations hold 2 blocks of 256 threads per SM (<= 128 registers)."""
     results = _run_gate("--all")
     assert len(results) == len(K.launch_configs())
-    assert {r["kernel"] for r in results} == {"_forward_kernel", "_grad_prototypes_kernel", "_grad_features_kernel"}
+    assert {r["kernel"] for r in results} == {"_forward_kernel", "_grad_prototypes_kernel", "_grad_features_kernel",
+                                              "_won_pairs_kernel"}
     assert {r.get("PRECISION") for r in results} >= {"ieee", "tf32x3", "tf32"}
     assert {r.get("P_RESIDENT") for r in results} >= {True, False}
     # 2 blocks of 256 threads per SM for every tensor-core search ("high", "medium"), on Triton 3.6 and 3.8
