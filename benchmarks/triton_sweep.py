@@ -34,7 +34,7 @@ EPS = 1e-4
 CANDIDATES = {
     "forward": {
         "default": {},
-        "unpaired": {"meta": {"PAIRED": False}},  # one 32-patch tile a step (Triton 3.8's choice at 64 rows)
+        "unpaired": {"meta": {"PAIRED": False}},  # one 32-patch tile a step
         "4 images": {"images": 4},
         "8 images": {"images": 8},
         "32 x 64 tiles": {"meta": {"BLOCK_M": 32, "BLOCK_K": 64}},

@@ -49,6 +49,7 @@ TARGET_PROGRAMS = 1024  # the forward packs images into programs while at least 
 # Tile sizes a launcher can pick (powers of two; each tile's size follows its problem dimension).
 FORWARD_TILES = (16, 32, 64)  # BLOCK_M from M, BLOCK_K from HW
 FORWARD_SLICE = 32  # channels per step of the forward search
+NORMS_TILE = 64  # patches per program of _patch_norms_kernel
 # The exact rescoring's summation order, the same in every configuration, compiled or interpreted: lane e of
 # RESCORE_LANES sums (z_d - p_d)^2 over d = e, e + 32, ... in order, then a pairwise tree adds the lanes
 # (``_lane_tree_sum``). Built from elementwise adds only, so it depends on no tile size, warp count or
@@ -69,9 +70,6 @@ TENSOR_CORE_MAX_TILE = 64 * 32
 # follow the threshold of 64 patches and take each row's candidates from the bits of two int32 words (NOTES.md
 # "Triton v11").
 TENSOR_CORE_MAX_PATCHES = 32
-# Pairs of 64 x 32 tiles spill on Triton 3.8 (24 bytes; 288 with the p tile resident): there only tiles of 16 and
-# 32 prototypes pair. Triton 3.6 compiles every paired tile without spills (sm90_gate.py --all, on both).
-PAIRED_MAX_ROWS = 64 if TRITON_VERSION < (3, 8) else 32
 # ptxas's register cap for the "highest" forward's tiles smaller than 64 x 64: left to choose, ptxas aims at
 # 64-128 registers for some of them and spills 8-200 bytes (11 configurations on Triton 3.8 / ptxas 13, 2
 # others on Triton 3.6); with 255 it keeps everything in registers. The 64 x 64 tile keeps ptxas's own choice
@@ -106,21 +104,24 @@ _GRAD_Z_OPTIONS = dict(num_warps=8, num_stages=1)
 
 @triton.jit
 def _forward_kernel(
-    z_ptr, p_ptr, sim_ptr, dist_ptr, idx_ptr,
+    z_ptr, p_ptr, norms_ptr, sim_ptr, dist_ptr, idx_ptr,
     B, D, HW, M, IMAGES, eps, one_minus_eps, coef, tiny, res_coef,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr,
+    P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr, TRUNCATE: tl.constexpr,
 ):
     """One program per (block of IMAGES images, prototype tile), folded into grid axis 0 (no 65535 limit on B).
 
     P_RESIDENT (D <= BLOCK_D): the p tile is loaded once, before the image loop, and stays in registers.
 
     Certified search: a~ = |p|^2 + |z|^2 - 2 p.z from tl.dot at PRECISION (``_search_dot``), delta =
-    coef ((|z| + |p|)^2 + tiny) >= |a~ - e| (coef and its derivation: ``search_bound.py``); "tf32" truncates
-    its operands itself and adds res_coef |p| (|z_lo| + rho_p |z|) from its operands' residual norms, rho_p
-    the tile's largest |p_lo| / |p| (``search_bound.truncated_tf32_bound``), where the generic "tf32" bound
-    would take a coef 64x the others'. Each step (one patch tile, or two when PAIRED) lowers the running
+    coef ((|z| + |p|)^2 + tiny) >= |a~ - e| (coef and its derivation: ``search_bound.py``); "tf32" adds
+    res_coef |p| (|z_lo| + rho_p |z|) from its operands' truncation residual norms, rho_p the tile's largest
+    |p_lo| / |p| (``search_bound.converted_tf32_bound``: the MMA may truncate or round its fp32 operands),
+    where the generic "tf32" bound would take a coef 64x the others'. The patches' |z|^2 and |z_lo|^2 come
+    from norms_ptr (B, 2, HW) (``_patch_norms_kernel``), so that the search loop is loads and dots only.
+    TRUNCATE ("tf32" under the interpreter, whose dot is exact fp32, and on non-NVIDIA devices): the kernel
+    truncates the operands itself, so that the bound's worst case is what the CPU tests exercise. Each step (one patch tile, or two when PAIRED) lowers the running
     threshold thr = min (a~ + delta), then rescores exactly every patch of the step with a~ - delta <= thr or
     a~ not finite (a superset of the candidates of the final threshold, since thr only decreases), one
     candidate per row at a time in increasing patch order (a round, ``_rescore``), all rows at once over
@@ -166,6 +167,7 @@ def _forward_kernel(
                          mask=m_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
 
     z_base = z_ptr + b0.to(tl.int64) * stride_zb  # then advanced by one image per iteration
+    norms = norms_ptr + b0.to(tl.int64) * (2 * HW)
     out = b0.to(tl.int64) * M + offs_m
     for b in range(b0, tl.minimum(b0 + IMAGES, B)):
         thr = tl.full((BLOCK_M,), inf, dtype=tl.float32)
@@ -173,15 +175,16 @@ def _forward_kernel(
         best_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)  # HW: none yet
         nan_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)
         for k0 in range(0, HW, STEP_K):
-            lo, thr = _search_tile(z_base, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr, k0, D, HW, coef, tiny,
-                                   res_coef, stride_zd, stride_zk, stride_pd, BLOCK_M, BLOCK_K, BLOCK_D,
-                                   P_RESIDENT, PRECISION)
+            lo, thr = _search_tile(z_base, norms, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr, k0, D, HW,
+                                   coef, tiny, res_coef, stride_zd, stride_zk, stride_pd, BLOCK_M, BLOCK_K, BLOCK_D,
+                                   P_RESIDENT, PRECISION, TRUNCATE)
             lo_next = lo  # PAIRED: the next tile's bounds (NaN, never a candidate, past the last patch)
             if PAIRED:
                 if k0 + BLOCK_K < HW:
-                    lo_next, thr = _search_tile(z_base, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr,
+                    lo_next, thr = _search_tile(z_base, norms, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr,
                                                 k0 + BLOCK_K, D, HW, coef, tiny, res_coef, stride_zd, stride_zk,
-                                                stride_pd, BLOCK_M, BLOCK_K, BLOCK_D, P_RESIDENT, PRECISION)
+                                                stride_pd, BLOCK_M, BLOCK_K, BLOCK_D, P_RESIDENT, PRECISION,
+                                                TRUNCATE)
                 else:
                     lo_next = tl.full((BLOCK_M, BLOCK_K), float("nan"), dtype=tl.float32)
             # A round rescores each row's next candidate, in increasing patch order (ties keep the first).
@@ -228,6 +231,7 @@ def _forward_kernel(
         tl.store(sim_ptr + out, sim, mask=m_mask)
         tl.store(idx_ptr + out, win.to(tl.int64), mask=m_mask)
         z_base += stride_zb
+        norms += 2 * HW
         out += M
 
 
@@ -268,19 +272,18 @@ def _bit_index(low):
 
 
 @triton.jit
-def _search_tile(z_base, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr, k0, D, HW, coef, tiny, res_coef,
-                 stride_zd, stride_zk, stride_pd, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_D: tl.constexpr, P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr):
+def _search_tile(z_base, norms, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr, k0, D, HW, coef, tiny,
+                 res_coef, stride_zd, stride_zk, stride_pd, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_D: tl.constexpr, P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
+                 TRUNCATE: tl.constexpr):
     """The search over the patch tile at k0 of one image: (lower bounds a~ - delta of the tile, -inf where a~ is
     not finite (always a candidate) and NaN outside the problem (never one); thr lowered by the tile's
-    a~ + delta). "tf32" searches on TF32 parts it truncates itself (the MMA's own rounding cannot change
-    them) and bounds the error by their residuals (rho_p: the tile's largest |p - tf32(p)| / |p|)."""
+    a~ + delta). The loop over channel slices only loads and dots; the patches' |z|^2 (and for "tf32"
+    |z_lo|^2, z_lo = z - tf32(z)) come from the image's norms (``_patch_norms_kernel``)."""
     inf = float("inf")
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_mask = offs_k < HW
     dot = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    z_norm = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    z_lo = tl.zeros((BLOCK_K,), dtype=tl.float32)  # "tf32": |z - tf32(z)|^2
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
@@ -291,17 +294,15 @@ def _search_tile(z_base, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr, k0, 
                         mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         z = tl.load(z_base + offs_d[:, None] * stride_zd + offs_k[None, :] * stride_zk,
                     mask=d_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        dot = _search_dot(p, z, dot, PRECISION)
-        z_norm += tl.sum(z * z, axis=0)
-        if PRECISION == "tf32":
-            r = z - _tf32_part(z)
-            z_lo += tl.sum(r * r, axis=0)
+        dot = _search_dot(p, z, dot, PRECISION, TRUNCATE)
+    z_norm = tl.load(norms + offs_k, mask=k_mask, other=0.0)
     approx = p_norm[:, None] + z_norm[None, :] - 2.0 * dot
     z_len = tl.sqrt(z_norm)
     radius = p_len[:, None] + z_len[None, :]
     delta = coef * (radius * radius + tiny)
     if PRECISION == "tf32":
-        delta += p_len[:, None] * (res_coef * (tl.sqrt(z_lo) + rho_p * z_len))[None, :]
+        z_lo = tl.sqrt(tl.load(norms + HW + offs_k, mask=k_mask, other=0.0))
+        delta += p_len[:, None] * (res_coef * (z_lo + rho_p * z_len))[None, :]
     live = m_mask[:, None] & k_mask[None, :]
     finite = tl.abs(approx) < inf  # False for NaN too
     thr = tl.minimum(thr, tl.min(tl.where(live & finite, approx + delta, inf), axis=1))
@@ -309,23 +310,50 @@ def _search_tile(z_base, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr, k0, 
 
 
 @triton.jit
-def _search_dot(p, z, acc, PRECISION: tl.constexpr):
+def _patch_norms_kernel(z_ptr, norms_ptr, D, HW, stride_zb, stride_zd, stride_zk, BLOCK_K: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """norms (B, 2, HW): |z[b, :, k]|^2 and |z_lo|^2 (z_lo = z - tf32(z), the truncation residual) of every
+    patch, in fp32 (any summation order: the search bound allows for it). Program (image, patch tile)."""
+    tiles = tl.cdiv(HW, BLOCK_K)
+    b = tl.program_id(0) // tiles
+    offs_k = (tl.program_id(0) % tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < HW
+    z_b = z_ptr + b.to(tl.int64) * stride_zb
+    norm = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    low = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        z = tl.load(z_b + offs_d[:, None] * stride_zd + offs_k[None, :] * stride_zk,
+                    mask=(offs_d[:, None] < D) & k_mask[None, :], other=0.0).to(tl.float32)
+        r = z - _tf32_part(z)
+        norm += tl.sum(z * z, axis=0)
+        low += tl.sum(r * r, axis=0)
+    out = norms_ptr + b.to(tl.int64) * (2 * HW) + offs_k
+    tl.store(out, norm, mask=k_mask)
+    tl.store(out + HW, low, mask=k_mask)
+
+
+@triton.jit
+def _search_dot(p, z, acc, PRECISION: tl.constexpr, TRUNCATE: tl.constexpr):
     """acc + p @ z at the search's PRECISION. "tf32x3" is written out as three TF32 dots whose operands are
     TF32-exact parts of p and z (``_tf32_part``: x = hi + lo + r, |x - hi| < 2^-10 |x|, |r| < 2^-20 |x|, the
     split ``search_bound`` assumes), p_lo z_hi + p_hi z_lo + p_hi z_hi, accumulated in acc in that order. They
     are one ``tl.dot`` in a 3-step loop, not three chained dots: Triton lays chained dots out over
     (num_warps, 1) warps, which at 64 prototypes per tile computes the tile twice and moves the accumulator
     between two layouts through shared memory at every step (Triton's own "tf32x3" does; 240 registers at the
-    CUB shape against 199 for the loop, before the cap). "tf32" dots the TF32 parts it truncates itself, so
-    that the MMA's own rounding cannot change them (``search_bound.truncated_tf32_bound`` bounds the error by
-    what the truncation dropped)."""
+    CUB shape against 199 for the loop, before the cap). "tf32" dots the fp32 operands as loaded, so that the
+    loop is loads and MMAs only: the MMA truncates or rounds them to TF32, and ``search_bound.
+    converted_tf32_bound`` bounds either by the truncation residuals; with TRUNCATE it dots the truncated parts
+    (the interpreter's dot is exact fp32: so the CPU tests see the operand error the GPU's MMA makes)."""
     if PRECISION == "tf32x3":
         for part in range(3):
             a = _tf32_part(tl.where(part == 0, p - _tf32_part(p), p))  # p_lo, then p_hi twice
             b = _tf32_part(tl.where(part == 1, z - _tf32_part(z), z))  # z_hi, z_lo, z_hi
             acc = tl.dot(a, b, acc, input_precision="tf32")
     elif PRECISION == "tf32":
-        acc = tl.dot(_tf32_part(p), _tf32_part(z), acc, input_precision="tf32")
+        if TRUNCATE:
+            p, z = _tf32_part(p), _tf32_part(z)
+        acc = tl.dot(p, z, acc, input_precision="tf32")
     else:
         acc = tl.dot(p, z, acc, input_precision=PRECISION)
     return acc
@@ -592,7 +620,8 @@ def forward_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]
         block_k = min(block_k, TENSOR_CORE_MAX_TILE // block_m, TENSOR_CORE_MAX_PATCHES)
     meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=FORWARD_SLICE,
                 P_RESIDENT=D <= FORWARD_SLICE, PRECISION=INPUT_PRECISION[precision],
-                PAIRED=tensor_cores and HW > block_k and block_m <= PAIRED_MAX_ROWS)
+                PAIRED=tensor_cores and HW > block_k,
+                TRUNCATE=False)  # what NVIDIA GPUs run; the launcher sets it elsewhere
     options = dict(num_warps=num_warps, num_stages=num_stages)
     if tensor_cores:
         options["maxnreg"] = TENSOR_CORE_MAX_REGISTERS
@@ -659,6 +688,7 @@ def launch_configs(shapes=None) -> list[tuple[str, dict, dict]]:
         for precision in INPUT_PRECISION:
             meta, options = forward_config(D, HW, M, precision)
             configs.append(("_forward_kernel", meta, options))
+        configs.append(("_patch_norms_kernel", dict(BLOCK_K=NORMS_TILE, BLOCK_D=FORWARD_SLICE), {}))
         for name, (meta, options) in backward_configs(D, HW).items():
             configs.append((name, meta, options))
     unique = []
@@ -682,20 +712,26 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     idx = torch.empty((B, M), device=z3.device, dtype=torch.int64)
     meta, options = forward_config(D, HW, M, precision)
     level = INPUT_PRECISION[precision]
-    if level == "tf32":  # the kernel truncates the operands itself: their residuals bound the search
-        coef, res_coef, tiny = search_bound.truncated_tf32_bound(D)
+    if level == "tf32":  # the operands' truncation residuals bound the search
+        coef, res_coef, tiny = search_bound.converted_tf32_bound(D)
     else:
         coef, res_coef, tiny = search_bound.coefficient(level, D), 0.0, search_bound.TINY
+    # The MMA converts fp32 operands to TF32 by truncation or to nearest on NVIDIA GPUs; elsewhere (the
+    # interpreter's exact dot, other vendors' MMAs) the kernel truncates them itself.
+    truncate = level == "tf32" and (z3.device.type != "cuda" or torch.version.hip is not None)
+    norms = torch.empty((B, 2, HW), device=z3.device, dtype=torch.float32)
+    _patch_norms_kernel[(B * triton.cdiv(HW, NORMS_TILE),)](
+        z3, norms, D, HW, z3.stride(0), z3.stride(1), z3.stride(2), BLOCK_K=NORMS_TILE, BLOCK_D=FORWARD_SLICE)
     images = forward_images_per_program(B, M, meta["BLOCK_M"])
     m_tiles = triton.cdiv(M, meta["BLOCK_M"])
     per_launch = max(1, MAX_PROGRAMS // m_tiles) * images  # grid axis 0: image blocks x prototype tiles
     for b0 in range(0, B, per_launch):
         b1 = min(B, b0 + per_launch)
         _forward_kernel[(triton.cdiv(b1 - b0, images) * m_tiles,)](
-            z3[b0:b1], p, sim[b0:b1], dist[b0:b1], idx[b0:b1], b1 - b0, D, HW, M, images,
+            z3[b0:b1], p, norms[b0:b1], sim[b0:b1], dist[b0:b1], idx[b0:b1], b1 - b0, D, HW, M, images,
             eps, 1.0 - eps, coef, tiny, res_coef,
             z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
-            **meta, **options,
+            **{**meta, "TRUNCATE": truncate}, **options,
         )
     return sim, dist, idx
 

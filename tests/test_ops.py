@@ -447,6 +447,32 @@ def test_truncated_tf32_bound_holds_and_is_tight():
     assert (delta < search_bound.coefficient("tf32", 128) * radius / 4).all()
 
 
+def test_converted_tf32_bound_holds_for_truncating_and_rounding_mmas():
+    """The Triton "medium" search leaves the TF32 conversion to the MMA: its bound (truncation residuals, with
+    (1 + 2^-10) for operands rounded up in magnitude) holds whether the MMA truncates or rounds to nearest,
+    on the operands whose truncation loses the most and on uniform features."""
+    from protokern.kernels import search_bound
+
+    def nearest(x):  # round to the nearest TF32 value (ties away from zero, as cvt.rna.tf32.f32)
+        return ((x.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+
+    g = torch.Generator().manual_seed(8)
+    for z3, p in ((residual_case(B=2, D=64)[0].flatten(2), residual_case(B=2, D=64)[1]),
+                  (torch.rand(2, 128, 49, generator=g), torch.rand(40, 128, generator=g))):
+        D = z3.shape[1]
+        c, r, tiny = search_bound.converted_tf32_bound(D)
+        z_norm, p_norm = (z3 * z3).sum(1), (p * p).sum(1)
+        z_len, p_len = z_norm.sqrt()[:, None, :], p_norm.sqrt()[None, :, None]
+        z_lo = (z3 - torch_backend._tf32(z3)).square().sum(1).sqrt()[:, None, :]
+        p_lo = (p - torch_backend._tf32(p)).square().sum(1).sqrt()[None, :, None]
+        delta = c * ((z_len + p_len).square() + tiny) + r * (z_lo * p_len + z_len * p_lo)
+        e64 = (z3.double().transpose(1, 2)[:, None] - p.double()[None, :, None]).square().sum(-1)
+        for convert in (torch_backend._tf32, nearest):
+            approx = z_norm[:, None, :] + p_norm[None, :, None] - 2 * (convert(p) @ convert(z3))
+            assert ((approx.double() - e64).abs() <= delta.double()).all()
+    assert (nearest(torch.tensor([1 + 2.0 ** -11])) > 1 + 2.0 ** -11).all()  # rounds up: |h| > |x|
+
+
 def test_search_level_follows_torch_matmul_precision():
     """A TF32/bf16 matmul setting can only loosen the torch backend's bound, never tighten it."""
     previous = torch.get_float32_matmul_precision()

@@ -299,11 +299,11 @@ def test_rescoring_sums_in_the_documented_order(kind, D):
 
 
 @triton.jit
-def _search_dot_probe(p_ptr, z_ptr, out_ptr, PRECISION: tl.constexpr):
+def _search_dot_probe(p_ptr, z_ptr, out_ptr, PRECISION: tl.constexpr, TRUNCATE: tl.constexpr):
     offs16, offs32 = tl.arange(0, 16), tl.arange(0, 32)
     p = tl.load(p_ptr + offs16[:, None] * 32 + offs32[None, :])
     z = tl.load(z_ptr + offs32[:, None] * 16 + offs16[None, :])
-    acc = K._search_dot(p, z, tl.zeros((16, 16), dtype=tl.float32), PRECISION)
+    acc = K._search_dot(p, z, tl.zeros((16, 16), dtype=tl.float32), PRECISION, TRUNCATE)
     tl.store(out_ptr + offs16[:, None] * 16 + offs16[None, :], acc)
 
 
@@ -318,7 +318,7 @@ def test_search_dot_3xtf32_split_is_within_its_bound():
     p = torch.rand(16, 32, generator=g) * 2 - 1
     z = torch.rand(32, 16, generator=g) * 2 - 1
     out = torch.empty(16, 16)
-    _search_dot_probe[(1,)](p, z, out, PRECISION="tf32x3")
+    _search_dot_probe[(1,)](p, z, out, PRECISION="tf32x3", TRUNCATE=False)
     scale = p.double().norm(dim=1)[:, None] * z.double().norm(dim=0)[None, :]
     bound = search_bound.dot_error("tf32x3", 32) * scale
     assert ((out.double() - p.double() @ z.double()).abs() <= bound).all()
@@ -327,6 +327,12 @@ def test_search_dot_3xtf32_split_is_within_its_bound():
     p_lo, z_lo = tf32(p - p_hi), tf32(z - z_hi)
     for a, b in ((p_lo, z_hi), (p_hi, z_lo), (p_hi, z_hi)):
         assert ((a.double() @ b.double()).abs() > bound).any()
+    # "tf32" with TRUNCATE (the interpreter's and other vendors' path): the product of the truncated parts,
+    # whose distance from the exact product is what converted_tf32_bound's residual term covers
+    _search_dot_probe[(1,)](p, z, out, PRECISION="tf32", TRUNCATE=True)
+    gamma = search_bound.dot_error("ieee", 32) * scale
+    assert ((out.double() - p_hi.double() @ z_hi.double()).abs() <= gamma).all()
+    assert ((out.double() - p.double() @ z.double()).abs() > 10 * gamma).any()
 
 
 @needs_triton_cpu
@@ -361,9 +367,9 @@ def test_tensor_core_tiles_give_the_same_bits(HW):
 @pytest.mark.parametrize("HW, M", [(33, 20), (64, 70), (70, 40)], ids=str)
 def test_paired_tiles_and_candidate_bits_give_the_contract_winners(monkeypatch, HW, M):
     """Tensor-core searches take two 32-patch tiles a step (PAIRED) and each row's candidates as the bits of two
-    int32 words, whatever PAIRED_MAX_ROWS allows on this Triton version: both ways, every precision gives the
-    contract's winners, bit for bit the same. Every patch a candidate (all equal: 64 rounds, patch 0 wins),
-    ties across bit 31 of the low word and bit 0 of the high word, an exact hit on the last bit, a NaN patch."""
+    int32 words; paired or not (one tile a step, one word), every precision gives the contract's winners,
+    bit for bit the same. Every patch a candidate (all equal: 64 rounds, patch 0 wins), ties across bit 31 of
+    the low word and bit 0 of the high word, an exact hit on the last bit, a NaN patch."""
     from tests.reference import contract_result
 
     g = torch.Generator().manual_seed(7)
@@ -375,11 +381,11 @@ def test_paired_tiles_and_candidate_bits_give_the_contract_winners(monkeypatch, 
     z3[3, 5, HW - 2] = float("nan")  # every prototype's winner in image 3: the NaN patch
     ref_dist, ref_idx = contract_result(z3, p)
     results = []
-    for rows in (0, 64):  # PAIRED never, PAIRED for every tile size
-        monkeypatch.setattr(K, "PAIRED_MAX_ROWS", rows)
+    config = K.forward_config
+    for paired in (True, False):
+        monkeypatch.setattr(K, "forward_config", lambda *a: ({**config(*a)[0], "PAIRED": paired}, config(*a)[1]))
         for precision in ("high", "medium"):
-            meta, _ = K.forward_config(24, HW, M, precision)
-            assert meta["BLOCK_K"] == 32 and meta["PAIRED"] == (rows == 64)
+            assert config(24, HW, M, precision)[0]["BLOCK_K"] == 32 and config(24, HW, M, precision)[0]["PAIRED"]
             results.append(K.forward(z3, p, 1e-4, precision))
     _, dist, idx = results[0]
     assert torch.equal(idx, ref_idx)
@@ -418,8 +424,8 @@ def test_every_triton_launch_configuration_compiles_for_sm90_without_spills():
     The tensor-core forward configurations hold 2 blocks of 256 threads per SM (<= 128 registers)."""
     results = _run_gate("--all")
     assert len(results) == len(K.launch_configs())
-    assert {r["kernel"] for r in results} == {"_forward_kernel", "_grad_prototypes_kernel", "_grad_features_kernel",
-                                              "_won_pairs_kernel"}
+    assert {r["kernel"] for r in results} == {"_forward_kernel", "_patch_norms_kernel", "_grad_prototypes_kernel",
+                                              "_grad_features_kernel", "_won_pairs_kernel"}
     assert {r.get("PRECISION") for r in results} >= {"ieee", "tf32x3", "tf32"}
     assert {r.get("P_RESIDENT") for r in results} >= {True, False}
     # 2 blocks of 256 threads per SM for every tensor-core search ("high", "medium"), on Triton 3.6 and 3.8
@@ -458,7 +464,8 @@ def test_kernels_as_launched_at_the_cub_shape_do_not_spill():
     checks, did not); grad_z (4 blocks of 128 threads) and the tensor-core forwards (2 of 256) stay within 128
     registers, and grad_z's main loop is no longer than the generic one's."""
     launched = _run_gate("--sass", "--runtime")
-    assert {m["kernel"] for m in launched} == {"_forward_kernel", "_grad_prototypes_kernel", "_grad_features_kernel"}
+    assert {m["kernel"] for m in launched} == {"_forward_kernel", "_patch_norms_kernel", "_grad_prototypes_kernel",
+                                               "_grad_features_kernel"}
     assert all(m["runtime"] and m["spill_bytes"] == 0 for m in launched), launched
     assert all(m["registers"] <= 128 for m in launched if m.get("PRECISION", "tf32") != "ieee")
     (mix,) = [m for m in launched if m["kernel"] == "_grad_features_kernel"]
