@@ -37,7 +37,8 @@ CANDIDATES = {
         "unpaired": {"meta": {"PAIRED": False}},  # one 32-patch tile a step
         "4 images": {"images": 4},
         "8 images": {"images": 8},
-        "32 x 64 tiles": {"meta": {"BLOCK_M": 32, "BLOCK_K": 64}},
+        "32 x 64 tiles": {"meta": {"BLOCK_M": 32, "BLOCK_K": 64, "PAIRED": False}},
+        "2 stages": {"options": {"num_stages": 2}},  # spills in the generic compile; the JIT's may not
         "32 x 32 tiles": {"meta": {"BLOCK_M": 32, "BLOCK_K": 32}},
         "32 x 32 tiles, 4 warps": {"meta": {"BLOCK_M": 32, "BLOCK_K": 32}, "options": {"num_warps": 4}},
     },
