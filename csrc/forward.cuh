@@ -71,6 +71,9 @@ struct Layout {
 enum : int { kZCols4 = 0, kZChans4 = 1, kZCols16 = 2, kZDense = 3 };
 constexpr int kDenseHW = 49;
 
+// Row stride (bytes) of the candidate flags: 20 words, so that the rows a warp's fragments store to fall in
+// distinct banks (at kBK = 16 words, rows g and g + 2 share them) and 16-byte row reads stay aligned.
+constexpr int kFlagStride = kBK + 16;
 constexpr int kResidentMaxD = 128;              // largest D of the p-resident plan
 constexpr int kResidentPs = kResidentMaxD + 4;  // its p row stride: 4 (mod 32), as the searches need
 
@@ -78,8 +81,8 @@ constexpr int kResidentPs = kResidentMaxD + 4;  // its p row stride: 4 (mod 32),
 // {p tile (kBM rows, stride Search::kPs), z tile (kDC rows, stride Search::kZs)}; the stage just consumed
 // is the certification scratch. p-resident: the whole p tile (kBM rows of up to kResidentMaxD channels,
 // stride kResidentPs), two stages of z tiles only, and a scratch of its own. The scratch holds Entries x
-// kBM partial thresholds (then, per warp, kListCap entries of the rescoring list), then kBM x kBK flag
-// bytes. Then per patch tile |z_k|^2 and |z_k|, per prototype |p_m|, per patch the TF32 search's residual
+// kBM partial thresholds (then, per warp, kListCap entries of the rescoring list), then kBM rows of kBK flag
+// bytes at a row stride of kFlagStride. Then per patch tile |z_k|^2 and |z_k|, per prototype |p_m|, per patch the TF32 search's residual
 // term (lz_s in forward_kernel), the running threshold T_m and the exact winner's rank_key(e, k).
 template <class Search, bool kResident>
 struct Plan {
@@ -88,7 +91,7 @@ struct Plan {
   static constexpr int kPRes = kResident ? kBM * kResidentPs : 0;  // the resident p tile, at 0
   static constexpr int kZInStage = kResident ? 0 : kBM * Search::kPs;
   static constexpr int kStage = kZInStage + kDC * kZs;
-  static constexpr int kScratchFloats = Search::kEntries * kBM + kBM * kBK / 4;
+  static constexpr int kScratchFloats = Search::kEntries * kBM + kBM * kFlagStride / 4;
   static constexpr int kListCap = Search::kEntries * kBM / (kThreads / 32);  // rescoring list entries per warp
   static constexpr int kScratch = kPRes + 2 * kStage;  // p-resident only
   static constexpr int kZnOffset = kScratch + (kResident ? kScratchFloats : 0);
@@ -273,6 +276,22 @@ struct FfmaSearch : Layout<kDC + 4, kBK + 4, kThreads / 16> {
       for (int j = 0; j < 4; ++j) f(i, slot_ml(tid, i), 4 * ty + j, acc[i][j]);
     }
   }
+
+  // flags[ml * kFlagStride + kl] = (acc <= thr[ml]) as bytes 0 / 1, for accumulators that hold lower ends: a
+  // thread's 4 patches of a prototype are one 32-bit store (2-way bank conflicts at kFlagStride; 8-way as
+  // byte stores at a stride of kBK).
+  __device__ __forceinline__ void store_flags(int tid, const float* thr, unsigned char* flags) const {
+    const int ty = tid >> 4;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int ml = slot_ml(tid, i);
+      const float t = thr[ml];
+      uint32_t v = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v |= (uint32_t)(acc[i][j] <= t) << (8 * j);
+      *reinterpret_cast<uint32_t*>(flags + ml * kFlagStride + 4 * ty) = v;
+    }
+  }
 };
 
 // Tensor cores: TF32 products (kSplit = false) or 3xTF32 (kSplit = true: x = hi + lo, each read by
@@ -375,6 +394,24 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
       for (int j = 0; j < 4; ++j) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) f(r, slot_ml(tid, r), nb + 8 * j + 2 * t + c, acc[r >> 1][j][2 * (r & 1) + c]);
+      }
+    }
+  }
+
+  // flags[ml * kFlagStride + kl] = (acc <= thr[ml]) as bytes 0 / 1, for accumulators that hold lower ends: a
+  // fragment's two adjacent patches are one 16-bit store, conflict-free at kFlagStride (4-way as byte stores
+  // at a stride of kBK: 1.0M excess wavefronts per forward at the CUB shape on an H200, NOTES.md "v12 measured").
+  __device__ __forceinline__ void store_flags(int tid, const float* thr, unsigned char* flags) const {
+    const int t = tid & 3, nb = 32 * ((tid >> 5) >> 2);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int ml = slot_ml(tid, r);
+      const float th = thr[ml];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float* const a = &acc[r >> 1][j][2 * (r & 1)];
+        const uint16_t v = (uint16_t)((a[0] <= th) | (a[1] <= th) << 8);
+        *reinterpret_cast<uint16_t*>(flags + ml * kFlagStride + nb + 8 * j + 2 * t) = v;
       }
     }
   }
@@ -640,7 +677,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       }
       __syncthreads();
       // (2) candidates: v~ - delta <= T_m, or v~ not finite (-inf); never padding (NaN)
-      search.visit(tid, [&](int, int ml, int kl, float& lower) { flags[ml * kBK + kl] = lower <= thr_s[ml]; });
+      search.store_flags(tid, thr_s, flags);
       __syncthreads();
       // (3) exact rescoring. Warp w owns prototypes ml = w + 8 i (i < 16): it compacts their flags into a list of
       // entries (ml, kl) in its kListCap-entry slice of `red` (dead since (1)), then rescores kRescoreBatch
@@ -653,7 +690,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
         const int ml_l = warp + 8 * (lane >> 1), h = lane & 1;  // this lane's flags: prototype ml_l, patches 32 h..
         uint32_t mask = 0;  // bit 8 i + w: the flag of patch 32 h + 4 w + i (flags are bytes 0 / 1)
         if (m0 + ml_l < M) {
-          const uint4* const f = reinterpret_cast<const uint4*>(flags + ml_l * kBK + 32 * h);
+          const uint4* const f = reinterpret_cast<const uint4*>(flags + ml_l * kFlagStride + 32 * h);
           const uint4 a = f[0], c = f[1];
           mask = a.x | a.y << 1 | a.z << 2 | a.w << 3 | c.x << 4 | c.y << 5 | c.z << 6 | c.w << 7;
         }
