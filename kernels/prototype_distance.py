@@ -492,7 +492,7 @@ def _add_non_finite(acc, rows, q0, idx_b, g_b, z_b, p_ptr, pair_j, z_img, q_base
 
 @triton.jit
 def _grad_features_kernel(
-    g_ptr, idx_ptr, z_ptr, p_ptr, gz_ptr, won_ptr, won_count_ptr,
+    g_ptr, idx_ptr, z_ptr, p_ptr, gz_ptr, won_ptr, won_start_ptr, won_count_ptr,
     B, D, HW, M,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
     IMAGES: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -513,10 +513,10 @@ def _grad_features_kernel(
     the tile are gathered.
 
     COMPACT (a tile smaller than its image, IMAGES = 1): the prototypes that won a patch of the tile, in
-    increasing order, come from ``_won_pairs_kernel`` (won_ptr: a row of M per (image, tile), the program's
-    own; won_count_ptr: how many), and the dots run on full steps of BLOCK_M of them (and the last, partial
-    one): the dot work is that of the tile's won pairs, and the image's pairs are scanned once per tile, not
-    once per channel tile.
+    increasing order, come from ``_won_pairs_kernel`` (in won_ptr's row of the image (B, M), from
+    won_start_ptr's place on, won_count_ptr of them), and the dots run on full steps of BLOCK_M of them (and
+    the last, partial one): the dot work is that of the tile's won pairs, and the image's pairs are scanned
+    twice per tile (count, then write), not once per channel tile.
     """
     pid = tl.program_id(0)
     q_tiles = tl.cdiv(IMAGES * HW, BLOCK_Q)
@@ -540,7 +540,7 @@ def _grad_features_kernel(
     live_b = b_j < B
     if COMPACT:
         tl.static_assert(IMAGES == 1)
-        won_b = won_ptr + pid.to(tl.int64) * M  # the program's row: (image, tile) = (b0, pid % q_tiles)
+        won_b = won_ptr + b0.to(tl.int64) * M + tl.load(won_start_ptr + pid)  # (image, tile) = (b0, pid % q_tiles)
         n_won = tl.load(won_count_ptr + pid)
         for s0 in range(0, n_won, BLOCK_M):
             used = s0 + offs_j < n_won
@@ -567,24 +567,30 @@ def _grad_features_kernel(
 
 
 @triton.jit
-def _won_pairs_kernel(idx_ptr, won_ptr, won_count_ptr, M, HW, BLOCK_Q: tl.constexpr, BLOCK: tl.constexpr):
-    """For COMPACT grad_z: program (image b, patch tile t) writes the prototypes m whose winning patch idx[b, m]
-    lies in tile t, in increasing order, to won_ptr's row b * tiles + t (a prefix sum places them), and their
-    number to won_count_ptr. Integer work only: the same list on every run."""
+def _won_pairs_kernel(idx_ptr, won_ptr, start_ptr, count_ptr, M, HW, WRITE, BLOCK_Q: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """For COMPACT grad_z, program (image b, patch tile t): with WRITE = 0, counts the prototypes m whose winning
+    patch idx[b, m] lies in tile t (count_ptr[b * tiles + t]); with WRITE = 1, writes them in increasing order to
+    won_ptr's row b (B, M) from start_ptr[b * tiles + t] on (the tiles' counts summed in tile order: each
+    image's prototypes, grouped by tile), a prefix sum placing them. Integer work only: the same lists on
+    every run."""
     pid = tl.program_id(0)
     tiles = tl.cdiv(HW, BLOCK_Q)
     q0 = (pid % tiles) * BLOCK_Q
     idx_b = idx_ptr + (pid // tiles).to(tl.int64) * M
-    won_b = won_ptr + pid.to(tl.int64) * M
     fill = pid * 0
+    if WRITE != 0:
+        fill = tl.load(start_ptr + pid)
+    won_b = won_ptr + (pid // tiles).to(tl.int64) * M
     for m0 in range(0, M, BLOCK):
         m = m0 + tl.arange(0, BLOCK)
         k = tl.load(idx_b + m, mask=m < M, other=-1)
         won = (m < M) & (k >= q0) & (k < q0 + BLOCK_Q)
-        slot = fill + tl.cumsum(won.to(tl.int32), axis=0) - 1
-        tl.store(won_b + slot, m, mask=won)
+        if WRITE != 0:
+            tl.store(won_b + fill + tl.cumsum(won.to(tl.int32), axis=0) - 1, m, mask=won)
         fill += tl.sum(won.to(tl.int32), axis=0)
-    tl.store(won_count_ptr + pid, fill)
+    if WRITE == 0:
+        tl.store(count_ptr + pid, fill)
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -766,12 +772,16 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     meta, options = configs["_grad_features_kernel"]
     grad_z = torch.empty((B, D, HW), device=z3.device, dtype=torch.float32)
     blocks = triton.cdiv(B, meta["IMAGES"]) * triton.cdiv(meta["IMAGES"] * HW, meta["BLOCK_Q"])
-    won, won_count = idx, idx  # unused unless COMPACT
+    won, won_start, won_count = idx, idx, idx  # unused unless COMPACT
     if meta["COMPACT"]:  # each (image, patch tile)'s won prototypes, listed once for all its channel tiles
-        won = torch.empty((blocks, M), device=z3.device, dtype=torch.int32)
+        won = torch.empty((B, M), device=z3.device, dtype=torch.int32)
         won_count = torch.empty((blocks,), device=z3.device, dtype=torch.int32)
-        _won_pairs_kernel[(blocks,)](idx, won, won_count, M, HW, **configs["_won_pairs_kernel"][0])
+        listing = configs["_won_pairs_kernel"][0]
+        _won_pairs_kernel[(blocks,)](idx, won, won_count, won_count, M, HW, 0, **listing)
+        counts = won_count.view(B, -1)
+        won_start = (counts.cumsum(1, dtype=torch.int32) - counts).view(-1)  # each tile's first place in its row
+        _won_pairs_kernel[(blocks,)](idx, won, won_start, won_count, M, HW, 1, **listing)
     _grad_features_kernel[(blocks, triton.cdiv(D, meta["BLOCK_D"]))](
-        g, idx, z3, p, grad_z, won, won_count, B, D, HW, M, *strides, **meta, **options,
+        g, idx, z3, p, grad_z, won, won_start, won_count, B, D, HW, M, *strides, **meta, **options,
     )
     return grad_z, grad_p
