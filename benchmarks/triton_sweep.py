@@ -51,6 +51,7 @@ CANDIDATES = {
         "half the pairs": {"meta": {"BLOCK_M": "half"}},
         "twice the pairs": {"meta": {"BLOCK_M": "double"}},
         "4 warps, half the pairs": {"options": {"num_warps": 4}, "meta": {"BLOCK_M": "half"}},
+        "2 prototype runs": {"meta": {"PARTS": 2}},  # twice the programs (CUB shape: 2.4 warps per scheduler)
     },
     "_grad_prototypes_kernel": {
         "default": {},

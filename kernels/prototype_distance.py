@@ -462,18 +462,19 @@ def _add_won_pairs(acc, bad, rows, q_j, won, pair, z_b, z_row, m_j, offs_d, d_ma
 
 
 @triton.jit
-def _add_non_finite(acc, rows, q0, idx_b, g_b, z_b, p_ptr, pair_j, z_img, q_base, live_b, offs_j, offs_d, d_mask, M,
-                    stride_zd, stride_zk, stride_pm, stride_pd, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
+def _add_non_finite(acc, rows, q0, idx_b, g_b, z_b, p_ptr, pair_j, z_img, q_base, live_b, offs_j, offs_d, d_mask,
+                    m_begin, m_end, stride_zd, stride_zk, stride_pm, stride_pd, BLOCK_Q: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
     """acc[q] += +inf, -inf or NaN where the pairs that won patch q have non-finite contributions: a second walk
     over the prototype steps, run only by programs whose first walk met one. Each step's kinds (+inf, -inf,
     NaN) are counted per patch by an exact dot and added in step order, so every patch gets what any summation
     order gives (NaN if a NaN or both infinities, else the infinity), as if they had been added in the first
     walk (the finite sums are finite there: adding an infinity earlier or later gives the same)."""
     inf = float("inf")
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(m_begin, m_end, BLOCK_M):
         m_j = m0 + offs_j % BLOCK_M
         pair = pair_j + m0
-        live = (m_j < M) & live_b
+        live = (m_j < m_end) & live_b
         k_j = tl.load(idx_b + pair, mask=live, other=0).to(tl.int32)
         q_j = k_j + q_base - q0
         won = live & (q_j >= 0) & (q_j < BLOCK_Q)
@@ -496,7 +497,7 @@ def _grad_features_kernel(
     B, D, HW, M,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
     IMAGES: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    COMPACT: tl.constexpr,
+    COMPACT: tl.constexpr, PARTS: tl.constexpr,
 ):
     """grad_z[b, :, k] = 2 * sum over the m won at (b, k) of g[b, m] * (z[b, :, k] - p[m]), no sort.
 
@@ -517,6 +518,9 @@ def _grad_features_kernel(
     won_start_ptr's place on, won_count_ptr of them), and the dots run on full steps of BLOCK_M of them (and
     the last, partial one): the dot work is that of the tile's won pairs, and the image's pairs are scanned
     twice per tile (count, then write), not once per channel tile.
+
+    PARTS (not COMPACT): grid axis 2 splits the prototype steps into PARTS runs, each program adding its run's
+    pairs into its own copy of grad_z (gz_ptr holds PARTS of them; the launcher sums them in a fixed order).
     """
     pid = tl.program_id(0)
     q_tiles = tl.cdiv(IMAGES * HW, BLOCK_Q)
@@ -538,8 +542,14 @@ def _grad_features_kernel(
     pair_j = i_j * M + offs_j % BLOCK_M  # pair j's offset at m0 = 0
     z_img = i_j * stride_zb
     live_b = b_j < B
+    m_begin, m_end = 0, M
+    if PARTS > 1:
+        per_part = tl.cdiv(tl.cdiv(M, BLOCK_M), PARTS) * BLOCK_M
+        m_begin = tl.program_id(2) * per_part
+        m_end = tl.minimum(M, m_begin + per_part)
+        gz_ptr += tl.program_id(2).to(tl.int64) * B * D * HW  # the run's copy of grad_z
     if COMPACT:
-        tl.static_assert(IMAGES == 1)
+        tl.static_assert(IMAGES == 1 and PARTS == 1)
         won_b = won_ptr + b0.to(tl.int64) * M + tl.load(won_start_ptr + pid)  # (image, tile) = (b0, pid % q_tiles)
         n_won = tl.load(won_count_ptr + pid)
         for s0 in range(0, n_won, BLOCK_M):
@@ -549,16 +559,16 @@ def _grad_features_kernel(
             acc, bad = _add_won_pairs(acc, bad, rows, k_j - q0, used, m_j, z_b, k_j * stride_zk, m_j, offs_d, d_mask,
                                       g_b, p_ptr, stride_zd, stride_pm, stride_pd)
     else:
-        for m0 in range(0, M, BLOCK_M):
+        for m0 in range(m_begin, m_end, BLOCK_M):
             m_j = m0 + offs_j % BLOCK_M
-            live = (m_j < M) & live_b  # the tile holds every patch of its images: each live pair won one
+            live = (m_j < m_end) & live_b  # the tile holds every patch of its images: each live pair won one
             pair = pair_j + m0
             k_j = tl.load(idx_b + pair, mask=live, other=0).to(tl.int32)
             acc, bad = _add_won_pairs(acc, bad, rows, k_j + q_base, live, pair, z_b, z_img + k_j * stride_zk, m_j,
                                       offs_d, d_mask, g_b, p_ptr, stride_zd, stride_pm, stride_pd)
     if tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0:  # one reduction per program, not per step
         acc = _add_non_finite(acc, rows, q0, idx_b, g_b, z_b, p_ptr, pair_j, z_img, q_base, live_b, offs_j, offs_d,
-                              d_mask, M, stride_zd, stride_zk, stride_pm, stride_pd, BLOCK_Q, BLOCK_M)
+                              d_mask, m_begin, m_end, stride_zd, stride_zk, stride_pm, stride_pd, BLOCK_Q, BLOCK_M)
     b_q = b0 + offs_q // HW
     k_q = offs_q % HW
     row_ok = (offs_q < IMAGES * HW) & (b_q < B)
@@ -673,7 +683,7 @@ def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
             dict(BLOCK_M=16, BLOCK_D=_pow2(D, GRAD_P_CHANNEL_TILES[0], GRAD_P_CHANNEL_TILES[-1])), {}),
         "_grad_features_kernel": (
             dict(IMAGES=images, BLOCK_Q=block_q, BLOCK_M=pairs // images,
-                 BLOCK_D=gz_channels, COMPACT=HW > block_q), gz_options),
+                 BLOCK_D=gz_channels, COMPACT=HW > block_q, PARTS=1), gz_options),
     }
     if HW > block_q:  # COMPACT: each (image, tile)'s won prototypes listed first
         configs["_won_pairs_kernel"] = (dict(BLOCK_Q=block_q, BLOCK=WON_PAIRS_BLOCK), {})
@@ -770,7 +780,7 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     grad_p = partial[0] if runs == 1 else partial.sum(0)  # a fixed-order reduction: deterministic
 
     meta, options = configs["_grad_features_kernel"]
-    grad_z = torch.empty((B, D, HW), device=z3.device, dtype=torch.float32)
+    grad_z = torch.empty((meta["PARTS"], B, D, HW), device=z3.device, dtype=torch.float32)
     blocks = triton.cdiv(B, meta["IMAGES"]) * triton.cdiv(meta["IMAGES"] * HW, meta["BLOCK_Q"])
     won, won_start, won_count = idx, idx, idx  # unused unless COMPACT
     if meta["COMPACT"]:  # each (image, patch tile)'s won prototypes, listed once for all its channel tiles
@@ -781,7 +791,7 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
         counts = won_count.view(B, -1)
         won_start = (counts.cumsum(1, dtype=torch.int32) - counts).view(-1)  # each tile's first place in its row
         _won_pairs_kernel[(blocks,)](idx, won, won_start, won_count, M, HW, 1, **listing)
-    _grad_features_kernel[(blocks, triton.cdiv(D, meta["BLOCK_D"]))](
+    _grad_features_kernel[(blocks, triton.cdiv(D, meta["BLOCK_D"]), meta["PARTS"])](
         g, idx, z3, p, grad_z, won, won_start, won_count, B, D, HW, M, *strides, **meta, **options,
     )
-    return grad_z, grad_p
+    return (grad_z[0] if meta["PARTS"] == 1 else grad_z.sum(0)), grad_p  # a fixed-order sum: deterministic

@@ -192,6 +192,32 @@ def test_backward_infinite_pairs_in_the_first_and_last_prototype_steps(HW):
 
 
 @needs_triton_cpu
+@pytest.mark.parametrize("shape", [(5, 8, 3, 70), (2, 33, 49, 130)], ids=str)  # 4 images a tile; the CUB class
+def test_backward_prototype_runs_add_up(monkeypatch, shape):
+    """grad_z over PARTS runs of prototype steps (grid axis 2, one copy of grad_z each, summed in a fixed
+    order): the float64 reference, repeated bit for bit, with non-finite pairs in both runs reaching only
+    their patch (+-inf from the two runs adding up as in any summation order)."""
+    B, D, HW, M = shape
+    configs = K.backward_configs
+
+    def two_runs(*args):
+        out = dict(configs(*args))
+        meta, options = out["_grad_features_kernel"]
+        out["_grad_features_kernel"] = ({**meta, "PARTS": 2}, options)
+        return out
+
+    monkeypatch.setattr(K, "backward_configs", two_runs)
+    z3, p = torch.rand(B, D, HW), torch.rand(M, D)
+    _, dist, idx = K.forward(z3, p, 1e-4)
+    _check_backward(z3, p, idx, dist)
+    p[0, 1], p[M - 1, 1] = float("inf"), float("-inf")  # the first and the last run: both win patch 0
+    _, dist, idx = K.forward(z3, p, 1e-4)
+    assert (idx[:, [0, M - 1]] == 0).all()
+    gz, _ = _check_backward(z3, p, idx, dist)  # NaN / inf where the float64 reference has them
+    assert not gz[:, 1, 0].isfinite().any() and gz[:, :, 1:].isfinite().all()
+
+
+@needs_triton_cpu
 @pytest.mark.parametrize("D", [20, 40])  # p tile resident in registers, and read per slice
 def test_forward_images_per_program(monkeypatch, D):
     """Several images per forward program (a partial last block) give the same bits as one image each,
