@@ -1,17 +1,18 @@
 """Triton kernels of the fused prototype op: distance + global min/argmin + log-similarity.
 
-Forward: one program per (block of images, tile of prototypes). The prototype tile's norms are computed once
-and the tile serves every image of the block (when the channels fit one slice, the p tile itself is loaded
-once into registers; otherwise its slices are re-read, L1-hot, for each image and patch tile). For each image
-the program walks the patches in tiles, computes approximate squared distances with the expansion
+Forward: a pre-pass writes every patch's norms (``_patch_norms_kernel``), then one program per (block of
+images, tile of prototypes). The prototype tile's norms are computed once and the tile serves every image of
+the block (when the channels fit one slice, the p tile itself is loaded once into registers; otherwise its
+slices are re-read, L1-hot, for each image and patch tile). For each image the program walks the patches in
+tiles (two a step for the tensor-core searches), computes approximate squared distances with the expansion
 ``|p|^2 + |z|^2 - 2 p.z`` (a ``tl.dot``) and rescores exactly, as ``sum_d (z - p)^2`` in fp32 in a fixed
 order (``RESCORE_LANES``), every patch that the search's error bound cannot rule out (certified search,
 ``search_bound.py``); it keeps the exact min and argmin per prototype in registers and writes the
 similarity. The (B, M, H*W) map never reaches memory.
 
-Backward: gradients reach only the winning patch of each (b, m); no sort, no float atomics, two launches
-(grad_p first: it also writes each pair's coefficient g for grad_z), every sum in a fixed order: gradients
-are bitwise reproducible.
+Backward: gradients reach only the winning patch of each (b, m); no sort, no float atomics, grad_p launched
+first (it also writes each pair's coefficient g for grad_z), every sum in a fixed order: gradients are
+bitwise reproducible.
 
 * ``grad_z``: one program per (block of images, tile of their patches, channel tile). It walks the prototypes in
   tiles; for each tile it builds in registers the selection ``sel[q, (b, m)] = 1`` if pair (b, m) won patch q of
