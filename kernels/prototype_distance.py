@@ -122,13 +122,13 @@ def _forward_kernel(
     where the generic "tf32" bound would take a coef 64x the others'. The patches' |z|^2 and |z_lo|^2 come
     from norms_ptr (B, 2, HW) (``_patch_norms_kernel``), so that the search loop is loads and dots only.
     TRUNCATE ("tf32" under the interpreter, whose dot is exact fp32, and on non-NVIDIA devices): the kernel
-    truncates the operands itself, so that the bound's worst case is what the CPU tests exercise. Each step (one patch tile, or two when PAIRED) lowers the running
-    threshold thr = min (a~ + delta), then rescores exactly every patch of the step with a~ - delta <= thr or
-    a~ not finite (a superset of the candidates of the final threshold, since thr only decreases), one
-    candidate per row at a time in increasing patch order (a round, ``_rescore``), all rows at once over
-    (BLOCK_M, RESCORE_LANES) channel tiles; a row's candidates are the bits of int32 words in tiles of up to
-    32 patches (no reduction per round), a mask in wider ones. The exact distance
-    is summed in the fixed order of RESCORE_LANES (lanes over channels, then a pairwise tree): its bits depend
+    truncates the operands itself, so that the bound's worst case is what the CPU tests exercise. Each step
+    (one patch tile, or two when PAIRED) lowers the running threshold thr = min (a~ + delta), then rescores
+    exactly every patch of the step with a~ - delta <= thr or a~ not finite (a superset of the candidates of
+    the final threshold, since thr only decreases), one candidate per row at a time in increasing patch
+    order (a round, ``_rescore``), all rows at once over (BLOCK_M, RESCORE_LANES) channel tiles; a row's
+    candidates are the bits of int32 words in tiles of up to 32 patches (no reduction per round), a mask in
+    wider ones. The exact distance is summed in the fixed order of RESCORE_LANES (lanes over channels, then a pairwise tree): its bits depend
     neither on the search's tile sizes nor on its warps, so every precision returns the same (distance,
     index). Winner: the first NaN patch if any (distance NaN), else the first patch of smallest exact
     distance (a patch holding +-inf is at +inf; if all are, patch 0).

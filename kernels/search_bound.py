@@ -51,7 +51,9 @@ computed ones, and a square x_lo_d^2 below fp32's normal range may be flushed to
 rho = sqrt(D) 2^-63 of |x_lo| (each flushed |x_lo_d| < 2^-63), so the bound needs 4 rho (|z| + |p|) more,
 which c ((|z| + |p|)^2 + tiny) covers for every norm once tiny >= (2 rho / c)^2 (a quadratic in |z| + |p|
 without real roots). A kernel may relax |p_lo| to rho_p |p| with rho_p the largest |p_lo| / |p| of its
-prototype tile.
+prototype tile. On uniform [0, 1) data |x_lo| is about 0.38 2^-10 |x|, and the bound is about 5x tighter
+than "tf32"'s in its operand term: 1.4 instead of 4.0 candidates per (b, m) at (D, HW) = (128, 49), 2.8
+instead of 38 at (512, 784) (benchmarks/NOTES.md).
 
 A TF32 search that leaves the conversion to the MMA (fp32 operands straight from memory; the hardware
 truncates them or rounds them to nearest) has operand parts h = conv(x) with x - h no larger than the
@@ -63,9 +65,7 @@ the truncated one), and |h| <= |x| + |x_lo| <= (1 + t) |x| (t = 2^-10). Then
 the products z_h,d p_h,d are exact with sum_d |z_h,d p_h,d| <= (1 + t)^2 |z| |p|, and ``converted_tf32_bound``
 gives (c, r, tiny) of the same form with the accumulation term scaled by (1 + t)^2 and r = 4 (1 + t); its
 tiny also covers operands the MMA flushes to 0 (each below 2^-126: at most 2^-125 sqrt(D) (|z| + |p|) in a~,
-covered once tiny >= (2^-124 D / c)^2 by the argument above). On uniform [0, 1) data |x_lo| is about 0.38 2^-10 |x|, and the bound is about 5x tighter
-than "tf32"'s in its operand term: 1.4 instead of 4.0 candidates per (b, m) at (D, HW) = (128, 49), 2.8
-instead of 38 at (512, 784) (benchmarks/NOTES.md).
+covered once tiny >= (2^-124 D / c)^2 by the argument above).
 """
 
 from __future__ import annotations
