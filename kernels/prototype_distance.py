@@ -128,9 +128,9 @@ def _forward_kernel(
     the final threshold, since thr only decreases), one candidate per row at a time in increasing patch
     order (a round, ``_rescore``), all rows at once over (BLOCK_M, RESCORE_LANES) channel tiles; a row's
     candidates are the bits of int32 words in tiles of up to 32 patches (no reduction per round), a mask in
-    wider ones. The exact distance is summed in the fixed order of RESCORE_LANES (lanes over channels, then a pairwise tree): its bits depend
-    neither on the search's tile sizes nor on its warps, so every precision returns the same (distance,
-    index). Winner: the first NaN patch if any (distance NaN), else the first patch of smallest exact
+    wider ones. The exact distance is summed in the fixed order of RESCORE_LANES (lanes over channels, then a
+    pairwise tree): its bits depend neither on the search's tile sizes nor on its warps, so every precision
+    returns the same (distance, index). Winner: the first NaN patch if any (distance NaN), else the first patch of smallest exact
     distance (a patch holding +-inf is at +inf; if all are, patch 0).
     """
     STEP_K: tl.constexpr = 2 * BLOCK_K if PAIRED else BLOCK_K
