@@ -115,23 +115,23 @@ def _forward_kernel(
 
     P_RESIDENT (D <= BLOCK_D): the p tile is loaded once, before the image loop, and stays in registers.
 
-    Certified search: a~ = |p|^2 + |z|^2 - 2 p.z from tl.dot at PRECISION (``_search_dot``), delta =
-    coef ((|z| + |p|)^2 + tiny) >= |a~ - e| (coef and its derivation: ``search_bound.py``); "tf32" adds
-    res_coef |p| (|z_lo| + rho_p |z|) from its operands' truncation residual norms, rho_p the tile's largest
-    |p_lo| / |p| (``search_bound.converted_tf32_bound``: the MMA may truncate or round its fp32 operands),
-    where the generic "tf32" bound would take a coef 64x the others'. The patches' |z|^2 and |z_lo|^2 come
-    from norms_ptr (B, 2, HW) (``_patch_norms_kernel``), so that the search loop is loads and dots only.
-    TRUNCATE ("tf32" under the interpreter, whose dot is exact fp32, and on non-NVIDIA devices): the kernel
-    truncates the operands itself, so that the bound's worst case is what the CPU tests exercise. Each step
-    (one patch tile, or two when PAIRED) lowers the running threshold thr = min (a~ + delta), then rescores
-    exactly every patch of the step with a~ - delta <= thr or a~ not finite (a superset of the candidates of
-    the final threshold, since thr only decreases), one candidate per row at a time in increasing patch
-    order (a round, ``_rescore``), all rows at once over (BLOCK_M, RESCORE_LANES) channel tiles; a row's
-    candidates are the bits of int32 words in tiles of up to 32 patches (no reduction per round), a mask in
-    wider ones. The exact distance is summed in the fixed order of RESCORE_LANES (lanes over channels, then a
-    pairwise tree): its bits depend neither on the search's tile sizes nor on its warps, so every precision
-    returns the same (distance, index). Winner: the first NaN patch if any (distance NaN), else the first patch of smallest exact
-    distance (a patch holding +-inf is at +inf; if all are, patch 0).
+    Certified search: a~ = |p|^2 + |z|^2 - 2 p.z from tl.dot at PRECISION (``_search_dot``), delta = coef ((|z| +
+    |p|)^2 + tiny) >= |a~ - e| (coef and its derivation: ``search_bound.py``); "tf32" adds res_coef |p| (|z_lo| +
+    rho_p |z|) from its operands' truncation residual norms, rho_p the tile's largest |p_lo| / |p|
+    (``search_bound.converted_tf32_bound``: the MMA may truncate or round its fp32 operands), where the generic
+    "tf32" bound would take a coef 64x the others'. The patches' |z|^2 and |z_lo|^2 come from norms_ptr (B, 2, HW)
+    (``_patch_norms_kernel``), so that the search loop is loads and dots only. TRUNCATE ("tf32" under the
+    interpreter, whose dot is exact fp32, and on non-NVIDIA devices): the kernel truncates the operands itself, so
+    that the bound's worst case is what the CPU tests exercise. Each step (one patch tile, or two when PAIRED)
+    lowers the running threshold thr = min (a~ + delta), then rescores exactly every patch of the step with a~ -
+    delta <= thr or a~ not finite (a superset of the candidates of the final threshold, since thr only decreases),
+    one candidate per row at a time in increasing patch order (a round, ``_rescore``), all rows at once over
+    (BLOCK_M, RESCORE_LANES) channel tiles; a row's candidates are the bits of int32 words in tiles of up to 32
+    patches (no reduction per round), a mask in wider ones. The exact distance is summed in the fixed order of
+    RESCORE_LANES (lanes over channels, then a pairwise tree): its bits depend neither on the search's tile sizes
+    nor on its warps, so every precision returns the same (distance, index). Winner: the first NaN patch if any
+    (distance NaN), else the first patch of smallest exact distance (a patch holding +-inf is at +inf; if all are,
+    patch 0).
     """
     STEP_K: tl.constexpr = 2 * BLOCK_K if PAIRED else BLOCK_K
     tl.static_assert(BLOCK_K <= 32 or not PAIRED)  # a row's candidates of a tile: the bits of one int32
