@@ -502,6 +502,25 @@ def test_kernels_as_launched_at_the_cub_shape_do_not_spill():
     assert main["total"] <= max(generic["loops"], key=lambda loop: loop["mma"])["total"]
 
 
+def test_forward_search_loops_at_the_cub_shape_only_load_and_dot():
+    """``sm90_gate --sass --runtime``: the forward as launched at the CUB shape searches two 32-patch tiles a
+    step (PAIRED: two channel-slice loops with MMAs), and at "medium" those loops hold no fp32 arithmetic (the
+    patch norms come from the pre-pass, the MMA converts the operands: loads, shared-memory stores and MMAs,
+    NOTES.md "Triton v11")."""
+    launched = [m for m in _run_gate("--sass", "--runtime") if m["kernel"] == "_forward_kernel"]
+    for mix in launched:
+        loops = mix["loops"]
+        inner = [lp for lp in loops if not any(o is not lp and lp["first"] <= o["first"] and o["last"] <= lp["last"]
+                                                for o in loops)]
+        searches = [lp for lp in inner if lp["mma"] > 0]
+        if mix["PRECISION"] == "ieee":
+            assert not mix["PAIRED"]
+            continue
+        assert mix["PAIRED"] and len(searches) == 2
+        if mix["PRECISION"] == "tf32":
+            assert all(lp["fp32"] == 0 and lp["total"] <= 64 for lp in searches), searches
+
+
 @pytest.mark.parametrize("precision", list(K.INPUT_PRECISION))
 def test_launchers_pick_only_enumerated_configurations(precision):
     """Whatever the shape, the launchers' choices are among ``launch_configs()`` (what the gate compiles)."""
