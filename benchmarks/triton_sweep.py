@@ -27,40 +27,37 @@ from distance import graphed, shape_cell, timer as launched_timer  # benchmarks/
 from protokern.kernels import prototype_distance as pd
 
 DEFAULT_SHAPES = [(80, 128, 7, 7, 2000), (128, 256, 14, 14, 2000)]
-QUICK_SHAPES = [(3, 40, 3, 3, 20)]
+QUICK_SHAPES = [(3, 40, 6, 6, 20)]  # HW = 36: two 32-patch tiles a step (PAIRED)
 EPS = 1e-4
 # name -> overrides: "options" (launch options), "meta" (constexpr arguments), "images" (forward images per
-# program), per kernel ("forward", "_grad_features_kernel", "_grad_prototypes_kernel").
+# program), per kernel ("forward", "_grad_features_kernel", "_grad_prototypes_kernel"). Most informative first
+# (gpu_check.sh clips the step to its time); measured losers of 2026-11-30 dropped (forward 8 images 0.71x,
+# 32 x 32 tiles with 8 warps 0.74x; grad_z 16 channels 0.53-0.82x; grad_p 32 prototypes / 8 warps 0.99-1.01x).
 CANDIDATES = {
     "forward": {
         "default": {},
         "unpaired": {"meta": {"PAIRED": False}},  # one 32-patch tile a step
-        "4 images": {"images": 4},
-        "8 images": {"images": 8},
-        "32 x 64 tiles": {"meta": {"BLOCK_M": 32, "BLOCK_K": 64, "PAIRED": False}},
         "2 stages": {"options": {"num_stages": 2}},  # spills in the generic compile; the JIT's may not
         "4 warps": {"options": {"num_warps": 4}},  # one warp group: no cross-warp reductions (3.6's JIT: 0 spills)
         "128 x 32 tiles": {"meta": {"BLOCK_M": 128}},  # a warp group per 64 rows: the same, z read half as often
-        "32 x 32 tiles": {"meta": {"BLOCK_M": 32, "BLOCK_K": 32}},
+        "4 images": {"images": 4},
+        "32 x 64 tiles": {"meta": {"BLOCK_M": 32, "BLOCK_K": 64, "PAIRED": False}},
         "32 x 32 tiles, 4 warps": {"meta": {"BLOCK_M": 32, "BLOCK_K": 32}, "options": {"num_warps": 4}},
     },
     "_grad_features_kernel": {
         "default": {},
-        "16 channels": {"meta": {"BLOCK_D": 16}},
+        "2 prototype runs": {"meta": {"PARTS": 2}},  # twice the programs (CUB shape: 2.4 warps per scheduler)
         "4 warps": {"options": {"num_warps": 4}},
         "8 warps": {"options": {"num_warps": 8}},
         "half the pairs": {"meta": {"BLOCK_M": "half"}},
         "twice the pairs": {"meta": {"BLOCK_M": "double"}},
         "4 warps, half the pairs": {"options": {"num_warps": 4}, "meta": {"BLOCK_M": "half"}},
-        "2 prototype runs": {"meta": {"PARTS": 2}},  # twice the programs (CUB shape: 2.4 warps per scheduler)
     },
     "_grad_prototypes_kernel": {
         "default": {},
-        "32 prototypes": {"meta": {"BLOCK_M": 32}},
-        "8 warps": {"options": {"num_warps": 8}},
     },
 }
-QUICK_CANDIDATES = {"forward": ["default", "4 images"], "_grad_features_kernel": ["default", "16 channels"],
+QUICK_CANDIDATES = {"forward": ["default", "unpaired"], "_grad_features_kernel": ["default", "2 prototype runs"],
                     "_grad_prototypes_kernel": ["default"]}
 
 

@@ -24,7 +24,7 @@ def test_quick_sweep_checks_outputs_and_restores_the_launcher(tmp_path):
         (k, name) for k, names in triton_sweep.QUICK_CANDIDATES.items() for name in names]
     assert all("error" not in r and r["same_outputs"] and r["us"] > 0 for r in rows), rows
     (md,) = tmp_path.glob("triton-sweep-*.md")
-    assert "| (3, 40, 3x3, 20) | forward | 4 images |" in md.read_text()
+    assert "| (3, 40, 6x6, 20) | forward | unpaired |" in md.read_text()
     assert len(json.loads(next(tmp_path.glob("triton-sweep-*.json")).read_text())["rows"]) == len(rows)
 
 
