@@ -78,7 +78,7 @@ step bench "${BENCH_LIMIT:-240}" bash -c 'rc=0; i=0
 # at the CUB shape, clocks left alone; sections, not single metrics, so that no metric name can fail the run.
 if command -v ncu >/dev/null 2>&1; then
   step ncu "${NCU_LIMIT:-120}" ncu --clock-control none --profile-from-start off --nvtx \
-    -k regex:"forward_kernel|backward_kernel|_grad_" --section SpeedOfLight --section LaunchStats \
+    -k regex:"forward_kernel|backward_kernel|_grad_|_patch_norms" --section SpeedOfLight --section LaunchStats \
     --section Occupancy --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --section InstructionStats python3 benchmarks/profile_op.py --ncu
 fi
