@@ -30,9 +30,9 @@ DEFAULT_SHAPES = [(80, 128, 7, 7, 2000), (128, 256, 14, 14, 2000)]
 QUICK_SHAPES = [(3, 40, 6, 6, 20)]  # HW = 36: two 32-patch tiles a step (PAIRED)
 EPS = 1e-4
 # name -> overrides: "options" (launch options), "meta" (constexpr arguments), "images" (forward images per
-# program), per kernel ("forward", "_grad_features_kernel", "_grad_prototypes_kernel"). Most informative first
-# (gpu_check.sh clips the step to its time); measured losers of 2026-11-30 dropped (forward 8 images 0.71x,
-# 32 x 32 tiles with 8 warps 0.74x; grad_z 16 channels 0.53-0.82x; grad_p 32 prototypes / 8 warps 0.99-1.01x).
+# program), per kernel ("forward", "_grad_features_segments_kernel", "_grad_prototypes_kernel"). Most informative
+# first (gpu_check.sh clips the step to its time); measured losers of 2026-11-30 dropped (forward 8 images 0.71x,
+# 32 x 32 tiles with 8 warps 0.74x; grad_p 32 prototypes / 8 warps 0.99-1.01x).
 CANDIDATES = {
     "forward": {
         "default": {},
@@ -44,27 +44,24 @@ CANDIDATES = {
         "32 x 64 tiles": {"meta": {"BLOCK_M": 32, "BLOCK_K": 64, "PAIRED": False}},
         "32 x 32 tiles, 4 warps": {"meta": {"BLOCK_M": 32, "BLOCK_K": 32}, "options": {"num_warps": 4}},
     },
-    "_grad_features_kernel": {
+    "_grad_features_segments_kernel": {  # new in v14 (the dot-based grad_z measured 141 us in the backward)
         "default": {},
-        "2 prototype runs": {"meta": {"PARTS": 2}},  # twice the programs (CUB shape: 2.4 warps per scheduler)
+        "128 rows": {"meta": {"ROWS": 128}},  # half the steps a program (177 registers: 1 program per SM)
+        "32 rows": {"meta": {"ROWS": 32}},
         "4 warps": {"options": {"num_warps": 4}},
-        "8 warps": {"options": {"num_warps": 8}},
-        "half the pairs": {"meta": {"BLOCK_M": "half"}},
-        "twice the pairs": {"meta": {"BLOCK_M": "double"}},
-        "4 warps, half the pairs": {"options": {"num_warps": 4}, "meta": {"BLOCK_M": "half"}},
+        "16 channels": {"meta": {"BLOCK_D": 16}},  # twice the programs
     },
     "_grad_prototypes_kernel": {
         "default": {},
     },
 }
-QUICK_CANDIDATES = {"forward": ["default", "unpaired"], "_grad_features_kernel": ["default", "2 prototype runs"],
+QUICK_CANDIDATES = {"forward": ["default", "unpaired"], "_grad_features_segments_kernel": ["default", "128 rows"],
                     "_grad_prototypes_kernel": ["default"]}
 
 
 def _apply(meta: dict, options: dict, change: dict) -> tuple[dict, dict]:
     meta, options = dict(meta), dict(options)
-    for key, value in change.get("meta", {}).items():
-        meta[key] = max(1, meta[key] // 2) if value == "half" else 2 * meta[key] if value == "double" else value
+    meta.update(change.get("meta", {}))
     options.update(change.get("options", {}))
     return meta, options
 
@@ -120,7 +117,7 @@ def sweep_shape(shape, precision: str, device: torch.device, names: dict | None,
     z3 = torch.rand(B, D, H * W, device=device)
     p = torch.rand(M, D, device=device)
     gs, gd = torch.randn(B, M, device=device), torch.randn(B, M, device=device)
-    jits = {"forward": pd._forward_kernel, "_grad_features_kernel": pd._grad_features_kernel,
+    jits = {"forward": pd._forward_kernel, "_grad_features_segments_kernel": pd._grad_features_segments_kernel,
             "_grad_prototypes_kernel": pd._grad_prototypes_kernel}
     ref_fwd = pd.forward(z3, p, EPS, precision)
     _, dist, idx = ref_fwd

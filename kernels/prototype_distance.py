@@ -10,18 +10,17 @@ order (``RESCORE_LANES``), every patch that the search's error bound cannot rule
 ``search_bound.py``); it keeps the exact min and argmin per prototype in registers and writes the
 similarity. The (B, M, H*W) map never reaches memory.
 
-Backward: gradients reach only the winning patch of each (b, m); no sort, no float atomics, grad_p launched
-first (it also writes each pair's coefficient g for grad_z), every sum in a fixed order: gradients are
+Backward: gradients reach only the winning patch of each (b, m); no comparison sort, no float atomics, grad_p
+launched first (it also writes each pair's coefficient g for grad_z), every sum in a fixed order: gradients are
 bitwise reproducible.
 
-* ``grad_z``: one program per (block of images, tile of their patches, channel tile). It walks the prototypes in
-  tiles; for each tile it builds in registers the selection ``sel[q, (b, m)] = 1`` if pair (b, m) won patch q of
-  the block, forms each pair's contribution ``g (z_win - p)`` (g as grad_p wrote it) in the difference form (the
-  winning z rows gathered), and adds ``sel @ contributions`` with tensor-core dots whose products are exact (the
-  contributions are split into three TF32-exact parts, ``sel`` is 0/1). Only the pairs won in the tile are
-  gathered; in tiles smaller than their image (COMPACT) a prefix sum lists them first, once per (image, tile)
-  (``_won_pairs_kernel``), so that the dots run on full steps of won pairs. Non-finite contributions take a
-  separate exact path, so a NaN or inf pair reaches its own winning patch only.
+* ``grad_z``: a counting sort lists each image's pairs by winning patch (``_won_histogram_kernel``,
+  ``_won_starts_kernel``, ``_won_order_kernel``: integer work only), then one program per (image, channel tile)
+  walks the list in SEGMENT_ROWS rows of equal length, each adding its pairs' contributions ``g (z_win - p)``
+  (difference form; g as grad_p wrote it) in order, and a scan over the rows joins the segments that cross rows
+  (``_grad_features_segments_kernel``). Every row does the same work however the winners are spread over the
+  patches; plain fp32 additions, so NaN and inf contributions reach their own patch as any summation order
+  would.
 * ``grad_p``: one program per (prototype tile, channel tile, run of images), looping over its images in
   order with the winning z rows gathered; the partial sums of the runs are then reduced in a fixed order.
   Its first channel tile writes g[b, m] = grad_d + grad_sim * d(sim)/d(d) for grad_z.
@@ -80,27 +79,18 @@ TENSOR_CORE_MAX_PATCHES = 32
 # ptxas's choice (200). Checked by sm90_gate.py --all on both.
 SMALL_TILE_MAX_REGISTERS = 255
 STREAMED_P_MAX_REGISTERS = {"highest": 128} if TRITON_VERSION >= (3, 8) else {}
-GRAD_Z_PATCH_TILES = (16, 32, 64)  # BLOCK_Q from HW
-GRAD_Z_PAIRS = 64  # (image, prototype) pairs per step of grad_z: IMAGES * BLOCK_M
-GRAD_Z_CHANNEL_TILES = (16, 32)  # BLOCK_D of grad_z, from D (64 channels spill or reach 255 registers)
-# Tiles of part of an image (COMPACT: HW > BLOCK_Q) take 32 pairs per step: measured on an H200 with the
-# in-kernel queue (benchmarks/results/triton-sweep-2026-11-30-h200.md: 104 registers, 2 blocks of 256 threads
-# per SM, against 210 and 1 block at 64 pairs) the backward at (128, 256, 14x14, 2000) in 1502 us against
-# 2226. Since the won pairs come listed (_won_pairs_kernel), 73 registers at 32 pairs and 148 at 64 on
-# Triton 3.8 (NOTES.md "Triton v12"; not measured).
-GRAD_Z_COMPACT_PAIRS = 32
-WON_PAIRS_BLOCK = 1024  # prototypes per step of _won_pairs_kernel (which lists the won pairs of COMPACT tiles)
-# The 64-patch grad_z tiles of whole images run 4 warps capped at 128 registers: 4 blocks per SM, all of the
-# CUB shape's 320 programs in one wave (8 warps at 128 registers: 2 blocks per SM, 1.2 waves). Measured on an
-# H200 (same file): the backward at (80, 128, 7x7, 2000) in 141 us against 214 with 8 warps, the same bits;
-# 0 spills on Triton 3.6 and 3.8 (sm90_gate.py --all checks both). The 128-register cap holds since a step no
-# longer reduces a non-finite test over the block (NOTES.md "Triton v9").
-GRAD_Z_WIDE_TILE_OPTIONS = {"maxnreg": 128, "num_warps": 4}
-# Triton 3.6 spills 40 bytes at 32 patches x 32 channels since g comes from grad_p (NOTES.md "Triton v8"):
-# its 32-patch tiles take 16 channels there (230 registers).
-GRAD_Z_NARROW_PATCH_TILES = (32,) if TRITON_VERSION < (3, 8) else ()
 GRAD_P_CHANNEL_TILES = (16, 32, 64)  # BLOCK_D of grad_p, from D
-_GRAD_Z_OPTIONS = dict(num_warps=8, num_stages=1)
+# grad_z: each image's pairs listed by winning patch (a counting sort: _won_histogram_kernel, _won_starts_kernel,
+# _won_order_kernel, ORDER_CHUNK prototypes a program, ORDER_BINS patches a step), then
+# _grad_features_segments_kernel: SEGMENT_ROWS rows of the list a program, SEGMENT_CHANNELS channels, SEGMENT_WARPS
+# warps (NOTES.md "Triton v14"; not measured).
+SEGMENT_ROWS = 64
+SEGMENT_CHANNELS = (16, 32)  # BLOCK_D from D
+SEGMENT_WARPS = 8
+ORDER_CHUNK = 32
+ORDER_BINS = 1024  # patches per step of the ordering kernels' walks over the map
+ORDER_HIST_BLOCK = 4096  # histogram entries (at most ORDER_HIST_ROWS chunks) a step of _won_starts_kernel
+ORDER_HIST_ROWS = 64
 
 
 @triton.jit
@@ -430,178 +420,175 @@ def _grad_prototypes_kernel(
 
 
 @triton.jit
-def _contributions(pair, won, z_b, z_row, m_j, offs_d, d_mask, g_ptr, p_ptr, stride_zd, stride_pm, stride_pd):
-    """c[j] = g_j (z_j - p_j) of the won pairs j (0 for the others, which are not gathered): z_b + z_row is pair
-    j's winning z row (z_row an int32 offset from the block's z), pair its int32 offset from the block's first
-    pair in g_ptr (the coefficients written by ``_grad_prototypes_kernel``)."""
-    g = tl.load(g_ptr + pair, mask=won, other=0.0)
-    mask = won[:, None] & d_mask[None, :]
-    z = tl.load(z_b + (z_row[:, None] + offs_d[None, :] * stride_zd), mask=mask, other=0.0).to(tl.float32)
-    p = tl.load(p_ptr + m_j[:, None] * stride_pm + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
-    return g[:, None] * (z - p)
+def _won_patches(idx_ptr, b, c, M, HW, CHUNK: tl.constexpr):
+    """(m, k, live) of the prototypes c * CHUNK.. of image b: k their winning patch (clamped to the map, as every
+    gather of the backward; -1 past M)."""
+    m = c * CHUNK + tl.arange(0, CHUNK)
+    live = m < M
+    k = tl.load(idx_ptr + b.to(tl.int64) * M + m, mask=live, other=0).to(tl.int32)
+    return m, tl.where(live, tl.minimum(tl.maximum(k, 0), HW - 1), -1), live
 
 
 @triton.jit
-def _add_won_pairs(acc, bad, rows, q_j, won, pair, z_b, z_row, m_j, offs_d, d_mask, g_ptr, p_ptr, stride_zd,
-                   stride_pm, stride_pd):
-    """acc[q] += sum over the pairs j with won[j] and q_j = q of the finite g_j (z_j - p_j) (``_contributions``);
-    bad |= which contributions are not finite (``_add_non_finite`` adds those after the last step). rows:
-    0..BLOCK_Q - 1; q_j: the pair's patch relative to the tile's first (each row compares against a constant).
-    Exact products, fixed-order fp32 accumulation (see ``_grad_features_kernel``).
-    """
-    w = (rows[:, None] == tl.where(won, q_j, -1)[None, :]).to(tl.float32)  # the won test once per pair
-    c = _contributions(pair, won, z_b, z_row, m_j, offs_d, d_mask, g_ptr, p_ptr, stride_zd, stride_pm, stride_pd)
-    finite = tl.abs(c) < float("inf")
-    c_fin = tl.where(finite, c, 0.0)
-    hi = _tf32_part(c_fin)
-    rest = c_fin - hi  # exact: the low 13 bits of c
-    mid = _tf32_part(rest)
-    part = tl.dot(w, rest - mid, input_precision="tf32")  # rest - mid: at most 2 bits, exact
-    part = tl.dot(w, mid, part, input_precision="tf32")
-    acc += tl.dot(w, hi, part, input_precision="tf32")
-    return acc, bad | (finite == 0)
+def _won_histogram_kernel(idx_ptr, hist_ptr, M, HW, CHUNKS, CHUNK: tl.constexpr, BINS: tl.constexpr):
+    """Segmented grad_z, step 1 of the counting sort. Program (image b, chunk c): hist[b, c, k] = how many of the
+    prototypes c * CHUNK.. won patch k of image b (BINS patches at a time)."""
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    _, k, live = _won_patches(idx_ptr, b, c, M, HW, CHUNK)
+    bins = tl.arange(0, BINS)
+    out = hist_ptr + (b.to(tl.int64) * CHUNKS + c) * HW
+    for k0 in range(0, HW, BINS):
+        inside = live & (k >= k0) & (k < k0 + BINS)
+        count = tl.histogram(tl.where(inside, k - k0, 0), BINS, mask=inside)
+        tl.store(out + k0 + bins, count, mask=k0 + bins < HW)
 
 
 @triton.jit
-def _add_non_finite(acc, rows, q0, idx_b, g_b, z_b, p_ptr, pair_j, z_img, q_base, live_b, offs_j, offs_d, d_mask,
-                    m_begin, m_end, stride_zd, stride_zk, stride_pm, stride_pd, BLOCK_Q: tl.constexpr,
-                    BLOCK_M: tl.constexpr):
-    """acc[q] += +inf, -inf or NaN where the pairs that won patch q have non-finite contributions: a second walk
-    over the prototype steps, run only by programs whose first walk met one. Each step's kinds (+inf, -inf,
-    NaN) are counted per patch by an exact dot and added in step order, so every patch gets what any summation
-    order gives (NaN if a NaN or both infinities, else the infinity), as if they had been added in the first
-    walk (the finite sums are finite there: adding an infinity earlier or later gives the same)."""
-    inf = float("inf")
-    for m0 in range(m_begin, m_end, BLOCK_M):
-        m_j = m0 + offs_j % BLOCK_M
-        pair = pair_j + m0
-        live = (m_j < m_end) & live_b
-        k_j = tl.load(idx_b + pair, mask=live, other=0).to(tl.int32)
-        q_j = k_j + q_base - q0
-        won = live & (q_j >= 0) & (q_j < BLOCK_Q)
-        c = _contributions(pair, won, z_b, z_img + k_j * stride_zk, m_j, offs_d, d_mask, g_b, p_ptr, stride_zd,
-                           stride_pm, stride_pd)
-        if tl.max(tl.max(((tl.abs(c) < inf) == 0).to(tl.int32), axis=1), axis=0) > 0:
-            w = (rows[:, None] == tl.where(won, q_j, -1)[None, :]).to(tl.float32)
-            kind = tl.where(c == inf, 1.0, 0.0) + tl.where(c == -inf, 256.0, 0.0) + tl.where(c != c, 65536.0, 0.0)
-            counts = tl.dot(w, kind, input_precision="tf32").to(tl.int32)  # < 256 of each: exact
-            pos = (counts & 255) > 0
-            neg = ((counts >> 8) & 255) > 0
-            nan = (counts >> 16) > 0
-            acc += tl.where(nan | (pos & neg), float("nan"), tl.where(pos, inf, tl.where(neg, -inf, 0.0)))
-    return acc
+def _won_starts_kernel(hist_ptr, count_ptr, HW, CHUNKS, BINS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Step 2. Program (image b) turns its histograms into places, in place: hist[b, c, k] becomes the first place
+    of chunk c's pairs of patch k in the image's list ordered by (patch, m), i.e. (pairs won by patches < k) +
+    (pairs of k in chunks < c); count[b, k] = the pairs patch k won."""
+    b = tl.program_id(0)
+    hist_b = hist_ptr + b.to(tl.int64) * CHUNKS * HW
+    bins = tl.arange(0, BINS)
+    done = 0  # pairs won by the patches before k0
+    for k0 in range(0, HW, BINS):
+        in_map = k0 + bins < HW
+        total = tl.zeros((BINS,), dtype=tl.int32)
+        for c0 in range(0, CHUNKS, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            total += tl.sum(tl.load(hist_b + cc[:, None] * HW + (k0 + bins)[None, :],
+                                    mask=(cc < CHUNKS)[:, None] & in_map[None, :], other=0), axis=0)
+        tl.store(count_ptr + b.to(tl.int64) * HW + k0 + bins, total, mask=in_map)
+        start = done + tl.cumsum(total, axis=0) - total
+        done += tl.sum(total, axis=0)
+        tl.debug_barrier()  # every warp has read these histograms before any is overwritten
+        for c0 in range(0, CHUNKS, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            ptrs = hist_b + cc[:, None] * HW + (k0 + bins)[None, :]
+            mask = (cc < CHUNKS)[:, None] & in_map[None, :]
+            h = tl.load(ptrs, mask=mask, other=0)
+            place = start[None, :] + tl.cumsum(h, axis=0) - h
+            tl.store(ptrs, place, mask=mask)
+            start += tl.sum(h, axis=0)
 
 
 @triton.jit
-def _grad_features_kernel(
-    g_ptr, idx_ptr, z_ptr, p_ptr, gz_ptr, won_ptr, won_start_ptr, won_count_ptr,
-    B, D, HW, M,
-    stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
-    IMAGES: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    COMPACT: tl.constexpr, PARTS: tl.constexpr,
+def _won_order_kernel(idx_ptr, start_ptr, order_ptr, B, M, HW, CHUNKS, CHUNK: tl.constexpr):
+    """Step 3. Program (image b, chunk c) places its prototypes in image b's list of pairs ordered by (winning
+    patch, m): order[0, b, j] = m and order[1, b, j] = its patch k, at j = (chunk c's first place for k, step 2)
+    + (chunk c's prototypes before m that won k). Integer work only: the same list on every run."""
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    m, k, live = _won_patches(idx_ptr, b, c, M, HW, CHUNK)
+    j = tl.arange(0, CHUNK)
+    earlier = tl.sum(((k[:, None] == k[None, :]) & (j[None, :] < j[:, None])).to(tl.int32), axis=1)
+    start = tl.load(start_ptr + (b.to(tl.int64) * CHUNKS + c) * HW + k, mask=live, other=0)
+    out = order_ptr + b.to(tl.int64) * M + start + earlier
+    tl.store(out, m, mask=live)
+    tl.store(out + B.to(tl.int64) * M, k, mask=live)
+
+
+@triton.jit
+def _chain(linked_a, sum_a, linked_b, sum_b):
+    """Combine of the segmented grad_z's scan over pieces (a before b): b continues a's patch where it is
+    linked; a select, never a product (0 * inf)."""
+    return linked_a * linked_b, tl.where(linked_b != 0, sum_a + sum_b, sum_b)
+
+
+@triton.jit
+def _grad_features_segments_kernel(
+    g_ptr, order_ptr, count_ptr, z_ptr, p_ptr, sums_ptr, gz_ptr,
+    B, D, HW, M, RUN, stride_zb, stride_zk, stride_pm,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    """grad_z[b, :, k] = 2 * sum over the m won at (b, k) of g[b, m] * (z[b, :, k] - p[m]), no sort.
+    """grad_z[b, :, k] = 2 * sum over the m won at (b, k) of g[b, m] * (z[b, :, k] - p[m]), from image b's pairs
+    listed by (patch, m) (``_won_order_kernel``).
 
-    Program (image block, patch tile, d tile): the block's patches are numbered q = i * HW + k (image b0 + i),
-    its pairs j = i * BLOCK_M + (m - m0) for each prototype tile m0. ``sel[q, j]`` (registers) is 1 where pair
-    j won patch q, so ``sel @ c`` with c[j] = g_j (z[b_j, :, k_j] - p[m_j]) is each patch's sum over the pairs
-    it won (g_j from g_ptr, written by ``_grad_prototypes_kernel``). Offsets are int32 from the block's first
-    pair and first z element, loop-invariant parts hoisted (the launcher checks that they fit). The dots are
-    exact in their products (sel is 0/1, c goes in as three TF32-exact parts), so only their fixed-order fp32
-    accumulation rounds, at every tile size. A non-finite c never enters a dot
-    (0 * inf would reach every patch): each thread notes where its contributions were not finite (no
-    reduction per step), and a program that met one walks the steps again (``_add_non_finite``) adding
-    +inf, -inf or NaN per patch, which is what any summation order gives. Only the pairs that won a patch of
-    the tile are gathered.
-
-    COMPACT (a tile smaller than its image, IMAGES = 1): the prototypes that won a patch of the tile, in
-    increasing order, come from ``_won_pairs_kernel`` (in won_ptr's row of the image (B, M), from
-    won_start_ptr's place on, won_count_ptr of them), and the dots run on full steps of BLOCK_M of them (and
-    the last, partial one): the dot work is that of the tile's won pairs, and the image's pairs are scanned
-    twice per tile (count, then write), not once per channel tile.
-
-    PARTS (not COMPACT): grid axis 2 splits the prototype steps into PARTS runs, each program adding its run's
-    pairs into its own copy of grad_z (gz_ptr holds PARTS of them; the launcher sums them in a fixed order).
+    Program (image b, channel tile): row r of the program walks pairs r * RUN .. r * RUN + RUN - 1 of the list in
+    order (every row the same number of steps, however the winners are spread over the patches), adding each
+    pair's contribution g (z - p) (difference form; g as grad_p wrote it) to a running sum in registers. Where
+    the patch changes, the sum of a segment that began inside the row is complete and stored; the row's first
+    segment (which may have begun in earlier rows) is kept as its head and its last one as its tail. A scan
+    over the rows' pieces (head, tail) in list order then adds each segment's parts across rows
+    (``_chain``), and the row where a segment ends stores it. Sums go to sums_ptr (B, HW, D: channels
+    innermost, so that every store of a row's channels is one contiguous run), and the program finally copies
+    its channel tile of image b into grad_z (B, D, HW), zeros where no pair won. Plain fp32 additions in a fixed
+    order, no dots: inf and NaN contributions reach their own patch as in any summation order. z and p have unit
+    channel stride (the launcher's ``channels_innermost`` z, contiguous p): each row's channels are one run.
     """
-    pid = tl.program_id(0)
-    q_tiles = tl.cdiv(IMAGES * HW, BLOCK_Q)
-    b0 = (pid // q_tiles) * IMAGES
-    q0 = (pid % q_tiles) * BLOCK_Q
-    rows = tl.arange(0, BLOCK_Q)
-    offs_q = q0 + rows
+    b = tl.program_id(0)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    offs_j = tl.arange(0, IMAGES * BLOCK_M)
-    b_j = b0 + offs_j // BLOCK_M
-    q_base = (offs_j // BLOCK_M) * HW  # first patch of pair j's image in the block's numbering
-    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    bad = tl.zeros((IMAGES * BLOCK_M, BLOCK_D), dtype=tl.int1)  # where a contribution was not finite
-    first = b0.to(tl.int64) * M
-    idx_b, g_b = idx_ptr + first, g_ptr + first
-    z_b = z_ptr + b0.to(tl.int64) * stride_zb
-    i_j = offs_j // BLOCK_M
-    pair_j = i_j * M + offs_j % BLOCK_M  # pair j's offset at m0 = 0
-    z_img = i_j * stride_zb
-    live_b = b_j < B
-    m_begin, m_end = 0, M
-    if PARTS > 1:
-        per_part = tl.cdiv(tl.cdiv(M, BLOCK_M), PARTS) * BLOCK_M
-        m_begin = tl.program_id(2) * per_part
-        m_end = tl.minimum(M, m_begin + per_part)
-        gz_ptr += tl.program_id(2).to(tl.int64) * B * D * HW  # the run's copy of grad_z
-    if COMPACT:
-        tl.static_assert(IMAGES == 1 and PARTS == 1)
-        won_b = won_ptr + b0.to(tl.int64) * M + tl.load(won_start_ptr + pid)  # (image, tile) = (b0, pid % q_tiles)
-        n_won = tl.load(won_count_ptr + pid)
-        for s0 in range(0, n_won, BLOCK_M):
-            used = s0 + offs_j < n_won
-            m_j = tl.load(won_b + s0 + offs_j, mask=used, other=0)
-            k_j = tl.load(idx_b + m_j, mask=used, other=0).to(tl.int32)
-            acc, bad = _add_won_pairs(acc, bad, rows, k_j - q0, used, m_j, z_b, k_j * stride_zk, m_j, offs_d, d_mask,
-                                      g_b, p_ptr, stride_zd, stride_pm, stride_pd)
-    else:
-        for m0 in range(m_begin, m_end, BLOCK_M):
-            m_j = m0 + offs_j % BLOCK_M
-            live = (m_j < m_end) & live_b  # the tile holds every patch of its images: each live pair won one
-            pair = pair_j + m0
-            k_j = tl.load(idx_b + pair, mask=live, other=0).to(tl.int32)
-            acc, bad = _add_won_pairs(acc, bad, rows, k_j + q_base, live, pair, z_b, z_img + k_j * stride_zk, m_j,
-                                      offs_d, d_mask, g_b, p_ptr, stride_zd, stride_pm, stride_pd)
-    if tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0:  # one reduction per program, not per step
-        acc = _add_non_finite(acc, rows, q0, idx_b, g_b, z_b, p_ptr, pair_j, z_img, q_base, live_b, offs_j, offs_d,
-                              d_mask, m_begin, m_end, stride_zd, stride_zk, stride_pm, stride_pd, BLOCK_Q, BLOCK_M)
-    b_q = b0 + offs_q // HW
-    k_q = offs_q % HW
-    row_ok = (offs_q < IMAGES * HW) & (b_q < B)
-    out = gz_ptr + (b_q.to(tl.int64) * D * HW + k_q)[:, None] + offs_d[None, :] * HW
-    tl.store(out, 2.0 * acc, mask=row_ok[:, None] & d_mask[None, :])
-
-
-@triton.jit
-def _won_pairs_kernel(idx_ptr, won_ptr, start_ptr, count_ptr, M, HW, WRITE, BLOCK_Q: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """For COMPACT grad_z, program (image b, patch tile t): with WRITE = 0, counts the prototypes m whose winning
-    patch idx[b, m] lies in tile t (count_ptr[b * tiles + t]); with WRITE = 1, writes them in increasing order to
-    won_ptr's row b (B, M) from start_ptr[b * tiles + t] on (the tiles' counts summed in tile order: each
-    image's prototypes, grouped by tile), a prefix sum placing them. Integer work only: the same lists on
-    every run."""
-    pid = tl.program_id(0)
-    tiles = tl.cdiv(HW, BLOCK_Q)
-    q0 = (pid % tiles) * BLOCK_Q
-    idx_b = idx_ptr + (pid // tiles).to(tl.int64) * M
-    fill = pid * 0
-    if WRITE != 0:
-        fill = tl.load(start_ptr + pid)
-    won_b = won_ptr + (pid // tiles).to(tl.int64) * M
-    for m0 in range(0, M, BLOCK):
-        m = m0 + tl.arange(0, BLOCK)
-        k = tl.load(idx_b + m, mask=m < M, other=-1)
-        won = (m < M) & (k >= q0) & (k < q0 + BLOCK_Q)
-        if WRITE != 0:
-            tl.store(won_b + fill + tl.cumsum(won.to(tl.int32), axis=0) - 1, m, mask=won)
-        fill += tl.sum(won.to(tl.int32), axis=0)
-    if WRITE == 0:
-        tl.store(count_ptr + pid, fill)
+    rows = tl.arange(0, ROWS)
+    first = rows * RUN  # row r's pairs: first .. first + n - 1
+    n = tl.minimum(tl.maximum(M - first, 0), RUN)
+    pairs = b.to(tl.int64) * M
+    list_m = order_ptr + pairs
+    list_k = list_m + B.to(tl.int64) * M
+    g_b = g_ptr + pairs
+    z_b = z_ptr + b.to(tl.int64) * stride_zb
+    sums_b = sums_ptr + b.to(tl.int64) * HW * D + offs_d[None, :]
+    acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    head = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    head_k = tl.full((ROWS,), -1, dtype=tl.int32)  # the first segment's patch, once it has ended (else -1)
+    cur = tl.full((ROWS,), -1, dtype=tl.int32)  # the running segment's patch
+    live = n > 0
+    m_next = tl.load(list_m + first, mask=live, other=0)
+    k_next = tl.load(list_k + first, mask=live, other=-1)
+    for s in range(0, RUN):
+        live = s < n
+        m, k = m_next, k_next
+        ahead = s + 1 < n  # the next step's pair, loaded before this step's gathers
+        m_next = tl.load(list_m + first + s + 1, mask=ahead, other=0)
+        k_next = tl.load(list_k + first + s + 1, mask=ahead, other=-1)
+        new = live & (k != cur)
+        ended = new & (cur >= 0)
+        inner = ended & (head_k >= 0)  # a segment that began inside this row ended: complete
+        if EVEN_D:
+            tl.store(sums_b + cur[:, None] * D, acc, mask=inner[:, None])
+        else:
+            tl.store(sums_b + cur[:, None] * D, acc, mask=inner[:, None] & d_mask[None, :])
+        to_head = ended & (head_k < 0)
+        head = tl.where(to_head[:, None], acc, head)
+        head_k = tl.where(to_head, cur, head_k)
+        acc = tl.where(new[:, None], 0.0, acc)
+        cur = tl.where(live, k, cur)
+        if EVEN_D:
+            mask = live[:, None]
+        else:
+            mask = live[:, None] & d_mask[None, :]
+        g = tl.load(g_b + m, mask=live, other=0.0)
+        z = tl.load(z_b + k[:, None] * stride_zk + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(p_ptr + m[:, None] * stride_pm + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += g[:, None] * (z - p)  # + 0 on rows past their pairs
+    # Pieces in list order: row r's head (its first segment, or the whole row), then its tail (its last segment;
+    # a row of one segment has an empty tail: -0.0, which adds nothing to any sum, linked through). A row has one
+    # segment iff its first and last pairs won the same patch (the list is ordered by patch).
+    used = n > 0
+    first_k = tl.load(list_k + first, mask=used, other=-1)
+    last_k = tl.load(list_k + first + n - 1, mask=used, other=-1)
+    single = first_k == last_k
+    previous = tl.load(list_k + first - 1, mask=(rows > 0) & used, other=-1)  # the last pair of row r - 1
+    following = tl.load(list_k + first + RUN, mask=used & (first + RUN < M), other=-1)  # row r + 1's first
+    head = tl.where(single[:, None], acc, head)
+    tail = tl.where(single[:, None], -0.0, acc)
+    pieces = tl.reshape(tl.permute(tl.join(head, tail), (0, 2, 1)), (2 * ROWS, BLOCK_D))
+    links = tl.reshape(tl.join((used & (previous == first_k)).to(tl.int32), single.to(tl.int32)), (2 * ROWS,))
+    _, totals = tl.associative_scan((tl.broadcast_to(links[:, None], (2 * ROWS, BLOCK_D)), pieces), 0, _chain)
+    head, tail = tl.split(tl.permute(tl.reshape(totals, (ROWS, 2, BLOCK_D)), (0, 2, 1)))
+    done_head = used & (single == 0)  # the first segment ended in this row
+    done_tail = used & (following != last_k)  # the last one ends with the row
+    tl.store(sums_b + first_k[:, None] * D, head, mask=done_head[:, None] & d_mask[None, :])
+    tl.store(sums_b + last_k[:, None] * D, tail, mask=done_tail[:, None] & d_mask[None, :])
+    tl.debug_barrier()  # the program's sums are in memory: copy them into grad_z (B, D, HW), times 2
+    out_b = gz_ptr + b.to(tl.int64) * D * HW + offs_d[None, :] * HW
+    for q0 in range(0, HW, BLOCK_Q):
+        q = q0 + tl.arange(0, BLOCK_Q)
+        won = tl.load(count_ptr + b.to(tl.int64) * HW + q, mask=q < HW, other=0) > 0
+        total = tl.load(sums_b + q[:, None] * D, mask=won[:, None] & d_mask[None, :], other=0.0)
+        tl.store(out_b + q[:, None], 2.0 * total, mask=(q < HW)[:, None] & d_mask[None, :])
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -660,46 +647,35 @@ def forward_images_per_program(B: int, M: int, block_m: int) -> int:
 
 
 def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
-    """(constexpr arguments, launch options) of the backward kernels, by kernel name (``_won_pairs_kernel`` only
-    for COMPACT grad_z tiles).
-
-    grad_z: BLOCK_Q patches (the next power of two of HW in 16..64); when several whole images fit a tile,
-    the tile holds IMAGES of them (a power of two) and the GRAD_Z_PAIRS pairs of a step are IMAGES x BLOCK_M
-    (GRAD_Z_COMPACT_PAIRS for tiles of part of an image); 4 warps for 64-patch tiles of whole images.
-    BLOCK_D: 16 or 32 channels from D (16 on Triton 3.6 with GRAD_Z_NARROW_PATCH_TILES).
-    """
-    block_q = _pow2(HW, GRAD_Z_PATCH_TILES[0], GRAD_Z_PATCH_TILES[-1])
-    gz_channels = _pow2(D, GRAD_Z_CHANNEL_TILES[0], GRAD_Z_CHANNEL_TILES[-1])
-    if block_q in GRAD_Z_NARROW_PATCH_TILES:
-        gz_channels = GRAD_Z_CHANNEL_TILES[0]
-    gz_options = dict(_GRAD_Z_OPTIONS)
-    if block_q == GRAD_Z_PATCH_TILES[-1] and HW <= block_q:
-        gz_options.update(GRAD_Z_WIDE_TILE_OPTIONS)
-    images = 1
-    while 2 * images * HW <= block_q:
-        images *= 2
-    pairs = GRAD_Z_COMPACT_PAIRS if HW > block_q else GRAD_Z_PAIRS
-    configs = {
+    """(constexpr arguments, launch options) of the backward kernels, by kernel name: grad_p, the three steps of
+    the counting sort that lists each image's pairs by patch (BINS patches a step: HW's next power of two in
+    16..ORDER_BINS), and grad_z by segments of that list (BLOCK_D: 16 or 32 channels from D)."""
+    bins = _pow2(HW, 16, ORDER_BINS)
+    channels = _pow2(D, SEGMENT_CHANNELS[0], SEGMENT_CHANNELS[-1])
+    return {
         "_grad_prototypes_kernel": (
             dict(BLOCK_M=16, BLOCK_D=_pow2(D, GRAD_P_CHANNEL_TILES[0], GRAD_P_CHANNEL_TILES[-1])), {}),
-        "_grad_features_kernel": (
-            dict(IMAGES=images, BLOCK_Q=block_q, BLOCK_M=pairs // images,
-                 BLOCK_D=gz_channels, COMPACT=HW > block_q, PARTS=1), gz_options),
+        "_won_histogram_kernel": (dict(CHUNK=ORDER_CHUNK, BINS=bins), dict(num_warps=1)),
+        "_won_starts_kernel": (dict(BINS=bins, BLOCK_C=min(ORDER_HIST_ROWS, ORDER_HIST_BLOCK // bins)),
+                               dict(num_warps=8)),
+        "_won_order_kernel": (dict(CHUNK=ORDER_CHUNK), dict(num_warps=1)),
+        "_grad_features_segments_kernel": (
+            dict(ROWS=SEGMENT_ROWS, BLOCK_D=channels, BLOCK_Q=bins, EVEN_D=D % channels == 0),
+            dict(num_warps=SEGMENT_WARPS, num_stages=1)),
     }
-    if HW > block_q:  # COMPACT: each (image, tile)'s won prototypes listed first
-        configs["_won_pairs_kernel"] = (dict(BLOCK_Q=block_q, BLOCK=WON_PAIRS_BLOCK), {})
-    return configs
 
 
 def launch_configs(shapes=None) -> list[tuple[str, dict, dict]]:
     """Every distinct (kernel name, constexpr arguments, launch options) the compiled launchers can pick,
     over all precisions: for the (D, HW, M) ``shapes`` given, or by default for all shapes.
 
-    Each choice is a step function of D, HW and M that is constant beyond these ranges (D > 64, HW > 64,
-    M > 64 pick the same as 65), so the default shapes reach every value.
+    Each choice is a step function of D, HW and M that is constant between and beyond these values (D > 64 and
+    M > 64 pick the same as 65, D < 16 as 15 or 16 (as D % 16); HW > 64 the same as 65 but for grad_z's bins, the
+    next power of two up to ORDER_BINS), so the default shapes reach every value.
     """
     if shapes is None:
-        shapes = [(D, HW, M) for D in (16, 32, 64, 65) for HW in range(1, 66) for M in (16, 32, 64, 65)]
+        maps = list(range(1, 66)) + [2 * bins + 1 for bins in (64, 128, 256, 512)]  # 129 .. 1025
+        shapes = [(D, HW, M) for D in (15, 16, 32, 64, 65) for HW in maps for M in (16, 32, 64, 65)]
     configs = []
     for D, HW, M in shapes:
         for precision in INPUT_PRECISION:
@@ -753,9 +729,38 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     return sim, dist, idx
 
 
+def _grad_z_segments(configs: dict, g: torch.Tensor, z3: torch.Tensor, p: torch.Tensor, idx: torch.Tensor
+                     ) -> torch.Tensor:
+    """grad_z (B, D, HW): each image's pairs listed by winning patch (a counting sort: ``_won_histogram_kernel``,
+    ``_won_starts_kernel``, ``_won_order_kernel``), then summed by segments (``_grad_features_segments_kernel``)."""
+    B, D, HW = z3.shape
+    M = p.shape[0]
+    chunk = configs["_won_order_kernel"][0]["CHUNK"]
+    chunks = triton.cdiv(M, chunk)
+    if chunks > MAX_GRID_YZ:
+        raise ValueError(f"triton grad_z: {M} prototypes need {chunks} ordering programs per image, more than "
+                         f"a grid axis allows ({MAX_GRID_YZ}); use the torch or cuda backend")
+    starts = torch.empty((B, chunks, HW), device=z3.device, dtype=torch.int32)  # histograms, then places
+    order = torch.empty((2, B, M), device=z3.device, dtype=torch.int32)  # m, then its patch, by (patch, m)
+    count = torch.empty((B, HW), device=z3.device, dtype=torch.int32)
+    meta, options = configs["_won_histogram_kernel"]
+    _won_histogram_kernel[(B, chunks)](idx, starts, M, HW, chunks, **meta, **options)
+    meta, options = configs["_won_starts_kernel"]
+    _won_starts_kernel[(B,)](starts, count, HW, chunks, **meta, **options)
+    meta, options = configs["_won_order_kernel"]
+    _won_order_kernel[(B, chunks)](idx, starts, order, B, M, HW, chunks, **meta, **options)
+    meta, options = configs["_grad_features_segments_kernel"]
+    sums = torch.empty((B, HW, D), device=z3.device, dtype=torch.float32)  # per patch, channels innermost
+    grad_z = torch.empty((B, D, HW), device=z3.device, dtype=torch.float32)
+    _grad_features_segments_kernel[(B, triton.cdiv(D, meta["BLOCK_D"]))](
+        g, order, count, z3, p, sums, grad_z, B, D, HW, M, triton.cdiv(M, meta["ROWS"]), z3.stride(0), z3.stride(2),
+        p.stride(0), **meta, **options)
+    return grad_z
+
+
 def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
-    """Hand-written backward: (grad_z3 (B, D, HW) contiguous float32, grad_p (M, D) float32); no sort (maps of
-    several grad_z tiles list each tile's won prototypes by a prefix sum, ``_won_pairs_kernel``)."""
+    """Hand-written backward: (grad_z3 (B, D, HW) contiguous float32, grad_p (M, D) float32); no comparison sort
+    (grad_z lists each image's pairs by patch with a counting sort, ``_grad_z_segments``)."""
     B, D, HW = z3.shape
     M = p.shape[0]
     z3 = channels_innermost(z3)
@@ -764,12 +769,10 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     dist, idx = dist.contiguous(), idx.contiguous()
     configs = backward_configs(D, HW)
     strides = (z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1))
-    images = configs["_grad_features_kernel"][0]["IMAGES"]  # grad_z's int32 offsets, checked before any launch
-    span = (images - 1) * abs(z3.stride(0)) + (HW - 1) * abs(z3.stride(2)) + (D - 1) * abs(z3.stride(1))
-    if images * M >= 2**31 or span >= 2**31:
-        raise ValueError(f"triton grad_z: {images} images of {M} pairs or a z block of {span + 1} "
-                         "elements do not fit its int32 offsets; use the torch or cuda backend")
-
+    span = (HW - 1) * abs(z3.stride(2)) + (D - 1) * abs(z3.stride(1))  # grad_z's int32 offsets, checked first
+    if span >= 2**31 or M * D >= 2**31 or HW * D >= 2**31:
+        raise ValueError(f"triton grad_z: a z image of {span + 1} elements or {M} x {D} prototypes do not fit its "
+                         "int32 offsets; use the torch or cuda backend")
     meta, options = configs["_grad_prototypes_kernel"]
     per_program = max(8, triton.cdiv(B, MAX_GRID_YZ))  # image runs go on grid axis 2
     runs = triton.cdiv(B, per_program)
@@ -779,20 +782,4 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
         grad_sim, grad_dist, dist, idx, z3, p, partial, g, B, D, M, per_program, eps, *strides, **meta, **options,
     )
     grad_p = partial[0] if runs == 1 else partial.sum(0)  # a fixed-order reduction: deterministic
-
-    meta, options = configs["_grad_features_kernel"]
-    grad_z = torch.empty((meta["PARTS"], B, D, HW), device=z3.device, dtype=torch.float32)
-    blocks = triton.cdiv(B, meta["IMAGES"]) * triton.cdiv(meta["IMAGES"] * HW, meta["BLOCK_Q"])
-    won, won_start, won_count = idx, idx, idx  # unused unless COMPACT
-    if meta["COMPACT"]:  # each (image, patch tile)'s won prototypes, listed once for all its channel tiles
-        won = torch.empty((B, M), device=z3.device, dtype=torch.int32)
-        won_count = torch.empty((blocks,), device=z3.device, dtype=torch.int32)
-        listing = configs["_won_pairs_kernel"][0]
-        _won_pairs_kernel[(blocks,)](idx, won, won_count, won_count, M, HW, 0, **listing)
-        counts = won_count.view(B, -1)
-        won_start = (counts.cumsum(1, dtype=torch.int32) - counts).view(-1)  # each tile's first place in its row
-        _won_pairs_kernel[(blocks,)](idx, won, won_start, won_count, M, HW, 1, **listing)
-    _grad_features_kernel[(blocks, triton.cdiv(D, meta["BLOCK_D"]), meta["PARTS"])](
-        g, idx, z3, p, grad_z, won, won_start, won_count, B, D, HW, M, *strides, **meta, **options,
-    )
-    return (grad_z[0] if meta["PARTS"] == 1 else grad_z.sum(0)), grad_p  # a fixed-order sum: deterministic
+    return _grad_z_segments(configs, g, z3, p.contiguous(), idx), grad_p

@@ -31,13 +31,13 @@ def test_quick_sweep_checks_outputs_and_restores_the_launcher(tmp_path):
 def test_a_candidate_changes_only_its_kernel():
     forward = pd.forward_config(128, 49, 2000, "medium")
     grad_p = pd.backward_configs(128, 49)["_grad_prototypes_kernel"]
-    with triton_sweep.configured("_grad_features_kernel", {"options": {"num_warps": 2}, "meta": {"BLOCK_M": "half"}}):
-        meta, options = pd.backward_configs(128, 49)["_grad_features_kernel"]
-        assert options["num_warps"] == 2 and meta["BLOCK_M"] == pd.GRAD_Z_PAIRS // 2
+    with triton_sweep.configured("_grad_features_segments_kernel", {"options": {"num_warps": 2}, "meta": {"ROWS": 32}}):
+        meta, options = pd.backward_configs(128, 49)["_grad_features_segments_kernel"]
+        assert options["num_warps"] == 2 and meta["ROWS"] == 32
         assert pd.forward_config(128, 49, 2000, "medium") == forward
         assert pd.backward_configs(128, 49)["_grad_prototypes_kernel"] == grad_p
     with triton_sweep.configured("forward", {"images": 4, "options": {"num_warps": 4}}):
         assert pd.forward_images_per_program(80, 2000, 64) == 4
         assert pd.forward_config(128, 49, 2000, "medium")[1]["num_warps"] == 4
-    assert pd.backward_configs(128, 49)["_grad_features_kernel"][1]["num_warps"] == 4  # the launcher's own again
+    assert pd.backward_configs(128, 49)["_grad_features_segments_kernel"][1]["num_warps"] == pd.SEGMENT_WARPS
     assert pd.forward_config(128, 49, 2000, "medium")[1]["num_warps"] == 8

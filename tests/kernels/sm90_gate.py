@@ -3,10 +3,10 @@
 ``python -m tests.kernels.sm90_gate [--all | --probe | --sass [--runtime] [KERNEL ...]]`` compiles kernel
 configurations, reads Triton's own ptxas -v log of each (its flags, its cubin) and prints one JSON line per
 configuration: registers, spill bytes, shared memory. Exit status 1 if any configuration spills. ``--all``
-(what the test runs, about 2 minutes on 2 CPU cores for 71 configurations) compiles every configuration a
+(what the test runs, about 3 minutes on 2 CPU cores for 94 configurations) compiles every configuration a
 launcher can pick (``prototype_distance.launch_configs()``); without it, a quick representative subset for
 development: the configurations the launchers pick for SHAPES (both ends of every tile range, the p tile
-resident and not, one and sixteen images per grad_z tile). Each distinct configuration is compiled once per
+resident and not, grad_z's smallest and largest bins of patches). Each distinct configuration is compiled once per
 run. ``--probe`` only checks that offline compilation works here. ``--sass`` prints, for the CUB shape's
 configurations (grad_z, grad_p, the forward at each precision; or only the KERNELs named), the SASS
 instruction mix by opcode class of the whole kernel and of each loop (from a back-edge branch's target to
@@ -29,7 +29,7 @@ import sys
 from tests.sass import SASS_CLASSES, disassemble, parse_sass, sass_count  # noqa: F401 (SASS_CLASSES: tests)
 
 # (D, HW, M): the CUB shape, a wide and a large map (largest tiles), a tiny problem and 1 x 1 maps
-# (smallest tiles, p resident, several images per grad_z tile).
+# (smallest tiles, p resident).
 SHAPES = [(128, 49, 2000), (512, 784, 2000), (20, 9, 10), (16, 1, 5)]
 CUB_SHAPE = SHAPES[0]
 ARCH = 90
@@ -39,9 +39,10 @@ ARCH = 90
 # without these values the offline compile sees plain i32 arguments (the kernel the gate checks for every
 # configuration, with more address arithmetic and narrower loads than the one launched at this shape).
 POINTER_TYPES = {"idx_ptr": "*i64", "won_ptr": "*i32", "won_start_ptr": "*i32", "start_ptr": "*i32",
-                 "count_ptr": "*i32", "won_count_ptr": "*i32"}  # the others: float32
+                 "count_ptr": "*i32", "won_count_ptr": "*i32", "hist_ptr": "*i32",
+                 "order_ptr": "*i32"}  # the others: float32
 CUB_RUNTIME = dict(B=80, D=128, HW=49, M=2000, stride_zb=128 * 49, stride_zd=1, stride_zk=128, stride_pm=128,
-                   stride_pd=1)
+                   stride_pd=1, RUN=32, CHUNKS=63)  # RUN, CHUNKS: grad_z's rows of 2000 / 64 pairs, chunks of 32
 
 
 def _signature(fn, meta: dict, runtime: dict | None = None) -> tuple[dict, dict, dict]:

@@ -17,6 +17,7 @@ from protokern.kernels import prototype_distance as K
 from tests.reference import check_winners_and_gradients, original_layer, rel_err
 from tests.kernels import sm90_gate
 
+GRAD_Z_KERNELS = {"_won_histogram_kernel", "_won_starts_kernel", "_won_order_kernel", "_grad_features_segments_kernel"}
 needs_triton_cpu = pytest.mark.skipif(
     protokern.available_backends("cpu")["triton"] is not None, reason="Triton interpreter not enabled"
 )
@@ -176,9 +177,9 @@ def test_backward_non_finite_pairs_reach_only_their_patch(HW):
 @needs_triton_cpu
 @pytest.mark.parametrize("HW", [40, 70])  # a whole-image tile; two tiles (COMPACT)
 def test_backward_infinite_pairs_in_the_first_and_last_prototype_steps(HW):
-    """grad_z adds non-finite contributions after its finite walk over the prototype steps, in a second walk
-    run only by the programs that met one: an infinite pair in the first and one in the last of three steps
-    give their patch's channel exactly +-inf (the sign of g), every other value stays finite and accurate."""
+    """An infinite pair at each end of the prototypes (both winning patch 0: the first segment of the list, over
+    several rows) gives that patch's channel exactly +-inf (the sign of g); every other value stays finite and
+    accurate."""
     B, D, M = 2, 24, 150
     z3, p = torch.rand(B, D, HW), torch.rand(M, D)
     p[3, 1] = float("inf")  # every patch at +inf for prototypes 3 (step 1) and 140 (step 3): patch 0 wins
@@ -192,29 +193,47 @@ def test_backward_infinite_pairs_in_the_first_and_last_prototype_steps(HW):
 
 
 @needs_triton_cpu
-@pytest.mark.parametrize("shape", [(5, 8, 3, 70), (2, 33, 49, 130)], ids=str)  # 4 images a tile; the CUB class
-def test_backward_prototype_runs_add_up(monkeypatch, shape):
-    """grad_z over PARTS runs of prototype steps (grid axis 2, one copy of grad_z each, summed in a fixed
-    order): the float64 reference, repeated bit for bit, with non-finite pairs in both runs reaching only
-    their patch (+-inf from the two runs adding up as in any summation order)."""
-    B, D, HW, M = shape
-    configs = K.backward_configs
-
-    def two_runs(*args):
-        out = dict(configs(*args))
-        meta, options = out["_grad_features_kernel"]
-        out["_grad_features_kernel"] = ({**meta, "PARTS": 2}, options)
-        return out
-
-    monkeypatch.setattr(K, "backward_configs", two_runs)
+@pytest.mark.parametrize("HW", [1, 3, 49])
+def test_backward_segments_across_many_rows(HW):
+    """grad_z's rows of the pair list: on a map of one patch every pair of an image is one segment over all 64 rows
+    (joined by the scan); with HW 3 and 49 long segments cross rows next to short ones inside rows, patches
+    that no pair won get zeros, and the result is the float64 reference's, repeated bit for bit."""
+    B, D, M = 3, 40, 700  # RUN = 11 pairs a row
     z3, p = torch.rand(B, D, HW), torch.rand(M, D)
+    if HW > 1:
+        z3[1, :, 0] = p[:400].mean(0)  # image 1: patch 0 wins most prototypes
     _, dist, idx = K.forward(z3, p, 1e-4)
-    _check_backward(z3, p, idx, dist)
-    p[0, 1], p[M - 1, 1] = float("inf"), float("-inf")  # the first and the last run: both win patch 0
-    _, dist, idx = K.forward(z3, p, 1e-4)
-    assert (idx[:, [0, M - 1]] == 0).all()
-    gz, _ = _check_backward(z3, p, idx, dist)  # NaN / inf where the float64 reference has them
-    assert not gz[:, 1, 0].isfinite().any() and gz[:, :, 1:].isfinite().all()
+    gz, _ = _check_backward(z3, p, idx, dist)
+    lost = torch.ones(B, HW, dtype=torch.bool).scatter_(1, idx, False)  # patches no prototype won
+    assert torch.equal(gz.abs().sum(1) == 0, lost) or gz.isnan().any()
+    if HW > 1:
+        assert (idx[1] == 0).sum() > 2 * triton.cdiv(M, K.SEGMENT_ROWS)  # a segment over several rows
+
+
+@needs_triton_cpu
+def test_counting_sort_lists_pairs_by_patch_then_prototype(monkeypatch):
+    """The counting sort behind grad_z (histograms of 32-prototype chunks, their places, then each chunk's
+    pairs) lists every image's prototypes by (winning patch, m), here with 16 patches a step over a 70-patch map
+    (five steps) and indices outside the map clamped as every gather clamps them."""
+    monkeypatch.setattr(K, "ORDER_BINS", 16)
+    B, HW, M = 3, 70, 300
+    idx = torch.randint(0, HW, (B, M))
+    idx[1, :150] = 69  # a long run in the last step's bins
+    idx[2, 5], idx[2, 6] = -3, HW + 4
+    configs = K.backward_configs(8, HW)
+    chunk = configs["_won_order_kernel"][0]["CHUNK"]
+    chunks = triton.cdiv(M, chunk)
+    starts = torch.empty((B, chunks, HW), dtype=torch.int32)
+    order = torch.empty((2, B, M), dtype=torch.int32)
+    count = torch.empty((B, HW), dtype=torch.int32)
+    K._won_histogram_kernel[(B, chunks)](idx, starts, M, HW, chunks, **configs["_won_histogram_kernel"][0])
+    K._won_starts_kernel[(B,)](starts, count, HW, chunks, **configs["_won_starts_kernel"][0])
+    K._won_order_kernel[(B, chunks)](idx, starts, order, B, M, HW, chunks, **configs["_won_order_kernel"][0])
+    k = idx.clamp(0, HW - 1)
+    key = k * M + torch.arange(M)
+    expect = key.argsort(dim=1)
+    assert torch.equal(order[0].long(), expect) and torch.equal(order[1].long(), k.gather(1, expect))
+    assert torch.equal(count.long(), torch.zeros(B, HW, dtype=torch.long).scatter_add_(1, k, torch.ones_like(k)))
 
 
 @needs_triton_cpu
@@ -451,55 +470,52 @@ def test_every_triton_launch_configuration_compiles_for_sm90_without_spills():
     results = _run_gate("--all")
     assert len(results) == len(K.launch_configs())
     assert {r["kernel"] for r in results} == {"_forward_kernel", "_patch_norms_kernel", "_grad_prototypes_kernel",
-                                              "_grad_features_kernel", "_won_pairs_kernel"}
+                                              *GRAD_Z_KERNELS}
     assert {r.get("PRECISION") for r in results} >= {"ieee", "tf32x3", "tf32"}
     assert {r.get("P_RESIDENT") for r in results} >= {True, False}
     # 2 blocks of 256 threads per SM for every tensor-core search ("high", "medium"), on Triton 3.6 and 3.8
     tensor_core = [r for r in results if r.get("PRECISION") in ("tf32x3", "tf32")]
     assert tensor_core and all(r["maxnreg"] == 128 and r["registers"] <= 128 for r in tensor_core)
-    # 4 blocks of 128 threads per SM for grad_z's 64-patch tiles of whole images (16 or 32 channels), on both
-    wide_gz = [r for r in results if r["kernel"] == "_grad_features_kernel" and r["BLOCK_Q"] == 64
-               and not r["COMPACT"]]
-    assert {r["BLOCK_D"] for r in wide_gz} == {16, 32} and all(r["registers"] <= 128 for r in wide_gz)
+    # grad_z's segments at every bin count (16 .. ORDER_BINS patches a step), both channel tiles, D % 32 or not
+    segments = [r for r in results if r["kernel"] == "_grad_features_segments_kernel"]
+    assert {r["BLOCK_Q"] for r in segments} == {16, 32, 64, 128, 256, 512, K.ORDER_BINS}
+    assert {(r["BLOCK_D"], r["EVEN_D"]) for r in segments} == {(16, True), (32, True), (32, False)}
     if K.TRITON_VERSION >= (3, 8):  # and the "highest" forward with p streamed; Triton 3.6 takes more there
         capped = [r for r in results if r.get("maxnreg") == 128]
         assert capped and all(r["registers"] <= 128 for r in capped)
 
 
 def test_sass_mix_of_grad_z_at_the_cub_shape():
-    """``sm90_gate --sass``: grad_z at the CUB shape runs one warp group (4 warps, GRAD_Z_WIDE_TILE_OPTIONS); its
-    main loop holds the 24 warp-group MMAs of its three exact TF32 dots (64 x 64 x 32; the non-finite kinds' dot
-    sits in the second walk, outside it) and, on Triton 3.8, issues no more than 14.0k warp-instructions per
-    (image, step of 64 pairs) over all 128 channels: loop instructions x warps x channel-tile programs per image,
-    874 x 4 x 4 (with 8 warps, NOTES.md "Triton v9": 493 x 8 x 4 = 15.8k, 40 MMAs per warp in two warp groups)."""
-    (mix,) = _run_gate("--sass", "_grad_features_kernel")
-    main = max(mix["loops"], key=lambda loop: loop["mma"])
-    assert mix["num_warps"] == 4 and main["top"]["HGMMA"] == 24 and mix["whole"]["mma"] > main["mma"]
-    assert mix["whole"]["total"] > main["total"] > 0
-    assert main["total"] == sum(v for k, v in main.items() if k in sm90_gate.SASS_CLASSES or k == "other")
-    per_image = main["total"] * mix["num_warps"] * triton.cdiv(sm90_gate.CUB_SHAPE[0], mix["BLOCK_D"])
-    if K.TRITON_VERSION[:2] == (3, 8):
-        assert mix["BLOCK_D"] == 32 and per_image <= 13984
+    """``sm90_gate --sass --runtime``: grad_z's segments at the CUB shape, as launched: the walk over the list
+    holds no MMA, no barrier and no shared memory (the dot-based kernel it replaced had 24 warp-group MMAs and
+    its barriers in every step), and issues at most half a warp-instruction per (pair, channel): loop
+    instructions x warps / (ROWS x BLOCK_D), 125 x 8 / (64 x 32) on Triton 3.6 and 3.8; per image, with 32 steps
+    and 4 channel tiles, 128k warp-instructions against the replaced kernel's 447k (NOTES.md "Triton v14")."""
+    (mix,) = _run_gate("--sass", "--runtime", "_grad_features_segments_kernel")
+    walk = max(mix["loops"], key=lambda loop: loop["ldg_stg"])
+    assert walk["mma"] == 0 and walk["bar"] == 0 and walk["shared"] == 0
+    assert walk["total"] == sum(v for k, v in walk.items() if k in sm90_gate.SASS_CLASSES or k == "other")
+    assert mix["ROWS"] == K.SEGMENT_ROWS and mix["num_warps"] == K.SEGMENT_WARPS and mix["EVEN_D"]
+    assert walk["total"] * mix["num_warps"] <= 0.5 * mix["ROWS"] * mix["BLOCK_D"]
 
 
 def test_kernels_as_launched_at_the_cub_shape_do_not_spill():
     """``sm90_gate --sass --runtime``: every kernel the launchers pick at the CUB shape (the forward at each
     precision, grad_p, grad_z), compiled as the JIT specialises it for that shape's arguments (unit channel
-    strides as constants, multiples of 16), spills nothing, on Triton 3.6 and 3.8 (fb811af's grad_z, with a
-    non-finite test in every step, spilled 24 bytes so on 3.8 while its generic compile, the one ``--all``
-    checks, did not); grad_z (4 blocks of 128 threads) and the tensor-core forwards (2 of 256) stay within 128
-    registers, and grad_z's main loop is no longer than the generic one's."""
+    strides as constants, multiples of 16), spills nothing, on Triton 3.6 and 3.8 (an earlier grad_z spilled 24
+    bytes so on 3.8 while its generic compile, the one ``--all`` checks, did not); the tensor-core forwards (2
+    blocks of 256 threads) stay within 128 registers, grad_z's segments within 80 (3 blocks of 256), and its walk
+    over the list is no longer than the generic compile's."""
     launched = _run_gate("--sass", "--runtime")
     assert {m["kernel"] for m in launched} == {"_forward_kernel", "_patch_norms_kernel", "_grad_prototypes_kernel",
-                                               "_grad_features_kernel"}
+                                               *GRAD_Z_KERNELS}
     assert all(m["runtime"] and m["spill_bytes"] == 0 for m in launched), launched
     assert all(m["registers"] <= 128 for m in launched if m.get("PRECISION", "tf32") != "ieee")
-    (mix,) = [m for m in launched if m["kernel"] == "_grad_features_kernel"]
-    (generic,) = _run_gate("--sass", "_grad_features_kernel")
-    assert not generic["runtime"]
-    main = max(mix["loops"], key=lambda loop: loop["mma"])
-    assert main["top"]["HGMMA"] == 24
-    assert main["total"] <= max(generic["loops"], key=lambda loop: loop["mma"])["total"]
+    (mix,) = [m for m in launched if m["kernel"] == "_grad_features_segments_kernel"]
+    (generic,) = _run_gate("--sass", "_grad_features_segments_kernel")
+    assert not generic["runtime"] and mix["registers"] <= 80  # 3 programs of 256 threads per SM
+    walk = max(mix["loops"], key=lambda loop: loop["ldg_stg"])
+    assert walk["total"] <= max(generic["loops"], key=lambda loop: loop["ldg_stg"])["total"]
 
 
 def test_forward_search_loops_at_the_cub_shape_only_load_and_dot():
@@ -536,6 +552,5 @@ def test_launchers_pick_only_enumerated_configurations(precision):
             assert meta["BLOCK_M"] == min(64, max(16, triton.next_power_of_2(M)))
         for name, (meta, options) in K.backward_configs(D, HW).items():
             assert (name, meta, options) in configs
-            if name == "_grad_features_kernel":
-                assert meta["IMAGES"] == 1 or meta["IMAGES"] * HW <= meta["BLOCK_Q"]
-                assert meta["COMPACT"] == (HW > meta["BLOCK_Q"])
+            if name == "_grad_features_segments_kernel":
+                assert meta["BLOCK_Q"] == min(K.ORDER_BINS, max(16, triton.next_power_of_2(HW)))
