@@ -211,6 +211,13 @@ constexpr int kRescoreInFlight[2] = {2, 4};  // [kResident]
 static_assert(32 * (kMaxForwardZsd - 1) <= 0xffffffff, "the rescoring's z steps must fit 32 bits");
 
 // ---- Searches ------------------------------------------------------------------------------------
+// The patch (of 32) whose candidate flag a search stores in flag slot s: the same, or with MmaSearch's
+// interleaved n8 tiles (kInterleave, the dense z path) slot s = 8 j + 2 t + c holds patch 8 t + 4 c + j.
+template <bool kInterleave>
+__device__ __forceinline__ int patch_of_slot(int s) {
+  return kInterleave ? (s & 7) << 2 | s >> 3 : s;
+}
+
 // A search accumulates s[m, k] = sum_d p[m, d] z[d, k] over a block's 128 prototypes x 64 patches,
 // one kDC-channel stage at a time (step; zrow: the z tile's row stride, kZs or kDenseHW: a constant).
 // visit(tid, f) calls f(slot, ml, kl, s) for each of this
@@ -237,7 +244,7 @@ struct FfmaSearch : Layout<kDC + 4, kBK + 4, kThreads / 16> {
     }
   }
 
-  template <int PS, bool>  // p row stride, (MmaSearch's tile tests); zrow: kZs (a multiple of 4: float4 reads)
+  template <int PS, bool, bool>  // p row stride, (MmaSearch's tile tests, patch order); zrow: kZs (float4 reads)
   __device__ __forceinline__ void step(const float* ps, const float* zs, int zrow, int tid, int k0, int HW) {
     const int tx = tid & 15, ty = tid >> 4;
     // Warp w holds patches 8w..8w+7 of the tile; a warp with only padding (e.g. 56..63 of HW = 49)
@@ -267,7 +274,7 @@ struct FfmaSearch : Layout<kDC + 4, kBK + 4, kThreads / 16> {
 
   __device__ __forceinline__ static int entry(int tid) { return tid >> 4; }
 
-  template <class F>
+  template <bool, class F>  // (MmaSearch's patch order)
   __device__ __forceinline__ void visit(int tid, F&& f) {
     const int ty = tid >> 4;
 #pragma unroll
@@ -336,8 +343,17 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
   // is an fp32 8x4 one, and the fragment a[0..3] is four of them), but B (z, channel rows with contiguous
   // patches) needs the transposed load, and ldmatrix.trans transposes b16 elements, which splits each fp32
   // value in halves; so both operands use the same plain loads, 4 + 2 per m16n8k8 pair of tiles.
-  template <int PS, bool kTileTests>  // p row stride; zrow: z row stride (any: 32-bit loads)
+  // kInterleave: n8 tile j holds the warp's patches j, j + 4, .., j + 28 (column n of the tile: patch 4 n + j)
+  // instead of 8 j .. 8 j + 7. For the dense path's z row stride of 49 (kDenseHW: 17 mod 32 words), B[t][n]
+  // then lies in bank 17 t + 4 n + j (mod 32): the 32 lanes of a B load hit 32 banks (t = 0..3 give 0, 17,
+  // 2, 19 (mod 32) plus the multiples of 4: each residue once), where contiguous columns (8 j + n) put
+  // lanes t and t + 2 in 6 common banks, a 2-way conflict on every B load (1.31M excess shared wavefronts
+  // per forward at the CUB shape on an H200: NOTES.md "v12 measured", "v14"). visit reports the patches in
+  // that order; store_flags keeps fragment order (flag slot 8 j + 2 t + c of the warp's 32 holds patch
+  // 8 t + 4 c + j: patch_of_slot below).
+  template <int PS, bool kTileTests, bool kInterleave>  // p row stride; zrow: z row stride (any: 32-bit loads)
   __device__ __forceinline__ void step(const float* ps, const float* zs, int zrow, int tid, int k0, int HW) {
+    static_assert(!(kTileTests && kInterleave), "interleaved n8 tiles all hold real patches");
     const int lane = tid & 31, w = tid >> 5, g = lane >> 2, t = lane & 3;
     const int mb = 32 * (w & 3), nb = 32 * (w >> 2);
     // A warp whose 32 patches are all padding (e.g. 32..63 of a map of 4) skips the math. The others run all
@@ -362,7 +378,7 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         if (kTileTests && j >= n_tiles) continue;
-        const float* const row = zs + (kk + t) * zrow + nb + 8 * j + g;
+        const float* const row = zs + (kk + t) * zrow + nb + (kInterleave ? 4 * g + j : 8 * j + g);
         uint32_t b_hi[2], b_lo[2];
         split(row[0], b_hi[0], b_lo[0]);
         split(row[4 * zrow], b_hi[1], b_lo[1]);
@@ -385,15 +401,18 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
 
   __device__ __forceinline__ static int entry(int tid) { return 4 * ((tid >> 5) >> 2) + (tid & 3); }
 
-  template <class F>
+  template <bool kInterleave, class F>
   __device__ __forceinline__ void visit(int tid, F&& f) {
     const int t = tid & 3, nb = 32 * ((tid >> 5) >> 2);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int c = 0; c < 2; ++c) {
 #pragma unroll
-        for (int c = 0; c < 2; ++c) f(r, slot_ml(tid, r), nb + 8 * j + 2 * t + c, acc[r >> 1][j][2 * (r & 1) + c]);
+        for (int j = 0; j < 4; ++j) {  // interleaved: patches 8 t + 4 c + j, four in a row (vector loads)
+          const int kl = nb + (kInterleave ? 8 * t + 4 * c + j : 8 * j + 2 * t + c);
+          f(r, slot_ml(tid, r), kl, acc[r >> 1][j][2 * (r & 1) + c]);
+        }
       }
     }
   }
@@ -585,6 +604,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   // MmaSearch: test each n8 tile for real patches only in the variant that spills without the tests (16-byte z
   // copies, p-resident, TF32: 16 bytes at 128 registers)
   constexpr bool kTileTests = kZ == kZCols16 && kResident && kTf32;
+  constexpr bool kInterleave = kZ == kZDense;  // MmaSearch's n8 tiles interleaved: conflict-free B loads at row 49
 
   // The certification's coefficients, kept in shared memory (read once per tile): held in registers across the
   // loop (nvcc computes them before it wherever they are written) they made the MMA variants spill.
@@ -613,7 +633,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     const float* const zs = st + P::kZInStage;
     const float* const ps = kResident ? p_res + ds * kDC : st;
     if (ds == 0) search.clear();  // a new patch tile (here: zeros are not held across the rescoring)
-    search.template step<kPs, kTileTests>(ps, zs, kZRow, tid, k0, HW);
+    search.template step<kPs, kTileTests, kInterleave>(ps, zs, kZRow, tid, k0, HW);
     if (tid < kBK) {  // channels in order, one fma chain (TF32: and one of the truncation residuals)
 #pragma unroll 8
       for (int dd = 0; dd < kDC; ++dd) {
@@ -655,7 +675,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
 #pragma unroll
       for (int s = 0; s < Search::kSlots; ++s) tmin[s] = INFINITY;
       const float cert_abs = coef_s[1];
-      search.visit(tid, [&](int s, int ml, int kl, float& acc) {
+      search.template visit<kInterleave>(tid, [&](int s, int ml, int kl, float& acc) {
         const float v = fmaf(-2.f, acc, zn_s[kl]);
         const float q = rz_s[kl] + rp_s[ml];  // sqrt(c) (|z| + |p|)
         const float delta = kTf32 ? fmaf(rp_s[ml], lz_s[kl], fmaf(q, q, cert_abs)) : fmaf(q, q, cert_abs);
@@ -688,7 +708,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
         static_assert(kBK == 1 << kKlBits, "rescoring entries");
         int* const list = reinterpret_cast<int*>(red) + warp * P::kListCap;
         const int ml_l = warp + 8 * (lane >> 1), h = lane & 1;  // this lane's flags: prototype ml_l, patches 32 h..
-        uint32_t mask = 0;  // bit 8 i + w: the flag of patch 32 h + 4 w + i (flags are bytes 0 / 1)
+        uint32_t mask = 0;  // bit 8 i + w: flag slot 32 h + 4 w + i (flags are bytes 0 / 1; patch_of_slot)
         if (m0 + ml_l < M) {
           const uint4* const f = reinterpret_cast<const uint4*>(flags + ml_l * kFlagStride + 32 * h);
           const uint4 a = f[0], c = f[1];
@@ -711,7 +731,8 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
           int q = end - cnt - w0;  // this lane's next entry's place in the window
           for (uint32_t m = mask; m != 0; m &= m - 1, ++q) {
             const int bit = __ffs((int)m) - 1;
-            if (q >= 0 && q < P::kListCap) list[q] = ml_l << kKlBits | (32 * h + 4 * (bit & 7) + (bit >> 3));
+            const int slot = 4 * (bit & 7) + (bit >> 3);
+            if (q >= 0 && q < P::kListCap) list[q] = ml_l << kKlBits | (32 * h + patch_of_slot<kInterleave>(slot));
           }
           __syncwarp();
           const int n = min(total - w0, P::kListCap);

@@ -56,7 +56,7 @@ FORWARD_PHASES = [
     ("prologue", "forward_kernel(const ForwardParams prm"),
     ("pipeline", "for (int it = 0; it < n_iter; ++it) {"),
     ("clear", "if (ds == 0) search.clear();"),
-    ("search", "search.template step<kPs, kTileTests>"),
+    ("search", "search.template step<kPs, kTileTests, kInterleave>"),
     ("norms", "if (tid < kBK) {  // channels in order"),
     ("(1) threshold", "float* const red = kResident ? smem + P::kScratch : st;"),
     ("(2) flags", "// (2) candidates"),
