@@ -32,7 +32,7 @@ EPS = 1e-4
 # name -> overrides: "options" (launch options), "meta" (constexpr arguments), "images" (forward images per
 # program), per kernel ("forward", "_grad_features_segments_kernel", "_grad_prototypes_kernel"). Most informative
 # first (gpu_check.sh clips the step to its time); measured losers of 2026-11-30 dropped (forward 8 images 0.71x,
-# 32 x 32 tiles with 8 warps 0.74x; grad_p 32 prototypes / 8 warps 0.99-1.01x).
+# 32 x 32 tiles with 8 warps 0.74x; the grad_p before v14: 32 prototypes / 8 warps 0.99-1.01x).
 CANDIDATES = {
     "forward": {
         "default": {},
@@ -51,8 +51,11 @@ CANDIDATES = {
         "4 warps": {"options": {"num_warps": 4}},
         "16 channels": {"meta": {"BLOCK_D": 16}},  # twice the programs
     },
-    "_grad_prototypes_kernel": {
+    "_grad_prototypes_kernel": {  # new in v14: all images in one program (measured 30 us at v12, with runs)
         "default": {},
+        "4 images": {"meta": {"IMAGES": 4}},
+        "16 images": {"meta": {"IMAGES": 16}},
+        "32 prototypes": {"meta": {"BLOCK_M": 32}},
     },
 }
 QUICK_CANDIDATES = {"forward": ["default", "unpaired"], "_grad_features_segments_kernel": ["default", "128 rows"],

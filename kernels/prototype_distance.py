@@ -21,8 +21,8 @@ bitwise reproducible.
   (``_grad_features_segments_kernel``). Every row does the same work however the winners are spread over the
   patches; plain fp32 additions, so NaN and inf contributions reach their own patch as any summation order
   would.
-* ``grad_p``: one program per (prototype tile, channel tile, run of images), looping over its images in
-  order with the winning z rows gathered; the partial sums of the runs are then reduced in a fixed order.
+* ``grad_p``: one program per (prototype tile, channel tile), walking all images GRAD_P_IMAGES at a time with
+  their winning z rows gathered at once, summed in a fixed order (no partial sums).
   Its first channel tile writes g[b, m] = grad_d + grad_sim * d(sim)/d(d) for grad_z.
 
 Inputs may be fp16/bf16/fp32/fp64 with any strides over (B, D, H*W); all arithmetic is fp32. Every
@@ -79,7 +79,8 @@ TENSOR_CORE_MAX_PATCHES = 32
 # ptxas's choice (200). Checked by sm90_gate.py --all on both.
 SMALL_TILE_MAX_REGISTERS = 255
 STREAMED_P_MAX_REGISTERS = {"highest": 128} if TRITON_VERSION >= (3, 8) else {}
-GRAD_P_CHANNEL_TILES = (16, 32, 64)  # BLOCK_D of grad_p, from D
+GRAD_P_CHANNEL_TILES = (16, 32)  # BLOCK_D of grad_p, from D
+GRAD_P_IMAGES = 8  # images a step of grad_p (their z rows gathered at once)
 # grad_z: each image's pairs listed by winning patch (a counting sort: _won_histogram_kernel, _won_starts_kernel,
 # _won_order_kernel, ORDER_CHUNK prototypes a program, ORDER_BINS patches a step), then
 # _grad_features_segments_kernel: SEGMENT_ROWS rows of the list a program, SEGMENT_CHANNELS channels, SEGMENT_WARPS
@@ -384,39 +385,41 @@ def _tf32_part(x):
 @triton.jit
 def _grad_prototypes_kernel(
     gsim_ptr, gdist_ptr, dist_ptr, idx_ptr, z_ptr, p_ptr, gp_ptr, g_ptr,
-    B, D, M, IMAGES_PER_PROGRAM, eps,
+    B, D, HW, M, eps,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IMAGES: tl.constexpr,
 ):
-    """Partial grad_p over one run of images: 2 * sum_b g[b, m] * (p[m] - z[b, :, idx[b, m]]).
+    """grad_p = 2 * sum_b g[b, m] * (p[m] - z[b, :, idx[b, m]]), summed over every image in one program.
 
-    Program (m tile, d tile, image run s) keeps its p tile in registers, gathers the winning z rows of each
-    image in order and writes partial[s]; the runs are summed in a fixed order afterwards. Differences are
-    taken before scaling by g (never p * sum(g) - sum(g * z)): g reaches -1/eps near d = 0. The programs of the
-    first d tile also write g[b, m] to g_ptr (B, M), which grad_z reads instead of computing it again.
+    Program (m tile, d tile) keeps its p tile in registers and walks the images IMAGES at a time: their winning z
+    rows gathered at once (IMAGES x BLOCK_M rows in flight) and added into IMAGES accumulators (slot i sums
+    images i, i + IMAGES, ... in order), which a fixed tree adds at the end: no partial sums in memory. Differences are taken before scaling by g (never
+    p * sum(g) - sum(g * z)): g reaches -1/eps near d = 0. The programs of the first d tile also write g[b, m] to
+    g_ptr (B, M), which grad_z reads instead of computing it again.
     """
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
-    pid_s = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_mask = offs_m < M
-    mask = m_mask[:, None] & (offs_d[None, :] < D)
+    d_mask = offs_d < D
+    mask = m_mask[:, None] & d_mask[None, :]
     p = tl.load(p_ptr + offs_m[:, None] * stride_pm + offs_d[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    b0 = pid_s * IMAGES_PER_PROGRAM
-    z_b = z_ptr + b0.to(tl.int64) * stride_zb  # then advanced by one image per iteration
-    row = b0.to(tl.int64) * M + offs_m
-    for b in range(b0, tl.minimum(b0 + IMAGES_PER_PROGRAM, B)):
-        g = _pair_coefficient(gsim_ptr, gdist_ptr, dist_ptr, row, m_mask, eps)
+    acc = tl.zeros((IMAGES, BLOCK_M, BLOCK_D), dtype=tl.float32)  # slot i: images i, i + IMAGES, ...
+    offs_i = tl.arange(0, IMAGES)
+    for b0 in range(0, B, IMAGES):
+        b = b0 + offs_i
+        pairs = (b[:, None] < B) & m_mask[None, :]  # (IMAGES, BLOCK_M)
+        row = b[:, None].to(tl.int64) * M + offs_m[None, :]
+        g = _pair_coefficient(gsim_ptr, gdist_ptr, dist_ptr, row, pairs, eps)
         if pid_d == 0:
-            tl.store(g_ptr + row, g, mask=m_mask)
-        k = tl.load(idx_ptr + row, mask=m_mask, other=0)
-        z = tl.load(z_b + k[:, None] * stride_zk + offs_d[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
-        z_b += stride_zb
-        row += M
-        acc += g[:, None] * (p - z)
-    tl.store(gp_ptr + pid_s.to(tl.int64) * M * D + offs_m[:, None] * D + offs_d[None, :], 2.0 * acc, mask=mask)
+            tl.store(g_ptr + row, g, mask=pairs)
+        k = tl.minimum(tl.maximum(tl.load(idx_ptr + row, mask=pairs, other=0), 0), HW - 1)  # as grad_z's gathers
+        live = pairs[:, :, None] & d_mask[None, None, :]
+        z_rows = z_ptr + b[:, None].to(tl.int64) * stride_zb + k * stride_zk  # (IMAGES, BLOCK_M)
+        z = tl.load(z_rows[:, :, None] + offs_d[None, None, :] * stride_zd, mask=live, other=0.0).to(tl.float32)
+        acc += tl.where(live, g[:, :, None] * (p[None, :, :] - z), 0.0)  # past B: no 0 * inf
+    tl.store(gp_ptr + offs_m[:, None] * D + offs_d[None, :], 2.0 * tl.sum(acc, axis=0), mask=mask)
 
 
 @triton.jit
@@ -654,7 +657,8 @@ def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
     channels = _pow2(D, SEGMENT_CHANNELS[0], SEGMENT_CHANNELS[-1])
     return {
         "_grad_prototypes_kernel": (
-            dict(BLOCK_M=16, BLOCK_D=_pow2(D, GRAD_P_CHANNEL_TILES[0], GRAD_P_CHANNEL_TILES[-1])), {}),
+            dict(BLOCK_M=16, BLOCK_D=_pow2(D, GRAD_P_CHANNEL_TILES[0], GRAD_P_CHANNEL_TILES[-1]),
+                 IMAGES=GRAD_P_IMAGES), {}),
         "_won_histogram_kernel": (dict(CHUNK=ORDER_CHUNK, BINS=bins), dict(num_warps=1)),
         "_won_starts_kernel": (dict(BINS=bins, BLOCK_C=min(ORDER_HIST_ROWS, ORDER_HIST_BLOCK // bins)),
                                dict(num_warps=8)),
@@ -774,12 +778,9 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
         raise ValueError(f"triton grad_z: a z image of {span + 1} elements or {M} x {D} prototypes do not fit its "
                          "int32 offsets; use the torch or cuda backend")
     meta, options = configs["_grad_prototypes_kernel"]
-    per_program = max(8, triton.cdiv(B, MAX_GRID_YZ))  # image runs go on grid axis 2
-    runs = triton.cdiv(B, per_program)
-    partial = torch.empty((runs, M, D), device=z3.device, dtype=torch.float32)
+    grad_p = torch.empty((M, D), device=z3.device, dtype=torch.float32)
     g = torch.empty((B, M), device=z3.device, dtype=torch.float32)  # written by grad_p, read by grad_z
-    _grad_prototypes_kernel[(triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"]), runs)](
-        grad_sim, grad_dist, dist, idx, z3, p, partial, g, B, D, M, per_program, eps, *strides, **meta, **options,
+    _grad_prototypes_kernel[(triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"]))](
+        grad_sim, grad_dist, dist, idx, z3, p, grad_p, g, B, D, HW, M, eps, *strides, **meta, **options,
     )
-    grad_p = partial[0] if runs == 1 else partial.sum(0)  # a fixed-order reduction: deterministic
     return _grad_z_segments(configs, g, z3, p.contiguous(), idx), grad_p
