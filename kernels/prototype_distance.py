@@ -495,9 +495,33 @@ def _won_order_kernel(idx_ptr, start_ptr, order_ptr, B, M, HW, CHUNKS, CHUNK: tl
 
 @triton.jit
 def _chain(linked_a, sum_a, linked_b, sum_b):
-    """Combine of the segmented grad_z's scan over pieces (a before b): b continues a's patch where it is
+    """Combine of ``_chain_scan``'s steps as an associative scan (a before b): b continues a's chain where it is
     linked; a select, never a product (0 * inf)."""
     return linked_a * linked_b, tl.where(linked_b != 0, sum_a + sum_b, sum_b)
+
+
+@triton.jit
+def _chain_scan(linked, pieces, N: tl.constexpr, GATHER: tl.constexpr):
+    """Inclusive scan of the segmented grad_z's N pieces in list order: piece i becomes the sum of its chain up to
+    it, a chain running on while pieces are linked to their predecessor (linked[i] != 0); a fixed order, and
+    selects, never products, so 0 * inf never appears. Compiled: ``tl.associative_scan`` with ``_chain`` (80
+    registers at the CUB shape, 3 programs per SM). GATHER (the launcher's choice off GPUs): Hillis-Steele steps,
+    piece i taking piece i - d's partial where every piece between is linked, each a gather of the pieces d rows
+    up: plain vector operations under the interpreter, whose generic scan calls the combine function once per
+    element (0.5 s a program); compiled, it takes 97 registers. Both orders are exact to fp32 rounding; tests
+    check each against the float64 reference."""
+    if not GATHER:
+        _, out = tl.associative_scan((tl.broadcast_to(linked[:, None], pieces.shape), pieces), 0, _chain)
+        return out
+    i = tl.arange(0, N)
+    for s in tl.static_range(0, 16):
+        if (1 << s) < N:
+            up = tl.maximum(i - (1 << s), 0)
+            take = (i >= (1 << s)) & (linked != 0)
+            above = tl.gather(pieces, tl.broadcast_to(up[:, None], pieces.shape), 0)
+            linked = tl.where(i >= (1 << s), linked * tl.gather(linked, up, 0), linked)
+            pieces = tl.where(take[:, None], above + pieces, pieces)
+    return pieces
 
 
 @triton.jit
@@ -505,6 +529,7 @@ def _grad_features_segments_kernel(
     g_ptr, order_ptr, count_ptr, z_ptr, p_ptr, sums_ptr, gz_ptr,
     B, D, HW, M, RUN, stride_zb, stride_zk, stride_pm,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, EVEN_D: tl.constexpr,
+    GATHER_SCAN: tl.constexpr,
 ):
     """grad_z[b, :, k] = 2 * sum over the m won at (b, k) of g[b, m] * (z[b, :, k] - p[m]), from image b's pairs
     listed by (patch, m) (``_won_order_kernel``).
@@ -515,7 +540,7 @@ def _grad_features_segments_kernel(
     the patch changes, the sum of a segment that began inside the row is complete and stored; the row's first
     segment (which may have begun in earlier rows) is kept as its head and its last one as its tail. A scan
     over the rows' pieces (head, tail) in list order then adds each segment's parts across rows
-    (``_chain``), and the row where a segment ends stores it. Sums go to sums_ptr (B, HW, D: channels
+    (``_chain_scan``), and the row where a segment ends stores it. Sums go to sums_ptr (B, HW, D: channels
     innermost, so that every store of a row's channels is one contiguous run), and the program finally copies
     its channel tile of image b into grad_z (B, D, HW), zeros where no pair won. Plain fp32 additions in a fixed
     order, no dots: inf and NaN contributions reach their own patch as in any summation order. z and p have unit
@@ -579,7 +604,7 @@ def _grad_features_segments_kernel(
     tail = tl.where(single[:, None], -0.0, acc)
     pieces = tl.reshape(tl.permute(tl.join(head, tail), (0, 2, 1)), (2 * ROWS, BLOCK_D))
     links = tl.reshape(tl.join((used & (previous == first_k)).to(tl.int32), single.to(tl.int32)), (2 * ROWS,))
-    _, totals = tl.associative_scan((tl.broadcast_to(links[:, None], (2 * ROWS, BLOCK_D)), pieces), 0, _chain)
+    totals = _chain_scan(links, pieces, 2 * ROWS, GATHER_SCAN)
     head, tail = tl.split(tl.permute(tl.reshape(totals, (ROWS, 2, BLOCK_D)), (0, 2, 1)))
     done_head = used & (single == 0)  # the first segment ended in this row
     done_tail = used & (following != last_k)  # the last one ends with the row
@@ -664,7 +689,8 @@ def backward_configs(D: int, HW: int) -> dict[str, tuple[dict, dict]]:
                                dict(num_warps=8)),
         "_won_order_kernel": (dict(CHUNK=ORDER_CHUNK), dict(num_warps=1)),
         "_grad_features_segments_kernel": (
-            dict(ROWS=SEGMENT_ROWS, BLOCK_D=channels, BLOCK_Q=bins, EVEN_D=D % channels == 0),
+            dict(ROWS=SEGMENT_ROWS, BLOCK_D=channels, BLOCK_Q=bins, EVEN_D=D % channels == 0,
+                 GATHER_SCAN=False),  # what GPUs run; the launcher sets it (gather_scan)
             dict(num_warps=SEGMENT_WARPS, num_stages=1)),
     }
 
@@ -733,6 +759,11 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     return sim, dist, idx
 
 
+def gather_scan(device: torch.device) -> bool:
+    """grad_z's cross-row scan by gathers (``_chain_scan``) off GPUs (the interpreter), else the associative scan."""
+    return device.type != "cuda"
+
+
 def _grad_z_segments(configs: dict, g: torch.Tensor, z3: torch.Tensor, p: torch.Tensor, idx: torch.Tensor
                      ) -> torch.Tensor:
     """grad_z (B, D, HW): each image's pairs listed by winning patch (a counting sort: ``_won_histogram_kernel``,
@@ -758,7 +789,7 @@ def _grad_z_segments(configs: dict, g: torch.Tensor, z3: torch.Tensor, p: torch.
     grad_z = torch.empty((B, D, HW), device=z3.device, dtype=torch.float32)
     _grad_features_segments_kernel[(B, triton.cdiv(D, meta["BLOCK_D"]))](
         g, order, count, z3, p, sums, grad_z, B, D, HW, M, triton.cdiv(M, meta["ROWS"]), z3.stride(0), z3.stride(2),
-        p.stride(0), **meta, **options)
+        p.stride(0), **{**meta, "GATHER_SCAN": gather_scan(z3.device)}, **options)
     return grad_z
 
 

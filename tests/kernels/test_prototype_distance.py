@@ -211,6 +211,22 @@ def test_backward_segments_across_many_rows(HW):
 
 
 @needs_triton_cpu
+@pytest.mark.parametrize("gather", [True, False])
+def test_segment_scans_both_formulations(monkeypatch, gather):
+    """grad_z's cross-row scan as GPUs run it (``tl.associative_scan``: slow under the interpreter, so one small
+    program here) and as the interpreter runs it (gathers): both the float64 reference's values, with segments
+    across rows, a lone infinite pair and a NaN pair."""
+    monkeypatch.setattr(K, "gather_scan", lambda device: gather)
+    B, D, HW, M = 1, 24, 5, 300  # one program; 64 rows of 5 pairs
+    z3, p = torch.rand(B, D, HW), torch.rand(M, D)
+    p[7, 3], p[200, 1] = float("inf"), float("nan")
+    _, dist, idx = K.forward(z3, p, 1e-4)
+    gz, _ = _check_backward(z3, p, idx, dist)
+    assert gz[0, 3, idx[0, 7]].isinf() or gz[0, 3, idx[0, 7]].isnan()
+    assert gz[0, 1, idx[0, 200]].isnan()
+
+
+@needs_triton_cpu
 def test_counting_sort_lists_pairs_by_patch_then_prototype(monkeypatch):
     """The counting sort behind grad_z (histograms of 32-prototype chunks, their places, then each chunk's
     pairs) lists every image's prototypes by (winning patch, m), here with 16 patches a step over a 70-patch map
