@@ -123,12 +123,12 @@ def _check_backward(z3, p, idx, dist, tol=1e-6):
 
 @needs_triton_cpu
 @pytest.mark.parametrize("shape", [
-    (1, 20, 35, 1),  # B = 1, M = 1, HW not a multiple of the patch tile
-    (3, 40, 70, 9),  # two patch tiles per image, two channel tiles
-    (5, 8, 3, 70),  # four images per grad_z tile, B not a multiple of it, several prototype steps
-    (19, 12, 1, 6),  # 1 x 1 maps: sixteen images per tile, a partial second block
-    (2, 33, 9, 130),  # HW = 9: one image per tile, M across three pair steps
-    (2, 20, 70, 300),  # two patch tiles per image (COMPACT): queues of won pairs fill, flush and wrap
+    (1, 20, 35, 1),  # B = 1, M = 1: one pair, 63 empty rows of grad_z's list
+    (3, 40, 70, 9),  # two forward patch tiles per image; grad_z's channel tiles 32 + 8 (D % 32 != 0)
+    (5, 8, 3, 70),  # HW = 3: segments across rows; a partial 16-channel tile
+    (19, 12, 1, 6),  # 1 x 1 maps: one segment per image
+    (2, 33, 9, 130),  # HW = 9: three pairs a row, M over 5 ordering chunks
+    (2, 20, 70, 300),  # 70 patches (128 bins), five pairs a row
 ], ids=str)
 def test_backward_matches_float64_reference(shape):
     """grad_z and grad_p at the forward's winners equal the float64 scatter reference (products exact, only
@@ -140,7 +140,7 @@ def test_backward_matches_float64_reference(shape):
 
 
 @needs_triton_cpu
-@pytest.mark.parametrize("HW", [12, 70])  # 70: COMPACT, every step fills the queue exactly
+@pytest.mark.parametrize("HW", [12, 70])
 def test_backward_many_pairs_on_one_patch(HW):
     """Every prototype of a tile (and of several tiles) picks the same patch: its gradient sums them all, in
     the difference form even where g ~ 1/eps (prototypes 1e-3 from the patch)."""
@@ -155,7 +155,7 @@ def test_backward_many_pairs_on_one_patch(HW):
 
 
 @needs_triton_cpu
-@pytest.mark.parametrize("HW", [1, 6, 40, 70])  # 70: two patch tiles, each gathering only its won pairs
+@pytest.mark.parametrize("HW", [1, 6, 40, 70])
 def test_backward_non_finite_pairs_reach_only_their_patch(HW):
     """A NaN pair (NaN distance) and +-inf pairs (an image whose every patch holds inf) put NaN / inf in
     their winning patch only; +inf and -inf contributions to one patch give NaN, as any summation order."""
@@ -175,14 +175,14 @@ def test_backward_non_finite_pairs_reach_only_their_patch(HW):
 
 
 @needs_triton_cpu
-@pytest.mark.parametrize("HW", [40, 70])  # a whole-image tile; two tiles (COMPACT)
+@pytest.mark.parametrize("HW", [40, 70])
 def test_backward_infinite_pairs_in_the_first_and_last_prototype_steps(HW):
     """An infinite pair at each end of the prototypes (both winning patch 0: the first segment of the list, over
     several rows) gives that patch's channel exactly +-inf (the sign of g); every other value stays finite and
     accurate."""
     B, D, M = 2, 24, 150
     z3, p = torch.rand(B, D, HW), torch.rand(M, D)
-    p[3, 1] = float("inf")  # every patch at +inf for prototypes 3 (step 1) and 140 (step 3): patch 0 wins
+    p[3, 1] = float("inf")  # every patch at +inf for prototypes 3 and 140: patch 0 wins
     p[140, 0] = float("-inf")
     _, dist, idx = K.forward(z3, p, 1e-4)
     assert (idx[:, [3, 140]] == 0).all() and dist[:, [3, 140]].isinf().all()
@@ -205,7 +205,7 @@ def test_backward_segments_across_many_rows(HW):
     _, dist, idx = K.forward(z3, p, 1e-4)
     gz, _ = _check_backward(z3, p, idx, dist)
     lost = torch.ones(B, HW, dtype=torch.bool).scatter_(1, idx, False)  # patches no prototype won
-    assert torch.equal(gz.abs().sum(1) == 0, lost) or gz.isnan().any()
+    assert torch.equal(gz.abs().sum(1) == 0, lost)
     if HW > 1:
         assert (idx[1] == 0).sum() > 2 * triton.cdiv(M, K.SEGMENT_ROWS)  # a segment over several rows
 
@@ -221,9 +221,8 @@ def test_segment_scans_both_formulations(monkeypatch, gather):
     z3, p = torch.rand(B, D, HW), torch.rand(M, D)
     p[7, 3], p[200, 1] = float("inf"), float("nan")
     _, dist, idx = K.forward(z3, p, 1e-4)
-    gz, _ = _check_backward(z3, p, idx, dist)
-    assert gz[0, 3, idx[0, 7]].isinf() or gz[0, 3, idx[0, 7]].isnan()
-    assert gz[0, 1, idx[0, 200]].isnan()
+    gz, _ = _check_backward(z3, p, idx, dist)  # NaN and inf exactly where the reference has them
+    assert gz[0, :, idx[0, 200]].isnan().all() and not gz.isfinite().all()
 
 
 @needs_triton_cpu
