@@ -350,7 +350,7 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
   // lanes t and t + 2 in 6 common banks, a 2-way conflict on every B load (1.31M excess shared wavefronts
   // per forward at the CUB shape on an H200: NOTES.md "v12 measured", "v14"). visit reports the patches in
   // that order; store_flags keeps fragment order (flag slot 8 j + 2 t + c of the warp's 32 holds patch
-  // 8 t + 4 c + j: patch_of_slot below).
+  // 8 t + 4 c + j: patch_of_slot).
   template <int PS, bool kTileTests, bool kInterleave>  // p row stride; zrow: z row stride (any: 32-bit loads)
   __device__ __forceinline__ void step(const float* ps, const float* zs, int zrow, int tid, int k0, int HW) {
     static_assert(!(kTileTests && kInterleave), "interleaved n8 tiles all hold real patches");
