@@ -393,9 +393,10 @@ def _grad_prototypes_kernel(
 
     Program (m tile, d tile) keeps its p tile in registers and walks the images IMAGES at a time: their winning z
     rows gathered at once (IMAGES x BLOCK_M rows in flight) and added into IMAGES accumulators (slot i sums
-    images i, i + IMAGES, ... in order), which a fixed tree adds at the end: no partial sums in memory. Differences are taken before scaling by g (never
-    p * sum(g) - sum(g * z)): g reaches -1/eps near d = 0. The programs of the first d tile also write g[b, m] to
-    g_ptr (B, M), which grad_z reads instead of computing it again.
+    images i, i + IMAGES, ... in order), which a fixed tree adds at the end: no partial sums in memory.
+    Differences are taken before scaling by g (never p * sum(g) - sum(g * z)): g reaches -1/eps near d = 0. The
+    programs of the first d tile also write g[b, m] to g_ptr (B, M), which grad_z reads instead of computing it
+    again.
     """
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -770,11 +771,7 @@ def _grad_z_segments(configs: dict, g: torch.Tensor, z3: torch.Tensor, p: torch.
     ``_won_starts_kernel``, ``_won_order_kernel``), then summed by segments (``_grad_features_segments_kernel``)."""
     B, D, HW = z3.shape
     M = p.shape[0]
-    chunk = configs["_won_order_kernel"][0]["CHUNK"]
-    chunks = triton.cdiv(M, chunk)
-    if chunks > MAX_GRID_YZ:
-        raise ValueError(f"triton grad_z: {M} prototypes need {chunks} ordering programs per image, more than "
-                         f"a grid axis allows ({MAX_GRID_YZ}); use the torch or cuda backend")
+    chunks = triton.cdiv(M, configs["_won_order_kernel"][0]["CHUNK"])  # within MAX_GRID_YZ: backward checks
     starts = torch.empty((B, chunks, HW), device=z3.device, dtype=torch.int32)  # histograms, then places
     order = torch.empty((2, B, M), device=z3.device, dtype=torch.int32)  # m, then its patch, by (patch, m)
     count = torch.empty((B, HW), device=z3.device, dtype=torch.int32)
@@ -808,6 +805,10 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     if span >= 2**31 or M * D >= 2**31 or HW * D >= 2**31:
         raise ValueError(f"triton grad_z: a z image of {span + 1} elements or {M} x {D} prototypes do not fit its "
                          "int32 offsets; use the torch or cuda backend")
+    chunks = triton.cdiv(M, configs["_won_order_kernel"][0]["CHUNK"])  # grad_z's ordering programs, grid axis 1
+    if chunks > MAX_GRID_YZ:
+        raise ValueError(f"triton grad_z: {M} prototypes need {chunks} ordering programs per image, more than "
+                         f"a grid axis allows ({MAX_GRID_YZ}); use the torch or cuda backend")
     meta, options = configs["_grad_prototypes_kernel"]
     grad_p = torch.empty((M, D), device=z3.device, dtype=torch.float32)
     g = torch.empty((B, M), device=z3.device, dtype=torch.float32)  # written by grad_p, read by grad_z
