@@ -82,8 +82,9 @@ constexpr int kResidentPs = kResidentMaxD + 4;  // its p row stride: 4 (mod 32),
 // is the certification scratch. p-resident: the whole p tile (kBM rows of up to kResidentMaxD channels,
 // stride kResidentPs), two stages of z tiles only, and a scratch of its own. The scratch holds Entries x
 // kBM partial thresholds (then, per warp, kListCap entries of the rescoring list), then kBM rows of kBK flag
-// bytes at a row stride of kFlagStride. Then per patch tile |z_k|^2 and |z_k|, per prototype |p_m|, per patch the TF32 search's residual
-// term (lz_s in forward_kernel), the running threshold T_m and the exact winner's rank_key(e, k).
+// bytes at a row stride of kFlagStride. Then per patch tile |z_k|^2 and |z_k|, per prototype |p_m|, per
+// patch the TF32 search's residual term (lz_s in forward_kernel), the running threshold T_m and the exact
+// winner's rank_key(e, k).
 template <class Search, bool kResident>
 struct Plan {
   static constexpr int kPs = kResident ? kResidentPs : Search::kPs;
