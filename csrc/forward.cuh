@@ -22,7 +22,8 @@
 // Two shared-memory plans (Plan): streaming (p tiles staged with the z tiles at every stage, one image per
 // block) and p-resident (D <= kResidentMaxD: the block's whole p tile is loaded once and kept in shared
 // memory while the z tiles of its ipb images stream through the double buffer; the rescoring reads p rows
-// from shared memory). Both give the same output bits. Padding: a 64-patch tile of a 7x7 map does the math
+// from shared memory; on the dense path an image's z stays staged until its rescoring, which reads it there:
+// kRing). Both give the same output bits. Padding: a 64-patch tile of a 7x7 map does the math
 // of 56 patches (the FFMA warps that hold only padding skip it; the MMA warps skip only when all their 32
 // patches are padding); the padding's copies are zero-fills that read no memory.
 
@@ -76,25 +77,34 @@ constexpr int kDenseHW = 49;
 constexpr int kFlagStride = kBK + 16;
 constexpr int kResidentMaxD = 128;              // largest D of the p-resident plan
 constexpr int kResidentPs = kResidentMaxD + 4;  // its p row stride: 4 (mod 32), as the searches need
+// The dense z path in the p-resident plan (kRing) keeps an image's whole z in shared memory until its
+// rescoring: one buffer per 32-channel stage (at most kResidentMaxD / kDC), buffer ds for stage ds, so that the
+// rescoring reads each candidate's channels there instead of gathering them from global memory (NCHW: one
+// sector per channel; the v12 profile's long-scoreboard waits). A buffer holds what the MMA search reads:
+// 31 rows of kDenseHW floats and a last row of kBK patches (padding past HW), 16-byte aligned.
+constexpr int kRingStages = kResidentMaxD / kDC;
+constexpr int kRingStage = ((kDC - 1) * kDenseHW + kBK + 3) / 4 * 4;
 
 // Dynamic shared memory (floats) of a forward block. Streaming (kResident = false): two pipeline stages of
 // {p tile (kBM rows, stride Search::kPs), z tile (kDC rows, stride Search::kZs)}; the stage just consumed
 // is the certification scratch. p-resident: the whole p tile (kBM rows of up to kResidentMaxD channels,
-// stride kResidentPs), two stages of z tiles only, and a scratch of its own. The scratch holds Entries x
-// kBM partial thresholds (then, per warp, kListCap entries of the rescoring list), then kBM rows of kBK flag
-// bytes at a row stride of kFlagStride. Then per patch tile |z_k|^2 and |z_k|, per prototype |p_m|, per
-// patch the TF32 search's residual term (lz_s in forward_kernel), the running threshold T_m and the exact
-// winner's rank_key(e, k).
-template <class Search, bool kResident>
+// stride kResidentPs), two stages of z tiles only (kRing: kRingStages buffers of kRingStage floats), and a
+// scratch of its own. The scratch holds Entries x kBM partial thresholds (then, per warp, kListCap entries of
+// the rescoring list), then kBM rows of kBK flag bytes at a row stride of kFlagStride. Then per patch tile
+// |z_k|^2 and |z_k|, per prototype |p_m|, per patch the TF32 search's residual term (lz_s in forward_kernel),
+// the running threshold T_m and the exact winner's rank_key(e, k).
+template <class Search, bool kResident, bool kRing>
 struct Plan {
+  static_assert(kResident || !kRing, "the z ring is a p-resident plan");
   static constexpr int kPs = kResident ? kResidentPs : Search::kPs;
   static constexpr int kZs = Search::kZs;
   static constexpr int kPRes = kResident ? kBM * kResidentPs : 0;  // the resident p tile, at 0
   static constexpr int kZInStage = kResident ? 0 : kBM * Search::kPs;
-  static constexpr int kStage = kZInStage + kDC * kZs;
+  static constexpr int kStage = kRing ? kRingStage : kZInStage + kDC * kZs;
+  static constexpr int kStages = kRing ? kRingStages : 2;  // pipeline buffers
   static constexpr int kScratchFloats = Search::kEntries * kBM + kBM * kFlagStride / 4;
   static constexpr int kListCap = Search::kEntries * kBM / (kThreads / 32);  // rescoring list entries per warp
-  static constexpr int kScratch = kPRes + 2 * kStage;  // p-resident only
+  static constexpr int kScratch = kPRes + kStages * kStage;  // p-resident only
   static constexpr int kZnOffset = kScratch + (kResident ? kScratchFloats : 0);
   static constexpr int kRzOffset = kZnOffset + kBK;
   static constexpr int kRpOffset = kRzOffset + kBK;
@@ -107,6 +117,9 @@ struct Plan {
   static_assert(kBestOffset % 2 == 0, "64-bit keys");
   static_assert(kResident || kScratchFloats <= kStage, "certification scratch must fit in a stage");
 };
+// The plan of forward_kernel<kZ, Search, kResident>.
+template <int kZ, class Search, bool kResident>
+using PlanOf = Plan<Search, kResident, kResident && kZ == kZDense>;
 
 // This thread's share of a cooperative kDC x C tile copy by kThreads threads: its i-th element
 // (0 <= i < kDC * C / kThreads) is (channel dd0 + i * ddi, column cc0 + i * cci) of the tile.
@@ -437,18 +450,19 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
   }
 };
 
-// Grid (ceil(M / kBM), ceil(B / ipb)), kThreads threads, Plan<Search, kResident>::kBytes of dynamic shared
+// Grid (ceil(M / kBM), ceil(B / ipb)), kThreads threads, PlanOf<kZ, Search, kResident>::kBytes of dynamic shared
 // memory; block (x, y) covers prototypes kBM x.. and images ipb y..; see the top of this file. Outputs:
 // min_distances = the winner's exact e (NaN rule: NaN), similarity = log1p((1 - eps) / (d + eps)) =
 // log((d + 1) / (d + eps)) with d = +inf giving 0, patch_index.
 template <int kZ, class Search, bool kResident>  // kZ: the z copy path (kZCols4 .. kZDense)
 __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(const ForwardParams prm, int ipb) {
-  using P = Plan<Search, kResident>;
+  using P = PlanOf<kZ, Search, kResident>;
+  constexpr bool kRing = kResident && kZ == kZDense;  // the image's z stays staged until its rescoring
   static_assert(kZ != kZDense || Search::kSearch != kSearchFp32, "dense z staging: MMA searches only");
   PK_DYNAMIC_SMEM(smem);
   constexpr int kPs = P::kPs, kZs = P::kZs, kStage = P::kStage;
   float* const p_res = smem;              // the resident p tile (kResident)
-  float* const stages = smem + P::kPRes;  // two pipeline stages
+  float* const stages = smem + P::kPRes;  // P::kStages pipeline buffers
   float* const zn_s = smem + P::kZnOffset;  // |z_k|^2 of the current patch tile
   float* const rz_s = smem + P::kRzOffset;  // sqrt(cert_coef) |z_k|
   float* const rp_s = smem + P::kRpOffset;  // sqrt(cert_coef) |p_m|
@@ -542,14 +556,17 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     if constexpr (kZ == kZDense) {                        // i * ddi < dlim and i * cci < klim
       // floats of the run (min(D - d0, 32) channels of HW) from this thread's first chunk on, zero-filled past
       // it: past D, and in the second chunk of threads 2 HW.. (8 HW = 392 chunks; a branch would cost more)
+      // kRing: the second chunk only within the buffer (threads < (kRingStage - kNext) / 4).
       const int left = min(D - d0, kDC) * kDenseHW - zkk;
       constexpr int kNext = 4 * kThreads;
+      static_assert(kRingStage > kNext && kRingStage <= 2 * kNext, "a ring buffer takes 1-2 chunks per thread");
+      const bool second = !kRing || zkk + kNext < kRingStage;
       if (D % 4 == 0) {  // left is a multiple of 4: whole chunks or none (zero-fill by predicate)
         copy_async16_whole(dst, left > 0 ? src : zb, left > 0);
-        copy_async16_whole(dst + kNext, left > kNext ? src + kNext : zb, left > kNext);
+        if (second) copy_async16_whole(dst + kNext, left > kNext ? src + kNext : zb, left > kNext);
       } else {  // z partial chunks (D % 4 != 0)
         copy_async16(dst, left > 0 ? src : zb, max(0, min(4, left)));
-        copy_async16(dst + kNext, left > kNext ? src + kNext : zb, max(0, min(4, left - kNext)));
+        if (second) copy_async16(dst + kNext, left > kNext ? src + kNext : zb, max(0, min(4, left - kNext)));
       }
     } else if constexpr (kZ == kZCols16) {
       if (HW % 4 == 0) {  // klim is a multiple of 4: whole chunks or none (zero-fill by predicate)
@@ -620,9 +637,12 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   Step nxt = cur;  // the last step issued
   issue(nxt, 0);
   for (int it = 0; it < n_iter; ++it) {
-    if (it + 1 < n_iter) {
+    // The next step's copy overlaps this one's math, except in the ring at an image's last stage: the next
+    // image's first stage goes to buffer 0, which this image's rescoring reads; it is issued after that.
+    const bool ahead = it + 1 < n_iter && !(kRing && cur.ds == n_d - 1);
+    if (ahead) {
       advance(nxt);
-      issue(nxt, (it + 1) & 1);  // overlaps the math below
+      issue(nxt, kRing ? nxt.ds : (it + 1) & 1);
       async_wait<1>();
     } else {
       async_wait<0>();
@@ -630,7 +650,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     __syncthreads();
     const int b = cur.b, k0 = cur.k0, ds = cur.ds;
     const float* __restrict__ zb = cur.zimg;
-    float* const st = stages + (it & 1) * kStage;
+    float* const st = stages + (kRing ? ds : it & 1) * kStage;
     const float* const zs = st + P::kZInStage;
     const float* const ps = kResident ? p_res + ds * kDC : st;
     if (ds == 0) search.clear();  // a new patch tile (here: zeros are not held across the rescoring)
@@ -746,13 +766,15 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
             // group, so its 4 lanes get the same bits, which depend only on the pair (not on the round, the plan or
             // the search precision). p rows: the resident tile (16-byte aligned: float4 reads) or global p.
             const float* const pm = kResident ? p_res + ml * kPs : p + (int64_t)(m0 + ml) * D;
-            const float* zq = zb + (k0 + kl) * sk + 8 * s * sd;  // channel 8 s + 32 t of the patch
+            // Channel 8 s + 32 t of the patch: in global z, or (kRing) in buffer t's row 8 s (k0 = 0 there).
+            const float* zq = kRing ? stages + 8 * s * kDenseHW + kl : zb + (k0 + kl) * sk + 8 * s * sd;
             const int chunks = D >= 8 * s + 8 ? (D - 8 * s - 8) / 32 + 1 : 0;  // whole chunks of 8 channels
             // z's channel stride as a uint32_t, 32 of it within 32 bits (stride_d < kMaxForwardZsd, params.h): nvcc
             // then forms each channel's address as one IMAD.WIDE.U32 (from an int64_t stride, as three).
             // The z loads of kInFlight chunks are issued before their first use: these gathers (one channel
             // each, from z as it lies) wait on L2, and on an H200 they held the rescoring with 8 in flight
-            // (benchmarks/NOTES.md "v12 measured"). The sum's order is unchanged.
+            // (benchmarks/NOTES.md "v12 measured"; kRing reads them from shared memory). The sum's order is
+            // unchanged.
             constexpr int kInFlight = kRescoreInFlight[kResident];
             float e = 0.f;
             auto add_chunk = [&](int t, const float (&zv)[8]) {  // e += (z[8 s + 32 t + i] - p[m, ...])^2, i < 8
@@ -774,9 +796,15 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
               }
             };
             auto load_chunk = [&](float (&zv)[8]) {  // z's 8 channels of the chunk at zq; zq to the next chunk
+              if constexpr (kRing) {
 #pragma unroll
-              for (int i = 0; i < 8; ++i) zv[i] = zq[(uint64_t)usd * i];
-              zq += 32u * usd;
+                for (int i = 0; i < 8; ++i) zv[i] = zq[i * kDenseHW];
+                zq += kStage;
+              } else {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) zv[i] = zq[(uint64_t)usd * i];
+                zq += 32u * usd;
+              }
             };
             int t = 0;
 #pragma unroll 1
@@ -798,7 +826,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
 #pragma unroll
               for (int i = 0; i < 7; ++i) {
                 if (d + i < D) {
-                  const float diff = zq[i * sd] - pm[d + i];
+                  const float diff = zq[i * (kRing ? kDenseHW : sd)] - pm[d + i];
                   e = fmaf(diff, diff, e);
                 }
               }
@@ -813,7 +841,11 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
         }
       }
     }
-    __syncthreads();  // this buffer is refilled by the next iteration's issue()
+    __syncthreads();  // this buffer is refilled by a later issue()
+    if (kRing && !ahead && it + 1 < n_iter) {  // the next image's first stage, after this image's rescoring
+      advance(nxt);
+      issue(nxt, 0);
+    }
     const bool img_done = ds == n_d - 1 && k0 + kBK >= HW;
     advance(cur);
     if (img_done && tid < kBM) {  // image b done: its outputs, and a fresh state for the next image
@@ -879,8 +911,8 @@ void with_forward_kernel(const ForwardParams& prm, int search, bool resident, F&
     auto plan = [&](auto z) {
       constexpr int kZ = decltype(z)::value;
       if constexpr (kZ != kZDense || S::kSearch != kSearchFp32) {  // forward_z_copy never picks FFMA kZDense
-        resident ? f(forward_kernel<kZ, S, true>, Plan<S, true>::kBytes, variant)
-                 : f(forward_kernel<kZ, S, false>, Plan<S, false>::kBytes, variant);
+        resident ? f(forward_kernel<kZ, S, true>, PlanOf<kZ, S, true>::kBytes, variant)
+                 : f(forward_kernel<kZ, S, false>, PlanOf<kZ, S, false>::kBytes, variant);
       }
     };
     switch (zc) {

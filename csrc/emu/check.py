@@ -388,7 +388,8 @@ def check_copy_paths(lib) -> str | None:
 def check_dense_copy_paths(lib) -> str | None:
     """The forward's dense NCHW z path (forward.cuh kZDense) on CUB-like launches: 7x7 maps of contiguous,
     16-byte-aligned z take it at "high" and "medium" (the launcher's forward_z_copy; 2 16-byte copies per thread and
-    channel stage: an image's 32-channel run of 32 HW floats in 8 HW chunks, zero-filled past D and past the run),
+    channel stage: an image's 32-channel run of 32 HW floats in 8 HW chunks, zero-filled past D and past the run;
+    in the p-resident plan's z ring only the chunks within a ring buffer, 396 per stage),
     "highest" and a z base one float off alignment take 4-byte copies (no 16-byte z copy); p as check_copy_paths;
     the same output bits on every path, plan and precision. None if so, else what failed."""
     for B, D, HW, M in ((2, 128, 49, 130), (3, 72, 49, 20)):  # the CUB tile configuration; a partial last stage
@@ -407,7 +408,8 @@ def check_dense_copy_paths(lib) -> str | None:
                     before = lib.emu_vector_copies()
                     out = emu_forward(lib, zz, p, precision=precision, plan=plan)
                     vec = lib.emu_vector_copies() - before
-                    expect = p_vec[plan_name] + (512 * B * grid_x * n_d if dense else 0)
+                    per_stage = 396 if plan_name == "resident" else 512  # forward.cuh kRingStage / 4
+                    expect = p_vec[plan_name] + (per_stage * B * grid_x * n_d if dense else 0)
                     if vec != expect:
                         return f"{(B, D, HW, M)} {precision} {plan_name} {name}: {vec} 16-byte copies, expected {expect}"
                     if not all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(out, ref)):

@@ -91,7 +91,10 @@ extern "C" int emu_kernel_table(char* out, int size) {
       for (int zc = kZCols4; zc <= kZDense; ++zc) {  // forward.cuh ZCopy; no FFMA kZDense
         if (zc == kZDense && S::kSearch == kSearchFp32) continue;
         std::snprintf(buf, sizeof buf, "forward_kernel<%d, %s, %s>", zc, name, resident ? "true" : "false");
-        row(buf, kThreads, S::kMinBlocks, resident ? Plan<S, true>::kBytes : Plan<S, false>::kBytes);
+        const size_t smem = !resident        ? PlanOf<kZCols4, S, false>::kBytes
+                            : zc == kZDense ? PlanOf<kZDense, S, true>::kBytes  // the z ring
+                                            : PlanOf<kZCols4, S, true>::kBytes;
+        row(buf, kThreads, S::kMinBlocks, smem);
       }
     }
   };
