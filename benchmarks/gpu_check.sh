@@ -5,8 +5,8 @@
 #   bash benchmarks/gpu_check.sh                        # every step, most important first, within DEADLINE_S
 #   STEPS="build bench ncu" bash benchmarks/gpu_check.sh  # a subset (a second call on a warm machine)
 #
-# Steps, in this order: build, tests_cuda, bench, ncu, tests, sanitizer, sweep, stalls, profile, push, train,
-# gates. Each is
+# Steps, in this order: build, tests_cuda, bench, ncu, ncu_large, tests, sanitizer, sweep, stalls, profile, push,
+# train, gates. Each is
 # independent: a failing step is logged and the next one still runs. The whole run keeps to DEADLINE_S seconds
 # (default 530): a step gets min(its own limit, what is left), a step with under MIN_STEP_S (20) s left is
 # skipped, and all of it is killed at its limit (`timeout -k`), so the results always come back. Every step writes NAME.log (the
@@ -17,7 +17,7 @@
 set -u
 FINAL=${OUT:-$PWD/gpu-out}
 DEADLINE=${DEADLINE_S:-530}
-STEPS=${STEPS:-build tests_cuda bench ncu tests sanitizer sweep stalls profile push train gates}
+STEPS=${STEPS:-build tests_cuda bench ncu ncu_large tests sanitizer sweep stalls profile push train gates}
 RESERVE=${RESERVE_S:-8}     # seconds kept for the last packing
 MIN_STEP=${MIN_STEP_S:-20}  # a step with less time than this left is skipped
 mkdir -p "$FINAL"
@@ -81,6 +81,10 @@ if command -v ncu >/dev/null 2>&1; then
     -k regex:"forward_kernel|backward_kernel|_grad_|_patch_norms|_won_" --section SpeedOfLight --section LaunchStats \
     --section Occupancy --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --section InstructionStats python3 benchmarks/profile_op.py --ncu
+  # The cuda forward at 14x14 (4-5x its static floor in v12): its L1/L2 sectors and throughput (NOTES.md "v16").
+  step ncu_large "${NCU_LARGE_LIMIT:-60}" ncu --clock-control none --profile-from-start off --nvtx \
+    -k regex:"forward_kernel" --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    python3 benchmarks/profile_op.py --ncu --shape 128,256,14,14,2000 --cases cuda:high
 fi
 step tests "${TEST_LIMIT:-200}" python3 -m pytest -m gpu -v -rf --tb=short -p no:cacheprovider \
   --deselect tests/test_cuda_backend.py ${TEST_PATHS:-tests}

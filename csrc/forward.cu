@@ -1,5 +1,7 @@
 // Host launcher of the forward kernel (forward.cuh).
 
+#include <utility>
+
 #include "forward.cuh"
 #include "launch.h"
 
@@ -36,14 +38,29 @@ int sm_count(int device) {
   return n;
 }
 
-}  // namespace
-
-void launch_forward(const ForwardParams& prm, cudaStream_t stream) {
-  if (prm.B == 0 || prm.M == 0) return;
+// The launch shape and search of prm on the current device.
+std::pair<ForwardLaunch, int> forward_choice(const ForwardParams& prm) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   const ForwardLaunch l = forward_launch(prm, 2 * sm_count(device));  // 2 resident blocks per SM
-  const int search = mma_search_compiled(device) ? prm.precision : kSearchFp32;
+  return {l, mma_search_compiled(device) ? prm.precision : kSearchFp32};
+}
+
+}  // namespace
+
+bool forward_needs_rows(const ForwardParams& prm) {
+  if (prm.B == 0 || prm.M == 0) return false;
+  const auto [l, search] = forward_choice(prm);
+  return !forward_ring(prm, l, search);
+}
+
+void launch_forward(const ForwardParams& prm, cudaStream_t stream) {
+  if (prm.B == 0 || prm.M == 0) return;
+  const auto [l, search] = forward_choice(prm);
+  TORCH_CHECK(forward_ring(prm, l, search) ||
+                  (prm.zr != nullptr && prm.zr_sb % 4 == 0 && prm.zr_sk % 4 == 0 &&
+                   (reinterpret_cast<uintptr_t>(prm.zr) & 15) == 0),
+              "protokern forward: the rescoring's z rows (ForwardParams::zr) are missing or not 16-byte aligned");
   with_forward_kernel(prm, search, l.resident, [&](auto kernel, size_t smem, int variant) {
     allow_dynamic_smem(kernel, smem, forward_ready[variant]);
     kernel<<<dim3(l.grid_x, l.grid_y), l.threads, smem, stream>>>(prm, l.ipb);

@@ -222,7 +222,6 @@ constexpr int kRescoreBatch = 8;
 // Chunks of 8 channels whose z loads a rescoring lane has in flight at once: 4 (32 registers) with the p tile
 // in shared memory, 2 where its rows come from global p too (4 spill there).
 constexpr int kRescoreInFlight[2] = {2, 4};  // [kResident]
-static_assert(32 * (kMaxForwardZsd - 1) <= 0xffffffff, "the rescoring's z steps must fit 32 bits");
 
 // ---- Searches ------------------------------------------------------------------------------------
 // The patch (of 32) whose candidate flag a search stores in flag slot s: the same, or with MmaSearch's
@@ -649,7 +648,6 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     }
     __syncthreads();
     const int b = cur.b, k0 = cur.k0, ds = cur.ds;
-    const float* __restrict__ zb = cur.zimg;
     float* const st = stages + (kRing ? ds : it & 1) * kStage;
     const float* const zs = st + P::kZInStage;
     const float* const ps = kResident ? p_res + ds * kDC : st;
@@ -744,9 +742,13 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
         }
         const int total = __shfl_sync(kFullMask, end, 31);
         const int grp = lane >> 2, s = lane & 3;
-        const uint32_t usd = (uint32_t)sd;
+        // Outside the ring the candidates' z comes from the rows zr (params.h: channels innermost, 16-byte
+        // aligned): lane s's 8 channels of a chunk are two 16-byte loads, one sector (from NCHW z, 8 sectors).
+        const float* const zr_img = kRing ? nullptr : prm.zr + (int64_t)b * prm.zr_sb;
 #ifdef PROTOKERN_EMU
-        if (sd >= kMaxForwardZsd) emu::errors.fetch_add(1);  // params.h: the host passes a copy of such a z
+        if (!kRing && (prm.zr == nullptr || prm.zr_sb % 4 != 0 || prm.zr_sk % 4 != 0 ||
+                       (reinterpret_cast<uintptr_t>(prm.zr) & 15) != 0))
+          emu::errors.fetch_add(1);  // forward_needs_rows: the host passes such rows
 #endif
         for (int w0 = 0; w0 < total; w0 += P::kListCap) {  // warp-uniform
           int q = end - cnt - w0;  // this lane's next entry's place in the window
@@ -766,15 +768,11 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
             // group, so its 4 lanes get the same bits, which depend only on the pair (not on the round, the plan or
             // the search precision). p rows: the resident tile (16-byte aligned: float4 reads) or global p.
             const float* const pm = kResident ? p_res + ml * kPs : p + (int64_t)(m0 + ml) * D;
-            // Channel 8 s + 32 t of the patch: in global z, or (kRing) in buffer t's row 8 s (k0 = 0 there).
-            const float* zq = kRing ? stages + 8 * s * kDenseHW + kl : zb + (k0 + kl) * sk + 8 * s * sd;
+            // Channel 8 s + 32 t of the patch: in the rows zr, or (kRing) in buffer t's row 8 s (k0 = 0 there).
+            const float* zq = kRing ? stages + 8 * s * kDenseHW + kl : zr_img + (k0 + kl) * prm.zr_sk + 8 * s;
             const int chunks = D >= 8 * s + 8 ? (D - 8 * s - 8) / 32 + 1 : 0;  // whole chunks of 8 channels
-            // z's channel stride as a uint32_t, 32 of it within 32 bits (stride_d < kMaxForwardZsd, params.h): nvcc
-            // then forms each channel's address as one IMAD.WIDE.U32 (from an int64_t stride, as three).
-            // The z loads of kInFlight chunks are issued before their first use: these gathers (one channel
-            // each, from z as it lies) wait on L2, and on an H200 they held the rescoring with 8 in flight
-            // (benchmarks/NOTES.md "v12 measured"; kRing reads them from shared memory). The sum's order is
-            // unchanged.
+            // The z loads of kInFlight chunks are issued before their first use (from global memory they wait
+            // on L2: benchmarks/NOTES.md "v12 measured"). The sum's order is unchanged.
             constexpr int kInFlight = kRescoreInFlight[kResident];
             float e = 0.f;
             auto add_chunk = [&](int t, const float (&zv)[8]) {  // e += (z[8 s + 32 t + i] - p[m, ...])^2, i < 8
@@ -802,8 +800,11 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
                 zq += kStage;
               } else {
 #pragma unroll
-                for (int i = 0; i < 8; ++i) zv[i] = zq[(uint64_t)usd * i];
-                zq += 32u * usd;
+                for (int h4 = 0; h4 < 2; ++h4) {
+                  const float4 v = *reinterpret_cast<const float4*>(zq + 4 * h4);
+                  zv[4 * h4] = v.x, zv[4 * h4 + 1] = v.y, zv[4 * h4 + 2] = v.z, zv[4 * h4 + 3] = v.w;
+                }
+                zq += 32;
               }
             };
             int t = 0;
@@ -826,7 +827,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
 #pragma unroll
               for (int i = 0; i < 7; ++i) {
                 if (d + i < D) {
-                  const float diff = zq[i * (kRing ? kDenseHW : sd)] - pm[d + i];
+                  const float diff = zq[kRing ? i * kDenseHW : i] - pm[d + i];
                   e = fmaf(diff, diff, e);
                 }
               }
@@ -896,6 +897,12 @@ inline int forward_z_copy(const ForwardParams& prm, int search) {
   if (aligned && prm.z_sk == 1 && prm.z_sd % 4 == 0) return kZCols16;
   if (aligned && prm.z_sk == 1 && prm.z_sd == prm.HW && prm.HW == kDenseHW && search != kSearchFp32) return kZDense;
   return prm.z_sd <= prm.z_sk ? kZChans4 : kZCols4;
+}
+
+// Whether the launch l with `search` rescores from the dense path's z ring (forward_kernel's kRing), the
+// only launches that do not read ForwardParams::zr.
+inline bool forward_ring(const ForwardParams& prm, const ForwardLaunch& l, int search) {
+  return l.resident && forward_z_copy(prm, search) == kZDense;
 }
 
 constexpr int kForwardVariants = 24;  // index 12 plan + 4 search + z path (22 kernels: no FFMA kZDense)

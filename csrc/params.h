@@ -20,13 +20,16 @@ namespace protokern {
 // rescored exactly in fp32, so the outputs are identical for all three (forward.cuh).
 enum : int { kSearchFp32 = 0, kSearch3xTf32 = 1, kSearchTf32 = 2 };
 
-// Forward: z is (B, D, HW) float32 with arbitrary element strides, the channel stride below kMaxForwardZsd
-// (the rescoring steps it in 32-bit arithmetic; protokern.cpp passes a copy of a z past it); p is (M, D)
-// contiguous float32. Outputs are (B, M) contiguous.
-constexpr int64_t kMaxForwardZsd = int64_t{1} << 27;
+// Forward: z is (B, D, HW) float32 with arbitrary element strides; p is (M, D) contiguous float32. Outputs are
+// (B, M) contiguous. zr: the same z as rows of channels (unit channel stride), 16-byte aligned, with image and
+// patch strides zr_sb, zr_sk multiples of 4 (z itself where it lies so, else a copy), from which the exact
+// rescoring reads each candidate's channels: required where forward_needs_rows says so (every launch but the
+// dense 7x7 path's, which rescores from shared memory), else ignored.
 struct ForwardParams {
   const float* z;
   int64_t z_sb, z_sd, z_sk;  // element strides of z over (B, D, HW)
+  const float* zr;
+  int64_t zr_sb, zr_sk;  // element strides of zr over (B, HW); its channel stride is 1
   const float* p;
   float* similarity;
   float* min_distances;
@@ -57,6 +60,7 @@ struct BackwardParams {
 };
 
 // Both launch on `stream` and check the launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
+bool forward_needs_rows(const ForwardParams& params);  // whether launch_forward reads params.zr (current device)
 void launch_forward(const ForwardParams& params, cudaStream_t stream);
 void launch_backward(const BackwardParams& params, cudaStream_t stream);
 

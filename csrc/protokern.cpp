@@ -41,6 +41,20 @@ at::Tensor channels_innermost(const at::Tensor& z) {
   return z.stride(1) == 1 ? z : z.transpose(1, 2).contiguous().transpose(1, 2);
 }
 
+// The forward's z rows (params.h ForwardParams::zr), (B, HW, D): z's own (B, HW, D) view where its channels
+// are innermost, 16-byte aligned, with image and patch strides multiples of 4; else a copy into rows padded to
+// a multiple of 4 channels (the padding is never read).
+at::Tensor channel_rows(const at::Tensor& z) {
+  const at::Tensor t = z.transpose(1, 2);
+  if (t.stride(2) == 1 && t.stride(0) % 4 == 0 && t.stride(1) % 4 == 0 &&
+      reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0)
+    return t;
+  const int64_t D = z.size(1);
+  at::Tensor rows = at::empty({z.size(0), z.size(2), (D + 3) / 4 * 4}, z.options());
+  rows.narrow(2, 0, D).copy_(t);
+  return rows;
+}
+
 // "(2, 8, 5)"
 std::string shape_str(const at::Tensor& t) {
   std::string s = "(";
@@ -111,13 +125,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& z,
   at::Tensor patch_index = at::empty({B, M}, z.options().dtype(at::kLong));
   if (B == 0 || M == 0) return {similarity, min_distances, patch_index};
 
-  // A channel stride past kMaxForwardZsd (params.h): a channels-innermost copy (stride_d = 1).
-  const at::Tensor zf = z.stride(1) < kMaxForwardZsd ? z : channels_innermost(z);
   ForwardParams prm{};
-  prm.z = zf.data_ptr<float>();
-  prm.z_sb = zf.stride(0);
-  prm.z_sd = zf.stride(1);
-  prm.z_sk = zf.stride(2);
+  prm.z = z.data_ptr<float>();
+  prm.z_sb = z.stride(0);
+  prm.z_sd = z.stride(1);
+  prm.z_sk = z.stride(2);
   prm.p = pc.data_ptr<float>();
   prm.similarity = similarity.data_ptr<float>();
   prm.min_distances = min_distances.data_ptr<float>();
@@ -128,6 +140,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& z,
   prm.M = static_cast<int>(M);
   prm.eps = static_cast<float>(eps);
   prm.precision = precision == "high" ? kSearch3xTf32 : precision == "medium" ? kSearchTf32 : kSearchFp32;
+  at::Tensor rows;  // the rescoring's z rows (params.h), kept alive until the launch
+  if (forward_needs_rows(prm)) {
+    rows = channel_rows(z);
+    prm.zr = rows.data_ptr<float>();
+    prm.zr_sb = rows.stride(0);
+    prm.zr_sk = rows.stride(1);
+  }
   launch_forward(prm, c10::cuda::getCurrentCUDAStream());
   return {similarity, min_distances, patch_index};
 }

@@ -14,8 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ["build", "tests_cuda", "bench", "ncu", "tests", "sanitizer", "sweep", "stalls", "profile", "push", "train",
-         "gates"]
+STEPS = ["build", "tests_cuda", "bench", "ncu", "ncu_large", "tests", "sanitizer", "sweep", "stalls", "profile", "push",
+         "train", "gates"]
 
 PYTHON_STUB = r"""#!/usr/bin/env bash
 echo "python3 $*" >> "$STUB_LOG"

@@ -36,7 +36,8 @@ LOG_1_OVER_EPS = math.log(1 / 1e-4)  # similarity at d = 0: 9.2103...
 
 class ForwardParams(ctypes.Structure):
     _fields_ = [("z", ctypes.c_void_p), ("z_sb", ctypes.c_int64), ("z_sd", ctypes.c_int64),
-                ("z_sk", ctypes.c_int64), ("p", ctypes.c_void_p), ("similarity", ctypes.c_void_p),
+                ("z_sk", ctypes.c_int64), ("zr", ctypes.c_void_p), ("zr_sb", ctypes.c_int64),
+                ("zr_sk", ctypes.c_int64), ("p", ctypes.c_void_p), ("similarity", ctypes.c_void_p),
                 ("min_distances", ctypes.c_void_p), ("patch_index", ctypes.c_void_p),
                 ("B", ctypes.c_int), ("D", ctypes.c_int), ("HW", ctypes.c_int), ("M", ctypes.c_int),
                 ("eps", ctypes.c_float), ("precision", ctypes.c_int)]
@@ -68,18 +69,42 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def channel_rows(z3: torch.Tensor) -> torch.Tensor:
+    """The forward's z rows (params.h ForwardParams::zr) as protokern.cpp's channel_rows makes them: z3's own
+    (B, HW, D) view where its channels are innermost, 16-byte aligned, with image and patch strides multiples
+    of 4; else a copy into rows padded to a multiple of 4 channels (the padding NaN: never read)."""
+    t = z3.transpose(1, 2)
+    if t.stride(2) == 1 and t.stride(0) % 4 == 0 and t.stride(1) % 4 == 0 and t.data_ptr() % 16 == 0:
+        return t
+    B, D, HW = z3.shape
+    rows = torch.full((B, HW, (D + 3) // 4 * 4), math.nan)
+    rows[:, :, :D] = t
+    return rows
+
+
+def forward_params(z3: torch.Tensor, rows: torch.Tensor | None, p: torch.Tensor, *outputs, eps: float,
+                   precision: str) -> ForwardParams:
+    """ForwardParams of a forward on z3 (B, D, HW), its rows (``channel_rows``; None: a null zr) and p (M, D)
+    contiguous, into outputs (similarity, min_distances, patch_index)."""
+    B, D, HW = z3.shape
+    zr = (None, 0, 0) if rows is None else (_ptr(rows), rows.stride(0), rows.stride(1))
+    return ForwardParams(_ptr(z3), *z3.stride(), *zr, _ptr(p), *(_ptr(t) for t in outputs), B, D, HW,
+                         p.shape[0], eps, PRECISIONS[precision])
+
+
 def emu_forward(lib, z3: torch.Tensor, p: torch.Tensor, eps: float = 1e-4, precision: str = "highest",
-                plan: tuple[bool, int] | None = None):
+                plan: tuple[bool, int] | None = None, rows: torch.Tensor | None = None):
     """The forward kernel on z3 (B, D, HW) float32 (any strides) and p (M, D); plan (p-resident?, images per
-    block), or None for the launcher's choice on a one-SM device (csrc/emu/harness.cpp)."""
+    block), or None for the launcher's choice on a one-SM device (csrc/emu/harness.cpp); rows: z3's rows for the
+    rescoring, by default ``channel_rows(z3)``."""
     B, D, HW = z3.shape
     M = p.shape[0]
     p = p.contiguous()
     sim = torch.full((B, M), -7.0)  # poisoned: every element must be written
     dist = torch.full((B, M), -7.0)
     idx = torch.full((B, M), -7, dtype=torch.int64)
-    prm = ForwardParams(_ptr(z3), *z3.stride(), _ptr(p), _ptr(sim), _ptr(dist), _ptr(idx), B, D, HW, M, eps,
-                        PRECISIONS[precision])
+    rows = channel_rows(z3) if rows is None else rows
+    prm = forward_params(z3, rows, p, sim, dist, idx, eps=eps, precision=precision)
     if plan is None:
         lib.emu_forward(ctypes.byref(prm))
     else:
@@ -122,8 +147,8 @@ def emu_search_values(lib, z3: torch.Tensor, p: torch.Tensor, precision: str):
     p = p.contiguous()
     out = torch.full((B, M, HW, 2), math.nan)
     sim, dist, idx = torch.empty(B, M), torch.empty(B, M), torch.empty(B, M, dtype=torch.int64)
-    prm = ForwardParams(_ptr(z3), *z3.stride(), _ptr(p), _ptr(sim), _ptr(dist), _ptr(idx), B, D, HW, M, 1e-4,
-                        PRECISIONS[precision])
+    rows = channel_rows(z3)
+    prm = forward_params(z3, rows, p, sim, dist, idx, eps=1e-4, precision=precision)
     lib.emu_search_values(ctypes.byref(prm), ctypes.c_void_p(_ptr(out)))
     return out[..., 0], out[..., 1]
 
@@ -417,6 +442,37 @@ def check_dense_copy_paths(lib) -> str | None:
     return None
 
 
+def check_rescoring_rows(lib) -> str | None:
+    """The rescoring's z rows (params.h ForwardParams::zr): outside the dense path's z ring the candidates' channels
+    come from them, so z's own view (channels_last z), a padded copy (D % 4 != 0, with a partial last chunk of 8
+    channels) and rows of a wider buffer (NaN between them: read outside a row, it would show) give the same bits
+    in both plans at every precision; the ring (dense 7x7 z, p-resident) reads none (a null zr). None if so, else
+    what failed."""
+    for B, D, HW, M, layout in ((2, 70, 30, 40, "contiguous"), (2, 72, 196, 130, "channels_last")):
+        z3, p = make_z3(B, D, HW, layout), torch.rand(M, D)
+        own = channel_rows(z3)
+        if (own.data_ptr() == z3.data_ptr()) != (layout == "channels_last"):
+            return f"{(B, D, HW, M)} {layout}: channel_rows copied {'no' if own.data_ptr() == z3.data_ptr() else 'a'} z"
+        row = (D + 3) // 4 * 4 + 12  # a multiple of 4 (params.h)
+        wide = torch.full((B * (HW * row + 8),), math.nan).as_strided((B, HW, D), (HW * row + 8, row, 1))
+        wide.copy_(z3.transpose(1, 2))
+        ref = emu_forward(lib, z3, p)
+        for precision in PRECISIONS:
+            for plan in ((False, 1), (True, B)) if D <= 128 else ((False, 1),):
+                for name, rows in (("own", own), ("wide", wide)):
+                    out = emu_forward(lib, z3, p, precision=precision, plan=plan, rows=rows)
+                    if not all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(out, ref)):
+                        return f"{(B, D, HW, M)} {layout} {precision} {plan} rows {name}: outputs differ"
+    z3, p = torch.rand(2, 128, 49), torch.rand(130, 128)  # the ring (dense z, MMA search, p-resident)
+    ref = emu_forward(lib, z3, p, precision="high", plan=(True, 2))
+    sim, dist, idx = torch.empty(2, 130), torch.empty(2, 130), torch.empty(2, 130, dtype=torch.int64)
+    errors = lib.emu_errors()
+    lib.emu_forward_plan(ctypes.byref(forward_params(z3, None, p, sim, dist, idx, eps=1e-4, precision="high")), 1, 2)
+    if lib.emu_errors() != errors or not all(torch.equal(a, b) for a, b in zip((sim, dist, idx), ref)):
+        return "the dense path's ring with a null zr: errors or other outputs"
+    return None
+
+
 def check_backward_copy_paths(lib) -> str | None:
     """grad_p's staging paths (backward.cuh): 16-byte cp.async of z as it lies where z is 16-byte aligned with
     NCHW runs (stride_k == 1, stride_d == HW, HW % 8 != 0: an 8x8 map's lane stride of 64 floats would read with
@@ -513,6 +569,8 @@ def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = Tru
         report("16-byte cp.async where aligned, 4-byte fallback, both plans, same bits", err is None, err or "")
         err = check_dense_copy_paths(lib)
         report("dense 7x7 NCHW z staging (MMA), 4-byte when misaligned, same bits", err is None, err or "")
+        err = check_rescoring_rows(lib)
+        report("rescoring rows: own view, padded copy, wide rows, none in the ring; same bits", err is None, err or "")
         err = check_backward_copy_paths(lib)
         report("backward: 16-byte z staging where aligned, 4-byte fallback, same bits", err is None, err or "")
         err = check_backward_plans(lib)

@@ -47,6 +47,14 @@ void run_case(int B, int D, int HW, int M, bool channels_last) {
   if (M > 1) {  // a prototype equal to a patch: distance exactly 0
     for (int d = 0; d < D; ++d) p[(size_t)1 * D + d] = z[(size_t)(B - 1) * sb + d * sd + (HW - 1) * sk];
   }
+  // The rescoring's rows (params.h ForwardParams::zr): (B, HW, D4), D4 = D rounded up to 4 (NaN padding, never
+  // read), 16-byte aligned.
+  const int64_t D4 = (D + 3) / 4 * 4;
+  std::vector<float> rows_buf((size_t)B * HW * D4 + 4, NAN);
+  float* const rows = rows_buf.data() + (4 - reinterpret_cast<uintptr_t>(rows_buf.data()) / 4 % 4) % 4;
+  for (int b = 0; b < B; ++b)
+    for (int k = 0; k < HW; ++k)
+      for (int d = 0; d < D; ++d) rows[((size_t)b * HW + k) * D4 + d] = z[(size_t)b * sb + d * sd + k * sk];
   const size_t BM = (size_t)B * M;
   std::vector<float> sim[3], dist[3];
   std::vector<int64_t> idx[3];
@@ -59,6 +67,9 @@ void run_case(int B, int D, int HW, int M, bool channels_last) {
     prm.z_sb = sb;
     prm.z_sd = sd;
     prm.z_sk = sk;
+    prm.zr = rows;
+    prm.zr_sb = HW * D4;
+    prm.zr_sk = D4;
     prm.p = p.data();
     prm.similarity = sim[prec].data();
     prm.min_distances = dist[prec].data();
