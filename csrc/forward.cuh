@@ -482,9 +482,10 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   // p rows by 16-byte copies when D % 4 == 0 and p is 16-byte aligned (uniform over the launch), else 4-byte
   // ones; z by the path kZ.
   const bool p_vec = D % 4 == 0 && (reinterpret_cast<uintptr_t>(p) & 15) == 0;
-  // The streaming plan's 16-byte p copies: this thread's chunks are prototypes pml + 32 i (the first p_rows
-  // of them exist), channels pdd.. of each stage; their addresses are p_chunk + d0 + i * p_chunk_step, so a
-  // stage pays no row products (they had been a third of its pipeline's instructions, NOTES v12).
+  // The 16-byte p copies (a stage's in the streaming plan, the first patch tile's in the p-resident one): this
+  // thread's chunks are prototypes pml + 32 i (the first p_rows of them exist), channels pdd.. of each stage;
+  // their addresses are p_chunk + d0 + i * p_chunk_step, so a stage pays no row products (they had been a third
+  // of its pipeline's instructions, NOTES v12).
   static_assert(kThreads / 8 == 32, "the p copies' thread map");
   const int pml = tid >> 3, pdd = 4 * (tid & 7);
   const int p_rows = max(0, min(kPChunks, (M - m0 - pml + 31) / 32));
@@ -525,30 +526,31 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     }
   };
 
-  // Start the copy of step s into stage `buf`: its z tile, and in the streaming plan its p tile.
-  auto issue = [&](const Step& s, int buf) {
+  // The p tile's channels d0.. (a kDC-channel stage) into ps (rows of kPs floats), zero-filled past D and M.
+  auto copy_p = [&](float* ps, int d0) {
+    if (p_vec) {  // chunk c = tid + 256 i: prototype c / 8 = pml + 32 i, channels pdd.. of the stage
+      const int rows = d0 + pdd < D ? p_rows : 0;  // whole chunks or none: D % 4 == 0
+      const float* const src = p_chunk + d0;
+#pragma unroll
+      for (int i = 0; i < kPChunks; ++i)
+        copy_async16_whole(&ps[(pml + 32 * i) * kPs + pdd], i < rows ? src + i * p_chunk_step : p, i < rows);
+    } else {  // warp w copies prototypes w + 8 i, one channel per lane (D % 4 != 0 or unaligned p: a loop)
+      const bool in_d = d0 + lane < D;
+      const float* src = p + (int64_t)(m0 + warp) * D + d0 + lane;
+#pragma unroll 1
+      for (int i = 0; i < kPLoads; ++i, src += 8 * D) {
+        const bool ok = in_d && m0 + warp + 8 * i < M;
+        copy_async(&ps[(warp + 8 * i) * kPs + lane], ok ? src : p, ok);
+      }
+    }
+  };
+
+  // Start the copy of step s's z tile into stage `buf` and commit the stage's group (issue: with its p tile).
+  auto issue_z = [&](const Step& s, int buf) {
     float* const st = stages + buf * kStage;
     float* const zs = st + P::kZInStage;
     const int k0 = s.k0, d0 = s.ds * kDC;
     const float* const zb = s.zimg;
-    if constexpr (!kResident) {
-      float* const ps = st;
-      if (p_vec) {  // chunk c = tid + 256 i: prototype c / 8 = pml + 32 i, channels pdd.. of the stage
-        const int rows = d0 + pdd < D ? p_rows : 0;  // whole chunks or none: D % 4 == 0
-        const float* const src = p_chunk + d0;
-#pragma unroll
-        for (int i = 0; i < kPChunks; ++i)
-          copy_async16_whole(&ps[(pml + 32 * i) * kPs + pdd], i < rows ? src + i * p_chunk_step : p, i < rows);
-      } else {  // warp w copies prototypes w + 8 i, one channel per lane (D % 4 != 0 or unaligned p: a loop)
-        const bool in_d = d0 + lane < D;
-        const float* src = p + (int64_t)(m0 + warp) * D + d0 + lane;
-#pragma unroll 1
-        for (int i = 0; i < kPLoads; ++i, src += 8 * D) {
-          const bool ok = in_d && m0 + warp + 8 * i < M;
-          copy_async(&ps[(warp + 8 * i) * kPs + lane], ok ? src : p, ok);
-        }
-      }
-    }
     const float* src = s.zst + zoff;
     float* dst = zs + zdd * kZs + zkk;
     const int dlim = D - d0 - zdd, klim = HW - k0 - zkk;  // this thread's copy i is in range iff
@@ -592,27 +594,21 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     }
     async_commit();
   };
+  // Start the copy of step s into stage `buf`: its p tile, in the streaming plan into the stage, in the p-resident
+  // plan into the resident tile during the block's first patch tile only (a stage's quarter of p with each stage:
+  // the first search waits for that, not for the whole tile); then its z tile.
+  auto issue = [&](const Step& s, int buf) {
+    if constexpr (!kResident) {
+      copy_p(stages + buf * kStage, s.ds * kDC);
+    } else if (s.b == b0 && s.k0 == 0) {  // p-resident: the block's first patch tile
+      copy_p(p_res + s.ds * kDC, s.ds * kDC);
+    }
+    issue_z(s, buf);
+  };
 
   if (tid < kBM) {
     thr_s[tid] = INFINITY;
     best[tid] = rank_key(INFINITY, 0x7fffffff);
-  }
-  if constexpr (kResident) {  // the whole p tile, once, as its own group: n_d * kDC channels, 0 past D and M
-    const int row = n_d * kDC;
-    if (p_vec) {
-      for (int c = tid; c < kBM * row / 4; c += kThreads) {  // consecutive threads: consecutive 16 bytes of a row
-        const int ml = c / (row / 4), dd = 4 * (c - ml * (row / 4));
-        const int n = m0 + ml < M ? max(0, min(4, D - dd)) : 0;
-        copy_async16(&p_res[ml * kPs + dd], n > 0 ? p + (int64_t)(m0 + ml) * D + dd : p, n);
-      }
-    } else {
-      for (int e = tid; e < kBM * row; e += kThreads) {
-        const int ml = e / row, d = e - ml * row;
-        const bool ok = d < D && m0 + ml < M;
-        copy_async(&p_res[ml * kPs + d], ok ? p + (int64_t)(m0 + ml) * D + d : p, ok);
-      }
-    }
-    async_commit();
   }
   Search search;
   float norm2 = 0.f;  // threads < kBK: |z_k|^2 of patch k0 + tid; threads >= kBM: |p_m|^2 of m0 + tid - kBM
@@ -845,7 +841,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     __syncthreads();  // this buffer is refilled by a later issue()
     if (kRing && !ahead && it + 1 < n_iter) {  // the next image's first stage, after this image's rescoring
       advance(nxt);
-      issue(nxt, 0);
+      issue_z(nxt, 0);  // (not the block's first patch tile: no p)
     }
     const bool img_done = ds == n_d - 1 && k0 + kBK >= HW;
     advance(cur);

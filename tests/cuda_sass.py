@@ -118,8 +118,11 @@ BACKWARD_PHASES = [
 # end anchor's, inlined where the outer phase calls it, counts in `phase` instead (rare paths a phase's calls
 # inline, which the model does not charge)
 FORWARD_INNER = [
-    # the streaming plan's 4-byte p copies, for D % 4 != 0 or unaligned p (the issue lambda's, in the prologue's lines)
-    ("pipeline, p fallback", "pipeline", "} else {  // warp w copies prototypes w + 8 i", "const float* src = s.zst + zoff;"),
+    # the p-resident plan's p copies, during a block's first patch tile only (the issue lambda's, in the prologue's
+    # lines; 4 x 39 instructions per warp and block: not charged)
+    ("pipeline, p first tile", "pipeline", "} else if (s.b == b0 && s.k0 == 0) {", "issue_z(s, buf);"),
+    # the streaming plan's 4-byte p copies, for D % 4 != 0 or unaligned p (the copy_p lambda's)
+    ("pipeline, p fallback", "pipeline", "} else {  // warp w copies prototypes w + 8 i", "// Start the copy of step s"),
     # the z copies' partial chunks (dense path: D % 4 != 0; 16-byte path: HW % 4 != 0, padded rows)
     ("pipeline, z partial", "pipeline", "} else {  // z partial chunks (D % 4 != 0)", "} else if constexpr (kZ == kZCols16) {"),
     ("pipeline, z partial", "pipeline", "} else {  // z partial chunks (HW % 4 != 0", "} else {  // 4-byte copies"),
