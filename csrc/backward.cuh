@@ -576,12 +576,12 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
   const int img = kDense ? 32 * HW : HW * kAccStride, ks = kNchw ? 1 : (kNhwc ? 32 : kAccStride), ls = kNchw ? HW : 1;
   const int kmul = staged ? 4 * ks : 1;  // k_s holds k kmul: the staged row's byte offset, or k
 
-  // Stage s: images bs = s NB.. into buffer s & 1 (z slices by cp.async, committed as one group; (g, k) by
-  // plain loads and stores: the buffer's last reads were before the previous iteration's last barrier).
+  // Stage s: images bs = s NB.. into buffer s & 1: z slices by cp.async, committed as one group (issue); the
+  // pairs' (g, k) by plain loads into registers (load_gk) when the stage is issued, stored (store_gk) after the
+  // current stage's sums, so that those loads' latency overlaps them (the buffer's last reads were before the
+  // previous iteration's last barrier; the stage's first reads come after the next one).
   auto issue = [&](int bs, int buf) {
     float* const st = smem + buf * stage_floats;
-    float* const g_s = st + gp_z_floats(NB, shw);
-    int* const k_s = reinterpret_cast<int*>(g_s + NB * kGpM);
     const int nbv = min(NB, B - bs);  // images of the stage (the rest is never read)
     const float* const zs = z + bs * sb + d0 * sd;
     if constexpr (kNchw) {  // rows: the run's 8 HW chunks, the first Dv HW / 4 valid
@@ -594,32 +594,52 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
       walk_copies4(wk, st, zs, sb, img, nbv);
     }
     async_commit();
-    // (g, k): thread tid takes prototype m0 + tid % kGpM of images tid / kGpM + (kBwThreads / kGpM) r (at most
-    // two), read at the stage's offset bs M plus 32-bit offsets (NB M < 2^31: backward_launch).
-    const int ml = tid % kGpM, m = m0 + ml;
+  };
+  // (g, k): thread tid takes prototype m0 + tid % kGpM of images tid / kGpM + (kBwThreads / kGpM) r (at most
+  // two), read at the stage's offset bs M plus 32-bit offsets (NB M < 2^31: backward_launch).
+  constexpr int kGkPerThread = kGpMaxImages * kGpM / kBwThreads;
+  struct PairInputs {
+    float gs[kGkPerThread], gm[kGkPerThread], md[kGkPerThread];
+    int64_t k[kGkPerThread];
+    bool ok[kGkPerThread];  // a pair of the problem (else g = 0, k = 0)
+  };
+  const int ml = tid % kGpM, m_gk = m0 + ml;
+  auto load_gk = [&](int bs) {
+    PairInputs in;
     const int64_t base = (int64_t)bs * M;
 #pragma unroll
-    for (int r = 0; r < kGpMaxImages * kGpM / kBwThreads; ++r) {
+    for (int r = 0; r < kGkPerThread; ++r) {
+      const int bl = tid / kGpM + r * (kBwThreads / kGpM), o = bl * M + m_gk;
+      const bool ok = bl < NB && bs + bl < B && m_gk < M;
+      in.ok[r] = ok;
+      in.gs[r] = ok ? prm.grad_similarity[base + o] : 0.f;
+      in.gm[r] = ok ? prm.grad_min_distances[base + o] : 0.f;
+      in.md[r] = ok ? prm.min_distances[base + o] : 0.f;
+      in.k[r] = ok ? prm.patch_index[base + o] : 0;
+    }
+    return in;
+  };
+  auto store_gk = [&](const PairInputs& in, int buf) {
+    float* const g_s = smem + buf * stage_floats + gp_z_floats(NB, shw);
+    int* const k_s = reinterpret_cast<int*>(g_s + NB * kGpM);
+#pragma unroll
+    for (int r = 0; r < kGkPerThread; ++r) {
       const int bl = tid / kGpM + r * (kBwThreads / kGpM);
       if (bl < NB) {
-        float g = 0.f;
-        int k = 0;
-        if (bs + bl < B && m < M) {
-          const int o = bl * M + m;
-          k = clamp_index(prm.patch_index[base + o], HW);
-          g = grad_coef(prm.grad_similarity[base + o], prm.grad_min_distances[base + o],
-                        prm.min_distances[base + o], prm.eps);
-        }
-        g_s[bl * kGpM + ml] = g;
-        k_s[bl * kGpM + ml] = k * kmul;
+        g_s[bl * kGpM + ml] = in.ok[r] ? grad_coef(in.gs[r], in.gm[r], in.md[r], prm.eps) : 0.f;
+        k_s[bl * kGpM + ml] = clamp_index(in.k[r], HW) * kmul;
       }
     }
   };
 
   issue(0, 0);
+  store_gk(load_gk(0), 0);
   for (int bs = 0, buf = 0; bs < B; bs += NB, buf ^= 1) {
-    if (bs + NB < B) {
+    const bool more = bs + NB < B;
+    PairInputs next;
+    if (more) {
       issue(bs + NB, buf ^ 1);
+      next = load_gk(bs + NB);  // stored after this stage's sums
       async_wait<1>();
     } else {
       async_wait<0>();
@@ -649,6 +669,7 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
         }
       }
     }
+    if (more) store_gk(next, buf ^ 1);
     __syncthreads();  // buffer buf is refilled by the next iteration's issue
   }
   const int mw = opaque(m0 + kGpPerWarp * w);  // recomputed here, not held from the p loads (spills at 80)

@@ -104,6 +104,7 @@ BACKWARD_PHASES = [
     (None, "issue(bs + NB, buf ^ 1);"),
     ("grad_p stage", "async_wait<1>();"),
     ("grad_p image", "for (int bl = 0; bl < nb; ++bl) {"),
+    (None, "if (more) store_gk(next, buf ^ 1);"),  # the next stage's (g, k): store_gk's own lines tell
     ("grad_p stage", "__syncthreads();  // buffer buf"),
     ("grad_p store", "#pragma unroll"),
     (None, "__global__ void __launch_bounds__(kBwThreads"),
