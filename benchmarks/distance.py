@@ -8,8 +8,10 @@ and writes JSON + Markdown under ``--out``.
 Variants (``--variants``): ``log`` (1 x 1 prototypes, the log similarity: the ProtoPNet layer), ``2x2``
 (2 x 2 prototypes, log similarity; protokern runs them as a 1 x 1 call on the unfolded map, the original as its
 conv2d over windows) and ``cosine`` (1 x 1 prototypes; protokern on unit vectors, the original's formulation
-with cosines from the same convolutions). By default ``log`` runs at every shape and ``2x2`` and ``cosine``
-at the first (the CUB shape), at each backend's default precision.
+with cosines from the same convolutions), ``nhwc`` (``log`` on channels_last features, as a channels_last trunk
+gives them: the backends' other z paths, e.g. cuda's rescoring from z's own rows instead of its dense 7x7
+staging). By default ``log`` runs at every shape and ``2x2``, ``cosine`` and ``nhwc`` at the first (the CUB
+shape), at each backend's default precision.
 
 On GPU each method is timed twice: as launched from Python (what a training loop sees; on a slow host this is
 bound by launch overhead) and as the replay of a captured CUDA graph of the same work (the GPU time alone).
@@ -42,8 +44,10 @@ import protokern
 DEFAULT_SHAPES = [(80, 128, 7, 7, 2000), (128, 256, 14, 14, 2000), (64, 128, 7, 7, 10000), (32, 512, 28, 28, 2000)]
 QUICK_SHAPES = [(8, 64, 7, 7, 200), (4, 128, 14, 14, 100)]
 EPS = 1e-4
-# variant -> (prototype window, similarity)
-VARIANTS = {"log": ((1, 1), "log"), "2x2": ((2, 2), "log"), "cosine": ((1, 1), "cosine")}
+# variant -> (prototype window, similarity); the variants in CHANNELS_LAST take channels_last z
+VARIANTS = {"log": ((1, 1), "log"), "2x2": ((2, 2), "log"), "cosine": ((1, 1), "cosine"), "nhwc": ((1, 1), "log")}
+CHANNELS_LAST = {"nhwc"}
+FIRST_SHAPE_VARIANTS = ["log", "2x2", "cosine", "nhwc"]
 
 
 def original_layer(z, p, similarity="log"):
@@ -141,7 +145,10 @@ def reference_rows(device: torch.device, z, p):
 def bench_shape(shape, device, quick, measure, variant="log"):
     B, D, H, W, M = shape
     window = VARIANTS[variant][0]
-    z = torch.rand(B, D, H, W, device=device).requires_grad_()
+    z = torch.rand(B, D, H, W, device=device)
+    if variant in CHANNELS_LAST:
+        z = z.contiguous(memory_format=torch.channels_last)
+    z.requires_grad_()
     p = torch.rand(M, D, *window, device=device).requires_grad_()
     w_sim, w_dist = torch.randn(B, M, device=device), torch.randn(B, M, device=device)
     cases = []
@@ -295,8 +302,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small shapes: runs on a CPU in seconds")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--variants", type=parse_variants, default=None,
-                    help="comma list of log, 2x2, cosine to run at every shape (default: log at every shape, "
-                         "plus 2x2 and cosine at the first)")
+                    help="comma list of log, 2x2, cosine, nhwc to run at every shape (default: log at every "
+                         "shape, plus 2x2, cosine and nhwc at the first)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="folder for JSON + Markdown")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -309,7 +316,7 @@ def main(argv=None):
     stem = f"distance-{env['date']}-{device.type}{'-quick' if args.quick else ''}"
     for i, shape in enumerate(shapes):
         print(f"shape {shape}:", flush=True)
-        for variant in args.variants or (["log", "2x2", "cosine"] if i == 0 else ["log"]):
+        for variant in args.variants or (FIRST_SHAPE_VARIANTS if i == 0 else ["log"]):
             rows += bench_shape(shape, device, args.quick, measure, variant)
         text = markdown(env, rows)  # written after every shape: an interrupted run keeps what it measured
         (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows, "fastest": fastest_precisions(rows)}, indent=1))

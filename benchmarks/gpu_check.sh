@@ -66,11 +66,11 @@ step tests_cuda "${TEST_LIMIT:-150}" python3 -m pytest -m gpu -v -rf --tb=short 
   tests/test_cuda_backend.py
 # The op table, one process per shape (a fault in one shape's kernels cannot take the others' rows with it;
 # each writes its JSON and Markdown under bench-N/, its Markdown copied up as distance-shapeN.md). The prototype
-# kinds (2x2, cosine) at the CUB shape only.
+# kinds (2x2, cosine) and channels_last features (nhwc) at the CUB shape only.
 export WORK
 step bench "${BENCH_LIMIT:-240}" bash -c 'rc=0; i=0
   for s in 80,128,7,7,2000 128,256,14,14,2000 64,128,7,7,10000 32,512,28,28,2000; do
-    v=log; [ $i -eq 0 ] && v=log,2x2,cosine
+    v=log; [ $i -eq 0 ] && v=log,2x2,cosine,nhwc
     echo "== shape $s"; python3 benchmarks/distance.py --shape $s --variants $v --out "$WORK/bench-$i" || rc=1
     cp "$WORK"/bench-$i/distance-*.md "$WORK/distance-shape$i.md" 2>/dev/null; i=$((i + 1))
   done; exit $rc'

@@ -28,13 +28,27 @@ def test_quick_run_has_every_variant(tmp_path):
     rows = json.loads(result.read_text())["rows"]
     assert not [r for r in rows if "error" in r]
     first = {(r["variant"], r["method"]) for r in rows if r["shape"] == [2, 8, 4, 4, 6]}
-    assert first == {(v, m) for v in ("log", "2x2", "cosine") for m in ("original eager", "torch")} | {
+    assert first == {(v, m) for v in ("log", "2x2", "cosine", "nhwc") for m in ("original eager", "torch")} | {
         ("log", "null op")}
     assert {r["variant"] for r in rows if r["shape"] == [1, 8, 3, 3, 5]} == {"log"}
     assert all(r["fwd_us"] > 0 and r["fwd_bwd_us"] > 0 for r in rows)
     assert "| 2x2 | torch |" in next(tmp_path.glob("*.md")).read_text()
     with pytest.raises(SystemExit):
         distance.main(["--quick", "--variants", "3x3", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("variant", list(distance.VARIANTS))
+def test_variants_time_the_layout_they_name(monkeypatch, variant):
+    """``nhwc`` times the op on channels_last features, the others on contiguous ones."""
+    seen = []
+
+    def spy(z, p):
+        seen.append(z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous())
+        return torch.zeros(z.shape[0], p.shape[0]), torch.zeros(z.shape[0], p.shape[0])
+
+    monkeypatch.setattr(distance, "methods", lambda *a, **k: [("spy", spy, {})])
+    distance.bench_shape((2, 8, 4, 4, 6), torch.device("cpu"), True, lambda fn: fn() or 1.0, variant)
+    assert seen and all(s == (variant in distance.CHANNELS_LAST) for s in seen)
 
 
 def test_fwd_bwd_is_op_only(monkeypatch):
