@@ -223,6 +223,15 @@ constexpr int kRescoreBatch = 8;
 // in shared memory, 2 where its rows come from global p too (4 spill there).
 constexpr int kRescoreInFlight[2] = {2, 4};  // [kResident]
 
+// v[0..7] = q[0..7] by two 16-byte loads (q 16-byte aligned).
+__device__ __forceinline__ void load8(const float* q, float (&v)[8]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float4 x = *reinterpret_cast<const float4*>(q + 4 * h);
+    v[4 * h] = x.x, v[4 * h + 1] = x.y, v[4 * h + 2] = x.z, v[4 * h + 3] = x.w;
+  }
+}
+
 // ---- Searches ------------------------------------------------------------------------------------
 // The patch (of 32) whose candidate flag a search stores in flag slot s: the same, or with MmaSearch's
 // interleaved n8 tiles (kInterleave, the dense z path) slot s = 8 j + 2 t + c holds patch 8 t + 4 c + j.
@@ -773,12 +782,8 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
             float e = 0.f;
             auto add_chunk = [&](int t, const float (&zv)[8]) {  // e += (z[8 s + 32 t + i] - p[m, ...])^2, i < 8
               float pv[8];
-              if constexpr (kResident) {
-#pragma unroll
-                for (int h4 = 0; h4 < 2; ++h4) {
-                  const float4 v = *reinterpret_cast<const float4*>(pm + 8 * s + 32 * t + 4 * h4);
-                  pv[4 * h4] = v.x, pv[4 * h4 + 1] = v.y, pv[4 * h4 + 2] = v.z, pv[4 * h4 + 3] = v.w;
-                }
+              if (kResident || p_vec) {  // 16-byte aligned rows: the resident tile's, or p's where D % 4 == 0
+                load8(pm + 8 * s + 32 * t, pv);
               } else {
 #pragma unroll
                 for (int i = 0; i < 8; ++i) pv[i] = pm[8 * s + 32 * t + i];
@@ -795,11 +800,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
                 for (int i = 0; i < 8; ++i) zv[i] = zq[i * kDenseHW];
                 zq += kStage;
               } else {
-#pragma unroll
-                for (int h4 = 0; h4 < 2; ++h4) {
-                  const float4 v = *reinterpret_cast<const float4*>(zq + 4 * h4);
-                  zv[4 * h4] = v.x, zv[4 * h4 + 1] = v.y, zv[4 * h4 + 2] = v.z, zv[4 * h4 + 3] = v.w;
-                }
+                load8(zq, zv);
                 zq += 32;
               }
             };
