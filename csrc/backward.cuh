@@ -46,6 +46,7 @@ constexpr int kAccStride = 33;             // padded 32-channel row: conflict-fr
 
 constexpr int kGzGroup = 2;   // images per grad_z block (at most)
 constexpr int kGzRows = 60;   // accumulator rows per warp: G x KT <= kGzRows (3 blocks/SM with the pair table)
+constexpr int kGzBatch = 4;   // pair updates whose table entries and z values are loaded before their stores
 
 constexpr int kGpM = 64;                     // prototypes per grad_p block
 constexpr int kGpPerWarp = kGpM / kBwWarps;  // 8, one register accumulator each
@@ -208,20 +209,33 @@ __device__ __forceinline__ void grad_z_block(const BackwardParams& prm, const Ba
           char* const acc = reinterpret_cast<char*>(mine + gi * KT * kAccStride + lane);
           const char* const zt = reinterpret_cast<const char*>(z_s + gi * KT * kAccStride + lane);
           const PairCoef* const tab = table + gi * 32 + h;
-          // Prototypes c0 + h + j in increasing order (per image: the order of m).
-          auto update = [&](int j) {
-            const PairCoef c = tab[j];
-            float* const a = reinterpret_cast<float*>(acc + c.off);
-            *a = fmaf(c.g, *reinterpret_cast<const float*>(zt + c.off) - pv[j], *a);
+          // Prototypes c0 + h + j in increasing order (per image: the order of m), those of `use` (the ones that
+          // win in the pass), kGzBatch at a time: first their table entries and z values (neither changes during
+          // the updates; loaded between the accumulator stores, each would wait for the one before), then the
+          // accumulators' read-modify-writes in order.
+          auto updates = [&](unsigned use) {
+#pragma unroll
+            for (int j0 = 0; j0 < 16; j0 += kGzBatch) {
+              PairCoef c[kGzBatch];
+              float zv[kGzBatch];
+#pragma unroll
+              for (int j = 0; j < kGzBatch; ++j) {
+                c[j] = tab[j0 + j];
+                zv[j] = ((use >> (j0 + j)) & 1u) ? *reinterpret_cast<const float*>(zt + c[j].off) : 0.f;
+              }
+#pragma unroll
+              for (int j = 0; j < kGzBatch; ++j) {
+                if ((use >> (j0 + j)) & 1u) {  // warp-uniform
+                  float* const a = reinterpret_cast<float*>(acc + c[j].off);
+                  *a = fmaf(c[j].g, zv[j] - pv[j0 + j], *a);
+                }
+              }
+            }
           };
           if (bits == 0xffffu) {
-#pragma unroll
-            for (int j = 0; j < 16; ++j) update(j);
+            updates(0xffffu);
           } else {  // some of the 16 prototypes win outside the pass
-#pragma unroll
-            for (int j = 0; j < 16; ++j) {
-              if ((bits >> j) & 1u) update(j);  // warp-uniform
-            }
+            updates(bits);
           }
         }
       }

@@ -79,7 +79,7 @@ BACKWARD_PHASES = [
     ("grad_z chunk", "for (int c0 = m_begin; c0 < m_end; c0 += 32) {"),
     ("grad_z rows, partial", "} else {  // some of the 16 rows are not needed"),
     ("grad_z chunk", "const unsigned bits = (in_pass[gi] >> h) & 0xffffu;"),
-    ("grad_z pair", "auto update = [&](int j) {"),
+    ("grad_z pair", "auto updates = [&](unsigned use) {"),
     ("grad_z pair, partial", "} else {  // some of the 16 prototypes win outside the pass"),
     ("grad_z chunk", "__syncthreads();"),
     ("grad_z sum + write", "// Sum the warps' accumulators"),
