@@ -231,29 +231,35 @@ def test_backward_is_deterministic(cuda_backend, layout, hw):
 
 
 @gpu
-@pytest.mark.parametrize("shape", [(3, 128, 7, 7, 300), (2, 36, 14, 14, 70), (2, 40, 17, 19, 70)], ids=str)
+@pytest.mark.parametrize("shape", [(3, 128, 7, 7, 300), (24, 128, 7, 7, 4000), (2, 36, 14, 14, 70),
+                                   (2, 40, 17, 19, 70)], ids=str)
 def test_layout_and_alignment_free(cuda_backend, shape):
     """Same values, different memory: the forward's 16-byte cp.async path (aligned z with stride_k == 1, p with
-    D % 4 == 0) and its 4-byte fallback (views one float past alignment) give the same bits at every
-    precision; the one-launch backward, which stages z with its own strides (above 256 patches: gathers it from
-    a channels-innermost copy), gives the same gradient bits for every layout."""
+    D % 4 == 0), its 4-byte fallback (views one float past alignment), the dense 7x7 path's z ring (contiguous z
+    of a p-resident launch: the 24-image shape at "high" and "medium") and the rescoring's z rows (z's own for
+    channels_last z, a copy otherwise) give the same bits at every precision; the one-launch backward, which
+    stages z with its own strides (above 256 patches: gathers it from a channels-innermost copy), gives the same
+    gradient bits for every layout."""
     B, D, H, W, M = shape
     z3 = torch.rand(B, D, H * W, device="cuda")
     p = torch.rand(M, D, device="cuda")
     z_off = torch.empty(B * D * H * W + 1, device="cuda")[1:].view(B, D, H * W).copy_(z3)
     p_off = torch.empty(M * D + 1, device="cuda")[1:].view(M, D).copy_(p)
+    layouts = {}
+    for layout in ("channels_last", "sliced", "sliced_channels_last"):
+        zl = make_z(B, D, H, W, layout)
+        zl.copy_(z3.view(B, D, H, W))
+        layouts[layout] = zl.flatten(2)
     for precision in PRECISIONS:
         ref = torch.ops.protokern_C.forward(z3, p, 1e-4, precision)
-        for zz, pp in ((z_off, p), (z3, p_off), (z_off, p_off)):
+        for zz, pp in ((z_off, p), (z3, p_off), (z_off, p_off), *((zl, p) for zl in layouts.values())):
             out = torch.ops.protokern_C.forward(zz, pp, 1e-4, precision)
             assert all(torch.equal(a, b) for a, b in zip(out, ref)), precision
     _, dist, idx = ref
     gs, gd = torch.randn(B, M, device="cuda"), torch.randn(B, M, device="cuda")
     grads = torch.ops.protokern_C.backward(gs, gd, z3, p, idx, dist, 1e-4)
-    for layout in ("channels_last", "sliced", "sliced_channels_last"):
-        zl = make_z(B, D, H, W, layout)
-        zl.copy_(z3.view(B, D, H, W))
-        other = torch.ops.protokern_C.backward(gs, gd, zl.flatten(2), p, idx, dist, 1e-4)
+    for layout, zl in layouts.items():
+        other = torch.ops.protokern_C.backward(gs, gd, zl, p, idx, dist, 1e-4)
         assert torch.equal(other[0], grads[0]) and torch.equal(other[1], grads[1]), layout
 
 
