@@ -93,9 +93,10 @@ constexpr int kRingStage = ((kDC - 1) * kDenseHW + kBK + 3) / 4 * 4;
 // the rescoring list), then kBM rows of kBK flag bytes at a row stride of kFlagStride. Then per patch tile
 // |z_k|^2 and |z_k|, per prototype |p_m|, per patch the TF32 search's residual term (lz_s in forward_kernel),
 // the running threshold T_m and the exact winner's rank_key(e, k).
-template <class Search, bool kResident, bool kRing>
+template <class Search, bool kResident, bool Ring>
 struct Plan {
-  static_assert(kResident || !kRing, "the z ring is a p-resident plan");
+  static_assert(kResident || !Ring, "the z ring is a p-resident plan");
+  static constexpr bool kRing = Ring;
   static constexpr int kPs = kResident ? kResidentPs : Search::kPs;
   static constexpr int kZs = Search::kZs;
   static constexpr int kPRes = kResident ? kBM * kResidentPs : 0;  // the resident p tile, at 0
@@ -465,7 +466,7 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
 template <int kZ, class Search, bool kResident>  // kZ: the z copy path (kZCols4 .. kZDense)
 __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(const ForwardParams prm, int ipb) {
   using P = PlanOf<kZ, Search, kResident>;
-  constexpr bool kRing = kResident && kZ == kZDense;  // the image's z stays staged until its rescoring
+  constexpr bool kRing = P::kRing;  // the image's z stays staged until its rescoring
   static_assert(kZ != kZDense || Search::kSearch != kSearchFp32, "dense z staging: MMA searches only");
   PK_DYNAMIC_SMEM(smem);
   constexpr int kPs = P::kPs, kZs = P::kZs, kStage = P::kStage;
