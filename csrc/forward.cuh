@@ -91,8 +91,8 @@ constexpr int kRingStage = ((kDC - 1) * kDenseHW + kBK + 3) / 4 * 4;
 // stride kResidentPs), two stages of z tiles only (kRing: kRingStages buffers of kRingStage floats), and a
 // scratch of its own. The scratch holds Entries x kBM partial thresholds (then, per warp, kListCap entries of
 // the rescoring list), then kBM rows of kBK flag bytes at a row stride of kFlagStride. Then per patch tile
-// |z_k|^2 and |z_k|, per prototype |p_m|, per patch the TF32 search's residual term (lz_s in forward_kernel),
-// the running threshold T_m and the exact winner's rank_key(e, k).
+// |z_k|^2 and |z_k|, per prototype |p_m| and the separable bound's B_m, per patch the TF32 search's residual
+// term (lz_s in forward_kernel), the running threshold T_m and the exact winner's rank_key(e, k).
 template <class Search, bool kResident, bool Ring>
 struct Plan {
   static_assert(kResident || !Ring, "the z ring is a p-resident plan");
@@ -109,11 +109,12 @@ struct Plan {
   static constexpr int kZnOffset = kScratch + (kResident ? kScratchFloats : 0);
   static constexpr int kRzOffset = kZnOffset + kBK;
   static constexpr int kRpOffset = kRzOffset + kBK;
-  static constexpr int kLzOffset = kRpOffset + kBM;
+  static constexpr int kBpOffset = kRpOffset + kBM;
+  static constexpr int kLzOffset = kBpOffset + kBM;
   static constexpr int kThrOffset = kLzOffset + kBK;
   static constexpr int kBestOffset = kThrOffset + kBM;  // kBM 64-bit keys (rank_key)
-  static constexpr int kCoefOffset = kBestOffset + 2 * kBM;  // the certification's 3 coefficients
-  static constexpr size_t kBytes = sizeof(float) * (kCoefOffset + 4);
+  static constexpr int kCoefOffset = kBestOffset + 2 * kBM;  // the certification's 5 coefficients
+  static constexpr size_t kBytes = sizeof(float) * (kCoefOffset + 8);
   static_assert(kPRes % 4 == 0 && kStage % 4 == 0 && kZInStage % 4 == 0, "tiles must stay 16-byte aligned");
   static_assert(kBestOffset % 2 == 0, "64-bit keys");
   static_assert(kResident || kScratchFloats <= kStage, "certification scratch must fit in a stage");
@@ -179,6 +180,15 @@ __device__ __forceinline__ TileMap tile_map(int tid, bool d_fast) {
 // (sqrt(c) |p|) * (4 (|z_lo| + 2^-10 |z|) / sqrt(c)), the second factor stored per patch; a square of z_lo
 // flushed to zero loses at most sqrt(D) 2^-63 of |z_lo|, and c N + c_abs covers the missing 4 sqrt(D) 2^-63
 // |p| for every |p| once c_abs >= 4 D 2^-126 / c (tf32_abs).
+// Separable form (a tile whose |z_k|^2 and |p_m|^2 are all finite and <= 2^100: the usual case). N <= 2 (|z|^2 +
+// |p|^2), so delta_s = A_k + B_m (+ the TF32 term as above) with A_k = c_s |z_k|^2, B_m = c_s |p_m|^2 + c_abs and
+// c_s = 2 c + 32 u: the same as c N where |z| = |p|, at most twice it where the norms differ. The extra
+// 32 u (|z|^2 + |p|^2) >= 16 u N covers the fp32 evaluation, about 8 roundings of relative u on quantities
+// below ~N: |z|^2 (1 +- c_s) (kept per patch), the two fmas v~ +- A_k, the tile's minimum + B_m, T_m + B_m.
+// Then T_m = min_k (v~ + A_k [+ TF32 term]) + B_m and the test v~ - A_k [- TF32 term] <= T_m + B_m cost two
+// fmas and a min per pair (TF32: two more), against a square, sums and the finite tests of the per-pair form;
+// with every norm <= 2^100 all those values are finite, so tiles with larger or non-finite norms take the
+// per-pair form. Either form gives a valid bound for each pair, so a running T_m may mix them.
 __device__ __forceinline__ float gamma_n(float n) {
   const float nu = n * 0x1p-24f;
   return nu < 0.25f ? nu / (1.f - nu) : INFINITY;  // a huge D: every patch becomes a candidate
@@ -211,6 +221,10 @@ constexpr float kLzScale = 1.f;
 __device__ __forceinline__ float cert_coef(int search, int D) {
   return kCertScale * 2.f * (gamma_n((float)D) + dot_error(search, D) + gamma_n((float)D + 7.f) + 6.f * 0x1p-24f);
 }
+
+// The separable form's c_s for the coefficient c (above), and its largest norm (squared) of a tile.
+__device__ __forceinline__ float cert_separable(float c) { return 2.f * c + kCertScale * 32.f * 0x1p-24f; }
+constexpr float kSeparableMaxNorm2 = 0x1p100f;
 
 // x truncated to TF32 (its low 13 mantissa bits cleared): the MMA searches' operands, and z_hi of the TF32 bound.
 __device__ __forceinline__ float tf32_hi(float x) { return __uint_as_float(__float_as_uint(x) & 0xffffe000u); }
@@ -428,14 +442,12 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
   __device__ __forceinline__ void visit(int tid, F&& f) {
     const int t = tid & 3, nb = 32 * ((tid >> 5) >> 2);
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
+    for (int c = 0; c < 2; ++c) {
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
+      for (int j = 0; j < 4; ++j) {  // interleaved: patches 8 t + 4 c + j, four in a row (vector loads)
+        const int kl = nb + (kInterleave ? 8 * t + 4 * c + j : 8 * j + 2 * t + c);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {  // interleaved: patches 8 t + 4 c + j, four in a row (vector loads)
-          const int kl = nb + (kInterleave ? 8 * t + 4 * c + j : 8 * j + 2 * t + c);
-          f(r, slot_ml(tid, r), kl, acc[r >> 1][j][2 * (r & 1) + c]);
-        }
+        for (int r = 0; r < 4; ++r) f(r, slot_ml(tid, r), kl, acc[r >> 1][j][2 * (r & 1) + c]);  // a patch's 4 rows
       }
     }
   }
@@ -475,9 +487,10 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
   float* const zn_s = smem + P::kZnOffset;  // |z_k|^2 of the current patch tile
   float* const rz_s = smem + P::kRzOffset;  // sqrt(cert_coef) |z_k|
   float* const rp_s = smem + P::kRpOffset;  // sqrt(cert_coef) |p_m|
+  float* const bp_s = smem + P::kBpOffset;  // the separable bound's B_m
   float* const lz_s = smem + P::kLzOffset;  // TF32: 4 (|z_lo,k| + 2^-10 |z_k|) / sqrt(cert_coef)
   float* const thr_s = smem + P::kThrOffset;
-  float* const coef_s = smem + P::kCoefOffset;  // sqrt(cert_coef), c_abs, the TF32 residual's scale
+  float* const coef_s = smem + P::kCoefOffset;  // sqrt(c), c_abs, the TF32 residual's scale, 1 + c_s, 1 - c_s, c_s
   // The exact winner's rank_key(e, k) of each prototype (unsigned long long: atomicMin's type)
   unsigned long long* const best = reinterpret_cast<unsigned long long*>(smem + P::kBestOffset);
 
@@ -636,6 +649,10 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     coef_s[0] = c_sqrt;  // delta = (c_sqrt (|z| + |p|))^2 + coef_s[1]
     coef_s[1] = kCertScale * (float)(D + 8) * 0x1p-126f + (kTf32 ? tf32_abs(c_sqrt * c_sqrt, D) : 0.f);
     coef_s[2] = c_sqrt > 0.f ? kLzScale * kCertScale * 4.f / c_sqrt : 0.f;  // TF32: lz_s = coef_s[2] (...)
+    const float cs = cert_separable(cert_coef(Search::kSearch, D));
+    coef_s[3] = 1.f + cs;  // the separable form: |z_k|^2 (1 + c_s) = |z_k|^2 + A_k
+    coef_s[4] = 1.f - cs;  // and |z_k|^2 - A_k
+    coef_s[5] = cs;
   }
   Step cur{prm.z + (int64_t)b0 * prm.z_sb, nullptr, b0, 0, 0};  // the step the loop body consumes
   cur.zst = cur.zimg;
@@ -682,47 +699,88 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
     }
 
     if (ds == n_d - 1) {  // last stage of this patch tile: certify and rescore it
+      // The separable form when every norm of the tile (real patches, the block's prototypes) is <= 2^100
+      bool small = true;
       if (tid < kBK) {
-        zn_s[tid] = norm2;
+        small = k0 + tid >= HW || norm2 <= kSeparableMaxNorm2;  // NaN: false
+        zn_s[tid] = k0 + tid < HW ? norm2 : NAN;  // NaN: padding (the separable form's mask)
         rz_s[tid] = coef_s[0] * sqrtf(norm2);  // sqrt(c) |z_k|
         if constexpr (kTf32) lz_s[tid] = coef_s[2] * (sqrtf(lo2) + 0x1p-10f * sqrtf(norm2));
         norm2 = 0.f;
         lo2 = 0.f;
-      } else if (tid >= kThreads - kBM && it == n_d - 1) {
-        rp_s[tid - (kThreads - kBM)] = coef_s[0] * sqrtf(norm2);  // sqrt(c) |p_m|
+      } else if (tid >= kThreads - kBM) {  // norm2 = |p_m|^2 from the first patch tile on
+        small = norm2 <= kSeparableMaxNorm2;
+        if (it == n_d - 1) {
+          rp_s[tid - (kThreads - kBM)] = coef_s[0] * sqrtf(norm2);          // sqrt(c) |p_m|
+          bp_s[tid - (kThreads - kBM)] = fmaf(coef_s[5], norm2, coef_s[1]);  // B_m = c_s |p_m|^2 + c_abs
+        }
       }
-      __syncthreads();  // also: every thread is done reading stage `st`, the streaming plan's scratch
+      // also: every thread is done reading stage `st`, the streaming plan's scratch
+      const bool separable = __syncthreads_and(small);
       float* const red = kResident ? smem + P::kScratch : st;
       unsigned char* const flags = reinterpret_cast<unsigned char*>(red + Search::kEntries * kBM);
       // (1) running threshold T_m = min(T_m, min over this tile's finite v~ of v~ + delta); each
-      // accumulator becomes its pair's lower end v~ - delta (-inf: v~ not finite, NaN: padding).
+      // accumulator becomes its pair's lower end v~ - delta (-inf: v~ not finite, NaN: padding), in the
+      // separable form (bound above) v~ - delta + B_m, and the flags compare it with T_m + B_m.
       float tmin[Search::kSlots];
 #pragma unroll
       for (int s = 0; s < Search::kSlots; ++s) tmin[s] = INFINITY;
       const float cert_abs = coef_s[1];
-      search.template visit<kInterleave>(tid, [&](int s, int ml, int kl, float& acc) {
-        const float v = fmaf(-2.f, acc, zn_s[kl]);
-        const float q = rz_s[kl] + rp_s[ml];  // sqrt(c) (|z| + |p|)
-        const float delta = kTf32 ? fmaf(rp_s[ml], lz_s[kl], fmaf(q, q, cert_abs)) : fmaf(q, q, cert_abs);
-        const bool real = k0 + kl < HW, finite = isfinite(v);
-        if (real && finite) tmin[s] = fminf(tmin[s], v + delta);
+      auto pair_delta = [&](int ml, int kl) {  // the per-pair form's delta
+        const float q = rz_s[kl] + rp_s[ml];     // sqrt(c) (|z| + |p|)
+        return kTf32 ? fmaf(rp_s[ml], lz_s[kl], fmaf(q, q, cert_abs)) : fmaf(q, q, cert_abs);
+      };
+      if (separable) {  // per pair v~ + A_k (the minimum; B_m added per prototype below) and v~ - A_k
+        const float zp = coef_s[3], zm = coef_s[4];
+        search.template visit<kInterleave>(tid, [&](int s, int ml, int kl, float& acc) {
+          const float zn = zn_s[kl];  // NaN for padding: never the minimum nor a candidate
+          float hi = fmaf(-2.f, acc, zn * zp);
+          float lo = fmaf(-2.f, acc, zn * zm);
+          if constexpr (kTf32) {
+            hi = fmaf(rp_s[ml], lz_s[kl], hi);
+            lo = fmaf(-rp_s[ml], lz_s[kl], lo);
+          }
+          tmin[s] = fminf(tmin[s], hi);
 #ifdef PROTOKERN_EMU
-        if (real && m0 + ml < M) emu::record_search(b, m0 + ml, k0 + kl, v, delta);  // the bound's test
+          if (k0 + kl < HW && m0 + ml < M)  // the bound's test (check.py), against the per-pair form's too
+            emu::record_search(b, m0 + ml, k0 + kl, fmaf(-2.f, acc, zn), hi, lo, pair_delta(ml, kl));
 #endif
-        acc = !real ? NAN : finite ? v - delta : -INFINITY;
-      });
+          acc = lo;
+        });
+      } else {
+#ifdef PROTOKERN_EMU
+        if (tid == 0) emu::per_pair_tiles.fetch_add(1);
+#endif
+        search.template visit<kInterleave>(tid, [&](int s, int ml, int kl, float& acc) {
+          const float v = fmaf(-2.f, acc, zn_s[kl]);
+          const float delta = pair_delta(ml, kl);
+          const bool real = k0 + kl < HW, finite = isfinite(v);
+          if (real && finite) tmin[s] = fminf(tmin[s], v + delta);
+          acc = !real ? NAN : finite ? v - delta : -INFINITY;
+#ifdef PROTOKERN_EMU
+          if (real && m0 + ml < M) emu::record_search(b, m0 + ml, k0 + kl, v, v + delta, acc, delta);
+#endif
+        });
+      }
 #pragma unroll
       for (int s = 0; s < Search::kSlots; ++s)
         red[Search::entry(tid) * kBM + Search::slot_ml(tid, s)] = tmin[s];
       __syncthreads();
-      if (tid < kBM) {
-        float t = thr_s[tid];
+      if (tid < kBM) {  // T_m; the flags' threshold (T_m + B_m in the separable form) into red[tid], read by tid only
+        float t = INFINITY;
         for (int e = 0; e < Search::kEntries; ++e) t = fminf(t, red[e * kBM + tid]);
-        thr_s[tid] = t;
+        const float bp = separable ? bp_s[tid] : 0.f;
+        const float tile_t = t + bp;
+        const float running = fminf(thr_s[tid], tile_t);
+        thr_s[tid] = running;
+        red[tid] = running + bp;
+#ifdef PROTOKERN_EMU
+        if (m0 + tid < M && isfinite(t)) emu::record_tile(b, m0 + tid, k0 / kBK, t, tile_t, running, red[tid]);
+#endif
       }
       __syncthreads();
       // (2) candidates: v~ - delta <= T_m, or v~ not finite (-inf); never padding (NaN)
-      search.store_flags(tid, thr_s, flags);
+      search.store_flags(tid, red, flags);
       __syncthreads();
       // (3) exact rescoring. Warp w owns prototypes ml = w + 8 i (i < 16): it compacts their flags into a list of
       // entries (ml, kl) in its kListCap-entry slice of `red` (dead since (1)), then rescores kRescoreBatch

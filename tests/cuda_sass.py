@@ -127,6 +127,10 @@ FORWARD_INNER = [
     # the z copies' partial chunks (dense path: D % 4 != 0; 16-byte path: HW % 4 != 0, padded rows)
     ("pipeline, z partial", "pipeline", "} else {  // z partial chunks (D % 4 != 0)", "} else if constexpr (kZ == kZCols16) {"),
     ("pipeline, z partial", "pipeline", "} else {  // z partial chunks (HW % 4 != 0", "} else {  // 4-byte copies"),
+    # the certification's per-pair form, for tiles with a norm above 2^100 or not finite (the separable form's
+    # limit: forward.cuh)
+    ("(1) threshold, per-pair form", "(1) threshold", "const float cert_abs = coef_s[1];",
+     "red[Search::entry(tid) * kBM + Search::slot_ml(tid, s)] = tmin[s];"),
 ]
 SOURCES = {"forward.cu": ("forward.cuh", FORWARD_PHASES, FORWARD_INNER),
            "backward.cu": ("backward.cuh", BACKWARD_PHASES, [])}

@@ -4,7 +4,7 @@
 // fiber of one OS thread (default: deterministic, fast; under ThreadSanitizer the fibers are TSan fibers
 // that only the barriers order, so races are still reported), or with PROTOKERN_EMU_THREADS an
 // std::thread (real concurrency, slow);
-// __syncthreads / __syncwarp are barriers; shuffles and votes go through a per-warp exchange buffer.
+// __syncthreads (and __syncthreads_and) / __syncwarp are barriers; shuffles and votes go through a per-warp exchange buffer.
 // Honest about the two things a CPU fallback would hide:
 // * cp.async (4- and 16-byte; a misaligned 16-byte copy is an error) is asynchronous: copy_async
 //   poisons its destination with NaN at issue (the stage's old contents are gone: the refill's issue
@@ -152,14 +152,26 @@ inline Dim3 block_idx;  // blocks run one at a time: the same for every thread
 inline Block* block;
 
 // Recording of the forward's search values (check.py tests the certification bound on them): when
-// search_log is set, (v~, delta) of pair (b, m, k) land at search_log[2 ((b M + m) HW + k)].
+// search_log is set, pair (b, m, k) lands at search_log[4 ((b M + m) HW + k)]: v~, its upper end hi (what the
+// tile's threshold is the minimum of), its lower end lo (what the flags compare), the per-pair form's delta;
+// and row (b, m) of patch tile t at tile_log[2 ((b M + m) tiles + t)]: what the threshold adds to the tile's
+// minimum of hi (B_m in the separable form, 0 in the per-pair form), and what the flags' threshold adds to T_m.
 inline float* search_log = nullptr;
-inline int search_log_M = 0, search_log_HW = 0;
-inline void record_search(int b, int m, int k, float v, float delta) {
+inline float* tile_log = nullptr;
+inline int search_log_M = 0, search_log_HW = 0, search_log_tiles = 0;
+inline void record_search(int b, int m, int k, float v, float hi, float lo, float delta) {
   if (search_log == nullptr) return;
-  float* const at = search_log + 2 * (((int64_t)b * search_log_M + m) * search_log_HW + k);
+  float* const at = search_log + 4 * (((int64_t)b * search_log_M + m) * search_log_HW + k);
   at[0] = v;
-  at[1] = delta;
+  at[1] = hi;
+  at[2] = lo;
+  at[3] = delta;
+}
+inline void record_tile(int b, int m, int tile, double tile_min, double threshold, double t_m, double flags_t) {
+  if (tile_log == nullptr) return;
+  float* const at = tile_log + 2 * (((int64_t)b * search_log_M + m) * search_log_tiles + tile);
+  at[0] = (float)(threshold - tile_min);
+  at[1] = (float)(flags_t - t_m);
 }
 
 inline void copy_async(float* dst, const float* src, bool valid) {
@@ -168,6 +180,7 @@ inline void copy_async(float* dst, const float* src, bool valid) {
 }
 
 inline std::atomic<int64_t> vector_copies{0};  // 16-byte copies issued (check.py: which path ran)
+inline std::atomic<int64_t> per_pair_tiles{0};  // forward tiles certified in the per-pair form (check.py)
 
 inline void copy_async16(float* dst, const float* src, int n) {
   if ((reinterpret_cast<uintptr_t>(dst) & 15) != 0 || (reinterpret_cast<uintptr_t>(src) & 15) != 0 || n < 0 ||
@@ -288,6 +301,19 @@ void launch(Dim3 grid, unsigned threads, size_t smem_bytes, Kernel kernel) {
 
 inline void __syncthreads() { emu::block->block->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_barrier().arrive_and_wait(); }
+
+// __syncthreads_and: a barrier that also returns whether pred holds on every thread of the block (each thread's
+// pred in its exchange slot, 2 or 1, between two block barriers; no warp operation can run between them; the
+// slots past the block's threads are never written, 0).
+inline int __syncthreads_and(int pred) {
+  std::vector<uint64_t>& slots = emu::block->exchange;
+  slots[threadIdx.x] = pred != 0 ? 2 : 1;
+  __syncthreads();
+  bool all = true;
+  for (uint64_t v : slots) all = all && v != 1;
+  __syncthreads();
+  return all;
+}
 
 template <class T>
 T __shfl_sync(unsigned, T value, int src_lane) {

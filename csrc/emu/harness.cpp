@@ -59,14 +59,17 @@ extern "C" void emu_backward(const BackwardParams* prm) {
   emu::launch({l.blocks, 1}, kBwThreads, l.smem, [&] { backward_kernel(p, l); });
 }
 
-// The forward with its search values recorded: out (B, M, HW, 2) receives (v~, delta) of every pair,
-// v~ = |z_k|^2 - 2 z_k.p_m as searched and delta the certification bound (forward.cuh).
-extern "C" void emu_search_values(const ForwardParams* prm, float* out) {
+// The forward with its search values recorded (emulator.h: record_search, record_tile): out (B, M, HW, 4),
+// tiles (B, M, ceil(HW / 64), 2).
+extern "C" void emu_search_values(const ForwardParams* prm, float* out, float* tiles) {
   emu::search_log = out;
+  emu::tile_log = tiles;
   emu::search_log_M = prm->M;
   emu::search_log_HW = prm->HW;
+  emu::search_log_tiles = (prm->HW + 63) / 64;
   emu_forward(prm);
   emu::search_log = nullptr;
+  emu::tile_log = nullptr;
 }
 
 // Protocol errors seen so far (cp.async groups left in flight at a thread's end, misaligned 16-byte copies).
@@ -74,6 +77,7 @@ extern "C" int emu_errors() { return emu::errors.load(); }
 
 // 16-byte cp.async copies issued so far (which staging path the kernels took).
 extern "C" long long emu_vector_copies() { return emu::vector_copies.load(); }
+extern "C" long long emu_per_pair_tiles() { return emu::per_pair_tiles.load(); }
 
 // One line per kernel variant, "name threads min_blocks_per_sm max_dynamic_smem_bytes", for the
 // ptxas gate (tests/test_cuda_gates.py): the numbers the launchers use, from the same headers.
