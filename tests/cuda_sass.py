@@ -129,7 +129,7 @@ FORWARD_INNER = [
     ("pipeline, z partial", "pipeline", "} else {  // z partial chunks (HW % 4 != 0", "} else {  // 4-byte copies"),
     # the certification's per-pair form, for tiles with a norm above 2^100 or not finite (the separable form's
     # limit: forward.cuh)
-    ("(1) threshold, per-pair form", "(1) threshold", "const float cert_abs = coef_s[1];",
+    ("(1) threshold, per-pair form", "(1) threshold", "if (tid == 0) emu::per_pair_tiles.fetch_add(1);",
      "red[Search::entry(tid) * kBM + Search::slot_ml(tid, s)] = tmin[s];"),
 ]
 SOURCES = {"forward.cu": ("forward.cuh", FORWARD_PHASES, FORWARD_INNER),

@@ -173,7 +173,8 @@ def test_cuda_sass_phases(tmp_path):
     with instructions (the phase anchors still match the source), the MMA search step holds what the source
     implies (per 32-channel stage 32 HMMA for TF32, 96 for 3xTF32: 4 k8 steps x 4 n8 tiles x 2 m16 tiles,
     x 3 for the split; 1024 FFMA for the FFMA search: 8 x 4 accumulators x 32 channels) and no other phase
-    has an HMMA; the model's constants match forward.cuh; the budget at the CUB shape is positive and puts
+    has an HMMA; the certification's separable form is charged and cheaper than its per-pair form; the model's
+    constants match forward.cuh; the budget at the CUB shape is positive and puts
     the search's share where the source says (FFMA's search is its largest phase)."""
     from tests import cuda_sass
 
@@ -204,6 +205,11 @@ def test_cuda_sass_phases(tmp_path):
             assert hmma == {"search": 96}, (name, hmma)
         else:
             assert hmma == {} and ph["search"].count("FFMA") == 1024, (name, hmma, ph["search"].count("FFMA"))
+        # the certification's two forms (forward.cuh): each visit takes one min per pair of the thread (32), the
+        # per-pair form in its own phase (rare: not charged), and the separable form costs under 3/4 of it
+        sep, per_pair = ph["(1) threshold"], ph["(1) threshold, per-pair form"]
+        assert per_pair.count("FMNMX") == 32 and sep.count("FMNMX") >= 32, (name, sep.opcodes, per_pair.opcodes)
+        assert sep.hot < 0.75 * per_pair.hot, (name, sep.hot, per_pair.hot)
         # the pipeline advances its stage indices by carries (no integer division: I2F.RP + MUFU.RCP) and
         # issues only its own z path's copies, unrolled (a loop the model counts once): 8 four-byte ones per
         # thread (kZCols4, kZChans4) or 2 sixteen-byte ones (kZCols16, kZDense); the streaming plan adds p's 4
