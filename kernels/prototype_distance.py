@@ -78,6 +78,11 @@ TENSOR_CORE_MAX_PATCHES = 32
 # since the rescoring runs over channel tiles); Triton 3.6's code spills under that cap (480 bytes) and keeps
 # ptxas's choice (200). Checked by sm90_gate.py --all on both.
 SMALL_TILE_MAX_REGISTERS = 255
+# The certification's separable form (search_bound.separable) needs every norm of a tile finite and at most this.
+# Only "medium" (the default) uses it: "high" and "highest"'s 64-row tiles, with both forms compiled, spill 24 and
+# 72 bytes in the generic compile (each form alone does not; NOTES.md "Triton v15").
+SEPARABLE_MAX_NORM2 = tl.constexpr(2.0 ** 100)
+SEPARABLE_LEVELS = ("tf32",)
 STREAMED_P_MAX_REGISTERS = {"highest": 128} if TRITON_VERSION >= (3, 8) else {}
 GRAD_P_CHANNEL_TILES = (16, 32)  # BLOCK_D of grad_p, from D
 GRAD_P_IMAGES = 8  # images a step of grad_p (their z rows gathered at once)
@@ -97,21 +102,25 @@ ORDER_HIST_ROWS = 64
 @triton.jit
 def _forward_kernel(
     z_ptr, p_ptr, norms_ptr, sim_ptr, dist_ptr, idx_ptr,
-    B, D, HW, M, IMAGES, eps, one_minus_eps, coef, tiny, res_coef,
-    stride_zb, stride_zd, stride_zk, stride_pm, stride_pd,
+    B, D, HW, M, IMAGES, eps, one_minus_eps, coef, tiny, res_coef, sep_coef,
+    stride_zb, stride_zd, stride_zk, stride_pm, stride_pd, log_ptr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr, TRUNCATE: tl.constexpr,
+    SEPARABLE: tl.constexpr, NORMS_K: tl.constexpr, RECORD: tl.constexpr,
 ):
     """One program per (block of IMAGES images, prototype tile), folded into grid axis 0 (no 65535 limit on B).
 
     P_RESIDENT (D <= BLOCK_D): the p tile is loaded once, before the image loop, and stays in registers.
 
     Certified search: a~ = |p|^2 + |z|^2 - 2 p.z from tl.dot at PRECISION (``_search_dot``), delta = coef ((|z| +
-    |p|)^2 + tiny) >= |a~ - e| (coef and its derivation: ``search_bound.py``); "tf32" adds res_coef |p| (|z_lo| +
-    rho_p |z|) from its operands' truncation residual norms, rho_p the tile's largest |p_lo| / |p|
+    |p|)^2 + tiny) >= |a~ - e| (coef and its derivation: ``search_bound.py``), or with SEPARABLE ("medium"), where
+    every norm of the step's tile is finite and <= 2^100, the separable sep_coef (|z|^2 + |p|^2) + coef tiny
+    (``search_bound.separable``: two fmas and a min per pair, the row's part added per row; the kernel then works
+    with v~ = a~ - |p|^2, the same for every patch of a row); "tf32" adds res_coef |p| (|z_lo| + rho_p |z|) from
+    its operands' truncation residual norms, rho_p the tile's largest |p_lo| / |p|
     (``search_bound.converted_tf32_bound``: the MMA may truncate or round its fp32 operands), where the generic
-    "tf32" bound would take a coef 64x the others'. The patches' |z|^2 and |z_lo|^2 come from norms_ptr (B, 2, HW)
-    (``_patch_norms_kernel``), so that the search loop is loads and dots only. TRUNCATE ("tf32" under the
+    "tf32" bound would take a coef 64x the others'. The patches' |z|^2 and |z_lo|^2 come from norms_ptr (B, 2 HW
+    + tiles) (``_patch_norms_kernel``), so that the search loop is loads and dots only. TRUNCATE ("tf32" under the
     interpreter, whose dot is exact fp32, and on non-NVIDIA devices): the kernel truncates the operands itself, so
     that the bound's worst case is what the CPU tests exercise. Each step (one patch tile, or two when PAIRED)
     lowers the running threshold thr = min (a~ + delta), then rescores exactly every patch of the step with a~ -
@@ -158,25 +167,38 @@ def _forward_kernel(
         p_tile = tl.load(p_rows + offs_d[None, :] * stride_pd,
                          mask=m_mask[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
 
+    # the separable form's row part B_m (NaN past M: its rows' lower ends, never candidates) and its condition;
+    # without it (not SEPARABLE) |p|^2, what the per-pair form adds to v~ (_search_tile)
+    p_sep = p_norm
+    p_small = False
+    if SEPARABLE:
+        p_sep = tl.where(m_mask, sep_coef * p_norm + coef * tiny, float("nan"))
+        p_small = tl.sum(tl.where(m_mask, (p_norm <= SEPARABLE_MAX_NORM2) == 0, False).to(tl.int32), axis=0) == 0
     z_base = z_ptr + b0.to(tl.int64) * stride_zb  # then advanced by one image per iteration
-    norms = norms_ptr + b0.to(tl.int64) * (2 * HW)
+    norms_row = 2 * HW + tl.cdiv(HW, NORMS_K)  # an image's norms (_patch_norms_kernel)
+    norms = norms_ptr + b0.to(tl.int64) * norms_row
     out = b0.to(tl.int64) * M + offs_m
+    log_img = log_ptr
+    if RECORD:
+        log_img += b0.to(tl.int64) * M * HW * 3
     for b in range(b0, tl.minimum(b0 + IMAGES, B)):
         thr = tl.full((BLOCK_M,), inf, dtype=tl.float32)
         best = tl.full((BLOCK_M,), inf, dtype=tl.float32)
         best_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)  # HW: none yet
         nan_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)
         for k0 in range(0, HW, STEP_K):
-            lo, thr = _search_tile(z_base, norms, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr, k0, D, HW,
-                                   coef, tiny, res_coef, stride_zd, stride_zk, stride_pd, BLOCK_M, BLOCK_K, BLOCK_D,
-                                   P_RESIDENT, PRECISION, TRUNCATE)
+            lo, thr = _search_tile(z_base, norms, p_rows, p_tile, p_len, p_sep, p_small, rho_p, m_mask, thr, k0, D,
+                                   HW, coef, tiny, res_coef, sep_coef, stride_zd, stride_zk, stride_pd,
+                                   log_img, offs_m, BLOCK_M, BLOCK_K, BLOCK_D,
+                                   P_RESIDENT, PRECISION, TRUNCATE, SEPARABLE, NORMS_K, RECORD)
             lo_next = lo  # PAIRED: the next tile's bounds (NaN, never a candidate, past the last patch)
             if PAIRED:
                 if k0 + BLOCK_K < HW:
-                    lo_next, thr = _search_tile(z_base, norms, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr,
-                                                k0 + BLOCK_K, D, HW, coef, tiny, res_coef, stride_zd, stride_zk,
-                                                stride_pd, BLOCK_M, BLOCK_K, BLOCK_D, P_RESIDENT, PRECISION,
-                                                TRUNCATE)
+                    lo_next, thr = _search_tile(z_base, norms, p_rows, p_tile, p_len, p_sep, p_small, rho_p, m_mask,
+                                                thr, k0 + BLOCK_K, D, HW, coef, tiny, res_coef, sep_coef, stride_zd,
+                                                stride_zk, stride_pd, log_img,
+                                                offs_m, BLOCK_M, BLOCK_K, BLOCK_D, P_RESIDENT, PRECISION, TRUNCATE,
+                                                SEPARABLE, NORMS_K, RECORD)
                 else:
                     lo_next = tl.full((BLOCK_M, BLOCK_K), float("nan"), dtype=tl.float32)
             # A round rescores each row's next candidate, in increasing patch order (ties keep the first).
@@ -223,8 +245,10 @@ def _forward_kernel(
         tl.store(sim_ptr + out, sim, mask=m_mask)
         tl.store(idx_ptr + out, win.to(tl.int64), mask=m_mask)
         z_base += stride_zb
-        norms += 2 * HW
+        norms += norms_row
         out += M
+        if RECORD:
+            log_img += M * HW * 3
 
 
 @triton.jit
@@ -264,14 +288,20 @@ def _bit_index(low):
 
 
 @triton.jit
-def _search_tile(z_base, norms, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, thr, k0, D, HW, coef, tiny,
-                 res_coef, stride_zd, stride_zk, stride_pd, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_D: tl.constexpr, P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
-                 TRUNCATE: tl.constexpr):
-    """The search over the patch tile at k0 of one image: (lower bounds a~ - delta of the tile, -inf where a~ is
-    not finite (always a candidate) and NaN outside the problem (never one); thr lowered by the tile's
-    a~ + delta). The loop over channel slices only loads and dots; the patches' |z|^2 (and for "tf32"
-    |z_lo|^2, z_lo = z - tf32(z)) come from the image's norms (``_patch_norms_kernel``)."""
+def _search_tile(z_base, norms, p_rows, p_tile, p_len, p_sep, p_small, rho_p, m_mask, thr, k0, D, HW, coef, tiny,
+                 res_coef, sep_coef, stride_zd, stride_zk, stride_pd, log_img, offs_m, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
+                 TRUNCATE: tl.constexpr, SEPARABLE: tl.constexpr, NORMS_K: tl.constexpr, RECORD: tl.constexpr):
+    """The search over the patch tile at k0 of one image: (the tile's lower ends, compared with the running
+    threshold for the candidates: -inf where v~ is not finite (always a candidate) and NaN outside the problem
+    (never one); thr lowered by the tile's upper ends). Per-pair form: ends v~ -+ delta (v~ = a~ - |p|^2; without
+    SEPARABLE a~ -+ delta, p_sep being |p|^2 there);
+    separable form (SEPARABLE, on a tile whose norms are all finite and <= 2^100, as _patch_norms_kernel flags each
+    of its tiles (NORMS_K patches, a multiple of BLOCK_K), with the program's prototypes, p_small): upper
+    ends v~ + A_k (+ the "tf32" term) with B_m = p_sep added to their row minimum, lower ends v~ - A_k (- the term)
+    - B_m (``search_bound.separable``). The loop over channel slices only loads and dots; the patches' |z|^2 (and
+    for "tf32" |z_lo|^2, z_lo = z - tf32(z)) come from the image's norms (``_patch_norms_kernel``). RECORD (tests
+    only): each pair's (v~, upper end as the threshold used it, lower end) to log_img (M, HW, 3)."""
     inf = float("inf")
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_mask = offs_k < HW
@@ -288,27 +318,61 @@ def _search_tile(z_base, norms, p_rows, p_tile, p_norm, p_len, rho_p, m_mask, th
                     mask=d_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         dot = _search_dot(p, z, dot, PRECISION, TRUNCATE)
     z_norm = tl.load(norms + offs_k, mask=k_mask, other=0.0)
-    approx = p_norm[:, None] + z_norm[None, :] - 2.0 * dot
     z_len = tl.sqrt(z_norm)
-    radius = p_len[:, None] + z_len[None, :]
-    delta = coef * (radius * radius + tiny)
+    res = tl.zeros((BLOCK_K,), dtype=tl.float32)  # "tf32": the column factor of its residual term
     if PRECISION == "tf32":
         z_lo = tl.sqrt(tl.load(norms + HW + offs_k, mask=k_mask, other=0.0))
-        delta += p_len[:, None] * (res_coef * (z_lo + rho_p * z_len))[None, :]
-    live = m_mask[:, None] & k_mask[None, :]
-    finite = tl.abs(approx) < inf  # False for NaN too
-    thr = tl.minimum(thr, tl.min(tl.where(live & finite, approx + delta, inf), axis=1))
-    return tl.where(live, tl.where(finite, approx - delta, -inf), float("nan")), thr
+        res = res_coef * (z_lo + rho_p * z_len)
+    separable = False
+    if SEPARABLE:
+        separable = (tl.load(norms + 2 * HW + k0 // NORMS_K) != 0) & p_small
+    if separable:
+        # padding: an upper end of +inf (never the minimum), a lower end of NaN (never a candidate)
+        hi = tl.where(k_mask, z_norm * (1.0 + sep_coef), inf)[None, :] - 2.0 * dot
+        lo = tl.where(k_mask, z_norm * (1.0 - sep_coef), float("nan"))[None, :] - 2.0 * dot
+        if PRECISION == "tf32":
+            term = p_len[:, None] * res[None, :]
+            hi += term
+            lo -= term
+        low = tl.min(hi, axis=1)
+        tile_thr = low + p_sep
+        lo = lo - p_sep[:, None]
+        up_shift = tile_thr - low  # what the threshold adds to the row's minimum (B_m)
+    else:  # v~, or without the separable form a~ = |p|^2 + v~ (one more add, and 24 bytes of spill fewer on
+        # Triton 3.6 at "highest"; the same candidates: |p|^2 is the same for every patch of a row)
+        v = z_norm[None, :] - 2.0 * dot if SEPARABLE else p_sep[:, None] + z_norm[None, :] - 2.0 * dot
+        radius = p_len[:, None] + z_len[None, :]
+        delta = coef * (radius * radius + tiny)
+        if PRECISION == "tf32":
+            delta += p_len[:, None] * res[None, :]
+        live = m_mask[:, None] & k_mask[None, :]
+        finite = tl.abs(v) < inf  # False for NaN too
+        hi = tl.where(live & finite, v + delta, inf)
+        tile_thr = tl.min(hi, axis=1)
+        lo = tl.where(live, tl.where(finite, v - delta, -inf), float("nan"))
+        up_shift = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    thr = tl.minimum(thr, tile_thr)
+    if RECORD:  # on the scale of v~
+        at = log_img + (offs_m[:, None] * HW + offs_k[None, :]) * 3
+        live = m_mask[:, None] & k_mask[None, :]
+        scale = tl.zeros((BLOCK_M,), dtype=tl.float32) if SEPARABLE else p_sep
+        tl.store(at, z_norm[None, :] - 2.0 * dot, mask=live)
+        tl.store(at + 1, hi + up_shift[:, None] - scale[:, None], mask=live)
+        tl.store(at + 2, lo - scale[:, None], mask=live)
+    return lo, thr
 
 
 @triton.jit
 def _patch_norms_kernel(z_ptr, norms_ptr, D, HW, stride_zb, stride_zd, stride_zk, BLOCK_K: tl.constexpr,
                         BLOCK_D: tl.constexpr):
-    """norms (B, 2, HW): |z[b, :, k]|^2 and |z_lo|^2 (z_lo = z - tf32(z), the truncation residual) of every
-    patch, in fp32 (any summation order: the search bound allows for it). Program (image, patch tile)."""
+    """norms (B, 2 HW + ceil(HW / BLOCK_K)): |z[b, :, k]|^2 and |z_lo|^2 (z_lo = z - tf32(z), the truncation
+    residual) of every patch, in fp32 (any summation order: the search bound allows for it), then per tile of
+    BLOCK_K patches 1.0 if all its |z|^2 are <= 2^100 (not NaN), else 0.0: where the forward may certify in the
+    separable form. Program (image, patch tile)."""
     tiles = tl.cdiv(HW, BLOCK_K)
     b = tl.program_id(0) // tiles
-    offs_k = (tl.program_id(0) % tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tile = tl.program_id(0) % tiles
+    offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = offs_k < HW
     z_b = z_ptr + b.to(tl.int64) * stride_zb
     norm = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -320,9 +384,11 @@ def _patch_norms_kernel(z_ptr, norms_ptr, D, HW, stride_zb, stride_zd, stride_zk
         r = z - _tf32_part(z)
         norm += tl.sum(z * z, axis=0)
         low += tl.sum(r * r, axis=0)
-    out = norms_ptr + b.to(tl.int64) * (2 * HW) + offs_k
-    tl.store(out, norm, mask=k_mask)
-    tl.store(out + HW, low, mask=k_mask)
+    row = norms_ptr + b.to(tl.int64) * (2 * HW + tiles)
+    tl.store(row + offs_k, norm, mask=k_mask)
+    tl.store(row + HW + offs_k, low, mask=k_mask)
+    large = tl.sum(tl.where(k_mask, (norm <= SEPARABLE_MAX_NORM2) == 0, False).to(tl.int32), axis=0)
+    tl.store(row + 2 * HW + tile, tl.where(large == 0, 1.0, 0.0))
 
 
 @triton.jit
@@ -654,7 +720,9 @@ def forward_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]
     meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=FORWARD_SLICE,
                 P_RESIDENT=D <= FORWARD_SLICE, PRECISION=INPUT_PRECISION[precision],
                 PAIRED=tensor_cores and HW > block_k,
-                TRUNCATE=False)  # what NVIDIA GPUs run; the launcher sets it elsewhere
+                TRUNCATE=False,  # what NVIDIA GPUs run; the launcher sets it elsewhere
+                SEPARABLE=INPUT_PRECISION[precision] in SEPARABLE_LEVELS,
+                NORMS_K=NORMS_TILE, RECORD=False)  # RECORD: tests only (forward's search_log)
     options = dict(num_warps=num_warps, num_stages=num_stages)
     if tensor_cores:
         options["maxnreg"] = TENSOR_CORE_MAX_REGISTERS
@@ -722,11 +790,12 @@ def launch_configs(shapes=None) -> list[tuple[str, dict, dict]]:
     return unique
 
 
-def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "highest"):
+def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "highest", search_log=None):
     """Fused forward on z3 (B, D, HW) (any strides, any float dtype) and p (M, D).
 
     Returns (similarity, min_distances, patch_index), each (B, M); float32, float32, int64. Certified search:
-    the result is the same at every precision (see ``_forward_kernel``).
+    the result is the same at every precision (see ``_forward_kernel``). search_log (tests): a float32 (B, M,
+    HW, 3) tensor that receives each pair's (v~, upper end, lower end) of the certification as it ran.
     """
     B, D, HW = z3.shape
     M = p.shape[0]
@@ -740,10 +809,11 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
         coef, res_coef, tiny = search_bound.converted_tf32_bound(D)
     else:
         coef, res_coef, tiny = search_bound.coefficient(level, D), 0.0, search_bound.TINY
+    sep_coef = search_bound.separable(coef)
     # The MMA converts fp32 operands to TF32 by truncation or to nearest on NVIDIA GPUs; elsewhere (the
     # interpreter's exact dot, other vendors' MMAs) the kernel truncates them itself.
     truncate = level == "tf32" and (z3.device.type != "cuda" or torch.version.hip is not None)
-    norms = torch.empty((B, 2, HW), device=z3.device, dtype=torch.float32)
+    norms = torch.empty((B, 2 * HW + triton.cdiv(HW, NORMS_TILE)), device=z3.device, dtype=torch.float32)
     _patch_norms_kernel[(B * triton.cdiv(HW, NORMS_TILE),)](
         z3, norms, D, HW, z3.stride(0), z3.stride(1), z3.stride(2), BLOCK_K=NORMS_TILE, BLOCK_D=FORWARD_SLICE)
     images = forward_images_per_program(B, M, meta["BLOCK_M"])
@@ -753,9 +823,10 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
         b1 = min(B, b0 + per_launch)
         _forward_kernel[(triton.cdiv(b1 - b0, images) * m_tiles,)](
             z3[b0:b1], p, norms[b0:b1], sim[b0:b1], dist[b0:b1], idx[b0:b1], b1 - b0, D, HW, M, images,
-            eps, 1.0 - eps, coef, tiny, res_coef,
+            eps, 1.0 - eps, coef, tiny, res_coef, sep_coef,
             z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
-            **{**meta, "TRUNCATE": truncate}, **options,
+            dist if search_log is None else search_log[b0:b1],
+            **{**meta, "TRUNCATE": truncate, "RECORD": search_log is not None}, **options,
         )
     return sim, dist, idx
 

@@ -121,6 +121,22 @@ def converted_tf32_bound(D: int) -> tuple[float, float, float]:
     return c, 4.0 * (1 + t), max(TINY, (2 * rho / c) ** 2, (D * 2.0 ** -124 / c) ** 2)
 
 
+def separable(c: float, unit: float = FP32_UNIT) -> float:
+    """c_s of the separable form of a bound c ((|z| + |p|)^2 + tiny) (+ a TF32 residual term, unchanged): as
+    (|z| + |p|)^2 <= 2 (|z|^2 + |p|^2),
+
+        delta_s = A_k + B_m,   A_k = c_s |z_k|^2,   B_m = c_s |p_m|^2 + c tiny,   c_s = 2 c + 32 u,
+
+    is a bound wherever the per-pair one is (equal to it where |z| = |p|, at most twice it otherwise), and B_m,
+    the same for every patch of a prototype, goes to the prototype's threshold: a kernel adds A_k and subtracts
+    2 z.p per pair (two fmas and a min, against a square, sums and finite tests). The 32 u (|z|^2 + |p|^2) >=
+    16 u (|z| + |p|)^2 pays for the form's own fp32 evaluation, about 8 roundings of relative u on values below
+    about (|z| + |p|)^2 (|z|^2 (1 +- c_s), the two fmas, the row minimum + B_m, the lower end - B_m), which the
+    monotone-rounding argument above no longer covers. Kernels use it where every norm is finite and <= 2^100,
+    so that no value overflows."""
+    return 2 * c + 32 * unit
+
+
 def worst(*levels: str) -> str:
     """The least accurate of several search levels."""
     return max(levels, key=LEVELS.index)

@@ -57,7 +57,7 @@ def _signature(fn, meta: dict, runtime: dict | None = None) -> tuple[dict, dict,
             continue
         if name.endswith("_ptr"):
             types[name] = POINTER_TYPES.get(name, "*fp32")
-        elif name in ("eps", "one_minus_eps", "coef", "tiny", "res_coef"):
+        elif name in ("eps", "one_minus_eps", "coef", "tiny", "res_coef", "sep_coef"):
             types[name] = "fp32"
         else:
             types[name] = "i32"

@@ -371,6 +371,56 @@ def _search_dot_probe(p_ptr, z_ptr, out_ptr, PRECISION: tl.constexpr, TRUNCATE: 
 
 
 @needs_triton_cpu
+@pytest.mark.parametrize("precision", list(K.INPUT_PRECISION))
+def test_certification_as_the_kernel_ran_it(precision):
+    """The forward's certification as it ran (forward's search_log: each pair's v~ and the upper and lower ends the
+    threshold and the candidate test used): both ends hold the search error |a~ - t| (a~ = v~ + |p|^2, t the
+    float64 distance) and are at least search_bound's per-pair bound (what the separable form claims; a bound
+    looser than the real errors would let a missing row term B_m pass every contract case), on
+    tests/reference.bound_cases (norms <= 2^100: the separable form at "medium", K.SEPARABLE_LEVELS) and on norms of
+    ~2^104-2^110 (always the per-pair form); and the delta of each end is its form's, to 2^-10: which form ran."""
+    from protokern.kernels import search_bound
+    from tests import reference
+
+    g = torch.Generator().manual_seed(2)
+    huge = (torch.rand(2, 64, 20, generator=g) * 2.0 ** 52, torch.rand(30, 64, generator=g) * 2.0 ** 50)
+    huge[1][:10] = huge[0][0, :, :10].T * (1 + 1e-4 * torch.randn(10, 64, generator=g))
+    cases = reference.bound_cases(batch=2) + [huge]
+    level = K.INPUT_PRECISION[precision]
+    for i, (z3, p) in enumerate(cases):
+        B, D, HW = z3.shape
+        assert p.shape[0] <= K.forward_config(D, HW, p.shape[0], precision)[0]["BLOCK_M"]  # one tile: rho_p below
+        log = torch.full((B, p.shape[0], HW, 3), float("nan"))
+        K.forward(z3, p, 1e-4, precision, search_log=log)
+        v, hi, lo = log.double().unbind(3)
+        zz, pp = (z3.double() ** 2).sum(1)[:, None, :], (p.double() ** 2).sum(1)[None, :, None]
+        t = ((z3.double()[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)
+        term = ref_term = 0.0  # "tf32": the operand term, the kernel's (rho_p |p|) and the bound's (|p_lo|)
+        if level == "tf32":
+            c, r, tiny = search_bound.converted_tf32_bound(D)
+            z_lo, p_lo = (x.double() - (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32).double()
+                          for x in (z3, p))
+            z_lo, p_lo = z_lo.norm(dim=1)[:, None, :], p_lo.norm(dim=1)[None, :, None]
+            rho_p = (p_lo / pp.sqrt()).max()
+            term = r * pp.sqrt() * (z_lo + rho_p * zz.sqrt())
+            ref_term = r * (z_lo * pp.sqrt() + zz.sqrt() * p_lo)
+        else:
+            c, tiny = search_bound.coefficient(level, D), search_bound.TINY
+        per_pair = c * ((zz.sqrt() + pp.sqrt()) ** 2 + tiny)
+        separable = precision == "medium" and i < len(cases) - 1  # (the default; the others: per-pair)
+        form = (search_bound.separable(c) * (zz + pp) + c * tiny if separable else per_pair) + term
+        radius = 2 * (zz + pp)
+        for name, delta in (("upper", hi - v), ("lower", v - lo)):
+            err = (v + pp - t).abs()
+            assert (err <= delta).all(), (i, name, (err / delta).max().item())
+            # (the form's own fp32 evaluation may take a few u off the bound and off (|z| + |p|)^2)
+            ref = per_pair + ref_term
+            assert (delta >= ref * (1 - 2.0 ** -20) - 2.0 ** -20 * radius).all(), (i, name, (delta / ref).min().item())
+            # which form ran: its delta, to 2^-10 (and the fp32 roundings of v~ and its ends)
+            assert ((delta - form).abs() <= 2.0 ** -10 * form + 2.0 ** -22 * radius).all(), (i, name, separable)
+
+
+@needs_triton_cpu
 def test_search_dot_3xtf32_split_is_within_its_bound():
     """The "high" search's product (``_search_dot``: three TF32 dots of the truncated parts of p and z) is
     within search_bound's tf32x3 error of the float64 product, on data where each of its three partial
