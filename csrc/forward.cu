@@ -57,9 +57,7 @@ bool forward_needs_rows(const ForwardParams& prm) {
 void launch_forward(const ForwardParams& prm, cudaStream_t stream) {
   if (prm.B == 0 || prm.M == 0) return;
   const auto [l, search] = forward_choice(prm);
-  TORCH_CHECK(forward_ring(prm, l, search) ||
-                  (prm.zr != nullptr && prm.zr_sb % 4 == 0 && prm.zr_sk % 4 == 0 &&
-                   (reinterpret_cast<uintptr_t>(prm.zr) & 15) == 0),
+  TORCH_CHECK(forward_ring(prm, l, search) || forward_rows_ok(prm),
               "protokern forward: the rescoring's z rows (ForwardParams::zr) are missing or not 16-byte aligned");
   with_forward_kernel(prm, search, l.resident, [&](auto kernel, size_t smem, int variant) {
     allow_dynamic_smem(kernel, smem, forward_ready[variant]);

@@ -471,6 +471,13 @@ struct MmaSearch : Layout<kDC + 4, kBK + 8, 8> {  // 8 entries: 2 warps along pa
   }
 };
 
+// Whether prm's rescoring rows zr are usable (params.h): present, 16-byte aligned, image and patch strides
+// multiples of 4. The launcher checks them where it reads them; the emulator in the kernel itself.
+inline bool forward_rows_ok(const ForwardParams& prm) {
+  return prm.zr != nullptr && prm.zr_sb % 4 == 0 && prm.zr_sk % 4 == 0 &&
+         (reinterpret_cast<uintptr_t>(prm.zr) & 15) == 0;
+}
+
 // Grid (ceil(M / kBM), ceil(B / ipb)), kThreads threads, PlanOf<kZ, Search, kResident>::kBytes of dynamic shared
 // memory; block (x, y) covers prototypes kBM x.. and images ipb y..; see the top of this file. Outputs:
 // min_distances = the winner's exact e (NaN rule: NaN), similarity = log1p((1 - eps) / (d + eps)) =
@@ -810,9 +817,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
         // aligned): lane s's 8 channels of a chunk are two 16-byte loads, one sector (from NCHW z, 8 sectors).
         const float* const zr_img = kRing ? nullptr : prm.zr + (int64_t)b * prm.zr_sb;
 #ifdef PROTOKERN_EMU
-        if (!kRing && (prm.zr == nullptr || prm.zr_sb % 4 != 0 || prm.zr_sk % 4 != 0 ||
-                       (reinterpret_cast<uintptr_t>(prm.zr) & 15) != 0))
-          emu::errors.fetch_add(1);  // forward_needs_rows: the host passes such rows
+        if (!kRing && !forward_rows_ok(prm)) emu::errors.fetch_add(1);  // forward_needs_rows: the host passes them
 #endif
         for (int w0 = 0; w0 < total; w0 += P::kListCap) {  // warp-uniform
           int q = end - cnt - w0;  // this lane's next entry's place in the window

@@ -173,7 +173,7 @@ def _forward_kernel(
     p_small = False
     if SEPARABLE:
         p_sep = tl.where(m_mask, sep_coef * p_norm + coef * tiny, float("nan"))
-        p_small = tl.sum(tl.where(m_mask, (p_norm <= SEPARABLE_MAX_NORM2) == 0, False).to(tl.int32), axis=0) == 0
+        p_small = _separable_norms(p_norm, m_mask)
     z_base = z_ptr + b0.to(tl.int64) * stride_zb  # then advanced by one image per iteration
     norms_row = 2 * HW + tl.cdiv(HW, NORMS_K)  # an image's norms (_patch_norms_kernel)
     norms = norms_ptr + b0.to(tl.int64) * norms_row
@@ -363,6 +363,13 @@ def _search_tile(z_base, norms, p_rows, p_tile, p_len, p_sep, p_small, rho_p, m_
 
 
 @triton.jit
+def _separable_norms(norm2, mask):
+    """Whether every squared norm of norm2 under mask is at most SEPARABLE_MAX_NORM2 (NaN is not): where the
+    certification may take its separable form."""
+    return tl.sum(tl.where(mask, (norm2 <= SEPARABLE_MAX_NORM2) == 0, False).to(tl.int32), axis=0) == 0
+
+
+@triton.jit
 def _patch_norms_kernel(z_ptr, norms_ptr, D, HW, stride_zb, stride_zd, stride_zk, BLOCK_K: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     """norms (B, 2 HW + ceil(HW / BLOCK_K)): |z[b, :, k]|^2 and |z_lo|^2 (z_lo = z - tf32(z), the truncation
@@ -387,8 +394,7 @@ def _patch_norms_kernel(z_ptr, norms_ptr, D, HW, stride_zb, stride_zd, stride_zk
     row = norms_ptr + b.to(tl.int64) * (2 * HW + tiles)
     tl.store(row + offs_k, norm, mask=k_mask)
     tl.store(row + HW + offs_k, low, mask=k_mask)
-    large = tl.sum(tl.where(k_mask, (norm <= SEPARABLE_MAX_NORM2) == 0, False).to(tl.int32), axis=0)
-    tl.store(row + 2 * HW + tile, tl.where(large == 0, 1.0, 0.0))
+    tl.store(row + 2 * HW + tile, tl.where(_separable_norms(norm, k_mask), 1.0, 0.0))
 
 
 @triton.jit
