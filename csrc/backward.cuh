@@ -14,11 +14,15 @@
 //                  every prototype's (k, g)), the sorted plan instead: one block per (image, 32 channels)
 //                  sorts the image's winners by patch once (stable in m) and each warp sums its patches'
 //                  winners in increasing m (grad_z_sorted_block).
-// grad_p role      one block per (64 prototypes, 32 channels), 8 prototypes per warp, one channel per
-//                  lane; z[b]'s 32-channel slice of several images at a time is staged in shared memory
-//                  (cp.async, double-buffered, z's own strides: 16-byte copies where z lies in aligned runs)
-//                  with their (g, k), and b is summed in increasing order in registers. Above kGpStageRows
-//                  patches z is gathered from global (channels innermost: the op passes such a copy).
+// grad_p role      one block per (64 prototypes, 32 channels, part of the images), 8 prototypes per warp,
+//                  one channel per lane; z[b]'s 32-channel slice of several images at a time is staged in
+//                  shared memory (cp.async, double-buffered, z's own strides: 16-byte copies where z lies in
+//                  aligned runs) with their (g, k), and b is summed in increasing order in registers. Above
+//                  kGpStageRows patches z is gathered from global (channels innermost: the op passes such a
+//                  copy). Where a grad_p block would add several times a grad_z block's pairs (many images,
+//                  few prototypes: the CUB shape), the images are cut into gp_parts runs, one block each: each
+//                  writes its sums to the workspace, and the tile's last block to finish (a counter) adds
+//                  the parts in increasing order, whichever block that is.
 // z is read with its own strides (no copy up to kGpStageRows patches). Fixed-order sums, no float atomics: the
 // backward is bitwise deterministic.
 
@@ -52,6 +56,8 @@ constexpr int kGpM = 64;                     // prototypes per grad_p block
 constexpr int kGpPerWarp = kGpM / kBwWarps;  // 8, one register accumulator each
 constexpr int kGpMaxImages = 8;              // images per grad_p stage (at most)
 constexpr int kGpStageRows = kBackwardStagedPatches;  // staged patch rows per stage: images x HW <= this
+constexpr int kGpMaxParts = 4;               // image parts of a grad_p tile (at most)
+constexpr int64_t kGpMaxPartialFloats = int64_t{1} << 22;  // the parts' workspace: at most 16 MiB
 
 struct BackwardLaunch {
   unsigned blocks;     // grid size (1-D)
@@ -62,6 +68,9 @@ struct BackwardLaunch {
   int gp_images;       // grad_p: images per stage
   int gp_stage;        // grad_p: 1 if z slices are staged in shared memory (HW x gp_images <= kGpStageRows)
   int gp_first;        // 1: the grad_p blocks take the first block indices (backward_launch)
+  int gp_parts;        // grad_p: blocks per (prototype tile, channel slice), each over a run of the images
+  int gp_part_images;  // grad_p: images per part (a multiple of gp_images)
+  int gp_part_stages;  // grad_p: gp_part_images / gp_images
   size_t smem;         // dynamic shared memory, bytes
 };
 
@@ -538,6 +547,16 @@ struct alignas(16) Vec8 {
   T v[8];
 };
 
+// A grad_p block's image part and tile (prototype tile x d_slices + channel slice) from its block index: the
+// grad_p blocks are [0, blocks - gz_blocks) where gp_first, else [gz_blocks, blocks); a tile's parts adjacent.
+struct GpBlock {
+  int part, tile;
+};
+__device__ __forceinline__ GpBlock gp_block(const BackwardLaunch& l, unsigned block) {
+  const unsigned j = l.gp_first ? block : block - l.gz_blocks;
+  return {(int)(j % l.gp_parts), (int)(j / l.gp_parts)};
+}
+
 // How a grad_p block stages z (grad_p_block's template parameter; gp_layout chooses per block):
 //  - kGpNchw / kGpNhwc: z 16-byte aligned (base, image stride) with runs of whole 16-byte chunks: NCHW (sk == 1,
 //    sd == HW: the slice is one run of 32 HW floats, HW Dv % 4 == 0) or NHWC (sd == 1, sk % 4 == 0: a run of
@@ -559,15 +578,19 @@ __device__ __forceinline__ GpLayout gp_layout(const BackwardParams& prm, const B
 }
 
 // grad_p[m, d] = sum_b 2 g[b, m] (p[m, d] - z[b, d, k_bm]) for prototypes m0..m0+63 (warp w: m0 + 8w..
-// m0 + 8w + 7) and channels d0..d0+31 (one lane each), b summed in increasing order in registers. Stages
-// of gp_images images: their (g, k) (one coalesced load per element), and with gp_stage their z slices
-// z[b, d0.., :] (cp.async, z's own strides), double-buffered: stage i + 1 is in flight while stage i is used.
+// m0 + 8w + 7) and channels d0..d0+31 (one lane each), b summed in increasing order in registers over this
+// block's part of the images (all of them where gp_parts = 1). Stages of gp_images images: their (g, k) (one
+// coalesced load per element), and with gp_stage their z slices z[b, d0.., :] (cp.async, z's own strides),
+// double-buffered: stage i + 1 is in flight while stage i is used.
 template <GpLayout L>
 __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const BackwardLaunch& l, float* smem,
-                                             int mtile, int slice) {
+                                             int mtile, int slice, int part) {
   constexpr bool kNchw = L == kGpNchw, kNhwc = L == kGpNhwc, kDense = kNchw || kNhwc;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   const int B = prm.B, M = prm.M, D = prm.D, HW = prm.HW;
+  // This part's images: gp_part_stages stages from b_begin, the last part's cut at B. Only the loop's end tests
+  // the part's end: the stages before it are whole, so their tests against B are the part's.
+  const int b_begin = part * l.gp_part_images;
   const int m0 = mtile * kGpM, d0 = slice * 32, d = d0 + lane;
   const bool d_ok = d < D;
   const int NB = l.gp_images;
@@ -597,7 +620,8 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
   auto issue = [&](int bs, int buf) {
     float* const st = smem + buf * stage_floats;
     const int nbv = min(NB, B - bs);  // images of the stage (the rest is never read)
-    const float* const zs = z + bs * sb + d0 * sd;
+    // (kGpOther: z + d0 sd held across the stage loop spilled at 80)
+    const float* const zs = z + bs * sb + (kDense ? d0 : opaque(d0)) * sd;
     if constexpr (kNchw) {  // rows: the run's 8 HW chunks, the first Dv HW / 4 valid
       walk_copies16(st, zs, sb, 8 * HW, 1, 4, Dv * HW / 4, 4, nbv);
     } else if constexpr (kNhwc) {  // rows: the HW patches, 8 chunks of 4 channels each
@@ -646,10 +670,11 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
     }
   };
 
-  issue(0, 0);
-  store_gk(load_gk(0), 0);
-  for (int bs = 0, buf = 0; bs < B; bs += NB, buf ^= 1) {
-    const bool more = bs + NB < B;
+  issue(b_begin, 0);
+  store_gk(load_gk(b_begin), 0);
+  for (int si = 0, bs = b_begin; si < l.gp_part_stages && bs < B; ++si, bs += NB) {
+    const int buf = si & 1;
+    const bool more = si + 1 < l.gp_part_stages && bs + NB < B;
     PairInputs next;
     if (more) {
       issue(bs + NB, buf ^ 1);
@@ -687,6 +712,35 @@ __device__ __forceinline__ void grad_p_block(const BackwardParams& prm, const Ba
     __syncthreads();  // buffer buf is refilled by the next iteration's issue
   }
   const int mw = opaque(m0 + kGpPerWarp * w);  // recomputed here, not held from the p loads (spills at 80)
+  if (l.gp_parts > 1) {  // this part's sums to the workspace; the tile's last block adds the parts
+    const int64_t md = (int64_t)M * D;
+#pragma unroll
+    for (int j = 0; j < kGpPerWarp; ++j) {
+      const int m = mw + j;
+      if (m < M && d_ok) prm.gp_partial[part * md + (int64_t)m * D + d] = acc[j];
+    }
+    // Every thread's stores are visible device-wide before the block counts itself done (the CUDA
+    // programming guide's last-block pattern): the block that sees the others all done reads their sums.
+    __threadfence();
+    unsigned* const count = prm.gp_count + mtile * l.d_slices + slice;
+    if (!__syncthreads_or(tid == 0 && atomicAdd(count, 1u) == (unsigned)l.gp_parts - 1)) return;
+    __threadfence();
+    // The parts in increasing order (this block's too, as it stored it), every load issued at once.
+#pragma unroll
+    for (int j = 0; j < kGpPerWarp; ++j) {
+      const int m = mw + j;
+      if (m < M && d_ok) {
+        const float* const at = prm.gp_partial + (int64_t)m * D + d;
+        float s = __ldcg(at);
+#pragma unroll
+        for (int q = 1; q < kGpMaxParts; ++q) {
+          if (q < l.gp_parts) s += __ldcg(at + q * md);
+        }
+        prm.grad_p[(int64_t)m * D + d] = 2.f * s;
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int j = 0; j < kGpPerWarp; ++j) {
     const int m = mw + j;
@@ -711,15 +765,15 @@ __global__ void __launch_bounds__(kBwThreads, kBwMinBlocks) backward_kernel(cons
     }
     return;
   }
-  const unsigned j = l.gp_first ? blockIdx.x : blockIdx.x - l.gz_blocks;
-  const int mtile = (int)(j / l.d_slices), slice = (int)(j % l.d_slices);
+  const GpBlock gb = gp_block(l, blockIdx.x);
+  const int mtile = gb.tile / l.d_slices, slice = gb.tile % l.d_slices;
   const GpLayout layout = gp_layout(prm, l, slice);
   if (layout == kGpNchw) {
-    grad_p_block<kGpNchw>(prm, l, smem, mtile, slice);
+    grad_p_block<kGpNchw>(prm, l, smem, mtile, slice, gb.part);
   } else if (layout == kGpNhwc) {
-    grad_p_block<kGpNhwc>(prm, l, smem, mtile, slice);
+    grad_p_block<kGpNhwc>(prm, l, smem, mtile, slice, gb.part);
   } else {
-    grad_p_block<kGpOther>(prm, l, smem, mtile, slice);
+    grad_p_block<kGpOther>(prm, l, smem, mtile, slice, gb.part);
   }
 }
 
@@ -751,16 +805,35 @@ inline BackwardLaunch backward_launch(const BackwardParams& prm) {
   images = images < kGpMaxImages ? images : kGpMaxImages;
   const int fit = 0x7fffffff / prm.M;  // grad_p reads (g, k) at 32-bit offsets within a stage: images M < 2^31
   l.gp_images = images < fit ? images : (fit > 1 ? fit : 1);
-  l.blocks = l.gz_blocks + (unsigned)((prm.M + kGpM - 1) / kGpM * l.d_slices);
-  // Longer blocks first. A grad_z block adds G x M (image, prototype) pairs, a grad_p block kGpM x B, both over 8
-  // warps; measured on an H200 at (80, 128, 7x7, 2000) (ncu warp samples per role,
-  // benchmarks/results/stalls-2026-11-30-h200-v12.md): a grad_p block (5120 pairs) ran 2.3x as long as a grad_z
-  // block (2000), and with grad_z first the 52 grad_p blocks of the second wave set the end (67 us).
-  l.gp_first = (int64_t)kGpM * prm.B > (int64_t)l.G * prm.M;
+  // A grad_z block adds G x M (image, prototype) pairs, a grad_p block kGpM x (its images), both over 8 warps;
+  // measured on an H200 at (80, 128, 7x7, 2000) (ncu warp samples per role,
+  // benchmarks/results/stalls-2026-11-30-h200-v12.md): a grad_p block over all 80 images (5120 pairs) ran 2.3x
+  // as long as a grad_z block (2000), and the grad_p blocks set the end. So grad_p's images are cut into parts
+  // of whole stages, as many as a grad_p block has times a grad_z block's pairs, rounded (at most kGpMaxParts,
+  // and within the workspace's kGpMaxPartialFloats): at the CUB shape 3 parts of 1920 pairs.
+  const int stages = (prm.B + l.gp_images - 1) / l.gp_images;
+  const int64_t gz_pairs = (int64_t)l.G * prm.M;
+  int64_t parts = (2 * kGpM * (int64_t)prm.B + gz_pairs) / (2 * gz_pairs);
+  parts = parts < kGpMaxParts ? parts : kGpMaxParts;
+  parts = parts < stages ? parts : stages;
+  while (parts > 1 && parts * prm.M * prm.D > kGpMaxPartialFloats) --parts;
+  parts = parts > 1 ? parts : 1;
+  l.gp_part_stages = (int)((stages + parts - 1) / parts);
+  l.gp_part_images = l.gp_part_stages * l.gp_images;
+  l.gp_parts = (prm.B + l.gp_part_images - 1) / l.gp_part_images;
+  l.blocks = l.gz_blocks + (unsigned)((prm.M + kGpM - 1) / kGpM * l.d_slices * l.gp_parts);
+  // Longer blocks first, so that the blocks of the last wave are the short ones.
+  l.gp_first = (int64_t)kGpM * l.gp_part_images > (int64_t)l.G * prm.M;
   const int gz = l.gz_sorted ? (int)gs : gz_smem_floats(l.G, l.KT);
   const int gp = 2 * gp_stage_floats(l.gp_images, l.gp_stage ? prm.HW : 0);
   l.smem = sizeof(float) * (size_t)(gz > gp ? gz : gp);
   return l;
+}
+
+// The workspace launch l needs (params.h: BackwardWorkspace).
+inline BackwardWorkspace backward_workspace(const BackwardLaunch& l, const BackwardParams& prm) {
+  if (l.gp_parts <= 1) return {0, 0};
+  return {(int64_t)l.gp_parts * prm.M * prm.D, (int64_t)(prm.M + kGpM - 1) / kGpM * l.d_slices};
 }
 
 }  // namespace

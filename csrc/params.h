@@ -55,9 +55,20 @@ struct BackwardParams {
   const float* min_distances;
   float* grad_z;
   float* grad_p;
+  // grad_p's image parts (backward_workspace): gp_partial holds partial_floats floats (any contents), gp_count
+  // holds counters unsigned ints, all zero at launch; both unused (may be null) where those sizes are 0.
+  float* gp_partial;
+  unsigned* gp_count;
   int B, D, HW, M;
   float eps;
 };
+
+// The backward's workspace for params' sizes (B, D, HW, M).
+struct BackwardWorkspace {
+  int64_t partial_floats;
+  int64_t counters;
+};
+BackwardWorkspace backward_workspace(const BackwardParams& params);
 
 // Both launch on `stream` and check the launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
 bool forward_needs_rows(const ForwardParams& params);  // whether launch_forward reads params.zr (current device)

@@ -208,6 +208,15 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_similari
   prm.HW = static_cast<int>(HW);
   prm.M = static_cast<int>(M);
   prm.eps = static_cast<float>(eps);
+  // grad_p's image parts (backward.cuh): their partial sums and a zeroed counter per tile, where it has parts.
+  const BackwardWorkspace ws = backward_workspace(prm);
+  at::Tensor partial, count;
+  if (ws.partial_floats > 0) {
+    partial = at::empty({ws.partial_floats}, z.options());
+    count = at::zeros({ws.counters}, z.options().dtype(at::kInt));
+    prm.gp_partial = partial.data_ptr<float>();
+    prm.gp_count = reinterpret_cast<unsigned*>(count.data_ptr<int>());
+  }
   launch_backward(prm, c10::cuda::getCurrentCUDAStream());
   return {grad_z, grad_p};
 }

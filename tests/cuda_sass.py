@@ -99,14 +99,18 @@ BACKWARD_PHASES = [
     ("grad_p setup", "void grad_p_block("),
     ("grad_p issue z", "auto issue = [&](int bs, int buf) {"),
     ("grad_p issue g, k", "async_commit();"),
-    (None, "issue(0, 0);"),  # the issue lambda's calls: its own lines tell the phase
-    ("grad_p stage", "for (int bs = 0, buf = 0; bs < B; bs += NB, buf ^= 1) {"),
+    (None, "issue(b_begin, 0);"),  # the issue lambda's calls: its own lines tell the phase
+    ("grad_p stage", "for (int si = 0, bs = b_begin;"),
     (None, "issue(bs + NB, buf ^ 1);"),
     ("grad_p stage", "async_wait<1>();"),
     ("grad_p image", "for (int bl = 0; bl < nb; ++bl) {"),
     (None, "if (more) store_gk(next, buf ^ 1);"),  # the next stage's (g, k): store_gk's own lines tell
     ("grad_p stage", "__syncthreads();  // buffer buf"),
-    ("grad_p store", "#pragma unroll"),
+    ("grad_p store", "const int mw = opaque("),
+    # the image parts: each block's partial sums and count, then the last block's sum of the parts
+    ("grad_p parts", "if (l.gp_parts > 1) {"),
+    ("grad_p parts sum", "// The parts in increasing order"),
+    ("grad_p store", "if (m < M && d_ok) prm.grad_p[(int64_t)m * D + d] = 2.f * acc[j];"),
     (None, "__global__ void __launch_bounds__(kBwThreads"),
     # the two-image instance of grad_z_block (maps of HW <= 30; the CUB shape's blocks hold one image)
     ("grad_z two images", "grad_z_block<kGzGroup>(prm"),
@@ -378,11 +382,7 @@ def forward_z_copy(shape: dict, precision: str) -> int:
 def backward_launch(shape: dict) -> dict[str, int]:
     """csrc/backward.cuh backward_launch at ``shape`` (the launcher itself, through the emulator build)."""
     check = _check()
-    out = (ctypes.c_longlong * 10)()
-    prm = check.BackwardParams(B=shape["B"], D=shape["D"], HW=shape["HW"], M=shape["M"])
-    _emulator(check).emu_backward_launch(ctypes.byref(prm), out)
-    return dict(zip(("blocks", "gz_blocks", "d_slices", "G", "KT", "seg", "gp_images", "gp_stage",
-                         "gz_sorted", "gp_first"), out))
+    return check.backward_launch(_emulator(check), shape["B"], shape["D"], shape["HW"], shape["M"])
 
 
 def forward_per_tile(ph: dict[str, PhaseCount], shape: dict, cand: dict) -> dict[str, float]:
@@ -483,18 +483,23 @@ def backward_per_warp(ph: dict[str, PhaseCount], shape: dict) -> dict[str, dict[
     passes, chunks = -(-HW // KT), seg // 32
     NB = launch["gp_images"]
     stages = -(-B // NB)
+    per_block = stages / launch["gp_parts"]  # a grad_p block's stages, on average over its tile's parts
     gp = {
         "grad_p setup": ph["grad_p setup"].executed(),
-        "grad_p stage": ph["grad_p stage"].executed(stages),
+        "grad_p stage": ph["grad_p stage"].executed(per_block),
         # NCHW z (16-byte aligned at the CUB shape): per image, 16-byte copies of its 32-channel run of 32 HW floats
-        "grad_p issue z": ph["grad_p issue z"].nested(stages, "LDGSTS", NB, 8 * HW / (kWarps * 32)),
-        "grad_p issue g, k": ph["grad_p issue g, k"].executed(stages, "STS", 2, NB * 64 / (kWarps * 32)),
-        "grad_p image": ph["grad_p image"].executed(stages, "FFMA", 8, NB),
+        "grad_p issue z": ph["grad_p issue z"].nested(per_block, "LDGSTS", NB, 8 * HW / (kWarps * 32)),
+        "grad_p issue g, k": ph["grad_p issue g, k"].executed(per_block, "STS", 2, NB * 64 / (kWarps * 32)),
+        "grad_p image": ph["grad_p image"].executed(per_block, "FFMA", 8, NB),
         "grad_p store": ph["grad_p store"].executed(),
+        "grad_p parts": ph["grad_p parts"].executed() if launch["gp_parts"] > 1 else 0.0,
+        # one block of a tile's gp_parts sums them: charged to each as 1 / gp_parts of a run
+        "grad_p parts sum": ph["grad_p parts sum"].executed(1 / launch["gp_parts"]) if launch["gp_parts"] > 1
+        else 0.0,
     }
     return {"grad_z": gz, "grad_p": gp, "launch": {"G": G, "KT": KT, "passes": passes, "chunks": chunks,
-                                                    "NB": NB, "stages": stages,
-                                                    "gz_blocks": launch["gz_blocks"],
+                                                    "NB": NB, "stages": stages, "parts": launch["gp_parts"],
+                                                    "gz_blocks": launch["gz_blocks"], "gp_first": launch["gp_first"],
                                                     "gp_blocks": launch["blocks"] - launch["gz_blocks"]}}
 
 
@@ -536,10 +541,11 @@ def budget(kernels: dict, shape: dict = CUB, gpu: dict = H200, cand_B: int = 4, 
     bw = backward_per_warp(ph, shape)
     gz, gp = kWarps * sum(bw["grad_z"].values()), kWarps * sum(bw["grad_p"].values())
     n_gz, n_gp = bw["launch"]["gz_blocks"], bw["launch"]["gp_blocks"]
-    # round-robin dispatch of the 1-D grid (grad_z blocks first), up to 3 blocks per SM in one wave
+    # round-robin dispatch of the 1-D grid (the launch's role order: gp_first), up to 3 blocks per SM in one wave
     load = [0.0] * gpu["sms"]
+    first, second = ((n_gp, gp), (n_gz, gz)) if bw["launch"]["gp_first"] else ((n_gz, gz), (n_gp, gp))
     for i in range(n_gz + n_gp):
-        load[i % gpu["sms"]] += gz if i < n_gz else gp
+        load[i % gpu["sms"]] += first[1] if i < first[0] else second[1]
     out["backward"] = {"registers": facts.get("registers"), **bw,
                        "static": {k: v.static for k, v in ph.items()}, "hot": {k: v.hot for k, v in ph.items()},
                        "per_block": {"grad_z": gz, "grad_p": gp},

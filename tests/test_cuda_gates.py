@@ -252,8 +252,10 @@ def test_cuda_sass_phases(tmp_path):
             per_tile = cuda_sass.forward_per_tile(kernels[name][1], cuda_sass.CUB, cand)
             assert cuda_sass.rescoring_per_candidate(per_tile, cand) < 50, (name, per_tile)
     bw = cuda_sass.backward_per_warp(ph, cuda_sass.CUB)
-    assert bw["launch"] == {"G": 1, "KT": 49, "passes": 1, "chunks": 8, "NB": 5, "stages": 16,
-                            "gz_blocks": 320, "gp_blocks": 128}
+    assert bw["launch"] == {"G": 1, "KT": 49, "passes": 1, "chunks": 8, "NB": 5, "stages": 16, "parts": 3,
+                            "gz_blocks": 320, "gp_first": 0, "gp_blocks": 384}
+    # grad_p's image parts: each block's store and count, and the sum of the parts (charged a third a block)
+    assert 0 < bw["grad_p"]["grad_p parts sum"] < bw["grad_p"]["grad_p parts"], bw["grad_p"]
     # the CUB shape's grad_p stages z by 16-byte copies only; grad_z's pair updates read a table, no shuffles
     issue_z = ph["grad_p issue z"]
     assert 0 < issue_z.count("LDGSTS.E.BYPASS.128") == issue_z.count("LDGSTS"), issue_z.opcodes

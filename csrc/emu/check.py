@@ -49,8 +49,18 @@ class BackwardParams(ctypes.Structure):
                 ("z_sk", ctypes.c_int64), ("p", ctypes.c_void_p), ("patch_index", ctypes.c_void_p),
                 ("min_distances", ctypes.c_void_p),
                 ("grad_z", ctypes.c_void_p), ("grad_p", ctypes.c_void_p),
+                ("gp_partial", ctypes.c_void_p), ("gp_count", ctypes.c_void_p),
                 ("B", ctypes.c_int), ("D", ctypes.c_int), ("HW", ctypes.c_int), ("M", ctypes.c_int),
                 ("eps", ctypes.c_float)]
+BACKWARD_LAUNCH = ("blocks", "gz_blocks", "d_slices", "G", "KT", "seg", "gp_images", "gp_stage", "gz_sorted",
+                   "gp_first", "gp_parts", "gp_part_images", "gp_part_stages")  # harness.cpp emu_backward_launch
+
+
+def backward_launch(lib, B: int, D: int, HW: int, M: int) -> dict[str, int]:
+    """backward.cuh backward_launch at (B, D, HW, M), by field name."""
+    out = (ctypes.c_longlong * len(BACKWARD_LAUNCH))()
+    lib.emu_backward_launch(ctypes.byref(BackwardParams(B=B, D=D, HW=HW, M=M)), out)
+    return dict(zip(BACKWARD_LAUNCH, out))
 
 
 def build(out_dir: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
@@ -127,16 +137,17 @@ def plans(B: int, D: int, precision: str = "highest") -> dict[str, tuple[bool, i
     return out
 
 
-def emu_backward(lib, grad_sim, grad_dist, z3, p, idx, dist, eps: float = 1e-4):
-    """The backward kernel (one launch: grad_z and grad_p blocks) on z3 (B, D, HW) with its own strides."""
+def emu_backward(lib, grad_sim, grad_dist, z3, p, idx, dist, eps: float = 1e-4, reverse: bool = False):
+    """The backward kernel (one launch: grad_z and grad_p blocks) on z3 (B, D, HW) with its own strides; with
+    `reverse`, its blocks run in decreasing index order (another block adds grad_p's image parts)."""
     B, D, HW = z3.shape
     M = p.shape[0]
     grad_z = torch.full((B, D, HW), -7.0)
     grad_p = torch.full((M, D), -7.0)
     gs, gd, idx, dist, p = (t.contiguous() for t in (grad_sim, grad_dist, idx, dist, p))
     prm = BackwardParams(_ptr(gs), _ptr(gd), _ptr(z3), *z3.stride(), _ptr(p), _ptr(idx),
-                         _ptr(dist), _ptr(grad_z), _ptr(grad_p), B, D, HW, M, eps)
-    lib.emu_backward(ctypes.byref(prm))
+                         _ptr(dist), _ptr(grad_z), _ptr(grad_p), None, None, B, D, HW, M, eps)
+    lib.emu_backward(ctypes.byref(prm), int(reverse))
     return grad_z, grad_p
 
 
@@ -249,9 +260,12 @@ def check_case(lib, z3, p, *, grads=True, precision="highest") -> dict:
         # The sums run in a fixed order that does not depend on z's strides: bit-identical on a copy.
         gz2, gp2 = emu_backward(lib, w_sim, w_dist, z3.contiguous(), p, idx, dist)
         res["grads_layout_free"] = torch.equal(gz, gz2) and torch.equal(gp, gp2)
+        # ... nor on which block adds grad_p's image parts (blocks in the other order).
+        gz3, gp3 = emu_backward(lib, w_sim, w_dist, z3, p, idx, dist, reverse=True)
+        res["grads_order_free"] = torch.equal(gz, gz3) and torch.equal(gp, gp3)
     res["ok"] = (res["dist_rel"] < 1e-5 and res["sim_abs"] < 1e-4 and res["idx_ok"]
                  and res.get("gz_rel", 0) < 1e-4 and res.get("gp_rel", 0) < 1e-4
-                 and res.get("grads_layout_free", True))
+                 and res.get("grads_layout_free", True) and res.get("grads_order_free", True))
     res["outputs"] = (sim, dist, idx)
     return res
 
@@ -535,16 +549,22 @@ def check_backward_copy_paths(lib) -> str | None:
 def check_backward_plans(lib) -> str | None:
     """grad_z's plan (backward.cuh backward_launch): the sorted one (winners sorted by patch once per block)
     where the scanning plan would need several passes of patches and the sorted plan's shared memory fits,
-    the scanning one otherwise (the CUB shape, many prototypes); and the role order (gp_first: grad_p's blocks
-    first where they add more pairs than grad_z's, 64 B > G M). None if the launcher picks as expected."""
-    expect = {(80, 128, 49, 2000): (0, 1), (64, 128, 49, 10000): (0, 0), (128, 256, 196, 2000): (1, 1),
-              (32, 512, 784, 2000): (1, 1), (2, 36, 196, 70): (1, 1), (1, 8, 100, 5000): (0, 0),
-              (2, 4, 100, 70000): (0, 0), (40, 8, 16, 2000): (0, 0)}  # the last: G = 2 images per grad_z block
-    out = (ctypes.c_longlong * 10)()
-    for (B, D, HW, M), (sorted_plan, gp_first) in expect.items():
-        lib.emu_backward_launch(ctypes.byref(BackwardParams(B=B, D=D, HW=HW, M=M)), out)
-        if (out[8], out[9]) != (sorted_plan, gp_first):
-            return f"{(B, D, HW, M)}: (gz_sorted, gp_first) = {(out[8], out[9])}, expected {(sorted_plan, gp_first)}"
+    the scanning one otherwise (the CUB shape, many prototypes); grad_p's image parts (64 B / (G M) of them,
+    rounded, whole stages each, at most 4 and 16 MiB of partial sums); and the role order (gp_first: grad_p's
+    blocks first where they add more pairs than grad_z's, 64 x (images per part) > G M); every CASES backward
+    with parts adds them in the order of its blocks and in the reverse order to the same bits (check_case).
+    None if the launcher picks as expected."""
+    expect = {(80, 128, 49, 2000): (0, 3, 30, 0), (64, 128, 49, 10000): (0, 1, 65, 0),
+              (128, 256, 196, 2000): (1, 4, 32, 1), (32, 512, 784, 2000): (1, 1, 32, 1),
+              (2, 36, 196, 70): (1, 2, 1, 0), (1, 8, 100, 5000): (0, 1, 2, 0), (2, 4, 100, 70000): (0, 1, 2, 0),
+              (40, 8, 16, 2000): (0, 1, 40, 0),  # G = 2 images per grad_z block
+              (4096, 1024, 49, 2000): (0, 2, 2050, 1),  # 4 parts would hold 32 MiB of partial sums
+              (33, 130, 4, 3): (0, 3, 16, 1), (11, 40, 49, 300): (0, 2, 10, 1), (9, 20, 300, 70): (1, 2, 8, 1)}
+    for (B, D, HW, M), want in expect.items():
+        got = backward_launch(lib, B, D, HW, M)
+        got = (got["gz_sorted"], got["gp_parts"], got["gp_part_images"], got["gp_first"])
+        if got != want:
+            return f"{(B, D, HW, M)}: (gz_sorted, gp_parts, gp_part_images, gp_first) = {got}, expected {want}"
     # The scanning plan in two passes (where the sorted plan does not fit; CASES cover the sorted plan at
     # HW > 60) against float64, from random winners (the backward alone: no forward to emulate).
     B, D, HW, M = 1, 8, 100, 5000
@@ -610,7 +630,8 @@ def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = Tru
         for precision in precisions:
             err = check_bound(lib, precision)
             report(f"{precision:8} certification bound holds in both forms and is tight", err is None, err or "")
-        report("no cp.async group left in flight", lib.emu_errors() == 0)
+        report("no cp.async group left in flight, no partial sum read unwritten, every part counted",
+               lib.emu_errors() == 0)
         if mutation and "medium" in precisions:
             (Path(tmp) / "mutant").mkdir()
             bad = build(Path(tmp) / "mutant", ("-DPROTOKERN_EMU_CERT_SCALE=0.f",))

@@ -75,7 +75,7 @@ struct ThreadState {
 // creating a happens-before edge for ThreadSanitizer).
 inline thread_local std::atomic<ThreadState*> self_ptr{nullptr};
 inline ThreadState* me() { return self_ptr.load(std::memory_order_relaxed); }
-inline std::atomic<int> errors{0};      // protocol errors seen (cp.async left in flight, misaligned)
+inline std::atomic<int> errors{0};      // protocol errors seen (cp.async left in flight, misaligned, unwritten reads, parts)
 
 #ifdef PROTOKERN_EMU_THREADS
 // Real OS threads: concurrent (optional; the sanitizer gates use the fibers below).
@@ -149,6 +149,7 @@ struct Block {
 };
 
 inline Dim3 block_idx;  // blocks run one at a time: the same for every thread
+inline bool reverse_blocks = false;  // run a grid's blocks in decreasing index order (order-independence checks)
 inline Block* block;
 
 // Recording of the forward's search values (check.py tests the certification bound on them): when
@@ -230,8 +231,9 @@ void launch(Dim3 grid, unsigned threads, size_t smem_bytes, Kernel kernel) {
   scheduler_tsan.store(__tsan_get_current_fiber(), std::memory_order_relaxed);
 #endif
 #endif
-  for (unsigned by = 0; by < grid.y; ++by) {
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
+  for (unsigned yi = 0; yi < grid.y; ++yi) {
+    for (unsigned xi = 0; xi < grid.x; ++xi) {
+      const unsigned by = reverse_blocks ? grid.y - 1 - yi : yi, bx = reverse_blocks ? grid.x - 1 - xi : xi;
       std::vector<float> smem(smem_bytes / sizeof(float) + 4, NAN);
       Barrier bar(threads);
       Block blk{&bar, {}, std::vector<uint64_t>((threads + 31) / 32 * 32),
@@ -313,6 +315,23 @@ inline int __syncthreads_and(int pred) {
   for (uint64_t v : slots) all = all && v != 1;
   __syncthreads();
   return all;
+}
+
+// __syncthreads_or: the same with "some thread".
+inline int __syncthreads_or(int pred) { return !__syncthreads_and(!pred); }
+
+// Global-memory atomics and fences (the backward's last-block pattern): blocks run one at a time, so a fence
+// orders nothing more here; the atomic is a real one for ThreadSanitizer.
+inline unsigned atomicAdd(unsigned* address, unsigned val) { return std::atomic_ref<unsigned>(*address).fetch_add(val); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+// Global memory a kernel must write before it reads it back through __ldcg (the backward's partial sums) starts
+// as this NaN payload (harness.cpp): reading one is an error (a sum read before its block wrote it).
+constexpr uint32_t kUnwrittenBits = 0x7fc0deadu;
+inline float __ldcg(const float* address) {
+  uint32_t bits;
+  std::memcpy(&bits, address, sizeof bits);
+  if (bits == kUnwrittenBits) emu::errors.fetch_add(1);
+  return *address;
 }
 
 template <class T>

@@ -44,19 +44,33 @@ extern "C" void emu_forward_launch(const ForwardParams* prm, int slots, long lon
 extern "C" int emu_forward_z_copy(const ForwardParams* prm) { return forward_z_copy(*prm, prm->precision); }
 
 // The launcher's backward launch shape: out = {blocks, gz_blocks, d_slices, G, KT, seg, gp_images, gp_stage,
-// gz_sorted, gp_first}.
+// gz_sorted, gp_first, gp_parts, gp_part_images, gp_part_stages}.
 extern "C" void emu_backward_launch(const BackwardParams* prm, long long* out) {
   const BackwardLaunch l = backward_launch(*prm);
-  const long long v[10] = {l.blocks, l.gz_blocks, l.d_slices, l.G, l.KT, l.seg, l.gp_images, l.gp_stage,
-                           l.gz_sorted, l.gp_first};
-  for (int i = 0; i < 10; ++i) out[i] = v[i];
+  const long long v[13] = {l.blocks, l.gz_blocks, l.d_slices, l.G, l.KT, l.seg, l.gp_images, l.gp_stage,
+                           l.gz_sorted, l.gp_first, l.gp_parts, l.gp_part_images, l.gp_part_stages};
+  for (int i = 0; i < 13; ++i) out[i] = v[i];
 }
 
-extern "C" void emu_backward(const BackwardParams* prm) {
+// The backward with its workspace (partial sums unwritten: emulator.h kUnwrittenBits; counters zero), its blocks run in
+// decreasing index order where reverse != 0 (grad_p's parts are then added by another block).
+extern "C" void emu_backward(const BackwardParams* prm, int reverse) {
   if (prm->B == 0 || prm->M == 0) return;
-  const BackwardParams p = *prm;
+  BackwardParams p = *prm;
   const BackwardLaunch l = backward_launch(p);
+  const BackwardWorkspace ws = backward_workspace(l, p);
+  float unwritten;
+  std::memcpy(&unwritten, &kUnwrittenBits, sizeof unwritten);
+  std::vector<float> partial(ws.partial_floats, unwritten);
+  std::vector<unsigned> count(ws.counters, 0u);
+  p.gp_partial = partial.data();
+  p.gp_count = count.data();
+  emu::reverse_blocks = reverse != 0;
   emu::launch({l.blocks, 1}, kBwThreads, l.smem, [&] { backward_kernel(p, l); });
+  emu::reverse_blocks = false;
+  for (unsigned c : count) {
+    if (c != (unsigned)l.gp_parts) emu::errors.fetch_add(1);  // every part counted once
+  }
 }
 
 // The forward with its search values recorded (emulator.h: record_search, record_tile): out (B, M, HW, 4),
