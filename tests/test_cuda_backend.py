@@ -216,11 +216,12 @@ def test_nan_propagates(cuda_backend, precision):
 
 @gpu
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("hw", [7, 28])
-def test_backward_is_deterministic(cuda_backend, layout, hw):
+@pytest.mark.parametrize("hw,batch", [(7, 16), (28, 16), (7, 80)], ids=["7x7", "28x28", "7x7-cub"])
+def test_backward_is_deterministic(cuda_backend, layout, hw, batch):
     """Many prototypes share each winning patch: any float atomics would show as bit differences (7x7: the
-    scanning grad_z; 28x28: the sorted one)."""
-    z = make_z(16, 128, hw, hw, layout).requires_grad_()
+    scanning grad_z; 28x28: the sorted one; the CUB shape's 80 images: grad_p in 3 image parts, added by
+    whichever block of a tile finishes last)."""
+    z = make_z(batch, 128, hw, hw, layout).requires_grad_()
     p = torch.rand(2000, 128, device="cuda", requires_grad=True)
     grads = []
     for _ in range(3):
