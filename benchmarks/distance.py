@@ -18,7 +18,9 @@ bound by launch overhead) and as the replay of a captured CUDA graph of the same
 fwd+bwd is op-only: the forward, then the backward from fixed upstream gradients of both outputs
 (``torch.autograd.grad`` with ``grad_outputs``; no loss kernels). Reference rows (``log`` variant): ``null op``
 (the harness alone: a method doing nothing) and, on GPU, ``matmul fp32`` / ``matmul tf32``, the cuBLAS time of
-the search's GEMM (M, D) x (D, B*H*W) in fp32 and in TF32, a floor for a GEMM-shaped forward.
+the search's GEMM (M, D) x (D, B*H*W) in fp32 and in TF32, a floor for a GEMM-shaped forward. A/B rows
+(``AB_ROWS``, GPU, the CUB shape): a backend's default with an environment switch that selects the code before a
+change (e.g. ``cuda (grad_p one part)``: the backward before grad_p's image parts), timed in the same run.
 
     python benchmarks/distance.py                 # default shapes, on the GPU
     python benchmarks/distance.py --quick         # small shapes, runs anywhere (CPU: torch backend only)
@@ -29,8 +31,10 @@ the search's GEMM (M, D) x (D, B*H*W) in fp32 and in TF32, a floor for a GEMM-sh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -48,6 +52,11 @@ EPS = 1e-4
 VARIANTS = {"log": ((1, 1), "log"), "2x2": ((2, 2), "log"), "cosine": ((1, 1), "cosine"), "nhwc": ((1, 1), "log")}
 CHANNELS_LAST = {"nhwc"}
 FIRST_SHAPE_VARIANTS = ["log", "2x2", "cosine", "nhwc"]
+# A/B rows (GPU, ``log`` variant, at AB_SHAPE): a backend at its default precision with an environment switch
+# set while its forward and backward run (graph captures included), to time a change against the code before it
+# in the same run. name -> (backend, environment).
+AB_SHAPE = (80, 128, 7, 7, 2000)
+AB_ROWS = {"cuda (grad_p one part)": ("cuda", {"PROTOKERN_CUDA_GRAD_P_PARTS": "1"})}  # NOTES.md v20 against v19
 
 
 def original_layer(z, p, similarity="log"):
@@ -142,6 +151,41 @@ def reference_rows(device: torch.device, z, p):
     return rows
 
 
+@contextlib.contextmanager
+def environment_set(env: dict[str, str]):
+    """os.environ with ``env`` set (restored after)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def ab_cases(device: torch.device, shape, variant: str, fwd_bwd_of) -> list[tuple]:
+    """The AB_ROWS cases that run here: (name, fwd, fwd_bwd, fields), each call under its environment."""
+    if device.type != "cuda" or variant != "log" or tuple(shape) != AB_SHAPE:
+        return []
+    avail = protokern.available_backends(device)
+    out = []
+    for name, (backend, env) in AB_ROWS.items():
+        if avail.get(backend, "unknown") is not None:
+            continue
+        fwd, fwd_bwd = fwd_bwd_of(lambda z, p, b=backend: protokern.prototype_similarity(z, p, backend=b))
+
+        def under(fn, env=env):
+            def run():
+                with environment_set(env):
+                    fn()
+            return run
+        out.append((name, under(fwd), under(fwd_bwd), {"backend": backend, "environment": env}))
+    return out
+
+
 def bench_shape(shape, device, quick, measure, variant="log"):
     B, D, H, W, M = shape
     window = VARIANTS[variant][0]
@@ -151,17 +195,19 @@ def bench_shape(shape, device, quick, measure, variant="log"):
     z.requires_grad_()
     p = torch.rand(M, D, *window, device=device).requires_grad_()
     w_sim, w_dist = torch.randn(B, M, device=device), torch.randn(B, M, device=device)
-    cases = []
-    for name, fn, fields in methods(device, quick, variant):
-        def fwd(fn=fn):
+
+    def fwd_bwd_of(fn):
+        def fwd():
             with torch.no_grad():
                 fn(z, p)
 
-        def fwd_bwd(fn=fn):
+        def fwd_bwd():
             sim, dist = fn(z, p)
             torch.autograd.grad((sim, dist), (z, p), grad_outputs=(w_sim, w_dist))
+        return fwd, fwd_bwd
 
-        cases.append((name, fwd, fwd_bwd, fields))
+    cases = [(name, *fwd_bwd_of(fn), fields) for name, fn, fields in methods(device, quick, variant)]
+    cases += ab_cases(device, shape, variant, fwd_bwd_of)
     if variant == "log":
         cases += [(*ref, {}) for ref in reference_rows(device, z, p)]
     rows = []

@@ -777,7 +777,8 @@ __global__ void __launch_bounds__(kBwThreads, kBwMinBlocks) backward_kernel(cons
   }
 }
 
-inline BackwardLaunch backward_launch(const BackwardParams& prm) {
+// max_parts: grad_p's image parts at most (kGpMaxParts; 1: one block over all images, as before v20).
+inline BackwardLaunch backward_launch(const BackwardParams& prm, int max_parts = kGpMaxParts) {
   BackwardLaunch l{};
   l.d_slices = (prm.D + 31) / 32;
   // Two images per block only where they fit one pass: at larger maps a second image per block saves no p-row
@@ -814,7 +815,7 @@ inline BackwardLaunch backward_launch(const BackwardParams& prm) {
   const int stages = (prm.B + l.gp_images - 1) / l.gp_images;
   const int64_t gz_pairs = (int64_t)l.G * prm.M;
   int64_t parts = (2 * kGpM * (int64_t)prm.B + gz_pairs) / (2 * gz_pairs);
-  parts = parts < kGpMaxParts ? parts : kGpMaxParts;
+  parts = parts < max_parts ? parts : max_parts;
   parts = parts < stages ? parts : stages;
   while (parts > 1 && parts * prm.M * prm.D > kGpMaxPartialFloats) --parts;
   parts = parts > 1 ? parts : 1;

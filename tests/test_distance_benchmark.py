@@ -92,3 +92,32 @@ def test_fastest_precision_per_backend():
     assert (fastest["triton"]["fastest"], fastest["triton"]["timing"]) == ("high", "fwd_bwd_us")
     text = distance.markdown({"device": "card", "date": "today", "torch": "t", "triton": "x"}, rows)
     assert f"| (80, 128, 7x7, 2000) | log | cuda | graph | {others[1]} | 40.0 | {default} | 90.0 |" in text
+
+
+def test_ab_rows_run_under_their_environment(monkeypatch):
+    """An A/B row's forward and backward run with its switch set (and the environment restored after); the rows
+    exist only on a GPU, at AB_SHAPE, for an available backend."""
+    import os
+
+    seen = []
+
+    def fwd_bwd_of(fn):
+        def record():
+            seen.append({k: os.environ.get(k) for k in env})
+        return record, record
+
+    (name, (backend, env)), = distance.AB_ROWS.items()
+    for key in env:
+        monkeypatch.delenv(key, raising=False)
+    assert distance.ab_cases(torch.device("cpu"), distance.AB_SHAPE, "log", fwd_bwd_of) == []
+    monkeypatch.setattr(protokern, "available_backends", lambda device: {backend: None})
+    gpu = torch.device("cuda")
+    assert distance.ab_cases(gpu, (1, 2, 3, 3, 4), "log", fwd_bwd_of) == []
+    assert distance.ab_cases(gpu, distance.AB_SHAPE, "nhwc", fwd_bwd_of) == []
+    (case,) = distance.ab_cases(gpu, distance.AB_SHAPE, "log", fwd_bwd_of)
+    assert case[0] == name and case[3] == {"backend": backend, "environment": env}
+    case[1]()
+    case[2]()
+    assert seen == [env, env] and all(os.environ.get(k) is None for k in env)
+    monkeypatch.setattr(protokern, "available_backends", lambda device: {backend: "no toolkit"})
+    assert distance.ab_cases(gpu, distance.AB_SHAPE, "log", fwd_bwd_of) == []

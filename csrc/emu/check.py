@@ -56,10 +56,11 @@ BACKWARD_LAUNCH = ("blocks", "gz_blocks", "d_slices", "G", "KT", "seg", "gp_imag
                    "gp_first", "gp_parts", "gp_part_images", "gp_part_stages")  # harness.cpp emu_backward_launch
 
 
-def backward_launch(lib, B: int, D: int, HW: int, M: int) -> dict[str, int]:
-    """backward.cuh backward_launch at (B, D, HW, M), by field name."""
+def backward_launch(lib, B: int, D: int, HW: int, M: int, max_parts: int = 0) -> dict[str, int]:
+    """backward.cuh backward_launch at (B, D, HW, M), by field name; grad_p in at most max_parts image parts
+    (0: the launcher's default; PROTOKERN_CUDA_GRAD_P_PARTS on a device)."""
     out = (ctypes.c_longlong * len(BACKWARD_LAUNCH))()
-    lib.emu_backward_launch(ctypes.byref(BackwardParams(B=B, D=D, HW=HW, M=M)), out)
+    lib.emu_backward_launch(ctypes.byref(BackwardParams(B=B, D=D, HW=HW, M=M)), max_parts, out)
     return dict(zip(BACKWARD_LAUNCH, out))
 
 
@@ -565,6 +566,10 @@ def check_backward_plans(lib) -> str | None:
         got = (got["gz_sorted"], got["gp_parts"], got["gp_part_images"], got["gp_first"])
         if got != want:
             return f"{(B, D, HW, M)}: (gz_sorted, gp_parts, gp_part_images, gp_first) = {got}, expected {want}"
+    # PROTOKERN_CUDA_GRAD_P_PARTS=1 (benchmarks/distance.py's A/B row): the CUB shape's launch before the parts
+    one = backward_launch(lib, 80, 128, 49, 2000, max_parts=1)
+    if (one["gp_parts"], one["gp_part_images"], one["gp_first"], one["blocks"]) != (1, 80, 1, 448):
+        return f"CUB shape, one part: {one}"
     # The scanning plan in two passes (where the sorted plan does not fit; CASES cover the sorted plan at
     # HW > 60) against float64, from random winners (the backward alone: no forward to emulate).
     B, D, HW, M = 1, 8, 100, 5000
