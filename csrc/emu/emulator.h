@@ -75,7 +75,8 @@ struct ThreadState {
 // creating a happens-before edge for ThreadSanitizer).
 inline thread_local std::atomic<ThreadState*> self_ptr{nullptr};
 inline ThreadState* me() { return self_ptr.load(std::memory_order_relaxed); }
-inline std::atomic<int> errors{0};      // protocol errors seen (cp.async left in flight, misaligned, unwritten reads, parts)
+// protocol errors seen (cp.async left in flight, misaligned, unwritten reads, a grad_p part not counted once)
+inline std::atomic<int> errors{0};
 
 #ifdef PROTOKERN_EMU_THREADS
 // Real OS threads: concurrent (optional; the sanitizer gates use the fibers below).
@@ -322,7 +323,9 @@ inline int __syncthreads_or(int pred) { return !__syncthreads_and(!pred); }
 
 // Global-memory atomics and fences (the backward's last-block pattern): blocks run one at a time, so a fence
 // has nothing to order here (and TSan does not model std::atomic_thread_fence); the atomic is a real one.
-inline unsigned atomicAdd(unsigned* address, unsigned val) { return std::atomic_ref<unsigned>(*address).fetch_add(val); }
+inline unsigned atomicAdd(unsigned* address, unsigned val) {
+  return std::atomic_ref<unsigned>(*address).fetch_add(val);
+}
 inline void __threadfence() {}
 // Global memory a kernel must write before it reads it back through __ldcg (the backward's partial sums) starts
 // as this NaN payload (harness.cpp): reading one is an error (a sum read before its block wrote it).

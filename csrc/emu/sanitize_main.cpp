@@ -193,7 +193,7 @@ int main() {
   run_case(1, 40, 70, 9, true);
   run_case(5, 20, 49, 70, false);    // backward: image pairs and a single, grad_p stages of 5 images
   run_case(3, 128, 49, 130, true);   // CUB tile configuration, several images per block
-  run_case(12, 20, 49, 70, true);    // grad_p: 3 image parts of a stage each (5, 5, 2 images); one per grad_z block
+  run_case(12, 20, 49, 70, true);    // grad_p: 3 image parts of a stage each (5, 5, 2 images)
   run_case(2, 24, 81, 300, false);   // grad_z sorted by patch (81 > one scanning pass), 5 warps' prototypes
   expect(emu_errors() == 0, "no cp.async group left in flight, no partial sum read unwritten, every part counted", 0,
          0, 0, 0);
