@@ -13,7 +13,8 @@ tests/kernels/sm90_gate.py in tests/sass.py) and sums the instructions of each k
   round of 8 candidates: entry, exact distance set-up and butterfly, channel loop, partial chunk, fold), outputs;
 * backward_kernel: grad_z pass set-up, clear, stage z, chunk overhead, per-pair update, sum + write (the
   scanning plan); grad_zs load, count, scan, scatter, stage, walk, flush, write (the sorted plan of maps that
-  need several scanning passes); grad_p set-up, stage loop, issue z, issue (g, k), per-image update, store.
+  need several scanning passes); grad_p set-up, stage loop, issue z, issue (g, k), per-image update, store,
+  image parts (each block's partial sums and count; the tile's last block's sum of the parts).
 
 An instruction belongs to the phase of the outermost frame of its inline stack that lies in a phase's source
 range (a phase runs from its anchor line in the source to the next anchor), so code inlined from helpers
