@@ -777,8 +777,7 @@ __global__ void __launch_bounds__(kBwThreads, kBwMinBlocks) backward_kernel(cons
   }
 }
 
-// max_parts: grad_p's image parts at most (kGpMaxParts; 1: one block over all images, as before v20).
-inline BackwardLaunch backward_launch(const BackwardParams& prm, int max_parts = kGpMaxParts) {
+inline BackwardLaunch backward_launch(const BackwardParams& prm) {
   BackwardLaunch l{};
   l.d_slices = (prm.D + 31) / 32;
   // Two images per block only where they fit one pass: at larger maps a second image per block saves no p-row
@@ -815,6 +814,8 @@ inline BackwardLaunch backward_launch(const BackwardParams& prm, int max_parts =
   const int stages = (prm.B + l.gp_images - 1) / l.gp_images;
   const int64_t gz_pairs = (int64_t)l.G * prm.M;
   int64_t parts = (2 * kGpM * (int64_t)prm.B + gz_pairs) / (2 * gz_pairs);
+  // at most prm.gp_max_parts (where set; 1: one block over all images, as before v20)
+  const int max_parts = prm.gp_max_parts > 0 && prm.gp_max_parts < kGpMaxParts ? prm.gp_max_parts : kGpMaxParts;
   parts = parts < max_parts ? parts : max_parts;
   parts = parts < stages ? parts : stages;
   while (parts > 1 && parts * prm.M * prm.D > kGpMaxPartialFloats) --parts;
@@ -831,10 +832,10 @@ inline BackwardLaunch backward_launch(const BackwardParams& prm, int max_parts =
   return l;
 }
 
-// The workspace launch l needs (params.h: BackwardWorkspace).
+// The workspace launch l needs (params.h: BackwardWorkspace): partial sums per part, a counter per grad_p tile.
 inline BackwardWorkspace backward_workspace(const BackwardLaunch& l, const BackwardParams& prm) {
   if (l.gp_parts <= 1) return {0, 0};
-  return {(int64_t)l.gp_parts * prm.M * prm.D, (int64_t)(prm.M + kGpM - 1) / kGpM * l.d_slices};
+  return {(int64_t)l.gp_parts * prm.M * prm.D, (int64_t)(l.blocks - l.gz_blocks) / l.gp_parts};
 }
 
 }  // namespace

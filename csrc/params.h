@@ -61,9 +61,14 @@ struct BackwardParams {
   unsigned* gp_count;
   int B, D, HW, M;
   float eps;
+  int gp_max_parts;  // grad_p's image parts at most; 0: the launcher's default (backward_max_parts_from_env)
 };
 
-// The backward's workspace for params' sizes (B, D, HW, M).
+// grad_p's image parts at most as the environment asks: PROTOKERN_CUDA_GRAD_P_PARTS (1 to 4; a benchmark's A/B
+// switch: benchmarks/distance.py times the CUB shape's backward with grad_p in one part too), else 0 (the default).
+int backward_max_parts_from_env();
+
+// The backward's workspace for params' sizes (B, D, HW, M) and gp_max_parts.
 struct BackwardWorkspace {
   int64_t partial_floats;
   int64_t counters;

@@ -208,6 +208,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_similari
   prm.HW = static_cast<int>(HW);
   prm.M = static_cast<int>(M);
   prm.eps = static_cast<float>(eps);
+  prm.gp_max_parts = backward_max_parts_from_env();  // read once: the workspace and the launch agree
   // grad_p's image parts (backward.cuh): their partial sums and a zeroed counter per tile, where it has parts.
   const BackwardWorkspace ws = backward_workspace(prm);
   at::Tensor partial, count;

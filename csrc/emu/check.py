@@ -51,16 +51,16 @@ class BackwardParams(ctypes.Structure):
                 ("grad_z", ctypes.c_void_p), ("grad_p", ctypes.c_void_p),
                 ("gp_partial", ctypes.c_void_p), ("gp_count", ctypes.c_void_p),
                 ("B", ctypes.c_int), ("D", ctypes.c_int), ("HW", ctypes.c_int), ("M", ctypes.c_int),
-                ("eps", ctypes.c_float)]
+                ("eps", ctypes.c_float), ("gp_max_parts", ctypes.c_int)]
 BACKWARD_LAUNCH = ("blocks", "gz_blocks", "d_slices", "G", "KT", "seg", "gp_images", "gp_stage", "gz_sorted",
                    "gp_first", "gp_parts", "gp_part_images", "gp_part_stages")  # harness.cpp emu_backward_launch
 
 
 def backward_launch(lib, B: int, D: int, HW: int, M: int, max_parts: int = 0) -> dict[str, int]:
     """backward.cuh backward_launch at (B, D, HW, M), by field name; grad_p in at most max_parts image parts
-    (0: the launcher's default; PROTOKERN_CUDA_GRAD_P_PARTS on a device)."""
+    (BackwardParams.gp_max_parts, 0: the launcher's default; PROTOKERN_CUDA_GRAD_P_PARTS sets it on a device)."""
     out = (ctypes.c_longlong * len(BACKWARD_LAUNCH))()
-    lib.emu_backward_launch(ctypes.byref(BackwardParams(B=B, D=D, HW=HW, M=M)), max_parts, out)
+    lib.emu_backward_launch(ctypes.byref(BackwardParams(B=B, D=D, HW=HW, M=M, gp_max_parts=max_parts)), out)
     return dict(zip(BACKWARD_LAUNCH, out))
 
 

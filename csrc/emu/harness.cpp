@@ -44,10 +44,9 @@ extern "C" void emu_forward_launch(const ForwardParams* prm, int slots, long lon
 extern "C" int emu_forward_z_copy(const ForwardParams* prm) { return forward_z_copy(*prm, prm->precision); }
 
 // The launcher's backward launch shape: out = {blocks, gz_blocks, d_slices, G, KT, seg, gp_images, gp_stage,
-// gz_sorted, gp_first, gp_parts, gp_part_images, gp_part_stages}, with grad_p in at most max_parts parts (0: the
-// launcher's default).
-extern "C" void emu_backward_launch(const BackwardParams* prm, int max_parts, long long* out) {
-  const BackwardLaunch l = max_parts > 0 ? backward_launch(*prm, max_parts) : backward_launch(*prm);
+// gz_sorted, gp_first, gp_parts, gp_part_images, gp_part_stages}.
+extern "C" void emu_backward_launch(const BackwardParams* prm, long long* out) {
+  const BackwardLaunch l = backward_launch(*prm);
   const long long v[13] = {l.blocks, l.gz_blocks, l.d_slices, l.G, l.KT, l.seg, l.gp_images, l.gp_stage,
                            l.gz_sorted, l.gp_first, l.gp_parts, l.gp_part_images, l.gp_part_stages};
   for (int i = 0; i < 13; ++i) out[i] = v[i];
