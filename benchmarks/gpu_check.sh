@@ -78,7 +78,7 @@ step bench "${BENCH_LIMIT:-240}" bash -c 'rc=0; i=0
 # at the CUB shape, clocks left alone; sections, not single metrics, so that no metric name can fail the run.
 if command -v ncu >/dev/null 2>&1; then
   step ncu "${NCU_LIMIT:-120}" ncu --clock-control none --profile-from-start off --nvtx \
-    -k regex:"forward_kernel|backward_kernel|_grad_|_patch_norms|_won_" --section SpeedOfLight --section LaunchStats \
+    -k regex:"forward_kernel|_rescore_kernel|backward_kernel|_grad_|_patch_norms|_won_" --section SpeedOfLight --section LaunchStats \
     --section Occupancy --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
     --section InstructionStats python3 benchmarks/profile_op.py --ncu
   # The cuda forward at 14x14 (4-5x its static floor in v12): its L1/L2 sectors and throughput (NOTES.md "v16").
@@ -110,7 +110,7 @@ step sweep "${SWEEP_LIMIT:-120}" python3 benchmarks/triton_sweep.py --out "$WORK
 if command -v ncu >/dev/null 2>&1; then
   step stalls "${STALLS_LIMIT:-100}" bash -c 'set -e
     ncu --clock-control none --profile-from-start off --import-source yes -f -o "$WORK/stalls" \
-      -k regex:"forward_kernel|backward_kernel|_grad_|_won_" --section SpeedOfLight --section WarpStateStats \
+      -k regex:"forward_kernel|_rescore_kernel|backward_kernel|_grad_|_won_" --section SpeedOfLight --section WarpStateStats \
       --section SourceCounters python3 benchmarks/profile_op.py --ncu --cases cuda:high,triton:medium
     ncu -i "$WORK/stalls.ncu-rep" --page details > "$WORK/stalls-details.txt"
     ncu -i "$WORK/stalls.ncu-rep" --page raw --csv > "$WORK/stalls-raw.csv" || echo "no raw page"

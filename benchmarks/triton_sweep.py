@@ -1,8 +1,9 @@
 """Measure Triton launch configurations of the fused op against the launcher's own choice.
 
-For each shape, each candidate configuration of the forward (at one search precision) and of the two
-backward kernels replaces the launcher's choice for that kernel alone (``kernels/prototype_distance.py``:
-``forward_config``, ``forward_images_per_program``, ``backward_configs``), and the op is timed as CUDA-graph
+For each shape, each candidate configuration of the forward's search (at one search precision), its rescoring
+and the two backward kernels replaces the launcher's choice for that kernel alone (``kernels/prototype_distance.py``:
+``forward_config``, ``rescore_config``, ``forward_images_per_program``, ``backward_configs``), and the op is timed
+as CUDA-graph
 replays (median of ``triton.testing.do_bench``). Outputs are checked against the default configuration's: the
 forward bit for bit (certified search: tile sizes change no result), the gradients to 1e-5 relative (their
 fixed-order sums may group differently with the tile). Each compiled kernel's registers and spill bytes are
@@ -30,7 +31,8 @@ DEFAULT_SHAPES = [(80, 128, 7, 7, 2000), (128, 256, 14, 14, 2000)]
 QUICK_SHAPES = [(3, 40, 6, 6, 20)]  # HW = 36: two 32-patch tiles a step (PAIRED)
 EPS = 1e-4
 # name -> overrides: "options" (launch options), "meta" (constexpr arguments), "images" (forward images per
-# program), per kernel ("forward", "_grad_features_segments_kernel", "_grad_prototypes_kernel"). Most informative
+# program), per kernel ("forward": the search, "_rescore_kernel", "_grad_features_segments_kernel",
+# "_grad_prototypes_kernel"). Most informative
 # first (gpu_check.sh clips the step to its time); measured losers of 2026-11-30 dropped (forward 8 images 0.71x,
 # 32 x 32 tiles with 8 warps 0.74x; the grad_p before v14: 32 prototypes / 8 warps 0.99-1.01x).
 CANDIDATES = {
@@ -43,6 +45,13 @@ CANDIDATES = {
         "4 images": {"images": 4},
         "32 x 64 tiles": {"meta": {"BLOCK_M": 32, "BLOCK_K": 64, "PAIRED": False}},
         "32 x 32 tiles, 4 warps": {"meta": {"BLOCK_M": 32, "BLOCK_K": 32}, "options": {"num_warps": 4}},
+    },
+    "_rescore_kernel": {  # new in v16: the forward's exact rescoring, a launch of its own (32 rows, 1 warp)
+        "default": {},
+        "16 rows": {"meta": {"BLOCK_M": 16}},  # fewer idle rows a round, more instructions a row (NOTES v16)
+        "64 rows, 2 warps": {"meta": {"BLOCK_M": 64}, "options": {"num_warps": 2}},
+        "32 rows, 4 warps": {"meta": {"BLOCK_M": 32}, "options": {"num_warps": 4}},
+        "2 stages": {"options": {"num_stages": 2}},  # the channel loop's loads pipelined
     },
     "_grad_features_segments_kernel": {  # new in v14 (the dot-based grad_z measured 141 us in the backward)
         "default": {},
@@ -58,8 +67,8 @@ CANDIDATES = {
         "32 prototypes": {"meta": {"BLOCK_M": 32}},
     },
 }
-QUICK_CANDIDATES = {"forward": ["default", "unpaired"], "_grad_features_segments_kernel": ["default", "128 rows"],
-                    "_grad_prototypes_kernel": ["default"]}
+QUICK_CANDIDATES = {"forward": ["default", "unpaired"], "_rescore_kernel": ["default", "16 rows"],
+                    "_grad_features_segments_kernel": ["default", "128 rows"], "_grad_prototypes_kernel": ["default"]}
 
 
 def _apply(meta: dict, options: dict, change: dict) -> tuple[dict, dict]:
@@ -72,8 +81,14 @@ def _apply(meta: dict, options: dict, change: dict) -> tuple[dict, dict]:
 @contextlib.contextmanager
 def configured(kernel: str, change: dict):
     """The launcher with ``change`` applied to ``kernel``'s configuration (module functions patched)."""
-    saved = {name: getattr(pd, name) for name in ("forward_config", "forward_images_per_program", "backward_configs")}
-    if kernel == "forward":
+    saved = {name: getattr(pd, name) for name in ("forward_config", "rescore_config", "forward_images_per_program",
+                                                  "backward_configs")}
+    if kernel == "_rescore_kernel":
+        def rescore_config(D, HW, M, precision):
+            return _apply(*saved["rescore_config"](D, HW, M, precision), change)
+
+        pd.rescore_config = rescore_config
+    elif kernel == "forward":
         def forward_config(D, HW, M, precision):
             return _apply(*saved["forward_config"](D, HW, M, precision), change)
 
@@ -120,7 +135,8 @@ def sweep_shape(shape, precision: str, device: torch.device, names: dict | None,
     z3 = torch.rand(B, D, H * W, device=device)
     p = torch.rand(M, D, device=device)
     gs, gd = torch.randn(B, M, device=device), torch.randn(B, M, device=device)
-    jits = {"forward": pd._forward_kernel, "_grad_features_segments_kernel": pd._grad_features_segments_kernel,
+    jits = {"forward": pd._forward_kernel, "_rescore_kernel": pd._rescore_kernel,
+            "_grad_features_segments_kernel": pd._grad_features_segments_kernel,
             "_grad_prototypes_kernel": pd._grad_prototypes_kernel}
     ref_fwd = pd.forward(z3, p, EPS, precision)
     _, dist, idx = ref_fwd
@@ -134,7 +150,7 @@ def sweep_shape(shape, precision: str, device: torch.device, names: dict | None,
             before = compiled_stats(jits[kernel])
             try:
                 with configured(kernel, change):
-                    if kernel == "forward":
+                    if kernel in ("forward", "_rescore_kernel"):
                         out = pd.forward(z3, p, EPS, precision)
                         row["same_outputs"] = all(torch.equal(a, b) for a, b in zip(out, ref_fwd))
                         row["us"] = measure(lambda: pd.forward(z3, p, EPS, precision))

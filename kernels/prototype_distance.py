@@ -1,14 +1,16 @@
 """Triton kernels of the fused prototype op: distance + global min/argmin + log-similarity.
 
-Forward: a pre-pass writes every patch's norms (``_patch_norms_kernel``), then one program per (block of
-images, tile of prototypes). The prototype tile's norms are computed once and the tile serves every image of
-the block (when the channels fit one slice, the p tile itself is loaded once into registers; otherwise its
-slices are re-read, L1-hot, for each image and patch tile). For each image the program walks the patches in
-tiles (two a step for the tensor-core searches), computes approximate squared distances with the expansion
-``|p|^2 + |z|^2 - 2 p.z`` (a ``tl.dot``) and rescores exactly, as ``sum_d (z - p)^2`` in fp32 in a fixed
-order (``RESCORE_LANES``), every patch that the search's error bound cannot rule out (certified search,
-``search_bound.py``); it keeps the exact min and argmin per prototype in registers and writes the
-similarity. The (B, M, H*W) map never reaches memory.
+Forward: a pre-pass writes every patch's norms (``_patch_norms_kernel``), then the search, one program per
+(block of images, tile of prototypes) (``_forward_kernel``). The prototype tile's norms are computed once and
+the tile serves every image of the block (when the channels fit one slice, the p tile itself is loaded once
+into registers; otherwise its slices are re-read, L1-hot, for each image and patch tile). For each image the
+program walks the patches in steps of up to 64 (two 32-patch tiles for the tensor-core searches), computes
+approximate squared distances with the expansion ``|p|^2 + |z|^2 - 2 p.z`` (a ``tl.dot``) and writes, per
+prototype and step, the patches that the search's error bound cannot rule out (certified search,
+``search_bound.py``) as the bits of two int32 words. Then ``_rescore_kernel`` rescores those candidates exactly,
+as ``sum_d (z - p)^2`` in fp32 in a fixed order (``RESCORE_LANES``), keeps the exact min and argmin per
+prototype and writes the outputs. The (B, M, H*W) map never reaches memory (the words are 1/32 of its size at
+most: one bit a pair).
 
 Backward: gradients reach only the winning patch of each (b, m); no comparison sort, no float atomics, grad_p
 launched first (it also writes each pair's coefficient g for grad_z), every sum in a fixed order: gradients are
@@ -66,9 +68,8 @@ _FORWARD_OPTIONS = {"highest": (8, 1), "high": (8, 1), "medium": (8, 1)}
 # "Triton v7"); every smaller tile does.
 TENSOR_CORE_MAX_REGISTERS = 128
 TENSOR_CORE_MAX_TILE = 64 * 32
-# ... and at most 32 patches, two such tiles a step (PAIRED) where the map has more: the rescoring rounds then
-# follow the threshold of 64 patches and take each row's candidates from the bits of two int32 words (NOTES.md
-# "Triton v11").
+# ... and at most 32 patches, two such tiles a step (PAIRED) where the map has more: a step's candidates follow the
+# threshold of 64 patches, the bits of two int32 words per row (NOTES.md "Triton v11", "Triton v16").
 TENSOR_CORE_MAX_PATCHES = 32
 # ptxas's register cap for the "highest" forward's tiles smaller than 64 x 64: left to choose, ptxas aims at
 # 64-128 registers for some of them and spills 8-200 bytes (11 configurations on Triton 3.8 / ptxas 13, 2
@@ -94,6 +95,13 @@ SEGMENT_ROWS = 64
 SEGMENT_CHANNELS = (16, 32)  # BLOCK_D from D
 SEGMENT_WARPS = 8
 ORDER_CHUNK = 32
+# The exact rescoring of the search's candidates (_rescore_kernel): 32 prototypes a program on one warp (a round
+# 15.9-17.4 warp-instructions a row at the CUB shape, against 16.9-18.5 for 64 rows on 2 warps and 23.6 for 16 rows
+# on 1, which idle fewer rows a round; NOTES.md "Triton v16", not measured), its register cap: left to choose,
+# ptxas takes 128 registers and spills 52 bytes on Triton 3.6 at the CUB shape; with 255 it takes 159-160.
+RESCORE_ROWS = 32
+RESCORE_WARPS = 1
+RESCORE_MAX_REGISTERS = 255
 ORDER_BINS = 1024  # patches per step of the ordering kernels' walks over the map
 ORDER_HIST_BLOCK = 4096  # histogram entries (at most ORDER_HIST_ROWS chunks) a step of _won_starts_kernel
 ORDER_HIST_ROWS = 64
@@ -101,8 +109,8 @@ ORDER_HIST_ROWS = 64
 
 @triton.jit
 def _forward_kernel(
-    z_ptr, p_ptr, norms_ptr, sim_ptr, dist_ptr, idx_ptr,
-    B, D, HW, M, IMAGES, eps, one_minus_eps, coef, tiny, res_coef, sep_coef,
+    z_ptr, p_ptr, norms_ptr, cand_ptr,
+    B, D, HW, M, IMAGES, coef, tiny, res_coef, sep_coef,
     stride_zb, stride_zd, stride_zk, stride_pm, stride_pd, log_ptr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr, TRUNCATE: tl.constexpr,
@@ -123,15 +131,10 @@ def _forward_kernel(
     + tiles) (``_patch_norms_kernel``), so that the search loop is loads and dots only. TRUNCATE ("tf32" under the
     interpreter, whose dot is exact fp32, and on non-NVIDIA devices): the kernel truncates the operands itself, so
     that the bound's worst case is what the CPU tests exercise. Each step (one patch tile, or two when PAIRED)
-    lowers the running threshold thr = min (a~ + delta), then rescores exactly every patch of the step with a~ -
-    delta <= thr or a~ not finite (a superset of the candidates of the final threshold, since thr only decreases),
-    one candidate per row at a time in increasing patch order (a round, ``_rescore``), all rows at once over
-    (BLOCK_M, RESCORE_LANES) channel tiles; a row's candidates are the bits of int32 words in tiles of up to 32
-    patches (no reduction per round), a mask in wider ones. The exact distance is summed in the fixed order of
-    RESCORE_LANES (lanes over channels, then a pairwise tree): its bits depend neither on the search's tile sizes
-    nor on its warps, so every precision returns the same (distance, index). Winner: the first NaN patch if any
-    (distance NaN), else the first patch of smallest exact distance (a patch holding +-inf is at +inf; if all are,
-    patch 0).
+    lowers the running threshold thr = min (a~ + delta); the step's candidates are its patches with a~ - delta <=
+    thr or a~ not finite (a superset of the candidates of the final threshold, since thr only decreases), written
+    to cand_ptr (B, M, steps, 2) int32: patch k0 + j is bit j of the low word (j < 32) or bit j - 32 of the high
+    one. ``_rescore_kernel`` rescores them.
     """
     STEP_K: tl.constexpr = 2 * BLOCK_K if PAIRED else BLOCK_K
     tl.static_assert(BLOCK_K <= 32 or not PAIRED)  # a row's candidates of a tile: the bits of one int32
@@ -181,11 +184,10 @@ def _forward_kernel(
     log_img = log_ptr
     if RECORD:
         log_img += b0.to(tl.int64) * M * HW * 3
+    steps = tl.cdiv(HW, STEP_K)
     for b in range(b0, tl.minimum(b0 + IMAGES, B)):
         thr = tl.full((BLOCK_M,), inf, dtype=tl.float32)
-        best = tl.full((BLOCK_M,), inf, dtype=tl.float32)
-        best_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)  # HW: none yet
-        nan_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)
+        words = cand_ptr + out * (2 * steps)  # the rows' candidate words of image b, by step
         for k0 in range(0, HW, STEP_K):
             lo, thr = _search_tile(z_base, norms, p_rows, p_tile, p_len, p_sep, p_small, rho_p, m_mask, thr, k0, D,
                                    HW, coef, tiny, res_coef, sep_coef, stride_zd, stride_zk, stride_pd,
@@ -201,49 +203,18 @@ def _forward_kernel(
                                                 SEPARABLE, NORMS_K, RECORD)
                 else:
                     lo_next = tl.full((BLOCK_M, BLOCK_K), float("nan"), dtype=tl.float32)
-            # A round rescores each row's next candidate, in increasing patch order (ties keep the first).
-            if BLOCK_K > 32:  # "highest"'s 64-patch tiles: the candidates as a mask
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                cand = lo <= thr[:, None]  # -inf (a~ not finite): always; NaN (outside the problem): never
-                count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
-                while count > 0:
-                    k = tl.min(tl.where(cand, offs_k[None, :], HW), axis=1)
-                    best, best_idx, nan_idx = _rescore(z_base, p_rows, k, k < HW, best, best_idx, nan_idx, D, HW,
-                                                       stride_zd, stride_zk, stride_pd, BLOCK_M)
-                    cand = cand & (offs_k[None, :] != k[:, None])
-                    count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
-            else:  # tiles of at most 32 patches (two when PAIRED): a row's candidates as the bits of int32 words,
-                # patch k0 + j is bit j of low_bits (j < BLOCK_K) or bit j - BLOCK_K of high_bits
-                cand = lo <= thr[:, None]
-                count = tl.sum(cand.to(tl.int32), axis=1)
-                low_bits = _bit_word(cand, BLOCK_K)
+            # The step's candidates against its threshold (-inf, v~ not finite: always; NaN, outside the problem:
+            # never): patch k0 + j is bit j of the low word (j < 32) or bit j - 32 of the high one.
+            if BLOCK_K > 32:  # "highest"'s 64-patch tiles
+                low_bits, high_bits = _bit_words64(lo <= thr[:, None])
+            else:
+                low_bits = _bit_word(lo <= thr[:, None], BLOCK_K)
                 high_bits = low_bits * 0
                 if PAIRED:
-                    cand = lo_next <= thr[:, None]
-                    count += tl.sum(cand.to(tl.int32), axis=1)
-                    high_bits = _bit_word(cand, BLOCK_K)
-                for _ in range(tl.max(count, axis=0)):
-                    in_low = low_bits != 0
-                    word = tl.where(in_low, low_bits, high_bits)
-                    low = word & -word  # the lowest set bit (0 when the row has no candidate left)
-                    low_bits = tl.where(in_low, low_bits ^ low, low_bits)
-                    high_bits = tl.where(in_low, high_bits, high_bits ^ low)
-                    k = k0 + _bit_index(low) + tl.where(in_low, 0, BLOCK_K)
-                    best, best_idx, nan_idx = _rescore(z_base, p_rows, k, low != 0, best, best_idx, nan_idx, D, HW,
-                                                       stride_zd, stride_zk, stride_pd, BLOCK_M)
-
-        has_nan = nan_idx < HW
-        exact = tl.where(has_nan, float("nan"), best)
-        win = tl.minimum(tl.where(has_nan, nan_idx, best_idx), HW - 1)
-        # log((d + 1) / (d + eps)) = log1p((1 - eps) / (d + eps)), log1p by Goldberg's u = 1 + x trick (no
-        # log1p in the interpreter): accurate for large d and exactly 0 at d = +inf.
-        x = one_minus_eps / (exact + eps)
-        u = 1.0 + x
-        sim = tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
-
-        tl.store(dist_ptr + out, exact, mask=m_mask)
-        tl.store(sim_ptr + out, sim, mask=m_mask)
-        tl.store(idx_ptr + out, win.to(tl.int64), mask=m_mask)
+                    high_bits = _bit_word(lo_next <= thr[:, None], BLOCK_K)
+            tl.store(words, low_bits, mask=m_mask)
+            tl.store(words + 1, high_bits, mask=m_mask)
+            words += 2
         z_base += stride_zb
         norms += norms_row
         out += M
@@ -252,8 +223,66 @@ def _forward_kernel(
 
 
 @triton.jit
-def _rescore(z_base, p_rows, k, active, best, best_idx, nan_idx, D, HW, stride_zd, stride_zk, stride_pd,
-             BLOCK_M: tl.constexpr):
+def _rescore_kernel(
+    z_ptr, p_ptr, cand_ptr, sim_ptr, dist_ptr, idx_ptr,
+    B, D, HW, M, IMAGES, eps, one_minus_eps, stride_zb, stride_zk,
+    BLOCK_M: tl.constexpr, STEP_K: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """The certified search's second half: one program per (block of IMAGES images, BLOCK_M prototypes), folded
+    into grid axis 0 as the search's. For each image, each step's candidate words (``_forward_kernel``: bit j of
+    the low word is patch k0 + j, of the high word k0 + 32 + j) are rescored exactly, one candidate per row at a
+    time in increasing patch order (a round, ``_rescore``: the exact distance in the fixed order of
+    RESCORE_LANES), rounds up to the step's largest row count; then the outputs. Winner: the first NaN patch if
+    any (distance NaN), else the first patch of smallest exact distance (a patch holding +-inf is at +inf; if all
+    are, patch 0). The candidates' bits do not depend on the search's precision beyond which patches they hold,
+    and the rescoring not at all: every precision returns the same (distance, index)."""
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % m_tiles
+    b0 = (pid // m_tiles) * IMAGES
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    p_rows = (p_ptr + tl.minimum(offs_m, M - 1) * D)[:, None]  # rows past M: never active
+    z_base = z_ptr + b0.to(tl.int64) * stride_zb
+    out = b0.to(tl.int64) * M + offs_m
+    steps = tl.cdiv(HW, STEP_K)
+    for b in range(b0, tl.minimum(b0 + IMAGES, B)):
+        words = cand_ptr + out * (2 * steps)
+        best = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
+        best_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)  # HW: none yet
+        nan_idx = tl.full((BLOCK_M,), HW, dtype=tl.int32)
+        for k0 in range(0, HW, STEP_K):
+            low_bits = tl.load(words, mask=m_mask, other=0)
+            high_bits = tl.load(words + 1, mask=m_mask, other=0)
+            words += 2
+            count = _popcount(low_bits) + _popcount(high_bits)
+            for _ in range(tl.max(count, axis=0)):
+                in_low = low_bits != 0
+                word = tl.where(in_low, low_bits, high_bits)
+                low = word & -word  # the lowest set bit (0 when the row has no candidate left)
+                low_bits = tl.where(in_low, low_bits ^ low, low_bits)
+                high_bits = tl.where(in_low, high_bits, high_bits ^ low)
+                k = k0 + _bit_index(low) + tl.where(in_low, 0, 32)
+                best, best_idx, nan_idx = _rescore(z_base, p_rows, k, low != 0, best, best_idx, nan_idx, D, HW,
+                                                   stride_zk, BLOCK_M, EVEN_D)
+        has_nan = nan_idx < HW
+        exact = tl.where(has_nan, float("nan"), best)
+        win = tl.minimum(tl.where(has_nan, nan_idx, best_idx), HW - 1)
+        # log((d + 1) / (d + eps)) = log1p((1 - eps) / (d + eps)), log1p by Goldberg's u = 1 + x trick (no
+        # log1p in the interpreter): accurate for large d and exactly 0 at d = +inf.
+        x = one_minus_eps / (exact + eps)
+        u = 1.0 + x
+        sim = tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+        tl.store(dist_ptr + out, exact, mask=m_mask)
+        tl.store(sim_ptr + out, sim, mask=m_mask)
+        tl.store(idx_ptr + out, win.to(tl.int64), mask=m_mask)
+        z_base += stride_zb
+        out += M
+
+
+@triton.jit
+def _rescore(z_base, p_rows, k, active, best, best_idx, nan_idx, D, HW, stride_zk, BLOCK_M: tl.constexpr,
+             EVEN_D: tl.constexpr):
     """One candidate round: the exact distance sum_d (z[:, k] - p)^2 of each active row's candidate patch k, in the
     fixed order of RESCORE_LANES, and the rows' (best, best_idx, nan_idx) updated with it (candidates come in
     increasing patch order: the first NaN and the first of equal minima win)."""
@@ -261,9 +290,13 @@ def _rescore(z_base, p_rows, k, active, best, best_idx, nan_idx, D, HW, stride_z
     lanes = tl.zeros((BLOCK_M, RESCORE_LANES), dtype=tl.float32)
     for d0 in range(0, D, RESCORE_LANES):  # lane e sums d = e, e + 32, ... in order
         offs_e = d0 + tl.arange(0, RESCORE_LANES)
-        mask = active[:, None] & (offs_e[None, :] < D)
-        zd = tl.load(z_col[:, None] + offs_e[None, :] * stride_zd, mask=mask, other=0.0).to(tl.float32)
-        pd = tl.load(p_rows + offs_e[None, :] * stride_pd, mask=mask, other=0.0).to(tl.float32)
+        if EVEN_D:  # every row's pointers valid (inactive rows read patch 0, rows past M the last row): no masks
+            zd = tl.load(z_col[:, None] + offs_e[None, :]).to(tl.float32)
+            pd = tl.load(p_rows + offs_e[None, :]).to(tl.float32)
+        else:
+            mask = active[:, None] & (offs_e[None, :] < D)
+            zd = tl.load(z_col[:, None] + offs_e[None, :], mask=mask, other=0.0).to(tl.float32)
+            pd = tl.load(p_rows + offs_e[None, :], mask=mask, other=0.0).to(tl.float32)
         diff = zd - pd
         lanes += diff * diff
     e = _lane_tree_sum(lanes, BLOCK_M)
@@ -285,6 +318,24 @@ def _bit_index(low):
     """i of int32 values low = 2^i (the float32 conversion of a power of two is exact and its exponent field
     holds 127 + i, also for 2^31, negative as int32); garbage for low = 0."""
     return ((low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 255) - 127
+
+
+@triton.jit
+def _bit_words64(cand):
+    """Per row of cand (BLOCK_M, 64): the int32 words of its columns 0..31 and 32..63 (bit j of each)."""
+    j = tl.arange(0, 64)[None, :]
+    bit = 1 << (j & 31)
+    return (tl.sum(tl.where(cand & (j < 32), bit, 0), axis=1), tl.sum(tl.where(cand & (j >= 32), bit, 0), axis=1))
+
+
+@triton.jit
+def _popcount(x):
+    """The set bits of each int32 of x (a SWAR count on the unsigned bits)."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = u - ((u >> 1) & 0x55555555)
+    u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
+    u = (u + (u >> 4)) & 0x0F0F0F0F
+    return ((u * 0x01010101) >> 24).to(tl.int32)
 
 
 @triton.jit
@@ -714,8 +765,7 @@ def forward_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]
     32-channel slices, the p tile held in registers when D fits one slice; warps, stages and register cap by
     precision. Where M and HW would pick 64 x 64, the tensor-core precisions take 64 x 32
     (TENSOR_CORE_MAX_TILE): 64-row tiles keep Hopper's warp-group MMA (32-row tiles compile to mma.sync) and
-    z is read once per 64 prototypes; each 32-patch tile has its own candidate rounds (NOTES.md, "Triton v7"
-    and "Triton v10"; not measured).
+    z is read once per 64 prototypes (NOTES.md, "Triton v7" and "Triton v10"; not measured).
     """
     num_warps, num_stages = _FORWARD_OPTIONS[precision]
     block_m = _pow2(M, FORWARD_TILES[0], FORWARD_TILES[-1])
@@ -737,6 +787,15 @@ def forward_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]
     elif precision in STREAMED_P_MAX_REGISTERS and not meta["P_RESIDENT"]:
         options["maxnreg"] = STREAMED_P_MAX_REGISTERS[precision]
     return meta, options
+
+
+def rescore_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]:
+    """(constexpr arguments, launch options) of ``_rescore_kernel``: RESCORE_ROWS prototypes a program (fewer
+    where M is smaller), the search's step of patches (what its candidate words cover)."""
+    meta = forward_config(D, HW, M, precision)[0]
+    step_k = 2 * meta["BLOCK_K"] if meta["PAIRED"] else meta["BLOCK_K"]
+    meta = dict(BLOCK_M=_pow2(M, FORWARD_TILES[0], RESCORE_ROWS), STEP_K=step_k, EVEN_D=D % RESCORE_LANES.value == 0)
+    return meta, dict(num_warps=RESCORE_WARPS, num_stages=1, maxnreg=RESCORE_MAX_REGISTERS)
 
 
 def forward_images_per_program(B: int, M: int, block_m: int) -> int:
@@ -786,6 +845,8 @@ def launch_configs(shapes=None) -> list[tuple[str, dict, dict]]:
         for precision in INPUT_PRECISION:
             meta, options = forward_config(D, HW, M, precision)
             configs.append(("_forward_kernel", meta, options))
+            meta, options = rescore_config(D, HW, M, precision)
+            configs.append(("_rescore_kernel", meta, options))
         configs.append(("_patch_norms_kernel", dict(BLOCK_K=NORMS_TILE, BLOCK_D=FORWARD_SLICE), {}))
         for name, (meta, options) in backward_configs(D, HW).items():
             configs.append((name, meta, options))
@@ -822,19 +883,34 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     norms = torch.empty((B, 2 * HW + triton.cdiv(HW, NORMS_TILE)), device=z3.device, dtype=torch.float32)
     _patch_norms_kernel[(B * triton.cdiv(HW, NORMS_TILE),)](
         z3, norms, D, HW, z3.stride(0), z3.stride(1), z3.stride(2), BLOCK_K=NORMS_TILE, BLOCK_D=FORWARD_SLICE)
-    images = forward_images_per_program(B, M, meta["BLOCK_M"])
-    m_tiles = triton.cdiv(M, meta["BLOCK_M"])
-    per_launch = max(1, MAX_PROGRAMS // m_tiles) * images  # grid axis 0: image blocks x prototype tiles
-    for b0 in range(0, B, per_launch):
-        b1 = min(B, b0 + per_launch)
-        _forward_kernel[(triton.cdiv(b1 - b0, images) * m_tiles,)](
-            z3[b0:b1], p, norms[b0:b1], sim[b0:b1], dist[b0:b1], idx[b0:b1], b1 - b0, D, HW, M, images,
-            eps, 1.0 - eps, coef, tiny, res_coef, sep_coef,
+    step_k = 2 * meta["BLOCK_K"] if meta["PAIRED"] else meta["BLOCK_K"]
+    cand = torch.empty((B, M, triton.cdiv(HW, step_k), 2), device=z3.device, dtype=torch.int32)
+    for b0, b1, images, programs in _image_runs(B, M, meta["BLOCK_M"]):
+        _forward_kernel[(programs,)](
+            z3[b0:b1], p, norms[b0:b1], cand[b0:b1], b1 - b0, D, HW, M, images, coef, tiny, res_coef, sep_coef,
             z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
-            dist if search_log is None else search_log[b0:b1],
+            norms if search_log is None else search_log[b0:b1],
             **{**meta, "TRUNCATE": truncate, "RECORD": search_log is not None}, **options,
         )
+    meta, options = rescore_config(D, HW, M, precision)
+    p_rows = p.contiguous()  # the rescoring reads rows of p and z with unit channel stride (z3: channels_innermost)
+    for b0, b1, images, programs in _image_runs(B, M, meta["BLOCK_M"]):
+        _rescore_kernel[(programs,)](
+            z3[b0:b1], p_rows, cand[b0:b1], sim[b0:b1], dist[b0:b1], idx[b0:b1], b1 - b0, D, HW, M, images, eps,
+            1.0 - eps, z3.stride(0), z3.stride(2), **meta, **options,
+        )
     return sim, dist, idx
+
+
+def _image_runs(B: int, M: int, block_m: int):
+    """(b0, b1, images per program, programs) of each launch over images b0..b1 of a kernel that folds (image
+    block, prototype tile) into grid axis 0: one launch unless that would pass MAX_PROGRAMS programs."""
+    images = forward_images_per_program(B, M, block_m)
+    m_tiles = triton.cdiv(M, block_m)
+    per_launch = max(1, MAX_PROGRAMS // m_tiles) * images
+    for b0 in range(0, B, per_launch):
+        b1 = min(B, b0 + per_launch)
+        yield b0, b1, images, triton.cdiv(b1 - b0, images) * m_tiles
 
 
 def gather_scan(device: torch.device) -> bool:

@@ -38,7 +38,7 @@ ARCH = 90
 # constant and tells the compiler which integers are multiples of 16 and which pointers 16-byte aligned;
 # without these values the offline compile sees plain i32 arguments (the kernel the gate checks for every
 # configuration, with more address arithmetic and narrower loads than the one launched at this shape).
-POINTER_TYPES = {"idx_ptr": "*i64", "start_ptr": "*i32", "count_ptr": "*i32", "hist_ptr": "*i32",
+POINTER_TYPES = {"idx_ptr": "*i64", "cand_ptr": "*i32", "start_ptr": "*i32", "count_ptr": "*i32", "hist_ptr": "*i32",
                  "order_ptr": "*i32"}  # the others: float32
 CUB_RUNTIME = dict(B=80, D=128, HW=49, M=2000, stride_zb=128 * 49, stride_zd=1, stride_zk=128, stride_pm=128,
                    stride_pd=1, RUN=32, CHUNKS=63)  # RUN, CHUNKS: grad_z's rows of 2000 / 64 pairs, chunks of 32

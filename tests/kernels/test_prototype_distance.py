@@ -420,6 +420,80 @@ def test_certification_as_the_kernel_ran_it(precision):
             assert ((delta - form).abs() <= 2.0 ** -10 * form + 2.0 ** -22 * radius).all(), (i, name, separable)
 
 
+@triton.jit
+def _popcount_probe(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, K._popcount(tl.load(x_ptr + offs)))
+
+
+@needs_triton_cpu
+def test_popcount_counts_every_bit_of_int32():
+    """_rescore_kernel's round count: the set bits of int32 words, sign bit included."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.tensor([0, -1, -2**31, 2**31 - 1, 1, 0x55555555], dtype=torch.int32),
+                   torch.randint(-2**31, 2**31 - 1, (58,), dtype=torch.int32, generator=g)])
+    out = torch.empty_like(x)
+    _popcount_probe[(1,)](x, out, N=64)
+    assert out.tolist() == [bin(v & 0xFFFFFFFF).count("1") for v in x.tolist()]
+
+
+class _WordsSpy:
+    """Records the candidate words _rescore_kernel receives (its third argument)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.words = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.words.append(args[2].clone())
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("precision", list(K.INPUT_PRECISION))
+@pytest.mark.parametrize("HW", [20, 100])  # one tile of <= 32 patches; two steps of 64 (the second partial)
+def test_candidate_words_are_the_steps_certified_patches(monkeypatch, precision, HW):
+    """What the search hands the rescoring (_forward_kernel's words, bit j of a step's low word = patch k0 + j, of
+    its high word = patch k0 + 32 + j): each step's patches whose lower end is at most the running threshold
+    after the step (the search_log's ends, on the scale of v~), no others, and no bits past HW; so every patch of
+    the final certified set (lower end <= the final threshold) is rescored. Prototypes near patches make rows with
+    several candidates; ties within the fp32 rounding of the log's scale are not asked either way."""
+    g = torch.Generator().manual_seed(5)
+    B, D, M = 3, 40, 33
+    z3, p = torch.rand(B, D, HW, generator=g), torch.rand(M, D, generator=g)
+    p[:12] = z3[0, :, :12].T + 1e-3 * torch.rand(12, D, generator=g)
+    p[12:16] = z3[1, :, 30:34].T if HW > 34 else p[12:16]
+    z3[2, :, HW - 1] = z3[2, :, 3]  # an exact duplicate of a patch (in the second step at HW = 100) ...
+    p[16] = z3[2, :, 3]  # ... that a prototype equals: two candidates at every precision
+    spy = _WordsSpy(K._rescore_kernel)
+    monkeypatch.setattr(K, "_rescore_kernel", spy)
+    log = torch.full((B, M, HW, 3), float("nan"))
+    K.forward(z3, p, 1e-4, precision, search_log=log)
+    (words,) = spy.words
+    meta = K.forward_config(D, HW, M, precision)[0]
+    step = 2 * meta["BLOCK_K"] if meta["PAIRED"] else meta["BLOCK_K"]
+    assert words.shape == (B, M, -(-HW // step), 2)
+    bits = torch.zeros(B, M, HW, dtype=torch.bool)
+    for s in range(words.shape[2]):
+        for half in range(2):
+            w = words[:, :, s, half].to(torch.int64) & 0xFFFFFFFF
+            for j in range(32):
+                k = s * step + 32 * half + j
+                on = (w >> j) & 1 == 1
+                assert k < HW or not on.any(), (s, half, j)
+                if k < HW:
+                    bits[:, :, k] = on
+    _, hi, lo = log.double().unbind(3)
+    margin = 2.0 ** -20 * (hi.abs() + lo.abs())  # the log subtracts the row's scale in fp32
+    thr = torch.stack([hi[:, :, :min(HW, s0 + step)].min(2).values for s0 in range(0, HW, step)], 2)
+    thr_at = thr.repeat_interleave(step, 2)[:, :, :HW]  # each patch's step's running threshold
+    assert (bits | ~(lo < thr_at - margin)).all()  # every certified patch of its step
+    assert (~bits | (lo <= thr_at + margin)).all()  # and no other
+    assert (bits | ~(lo < thr[:, :, -1:] - margin)).all()  # the final certified set is rescored
+    assert (bits.sum(2) >= 1).all() and bits[2, 16, 3] and bits[2, 16, HW - 1]  # every row a candidate; ties
+
+
 @needs_triton_cpu
 def test_search_dot_3xtf32_split_is_within_its_bound():
     """The "high" search's product (``_search_dot``: three TF32 dots of the truncated parts of p and z) is
@@ -537,8 +611,8 @@ def test_every_triton_launch_configuration_compiles_for_sm90_without_spills():
     The tensor-core forward configurations hold 2 blocks of 256 threads per SM (<= 128 registers)."""
     results = _run_gate("--all")
     assert len(results) == len(K.launch_configs())
-    assert {r["kernel"] for r in results} == {"_forward_kernel", "_patch_norms_kernel", "_grad_prototypes_kernel",
-                                              *GRAD_Z_KERNELS}
+    assert {r["kernel"] for r in results} == {"_forward_kernel", "_rescore_kernel", "_patch_norms_kernel",
+                                              "_grad_prototypes_kernel", *GRAD_Z_KERNELS}
     assert {r.get("PRECISION") for r in results} >= {"ieee", "tf32x3", "tf32"}
     assert {r.get("P_RESIDENT") for r in results} >= {True, False}
     # 2 blocks of 256 threads per SM for every tensor-core search ("high", "medium"), on Triton 3.6 and 3.8
@@ -568,17 +642,21 @@ def test_sass_mix_of_grad_z_at_the_cub_shape():
 
 
 def test_kernels_as_launched_at_the_cub_shape_do_not_spill():
-    """``sm90_gate --sass --runtime``: every kernel the launchers pick at the CUB shape (the forward at each
-    precision, grad_p, grad_z), compiled as the JIT specialises it for that shape's arguments (unit channel
-    strides as constants, multiples of 16), spills nothing, on Triton 3.6 and 3.8 (an earlier grad_z spilled 24
-    bytes so on 3.8 while its generic compile, the one ``--all`` checks, did not); the tensor-core forwards (2
-    blocks of 256 threads) stay within 128 registers, grad_z's segments within 80 (3 blocks of 256), and its walk
-    over the list is no longer than the generic compile's."""
+    """``sm90_gate --sass --runtime``: every kernel the launchers pick at the CUB shape (the forward's search at
+    each precision and its rescoring, grad_p, grad_z), compiled as the JIT specialises it for that shape's
+    arguments (unit channel strides as constants, multiples of 16), spills nothing, on Triton 3.6 and 3.8 (an
+    earlier grad_z spilled 24 bytes so on 3.8 while its generic compile, the one ``--all`` checks, did not; the
+    rescoring left to ptxas's choice spills 52 bytes on 3.6); the tensor-core forwards (2 blocks of 256 threads)
+    stay within 128 registers, the one-warp rescoring within 168 (12 warps per SM), grad_z's segments within 80
+    (3 blocks of 256), and its walk over the list is no longer than the generic compile's."""
     launched = _run_gate("--sass", "--runtime")
-    assert {m["kernel"] for m in launched} == {"_forward_kernel", "_patch_norms_kernel", "_grad_prototypes_kernel",
-                                               *GRAD_Z_KERNELS}
+    assert {m["kernel"] for m in launched} == {"_forward_kernel", "_rescore_kernel", "_patch_norms_kernel",
+                                               "_grad_prototypes_kernel", *GRAD_Z_KERNELS}
     assert all(m["runtime"] and m["spill_bytes"] == 0 for m in launched), launched
-    assert all(m["registers"] <= 128 for m in launched if m.get("PRECISION", "tf32") != "ieee")
+    assert all(m["registers"] <= 128 for m in launched
+               if m.get("PRECISION", "tf32") != "ieee" and m["kernel"] != "_rescore_kernel")
+    (rescore,) = [m for m in launched if m["kernel"] == "_rescore_kernel"]  # one warp: 12 per SM at <= 168
+    assert rescore["num_warps"] == 1 and rescore["registers"] <= 168 and rescore["EVEN_D"]
     (mix,) = [m for m in launched if m["kernel"] == "_grad_features_segments_kernel"]
     (generic,) = _run_gate("--sass", "_grad_features_segments_kernel")
     assert not generic["runtime"] and mix["registers"] <= 80  # 3 programs of 256 threads per SM
@@ -615,6 +693,7 @@ def test_launchers_pick_only_enumerated_configurations(precision):
     for D, HW, M in shapes:
         meta, options = K.forward_config(D, HW, M, precision)
         assert ("_forward_kernel", meta, options) in configs
+        assert ("_rescore_kernel", *K.rescore_config(D, HW, M, precision)) in configs
         if precision != "highest":
             assert meta["BLOCK_M"] * meta["BLOCK_K"] <= K.TENSOR_CORE_MAX_TILE
             assert meta["BLOCK_M"] == min(64, max(16, triton.next_power_of_2(M)))
