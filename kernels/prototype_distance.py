@@ -65,7 +65,7 @@ _FORWARD_OPTIONS = {"highest": (8, 1), "high": (8, 1), "medium": (8, 1)}
 # Tensor-core searches ("high", "medium") run 2 blocks of 256 threads per SM: ptxas is capped at 128 registers
 # (.maxnreg) and their tiles hold at most 64 x 32 (prototypes x patches). At 64 x 64 no arrangement tried
 # compiles under that cap without spilling on both Triton 3.6 and 3.8 (24-176 bytes; benchmarks/NOTES.md
-# "Triton v7"); every smaller tile does.
+# "Triton v7"); every smaller tile does (128 x 32: see NOTES.md "Triton v16").
 TENSOR_CORE_MAX_REGISTERS = 128
 TENSOR_CORE_MAX_TILE = 64 * 32
 # ... and at most 32 patches, two such tiles a step (PAIRED) where the map has more: a step's candidates follow the
