@@ -335,7 +335,7 @@ def _popcount(x):
     u = u - ((u >> 1) & 0x55555555)
     u = (u & 0x33333333) + ((u >> 2) & 0x33333333)
     u = (u + (u >> 4)) & 0x0F0F0F0F
-    return ((u * 0x01010101) >> 24).to(tl.int32)
+    return (((u * 0x01010101) >> 24) & 63).to(tl.int32)  # (the top byte of the 32-bit product)
 
 
 @triton.jit
