@@ -50,6 +50,7 @@ CANDIDATES = {
     },
     "_rescore_kernel": {  # new in v16: the forward's exact rescoring, a launch of its own (32 rows, 1 warp)
         "default": {},
+        "masked rows": {"meta": {"MASK_ROWS": True}},  # idle rows load nothing: 2.5x fewer bytes at "medium"
         "16 rows": {"meta": {"BLOCK_M": 16}},  # fewer idle rows a round, more instructions a row (NOTES v16)
         "64 rows, 2 warps": {"meta": {"BLOCK_M": 64}, "options": {"num_warps": 2}},
         "32 rows, 4 warps": {"meta": {"BLOCK_M": 32}, "options": {"num_warps": 4}},
@@ -69,7 +70,7 @@ CANDIDATES = {
         "32 prototypes": {"meta": {"BLOCK_M": 32}},
     },
 }
-QUICK_CANDIDATES = {"forward": ["default", "unpaired"], "_rescore_kernel": ["default", "16 rows"],
+QUICK_CANDIDATES = {"forward": ["default", "unpaired"], "_rescore_kernel": ["default", "masked rows"],
                     "_grad_features_segments_kernel": ["default", "128 rows"], "_grad_prototypes_kernel": ["default"]}
 
 

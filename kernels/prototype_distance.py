@@ -226,7 +226,7 @@ def _forward_kernel(
 def _rescore_kernel(
     z_ptr, p_ptr, cand_ptr, sim_ptr, dist_ptr, idx_ptr,
     B, D, HW, M, IMAGES, eps, one_minus_eps, stride_zb, stride_zk,
-    BLOCK_M: tl.constexpr, STEP_K: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, STEP_K: tl.constexpr, EVEN_D: tl.constexpr, MASK_ROWS: tl.constexpr,
 ):
     """The certified search's second half: one program per (block of IMAGES images, BLOCK_M prototypes), folded
     into grid axis 0 as the search's. For each image, each step's candidate words (``_forward_kernel``: bit j of
@@ -264,7 +264,7 @@ def _rescore_kernel(
                 high_bits = tl.where(in_low, high_bits, high_bits ^ low)
                 k = k0 + _bit_index(low) + tl.where(in_low, 0, 32)
                 best, best_idx, nan_idx = _rescore(z_base, p_rows, k, low != 0, best, best_idx, nan_idx, D, HW,
-                                                   stride_zk, BLOCK_M, EVEN_D)
+                                                   stride_zk, BLOCK_M, EVEN_D, MASK_ROWS)
         has_nan = nan_idx < HW
         exact = tl.where(has_nan, float("nan"), best)
         win = tl.minimum(tl.where(has_nan, nan_idx, best_idx), HW - 1)
@@ -282,7 +282,7 @@ def _rescore_kernel(
 
 @triton.jit
 def _rescore(z_base, p_rows, k, active, best, best_idx, nan_idx, D, HW, stride_zk, BLOCK_M: tl.constexpr,
-             EVEN_D: tl.constexpr):
+             EVEN_D: tl.constexpr, MASK_ROWS: tl.constexpr):
     """One candidate round: the exact distance sum_d (z[:, k] - p)^2 of each active row's candidate patch k, in the
     fixed order of RESCORE_LANES, and the rows' (best, best_idx, nan_idx) updated with it (candidates come in
     increasing patch order: the first NaN and the first of equal minima win)."""
@@ -290,7 +290,10 @@ def _rescore(z_base, p_rows, k, active, best, best_idx, nan_idx, D, HW, stride_z
     lanes = tl.zeros((BLOCK_M, RESCORE_LANES), dtype=tl.float32)
     for d0 in range(0, D, RESCORE_LANES):  # lane e sums d = e, e + 32, ... in order
         offs_e = d0 + tl.arange(0, RESCORE_LANES)
-        if EVEN_D:  # every row's pointers valid (inactive rows read patch 0, rows past M the last row): no masks
+        if EVEN_D and MASK_ROWS:  # only the active rows load (fewer bytes, ~38% more instructions a round)
+            zd = tl.load(z_col[:, None] + offs_e[None, :], mask=active[:, None]).to(tl.float32)
+            pd = tl.load(p_rows + offs_e[None, :], mask=active[:, None]).to(tl.float32)
+        elif EVEN_D:  # every row's pointers valid (inactive rows read patch 0, rows past M the last row): no masks
             zd = tl.load(z_col[:, None] + offs_e[None, :]).to(tl.float32)
             pd = tl.load(p_rows + offs_e[None, :]).to(tl.float32)
         else:
@@ -794,7 +797,8 @@ def rescore_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]
     where M is smaller), the search's step of patches (what its candidate words cover)."""
     meta = forward_config(D, HW, M, precision)[0]
     step_k = 2 * meta["BLOCK_K"] if meta["PAIRED"] else meta["BLOCK_K"]
-    meta = dict(BLOCK_M=_pow2(M, FORWARD_TILES[0], RESCORE_ROWS), STEP_K=step_k, EVEN_D=D % RESCORE_LANES.value == 0)
+    meta = dict(BLOCK_M=_pow2(M, FORWARD_TILES[0], RESCORE_ROWS), STEP_K=step_k, EVEN_D=D % RESCORE_LANES.value == 0,
+                MASK_ROWS=False)
     return meta, dict(num_warps=RESCORE_WARPS, num_stages=1, maxnreg=RESCORE_MAX_REGISTERS)
 
 

@@ -420,6 +420,26 @@ def test_certification_as_the_kernel_ran_it(precision):
             assert ((delta - form).abs() <= 2.0 ** -10 * form + 2.0 ** -22 * radius).all(), (i, name, separable)
 
 
+@needs_triton_cpu
+@pytest.mark.parametrize("change", [{"MASK_ROWS": True}, {"BLOCK_M": 16}, {"EVEN_D": False}])
+def test_rescoring_configurations_give_the_same_bits(monkeypatch, change):
+    """_rescore_kernel's configurations (the sweep's candidates: idle rows masked or not, 16 or 32 rows, the masked
+    loads of D % 32 != 0 at D = 64) return the default's outputs bit for bit, near ties and NaN included."""
+    g = torch.Generator().manual_seed(8)
+    z3, p = torch.rand(3, 64, 40, generator=g), torch.rand(45, 64, generator=g)
+    p[:8] = z3[0, :, :8].T + 1e-4 * torch.rand(8, 64, generator=g)
+    z3[1, :, 39] = z3[1, :, 2]
+    p[8] = z3[1, :, 2]
+    z3[2, 5, 7] = float("nan")
+    expected = K.forward(z3, p, 1e-4, "medium")
+    config = K.rescore_config
+    monkeypatch.setattr(K, "rescore_config", lambda *a: ({**config(*a)[0], **change}, config(*a)[1]))
+    got = K.forward(z3, p, 1e-4, "medium")
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert expected[2][1, 8] == 2 and torch.isnan(expected[1][2]).all()
+
+
 @triton.jit
 def _popcount_probe(x_ptr, out_ptr, N: tl.constexpr):
     offs = tl.arange(0, N)
