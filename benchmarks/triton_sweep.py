@@ -51,6 +51,8 @@ CANDIDATES = {
     "_rescore_kernel": {  # new in v16: the forward's exact rescoring, a launch of its own (32 rows, 1 warp)
         "default": {},
         "masked rows": {"meta": {"MASK_ROWS": True}},  # idle rows load nothing: 2.5x fewer bytes at "medium"
+        "1 image": {"images": 1},  # 4x the programs (5040 at the CUB shape against 1260: 12 fit an SM)
+        "8 images": {"images": 8},  # p rows re-used over more images, fewer programs
         "16 rows": {"meta": {"BLOCK_M": 16}},  # fewer idle rows a round, more instructions a row (NOTES v16)
         "64 rows, 2 warps": {"meta": {"BLOCK_M": 64}, "options": {"num_warps": 2}},
         "32 rows, 4 warps": {"meta": {"BLOCK_M": 32}, "options": {"num_warps": 4}},
@@ -85,12 +87,14 @@ def _apply(meta: dict, options: dict, change: dict) -> tuple[dict, dict]:
 def configured(kernel: str, change: dict):
     """The launcher with ``change`` applied to ``kernel``'s configuration (module functions patched)."""
     saved = {name: getattr(pd, name) for name in ("forward_config", "rescore_config", "forward_images_per_program",
-                                                  "backward_configs")}
+                                                  "rescore_images_per_program", "backward_configs")}
     if kernel == "_rescore_kernel":
         def rescore_config(D, HW, M, precision):
             return _apply(*saved["rescore_config"](D, HW, M, precision), change)
 
         pd.rescore_config = rescore_config
+        if "images" in change:
+            pd.rescore_images_per_program = lambda B, M, block_m: change["images"]
     elif kernel == "forward":
         def forward_config(D, HW, M, precision):
             return _apply(*saved["forward_config"](D, HW, M, precision), change)

@@ -889,7 +889,8 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
         z3, norms, D, HW, z3.stride(0), z3.stride(1), z3.stride(2), BLOCK_K=NORMS_TILE, BLOCK_D=FORWARD_SLICE)
     step_k = 2 * meta["BLOCK_K"] if meta["PAIRED"] else meta["BLOCK_K"]
     cand = torch.empty((B, M, triton.cdiv(HW, step_k), 2), device=z3.device, dtype=torch.int32)
-    for b0, b1, images, programs in _image_runs(B, M, meta["BLOCK_M"]):
+    images = forward_images_per_program(B, M, meta["BLOCK_M"])
+    for b0, b1, programs in _image_runs(B, M, meta["BLOCK_M"], images):
         _forward_kernel[(programs,)](
             z3[b0:b1], p, norms[b0:b1], cand[b0:b1], b1 - b0, D, HW, M, images, coef, tiny, res_coef, sep_coef,
             z3.stride(0), z3.stride(1), z3.stride(2), p.stride(0), p.stride(1),
@@ -898,7 +899,8 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
         )
     meta, options = rescore_config(D, HW, M, precision)
     p_rows = p.contiguous()  # the rescoring reads rows of p and z with unit channel stride (z3: channels_innermost)
-    for b0, b1, images, programs in _image_runs(B, M, meta["BLOCK_M"]):
+    images = rescore_images_per_program(B, M, meta["BLOCK_M"])
+    for b0, b1, programs in _image_runs(B, M, meta["BLOCK_M"], images):
         _rescore_kernel[(programs,)](
             z3[b0:b1], p_rows, cand[b0:b1], sim[b0:b1], dist[b0:b1], idx[b0:b1], b1 - b0, D, HW, M, images, eps,
             1.0 - eps, z3.stride(0), z3.stride(2), **meta, **options,
@@ -906,15 +908,20 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     return sim, dist, idx
 
 
-def _image_runs(B: int, M: int, block_m: int):
-    """(b0, b1, images per program, programs) of each launch over images b0..b1 of a kernel that folds (image
-    block, prototype tile) into grid axis 0: one launch unless that would pass MAX_PROGRAMS programs."""
-    images = forward_images_per_program(B, M, block_m)
+def rescore_images_per_program(B: int, M: int, block_m: int) -> int:
+    """Images per ``_rescore_kernel`` program: the search's rule for now (not measured; its one-warp programs may
+    want more programs, or more images to re-use their p rows: sweep candidates)."""
+    return forward_images_per_program(B, M, block_m)
+
+
+def _image_runs(B: int, M: int, block_m: int, images: int):
+    """(b0, b1, programs) of each launch over images b0..b1 of a kernel that folds (block of ``images`` images,
+    prototype tile) into grid axis 0: one launch unless that would pass MAX_PROGRAMS programs."""
     m_tiles = triton.cdiv(M, block_m)
     per_launch = max(1, MAX_PROGRAMS // m_tiles) * images
     for b0 in range(0, B, per_launch):
         b1 = min(B, b0 + per_launch)
-        yield b0, b1, images, triton.cdiv(b1 - b0, images) * m_tiles
+        yield b0, b1, triton.cdiv(b1 - b0, images) * m_tiles
 
 
 def gather_scan(device: torch.device) -> bool:

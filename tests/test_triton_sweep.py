@@ -17,9 +17,11 @@ from protokern.kernels import prototype_distance as pd  # noqa: E402
 
 
 def test_quick_sweep_checks_outputs_and_restores_the_launcher(tmp_path):
-    before = (pd.forward_config, pd.rescore_config, pd.forward_images_per_program, pd.backward_configs)
+    before = (pd.forward_config, pd.rescore_config, pd.forward_images_per_program, pd.rescore_images_per_program,
+              pd.backward_configs)
     rows = triton_sweep.main(["--quick", "--out", str(tmp_path), "--device", "cpu"])
-    assert (pd.forward_config, pd.rescore_config, pd.forward_images_per_program, pd.backward_configs) == before
+    assert (pd.forward_config, pd.rescore_config, pd.forward_images_per_program, pd.rescore_images_per_program,
+            pd.backward_configs) == before
     assert [(r["kernel"], r["candidate"]) for r in rows] == [
         (k, name) for k, names in triton_sweep.QUICK_CANDIDATES.items() for name in names]
     assert all("error" not in r and r["same_outputs"] and r["us"] > 0 for r in rows), rows
@@ -37,9 +39,11 @@ def test_a_candidate_changes_only_its_kernel():
         assert pd.forward_config(128, 49, 2000, "medium") == forward
         assert pd.backward_configs(128, 49)["_grad_prototypes_kernel"] == grad_p
     rescore = pd.rescore_config(128, 49, 2000, "medium")
-    with triton_sweep.configured("_rescore_kernel", {"meta": {"BLOCK_M": 16}}):
+    with triton_sweep.configured("_rescore_kernel", {"meta": {"BLOCK_M": 16}, "images": 1}):
         assert pd.rescore_config(128, 49, 2000, "medium")[0]["BLOCK_M"] == 16
+        assert pd.rescore_images_per_program(80, 2000, 32) == 1
         assert pd.forward_config(128, 49, 2000, "medium") == forward
+        assert pd.forward_images_per_program(80, 2000, 64) == 2
     assert pd.rescore_config(128, 49, 2000, "medium") == rescore
     with triton_sweep.configured("forward", {"images": 4, "options": {"num_warps": 4}}):
         assert pd.forward_images_per_program(80, 2000, 64) == 4
