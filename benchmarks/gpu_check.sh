@@ -104,7 +104,7 @@ for zz, pp in ((z, p), (z2, p2)):
 torch.cuda.synchronize(); print(\"$tool done\")" || exit 1; done'
 fi
 # Triton launch configurations against the launcher's choice (benchmarks/triton_sweep.py), at the default precision.
-step sweep "${SWEEP_LIMIT:-120}" python3 benchmarks/triton_sweep.py --out "$WORK"
+step sweep "${SWEEP_LIMIT:-180}" python3 benchmarks/triton_sweep.py --out "$WORK"
 # Where the default precision's kernels stall (CUB shape, one fwd+bwd of cuda and triton): ncu's warp-state and
 # source-counter sections (stall reasons, and per SASS instruction with --page source where this ncu has it).
 if command -v ncu >/dev/null 2>&1; then
