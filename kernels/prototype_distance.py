@@ -137,7 +137,7 @@ def _forward_kernel(
     one. ``_rescore_kernel`` rescores them.
     """
     STEP_K: tl.constexpr = 2 * BLOCK_K if PAIRED else BLOCK_K
-    tl.static_assert(BLOCK_K <= 32 or not PAIRED)  # a row's candidates of a tile: the bits of one int32
+    tl.static_assert(BLOCK_K == 32 or not PAIRED)  # the second tile of a pair: the high word, patches k0 + 32..
     pid = tl.program_id(0)
     m_tiles = tl.cdiv(M, BLOCK_M)
     pid_m = pid % m_tiles
