@@ -76,6 +76,11 @@ QUICK_CANDIDATES = {"forward": ["default", "unpaired"], "_rescore_kernel": ["def
                     "_grad_features_segments_kernel": ["default", "128 rows"], "_grad_prototypes_kernel": ["default"]}
 
 
+# The forward's kernels: the launcher functions a candidate replaces (configuration, images per program).
+FORWARD_LAUNCHERS = {"forward": ("forward_config", "forward_images_per_program"),
+                     "_rescore_kernel": ("rescore_config", "rescore_images_per_program")}
+
+
 def _apply(meta: dict, options: dict, change: dict) -> tuple[dict, dict]:
     meta, options = dict(meta), dict(options)
     meta.update(change.get("meta", {}))
@@ -88,20 +93,15 @@ def configured(kernel: str, change: dict):
     """The launcher with ``change`` applied to ``kernel``'s configuration (module functions patched)."""
     saved = {name: getattr(pd, name) for name in ("forward_config", "rescore_config", "forward_images_per_program",
                                                   "rescore_images_per_program", "backward_configs")}
-    if kernel == "_rescore_kernel":
-        def rescore_config(D, HW, M, precision):
-            return _apply(*saved["rescore_config"](D, HW, M, precision), change)
+    if kernel in FORWARD_LAUNCHERS:
+        config_name, images_name = FORWARD_LAUNCHERS[kernel]
 
-        pd.rescore_config = rescore_config
-        if "images" in change:
-            pd.rescore_images_per_program = lambda B, M, block_m: change["images"]
-    elif kernel == "forward":
-        def forward_config(D, HW, M, precision):
-            return _apply(*saved["forward_config"](D, HW, M, precision), change)
+        def config(D, HW, M, precision):
+            return _apply(*saved[config_name](D, HW, M, precision), change)
 
-        pd.forward_config = forward_config
+        setattr(pd, config_name, config)
         if "images" in change:
-            pd.forward_images_per_program = lambda B, M, block_m: change["images"]
+            setattr(pd, images_name, lambda B, M, block_m: change["images"])
     else:
         def backward_configs(D, HW):
             configs = dict(saved["backward_configs"](D, HW))
@@ -157,7 +157,7 @@ def sweep_shape(shape, precision: str, device: torch.device, names: dict | None,
             before = compiled_stats(jits[kernel])
             try:
                 with configured(kernel, change):
-                    if kernel in ("forward", "_rescore_kernel"):
+                    if kernel in FORWARD_LAUNCHERS:
                         out = pd.forward(z3, p, EPS, precision)
                         row["same_outputs"] = all(torch.equal(a, b) for a, b in zip(out, ref_fwd))
                         row["us"] = measure(lambda: pd.forward(z3, p, EPS, precision))

@@ -138,12 +138,7 @@ def _forward_kernel(
     """
     STEP_K: tl.constexpr = 2 * BLOCK_K if PAIRED else BLOCK_K
     tl.static_assert(BLOCK_K == 32 or not PAIRED)  # the second tile of a pair: the high word, patches k0 + 32..
-    pid = tl.program_id(0)
-    m_tiles = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % m_tiles
-    b0 = (pid // m_tiles) * IMAGES
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
+    b0, offs_m, m_mask = _program_tile(M, IMAGES, BLOCK_M)
     p_row = p_ptr + offs_m * stride_pm
     p_rows = p_row[:, None]
 
@@ -236,12 +231,7 @@ def _rescore_kernel(
     any (distance NaN), else the first patch of smallest exact distance (a patch holding +-inf is at +inf; if all
     are, patch 0). The candidates' bits do not depend on the search's precision beyond which patches they hold,
     and the rescoring not at all: every precision returns the same (distance, index)."""
-    pid = tl.program_id(0)
-    m_tiles = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % m_tiles
-    b0 = (pid // m_tiles) * IMAGES
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
+    b0, offs_m, m_mask = _program_tile(M, IMAGES, BLOCK_M)
     p_rows = (p_ptr + tl.minimum(offs_m, M - 1) * D)[:, None]  # rows past M: never active
     z_base = z_ptr + b0.to(tl.int64) * stride_zb
     out = b0.to(tl.int64) * M + offs_m
@@ -278,6 +268,16 @@ def _rescore_kernel(
         tl.store(idx_ptr + out, win.to(tl.int64), mask=m_mask)
         z_base += stride_zb
         out += M
+
+
+@triton.jit
+def _program_tile(M, IMAGES, BLOCK_M: tl.constexpr):
+    """This program's (first image, prototype rows, their mask) in a grid that folds (block of IMAGES images,
+    BLOCK_M-row prototype tile) into axis 0, prototype tiles fastest (``_image_runs`` launches it)."""
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    offs_m = (pid % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return (pid // m_tiles) * IMAGES, offs_m, offs_m < M
 
 
 @triton.jit
