@@ -887,8 +887,8 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     norms = torch.empty((B, 2 * HW + triton.cdiv(HW, NORMS_TILE)), device=z3.device, dtype=torch.float32)
     _patch_norms_kernel[(B * triton.cdiv(HW, NORMS_TILE),)](
         z3, norms, D, HW, z3.stride(0), z3.stride(1), z3.stride(2), BLOCK_K=NORMS_TILE, BLOCK_D=FORWARD_SLICE)
-    step_k = 2 * meta["BLOCK_K"] if meta["PAIRED"] else meta["BLOCK_K"]
-    cand = torch.empty((B, M, triton.cdiv(HW, step_k), 2), device=z3.device, dtype=torch.int32)
+    rescore_meta, rescore_options = rescore_config(D, HW, M, precision)  # its STEP_K: the search's step of patches
+    cand = torch.empty((B, M, triton.cdiv(HW, rescore_meta["STEP_K"]), 2), device=z3.device, dtype=torch.int32)
     images = forward_images_per_program(B, M, meta["BLOCK_M"])
     for b0, b1, programs in _image_runs(B, M, meta["BLOCK_M"], images):
         _forward_kernel[(programs,)](
@@ -897,13 +897,12 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
             norms if search_log is None else search_log[b0:b1],
             **{**meta, "TRUNCATE": truncate, "RECORD": search_log is not None}, **options,
         )
-    meta, options = rescore_config(D, HW, M, precision)
     p_rows = p.contiguous()  # the rescoring reads rows of p and z with unit channel stride (z3: channels_innermost)
-    images = rescore_images_per_program(B, M, meta["BLOCK_M"])
-    for b0, b1, programs in _image_runs(B, M, meta["BLOCK_M"], images):
+    images = rescore_images_per_program(B, M, rescore_meta["BLOCK_M"])
+    for b0, b1, programs in _image_runs(B, M, rescore_meta["BLOCK_M"], images):
         _rescore_kernel[(programs,)](
             z3[b0:b1], p_rows, cand[b0:b1], sim[b0:b1], dist[b0:b1], idx[b0:b1], b1 - b0, D, HW, M, images, eps,
-            1.0 - eps, z3.stride(0), z3.stride(2), **meta, **options,
+            1.0 - eps, z3.stride(0), z3.stride(2), **rescore_meta, **rescore_options,
         )
     return sim, dist, idx
 
