@@ -750,15 +750,16 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def channels_innermost(z3: torch.Tensor) -> torch.Tensor:
-    """z3 (B, D, HW) with unit channel stride (one copy unless already so, e.g. channels_last features).
+def channels_innermost(z: torch.Tensor) -> torch.Tensor:
+    """z (B, D, ...) with unit channel stride (one copy unless already so, e.g. channels_last features; a 4-D
+    copy is channels_last, so flatten(2) of it stays a view).
 
     The winner gathers read whole channel vectors z[b, :, k]: with unit stride those are coalesced rows,
     with stride HW every element is a separate memory sector. The tile loads are coalesced either way.
     """
-    if z3.stride(1) == 1 or z3.shape[1] == 1:
-        return z3
-    return z3.transpose(1, 2).contiguous().transpose(1, 2)
+    if z.stride(1) == 1 or z.shape[1] == 1:
+        return z
+    return z.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
 def forward_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]:

@@ -109,6 +109,18 @@ def search_precision(name: str, precision: str) -> str:
     return AUTO_PRECISION[name] if precision == "auto" else precision
 
 
+def features_layout(name: str, z: torch.Tensor) -> torch.Tensor:
+    """z (B, D, H, W) laid out as backend ``name``'s kernels read it: triton's gather whole channel vectors and
+    take them with unit channel stride (``channels_innermost``: a channels_last copy unless already so); the
+    others read any strides. The op lays z out once, inside the autograd graph, so that the forward and the
+    backward share the copy instead of each making its own."""
+    if name != "triton":
+        return z
+    from protokern.kernels.prototype_distance import channels_innermost
+
+    return channels_innermost(z)
+
+
 def get(name: str) -> ModuleType:
     """The module implementing backend ``name`` (already resolved)."""
     if name == "torch":

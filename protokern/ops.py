@@ -205,7 +205,7 @@ def _backward_fake(grad_sim, grad_dist, z, p, idx, dist, eps, backend):
 def _setup_context(ctx, inputs, output):
     z, p, eps, backend, _ = inputs
     _, dist, idx = output
-    ctx.save_for_backward(z, p, idx, dist)  # O(B*M) state beyond the inputs
+    ctx.save_for_backward(z, p, idx, dist)  # O(B*M) state beyond the inputs (z as the backend reads it)
     ctx.eps, ctx.backend = eps, backend
 
 
@@ -272,6 +272,7 @@ def prototype_similarity(z: Tensor, prototypes: Tensor, *, similarity: str = "lo
     """
     zin, p = _prepare(z, prototypes, similarity, eps, precision)
     name = backends.resolve(backend, z.device.type)
+    zin = backends.features_layout(name, zin)  # saved for the backward as laid out: one copy, if any
     op = _forward_op if torch.compiler.is_compiling() else _PrototypeSimilarity.apply
     sim, dist, _ = op(zin, p, float(eps), name, backends.search_precision(name, precision))
     if similarity != "log":  # the fused kernels compute the log similarity themselves

@@ -191,18 +191,48 @@ def test_autocast_cpu():
     assert layer.prototypes.grad is not None and conv.weight.grad is not None
 
 
-def test_compile_fullgraph_cpu(monkeypatch):
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_compile_fullgraph_cpu(monkeypatch, backend):
+    reason = protokern.available_backends("cpu")[backend] if backend != "auto" else None
+    if reason is not None:
+        pytest.skip(reason)
     monkeypatch.setattr(protokern.backends, "_RESOLVED", {})  # the first call of the process is compiled
     z = torch.rand(2, 8, 3, 4, requires_grad=True)
     p = torch.rand(5, 8, 1, 1, requires_grad=True)
 
     def f(z, p):
-        sim, dist = protokern.prototype_similarity(z, p)
+        sim, dist = protokern.prototype_similarity(z, p, backend=backend)
         return (sim * 2).sum() + dist.mean()
 
     compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(z, p), (z, p))
     eager = torch.autograd.grad(f(z, p), (z, p))
     assert all(torch.allclose(a, b) for a, b in zip(eager, compiled))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_triton_features_are_laid_out_once(case, monkeypatch, layout):
+    """The op hands triton channels_last features, made once inside the autograd graph: the forward and the
+    backward share that copy (each made its own before); test_matches_original checks the values."""
+    device, backend = case
+    if backend != "triton":
+        pytest.skip("triton lays out its features; the other backends read any strides")
+    from protokern.kernels import prototype_distance as kernels
+
+    copies = []
+    original = kernels.channels_innermost
+
+    def counting(z):
+        out = original(z)
+        copies.append(out is not z)
+        return out
+
+    monkeypatch.setattr(kernels, "channels_innermost", counting)
+    z = make_z(2, 24, 5, 6, layout, device).requires_grad_()
+    p = torch.rand(7, 24, device=device, requires_grad=True)
+    sim, dist = protokern.prototype_similarity(z, p, backend="triton")
+    grad_z, _ = torch.autograd.grad(sim.sum() + dist.sum(), (z, p))
+    assert sum(copies) == 1, copies
+    assert grad_z.shape == z.shape
 
 
 @pytest.mark.parametrize(
