@@ -122,6 +122,25 @@ def _check_backward(z3, p, idx, dist, tol=1e-6):
 
 
 @needs_triton_cpu
+@pytest.mark.parametrize("D", [32, 40])  # the rescoring's unmasked channel loads (D % 32 == 0) and masked ones
+@pytest.mark.parametrize("B, HW, M", [(1, 1, 1), (3, 33, 33), (2, 65, 70)], ids=str)
+def test_every_access_in_bounds_at_tile_edges(D, B, HW, M):
+    """At the edges of the tiles (one patch and one prototype; one past a 32-patch tile and a 32-prototype program;
+    one past a 64-patch step and over several prototype tiles), at every precision: the interpreter's memory
+    checker (tests/triton_bounds.py) sees every load and store inside the launch's tensors, and the forward and
+    the backward are the float64 reference's."""
+    from tests import triton_bounds
+
+    assert triton_bounds.install()  # tests/conftest.py installed it: the checks below run
+    z3, p = torch.rand(B, D, HW), torch.rand(M, D)
+    exact = ((z3.double()[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)  # (B, M, HW)
+    for precision in ("highest", "high", "medium"):
+        _, dist, idx = K.forward(z3, p, 1e-4, precision)
+        assert torch.equal(idx, exact.argmin(2)) and rel_err(dist, exact.min(2).values) < 1e-6
+    _check_backward(z3, p, idx, dist)
+
+
+@needs_triton_cpu
 @pytest.mark.parametrize("shape", [
     (1, 20, 35, 1),  # B = 1, M = 1: one pair, 63 empty rows of grad_z's list
     (3, 40, 70, 9),  # two forward patch tiles per image; grad_z's channel tiles 32 + 8 (D % 32 != 0)
