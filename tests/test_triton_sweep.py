@@ -50,3 +50,16 @@ def test_a_candidate_changes_only_its_kernel():
         assert pd.forward_config(128, 49, 2000, "medium")[1]["num_warps"] == 4
     assert pd.backward_configs(128, 49)["_grad_features_segments_kernel"][1]["num_warps"] == pd.SEGMENT_WARPS
     assert pd.forward_config(128, 49, 2000, "medium")[1]["num_warps"] == 8
+
+
+def test_every_candidate_runs_in_bounds_with_the_default_outputs():
+    """Each candidate of every kernel, once, at a small shape with unmasked channel loads (D = 32) and partial
+    prototype tiles, under the interpreter's memory checker (tests/triton_bounds.py; an out-of-bounds access
+    would be the row's error): the forward's outputs bit for bit, the gradients to the sweep's tolerance."""
+    import torch
+
+    rows = triton_sweep.sweep_shape((3, 32, 6, 6, 40), "medium", torch.device("cpu"), None, lambda fn: (fn(), 1.0)[1])
+    assert [(r["kernel"], r["candidate"]) for r in rows] == [
+        (k, name) for k, names in triton_sweep.CANDIDATES.items() for name in names]
+    failed = [r for r in rows if "error" in r or not r["same_outputs"]]
+    assert not failed, failed
