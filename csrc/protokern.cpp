@@ -5,10 +5,13 @@
 // Contracts: docs/design.md. Kernels: forward.cuh, backward.cuh (launchers forward.cu, backward.cu).
 // Fake (meta) implementations: protokern/_cuda.py.
 
-#include <ATen/ATen.h>
+#include <Python.h>  // the module's init function only: no pybind11, no torch/extension.h (a long compile)
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // = at::cuda::getCurrentCUDAStream, without cuBLAS/cuSPARSE headers
-#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -237,7 +240,9 @@ TORCH_LIBRARY_IMPL(protokern_C, CUDA, m) {
   m.impl("backward", &protokern::backward_cuda);
 }
 
-// `import protokern._C` loads this library, which runs the registrations above.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "protokern CUDA kernels; the ops live in torch.ops.protokern_C";
+// `import protokern._C` loads this library, which runs the registrations above; the module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {  // the module name setup.py gives the extension
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                               "protokern CUDA kernels; the ops live in torch.ops.protokern_C", -1, nullptr};
+  return PyModule_Create(&module);
 }
