@@ -10,9 +10,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    from tests import triton_bounds  # noqa: E402
+    from tests import triton_memcheck  # noqa: E402
 
-    triton_bounds.install()  # every interpreted load and store inside its launch's tensor arguments
+    triton_memcheck.install()  # every interpreted load and store inside its launch's tensor arguments
 
 
 def pytest_collection_modifyitems(config, items):

@@ -54,7 +54,7 @@ def test_a_candidate_changes_only_its_kernel():
 
 def test_every_candidate_runs_in_bounds_with_the_default_outputs():
     """Each candidate of every kernel, once, at a small shape with unmasked channel loads (D = 32) and partial
-    prototype tiles, under the interpreter's memory checker (tests/triton_bounds.py; an out-of-bounds access
+    prototype tiles, under the interpreter's memory checker (tests/triton_memcheck.py; an out-of-bounds access
     would be the row's error): the forward's outputs bit for bit, the gradients to the sweep's tolerance."""
     import torch
 

@@ -127,11 +127,11 @@ def _check_backward(z3, p, idx, dist, tol=1e-6):
 def test_every_access_in_bounds_at_tile_edges(D, B, HW, M):
     """At the edges of the tiles (one patch and one prototype; one past a 32-patch tile and a 32-prototype program;
     one past a 64-patch step and over several prototype tiles), at every precision: the interpreter's memory
-    checker (tests/triton_bounds.py) sees every load and store inside the launch's tensors, and the forward and
+    checker (tests/triton_memcheck.py) sees every load and store inside the launch's tensors, and the forward and
     the backward are the float64 reference's."""
-    from tests import triton_bounds
+    from tests import triton_memcheck
 
-    assert triton_bounds.install()  # tests/conftest.py installed it: the checks below run
+    assert triton_memcheck.install()  # tests/conftest.py installed it: the checks below run
     z3, p = torch.rand(B, D, HW), torch.rand(M, D)
     exact = ((z3.double()[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)  # (B, M, HW)
     for precision in ("highest", "high", "medium"):

@@ -1,9 +1,9 @@
-"""The interpreter's memory checker (tests/triton_bounds.py) catches what it is there to catch."""
+"""The interpreter's memory checks (tests/triton_memcheck.py) catch what they are there to catch."""
 
 import pytest
 import torch
 
-from tests import triton_bounds
+from tests import triton_memcheck
 
 
 @pytest.fixture
@@ -12,7 +12,7 @@ def interpreted():
 
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("the checker patches the CPU interpreter (TRITON_INTERPRET=1)")
-    if not triton_bounds.install():
+    if not triton_memcheck.install():
         pytest.skip("this Triton's interpreter lacks the hooks the checker patches")
     import triton
     import triton.language as tl
@@ -30,11 +30,11 @@ def interpreted():
 
 def test_spans_of_views():
     base = torch.zeros(4, 6)
-    assert triton_bounds.tensor_span(base) == (base.data_ptr(), base.data_ptr() + 96)
+    assert triton_memcheck.tensor_span(base) == (base.data_ptr(), base.data_ptr() + 96)
     col = base[1:3, 2]  # elements 8 and 14 of the storage
-    assert triton_bounds.tensor_span(col) == (base.data_ptr() + 32, base.data_ptr() + 60)
-    assert triton_bounds.tensor_span(base.t()) == triton_bounds.tensor_span(base)
-    assert triton_bounds.tensor_span(base[:0]) is None
+    assert triton_memcheck.tensor_span(col) == (base.data_ptr() + 32, base.data_ptr() + 60)
+    assert triton_memcheck.tensor_span(base.t()) == triton_memcheck.tensor_span(base)
+    assert triton_memcheck.tensor_span(base[:0]) is None
 
 
 def test_in_bounds_and_masked_accesses_pass(interpreted):
@@ -58,3 +58,13 @@ def test_out_of_bounds_store_fails(interpreted):
     with pytest.raises(Exception, match=r"triton kernel copy: store of 4 element\(s\) outside"):
         interpreted[(1,)](x, y, 0, 8, N=8, MASKED=False)
     assert torch.equal(storage[4:], torch.zeros(12))  # nothing written past the view
+
+
+def test_launcher_buffers_start_poisoned(interpreted):
+    """The kernel launchers' torch.empty / empty_like hand out poisoned buffers (a value no kernel wrote is the same
+    wrong value every run); other code's torch.empty is untouched."""
+    from protokern.kernels import prototype_distance as K
+
+    assert (K.torch.empty((2, 3)) == triton_memcheck.POISON_FLOAT).all()
+    assert (K.torch.empty_like(torch.zeros(4, dtype=torch.int32)) == triton_memcheck.POISON_INT).all()
+    assert K.torch.float32 is torch.float32 and torch.empty is not K.torch.empty

@@ -1,11 +1,18 @@
-"""A memory checker for Triton kernels under the CPU interpreter (TRITON_INTERPRET=1).
+"""Memory checks for the Triton kernels under the CPU interpreter (TRITON_INTERPRET=1).
 
-Every load and store a kernel makes (the lanes whose mask is true) must lie inside the span of one of its launch's
-tensor arguments, the view passed and not merely its storage: an out-of-bounds access then fails a CPU test with
-the kernel's name, where on a GPU it would read a neighbour's memory without a word (compute-sanitizer sees only
-whole allocations, and the caching allocator's blocks are larger still). tests/conftest.py installs it for the
-whole session when the interpreter runs; ``install`` returns False where this Triton's interpreter lacks the
-hooks it patches.
+* Bounds: every load and store a kernel makes (the lanes whose mask is true) must lie inside the span of one of
+  its launch's tensor arguments, the view passed and not merely its storage: an out-of-bounds access then fails a
+  CPU test with the kernel's name, where on a GPU it would read a neighbour's memory without a word
+  (compute-sanitizer sees only whole allocations, and the caching allocator's blocks are larger still).
+* Unwritten memory: the launchers' ``torch.empty`` / ``torch.empty_like`` buffers (outputs and workspaces of
+  kernels/prototype_distance.py) start poisoned, POISON_FLOAT for floats and POISON_INT for integers: a result
+  read from a place no kernel wrote is the same wrong value on every run (an index far out of bounds), not
+  whatever a fresh CPU allocation happens to hold (often zeros, or a previous call's right answer). Finite, not
+  NaN: the non-finite tests expect NaN in places, where a NaN poison hid a missing store that stale memory
+  showed (NOTES.md, "Triton v17").
+
+tests/conftest.py installs both for the whole session when the interpreter runs; ``install`` returns False where
+this Triton's interpreter lacks the hooks it patches.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+POISON_INT = -(2**30)  # an unwritten index or count: a gather or place far outside any tensor
+POISON_FLOAT = -7.25e29  # an unwritten value: finite and far from any result; its square is inf
 _launch = {"name": "", "starts": np.zeros(0, np.uint64), "ends": np.zeros(0, np.uint64)}
 
 
@@ -71,10 +80,37 @@ def _spans_text() -> str:
     return ", ".join(f"[{int(lo):#x}, {int(hi):#x})" for lo, hi in zip(_launch["starts"], _launch["ends"]))
 
 
+def poisoned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` filled with POISON_FLOAT (floating point) or POISON_INT (integers)."""
+    return t.fill_(POISON_FLOAT if t.is_floating_point() else POISON_INT)
+
+
+class _PoisoningTorch:
+    """The torch module as the kernel launchers see it, but with ``empty`` / ``empty_like`` poisoned."""
+
+    def __init__(self, module):
+        self._torch = module
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+    def empty(self, *args, **kwargs):
+        return poisoned(self._torch.empty(*args, **kwargs))
+
+    def empty_like(self, *args, **kwargs):
+        return poisoned(self._torch.empty_like(*args, **kwargs))
+
+
 def install() -> bool:
-    """Patch the interpreter (once) so that every launch records its arguments' spans and every masked load and
-    store is checked against them. False if this Triton's interpreter does not have the expected hooks."""
+    """Poison the launchers' fresh buffers, and patch the interpreter (once) so that every launch records its
+    arguments' spans and every masked load and store is checked against them. False (buffers still poisoned) if
+    this Triton's interpreter does not have the hooks the bounds check patches."""
     from triton.runtime import interpreter as interp
+
+    from protokern.kernels import prototype_distance
+
+    if not isinstance(prototype_distance.torch, _PoisoningTorch):
+        prototype_distance.torch = _PoisoningTorch(torch)
 
     executor, builder = getattr(interp, "GridExecutor", None), getattr(interp, "InterpreterBuilder", None)
     hooks = (getattr(executor, "_init_args_hst", None), getattr(builder, "create_masked_load", None),
