@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     from tests import triton_memcheck  # noqa: E402
 
-    triton_memcheck.install()  # every interpreted load and store inside its launch's tensor arguments
+    triton_memcheck.install()  # loads and stores inside their launch's tensors; the launchers' buffers poisoned
 
 
 def pytest_collection_modifyitems(config, items):
