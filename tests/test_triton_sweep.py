@@ -13,9 +13,15 @@ pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import triton_sweep  # noqa: E402
 
+import protokern  # noqa: E402
 from protokern.kernels import prototype_distance as pd  # noqa: E402
 
+# Kernel launches on CPU tensors: the interpreter only (tests/conftest.py sets it where no GPU is visible).
+needs_triton_cpu = pytest.mark.skipif(protokern.available_backends("cpu")["triton"] is not None,
+                                      reason="Triton interpreter not enabled")
 
+
+@needs_triton_cpu
 def test_quick_sweep_checks_outputs_and_restores_the_launcher(tmp_path):
     before = (pd.forward_config, pd.rescore_config, pd.forward_images_per_program, pd.rescore_images_per_program,
               pd.backward_configs)
@@ -52,6 +58,7 @@ def test_a_candidate_changes_only_its_kernel():
     assert pd.forward_config(128, 49, 2000, "medium")[1]["num_warps"] == 8
 
 
+@needs_triton_cpu
 def test_every_candidate_runs_in_bounds_with_the_default_outputs():
     """Each candidate of every kernel, once, at a small shape with unmasked channel loads (D = 32) and partial
     prototype tiles, under the interpreter's memory checker (tests/triton_memcheck.py; an out-of-bounds access
