@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Before a GPU session, on a machine without a GPU: the project under the GPU image's versions (Python 3.12,
-# torch 2.11.0 cu130, triton 3.6.0, torchvision 0.26.0; /work/.library/device/KINDS.md), which are not the
-# versions this repository pins. A clean clone of HEAD is installed into a fresh virtual environment, the CUDA
+# Before a GPU session, on a machine without a GPU: the project under the GPU machine's versions (Python 3.12,
+# torch 2.11.0 cu130, triton 3.6.0, torchvision 0.26.0, numpy 2.5), which are not the versions this repository
+# pins. A clean clone of HEAD is installed into a fresh virtual environment, the CUDA
 # extension built against that torch for sm_90 and imported, and the test suite run (the Triton kernels under
 # Triton 3.6's interpreter). An API or header that torch 2.11 or Triton 3.6 lacks fails here instead of in
 # gpu_check.sh's build or tests on the device.
