@@ -13,12 +13,8 @@ pytest.importorskip("triton")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import triton_sweep  # noqa: E402
 
-import protokern  # noqa: E402
 from protokern.kernels import prototype_distance as pd  # noqa: E402
-
-# Kernel launches on CPU tensors: the interpreter only (tests/conftest.py sets it where no GPU is visible).
-needs_triton_cpu = pytest.mark.skipif(protokern.available_backends("cpu")["triton"] is not None,
-                                      reason="Triton interpreter not enabled")
+from tests.kernels import needs_triton_cpu  # noqa: E402
 
 
 @needs_triton_cpu

@@ -15,12 +15,9 @@ import protokern
 from protokern import torch_backend
 from protokern.kernels import prototype_distance as K
 from tests.reference import check_winners_and_gradients, original_layer, rel_err
-from tests.kernels import sm90_gate
+from tests.kernels import needs_triton_cpu, sm90_gate
 
 GRAD_Z_KERNELS = {"_won_histogram_kernel", "_won_starts_kernel", "_won_order_kernel", "_grad_features_segments_kernel"}
-needs_triton_cpu = pytest.mark.skipif(
-    protokern.available_backends("cpu")["triton"] is not None, reason="Triton interpreter not enabled"
-)
 
 
 @needs_triton_cpu
