@@ -1,5 +1,8 @@
 """The original ProtoPNet prototype layer, in float64: the reference every backend is checked against."""
 
+import math
+import random
+
 import torch
 import torch.nn.functional as F
 
@@ -194,3 +197,65 @@ def bound_cases(batch: int = 3):
     z, p, _ = residual_case(B=batch, D=64, H=4, W=5, generator=g)  # TF32's largest truncation residuals
     cases.append((z.flatten(2), torch.cat([p, z[0].flatten(1).T[:27]])))
     return cases
+
+
+# Odd and tile-edge sizes for random_case (tile widths 32 and 64, the p-resident limit D = 128, 7x7 maps).
+_RANDOM_B = (1, 1, 2, 3, 5)
+_RANDOM_D = (1, 2, 3, 4, 5, 7, 8, 16, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 136)
+_RANDOM_HW = (1, 2, 3, 9, 16, 25, 31, 32, 33, 48, 49, 50, 63, 64, 65, 100, 127, 128, 129, 196, 257)
+_RANDOM_M = (1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 65, 127, 128, 129, 130, 200)
+RANDOM_KINDS = ("dyadic", "pushed", "near_tie", "duplicates", "scaled", "signed", "nonfinite", "float",
+                "float_pushed")
+
+
+def random_case(seed: int, kind: str | None = None, *, max_b: int = 5, max_d: int = 136, max_hw: int = 257,
+                max_m: int = 200):
+    """A random contract case from ``seed``: (z3 (B, D, HW), p (M, D), exact), float32, contiguous.
+
+    The shape is drawn from odd and tile-edge sizes within the limits, the values from ``kind`` (by default
+    one of RANDOM_KINDS, drawn):
+    on the 1/16 grid in [0, 4) ("dyadic"), with prototypes copied from patches ("pushed", "nonfinite",
+    "signed"), a rival patch one grid step or 1/8 or 1 away in one channel ("near_tie"), exact copies of a
+    prototype's patch ("duplicates"), the grid scaled by 2^-30..2^40 ("scaled"), in [-4, 4) ("signed"), or
+    with NaN / +-inf in z or p ("nonfinite"); or uniform floats ("float", "float_pushed": every prototype at or
+    1e-4 from a patch, a rival patch 1e-3 away in one channel: squared distance 1e-6, below TF32's search error,
+which only the certified rescoring tells apart). ``exact``: every fp32 squared distance is exact (grid values, D <= 256: at most 22
+    significant bits), so the contract's winner is known in float64 (``contract_result``); for the float
+    kinds fp32 rounding may break near-ties either way (by D 2^-24 of the distance at most)."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    B = rng.choice([b for b in _RANDOM_B if b <= max_b])
+    D = rng.choice([d for d in _RANDOM_D if d <= max_d])
+    HW = rng.choice([k for k in _RANDOM_HW if k <= max_hw])
+    M = rng.choice([m for m in _RANDOM_M if m <= max_m])
+    kind = kind or rng.choice(RANDOM_KINDS)
+    low = -64 if kind == "signed" else 0
+    z = torch.randint(low, 64, (B, D, HW), generator=gen).float() / 16
+    p = torch.randint(0, 64, (M, D), generator=gen).float() / 16
+    if kind.startswith("float"):
+        z = torch.rand(B, D, HW, generator=gen) * rng.choice([1.0, 4.0, 100.0])
+        p = torch.rand(M, D, generator=gen) * float(z.max())
+    if kind in ("pushed", "near_tie", "duplicates", "signed", "nonfinite", "float_pushed"):
+        for m in range(M):
+            if kind == "float_pushed" or rng.random() < 0.6:
+                b, k = rng.randrange(B), rng.randrange(HW)
+                p[m] = z[b, :, k]
+                if kind == "float_pushed" and rng.random() < 0.3:
+                    p[m] += 1e-4 * torch.randn(D, generator=gen)
+                if kind in ("near_tie", "float_pushed") and (r := rng.randrange(HW)) != k:
+                    z[b, :, r] = z[b, :, k]
+                    z[b, rng.randrange(D), r] += rng.choice([1e-3] if kind == "float_pushed" else [1 / 16, 1 / 8, 1.0])
+                if kind == "duplicates":
+                    for _ in range(rng.randrange(1, 4)):
+                        z[b, :, rng.randrange(HW)] = z[b, :, k]
+    if kind == "scaled":
+        s = 2.0 ** rng.choice([-30, -12, -3, 5, 20, 40])
+        z, p = z * s, p * s
+    if kind == "nonfinite":
+        for _ in range(rng.randrange(1, 4)):
+            value = rng.choice([math.nan, math.inf, -math.inf])
+            if rng.random() < 0.7:
+                z[rng.randrange(B), rng.randrange(D), rng.randrange(HW)] = value
+            else:
+                p[rng.randrange(M), rng.randrange(D)] = value
+    return z, p, not kind.startswith("float")

@@ -8,6 +8,7 @@ import torch
 import protokern
 from protokern import torch_backend
 from tests.reference import (
+    RANDOM_KINDS,
     bound_cases,
     check_against_reference,
     check_winners_and_gradients,
@@ -15,8 +16,10 @@ from tests.reference import (
     issue_case,
     near_tie_case,
     original_layer,
+    random_case,
     rel_err,
     residual_case,
+    winner_gradients,
 )
 
 gpu = pytest.mark.gpu
@@ -411,6 +414,43 @@ def test_inf_rule(case):
     s, d = protokern.prototype_similarity(z, p, backend=backend)
     gz, gp = torch.autograd.grad(s.sum() + d.sum(), (z, p))
     assert gz.isfinite().all() and gp.isfinite().all()
+
+
+@pytest.mark.parametrize("seed", range(len(RANDOM_KINDS)))
+def test_random_cases(case, seed):
+    """reference.random_case (odd and tile-edge shapes; grid values, near-ties, duplicates, scales, NaN and inf,
+    floats with 1e-6 rivals), one of each kind: every precision bit-identical; the contract's exact winners
+    where fp32 distances are exact, else float64 minimisers up to fp32 rounding; where all is finite, both
+    gradients against float64 at the backend's winners. Any seed by hand: csrc/emu/check.py --random does
+    the same for the CUDA kernels on the emulator."""
+    device, backend = case
+    small = device == "cpu" and backend == "triton"  # the interpreter: keep it quick
+    z3, p, exact = random_case(seed, RANDOM_KINDS[seed], **(dict(max_d=65, max_hw=65, max_m=65) if small else {}))
+    (B, D, HW), M = z3.shape, p.shape[0]
+    z = z3.view(B, D, 1, HW)
+    if seed % 2:
+        z = z.contiguous(memory_format=torch.channels_last)
+    z, p = z.to(device), p.to(device)
+    if exact:
+        sim, dist, idx = check_contract(z, p, backend)
+    else:
+        out = run_all_precisions(z, p, backend)
+        sim, dist, idx = out["highest"]
+        assert all(torch.equal(o[2], idx) and torch.equal(o[1], dist) and torch.equal(o[0], sim) for o in out.values())
+        full = ((z3.double()[:, None] - p.cpu().double()[None, :, :, None]) ** 2).sum(2)  # (B, M, HW)
+        picked = full.gather(2, idx[..., None])[..., 0]
+        assert (picked <= full.amin(2) * (1 + D * 2.0**-22)).all()
+        assert rel_err(dist, picked) < 1e-5
+    if not (z3.isfinite().all() and p.isfinite().all()):
+        return
+    zg, pg = z.detach().requires_grad_(), p.detach().requires_grad_()
+    s, d = protokern.prototype_similarity(zg, pg, backend=backend)
+    g = torch.Generator().manual_seed(seed)
+    w_sim, w_dist = torch.randn(B, M, generator=g), torch.randn(B, M, generator=g)
+    ((s * w_sim.to(device)).sum() + (d * w_dist.to(device)).sum()).backward()
+    coef = w_dist.double() + w_sim.double() * ((1e-4 - 1) / ((dist.double() + 1) * (dist.double() + 1e-4)))
+    ref_z, ref_p = winner_gradients(z3, p.cpu(), idx, coef)
+    assert rel_err(zg.grad.cpu().flatten(2), ref_z) < 1e-5 and rel_err(pg.grad.cpu(), ref_p) < 1e-5
 
 
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=str)

@@ -8,6 +8,7 @@ wait, the destination is poisoned at issue), so pipeline bugs show as NaN. It ca
 launch limits; races show under ThreadSanitizer (tests/test_cuda_gates.py).
 
     python csrc/emu/check.py            # build with g++ and run every check; exit status 1 on failure
+    python csrc/emu/check.py --random 600 [FIRST_SEED]   # random cases (check_random) for 10 minutes
 """
 
 from __future__ import annotations
@@ -412,6 +413,54 @@ CASES = [
 ]
 
 
+RANDOM_CASES = 18  # run()'s random cases: seeds 0..17, every kind twice
+LAYOUTS = ("contiguous", "channels_last", "strided_k", "strided_d", "padded_k", "misaligned")
+
+
+def check_random(lib, seed: int, kind: str | None = None) -> str | None:
+    """reference.random_case(seed, kind) in a random make_z3 layout: every precision and plan bit-identical in
+    (similarity, min_distances, patch_index); the contract's exact winner where fp32 distances are exact, else
+    a float64 minimiser up to fp32 rounding; where everything is finite, the backward against float64 at the
+    kernel's winners, in both block orders to the same bits. None if all hold, else what failed."""
+    z, p, exact = reference.random_case(seed, kind)
+    (B, D, HW), M = z.shape, p.shape[0]
+    z3 = make_z3(B, D, HW, LAYOUTS[seed % len(LAYOUTS)])
+    z3.copy_(z)
+    outs = {}
+    for precision in PRECISIONS:
+        outs[precision] = emu_forward(lib, z3, p, precision=precision)
+        for name, plan in plans(B, D, precision).items():
+            outs[f"{precision} {name}"] = emu_forward(lib, z3, p, precision=precision, plan=plan)
+    sim, dist, idx = outs["highest"]
+    for name, out in outs.items():
+        if not all(torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
+                               b.view(torch.int32) if b.is_floating_point() else b) for a, b in zip(out, outs["highest"])):
+            return f"{name}: outputs not bit-identical to 'highest'"
+    if exact:
+        err = check_contract({"every precision": outs["highest"]}, z3, p)
+        if err:
+            return err
+    else:
+        full = ((z3.double()[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)  # (B, M, HW)
+        picked, least = full.gather(2, idx[..., None])[..., 0], full.amin(2)
+        if not bool((picked <= least * (1 + D * 2.0**-22)).all()) or rel_err(dist, picked) > 1e-5:
+            return "float case: the winner is not a float64 minimiser up to fp32 rounding"
+    if not (z.isfinite().all() and p.isfinite().all()):
+        return None
+    g = torch.Generator().manual_seed(seed)
+    w_sim, w_dist = torch.randn(B, M, generator=g), torch.randn(B, M, generator=g)
+    gz, gp = emu_backward(lib, w_sim, w_dist, z3, p, idx, dist)
+    d = dist.double()
+    coef = w_dist.double() + w_sim.double() * ((1e-4 - 1) / ((d + 1) * (d + 1e-4)))  # dL/dd, eps = 1e-4
+    ref_z, ref_p = reference.winner_gradients(z3, p, idx, coef)
+    if rel_err(gz, ref_z) > 1e-5 or rel_err(gp, ref_p) > 1e-5:
+        return f"gradients off: grad_z {rel_err(gz, ref_z):.1e}, grad_p {rel_err(gp, ref_p):.1e}"
+    gz2, gp2 = emu_backward(lib, w_sim, w_dist, z3, p, idx, dist, reverse=True)
+    if not (torch.equal(gz, gz2) and torch.equal(gp, gp2)):
+        return "gradients depend on the blocks' order"
+    return None
+
+
 def check_launch_shapes(lib) -> str | None:
     """The launcher's forward grid (forward_launch) keeps grid_y within CUDA's 65535 and gives every image to
     exactly one block row, in both plans, for batch sizes around and far beyond that limit. None if so."""
@@ -619,6 +668,10 @@ def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = Tru
                     for name, plan in plans(z3.shape[0], z3.shape[1], precision).items()}
             err = check_contract(outs, z3, p)
             report(name, err is None, err or "")
+        for seed in range(RANDOM_CASES):
+            kind = reference.RANDOM_KINDS[seed % len(reference.RANDOM_KINDS)]
+            err = check_random(lib, seed, kind)
+            report(f"random case {seed} ({kind})", err is None, err or "")
         err = check_launch_shapes(lib)
         report("forward grid_y <= 65535 and every image in one block row, any B", err is None, err or "")
         err = check_copy_paths(lib)
@@ -643,6 +696,7 @@ def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = Tru
             z3, p = adversarial_cases()["issue: exact patch vs 1e-6..1.6e-5"]
             caught = check_contract({"medium": emu_forward(bad, z3, p, precision="medium")}, z3, p) is not None
             report("mutation: TF32 search without its bound is caught", caught)
+            report("mutation: ... and by a random case (float_pushed)", check_random(bad, 8, "float_pushed") is not None)
             (Path(tmp) / "mutant_lz").mkdir()
             bad = build(Path(tmp) / "mutant_lz", ("-DPROTOKERN_EMU_LZ_SCALE=0.25f",))
             report("mutation: TF32 residual term at a quarter fails the bound check",
@@ -650,5 +704,24 @@ def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = Tru
     return ok
 
 
+def run_random(seconds: float, first_seed: int) -> bool:
+    """check_random from first_seed on, for about `seconds` (a longer search than run()'s RANDOM_CASES)."""
+    import time
+
+    start, seed, failed = time.monotonic(), first_seed, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = build(Path(tmp))
+        while time.monotonic() - start < seconds:
+            err = check_random(lib, seed) or (f"{lib.emu_errors()} emulator errors" if lib.emu_errors() else None)
+            if err:
+                failed += 1
+                print(f"random case {seed}: {err}", flush=True)
+            seed += 1
+    print(f"random cases {first_seed}..{seed - 1}: {failed} failed")
+    return failed == 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--random":  # --random SECONDS [FIRST_SEED]
+        sys.exit(0 if run_random(float(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else RANDOM_CASES) else 1)
     sys.exit(0 if run() else 1)
