@@ -49,10 +49,26 @@ def search_level(precision: str, dtype: torch.dtype, device: torch.device) -> st
     if dtype == torch.float64:
         return "ieee"
     level = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}[precision]
-    matmul = {"highest": "ieee", "high": "tf32"}.get(torch.get_float32_matmul_precision(), "bf16")
-    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        matmul = search_bound.worst(matmul, "tf32")
-    return search_bound.worst(level, matmul)
+    return search_bound.worst(level, matmul_level(device))
+
+
+def matmul_level(device: torch.device) -> str:
+    """The least accurate products torch.matmul may use for float32 on this device type under the process's
+    settings, as a ``search_bound.LEVELS`` name: the per-backend ``fp32_precision`` (torch's newer API: "tf32",
+    "bf16"; "none" and "ieee" are fp32) and, where they can be read, the older ones
+    (``get_float32_matmul_precision``: "high" TF32, "medium" bfloat16; ``allow_tf32`` on CUDA). Those raise a
+    RuntimeError once the newer API has been used in the process, so they are only consulted when they answer."""
+    backends = torch.backends.cuda if device.type == "cuda" else getattr(torch.backends, "mkldnn", None)
+    setting = getattr(getattr(backends, "matmul", None), "fp32_precision", "none")
+    level = {"tf32": "tf32", "bf16": "bf16"}.get(setting, "ieee")
+    try:
+        level = search_bound.worst(level, {"highest": "ieee", "high": "tf32"}.get(torch.get_float32_matmul_precision(),
+                                                                                  "bf16"))
+        if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+            level = search_bound.worst(level, "tf32")
+    except RuntimeError:  # "... you have used mix of the legacy and new APIs ...": the newer setting above decides
+        pass
+    return level
 
 
 def _dot(p: torch.Tensor, z3: torch.Tensor, precision: str) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """The fused op, every backend, against the float64 original formulation (forward and both gradients)."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -564,6 +566,36 @@ def test_search_level_follows_torch_matmul_precision():
         torch.set_float32_matmul_precision(previous)
     assert torch_backend.search_level("highest", torch.float32, torch.device("cpu")) == "ieee"
     assert torch_backend.search_level("medium", torch.float64, torch.device("cpu")) == "ieee"
+
+
+NEWER_PRECISION_API = """
+import sys, torch, protokern
+from protokern import torch_backend
+exec(sys.argv[1])
+z, p = torch.rand(2, 8, 3, 3), torch.rand(5, 8)
+sim, dist = protokern.prototype_similarity(z, p, backend="torch")
+assert protokern.nearest_patches(z, p, backend="torch", precision="medium")[1].shape == (2, 5)
+print(torch_backend.search_level("highest", torch.float32, torch.device("cpu")),
+      torch_backend.search_level("highest", torch.float32, torch.device("cuda")))
+"""
+
+
+@pytest.mark.parametrize("setting, levels", [
+    ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", "ieee tf32"),
+    ("torch.backends.fp32_precision = 'tf32'", "tf32 tf32"),
+    ("torch.backends.mkldnn.matmul.fp32_precision = 'bf16'", "bf16 ieee"),
+    ("torch.backends.cuda.matmul.allow_tf32 = True", "tf32 tf32"),  # the older API still counts
+])
+def test_search_level_under_the_newer_precision_api(setting, levels):
+    """torch's per-backend fp32_precision (the API its docs recommend) makes the older getters raise a
+    RuntimeError for the rest of the process: the op still runs, and the setting still loosens the bound.
+    In a fresh process, as such a setting cannot be undone."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision") and "allow_tf32" not in setting:
+        pytest.skip("this torch has no fp32_precision API")
+    out = subprocess.run([sys.executable, "-c", NEWER_PRECISION_API, setting], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == levels.split()
 
 
 def test_torch_rescoring_memory_is_bounded(monkeypatch):
