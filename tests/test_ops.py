@@ -21,7 +21,6 @@ from tests.reference import (
     random_case,
     rel_err,
     residual_case,
-    winner_gradients,
 )
 
 gpu = pytest.mark.gpu
@@ -439,10 +438,6 @@ def test_random_cases(case, seed):
         out = run_all_precisions(z, p, backend)
         sim, dist, idx = out["highest"]
         assert all(torch.equal(o[2], idx) and torch.equal(o[1], dist) and torch.equal(o[0], sim) for o in out.values())
-        full = ((z3.double()[:, None] - p.cpu().double()[None, :, :, None]) ** 2).sum(2)  # (B, M, HW)
-        picked = full.gather(2, idx[..., None])[..., 0]
-        assert (picked <= full.amin(2) * (1 + D * 2.0**-22)).all()
-        assert rel_err(dist, picked) < 1e-5
     if not (z3.isfinite().all() and p.isfinite().all()):
         return
     zg, pg = z.detach().requires_grad_(), p.detach().requires_grad_()
@@ -450,9 +445,9 @@ def test_random_cases(case, seed):
     g = torch.Generator().manual_seed(seed)
     w_sim, w_dist = torch.randn(B, M, generator=g), torch.randn(B, M, generator=g)
     ((s * w_sim.to(device)).sum() + (d * w_dist.to(device)).sum()).backward()
-    coef = w_dist.double() + w_sim.double() * ((1e-4 - 1) / ((dist.double() + 1) * (dist.double() + 1e-4)))
-    ref_z, ref_p = winner_gradients(z3, p.cpu(), idx, coef)
-    assert rel_err(zg.grad.cpu().flatten(2), ref_z) < 1e-5 and rel_err(pg.grad.cpu(), ref_p) < 1e-5
+    # a float64 minimiser up to fp32 rounding of the distances (D 2^-24 each), its values, the gradients
+    check_winners_and_gradients(z3, p.cpu(), sim, dist, idx, w_sim, w_dist, zg.grad.cpu(), pg.grad.cpu(),
+                                search_tol=D * 2.0**-22)
 
 
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=str)
