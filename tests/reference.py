@@ -213,15 +213,15 @@ def random_case(seed: int, kind: str | None = None, *, max_b: int = 5, max_d: in
     """A random contract case from ``seed``: (z3 (B, D, HW), p (M, D), exact), float32, contiguous.
 
     The shape is drawn from odd and tile-edge sizes within the limits, the values from ``kind`` (by default
-    one of RANDOM_KINDS, drawn):
-    on the 1/16 grid in [0, 4) ("dyadic"), with prototypes copied from patches ("pushed", "nonfinite",
-    "signed"), a rival patch one grid step or 1/8 or 1 away in one channel ("near_tie"), exact copies of a
-    prototype's patch ("duplicates"), the grid scaled by 2^-30..2^40 ("scaled"), in [-4, 4) ("signed"), or
-    with NaN / +-inf in z or p ("nonfinite"); or uniform floats ("float", "float_pushed": every prototype at or
-    1e-4 from a patch, a rival patch 1e-3 away in one channel: squared distance 1e-6, below TF32's search error,
-which only the certified rescoring tells apart). ``exact``: every fp32 squared distance is exact (grid values, D <= 256: at most 22
-    significant bits), so the contract's winner is known in float64 (``contract_result``); for the float
-    kinds fp32 rounding may break near-ties either way (by D 2^-24 of the distance at most)."""
+    one of RANDOM_KINDS, drawn): on the 1/16 grid in [0, 4) ("dyadic"), with prototypes copied from patches
+    ("pushed", "nonfinite", "signed"), a rival patch one grid step or 1/8 or 1 away in one channel
+    ("near_tie"), exact copies of a prototype's patch ("duplicates"), the grid scaled by 2^-30..2^40
+    ("scaled"), in [-4, 4) ("signed"), or with NaN / +-inf in z or p ("nonfinite"); or uniform floats
+    ("float", "float_pushed": every prototype at or 1e-4 from a patch, a rival patch 1e-3 away in one channel:
+    squared distance 1e-6, below TF32's search error, which only the certified rescoring tells apart).
+    ``exact``: every fp32 squared distance is exact (grid values, D <= 256: at most 22 significant bits), so
+    the contract's winner is known in float64 (``contract_result``); for the float kinds fp32 rounding may
+    break near-ties either way (by D 2^-24 of the distance at most)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     B = rng.choice([b for b in _RANDOM_B if b <= max_b])

@@ -369,7 +369,7 @@ def adversarial_cases(gen_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.
 
 def check_contract(outs: dict, z3, p) -> str | None:
     """outs: precision -> (sim, dist, idx). None if every precision meets the contract and all precisions
-    agree bit for bit on (min_distances, patch_index), else what failed."""
+    agree bit for bit (check_same_bits), else what failed."""
     sim_ref, dist_ref, idx_ref = contract_reference(z3, p)
     for precision, (sim, dist, idx) in outs.items():
         if not torch.equal(idx, idx_ref):
@@ -384,10 +384,17 @@ def check_contract(outs: dict, z3, p) -> str | None:
         ok_sim = ~sim_ref.isnan()
         if not torch.allclose(sim[ok_sim].double(), sim_ref[ok_sim], rtol=0, atol=1e-4):
             return f"{precision}: similarity differs from the contract"
+    return check_same_bits(outs)
+
+
+def check_same_bits(outs: dict) -> str | None:
+    """outs: name -> (similarity, min_distances, patch_index) of one input. None if all are bit-identical to
+    the first, else which one is not."""
     first = next(iter(outs.values()))
-    for precision, (_, dist, idx) in outs.items():
-        if not (torch.equal(dist.view(torch.int32), first[1].view(torch.int32)) and torch.equal(idx, first[2])):
-            return f"{precision}: (min_distances, patch_index) not bit-identical across precisions"
+    for name, out in outs.items():
+        if not all(torch.equal(a.view(torch.int32), b.view(torch.int32)) if a.is_floating_point() else torch.equal(a, b)
+                   for a, b in zip(out, first)):
+            return f"{name}: (similarity, min_distances, patch_index) not bit-identical to {next(iter(outs))}"
     return None
 
 
@@ -432,14 +439,9 @@ def check_random(lib, seed: int, kind: str | None = None) -> str | None:
         for name, plan in plans(B, D, precision).items():
             outs[f"{precision} {name}"] = emu_forward(lib, z3, p, precision=precision, plan=plan)
     sim, dist, idx = outs["highest"]
-    for name, out in outs.items():
-        if not all(torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
-                               b.view(torch.int32) if b.is_floating_point() else b) for a, b in zip(out, outs["highest"])):
-            return f"{name}: outputs not bit-identical to 'highest'"
-    if exact:
-        err = check_contract({"every precision": outs["highest"]}, z3, p)
-        if err:
-            return err
+    err = check_contract(outs, z3, p) if exact else check_same_bits(outs)
+    if err:
+        return err
     if not (z.isfinite().all() and p.isfinite().all()):
         return None
     g = torch.Generator().manual_seed(seed)
@@ -652,10 +654,8 @@ def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = Tru
                     outs[f"{precision} {name}"] = emu_forward(lib, z3, p, precision=precision, plan=plan)
                 report(f"{precision:8} {(B, D, HW, M)!s:20} {layout:14}", res["ok"],
                        {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in res.items() if k != "ok"})
-            first = next(iter(outs.values()))
-            same = all(torch.equal(o[1].view(torch.int32), first[1].view(torch.int32))
-                       and torch.equal(o[2], first[2]) for o in outs.values())
-            report(f"bit-identical across precisions and plans {(B, D, HW, M)!s}", same)
+            err = check_same_bits(outs)
+            report(f"bit-identical across precisions and plans {(B, D, HW, M)!s}", err is None, err or "")
         for name, (z3, p) in adversarial_cases().items():
             outs = {f"{precision} {name}": emu_forward(lib, z3, p, precision=precision, plan=plan)
                     for precision in precisions
