@@ -87,6 +87,30 @@ def check_similarity(similarity) -> str:
     return similarity
 
 
+def _unit_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(u_normal, r, u_small, a, small, inf) of ``_UnitVectors`` for x (N, K, ...), each vector along dim 1.
+
+    ``small``: |x| < COSINE_EPS (zero vectors included; not NaN or inf vectors), ``inf``: some |x_i| = inf;
+    every other vector (NaN ones included) is normal. ``u_normal`` = x / |x| and r = |x| (norm scaled by the
+    largest |x_i|: no overflow or underflow) on normal vectors; ``u_small`` = x / COSINE_EPS and
+    a = sqrt(1 - |u_small|^2) on small ones. Each branch computes on its own vectors only (1 or 0 elsewhere),
+    so that derivatives through these torch ops never carry another branch's inf or NaN: differentiable to any
+    order.
+    """
+    with torch.no_grad():  # the masks
+        scale = x.abs().amax(1, keepdim=True)  # NaN if the vector holds a NaN
+        norm_w = torch.linalg.vector_norm(x / scale, dim=1, keepdim=True)
+        small = torch.where(scale == 0, 0.0, scale * norm_w) < COSINE_EPS  # False for NaN and inf vectors
+        inf = scale == float("inf")
+    xn = torch.where(small | inf, 1.0, x)
+    sn = xn.abs().amax(1, keepdim=True)
+    wn = xn / sn
+    norm = torch.linalg.vector_norm(wn, dim=1, keepdim=True)
+    us = torch.where(small, x, 0.0) / COSINE_EPS
+    a = torch.where(small, (1 - (us * us).sum(1, keepdim=True)).clamp_min(0).sqrt(), 0.0)
+    return wn / norm, sn * norm, us, a, small, inf
+
+
 class _UnitVectors(torch.autograd.Function):
     """x (N, K, ...) -> (N, K + 2, ...): each vector along dim 1 divided by max(|x|, COSINE_EPS), followed by
     two padding channels (a, 0) (``slot`` 0) or (0, a) (``slot`` 1) with a = sqrt(1 - |x_hat|^2), which is 0
@@ -95,36 +119,52 @@ class _UnitVectors(torch.autograd.Function):
     The padding makes every output a unit vector (so the squared distance of a z output and a prototype output
     is exactly 2 - 2 cos, cos = x_hat . y_hat, also for zero vectors, whose cos is 0) without changing any dot
     product between a z output and a prototype output. A vector holding NaN gives NaN; one holding +-inf
-    (no NaN) is passed through unchanged, so the fused op puts it at distance +inf. The norm is computed
-    scaled by the largest |x_i| (no overflow or underflow). Backward: the exact Jacobian of that map
-    ((I - x_hat x_hat^T) / |x| for |x| >= COSINE_EPS; the padding's derivative inside the eps ball).
+    (no NaN) is passed through unchanged, so the fused op puts it at distance +inf. Backward: the exact
+    Jacobian of that map ((I - x_hat x_hat^T) / |x| for |x| >= COSINE_EPS; the padding's derivative inside the
+    eps ball), recomputed from x (nothing saved but x) in torch ops: differentiable again under
+    create_graph=True, vmappable (``generate_vmap_rule``).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, slot):
-        scale = x.abs().amax(1, keepdim=True)  # NaN if the vector holds a NaN
-        w = x / scale
-        norm_w = torch.linalg.vector_norm(w, dim=1, keepdim=True)
-        r = torch.where(scale == 0, 0.0, scale * norm_w)  # |x|
-        t = r / COSINE_EPS
-        small = t < 1  # includes zero vectors; False for NaN and inf vectors
-        inf = scale == float("inf")
-        u = torch.where(small, x / COSINE_EPS, torch.where(inf, x, w / norm_w))
-        ts = torch.where(small, t, 0.0)
-        a = torch.where(small, ((1 - ts) * (1 + ts)).sqrt(), 0.0)
+    def forward(x, slot):
+        un, _, us, a, small, inf = _unit_parts(x)
+        u = torch.where(small, us, torch.where(inf, x, un))
         pad = (a, torch.zeros_like(a)) if slot == 0 else (torch.zeros_like(a), a)
-        ctx.save_for_backward(u, r, a, small, inf)
-        ctx.slot = slot
         return torch.cat((u, *pad), 1)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+        ctx.slot = inputs[1]
+
+    @staticmethod
     def backward(ctx, grad):
-        u, r, a, small, inf = ctx.saved_tensors
-        K = u.shape[1]
+        x, = ctx.saved_tensors
+        un, r, us, a, small, inf = _unit_parts(x)
+        K = x.shape[1]
         gu, ga = grad[:, :K], grad[:, K + ctx.slot:K + ctx.slot + 1]
-        normal = (gu - (gu * u).sum(1, keepdim=True) * u) / r
-        inside = (gu - ga * u / torch.where(small, a, 1.0)) / COSINE_EPS
+        normal = (gu - (gu * un).sum(1, keepdim=True) * un) / r
+        inside = (gu - ga * us / torch.where(small, a, 1.0)) / COSINE_EPS
         return torch.where(small, inside, torch.where(inf, gu, normal)), None
+
+
+
+class _UnitVectorsEager(_UnitVectors):
+    """``_UnitVectors`` with forward mode (torch.func.jvp, jacfwd, hessian) for eager calls: torch.compile
+    cannot trace an autograd.Function that defines ``jvp``, so compiled graphs use the base class."""
+
+    @staticmethod
+    def jvp(ctx, dx, _):
+        x, = ctx.saved_tensors
+        un, r, us, a, small, inf = _unit_parts(x)
+        normal = (dx - (dx * un).sum(1, keepdim=True) * un) / r
+        du = torch.where(small, dx / COSINE_EPS, torch.where(inf, dx, normal))
+        da = torch.where(small, -(us * dx).sum(1, keepdim=True) / (COSINE_EPS * torch.where(small, a, 1.0)), 0.0)
+        pad = (da, torch.zeros_like(da)) if ctx.slot == 0 else (torch.zeros_like(da), da)
+        return torch.cat((du, *pad), 1)
 
 
 def _prepare(z: Tensor, prototypes: Tensor, similarity: str, eps: float = 1.0,
@@ -143,7 +183,8 @@ def _prepare(z: Tensor, prototypes: Tensor, similarity: str, eps: float = 1.0,
         z = F.unfold(z, (kh, kw)).view(B, p.shape[1], H - kh + 1, W - kw + 1)
     if similarity == "cosine":
         dtype = torch_backend._compute_dtype(z, p)
-        z, p = _UnitVectors.apply(z.to(dtype), 0), _UnitVectors.apply(p.to(dtype), 1)
+        unit = _UnitVectors if torch.compiler.is_compiling() else _UnitVectorsEager
+        z, p = unit.apply(z.to(dtype), 0), unit.apply(p.to(dtype), 1)
     return z, p
 
 
@@ -213,8 +254,17 @@ def _backward(ctx, grad_sim, grad_dist, _grad_idx):
     z, p, idx, dist = ctx.saved_tensors
     grad_sim = torch.zeros_like(dist) if grad_sim is None else grad_sim
     grad_dist = torch.zeros_like(dist) if grad_dist is None else grad_dist
-    backward = _backward_impl if getattr(ctx, "eager", False) else _backward_op
-    grad_z, grad_p = backward(grad_sim, grad_dist, z, p, idx, dist, ctx.eps, ctx.backend)
+    eager = getattr(ctx, "eager", False)
+    backend = ctx.backend
+    if eager and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (z, p, dist, grad_sim, grad_dist)):
+        # create_graph=True (double backward, gradient penalties, torch.func.grad): the kernels' gradients
+        # would be constants to autograd, silently dropping every second-order term. The torch backend's
+        # backward is written in differentiable torch ops (with `dist` an output of this op, so its own
+        # derivative comes back through here): same first-order values, exact second order.
+        backend = "torch"
+    backward = _backward_impl if eager else _backward_op
+    grad_z, grad_p = backward(grad_sim, grad_dist, z, p, idx, dist, ctx.eps, backend)
     return grad_z, grad_p, None, None, None
 
 
@@ -222,14 +272,50 @@ class _PrototypeSimilarity(torch.autograd.Function):
     """Eager path: the custom op's implementation and autograd without the custom-op dispatch overhead."""
 
     @staticmethod
-    def forward(ctx, z, p, eps, backend, precision):
-        output = _forward_impl(z, p, eps, backend, precision)
-        _setup_context(ctx, (z, p, eps, backend, precision), output)
+    def forward(z, p, eps, backend, precision):
+        return _forward_impl(z, p, eps, backend, precision)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # separate from forward, as torch.func transforms require
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], inputs[1], output[2], output[1])  # as saved for backward
         ctx.mark_non_differentiable(output[2])
         ctx.eager = True
-        return output
 
     backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, dz, dp, *_):
+        """Forward mode (torch.func.jvp, jacfwd, hessian): the tangent of the winner's exact distance
+        2 (z_win - p) . (dz_win - dp), in torch ops (it holds the (B, M, D) winners at once)."""
+        z, p, idx, dist = ctx.saved_tensors
+        dtype = torch_backend._compute_dtype(z, p)
+
+        def winners(x):  # (B, D, H, W) -> (B, M, D) at the winning patches
+            return torch_backend._winners(x.flatten(2).transpose(1, 2).to(dtype), idx)
+
+        tangent = (winners(dz) if dz is not None else 0) - (dp.to(dtype)[None] if dp is not None else 0)
+        dd = 2 * ((winners(z) - p.to(dtype)[None]) * tangent).sum(-1)
+        dsim = dd * (1 / (dist + 1) - 1 / (dist + ctx.eps))
+        return dsim.to(dist.dtype), dd.to(dist.dtype), None
+
+    @staticmethod
+    def vmap(info, in_dims, z, p, eps, backend, precision):
+        """torch.vmap (per-sample gradients: ``vmap(grad(...))``): one op call over the vmapped batch folded
+        into B (z batched) or into M (prototypes batched); one call per entry when both are."""
+        z_dim, p_dim = in_dims[:2]
+        n = info.batch_size
+        apply = _PrototypeSimilarity.apply
+        if p_dim is None:  # (n, B, ...) -> (n * B, ...): every output row is one (entry, image)
+            out = apply(z.movedim(z_dim, 0).flatten(0, 1), p, eps, backend, precision)
+            return tuple(o.unflatten(0, (n, -1)) for o in out), (0, 0, 0)
+        p = p.movedim(p_dim, 0)
+        if z_dim is None:  # (n, M, ...) -> (n * M, ...): every output column is one (entry, prototype)
+            out = apply(z, p.flatten(0, 1), eps, backend, precision)
+            return tuple(o.unflatten(1, (n, -1)) for o in out), (1, 1, 1)
+        z = z.movedim(z_dim, 0)
+        outs = [apply(z[i], p[i], eps, backend, precision) for i in range(n)]
+        return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -175,25 +175,33 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
 
 
 def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
-    """Returns (grad_z3 (B, D, HW) contiguous, grad_p (M, D)) in the compute dtype; deterministic."""
+    """Returns (grad_z3 (B, D, HW) contiguous, grad_p (M, D)) in the compute dtype; deterministic.
+
+    Written out of place in differentiable torch ops, so that it is also the op's backward wherever that must
+    itself be differentiated or vmapped (create_graph=True, torch.func transforms; see ops._backward).
+    """
     dtype = _compute_dtype(z3, p)
     z3, p = z3.to(dtype), p.to(dtype)
     B, D, HW = z3.shape
     M = p.shape[0]
     g = grad_dist.to(dtype) + grad_sim.to(dtype) * (1 / (dist + 1) - 1 / (dist + eps))
     zt = z3.transpose(1, 2)
-    grad_zt = torch.zeros((B, HW, D), device=z3.device, dtype=dtype)
-    grad_p = torch.zeros((M, D), device=z3.device, dtype=dtype)
+    patches = torch.arange(HW, device=z3.device)
+    grad_zt: list[torch.Tensor] = []  # one (b, HW, D) sum per image slab
+    grad_p: dict[int, torch.Tensor] = {}  # one (m, D) sum per prototype slab, over the image slabs in order
     for bs, ms in _slabs(B, M, HW):
         gs, ids = g[bs, ms], idx[bs, ms]
         # Direct differences g * (z - p), never |z|^2-style expansions: no cancellation when g is huge (d ~ 0).
         contrib = 2 * gs[..., None] * (_winners(zt[bs], ids) - p[None, ms])  # (b, m, D)
-        grad_p[ms] -= contrib.sum(0)
+        grad_p[ms.start] = grad_p.get(ms.start, 0) - contrib.sum(0)
         # 0/1 matrix (b, HW, m) with one 1 per column: each patch sums exactly the pairs it won.
-        won = torch.zeros((gs.shape[0], HW, gs.shape[1]), device=z3.device, dtype=dtype)
-        won.scatter_(1, ids[:, None, :], 1.0)
-        grad_zt[bs] += won @ contrib
-    return grad_zt.transpose(1, 2).contiguous(), grad_p
+        won = (ids[:, None, :] == patches[:, None]).to(dtype)
+        part = won @ contrib
+        if ms.start == 0:
+            grad_zt.append(part)
+        else:
+            grad_zt[-1] = grad_zt[-1] + part
+    return torch.cat(grad_zt).transpose(1, 2).contiguous(), torch.cat([grad_p[m] for m in sorted(grad_p)])
 
 
 def distances(z3: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -163,6 +163,61 @@ def test_gradcheck_float64_torch_backend():
     assert torch.autograd.gradcheck(lambda a, b: protokern.prototype_similarity(a, b, backend="torch"), (z, p))
 
 
+def penalty_gradients(layer, z, p, w):
+    """Gradients (z, p) of sum(w * sim) + |d sum(sim) / dz|^2: a gradient penalty, through create_graph=True."""
+    sim, _ = layer(z, p)
+    gz, = torch.autograd.grad(sim.sum(), z, create_graph=True)
+    return torch.autograd.grad((w * sim).sum() + (gz * gz).sum(), (z, p))
+
+
+def test_second_order_matches_original(case):
+    """Double backward through every backend: the kernels' gradients are not differentiable themselves, so
+    the op must not hand them to autograd as constants (that would drop every second-order term silently)."""
+    device, backend = case
+    z = torch.rand(2, 6, 3, 4, device=device, requires_grad=True)
+    p = torch.rand(5, 6, device=device, requires_grad=True)
+    w = torch.randn(2, 5, device=device)
+    got = penalty_gradients(lambda a, b: protokern.prototype_similarity(a, b, backend=backend), z, p, w)
+    zr, pr = (t.detach().double().requires_grad_() for t in (z, p))
+    want = penalty_gradients(original_layer, zr, pr, w.double())
+    assert rel_err(got[0], want[0]) < 1e-4 and rel_err(got[1], want[1]) < 1e-4
+    sim, _ = protokern.prototype_similarity(z, p, backend=backend)  # first order, no create_graph: unchanged
+    gz, = torch.autograd.grad(sim.sum(), z)
+    assert not gz.requires_grad
+
+
+def test_torch_func_transforms(case):
+    """torch.func: vmap (z batched, prototypes batched, both), per-sample gradients vmap(grad), and
+    forward mode (jacfwd over grad: the Hessian in p), each against the float64 original layer."""
+    device, backend = case
+    zs = torch.rand(4, 2, 6, 3, 3, device=device)
+    ps = torch.rand(4, 5, 6, device=device)
+    layer = lambda z, p: protokern.prototype_similarity(z, p, backend=backend)
+    fused = lambda z, p: torch.stack(layer(z, p))
+    orig = lambda z, p: torch.stack(original_layer(z, p))
+    for in_dims, args in [((0, None), (zs, ps[0])), ((None, 0), (zs[0], ps)), ((0, 0), (zs, ps)),
+                          ((2, None), (zs.movedim(0, 2), ps[0]))]:
+        got = torch.vmap(fused, in_dims=in_dims)(*args)
+        want = torch.vmap(orig, in_dims=in_dims)(*(a.double() for a in args))
+        assert got.shape == want.shape == (4, 2, 2, 5) and rel_err(got, want) < 1e-5
+
+    w = torch.randn(5, device=device)
+
+    def loss(layer, p, x):
+        sim, dist = layer(x[None], p)
+        return (w.to(sim.dtype) * sim).sum() + dist.sum()
+
+    for argnums in (0, 1):
+        per_sample = torch.func.grad(lambda p, x: loss(layer, p, x), argnums)
+        got = torch.vmap(per_sample, in_dims=(None, 0))(ps[0], zs[:, 0])
+        want = torch.vmap(torch.func.grad(lambda p, x: loss(original_layer, p, x), argnums), in_dims=(None, 0))(
+            ps[0].double(), zs[:, 0].double())
+        assert rel_err(got, want) < 1e-5
+    got = torch.func.hessian(lambda p: loss(layer, p, zs[0, 0]))(ps[0])
+    want = torch.func.hessian(lambda p: loss(original_layer, p, zs[0, 0].double()))(ps[0].double())
+    assert got.shape == (5, 6, 5, 6) and rel_err(got, want) < 1e-5
+
+
 def test_torch_backend_memory_is_bounded(monkeypatch):
     """Slabs cover the (B, M, HW) map exactly once, each within SLAB elements; results do not depend on it."""
     B, M, HW = 64, 10000, 28 * 28

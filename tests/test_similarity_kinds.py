@@ -132,16 +132,46 @@ def test_fused_gpu_backends_match_reference(z_shape, p_shape, similarity, backen
     check_against_reference(z, p, similarity, backend)
 
 
+@pytest.mark.parametrize("window", [(1, 1), (2, 3)])
 @pytest.mark.parametrize("similarity", SIMILARITIES)
-def test_float64_gradcheck_torch_backend(similarity):
+def test_float64_gradcheck_torch_backend(similarity, window):
+    """First order in reverse and forward mode (jvp), second order reverse-over-reverse and
+    forward-over-reverse (create_graph=True, torch.func.hessian): all against finite differences."""
     z = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
-    p = torch.randn(3, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(3, 3, *window, dtype=torch.float64, requires_grad=True)
 
     def f(z, p):
         return protokern.prototype_similarity(z, p, similarity=similarity, backend="torch", eps=0.1)
 
     assert f(z, p)[0].dtype == torch.float64
-    assert torch.autograd.gradcheck(f, (z, p), eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(f, (z, p), eps=1e-6, atol=1e-6, rtol=1e-4, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, (z, p), eps=1e-6, atol=1e-5, rtol=1e-4, check_fwd_over_rev=True)
+
+
+def test_unit_vectors_derivatives_in_every_branch():
+    """The cosine's unit-vector map: first and second order in the eps ball (zero and tiny vectors) and
+    outside it, and forward mode against reverse mode (<v, J t> both ways) also on vectors holding inf."""
+    y = torch.randn(6, 4, 2, dtype=torch.float64)
+    y[0] = 0  # a zero vector: |x| = 0
+    y[1:3] *= 0.5 / y[1:3].norm(dim=1, keepdim=True)  # |x| = 5e-9 after the scale: inside the ball
+    y[3:] *= 1e3  # |x| ~ 1e-6: outside
+    for slot in (0, 1):
+        def f(y):
+            return ops._UnitVectorsEager.apply(y * 1e-8, slot)
+
+        y = y.detach().requires_grad_()
+        assert torch.autograd.gradcheck(f, (y,), eps=1e-7, atol=1e-6, check_forward_ad=True)
+        assert torch.autograd.gradgradcheck(f, (y,), eps=1e-7, atol=1e-5, check_fwd_over_rev=True)
+    x = torch.randn(4, 3, 2, dtype=torch.float64)
+    x[0, 1, 0] = float("inf")
+    x[1, :, 1] = 0
+    x[2] *= 1e-10
+    t, v = torch.randn_like(x), torch.randn(4, 5, 2, dtype=torch.float64)
+    for slot in (0, 1):
+        _, jt = torch.func.jvp(lambda x: ops._UnitVectorsEager.apply(x, slot), (x,), (t,))
+        _, vjp = torch.func.vjp(lambda x: ops._UnitVectors.apply(x, slot), x)
+        lhs, rhs = (v * jt).sum(), (vjp(v)[0] * t).sum()
+        assert torch.isfinite(lhs) and abs(lhs - rhs) < 1e-9 * (1 + abs(rhs))
 
 
 @pytest.mark.parametrize("similarity", SIMILARITIES)
