@@ -82,7 +82,7 @@ SMALL_TILE_MAX_REGISTERS = 255
 # The certification's separable form (search_bound.separable) needs every norm of a tile finite and at most this.
 # Only "medium" (the default) uses it: "high" and "highest"'s 64-row tiles, with both forms compiled, spill 24 and
 # 72 bytes in the generic compile (each form alone does not; NOTES.md "Triton v15").
-SEPARABLE_MAX_NORM2 = tl.constexpr(2.0 ** 100)
+SEPARABLE_MAX_NORM2 = tl.constexpr(search_bound.SEPARABLE_MAX_NORM2)
 SEPARABLE_LEVELS = ("tf32",)
 STREAMED_P_MAX_REGISTERS = {"highest": 128} if TRITON_VERSION >= (3, 8) else {}
 GRAD_P_CHANNEL_TILES = (16, 32)  # BLOCK_D of grad_p, from D

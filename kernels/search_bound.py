@@ -73,6 +73,7 @@ from __future__ import annotations
 import math
 
 TINY = 2.0 ** -100
+SEPARABLE_MAX_NORM2 = 2.0 ** 100  # the separable form (``separable``) applies where every |z|^2, |p|^2 is at most this
 LEVELS = ("ieee", "tf32x3", "tf32", "bf16")  # increasing search error
 FP32_UNIT = 2.0 ** -24
 FP64_UNIT = 2.0 ** -53

@@ -2,9 +2,11 @@
 
 Same result contract and hand-written backward as the fused kernels (docs/design.md): a certified search
 (``search``, with the precisions' products emulated: TF32 truncation, 3xTF32 split) and an exact rescoring
-of the candidates (``exact_distances``). The (B, M, H*W) map is only ever held one slab at a time (at most
-``SLAB`` elements), and the rescoring gathers at most ``SLAB`` feature values at once, so huge problems run
-in bounded memory. Computes in float64 when both inputs are float64 (for ``gradcheck``), else in float32.
+of the candidates (``exact_distances``). The (B, M, H*W) map is only ever held one slab at a time, and
+every slab-sized temporary ((b, m, H*W), the rescored and backward (b, m, D) features) holds at most ``SLAB``
+elements, so huge problems run in bounded memory (and, on CPUs, in allocations that the allocator reuses
+instead of mapping fresh pages for each). Computes in float64 when both inputs are float64 (for
+``gradcheck``), else in float32.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import torch
 
 from protokern.kernels import search_bound
 
-SLAB = 1 << 22  # elements of the (b, m, HW) search slab held at once (a few such tensors live together)
+SLAB = 1 << 22  # elements of one slab-sized temporary (a few such tensors live together)
 
 
-def _slabs(B: int, M: int, HW: int) -> Iterator[tuple[slice, slice]]:
-    bc = max(1, min(B, SLAB // HW))
-    mc = max(1, min(M, SLAB // (bc * HW)))
+def _slabs(B: int, M: int, width: int) -> Iterator[tuple[slice, slice]]:
+    """(images, prototypes) slices covering (B, M) once, each with b * m * width <= SLAB (or one pair)."""
+    bc = max(1, min(B, SLAB // width))
+    mc = max(1, min(M, SLAB // (bc * width)))
     for b0 in range(0, B, bc):
         for m0 in range(0, M, mc):
             yield slice(b0, b0 + bc), slice(m0, m0 + mc)
@@ -30,9 +33,23 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if all(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _patch_rows(z3: torch.Tensor) -> torch.Tensor:
+    """z3 (B, D, HW) as (B * HW, D) rows, one per patch, channels contiguous (a view of channels-last z, else
+    one copy): the rescoring and the backward read whole rows of it with ``index_select``, which copies rows
+    where gathering from the (B, D, HW) layout reads one strided value at a time (about 10x slower on a CPU)."""
+    B, D, HW = z3.shape
+    return z3.transpose(1, 2).reshape(B * HW, D)
+
+
+def _rows(b0: int, idx: torch.Tensor, HW: int) -> torch.Tensor:
+    """Row (b0 + b) * HW + idx[b, m] of ``_patch_rows`` for each pair (b, m) of idx (b, m), flattened."""
+    return (idx + HW * torch.arange(b0, b0 + idx.shape[0], device=idx.device)[:, None]).flatten()
+
+
 def _winners(zt: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Feature vectors (b, m, D) at the winning patches idx (b, m) of zt (b, HW, D)."""
-    return torch.gather(zt, 1, idx[..., None].expand(-1, -1, zt.shape[-1]))
+    """Feature vectors (B, M, D) at the winning patches idx (B, M) of zt (B, HW, D)."""
+    B, HW, D = zt.shape
+    return zt.reshape(B * HW, D).index_select(0, _rows(0, idx, HW)).view(*idx.shape, D)
 
 
 def _tf32(x: torch.Tensor) -> torch.Tensor:
@@ -92,15 +109,46 @@ def search(z3: torch.Tensor, p: torch.Tensor, precision: str = "highest") -> tup
     unit = search_bound.FP64_UNIT if z3.dtype == torch.float64 else search_bound.FP32_UNIT
     level = search_level(precision, z3.dtype, z3.device)
     z_norm, p_norm = (z3 * z3).sum(1), (p * p).sum(1)
-    approx = z_norm[:, None, :] + p_norm[None, :, None] - 2 * _dot(p, z3, precision)
+    # In place where a fresh slab-sized tensor can take the result (the same roundings as the plain formulas:
+    # (|z|^2 + |p|^2) - 2 z.p, 2 z.p exact; c ((|z| + |p|)^2 + tiny) [+ r (...)]).
+    approx = (z_norm[:, None, :] + p_norm[None, :, None]).sub_(_dot(p, z3, precision), alpha=2)
     z_len, p_len = z_norm.sqrt()[:, None, :], p_norm.sqrt()[None, :, None]
     if precision == "medium" and level == "tf32":  # _dot truncated the operands itself: their residuals bound it
         coef, res, tiny = search_bound.truncated_tf32_bound(D)
         z_lo = (z3 - _tf32(z3)).square().sum(1).sqrt()[:, None, :]
         p_lo = (p - _tf32(p)).square().sum(1).sqrt()[None, :, None]
-        return approx, coef * ((z_len + p_len).square() + tiny) + res * (z_lo * p_len + z_len * p_lo)
+        residual = (z_lo * p_len).add_(z_len * p_lo).mul_(res)
+        return approx, (z_len + p_len).square_().add_(tiny).mul_(coef).add_(residual)
     coef = search_bound.coefficient(level, D, unit)
-    return approx, coef * ((z_len + p_len).square() + search_bound.TINY)
+    return approx, (z_len + p_len).square_().add_(search_bound.TINY).mul_(coef)
+
+
+def separable_candidates(z3: torch.Tensor, p: torch.Tensor,
+                         precision: str = "highest") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The certified search's candidates by the separable form of its bound (``search_bound.separable``), as the
+    kernels evaluate it: hi = |z|^2 (1 + c_s) - 2 z.p, lo = |z|^2 (1 - c_s) - 2 z.p, a candidate where
+    lo - B_m <= min over the row of hi + B_m (|p|^2, the same for every patch of a row, cancels).
+
+    Returns (cand (b, m, HW) bool, lead (b, m, 1): a patch of each row that is a candidate), or None where the
+    form does not apply: a squared norm not finite or above ``search_bound.SEPARABLE_MAX_NORM2`` (``search``'s
+    per-pair form then certifies), or "medium"'s truncation-residual bound, whose extra term is per pair.
+    Five passes over the slab (``search`` and its use take about twelve).
+    """
+    level = search_level(precision, z3.dtype, z3.device)
+    if precision == "medium" and level == "tf32":
+        return None
+    z_norm, p_norm = (z3 * z3).sum(1), (p * p).sum(1)
+    limit = search_bound.SEPARABLE_MAX_NORM2
+    if not bool((z_norm <= limit).all() & (p_norm <= limit).all()):  # NaN fails too
+        return None
+    unit = search_bound.FP64_UNIT if z3.dtype == torch.float64 else search_bound.FP32_UNIT
+    coef = search_bound.coefficient(level, z3.shape[1], unit)
+    sep = search_bound.separable(coef, unit)
+    dot = _dot(p, z3, precision)
+    lo = torch.add((z_norm * (1 - sep))[:, None, :], dot, alpha=-2)  # one rounding: 2 z.p is exact
+    low, lead = dot.mul_(-2).add_((z_norm * (1 + sep))[:, None, :]).min(-1, keepdim=True)
+    row = (sep * p_norm + coef * search_bound.TINY)[None, :, None]  # B_m
+    return lo.sub_(row) <= low.add_(row), lead
 
 
 def exact_distances(zv: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
@@ -109,23 +157,25 @@ def exact_distances(zv: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
     Elementwise operations only: the bits do not depend on how many rows are scored at once, on the device,
     or on the search precision that selected them.
     """
-    x = (zv - pv).square()
-    while x.shape[-1] > 1:
-        if x.shape[-1] % 2:
-            x = torch.nn.functional.pad(x, (0, 1))  # + exact zeros
-        half = x.shape[-1] // 2
-        x = x[..., :half] + x[..., half:]
+    x = (zv - pv).square_()
+    while (n := x.shape[-1]) > 1:  # pairs (i, i + half); an odd n's middle value pairs with an exact zero
+        half = (n + 1) // 2
+        x[..., :n - half].add_(x[..., half:])
+        x = x[..., :half]
     return x[..., 0]
 
 
-def _rescore(zt: torch.Tensor, p: torch.Tensor, cand: torch.Tensor):
-    """Exact distances at the candidates of ``cand`` (b, m, HW): (row b * m_count + m, patch, distance),
-    each (K,), rows in order and patches increasing within a row; at most SLAB feature values at once."""
+def _rescore(rows: torch.Tensor, b0: int, p: torch.Tensor, cand: torch.Tensor):
+    """Exact distances at the candidates of ``cand`` (b, m, HW) of images b0.. (``rows``: ``_patch_rows``):
+    (row b * m_count + m, patch, distance), each (K,), rows in order and patches increasing within a row; at
+    most SLAB feature values at once."""
     b, m, i = cand.nonzero(as_tuple=True)
-    e = torch.empty(b.shape, device=zt.device, dtype=zt.dtype)
-    chunk = max(1, SLAB // zt.shape[-1])  # never B*M*HW*D
+    HW = cand.shape[2]
+    e = torch.empty(b.shape, device=rows.device, dtype=rows.dtype)
+    chunk = max(1, SLAB // rows.shape[-1])  # never B*M*HW*D
     for s in range(0, b.numel(), chunk):
-        e[s:s + chunk] = exact_distances(zt[b[s:s + chunk], i[s:s + chunk]], p[m[s:s + chunk]])
+        c = slice(s, s + chunk)
+        e[c] = exact_distances(rows.index_select(0, (b0 + b[c]) * HW + i[c]), p.index_select(0, m[c]))
     return b * cand.shape[1] + m, i, e
 
 
@@ -152,26 +202,47 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     z3, p = z3.to(dtype), p.to(dtype)
     B, D, HW = z3.shape
     M = p.shape[0]
-    zt = z3.transpose(1, 2)
+    rows = _patch_rows(z3)
     dist = torch.empty((B, M), device=z3.device, dtype=dtype)
     idx = torch.empty((B, M), device=z3.device, dtype=torch.int64)
-    for bs, ms in _slabs(B, M, HW):
-        approx, delta = search(z3[bs], p[ms], precision)
-        finite = approx.isfinite()
-        thr = torch.where(finite, approx + delta, float("inf")).amin(-1, keepdim=True)
-        cand = (approx - delta <= thr) | ~finite  # at least one per (b, m)
-        del approx, delta, finite
-        row, patch, e = _rescore(zt[bs], p[ms], cand)
-        rows = cand.shape[0] * cand.shape[1]
+    for bs, ms in _slabs(B, M, max(HW, D)):  # (b, m, HW) and (b, m, D) temporaries within SLAB
+        candidates = separable_candidates(z3[bs], p[ms], precision)
+        if candidates is None:
+            approx, delta = search(z3[bs], p[ms], precision)
+            infinite = approx * 0 != 0  # NaN exactly where approx is +-inf or NaN (2 passes; isfinite takes 4)
+            thr, lead = (approx + delta).masked_fill_(infinite, float("inf")).min(-1, keepdim=True)
+            candidates = (approx.sub_(delta) <= thr).logical_or_(infinite), lead  # ``lead`` is always a candidate
+            del approx, delta, infinite
+        cand, lead = candidates
+        # Each pair's lead candidate is rescored densely (no gather of p), the few others through the list.
+        b, m = cand.shape[:2]
+        lead_e = exact_distances(rows.index_select(0, _rows(bs.start, lead[..., 0], HW)).view(b, m, D), p[None, ms])
+        row, patch, e = _rescore(rows, bs.start, p[ms], cand.scatter_(-1, lead, False))
+        row = torch.cat((torch.arange(b * m, device=row.device), row))
+        patch, e = torch.cat((lead.flatten(), patch)), torch.cat((lead_e.flatten(), e))
+        n = b * m
         is_nan = e.isnan()
-        first_nan = _row_min(rows, row, torch.where(is_nan, patch, HW), HW)
+        first_nan = _row_min(n, row, torch.where(is_nan, patch, HW), HW)
         e = torch.where(is_nan, float("inf"), e)
-        e_min = _row_min(rows, row, e, float("inf"))
-        first = _row_min(rows, row, torch.where(e == e_min[row], patch, HW), HW)
+        e_min = _row_min(n, row, e, float("inf"))
+        first = _row_min(n, row, torch.where(e == e_min[row], patch, HW), HW)
         has_nan = first_nan < HW
-        dist[bs, ms] = torch.where(has_nan, float("nan"), e_min).view(cand.shape[:2])
-        idx[bs, ms] = torch.where(has_nan, first_nan, first).clamp_(max=HW - 1).view(cand.shape[:2])
+        dist[bs, ms] = torch.where(has_nan, float("nan"), e_min).view(b, m)
+        idx[bs, ms] = torch.where(has_nan, first_nan, first).clamp_(max=HW - 1).view(b, m)
     return similarity(dist, eps), dist, idx
+
+
+def patch_sums(contrib: torch.Tensor, ids: torch.Tensor, HW: int, serial: bool) -> torch.Tensor:
+    """(b * HW, D): for each patch of each image, the sum of the pairs' contrib (b, m, D) it won (ids (b, m)).
+
+    Deterministic either way: ``serial`` (the CPU, whose index_add adds the pairs one after the other) by
+    index_add; otherwise (CUDA's index_add uses atomics) through a 0/1 matrix (b, HW, m) with one 1 per column.
+    """
+    b, m, D = contrib.shape
+    if serial:
+        return contrib.new_zeros((b * HW, D)).index_add(0, _rows(0, ids, HW), contrib.view(b * m, D))
+    won = ids[:, None, :] == torch.arange(HW, device=ids.device)[:, None]
+    return (won.to(contrib.dtype) @ contrib).view(b * HW, D)
 
 
 def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
@@ -185,23 +256,21 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     B, D, HW = z3.shape
     M = p.shape[0]
     g = grad_dist.to(dtype) + grad_sim.to(dtype) * (1 / (dist + 1) - 1 / (dist + eps))
-    zt = z3.transpose(1, 2)
-    patches = torch.arange(HW, device=z3.device)
-    grad_zt: list[torch.Tensor] = []  # one (b, HW, D) sum per image slab
+    rows = _patch_rows(z3)
+    grad_zt: list[torch.Tensor] = []  # one (b * HW, D) sum per image slab
     grad_p: dict[int, torch.Tensor] = {}  # one (m, D) sum per prototype slab, over the image slabs in order
-    for bs, ms in _slabs(B, M, HW):
+    for bs, ms in _slabs(B, M, max(HW, D)):  # (b, m, D) and (b, HW, m) temporaries within SLAB
         gs, ids = g[bs, ms], idx[bs, ms]
+        b, m = gs.shape
         # Direct differences g * (z - p), never |z|^2-style expansions: no cancellation when g is huge (d ~ 0).
-        contrib = 2 * gs[..., None] * (_winners(zt[bs], ids) - p[None, ms])  # (b, m, D)
+        contrib = 2 * gs[..., None] * (rows.index_select(0, _rows(bs.start, ids, HW)).view(b, m, D) - p[None, ms])
         grad_p[ms.start] = grad_p.get(ms.start, 0) - contrib.sum(0)
-        # 0/1 matrix (b, HW, m) with one 1 per column: each patch sums exactly the pairs it won.
-        won = (ids[:, None, :] == patches[:, None]).to(dtype)
-        part = won @ contrib
+        part = patch_sums(contrib, ids, HW, serial=z3.device.type == "cpu")
         if ms.start == 0:
             grad_zt.append(part)
         else:
             grad_zt[-1] = grad_zt[-1] + part
-    return torch.cat(grad_zt).transpose(1, 2).contiguous(), torch.cat([grad_p[m] for m in sorted(grad_p)])
+    return torch.cat(grad_zt).view(B, HW, D).transpose(1, 2).contiguous(), torch.cat([grad_p[k] for k in sorted(grad_p)])
 
 
 def distances(z3: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

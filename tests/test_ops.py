@@ -220,12 +220,13 @@ def test_torch_func_transforms(case):
 
 def test_torch_backend_memory_is_bounded(monkeypatch):
     """Slabs cover the (B, M, HW) map exactly once, each within SLAB elements; results do not depend on it."""
-    B, M, HW = 64, 10000, 28 * 28
-    seen = torch.zeros(B, M, dtype=torch.int32)
-    for bs, ms in torch_backend._slabs(B, M, HW):
-        assert len(range(B)[bs]) * len(range(M)[ms]) * HW <= torch_backend.SLAB
-        seen[bs, ms] += 1
-    assert bool((seen == 1).all())
+    for B, M, width in [(64, 10000, 28 * 28), (80, 2000, 128), (3, 5, 1 << 23)]:  # the last: one pair each
+        seen = torch.zeros(B, M, dtype=torch.int32)
+        for bs, ms in torch_backend._slabs(B, M, width):
+            pairs = len(range(B)[bs]) * len(range(M)[ms])
+            assert pairs * width <= torch_backend.SLAB or pairs == 1
+            seen[bs, ms] += 1
+        assert bool((seen == 1).all())
     z = torch.rand(3, 10, 4, 4, requires_grad=True)
     p = torch.rand(9, 10, requires_grad=True)
     sim, dist = protokern.prototype_similarity(z, p, backend="torch")
@@ -235,6 +236,41 @@ def test_torch_backend_memory_is_bounded(monkeypatch):
     grads2 = torch.autograd.grad((sim2 + dist2).sum(), (z, p))
     assert torch.allclose(dist, dist2) and torch.allclose(sim, sim2)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, grads2))
+
+
+@pytest.mark.parametrize("serial", [True, False])
+def test_torch_patch_sums(serial):
+    """Both ways of summing the won pairs into their patches (CPU index_add, elsewhere a 0/1 matrix product)
+    against an explicit loop, each winner list with repeats, and inside the backward."""
+    b, m, D, HW = 3, 11, 5, 7
+    contrib = torch.randn(b, m, D, dtype=torch.float64)
+    ids = torch.randint(0, HW, (b, m))
+    want = torch.zeros(b, HW, D, dtype=torch.float64)
+    for i in range(b):
+        for j in range(m):
+            want[i, ids[i, j]] += contrib[i, j]
+    got = torch_backend.patch_sums(contrib, ids, HW, serial)
+    assert torch.allclose(got, want.view(b * HW, D), rtol=1e-12, atol=1e-12)
+
+
+def test_torch_backward_either_patch_sum(monkeypatch):
+    z = torch.rand(4, 9, 3, 5, requires_grad=True)
+    p = torch.rand(13, 9, requires_grad=True)
+    w = torch.randn(2, 4, 13)
+
+    def grads():
+        sim, dist = protokern.prototype_similarity(z, p, backend="torch")
+        return torch.autograd.grad((w[0] * sim + w[1] * dist).sum(), (z, p))
+
+    serial = grads()
+    patch_sums = torch_backend.patch_sums
+    monkeypatch.setattr(torch_backend, "patch_sums", lambda *a, serial: patch_sums(*a, serial=False))
+    product = grads()
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(serial, product))
+    zr, pr = z.detach().double().requires_grad_(), p.detach().double().requires_grad_()
+    sim, dist = original_layer(zr, pr)
+    want = torch.autograd.grad((w[0] * sim + w[1] * dist).sum(), (zr, pr))
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(product, want))
 
 
 def test_autocast_cpu():
@@ -534,6 +570,29 @@ def test_search_bound_holds(precision):
         assert ((approx - e).abs() <= delta).all() and ((approx.double() - e64).abs() <= delta.double()).all()
         radius = (z3.norm(dim=1)[:, None, :] + p.norm(dim=1)[None, :, None]).square()
         assert (delta <= {"highest": 1e-4, "high": 1e-4, "medium": 1e-2}[precision] * radius + 1e-30).all()
+
+
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_separable_candidates_hold(precision):
+    """The separable form's candidates hold every exact minimiser of every row (so the lowest one wins) and the
+    lead patch, on the bound cases and the random contract cases; it declines NaN, huge norms and "medium"."""
+    cases = list(bound_cases()) + [random_case(seed, kind)[:2] for seed, kind in enumerate(RANDOM_KINDS * 3)]
+    declined = 0
+    for z3, p in cases:
+        got = torch_backend.separable_candidates(z3, p, precision)
+        if got is None:
+            declined += 1
+            continue
+        cand, lead = got
+        e = torch_backend.exact_distances(z3.transpose(1, 2)[:, None], p[None, :, None])
+        minimisers = e == e.amin(-1, keepdim=True)
+        assert not (minimisers & ~cand).any() and cand.gather(-1, lead).all()
+    assert declined == 3  # the nonfinite random cases
+    z3, p = bound_cases()[0]
+    rows = z3.shape[0] * p.shape[0]
+    assert torch_backend.separable_candidates(z3, p, precision)[0].sum().item() < 1.5 * rows  # a tight bound
+    assert torch_backend.separable_candidates(z3, p, "medium") is None
+    assert torch_backend.separable_candidates(z3 * 2.0 ** 48, p, precision) is None  # |z|^2 > 2^100
 
 
 def test_search_bound_is_needed():
