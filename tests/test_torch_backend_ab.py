@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks import torch_backend_ab
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ab_against_head(capsys):
