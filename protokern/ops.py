@@ -151,7 +151,6 @@ class _UnitVectors(torch.autograd.Function):
         return torch.where(small, inside, torch.where(inf, gu, normal)), None
 
 
-
 class _UnitVectorsEager(_UnitVectors):
     """``_UnitVectors`` with forward mode (torch.func.jvp, jacfwd, hessian) for eager calls: torch.compile
     cannot trace an autograd.Function that defines ``jvp``, so compiled graphs use the base class."""

@@ -166,6 +166,7 @@ class Trainer:
         self.schedule = build_schedule(cfg)
         self.optimizer_steps = optimizer_steps(self.schedule, len(self.train_loader))
         self.next_step = 0
+        self.saved_steps = 0  # the completed steps last.pt holds (next_step runs ahead of it while last.pt is written)
         self.best = {"accuracy": -1.0, "step": None, "pushed": False, "split": self.select_on, "test_accuracy": None}
         self.records: PushRecords | None = None
         self.records_path: str | None = None
@@ -289,7 +290,7 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
-        self.next_step = state["step"] + 1
+        self.next_step = self.saved_steps = state["step"] + 1
         self.best = {"split": "test", **state["best"]}  # checkpoints before the validation split chose on test
         self.best.setdefault("test_accuracy", self.best["accuracy"] if self.best["split"] == "test" else None)
         self.records = PushRecords.from_dict(state["push_records"]) if state.get("push_records") else None
@@ -313,6 +314,7 @@ class Trainer:
             return
         state = self.state_dict()
         self._write(state, ckpt.LAST)
+        self.saved_steps = self.next_step
         if improved:
             self._write(state, ckpt.BEST)
 
@@ -457,8 +459,8 @@ class Trainer:
             saved = f"mid-step state in {self._path(ckpt.INTERRUPTED)} (for inspection, not resumable); "
         except (FloatingPointError, OSError) as error:
             saved = f"mid-step state not saved ({error}); "
-        if os.path.isfile(self._path(ckpt.LAST)):
-            how = (f"resume with --resume {self.run_dir}: it restarts at step {self.next_step + 1}/"
+        if os.path.isfile(self._path(ckpt.LAST)):  # a Ctrl-C while last.pt is written leaves the previous one
+            how = (f"resume with --resume {self.run_dir}: it restarts at step {self.saved_steps + 1}/"
                    f"{len(self.schedule)} from last.pt, the state after the last completed step")
         else:
             how = "no step had completed, so there is nothing to resume: run the same command again to start over"

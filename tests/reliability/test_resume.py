@@ -4,9 +4,11 @@ first step, orphan temporaries, atomic text files, disk full)."""
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -102,6 +104,50 @@ def test_ctrl_c_in_the_first_step_says_there_is_nothing_to_resume(tmp_path, caps
     assert not (run / "last.pt").exists()
     with pytest.raises(CheckpointError, match="nothing to resume"):
         main(["--resume", str(run / "interrupted.pt"), "--debug"])
+
+
+def test_ctrl_c_while_last_pt_is_written_names_the_step_it_holds(tmp_path, capsys, monkeypatch):
+    """Interrupted while step 2's last.pt is being written: last.pt still holds step 1, so the line says the
+    resume restarts at step 2 (not 3), and it does."""
+    run = tmp_path / "run"
+    real = TRAIN_MAIN.ckpt.save_checkpoint
+    writes = {"n": 0}
+
+    def interrupted_save(state, path, *args, **kwargs):
+        if os.path.basename(path) == "last.pt":
+            writes["n"] += 1
+            if writes["n"] == 2:
+                raise KeyboardInterrupt
+        return real(state, path, *args, **kwargs)
+
+    monkeypatch.setattr(TRAIN_MAIN.ckpt, "save_checkpoint", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        main(run_args(run))
+    printed = capsys.readouterr().out
+    assert "during step 2/4 (joint)" in printed and "restarts at step 2/4" in printed
+    assert load_checkpoint(str(run))["step"] == 0
+    monkeypatch.setattr(TRAIN_MAIN.ckpt, "save_checkpoint", real)
+    summary = main(["--resume", str(run), "--quiet"])
+    assert summary["complete"] and [r["step"] for r in _rows(run)] == [0, 1, 2, 3]
+
+
+def test_sigterm_stops_like_ctrl_c(tmp_path):
+    """A scheduler's SIGTERM: interrupted.pt, the resume line, exit status 143; the run then resumes."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "protokern.train", *run_args(run, "--epochs", "60")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    for _ in range(1200):  # until the first step is logged (at most 2 minutes)
+        if proc.poll() is not None or (metrics.exists() and metrics.stat().st_size):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    assert "interrupted during step" in out and f"--resume {run}" in out
+    assert (run / "interrupted.pt").exists() and (run / "last.pt").exists()
+    summary = main(["--resume", str(run), "--quiet", "--max-steps", "1"])
+    assert summary["steps_done"] == load_checkpoint(str(run))["step"] + 1
 
 
 def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
