@@ -89,6 +89,7 @@ class ProtoLayer(nn.Module):
         return 4.0 if self.similarity == "cosine" else float(self.prototypes[0].numel())
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(similarity, min_distances), each (B, M), of features z (B, D, H, W) (see the class docstring)."""
         return prototype_similarity(z, self.prototypes, similarity=self.similarity, eps=self.eps,
                                     backend=self.backend, precision=self.precision)
 

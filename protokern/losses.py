@@ -79,6 +79,7 @@ class ProtoPNetLoss(nn.Module):
         self.weights = {"ce": cross_entropy, "cluster": cluster, "separation": separation, "l1": l1}
 
     def forward(self, logits: Tensor, min_distances: Tensor, target: Tensor, model: nn.Module) -> tuple[Tensor, dict]:
+        """(total loss, dict of float terms) of a batch (see the class docstring)."""
         terms = protopnet_loss_terms(
             logits,
             min_distances,
