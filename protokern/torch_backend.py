@@ -270,7 +270,8 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
             grad_zt.append(part)
         else:
             grad_zt[-1] = grad_zt[-1] + part
-    return torch.cat(grad_zt).view(B, HW, D).transpose(1, 2).contiguous(), torch.cat([grad_p[k] for k in sorted(grad_p)])
+    grad_z3 = torch.cat(grad_zt).view(B, HW, D).transpose(1, 2).contiguous()
+    return grad_z3, torch.cat([grad_p[k] for k in sorted(grad_p)])
 
 
 def distances(z3: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
