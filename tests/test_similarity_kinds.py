@@ -148,6 +148,31 @@ def test_float64_gradcheck_torch_backend(similarity, window):
     assert torch.autograd.gradgradcheck(f, (z, p), eps=1e-6, atol=1e-5, rtol=1e-4, check_fwd_over_rev=True)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("window", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_vmap_and_per_sample_gradients(similarity, window, backend):
+    """torch.vmap over the images and per-sample prototype gradients (vmap(grad)) for every similarity and
+    window, against the float64 reference under the same transforms."""
+    device = _device(backend)
+    g = torch.Generator().manual_seed(2)
+    zs = (torch.rand(4, 2, 3, 5, 4, generator=g) - 0.3).to(device)
+    p = (torch.rand(5, 3, *window, generator=g) - 0.3).to(device)
+
+    def fused(z, q):
+        return protokern.prototype_similarity(z, q, similarity=similarity, backend=backend)
+
+    def ref(z, q):
+        return reference(z, q, similarity)
+
+    got = torch.vmap(lambda z: torch.stack(fused(z, p)))(zs)
+    want = torch.vmap(lambda z: torch.stack(ref(z, p.double())))(zs.double())
+    assert (got.double() - want).abs().max() < 1e-5 * (1 + want.abs().max())
+    per_sample = torch.vmap(torch.func.grad(lambda q, x: fused(x[None], q)[0].sum()), in_dims=(None, 0))
+    per_sample_ref = torch.vmap(torch.func.grad(lambda q, x: ref(x[None], q)[0].sum()), in_dims=(None, 0))
+    assert rel_err(per_sample(p, zs[:, 0]), per_sample_ref(p.double(), zs[:, 0].double())) < 1e-5
+
+
 def test_unit_vectors_derivatives_in_every_branch():
     """The cosine's unit-vector map: first and second order in the eps ball (zero and tiny vectors) and
     outside it, and forward mode against reverse mode (<v, J t> both ways) also on vectors holding inf."""
