@@ -375,8 +375,9 @@ def nearest_patches(z: Tensor, prototypes: Tensor, *, similarity: str = "log", b
     shape (lowest index of the exact minimum, or of the first NaN), at every ``precision``."""
     zin, p = _prepare(z, prototypes, similarity, precision=precision)
     name = backends.resolve(backend, z.device.type)
+    op = _forward_op if torch.compiler.is_compiling() else _PrototypeSimilarity.apply  # .apply: vmap's rule
     with torch.no_grad():
-        _, dist, idx = _forward_impl(zin, p, 1.0, name, backends.search_precision(name, precision))
+        _, dist, idx = op(zin, p, 1.0, name, backends.search_precision(name, precision))
     return dist, idx
 
 

@@ -187,7 +187,7 @@ def test_second_order_matches_original(case):
 
 
 def test_torch_func_transforms(case):
-    """torch.func: vmap (z batched, prototypes batched, both), per-sample gradients vmap(grad), and
+    """torch.func: vmap (z batched, prototypes batched, both; nearest_patches too), per-sample gradients vmap(grad), and
     forward mode (jacfwd over grad: the Hessian in p), each against the float64 original layer."""
     device, backend = case
     zs = torch.rand(4, 2, 6, 3, 3, device=device)
@@ -200,6 +200,9 @@ def test_torch_func_transforms(case):
         got = torch.vmap(fused, in_dims=in_dims)(*args)
         want = torch.vmap(orig, in_dims=in_dims)(*(a.double() for a in args))
         assert got.shape == want.shape == (4, 2, 2, 5) and rel_err(got, want) < 1e-5
+    d, i = torch.vmap(lambda z: protokern.nearest_patches(z, ps[0], backend=backend))(zs)
+    want_d, want_i = protokern.nearest_patches(zs.flatten(0, 1), ps[0], backend=backend)
+    assert torch.equal(d.flatten(0, 1), want_d) and torch.equal(i.flatten(0, 1), want_i)
 
     w = torch.randn(5, device=device)
 
