@@ -14,6 +14,27 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
 
+def checked_device(name: str | torch.device) -> torch.device:
+    """``torch.device(name)``, or a one-line ``ValueError`` for a name torch does not know or a device this
+    machine lacks (CUDA or MPS not available, a CUDA index past the visible GPUs), instead of a traceback from
+    the first tensor moved there."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {str(name)!r} (cpu, cuda, cuda:N, mps, ...): {error}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible"
+            raise ValueError(f"device {str(name)!r} requested but CUDA is not available (torch {torch.__version__}: "
+                             f"{build})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(name)!r} requested but {torch.cuda.device_count()} CUDA device(s) are "
+                             "visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(name)!r} requested but MPS is not available here")
+    return device
+
+
 def progress(iterable: Iterable, desc: str, enabled: bool = True, total: int | None = None):
     """``iterable`` wrapped in a tqdm bar when ``enabled`` and stderr is a terminal (else a silent tqdm)."""
     from tqdm.auto import tqdm

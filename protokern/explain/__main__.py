@@ -14,6 +14,7 @@ import warnings
 from protokern.checkpoint import model_from_checkpoint
 from protokern.cli import exit_on_error
 from protokern.explain.local import explain_image
+from protokern.utils import checked_device
 
 PROG = "python -m protokern.explain"
 
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def _explain(args, parser) -> str:
+    args.device = checked_device(args.device)
     model, records, state = model_from_checkpoint(args.checkpoint, device=args.device)
     if args.class_idx is not None and not 0 <= args.class_idx < model.num_classes:
         parser.error(f"--class must be in [0, {model.num_classes})")

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
+from protokern.utils import checked_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -37,10 +39,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     elif name == "cuda":
         name = f"cuda:{local_rank}"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return device
+    return checked_device(name)
 
 
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:

@@ -97,6 +97,24 @@ def test_train_bad_data_path(tmp_path, capsys, dataset):
     assert "nowhere" in stderr_line(capsys)
 
 
+def _absent_devices() -> list[str]:
+    """Device names torch knows but this machine lacks, and one torch does not know."""
+    absent = ["gpu0"]  # (not "gpu": a test id holding it counts as gpu-marked)
+    absent += ["cuda", "cuda:0"] if not torch.cuda.is_available() else [f"cuda:{torch.cuda.device_count()}"]
+    if not torch.backends.mps.is_available():
+        absent.append("mps")
+    return absent
+
+
+@pytest.mark.parametrize("device", _absent_devices())
+def test_a_device_this_machine_lacks_is_one_line(finished_run, tmp_path, capsys, device):
+    assert _exit_code(train, run_args(tmp_path / "run", "--device", device)) == 2
+    assert "device" in stderr_line(capsys) and not (tmp_path / "run" / "last.pt").exists()
+    assert _exit_code(explain, ["--checkpoint", str(finished_run), "--image", _image(str(tmp_path)), "--device",
+                                device]) == 2
+    assert "device" in stderr_line(capsys)
+
+
 def test_debug_keeps_the_traceback(finished_run, tmp_path):
     with pytest.raises(CheckpointError, match="is empty"):
         train(["--resume", _bad_checkpoint("empty", finished_run, str(tmp_path)), "--debug"])
