@@ -24,7 +24,9 @@ def checked_device(name: str | torch.device) -> torch.device:
         raise ValueError(f"unknown device {str(name)!r} (cpu, cuda, cuda:N, mps, ...): {error}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible"
+            gpu_build = (f"CUDA {torch.version.cuda}" if torch.version.cuda
+                         else f"ROCm {torch.version.hip}" if getattr(torch.version, "hip", None) else None)
+            build = f"built for {gpu_build}, no GPU visible" if gpu_build else "a CPU-only build"
             raise ValueError(f"device {str(name)!r} requested but CUDA is not available (torch {torch.__version__}: "
                              f"{build})")
         if device.index is not None and device.index >= torch.cuda.device_count():
