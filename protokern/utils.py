@@ -1,6 +1,7 @@
 """Small helpers shared across protokern's layers (imports nothing from protokern).
 
-One owner each: the progress bar of long loops, the eval-mode context, and the dataset order of a loader.
+One owner each: the progress bar of long loops (and the stop signal they take between items), the eval-mode
+context, and the dataset order of a loader.
 """
 
 from __future__ import annotations
@@ -37,11 +38,61 @@ def checked_device(name: str | torch.device) -> torch.device:
     return device
 
 
+class _Stop:
+    """A stop requested by a signal handler (:func:`stop`) while :func:`stop_deferred` blocks are open."""
+
+    depth = 0
+    pending = False
+
+
+def stop() -> None:
+    """What a stop-signal handler calls: ``KeyboardInterrupt`` now, or, inside a :func:`stop_deferred` block, as
+    soon as the block ends."""
+    if _Stop.depth:
+        _Stop.pending = True
+        return
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_deferred() -> Iterator[None]:
+    """Hold :func:`stop` until the block ends (also when it ends by an exception: the stop wins). For the
+    fetch of a DataLoader's next batch: interrupted there, the loader starts workers halfway, or leaves a worker
+    handing over a batch to a closed connection."""
+    _Stop.depth += 1
+    try:
+        yield
+    finally:
+        _Stop.depth -= 1
+        if not _Stop.depth and _Stop.pending:
+            _Stop.pending = False
+            raise KeyboardInterrupt
+
+
+def _whole_items(iterable: Iterable) -> Iterator:
+    """The items of ``iterable``, each fetched under :func:`stop_deferred`."""
+    with stop_deferred():
+        items = iter(iterable)
+    while True:
+        with stop_deferred():
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+        yield item
+
+
 def progress(iterable: Iterable, desc: str, enabled: bool = True, total: int | None = None):
-    """``iterable`` wrapped in a tqdm bar when ``enabled`` and stderr is a terminal (else a silent tqdm)."""
+    """``iterable`` wrapped in a tqdm bar when ``enabled`` and stderr is a terminal (else a silent tqdm); a stop
+    signal (:func:`stop`) is taken between items, not while one is fetched."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
+    if total is None:
+        try:
+            total = len(iterable)
+        except TypeError:  # no length: a generator, a loader over an IterableDataset
+            pass
+    return tqdm(_whole_items(iterable), desc=desc, total=total, leave=False, dynamic_ncols=True,
                 disable=not enabled or not sys.stderr.isatty())
 
 

@@ -2,12 +2,37 @@
 repeating training loader is protokern.train.data.train_loader."""
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
+import threading
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["make_loader", "default_num_workers"]
+__all__ = ["make_loader", "default_num_workers", "worker_init"]
+
+
+def worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of protokern's loaders: a SIGTERM from the main process (its shutdown) ends the worker at
+    once, as torch's own handler does; a SIGTERM from anyone else (a scheduler signalling every process of the job:
+    SLURM, systemd, ``kill`` of the process group) is left to the main process, whose orderly stop then shuts the
+    workers down. Under torch's handler the worker would die of it, and the main process would get "DataLoader
+    worker is killed" in the middle of saving. Where ``sigwaitinfo`` is missing (macOS, Windows) torch's handling
+    stays."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # inherited by every thread started from here
+    parent = multiprocessing.parent_process()  # the main process under fork, spawn and forkserver alike
+    threading.Thread(target=_sigterm_watch, args=(parent.pid if parent else os.getppid(),), name="protokern-sigterm",
+                     daemon=True).start()
+
+
+def _sigterm_watch(parent: int) -> None:
+    """Take each SIGTERM of this worker; exit on the main process's, ignore the others."""
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 def default_num_workers() -> int:
@@ -55,4 +80,5 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         generator=generator,
+        worker_init_fn=worker_init,
     )

@@ -2,21 +2,35 @@
 
 Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption, ``kill``) stop a run the same orderly way: the
 half-done step goes to interrupted.pt, the line printed says how to resume from last.pt, and the exit status
-is 128 + the signal (130, 143). A second SIGTERM kills at once.
+is 128 + the signal (130, 143). A second SIGTERM kills at once. A SIGTERM sent to the whole process group (SLURM,
+systemd) stops the run the same way: its DataLoader workers leave that signal to this process
+(protokern.data.loader.worker_init) and are shut down by the orderly stop.
 """
 
+import os
 import signal
 import sys
 
 from protokern.train.main import main
+from protokern.utils import stop
 
 _received: list[int] = []
+_main_pid = os.getpid()
+
+
+def _worker_exited(signum, frame):
+    """SIGCHLD after a stop signal: nothing to do (a no-op handler rather than SIG_DFL, so that a SIGCHLD already
+    pending still finds a Python handler)."""
 
 
 def _stop(signum, frame):
+    if os.getpid() != _main_pid:  # a DataLoader worker just forked, before its worker_init: the stop is ours
+        return
     _received.append(signum)
     signal.signal(signum, signal.SIG_DFL)
-    raise KeyboardInterrupt
+    if hasattr(signal, "SIGCHLD"):  # a worker the signal still killed (mid-start) is no error to raise mid-save
+        signal.signal(signal.SIGCHLD, _worker_exited)
+    stop()  # KeyboardInterrupt, at once or once the batch being fetched is in
 
 
 if __name__ == "__main__":

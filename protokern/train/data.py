@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from protokern.data import CUB200, ImageFolderDataset, StanfordCars, SyntheticParts
 from protokern.data.cache import cached_batches, prepare_images
-from protokern.data.loader import default_num_workers
+from protokern.data.loader import default_num_workers, worker_init
 from protokern.train.config import TrainConfig
 from protokern.train.distributed import DistInfo, resolve_device
 
@@ -168,4 +168,5 @@ def train_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> DataLoad
     if cached is not None:  # batches gathered from the uint8 cache, converted and prefetched on the device
         return cached
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                      worker_init_fn=worker_init)

@@ -1,4 +1,10 @@
-"""make_loader: batching, seeded shuffling, worker / pinning settings."""
+"""make_loader: batching, seeded shuffling, worker / pinning settings, workers' SIGTERM."""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
@@ -23,3 +29,33 @@ def test_workers_persist():
     loader = make_loader(data(), batch_size=5, shuffle=False, num_workers=1)
     assert loader.persistent_workers and loader.num_workers == 1
     assert torch.equal(torch.cat([y for _, y in loader]), torch.arange(10))
+
+
+class _WorkerPids(torch.utils.data.Dataset):
+    """Items are the pid of the worker that made them, a little slowly."""
+
+    def __len__(self):
+        return 48
+
+    def __getitem__(self, index):
+        time.sleep(0.005)
+        return os.getpid()
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="needs sigwaitinfo (Linux)")
+def test_workers_leave_a_foreign_sigterm_to_the_main_process():
+    """A SIGTERM from another process (a scheduler signalling the whole job) does not kill a worker; one from the
+    main process (its shutdown) ends it at once, with exit status 0 (no "worker is killed" error)."""
+    loader = make_loader(_WorkerPids(), batch_size=1, shuffle=False, num_workers=2)
+    batches = iter(loader)
+    served = [int(next(batches)) for _ in range(6)]
+    workers = {w.pid: w for w in batches._workers}
+    assert set(served) == set(workers)
+    for pid in workers:  # sent by the `kill` process, not by the main process
+        subprocess.run(["kill", "-TERM", str(pid)], check=True)
+    time.sleep(0.2)
+    assert len([int(pid) for pid in batches]) == 42 and all(w.is_alive() for w in workers.values())
+    for pid, worker in workers.items():
+        os.kill(pid, signal.SIGTERM)
+        worker.join(timeout=10)
+        assert worker.exitcode == 0

@@ -1,0 +1,53 @@
+"""protokern.utils: the stop signal that long loops take between items."""
+import signal
+
+import pytest
+
+from protokern.utils import progress, stop, stop_deferred
+
+
+def _items(n, stop_at=None, fail_at=None, fetched=None):
+    for i in range(n):
+        if i == stop_at:  # a stop signal arrives while item i is being fetched
+            signal.raise_signal(signal.SIGUSR1)
+        if i == fail_at:
+            raise RuntimeError("worker exited unexpectedly")
+        fetched.append(i)
+        yield i
+
+
+@pytest.fixture
+def stop_on_sigusr1():
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: stop())
+    yield
+    signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_stop_waits_for_the_item_being_fetched(stop_on_sigusr1):
+    fetched, seen = [], []
+    with pytest.raises(KeyboardInterrupt):
+        for item in progress(_items(6, stop_at=2, fetched=fetched), "test", enabled=False):
+            seen.append(item)
+    assert fetched == [0, 1, 2] and seen == [0, 1]
+    assert [i for i in progress(_items(3, fetched=[]), "test", enabled=False)] == [0, 1, 2]  # nothing left over
+
+
+def test_a_stop_wins_over_the_fetch_failing_after_it(stop_on_sigusr1):
+    with pytest.raises(KeyboardInterrupt) as raised:
+        with stop_deferred():
+            signal.raise_signal(signal.SIGUSR1)
+            raise RuntimeError("worker exited unexpectedly")
+    assert isinstance(raised.value.__context__, RuntimeError)
+
+
+def test_a_stop_outside_a_fetch_is_at_once(stop_on_sigusr1):
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGUSR1)
+        pytest.fail("the stop did not interrupt")
+    reached = False
+    with pytest.raises(KeyboardInterrupt):
+        with stop_deferred():  # nested blocks hold the stop until the outermost ends
+            with stop_deferred():
+                signal.raise_signal(signal.SIGUSR1)
+            reached = True
+    assert reached
