@@ -10,6 +10,7 @@ import functools
 import importlib
 import logging
 import os
+import subprocess
 from types import ModuleType
 
 import torch
@@ -38,6 +39,28 @@ def _triton_reason() -> str | None:
     return None
 
 
+@functools.cache
+def _triton_gpu_reason() -> str | None:
+    """Why Triton cannot launch kernels on this GPU machine, or None. At first use Triton builds a small C module
+    (its CUDA utilities) with the host C compiler and Python's headers; without them (a slim container) every
+    launch would fail deep inside Triton, so it is built (or loaded from Triton's cache) once, here."""
+    reason = _triton_reason()
+    if reason is not None:
+        return reason
+    try:
+        import triton
+
+        triton.runtime.driver.active.utils  # noqa: B018 - the build (or cache load) is the probe
+    except Exception as exc:  # noqa: BLE001 - whatever fails here fails every launch
+        if isinstance(exc, subprocess.CalledProcessError):
+            detail = f"{os.path.basename(str(exc.cmd[0]))} failed with exit status {exc.returncode}"
+        else:
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return (f"triton cannot build its CUDA launcher here ({detail}); it needs a C compiler (gcc or clang, or "
+                "CC) and the Python headers (python3-dev)")
+    return None
+
+
 def _interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -50,7 +73,8 @@ def _unavailable(name: str, device_type: str) -> str | None:
         if device_type == "cuda":
             if not torch.cuda.is_available():
                 return "no CUDA device"
-        elif device_type != "cpu" or not _interpreter():
+            return _triton_gpu_reason()
+        if device_type != "cpu" or not _interpreter():
             return f"runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (got {device_type})"
         return _triton_reason()
     if name == "cuda":
@@ -93,7 +117,11 @@ def _resolve(backend: str, device_type: str) -> str:
     if backend == "auto":
         order = ("cuda", "triton", "torch") if device_type == "cuda" else ("torch",)
         name = next(b for b in order if _unavailable(b, device_type) is None)
-        _log.info("protokern: backend 'auto' -> %r for %s tensors", name, device_type)
+        if device_type == "cuda" and name == "torch":  # a GPU, but neither fused backend: say why, once
+            _log.warning("protokern: backend 'auto' -> 'torch' for cuda tensors (the slowest); cuda: %s; triton: %s",
+                         _unavailable("cuda", device_type), _unavailable("triton", device_type))
+        else:
+            _log.info("protokern: backend 'auto' -> %r for %s tensors", name, device_type)
         return name
     reason = _unavailable(backend, device_type)
     if reason is not None:
