@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 
 import torch
 from torch import Tensor
@@ -30,12 +31,38 @@ def _load() -> str | None:
 
 
 def available() -> str | None:
-    """None if the cuda backend can run here, else the reason it cannot."""
+    """None if the cuda backend can run here (on the current CUDA device), else the reason it cannot."""
     reason = _load()
     if reason is not None:
         return reason
     if not torch.cuda.is_available():
         return "no CUDA device"
+    return _device_reason(torch.cuda.current_device())
+
+
+def built() -> bool:
+    """Whether the extension was built at all (an install without a CUDA toolkit has none)."""
+    return importlib.util.find_spec("protokern._C") is not None
+
+
+def _probe(device: int) -> None:
+    """A one-element forward on CUDA device ``device``."""
+    z = torch.zeros(1, 1, 1, device=f"cuda:{device}")
+    forward(z, torch.zeros(1, 1, device=z.device), 1e-4)
+
+
+@functools.cache
+def _device_reason(device: int) -> str | None:
+    """Why the extension's kernels cannot run on CUDA device ``device``, or None; probed once per device. A build
+    for other GPUs (TORCH_CUDA_ARCH_LIST defaults to the build machine's GPU, or 9.0 without one) has no kernel
+    image for this one, which would otherwise surface as a CUDA error at the first real call."""
+    try:
+        _probe(device)
+    except RuntimeError as exc:
+        major, minor = torch.cuda.get_device_capability(device)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return (f"protokern._C cannot run on cuda:{device} (sm_{major}{minor}): {first}; rebuild it on this "
+                f"machine, or with TORCH_CUDA_ARCH_LIST including {major}.{minor}")
     return None
 
 

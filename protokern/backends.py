@@ -115,11 +115,14 @@ def resolve(backend: str, device_type: str) -> str:
 @torch.compiler.assume_constant_result  # torch.compile calls it eagerly and bakes in the answer
 def _resolve(backend: str, device_type: str) -> str:
     if backend == "auto":
+        from protokern import _cuda
+
         order = ("cuda", "triton", "torch") if device_type == "cuda" else ("torch",)
         name = next(b for b in order if _unavailable(b, device_type) is None)
-        if device_type == "cuda" and name == "torch":  # a GPU, but neither fused backend: say why, once
-            _log.warning("protokern: backend 'auto' -> 'torch' for cuda tensors (the slowest); cuda: %s; triton: %s",
-                         _unavailable("cuda", device_type), _unavailable("triton", device_type))
+        skipped = {b: _unavailable(b, device_type) for b in order[:order.index(name)]}
+        if skipped and (name == "torch" or _cuda.built()):  # a fused backend that should run here does not
+            _log.warning("protokern: backend 'auto' -> %r for %s tensors, not the fastest: %s", name, device_type,
+                         "; ".join(f"{b}: {why}" for b, why in skipped.items()))
         else:
             _log.info("protokern: backend 'auto' -> %r for %s tensors", name, device_type)
         return name

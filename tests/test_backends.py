@@ -67,3 +67,63 @@ def test_triton_builds_its_launcher_on_this_gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     assert backends._triton_gpu_reason() is None
+
+
+@pytest.fixture
+def gpu_with_extension(monkeypatch):
+    """A machine that reports one sm_80 GPU, with the CUDA extension built and loaded, and a working Triton;
+    ``install(probe_error)`` makes the extension's one-element probe raise ``probe_error`` (None: it runs)."""
+
+    def install(probe_error, built=True):
+        def probe(device):
+            if probe_error is not None:
+                raise probe_error
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        monkeypatch.setattr(_cuda, "_load", lambda: None if built else "protokern._C not built (a test)")
+        monkeypatch.setattr(_cuda, "built", lambda: built)
+        monkeypatch.setattr(_cuda, "_probe", probe)
+        monkeypatch.setattr(backends, "_triton_gpu_reason", lambda: None)
+        monkeypatch.setattr(backends, "_RESOLVED", {})
+        _cuda._device_reason.cache_clear()
+
+    yield install
+    _cuda._device_reason.cache_clear()
+
+
+def test_a_cuda_build_for_other_gpus_is_unavailable_and_auto_warns(gpu_with_extension, caplog):
+    """The extension built for other GPUs (no kernel image for this one): the cuda backend is unavailable with
+    the CUDA error and the rebuild hint, 'auto' takes triton with one warning naming it, and backend='cuda' is a
+    one-line error instead of a CUDA error at the first call."""
+    gpu_with_extension(RuntimeError("CUDA error: no kernel image is available for execution on the device\n"
+                                    "CUDA kernel errors might be asynchronously reported at some other API call"))
+    reason = protokern.available_backends("cuda")["cuda"]
+    assert "no kernel image" in reason and "sm_80" in reason and "TORCH_CUDA_ARCH_LIST including 8.0" in reason
+    assert "\n" not in reason
+    with caplog.at_level(logging.INFO, "protokern"):
+        assert backends.resolve("auto", "cuda") == "triton"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "'triton'" in warned[0] and "cuda: protokern._C cannot run on cuda:0" in warned[0]
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cuda tensors: protokern._C cannot"):
+        backends.resolve("cuda", "cuda")
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_auto_on_gpus_is_quiet_when_it_gets_what_the_install_allows(gpu_with_extension, caplog, built):
+    """The extension runs: 'auto' takes it. No extension (installed without a CUDA toolkit): triton, as
+    expected, logged at INFO only."""
+    gpu_with_extension(None, built=built)
+    reason = protokern.available_backends("cuda")["cuda"]
+    assert reason is None if built else "not built" in reason
+    with caplog.at_level(logging.INFO, "protokern"):
+        assert backends.resolve("auto", "cuda") == ("cuda" if built else "triton")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.gpu
+def test_the_cuda_extension_runs_on_this_gpu():
+    if not torch.cuda.is_available() or not _cuda.built():
+        pytest.skip("needs a CUDA GPU and the built extension")
+    assert _cuda._device_reason(torch.cuda.current_device()) is None
