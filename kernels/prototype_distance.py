@@ -33,6 +33,8 @@ configuration a launcher can pick is listed by ``launch_configs()`` (the sm_90 c
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -862,6 +864,23 @@ def launch_configs(shapes=None) -> list[tuple[str, dict, dict]]:
     return unique
 
 
+def _on_inputs_device(launcher):
+    """``launcher`` run with its first tensor argument's CUDA device current: Triton launches on the current
+    device and stream, which need not be the inputs' (a model moved to cuda:1 without ``torch.cuda.set_device``
+    would have its kernels run on cuda:0 against cuda:1 memory)."""
+
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        if device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(device):
+            return launcher(*args, **kwargs)
+
+    return run
+
+
+@_on_inputs_device
 def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "highest", search_log=None):
     """Fused forward on z3 (B, D, HW) (any strides, any float dtype) and p (M, D).
 
@@ -954,6 +973,7 @@ def _grad_z_segments(configs: dict, g: torch.Tensor, z3: torch.Tensor, p: torch.
     return grad_z
 
 
+@_on_inputs_device
 def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     """Hand-written backward: (grad_z3 (B, D, HW) contiguous float32, grad_p (M, D) float32); no comparison sort
     (grad_z lists each image's pairs by patch with a counting sort, ``_grad_z_segments``)."""

@@ -64,6 +64,23 @@ def test_large_shapes(shape):
 
 
 @gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_inputs_on_a_gpu_that_is_not_the_current_one():
+    """Tensors on cuda:1 while cuda:0 is current (no torch.cuda.set_device): the launchers run on the inputs'
+    GPU and agree with the torch backend there."""
+    assert torch.cuda.current_device() == 0
+    z3, p = torch.rand(3, 64, 49, device="cuda:1"), torch.rand(40, 64, device="cuda:1")
+    sim, dist, idx = K.forward(z3, p, 1e-4)
+    _, dist_t, idx_t = torch_backend.forward(z3, p, 1e-4)
+    assert torch.equal(idx, idx_t) and rel_err(dist, dist_t) < 1e-6
+    g_sim, g_dist = torch.randn_like(sim), torch.randn_like(sim)
+    gz, gp = K.backward(g_sim, g_dist, z3, p, idx, dist, 1e-4)
+    gz_t, gp_t = torch_backend.backward(g_sim, g_dist, z3, p, idx_t, dist_t, 1e-4)
+    assert gz.device == z3.device and rel_err(gz, gz_t) < 1e-5 and rel_err(gp, gp_t) < 1e-5
+    assert torch.cuda.current_device() == 0
+
+
+@gpu
 @pytest.mark.parametrize("precision", ["high", "medium"])
 def test_tensor_core_precisions_recompute_winner(precision):
     z = torch.rand(32, 128, 7, 7, device="cuda")
