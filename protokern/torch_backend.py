@@ -46,10 +46,15 @@ def _rows(b0: int, idx: torch.Tensor, HW: int) -> torch.Tensor:
     return (idx + HW * torch.arange(b0, b0 + idx.shape[0], device=idx.device)[:, None]).flatten()
 
 
+def _winner_rows(rows: torch.Tensor, b0: int, idx: torch.Tensor, HW: int) -> torch.Tensor:
+    """Feature vectors (b, m, D) of ``rows`` (``_patch_rows``) at the patches idx (b, m) of images b0.."""
+    return rows.index_select(0, _rows(b0, idx, HW)).view(*idx.shape, rows.shape[1])
+
+
 def _winners(zt: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Feature vectors (B, M, D) at the winning patches idx (B, M) of zt (B, HW, D)."""
     B, HW, D = zt.shape
-    return zt.reshape(B * HW, D).index_select(0, _rows(0, idx, HW)).view(*idx.shape, D)
+    return _winner_rows(zt.reshape(B * HW, D), 0, idx, HW)
 
 
 def _tf32(x: torch.Tensor) -> torch.Tensor:
@@ -216,7 +221,7 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
         cand, lead = candidates
         # Each pair's lead candidate is rescored densely (no gather of p), the few others through the list.
         b, m = cand.shape[:2]
-        lead_e = exact_distances(rows.index_select(0, _rows(bs.start, lead[..., 0], HW)).view(b, m, D), p[None, ms])
+        lead_e = exact_distances(_winner_rows(rows, bs.start, lead[..., 0], HW), p[None, ms])
         row, patch, e = _rescore(rows, bs.start, p[ms], cand.scatter_(-1, lead, False))
         row = torch.cat((torch.arange(b * m, device=row.device), row))
         patch, e = torch.cat((lead.flatten(), patch)), torch.cat((lead_e.flatten(), e))
@@ -261,9 +266,8 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     grad_p: dict[int, torch.Tensor] = {}  # one (m, D) sum per prototype slab, over the image slabs in order
     for bs, ms in _slabs(B, M, max(HW, D)):  # (b, m, D) and (b, HW, m) temporaries within SLAB
         gs, ids = g[bs, ms], idx[bs, ms]
-        b, m = gs.shape
         # Direct differences g * (z - p), never |z|^2-style expansions: no cancellation when g is huge (d ~ 0).
-        contrib = 2 * gs[..., None] * (rows.index_select(0, _rows(bs.start, ids, HW)).view(b, m, D) - p[None, ms])
+        contrib = 2 * gs[..., None] * (_winner_rows(rows, bs.start, ids, HW) - p[None, ms])
         grad_p[ms.start] = grad_p.get(ms.start, 0) - contrib.sum(0)
         part = patch_sums(contrib, ids, HW, serial=z3.device.type == "cpu")
         if ms.start == 0:
