@@ -145,8 +145,11 @@ def safe_load(path: str, map_location="cpu", what: str = "checkpoint"):
     except pickle.UnpicklingError as error:
         unsafe = _unsafe_globals(path)
         if unsafe and set(unsafe) <= _NUMPY_ARRAY_NAMES:  # format 1: NumPy RNG state
-            with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
-                return torch.load(path, map_location=map_location, weights_only=True)
+            try:
+                with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as numpy_error:  # an array of another dtype (its class is not listed)
+                error, unsafe = numpy_error, None
         detail = f"it names {', '.join(unsafe)}" if unsafe else _weights_only_reason(error)
         raise CheckpointError(f"refused to load {path}: not a weights-only {what} ({detail}); protokern loads only "
                               "files of tensors and plain values, since unpickling anything else can run code. "

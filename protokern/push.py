@@ -112,7 +112,10 @@ class PushRecords:
         data = safe_load(path, what="push records file")
         if not isinstance(data, dict):
             raise CheckpointError(f"{path} is not a push records file (it holds a {type(data).__name__})")
-        return cls.from_dict(data)
+        records = cls.from_dict(data)
+        if records.image_dir is not None and not os.path.isdir(records.image_dir):
+            records.image_dir = os.path.dirname(os.path.abspath(path))  # a moved run: its images sit beside it
+        return records
 
     def wait_images(self) -> None:
         """Block until the background PNG writing of this push has finished (re-raises its errors)."""
@@ -375,13 +378,14 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
     records = _make_records(net, best_d, best_idx, best_patch, best_map, classes, image_size, feature_size)
     if save_dir is not None and rank == 0:
         os.makedirs(save_dir, exist_ok=True)
+        write = save_images and dataset is not None and hasattr(dataset, "__getitem__")
+        if save_images and not write:
+            warnings.warn("push: prototype images need a DataLoader over a dataset; not written", stacklevel=2)
+        if write:
+            records.image_dir = save_dir  # before the save: the file names where its images are
         records.save(os.path.join(save_dir, RECORDS_FILE))
-        if save_images:
-            if dataset is None or not hasattr(dataset, "__getitem__"):
-                warnings.warn("push: prototype images need a DataLoader over a dataset; not written", stacklevel=2)
-            else:
-                records.image_dir = save_dir
-                records._pending.extend(_write_images(records, dataset, save_dir, image_workers))
+        if write:
+            records._pending.extend(_write_images(records, dataset, save_dir, image_workers))
     return records
 
 

@@ -12,7 +12,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import (DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset,
+                              SubsetRandomSampler, WeightedRandomSampler)
 
 
 def checked_device(name: str | torch.device) -> torch.device:
@@ -110,17 +111,26 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 def image_order(loader) -> tuple[Tensor | None, object | None]:
     """(dataset indices of the loader's samples in order, base dataset) for a DataLoader; (None, None) else.
 
-    Subsets are mapped to the indices of their underlying dataset. Raises ``ValueError`` for a shuffling
-    loader or a custom batch sampler, whose order cannot be known in advance.
+    Subsets are mapped to the indices of their underlying dataset. Raises ``ValueError`` for a loader whose
+    order cannot be known in advance: a random sampler (shuffle=True, ``SubsetRandomSampler``,
+    ``WeightedRandomSampler``, a shuffling ``DistributedSampler``), a custom sampler that gives two different
+    orders in two passes, or a custom batch sampler.
     """
     if not isinstance(loader, DataLoader):
         return None, None
     sampler = loader.sampler
-    if isinstance(sampler, RandomSampler) or (isinstance(sampler, DistributedSampler) and sampler.shuffle):
-        raise ValueError("this needs a loader in a fixed order: build it with shuffle=False")
+    if (isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler))
+            or (isinstance(sampler, DistributedSampler) and sampler.shuffle)):
+        raise ValueError(f"this needs a loader in a fixed order, not one with a {type(sampler).__name__}: "
+                         "build it with shuffle=False and no random sampler")
     if loader.batch_sampler is not None and not hasattr(loader.batch_sampler, "sampler"):
         raise ValueError("cannot map a custom batch_sampler to image indices; use a plain loader")
-    order = torch.as_tensor(list(iter(sampler)), dtype=torch.int64)
+    order = list(iter(sampler))
+    fixed = isinstance(sampler, (SequentialSampler, DistributedSampler, range, list, tuple))
+    if not fixed and list(iter(sampler)) != order:  # a custom sampler: trusted only if two passes agree
+        raise ValueError(f"this needs a loader in a fixed order: its {type(sampler).__name__} gave two "
+                         "different orders in two passes")
+    order = torch.as_tensor(order, dtype=torch.int64)
     dataset = loader.dataset
     while isinstance(dataset, Subset):
         order = torch.as_tensor(dataset.indices, dtype=torch.int64)[order]

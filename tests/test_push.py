@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, Sampler, Subset, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
 from protokern import nearest_patches, prototype_distances
 from protokern.data import imagenet_normalize
@@ -152,9 +152,37 @@ def test_plain_iterable_uses_positions():
     assert torch.equal(ra.image_index, rb.image_index)
 
 
-def test_shuffled_loader_is_rejected():
+@pytest.mark.parametrize("sampler", ["shuffle", SubsetRandomSampler, WeightedRandomSampler, "custom random"])
+def test_a_loader_in_random_order_is_rejected(sampler):
+    data = _dataset()
+    n = len(data)
+    kwargs = {"shuffle": True} if sampler == "shuffle" else {"sampler": (
+        SubsetRandomSampler(range(n)) if sampler is SubsetRandomSampler
+        else WeightedRandomSampler([1.0] * n, n) if sampler is WeightedRandomSampler
+        else _RandomOrder(n))}
     with pytest.raises(ValueError, match="fixed order"):
-        push_prototypes(_model(), DataLoader(_dataset(), batch_size=4, shuffle=True), progress=False)
+        push_prototypes(_model(), DataLoader(data, batch_size=4, **kwargs), progress=False)
+
+
+class _RandomOrder(Sampler):
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+def test_a_fixed_custom_order_is_followed():
+    data = _dataset()
+    order = list(range(len(data)))[::-1]
+    reverse = push_prototypes(_model(), DataLoader(data, batch_size=4, sampler=order), progress=False)
+    plain = push_prototypes(_model(), _loader(data), progress=False)
+    # the same pushed prototypes, found in the same images named by their dataset index
+    assert torch.equal(reverse.image_index, plain.image_index)
+    assert torch.equal(reverse.patch, plain.patch) and torch.equal(reverse.min_distance, plain.min_distance)
 
 
 def test_images_written_in_background(tmp_path):
@@ -169,6 +197,17 @@ def test_images_written_in_background(tmp_path):
 
     with Image.open(tmp_path / "0_source.png") as img:
         assert img.size == (SIZE, SIZE) and img.mode == "RGB"
+
+
+def test_saved_records_name_their_images_also_after_a_move(tmp_path):
+    model, data = _model(), _dataset()
+    records = push_prototypes(model, _loader(data), progress=False, save_dir=str(tmp_path / "push"))
+    records.wait_images()
+    loaded = PushRecords.load(str(tmp_path / "push" / "push_records.pt"))
+    assert loaded.image_dir == records.image_dir == str(tmp_path / "push")
+    os.rename(tmp_path / "push", tmp_path / "moved")
+    moved = PushRecords.load(str(tmp_path / "moved" / "push_records.pt"))
+    assert moved.image_dir == str(tmp_path / "moved") and os.path.isfile(os.path.join(moved.image_dir, "0_source.png"))
 
 
 def test_train_mode_restored():

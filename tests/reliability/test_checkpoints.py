@@ -136,3 +136,13 @@ def test_safe_load_explains_bad_files(tmp_path):
         safe_load(str(text))
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         safe_load(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("array", [np.array([1.5, 2.5]), np.array([{"x": 1}], dtype=object)],
+                         ids=["float64", "object"])
+def test_numpy_arrays_beyond_the_rng_state_are_refused_in_one_line(tmp_path, array):
+    path = str(tmp_path / "arrays.pt")
+    torch.save({"arr": array}, path)
+    with pytest.raises(CheckpointError, match="refused to load .*not a weights-only checkpoint") as info:
+        safe_load(path)
+    assert "\n" not in str(info.value)
