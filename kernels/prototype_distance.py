@@ -497,10 +497,11 @@ def _lane_tree_sum(lanes, ROWS: tl.constexpr):
 
 @triton.jit
 def _pair_coefficient(gsim_ptr, gdist_ptr, dist_ptr, pair, mask, eps):
-    """g = grad_d + grad_sim * d(sim)/d(d) of the pairs ``pair`` (flat b * M + m); 0 where masked."""
+    """g = grad_d + grad_sim * d(sim)/d(d) of the pairs ``pair`` (flat b * M + m); 0 where masked. The slope
+    is (eps - 1) / ((d + 1)(d + eps)), not 1/(d + 1) - 1/(d + eps), which cancels at large d."""
     dist = tl.load(dist_ptr + pair, mask=mask, other=0.0)
     g_sim = tl.load(gsim_ptr + pair, mask=mask, other=0.0)
-    return tl.load(gdist_ptr + pair, mask=mask, other=0.0) + g_sim * (1.0 / (dist + 1.0) - 1.0 / (dist + eps))
+    return tl.load(gdist_ptr + pair, mask=mask, other=0.0) + g_sim * ((eps - 1.0) / ((dist + 1.0) * (dist + eps)))
 
 
 @triton.jit

@@ -295,7 +295,7 @@ class _PrototypeSimilarity(torch.autograd.Function):
 
         tangent = (winners(dz) if dz is not None else 0) - (dp.to(dtype)[None] if dp is not None else 0)
         dd = 2 * ((winners(z) - p.to(dtype)[None]) * tangent).sum(-1)
-        dsim = dd * (1 / (dist + 1) - 1 / (dist + ctx.eps))
+        dsim = dd * torch_backend.similarity_slope(dist, ctx.eps)
         return dsim.to(dist.dtype), dd.to(dist.dtype), None
 
     @staticmethod

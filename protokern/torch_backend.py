@@ -195,6 +195,12 @@ def similarity(dist: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.log1p((1 - eps) / (dist + eps))
 
 
+def similarity_slope(dist: torch.Tensor, eps: float) -> torch.Tensor:
+    """d/dd log((d + 1) / (d + eps)) as (eps - 1) / ((d + 1)(d + eps)): no cancellation at large d (the
+    difference 1/(d + 1) - 1/(d + eps) loses all its digits by d ~ 1e7 in float32)."""
+    return (eps - 1) / ((dist + 1) * (dist + eps))
+
+
 def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "highest"):
     """Returns (similarity, min_distances, patch_index) for z3 (B, D, HW) and p (M, D).
 
@@ -260,7 +266,7 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     z3, p = z3.to(dtype), p.to(dtype)
     B, D, HW = z3.shape
     M = p.shape[0]
-    g = grad_dist.to(dtype) + grad_sim.to(dtype) * (1 / (dist + 1) - 1 / (dist + eps))
+    g = grad_dist.to(dtype) + grad_sim.to(dtype) * similarity_slope(dist, eps)
     rows = _patch_rows(z3)
     grad_zt: list[torch.Tensor] = []  # one (b * HW, D) sum per image slab
     grad_p: dict[int, torch.Tensor] = {}  # one (m, D) sum per prototype slab, over the image slabs in order

@@ -728,3 +728,18 @@ def test_log_similarity_is_the_original_formula_and_zero_at_inf():
     assert protokern.log_similarity(torch.tensor([math.inf]), 1e-4).item() == 0.0
     sim, dist = protokern.prototype_similarity(torch.rand(2, 3, 4, 4), torch.rand(5, 3), backend="torch")
     torch.testing.assert_close(protokern.log_similarity(dist, 1e-4), sim)
+
+
+def test_similarity_gradient_is_accurate_at_large_distances(case):
+    """d sim / d d = (eps - 1) / ((d + 1)(d + eps)): the difference 1/(d+1) - 1/(d+eps) cancels to 0 by d ~ 1e8."""
+    device, backend = case
+    scale = torch.tensor([1.0, 3e1, 1e3, 1e4, 3e4], device=device)  # d = D * scale^2: up to ~4e9
+    z = (torch.rand(5, 4, 2, 3, device=device) * scale[:, None, None, None]).requires_grad_()
+    p = torch.rand(3, 4, device=device).requires_grad_()
+    sim, _ = protokern.prototype_similarity(z, p, backend=backend)
+    grads = torch.autograd.grad(sim.sum(), (z, p))
+    z64, p64 = z.detach().double().requires_grad_(), p.detach().double().requires_grad_()
+    ref = torch.autograd.grad(original_layer(z64, p64)[0].sum(), (z64, p64))
+    for got, want in zip(grads, ref):
+        scale = want.abs().amax(dim=tuple(range(1, want.dim())), keepdim=True).clamp_min(1e-30)
+        assert ((got.double() - want).abs() / scale).max() < 1e-4
