@@ -37,7 +37,13 @@ def _similarity_at_zero_is_finite(eps: float) -> bool:
 
 def check_eps(eps) -> float:
     """Return ``eps`` as a float if it is a real number > 0 whose similarity at d = 0,
-    log((0 + 1) / (0 + eps)), is finite in float32; raise a one-line error otherwise."""
+    log((0 + 1) / (0 + eps)), is finite in float32; raise a one-line error otherwise.
+
+    While torch.compile traces, ``eps`` may be a symbolic float (Dynamo makes a float that changed between
+    calls dynamic), which these Python checks cannot read: it passes through, and the op's implementation,
+    which runs on the concrete value, checks it (``_forward_impl``)."""
+    if torch.compiler.is_compiling():
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}")
     value = float(eps)
@@ -201,6 +207,7 @@ def _backend_inputs(z: Tensor, p: Tensor, backend: str) -> tuple[Tensor, Tensor]
 
 
 def _forward_impl(z: Tensor, p: Tensor, eps: float, backend: str, precision: str) -> tuple[Tensor, Tensor, Tensor]:
+    check_eps(eps)  # again: a compiled caller's check passed a symbolic eps through
     z3, p = _backend_inputs(z, p, backend)
     if z3.shape[0] == 0:
         return _forward_fake(z, p, eps, backend, precision)
@@ -436,6 +443,7 @@ def log_similarity(distances: Tensor, eps: float = 1e-4) -> Tensor:
     """ProtoPNet's similarity ``log((d + 1) / (d + eps))`` of squared distances, elementwise.
 
     The one Python home of the formula (the fused kernels carry their own copy): computed as
-    ``log1p((1 - eps) / (d + eps))``, accurate for large ``d`` and exactly 0 at ``d = +inf``.
+    ``log1p((1 - eps) / (d + eps))``, accurate for large ``d`` and exactly 0 at ``d = +inf``. ``eps`` as the
+    op takes it (:func:`check_eps`).
     """
-    return torch_backend.similarity(distances, eps)
+    return torch_backend.similarity(distances, check_eps(eps))

@@ -307,6 +307,33 @@ def test_compile_fullgraph_cpu(monkeypatch, backend):
     assert all(torch.allclose(a, b) for a, b in zip(eager, compiled))
 
 
+def test_compile_fullgraph_with_changing_eps():
+    """Dynamo makes a float that changes between calls symbolic: eps is then checked by the op at run time."""
+    z = torch.rand(2, 3, 4, 5, requires_grad=True)
+    p = torch.rand(4, 3, requires_grad=True)
+    compiled = torch.compile(lambda z, p, eps: protokern.prototype_similarity(z, p, eps=eps)[0].sum(),
+                             fullgraph=True, backend="aot_eager")
+    for eps in (1e-4, 1e-3, 0.5):
+        got = torch.autograd.grad(compiled(z, p, eps), (z, p))
+        want = torch.autograd.grad(protokern.prototype_similarity(z, p, eps=eps)[0].sum(), (z, p))
+        assert all(torch.allclose(a, b) for a, b in zip(got, want))
+    for bad in (-1.0, 0.0, math.nan):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            compiled(z, p, bad)
+    layers = [protokern.ProtoLayer(4, 3, eps=eps) for eps in (1e-4, 1e-2)]
+    for dynamic in (None, True):
+        call = torch.compile(lambda layer, z: layer(z)[0], fullgraph=True, dynamic=dynamic, backend="aot_eager")
+        for layer in layers:
+            torch.testing.assert_close(call(layer, z), layer(z)[0])
+
+
+def test_log_similarity_checks_eps():
+    with pytest.raises(ValueError, match="eps must be"):
+        protokern.log_similarity(torch.rand(3), 0.0)
+    with pytest.raises(ValueError, match="eps must be"):
+        protokern.distance_to_similarity(torch.rand(3), "log", eps=-1)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_triton_features_are_laid_out_once(case, monkeypatch, layout):
     """The op hands triton channels_last features, made once inside the autograd graph: the forward and the
