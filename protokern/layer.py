@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor, nn
 
 from protokern.backends import BACKENDS
 from protokern.ops import (
     PRECISIONS,
+    _positive_int,
     check_eps,
     check_similarity,
     distance_to_similarity,
@@ -17,26 +16,8 @@ from protokern.ops import (
     prototype_distances,
     prototype_similarity,
     prototype_windows,
+    window_size,
 )
-
-
-def _positive_int(name: str, value) -> int:
-    """``value`` as an int >= 1 (Python or NumPy integer), else a one-line error."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= 1, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def window_size(value) -> tuple[int, int]:
-    """``value`` (an int k or a pair (kh, kw) of ints >= 1) as (kh, kw), else a one-line error."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"prototype_size must be an integer or a pair (kh, kw), got {value!r}")
-        return _positive_int("prototype_size[0]", value[0]), _positive_int("prototype_size[1]", value[1])
-    k = _positive_int("prototype_size", value)
-    return k, k
 
 
 class ProtoLayer(nn.Module):

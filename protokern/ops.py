@@ -81,6 +81,25 @@ def _check(z: Tensor, prototypes: Tensor, eps: float = 1.0, precision: str = "au
     return p
 
 
+def _positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1 (Python or NumPy integer), else a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def window_size(value) -> tuple[int, int]:
+    """``value`` (an int k or a pair (kh, kw) of ints >= 1) as (kh, kw), else a one-line error."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"prototype_size must be an integer or a pair (kh, kw), got {value!r}")
+        return _positive_int("prototype_size[0]", value[0]), _positive_int("prototype_size[1]", value[1])
+    k = _positive_int("prototype_size", value)
+    return k, k
+
+
 def _window(prototypes: Tensor) -> tuple[int, int]:
     """(kh, kw) of prototypes (M, D) or (M, D, kh, kw)."""
     return (1, 1) if prototypes.dim() == 2 else (prototypes.shape[2], prototypes.shape[3])
@@ -392,7 +411,8 @@ def prototype_distances(z: Tensor, prototypes: Tensor, *, similarity: str = "log
                         chunk: int = 256) -> Tensor:
     """Full distance map (B, M, Hout, Wout) over the windows (``Hout = H - kh + 1``; (B, M, H, W) for 1 x 1
     prototypes), clamped at 0: for heatmaps, not for training. Squared L2 for "log" and "linear", the
-    distance between unit vectors (2 - 2 cos) for "cosine".
+    distance between unit vectors (2 - 2 cos) for "cosine". Float32 (float64 for float64 inputs) whatever the
+    input precision, with the op's rules for non-finite values: a window holding +-inf is at +inf, NaN is NaN.
 
     ``paired=True`` takes one image per prototype (``z`` (M, D, H, W)) and returns (M, Hout, Wout), prototype
     m on image m only, in the difference form ``sum (z_window - p)^2``: exactly 0 where a window equals its
@@ -404,10 +424,13 @@ def prototype_distances(z: Tensor, prototypes: Tensor, *, similarity: str = "log
     if paired and (z.dim() != 4 or not isinstance(prototypes, Tensor) or z.shape[0] != prototypes.shape[0]):
         raise ValueError(f"paired=True needs one image per prototype: z {tuple(z.shape)}, "
                          f"prototypes {tuple(prototypes.shape)}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     zin, p = _prepare(z, prototypes, similarity)
     B, _, H, W = zin.shape
-    if paired:
-        z3 = zin.flatten(2)
+    if paired:  # float32 (float64 for float64 inputs) like the op, whatever the input precision
+        dtype = torch_backend._compute_dtype(zin, p)
+        z3, p = zin.flatten(2).to(dtype), p.to(dtype)
         return torch.cat([(zc - pc[:, :, None]).square().sum(1) for zc, pc in zip(z3.split(chunk), p.split(chunk))]
                          ).view(B, H, W)
     return torch_backend.distances(zin.flatten(2), p).view(B, p.shape[0], H, W)
@@ -417,13 +440,21 @@ def prototype_windows(z: Tensor, index: Tensor, prototype_size=(1, 1)) -> Tensor
     """The kh x kw windows of ``z`` (N, D, H, W) whose top-left positions are ``index`` (N,) (``h * Wout + w``,
     as ``nearest_patches`` returns them, ``Wout = W - kw + 1``): (N, D, kh, kw), window n from image n.
 
-    These are the values push copies into prototypes (the raw features, also for "cosine").
+    These are the values push copies into prototypes (the raw features, also for "cosine"). ``prototype_size``
+    is an int k or a pair (kh, kw); an index outside [0, Hout * Wout) is a one-line ``ValueError``.
     """
-    kh, kw = prototype_size
+    kh, kw = window_size(prototype_size)
+    if z.dim() != 4:
+        raise ValueError(f"z must be 4-D (N, D, H, W), got shape {tuple(z.shape)}")
     N, D, H, W = z.shape
-    if index.shape != (N,):
-        raise ValueError(f"index must be (N,) = ({N},), got {tuple(index.shape)}")
-    wout = W - kw + 1
+    if index.shape != (N,) or index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise ValueError(f"index must be (N,) = ({N},) integers, got {index.dtype} {tuple(index.shape)}")
+    hout, wout = H - kh + 1, W - kw + 1
+    if hout < 1 or wout < 1:
+        raise ValueError(f"prototype window {kh} x {kw} is larger than the feature map {H} x {W}")
+    if N and bool(((index < 0) | (index >= hout * wout)).any()):
+        raise ValueError(f"index must lie in [0, {hout * wout}) (the {hout} x {wout} window positions), got "
+                         f"values from {int(index.min())} to {int(index.max())}")
     rows = (index // wout)[:, None] + torch.arange(kh, device=z.device)  # (N, kh)
     cols = (index % wout)[:, None] + torch.arange(kw, device=z.device)  # (N, kw)
     n = torch.arange(N, device=z.device)[:, None, None]

@@ -285,8 +285,17 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
 
 
 def distances(z3: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The full squared-L2 map (B, M, HW), clamped at 0 (heatmaps only: it materialises B*M*HW values)."""
+    """The full squared-L2 map (B, M, HW), clamped at 0 (heatmaps only: it materialises B*M*HW values).
+
+    Expanded as |z|^2 + |p|^2 - 2 p.z; an entry that comes out inf or NaN (a patch holding +-inf, norms past
+    float range) is recomputed in the difference form sum (z - p)^2, so that the map follows the op's rules
+    (a patch holding +-inf is at +inf, NaN stays NaN, equal vectors are at 0 however large).
+    """
     dtype = _compute_dtype(z3, p)
     z3, p = z3.to(dtype), p.to(dtype)
-    d = (z3 * z3).sum(1)[:, None, :] + (p * p).sum(1)[None, :, None] - 2 * torch.matmul(p, z3)
-    return d.clamp_min(0)
+    d = ((z3 * z3).sum(1)[:, None, :] + (p * p).sum(1)[None, :, None] - 2 * torch.matmul(p, z3)).clamp_min_(0)
+    bad = (~d.isfinite()).nonzero()
+    for part in bad.split(max(1, SLAB // max(1, z3.shape[1]))):  # (K, 3) entries, K * D within SLAB
+        b, m, s = part.unbind(1)
+        d[b, m, s] = (z3[b, :, s] - p[m]).square().sum(1)
+    return d

@@ -287,6 +287,32 @@ def test_prototype_distances_map():
         assert (got.double() - reference_map(z, p, similarity).clamp_min(0)).abs().max() < 1e-5
 
 
+def test_prototype_distances_follow_the_op_on_non_finite_values():
+    z = torch.rand(2, 3, 2, 3)
+    p = torch.rand(4, 3)
+    z[0, 1, 0, 0] = float("inf")  # a patch holding +inf: at +inf, not inf - inf = NaN
+    z[0, 2, 1, 2] = float("nan")  # a patch holding NaN: NaN
+    z[1] = 1e20  # equal huge vectors: at 0, not NaN
+    p[3] = 1e20
+    got = protokern.prototype_distances(z, p)
+    want = (z.double().flatten(2)[:, None] - p.double()[None, :, :, None]).square().sum(2).view(2, 4, 2, 3)
+    assert torch.equal(got.isnan(), want.isnan()) and got[0, :, 1, 2].isnan().all()
+    assert got[0, :, 0, 0].isinf().all() and (got[1, 3] == 0).all()
+    finite = want.isfinite() & (want < 3e38)
+    assert ((got.double() - want).abs() <= 1e-5 * want.abs().clamp_min(1))[finite].all()
+    assert got.isinf()[~finite & ~want.isnan()].all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prototype_distances_are_float32_for_half_inputs(dtype):
+    z = torch.zeros(2, 4, 2, 2, dtype=dtype)
+    z[:, :, 0, 0] = 200.0  # 4 * 200^2 = 160000 overflows float16
+    p = torch.zeros(2, 4, dtype=dtype)
+    for paired in (False, True):
+        got = protokern.prototype_distances(z, p, paired=paired)
+        assert got.dtype == torch.float32 and (got.flatten(-2)[..., 0] == 160000).all()
+
+
 def test_empty_batch():
     z = torch.rand(0, 3, 5, 6, requires_grad=True)
     p = torch.rand(4, 3, 2, 2, requires_grad=True)
@@ -492,3 +518,10 @@ def test_distance_to_similarity_and_errors():
         protokern.prototype_distances(torch.rand(2, 3, 4, 4), torch.rand(3, 3), paired=True)
     with pytest.raises(ValueError, match="index must be"):
         protokern.prototype_windows(torch.rand(2, 3, 4, 4), torch.zeros(3, dtype=torch.long), (1, 1))
+    for index in ([-1, 0], [0, 9], [16, 0]):  # 3 x 3 windows of a 4 x 4 map: positions 0..3
+        with pytest.raises(ValueError, match=r"index must lie in \[0, 4\)"):
+            protokern.prototype_windows(torch.rand(2, 3, 4, 4), torch.tensor(index), 3)
+    with pytest.raises(ValueError, match="integers"):
+        protokern.prototype_windows(torch.rand(2, 3, 4, 4), torch.zeros(2), (1, 1))
+    with pytest.raises(ValueError, match="chunk must be"):
+        protokern.prototype_distances(torch.rand(2, 3, 4, 4), torch.rand(2, 3), paired=True, chunk=0)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from protokern import ProtoLayer
-from protokern.layer import window_size
+from protokern.ops import window_size
 from protokern.models.add_on import make_add_on
 from protokern.models.backbones import make_backbone
 from protokern.models.receptive_field import ReceptiveField, compute_receptive_field
