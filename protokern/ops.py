@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from protokern import backends, torch_backend
 
@@ -29,9 +31,10 @@ _EPS_CHECKED: dict[float, bool] = {}
 
 @torch.compiler.assume_constant_result  # torch.compile evaluates it eagerly, like the eps it checks
 def _similarity_at_zero_is_finite(eps: float) -> bool:
-    if eps not in _EPS_CHECKED:
-        e = torch.tensor(eps, dtype=torch.float32)
-        _EPS_CHECKED[eps] = bool(e > 0) and bool(torch.isfinite(torch.log1p((1 - e) / e)))
+    if eps not in _EPS_CHECKED:  # in NumPy's float32 (IEEE like the kernels), whatever torch's mode or device
+        with np.errstate(all="ignore"):
+            e = np.float32(eps)
+            _EPS_CHECKED[eps] = bool(e > 0) and bool(np.isfinite(np.log1p((np.float32(1) - e) / e)))
     return _EPS_CHECKED[eps]
 
 
@@ -225,8 +228,15 @@ def _backend_inputs(z: Tensor, p: Tensor, backend: str) -> tuple[Tensor, Tensor]
     return z3, p
 
 
+def _shapes_only(z: Tensor) -> bool:
+    """Meta or fake tensors (shape propagation, FakeTensorMode): the op's outputs are shapes, no kernel runs."""
+    return z.is_meta or is_fake(z)
+
+
 def _forward_impl(z: Tensor, p: Tensor, eps: float, backend: str, precision: str) -> tuple[Tensor, Tensor, Tensor]:
     check_eps(eps)  # again: a compiled caller's check passed a symbolic eps through
+    if _shapes_only(z):
+        return _forward_fake(z, p, eps, backend, precision)
     z3, p = _backend_inputs(z, p, backend)
     if z3.shape[0] == 0:
         return _forward_fake(z, p, eps, backend, precision)
@@ -236,6 +246,8 @@ def _forward_impl(z: Tensor, p: Tensor, eps: float, backend: str, precision: str
 
 
 def _backward_impl(grad_sim, grad_dist, z, p, idx, dist, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    if _shapes_only(z):
+        return _backward_fake(grad_sim, grad_dist, z, p, idx, dist, eps, backend)
     z3, p3 = _backend_inputs(z, p, backend)
     if z3.shape[0] == 0:
         return torch.zeros_like(z, memory_format=torch.contiguous_format), torch.zeros_like(p)

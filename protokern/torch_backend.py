@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from protokern.kernels import search_bound
 
@@ -294,6 +295,8 @@ def distances(z3: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     dtype = _compute_dtype(z3, p)
     z3, p = z3.to(dtype), p.to(dtype)
     d = ((z3 * z3).sum(1)[:, None, :] + (p * p).sum(1)[None, :, None] - 2 * torch.matmul(p, z3)).clamp_min_(0)
+    if d.is_meta or is_fake(d):  # shapes only (shape propagation, FakeTensorMode)
+        return d
     bad = (~d.isfinite()).nonzero()
     for part in bad.split(max(1, SLAB // max(1, z3.shape[1]))):  # (K, 3) entries, K * D within SLAB
         b, m, s = part.unbind(1)

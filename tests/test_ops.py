@@ -770,3 +770,23 @@ def test_similarity_gradient_is_accurate_at_large_distances(case):
     for got, want in zip(grads, ref):
         scale = want.abs().amax(dim=tuple(range(1, want.dim())), keepdim=True).clamp_min(1e-30)
         assert ((got.double() - want).abs() / scale).max() < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["meta", "fake"])
+def test_shapes_only_inputs(mode):
+    """Meta tensors and FakeTensorMode (shape propagation, memory planning) get the op's shapes and dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() if mode == "fake" else torch.device("meta"):
+        z = torch.rand(3, 8, 4, 5, dtype=torch.float16).requires_grad_()
+        p = torch.rand(6, 8, 2, 2).requires_grad_()
+        for similarity in ("log", "linear", "cosine"):
+            sim, dist = protokern.prototype_similarity(z, p, similarity=similarity, backend="torch")
+            grad_z, grad_p = torch.autograd.grad(sim.sum() + dist.sum(), (z, p))
+            assert sim.shape == dist.shape == (3, 6) and sim.dtype == dist.dtype == torch.float32
+            assert grad_z.shape == z.shape and grad_z.dtype == z.dtype and grad_p.shape == p.shape
+        dist, index = protokern.nearest_patches(z, p)
+        assert dist.shape == index.shape == (3, 6) and index.dtype == torch.int64
+        assert protokern.prototype_distances(z, p).shape == (3, 6, 3, 4)
+        layer = protokern.ProtoLayer(10, 8)
+        assert layer(z)[0].shape == (3, 10)
