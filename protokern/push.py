@@ -234,7 +234,9 @@ def activation_boxes(similarity_maps: Tensor, image_size: tuple[int, int], perce
     """Boxes ``(y0, y1, x0, x1)`` (half-open) of the pixels >= the ``percentile`` of each upsampled map.
 
     ``similarity_maps`` (P, H, W) are upsampled bicubically (as the original's cv2 INTER_CUBIC) to
-    ``image_size``; the threshold is NumPy's default (linear) percentile of each map. Returns (P, 4) int64.
+    ``image_size``; the threshold is NumPy's default (linear) percentile of each map. A constant map (a 1 x 1
+    feature map, a prototype equally near everywhere) gives the whole image: every pixel is at its percentile,
+    whatever rounding noise the upsampling adds. Returns (P, 4) int64.
     """
     out = []
     q = percentile / 100.0
@@ -242,6 +244,8 @@ def activation_boxes(similarity_maps: Tensor, image_size: tuple[int, int], perce
         up = F.interpolate(maps[:, None], size=tuple(image_size), mode="bicubic", align_corners=False)[:, 0]
         threshold = torch.quantile(up.flatten(1), q, dim=1)
         mask = up >= threshold[:, None, None]
+        flat = maps.flatten(1).amax(1) == maps.flatten(1).amin(1)
+        mask |= flat[:, None, None]
         out.append(torch.cat([_span(mask.any(2)), _span(mask.any(1))], 1))
     return torch.cat(out) if out else torch.zeros(0, 4, dtype=torch.int64)
 

@@ -106,6 +106,12 @@ def test_activation_boxes_percentile():
     assert (y1 - y0) * (x1 - x0) < 32 * 32 * 0.2
 
 
+@pytest.mark.parametrize("shape, image_size", [((1, 1), (7, 7)), ((1, 1), (64, 96)), ((3, 5), (40, 30))])
+def test_a_constant_map_boxes_the_whole_image(shape, image_size):
+    maps = torch.full((2, *shape), 0.37)
+    assert activation_boxes(maps, image_size).tolist() == [[0, image_size[0], 0, image_size[1]]] * 2
+
+
 def test_batch_size_does_not_change_the_result():
     data = _dataset()
     a, b = _model(), _model()

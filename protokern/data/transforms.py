@@ -94,11 +94,19 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        # PIL warns from Image.open above its limit: raise instead. The warning filters are process-wide, so
-        # only the (cheap, header-only) open runs under the lock; decoding runs in parallel.
+        # MAX_IMAGE_PIXELS decides (the check below), not PIL's own limit, which warns from Image.open above
+        # it and raises above twice it: its warning is silenced, and a MAX_IMAGE_PIXELS raised above it is PIL's
+        # limit for the open. Warning filters and PIL's limit are process-wide, so only the (cheap,
+        # header-only) open runs under the lock; decoding runs in parallel.
         with _OPEN_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            pil_limit = Image.MAX_IMAGE_PIXELS
+            if pil_limit is not None and MAX_IMAGE_PIXELS > pil_limit:
+                Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+            try:
+                img = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = pil_limit
         with img:
             pixels = img.width * img.height
             if pixels > MAX_IMAGE_PIXELS:

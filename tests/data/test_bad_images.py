@@ -55,6 +55,21 @@ def test_pixel_limit_holds_without_pils(tmp_path, monkeypatch):
     assert open_rgb(tmp_path / "x.png").size == (24, 20)
 
 
+def test_a_raised_pixel_limit_is_the_limit(tmp_path, monkeypatch):
+    """MAX_IMAGE_PIXELS decides also above PIL's own limit (which raises past twice itself), and PIL's stays."""
+    Image.fromarray(np.zeros((50, 60, 3), np.uint8)).save(tmp_path / "x.png")  # 3000 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(transforms, "MAX_IMAGE_PIXELS", 5000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_rgb(tmp_path / "x.png").size == (60, 50)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    monkeypatch.setattr(transforms, "MAX_IMAGE_PIXELS", 2000)
+    with pytest.raises(BadImageError, match=r"60x50 = 3000 pixels.*MAX_IMAGE_PIXELS = 2000"):
+        open_rgb(tmp_path / "x.png")
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
 def test_dataset_items_name_the_file(tmp_path):
     bad = folder_with_bad(tmp_path / "tree", kinds=("truncated",))
     ds = ImageFolderDataset(tmp_path / "tree", image_size=8)
