@@ -286,6 +286,20 @@ def _box(values) -> Box | None:
 
 # ------------------------------------------------------------------------------------------------ explain
 @torch.no_grad()
+def _check_image_size(model: nn.Module, size) -> None:
+    """A one-line ``ValueError`` for an image too small to give the model a feature map of one window."""
+    rf = getattr(model, "receptive_field", None)
+    if rf is None:
+        return
+    kh, kw = model.prototype_layer.prototype_size
+    h, w = rf.output_size(size[0]), rf.output_size(size[1])
+    if h < kh or w < kw:
+        side = next((n for n in range(1, 1 << 14) if rf.output_size(n) >= max(kh, kw)), None)
+        raise ValueError(f"the image is too small for this model: {size[0]} x {size[1]} pixels give a {h} x {w} "
+                         f"feature map, smaller than the prototypes' {kh} x {kw} window"
+                         + (f" (it takes at least {side} x {side} pixels)" if side else ""))
+
+
 def explain_image(model: nn.Module, image, *, push_records: PushRecords | None = None, top_k: int = 10,
                   class_idx: int | None = None, push_images=None, class_names=None, device=None,
                   image_size: int | None = None) -> Explanation:
@@ -321,6 +335,7 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
     if image_size is None and push_records is not None:
         image_size = push_records.image_size[0]
     x = load_image_tensor(image, image_size)
+    _check_image_size(model, x.shape[1:])
     device = torch.device(device) if device is not None else prototypes.device
 
     from protokern.data import imagenet_normalize

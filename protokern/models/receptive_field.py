@@ -44,6 +44,7 @@ class LayerGeometry:
     padding: int
     dilation: int = 1
     ceil_mode: bool = False
+    extra_padding: int = 0  # on the right / bottom only (padding="same" with an even span)
 
     @property
     def span(self) -> int:
@@ -53,7 +54,7 @@ class LayerGeometry:
     def output_size(self, n: int) -> int:
         """Output side for an input side ``n`` (PyTorch's formula)."""
         rounding = math.ceil if self.ceil_mode else math.floor
-        out = rounding((n + 2 * self.padding - self.span) / self.stride) + 1
+        out = rounding((n + 2 * self.padding + self.extra_padding - self.span) / self.stride) + 1
         if self.ceil_mode and (out - 1) * self.stride >= n + self.padding:
             out -= 1  # PyTorch drops a last window that would start in the right padding
         return out
@@ -69,11 +70,11 @@ class ReceptiveField:
     layers: tuple[LayerGeometry, ...] = ()
 
     def output_size(self, img_size: int) -> int:
-        """Side of the output map for a square input of side ``img_size``."""
+        """Side of the output map for a square input of side ``img_size`` (0 if some layer gets no input)."""
         n = int(img_size)
         for layer in self.layers:
-            n = layer.output_size(n)
-        return n
+            n = layer.output_size(n) if n > 0 else 0
+        return max(n, 0)
 
     def to_original(self, img_size: int) -> list[float]:
         """The original implementation's ``proto_layer_rf_info``: ``[n, jump, size, start]``."""
@@ -95,12 +96,13 @@ def _geometry(module: nn.Module) -> LayerGeometry | None:
         kernel = _square(module.kernel_size, "kernels", module)
         stride = _square(module.stride, "strides", module)
         dilation = _square(module.dilation, "dilations", module)
-        padding = module.padding
+        padding, extra = module.padding, 0
         if padding == "valid":
             padding = 0
         elif padding == "same":
             padding = dilation * (kernel - 1) // 2  # PyTorch puts the odd pixel on the right/bottom
-        return LayerGeometry(kernel, stride, _square(padding, "paddings", module), dilation)
+            extra = dilation * (kernel - 1) % 2
+        return LayerGeometry(kernel, stride, _square(padding, "paddings", module), dilation, extra_padding=extra)
     if isinstance(module, nn.MaxPool2d):
         return LayerGeometry(
             _square(module.kernel_size, "kernels", module),

@@ -220,3 +220,12 @@ def test_window_prototype_box_on_the_image_and_its_source(kind):
     assert y0 <= 41 < y1 and x0 <= 26 < x1
     assert block.source_index == 0 and block.source_rf_box == (8, 24, 16, 40)
     assert torch.equal(block.source_image, dataset[0][0])
+
+
+@pytest.mark.parametrize("window", [(1, 1), (2, 2)])
+def test_an_image_too_small_for_the_trunk_is_a_one_line_error(window):
+    model = ProtoPNet("tiny", num_classes=2, prototypes_per_class=1, prototype_dim=8, prototype_size=window)
+    side = next(n for n in range(1, 64) if model.receptive_field.output_size(n) >= window[0])
+    with pytest.raises(ValueError, match=rf"too small for this model.*at least {side} x {side} pixels"):
+        explain_image(model, torch.rand(3, side - 1, 40), top_k=1)
+    assert explain_image(model, torch.rand(3, side, side), top_k=1).top[0].prototype in (0, 1)

@@ -117,6 +117,26 @@ def test_layer_geometry_ceil_mode_output_size():
         assert geometry.output_size(n) == pool(torch.zeros(1, 1, n, n)).shape[-1]
 
 
+@pytest.mark.parametrize("kernel, dilation", [(4, 1), (2, 1), (3, 2), (2, 3)])
+def test_same_padding_output_size_and_box(kernel, dilation):
+    """padding="same" with an even span pads one more cell on the right / bottom (PyTorch's rule)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, kernel, padding="same", dilation=dilation), nn.MaxPool2d(2),
+                        nn.Conv2d(4, 4, 3)).double()
+    rf = compute_receptive_field(net)
+    for n in range(8, 15):
+        assert rf.output_size(n) == net(torch.zeros(1, 3, n, n, dtype=torch.float64)).shape[-1]
+    for h, w in ((0, 0), (2, 3), (4, 4)):
+        assert _inside(_influence_box(net, 14, h, w), patch_box(rf, 14, h, w))
+
+
+def test_output_size_of_an_image_too_small_is_zero():
+    net = nn.Sequential(nn.Conv2d(3, 3, 5), nn.MaxPool2d(2), nn.Conv2d(3, 3, 3))  # needs 10 x 10 pixels
+    rf = compute_receptive_field(net)
+    assert [rf.output_size(n) for n in (1, 4, 5, 8, 9, 10, 12)] == [0, 0, 0, 0, 0, 1, 2]
+    assert net(torch.zeros(1, 3, 12, 12)).shape[-1] == 2
+
+
 @pytest.mark.parametrize("name", ["vgg16", "resnet34"])
 @pytest.mark.parametrize("k", [2, 3])
 def test_window_box_is_the_original_prototype_layer_box(name, k):
