@@ -340,7 +340,7 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
 
     from protokern.data import imagenet_normalize
 
-    with eval_mode(model):
+    with eval_mode(model), torch.no_grad():
         batch = imagenet_normalize(x[None].to(device))
         z = model.conv_features(batch)  # the trunk runs once per image
         logits, min_distances, similarity = model.classify_features(z)
