@@ -173,6 +173,10 @@ def load_backbone_state(trunk: nn.Module, name: str, state: dict, source: str = 
     if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
         raise ValueError(f"{source}: expected a state dict (str -> tensor), got {type(state).__name__}")
     state = _to_trunk_keys(name, state)
+    not_tensors = sorted(key for key, value in state.items() if not isinstance(value, torch.Tensor))
+    if not_tensors:
+        raise ValueError(f"{source}: expected a state dict (str -> tensor), but {not_tensors[0]!r} is a "
+                         f"{type(state[not_tensors[0]]).__name__}")
     expected = trunk.state_dict()
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)

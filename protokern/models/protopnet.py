@@ -246,9 +246,15 @@ class ProtoPNet(nn.Module):
         for key in ("prototype_vectors", "last_layer.weight"):
             if key not in state:
                 raise ValueError(f"not a state dict of the original ProtoPNet: no {key!r}")
+        not_tensors = [key for key, value in state.items() if not isinstance(value, Tensor)]
+        if not_tensors:
+            raise ValueError(f"not a state dict of tensors: {not_tensors[0]!r} is a "
+                             f"{type(state[not_tensors[0]]).__name__}")
         vectors, last = state["prototype_vectors"], state["last_layer.weight"]
-        if vectors.dim() != 4:
+        if vectors.dim() != 4 or 0 in vectors.shape:
             raise ValueError(f"prototype_vectors must be (P, D, kh, kw), got {tuple(vectors.shape)}")
+        if last.dim() != 2 or last.shape[0] == 0:
+            raise ValueError(f"last_layer.weight must be (num_classes, P), got {tuple(last.shape)}")
         if kwargs.get("similarity", "log") not in ("log", "linear"):
             raise ValueError(f"the original's activations are 'log' and 'linear', got similarity="
                              f"{kwargs['similarity']!r}")
@@ -274,7 +280,10 @@ class ProtoPNet(nn.Module):
                 raise ValueError(
                     f"{num_prototypes} prototypes for {num_classes} classes: pass prototype_classes= (pruned model?)"
                 )
-            kwargs["prototypes_per_class"] = num_prototypes // num_classes
+            per_class = num_prototypes // num_classes
+            if kwargs.setdefault("prototypes_per_class", per_class) != per_class:
+                raise ValueError(f"prototypes_per_class={kwargs['prototypes_per_class']!r} but the state dict has "
+                                 f"{per_class} ({num_prototypes} prototypes, {num_classes} classes)")
         model = cls(**kwargs)
 
         target = model.state_dict()

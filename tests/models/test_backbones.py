@@ -97,6 +97,8 @@ def test_bad_weights_files(tmp_path):
         make_backbone("tiny", weights_path=tmp_path / "list.pt")
     with pytest.raises(ValueError):
         load_backbone_state(tiny, "tiny", {"0.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="'0.bias' is a int"):
+        load_backbone_state(tiny, "tiny", dict(tiny.state_dict(), **{"0.bias": 3}))
 
 
 def test_pretrained_loads_from_the_hub_cache(tmp_path, monkeypatch):

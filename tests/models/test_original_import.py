@@ -80,6 +80,16 @@ def test_import_errors():
     extra = dict(state, stray=torch.zeros(1))
     with pytest.raises(ValueError, match="unexpected.*stray"):
         ProtoPNet.from_original_state_dict(extra, backbone="vgg11")
+    last = state["last_layer.weight"]
+    for bad in (last[0], last[:0]):  # 1-D, no classes
+        with pytest.raises(ValueError, match=r"last_layer.weight must be \(num_classes, P\)"):
+            ProtoPNet.from_original_state_dict(dict(state, **{"last_layer.weight": bad}), backbone="vgg11")
+    with pytest.raises(ValueError, match="'prototype_vectors' is a ndarray"):
+        ProtoPNet.from_original_state_dict(dict(state, prototype_vectors=state["prototype_vectors"].numpy()),
+                                           backbone="vgg11")
+    with pytest.raises(ValueError, match="prototypes_per_class=3 but the state dict has 4"):
+        ProtoPNet.from_original_state_dict(state, backbone="vgg11", prototypes_per_class=3)
+    assert ProtoPNet.from_original_state_dict(state, backbone="vgg11", prototypes_per_class=4).num_prototypes == 12
 
 
 @pytest.mark.parametrize("name, features_cls, channels, window, activation", [
