@@ -4,6 +4,7 @@ Also the tolerant text-table reader used for annotation files.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence
 
@@ -31,7 +32,7 @@ def read_table(path: str, fields: int) -> list[tuple[int, list[str]]]:
     """
     require_file(path)
     rows = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark (Windows editors) is not a field
         for lineno, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
@@ -53,13 +54,13 @@ def inside_folder(folder: str, rel: str, where: str) -> str:
 
 
 def parse_number(path: str, lineno: int, text: str, kind=float):
-    """``text`` as a float (or an int when ``kind is int``), with an error naming file and line."""
+    """``text`` as a finite float (or an int when ``kind is int``), with an error naming file and line."""
     try:
         value = float(text)
     except ValueError:
         value = None
-    if value is None or (kind is int and not value.is_integer()):
-        raise ValueError(f"{path}:{lineno}: expected {'an integer' if kind is int else 'a number'}, "
+    if value is None or not math.isfinite(value) or (kind is int and not value.is_integer()):
+        raise ValueError(f"{path}:{lineno}: expected {'an integer' if kind is int else 'a finite number'}, "
                          f"got {text!r}")
     return int(value) if kind is int else value
 

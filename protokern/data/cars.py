@@ -14,6 +14,7 @@ through ``..``) is an error.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -71,6 +72,10 @@ def read_annotations(path: str) -> list[dict]:
             row["fname"] = str(row["fname"])
             for f in _FIELDS[:5]:
                 row[f] = float(row[f])
+                if not math.isfinite(row[f]):
+                    raise ValueError(f"{f} is {row[f]}")
+            if not row["class"].is_integer():
+                raise ValueError(f"class {row['class']} is not an integer")
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}: bad annotation #{i + 1}: {err}") from None
         out.append(row)

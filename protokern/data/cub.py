@@ -104,7 +104,10 @@ class CUB200(BoxedImages):
                 if image_id not in table:
                     raise ValueError(f"{f[name]}: no entry for image id {image_id}")
             lineno, (flag,) = is_train[image_id]
-            if parse_number(f["train_test_split.txt"], lineno, flag, int) != want:
+            flag = parse_number(f["train_test_split.txt"], lineno, flag, int)
+            if flag not in (0, 1):
+                raise ValueError(f"{f['train_test_split.txt']}:{lineno}: expected 1 (train) or 0 (test), got {flag}")
+            if flag != want:
                 continue
             lineno, (cid,) = labels[image_id]
             cid = parse_number(f["image_class_labels.txt"], lineno, cid, int)

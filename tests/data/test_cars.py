@@ -129,3 +129,15 @@ def test_missing_image_and_bad_class(tmp_path):
     scipy.io.savemat(root / "devkit" / "cars_train_annos.mat", {"other": np.zeros(3)})
     with pytest.raises(ValueError, match="annotations"):
         StanfordCars(root, "train")
+
+
+@pytest.mark.parametrize("field, value, match", [("class", 1.5, "class 1.5 is not an integer"),
+                                                 ("class", np.nan, "class is nan"),
+                                                 ("bbox_x2", np.inf, "bbox_x2 is inf")])
+def test_annotations_hold_finite_numbers_and_integer_classes(tmp_path, field, value, match):
+    root = make_cars(tmp_path)
+    arr = struct_array(TRAIN)
+    arr[0, 1][field] = np.array([[value]], np.float64)
+    scipy.io.savemat(root / "devkit" / "cars_train_annos.mat", {"annotations": arr})
+    with pytest.raises(ValueError, match=rf"cars_train_annos.mat: bad annotation #2: {match}"):
+        StanfordCars(root, "train")

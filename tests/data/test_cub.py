@@ -131,6 +131,25 @@ def test_malformed_and_inconsistent_files(cub_root):
     (base / "image_class_labels.txt").write_text("1 1\n2 2\n3 9\n4 3\n5 3\n")
     with pytest.raises(ValueError, match="class id 9"):
         CUB200(cub_root)
+    (base / "image_class_labels.txt").write_text("1 1\n2 2\n3 2\n4 3\n5 3\n")
+    (base / "bounding_boxes.txt").write_text(boxes.replace("10.0 5.0", "nan 5.0"))
+    with pytest.raises(ValueError, match=r"bounding_boxes.txt:1: expected a finite number, got 'nan'"):
+        CUB200(cub_root)
+    (base / "bounding_boxes.txt").write_text(boxes)
+    split = (base / "train_test_split.txt").read_text()
+    (base / "train_test_split.txt").write_text("1 2\n" + "\n".join(split.splitlines()[1:]) + "\n")
+    with pytest.raises(ValueError, match=r"train_test_split.txt:1: expected 1 \(train\) or 0 \(test\), got 2"):
+        CUB200(cub_root)
+
+
+def test_files_with_a_byte_order_mark_read(cub_root):
+    before = CUB200(cub_root)
+    for name in ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt",
+                 "bounding_boxes.txt"):
+        path = cub_root / "CUB_200_2011" / name
+        path.write_text("\ufeff" + path.read_text(), encoding="utf-8")
+    after = CUB200(cub_root)
+    assert after.paths == before.paths and after.targets == before.targets and after.classes == before.classes
 
 
 def test_bad_arguments(cub_root):
