@@ -15,21 +15,31 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+class ErrorMode:
+    """What :func:`exit_on_error` yields: set ``debug`` once the settings are parsed (a config file's
+    ``debug: true``) to keep the tracebacks of later errors."""
+
+    def __init__(self, debug: bool):
+        self.debug = debug
+
+
 @contextlib.contextmanager
 def exit_on_error(prog: str, argv: list[str] | None = None, stopped: tuple[type[BaseException], ...] = ()):
     """Turn an error of the block into one line on stderr (``PROG: error: ...``) and ``SystemExit``: code 1
     for ``stopped`` (a run that cannot go on), code 2 for :data:`INPUT_ERRORS`. Other errors, Ctrl-C and
-    everything with ``--debug`` in ``argv`` (default ``sys.argv``) keep their traceback."""
+    everything in debug mode keep their traceback: debug mode is the last of ``--debug`` / ``--no-debug`` in
+    ``argv`` (default ``sys.argv``), or what the block sets on the yielded :class:`ErrorMode`."""
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    flags = [arg for arg in argv if arg in ("--debug", "--no-debug")]
+    mode = ErrorMode(bool(flags) and flags[-1] == "--debug")
     try:
-        yield
+        yield mode
     except stopped as error:
-        if debug:
+        if mode.debug:
             raise
         _report(prog, error, 1)
     except INPUT_ERRORS as error:
-        if debug:
+        if mode.debug:
             raise
         _report(prog, error, 2)
 

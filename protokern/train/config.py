@@ -40,7 +40,8 @@ def _opt(default, help: str):  # noqa: A002 - argparse's word
 class TrainConfig:
     """Everything a training run needs. Defaults are the original ProtoPNet's CUB settings (preset ``cub``)."""
 
-    preset: str = _opt("cub", "named base configuration (demo when no arguments are given)")
+    preset: str = _opt("cub", "named base configuration: demo (the CPU demo), cub or cars (the original's recipe); "
+                                       "flags override it")
 
     # data
     dataset: str = _opt("cub", f"one of {', '.join(DATASETS)}")
@@ -194,6 +195,10 @@ class TrainConfig:
                      "joint_prototypes_lr", "last_layer_lr", "weight_decay", "lr_gamma"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)!r}")
         need(self.warm_epochs <= self.epochs, f"warm_epochs ({self.warm_epochs}) > epochs ({self.epochs})")
+        need(isinstance(self.prune_k, int) and not isinstance(self.prune_k, bool) and self.prune_k >= 1,
+             f"prune_k must be an int >= 1, got {self.prune_k!r}")
+        need(isinstance(self.prune_threshold, int) and 0 <= self.prune_threshold <= self.prune_k,
+             f"prune_threshold must be an int in [0, prune_k={self.prune_k}], got {self.prune_threshold!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -378,10 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a ProtoPNet (warm-up, joint, push, last-layer stages as the original).")
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings (flags override it)")
     types = _field_types()
+    demo, cub_preset = preset_config("demo"), preset_config("cub")  # the defaults are the demo preset's
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = types[f.name]
-        help_text = f.metadata["help"] + f" (default {f.default!r}, or the preset's)"
+        shown, cub = getattr(demo, f.name), getattr(cub_preset, f.name)
+        differs = cub != shown and f.name != "preset"
+        help_text = f.metadata["help"] + f" (default {shown!r}" + (f"; --preset cub: {cub!r})" if differs else ")")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif f.name == "preset":
@@ -409,4 +417,6 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     config = preset_config(preset)
     explicit = set(from_file) | set(args)
     config = dataclasses.replace(config, **{**from_file, **args})
+    if config.resume:  # checked once merged into the resumed run's saved settings (Trainer), not the preset's
+        return config, explicit
     return config.validate(), explicit

@@ -9,7 +9,9 @@ Run directory (written by rank 0)::
                        (test accuracy with --val-fraction 0); interrupted.pt after Ctrl-C
     push/epoch_NNN/    push_records.pt and the prototype PNGs of each push
     summary.json       test accuracy of the last and of the selected (best.pt) checkpoint, the split that
-                       selected it, part localisation, push records path, timings
+                       selected it, part localisation of the final model, push records path, timings
+    pruned.pt          with --prune: the pruned model (then the final model: the part localisation,
+    prune.json         explanations and gallery are its own; summary.json's "pruned" has its test accuracy)
     tb/                TensorBoard events (when tensorboard is installed)
     .lock              held (fcntl) by the process training in the directory; it holds that PID
 
@@ -27,6 +29,7 @@ import io
 import json
 import os
 import random
+import shlex
 import sys
 import time
 import warnings
@@ -50,6 +53,7 @@ from protokern.train.distributed import DistInfo, barrier, cleanup, init_distrib
 from protokern.train.loop import TERMS, TrainForward, run_epoch
 from protokern.train.schedule import (Step, build_schedule, learning_rates, make_optimizers, make_scheduler,
                                       optimizer_steps, set_trainable, step_scheduler)
+from protokern.utils import stop_deferred
 
 CSV_COLUMNS = (["step", "stage", "epoch", "iteration", "train_accuracy", "val_accuracy", "test_accuracy"]
                + [f"train_{t}" for t in TERMS] + [f"test_{t}" for t in TERMS]
@@ -71,18 +75,38 @@ def _resumable_config(path: str, state: dict) -> TrainConfig:
     """
     run = os.path.dirname(os.path.abspath(path))
     if "interrupted_during_step" in state:
-        how = (f"resume from the last completed step with --resume {run}" if os.path.isfile(os.path.join(run, ckpt.LAST))
+        how = (f"resume from the last completed step with --resume {_quoted(run)}"
+               if os.path.isfile(os.path.join(run, ckpt.LAST))
                else "no step had completed, so there is nothing to resume: start the run again")
         raise ckpt.CheckpointError(f"{path} holds the mid-step state of an interrupted run (kept for inspection, "
                                    f"not resumable); {how}")
     if state.get("stage") == "prune" or "optimizers" not in state:
         raise ckpt.CheckpointError(f"{path} is a pruned model without optimiser state and cannot be resumed; "
-                                   f"explain it with python -m protokern.explain --checkpoint {path}, or resume "
-                                   f"the training with --resume {run}")
+                                   f"explain it with python -m protokern.explain --checkpoint {_quoted(path)}, or "
+                                   f"resume the training with --resume {_quoted(run)}")
     try:
         return TrainConfig.from_saved(state["config"])
     except (KeyError, TypeError, ValueError) as error:
         raise ckpt.CheckpointError(f"{path}: its saved training config is unusable ({error})") from None
+
+
+def _quoted(path: str) -> str:
+    """``path`` as a shell word, for the commands printed to be pasted (paths with spaces)."""
+    return shlex.quote(str(path))
+
+
+def _json(obj) -> str:
+    """Strict JSON (indented) of a report: a non-finite number (an accuracy of no epochs) is null, not NaN."""
+    def clean(value):
+        if isinstance(value, float) and not np.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
 def _read_metrics(path: str) -> list[dict]:
@@ -101,12 +125,33 @@ def _read_metrics(path: str) -> list[dict]:
     return rows
 
 
-# Settings a resumed run cannot change: the saved model's architecture and data split, and what the saved
-# optimiser and scheduler states hold (their learning rates would silently win over a new flag).
+# Settings a resumed run cannot change: the saved model's architecture, its data (the images, their size and
+# crop, the validation split and what --seed draws: the split, the synthetic images), and what the saved
+# optimiser and scheduler states hold (their learning rates would silently win over a new flag). The schedule
+# flags may change only where they leave the steps already done as they were (_check_schedule).
 FIXED_ON_RESUME = ("val_fraction", "dataset", "backbone", "prototypes_per_class", "prototype_dim", "add_on",
                    "prototype_size", "similarity", "warm_add_on_lr", "warm_prototypes_lr", "joint_features_lr",
                    "joint_add_on_lr", "joint_prototypes_lr", "weight_decay", "lr_step_size", "lr_gamma",
-                   "last_layer_lr")
+                   "last_layer_lr", "seed", "image_size", "crop", "synthetic_classes", "synthetic_train_per_class",
+                   "synthetic_test_per_class", "synthetic_part_size", "synthetic_seed")
+SCHEDULE_FLAGS = ("epochs", "warm_epochs", "push_start", "push_every", "push_at_end", "last_layer_epochs")
+
+
+def _check_schedule(saved: TrainConfig, cfg: TrainConfig, done: int) -> None:
+    """``ValueError`` unless ``cfg``'s schedule begins with the ``done`` steps that ``saved``'s run completed."""
+    before, after = build_schedule(saved), build_schedule(cfg)
+    changed = [k for k in SCHEDULE_FLAGS if getattr(saved, k) != getattr(cfg, k)]
+    flags = ", ".join("--" + k.replace("_", "-") for k in changed) or "the schedule flags"
+    if len(after) < done:
+        raise ValueError(f"{flags}: the new schedule has {len(after)} steps, but the run has already done {done}")
+
+    def name(step):
+        return f"{step.stage} epoch {step.epoch}" + (f".{step.iteration}" if step.stage == "last" else "")
+
+    for old, new in zip(before[:done], after[:done]):
+        if (old.stage, old.epoch, old.iteration) != (new.stage, new.epoch, new.iteration):
+            raise ValueError(f"{flags} would change steps the run has already done (step {old.index + 1} was "
+                             f"{name(old)}, it would be {name(new)}): only later steps can change on resume")
 
 
 class Trainer:
@@ -128,14 +173,22 @@ class Trainer:
                                  f"the saved model and optimiser state were made with it")
             overrides.setdefault("max_steps", None)  # a per-session limit, not inherited
             cfg = dataclasses.replace(saved, **overrides, resume=cfg.resume).validate()
-            if "out" not in explicit:
-                cfg = dataclasses.replace(cfg, out=os.path.dirname(os.path.abspath(path)))
+            _check_schedule(saved, cfg, resume_state["step"] + 1)
+            run = os.path.dirname(os.path.abspath(path))
+            if "out" in explicit and cfg.out is not None and os.path.abspath(cfg.out) != run:
+                raise ValueError(f"--out {cfg.out} is not the resumed run's directory {run}: a resumed run goes on "
+                                 f"in its own directory (its metrics, best.pt, pushes); copy that directory first "
+                                 f"to continue a copy elsewhere")
+            cfg = dataclasses.replace(cfg, out=run)
         self.cfg, self.info, self.device = cfg, info, device
         self.is_main = info.is_main
         self.run_dir = self._run_dir()
         _seed_everything(cfg.seed)
 
         self.train_set, self.val_set, self.test_set, self.push_set, num_classes = build_splits(cfg)
+        if cfg.prune and cfg.prune_k > len(self.push_set):
+            raise ValueError(f"bad config: prune_k ({cfg.prune_k}) > the {len(self.push_set)} training images that "
+                             f"pruning looks among")
         self.select_on = "test" if self.val_set is None else "val"  # the split that chooses best.pt
         self.model = ProtoPNet(backbone=cfg.backbone, num_classes=num_classes,
                                prototypes_per_class=cfg.prototypes_per_class, prototype_dim=cfg.prototype_dim,
@@ -171,12 +224,15 @@ class Trainer:
         self.records: PushRecords | None = None
         self.records_path: str | None = None
         self._localisation: dict | None = None  # part_localisation() of the final model, for explain_run
+        self._pruned: dict | None = None  # what --prune did, for the summary
         self.stage_seconds: dict[str, float] = {}
         self._wrapped = (None, None)  # (stage, DDP module) in use
         # one process per run directory: taken once the input has been checked, before anything is written
         self._lock = ckpt.RunLock(self.run_dir) if self.is_main else None
         if self.is_main:
             ckpt.remove_orphan_temps(self.run_dir)
+            if resume_state is None:  # rows of a first step interrupted before last.pt: no checkpoint has them
+                self._truncate_metrics(-1)
         if resume_state is not None:
             try:
                 self.load_state_dict(resume_state)
@@ -187,13 +243,33 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ files
     def _run_dir(self) -> str:
-        out = self.cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-        if self.info.enabled:  # every rank uses rank 0's name
-            box = [out]
-            dist.broadcast_object_list(box, src=0)
-            out = box[0]
+        """``--out``, or a new ``runs/<timestamp>[-N]`` (two runs started in the same second get two folders).
+        A fresh run refuses a folder that already holds a run (its checkpoints and metrics would be mixed)."""
+        out, refused = self.cfg.out, None
         if self.is_main:
-            os.makedirs(out, exist_ok=True)
+            if out is None:
+                stamp, n = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")), 0
+                os.makedirs("runs", exist_ok=True)
+                while True:
+                    out = stamp + (f"-{n}" if n else "")
+                    try:
+                        os.mkdir(out)
+                        break
+                    except FileExistsError:
+                        n += 1
+            else:
+                held = [f for f in (ckpt.LAST, "summary.json") if os.path.exists(os.path.join(out, f))]
+                if held and not self.cfg.resume:
+                    refused = (f"--out {out} already holds a run ({held[0]}): continue it with --resume "
+                               f"{_quoted(out)}, or choose another --out")
+                else:
+                    os.makedirs(out, exist_ok=True)
+        if self.info.enabled:  # every rank uses rank 0's name (and stops on its refusal)
+            box = [out, refused]
+            dist.broadcast_object_list(box, src=0)
+            out, refused = box
+        if refused:
+            raise ValueError(refused)
         return out
 
     def _path(self, name: str) -> str:
@@ -313,10 +389,14 @@ class Trainer:
         if not self.is_main:
             return
         state = self.state_dict()
-        self._write(state, ckpt.LAST)
-        self.saved_steps = self.next_step
-        if improved:
-            self._write(state, ckpt.BEST)
+        # best.pt before last.pt: a stop between the two leaves last.pt one step behind, and resuming redoes the
+        # step and rewrites best.pt; the other order could leave a best.pt older than the one last.pt names.
+        # A SIGTERM (utils.stop) waits for both.
+        with stop_deferred():
+            if improved:
+                self._write(state, ckpt.BEST)
+            self._write(state, ckpt.LAST)
+            self.saved_steps = self.next_step
 
     def _write(self, state: dict, name: str) -> None:
         """Save a checkpoint in the run directory (safe types only); never one holding non-finite weights."""
@@ -414,6 +494,7 @@ class Trainer:
                 done += 1
                 self._log(row)
                 self._save(row)
+                step = None  # a stop from here on comes between steps
         except KeyboardInterrupt:
             if self.is_main:
                 self._interrupted(step)
@@ -424,11 +505,20 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
         complete = self.next_step >= len(self.schedule)
-        if complete and self.cfg.prune and self.records is not None:
-            self._prune()
-        summary = self._summary(time.perf_counter() - start, complete)
-        if complete and self.cfg.explain and self.is_main:
-            self._explain()
+        phase = "pruning"
+        try:
+            if complete and self.cfg.prune and self.records is not None:
+                self._prune()
+            phase = "the summary"
+            summary = self._summary(time.perf_counter() - start, complete)
+            phase = "the explanations"
+            if complete and self.cfg.explain and self.is_main:
+                self._explain()
+        except KeyboardInterrupt:
+            if self.is_main:
+                print(f"\ninterrupted during {phase}, after the last step: last.pt and best.pt are complete; "
+                      f"--resume {_quoted(self.run_dir)} does what came after the training again", flush=True)
+            raise
         barrier()
         return summary
 
@@ -460,7 +550,7 @@ class Trainer:
         except (FloatingPointError, OSError) as error:
             saved = f"mid-step state not saved ({error}); "
         if os.path.isfile(self._path(ckpt.LAST)):  # a Ctrl-C while last.pt is written leaves the previous one
-            how = (f"resume with --resume {self.run_dir}: it restarts at step {self.saved_steps + 1}/"
+            how = (f"resume with --resume {_quoted(self.run_dir)}: it restarts at step {self.saved_steps + 1}/"
                    f"{len(self.schedule)} from last.pt, the state after the last completed step")
         else:
             how = "no step had completed, so there is nothing to resume: run the same command again to start over"
@@ -508,14 +598,16 @@ class Trainer:
             "val_images": 0 if self.val_set is None else len(self.val_set),
             "skipped_images": len(skipped_images(self.train_set, self.val_set, self.test_set)),  # --skip-bad-images
             "selection_note": _SELECTION_NOTE[self.best["split"]],
-            "part_localisation": localisation,
+            "part_localisation": localisation,  # of the final model: pruned.pt after --prune, else last.pt
+            "final_model": "pruned.pt" if self._pruned else "last.pt",  # the one explanations and gallery show
+            "pruned": self._pruned,
             "push_records": self.records_path,
             "optimizer_steps": {"per_epoch": len(self.train_loader), **self.optimizer_steps},
             "timings": {"this_session_s": seconds, "steps_total_s": sum(self.stage_seconds.values()),
                         "stage_s": dict(self.stage_seconds)},
         }
         if self.is_main:
-            ckpt.atomic_write_text(self._path("summary.json"), json.dumps(summary, indent=2))
+            ckpt.atomic_write_text(self._path("summary.json"), _json(summary))
             if not self.cfg.quiet:
                 print(_final_line(summary, seconds), flush=True)
         return summary
@@ -552,12 +644,14 @@ class Trainer:
         report = {k: v for k, v in result.items() if k not in ("neighbours", "push_records")}
         report.update(retrain=self.cfg.prune_retrain, retrain_epochs=self.cfg.prune_retrain_epochs,
                       retrain_accuracy=retrain["accuracy"], retrain_test_accuracy=epoch_tests, test_accuracy=test)
+        self._pruned = {"checkpoint": os.path.abspath(self._path("pruned.pt")), "num_pruned": report["num_pruned"],
+                        "num_remaining": report["num_remaining"], "test_accuracy": test}
         if self.is_main:
             state = {"model": self.model.state_dict(), "model_config": self.model.config, "config": self.cfg.to_dict(),
                      "step": self.next_step - 1, "stage": "prune", "push_records": self.records.to_dict(),
                      "prune": report}
             self._write(state, "pruned.pt")
-            ckpt.atomic_write_text(self._path("prune.json"), json.dumps(report, indent=2))
+            ckpt.atomic_write_text(self._path("prune.json"), _json(report))
             if not self.cfg.quiet:
                 print(f"pruned {report['num_pruned']} prototypes, {report['num_remaining']} remain; test accuracy "
                       f"after last-layer retraining {test:.3f} -> {self._path('pruned.pt')}", flush=True)
@@ -647,6 +741,7 @@ def main(argv: list[str] | None = None) -> dict:
     line on stderr and exit code 2; a run stopped by a non-finite value or a run directory in use by another
     process with exit code 1. ``--debug`` raises the error with its traceback instead.
     """
-    with exit_on_error("python -m protokern.train", argv, stopped=(FloatingPointError, ckpt.RunDirLocked)):
+    with exit_on_error("python -m protokern.train", argv, stopped=(FloatingPointError, ckpt.RunDirLocked)) as mode:
         cfg, explicit = parse_config(argv)
+        mode.debug = cfg.debug  # also a config file's debug: true
         return train(cfg, explicit)

@@ -123,6 +123,16 @@ def test_debug_keeps_the_traceback(finished_run, tmp_path):
                  _image(str(tmp_path)), "--debug"])
 
 
+def test_debug_from_a_config_file_and_the_last_flag_wins(finished_run, tmp_path, capsys):
+    empty = _bad_checkpoint("empty", finished_run, str(tmp_path))
+    config = tmp_path / "debug.yaml"
+    config.write_text("debug: true\n")
+    with pytest.raises(CheckpointError, match="is empty"):
+        train(["--config", str(config), "--resume", empty])
+    assert _exit_code(train, ["--resume", empty, "--debug", "--no-debug"]) == 2
+    assert "is empty" in stderr_line(capsys)
+
+
 @pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "text", "tensor", "model-config"])
 def test_explain_bad_checkpoint(finished_run, tmp_path, capsys, kind):
     path = _bad_checkpoint(kind, finished_run, str(tmp_path))

@@ -223,3 +223,83 @@ def test_run_writes_config_and_summary_through_atomic_writes(tmp_path, monkeypat
                                                                              real(p, t)))
     main(run_args(tmp_path / "run", "--max-steps", "1"))
     assert {"config.yaml", "summary.json"} <= set(written)
+
+
+def test_a_stop_between_best_and_last_leaves_them_consistent(tmp_path, monkeypatch):
+    """best.pt is written before last.pt: a stop between the two leaves last.pt one step behind, the resume
+    redoes that step, and best.pt ends as the step the summary names (never an older model)."""
+    run = tmp_path / "run"
+    real = TRAIN_MAIN.ckpt.save_checkpoint
+    order = []
+
+    def stopped_save(state, path, *args, **kwargs):
+        name = os.path.basename(path)
+        order.append((state["step"], name))
+        if name == "last.pt" and state["stage"] == "push":  # the first pushed model: best.pt was just written
+            raise KeyboardInterrupt
+        return real(state, path, *args, **kwargs)
+
+    monkeypatch.setattr(TRAIN_MAIN.ckpt, "save_checkpoint", stopped_save)
+    with pytest.raises(KeyboardInterrupt):
+        main(run_args(run))
+    assert [o for o in order if o[1] != "interrupted.pt"][-2:] == [(2, "best.pt"), (2, "last.pt")]
+    monkeypatch.setattr(TRAIN_MAIN.ckpt, "save_checkpoint", real)
+    summary = main(["--resume", str(run), "--quiet", "--no-explain"])
+    assert summary["complete"] and load_checkpoint(str(run / "best.pt"))["step"] == summary["best_step"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--push-start", "0"], r"--push-start would change steps the run has already done \(step 2 was joint epoch 1, "
+                            r"it would be push epoch 0\)"),
+    (["--epochs", "1", "--warm-epochs", "1"], "--epochs: the new schedule has 1 steps, but the run has already done 4"),
+])
+def test_resume_refuses_a_schedule_that_rewrites_steps_done(run_copy, flags, message):
+    with pytest.raises(ValueError, match=message):
+        TRAIN_MAIN.train(*TRAIN_MAIN.parse_config(["--resume", str(run_copy), "--quiet", "--no-explain", *flags]))
+
+
+def test_resume_may_extend_the_schedule(run_copy):
+    summary = TRAIN_MAIN.train(*TRAIN_MAIN.parse_config(
+        ["--resume", str(run_copy), "--quiet", "--no-explain", "--epochs", "3", "--max-steps", "1"]))
+    assert summary["steps_done"] == 5 and summary["steps_total"] == 7 and not summary["complete"]
+
+
+@pytest.mark.parametrize("flags", [["--seed", "7"], ["--image-size", "48"], ["--synthetic-train-per-class", "7"],
+                                   ["--synthetic-seed", "5"], ["--crop", "none"]])
+def test_resume_refuses_flags_that_change_the_data(run_copy, flags):
+    with pytest.raises(ValueError, match=f"{flags[0]} cannot change on resume"):
+        TRAIN_MAIN.train(*TRAIN_MAIN.parse_config(["--resume", str(run_copy), "--quiet", *flags]))
+
+
+def test_resumed_flags_are_checked_against_the_run_not_the_preset(run_copy):
+    """--warm-epochs 2 exceeds nothing in the run (2 epochs), though the demo preset has 20: not refused while
+    parsing; the merged settings are what is checked."""
+    cfg, explicit = TRAIN_MAIN.parse_config(["--resume", str(run_copy), "--warm-epochs", "25"])
+    assert cfg.warm_epochs == 25
+    with pytest.raises(ValueError, match=r"warm_epochs \(25\) > epochs \(2\)"):
+        TRAIN_MAIN.train(cfg, explicit)
+
+
+def test_resume_goes_on_in_the_runs_own_directory(run_copy, tmp_path):
+    with pytest.raises(ValueError, match="is not the resumed run's directory"):
+        TRAIN_MAIN.train(*TRAIN_MAIN.parse_config(["--resume", str(run_copy), "--out", str(tmp_path / "elsewhere")]))
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_fresh_run_refuses_a_directory_holding_a_run(run_copy, capsys):
+    rows = _rows(run_copy)
+    with pytest.raises(SystemExit) as exit_info:
+        main(run_args(run_copy))
+    line = stderr_line(capsys)
+    assert exit_info.value.code == 2 and "already holds a run (last.pt)" in line and f"--resume {run_copy}" in line
+    assert _rows(run_copy) == rows
+
+
+def test_default_run_directories_of_the_same_second_differ(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(TRAIN_MAIN.time, "strftime", lambda fmt: "20261201-000000")
+    trainer = type("T", (), {"cfg": TRAIN_MAIN.TrainConfig(out=None), "is_main": True,
+                             "info": type("I", (), {"enabled": False})()})()
+    made = [TRAIN_MAIN.Trainer._run_dir(trainer) for _ in range(3)]
+    assert made == [os.path.join("runs", "20261201-000000" + s) for s in ("", "-1", "-2")]
+    assert all(os.path.isdir(d) for d in made)

@@ -210,12 +210,39 @@ def test_prune_flag_prunes_after_the_last_push(tiny_args, tmp_path):
     model, records, state = model_from_checkpoint(str(run / "pruned.pt"))
     assert model.num_prototypes == report["num_remaining"] == len(records.image_index)
     assert 0.0 <= report["test_accuracy"] <= 1.0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_model"] == "pruned.pt" and summary["pruned"]["test_accuracy"] == report["test_accuracy"]
+    assert summary["pruned"]["num_remaining"] == report["num_remaining"]
 
 
-def test_prune_that_would_remove_everything_keeps_the_run(tiny_args, tmp_path):
-    with pytest.warns(UserWarning, match="pruning skipped"):
-        main(tiny_args + ["--prune", "--prune-k", "4", "--prune-threshold", "5", "--no-explain"])
+def test_reports_are_strict_json():
+    assert TRAIN_MAIN._json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}}) == (
+        '{\n  "a": null,\n  "b": [\n    1.0,\n    null\n  ],\n  "c": {\n    "d": null\n  }\n}')
+
+
+def test_prune_that_would_remove_everything_keeps_the_run(tiny_args, tmp_path, monkeypatch):
+    import protokern.prune
+
+    def everything(*args, **kwargs):
+        raise ValueError("every prototype has fewer than 2 of its 4 nearest images in its own class")
+
+    monkeypatch.setattr(protokern.prune, "prune_prototypes", everything)
+    with pytest.warns(UserWarning, match="pruning skipped: every prototype"):
+        summary = main(tiny_args + ["--prune", "--prune-k", "4", "--prune-threshold", "2", "--no-explain"])
     assert not (tmp_path / "run" / "pruned.pt").exists() and (tmp_path / "run" / "best.pt").exists()
+    assert summary["pruned"] is None and summary["final_model"] == "last.pt"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prune-k", "0"], "prune_k must be an int >= 1"),
+    (["--prune-threshold", "5"], r"prune_threshold must be an int in \[0, prune_k=4\]"),
+    (["--prune-k", "100", "--prune-threshold", "2"], r"prune_k \(100\) > the \d+ training images"),
+])
+def test_prune_settings_are_checked_before_training(tiny_args, tmp_path, flags, message):
+    args = tiny_args + ["--prune", "--prune-k", "4", *flags]
+    with pytest.raises(ValueError, match=message):
+        TRAIN_MAIN.train(*parse_config(args))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 @pytest.mark.gpu
