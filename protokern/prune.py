@@ -81,7 +81,7 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
     prune = own < threshold
     pruned = prune.nonzero().flatten()
     kept = (~prune).nonzero().flatten()
-    if kept.numel() == 0:
+    if apply and kept.numel() == 0:
         raise ValueError(f"every prototype has fewer than {threshold} of its {k} nearest images in its own "
                          "class: pruning would remove them all (is the model trained and pushed?)")
     num_classes = model.num_classes

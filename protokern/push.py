@@ -177,7 +177,9 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
         progress: show a tqdm bar.
 
     Returns:
-        :class:`Neighbours`. NaN distances count as infinitely far.
+        :class:`Neighbours`, nearest first; equal distances go to the lower image index (as the original's
+        heap, which keeps the earliest image), so the result does not depend on the batch size. NaN distances
+        count as infinitely far.
     """
     from protokern.data import imagenet_normalize
 
@@ -213,8 +215,12 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
             labels = torch.as_tensor(labels).to(device=device, dtype=torch.int64)
 
             cand_d = torch.cat([best_d, distance.t()], 1)  # (P, k + B)
-            best_d, pick = cand_d.topk(min(k, cand_d.shape[1]), dim=1, largest=False, sorted=True)
-            best_i = torch.cat([best_i, index.expand(num, batch)], 1).gather(1, pick)
+            cand_i = torch.cat([best_i, index.expand(num, batch)], 1)
+            # the k smallest (distance, image index): equal distances go to the lowest index, whatever the
+            # batch size (a plain topk breaks ties by position within the batch)
+            by_index = cand_i.argsort(dim=1, stable=True)
+            pick = by_index.gather(1, cand_d.gather(1, by_index).argsort(dim=1, stable=True)[:, :k])
+            best_d, best_i = cand_d.gather(1, pick), cand_i.gather(1, pick)
             best_y = torch.cat([best_y, labels.expand(num, batch)], 1).gather(1, pick)
             best_p = torch.cat([best_p, patch.t()], 1).gather(1, pick)
     if feature_size is None:

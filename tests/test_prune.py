@@ -223,3 +223,31 @@ def test_prune_keeps_window_and_similarity():
     rebuilt = ProtoPNet.from_config(model.config)
     rebuilt.load_state_dict(model.state_dict())
     assert rebuilt.prototype_layer.prototype_size == (2, 2) and rebuilt.prototype_layer.similarity == "linear"
+
+
+def test_equal_distances_go_to_the_lowest_image_index_whatever_the_batch_size():
+    """40 identical images, labels alternating: every image is at the same distance from each prototype. The
+    neighbours are images 0..5 (as the original's heap keeps the earliest), so pruning does not depend on the
+    batch size."""
+    torch.manual_seed(0)
+    model = ProtoPNet(nn.Identity(), num_classes=2, prototypes_per_class=1, prototype_dim=3, out_channels=3)
+    model.add_on = nn.Identity()
+    images = torch.rand(1, 3, 2, 2).expand(40, 3, 2, 2).clone()
+    data = torch.utils.data.TensorDataset(images, torch.arange(40) % 2)
+    for batch_size in (1, 3, 7, 40):
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+        neighbours = nearest_training_patches(model, loader, k=6, progress=False)
+        assert neighbours.image_index.tolist() == [list(range(6))] * 2
+        report = prune_prototypes(model, loader, k=6, threshold=3, progress=False, apply=False)
+        assert report["own_class_neighbours"] == [3, 3] and report["pruned"] == []
+
+
+def test_a_report_only_prune_reports_even_when_every_prototype_would_go():
+    model = ProtoPNet(nn.Identity(), num_classes=2, prototypes_per_class=1, prototype_dim=3, out_channels=3)
+    model.add_on = nn.Identity()
+    data = torch.utils.data.TensorDataset(torch.rand(1, 3, 2, 2).expand(8, 3, 2, 2).clone(), torch.arange(8) % 2)
+    loader = DataLoader(data, batch_size=3, shuffle=False)
+    report = prune_prototypes(model, loader, k=4, threshold=4, progress=False, apply=False)
+    assert report["pruned"] == [0, 1] and report["num_remaining"] == 0 and model.num_prototypes == 2
+    with pytest.raises(ValueError, match="would remove them all"):
+        prune_prototypes(model, loader, k=4, threshold=4, progress=False)

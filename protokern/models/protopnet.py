@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -64,10 +65,10 @@ class ProtoPNet(nn.Module):
         similarity: str = "log",
     ):
         super().__init__()
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("prototype_dim", prototype_dim)
+        num_classes = _check_positive_int("num_classes", num_classes)
+        prototype_dim = _check_positive_int("prototype_dim", prototype_dim)
         if prototype_classes is None:
-            _check_positive_int("prototypes_per_class", prototypes_per_class)
+            prototypes_per_class = _check_positive_int("prototypes_per_class", prototypes_per_class)
             classes = torch.arange(num_classes * prototypes_per_class) // prototypes_per_class
         else:
             classes = torch.as_tensor(list(prototype_classes), dtype=torch.long)
@@ -188,13 +189,21 @@ class ProtoPNet(nn.Module):
 
     @torch.no_grad()
     def prune_prototypes(self, indices) -> None:
-        """Remove the prototypes at ``indices`` with their last-layer columns and class-identity rows.
+        """Remove the prototypes at ``indices`` (integers, or a boolean mask of all P prototypes) with their
+        last-layer columns and class-identity rows.
 
         The prototype layer and last layer are replaced by new modules (as the original replaces the
         parameters): rebuild optimisers afterwards.
         """
-        drop = torch.as_tensor(indices, dtype=torch.long).flatten().cpu()
         num = self.num_prototypes
+        drop = torch.as_tensor(indices).detach().cpu()
+        if drop.dtype == torch.bool:
+            if drop.shape != (num,):
+                raise ValueError(f"a boolean mask of prototypes must have shape ({num},), got {tuple(drop.shape)}")
+            drop = drop.nonzero().flatten()
+        elif drop.numel() and (drop.is_floating_point() or drop.is_complex()):
+            raise TypeError(f"prototype indices must be integers (or a boolean mask), got {drop.dtype}")
+        drop = drop.long().flatten()
         if drop.numel() and (drop.min() < 0 or drop.max() >= num):
             raise IndexError(f"prototype indices must be in [0, {num}), got {drop.tolist()}")
         keep_mask = torch.ones(num, dtype=torch.bool)
@@ -273,6 +282,8 @@ class ProtoPNet(nn.Module):
         for key, value in inferred.items():
             if key == "prototype_size" and key in kwargs:  # k, [kh, kw] or (kh, kw), as ProtoLayer takes it
                 kwargs[key] = window_size(kwargs[key])
+            if key == "add_on" and key in kwargs:  # a one-stage bottleneck has two convs, as "regular": the
+                continue  # weights' keys and shapes decide below
             if kwargs.setdefault(key, value) != value:
                 raise ValueError(f"{key}={kwargs[key]!r} but the state dict has {value!r}")
         if kwargs.get("prototype_classes") is None:
@@ -324,6 +335,9 @@ def _original_feature_keys(state: dict, trunk: nn.Module) -> dict:
     return {"features." + k: v for k, v in original.items()}  # reported as missing / unexpected by the caller
 
 
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+def _check_positive_int(name: str, value) -> int:
+    """``value`` (a Python or NumPy integer >= 1, as ProtoLayer takes them) as an int, else a one-line
+    ``ValueError``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)

@@ -42,12 +42,27 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return checked_device(name)
 
 
+def _env_int(name: str, default: str | None = None) -> int:
+    value = os.environ.get(name, default)
+    if value is None:
+        raise ValueError(f"environment: WORLD_SIZE is {os.environ['WORLD_SIZE']} but {name} is not set "
+                         "(launch with torchrun, or set RANK, MASTER_ADDR and MASTER_PORT for each process)")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment: {name} must be an integer, got {value!r}") from None
+
+
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
-    """Initialise the process group when launched by torchrun (or with the env:// variables set)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """Initialise the process group when launched by torchrun (or with the env:// variables set: WORLD_SIZE,
+    RANK, MASTER_ADDR, MASTER_PORT); a one-line ``ValueError`` for a missing or non-integer WORLD_SIZE, RANK or
+    LOCAL_RANK."""
+    world = _env_int("WORLD_SIZE", "1")
     if world <= 1:
         return DistInfo(), resolve_device(device_name)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK", "0")
+    if not 0 <= rank < world:
+        raise ValueError(f"environment: RANK={rank} is not in [0, WORLD_SIZE={world})")
     device = resolve_device(device_name, local_rank)
     if not dist.is_initialized():
         if device.type == "cuda":

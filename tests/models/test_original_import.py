@@ -116,3 +116,11 @@ def test_import_of_window_prototypes_errors():
     assert ProtoPNet.from_original_state_dict(state, backbone="vgg11", prototype_size=2).prototype_shape[2:] == (2, 2)
     with pytest.raises(ValueError, match="'log' and 'linear'"):
         ProtoPNet.from_original_state_dict(state, backbone="vgg11", similarity="cosine")
+
+
+def test_a_one_stage_bottleneck_imports_under_either_name():
+    """With C <= 2D the original's bottleneck add-on has two convs, laid out as "regular": both names import."""
+    original = _original("vgg11", OrigVGGFeatures, 512, "bottleneck", num_classes=2, per_class=1, dim=256)
+    for add_on in ("bottleneck", "regular"):
+        model = ProtoPNet.from_original_state_dict(original.state_dict(), backbone="vgg11", add_on=add_on).eval()
+        _check_same_outputs(original, model, 64, float64=False)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -99,6 +100,12 @@ def test_prune_prototypes():
         model.prune_prototypes([0, 1, 2])
     model.prune_prototypes([])
     assert model.num_prototypes == 3
+    with pytest.raises(TypeError, match="must be integers"):
+        model.prune_prototypes([1.9])
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        model.prune_prototypes([True, False])
+    model.prune_prototypes(np.array([False, False, True]))  # a mask: prototype 2 goes, not 0 and 1
+    assert torch.equal(model.prototype_layer.prototypes, old_p[[1, 2]])
 
 
 def test_config_round_trip():
@@ -152,6 +159,11 @@ def test_bad_arguments():
         ProtoPNet("tiny", out_channels=32)
     with pytest.raises(ValueError, match="num_classes"):
         ProtoPNet("tiny", num_classes=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        ProtoPNet("tiny", num_classes=2.0)
+    numpy_ints = ProtoPNet("tiny", num_classes=np.int64(3), prototypes_per_class=np.int32(2), prototype_dim=np.int64(8))
+    assert numpy_ints.num_prototypes == 6 and all(type(numpy_ints.config[k]) is int
+                                                  for k in ("num_classes", "prototypes_per_class", "prototype_dim"))
     with pytest.raises(ValueError, match="unknown add-on"):
         ProtoPNet("tiny", num_classes=2, add_on="fancy")
     with pytest.raises(ValueError, match="prototype_classes"):

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from protokern.train.checkpoint import load_checkpoint
@@ -66,3 +67,19 @@ def test_ranks_end_identical(tmp_path):
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["summary"]["part_localisation"] == b["summary"]["part_localisation"]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE is 2 but RANK is not set"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE must be an integer, got 'two'"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, r"RANK=2 is not in \[0, WORLD_SIZE=2\)"),
+])
+def test_a_bad_launch_environment_is_one_line(monkeypatch, env, message):
+    from protokern.train.distributed import init_distributed
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        init_distributed("cpu")
