@@ -103,6 +103,9 @@ def run_epoch(forward: nn.Module, model: nn.Module, loader, loss_fn: nn.Module, 
             bar.set_postfix(loss=f"{terms['total']:.3f}", refresh=False)
     totals = torch.cat([sums, torch.tensor([float(correct.item()), float(count)], dtype=torch.float64)])
     totals = all_reduce_sum(totals.to(device)).cpu()
+    if training and skipped and totals[-1].item() == 0:
+        raise FloatingPointError(f"every one of the {skipped} batches had a non-finite loss (--nan-policy skip "
+                                 "skipped them all): nothing was trained")
     n = max(totals[-1].item(), 1.0)
     out = {t: totals[i].item() / n for i, t in enumerate(TERMS)}
     out.update(accuracy=totals[-2].item() / n, images=int(totals[-1].item()), seconds=time.perf_counter() - start)

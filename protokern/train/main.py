@@ -536,7 +536,8 @@ class Trainer:
         """The message of a run stopped by a non-finite value: where, and which checkpoints are intact."""
         kept = (f"nothing of this step was saved: last.pt and best.pt in {self.run_dir} are as they were"
                 if os.path.isfile(self._path(ckpt.LAST)) else "no checkpoint had been written yet")
-        hint = " (or --nan-policy skip to skip such batches)" if "loss" in str(error) else ""
+        hint = (" (or --nan-policy skip to skip such batches)"
+                if "loss" in str(error) and self.cfg.nan_policy != "skip" else "")
         return (f"step {step.index + 1}/{len(self.schedule)} ({step.stage}, epoch {step.epoch}): {error}; the run "
                 f"stopped and {kept}; lower the learning rates{hint}")
 

@@ -92,6 +92,19 @@ def test_nan_policy_skip_skips_the_batch():
     assert math.isfinite(out["total"]) and not nonfinite_tensors(model.state_dict())
 
 
+def test_nan_policy_skip_stops_when_every_batch_is_skipped():
+    class _AlwaysNan(_NanOnSecondBatch):
+        def forward(self, logits, min_distances, labels, model):
+            self.calls = 1  # the second call is NaN: always the second
+            return super().forward(logits, min_distances, labels, model)
+
+    model = _Model()
+    loader = [(torch.rand(4, 3, 2, 2), torch.randint(0, 2, (4,))) for _ in range(3)]
+    with pytest.raises(FloatingPointError, match="every one of the 3 batches had a non-finite loss"):
+        run_epoch(model, model, loader, _AlwaysNan(), torch.device("cpu"),
+                  optimizer=torch.optim.SGD(model.parameters(), lr=0.1), nan_policy="skip")
+
+
 def test_nan_policy_stop_raises_before_the_step():
     with pytest.raises(FloatingPointError, match="non-finite loss .* at batch 1"):
         _epoch("stop")
