@@ -175,7 +175,7 @@ class Trainer:
             cfg = dataclasses.replace(saved, **overrides, resume=cfg.resume).validate()
             _check_schedule(saved, cfg, resume_state["step"] + 1)
             run = os.path.dirname(os.path.abspath(path))
-            if "out" in explicit and cfg.out is not None and os.path.abspath(cfg.out) != run:
+            if "out" in explicit and cfg.out is not None and os.path.realpath(cfg.out) != os.path.realpath(run):
                 raise ValueError(f"--out {cfg.out} is not the resumed run's directory {run}: a resumed run goes on "
                                  f"in its own directory (its metrics, best.pt, pushes); copy that directory first "
                                  f"to continue a copy elsewhere")
@@ -543,6 +543,8 @@ class Trainer:
 
     def _interrupted(self, step: Step | None) -> None:
         """Ctrl-C: write interrupted.pt (the half-done step, for inspection only) and say how to go on."""
+        if step is not None and step.index < self.saved_steps:  # a deferred stop at the end of its save
+            step = None
         state = self.state_dict()
         state["interrupted_during_step"] = None if step is None else step.index
         try:
