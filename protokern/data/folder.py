@@ -7,14 +7,36 @@ import warnings
 import torch
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .transforms import load_image_uint8, uint8_to_float
 
 __all__ = ["ImageFolderDataset"]
 
 
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+class _VisibleImageFolder(ImageFolder):
+    """torchvision's ImageFolder without hidden entries: no class from a hidden folder (.ipynb_checkpoints),
+    no image from a hidden file (macOS ._x.jpg) or from under a hidden folder."""
+
+    def __init__(self, root: str):
+        super().__init__(root, is_valid_file=lambda path: (
+            has_file_allowed_extension(path, IMG_EXTENSIONS)
+            and not any(_hidden(part) for part in os.path.relpath(path, root).split(os.sep))))
+
+    def find_classes(self, directory):
+        classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not _hidden(entry.name))
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {directory}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
 class ImageFolderDataset(Dataset):
-    """Images under ``root/<class name>/...``, classes sorted by name (torchvision's ImageFolder).
+    """Images under ``root/<class name>/...``, classes sorted by name (torchvision's ImageFolder; hidden folders
+    and files, such as .ipynb_checkpoints or macOS ._ files, are left out).
 
     Args:
         root: the tree's root folder.
@@ -31,7 +53,7 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(f"image folder not found: {root}")
         if not (isinstance(image_size, int) and image_size > 0):
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-        index = ImageFolder(root)  # only used to list files; images are loaded here
+        index = _VisibleImageFolder(root)  # only used to list files; images are loaded here
         self.root = root
         self.image_size = image_size
         self.classes = list(index.classes)
@@ -61,9 +83,12 @@ class ImageFolderDataset(Dataset):
 
 
 def _unsupported_files(root: str, classes: list[str], images: set[str]) -> list[str]:
-    """Files under ``root/<class>/`` (walked as torchvision does) that are not in ``images``, sorted."""
+    """Visible files under ``root/<class>/`` (walked as torchvision does) that are not in ``images``, sorted."""
     out = []
     for name in classes:
         for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            out.extend(path for path in (os.path.join(folder, f) for f in sorted(files)) if path not in images)
+            if any(_hidden(part) for part in os.path.relpath(folder, root).split(os.sep)):
+                continue
+            out.extend(path for path in (os.path.join(folder, f) for f in sorted(files) if not _hidden(f))
+                       if path not in images)
     return out

@@ -87,11 +87,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def open_rgb(path: str | os.PathLike) -> Image.Image:
     """Open an image file and return it as RGB (see :func:`to_rgb`).
 
-    A missing file raises FileNotFoundError; a file PIL cannot decode (garbage, truncated) or with more
-    than :data:`MAX_IMAGE_PIXELS` pixels raises :class:`BadImageError`; both name the file.
+    A missing file raises FileNotFoundError; a file PIL cannot decode (garbage, truncated), with more
+    than :data:`MAX_IMAGE_PIXELS` pixels, or a broken symbolic link raises :class:`BadImageError`; both name
+    the file.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
+        if os.path.islink(path):  # listed in its folder, but not an image that can be read
+            raise BadImageError(path, f"a broken symbolic link (to {os.readlink(path)}, which does not exist)")
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         # MAX_IMAGE_PIXELS decides (the check below), not PIL's own limit, which warns from Image.open above

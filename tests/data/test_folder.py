@@ -39,3 +39,32 @@ def test_errors(tmp_path):
     make_tree(tmp_path / "t")
     with pytest.raises(ValueError, match="image_size"):
         ImageFolderDataset(tmp_path / "t", image_size=0)
+
+
+def test_hidden_entries_are_left_out(tmp_path):
+    """Jupyter's .ipynb_checkpoints, macOS ._ files, .DS_Store: no classes, no images, not in the warning."""
+    make_tree(tmp_path)
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "cat" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "cat" / ".ipynb_checkpoints" / "a-checkpoint.png")
+    (tmp_path / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "ant" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    with pytest.warns(UserWarning, match="1 file") as caught:  # ant/notes.txt only
+        hidden = ImageFolderDataset(tmp_path, image_size=8)
+    assert len(caught) == 1 and "notes.txt" in str(caught[0].message)
+    assert hidden.classes == ["ant", "cat"] and len(hidden) == 4
+    assert not any("/." in path for path in hidden.paths)
+
+
+def test_a_broken_link_is_a_bad_image(tmp_path):
+    from protokern.data import BadImageError, prepare_images
+
+    make_tree(tmp_path)
+    (tmp_path / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    ds = ImageFolderDataset(tmp_path, image_size=8)
+    broken = ds.paths.index(str(tmp_path / "cat" / "gone.png"))
+    with pytest.raises(BadImageError, match="gone.png: a broken symbolic link"):
+        ds[broken]
+    with pytest.warns(UserWarning, match="gone.png"):
+        view = prepare_images(ds, "memory", skip_bad_images=True)
+    assert len(view) == 4
