@@ -43,9 +43,12 @@ def check_eps(eps) -> float:
     log((0 + 1) / (0 + eps)), is finite in float32; raise a one-line error otherwise.
 
     While torch.compile traces, ``eps`` may be a symbolic float (Dynamo makes a float that changed between
-    calls dynamic), which these Python checks cannot read: it passes through, and the op's implementation,
-    which runs on the concrete value, checks it (``_forward_impl``)."""
+    calls dynamic), which only comparisons can read: eps <= 0, NaN and inf are refused there (with
+    ``fullgraph=True`` Dynamo reports the ValueError as an unsupported exception), and the op's
+    implementation, which runs on the concrete value, checks it exactly (``_forward_impl``)."""
     if torch.compiler.is_compiling():
+        if not (eps > 0 and eps < math.inf):
+            raise ValueError(f"eps must be a finite number > 0, got {eps}")
         return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}")
@@ -230,11 +233,12 @@ def _backend_inputs(z: Tensor, p: Tensor, backend: str) -> tuple[Tensor, Tensor]
 
 def _shapes_only(z: Tensor) -> bool:
     """Meta or fake tensors (shape propagation, FakeTensorMode): the op's outputs are shapes, no kernel runs."""
-    return z.is_meta or is_fake(z)
+    return z.is_meta or (type(z) is not Tensor and is_fake(z))  # (a plain tensor is never fake: skip the call)
 
 
 def _forward_impl(z: Tensor, p: Tensor, eps: float, backend: str, precision: str) -> tuple[Tensor, Tensor, Tensor]:
-    check_eps(eps)  # again: a compiled caller's check passed a symbolic eps through
+    if type(eps) is not float or not _EPS_CHECKED.get(eps):  # a compiled caller's eps may not have been read
+        check_eps(eps)
     if _shapes_only(z):
         return _forward_fake(z, p, eps, backend, precision)
     z3, p = _backend_inputs(z, p, backend)
@@ -436,8 +440,7 @@ def prototype_distances(z: Tensor, prototypes: Tensor, *, similarity: str = "log
     if paired and (z.dim() != 4 or not isinstance(prototypes, Tensor) or z.shape[0] != prototypes.shape[0]):
         raise ValueError(f"paired=True needs one image per prototype: z {tuple(z.shape)}, "
                          f"prototypes {tuple(prototypes.shape)}")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    chunk = _positive_int("chunk", chunk)
     zin, p = _prepare(z, prototypes, similarity)
     B, _, H, W = zin.shape
     if paired:  # float32 (float64 for float64 inputs) like the op, whatever the input precision
@@ -459,8 +462,10 @@ def prototype_windows(z: Tensor, index: Tensor, prototype_size=(1, 1)) -> Tensor
     if z.dim() != 4:
         raise ValueError(f"z must be 4-D (N, D, H, W), got shape {tuple(z.shape)}")
     N, D, H, W = z.shape
-    if index.shape != (N,) or index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-        raise ValueError(f"index must be (N,) = ({N},) integers, got {index.dtype} {tuple(index.shape)}")
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise TypeError(f"index must hold integers, got {index.dtype}")
+    if index.shape != (N,):
+        raise ValueError(f"index must be (N,) = ({N},), got {tuple(index.shape)}")
     hout, wout = H - kh + 1, W - kw + 1
     if hout < 1 or wout < 1:
         raise ValueError(f"prototype window {kh} x {kw} is larger than the feature map {H} x {W}")

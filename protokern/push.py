@@ -113,8 +113,12 @@ class PushRecords:
         if not isinstance(data, dict):
             raise CheckpointError(f"{path} is not a push records file (it holds a {type(data).__name__})")
         records = cls.from_dict(data)
-        if records.image_dir is not None and not os.path.isdir(records.image_dir):
-            records.image_dir = os.path.dirname(os.path.abspath(path))  # a moved run: its images sit beside it
+        if records.image_dir is not None:  # the images sit beside the file (also in a moved or copied run)
+            here = os.path.dirname(os.path.abspath(path))
+            pushed = (records.image_index >= 0).nonzero().flatten()
+            beside = pushed.numel() and os.path.isfile(os.path.join(here, f"{int(pushed[0])}_source.png"))
+            if beside or not os.path.isdir(records.image_dir):
+                records.image_dir = here
         return records
 
     def wait_images(self) -> None:
@@ -392,7 +396,7 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
         if save_images and not write:
             warnings.warn("push: prototype images need a DataLoader over a dataset; not written", stacklevel=2)
         if write:
-            records.image_dir = save_dir  # before the save: the file names where its images are
+            records.image_dir = os.path.abspath(save_dir)  # before the save: the file names where its images are
         records.save(os.path.join(save_dir, RECORDS_FILE))
         if write:
             records._pending.extend(_write_images(records, dataset, save_dir, image_workers))

@@ -118,7 +118,9 @@ def image_order(loader) -> tuple[Tensor | None, object | None]:
     """
     if not isinstance(loader, DataLoader):
         return None, None
-    sampler = loader.sampler
+    sampler = loader.sampler  # with batch_sampler=, the sampler inside it is the one that orders the images
+    if loader.batch_sampler is not None and hasattr(loader.batch_sampler, "sampler"):
+        sampler = loader.batch_sampler.sampler
     if (isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler))
             or (isinstance(sampler, DistributedSampler) and sampler.shuffle)):
         raise ValueError(f"this needs a loader in a fixed order, not one with a {type(sampler).__name__}: "

@@ -317,9 +317,17 @@ def test_compile_fullgraph_with_changing_eps():
         got = torch.autograd.grad(compiled(z, p, eps), (z, p))
         want = torch.autograd.grad(protokern.prototype_similarity(z, p, eps=eps)[0].sum(), (z, p))
         assert all(torch.allclose(a, b) for a, b in zip(got, want))
+    refused = (ValueError, torch._dynamo.exc.Unsupported)  # fullgraph: Dynamo reports the raise as unsupported
     for bad in (-1.0, 0.0, math.nan):
-        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        with pytest.raises(refused, match="eps must be a finite number > 0"):
             compiled(z, p, bad)
+    similarity = torch.compile(lambda d, eps: protokern.log_similarity(d, eps), fullgraph=True, backend="eager")
+    d = torch.rand(5)
+    for eps in (1e-4, 1e-3):
+        torch.testing.assert_close(similarity(d, eps), protokern.log_similarity(d, eps))
+    for bad in (-1.0, math.inf):
+        with pytest.raises(refused, match="eps must be a finite number > 0"):
+            similarity(d, bad)
     layers = [protokern.ProtoLayer(4, 3, eps=eps) for eps in (1e-4, 1e-2)]
     for dynamic in (None, True):
         call = torch.compile(lambda layer, z: layer(z)[0], fullgraph=True, dynamic=dynamic, backend="aot_eager")

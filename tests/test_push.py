@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils.data import DataLoader, Sampler, Subset, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
+from torch.utils.data import (BatchSampler, DataLoader, RandomSampler, Sampler, Subset, SubsetRandomSampler,
+                              TensorDataset, WeightedRandomSampler)
 
 from protokern import nearest_patches, prototype_distances
 from protokern.data import imagenet_normalize
@@ -158,16 +160,30 @@ def test_plain_iterable_uses_positions():
     assert torch.equal(ra.image_index, rb.image_index)
 
 
-@pytest.mark.parametrize("sampler", ["shuffle", SubsetRandomSampler, WeightedRandomSampler, "custom random"])
+@pytest.mark.parametrize("sampler", ["shuffle", SubsetRandomSampler, WeightedRandomSampler, "custom random",
+                                     "batch sampler"])
 def test_a_loader_in_random_order_is_rejected(sampler):
     data = _dataset()
     n = len(data)
-    kwargs = {"shuffle": True} if sampler == "shuffle" else {"sampler": (
-        SubsetRandomSampler(range(n)) if sampler is SubsetRandomSampler
-        else WeightedRandomSampler([1.0] * n, n) if sampler is WeightedRandomSampler
-        else _RandomOrder(n))}
+    kwargs = ({"shuffle": True} if sampler == "shuffle"
+              else {"batch_sampler": BatchSampler(RandomSampler(data), 4, False)} if sampler == "batch sampler"
+              else {"batch_size": 4, "sampler": (
+                  SubsetRandomSampler(range(n)) if sampler is SubsetRandomSampler
+                  else WeightedRandomSampler([1.0] * n, n) if sampler is WeightedRandomSampler
+                  else _RandomOrder(n))})
     with pytest.raises(ValueError, match="fixed order"):
-        push_prototypes(_model(), DataLoader(data, batch_size=4, **kwargs), progress=False)
+        push_prototypes(_model(), DataLoader(data, **kwargs), progress=False)
+
+
+class _Reversed(Sampler):
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n - 1, -1, -1))
+
+    def __len__(self):
+        return self.n
 
 
 class _RandomOrder(Sampler):
@@ -184,11 +200,12 @@ class _RandomOrder(Sampler):
 def test_a_fixed_custom_order_is_followed():
     data = _dataset()
     order = list(range(len(data)))[::-1]
-    reverse = push_prototypes(_model(), DataLoader(data, batch_size=4, sampler=order), progress=False)
     plain = push_prototypes(_model(), _loader(data), progress=False)
-    # the same pushed prototypes, found in the same images named by their dataset index
-    assert torch.equal(reverse.image_index, plain.image_index)
-    assert torch.equal(reverse.patch, plain.patch) and torch.equal(reverse.min_distance, plain.min_distance)
+    for sampler in (order, _Reversed(len(data))):  # a list; a Sampler of the same order in every pass
+        reverse = push_prototypes(_model(), DataLoader(data, batch_size=4, sampler=sampler), progress=False)
+        # the same pushed prototypes, found in the same images named by their dataset index
+        assert torch.equal(reverse.image_index, plain.image_index)
+        assert torch.equal(reverse.patch, plain.patch) and torch.equal(reverse.min_distance, plain.min_distance)
 
 
 def test_images_written_in_background(tmp_path):
@@ -211,6 +228,9 @@ def test_saved_records_name_their_images_also_after_a_move(tmp_path):
     records.wait_images()
     loaded = PushRecords.load(str(tmp_path / "push" / "push_records.pt"))
     assert loaded.image_dir == records.image_dir == str(tmp_path / "push")
+    shutil.copytree(tmp_path / "push", tmp_path / "copied")
+    copied = PushRecords.load(str(tmp_path / "copied" / "push_records.pt"))
+    assert copied.image_dir == str(tmp_path / "copied")  # its own images, not the original's
     os.rename(tmp_path / "push", tmp_path / "moved")
     moved = PushRecords.load(str(tmp_path / "moved" / "push_records.pt"))
     assert moved.image_dir == str(tmp_path / "moved") and os.path.isfile(os.path.join(moved.image_dir, "0_source.png"))

@@ -521,7 +521,7 @@ def test_distance_to_similarity_and_errors():
     for index in ([-1, 0], [0, 9], [16, 0]):  # 3 x 3 windows of a 4 x 4 map: positions 0..3
         with pytest.raises(ValueError, match=r"index must lie in \[0, 4\)"):
             protokern.prototype_windows(torch.rand(2, 3, 4, 4), torch.tensor(index), 3)
-    with pytest.raises(ValueError, match="integers"):
+    with pytest.raises(TypeError, match="index must hold integers"):
         protokern.prototype_windows(torch.rand(2, 3, 4, 4), torch.zeros(2), (1, 1))
     with pytest.raises(ValueError, match="chunk must be"):
         protokern.prototype_distances(torch.rand(2, 3, 4, 4), torch.rand(2, 3), paired=True, chunk=0)

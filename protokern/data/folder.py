@@ -15,7 +15,12 @@ __all__ = ["ImageFolderDataset"]
 
 
 def _hidden(name: str) -> bool:
-    return name.startswith(".")
+    return name.startswith(".") and name not in (".", "..")
+
+
+def _hidden_below(root: str, path: str) -> bool:
+    """Whether ``path`` or a folder between ``root`` and it is hidden."""
+    return any(_hidden(part) for part in os.path.relpath(path, root).split(os.sep))
 
 
 class _VisibleImageFolder(ImageFolder):
@@ -23,9 +28,9 @@ class _VisibleImageFolder(ImageFolder):
     no image from a hidden file (macOS ._x.jpg) or from under a hidden folder."""
 
     def __init__(self, root: str):
+        top = os.path.expanduser(root)  # as torchvision lists it
         super().__init__(root, is_valid_file=lambda path: (
-            has_file_allowed_extension(path, IMG_EXTENSIONS)
-            and not any(_hidden(part) for part in os.path.relpath(path, root).split(os.sep))))
+            has_file_allowed_extension(path, IMG_EXTENSIONS) and not _hidden_below(top, path)))
 
     def find_classes(self, directory):
         classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not _hidden(entry.name))
@@ -87,7 +92,7 @@ def _unsupported_files(root: str, classes: list[str], images: set[str]) -> list[
     out = []
     for name in classes:
         for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            if any(_hidden(part) for part in os.path.relpath(folder, root).split(os.sep)):
+            if _hidden_below(root, folder):
                 continue
             out.extend(path for path in (os.path.join(folder, f) for f in sorted(files) if not _hidden(f))
                        if path not in images)

@@ -93,7 +93,7 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        if os.path.islink(path):  # listed in its folder, but not an image that can be read
+        if os.path.islink(path) and not os.path.exists(path):  # listed in its folder, but nothing to read
             raise BadImageError(path, f"a broken symbolic link (to {os.readlink(path)}, which does not exist)")
         raise FileNotFoundError(f"image file not found: {path}")
     try:

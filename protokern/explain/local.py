@@ -285,7 +285,6 @@ def _box(values) -> Box | None:
 
 
 # ------------------------------------------------------------------------------------------------ explain
-@torch.no_grad()
 def _check_image_size(model: nn.Module, size) -> None:
     """A one-line ``ValueError`` for an image too small to give the model a feature map of one window."""
     rf = getattr(model, "receptive_field", None)
@@ -300,6 +299,7 @@ def _check_image_size(model: nn.Module, size) -> None:
                          + (f" (it takes at least {side} x {side} pixels)" if side else ""))
 
 
+@torch.no_grad()
 def explain_image(model: nn.Module, image, *, push_records: PushRecords | None = None, top_k: int = 10,
                   class_idx: int | None = None, push_images=None, class_names=None, device=None,
                   image_size: int | None = None) -> Explanation:
@@ -340,7 +340,7 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
 
     from protokern.data import imagenet_normalize
 
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model):
         batch = imagenet_normalize(x[None].to(device))
         z = model.conv_features(batch)  # the trunk runs once per image
         logits, min_distances, similarity = model.classify_features(z)

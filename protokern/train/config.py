@@ -197,7 +197,8 @@ class TrainConfig:
         need(self.warm_epochs <= self.epochs, f"warm_epochs ({self.warm_epochs}) > epochs ({self.epochs})")
         need(isinstance(self.prune_k, int) and not isinstance(self.prune_k, bool) and self.prune_k >= 1,
              f"prune_k must be an int >= 1, got {self.prune_k!r}")
-        need(isinstance(self.prune_threshold, int) and 0 <= self.prune_threshold <= self.prune_k,
+        need(isinstance(self.prune_threshold, int) and not isinstance(self.prune_threshold, bool)
+             and 0 <= self.prune_threshold <= self.prune_k,
              f"prune_threshold must be an int in [0, prune_k={self.prune_k}], got {self.prune_threshold!r}")
         return self
 

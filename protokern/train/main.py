@@ -182,7 +182,6 @@ class Trainer:
             cfg = dataclasses.replace(cfg, out=run)
         self.cfg, self.info, self.device = cfg, info, device
         self.is_main = info.is_main
-        self.run_dir = self._run_dir()
         _seed_everything(cfg.seed)
 
         self.train_set, self.val_set, self.test_set, self.push_set, num_classes = build_splits(cfg)
@@ -227,7 +226,9 @@ class Trainer:
         self._pruned: dict | None = None  # what --prune did, for the summary
         self.stage_seconds: dict[str, float] = {}
         self._wrapped = (None, None)  # (stage, DDP module) in use
-        # one process per run directory: taken once the input has been checked, before anything is written
+        # the run directory, made once the data, model and settings have passed their checks (a refused run
+        # leaves no empty folder); one process per run directory: locked before anything is written
+        self.run_dir = self._run_dir()
         self._lock = ckpt.RunLock(self.run_dir) if self.is_main else None
         if self.is_main:
             ckpt.remove_orphan_temps(self.run_dir)
