@@ -69,8 +69,11 @@ class BoxedImages(Dataset):
     """Labelled image files, each with one box in source pixels; optionally cropped to it.
 
     Items are ``(image, label)``, image float32 (3, S, S) in [0, 1]. ``boxes`` gives each box in
-    output pixels (computed on first access; it reads the image headers for their sizes).
+    output pixels (computed on first access; it reads the image headers for their sizes). They are object
+    boxes (``box_kind = "object"``: the whole bird or car), not part boxes: no part localisation on them.
     """
+
+    box_kind = "object"
 
     def __init__(self, paths: Sequence[str], targets: Sequence[int], source_boxes: torch.Tensor,
                  classes: Sequence[str], image_size: int, crop: str):

@@ -121,9 +121,11 @@ class SyntheticParts(Dataset):
 
     Items are ``(image, label)``: float32 (3, S, S) in [0, 1] and an int. Attributes: ``classes``
     (names like "red square"), ``class_parts`` ((shape, colour) names), ``targets`` (list of ints),
-    ``boxes`` ((N, 4) float32 part boxes, (x0, y0, x1, y1) in pixels). :meth:`part_mask` gives the
-    part's exact pixels and :meth:`objects` every object of an image.
+    ``boxes`` ((N, 4) float32 part boxes, (x0, y0, x1, y1) in pixels; ``box_kind = "part"``). :meth:`part_mask`
+    gives the part's exact pixels and :meth:`objects` every object of an image.
     """
+
+    box_kind = "part"
 
     def __init__(self, num_classes: int = 10, images_per_class: int = 60, image_size: int = 64,
                  split: str = "train", seed: int = 0, part_size: int | None = None,

@@ -21,8 +21,8 @@ from protokern.explain import render
 from protokern.explain.gallery import gallery
 from protokern.explain.local import (Explanation, PrototypeEvidence, explain_image, load_image_tensor,
                                      model_from_checkpoint)
-from protokern.explain.metrics import (consistency_and_stability, consistency_score, part_localisation,
-                                       stability_score)
+from protokern.explain.metrics import (consistency_and_stability, consistency_score, part_boxes,
+                                       part_localisation, stability_score)
 
 __all__ = [
     "Explanation",
@@ -34,6 +34,7 @@ __all__ = [
     "gallery",
     "load_image_tensor",
     "model_from_checkpoint",
+    "part_boxes",
     "part_localisation",
     "stability_score",
 ]
@@ -69,7 +70,7 @@ def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=No
     Writes ``run_dir/explanations/`` (local explanations of ``n_images`` test images of different classes,
     with an ``index.html``), ``run_dir/gallery/`` (every prototype with its ``k`` nearest training patches,
     when ``push_dataset`` is given), ``run_dir/part_localisation.json`` (when the test set has part
-    ``boxes``) and ``run_dir/interpretability.json`` (consistency and stability, when the test set has
+    ``boxes``: :func:`part_boxes`; not CUB's or Cars' object boxes) and ``run_dir/interpretability.json`` (consistency and stability, when the test set has
     ``part_locations``, as CUB-200-2011 with ``parts/part_locs.txt``).
 
     Args:
@@ -109,7 +110,7 @@ def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=No
                          device=device, progress=progress)
         summary["gallery"] = result["html"]
 
-    if getattr(test_dataset, "boxes", None) is not None:
+    if part_boxes(test_dataset) is not None:
         results = {loc: part_localisation(model, test_dataset, location=loc, device=device, batch_size=batch_size,
                                           progress=progress)
                    for loc in ("rf_centre", "argmax") if loc != "rf_centre" or part_localisation_result is None}

@@ -39,6 +39,7 @@ class LabelledSubset(Dataset):
         boxes = getattr(dataset, "boxes", None)
         if boxes is not None:
             self.boxes = torch.as_tensor(boxes)[torch.as_tensor(self.indices, dtype=torch.long)]
+            self.box_kind = getattr(dataset, "box_kind", "part")
 
     def __len__(self) -> int:
         return len(self.indices)

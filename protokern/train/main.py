@@ -2,7 +2,8 @@
 
 Run directory (written by rank 0)::
 
-    config.yaml        the resolved settings
+    config.yaml        the resolved settings, less the session's own (out, resume, max_steps): ``--config
+                       config.yaml --out NEW`` trains the same run again
     metrics.csv        one row per schedule step (stage, epoch, accuracies, loss terms, lrs, timing)
     metrics.jsonl      the same rows as JSON lines
     last.pt, best.pt   checkpoints (see Trainer.state_dict); best.pt has the best validation accuracy
@@ -42,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from protokern.cli import exit_on_error
 from protokern.data import GpuAugment, make_loader, skipped_images
 from protokern.explain import explain_run
-from protokern.explain.metrics import part_localisation
+from protokern.explain.metrics import part_boxes, part_localisation
 from protokern.losses import ProtoPNetLoss
 from protokern.models import ProtoPNet
 from protokern.push import RECORDS_FILE, PushRecords, push_prototypes
@@ -56,8 +57,9 @@ from protokern.train.schedule import (Step, build_schedule, learning_rates, make
 from protokern.utils import stop_deferred
 
 CSV_COLUMNS = (["step", "stage", "epoch", "iteration", "train_accuracy", "val_accuracy", "test_accuracy"]
-               + [f"train_{t}" for t in TERMS] + [f"test_{t}" for t in TERMS]
-               + ["lr_features", "lr_add_on", "lr_prototypes", "lr_last_layer", "seconds", "images_per_s"])
+               + [f"{split}_{t}" for split in ("train", "val", "test") for t in TERMS]
+               + ["train_skipped", "lr_features", "lr_add_on", "lr_prototypes", "lr_last_layer", "seconds",
+                  "images_per_s"])
 _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -134,6 +136,7 @@ FIXED_ON_RESUME = ("val_fraction", "dataset", "backbone", "prototypes_per_class"
                    "joint_add_on_lr", "joint_prototypes_lr", "weight_decay", "lr_step_size", "lr_gamma",
                    "last_layer_lr", "seed", "image_size", "crop", "synthetic_classes", "synthetic_train_per_class",
                    "synthetic_test_per_class", "synthetic_part_size", "synthetic_seed")
+SESSION_SETTINGS = ("out", "resume", "max_steps")  # where and how far this session goes: not in config.yaml
 SCHEDULE_FLAGS = ("epochs", "warm_epochs", "push_start", "push_every", "push_at_end", "last_layer_epochs")
 
 
@@ -293,7 +296,8 @@ class Trainer:
     def _write_config(self) -> None:
         import yaml
 
-        ckpt.atomic_write_text(self._path("config.yaml"), yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        settings = {k: v for k, v in self.cfg.to_dict().items() if k not in SESSION_SETTINGS}
+        ckpt.atomic_write_text(self._path("config.yaml"), yaml.safe_dump(settings, sort_keys=False))
 
     def _truncate_metrics(self, last_step: int) -> None:
         """Keep only the metric rows of steps <= ``last_step`` (rows of an interrupted step go)."""
@@ -445,7 +449,7 @@ class Trainer:
                                        save_images=self.cfg.push_images, progress=self._bars(),
                                        autocast_dtype=self.amp_dtype)
         seconds = time.perf_counter() - start
-        self.records_path = os.path.join(save_dir, RECORDS_FILE)
+        self.records_path = os.path.abspath(os.path.join(save_dir, RECORDS_FILE))
         return {"images_per_s": len(self.push_set) / max(seconds, 1e-9)}
 
     def _evaluate(self, step: Step) -> dict:
@@ -570,7 +574,7 @@ class Trainer:
 
     def _summary(self, seconds: float, complete: bool) -> dict:
         localisation = None
-        boxes = getattr(self.test_set, "boxes", None)
+        boxes = part_boxes(self.test_set)
         if boxes is not None and getattr(self.model, "receptive_field", None) is not None:
             # once, on rank 0 (the explanations reuse it), then shared so that every rank's summary agrees
             if self.is_main:

@@ -7,8 +7,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from protokern.data import CUB200, imagenet_normalize
-from protokern.explain.metrics import (consistency_and_stability, consistency_score, part_correspondence,
-                                       part_localisation, stability_score)
+from protokern.explain.metrics import (consistency_and_stability, consistency_score, part_boxes,
+                                       part_correspondence, part_localisation, stability_score)
 from protokern.explain.render import upsample
 from tests.explain.helpers import (BLUE, GREEN, RED, ListDataset, canvas, colour_model, paint,
                                    reference_distance_maps, reference_similarity)
@@ -248,3 +248,19 @@ def test_consistency_of_window_prototypes_matches_a_recomputation(kind):
     assert scores["consistent"] == consistent
     assert 0 <= scores["stability"] <= 1
     assert stability_score(model, data, noise_std=0.0, half_size=12, batch_size=3, progress=False) == 1.0
+
+
+def test_part_boxes_are_only_part_boxes(tmp_path):
+    """Synthetic part boxes count, through the trainer's views too; CUB's bird boxes do not (after the bbox
+    crop they are the whole image: every location would be a hit)."""
+    from protokern.data import SyntheticParts, prepare_images
+    from protokern.train.data import LabelledSubset
+    from tests.data.test_cub import make_cub
+
+    synthetic = SyntheticParts(num_classes=2, images_per_class=3, image_size=32)
+    for view in (synthetic, LabelledSubset(synthetic, [0, 2]), prepare_images(synthetic, "off")):
+        assert torch.equal(torch.as_tensor(part_boxes(view)), torch.as_tensor(view.boxes))
+    make_cub(tmp_path)
+    birds = CUB200(tmp_path, "test", image_size=16)
+    for view in (birds, LabelledSubset(birds, [0]), prepare_images(birds, "off")):
+        assert view.boxes is not None and part_boxes(view) is None

@@ -43,6 +43,9 @@ def test_end_to_end_run_dir(tiny_args, tmp_path):
     with open(os.path.join(run, "metrics.csv")) as fh:
         csv_rows = list(csv.DictReader(fh))
     assert [r["stage"] for r in csv_rows] == STEPS and "train_cluster" in csv_rows[0]
+    for row, csv_row in zip(rows, csv_rows):  # the same rows: every value of metrics.jsonl has its column
+        assert set(row) <= set(csv_row), set(row) - set(csv_row)
+        assert all(str(value) == csv_row[key] for key, value in row.items())
     for key in ("train_accuracy", "test_accuracy", "train_ce", "train_cluster", "train_separation",
                 "train_l1", "lr_add_on", "seconds", "images_per_s"):
         assert key in rows[0], key
@@ -71,6 +74,16 @@ def test_end_to_end_run_dir(tiny_args, tmp_path):
         d, _ = nearest_patches(model.conv_features(imagenet_normalize(images)), model.prototype_layer.prototypes)
     assert d.diagonal().max() < 1e-5
     assert load_checkpoint(os.path.join(run, "best.pt"))["best"]["pushed"]
+
+
+def test_config_yaml_trains_the_same_run_again(tiny_args, tmp_path):
+    main(tiny_args + ["--max-steps", "2"])
+    main(["--resume", str(tmp_path / "run"), "--quiet", "--max-steps", "1"])
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "out:" not in saved and "resume:" not in saved and "max_steps:" not in saved
+    again = tmp_path / "again"
+    main(["--config", str(tmp_path / "run" / "config.yaml"), "--out", str(again), "--max-steps", "3"])
+    assert _strip(_rows(again)) == _strip(_rows(tmp_path / "run"))
 
 
 def test_resume_gives_the_same_run(tiny_args, tmp_path):
