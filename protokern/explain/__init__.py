@@ -70,8 +70,9 @@ def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=No
     Writes ``run_dir/explanations/`` (local explanations of ``n_images`` test images of different classes,
     with an ``index.html``), ``run_dir/gallery/`` (every prototype with its ``k`` nearest training patches,
     when ``push_dataset`` is given), ``run_dir/part_localisation.json`` (when the test set has part
-    ``boxes``: :func:`part_boxes`; not CUB's or Cars' object boxes) and ``run_dir/interpretability.json`` (consistency and stability, when the test set has
-    ``part_locations``, as CUB-200-2011 with ``parts/part_locs.txt``).
+    ``boxes``, :func:`part_boxes`: not CUB's or Cars' object boxes) and ``run_dir/interpretability.json``
+    (consistency and stability, when the test set has ``part_locations``, as CUB-200-2011 with
+    ``parts/part_locs.txt``).
 
     Args:
         run_dir: the run folder. model: the trained ``ProtoPNet``.
