@@ -378,8 +378,9 @@ def prototype_similarity(z: Tensor, prototypes: Tensor, *, similarity: str = "lo
         backend: "auto" (fastest available for the device), "torch", "triton" or "cuda".
         precision: "highest" (exact fp32 products), "high" (3xTF32) or "medium" (TF32) for the search over
             windows, or "auto" (the default): the backend's own choice (``backends.AUTO_PRECISION``: each one's
-            fastest certified search on an H200, "high" for cuda and "medium" for triton; "highest" for torch). The search is certified (docs/design.md): every window it
-            cannot rule out is rescored exactly, so the precision changes the speed, not the result.
+            fastest certified search on an H200, "high" for cuda and "medium" for triton; "highest" for
+            torch). The search is certified (docs/design.md): every window it cannot rule out is rescored
+            exactly, so the precision changes the speed, not the result.
 
     Returns:
         ``(similarity, min_distances)``, each (B, M), float32 (float64 for float64 inputs on the torch
