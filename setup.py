@@ -12,7 +12,7 @@ Environment:
     CUDA_HOME=/usr/local/cuda where the toolkit lives (default: CUDA_HOME/CUDA_PATH, else
                              /usr/local/cuda, else torch's own search from `nvcc` on PATH)
     TORCH_CUDA_ARCH_LIST     e.g. "9.0" or "8.0;9.0" (default: the visible GPU, else "9.0")
-    MAX_JOBS                 parallel compile jobs (the two sources build in parallel)
+    MAX_JOBS                 parallel compile jobs (the three sources build in parallel)
 """
 
 from __future__ import annotations

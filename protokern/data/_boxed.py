@@ -97,7 +97,8 @@ class BoxedImages(Dataset):
         return self.source_boxes[index].tolist() if self.crop == "bbox" else None
 
     def decode(self, index: int) -> torch.Tensor:
-        """Image ``index`` as uint8 (3, S, S) (``self[index][0] == decode(index) / 255``); errors name the file."""
+        """Image ``index`` as uint8 (3, S, S) (``self[index][0]`` is ``uint8_to_float`` of it); errors name the
+        file."""
         try:
             image, _ = load_image_uint8(self.paths[index], self.image_size, self._crop_box(index))
         except BadImageError:

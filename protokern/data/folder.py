@@ -77,7 +77,8 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def decode(self, index: int) -> torch.Tensor:
-        """Image ``index`` as uint8 (3, S, S) (``self[index][0] == decode(index) / 255``); errors name the file."""
+        """Image ``index`` as uint8 (3, S, S) (``self[index][0]`` is ``uint8_to_float`` of it); errors name the
+        file."""
         return load_image_uint8(self.paths[index], self.image_size)[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

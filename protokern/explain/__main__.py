@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--image", required=True, help="image file (any mode: RGBA, grayscale, CMYK ...)")
     parser.add_argument("--top-k", type=int, default=10, help="prototypes shown (default 10)")
     parser.add_argument("--out", default=None, help="output folder (default RUN/explanations/<image name>); "
-                                                    "the prototype panels of an earlier explanation there go")
+                                                    "the prototype panels of an earlier explanation there are removed")
     parser.add_argument("--class", dest="class_idx", type=int, default=None,
                         help="class index to explain (default: the predicted class)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")

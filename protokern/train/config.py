@@ -84,8 +84,9 @@ class TrainConfig:
     # schedule (epochs count the warm-up + joint epochs; last-layer epochs come on top after each push)
     epochs: int = _opt(31, "warm-up + joint epochs (last-layer epochs after each push come on top)")
     warm_epochs: int = _opt(5, "warm-up epochs (trunk frozen) at the start of --epochs")
-    push_start: int = _opt(10, "first epoch (0-based) after which prototypes are pushed")
-    push_every: int = _opt(10, "push every this many epochs after push_start")
+    push_start: int = _opt(10, "prototypes are pushed after each epoch (0-based) e >= push_start that is a multiple "
+                               "of --push-every (the original's rule)")
+    push_every: int = _opt(10, "pushes come after the epochs that are multiples of this, from --push-start on")
     push_at_end: bool = _opt(False, "also push after the final epoch if it is not a push epoch (the original "
                                     "does not)")
     last_layer_epochs: int = _opt(20, "last-layer-only epochs after each push (none with --similarity linear, as "
@@ -119,7 +120,7 @@ class TrainConfig:
     out: str | None = _opt(None, "run directory (default runs/<timestamp>)")
     seed: int = _opt(0, "seed of initialisation, shuffling, augmentation and the validation split")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
-    num_workers: int | None = _opt(None, "data-loader worker processes (default: usable CPUs - 1, at most 8)")
+    num_workers: int | None = _opt(None, "data-loader worker processes (None: usable CPUs - 1, at most 8)")
     data_cache: str = _opt("auto", "image files decoded once and kept as uint8: memory, gpu, off (decode at every "
                                    "access) or auto (gpu if it takes <= 1/5 of the free GPU memory, else memory if "
                                    "<= 1/2 of the available RAM, else off)")
