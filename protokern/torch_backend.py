@@ -272,7 +272,8 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     grad_zt: list[torch.Tensor] = []  # one (b * HW, D) sum per image slab
     grad_p: dict[int, torch.Tensor] = {}  # one (m, D) sum per prototype slab, over the image slabs in order
     for bs, ms in _slabs(B, M, max(HW, D)):  # (b, m, D) and (b, HW, m) temporaries within SLAB
-        gs, ids = g[bs, ms], idx[bs, ms]
+        whole = (bs.stop - bs.start, ms.stop - ms.start) == (B, M)  # (no view: torch's older vmap has no rule)
+        gs, ids = (g, idx) if whole else (g[bs, ms], idx[bs, ms])
         # Direct differences g * (z - p), never |z|^2-style expansions: no cancellation when g is huge (d ~ 0).
         contrib = 2 * gs[..., None] * (_winner_rows(rows, bs.start, ids, HW) - p[None, ms])
         grad_p[ms.start] = grad_p.get(ms.start, 0) - contrib.sum(0)

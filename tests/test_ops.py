@@ -798,3 +798,26 @@ def test_shapes_only_inputs(mode):
         assert protokern.prototype_distances(z, p).shape == (3, 6, 3, 4)
         layer = protokern.ProtoLayer(10, 8)
         assert layer(z)[0].shape == (3, 10)
+
+
+def test_batched_gradients(case):
+    """autograd.grad(is_grads_batched=True) (torch's older vmap hands the backward BatchedTensors): equal to one
+    backward per gradient, for every backend (their kernels cannot read those: the torch backend's ops run)."""
+    device, backend = case
+    z = torch.rand(2, 5, 3, 4, device=device, requires_grad=True)
+    p = torch.rand(6, 5, device=device, requires_grad=True)
+    for similarity in ("log", "cosine"):
+        sim, dist = protokern.prototype_similarity(z, p, similarity=similarity, backend=backend)
+        v = torch.randn(3, *sim.shape, device=device)
+        got = torch.autograd.grad((sim, dist), (z, p), (v, v.flip(0)), is_grads_batched=True, retain_graph=True)
+        one = [torch.autograd.grad((sim, dist), (z, p), (v[i], v.flip(0)[i]), retain_graph=True) for i in range(3)]
+        for g, want in zip(got, zip(*one)):
+            torch.testing.assert_close(g, torch.stack(want))
+
+
+def test_gradcheck_batched_and_forward_mode_torch_backend():
+    z = torch.rand(2, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    p = torch.rand(4, 3, dtype=torch.float64, requires_grad=True)
+    f = lambda z, p: protokern.prototype_similarity(z, p, backend="torch")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (z, p), check_batched_grad=True, check_forward_ad=True,
+                                    check_batched_forward_grad=True)
