@@ -25,8 +25,8 @@ class ProtoLayer(nn.Module):
 
     The parameter ``prototypes`` has the original implementation's shape (M, D, kh, kw) (``prototype_size``
     (kh, kw), default (1, 1)) and is initialised uniform in [0, 1). ``forward(z)`` takes features (B, D, H, W)
-    with H >= kh, W >= kw and returns ``(similarity, min_distances)``, each (B, M) float32, computed by the
-    fused op with ``similarity`` "log", "linear" or "cosine" (see ``protokern.prototype_similarity``).
+    with H >= kh, W >= kw and returns ``(similarity, min_distances)``, each (B, M) float32 (float64 when z and
+    the layer are float64 on the torch backend), computed by the fused op with ``similarity`` "log", "linear" or "cosine" (see ``protokern.prototype_similarity``).
 
     Arguments are checked here, one clear error each: the counts must be integers >= 1 (NumPy integers
     accepted), ``prototype_size`` such an integer or a pair of them, ``similarity`` a known one, ``eps`` a
@@ -82,14 +82,15 @@ class ProtoLayer(nn.Module):
     def nearest(self, z: Tensor, prototypes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(min_distances (B, M), window index (B, M))`` of ``z`` (no gradient): see ``nearest_patches``.
 
-        ``prototypes`` (default: this layer's, detached, float32) lets a caller search with a copy."""
-        p = self.prototypes.detach().float() if prototypes is None else prototypes
+        ``prototypes`` (default: this layer's, detached: the search of :meth:`forward`, the same winners in
+        every dtype) lets a caller search with a copy."""
+        p = self.prototypes.detach() if prototypes is None else prototypes
         return nearest_patches(z, p, similarity=self.similarity, backend=self.backend, precision=self.precision)
 
     def distance_maps(self, z: Tensor, prototypes: Tensor | None = None, *, paired: bool = False) -> Tensor:
         """Distance maps over every window, (B, M, Hout, Wout) (``paired``: (M, Hout, Wout), prototype m on
-        image m): see ``prototype_distances``. ``prototypes`` defaults to this layer's, detached, float32."""
-        p = self.prototypes.detach().float() if prototypes is None else prototypes
+        image m): see ``prototype_distances``. ``prototypes`` defaults to this layer's, detached."""
+        p = self.prototypes.detach() if prototypes is None else prototypes
         return prototype_distances(z, p, similarity=self.similarity, paired=paired)
 
     def windows(self, z: Tensor, index: Tensor) -> Tensor:

@@ -107,3 +107,17 @@ def test_default_precision_is_auto(monkeypatch):
 def test_wrong_feature_channels():
     with pytest.raises(ValueError, match="channel mismatch"):
         protokern.ProtoLayer(4, 8)(torch.rand(1, 6, 3, 3))
+
+
+def test_nearest_follows_the_forward_search_in_float64():
+    """A float64 layer searches in float64 in forward, nearest and distance_maps alike: 1 + 1e-12 and 1 are
+    one float32 value, but not one float64 value."""
+    layer = protokern.ProtoLayer(1, 1, backend="torch").double()
+    with torch.no_grad():
+        layer.prototypes.zero_()
+    z = torch.tensor([1 + 1e-12, 1.0], dtype=torch.float64).view(1, 1, 1, 2).requires_grad_()
+    (grad,) = torch.autograd.grad(layer(z)[0].sum(), z)
+    assert grad[0, 0, 0, 0] == 0 and grad[0, 0, 0, 1] != 0  # forward's winner: patch 1
+    dist, index = layer.nearest(z)
+    assert index.item() == 1 and dist.dtype == torch.float64
+    assert layer.distance_maps(z).dtype == torch.float64
