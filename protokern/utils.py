@@ -1,12 +1,14 @@
 """Small helpers shared across protokern's layers (imports nothing from protokern).
 
 One owner each: the progress bar of long loops (and the stop signal they take between items), the eval-mode
-context, and the dataset order of a loader.
+context, the dataset order of a loader, and strict JSON for the reports a run writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import sys
 from collections.abc import Iterable, Iterator
 
@@ -146,3 +148,18 @@ def image_batches(loader) -> Iterator[tuple[Tensor, Tensor]]:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError("the loader must yield (images, labels, ...) batches")
         yield batch[0], batch[1]
+
+
+def strict_json(obj, indent: int | None = 2) -> str:
+    """JSON of ``obj`` that strict parsers read: a non-finite float (NaN, an accuracy of no epochs, an infinite
+    distance) is ``null``, where ``json.dumps`` would write ``NaN`` / ``Infinity``."""
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)

@@ -3,7 +3,7 @@ import signal
 
 import pytest
 
-from protokern.utils import progress, stop, stop_deferred
+from protokern.utils import progress, stop, stop_deferred, strict_json
 
 
 def _items(n, stop_at=None, fail_at=None, fetched=None):
@@ -51,3 +51,11 @@ def test_a_stop_outside_a_fetch_is_at_once(stop_on_sigusr1):
                 signal.raise_signal(signal.SIGUSR1)
             reached = True
     assert reached
+
+
+def test_reports_are_strict_json():
+    text = strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}, "e": (2, "x")})
+    assert text == strict_json({"a": None, "b": [1.0, None], "c": {"d": None}, "e": [2, "x"]})
+    import json
+
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in strict JSON"))

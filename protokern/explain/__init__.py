@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import html
-import json
 import logging
 import os
 
@@ -23,6 +22,7 @@ from protokern.explain.local import (Explanation, PrototypeEvidence, explain_ima
                                      model_from_checkpoint)
 from protokern.explain.metrics import (consistency_and_stability, consistency_score, part_boxes,
                                        part_localisation, stability_score)
+from protokern.utils import strict_json
 
 __all__ = [
     "Explanation",
@@ -124,7 +124,7 @@ def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=No
                   "argmax_part_localisation": results["argmax"]["overall"], **results}
         path = os.path.join(run_dir, "part_localisation.json")
         with open(path, "w", encoding="utf-8") as fh:
-            json.dump(record, fh, indent=1)
+            fh.write(strict_json(record, indent=1))
         summary.update(part_localisation=record["part_localisation"], part_localisation_file=path)
         if not quiet:
             print(f"part localisation: {record['part_localisation']:.3f} (receptive-field centre), "
@@ -139,7 +139,7 @@ def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=No
         else:
             path = os.path.join(run_dir, "interpretability.json")
             with open(path, "w", encoding="utf-8") as fh:
-                json.dump(scores, fh, indent=1)
+                fh.write(strict_json(scores, indent=1))
             summary.update(consistency=scores["consistency"], stability=scores["stability"],
                            interpretability_file=path)
     return summary

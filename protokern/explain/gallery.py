@@ -9,7 +9,6 @@ the prototype layer) and an ``index.html`` page.
 from __future__ import annotations
 
 import html
-import json
 import os
 
 import numpy as np
@@ -18,6 +17,7 @@ from torch import nn
 
 from protokern.explain import render
 from protokern.push import PushRecords, nearest_training_patches
+from protokern.utils import strict_json
 
 __all__ = ["gallery"]
 
@@ -123,9 +123,9 @@ def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records:
             pages.append(render.save_png(render.grid(rows), os.path.join(out_dir, f"gallery_{len(pages):03d}.png")))
             rows = []
 
-    with open(os.path.join(out_dir, "gallery.json"), "w", encoding="utf-8") as fh:
-        json.dump({"k": k, "window": list(neighbours.window), "similarity": model.prototype_layer.similarity,
-                   "prototypes": entries}, fh, indent=1)
+    with open(os.path.join(out_dir, "gallery.json"), "w", encoding="utf-8") as fh:  # an inf distance: null
+        fh.write(strict_json({"k": k, "window": list(neighbours.window),
+                              "similarity": model.prototype_layer.similarity, "prototypes": entries}, indent=1))
     page_path = render.write_html(os.path.join(out_dir, "index.html"), "protokern prototype gallery",
                                   _html(entries, pages, k, per_page, push_records is not None, neighbours.window,
                                         model.prototype_layer.similarity))

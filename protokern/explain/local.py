@@ -10,7 +10,6 @@ works: kh x kw prototypes (maps over the window positions, boxes of whole window
 from __future__ import annotations
 
 import html
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from protokern.checkpoint import model_from_checkpoint
 from protokern.explain import render
 from protokern.push import PushRecords, activation_boxes
-from protokern.utils import eval_mode
+from protokern.utils import eval_mode, strict_json
 
 __all__ = ["Explanation", "PrototypeEvidence", "explain_image", "load_image_tensor", "model_from_checkpoint"]
 _PANEL = re.compile(r"rank\d{2,}_prototype\d+\.png")  # the per-prototype files of Explanation.save
@@ -158,7 +157,7 @@ class Explanation:
             panel = _evidence_panel(image, e, min_side, self.similarity_kind)
             render.save_png(panel, os.path.join(out_dir, e.file))
         with open(os.path.join(out_dir, "explanation.json"), "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=1)
+            fh.write(strict_json(self.to_dict(), indent=1))
         return render.write_html(os.path.join(out_dir, "index.html"), "protokern explanation", self._html())
 
     def _html(self) -> str:
@@ -255,6 +254,8 @@ def load_image_tensor(image, image_size: int | tuple[int, int] | None = None) ->
         image = image[0]
     if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
         raise ValueError(f"expected a float image tensor (3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}")
+    if not bool(image.isfinite().all()):
+        raise ValueError("the image holds NaN or inf values")
     if image.min() < -1e-3 or image.max() > 1 + 1e-3:
         raise ValueError("expected an unnormalised image in [0, 1] (explanations normalise it themselves), got "
                          f"values in [{float(image.min()):.3f}, {float(image.max()):.3f}]")

@@ -128,9 +128,10 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
     if location == "rf_centre" and rf is None:
         raise ValueError("the model has no receptive field: use location='argmax'")
     dataset, batches, total = _indexed_batches(data, batch_size, num_workers)
-    boxes = getattr(dataset, "boxes", None) if boxes is None else boxes
+    boxes = part_boxes(dataset) if boxes is None else boxes
     if boxes is None:
-        raise ValueError("no part boxes: pass boxes= or use a dataset with a `boxes` attribute")
+        raise ValueError("no part boxes: pass boxes= or use a dataset whose `boxes` are part boxes (CUB's and "
+                         "Cars' are object boxes: every location of a cropped image would be a hit)")
     boxes = torch.as_tensor(boxes, dtype=torch.float64)
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be (N, 4) (x0, y0, x1, y1), got {tuple(boxes.shape)}")
@@ -228,7 +229,6 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
 
     device = torch.device(device) if device is not None else model.prototype_layer.prototypes.device
     classes = model.prototype_classes.to(device)
-    generator = torch.Generator().manual_seed(seed)
     _, batches, total = _indexed_batches(dataset, batch_size, num_workers)
     out = {"image": [], "prototype": [], "covered": [], "visible": []}
     with eval_mode(model):
@@ -237,8 +237,9 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
             S = images.shape[-1]
             half = _default_half_size(S) if half_size is None else half_size
             x = imagenet_normalize(images)
-            if noise_std > 0:
-                noise = torch.randn(x.shape, generator=generator) * noise_std
+            if noise_std > 0:  # each image's own noise, from (seed, its index): the batch size changes nothing
+                noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(
+                    seed * 1_000_003 + int(i))) for i in index]) * noise_std
                 x = x + noise.clamp(-noise_clip, noise_clip).to(device)
             maps = _similarity_maps(model, model.conv_features(x).float())  # (B, P, Hout, Wout)
             b, j = (labels[:, None] == classes[None, :]).nonzero(as_tuple=True)  # own-class pairs

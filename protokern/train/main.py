@@ -54,7 +54,7 @@ from protokern.train.distributed import DistInfo, barrier, cleanup, init_distrib
 from protokern.train.loop import TERMS, TrainForward, run_epoch
 from protokern.train.schedule import (Step, build_schedule, learning_rates, make_optimizers, make_scheduler,
                                       optimizer_steps, set_trainable, step_scheduler)
-from protokern.utils import stop_deferred
+from protokern.utils import stop_deferred, strict_json
 
 CSV_COLUMNS = (["step", "stage", "epoch", "iteration", "train_accuracy", "val_accuracy", "test_accuracy"]
                + [f"{split}_{t}" for split in ("train", "val", "test") for t in TERMS]
@@ -95,20 +95,6 @@ def _resumable_config(path: str, state: dict) -> TrainConfig:
 def _quoted(path: str) -> str:
     """``path`` as a shell word, for the commands printed to be pasted (paths with spaces)."""
     return shlex.quote(str(path))
-
-
-def _json(obj) -> str:
-    """Strict JSON (indented) of a report: a non-finite number (an accuracy of no epochs) is null, not NaN."""
-    def clean(value):
-        if isinstance(value, float) and not np.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
 def _read_metrics(path: str) -> list[dict]:
@@ -615,7 +601,7 @@ class Trainer:
                         "stage_s": dict(self.stage_seconds)},
         }
         if self.is_main:
-            ckpt.atomic_write_text(self._path("summary.json"), _json(summary))
+            ckpt.atomic_write_text(self._path("summary.json"), strict_json(summary))
             if not self.cfg.quiet:
                 print(_final_line(summary, seconds), flush=True)
         return summary
@@ -659,7 +645,7 @@ class Trainer:
                      "step": self.next_step - 1, "stage": "prune", "push_records": self.records.to_dict(),
                      "prune": report}
             self._write(state, "pruned.pt")
-            ckpt.atomic_write_text(self._path("prune.json"), _json(report))
+            ckpt.atomic_write_text(self._path("prune.json"), strict_json(report))
             if not self.cfg.quiet:
                 print(f"pruned {report['num_pruned']} prototypes, {report['num_remaining']} remain; test accuracy "
                       f"after last-layer retraining {test:.3f} -> {self._path('pruned.pt')}", flush=True)

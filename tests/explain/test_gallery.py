@@ -95,3 +95,15 @@ def test_gallery_boxes_of_window_prototypes(tmp_path, kind, with_rf):
         if with_rf:
             assert tuple(n["box"]) == patch_box(colour_model([RED], [0], 1).receptive_field, 64, h, w, window=(2, 3))
     assert "2 &times; 3 window" in open(result["html"], encoding="utf-8").read()
+
+
+def test_gallery_json_is_strict_with_an_image_of_nan(tmp_path):
+    """NaN distances count as infinitely far (nearest_training_patches): written as null, not Infinity."""
+    images = [paint(canvas(64), (1, 1), RED), paint(canvas(64), (2, 2), GREEN), canvas(64)]
+    images[2][0, 0, 0] = float("nan")  # every window of this image is at NaN distance from every prototype
+    model = colour_model([RED, GREEN], [0, 1], num_classes=2)
+    gallery(model, DataLoader(ListDataset(images, [0, 1, 0]), batch_size=2), k=3, out_dir=str(tmp_path),
+            progress=False)
+    text = open(tmp_path / "gallery.json").read()
+    data = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in gallery.json"))
+    assert None in [n["distance"] for p in data["prototypes"] for n in p["neighbours"]]

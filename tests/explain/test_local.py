@@ -229,3 +229,11 @@ def test_an_image_too_small_for_the_trunk_is_a_one_line_error(window):
     with pytest.raises(ValueError, match=rf"too small for this model.*at least {side} x {side} pixels"):
         explain_image(model, torch.rand(3, side - 1, 40), top_k=1)
     assert explain_image(model, torch.rand(3, side, side), top_k=1).top[0].prototype in (0, 1)
+
+
+def test_an_image_holding_nan_is_refused():
+    model = ProtoPNet("tiny", num_classes=2, prototypes_per_class=1, prototype_dim=8)
+    image = torch.rand(3, 32, 32)
+    image[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        explain_image(model, image, top_k=1)

@@ -149,6 +149,18 @@ def test_consistency_and_stability_on_fake_cub(fake_cub):
     assert stability_score(model, fake_cub, batch_size=5, progress=False) == pytest.approx(scores["stability"])
 
 
+def test_stability_does_not_depend_on_the_batch_size(tmp_path):
+    """Each image's noise comes from (seed, its index): one draw per batch gave other numbers per batch size
+    (CPU normal sampling of 3 * 66 * 66 values, not a multiple of 16, differs between one and several draws)."""
+    fake_cub = CUB200(make_fake_cub(tmp_path), "test", image_size=66)
+    model = colour_model([RED, GREEN, BLUE], [0, 1, 2], num_classes=3, pool=6)
+    scores = [consistency_and_stability(model, fake_cub, batch_size=n, progress=False)["stability_per_prototype"]
+              for n in (1, 3, 18)]
+    assert scores[0] == scores[1] == scores[2]
+    with pytest.raises(ValueError, match="no part boxes"):  # the birds' boxes are object boxes
+        part_localisation(model, fake_cub, progress=False)
+
+
 def test_consistency_leaves_out_prototypes_without_images(fake_cub):
     model = colour_model([RED, GREEN, BLUE, BLUE], [0, 1, 2, 3], num_classes=4)  # class 3 has no test image
     scores = consistency_and_stability(model, fake_cub, batch_size=32, progress=False)
