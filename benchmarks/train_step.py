@@ -21,8 +21,9 @@ synchronisations after warm-up steps (compilation happens there).
     python benchmarks/train_step.py --quick                # CPU smoke run: tiny images, batch 2, no compile
     python benchmarks/train_step.py --backbones resnet34 --steps 50
 
-Status: run on an H200 (``benchmarks/gpu_check.sh`` runs ResNet34; benchmarks/results/train_step-2026-11-30-
-nvidia-h200.md) and on the CPU (``--quick``, tests/test_train_step_benchmark.py).
+Status: run on an H200 (``benchmarks/gpu_check.sh`` runs ResNet34; its figures are in
+benchmarks/results/gpu-check-2026-11-30-h200-v12.txt) and on the CPU (``--quick``,
+tests/test_train_step_benchmark.py).
 """
 
 from __future__ import annotations

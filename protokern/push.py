@@ -113,13 +113,18 @@ class PushRecords:
         if not isinstance(data, dict):
             raise CheckpointError(f"{path} is not a push records file (it holds a {type(data).__name__})")
         records = cls.from_dict(data)
-        if records.image_dir is not None:  # the images sit beside the file (also in a moved or copied run)
-            here = os.path.dirname(os.path.abspath(path))
-            pushed = (records.image_index >= 0).nonzero().flatten()
-            beside = pushed.numel() and os.path.isfile(os.path.join(here, f"{int(pushed[0])}_source.png"))
-            if beside or not os.path.isdir(records.image_dir):
-                records.image_dir = here
+        records.find_images(os.path.dirname(os.path.abspath(path)))  # they sit beside the file
         return records
+
+    def find_images(self, folder: str) -> None:
+        """Point ``image_dir`` at ``folder`` if it holds this push's PNGs (a moved or copied run keeps the path
+        of the original), or if the stored folder is gone; records without images are left alone."""
+        if self.image_dir is None:
+            return
+        pushed = (self.image_index >= 0).nonzero().flatten()
+        here = pushed.numel() and os.path.isfile(os.path.join(folder, f"{int(pushed[0])}_source.png"))
+        if here or not os.path.isdir(self.image_dir):
+            self.image_dir = folder
 
     def wait_images(self) -> None:
         """Block until the background PNG writing of this push has finished (re-raises its errors)."""

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import (DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset,
-                              SubsetRandomSampler, WeightedRandomSampler)
+from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler,
+                              SequentialSampler, Subset, SubsetRandomSampler, WeightedRandomSampler)
 
 
 def checked_device(name: str | torch.device) -> torch.device:
@@ -113,27 +113,31 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 def image_order(loader) -> tuple[Tensor | None, object | None]:
     """(dataset indices of the loader's samples in order, base dataset) for a DataLoader; (None, None) else.
 
-    Subsets are mapped to the indices of their underlying dataset. Raises ``ValueError`` for a loader whose
-    order cannot be known in advance: a random sampler (shuffle=True, ``SubsetRandomSampler``,
-    ``WeightedRandomSampler``, a shuffling ``DistributedSampler``), a custom sampler that gives two different
-    orders in two passes, or a custom batch sampler.
+    Subsets are mapped to the indices of their underlying dataset; a loader over an ``IterableDataset`` has no
+    indices (None, None). Raises ``ValueError`` for a loader whose order cannot be known in advance: a random
+    sampler (shuffle=True, ``SubsetRandomSampler``, ``WeightedRandomSampler``, a shuffling
+    ``DistributedSampler``, also inside a ``batch_sampler``), or a custom sampler or batch sampler that gives two
+    different orders in two passes.
     """
-    if not isinstance(loader, DataLoader):
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         return None, None
-    sampler = loader.sampler  # with batch_sampler=, the sampler inside it is the one that orders the images
-    if loader.batch_sampler is not None and hasattr(loader.batch_sampler, "sampler"):
-        sampler = loader.batch_sampler.sampler
+    batches = loader.batch_sampler
+    sampler = getattr(batches, "sampler", loader.sampler)  # with batch_sampler=, the one inside it orders
     if (isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler))
             or (isinstance(sampler, DistributedSampler) and sampler.shuffle)):
         raise ValueError(f"this needs a loader in a fixed order, not one with a {type(sampler).__name__}: "
                          "build it with shuffle=False and no random sampler")
-    if loader.batch_sampler is not None and not hasattr(loader.batch_sampler, "sampler"):
-        raise ValueError("cannot map a custom batch_sampler to image indices; use a plain loader")
-    order = list(iter(sampler))
-    fixed = isinstance(sampler, (SequentialSampler, DistributedSampler, range, list, tuple))
-    if not fixed and list(iter(sampler)) != order:  # a custom sampler: trusted only if two passes agree
-        raise ValueError(f"this needs a loader in a fixed order: its {type(sampler).__name__} gave two "
-                         "different orders in two passes")
+
+    def one_pass() -> list[int]:  # the indices in the order the loader yields them
+        return [int(i) for batch in batches for i in batch] if batches is not None else list(iter(sampler))
+
+    order = one_pass()
+    fixed = (type(batches) in (BatchSampler, type(None))
+             and isinstance(sampler, (SequentialSampler, DistributedSampler, range, list, tuple)))
+    if not fixed and one_pass() != order:  # a custom (batch) sampler: trusted only if two passes agree
+        name = type(batches).__name__ if type(batches) is not BatchSampler else type(sampler).__name__
+        raise ValueError(f"this needs a loader in a fixed order: its {name} gave two different orders in two "
+                         "passes")
     order = torch.as_tensor(order, dtype=torch.int64)
     dataset = loader.dataset
     while isinstance(dataset, Subset):

@@ -161,18 +161,31 @@ def test_plain_iterable_uses_positions():
 
 
 @pytest.mark.parametrize("sampler", ["shuffle", SubsetRandomSampler, WeightedRandomSampler, "custom random",
-                                     "batch sampler"])
+                                     "batch sampler", "shuffled batches"])
 def test_a_loader_in_random_order_is_rejected(sampler):
     data = _dataset()
     n = len(data)
     kwargs = ({"shuffle": True} if sampler == "shuffle"
               else {"batch_sampler": BatchSampler(RandomSampler(data), 4, False)} if sampler == "batch sampler"
+              else {"batch_sampler": _ShuffledBatches(range(n), 2, False)} if sampler == "shuffled batches"
               else {"batch_size": 4, "sampler": (
                   SubsetRandomSampler(range(n)) if sampler is SubsetRandomSampler
                   else WeightedRandomSampler([1.0] * n, n) if sampler is WeightedRandomSampler
                   else _RandomOrder(n))})
     with pytest.raises(ValueError, match="fixed order"):
         push_prototypes(_model(), DataLoader(data, **kwargs), progress=False)
+
+
+class _LastBatchFirst(BatchSampler):
+    def __iter__(self):
+        batches = list(super().__iter__())
+        return iter(batches[-1:] + batches[:-1])
+
+
+class _ShuffledBatches(BatchSampler):
+    def __iter__(self):
+        batches = list(super().__iter__())
+        return iter([batches[i] for i in torch.randperm(len(batches)).tolist()])
 
 
 class _Reversed(Sampler):
@@ -201,8 +214,11 @@ def test_a_fixed_custom_order_is_followed():
     data = _dataset()
     order = list(range(len(data)))[::-1]
     plain = push_prototypes(_model(), _loader(data), progress=False)
-    for sampler in (order, _Reversed(len(data))):  # a list; a Sampler of the same order in every pass
-        reverse = push_prototypes(_model(), DataLoader(data, batch_size=4, sampler=sampler), progress=False)
+    loaders = [DataLoader(data, batch_size=4, sampler=order),  # a list
+               DataLoader(data, batch_size=4, sampler=_Reversed(len(data))),  # a Sampler, one order every pass
+               DataLoader(data, batch_sampler=_LastBatchFirst(range(len(data)), 4, False))]  # reordered batches
+    for loader in loaders:
+        reverse = push_prototypes(_model(), loader, progress=False)
         # the same pushed prototypes, found in the same images named by their dataset index
         assert torch.equal(reverse.image_index, plain.image_index)
         assert torch.equal(reverse.patch, plain.patch) and torch.equal(reverse.min_distance, plain.min_distance)

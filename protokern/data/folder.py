@@ -28,9 +28,8 @@ class _VisibleImageFolder(ImageFolder):
     no image from a hidden file (macOS ._x.jpg) or from under a hidden folder."""
 
     def __init__(self, root: str):
-        top = os.path.expanduser(root)  # as torchvision lists it
         super().__init__(root, is_valid_file=lambda path: (
-            has_file_allowed_extension(path, IMG_EXTENSIONS) and not _hidden_below(top, path)))
+            has_file_allowed_extension(path, IMG_EXTENSIONS) and not _hidden_below(root, path)))
 
     def find_classes(self, directory):
         classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not _hidden(entry.name))
@@ -53,7 +52,7 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str, image_size: int = 224):
-        root = os.fspath(root)
+        root = os.path.expanduser(os.fspath(root))
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root}")
         if not (isinstance(image_size, int) and image_size > 0):

@@ -90,7 +90,6 @@ def _similarity_maps(model: nn.Module, z: Tensor) -> Tensor:
     return layer.to_similarity(layer.distance_maps(z))
 
 
-@torch.no_grad()
 def part_boxes(dataset):
     """The ``boxes`` of ``dataset`` if they are part boxes, else None: none, or object boxes (``box_kind ==
     "object"``: CUB's and Cars' bird or car boxes, against which every location of a cropped image is a hit)."""
@@ -98,6 +97,7 @@ def part_boxes(dataset):
     return boxes if boxes is not None and getattr(dataset, "box_kind", "part") == "part" else None
 
 
+@torch.no_grad()
 def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "own_class", top_k: int = 1,
                       location: str = "rf_centre", device=None, batch_size: int = 64, num_workers: int = 0,
                       progress: bool = True) -> dict:

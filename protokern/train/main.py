@@ -171,6 +171,8 @@ class Trainer:
             cfg = dataclasses.replace(cfg, out=run)
         self.cfg, self.info, self.device = cfg, info, device
         self.is_main = info.is_main
+        if self.is_main and cfg.out is not None and not cfg.resume:  # before the data: the refusal comes at once
+            self._refuse_a_run_dir(cfg.out)
         _seed_everything(cfg.seed)
 
         self.train_set, self.val_set, self.test_set, self.push_set, num_classes = build_splits(cfg)
@@ -248,12 +250,12 @@ class Trainer:
                     except FileExistsError:
                         n += 1
             else:
-                held = [f for f in (ckpt.LAST, "summary.json") if os.path.exists(os.path.join(out, f))]
-                if held and not self.cfg.resume:
-                    refused = (f"--out {out} already holds a run ({held[0]}): continue it with --resume "
-                               f"{_quoted(out)}, or choose another --out")
-                else:
+                try:
+                    if not self.cfg.resume:
+                        self._refuse_a_run_dir(out)
                     os.makedirs(out, exist_ok=True)
+                except ValueError as error:
+                    refused = str(error)
         if self.info.enabled:  # every rank uses rank 0's name (and stops on its refusal)
             box = [out, refused]
             dist.broadcast_object_list(box, src=0)
@@ -261,6 +263,14 @@ class Trainer:
         if refused:
             raise ValueError(refused)
         return out
+
+    @staticmethod
+    def _refuse_a_run_dir(out: str) -> None:
+        """``ValueError`` if the folder ``out`` holds a run (a fresh run there would mix its files into it)."""
+        held = [f for f in (ckpt.LAST, "summary.json") if os.path.exists(os.path.join(out, f))]
+        if held:
+            raise ValueError(f"--out {out} already holds a run ({held[0]}): continue it with --resume "
+                             f"{_quoted(out)}, or choose another --out")
 
     def _path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)

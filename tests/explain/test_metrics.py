@@ -52,6 +52,18 @@ def test_part_localisation_known_answer():
     assert sub["per_prototype"] == [1.0, 0.0, 1.0] and sub["pairs"] == 5
 
 
+def test_metrics_build_no_autograd_graph():
+    """The trainer runs these at test batch size after training: with gradients on, each batch would keep the
+    trunk's graph."""
+    model = colour_model([RED, BLUE, GREEN], [0, 1, 1], num_classes=2)
+    model.prototype_layer.prototypes.requires_grad_(True)
+    seen = []
+    features = model.conv_features
+    model.conv_features = lambda x: (seen.append(torch.is_grad_enabled()), features(x))[1]
+    part_localisation(model, _boxed_dataset(), progress=False)
+    assert seen and not any(seen)
+
+
 def test_part_localisation_errors():
     model = colour_model([RED, GREEN], [0, 1], num_classes=2)
     data = _boxed_dataset()

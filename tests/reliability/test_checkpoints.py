@@ -146,3 +146,9 @@ def test_numpy_arrays_beyond_the_rng_state_are_refused_in_one_line(tmp_path, arr
     with pytest.raises(CheckpointError, match="refused to load .*not a weights-only checkpoint") as info:
         safe_load(path)
     assert "\n" not in str(info.value)
+
+
+def test_a_copied_run_explains_with_its_own_push_images(run_copy):
+    _, records, _ = model_from_checkpoint(str(run_copy))
+    assert records.image_dir.startswith(str(run_copy)) and os.path.isfile(os.path.join(records.image_dir,
+                                                                                       "0_source.png"))
