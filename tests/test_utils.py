@@ -59,3 +59,16 @@ def test_reports_are_strict_json():
     import json
 
     json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in strict JSON"))
+
+
+def test_image_order_of_an_iterable_dataset_is_by_position():
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from protokern.utils import image_order
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter([(torch.zeros(3, 4, 4), 0)] * 3)
+
+    assert image_order(DataLoader(Stream(), batch_size=2)) == (None, None)  # (it looped forever)
