@@ -14,6 +14,8 @@ import importlib.util
 import torch
 from torch import Tensor
 
+from protokern.utils import first_line
+
 
 @functools.cache
 def _load() -> str | None:
@@ -60,7 +62,7 @@ def _device_reason(device: int) -> str | None:
         _probe(device)
     except RuntimeError as exc:
         major, minor = torch.cuda.get_device_capability(device)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         return (f"protokern._C cannot run on cuda:{device} (sm_{major}{minor}): {first}; rebuild it on this "
                 f"machine, or with TORCH_CUDA_ARCH_LIST including {major}.{minor}")
     return None

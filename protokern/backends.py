@@ -15,6 +15,8 @@ from types import ModuleType
 
 import torch
 
+from protokern.utils import first_line
+
 BACKENDS = ("torch", "triton", "cuda")
 SEARCH_PRECISIONS = ("highest", "high", "medium")  # FFMA, 3xTF32, TF32 products in the certified search
 # What precision="auto" (the default) searches with on each backend. Every precision returns the same outputs
@@ -55,7 +57,7 @@ def _triton_gpu_reason() -> str | None:
         if isinstance(exc, subprocess.CalledProcessError):
             detail = f"{os.path.basename(str(exc.cmd[0]))} failed with exit status {exc.returncode}"
         else:
-            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            detail = first_line(exc)
         return (f"triton cannot build its CUDA launcher here ({detail}); it needs a C compiler (gcc or clang, or "
                 "CC) and the Python headers (python3-dev)")
     return None

@@ -20,6 +20,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from protokern.utils import first_line
+
 __all__ = ["BEST", "CheckpointError", "FORMAT", "INTERRUPTED", "LAST", "atomic_save", "atomic_write_text",
            "check_safe_types", "find_checkpoint", "load_checkpoint", "model_from_checkpoint", "nonfinite_tensors",
            "safe_load", "save_checkpoint"]
@@ -157,7 +159,7 @@ def safe_load(path: str, map_location="cpu", what: str = "checkpoint"):
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except Exception as error:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:200]
+        first = first_line(error).split(". ")[0][:200]
         raise CheckpointError(f"{path} is not a readable {what} (truncated or corrupt?): "
                               f"{type(error).__name__}: {first}") from None
 
@@ -202,7 +204,7 @@ def model_from_checkpoint(path: str, device=None):
         model.load_state_dict(state["model"])
         records = PushRecords.from_dict(state["push_records"]) if state.get("push_records") else None
     except (TypeError, ValueError, KeyError, RuntimeError) as error:
-        first = str(error).strip().splitlines()[0][:300]
+        first = first_line(error)[:300]
         raise CheckpointError(f"{path}: the weights do not fit the saved model config ({first})") from None
     if records is not None and records.image_dir is not None:  # RUN/push/epoch_NNN of this run, moved or copied
         run = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
 from protokern import backends, torch_backend
 
@@ -231,15 +230,10 @@ def _backend_inputs(z: Tensor, p: Tensor, backend: str) -> tuple[Tensor, Tensor]
     return z3, p
 
 
-def _shapes_only(z: Tensor) -> bool:
-    """Meta or fake tensors (shape propagation, FakeTensorMode): the op's outputs are shapes, no kernel runs."""
-    return z.is_meta or (type(z) is not Tensor and is_fake(z))  # (a plain tensor is never fake: skip the call)
-
-
 def _forward_impl(z: Tensor, p: Tensor, eps: float, backend: str, precision: str) -> tuple[Tensor, Tensor, Tensor]:
     if type(eps) is not float or not _EPS_CHECKED.get(eps):  # a compiled caller's eps may not have been read
         check_eps(eps)
-    if _shapes_only(z):
+    if torch_backend.shapes_only(z):  # the op's outputs are shapes, no kernel runs
         return _forward_fake(z, p, eps, backend, precision)
     z3, p = _backend_inputs(z, p, backend)
     if z3.shape[0] == 0:
@@ -250,7 +244,7 @@ def _forward_impl(z: Tensor, p: Tensor, eps: float, backend: str, precision: str
 
 
 def _backward_impl(grad_sim, grad_dist, z, p, idx, dist, eps: float, backend: str) -> tuple[Tensor, Tensor]:
-    if _shapes_only(z):
+    if torch_backend.shapes_only(z):  # the op's outputs are shapes, no kernel runs
         return _backward_fake(grad_sim, grad_dist, z, p, idx, dist, eps, backend)
     z3, p3 = _backend_inputs(z, p, backend)
     if z3.shape[0] == 0:

@@ -191,6 +191,11 @@ def _row_min(rows: int, row: torch.Tensor, value: torch.Tensor, init) -> torch.T
     return out.scatter_reduce_(0, row, value, "amin")
 
 
+def shapes_only(t: torch.Tensor) -> bool:
+    """Meta or fake tensors (shape propagation, FakeTensorMode): there are shapes to give, no values to compute."""
+    return t.is_meta or (type(t) is not torch.Tensor and is_fake(t))  # (a plain tensor is never fake: no call)
+
+
 def similarity(dist: torch.Tensor, eps: float) -> torch.Tensor:
     """log((d + 1) / (d + eps)) as log1p((1 - eps) / (d + eps)): accurate for large d, 0 at d = +inf."""
     return torch.log1p((1 - eps) / (dist + eps))
@@ -296,7 +301,7 @@ def distances(z3: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     dtype = _compute_dtype(z3, p)
     z3, p = z3.to(dtype), p.to(dtype)
     d = ((z3 * z3).sum(1)[:, None, :] + (p * p).sum(1)[None, :, None] - 2 * torch.matmul(p, z3)).clamp_min_(0)
-    if d.is_meta or is_fake(d):  # shapes only (shape propagation, FakeTensorMode)
+    if shapes_only(d):
         return d
     bad = (~d.isfinite()).nonzero()
     for part in bad.split(max(1, SLAB // max(1, z3.shape[1]))):  # (K, 3) entries, K * D within SLAB

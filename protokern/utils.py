@@ -1,7 +1,7 @@
 """Small helpers shared across protokern's layers (imports nothing from protokern).
 
 One owner each: the progress bar of long loops (and the stop signal they take between items), the eval-mode
-context, the dataset order of a loader, and strict JSON for the reports a run writes.
+context, the dataset order of a loader, an error's first line, and strict JSON for the reports a run writes.
 """
 
 from __future__ import annotations
@@ -152,6 +152,11 @@ def image_batches(loader) -> Iterator[tuple[Tensor, Tensor]]:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError("the loader must yield (images, labels, ...) batches")
         yield batch[0], batch[1]
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name when the message is empty), for a one-line reason."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def strict_json(obj, indent: int | None = 2) -> str:
