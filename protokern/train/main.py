@@ -171,8 +171,7 @@ class Trainer:
             cfg = dataclasses.replace(cfg, out=run)
         self.cfg, self.info, self.device = cfg, info, device
         self.is_main = info.is_main
-        if self.is_main and cfg.out is not None and not cfg.resume:  # before the data: the refusal comes at once
-            self._refuse_a_run_dir(cfg.out)
+        self._check_out()  # before the data is read: a refusal comes at once
         _seed_everything(cfg.seed)
 
         self.train_set, self.val_set, self.test_set, self.push_set, num_classes = build_splits(cfg)
@@ -234,10 +233,25 @@ class Trainer:
         self.writer = self._tensorboard()
 
     # ------------------------------------------------------------------------------------ files
-    def _run_dir(self) -> str:
-        """``--out``, or a new ``runs/<timestamp>[-N]`` (two runs started in the same second get two folders).
-        A fresh run refuses a folder that already holds a run (its checkpoints and metrics would be mixed)."""
+    def _check_out(self) -> None:
+        """A fresh run refuses an ``--out`` that already holds a run (its checkpoints and metrics would be mixed):
+        rank 0 looks, every rank raises."""
         out, refused = self.cfg.out, None
+        if self.is_main and out is not None and not self.cfg.resume:
+            held = [f for f in (ckpt.LAST, "summary.json") if os.path.exists(os.path.join(out, f))]
+            if held:
+                refused = (f"--out {out} already holds a run ({held[0]}): continue it with --resume "
+                           f"{_quoted(out)}, or choose another --out")
+        if self.info.enabled:
+            box = [refused]
+            dist.broadcast_object_list(box, src=0)
+            refused = box[0]
+        if refused:
+            raise ValueError(refused)
+
+    def _run_dir(self) -> str:
+        """``--out``, or a new ``runs/<timestamp>[-N]`` (two runs started in the same second get two folders)."""
+        out = self.cfg.out
         if self.is_main:
             if out is None:
                 stamp, n = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")), 0
@@ -250,27 +264,12 @@ class Trainer:
                     except FileExistsError:
                         n += 1
             else:
-                try:
-                    if not self.cfg.resume:
-                        self._refuse_a_run_dir(out)
-                    os.makedirs(out, exist_ok=True)
-                except ValueError as error:
-                    refused = str(error)
-        if self.info.enabled:  # every rank uses rank 0's name (and stops on its refusal)
-            box = [out, refused]
+                os.makedirs(out, exist_ok=True)
+        if self.info.enabled:  # every rank uses rank 0's name
+            box = [out]
             dist.broadcast_object_list(box, src=0)
-            out, refused = box
-        if refused:
-            raise ValueError(refused)
+            out = box[0]
         return out
-
-    @staticmethod
-    def _refuse_a_run_dir(out: str) -> None:
-        """``ValueError`` if the folder ``out`` holds a run (a fresh run there would mix its files into it)."""
-        held = [f for f in (ckpt.LAST, "summary.json") if os.path.exists(os.path.join(out, f))]
-        if held:
-            raise ValueError(f"--out {out} already holds a run ({held[0]}): continue it with --resume "
-                             f"{_quoted(out)}, or choose another --out")
 
     def _path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
