@@ -8,7 +8,6 @@ from torch import Tensor, nn
 from protokern.backends import BACKENDS
 from protokern.ops import (
     PRECISIONS,
-    _positive_int,
     check_eps,
     check_similarity,
     distance_to_similarity,
@@ -18,6 +17,7 @@ from protokern.ops import (
     prototype_windows,
     window_size,
 )
+from protokern.utils import positive_int
 
 
 class ProtoLayer(nn.Module):
@@ -39,8 +39,8 @@ class ProtoLayer(nn.Module):
     def __init__(self, num_prototypes: int, prototype_dim: int, *, prototype_size=(1, 1), similarity: str = "log",
                  eps: float = 1e-4, backend: str = "auto", precision: str = "auto"):
         super().__init__()
-        num_prototypes = _positive_int("num_prototypes", num_prototypes)
-        prototype_dim = _positive_int("prototype_dim", prototype_dim)
+        num_prototypes = positive_int("num_prototypes", num_prototypes)
+        prototype_dim = positive_int("prototype_dim", prototype_dim)
         kh, kw = window_size(prototype_size)
         self.similarity = check_similarity(similarity)
         self.eps = check_eps(eps)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from protokern import backends, torch_backend
+from protokern.utils import positive_int
 
 PRECISIONS = ("auto",) + backends.SEARCH_PRECISIONS  # "auto": backends.AUTO_PRECISION
 SIMILARITIES = ("log", "linear", "cosine")
@@ -86,22 +87,13 @@ def _check(z: Tensor, prototypes: Tensor, eps: float = 1.0, precision: str = "au
     return p
 
 
-def _positive_int(name: str, value) -> int:
-    """``value`` as an int >= 1 (Python or NumPy integer), else a one-line error."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= 1, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
 def window_size(value) -> tuple[int, int]:
     """``value`` (an int k or a pair (kh, kw) of ints >= 1) as (kh, kw), else a one-line error."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise ValueError(f"prototype_size must be an integer or a pair (kh, kw), got {value!r}")
-        return _positive_int("prototype_size[0]", value[0]), _positive_int("prototype_size[1]", value[1])
-    k = _positive_int("prototype_size", value)
+        return positive_int("prototype_size[0]", value[0]), positive_int("prototype_size[1]", value[1])
+    k = positive_int("prototype_size", value)
     return k, k
 
 
@@ -446,7 +438,7 @@ def prototype_distances(z: Tensor, prototypes: Tensor, *, similarity: str = "log
     if paired and (z.dim() != 4 or not isinstance(prototypes, Tensor) or z.shape[0] != prototypes.shape[0]):
         raise ValueError(f"paired=True needs one image per prototype: z {tuple(z.shape)}, "
                          f"prototypes {tuple(prototypes.shape)}")
-    chunk = _positive_int("chunk", chunk)
+    chunk = positive_int("chunk", chunk)
     zin, p = _prepare(z, prototypes, similarity)
     B, _, H, W = zin.shape
     if paired:  # float32 (float64 for float64 inputs) like the op, whatever the input precision

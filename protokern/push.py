@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protokern.utils import eval_mode, image_batches, image_order, progress as progress_bar
+from protokern.utils import eval_mode, image_batches, image_order, positive_int, progress as progress_bar
 
 __all__ = ["PushRecords", "push_prototypes", "activation_boxes"]
 
@@ -192,8 +192,7 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
     """
     from protokern.data import imagenet_normalize
 
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    k = positive_int("k", k)
     device = _device(model, device)
     order, dataset = image_order(loader)
     layer = model.prototype_layer

@@ -1,7 +1,7 @@
 """Small helpers shared across protokern's layers (imports nothing from protokern).
 
 One owner each: the progress bar of long loops (and the stop signal they take between items), the eval-mode
-context, the dataset order of a loader, an error's first line, and strict JSON for the reports a run writes.
+context, the dataset order of a loader, the check of a count argument, an error's first line, and strict JSON for the reports a run writes.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import sys
 from collections.abc import Iterable, Iterator
 
@@ -152,6 +153,16 @@ def image_batches(loader) -> Iterator[tuple[Tensor, Tensor]]:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError("the loader must yield (images, labels, ...) batches")
         yield batch[0], batch[1]
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` (a Python or NumPy integer >= 1; not a bool) as an int, else a one-line error naming ``name``:
+    ``TypeError`` for a value that is not an integer, ``ValueError`` for one below 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def first_line(error: BaseException) -> str:

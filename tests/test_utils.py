@@ -3,7 +3,7 @@ import signal
 
 import pytest
 
-from protokern.utils import progress, stop, stop_deferred, strict_json
+from protokern.utils import positive_int, progress, stop, stop_deferred, strict_json
 
 
 def _items(n, stop_at=None, fail_at=None, fetched=None):
@@ -72,3 +72,27 @@ def test_image_order_of_an_iterable_dataset_is_by_position():
             return iter([(torch.zeros(3, 4, 4), 0)] * 3)
 
     assert image_order(DataLoader(Stream(), batch_size=2)) == (None, None)  # (it looped forever)
+
+
+def test_positive_int_is_the_one_check_of_a_count_argument():
+    import numpy as np
+
+    from protokern import ProtoLayer
+    from protokern.data import ImageFolderDataset
+    from protokern.models import make_add_on
+    from protokern.train.data import Repeated
+
+    assert positive_int("k", np.int64(3)) == 3 and type(positive_int("k", np.int32(3))) is int
+    for bad, error in ((0, ValueError), (-2, ValueError), (True, TypeError), (2.0, TypeError), ("3", TypeError),
+                       (None, TypeError)):
+        with pytest.raises(error, match=r"^k must be an integer >= 1, got "):
+            positive_int("k", bad)
+    # every public argument that counts something refuses a bool (True == 1 passed before) and takes NumPy ints
+    for call, name in ((lambda v: ProtoLayer(v, 4), "num_prototypes"),
+                       (lambda v: make_add_on("regular", v, 4), "in_channels"),
+                       (lambda v: Repeated([0], v), "copies"),
+                       (lambda v: ImageFolderDataset("/", image_size=v), "image_size")):
+        with pytest.raises(TypeError, match=f"^{name} must be an integer >= 1"):
+            call(True)
+    assert len(Repeated([0], np.int64(2))) == 2
+    assert make_add_on("regular", np.int64(3), 4)[0].in_channels == 3

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from protokern.utils import positive_int
+
 from .transforms import BadImageError, load_image_uint8, map_boxes, output_mapping, uint8_to_float
 
 CROPS = ("bbox", "none")
@@ -79,8 +81,7 @@ class BoxedImages(Dataset):
                  classes: Sequence[str], image_size: int, crop: str):
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
-        if not (isinstance(image_size, int) and image_size > 0):
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        image_size = positive_int("image_size", image_size)
         self.paths = list(paths)
         self.targets = [int(t) for t in targets]
         self.source_boxes = torch.as_tensor(source_boxes, dtype=torch.float32).reshape(-1, 4)

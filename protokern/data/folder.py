@@ -9,6 +9,8 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from protokern.utils import positive_int
+
 from .transforms import load_image_uint8, uint8_to_float
 
 __all__ = ["ImageFolderDataset"]
@@ -55,8 +57,7 @@ class ImageFolderDataset(Dataset):
         root = os.path.expanduser(os.fspath(root))
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root}")
-        if not (isinstance(image_size, int) and image_size > 0):
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        image_size = positive_int("image_size", image_size)
         index = _VisibleImageFolder(root)  # only used to list files; images are loaded here
         self.root = root
         self.image_size = image_size

@@ -17,7 +17,7 @@ from torch import nn
 
 from protokern.explain import render
 from protokern.push import PushRecords, nearest_training_patches
-from protokern.utils import strict_json
+from protokern.utils import positive_int, strict_json
 
 __all__ = ["gallery"]
 
@@ -78,8 +78,7 @@ def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records:
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(per_page, int) or per_page < 1:
-        raise ValueError(f"per_page must be a positive int, got {per_page!r}")
+    per_page = positive_int("per_page", per_page)
     num_protos = model.num_prototypes
     if push_records is not None and len(push_records.image_index) != num_protos:
         raise ValueError(f"push_records describe {len(push_records.image_index)} prototypes, the model {num_protos}")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from protokern.checkpoint import model_from_checkpoint
 from protokern.explain import render
 from protokern.push import PushRecords, activation_boxes
-from protokern.utils import eval_mode, strict_json
+from protokern.utils import eval_mode, positive_int, strict_json
 
 __all__ = ["Explanation", "PrototypeEvidence", "explain_image", "load_image_tensor", "model_from_checkpoint"]
 _PANEL = re.compile(r"rank\d{2,}_prototype\d+\.png")  # the per-prototype files of Explanation.save
@@ -329,8 +329,7 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
     if push_records is not None and len(push_records.image_index) != num_protos:
         raise ValueError(f"push_records describe {len(push_records.image_index)} prototypes but the model has "
                          f"{num_protos} (records from before pruning? use protokern.prune.select_records)")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    top_k = positive_int("top_k", top_k)
     if class_idx is not None and not 0 <= int(class_idx) < model.num_classes:
         raise ValueError(f"class_idx must be in [0, {model.num_classes}), got {class_idx}")
     if image_size is None and push_records is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from protokern.utils import positive_int
+
 __all__ = ["ADD_ONS", "make_add_on"]
 
 ADD_ONS = ("regular", "bottleneck")
@@ -22,9 +24,7 @@ def make_add_on(kind: str, in_channels: int, prototype_dim: int) -> nn.Sequentia
 
     Convolutions get kaiming-normal (fan_out, relu) weights and zero bias.
     """
-    for label, value in (("in_channels", in_channels), ("prototype_dim", prototype_dim)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be a positive int, got {value!r}")
+    in_channels, prototype_dim = positive_int("in_channels", in_channels), positive_int("prototype_dim", prototype_dim)
     if kind == "regular":
         layers = [_conv1x1(in_channels, prototype_dim), nn.ReLU(), _conv1x1(prototype_dim, prototype_dim), nn.Sigmoid()]
     elif kind == "bottleneck":

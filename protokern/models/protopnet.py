@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -15,6 +14,7 @@ from protokern.ops import window_size
 from protokern.models.add_on import make_add_on
 from protokern.models.backbones import make_backbone
 from protokern.models.receptive_field import ReceptiveField, compute_receptive_field
+from protokern.utils import positive_int
 
 __all__ = ["ProtoPNet"]
 
@@ -65,10 +65,10 @@ class ProtoPNet(nn.Module):
         similarity: str = "log",
     ):
         super().__init__()
-        num_classes = _check_positive_int("num_classes", num_classes)
-        prototype_dim = _check_positive_int("prototype_dim", prototype_dim)
+        num_classes = positive_int("num_classes", num_classes)
+        prototype_dim = positive_int("prototype_dim", prototype_dim)
         if prototype_classes is None:
-            prototypes_per_class = _check_positive_int("prototypes_per_class", prototypes_per_class)
+            prototypes_per_class = positive_int("prototypes_per_class", prototypes_per_class)
             classes = torch.arange(num_classes * prototypes_per_class) // prototypes_per_class
         else:
             classes = torch.as_tensor(list(prototype_classes), dtype=torch.long)
@@ -333,11 +333,3 @@ def _original_feature_keys(state: dict, trunk: nn.Module) -> dict:
         if {k for k in candidate if not k.endswith("num_batches_tracked")} == ours:
             return {"features." + k: v for k, v in candidate.items()}
     return {"features." + k: v for k, v in original.items()}  # reported as missing / unexpected by the caller
-
-
-def _check_positive_int(name: str, value) -> int:
-    """``value`` (a Python or NumPy integer >= 1, as ProtoLayer takes them) as an int, else a one-line
-    ``ValueError``."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)

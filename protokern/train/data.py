@@ -13,6 +13,7 @@ from protokern.data.cache import cached_batches, prepare_images
 from protokern.data.loader import default_num_workers, worker_init
 from protokern.train.config import TrainConfig
 from protokern.train.distributed import DistInfo, resolve_device
+from protokern.utils import positive_int
 
 
 class Splits(NamedTuple):
@@ -129,9 +130,7 @@ class Repeated(Dataset):
     epoch over ``Repeated(train, 30)`` is the original's epoch over its 30 offline-augmented copies."""
 
     def __init__(self, dataset: Dataset, copies: int):
-        if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
-            raise ValueError(f"copies must be an int >= 1, got {copies!r}")
-        self.dataset, self.copies = dataset, copies
+        self.dataset, self.copies = dataset, positive_int("copies", copies)
 
     def __len__(self) -> int:
         return len(self.dataset) * self.copies

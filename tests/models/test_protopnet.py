@@ -159,7 +159,7 @@ def test_bad_arguments():
         ProtoPNet("tiny", out_channels=32)
     with pytest.raises(ValueError, match="num_classes"):
         ProtoPNet("tiny", num_classes=0)
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(TypeError, match="num_classes"):
         ProtoPNet("tiny", num_classes=2.0)
     numpy_ints = ProtoPNet("tiny", num_classes=np.int64(3), prototypes_per_class=np.int32(2), prototype_dim=np.int64(8))
     assert numpy_ints.num_prototypes == 6 and all(type(numpy_ints.config[k]) is int
