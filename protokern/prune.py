@@ -34,9 +34,19 @@ log = logging.getLogger(__name__)
 def select_records(records: PushRecords, keep) -> PushRecords:
     """Push records of the prototypes ``keep`` only (in that order), e.g. those left after pruning.
 
-    ``image_dir`` is dropped (set to None): the PNGs written by push are named by the old prototype indices.
+    ``keep``: prototype indices, or a boolean mask over the records' prototypes (as
+    ``ProtoPNet.prune_prototypes`` takes). ``image_dir`` is dropped (set to None): the PNGs written by push are
+    named by the old prototype indices.
     """
-    keep = torch.as_tensor(keep, dtype=torch.long).flatten()
+    keep = torch.as_tensor(keep).detach().cpu()
+    if keep.dtype == torch.bool:
+        if keep.shape != records.image_index.shape:
+            raise ValueError(f"a boolean keep must have one entry per prototype ({len(records.image_index)}), "
+                             f"got shape {tuple(keep.shape)}")
+        keep = keep.nonzero().flatten()
+    elif keep.is_floating_point() or keep.is_complex():
+        raise TypeError(f"keep must hold prototype indices or be a boolean mask, got {keep.dtype}")
+    keep = keep.long().flatten()
     fields = {f.name: getattr(records, f.name) for f in dataclasses.fields(records) if not f.name.startswith("_")}
     for name, value in fields.items():
         if isinstance(value, Tensor):
@@ -183,7 +193,7 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
                 batches = live_batches()
             total, correct, count = 0.0, 0, 0
             for similarity, min_distances, labels in batches:
-                logits = model.last_layer(similarity)
+                logits = model.class_logits(similarity)
                 loss, _ = loss_fn(logits, min_distances, labels, model)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -192,6 +202,8 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
                 total += loss.item() * n
                 correct += int((logits.argmax(1) == labels).sum())
                 count += n
+            if count == 0:
+                raise ValueError("the loader yielded no images")
             stats.update(loss=total / max(count, 1), accuracy=correct / max(count, 1))
             if on_epoch is not None:
                 on_epoch(epoch, {"loss": stats["loss"], "accuracy": stats["accuracy"]})

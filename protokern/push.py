@@ -196,7 +196,7 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
     device = _device(model, device)
     order, dataset = image_order(loader)
     layer = model.prototype_layer
-    prototypes = layer.prototypes.detach().to(device).float()
+    prototypes = search_dtype(layer.prototypes.detach().to(device))
     num = prototypes.shape[0]
     best_d = torch.empty(num, 0, device=device)
     best_i = torch.empty(num, 0, dtype=torch.int64, device=device)
@@ -208,7 +208,7 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
         for images, labels in progress_bar(image_batches(loader), desc, progress):
             images = images.to(device).float()
             batch = images.shape[0]
-            z = model.conv_features(imagenet_normalize(images)).float()
+            z = search_dtype(model.conv_features(imagenet_normalize(images)))
             if feature_size is None:
                 image_size, feature_size = tuple(images.shape[-2:]), tuple(z.shape[-2:])
             elif tuple(z.shape[-2:]) != feature_size:
@@ -273,6 +273,12 @@ def _span(rows: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- push
+def search_dtype(t: Tensor) -> Tensor:
+    """Features (or prototypes) as push, pruning and the explanations search them: float16 / bfloat16 as
+    float32, float32 and float64 as they are (a float64 model pushes onto its own float64 features)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 @torch.no_grad()
 def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | None = None,
                     save_dir: str | None = None, save_images: bool = True, progress: bool = True,
@@ -345,7 +351,7 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
                 with torch.autocast(device.type, dtype=autocast_dtype):
                     f = net.features(x)
                 z = net.add_on(f.float())
-            z = z.float()
+            z = search_dtype(z)
             if feature_size is None:
                 image_size, feature_size = tuple(images.shape[-2:]), tuple(z.shape[-2:])
                 best_map = torch.zeros(num_protos, math.prod(layer.output_size(feature_size)), device=device)

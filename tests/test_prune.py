@@ -1,5 +1,7 @@
 """Pruning: the k-nearest-images search, the pruning rule on a constructed case, last-layer retraining."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -251,3 +253,38 @@ def test_a_report_only_prune_reports_even_when_every_prototype_would_go():
     assert report["pruned"] == [0, 1] and report["num_remaining"] == 0 and model.num_prototypes == 2
     with pytest.raises(ValueError, match="would remove them all"):
         prune_prototypes(model, loader, k=4, threshold=4, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("live", [False, True])
+def test_retrain_and_prune_a_model_in_another_dtype(dtype, live):
+    """A .double() / .half() model (here with a trunk without parameters: the images take the model's dtype
+    from its first parameter) prunes and retrains its last layer, the float32 similarities cast to it."""
+    model, data = grey_model().to(dtype), grey_dataset()
+    loader = DataLoader(data, batch_size=7, shuffle=False)
+    assert prune_prototypes(model, loader, k=6, threshold=3, progress=False)["pruned"] == EXPECTED_PRUNED
+    stats = retrain_last_layer(model, loader, iters=2, progress=False, train_mode=live)
+    assert model.last_layer.weight.dtype == dtype
+    # (Adam on float16 weights may overflow: its eps 1e-8 is 0 in float16, as in any pure-float16 training)
+    assert dtype == torch.float16 or math.isfinite(stats["loss"])
+
+
+def test_select_records_takes_a_boolean_mask_like_prune_prototypes():
+    model, data = grey_model(), grey_dataset()
+    records = push_prototypes(model, DataLoader(data, batch_size=7), progress=False, save_images=False)
+    drop = torch.tensor([False, True, False, True, False, False])
+    by_mask = select_records(records, ~drop)
+    by_index = select_records(records, [0, 2, 4, 5])
+    assert torch.equal(by_mask.image_index, by_index.image_index) and len(by_mask.image_index) == 4
+    assert torch.equal(by_mask.prototype_class, records.prototype_class[[0, 2, 4, 5]])
+    with pytest.raises(ValueError, match="one entry per prototype"):
+        select_records(records, torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="boolean mask"):
+        select_records(records, torch.tensor([0.0, 2.0]))
+
+
+def test_live_retraining_on_an_empty_loader_raises_like_the_cached_one():
+    empty = DataLoader(ListDataset([], []), batch_size=4)
+    for live in (False, True):
+        with pytest.raises(ValueError, match="yielded no images"):
+            retrain_last_layer(grey_model(), empty, iters=1, progress=False, train_mode=live)

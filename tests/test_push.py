@@ -77,6 +77,31 @@ def test_push_matches_brute_force_reference():
     assert torch.equal(where.diagonal(), patch)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_model_in_another_dtype_pushes_and_explains_in_its_own(dtype):
+    """A .double() / .half() model takes the float32 images of the loaders (conv_features casts them outside
+    autocast; the last layer gets the layer's float32 similarity in its own dtype), and push projects onto its
+    own features: a float64 prototype is its float64 source window, not a float32 rounding of it."""
+    from protokern.explain import explain_image
+    from protokern.push import nearest_training_patches
+
+    model, data = _model().to(dtype).eval(), _dataset()
+    images = data.tensors[0]
+    records = push_prototypes(model, _loader(data), progress=False)
+    with torch.no_grad():
+        z = model.conv_features(imagenet_normalize(images))
+        logits, min_distances = model(imagenet_normalize(images))
+    assert z.dtype == dtype and logits.dtype == dtype
+    protos = model.prototype_layer.prototypes.detach()
+    assert protos.dtype == dtype
+    source = model.prototype_layer.windows(z[records.image_index], records.patch[:, 0] * z.shape[3] + records.patch[:, 1])
+    assert torch.equal(protos, source)
+    assert min_distances[records.image_index, torch.arange(len(protos))].eq(0).all()
+    assert nearest_training_patches(model, _loader(data), k=2, progress=False).image_index.shape == (len(protos), 2)
+    explanation = explain_image(model, images[0], push_records=records)
+    assert explanation.logits.dtype == dtype and int(explanation.logits.argmax()) == int(logits[0].argmax())
+
 def test_records_boxes_and_round_trip(tmp_path):
     model, data = _model(), _dataset()
     records = push_prototypes(model, _loader(data), progress=False, save_dir=str(tmp_path), save_images=False)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from protokern.checkpoint import model_from_checkpoint
 from protokern.explain import render
-from protokern.push import PushRecords, activation_boxes
+from protokern.push import PushRecords, activation_boxes, search_dtype
 from protokern.utils import eval_mode, positive_int, strict_json
 
 __all__ = ["Explanation", "PrototypeEvidence", "explain_image", "load_image_tensor", "model_from_checkpoint"]
@@ -344,7 +344,7 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
         batch = imagenet_normalize(x[None].to(device))
         z = model.conv_features(batch)  # the trunk runs once per image
         logits, min_distances, similarity = model.classify_features(z)
-        z = z.float()
+        z = search_dtype(z)
         _, nearest = layer.nearest(z)  # the op's winning windows: (1, P), h * Wout + w
         distances = layer.distance_maps(z)[0]  # (P, Hout, Wout) in the layer's distance
     logits, min_distances, similarity = logits[0].cpu(), min_distances[0].cpu(), similarity[0].cpu()

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from protokern.explain import render
+from protokern.push import search_dtype
 from protokern.utils import eval_mode, image_order, progress as _progress
 
 __all__ = [
@@ -151,7 +152,7 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
             if int(index.max()) >= boxes.shape[0]:
                 raise ValueError(f"boxes has {boxes.shape[0]} rows but the data has an image {int(index.max())}")
             images, labels = images.to(device).float(), labels.to(device)
-            z = model.conv_features(imagenet_normalize(images)).float()
+            z = search_dtype(model.conv_features(imagenet_normalize(images)))
             if location == "rf_centre":
                 distance, patch = layer.nearest(z)  # (B, P), patch = h * Wout + w
                 score = -distance  # every similarity kind decreases with the distance
@@ -241,7 +242,7 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
                 noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(
                     seed * 1_000_003 + int(i))) for i in index]) * noise_std
                 x = x + noise.clamp(-noise_clip, noise_clip).to(device)
-            maps = _similarity_maps(model, model.conv_features(x).float())  # (B, P, Hout, Wout)
+            maps = _similarity_maps(model, search_dtype(model.conv_features(x)))  # (B, P, Hout, Wout)
             b, j = (labels[:, None] == classes[None, :]).nonzero(as_tuple=True)  # own-class pairs
             parts = torch.stack([torch.as_tensor(dataset.part_locations(int(i)), dtype=torch.float32)
                                  for i in index]).to(device)  # (B, K, 3)

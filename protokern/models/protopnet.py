@@ -161,15 +161,30 @@ class ProtoPNet(nn.Module):
 
     # ----------------------------------------------------------------------------------------- forward
     def conv_features(self, x: Tensor) -> Tensor:
-        """Features in prototype space, (B, D, H, W): ``add_on(features(x))``."""
+        """Features in prototype space, (B, D, H, W): ``add_on(features(x))``.
+
+        Float images are taken in any float dtype: outside autocast they run in the model's dtype (that of
+        its first parameter, the trunk's unless it has none), so a ``.double()`` or ``.half()`` model takes the
+        float32 images of the loaders, push and explanations."""
         if x.dim() != 4:
             raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
+        weight = next((w for w in self.parameters() if w.is_floating_point()), None)
+        if (weight is not None and x.is_floating_point() and x.dtype != weight.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            x = x.to(weight.dtype)
         return self.add_on(self.features(x))
 
     def classify_features(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(logits (B, C), min_distances (B, P), similarity (B, P))`` from conv features ``z`` (B, D, H, W)."""
         similarity, min_distances = self.prototype_layer(z)
-        return self.last_layer(similarity), min_distances, similarity
+        return self.class_logits(similarity), min_distances, similarity
+
+    def class_logits(self, similarity: Tensor) -> Tensor:
+        """Logits (B, C) of similarities (B, P): the last layer, in its own dtype outside autocast (the layer
+        gives float32 similarities for float16 / bfloat16 features, which a ``.half()`` last layer refuses)."""
+        if not torch.is_autocast_enabled(similarity.device.type):
+            similarity = similarity.to(self.last_layer.weight.dtype)
+        return self.last_layer(similarity)
 
     def forward_with_similarity(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(logits (B, C), min_distances (B, P), similarity (B, P))`` in one pass."""

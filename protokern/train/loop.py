@@ -37,7 +37,7 @@ class TrainForward(nn.Module):
         with autocast:
             f = self._trunk(x)
         similarity, min_distances = self.model.prototype_layer(self.model.add_on(f.float()))
-        return self.model.last_layer(similarity), min_distances
+        return self.model.class_logits(similarity), min_distances
 
 
 def _on_any_rank(flag: bool, device: torch.device) -> bool:
