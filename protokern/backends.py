@@ -108,6 +108,8 @@ def resolve(backend: str, device_type: str) -> str:
     Cached: 'auto' is decided (and logged) once per device type. ``torch.compile`` does not trace the decision
     (it imports modules and probes devices): it runs it eagerly and treats the answer as a constant.
     """
+    if not isinstance(backend, str):  # (the cache key must be hashable)
+        raise ValueError(_unavailable(backend, device_type))
     key = (backend, device_type)
     if key not in _RESOLVED:
         _RESOLVED[key] = _resolve(backend, device_type)

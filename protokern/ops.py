@@ -398,7 +398,7 @@ def prototype_similarity(z: Tensor, prototypes: Tensor, *, similarity: str = "lo
     zin, p = _prepare(z, prototypes, similarity, eps, precision)
     name = backends.resolve(backend, z.device.type)
     zin = backends.features_layout(name, zin)  # saved for the backward as laid out: one copy, if any
-    op = _forward_op if torch.compiler.is_compiling() else _PrototypeSimilarity.apply
+    op = _forward_op if torch_backend.traced(zin) else _PrototypeSimilarity.apply
     sim, dist, _ = op(zin, p, float(eps), name, backends.search_precision(name, precision))
     if similarity != "log":  # the fused kernels compute the log similarity themselves
         sim = distance_to_similarity(dist, similarity)
@@ -415,7 +415,7 @@ def nearest_patches(z: Tensor, prototypes: Tensor, *, similarity: str = "log", b
     shape (lowest index of the exact minimum, or of the first NaN), at every ``precision``."""
     zin, p = _prepare(z, prototypes, similarity, precision=precision)
     name = backends.resolve(backend, z.device.type)
-    op = _forward_op if torch.compiler.is_compiling() else _PrototypeSimilarity.apply  # .apply: vmap's rule
+    op = _forward_op if torch_backend.traced(zin) else _PrototypeSimilarity.apply  # .apply: vmap's rule
     with torch.no_grad():
         _, dist, idx = op(zin, p, 1.0, name, backends.search_precision(name, precision))
     return dist, idx
@@ -435,7 +435,9 @@ def prototype_distances(z: Tensor, prototypes: Tensor, *, similarity: str = "log
     Materialises B*M*Hout*Wout values; use ``nearest_patches`` or ``prototype_similarity`` where the min is
     enough.
     """
-    if paired and (z.dim() != 4 or not isinstance(prototypes, Tensor) or z.shape[0] != prototypes.shape[0]):
+    if not isinstance(z, Tensor) or not isinstance(prototypes, Tensor):
+        raise TypeError("z and prototypes must be torch.Tensors")
+    if paired and (z.dim() != 4 or z.shape[0] != prototypes.shape[0]):
         raise ValueError(f"paired=True needs one image per prototype: z {tuple(z.shape)}, "
                          f"prototypes {tuple(prototypes.shape)}")
     chunk = positive_int("chunk", chunk)
@@ -457,6 +459,8 @@ def prototype_windows(z: Tensor, index: Tensor, prototype_size=(1, 1)) -> Tensor
     is an int k or a pair (kh, kw); an index outside [0, Hout * Wout) is a one-line ``ValueError``.
     """
     kh, kw = window_size(prototype_size)
+    if not isinstance(z, Tensor) or not isinstance(index, Tensor):
+        raise TypeError(f"z and index must be torch.Tensors, got {type(z).__name__} and {type(index).__name__}")
     if z.dim() != 4:
         raise ValueError(f"z must be 4-D (N, D, H, W), got shape {tuple(z.shape)}")
     N, D, H, W = z.shape

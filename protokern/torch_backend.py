@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from protokern.kernels import search_bound
 
@@ -196,6 +197,14 @@ def shapes_only(t: torch.Tensor) -> bool:
     return t.is_meta or (type(t) is not torch.Tensor and is_fake(t))  # (a plain tensor is never fake: no call)
 
 
+def traced(t: torch.Tensor) -> bool:
+    """Whether this call is being traced into a graph (torch.compile, torch.export, and the tracers they build on
+    that eager code also calls: make_fx, aot_function): an op must then be recorded as a registered custom op,
+    one node whose fake rule gives the shapes. Inlined, eager code would record the shapes-only placeholders
+    of fake inputs (or miss a Triton launch, or a data-dependent fix-up) as the graph's values."""
+    return torch.compiler.is_compiling() or shapes_only(t) or get_proxy_mode() is not None
+
+
 def similarity(dist: torch.Tensor, eps: float) -> torch.Tensor:
     """log((d + 1) / (d + eps)) as log1p((1 - eps) / (d + eps)): accurate for large d, 0 at d = +inf."""
     return torch.log1p((1 - eps) / (dist + eps))
@@ -301,10 +310,39 @@ def distances(z3: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     dtype = _compute_dtype(z3, p)
     z3, p = z3.to(dtype), p.to(dtype)
     d = ((z3 * z3).sum(1)[:, None, :] + (p * p).sum(1)[None, :, None] - 2 * torch.matmul(p, z3)).clamp_min_(0)
-    if shapes_only(d):
-        return d
+    if traced(d):  # one graph node that runs the recompute below on the real values
+        return _recompute_nonfinite_op(d, z3, p)
+    return _recompute_nonfinite(d, z3, p)
+
+
+def _recompute_nonfinite(d: torch.Tensor, z3: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``d`` with its non-finite entries recomputed in the difference form, in place."""
     bad = (~d.isfinite()).nonzero()
     for part in bad.split(max(1, SLAB // max(1, z3.shape[1]))):  # (K, 3) entries, K * D within SLAB
         b, m, s = part.unbind(1)
         d[b, m, s] = (z3[b, :, s] - p[m]).square().sum(1)
     return d
+
+
+@torch.library.custom_op("protokern::recompute_nonfinite", mutates_args=())
+def _recompute_nonfinite_op(d: torch.Tensor, z3: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return _recompute_nonfinite(d.clone(), z3, p)
+
+
+@_recompute_nonfinite_op.register_fake
+def _(d, z3, p):
+    return torch.empty_like(d)
+
+
+def _recompute_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0].isfinite())
+
+
+def _recompute_backward(ctx, grad):
+    # the map's gradient (heatmaps are not for training) flows through its finite entries; the recomputed
+    # ones (+inf, NaN, or past float range in the expanded form) pass none to z or p
+    finite, = ctx.saved_tensors
+    return grad * finite, None, None
+
+
+_recompute_nonfinite_op.register_autograd(_recompute_backward, setup_context=_recompute_setup)

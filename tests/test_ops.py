@@ -383,6 +383,7 @@ def test_triton_features_are_laid_out_once(case, monkeypatch, layout):
         ((2, 8, 3, 3), (4, 8), {"eps": 1e8}, ValueError, "finite in float32"),  # 1 - eps == -eps: log(0)
         ((2, 8, 3, 3), (4, 8), {"eps": "1e-4"}, TypeError, "eps must be a real number"),
         ((2, 8, 3, 3), (4, 8), {"backend": "cudnn"}, ValueError, "unknown backend"),
+        ((2, 8, 3, 3), (4, 8), {"backend": ["torch"]}, ValueError, r"unknown backend \['torch'\]"),
         ((2, 8, 3, 3), (4, 8), {"backend": "cuda"}, RuntimeError, "not available"),
         ((2, 8, 3, 3), (4, 8), {"precision": "low"}, ValueError, "precision"),
         ((2, 8, 0, 3), (4, 8), {}, ValueError, "empty"),
@@ -799,6 +800,49 @@ def test_shapes_only_inputs(mode):
         layer = protokern.ProtoLayer(10, 8)
         assert layer(z)[0].shape == (3, 10)
 
+
+
+@pytest.mark.parametrize("tracer", ["make_fx-fake", "make_fx-symbolic", "make_fx-real", "aot_function",
+                                    "compile"])
+def test_traced_graphs_compute_what_eager_does(tracer):
+    """The tracers torch.compile builds on (make_fx, aot_function) also run from eager code: the op is recorded
+    as its registered custom op (one node), so the graph computes the values and gradients of an eager call;
+    an inlined autograd.Function recorded the fake inputs' placeholders (uninitialised memory) as results. The
+    non-finite recompute of prototype_distances is one node too (+inf for a window holding inf, not NaN)."""
+    from functorch.compile import aot_function, nop
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    z, p = torch.rand(2, 4, 3, 3), torch.rand(3, 4)
+    z[1, 2, 0, 1] = math.inf
+
+    def f(z, p):
+        sim, dist = protokern.prototype_similarity(z, p)
+        dist_n, index = protokern.nearest_patches(z, p)
+        return sim, dist, dist_n, index, protokern.prototype_distances(z, p)
+
+    if tracer == "aot_function":
+        traced = aot_function(f, fw_compiler=nop, bw_compiler=nop)
+    elif tracer == "compile":
+        traced = torch.compile(f, fullgraph=True, backend="aot_eager")
+    else:
+        traced = make_fx(f, tracing_mode=tracer.split("-")[1])(z, p)
+        assert "protokern.prototype_similarity.default" in {str(n.target) for n in traced.graph.nodes}
+    z2, p2 = torch.rand(2, 4, 3, 3), torch.rand(3, 4)  # fresh values: the graph is not a record of the first call
+    z2[0, 1, 2, 2] = math.inf
+    for got, want in zip(traced(z2, p2), f(z2, p2)):
+        assert torch.equal(got, want)
+    assert protokern.prototype_distances(z2, p2)[0, :, 2, 2].eq(math.inf).all()
+    if tracer in ("aot_function", "compile"):
+        def loss(z, p):
+            sim, dist = protokern.prototype_similarity(z, p)
+            return sim.sum() + dist.square().sum()
+
+        traced = (aot_function(loss, fw_compiler=nop, bw_compiler=nop) if tracer == "aot_function" else
+                  torch.compile(loss, fullgraph=True, backend="aot_eager"))
+        zg, pg = z2.clone().requires_grad_(), p2.clone().requires_grad_()
+        got = torch.autograd.grad(traced(zg, pg), (zg, pg))
+        want = torch.autograd.grad(loss(zg, pg), (zg, pg))
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 def test_batched_gradients(case):
     """autograd.grad(is_grads_batched=True) (torch's older vmap hands the backward BatchedTensors): equal to one

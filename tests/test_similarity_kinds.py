@@ -525,3 +525,14 @@ def test_distance_to_similarity_and_errors():
         protokern.prototype_windows(torch.rand(2, 3, 4, 4), torch.zeros(2), (1, 1))
     with pytest.raises(ValueError, match="chunk must be"):
         protokern.prototype_distances(torch.rand(2, 3, 4, 4), torch.rand(2, 3), paired=True, chunk=0)
+    # non-tensor arguments: one TypeError naming them (an AttributeError from inside before)
+    with pytest.raises(TypeError, match="z and index must be torch.Tensors, got Tensor and list"):
+        protokern.prototype_windows(torch.rand(2, 3, 4, 4), [0, 1])
+    with pytest.raises(TypeError, match="z and prototypes must be torch.Tensors"):
+        protokern.prototype_distances(torch.rand(2, 3, 4, 4).numpy(), torch.rand(2, 3), paired=True)
+    # the layer's window count of a map smaller than its window: the op's error, not a grid of 0 or less
+    layer = protokern.ProtoLayer(2, 3, prototype_size=3)
+    assert layer.output_size((4, 5)) == (2, 3)
+    for size in ((2, 2), (-4, 5)):
+        with pytest.raises(ValueError, match="prototype window 3 x 3 is larger than the feature map"):
+            layer.output_size(size)
