@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from protokern.push import PushRecords, nearest_training_patches
-from protokern.utils import image_batches, progress as _progress
+from protokern.utils import image_batches, length, progress as _progress
 
 __all__ = ["prune_prototypes", "retrain_last_layer", "select_records"]
 
@@ -178,7 +178,8 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
     try:
         if augment is None and not train_mode:
             parts = [(*_similarities(model, images.to(device)), torch.as_tensor(labels).to(device))
-                     for images, labels in _progress(image_batches(loader), "last layer: features", progress)]
+                     for images, labels in _progress(image_batches(loader), "last layer: features", progress,
+                                                     total=length(loader))]
             if not parts:
                 raise ValueError("the loader yielded no images")
             cache = [torch.cat(p) for p in zip(*parts)]

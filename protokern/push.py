@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protokern.utils import eval_mode, image_batches, image_order, positive_int, progress as progress_bar
+from protokern.utils import eval_mode, image_batches, image_order, length, positive_int, progress as progress_bar
 
 __all__ = ["PushRecords", "push_prototypes", "activation_boxes"]
 
@@ -205,7 +205,7 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
     image_size = feature_size = None
     position = 0
     with eval_mode(model):
-        for images, labels in progress_bar(image_batches(loader), desc, progress):
+        for images, labels in progress_bar(image_batches(loader), desc, progress, total=length(loader)):
             images = images.to(device).float()
             batch = images.shape[0]
             z = search_dtype(model.conv_features(imagenet_normalize(images)))
@@ -334,7 +334,7 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
 
     position = 0
     with eval_mode(net):
-        bar = progress_bar(loader, "push", progress and rank == 0)
+        bar = progress_bar(image_batches(loader), "push", progress and rank == 0, total=length(loader))
         for images, labels in bar:
             images = images.to(device, non_blocking=True)
             labels = torch.as_tensor(labels).to(device, non_blocking=True)
@@ -440,10 +440,10 @@ def _make_records(net, best_d, best_idx, best_patch, best_map, classes, image_si
     patch[~pushed] = -1
     patch, pushed_cpu = patch.cpu(), pushed.cpu()
     rf_box = torch.full((len(patch), 4), -1, dtype=torch.int64)
-    rf = getattr(net, "receptive_field", None)
-    if rf is not None:
-        from protokern.models.receptive_field import patch_box
+    from protokern.models.receptive_field import checked_receptive_field, patch_box
 
+    rf = checked_receptive_field(net, image_size, feature_size)
+    if rf is not None:
         for j in pushed_cpu.nonzero().flatten().tolist():  # once per push, P small calls
             rf_box[j] = torch.tensor(patch_box(rf, image_size, int(patch[j, 0]), int(patch[j, 1]),
                                                window=layer.prototype_size))

@@ -86,16 +86,21 @@ def _whole_items(iterable: Iterable) -> Iterator:
         yield item
 
 
+def length(iterable) -> int | None:
+    """``len(iterable)``, or None for one without a length (a generator, a loader over an IterableDataset)."""
+    try:
+        return len(iterable)
+    except TypeError:
+        return None
+
+
 def progress(iterable: Iterable, desc: str, enabled: bool = True, total: int | None = None):
     """``iterable`` wrapped in a tqdm bar when ``enabled`` and stderr is a terminal (else a silent tqdm); a stop
     signal (:func:`stop`) is taken between items, not while one is fetched."""
     from tqdm.auto import tqdm
 
     if total is None:
-        try:
-            total = len(iterable)
-        except TypeError:  # no length: a generator, a loader over an IterableDataset
-            pass
+        total = length(iterable)
     return tqdm(_whole_items(iterable), desc=desc, total=total, leave=False, dynamic_ncols=True,
                 disable=not enabled or not sys.stderr.isatty())
 

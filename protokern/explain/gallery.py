@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from protokern.explain import render
+from protokern.models.receptive_field import checked_receptive_field, patch_box
 from protokern.push import PushRecords, nearest_training_patches
 from protokern.utils import positive_int, strict_json
 
@@ -46,8 +47,6 @@ def _window_box(rf, image_size, feature_size, h: int, w: int, window: tuple[int,
     """Receptive field of the ``window`` (kh, kw) of cells with top-left cell (h, w), or the window's share of
     the image when the model has none."""
     if rf is not None:
-        from protokern.models import patch_box
-
         return patch_box(rf, image_size, h, w, window=window)
     kh, kw = window
     sy, sx = image_size[0] / feature_size[0], image_size[1] / feature_size[1]
@@ -90,7 +89,7 @@ def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records:
     class_names = class_names if class_names is not None else getattr(dataset, "classes", None)
     name = (lambda c: class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c))
     classes = model.prototype_classes.cpu().tolist()
-    rf = getattr(model, "receptive_field", None)
+    rf = checked_receptive_field(model, neighbours.image_size, neighbours.feature_size)
     os.makedirs(out_dir, exist_ok=True)
 
     rows, pages, entries = [], [], []

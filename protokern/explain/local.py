@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from protokern.checkpoint import model_from_checkpoint
 from protokern.explain import render
+from protokern.models.receptive_field import checked_receptive_field, patch_box
 from protokern.push import PushRecords, activation_boxes, search_dtype
 from protokern.utils import eval_mode, positive_int, strict_json
 
@@ -363,7 +364,7 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
     wout = distances.shape[2]
     patches = nearest[0, top].cpu()
     window = layer.prototype_size
-    rf = getattr(model, "receptive_field", None)
+    rf = checked_receptive_field(model, size, z.shape[-2:])
     if class_names is None:
         class_names = getattr(push_images, "classes", None)
 
@@ -372,8 +373,6 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
         h, w = divmod(patch, wout)
         rf_box = None
         if rf is not None:
-            from protokern.models import patch_box
-
             rf_box = patch_box(rf, size, h, w, window=window)
         source_index = source_box = source_rf = None
         if push_records is not None and int(push_records.image_index[j]) >= 0:

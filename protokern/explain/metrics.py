@@ -145,7 +145,7 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
     counts = torch.zeros(num_protos, dtype=torch.float64)
     images_seen = 0
     from protokern.data import imagenet_normalize
-    from protokern.models.receptive_field import window_center
+    from protokern.models.receptive_field import checked_receptive_field, window_center
 
     with eval_mode(model):
         for images, labels, index in _progress(batches, "part localisation", progress, total):
@@ -166,6 +166,9 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
                 selected.scatter_(1, score.topk(top_k, dim=1).indices, True)
             b, j = selected.nonzero(as_tuple=True)  # the counted (image, prototype) pairs
             if location == "rf_centre":
+                if checked_receptive_field(model, images.shape[-2:], z.shape[-2:]) is None:
+                    raise ValueError("the model's receptive field does not match its feature maps: use "
+                                     "location='argmax'")
                 wout = layer.output_size(z.shape[-2:])[1]
                 cy, cx = window_center(rf, (patch[b, j] // wout).double(), (patch[b, j] % wout).double(),
                                        layer.prototype_size)

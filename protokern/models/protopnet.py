@@ -71,7 +71,11 @@ class ProtoPNet(nn.Module):
             prototypes_per_class = positive_int("prototypes_per_class", prototypes_per_class)
             classes = torch.arange(num_classes * prototypes_per_class) // prototypes_per_class
         else:
-            classes = torch.as_tensor(list(prototype_classes), dtype=torch.long)
+            classes = torch.as_tensor(prototype_classes if isinstance(prototype_classes, Tensor)
+                                      else list(prototype_classes)).detach().cpu().flatten()
+            if classes.numel() and (classes.dtype == torch.bool or classes.is_floating_point() or classes.is_complex()):
+                raise TypeError(f"prototype_classes must hold integer class indices, got {classes.dtype}")
+            classes = classes.long()
             if classes.numel() == 0 or classes.min() < 0 or classes.max() >= num_classes:
                 raise ValueError(f"prototype_classes must be a non-empty list of class indices in [0, {num_classes})")
             prototypes_per_class = None

@@ -11,13 +11,17 @@ each described by its kernel size, stride and padding, and three numbers are car
 Layers are found by walking the trunk's modules in registration order. Shortcut branches of residual blocks
 (submodules named ``downsample``) run in parallel to the main path and are skipped; dense connections
 (DenseNet) concatenate the input with the deepest path, whose chain is the one walked. 1x1 convolutions (the
-add-on layers, 1x1 prototypes) leave the receptive field unchanged. Operations done in ``forward`` without a
-module (``F.max_pool2d`` ...) are invisible to the walk.
+add-on layers, 1x1 prototypes) leave the receptive field unchanged. Layers that resample otherwise
+(transposed convolutions, upsampling, fractional or power-average pooling, pixel shuffles) are refused.
+Operations done in ``forward`` without a module (``F.max_pool2d`` ...), and a module called twice, are
+invisible to the walk: :func:`checked_receptive_field` compares the walk with the feature map actually seen,
+and push, the explanations and the gallery draw no box from a geometry that does not match it.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +31,7 @@ __all__ = [
     "LayerGeometry",
     "ReceptiveField",
     "backbone_receptive_field",
+    "checked_receptive_field",
     "compute_receptive_field",
     "layer_geometry",
     "patch_box",
@@ -89,9 +94,15 @@ def _square(value, what: str, module: nn.Module) -> int:
     return int(value)
 
 
+_RESAMPLING = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Upsample, nn.LPPool2d,
+               nn.FractionalMaxPool2d, nn.PixelShuffle, nn.PixelUnshuffle, nn.MaxUnpool2d)
+
+
 def _geometry(module: nn.Module) -> LayerGeometry | None:
     if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
         raise ValueError(f"receptive field: adaptive pooling ({module}) has no fixed geometry")
+    if isinstance(module, _RESAMPLING):
+        raise ValueError(f"receptive field: {type(module).__name__} ({module}) is not a conv / pool chain layer")
     if isinstance(module, nn.Conv2d):
         kernel = _square(module.kernel_size, "kernels", module)
         stride = _square(module.stride, "strides", module)
@@ -157,6 +168,25 @@ def backbone_receptive_field(name: str) -> ReceptiveField:
     with torch.device("meta"):
         trunk, _ = make_backbone(name)
     return compute_receptive_field(trunk)
+
+
+def checked_receptive_field(model: nn.Module, image_size, feature_size) -> ReceptiveField | None:
+    """``model.receptive_field`` if it predicts the feature map actually seen, ``feature_size`` (H, W) for
+    images of ``image_size`` (height, width); else None with a warning, so that no box is drawn from a wrong
+    geometry (a module called twice in ``forward``, a pooling done without a module: see the module docstring).
+    """
+    rf = getattr(model, "receptive_field", None)
+    if rf is None:
+        return None
+    predicted = (rf.output_size(int(image_size[0])), rf.output_size(int(image_size[1])))
+    seen = (int(feature_size[0]), int(feature_size[1]))
+    if predicted != seen:
+        warnings.warn(f"the receptive field walked from the trunk's modules predicts a {predicted[0]} x "
+                      f"{predicted[1]} feature map for {int(image_size[0])} x {int(image_size[1])} images, the "
+                      f"trunk gives {seen[0]} x {seen[1]} (a layer called twice, or one without a module?): "
+                      f"no receptive-field boxes", stacklevel=2)
+        return None
+    return rf
 
 
 def patch_box(rf: ReceptiveField, img_size, h: int, w: int, window=(1, 1)) -> tuple[int, int, int, int]:

@@ -168,6 +168,11 @@ def test_bad_arguments():
         ProtoPNet("tiny", num_classes=2, add_on="fancy")
     with pytest.raises(ValueError, match="prototype_classes"):
         ProtoPNet("tiny", num_classes=2, prototype_classes=[0, 2])
+    for not_indices in ([0.9, 1.5], [True, False], torch.tensor([0.0, 1.0])):  # were truncated / cast to 0, 1
+        with pytest.raises(TypeError, match="prototype_classes must hold integer class indices"):
+            ProtoPNet("tiny", num_classes=2, prototype_classes=not_indices)
+    assert ProtoPNet("tiny", num_classes=3, prototype_dim=4,
+                     prototype_classes=torch.tensor([2, 0])).prototype_classes.tolist() == [2, 0]
     with pytest.raises(ValueError, match="pretrained"):
         ProtoPNet(nn.Conv2d(3, 8, 3), num_classes=2, out_channels=8, pretrained=True)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):

@@ -107,6 +107,43 @@ def test_unsupported_layers_raise():
         compute_receptive_field(nn.Sequential(nn.Conv2d(3, 3, 3), nn.AdaptiveAvgPool2d(1)))
     with pytest.raises(ValueError, match="square"):
         compute_receptive_field(nn.Conv2d(3, 3, (1, 3)))
+    for resampling in (nn.Upsample(scale_factor=2), nn.ConvTranspose2d(3, 3, 2, stride=2), nn.LPPool2d(2, 2),
+                       nn.PixelUnshuffle(2), nn.PixelShuffle(2)):  # were skipped: a silently wrong geometry
+        with pytest.raises(ValueError, match="not a conv / pool chain layer"):
+            compute_receptive_field(nn.Sequential(nn.Conv2d(3, 3, 3), resampling))
+
+
+class _PoolTwice(nn.Module):
+    """One registered MaxPool2d called twice: the walk of the modules sees it once (jump 2, not 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.pool = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.pool(torch.relu(self.c2(self.pool(torch.relu(self.c1(x))))))
+
+
+def test_a_geometry_that_does_not_match_the_feature_map_draws_no_box():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from protokern.explain import explain_image
+    from protokern.models import ProtoPNet
+    from protokern.models.receptive_field import checked_receptive_field
+    from protokern.push import push_prototypes
+
+    model = ProtoPNet(_PoolTwice(), num_classes=2, prototypes_per_class=1, prototype_dim=4, out_channels=8).eval()
+    assert model.receptive_field.output_size(32) == 16  # the walk's prediction; the trunk gives 8 x 8
+    with pytest.warns(UserWarning, match="predicts a 16 x 16 feature map for 32 x 32 images, the trunk gives 8 x 8"):
+        assert checked_receptive_field(model, (32, 32), (8, 8)) is None
+    assert checked_receptive_field(model, (32, 32), (16, 16)) is model.receptive_field
+    data = TensorDataset(torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]))
+    with pytest.warns(UserWarning, match="no receptive-field boxes"):
+        records = push_prototypes(model, DataLoader(data, batch_size=2), progress=False, save_images=False)
+    assert records.feature_size == (8, 8) and records.rf_box.eq(-1).all()
+    with pytest.warns(UserWarning, match="no receptive-field boxes"):
+        explanation = explain_image(model, data.tensors[0][0])
+    assert explanation.top and all(e.rf_box is None for e in explanation.top)
 
 
 def test_layer_geometry_ceil_mode_output_size():
