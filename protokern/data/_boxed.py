@@ -4,6 +4,8 @@ Also the tolerant text-table reader used for annotation files.
 """
 from __future__ import annotations
 
+import codecs
+import io
 import math
 import os
 from typing import Sequence
@@ -30,19 +32,26 @@ def read_table(path: str, fields: int) -> list[tuple[int, list[str]]]:
     """Rows of a whitespace-separated text file as ``(line_number, [field, ...])``.
 
     Blank lines are skipped; the last field takes the rest of the line (file names may hold
-    spaces); a line with fewer than ``fields`` fields raises ValueError naming file and line.
+    spaces); a line with fewer than ``fields`` fields, or a byte that is not UTF-8, raises ValueError
+    naming file and line.
     """
     require_file(path)
+    with open(path, "rb") as fh:
+        data = fh.read().removeprefix(codecs.BOM_UTF8)  # a byte-order mark (Windows editors) is not a field
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {data[err.start]:#04x}: {err.reason})") from None
     rows = []
-    with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark (Windows editors) is not a field
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split(None, fields - 1)
-            if len(parts) != fields:
-                raise ValueError(f"{path}:{lineno}: expected {fields} fields, got {line!r}")
-            rows.append((lineno, parts))
+    for lineno, line in enumerate(io.StringIO(text, newline=None), 1):  # universal newlines, as open() reads
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split(None, fields - 1)
+        if len(parts) != fields:
+            raise ValueError(f"{path}:{lineno}: expected {fields} fields, got {line!r}")
+        rows.append((lineno, parts))
     return rows
 
 
@@ -125,9 +134,13 @@ class BoxedImages(Dataset):
         return self._sizes[index]
 
     def mapping(self, index: int) -> tuple[float, float, float, float]:
-        """``(ox, oy, sx, sy)``: source (x, y) -> ((x - ox) * sx, (y - oy) * sy) in the output."""
+        """``(ox, oy, sx, sy)``: source (x, y) -> ((x - ox) * sx, (y - oy) * sy) in the output; errors
+        name the file."""
         w, h = self.source_size(index)
-        return output_mapping(w, h, self.image_size, self._crop_box(index))
+        try:
+            return output_mapping(w, h, self.image_size, self._crop_box(index))
+        except ValueError as err:  # a box outside the image, named like decode names it
+            raise ValueError(f"{self.paths[index]}: {err}") from None
 
     def box(self, index: int) -> torch.Tensor:
         """(4,) float32 box (x0, y0, x1, y1) of image ``index`` in pixels of the returned image."""

@@ -55,37 +55,46 @@ class BadImageError(ValueError):
         self.path, self.reason = path, reason
 
 
+def _integer_peak(img: Image.Image) -> float:
+    """Full-scale value of an "I" / "I;16*" image, from its mode and file format, never from its pixels."""
+    if img.mode.startswith("I;16"):
+        return 65535.0
+    tags = getattr(img, "tag_v2", None)  # TIFF: the bit depth and signedness it declares
+    bits = tags.get(258) if tags is not None else None
+    if bits is None:
+        return 65535.0  # 16-bit PGM/PNG, which Pillow scales to 0..65535 in mode "I"
+    bits = int(bits[0] if isinstance(bits, tuple) else bits)
+    signed = tags.get(339) in (2, (2,))  # SampleFormat 2: two's-complement integers
+    return float(2 ** (bits - signed) - 1)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Return ``img`` as an 8-bit RGB PIL image, whatever its mode.
 
     Transparent modes (RGBA, LA, PA, palette or RGB with a transparency key) are composited onto
     white, so hidden pixels do not leak into the result; CMYK, YCbCr, grayscale ("L", "1") and
-    palette images go through PIL's conversion; 16/32-bit integer and float grayscale ("I;16",
-    "I", "F") are rescaled to 8 bits.
+    palette images go through PIL's conversion. Deeper grayscale is scaled to 8 bits by a rule fixed per
+    mode and format, never guessed from the pixels: "I;16*" spans 0..65535, "I" the range of a TIFF's
+    BitsPerSample (and SampleFormat) tag or, without one (16-bit PGM or PNG), 0..65535, and "F" [0, 1];
+    values outside the range are clipped and NaN becomes 0.
     """
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = float(arr.max()) if arr.size else 0.0
-        if img.mode.startswith("I;16") or (img.mode == "I" and peak > 255):
-            top = 65535.0  # 16-bit data
-        elif img.mode == "F" and peak <= 1.0:
-            top = 1.0  # float data in [0, 1]
-        else:
-            top = 255.0  # already 8-bit range
-        arr8 = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+    if img.mode == "I" or img.mode.startswith("I;16") or img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        top = 1.0 if img.mode == "F" else _integer_peak(img)
+        arr8 = np.round(np.clip(arr / top, 0.0, 1.0) * 255.0).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if has_alpha:
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, _WHITE + (255,))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
     """Open an image file and return it as RGB (see :func:`to_rgb`).
+
+    Pixels are returned as stored: an EXIF orientation tag is ignored (as torchvision and the original
+    ProtoPNet do; CUB and Cars boxes are drawn on the stored pixels).
 
     A missing file raises FileNotFoundError; a file PIL cannot decode (garbage, truncated), with more
     than :data:`MAX_IMAGE_PIXELS` pixels, or a broken symbolic link raises :class:`BadImageError`; both name

@@ -152,6 +152,24 @@ def test_files_with_a_byte_order_mark_read(cub_root):
     assert after.paths == before.paths and after.targets == before.targets and after.classes == before.classes
 
 
+def test_non_utf8_annotation_file_named(cub_root):
+    path = cub_root / "CUB_200_2011" / "classes.txt"
+    path.write_bytes(path.read_bytes().replace(b"Laysan", b"L\xe9ysan"))  # Latin-1, line 2
+    with pytest.raises(ValueError, match=r"classes.txt:2: not UTF-8 text \(byte 0xe9"):
+        CUB200(cub_root)
+
+
+def test_box_outside_its_image_names_the_file(cub_root):
+    path = cub_root / "CUB_200_2011" / "bounding_boxes.txt"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(["1 500.0 500.0 10.0 10.0"] + lines[1:]) + "\n")  # image 1 is 80x60
+    ds = CUB200(cub_root, "train", image_size=16)
+    name = os.path.basename(ds.paths[0])
+    for what in (lambda: ds[0], lambda: ds.mapping(0), lambda: ds.boxes, lambda: ds.part_locations(0)):
+        with pytest.raises(ValueError, match=f"{name}: crop box .* outside the 80x60 image"):
+            what()
+
+
 def test_bad_arguments(cub_root):
     with pytest.raises(ValueError, match="split"):
         CUB200(cub_root, split="val")

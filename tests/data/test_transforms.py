@@ -47,6 +47,40 @@ def test_palette_and_cmyk():
     assert (_rgb(cmyk) == [255, 0, 0]).all()
 
 
+def _first_pixel(path):
+    return int(np.asarray(open_rgb(path))[0, 0, 0])
+
+
+def test_deep_grayscale_scale_comes_from_the_format_not_the_pixels(tmp_path):
+    for value, expected in ((200, 1), (30000, 117)):  # round(value / 65535 * 255)
+        arr = np.full((2, 2), value, np.uint16)
+        (tmp_path / "a.pgm").write_bytes(b"P5 2 2 65535\n" + arr.astype(">u2").tobytes())  # mode "I"
+        Image.fromarray(arr).save(tmp_path / "a.png")  # mode "I;16"
+        assert _first_pixel(tmp_path / "a.pgm") == _first_pixel(tmp_path / "a.png") == expected
+        assert (_rgb(Image.fromarray(arr.astype(np.int32))) == expected).all()  # "I" without a tag: 16-bit
+    for value, expected in ((200, 0), (2 ** 31 - 1, 255)):  # signed 32-bit TIFF: 0..2**31 - 1
+        Image.fromarray(np.full((2, 2), value, np.int32)).save(tmp_path / "a.tif")
+        assert Image.open(tmp_path / "a.tif").mode == "I" and _first_pixel(tmp_path / "a.tif") == expected
+
+
+def test_float_grayscale_is_taken_as_0_to_1():
+    arr = np.full((2, 3), 0.5, np.float32)
+    arr[0, :] = (1.01, np.nan, -2.0)  # clipped, NaN -> 0, clipped
+    out = _rgb(Image.fromarray(arr, "F"))[..., 0]
+    assert out.tolist() == [[255, 0, 0], [128, 128, 128]]
+
+
+def test_rgb_transparency_key_composited_on_white(tmp_path):
+    arr = np.zeros((2, 2, 3), np.uint8)
+    arr[0, 0] = (10, 20, 30)
+    Image.fromarray(arr).save(tmp_path / "key.png", transparency=(10, 20, 30))
+    assert Image.open(tmp_path / "key.png").mode == "RGB"
+    out = np.asarray(open_rgb(tmp_path / "key.png"))
+    assert (out[0, 0] == 255).all() and (out[1] == 0).all()
+    plain = Image.fromarray(arr)
+    assert to_rgb(plain) is plain  # no key: returned as is
+
+
 @pytest.mark.parametrize("mode, fmt", [("RGBA", "PNG"), ("L", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"),
                                        ("L", "JPEG"), ("RGB", "JPEG")])
 def test_load_image_any_mode(tmp_path, mode, fmt):
