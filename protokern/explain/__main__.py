@@ -1,12 +1,15 @@
 """``python -m protokern.explain --checkpoint RUN/best.pt --image IMG.jpg [--top-k 10] [--out DIR] [--class C]``.
 
 Rebuilds the model from a trainer checkpoint, explains its decision on the image ("this looks like that")
-and writes the PNGs and ``index.html`` to ``--out`` (default ``RUN/explanations/<image name>``).
+and writes the PNGs and ``index.html`` to ``--out`` (default: a new folder ``RUN/explanations/image_<image name>``,
+``-1``, ``-2`` ... appended when that name is taken, so it never replaces the trainer's ``test_NNNNN``
+explanations nor an earlier one).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import warnings
@@ -19,8 +22,29 @@ from protokern.utils import checked_device
 PROG = "python -m protokern.explain"
 
 
+def _checked_data_root(data_root: str | None) -> str | None:
+    if data_root is not None and not os.path.isdir(data_root):
+        raise ValueError(f"--data-root {data_root}: no such folder")
+    return data_root
+
+
+def _default_out(run_dir: str, image: str) -> str:
+    """A new folder ``run_dir/explanations/image_<image stem>[-N]`` (created here, so never an existing one)."""
+    base = os.path.join(run_dir, "explanations", "image_" + os.path.splitext(os.path.basename(image))[0])
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    for n in itertools.count():
+        out = f"{base}-{n}" if n else base
+        try:
+            os.mkdir(out)
+            return out
+        except FileExistsError:
+            continue
+
+
 def _push_dataset(state: dict, data_root: str | None):
-    """The run's push set rebuilt from the checkpoint's training config, or None (then push PNGs are used)."""
+    """The run's push set rebuilt from the checkpoint's training config, or None (then push PNGs are used).
+    An explicit ``data_root`` that is not a folder is a ValueError."""
+    data_root = _checked_data_root(data_root)
     config = state.get("config")
     if not config:
         return None
@@ -49,12 +73,14 @@ def main(argv: list[str] | None = None) -> str:
     Bad input (missing or corrupt checkpoint, a checkpoint that does not fit its config, an unreadable image)
     ends with one line on stderr and exit code 2; ``--debug`` raises the error with its traceback instead.
     """
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    description = __doc__.split("\n\n")[1].replace("``", "") if __doc__ else None  # plain text, not RST
+    parser = argparse.ArgumentParser(prog=PROG, description=description)
     parser.add_argument("--checkpoint", required=True, help="trainer checkpoint (RUN/best.pt) or run folder")
     parser.add_argument("--image", required=True, help="image file (any mode: RGBA, grayscale, CMYK ...)")
     parser.add_argument("--top-k", type=int, default=10, help="prototypes shown (default 10)")
-    parser.add_argument("--out", default=None, help="output folder (default RUN/explanations/<image name>); "
-                                                    "the prototype panels of an earlier explanation there are removed")
+    parser.add_argument("--out", default=None, help="output folder (default: a new folder RUN/explanations/"
+                        "image_<image name>, with -1, -2 ... appended when taken); an explicit --out is written "
+                        "even if it holds an earlier explanation: its prototype panels are replaced")
     parser.add_argument("--class", dest="class_idx", type=int, default=None,
                         help="class index to explain (default: the predicted class)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -71,6 +97,7 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def _explain(args, parser) -> str:
+    _checked_data_root(args.data_root)  # before the slow part
     args.device = checked_device(args.device)
     model, records, state = model_from_checkpoint(args.checkpoint, device=args.device)
     if args.class_idx is not None and not 0 <= args.class_idx < model.num_classes:
@@ -83,7 +110,7 @@ def _explain(args, parser) -> str:
     explanation = explain_image(model, args.image, push_records=records, top_k=args.top_k, class_idx=args.class_idx,
                                 push_images=push_set, device=args.device)
     run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
-    out = args.out or os.path.join(run_dir, "explanations", os.path.splitext(os.path.basename(args.image))[0])
+    out = args.out or _default_out(run_dir, args.image)
     page = explanation.save(out)
     c = explanation.class_idx
     kh, kw = explanation.prototype_size

@@ -78,7 +78,7 @@ def test_cli_on_the_checkpoint(run_dir, tmp_path, capsys):
     assert _push_dataset(state, None) is not None  # the synthetic push set is rebuilt for the source images
 
     default = cli(["--checkpoint", str(run_dir), "--image", str(image)])  # run folder: best.pt, default out
-    assert default == os.path.join(str(run_dir), "explanations", "bird", "index.html")
+    assert default == os.path.join(str(run_dir), "explanations", "image_bird", "index.html")
 
     with pytest.raises(SystemExit):
         cli(["--checkpoint", str(run_dir / "missing.pt"), "--image", str(image)])

@@ -1,0 +1,85 @@
+"""``python -m protokern.explain``: the default output folder never replaces the trainer's or an earlier
+explanation, a missing --data-root is an error, and --help is plain text."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from protokern.checkpoint import load_checkpoint
+from protokern.explain.__main__ import _push_dataset, main as cli
+from protokern.train import main as train_main
+
+from .test_run import ARGS
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished tiny training run, with the trainer's explanations/test_NNNNN folders."""
+    out = tmp_path_factory.mktemp("run")
+    train_main(ARGS + ["--out", str(out)])
+    return out
+
+
+def _image(path, seed=0):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray((np.random.default_rng(seed).random((32, 32, 3)) * 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def _read(path):
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def test_default_out_keeps_the_trainers_explanations(run_dir, tmp_path, capsys):
+    trainer = run_dir / "explanations" / "test_00000"
+    before = {name: _read(trainer / name) for name in os.listdir(trainer)}
+    index = _read(run_dir / "explanations" / "index.html")
+    page = cli(["--checkpoint", str(run_dir), "--image", _image(tmp_path / "test_00000.png"), "--top-k", "2"])
+    assert page == os.path.join(str(run_dir), "explanations", "image_test_00000", "index.html")
+    assert os.path.isfile(page)
+    assert {name: _read(trainer / name) for name in os.listdir(trainer)} == before  # not replaced
+    assert _read(run_dir / "explanations" / "index.html") == index
+    assert capsys.readouterr().out.rstrip().endswith(f"-> {page}")  # the folder written is printed
+
+
+def test_default_out_never_replaces_an_earlier_explanation(run_dir, tmp_path):
+    first = cli(["--checkpoint", str(run_dir / "best.pt"), "--image", _image(tmp_path / "a" / "1.png", 1)])
+    written = _read(os.path.join(os.path.dirname(first), "explanation.json"))
+    second = cli(["--checkpoint", str(run_dir / "best.pt"), "--image", _image(tmp_path / "b" / "1.png", 2)])
+    third = cli(["--checkpoint", str(run_dir / "best.pt"), "--image", str(tmp_path / "a" / "1.png")])
+    folders = [os.path.relpath(os.path.dirname(p), run_dir / "explanations") for p in (first, second, third)]
+    assert folders == ["image_1", "image_1-1", "image_1-2"]
+    assert _read(os.path.join(os.path.dirname(first), "explanation.json")) == written
+    assert all(os.path.isfile(p) for p in (first, second, third))
+
+
+def test_explicit_out_is_written_even_if_it_holds_an_explanation(run_dir, tmp_path):
+    out = run_dir / "explanations" / "test_00001"  # the user asked for it
+    before = _read(out / "explanation.json")
+    page = cli(["--checkpoint", str(run_dir), "--image", _image(tmp_path / "x.png", 3), "--out", str(out)])
+    assert page == str(out / "index.html") and _read(out / "explanation.json") != before
+
+
+def test_missing_data_root_is_a_one_line_error(run_dir, tmp_path, capsys):
+    missing = str(tmp_path / "birdz-typo")
+    with pytest.raises(SystemExit) as stop:
+        cli(["--checkpoint", str(run_dir), "--image", _image(tmp_path / "x.png"), "--data-root", missing])
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"python -m protokern.explain: error: --data-root {missing}: "
+                                                   "no such folder")
+    state = load_checkpoint(str(run_dir / "best.pt"))
+    with pytest.raises(ValueError, match="no such folder"):
+        _push_dataset(dict(state, config=dict(state["config"], dataset="folder", data_root=str(tmp_path))), missing)
+    assert _push_dataset(state, str(tmp_path)) is not None  # an existing folder is fine (synthetic: unused)
+
+
+def test_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli(["--help"])
+    assert stop.value.code == 0
+    printed = capsys.readouterr().out
+    assert "``" not in printed and "index.html" in printed and "image_<image name>" in printed
