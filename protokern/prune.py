@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from protokern.push import PushRecords, nearest_training_patches
-from protokern.utils import image_batches, length, progress as _progress
+from protokern.utils import image_batches, length, model_device, progress as _progress
 
 __all__ = ["prune_prototypes", "retrain_last_layer", "select_records"]
 
@@ -69,7 +69,7 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
         model: a ``ProtoPNet``.
         loader: the (unaugmented) training images, ``(images, labels, ...)`` batches in [0, 1], fixed order.
         k, threshold: the pruning rule; ``0 <= threshold <= k``.
-        device: where to compute (default: the prototypes' device). progress: tqdm bar.
+        device: the model's device (default; another one is a ValueError). progress: tqdm bar.
         push_records: if given, the result holds ``push_records`` for the prototypes that are kept.
         apply: False only reports what would be pruned (the model is left unchanged).
 
@@ -156,7 +156,7 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be > 0, got {lr!r}")
-    device = torch.device(device) if device is not None else model.prototype_layer.prototypes.device
+    device = model_device(model, device)
     loss_fn = loss_fn if loss_fn is not None else ProtoPNetLoss()
     weight = model.last_layer.weight
     optimizer = torch.optim.Adam(model.last_layer.parameters(), lr=lr)

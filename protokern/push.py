@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protokern.utils import eval_mode, image_batches, image_order, length, positive_int, progress as progress_bar
+from protokern.utils import (eval_mode, image_batches, image_order, length, model_device, positive_int,
+                             progress as progress_bar)
 
 __all__ = ["PushRecords", "push_prototypes", "activation_boxes"]
 
@@ -168,10 +169,6 @@ class Neighbours:
     window: tuple[int, int] = (1, 1)
 
 
-def _device(model: nn.Module, device) -> torch.device:
-    return torch.device(device) if device is not None else model.prototype_layer.prototypes.device
-
-
 @torch.no_grad()
 def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, progress: bool = True,
                              desc: str = "nearest patches") -> Neighbours:
@@ -182,7 +179,7 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
         loader: iterable of ``(images, labels, ...)`` batches, images unnormalised in [0, 1] (B, 3, S, S),
             in a fixed order (a ``DataLoader`` must not shuffle).
         k: neighbours per prototype (at most the number of images).
-        device: where to compute (default: the prototypes' device).
+        device: the model's device (default; another one is a ValueError: the model is not moved).
         progress: show a tqdm bar.
 
     Returns:
@@ -193,7 +190,7 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
     from protokern.data import imagenet_normalize
 
     k = positive_int("k", k)
-    device = _device(model, device)
+    device = model_device(model, device)
     order, dataset = image_order(loader)
     layer = model.prototype_layer
     prototypes = search_dtype(layer.prototypes.detach().to(device))
@@ -295,7 +292,7 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
             order (normalised here with ``imagenet_normalize``). Image indices are dataset indices for a
             ``DataLoader`` with a sequential or non-shuffling distributed sampler (through ``Subset``s), else
             positions in the loader (``position * world_size + rank`` under torch.distributed).
-        device: where to compute; default: the device of the model's prototypes.
+        device: the model's device (default; another one is a ValueError: the model is not moved).
         save_dir: if given, rank 0 writes ``push_records.pt`` there and, with ``save_images``, the prototype
             PNGs (``{j}_source.png``, ``{j}_overlay.png``, ``{j}_rf.png``, ``{j}_act.png`` per prototype j)
             in background threads (see :meth:`PushRecords.wait_images`). PNGs need the loader's dataset.
@@ -316,7 +313,7 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
     net = _unwrap(model)
     layer = net.prototype_layer
     prototypes = layer.prototypes
-    device = torch.device(device) if device is not None else prototypes.device
+    device = model_device(net, device)
     classes = net.prototype_classes.to(device)
     num_protos = prototypes.shape[0]
     distributed = dist.is_available() and dist.is_initialized()

@@ -19,6 +19,19 @@ from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, Iter
                               SequentialSampler, Subset, SubsetRandomSampler, WeightedRandomSampler)
 
 
+def model_device(model: nn.Module, device=None) -> torch.device:
+    """The device ``model`` computes on: that of its first parameter, or ``device`` where given, which must be
+    the same one (the model is not moved: a one-line ``ValueError`` instead of a device mismatch deep inside)."""
+    own = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device is None:
+        return own
+    asked = torch.empty(0, device=device).device  # "cuda" -> "cuda:<current>"
+    if asked != own:
+        raise ValueError(f"device={str(device)!r} but the model is on {own}: move the model there first "
+                         f"(model.to({str(asked)!r}))")
+    return asked
+
+
 def checked_device(name: str | torch.device) -> torch.device:
     """``torch.device(name)``, or a one-line ``ValueError`` for a name torch does not know or a device this
     machine lacks (CUDA or MPS not available, a CUDA index past the visible GPUs), instead of a traceback from
@@ -150,6 +163,13 @@ def image_order(loader) -> tuple[Tensor | None, object | None]:
         order = torch.as_tensor(dataset.indices, dtype=torch.int64)[order]
         dataset = dataset.dataset
     return order, dataset
+
+
+def base_dataset(dataset):
+    """The dataset under a chain of ``Subset`` objects, whose indices push records and neighbours hold."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
 
 
 def image_batches(loader) -> Iterator[tuple[Tensor, Tensor]]:

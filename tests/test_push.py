@@ -378,3 +378,38 @@ def test_push_of_window_prototypes_matches_brute_force(similarity, tmp_path):
     assert dist.diagonal().abs().max() < 1e-5
     loaded = PushRecords.load(os.path.join(tmp_path, "push_records.pt"))
     assert loaded.window == (2, 3) and torch.equal(loaded.rf_box, records.rf_box)
+
+
+def test_a_device_other_than_the_models_is_one_line_and_batches_may_carry_more_items():
+    """device= names the model's device (the model is not moved): another one is a ValueError, not a device
+    mismatch from inside; batches of (images, labels, index) are read like the other searches read them."""
+    from protokern.explain import explain_image
+    from protokern.prune import prune_prototypes
+    from protokern.push import nearest_training_patches
+
+    model, data = _model().eval(), _dataset()
+    loader = _loader(data)
+    for call in (lambda: push_prototypes(model, loader, device="meta", progress=False),
+                 lambda: nearest_training_patches(model, loader, k=2, device="meta", progress=False),
+                 lambda: prune_prototypes(model, loader, device="meta", progress=False),
+                 lambda: explain_image(model, data.tensors[0][0], device="meta")):
+        with pytest.raises(ValueError, match=r"^device='meta' but the model is on cpu: move the model there first"):
+            call()
+    want = push_prototypes(_model().eval(), loader, progress=False, save_images=False)
+    images, labels = data.tensors
+    with_index = TensorDataset(images, labels, torch.arange(len(labels)))
+    got = push_prototypes(model, _loader(with_index), device="cpu", progress=False, save_images=False)
+    assert torch.equal(got.image_index, want.image_index) and torch.equal(got.patch, want.patch)
+
+
+def test_explanations_take_the_push_set_as_a_subset():
+    """Records hold indices of the dataset under a Subset: explain_image takes the Subset the loader was over."""
+    from protokern.explain import explain_image
+
+    model, data = _model().eval(), _dataset()
+    subset = Subset(data, list(range(6, 14)))
+    records = push_prototypes(model, _loader(subset), progress=False, save_images=False)
+    assert records.image_index.min() >= 6
+    explanation = explain_image(model, data.tensors[0][0], push_records=records, push_images=subset)
+    for e in explanation.top:
+        torch.testing.assert_close(e.source_image, data.tensors[0][e.source_index])

@@ -18,7 +18,7 @@ from torch import nn
 from protokern.explain import render
 from protokern.models.receptive_field import checked_receptive_field, patch_box
 from protokern.push import PushRecords, nearest_training_patches
-from protokern.utils import positive_int, strict_json
+from protokern.utils import base_dataset, positive_int, strict_json
 
 __all__ = ["gallery"]
 
@@ -69,7 +69,7 @@ def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records:
         push_images: the push set the records index into (default: the loader's dataset; push and gallery
             both run over the unaugmented training set).
         class_names: class names (default: the dataset's ``classes``).
-        device, progress: where to compute; tqdm bars.
+        device, progress: the model's device (default; another one is a ValueError); tqdm bars.
         tile: side of each image tile in pixels.
 
     Returns:
@@ -85,7 +85,7 @@ def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records:
     dataset = neighbours.dataset
     if dataset is None:
         raise ValueError("gallery needs a DataLoader over a dataset (to fetch the neighbour images)")
-    push_images = dataset if push_images is None else push_images
+    push_images = dataset if push_images is None else base_dataset(push_images)  # records index the base
     class_names = class_names if class_names is not None else getattr(dataset, "classes", None)
     name = (lambda c: class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c))
     classes = model.prototype_classes.cpu().tolist()

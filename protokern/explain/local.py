@@ -24,7 +24,7 @@ from protokern.checkpoint import model_from_checkpoint
 from protokern.explain import render
 from protokern.models.receptive_field import checked_receptive_field, patch_box
 from protokern.push import PushRecords, activation_boxes, search_dtype
-from protokern.utils import eval_mode, positive_int, strict_json
+from protokern.utils import base_dataset, eval_mode, model_device, positive_int, strict_json
 
 __all__ = ["Explanation", "PrototypeEvidence", "explain_image", "load_image_tensor", "model_from_checkpoint"]
 _PANEL = re.compile(r"rank\d{2,}_prototype\d+\.png")  # the per-prototype files of Explanation.save
@@ -272,7 +272,7 @@ def _source_image(j: int, index: int, records: PushRecords | None, push_images) 
     if index < 0:
         return None
     if push_images is not None:
-        item = push_images[index]
+        item = base_dataset(push_images)[index]  # records hold indices of the dataset under a Subset
         return load_image_tensor(item[0] if isinstance(item, (tuple, list)) else item)
     if records is not None and records.image_dir:
         path = os.path.join(records.image_dir, f"{j}_source.png")
@@ -317,7 +317,7 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
         push_images: the push set (``push_images[i]`` is an image tensor or an ``(image, label)`` pair), for
             the source images; without it the ``{j}_source.png`` files written by push are used if present.
         class_names: names of the classes (default: ``push_images.classes`` when available).
-        device: where to run (default: the model's device).
+        device: the model's device (default; another one is a ValueError: the model is not moved).
         image_size: resize the image to this side; default: the push images' size (from ``push_records``), or
             the image's own size.
 
@@ -337,7 +337,7 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
         image_size = push_records.image_size[0]
     x = load_image_tensor(image, image_size)
     _check_image_size(model, x.shape[1:])
-    device = torch.device(device) if device is not None else prototypes.device
+    device = model_device(model, device)
 
     from protokern.data import imagenet_normalize
 
@@ -366,7 +366,7 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
     window = layer.prototype_size
     rf = checked_receptive_field(model, size, z.shape[-2:])
     if class_names is None:
-        class_names = getattr(push_images, "classes", None)
+        class_names = getattr(base_dataset(push_images), "classes", None)
 
     evidence = []
     for rank, (j, patch, box, heat) in enumerate(zip(top, patches.tolist(), boxes.tolist(), heatmaps), 1):

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from protokern.explain import render
 from protokern.push import search_dtype
-from protokern.utils import eval_mode, image_order, progress as _progress
+from protokern.utils import eval_mode, image_order, model_device, progress as _progress
 
 __all__ = [
     "PartCorrespondence",
@@ -136,7 +136,7 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
     boxes = torch.as_tensor(boxes, dtype=torch.float64)
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be (N, 4) (x0, y0, x1, y1), got {tuple(boxes.shape)}")
-    device = torch.device(device) if device is not None else model.prototype_layer.prototypes.device
+    device = model_device(model, device)
     classes = model.prototype_classes.to(device)
     num_protos = classes.shape[0]
     if prototypes == "top" and not 1 <= top_k <= num_protos:
@@ -231,7 +231,7 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
         raise ValueError("noise_std and noise_clip must be >= 0")
     from protokern.data import imagenet_normalize
 
-    device = torch.device(device) if device is not None else model.prototype_layer.prototypes.device
+    device = model_device(model, device)
     classes = model.prototype_classes.to(device)
     _, batches, total = _indexed_batches(dataset, batch_size, num_workers)
     out = {"image": [], "prototype": [], "covered": [], "visible": []}
