@@ -22,7 +22,16 @@ from protokern.utils import positive_int
 
 PRECISIONS = ("auto",) + backends.SEARCH_PRECISIONS  # "auto": backends.AUTO_PRECISION
 SIMILARITIES = ("log", "linear", "cosine")
-COSINE_EPS = 1e-8  # |x| floor of the 'cosine' similarity (F.cosine_similarity's default eps)
+
+
+def _cosine_eps() -> float:
+    # the |x| floor of the 'cosine' similarity (F.cosine_similarity's default eps), as the unit-vector Function
+    # reads it: torch.compile(dynamic=True) makes a float read from a module global a graph input, which it
+    # cannot lift into an autograd.Function's subgraph (an internal assertion); a call returning it is constant
+    return 1e-8
+
+
+COSINE_EPS = _cosine_eps()
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -122,13 +131,13 @@ def _unit_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tens
     with torch.no_grad():  # the masks
         scale = x.abs().amax(1, keepdim=True)  # NaN if the vector holds a NaN
         norm_w = torch.linalg.vector_norm(x / scale, dim=1, keepdim=True)
-        small = torch.where(scale == 0, 0.0, scale * norm_w) < COSINE_EPS  # False for NaN and inf vectors
+        small = torch.where(scale == 0, 0.0, scale * norm_w) < _cosine_eps()  # False for NaN and inf vectors
         inf = scale == float("inf")
     xn = torch.where(small | inf, 1.0, x)
     sn = xn.abs().amax(1, keepdim=True)
     wn = xn / sn
     norm = torch.linalg.vector_norm(wn, dim=1, keepdim=True)
-    us = torch.where(small, x, 0.0) / COSINE_EPS
+    us = torch.where(small, x, 0.0) / _cosine_eps()
     a = torch.where(small, (1 - (us * us).sum(1, keepdim=True)).clamp_min(0).sqrt(), 0.0)
     return wn / norm, sn * norm, us, a, small, inf
 
@@ -169,7 +178,7 @@ class _UnitVectors(torch.autograd.Function):
         K = x.shape[1]
         gu, ga = grad[:, :K], grad[:, K + ctx.slot:K + ctx.slot + 1]
         normal = (gu - (gu * un).sum(1, keepdim=True) * un) / r
-        inside = (gu - ga * us / torch.where(small, a, 1.0)) / COSINE_EPS
+        inside = (gu - ga * us / torch.where(small, a, 1.0)) / _cosine_eps()
         return torch.where(small, inside, torch.where(inf, gu, normal)), None
 
 
@@ -182,8 +191,8 @@ class _UnitVectorsEager(_UnitVectors):
         x, = ctx.saved_tensors
         un, r, us, a, small, inf = _unit_parts(x)
         normal = (dx - (dx * un).sum(1, keepdim=True) * un) / r
-        du = torch.where(small, dx / COSINE_EPS, torch.where(inf, dx, normal))
-        da = torch.where(small, -(us * dx).sum(1, keepdim=True) / (COSINE_EPS * torch.where(small, a, 1.0)), 0.0)
+        du = torch.where(small, dx / _cosine_eps(), torch.where(inf, dx, normal))
+        da = torch.where(small, -(us * dx).sum(1, keepdim=True) / (_cosine_eps() * torch.where(small, a, 1.0)), 0.0)
         pad = (da, torch.zeros_like(da)) if ctx.slot == 0 else (torch.zeros_like(da), da)
         return torch.cat((du, *pad), 1)
 

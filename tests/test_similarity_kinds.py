@@ -335,6 +335,13 @@ def test_compile_fullgraph_window_and_cosine():
     compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(z, p), (z, p))
     eager = torch.autograd.grad(f(z, p), (z, p))
     assert all(torch.allclose(a, b) for a, b in zip(eager, compiled))
+    # dynamic=True: every size symbolic (the cosine's autograd.Function stopped in a Dynamo assertion)
+    dynamic = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    for shape in ((2, 3, 4, 5), (3, 3, 6, 2)):
+        z = torch.rand(shape, requires_grad=True)
+        compiled = torch.autograd.grad(dynamic(z, p), (z, p))
+        eager = torch.autograd.grad(f(z, p), (z, p))
+        assert all(torch.allclose(a, b) for a, b in zip(eager, compiled))
 
 
 # ---- cosine: zero vectors, the eps ball ----
