@@ -47,6 +47,16 @@ MAX_IMAGE_PIXELS = 89_478_485
 _OPEN_LOCK = threading.Lock()
 
 
+def _new_open_lock() -> None:
+    # a process forked while another thread holds the lock (a DataLoader worker started while push writes
+    # its PNGs in background threads) would inherit it held, by a thread it does not have: a fresh one
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_open_lock)
+
+
 class BadImageError(ValueError):
     """An image file that cannot be decoded (garbage, truncated, a decompression bomb); ``path`` names it."""
 

@@ -172,3 +172,29 @@ def test_uint8_to_float_is_the_float32_reciprocal_product():
 def test_uint8_to_float_same_bits_on_gpu():
     k = torch.arange(256, dtype=torch.uint8)
     assert torch.equal(uint8_to_float(k.cuda()).cpu(), uint8_to_float(k))
+
+
+def _open_in_child(path, queue):
+    queue.put(open_rgb(path).size)
+
+
+def test_a_process_forked_while_another_thread_opens_an_image_can_open_images(tmp_path):
+    """A DataLoader worker forked while push's PNG threads hold the image-open lock inherited it held, by a
+    thread the child does not have: its first open waited forever (a resumed run hung at the push's
+    evaluation). The child gets a fresh lock."""
+    import multiprocessing
+
+    from protokern.data import transforms
+
+    path = str(tmp_path / "a.png")
+    Image.new("RGB", (5, 4)).save(path)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    with transforms._OPEN_LOCK:  # as a push thread inside Image.open
+        child = ctx.Process(target=_open_in_child, args=(path, queue))
+        child.start()
+        child.join(timeout=60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0 and queue.get(timeout=5) == (5, 4)
