@@ -295,7 +295,7 @@ def _check_image_size(model: nn.Module, size) -> None:
     kh, kw = model.prototype_layer.prototype_size
     h, w = rf.output_size(size[0]), rf.output_size(size[1])
     if h < kh or w < kw:
-        side = next((n for n in range(1, 1 << 14) if rf.output_size(n) >= max(kh, kw)), None)
+        side = rf.min_image_size(max(kh, kw))
         raise ValueError(f"the image is too small for this model: {size[0]} x {size[1]} pixels give a {h} x {w} "
                          f"feature map, smaller than the prototypes' {kh} x {kw} window"
                          + (f" (it takes at least {side} x {side} pixels)" if side else ""))

@@ -81,6 +81,11 @@ class ReceptiveField:
             n = layer.output_size(n) if n > 0 else 0
         return max(n, 0)
 
+    def min_image_size(self, cells: int = 1) -> int | None:
+        """The smallest square input side whose output map has at least ``cells`` cells a side (None if no
+        side up to 16384 does)."""
+        return next((n for n in range(1, 1 << 14) if self.output_size(n) >= cells), None)
+
     def to_original(self, img_size: int) -> list[float]:
         """The original implementation's ``proto_layer_rf_info``: ``[n, jump, size, start]``."""
         return [self.output_size(img_size), self.jump, self.size, self.start]

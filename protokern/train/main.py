@@ -46,6 +46,7 @@ from protokern.explain import explain_run
 from protokern.explain.metrics import part_boxes, part_localisation
 from protokern.losses import ProtoPNetLoss
 from protokern.models import ProtoPNet
+from protokern.models.receptive_field import backbone_receptive_field
 from protokern.push import RECORDS_FILE, PushRecords, push_prototypes
 from protokern.train import checkpoint as ckpt
 from protokern.train.config import TrainConfig, parse_config, parse_window
@@ -143,6 +144,18 @@ def _check_schedule(saved: TrainConfig, cfg: TrainConfig, done: int) -> None:
                              f"{name(old)}, it would be {name(new)}): only later steps can change on resume")
 
 
+def _check_image_size(cfg: TrainConfig) -> None:
+    """A one-line ``ValueError`` for an ``--image-size`` whose feature map is smaller than the prototypes'
+    window (the trunk would fail in its first forward, or push find no window), before anything is read."""
+    rf = backbone_receptive_field(cfg.backbone)
+    cells, (kh, kw) = rf.output_size(cfg.image_size), cfg.window
+    if cells < max(kh, kw):
+        side = rf.min_image_size(max(kh, kw))
+        raise ValueError(f"--image-size {cfg.image_size} gives {cfg.backbone} a {cells} x {cells} feature map, smaller "
+                         f"than the {kh} x {kw} prototypes (--prototype-size)"
+                         + (f": it takes at least --image-size {side}" if side else ""))
+
+
 class Trainer:
     """One training run (see the module docstring). ``run()`` returns the summary dict."""
 
@@ -172,6 +185,7 @@ class Trainer:
         self.cfg, self.info, self.device = cfg, info, device
         self.is_main = info.is_main
         self._check_out()  # before the data is read: a refusal comes at once
+        _check_image_size(cfg)
         _seed_everything(cfg.seed)
 
         self.train_set, self.val_set, self.test_set, self.push_set, num_classes = build_splits(cfg)
@@ -181,8 +195,10 @@ class Trainer:
         self.select_on = "test" if self.val_set is None else "val"  # the split that chooses best.pt
         self.model = ProtoPNet(backbone=cfg.backbone, num_classes=num_classes,
                                prototypes_per_class=cfg.prototypes_per_class, prototype_dim=cfg.prototype_dim,
-                               add_on=cfg.add_on, pretrained=cfg.pretrained,
-                               backbone_weights=cfg.backbone_weights, prototype_size=cfg.window,
+                               # a resumed run's weights all come from its checkpoint: no download, no weights file
+                               add_on=cfg.add_on, pretrained=cfg.pretrained and resume_state is None,
+                               backbone_weights=None if resume_state is not None else cfg.backbone_weights,
+                               prototype_size=cfg.window,
                                similarity=cfg.similarity).to(device)
         if cfg.channels_last:
             self.model.features.to(memory_format=torch.channels_last)
@@ -371,6 +387,12 @@ class Trainer:
         self.best.setdefault("test_accuracy", self.best["accuracy"] if self.best["split"] == "test" else None)
         self.records = PushRecords.from_dict(state["push_records"]) if state.get("push_records") else None
         self.records_path = state.get("push_records_path")
+        if self.records_path is not None:  # this run's own push folder (a copied or moved run kept the original's)
+            folder = os.path.abspath(self._path(os.path.join("push", os.path.basename(os.path.dirname(
+                self.records_path)))))
+            self.records_path = os.path.join(folder, RECORDS_FILE)
+            if self.records is not None:
+                self.records.find_images(folder)
         self.stage_seconds = dict(state.get("stage_seconds", {}))
         if self.is_main:
             self._truncate_metrics(state["step"])
@@ -516,8 +538,11 @@ class Trainer:
                 self._explain()
         except KeyboardInterrupt:
             if self.is_main:
-                print(f"\ninterrupted during {phase}, after the last step: last.pt and best.pt are complete; "
-                      f"--resume {_quoted(self.run_dir)} does what came after the training again", flush=True)
+                done = (f"after the last step: last.pt and best.pt are complete; --resume {_quoted(self.run_dir)} "
+                        f"does what came after the training again" if complete else
+                        f"after step {self.next_step}/{len(self.schedule)}: continue with --resume "
+                        f"{_quoted(self.run_dir)}")
+                print(f"\ninterrupted during {phase}, {done}", flush=True)
             raise
         barrier()
         return summary
@@ -612,7 +637,10 @@ class Trainer:
         if self.is_main:
             ckpt.atomic_write_text(self._path("summary.json"), strict_json(summary))
             if not self.cfg.quiet:
-                print(_final_line(summary, seconds), flush=True)
+                print(_final_line(summary, seconds) if complete else
+                      f"stopped after step {self.next_step}/{len(self.schedule)} (--max-steps): test accuracy "
+                      f"last.pt {'n/a' if last_test is None else f'{last_test:.3f}'}; continue with --resume "
+                      f"{_quoted(self.run_dir)}", flush=True)
         return summary
 
     def _prune(self) -> None:

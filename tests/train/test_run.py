@@ -293,3 +293,60 @@ def test_window_prototypes_and_similarity_kinds_train_end_to_end(tiny_args, tmp_
     assert d.diagonal().max() < 1e-5
     wout = 4 - kw + 1
     assert torch.equal(idx.diagonal(), records.patch[:, 0] * wout + records.patch[:, 1])
+
+
+def test_a_session_stopped_by_max_steps_says_how_to_continue(tiny_args, tmp_path, capsys):
+    summary = main(tiny_args + ["--max-steps", "1", "--no-quiet", "--no-explain"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert not summary["complete"]
+    assert last.startswith("stopped after step 1/4 (--max-steps): test accuracy last.pt ")
+    assert last.endswith(f"continue with --resume {tmp_path / 'run'}") and "done:" not in last
+
+
+def test_resume_takes_every_weight_from_the_checkpoint(tiny_args, tmp_path, monkeypatch):
+    """A resumed run needs neither its --backbone-weights file (moved, or a relative path from another folder)
+    nor a --pretrained download: last.pt holds every weight."""
+    from protokern.models import make_backbone
+
+    weights = tmp_path / "trunk.pt"
+    torch.save(make_backbone("tiny")[0].state_dict(), weights)
+    run = tmp_path / "run"
+    main(tiny_args + ["--backbone-weights", str(weights), "--max-steps", "1"])
+    weights.unlink()
+    built = []
+    real = TRAIN_MAIN.ProtoPNet
+
+    def spy(*args, **kwargs):
+        built.append((kwargs["pretrained"], kwargs["backbone_weights"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(TRAIN_MAIN, "ProtoPNet", spy)
+    assert main(["--resume", str(run), "--quiet"])["complete"]
+    assert built == [(False, None)]
+
+
+def test_a_copied_run_resumes_with_its_own_push_folder(tiny_args, tmp_path):
+    import shutil
+
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    main(tiny_args + ["--max-steps", "3", "--no-explain"])  # warm, joint, push
+    shutil.copytree(run, copy)
+    shutil.rmtree(run)
+    summary = main(["--resume", str(copy), "--quiet"])
+    assert summary["complete"] and summary["push_records"] == str(copy / "push" / "epoch_001" / "push_records.pt")
+    state = load_checkpoint(str(copy))
+    assert state["push_records_path"] == summary["push_records"]
+    assert state["push_records"]["image_dir"] == str(copy / "push" / "epoch_001")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prototype-size", "5"], r"--image-size 32 gives tiny a 4 x 4 feature map, smaller than the 5 x 5 "
+                                r"prototypes \(--prototype-size\): it takes at least --image-size 40"),
+    (["--backbone", "vgg11", "--image-size", "16"], r"--image-size 16 gives vgg11 a 0 x 0 feature map"),
+])
+def test_an_image_size_too_small_for_the_trunk_is_refused_before_anything_is_read(tiny_args, tmp_path, flags,
+                                                                                   message, monkeypatch):
+    monkeypatch.setattr(TRAIN_MAIN, "build_splits", lambda cfg: pytest.fail("the data was read"))
+    with pytest.raises(ValueError, match=message):
+        TRAIN_MAIN.train(*parse_config(tiny_args + flags))
+    assert not (tmp_path / "run").exists()
