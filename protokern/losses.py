@@ -52,8 +52,10 @@ def protopnet_loss_terms(
     own = class_identity[:, target].t().to(min_distances.dtype)  # (B, P)
     other = 1 - own
     inverted = max_dist - min_distances
-    cluster = (max_dist - (inverted * own).amax(dim=1)).mean()
-    separation = (max_dist - (inverted * other).amax(dim=1)).mean()
+    # max, not amax: on tied prototypes (duplicates pushed onto one patch) the gradient goes to one of them,
+    # as the original's torch.max(..., dim=1); amax splits it evenly and keeps the duplicates moving together
+    cluster = (max_dist - (inverted * own).max(dim=1).values).mean()
+    separation = (max_dist - (inverted * other).max(dim=1).values).mean()
     avg_separation = ((min_distances * other).sum(dim=1) / other.sum(dim=1)).mean()
     l1_mask = 1 - class_identity.t().to(last_layer_weight.dtype)
     return {

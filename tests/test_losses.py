@@ -70,11 +70,15 @@ def test_original_max_dist_bound():
     assert terms["cluster"] == 8.0 and terms["separation"] == 1.0
 
 
-def test_matches_the_original_formulas_values_and_gradients():
+@pytest.mark.parametrize("ties", [False, True])
+def test_matches_the_original_formulas_values_and_gradients(ties):
     torch.manual_seed(0)
     model = _fake_model(num_classes=5, per_class=3, dim=16, weight=torch.randn(5, 15))
     logits = torch.randn(6, 5, requires_grad=True)
-    min_d = (torch.rand(6, 15) * 20).requires_grad_(True)
+    min_d = torch.rand(6, 15) * 20
+    if ties:  # duplicate prototypes (pushed onto one patch): equal distances in every class, own and other
+        min_d = min_d.view(6, 5, 3)[:, :, :1].expand(6, 5, 3).reshape(6, 15).clone()
+    min_d.requires_grad_(True)
     target = torch.tensor([0, 4, 2, 2, 1, 3])
 
     ref_total, ref_terms = _original_loss(logits, min_d, target, model)
