@@ -46,12 +46,28 @@ class CheckpointError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ writing
+def _umask() -> int:
+    """The process's umask: read from /proc/self/status (Linux), else set to 0 and restored at once (os.umask is
+    the only other way to read it; it is process-global: a file another thread creates meanwhile gets no umask)."""
+    try:
+        with open("/proc/self/status", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, write, mode: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode open() would
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -6,7 +6,8 @@ import contextlib
 import sys
 
 # bad input: paths, settings, corrupt / unsafe / unfitting checkpoints (protokern.checkpoint.CheckpointError is
-# a ValueError), unreadable images and data
+# a ValueError), unreadable images and data, ImageNet weights neither cached nor downloadable
+# (protokern.models.backbones.WeightsUnavailableError is an OSError)
 INPUT_ERRORS = (OSError, ValueError)
 
 

@@ -22,7 +22,9 @@ import torchvision
 from torch import nn
 from torchvision.models import vgg as tv_vgg
 
-__all__ = ["BACKBONES", "load_backbone_state", "make_backbone"]
+from protokern.utils import first_line
+
+__all__ = ["BACKBONES", "WeightsUnavailableError", "load_backbone_state", "make_backbone"]
 
 _VGG_CONFIGS = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
 _VGGS = tuple(name + bn for name in _VGG_CONFIGS for bn in ("", "_bn"))
@@ -32,6 +34,11 @@ _RESNET_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"
 
 BACKBONES: tuple[str, ...] = _VGGS + _RESNETS + _DENSENETS + ("tiny",)
 """Names accepted by :func:`make_backbone`."""
+
+
+class WeightsUnavailableError(OSError, RuntimeError):
+    """torchvision's ImageNet weights are neither in the torch hub cache nor downloadable (offline?). An
+    ``OSError``: the command-line tools report it in one line; a ``RuntimeError`` as before."""
 
 
 def _family(name: str) -> str:
@@ -95,7 +102,8 @@ def make_backbone(name: str, pretrained: bool = False, weights_path=None) -> tup
     Args:
         name: one of :data:`BACKBONES`.
         pretrained: load torchvision's ImageNet weights (``IMAGENET1K_V1``, the original's checkpoints) from
-            the torch hub cache, downloading them if needed; raises ``RuntimeError`` if neither works.
+            the torch hub cache, downloading them if needed; raises :class:`WeightsUnavailableError` if neither
+            works.
         weights_path: a local file with a state dict to load instead: a full torchvision model state dict
             (classifier keys are dropped) or a trunk state dict. Loading is strict: missing or unknown keys
             raise ``ValueError``.
@@ -120,10 +128,11 @@ def _imagenet_state_dict(name: str) -> dict:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
     except Exception as error:
         cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-        raise RuntimeError(
-            f"could not load torchvision's ImageNet weights for {name!r}: not in the cache {cache} and the download "
-            f"of {url} failed ({type(error).__name__}: {error}). Put the file in that folder, or pass "
-            "weights_path= (backbone_weights= for ProtoPNet) with a local copy."
+        raise WeightsUnavailableError(
+            f"no ImageNet weights for {name} here (offline?): {url} is neither in the torch hub cache {cache} nor "
+            f"downloadable ({type(error).__name__}: {first_line(error)[:200]}); put it in that folder, pass a local "
+            "file (pretrained=False with weights_path= / ProtoPNet's backbone_weights=; --no-pretrained "
+            "--backbone-weights FILE) or train from scratch (pretrained=False / --no-pretrained)"
         ) from error
 
 

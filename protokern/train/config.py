@@ -29,6 +29,8 @@ NAN_POLICIES = ("stop", "skip")
 
 # old name -> new name (the old ones counted epochs, not iterations)
 RENAMED = {"last_layer_iters": "last_layer_epochs", "prune_retrain_iters": "prune_retrain_epochs"}
+# settings naming files or folders: a leading "~" is expanded (a config file's or a quoted flag's, that no shell did)
+PATH_SETTINGS = ("data_root", "backbone_weights", "out", "resume")
 
 
 def _opt(default, help: str):  # noqa: A002 - argparse's word
@@ -149,17 +151,28 @@ class TrainConfig:
     prune_retrain_epochs: int = _opt(100, "last-layer epochs after pruning (the original: 100, at the last-layer "
                                           "lr; formerly --prune-retrain-iters)")
 
+    def __post_init__(self):  # every way a config is made (flags, config file, preset, dataclasses.replace)
+        self._expand_paths()
+
+    def _expand_paths(self) -> None:
+        """Expand a leading "~" of the :data:`PATH_SETTINGS` (in place)."""
+        for name in PATH_SETTINGS:
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
+
     @property
     def window(self) -> tuple[int, int]:
         """``prototype_size`` as (kh, kw)."""
         return parse_window(self.prototype_size)
 
     def validate(self) -> TrainConfig:
-        """Raise ``ValueError`` naming the first bad setting; return self."""
+        """Raise ``ValueError`` naming the first bad setting; return self (its paths' "~" expanded)."""
         def need(ok: bool, message: str):
             if not ok:
                 raise ValueError(f"bad config: {message}")
 
+        self._expand_paths()  # also those set after the config was made
         for f in fields(self):  # inf / nan learning rates, coefficients, magnitudes
             value = getattr(self, f.name)
             need(not isinstance(value, float) or math.isfinite(value), f"{f.name} must be finite, got {value!r}")
@@ -201,7 +214,22 @@ class TrainConfig:
         need(isinstance(self.prune_threshold, int) and not isinstance(self.prune_threshold, bool)
              and 0 <= self.prune_threshold <= self.prune_k,
              f"prune_threshold must be an int in [0, prune_k={self.prune_k}], got {self.prune_threshold!r}")
+        self._check_push()
         return self
+
+    def _check_push(self) -> None:
+        """A schedule without a push: ``ValueError`` with ``prune`` (it prunes after the last push), else a warning."""
+        from protokern.train.schedule import build_schedule  # here: schedule.py imports this module
+
+        if any(step.stage == "push" for step in build_schedule(self)):
+            return
+        why = (f"--push-start {self.push_start} with --push-every {self.push_every} leaves no push epoch within "
+               f"--epochs {self.epochs} (the last is epoch {self.epochs - 1}, 0-based)")
+        if self.prune:
+            raise ValueError(f"bad config: --prune needs a push, but {why}: lower --push-start, raise --epochs, "
+                             "add --push-at-end or drop --prune")
+        warnings.warn(f"{why}: the run will have no push (prototypes never projected onto training patches); "
+                      "lower --push-start, raise --epochs or add --push-at-end", UserWarning, stacklevel=3)
 
     def to_dict(self) -> dict:
         """Plain dict of all settings."""

@@ -7,6 +7,7 @@ import torchvision
 from torch import nn
 
 from protokern.models import BACKBONES, load_backbone_state, make_backbone
+from protokern.models.backbones import WeightsUnavailableError
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -113,13 +114,36 @@ def test_pretrained_loads_from_the_hub_cache(tmp_path, monkeypatch):
     assert _same_params(trunk, vgg.state_dict())
 
 
-def test_pretrained_unavailable_is_a_clear_error(monkeypatch):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
+def _offline(*args, **kwargs):
+    raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match="weights_path"):
+
+def test_pretrained_unavailable_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _offline)  # no network access in tests
+    with pytest.raises(WeightsUnavailableError) as caught:
         make_backbone("resnet18", pretrained=True)
+    assert isinstance(caught.value, OSError) and isinstance(caught.value, RuntimeError)  # RuntimeError as before
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("no ImageNet weights for resnet18 here (offline?)")
+    for advice in ("weights_path=", "backbone_weights=", "--no-pretrained --backbone-weights FILE",
+                   "pretrained=False", "URLError: <urlopen error no network>"):
+        assert advice in message
+
+
+def test_pretrained_unavailable_is_one_line_from_the_trainer(tmp_path, monkeypatch, capsys):
+    """python -m protokern.train: exit 2 with one line on stderr, no traceback, no run directory."""
+    from protokern.train import main
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _offline)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as caught:
+        main(["--backbone", "vgg11", "--pretrained", "--image-size", "32", "--synthetic-classes", "2",
+              "--synthetic-train-per-class", "2", "--synthetic-test-per-class", "1", "--val-fraction", "0",
+              "--device", "cpu", "--num-workers", "0", "--quiet", "--out", str(out)])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m protokern.train: error: no ImageNet weights for vgg11") and "\n" not in err
+    assert not out.exists()
 
 
 def test_bad_arguments():

@@ -60,3 +60,27 @@ def test_explain_loads_a_model_without_importing_the_trainer(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+@pytest.mark.parametrize("proc", [True, False], ids=["proc", "os.umask"])
+def test_atomic_writes_get_the_mode_of_the_umask(tmp_path, monkeypatch, umask, proc):
+    """Not mkstemp's 0600: the mode open() gives (0666 less the umask), read from /proc or through os.umask."""
+    import protokern.checkpoint as base
+
+    if not proc:
+        def no_proc(*args, **kwargs):
+            raise OSError("no /proc here")
+
+        monkeypatch.setattr(base, "open", no_proc, raising=False)
+    old = os.umask(umask)
+    try:
+        (tmp_path / "last.pt").write_bytes(b"")
+        os.chmod(tmp_path / "last.pt", 0o600)
+        ckpt.atomic_save({"v": 1}, str(tmp_path / "last.pt"))  # replacing a file gives it the new mode too
+        ckpt.atomic_write_text(str(tmp_path / "summary.json"), "{}")
+        assert os.umask(umask) == umask  # left as it was
+    finally:
+        os.umask(old)
+    for name in ("last.pt", "summary.json"):
+        assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(0o666 & ~umask), name

@@ -173,3 +173,41 @@ def test_prototype_size_and_similarity(tmp_path):
     assert "last" in {s.stage for s in build_schedule(parse_config(["--similarity", "cosine"])[0])}
     with pytest.raises(SystemExit):
         parse_config(["--similarity", "euclid"])
+
+
+def test_tilde_in_path_settings_is_expanded(tmp_path, monkeypatch):
+    """"~" in a config file (no shell expands it) or a quoted flag means the home folder, not a folder named "~"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "c.yaml"
+    path.write_text("out: ~/runs/x\ndata_root: ~/data\nbackbone_weights: ~/w.pt\n")
+    cfg, _ = parse_config(["--config", str(path)])
+    assert (cfg.out, cfg.data_root, cfg.backbone_weights) == (f"{tmp_path}/runs/x", f"{tmp_path}/data",
+                                                             f"{tmp_path}/w.pt")
+    cfg, _ = parse_config(["--config", str(path), "--out", "~/y"])
+    assert cfg.out == f"{tmp_path}/y"
+    cfg, _ = parse_config(["--resume", "~/runs/x"])  # not validated until merged with the run's settings
+    assert cfg.resume == f"{tmp_path}/runs/x"
+    assert dataclasses.replace(cfg, out="~/z").out == f"{tmp_path}/z"
+    cfg = preset_config("demo")
+    cfg.out = "~/set-later"
+    assert cfg.validate().out == f"{tmp_path}/set-later"
+    assert TrainConfig(out="a/~b").out == "a/~b"
+
+
+def test_a_schedule_without_a_push(recwarn):
+    """--push-start past the last epoch: --prune (it prunes after the last push) is refused, else a warning."""
+    with pytest.raises(ValueError, match="--prune needs a push, but --push-start 5 .* --epochs 2") as caught:
+        parse_config(["--push-start", "5", "--epochs", "2", "--prune"])
+    assert "\n" not in str(caught.value)
+    with pytest.warns(UserWarning, match="--push-start 5 .* --epochs 2 .* no push") as warned:
+        parse_config(["--push-start", "5", "--epochs", "2"])
+    assert len(warned) == 1 and "\n" not in str(warned[0].message)
+    with pytest.raises(ValueError, match="--prune needs a push"):  # no epoch >= 3 that is a multiple of 4
+        parse_config(["--push-start", "3", "--push-every", "4", "--epochs", "4", "--prune"])
+    recwarn.clear()
+    parse_config(["--push-start", "5", "--epochs", "2", "--push-at-end", "--prune"])
+    parse_config(["--push-start", "1", "--push-every", "1", "--epochs", "2", "--prune"])
+    parse_config([])
+    for name in PRESETS:
+        dataclasses.replace(preset_config(name), data_root="/data").validate()
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
