@@ -15,6 +15,7 @@ import os
 import pickle
 import tempfile
 import warnings
+import zipfile
 from collections import OrderedDict
 
 import numpy as np
@@ -29,7 +30,8 @@ __all__ = ["BEST", "CheckpointError", "FORMAT", "INTERRUPTED", "LAST", "atomic_s
 LAST, BEST, INTERRUPTED = "last.pt", "best.pt", "interrupted.pt"
 FORMAT = 2  # 1: NumPy RNG state as a NumPy array (needs an allowlist); 2: tensors and plain values only
 
-_PLAIN = (torch.Tensor, str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+# exact types: a subclass (NumPy's float64 and str_, a defaultdict) passes isinstance but not weights_only loading
+_PLAIN = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
 # what a format-1 checkpoint needs beyond tensors and plain values: NumPy's uint32 RNG key array
 _NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 try:  # NumPy 2 names it numpy._core.multiarray._reconstruct, NumPy 1 numpy.core.multiarray._reconstruct
@@ -99,11 +101,11 @@ def check_safe_types(obj, where: str = "checkpoint") -> None:
     """Raise ``TypeError`` naming the first value of ``obj`` that ``torch.load(weights_only=True)`` would
     refuse (anything but tensors, str, int, float, bool, None, torch dtypes / devices / sizes, and dicts,
     lists and tuples of those)."""
-    if isinstance(obj, _PLAIN):
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN:
         return
-    if isinstance(obj, (dict, OrderedDict)):
+    if type(obj) in (dict, OrderedDict):
         for key, value in obj.items():
-            if not isinstance(key, (str, int)):
+            if type(key) not in (str, int):
                 raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}; checkpoints take str / int keys")
             check_safe_types(value, f"{where}[{key!r}]")
         return
@@ -156,6 +158,7 @@ def safe_load(path: str, map_location="cpu", what: str = "checkpoint"):
         raise FileNotFoundError(f"no {what} at {path}")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty, not a {what} (a write that never finished?)")
+    _check_crc(path, what)
     try:
         with warnings.catch_warnings():  # torch's note on a raw pickle's protocol: the error below says it all
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -178,6 +181,18 @@ def safe_load(path: str, map_location="cpu", what: str = "checkpoint"):
         first = first_line(error).split(". ")[0][:200]
         raise CheckpointError(f"{path} is not a readable {what} (truncated or corrupt?): "
                               f"{type(error).__name__}: {first}") from None
+
+
+def _check_crc(path: str, what: str) -> None:
+    """A ``CheckpointError`` naming the damaged member of a zip checkpoint (torch.save's format) whose data does
+    not match its CRC-32: torch.load does not check them, and a flipped byte in a tensor loads silently."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return  # not a (readable) zip: a raw pickle, or a damaged file that torch.load reports
+    if bad is not None:
+        raise CheckpointError(f"{path} is not a readable {what} (corrupt: {bad} does not match its checksum)")
 
 
 def _weights_only_reason(error: Exception) -> str:
@@ -206,7 +221,8 @@ def model_from_checkpoint(path: str, device=None):
 
     Returns ``(model in eval mode, push records or None, the checkpoint dict)``. The model is rebuilt with
     ``ProtoPNet.from_config(checkpoint["model_config"])`` and loaded from ``checkpoint["model"]``; a checkpoint
-    that does not fit its config raises :class:`CheckpointError`.
+    that does not fit its config raises :class:`CheckpointError`. A model saved with a backend that cannot run
+    on ``device`` (default CPU), such as "cuda" on a machine without a GPU, gets "auto", with a warning.
     """
     from protokern.models import ProtoPNet
     from protokern.push import PushRecords
@@ -228,4 +244,11 @@ def model_from_checkpoint(path: str, device=None):
     model.eval()
     if device is not None:
         model.to(device)
+    from protokern.backends import available_backends
+
+    layer, target = model.prototype_layer, torch.device("cpu" if device is None else device)
+    if layer.backend != "auto" and available_backends(target)[layer.backend] is not None:
+        warnings.warn(f"{path}: the model was saved with backend {layer.backend!r}, which cannot run on {target} "
+                      f"({available_backends(target)[layer.backend]}): using 'auto'", stacklevel=2)
+        layer.backend = "auto"
     return model, records, state

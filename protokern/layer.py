@@ -54,14 +54,17 @@ class ProtoLayer(nn.Module):
 
     @property
     def num_prototypes(self) -> int:
+        """M, the number of prototypes."""
         return self.prototypes.shape[0]
 
     @property
     def prototype_dim(self) -> int:
+        """D, the channels of a prototype (and of the features it is compared with)."""
         return self.prototypes.shape[1]
 
     @property
     def prototype_size(self) -> tuple[int, int]:
+        """(kh, kw), the window of feature-map cells a prototype spans."""
         return self.prototypes.shape[2], self.prototypes.shape[3]
 
     @property

@@ -177,7 +177,9 @@ def _key_list(keys) -> str:
 def load_backbone_state(trunk: nn.Module, name: str, state: dict, source: str = "state dict") -> None:
     """Load ``state`` (full torchvision model or trunk state dict) into ``trunk`` built by ``make_backbone(name)``.
 
-    Strict: raises ``ValueError`` naming the keys if any are missing or unknown, or if shapes differ.
+    Strict: raises ``ValueError`` naming the keys if any are missing or unknown, or if shapes differ. BatchNorm's
+    ``num_batches_tracked`` counters may be missing (torchvision's older ImageNet files, as its DenseNets and
+    VGG-BN, have none; torchvision loads them so too): they keep the trunk's values.
     """
     if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
         raise ValueError(f"{source}: expected a state dict (str -> tensor), got {type(state).__name__}")
@@ -187,6 +189,8 @@ def load_backbone_state(trunk: nn.Module, name: str, state: dict, source: str = 
         raise ValueError(f"{source}: expected a state dict (str -> tensor), but {not_tensors[0]!r} is a "
                          f"{type(state[not_tensors[0]]).__name__}")
     expected = trunk.state_dict()
+    counters = {k: expected[k] for k in expected if k.endswith("num_batches_tracked") and k not in state}
+    state = {**state, **counters}
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
     if missing or unexpected:

@@ -16,6 +16,8 @@ import typing
 import warnings
 from dataclasses import dataclass, field, fields
 
+import numpy as np
+
 from protokern.data.augment import MODES as AUGMENT_MODES
 from protokern.data.cache import CACHE_MODES
 from protokern.models import ADD_ONS, BACKBONES
@@ -152,6 +154,10 @@ class TrainConfig:
                                           "lr; formerly --prune-retrain-iters)")
 
     def __post_init__(self):  # every way a config is made (flags, config file, preset, dataclasses.replace)
+        for f in fields(self):  # NumPy scalars as Python values: checkpoints hold the config, plain values only
+            value = getattr(self, f.name)
+            if isinstance(value, np.generic):
+                setattr(self, f.name, value.item())
         self._expand_paths()
 
     def _expand_paths(self) -> None:

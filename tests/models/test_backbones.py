@@ -76,6 +76,18 @@ def test_weights_path_trunk_state_dict(tmp_path):
     assert _same_params(trunk, vgg.state_dict())
 
 
+@pytest.mark.parametrize("name", ["vgg11_bn", "densenet121", "resnet18"])
+def test_weights_without_batchnorm_counters_load(tmp_path, name):
+    """torchvision's older ImageNet files (its DenseNets, VGG-BN) have no num_batches_tracked: they load, as
+    in torchvision, the counters keeping the trunk's values."""
+    source, _ = make_backbone(name)
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(state) < len(source.state_dict())
+    torch.save(state, tmp_path / "w.pt")
+    trunk, _ = make_backbone(name, weights_path=tmp_path / "w.pt")
+    assert _same_params(trunk, source.state_dict())
+
+
 def test_bad_weights_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         make_backbone("tiny", weights_path=tmp_path / "nope.pt")

@@ -101,7 +101,33 @@ def test_unsafe_values_are_refused_at_save(tmp_path):
         save_checkpoint({"model": {}, "step": 0, "rng": {"numpy": np.zeros(3)}}, str(tmp_path / "x.pt"))
     with pytest.raises(TypeError, match="_CreatesFile"):
         save_checkpoint({"x": [1, _CreatesFile("nope")]}, str(tmp_path / "x.pt"))
+    # subclasses of plain types pass isinstance but not weights_only loading: refused at save, not at load
+    from collections import defaultdict
+
+    for value, name in ((np.float64(0.5), "numpy.float64"), (np.str_("a"), "numpy.str_"),
+                        (defaultdict(int), "collections.defaultdict")):
+        with pytest.raises(TypeError, match=rf"checkpoint\['v'\] is a {name}"):
+            save_checkpoint({"v": value}, str(tmp_path / "x.pt"))
     assert not os.listdir(tmp_path)
+
+
+def test_a_trainer_config_takes_numpy_scalars_as_python_values():
+    from protokern.train.config import TrainConfig
+
+    config = TrainConfig(joint_features_lr=np.logspace(-5, -3, 3)[1], epochs=np.int64(3))
+    assert type(config.joint_features_lr) is float and type(config.epochs) is int
+    check_safe_types(config.to_dict())
+
+
+def test_a_flipped_byte_in_a_tensor_is_a_corrupt_checkpoint(tmp_path):
+    """torch.load does not check the zip's CRC-32s: a flipped byte inside tensor data loaded silently."""
+    path = str(tmp_path / "c.pt")
+    save_checkpoint({"w": torch.arange(100000, dtype=torch.float32), "step": 0}, path)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x10  # inside the 400 kB of tensor data
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt: .* does not match its checksum"):
+        load_checkpoint(path)
 
 
 def test_first_format_checkpoint_still_loads_and_resumes(run_copy):

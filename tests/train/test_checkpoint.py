@@ -62,6 +62,19 @@ def test_explain_loads_a_model_without_importing_the_trainer(tmp_path):
     assert done.stdout.strip() == "[]"
 
 
+def test_a_model_saved_with_a_backend_this_device_lacks_loads_with_auto(tmp_path):
+    from protokern.checkpoint import model_from_checkpoint
+    from protokern.models import ProtoPNet
+
+    model = ProtoPNet(backbone="tiny", num_classes=2, prototypes_per_class=1, prototype_dim=8, backend="cuda")
+    ckpt.save_checkpoint({"model": model.state_dict(), "model_config": model.config, "step": 0},
+                         str(tmp_path / "last.pt"))
+    with pytest.warns(UserWarning, match="saved with backend 'cuda', which cannot run on cpu .*: using 'auto'"):
+        loaded, _, _ = model_from_checkpoint(str(tmp_path))
+    assert loaded.prototype_layer.backend == "auto"
+    assert loaded(torch.rand(1, 3, 32, 32))[0].shape == (1, 2)  # the forward runs (it raised before)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 @pytest.mark.parametrize("proc", [True, False], ids=["proc", "os.umask"])
 def test_atomic_writes_get_the_mode_of_the_umask(tmp_path, monkeypatch, umask, proc):
