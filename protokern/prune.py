@@ -9,7 +9,8 @@ training set with the model in train mode, testing after every epoch (:func:`ret
 path (similarities of the unaugmented images computed once) is a fast alternative.
 
 The search for each prototype's nearest images is one fused :func:`protokern.nearest_patches` call per batch
-and a running ``torch.topk`` over ``(P, k + B)`` candidates: no Python loop over prototypes or images. It is
+and a running top-k over ``(P, k + B)`` candidates (stable sorts: equal distances go to the lower image
+index): no Python loop over prototypes or images. It is
 shared with the global explanation (:func:`protokern.explain.gallery`).
 """
 

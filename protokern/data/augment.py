@@ -251,6 +251,8 @@ class GpuAugment(nn.Module):
         return out.to(x.dtype)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The batch ``x`` (B, C, H, W) augmented, one draw per image from ``generator``; unchanged in eval
+        mode or when no augmentation is on."""
         if not self.training or self.is_identity:
             return x
         m = self.sample_matrices(x.shape[0], x.shape[-2], x.shape[-1], device=x.device,

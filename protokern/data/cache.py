@@ -90,6 +90,7 @@ class ImageView(Dataset):
 
     @property
     def source_boxes(self) -> torch.Tensor:
+        """The view's boxes in source-image pixels (the dataset's ``source_boxes`` of its rows)."""
         return self.dataset.source_boxes[self.rows]
 
     @property
@@ -99,6 +100,7 @@ class ImageView(Dataset):
 
     @property
     def cached(self) -> bool:
+        """Whether the images are held decoded in memory (else each item is decoded from its file)."""
         return self.images is not None
 
     def __len__(self) -> int:

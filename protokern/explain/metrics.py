@@ -295,7 +295,8 @@ def consistency_and_stability(model: nn.Module, dataset, *, mu: float = 0.8, hal
     """Consistency and stability scores (Huang et al. 2023) of ``model`` on an annotated test set.
 
     ``dataset`` is as for :func:`part_correspondence` (e.g. ``CUB200(root, "test")``). Prototypes whose class
-    has no test image are left out of both scores (``per_prototype`` None).
+    has no test image are left out of both scores (``consistent`` and ``stability_per_prototype`` are None
+    for them).
 
     Returns:
         dict: ``consistency`` and ``stability`` (fractions in [0, 1]), ``consistent`` (per prototype bool or
