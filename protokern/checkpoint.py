@@ -185,14 +185,23 @@ def safe_load(path: str, map_location="cpu", what: str = "checkpoint"):
 
 def _check_crc(path: str, what: str) -> None:
     """A ``CheckpointError`` naming the damaged member of a zip checkpoint (torch.save's format) whose data does
-    not match its CRC-32: torch.load does not check them, and a flipped byte in a tensor loads silently."""
+    not match its CRC-32: torch.load does not check them, and a flipped byte in a tensor loads silently. Members
+    stored without one (CRC 0: ``torch.serialization.set_crc32_options(False)``) are not checked."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
+        archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return  # not a (readable) zip: a raw pickle, or a damaged file that torch.load reports
-    if bad is not None:
-        raise CheckpointError(f"{path} is not a readable {what} (corrupt: {bad} does not match its checksum)")
+    with archive:
+        for member in archive.infolist():
+            if member.CRC == 0:
+                continue
+            try:
+                with archive.open(member) as fh:  # reading to the end checks the CRC
+                    while fh.read(1 << 24):
+                        pass
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+                why = "does not match its checksum" if "CRC" in str(error) else f"unreadable: {first_line(error)}"
+                raise CheckpointError(f"{path} is not a readable {what} (corrupt: {member.filename} {why})") from None
 
 
 def _weights_only_reason(error: Exception) -> str:

@@ -45,7 +45,7 @@ def select_records(records: PushRecords, keep) -> PushRecords:
             raise ValueError(f"a boolean keep must have one entry per prototype ({len(records.image_index)}), "
                              f"got shape {tuple(keep.shape)}")
         keep = keep.nonzero().flatten()
-    elif keep.is_floating_point() or keep.is_complex():
+    elif keep.numel() and (keep.is_floating_point() or keep.is_complex()):
         raise TypeError(f"keep must hold prototype indices or be a boolean mask, got {keep.dtype}")
     keep = keep.long().flatten()
     fields = {f.name: getattr(records, f.name) for f in dataclasses.fields(records) if not f.name.startswith("_")}

@@ -323,7 +323,8 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
     best_d = torch.full((num_protos,), math.inf, device=device)
     best_idx = torch.full((num_protos,), -1, dtype=torch.int64, device=device)
     best_patch = torch.full((num_protos,), -1, dtype=torch.int64, device=device)
-    best_feat = torch.zeros(prototypes.shape, device=device)  # (P, D, kh, kw)
+    kept = search_dtype(prototypes.detach().to(device))  # the values of prototypes no image is pushed onto
+    best_feat = torch.zeros_like(kept)  # (P, D, kh, kw)
     best_map = None  # (P, Hout*Wout), created with the first batch
     image_size = feature_size = None
     nan_count = torch.zeros((), dtype=torch.int64, device=device)
@@ -344,10 +345,10 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
             x = imagenet_normalize(images.float())
             if autocast_dtype is None:
                 z = net.conv_features(x)
-            else:  # as in training: the trunk under autocast, the add-on in float32
+            else:  # as in training: the trunk under autocast, the add-on in the model's dtype
                 with torch.autocast(device.type, dtype=autocast_dtype):
                     f = net.features(x)
-                z = net.add_on(f.float())
+                z = net.add_on(f.to(net.dtype))
             z = search_dtype(z)
             if feature_size is None:
                 image_size, feature_size = tuple(images.shape[-2:]), tuple(z.shape[-2:])
@@ -388,8 +389,7 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
         warnings.warn(f"push: {int(nan_count)} NaN distances ignored (NaN features?)", stacklevel=2)
 
     pushed = best_idx >= 0
-    prototypes.data.copy_(torch.where(pushed[:, None, None, None], best_feat, prototypes.detach().float())
-                          .to(prototypes.dtype))
+    prototypes.data.copy_(torch.where(pushed[:, None, None, None], best_feat, kept).to(prototypes.dtype))
     missing = (~pushed).nonzero().flatten().tolist()
     if missing:
         absent = sorted({int(c) for c in classes[missing].tolist()})

@@ -22,10 +22,14 @@ from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, Iter
 def model_device(model: nn.Module, device=None) -> torch.device:
     """The device ``model`` computes on: that of its first parameter, or ``device`` where given, which must be
     the same one (the model is not moved: a one-line ``ValueError`` instead of a device mismatch deep inside)."""
-    own = next((p.device for p in model.parameters()), torch.device("cpu"))
+    own = next((p.device for p in model.parameters()), None)
     if device is None:
-        return own
-    asked = torch.empty(0, device=device).device  # "cuda" -> "cuda:<current>"
+        return own if own is not None else torch.device("cpu")
+    asked = checked_device(device)
+    if own is None:  # nothing to move: any device
+        return asked
+    if asked.type == own.type and asked.index is None:  # "cuda" names the model's cuda:i
+        asked = own
     if asked != own:
         raise ValueError(f"device={str(device)!r} but the model is on {own}: move the model there first "
                          f"(model.to({str(asked)!r}))")

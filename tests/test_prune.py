@@ -277,6 +277,7 @@ def test_select_records_takes_a_boolean_mask_like_prune_prototypes():
     by_index = select_records(records, [0, 2, 4, 5])
     assert torch.equal(by_mask.image_index, by_index.image_index) and len(by_mask.image_index) == 4
     assert torch.equal(by_mask.prototype_class, records.prototype_class[[0, 2, 4, 5]])
+    assert len(select_records(records, []).image_index) == 0  # an empty list is no indices, not floats
     with pytest.raises(ValueError, match="one entry per prototype"):
         select_records(records, torch.tensor([True, False]))
     with pytest.raises(TypeError, match="boolean mask"):

@@ -88,6 +88,12 @@ def test_a_model_in_another_dtype_pushes_and_explains_in_its_own(dtype):
 
     model, data = _model().to(dtype).eval(), _dataset()
     images = data.tensors[0]
+    missing = TensorDataset(images[:6], torch.tensor([0, 1, 0, 1, 0, 1]))  # no image of class 2
+    before = model.prototype_layer.prototypes.detach().clone()
+    with pytest.warns(UserWarning, match="no images of classes"):
+        push_prototypes(model, _loader(missing), progress=False, save_images=False)
+    unpushed = model.prototype_classes == 2
+    assert torch.equal(model.prototype_layer.prototypes.detach()[unpushed], before[unpushed])  # not rounded
     records = push_prototypes(model, _loader(data), progress=False)
     with torch.no_grad():
         z = model.conv_features(imagenet_normalize(images))
@@ -395,6 +401,11 @@ def test_a_device_other_than_the_models_is_one_line_and_batches_may_carry_more_i
                  lambda: explain_image(model, data.tensors[0][0], device="meta")):
         with pytest.raises(ValueError, match=r"^device='meta' but the model is on cpu: move the model there first"):
             call()
+    from protokern.utils import model_device
+
+    assert model_device(torch.nn.ReLU(), "meta") == torch.device("meta")  # nothing to move
+    with pytest.raises(ValueError, match="unknown device 'bogus'"):
+        model_device(model, "bogus")
     want = push_prototypes(_model().eval(), loader, progress=False, save_images=False)
     images, labels = data.tensors
     with_index = TensorDataset(images, labels, torch.arange(len(labels)))

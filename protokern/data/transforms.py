@@ -54,7 +54,8 @@ def _new_open_lock() -> None:
     _OPEN_LOCK = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_new_open_lock)
+if hasattr(os, "register_at_fork"):  # Unix
+    os.register_at_fork(after_in_child=_new_open_lock)
 
 
 class BadImageError(ValueError):

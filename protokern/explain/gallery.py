@@ -67,7 +67,8 @@ def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records:
         push_records: the model's push records, for the first column (the prototype's source image with its
             high-activation box); without them the column is left out.
         push_images: the push set the records index into (default: the loader's dataset; push and gallery
-            both run over the unaugmented training set).
+            both run over the unaugmented training set); a ``Subset`` is read through to its dataset, as for
+            :func:`explain_image`.
         class_names: class names (default: the dataset's ``classes``).
         device, progress: the model's device (default; another one is a ValueError); tqdm bars.
         tile: side of each image tile in pixels.

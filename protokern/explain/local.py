@@ -316,6 +316,8 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
         class_idx: the class to explain (default: the predicted class).
         push_images: the push set (``push_images[i]`` is an image tensor or an ``(image, label)`` pair), for
             the source images; without it the ``{j}_source.png`` files written by push are used if present.
+            A ``Subset`` is read through to its dataset, whose indices the records of a DataLoader hold (records
+            of a plain iterable of batches hold positions: pass what those positions index).
         class_names: names of the classes (default: ``push_images.classes`` when available).
         device: the model's device (default; another one is a ValueError: the model is not moved).
         image_size: resize the image to this side; default: the push images' size (from ``push_records``), or

@@ -172,11 +172,7 @@ class ProtoPNet(nn.Module):
         float32 images of the loaders, push and explanations."""
         if x.dim() != 4:
             raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
-        weight = next((w for w in self.parameters() if w.is_floating_point()), None)
-        if (weight is not None and x.is_floating_point() and x.dtype != weight.dtype
-                and not torch.is_autocast_enabled(x.device.type)):
-            x = x.to(weight.dtype)
-        return self.add_on(self.features(x))
+        return self.add_on(self.features(_in_dtype(x, self.dtype)))
 
     def classify_features(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(logits (B, C), min_distances (B, P), similarity (B, P))`` from conv features ``z`` (B, D, H, W)."""
@@ -186,9 +182,12 @@ class ProtoPNet(nn.Module):
     def class_logits(self, similarity: Tensor) -> Tensor:
         """Logits (B, C) of similarities (B, P): the last layer, in its own dtype outside autocast (the layer
         gives float32 similarities for float16 / bfloat16 features, which a ``.half()`` last layer refuses)."""
-        if not torch.is_autocast_enabled(similarity.device.type):
-            similarity = similarity.to(self.last_layer.weight.dtype)
-        return self.last_layer(similarity)
+        return self.last_layer(_in_dtype(similarity, self.last_layer.weight.dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype: that of its first floating-point parameter (the trunk's unless it has none)."""
+        return next((w.dtype for w in self.parameters() if w.is_floating_point()), torch.float32)
 
     def forward_with_similarity(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(logits (B, C), min_distances (B, P), similarity (B, P))`` in one pass."""
@@ -341,6 +340,16 @@ class ProtoPNet(nn.Module):
         target.update(mapped)
         model.load_state_dict(target)
         return model
+
+
+def _in_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Float ``x`` in ``dtype``, except under autocast (which chooses the dtypes itself)."""
+    if x.dtype == dtype or not x.is_floating_point():
+        return x
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return x
+    return x.to(dtype)
 
 
 def _original_feature_keys(state: dict, trunk: nn.Module) -> dict:

@@ -35,8 +35,8 @@ class TrainForward(nn.Module):
         autocast = (torch.autocast(x.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
-            f = self._trunk(x)
-        similarity, min_distances = self.model.prototype_layer(self.model.add_on(f.float()))
+            f = self._trunk(x if self.amp_dtype is not None else x.to(self.model.dtype))
+        similarity, min_distances = self.model.prototype_layer(self.model.add_on(f.to(self.model.dtype)))
         return self.model.class_logits(similarity), min_distances
 
 

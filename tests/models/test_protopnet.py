@@ -185,3 +185,21 @@ def test_pruning_keeps_the_layer_settings():
     model.prune_prototypes([1])
     layer = model.prototype_layer
     assert (layer.precision, layer.backend, layer.eps, model.num_prototypes) == ("high", "auto", 1e-4, 5)
+
+
+def test_a_model_on_the_meta_device_runs_its_forward():
+    """Shapes only (memory planning): no autocast query for a device autocast does not know."""
+    with torch.device("meta"):
+        model = ProtoPNet("tiny", num_classes=3, prototypes_per_class=2, prototype_dim=8)
+    for dtype in (torch.float32, torch.float16):
+        logits, min_distances = model(torch.empty(2, 3, 32, 32, device="meta", dtype=dtype))
+        assert logits.shape == (2, 3) and min_distances.shape == (2, 6) and logits.is_meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_train_forward_runs_a_model_in_its_dtype(dtype):
+    from protokern.train.loop import TrainForward
+
+    model = _tiny_model().to(dtype)
+    logits, min_distances = TrainForward(model)(torch.rand(2, 3, 64, 64))
+    assert logits.dtype == dtype and min_distances.shape == (2, 6)
