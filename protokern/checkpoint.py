@@ -247,9 +247,8 @@ def model_from_checkpoint(path: str, device=None):
     except (TypeError, ValueError, KeyError, RuntimeError) as error:
         first = first_line(error)[:300]
         raise CheckpointError(f"{path}: the weights do not fit the saved model config ({first})") from None
-    if records is not None and records.image_dir is not None:  # RUN/push/epoch_NNN of this run, moved or copied
-        run = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-        records.find_images(os.path.join(os.path.abspath(run), "push", os.path.basename(records.image_dir)))
+    if records is not None:  # RUN/push/epoch_NNN of this run, moved or copied
+        records.find_run_images(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     model.eval()
     if device is not None:
         model.to(device)

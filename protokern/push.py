@@ -127,10 +127,22 @@ class PushRecords:
         if here or not os.path.isdir(self.image_dir):
             self.image_dir = folder
 
+    def find_run_images(self, run_dir: str) -> None:
+        """:meth:`find_images` in run ``run_dir``'s own push folder: ``run_dir/push/<the stored folder's name>``
+        (records saved in a run that has since been moved or copied name the original's folder)."""
+        if self.image_dir is not None:
+            self.find_images(run_push_folder(run_dir, self.image_dir))
+
     def wait_images(self) -> None:
         """Block until the background PNG writing of this push has finished (re-raises its errors)."""
         while self._pending:
             self._pending.pop().result()
+
+
+def run_push_folder(run_dir: str, stored: str) -> str:
+    """``run_dir/push/<name of stored>``: the folder of run ``run_dir`` that a stored push folder of that run
+    (``RUN/push/epoch_NNN``, perhaps written before the run was moved or copied) stands for."""
+    return os.path.join(os.path.abspath(run_dir), "push", os.path.basename(os.path.normpath(stored)))
 
 
 _TENSOR_FIELDS = ("image_index", "prototype_class", "patch", "min_distance", "rf_box", "activation_box",

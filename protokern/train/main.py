@@ -47,7 +47,7 @@ from protokern.explain.metrics import part_boxes, part_localisation
 from protokern.losses import ProtoPNetLoss
 from protokern.models import ProtoPNet
 from protokern.models.receptive_field import backbone_receptive_field
-from protokern.push import RECORDS_FILE, PushRecords, push_prototypes
+from protokern.push import RECORDS_FILE, PushRecords, push_prototypes, run_push_folder
 from protokern.train import checkpoint as ckpt
 from protokern.train.config import TrainConfig, parse_config, parse_window
 from protokern.train.data import build_splits, train_loader
@@ -388,11 +388,10 @@ class Trainer:
         self.records = PushRecords.from_dict(state["push_records"]) if state.get("push_records") else None
         self.records_path = state.get("push_records_path")
         if self.records_path is not None:  # this run's own push folder (a copied or moved run kept the original's)
-            folder = os.path.abspath(self._path(os.path.join("push", os.path.basename(os.path.dirname(
-                self.records_path)))))
-            self.records_path = os.path.join(folder, RECORDS_FILE)
+            self.records_path = os.path.join(run_push_folder(self.run_dir, os.path.dirname(self.records_path)),
+                                             RECORDS_FILE)
             if self.records is not None:
-                self.records.find_images(folder)
+                self.records.find_run_images(self.run_dir)
         self.stage_seconds = dict(state.get("stage_seconds", {}))
         if self.is_main:
             self._truncate_metrics(state["step"])
