@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch.utils.data import BatchSampler, Dataset
 
+from protokern.utils import checked_device
+
 from .loader import default_num_workers
 from .transforms import BadImageError, uint8_to_float
 
@@ -173,7 +175,7 @@ def choose_cache(dataset, mode: str = "auto", device: torch.device | str | None 
     """The cache ``mode`` resolved for ``dataset``: "memory", "gpu" or "off" (see the module docstring)."""
     if mode not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {mode!r}")
-    device = torch.device(device) if device is not None else None
+    device = checked_device(device) if device is not None else None  # one line for a GPU this machine lacks
     if mode == "gpu" and (device is None or device.type != "cuda"):
         raise ValueError(f"cache 'gpu' needs a CUDA device, got {device}")
     if mode != "auto":
@@ -208,8 +210,8 @@ def prepare_images(dataset: Dataset, cache: str = "auto", *, skip_bad_images: bo
         workers: decoding threads (default: :func:`~protokern.data.loader.default_num_workers`, at least 1).
         desc: the progress bar's label.
     """
-    if not callable(getattr(dataset, "decode", None)):
-        return dataset
+    if not callable(getattr(dataset, "decode", None)) or (isinstance(dataset, ImageView) and dataset.cached):
+        return dataset  # (a cached view is ready: decoding it again would hold a second copy)
     mode = choose_cache(dataset, cache, device)
     if mode == "off" and not skip_bad_images:
         return dataset

@@ -8,7 +8,7 @@ import signal
 import threading
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 __all__ = ["make_loader", "default_num_workers", "worker_init"]
 
@@ -70,15 +70,18 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
     view = find_view(dataset)
     if view is not None and view.cached:
         workers = 0
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    # the order from a generator of its own: the loader's draws a worker base seed at every epoch's start
+    # without persistent workers and only once with them, which would put the order out of step with the
+    # number of workers (and so with the machine and the cache) from the second epoch on
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if shuffle else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed + 1),  # the workers' base seed
         worker_init_fn=worker_init,
     )

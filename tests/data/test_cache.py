@@ -75,6 +75,13 @@ def test_cache_choice(cub, monkeypatch):
         cache_mod.choose_cache(cub, "disk")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         prepare_images(cub, "gpu", device="cpu")
+    if not torch.cuda.is_available():  # refused at once, not after decoding every image
+        monkeypatch.setattr(cub, "decode", lambda i: pytest.fail("decoded"))
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            prepare_images(cub, "gpu", device="cuda")
+        monkeypatch.undo()
+    view = prepare_images(cub, "memory", progress=False)
+    assert prepare_images(view, "memory") is view  # a cached view is ready, not decoded into a second copy
 
 
 def test_datasets_without_files_pass_through():

@@ -25,6 +25,17 @@ def test_batches_and_seeded_shuffle():
     assert sorted(order(1).tolist()) == list(range(10))
 
 
+def test_the_seeded_order_does_not_depend_on_the_workers():
+    """Every epoch's order from the seed alone: the loader's own generator also draws the workers' base seed
+    (every epoch without persistent workers, once with them), which put the orders out of step from epoch 2."""
+    def epochs(workers):
+        loader = make_loader(data(12), 4, True, num_workers=workers, seed=7)
+        return [torch.cat([y for _, y in loader]).tolist() for _ in range(3)]
+
+    no_workers = epochs(0)
+    assert epochs(1) == no_workers and len({tuple(e) for e in no_workers}) == 3  # and a new order each epoch
+
+
 def test_workers_persist():
     loader = make_loader(data(), batch_size=5, shuffle=False, num_workers=1)
     assert loader.persistent_workers and loader.num_workers == 1
