@@ -157,13 +157,19 @@ def train_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> DataLoad
 
     An adapter over ``protokern.data.make_loader``'s settings: a ``DistributedSampler`` (with this process's
     rank, even for one process) instead of a generator-driven ``RandomSampler``, so a resumed run sees
-    exactly the batches an uninterrupted run would, whatever the number of workers.
+    exactly the batches an uninterrupted run would, whatever the number of workers. With N processes an epoch
+    leaves out its last (N - 1 at most, a new draw every epoch) images rather than train on and count some twice,
+    as the sampler's padding to a multiple of N would.
     """
     batch = process_batch_size(cfg.train_batch_size, info.world_size)
     if cfg.augment_copies > 1:
         dataset = Repeated(dataset, cfg.augment_copies)
+    if len(dataset) < info.world_size:
+        raise ValueError(f"{len(dataset)} training images (with --augment-copies) for {info.world_size} processes: "
+                         "each needs at least one")
     workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
+    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
+                                 drop_last=True)
     cached = cached_batches(dataset, sampler, batch, resolve_device(cfg.device, info.local_rank))
     if cached is not None:  # batches gathered from the uint8 cache, converted and prefetched on the device
         return cached

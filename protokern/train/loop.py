@@ -83,7 +83,9 @@ def run_epoch(forward: nn.Module, model: nn.Module, loader, loss_fn: nn.Module, 
             loss, terms = loss_fn(logits, min_distances, labels, model)
         if training and _on_any_rank(not math.isfinite(terms["total"]), device):
             if nan_policy != "skip":
-                raise FloatingPointError(f"non-finite loss ({terms['total']}) at batch {batch_index}")
+                value = terms["total"]  # finite here when another process's loss was not
+                what = f"({value})" if not math.isfinite(value) else "on another process"
+                raise FloatingPointError(f"non-finite loss {what} at batch {batch_index}")
             skipped += 1
             continue
         if training:

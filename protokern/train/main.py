@@ -189,6 +189,8 @@ class Trainer:
         _seed_everything(cfg.seed)
 
         self.train_set, self.val_set, self.test_set, self.push_set, num_classes = build_splits(cfg)
+        if len(self.push_set) < info.world_size:  # a process without push images would leave the others waiting
+            raise ValueError(f"{len(self.push_set)} push images for {info.world_size} processes: each needs at least one")
         if cfg.prune and cfg.prune_k > len(self.push_set):
             raise ValueError(f"bad config: prune_k ({cfg.prune_k}) > the {len(self.push_set)} training images that "
                              f"pruning looks among")
@@ -611,6 +613,10 @@ class Trainer:
             with open(self._path("metrics.jsonl"), encoding="utf-8") as fh:
                 lines = [line for line in fh if line.strip()]
             last_test = json.loads(lines[-1])["test_accuracy"] if lines else None
+        if self.info.enabled:  # every rank returns the summary rank 0 writes
+            box = [last_test]
+            dist.broadcast_object_list(box, src=0)
+            last_test = box[0]
         chosen = self.best["step"] is not None
         summary = {
             "run_dir": os.path.abspath(self.run_dir),

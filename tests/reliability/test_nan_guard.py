@@ -110,6 +110,18 @@ def test_nan_policy_stop_raises_before_the_step():
         _epoch("stop")
 
 
+def test_a_stop_for_another_process_does_not_name_this_ones_finite_loss(monkeypatch):
+    """Under torchrun every process stops when one loss is not finite: the others say so, not '(1.17)'."""
+    from protokern.train import loop
+
+    monkeypatch.setattr(loop, "_on_any_rank", lambda flag, device: True)  # another process's loss was NaN
+    model = _Model()
+    loader = [(torch.rand(4, 3, 2, 2), torch.randint(0, 2, (4,)))]
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss on another process at batch 0$"):
+        run_epoch(model, model, loader, _NanOnSecondBatch(), torch.device("cpu"),
+                  optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
 @pytest.mark.parametrize("flag", ["--joint-features-lr", "--last-layer-lr", "--cluster-coef", "--ce-coef",
                                   "--aug-rotate", "--aug-flip", "--weight-decay", "--lr-gamma"])
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf"])

@@ -147,6 +147,22 @@ def test_original_prune_retraining(tiny_args):
     assert moved and all(torch.equal(before[k], after[k]) for k in frozen)
 
 
+def test_processes_share_an_epoch_without_repeating_an_image():
+    """With N processes an epoch leaves out at most N - 1 images (a new draw each epoch) instead of training
+    on and counting some twice (the sampler's default padding)."""
+    cfg = dataclasses.replace(preset_config("demo"), num_workers=0, augment_copies=1, train_batch_size=4)
+    for epoch in (0, 1):
+        shares = []
+        for rank in (0, 1):
+            loader = train_loader(Blank(15), cfg, DistInfo(rank, 2, rank))
+            loader.sampler.set_epoch(epoch)
+            shares.append([int(i) for _, labels in loader for i in labels])
+        seen = shares[0] + shares[1]
+        assert len(shares[0]) == len(shares[1]) == 7 and len(set(seen)) == 14
+    with pytest.raises(ValueError, match="1 training images .* for 2 processes"):
+        train_loader(Blank(1), cfg, DistInfo(0, 2, 0))
+
+
 # ------------------------------------------------------------------------------------------- torchrun, gloo
 def _free_port() -> int:
     with socket.socket() as s:

@@ -350,3 +350,13 @@ def test_an_image_size_too_small_for_the_trunk_is_refused_before_anything_is_rea
     with pytest.raises(ValueError, match=message):
         TRAIN_MAIN.train(*parse_config(tiny_args + flags))
     assert not (tmp_path / "run").exists()
+
+
+def test_more_processes_than_push_images_is_refused_before_training(tiny_args, monkeypatch):
+    """A process whose push shard is empty raised alone while the others waited in the merge."""
+    from protokern.train.distributed import DistInfo
+
+    monkeypatch.setattr(TRAIN_MAIN.Trainer, "_check_out", lambda self: None)  # collective: no process group here
+    cfg, explicit = parse_config(tiny_args)
+    with pytest.raises(ValueError, match=r"^\d+ push images for 64 processes: each needs at least one$"):
+        TRAIN_MAIN.Trainer(cfg, DistInfo(0, 64, 0), torch.device("cpu"), explicit)
