@@ -1,7 +1,8 @@
 """Small helpers shared across protokern's layers (imports nothing from protokern).
 
 One owner each: the progress bar of long loops (and the stop signal they take between items), the eval-mode
-context, the dataset order of a loader, the check of a count argument, an error's first line, and strict JSON for the reports a run writes.
+context, the dataset order of a loader (and the dataset under its Subsets), the device a model computes on, the
+check of a count argument, an error's first line, and strict JSON for the reports a run writes.
 """
 
 from __future__ import annotations

@@ -101,7 +101,8 @@ def test_a_model_in_another_dtype_pushes_and_explains_in_its_own(dtype):
     assert z.dtype == dtype and logits.dtype == dtype
     protos = model.prototype_layer.prototypes.detach()
     assert protos.dtype == dtype
-    source = model.prototype_layer.windows(z[records.image_index], records.patch[:, 0] * z.shape[3] + records.patch[:, 1])
+    index = records.patch[:, 0] * z.shape[3] + records.patch[:, 1]
+    source = model.prototype_layer.windows(z[records.image_index], index)
     assert torch.equal(protos, source)
     assert min_distances[records.image_index, torch.arange(len(protos))].eq(0).all()
     assert nearest_training_patches(model, _loader(data), k=2, progress=False).image_index.shape == (len(protos), 2)

@@ -190,7 +190,8 @@ class Trainer:
 
         self.train_set, self.val_set, self.test_set, self.push_set, num_classes = build_splits(cfg)
         if len(self.push_set) < info.world_size:  # a process without push images would leave the others waiting
-            raise ValueError(f"{len(self.push_set)} push images for {info.world_size} processes: each needs at least one")
+            raise ValueError(f"{len(self.push_set)} push images for {info.world_size} processes: each needs at least "
+                             f"one")
         if cfg.prune and cfg.prune_k > len(self.push_set):
             raise ValueError(f"bad config: prune_k ({cfg.prune_k}) > the {len(self.push_set)} training images that "
                              f"pruning looks among")
