@@ -255,8 +255,9 @@ def model_from_checkpoint(path: str, device=None):
     from protokern.backends import available_backends
 
     layer, target = model.prototype_layer, torch.device("cpu" if device is None else device)
-    if layer.backend != "auto" and available_backends(target)[layer.backend] is not None:
+    why = None if layer.backend == "auto" else available_backends(target)[layer.backend]
+    if why is not None:
         warnings.warn(f"{path}: the model was saved with backend {layer.backend!r}, which cannot run on {target} "
-                      f"({available_backends(target)[layer.backend]}): using 'auto'", stacklevel=2)
+                      f"({why}): using 'auto'", stacklevel=2)
         layer.backend = "auto"
     return model, records, state

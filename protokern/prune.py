@@ -24,8 +24,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from protokern.models.protopnet import prototype_indices
 from protokern.push import PushRecords, nearest_training_patches
-from protokern.utils import image_batches, length, model_device, progress as _progress
+from protokern.utils import image_batches, model_device, progress as _progress
 
 __all__ = ["prune_prototypes", "retrain_last_layer", "select_records"]
 
@@ -39,15 +40,7 @@ def select_records(records: PushRecords, keep) -> PushRecords:
     ``ProtoPNet.prune_prototypes`` takes). ``image_dir`` is dropped (set to None): the PNGs written by push are
     named by the old prototype indices.
     """
-    keep = torch.as_tensor(keep).detach().cpu()
-    if keep.dtype == torch.bool:
-        if keep.shape != records.image_index.shape:
-            raise ValueError(f"a boolean keep must have one entry per prototype ({len(records.image_index)}), "
-                             f"got shape {tuple(keep.shape)}")
-        keep = keep.nonzero().flatten()
-    elif keep.numel() and (keep.is_floating_point() or keep.is_complex()):
-        raise TypeError(f"keep must hold prototype indices or be a boolean mask, got {keep.dtype}")
-    keep = keep.long().flatten()
+    keep = prototype_indices(keep, len(records.image_index))
     fields = {f.name: getattr(records, f.name) for f in dataclasses.fields(records) if not f.name.startswith("_")}
     for name, value in fields.items():
         if isinstance(value, Tensor):
@@ -179,8 +172,7 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
     try:
         if augment is None and not train_mode:
             parts = [(*_similarities(model, images.to(device)), torch.as_tensor(labels).to(device))
-                     for images, labels in _progress(image_batches(loader), "last layer: features", progress,
-                                                     total=length(loader))]
+                     for images, labels in _progress(image_batches(loader), "last layer: features", progress)]
             if not parts:
                 raise ValueError("the loader yielded no images")
             cache = [torch.cat(p) for p in zip(*parts)]

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protokern.utils import (eval_mode, image_batches, image_order, length, model_device, positive_int,
+from protokern.utils import (eval_mode, image_batches, image_order, model_device, positive_int,
                              progress as progress_bar)
 
 __all__ = ["PushRecords", "push_prototypes", "activation_boxes"]
@@ -214,7 +214,7 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
     image_size = feature_size = None
     position = 0
     with eval_mode(model):
-        for images, labels in progress_bar(image_batches(loader), desc, progress, total=length(loader)):
+        for images, labels in progress_bar(image_batches(loader), desc, progress):
             images = images.to(device).float()
             batch = images.shape[0]
             z = search_dtype(model.conv_features(imagenet_normalize(images)))
@@ -344,7 +344,7 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
 
     position = 0
     with eval_mode(net):
-        bar = progress_bar(image_batches(loader), "push", progress and rank == 0, total=length(loader))
+        bar = progress_bar(image_batches(loader), "push", progress and rank == 0)
         for images, labels in bar:
             images = images.to(device, non_blocking=True)
             labels = torch.as_tensor(labels).to(device, non_blocking=True)

@@ -104,21 +104,16 @@ def _whole_items(iterable: Iterable) -> Iterator:
         yield item
 
 
-def length(iterable) -> int | None:
-    """``len(iterable)``, or None for one without a length (a generator, a loader over an IterableDataset)."""
-    try:
-        return len(iterable)
-    except TypeError:
-        return None
-
-
 def progress(iterable: Iterable, desc: str, enabled: bool = True, total: int | None = None):
     """``iterable`` wrapped in a tqdm bar when ``enabled`` and stderr is a terminal (else a silent tqdm); a stop
     signal (:func:`stop`) is taken between items, not while one is fetched."""
     from tqdm.auto import tqdm
 
     if total is None:
-        total = length(iterable)
+        try:
+            total = len(iterable)
+        except TypeError:  # no length: a generator, a loader over an IterableDataset
+            pass
     return tqdm(_whole_items(iterable), desc=desc, total=total, leave=False, dynamic_ncols=True,
                 disable=not enabled or not sys.stderr.isatty())
 
@@ -177,12 +172,21 @@ def base_dataset(dataset):
     return dataset
 
 
-def image_batches(loader) -> Iterator[tuple[Tensor, Tensor]]:
-    """``(images, labels)`` of each batch of ``loader``; extra items (dataset indices ...) are ignored."""
-    for batch in loader:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise ValueError("the loader must yield (images, labels, ...) batches")
-        yield batch[0], batch[1]
+class image_batches:  # noqa: N801 - used as a function
+    """``(images, labels)`` of each batch of ``loader``; extra items (dataset indices ...) are ignored. Its length
+    is the loader's (so that a progress bar over it has a total)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in self.loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ValueError("the loader must yield (images, labels, ...) batches")
+            yield batch[0], batch[1]
 
 
 def positive_int(name: str, value) -> int:

@@ -214,14 +214,7 @@ class ProtoPNet(nn.Module):
         parameters): rebuild optimisers afterwards.
         """
         num = self.num_prototypes
-        drop = torch.as_tensor(indices).detach().cpu()
-        if drop.dtype == torch.bool:
-            if drop.shape != (num,):
-                raise ValueError(f"a boolean mask of prototypes must have shape ({num},), got {tuple(drop.shape)}")
-            drop = drop.nonzero().flatten()
-        elif drop.numel() and (drop.is_floating_point() or drop.is_complex()):
-            raise TypeError(f"prototype indices must be integers (or a boolean mask), got {drop.dtype}")
-        drop = drop.long().flatten()
+        drop = prototype_indices(indices, num)
         if drop.numel() and (drop.min() < 0 or drop.max() >= num):
             raise IndexError(f"prototype indices must be in [0, {num}), got {drop.tolist()}")
         keep_mask = torch.ones(num, dtype=torch.bool)
@@ -340,6 +333,20 @@ class ProtoPNet(nn.Module):
         target.update(mapped)
         model.load_state_dict(target)
         return model
+
+
+def prototype_indices(indices, num: int) -> Tensor:
+    """``indices`` of ``num`` prototypes (integers, or a boolean mask with one entry per prototype) as a flat
+    int64 tensor; one-line errors for a mask of another length and for non-integers."""
+    t = torch.as_tensor(indices).detach().cpu()
+    if t.dtype == torch.bool:
+        if t.shape != (num,):
+            raise ValueError(f"a boolean mask of prototypes must have shape ({num},), one entry per prototype, got "
+                             f"{tuple(t.shape)}")
+        return t.nonzero().flatten()
+    if t.numel() and (t.is_floating_point() or t.is_complex()):
+        raise TypeError(f"prototype indices must be integers (or a boolean mask), got {t.dtype}")
+    return t.long().flatten()
 
 
 def _in_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
