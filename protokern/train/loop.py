@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from protokern.data import imagenet_normalize
+from protokern.models.protopnet import _in_dtype
 from protokern.train.distributed import all_reduce_sum
 from protokern.utils import progress as progress_bar
 
@@ -34,9 +35,10 @@ class TrainForward(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         autocast = (torch.autocast(x.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
+        dtype = self.model.dtype
         with autocast:
-            f = self._trunk(x if self.amp_dtype is not None else x.to(self.model.dtype))
-        similarity, min_distances = self.model.prototype_layer(self.model.add_on(f.to(self.model.dtype)))
+            f = self._trunk(_in_dtype(x, dtype))
+        similarity, min_distances = self.model.prototype_layer(self.model.add_on(_in_dtype(f, dtype)))
         return self.model.class_logits(similarity), min_distances
 
 
