@@ -230,24 +230,29 @@ def _evidence_panel(image: np.ndarray, e: PrototypeEvidence, min_side: int, kind
 
 # ------------------------------------------------------------------------------------------------ inputs
 def load_image_tensor(image, image_size: int | tuple[int, int] | None = None) -> Tensor:
-    """An image as a float32 (3, S, S) tensor in [0, 1].
+    """An image as a float32 (3, H, W) tensor in [0, 1].
 
     ``image`` is a path (any PIL mode, RGBA / grayscale / CMYK included, is converted to RGB by
     ``protokern.data.load_image``), a PIL image, or a tensor (3, H, W) / (1, 3, H, W) in [0, 1]. With
-    ``image_size`` the image is resized (bilinear) to that square size.
+    ``image_size`` (a side S, or (H, W)) the image is resized (bilinear, antialiased) to S x S or H x W.
     """
     from protokern.data.transforms import load_image, pil_to_tensor, to_rgb
 
-    size = None if image_size is None else (image_size if isinstance(image_size, int) else int(image_size[0]))
-    if image_size is not None and not isinstance(image_size, int) and image_size[0] != image_size[1]:
-        raise ValueError(f"only square image sizes are supported, got {tuple(image_size)}")
+    size = None
+    if image_size is not None:
+        pair = (image_size, image_size) if not isinstance(image_size, (tuple, list, torch.Size)) else image_size
+        if len(pair) != 2:
+            raise ValueError(f"image_size must be a side or (height, width), got {image_size!r}")
+        size = (positive_int("image_size", pair[0]), positive_int("image_size", pair[1]))
     if isinstance(image, (str, os.PathLike)):
-        tensor, _ = load_image(image, size)
-        return tensor
-    if isinstance(image, Image.Image):
+        square = size is not None and size[0] == size[1]
+        image, _ = load_image(image, size[0] if square else None)
+        if square or size is None:
+            return image
+    elif isinstance(image, Image.Image):
         img = to_rgb(image)
-        if size is not None and img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
+        if size is not None and img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
         return pil_to_tensor(img)
     if not isinstance(image, Tensor):
         raise TypeError(f"image must be a path, a PIL image or a tensor, got {type(image).__name__}")
@@ -261,8 +266,8 @@ def load_image_tensor(image, image_size: int | tuple[int, int] | None = None) ->
         raise ValueError("expected an unnormalised image in [0, 1] (explanations normalise it themselves), got "
                          f"values in [{float(image.min()):.3f}, {float(image.max()):.3f}]")
     image = image.detach().float().cpu()
-    if size is not None and tuple(image.shape[1:]) != (size, size):
-        image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False,
+    if size is not None and tuple(image.shape[1:]) != size:
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
                               antialias=True)[0].clamp(0, 1)
     return image
 
@@ -304,7 +309,7 @@ def _check_image_size(model: nn.Module, size) -> None:
 @torch.no_grad()
 def explain_image(model: nn.Module, image, *, push_records: PushRecords | None = None, top_k: int = 10,
                   class_idx: int | None = None, push_images=None, class_names=None, device=None,
-                  image_size: int | None = None) -> Explanation:
+                  image_size: int | tuple[int, int] | None = None) -> Explanation:
     """Explain ``model``'s decision on one image ("this looks like that").
 
     Args:
@@ -320,7 +325,7 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
             of a plain iterable of batches hold positions: pass what those positions index).
         class_names: names of the classes (default: ``push_images.classes`` when available).
         device: the model's device (default; another one is a ValueError: the model is not moved).
-        image_size: resize the image to this side; default: the push images' size (from ``push_records``), or
+        image_size: resize the image to this side, or (height, width); default: the push images' size (from ``push_records``), or
             the image's own size.
 
     Returns:
@@ -336,7 +341,7 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
     if class_idx is not None and not 0 <= int(class_idx) < model.num_classes:
         raise ValueError(f"class_idx must be in [0, {model.num_classes}), got {class_idx}")
     if image_size is None and push_records is not None:
-        image_size = push_records.image_size[0]
+        image_size = tuple(push_records.image_size)
     x = load_image_tensor(image, image_size)
     _check_image_size(model, x.shape[1:])
     device = model_device(model, device)

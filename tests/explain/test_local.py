@@ -237,3 +237,27 @@ def test_an_image_holding_nan_is_refused():
     image[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         explain_image(model, image, top_k=1)
+
+
+def test_non_square_images_are_explained_at_the_push_images_size(tmp_path):
+    """A model pushed on 32 x 48 images explains a 32 x 48 image as it is (its logits are the model's), and a
+    path, a PIL image or a tensor of another size is resized to the push images' (height, width)."""
+    torch.manual_seed(0)
+    model = ProtoPNet(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                          torch.nn.MaxPool2d(4)),
+                      num_classes=2, prototypes_per_class=2, prototype_dim=4, out_channels=8).eval()
+    x, y = torch.rand(6, 3, 32, 48), torch.arange(6) % 2
+    records = push_prototypes(model, [(x, y)], progress=False)
+    assert tuple(records.image_size) == (32, 48)
+    e = explain_image(model, x[1], push_records=records)
+    with torch.no_grad():
+        logits = model(imagenet_normalize(x[1:2]))[0][0]
+    assert e.image.shape == (3, 32, 48)
+    torch.testing.assert_close(e.logits, logits, rtol=0, atol=0)
+    array = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    Image.fromarray(array).save(tmp_path / "x.png")
+    for image in (str(tmp_path / "x.png"), Image.fromarray(array), torch.rand(3, 40, 60)):
+        assert explain_image(model, image, push_records=records).image.shape == (3, 32, 48)
+        assert explain_image(model, image, image_size=(24, 36)).image.shape == (3, 24, 36)
+    with pytest.raises(ValueError, match="height, width"):
+        explain_image(model, x[1], image_size=(32, 48, 3))
