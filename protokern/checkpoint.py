@@ -225,11 +225,12 @@ def load_checkpoint(path: str, map_location="cpu", default: str = LAST) -> dict:
     return state
 
 
-def model_from_checkpoint(path: str, device=None):
+def model_from_checkpoint(path: str, device=None, backbone=None):
     """Rebuild a trained ``ProtoPNet`` from a trainer checkpoint (``RUN/best.pt``, or a run folder: its best.pt).
 
     Returns ``(model in eval mode, push records or None, the checkpoint dict)``. The model is rebuilt with
-    ``ProtoPNet.from_config(checkpoint["model_config"])`` and loaded from ``checkpoint["model"]``; a checkpoint
+    ``ProtoPNet.from_config(checkpoint["model_config"], backbone=backbone)`` (``backbone``: the trunk module of a
+    model built around one, which a config cannot hold) and loaded from ``checkpoint["model"]``; a checkpoint
     that does not fit its config raises :class:`CheckpointError`. A model saved with a backend that cannot run
     on ``device`` (default CPU), such as "cuda" on a machine without a GPU, gets "auto", with a warning.
     """
@@ -241,7 +242,11 @@ def model_from_checkpoint(path: str, device=None):
     if not isinstance(state.get("model_config"), dict):
         raise CheckpointError(f"{path}: checkpoint has no 'model_config' to rebuild the model from")
     try:
-        model = ProtoPNet.from_config(state["model_config"])
+        model = ProtoPNet.from_config(state["model_config"], backbone=backbone)
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: cannot rebuild the model from its saved config ({first_line(error)[:300]})"
+                              ) from None
+    try:
         model.load_state_dict(state["model"])
         records = PushRecords.from_dict(state["push_records"]) if state.get("push_records") else None
     except (TypeError, ValueError, KeyError, RuntimeError) as error:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from protokern.models.protopnet import prototype_indices
 from protokern.push import PushRecords, nearest_training_patches
-from protokern.utils import image_batches, model_device, progress as _progress
+from protokern.utils import image_batches, model_device, positive_int, progress as _progress
 
 __all__ = ["prune_prototypes", "retrain_last_layer", "select_records"]
 
@@ -74,8 +75,10 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
         ``num_pruned``, ``num_remaining``, ``k``, ``threshold``, ``neighbours`` (:class:`Neighbours`) and,
         with ``push_records``, the kept prototypes' ``push_records``.
     """
-    if not isinstance(threshold, int) or isinstance(threshold, bool) or not 0 <= threshold <= k:
+    k = positive_int("k", k)
+    if not isinstance(threshold, numbers.Integral) or isinstance(threshold, bool) or not 0 <= threshold <= k:
         raise ValueError(f"threshold must be an int in [0, k={k}], got {threshold!r}")
+    threshold = int(threshold)
     if push_records is not None and len(push_records.image_index) != model.num_prototypes:
         raise ValueError(f"push_records hold {len(push_records.image_index)} prototypes, "
                          f"the model {model.num_prototypes}")
@@ -158,11 +161,11 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
     aug_generator = torch.Generator(device=device).manual_seed(seed) if augment is not None else None
 
     def live_batches():
-        for images, labels in image_batches(loader):
+        for images, labels in image_batches(loader, model.num_classes):
             images = images.to(device).float()
             if augment is not None:
                 images = augment(images, generator=aug_generator)
-            yield (*_similarities(model, images), torch.as_tensor(labels).to(device))
+            yield (*_similarities(model, images), labels.to(device))
 
     cache = None
     was_training, requires_grad = model.training, weight.requires_grad
@@ -171,8 +174,8 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
     stats = {"iters": iters, "loss": math.nan, "accuracy": math.nan}
     try:
         if augment is None and not train_mode:
-            parts = [(*_similarities(model, images.to(device)), torch.as_tensor(labels).to(device))
-                     for images, labels in _progress(image_batches(loader), "last layer: features", progress)]
+            batches = _progress(image_batches(loader, model.num_classes), "last layer: features", progress)
+            parts = [(*_similarities(model, images.to(device)), labels.to(device)) for images, labels in batches]
             if not parts:
                 raise ValueError("the loader yielded no images")
             cache = [torch.cat(p) for p in zip(*parts)]

@@ -214,7 +214,8 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
     image_size = feature_size = None
     position = 0
     with eval_mode(model):
-        for images, labels in progress_bar(image_batches(loader), desc, progress):
+        batches = image_batches(loader, getattr(model, "num_classes", None))
+        for images, labels in progress_bar(batches, desc, progress):
             images = images.to(device).float()
             batch = images.shape[0]
             z = search_dtype(model.conv_features(imagenet_normalize(images)))
@@ -344,7 +345,8 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
 
     position = 0
     with eval_mode(net):
-        bar = progress_bar(image_batches(loader), "push", progress and rank == 0)
+        bar = progress_bar(image_batches(loader, getattr(net, "num_classes", None)), "push",
+                           progress and rank == 0)
         for images, labels in bar:
             images = images.to(device, non_blocking=True)
             labels = torch.as_tensor(labels).to(device, non_blocking=True)

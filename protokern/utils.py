@@ -1,8 +1,9 @@
 """Small helpers shared across protokern's layers (imports nothing from protokern).
 
 One owner each: the progress bar of long loops (and the stop signal they take between items), the eval-mode
-context, the dataset order of a loader (and the dataset under its Subsets), the device a model computes on, the
-check of a count argument, an error's first line, and strict JSON for the reports a run writes.
+context, the dataset order of a loader (and the dataset under its Subsets), a loader's checked image batches,
+the device a model computes on, the check of a count argument, an error's first line, and strict JSON for the
+reports a run writes.
 """
 
 from __future__ import annotations
@@ -172,12 +173,27 @@ def base_dataset(dataset):
     return dataset
 
 
+def check_unit_range(images: Tensor, what: str = "images") -> None:
+    """A one-line ``ValueError`` unless the float ``images`` lie in [0, 1] (to 1e-3; NaN is left to the model):
+    the datasets' and explanations' convention. Images already normalised, or in 0..255, would be misread
+    silently."""
+    if images.numel():
+        low, high = (float(v) for v in torch.stack(torch.aminmax(images.detach())).tolist())
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise ValueError(f"expected unnormalised {what} in [0, 1] (they are ImageNet-normalised here), got values "
+                             f"in [{low:.3f}, {high:.3f}]")
+
+
 class image_batches:  # noqa: N801 - used as a function
-    """``(images, labels)`` of each batch of ``loader``; extra items (dataset indices ...) are ignored. Its length
+    """``(images, labels)`` of each batch of ``loader`` (extra items, dataset indices ..., are ignored), checked:
+    images a float (B, 3, H, W) tensor in [0, 1] (:func:`check_unit_range`; uint8 batches are refused:
+    ``protokern.data.uint8_to_float`` converts them), labels B class indices (a tensor, list or array), given as
+    an int64 tensor, in [0, num_classes) when ``num_classes`` is given. Each misuse is a one-line error. Its length
     is the loader's (so that a progress bar over it has a total)."""
 
-    def __init__(self, loader):
+    def __init__(self, loader, num_classes: int | None = None):
         self.loader = loader
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -186,7 +202,27 @@ class image_batches:  # noqa: N801 - used as a function
         for batch in self.loader:
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise ValueError("the loader must yield (images, labels, ...) batches")
-            yield batch[0], batch[1]
+            images, labels = batch[0], batch[1]
+            if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
+                raise ValueError("images must be a (B, 3, H, W) tensor, got "
+                                 + (f"shape {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__))
+            if not images.is_floating_point():
+                raise TypeError(f"images must be floats in [0, 1], got {images.dtype} (protokern.data.uint8_to_float "
+                                "converts uint8 images)")
+            check_unit_range(images)
+            labels = torch.as_tensor(labels)
+            if labels.shape != (images.shape[0],) or labels.is_complex() or labels.dtype == torch.bool:
+                raise ValueError(f"labels must be {images.shape[0]} class indices, one per image, got a {labels.dtype} "
+                                 f"tensor of shape {tuple(labels.shape)}")
+            if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+                raise ValueError("labels must be class indices (integers), got fractional values")
+            labels = labels.long()
+            if self.num_classes is not None and labels.numel():
+                low, high = (int(v) for v in torch.stack(torch.aminmax(labels)).tolist())
+                if low < 0 or high >= self.num_classes:
+                    raise ValueError(f"labels must be in [0, {self.num_classes}) for a model of {self.num_classes} "
+                                     f"classes, got labels in [{low}, {high}]")
+            yield images, labels
 
 
 def positive_int(name: str, value) -> int:

@@ -90,6 +90,8 @@ def test_prune_threshold_and_dry_run():
     assert prune_prototypes(model, loader, k=6, threshold=0, progress=False)["pruned"] == []
     with pytest.raises(ValueError, match="threshold"):
         prune_prototypes(model, loader, k=6, threshold=7, progress=False)
+    with pytest.raises(ValueError, match="^k must be an integer >= 1, got 0"):
+        prune_prototypes(model, loader, k=0, progress=False)
     with pytest.raises(ValueError, match="only 20 images"):
         prune_prototypes(model, loader, k=21, progress=False)
     with pytest.raises(ValueError, match="remove them all"):

@@ -425,3 +425,22 @@ def test_explanations_take_the_push_set_as_a_subset():
     explanation = explain_image(model, data.tensors[0][0], push_records=records, push_images=subset)
     for e in explanation.top:
         torch.testing.assert_close(e.source_image, data.tensors[0][e.source_index])
+
+
+def test_the_searches_refuse_misread_batches_in_one_line():
+    """uint8 images and labels outside the model's classes: one line from push, the nearest patches, pruning and
+    last-layer retraining (image_batches checks them all), not a silently different search."""
+    from protokern.prune import prune_prototypes, retrain_last_layer
+    from protokern.push import nearest_training_patches
+
+    model, data = _model().eval(), _dataset()
+    images, labels = data.tensors
+    as_bytes = [((images * 255).round().to(torch.uint8), labels)]
+    relabelled = [(images, labels + model.num_classes)]
+    for loader, error, message in ((as_bytes, TypeError, "uint8_to_float"), (relabelled, ValueError, "labels must be")):
+        for call in (lambda: push_prototypes(model, loader, progress=False),
+                     lambda: nearest_training_patches(model, loader, k=2, progress=False),
+                     lambda: prune_prototypes(model, loader, k=2, threshold=1, progress=False),
+                     lambda: retrain_last_layer(model, loader, iters=1, progress=False)):
+            with pytest.raises(error, match=message):
+                call()

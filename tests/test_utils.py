@@ -96,3 +96,32 @@ def test_positive_int_is_the_one_check_of_a_count_argument():
             call(True)
     assert len(Repeated([0], np.int64(2))) == 2
     assert make_add_on("regular", np.int64(3), 4)[0].in_channels == 3
+
+
+def test_image_batches_checks_images_and_labels():
+    """Push, pruning and the metrics read batches through image_batches: uint8 or 0..255 images, one-hot or
+    miscounted labels and labels outside the model's classes are one-line errors, not silently misread."""
+    import torch
+
+    from protokern.utils import image_batches
+
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 1, 0])
+    images, labels = next(iter(image_batches([(x, y.int(), "extra")], num_classes=2)))
+    assert images is x and labels.dtype == torch.int64 and labels.tolist() == y.tolist()
+    assert next(iter(image_batches([(x, [0.0, 1.0, 1.0, 0.0])])))[1].tolist() == y.tolist()
+    bad = {
+        "uint8_to_float": [((x * 255).to(torch.uint8), y)],
+        r"in \[0, 1\].*\[0\.\d+, 2\d\d\.\d+\]": [(x * 255, y)],
+        r"got values in \[-\d": [((x - 0.5) / 0.25, y)],
+        r"\(B, 3, H, W\)": [(x[:, :1], y)],
+        r"4 class indices.*shape \(4, 2\)": [(x, torch.nn.functional.one_hot(y))],
+        r"4 class indices.*shape \(3,\)": [(x, y[:3])],
+        "fractional": [(x, y + 0.5)],
+        r"\[0, 2\) for a model of 2 classes, got labels in \[1, 2\]": [(x, y + 1)],
+        r"\(images, labels, \.\.\.\)": [x],
+    }
+    for message, loader in bad.items():
+        with pytest.raises((ValueError, TypeError), match=message) as info:
+            list(image_batches(loader, num_classes=2))
+        assert "\n" not in str(info.value)
+    assert len(image_batches([(x, y)] * 3)) == 3

@@ -24,7 +24,7 @@ from protokern.checkpoint import model_from_checkpoint
 from protokern.explain import render
 from protokern.models.receptive_field import checked_receptive_field, patch_box
 from protokern.push import PushRecords, activation_boxes, search_dtype
-from protokern.utils import base_dataset, eval_mode, model_device, positive_int, strict_json
+from protokern.utils import base_dataset, check_unit_range, eval_mode, model_device, positive_int, strict_json
 
 __all__ = ["Explanation", "PrototypeEvidence", "explain_image", "load_image_tensor", "model_from_checkpoint"]
 _PANEL = re.compile(r"rank\d{2,}_prototype\d+\.png")  # the per-prototype files of Explanation.save
@@ -262,9 +262,7 @@ def load_image_tensor(image, image_size: int | tuple[int, int] | None = None) ->
         raise ValueError(f"expected a float image tensor (3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}")
     if not bool(image.isfinite().all()):
         raise ValueError("the image holds NaN or inf values")
-    if image.min() < -1e-3 or image.max() > 1 + 1e-3:
-        raise ValueError("expected an unnormalised image in [0, 1] (explanations normalise it themselves), got "
-                         f"values in [{float(image.min()):.3f}, {float(image.max()):.3f}]")
+    check_unit_range(image, "image")
     image = image.detach().float().cpu()
     if size is not None and tuple(image.shape[1:]) != size:
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from protokern.explain import render
 from protokern.push import search_dtype
-from protokern.utils import eval_mode, image_order, model_device, progress as _progress
+from protokern.utils import eval_mode, image_batches, image_order, model_device, progress as _progress
 
 __all__ = [
     "PartCorrespondence",
@@ -46,33 +46,24 @@ SELECTIONS = ("own_class", "top")
 
 
 def _indexed_batches(data, batch_size: int, num_workers: int):
-    """``(dataset, iterator of (images, labels, dataset indices))`` for a dataset or a fixed-order DataLoader."""
-    if isinstance(data, DataLoader):
-        order, dataset = image_order(data)
-        if order is None:
-            raise ValueError("metrics need a DataLoader over a dataset")
-
-        def batches():
-            position = 0
-            for batch in data:
-                images, labels = batch[0], batch[1]
-                n = images.shape[0]
-                yield images, torch.as_tensor(labels), order[position:position + n]
-                position += n
-
-        return dataset, batches(), len(data)
-    if not isinstance(data, Dataset) and not hasattr(data, "__getitem__"):
-        raise TypeError(f"expected a dataset or a DataLoader, got {type(data).__name__}")
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    """``(base dataset, iterator of (images, labels, dataset indices), length)`` for a dataset or a fixed-order
+    DataLoader; indices are those of the dataset under any ``Subset`` (as push records hold), either way."""
+    if not isinstance(data, DataLoader):
+        if not isinstance(data, Dataset) and not hasattr(data, "__getitem__"):
+            raise TypeError(f"expected a dataset or a DataLoader, got {type(data).__name__}")
+        data = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    order, dataset = image_order(data)
+    if order is None:
+        raise ValueError("metrics need a DataLoader over a dataset")
 
     def batches():
         position = 0
-        for images, labels in ((b[0], b[1]) for b in loader):
+        for images, labels in image_batches(data):
             n = images.shape[0]
-            yield images, torch.as_tensor(labels), torch.arange(position, position + n)
+            yield images, labels, order[position:position + n]
             position += n
 
-    return data, batches(), len(loader)
+    return dataset, batches(), len(data)
 
 
 def _argmax_pixels(maps: Tensor, size: tuple[int, int], chunk: int = 256) -> tuple[Tensor, Tensor]:
@@ -108,7 +99,8 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
         model: a ``ProtoPNet`` (taking ImageNet-normalised images; images are normalised here).
         data: a dataset of ``(image, label)`` in [0, 1], or a non-shuffling ``DataLoader`` over one.
         boxes: (N, 4) part boxes ``(x0, y0, x1, y1)`` in pixels of the dataset's images, indexed by dataset
-            index; default: the dataset's ``boxes`` (e.g. ``SyntheticParts``).
+            index (of the dataset under any ``Subset``, as push records); default: that dataset's ``boxes`` (e.g.
+            ``SyntheticParts``).
         prototypes: which (image, prototype) pairs count: ``"own_class"`` (every prototype of the image's
             class) or ``"top"`` (the ``top_k`` most activated prototypes of each image).
         location: ``"rf_centre"`` (the centre of the receptive field of the nearest window, the whole kh x kw

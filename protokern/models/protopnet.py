@@ -328,8 +328,9 @@ class ProtoPNet(nn.Module):
         problems += [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in mapped.items()
                      if k in target and v.shape != target[k].shape]
         if problems:
-            raise ValueError(f"original state dict does not fit backbone {kwargs.get('backbone', 'vgg19')!r}: "
-                             + "; ".join(problems))
+            trunk = kwargs.get("backbone", "vgg19")
+            name = repr(trunk) if isinstance(trunk, str) else f"a {type(trunk).__name__} module"
+            raise ValueError(f"original state dict does not fit backbone {name}: " + "; ".join(problems))
         target.update(mapped)
         model.load_state_dict(target)
         return model

@@ -50,6 +50,10 @@ def test_part_localisation_known_answer():
     subset = DataLoader(Subset(data, [5, 4, 3]), batch_size=2)
     sub = part_localisation(model, subset, boxes=data.boxes, progress=False)
     assert sub["per_prototype"] == [1.0, 0.0, 1.0] and sub["pairs"] == 5
+    # the Subset itself: the same dataset indices, so the same answer (boxes were matched by position)
+    for boxes in (data.boxes, None):
+        direct = part_localisation(model, Subset(data, [5, 4, 3]), boxes=boxes, batch_size=2, progress=False)
+        assert direct == sub
 
 
 def test_metrics_build_no_autograd_graph():

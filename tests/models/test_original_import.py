@@ -90,6 +90,10 @@ def test_import_errors():
     with pytest.raises(ValueError, match="prototypes_per_class=3 but the state dict has 4"):
         ProtoPNet.from_original_state_dict(state, backbone="vgg11", prototypes_per_class=3)
     assert ProtoPNet.from_original_state_dict(state, backbone="vgg11", prototypes_per_class=4).num_prototypes == 12
+    trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU())  # 32 channels, the state's 512
+    with pytest.raises(ValueError, match=r"^original state dict does not fit backbone a Sequential module: ") as info:
+        ProtoPNet.from_original_state_dict(state, backbone=trunk, out_channels=32)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("name, features_cls, channels, window, activation", [

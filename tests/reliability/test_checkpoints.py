@@ -185,3 +185,22 @@ def test_a_copied_run_explains_with_its_own_push_images(run_copy):
     _, records, _ = model_from_checkpoint(str(run_copy))
     assert records.image_dir.startswith(str(run_copy)) and os.path.isfile(os.path.join(records.image_dir,
                                                                                        "0_source.png"))
+
+
+def test_a_model_around_a_module_trunk_comes_back_with_its_trunk(tmp_path):
+    """A config cannot hold a trunk module: model_from_checkpoint takes it as backbone= (and without it says so
+    instead of calling the weights unfit)."""
+    from protokern.models import ProtoPNet
+
+    def trunk():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(4))
+
+    torch.manual_seed(0)
+    model = ProtoPNet(trunk(), num_classes=2, prototypes_per_class=2, prototype_dim=4, out_channels=8).eval()
+    path = str(tmp_path / "model.pt")
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config, "step": 0}, path)
+    with pytest.raises(CheckpointError, match=r"cannot rebuild the model.*module trunk: pass backbone="):
+        model_from_checkpoint(path)
+    loaded, records, _ = model_from_checkpoint(path, backbone=trunk())
+    x = torch.rand(2, 3, 32, 32)
+    assert records is None and torch.equal(loaded(x)[0], model(x)[0])
