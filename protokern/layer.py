@@ -19,12 +19,16 @@ from protokern.ops import (
 )
 from protokern.utils import positive_int
 
+# torch.fx.symbolic_trace (and torchvision's create_feature_extractor) record the op as one call instead of
+# tracing into its input checks, which refuse the tracer's proxies.
+torch.fx.wrap("prototype_similarity")
+
 
 class ProtoLayer(nn.Module):
     """ProtoPNet prototype layer: similarity and min distance of ``num_prototypes`` learned prototypes.
 
     The parameter ``prototypes`` has the original implementation's shape (M, D, kh, kw) (``prototype_size``
-    (kh, kw), default (1, 1)) and is initialised uniform in [0, 1). ``forward(z)`` takes features (B, D, H, W)
+    (kh, kw), default (1, 1)) and is initialised uniform in [0, 1) (:meth:`reset_parameters`). ``forward(z)`` takes features (B, D, H, W)
     with H >= kh, W >= kw and returns ``(similarity, min_distances)``, each (B, M) float32 (float64 when z
     and the layer are float64 on the torch backend), computed by the fused op with ``similarity`` "log",
     "linear" or "cosine" (see ``protokern.prototype_similarity``).
@@ -50,7 +54,15 @@ class ProtoLayer(nn.Module):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.backend = backend
         self.precision = precision
-        self.prototypes = nn.Parameter(torch.rand(num_prototypes, prototype_dim, kh, kw))
+        self.prototypes = nn.Parameter(torch.empty(num_prototypes, prototype_dim, kh, kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Prototypes uniform in [0, 1), the original's initialisation (the values ``torch.rand`` would draw).
+        Called at construction, and by tools that build a model on the meta device and then materialise it
+        (FSDP, ``module.to_empty()``)."""
+        with torch.no_grad():
+            self.prototypes.uniform_(0, 1)
 
     @property
     def num_prototypes(self) -> int:

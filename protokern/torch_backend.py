@@ -199,10 +199,12 @@ def shapes_only(t: torch.Tensor) -> bool:
 
 def traced(t: torch.Tensor) -> bool:
     """Whether this call is being traced into a graph (torch.compile, torch.export, and the tracers they build on
-    that eager code also calls: make_fx, aot_function): an op must then be recorded as a registered custom op,
-    one node whose fake rule gives the shapes. Inlined, eager code would record the shapes-only placeholders
-    of fake inputs (or miss a Triton launch, or a data-dependent fix-up) as the graph's values."""
-    return torch.compiler.is_compiling() or shapes_only(t) or get_proxy_mode() is not None
+    that eager code also calls: make_fx, aot_function; also torch.jit.trace): an op must then be recorded as a
+    registered custom op, one node whose fake rule gives the shapes. Inlined, eager code would record the
+    shapes-only placeholders of fake inputs (or miss a Triton launch, or a data-dependent fix-up, or the
+    torch backend's data-dependent branches) as the graph's values."""
+    return (torch.compiler.is_compiling() or shapes_only(t) or get_proxy_mode() is not None
+            or torch.jit.is_tracing())
 
 
 def similarity(dist: torch.Tensor, eps: float) -> torch.Tensor:

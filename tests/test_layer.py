@@ -121,3 +121,43 @@ def test_nearest_follows_the_forward_search_in_float64():
     dist, index = layer.nearest(z)
     assert index.item() == 1 and dist.dtype == torch.float64
     assert layer.distance_maps(z).dtype == torch.float64
+
+
+@pytest.mark.parametrize("similarity, window", [("log", (1, 1)), ("linear", (2, 2)), ("cosine", (1, 1))])
+def test_jit_trace_and_fx_record_the_op_as_one_call(similarity, window):
+    """torch.jit.trace records one protokern op (it traced the torch backend's data-dependent branches and hit
+    an internal assert) and torch.fx.symbolic_trace calls the op (its input checks refused the proxies): both
+    graphs compute eager's values and gradients on other inputs."""
+    import warnings
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.Sigmoid(),
+                              protokern.ProtoLayer(5, 6, prototype_size=window, similarity=similarity))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings, and torch.jit.trace's deprecation
+        jitted = torch.jit.trace(net, (torch.rand(2, 3, 8, 8),), check_trace=False)
+    assert sum(n.kind().startswith("protokern::") for n in jitted.inlined_graph.nodes()) == 1
+    fx = torch.fx.symbolic_trace(net)
+    assert any(n.op == "call_function" and n.target is protokern.layer.prototype_similarity for n in fx.graph.nodes)
+    for graph in (jitted, fx):
+        x = torch.rand(3, 3, 9, 7, requires_grad=True)
+        want = net(x)
+        got = graph(x)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        g = torch.rand_like(want[0])
+        (gx,) = torch.autograd.grad(got[0], x, g)
+        torch.testing.assert_close(gx, torch.autograd.grad(net(x)[0], x, g)[0], rtol=0, atol=0)
+
+
+def test_reset_parameters_initialises_a_layer_built_on_the_meta_device():
+    torch.manual_seed(0)
+    want = protokern.ProtoLayer(4, 3).prototypes
+    with torch.device("meta"):
+        layer = protokern.ProtoLayer(4, 3)
+    layer = layer.to_empty(device="cpu")
+    torch.manual_seed(0)
+    layer.reset_parameters()
+    assert torch.equal(layer.prototypes, want) and bool(((want >= 0) & (want < 1)).all())
+    torch.manual_seed(0)
+    assert torch.equal(want, torch.rand(4, 3, 1, 1))  # the values of the original's torch.rand
