@@ -54,7 +54,8 @@ def to_uint8(image) -> np.ndarray:
         return array.copy()
     if array.ndim != 3 or array.shape[0] != 3:
         raise ValueError(f"expected a float image (3, H, W) in [0, 1], got shape {array.shape}")
-    return (np.clip(array.transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)
+    array = np.nan_to_num(array.transpose(1, 2, 0), nan=0.0)  # a NaN pixel is drawn black, without a cast warning
+    return (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
