@@ -761,7 +761,9 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
         search.template visit<kInterleave>(tid, [&](int s, int ml, int kl, float& acc) {
           const float v = fmaf(-2.f, acc, zn_s[kl]);
           const float delta = pair_delta(ml, kl);
-          const bool real = k0 + kl < HW, finite = isfinite(v);
+          // a bound that is not finite leaves the pair a candidate: |p|^2 = inf (|p| > 1.8e19) makes it
+          // inf * 0 = NaN for a zero patch at "medium" while v~ (without |p|^2) stays finite
+          const bool real = k0 + kl < HW, finite = isfinite(v) && isfinite(delta);
           if (real && finite) tmin[s] = fminf(tmin[s], v + delta);
           acc = !real ? NAN : finite ? v - delta : -INFINITY;
 #ifdef PROTOKERN_EMU

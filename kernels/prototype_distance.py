@@ -349,7 +349,7 @@ def _search_tile(z_base, norms, p_rows, p_tile, p_len, p_sep, p_small, rho_p, m_
                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
                  TRUNCATE: tl.constexpr, SEPARABLE: tl.constexpr, NORMS_K: tl.constexpr, RECORD: tl.constexpr):
     """The search over the patch tile at k0 of one image: (the tile's lower ends, compared with the running
-    threshold for the candidates: -inf where v~ is not finite (always a candidate) and NaN outside the problem
+    threshold for the candidates: -inf where v~ or its bound is not finite (always a candidate) and NaN outside the problem
     (never one); thr lowered by the tile's upper ends). Per-pair form: ends v~ -+ delta (v~ = a~ - |p|^2; without
     SEPARABLE a~ -+ delta, p_sep being |p|^2 there);
     separable form (SEPARABLE, on a tile whose norms are all finite and <= 2^100, as _patch_norms_kernel flags each
@@ -402,7 +402,10 @@ def _search_tile(z_base, norms, p_rows, p_tile, p_len, p_sep, p_small, rho_p, m_
         if PRECISION == "tf32":
             delta += p_len[:, None] * res[None, :]
         live = m_mask[:, None] & k_mask[None, :]
-        finite = tl.abs(v) < inf  # False for NaN too
+        # False for NaN too. A bound that is not finite leaves the pair a candidate: |p|^2 = inf (|p| > 1.8e19)
+        # with TF32-exact z (z_lo = 0: any bf16 / fp16 input) makes the residual term inf * 0 = NaN while v~,
+        # without |p|^2, can stay finite
+        finite = (tl.abs(v) < inf) & (delta < inf)
         hi = tl.where(live & finite, v + delta, inf)
         tile_thr = tl.min(hi, axis=1)
         lo = tl.where(live, tl.where(finite, v - delta, -inf), float("nan"))

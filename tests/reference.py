@@ -179,6 +179,31 @@ def residual_case(B: int = 4, D: int = 64, H: int = 5, W: int = 5, generator=Non
     return z.view(B, D, H, W), p, winners
 
 
+def huge_prototype_case(B: int = 2, D: int = 8, H: int = 3, W: int = 4, generator=None):
+    """Prototypes whose |p|^2 overflows fp32 (one channel at +-1.9e19, past sqrt(FLT_MAX) = 1.84e19) over
+    features exact in TF32 (multiples of 2^58 in (-2^65, 2^65), as bfloat16 / float16 inputs always are): a TF32
+    search's residual term is inf * 0 there, a NaN bound that must still leave every patch a candidate. Most
+    patches are at an fp32 distance of +inf (and have |z|^2 = +inf); patch w_b of image b (late in the map) lies
+    2^62 along prototype 0's axis (distance ~2.1e38), patch 1 2^61 (~2.8e38): their |z|^2 - 2 z.p is finite
+    (nearer patches' overflows, which makes them candidates anyway), so only the bound can make them candidates.
+    Prototype 1 likewise (w_b - 2). Prototype 2 is at +inf from every patch: the lowest index, patch 0, the zero
+    patch (whose bound is inf * 0 in the CUDA search), wins. Returns (z (B, D, H, W), p (3, D), winners (B,))."""
+    HW = H * W
+    z = torch.randint(-128, 128, (B, D, HW), generator=generator).float() * 2.0 ** 58
+    z[:, 2] = z[:, 2].abs()
+    z[:, :, 0] = 0.0
+    p = torch.zeros(3, D)
+    p[0, 0], p[1, 1], p[2, 2] = 1.9e19, -1.9e19, -1.9e19
+    winners = torch.empty(B, dtype=torch.int64)
+    for b in range(B):
+        w = HW - 1 - b
+        z[b, :, w] = z[b, :, 1] = z[b, :, w - 2] = 0.0
+        z[b, 0, w], z[b, 0, 1] = 2.0 ** 62, 2.0 ** 61  # prototype 0's nearest, and a farther finite one
+        z[b, 1, w - 2] = -(2.0 ** 62)  # prototype 1's nearest
+        winners[b] = w
+    return z.view(B, D, H, W), p, winners
+
+
 def bound_cases(batch: int = 3):
     """(z3, p) pairs for checking a search-error bound: random features and prototypes at several scales,
     prototypes near patches (cancellation), exact copies of a patch, mixed magnitudes, and operands whose

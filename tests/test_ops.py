@@ -15,6 +15,7 @@ from tests.reference import (
     check_against_reference,
     check_winners_and_gradients,
     contract_result,
+    huge_prototype_case,
     issue_case,
     near_tie_case,
     original_layer,
@@ -514,6 +515,20 @@ def test_largest_tf32_residuals_pick_the_exact_winner(case):
     assert (approx.argmin(-1).diagonal() != winners).all()  # the case is adversarial
     _, dist, idx = check_contract(z.to(device), p.to(device), backend)
     assert torch.equal(idx.diagonal(), winners) and (dist.diagonal() == 0).all()
+
+
+def test_prototypes_whose_norm_overflows_fp32(case):
+    """|p|^2 = inf over TF32-exact features (reference.huge_prototype_case): the search bound is inf * 0 = NaN
+    for some pairs, which must leave them candidates (Triton's "medium" missed the nearest patch, a finite
+    distance, and returned one at +inf). A prototype at +inf from every patch gets patch 0, similarity 0."""
+    device, backend = case
+    z, p, winners = huge_prototype_case()
+    ref_dist, ref_idx = contract_result(z, p)
+    sim, dist, idx = same_at_every_precision(run_all_precisions(z.to(device), p.to(device), backend))
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(idx[:, 0], winners) and torch.equal(idx[:, 1], winners - 2) and (idx[:, 2] == 0).all()
+    torch.testing.assert_close(dist[:, :2].double(), ref_dist[:, :2], rtol=1e-6, atol=0)
+    assert dist[:, 2].isinf().all() and (sim[:, 2] == 0).all()
 
 
 def test_nan_rule(case):

@@ -236,6 +236,7 @@ def contract_reference(z3: torch.Tensor, p: torch.Tensor, eps: float = 1e-4):
     """The op's contract in float64 (tests/reference.contract_result): (similarity, min_distances,
     patch_index), similarity 0 at d = +inf. Exact for cases without fp32-level near-ties."""
     dist, idx = reference.contract_result(z3, p)
+    dist = dist.float().double()  # an exact distance past FLT_MAX is +inf in fp32
     return torch.log1p((1 - eps) / (dist + eps)), dist, idx
 
 
@@ -293,6 +294,8 @@ def adversarial_cases(gen_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.
     # TF32's largest truncation residuals: the search alone ranks a prototype's truncated copy first.
     z, p, _ = reference.residual_case(B=2, D=128, H=7, W=7, generator=gen)
     cases["largest TF32 residuals: truncated copy vs exact patch"] = (z.flatten(2), p)
+    z, p, _ = reference.huge_prototype_case(generator=gen)
+    cases["|p|^2 past FLT_MAX over TF32-exact z: NaN bounds stay candidates"] = (z.flatten(2), p)
 
     # Across patch tiles (HW = 130): the exact distance-1 patch (later tile) against a patch at 1 + 1e-6
     # (earlier tile), and d = 0 against a 1e-6 gap on the 2^-10 grid (both exact in fp32).
