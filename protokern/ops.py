@@ -9,10 +9,8 @@ dispatch (tens of microseconds a call, comparable to the kernels themselves).
 
 from __future__ import annotations
 
-import math
 import numbers
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,40 +33,36 @@ COSINE_EPS = _cosine_eps()
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-_EPS_CHECKED: dict[float, bool] = {}
-
-
-@torch.compiler.assume_constant_result  # torch.compile evaluates it eagerly, like the eps it checks
-def _similarity_at_zero_is_finite(eps: float) -> bool:
-    if eps not in _EPS_CHECKED:  # in NumPy's float32 (IEEE like the kernels), whatever torch's mode or device
-        with np.errstate(all="ignore"):
-            e = np.float32(eps)
-            _EPS_CHECKED[eps] = bool(e > 0) and bool(np.isfinite(np.log1p((np.float32(1) - e) / e)))
-    return _EPS_CHECKED[eps]
+EPS_RANGE = (1e-30, 1.0)  # [low, high) of the "log" similarity's eps (check_eps)
+_UNUSED_EPS = 0.5  # the eps of calls that use no similarity (nearest_patches): any value in EPS_RANGE
 
 
 def check_eps(eps) -> float:
-    """Return ``eps`` as a float if it is a real number > 0 whose similarity at d = 0,
-    log((0 + 1) / (0 + eps)), is finite in float32; raise a one-line error otherwise.
+    """Return ``eps`` as a float if it lies in ``EPS_RANGE``, [1e-30, 1); raise a one-line error otherwise.
+
+    Below 1: log((d + 1) / (d + eps)) falls as the distance grows only for eps < 1 (at eps = 1 it is 0, above
+    it rises). From 1e-30: its slope at d = 0, about -1 / eps, is then at most 1e30, so the gradient 2 g (z - p)
+    stays finite in float32 for upstream gradients up to ~1e8 (at eps = 1e-38 an upstream gradient of 2
+    overflowed it, and inf * (z - p) = inf * 0 made a whole row of grad_p NaN).
 
     While torch.compile traces, ``eps`` may be a symbolic float (Dynamo makes a float that changed between
-    calls dynamic), which only comparisons can read: eps <= 0, NaN and inf are refused there (with
-    ``fullgraph=True`` Dynamo reports the ValueError as an unsupported exception), and the op's
-    implementation, which runs on the concrete value, checks it exactly (``_forward_impl``)."""
+    calls dynamic), which only comparisons can read: the same range is checked with them (with
+    ``fullgraph=True`` Dynamo reports the ValueError as an unsupported exception)."""
+    low, high = EPS_RANGE
     if torch.compiler.is_compiling():
-        if not (eps > 0 and eps < math.inf):
-            raise ValueError(f"eps must be a finite number > 0, got {eps}")
+        if not (eps >= low and eps < high):
+            raise ValueError(f"eps must be in [{low:g}, {high:g}), got {eps}")
         return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}")
     value = float(eps)
-    if not (math.isfinite(value) and value > 0 and _similarity_at_zero_is_finite(value)):
-        raise ValueError(f"eps must be a finite number > 0 whose similarity log(1 / eps) is finite in float32, "
-                         f"got {eps!r}")
+    if not (low <= value < high):  # False for NaN
+        raise ValueError(f"eps must be in [{low:g}, {high:g}) (the log similarity falls with the distance only for "
+                         f"eps < 1; below {low:g} its gradient at d = 0 nears float32's limit), got {eps!r}")
     return value
 
 
-def _check(z: Tensor, prototypes: Tensor, eps: float = 1.0, precision: str = "auto") -> Tensor:
+def _check(z: Tensor, prototypes: Tensor, eps: float = _UNUSED_EPS, precision: str = "auto") -> Tensor:
     """Validate the op's inputs; return the prototypes as an (M, D * kh * kw) view ((M, D) for 1 x 1)."""
     if not isinstance(z, Tensor) or not isinstance(prototypes, Tensor):
         raise TypeError("z and prototypes must be torch.Tensors")
@@ -197,7 +191,7 @@ class _UnitVectorsEager(_UnitVectors):
         return torch.cat((du, *pad), 1)
 
 
-def _prepare(z: Tensor, prototypes: Tensor, similarity: str, eps: float = 1.0,
+def _prepare(z: Tensor, prototypes: Tensor, similarity: str, eps: float = _UNUSED_EPS,
              precision: str = "auto") -> tuple[Tensor, Tensor]:
     """Checked inputs of the fused op for any window and similarity: (z' (B, K, Hout, Wout), p' (M, K)).
 
@@ -232,8 +226,7 @@ def _backend_inputs(z: Tensor, p: Tensor, backend: str) -> tuple[Tensor, Tensor]
 
 
 def _forward_impl(z: Tensor, p: Tensor, eps: float, backend: str, precision: str) -> tuple[Tensor, Tensor, Tensor]:
-    if type(eps) is not float or not _EPS_CHECKED.get(eps):  # a compiled caller's eps may not have been read
-        check_eps(eps)
+    check_eps(eps)  # a compiled caller's eps was checked only symbolically (two comparisons: cheap)
     if torch_backend.shapes_only(z):  # the op's outputs are shapes, no kernel runs
         return _forward_fake(z, p, eps, backend, precision)
     z3, p = _backend_inputs(z, p, backend)
@@ -379,8 +372,8 @@ def prototype_similarity(z: Tensor, prototypes: Tensor, *, similarity: str = "lo
             original's conv2d), over the window's D * kh * kw values.
         similarity: "log" (ProtoPNet's ``log((d + 1) / (d + eps))``), "linear" (``-d``, the original's
             'linear' activation) or "cosine" (the cosine between prototype and window, max over windows).
-        eps: the epsilon of the "log" similarity; a finite number > 0 with log(1 / eps) finite in float32
-            (about 3e-39 < eps < 1.7e7). Checked for every similarity, used by "log" only.
+        eps: the epsilon of the "log" similarity, in [1e-30, 1) (``check_eps``). Checked for every similarity,
+            used by "log" only.
         backend: "auto" (fastest available for the device), "torch", "triton" or "cuda".
         precision: "highest" (exact fp32 products), "high" (3xTF32) or "medium" (TF32) for the search over
             windows, or "auto" (the default): the backend's own choice (``backends.AUTO_PRECISION``: each one's
@@ -426,7 +419,7 @@ def nearest_patches(z: Tensor, prototypes: Tensor, *, similarity: str = "log", b
     name = backends.resolve(backend, z.device.type)
     op = _forward_op if torch_backend.traced(zin) else _PrototypeSimilarity.apply  # .apply: vmap's rule
     with torch.no_grad():
-        _, dist, idx = op(zin, p, 1.0, name, backends.search_precision(name, precision))
+        _, dist, idx = op(zin, p, _UNUSED_EPS, name, backends.search_precision(name, precision))
     return dist, idx
 
 

@@ -309,7 +309,7 @@ def test_compile_fullgraph_cpu(monkeypatch, backend):
 
 
 def test_compile_fullgraph_with_changing_eps():
-    """Dynamo makes a float that changes between calls symbolic: eps is then checked by the op at run time."""
+    """Dynamo makes a float that changes between calls symbolic: its range is checked with comparisons."""
     z = torch.rand(2, 3, 4, 5, requires_grad=True)
     p = torch.rand(4, 3, requires_grad=True)
     compiled = torch.compile(lambda z, p, eps: protokern.prototype_similarity(z, p, eps=eps)[0].sum(),
@@ -319,21 +319,35 @@ def test_compile_fullgraph_with_changing_eps():
         want = torch.autograd.grad(protokern.prototype_similarity(z, p, eps=eps)[0].sum(), (z, p))
         assert all(torch.allclose(a, b) for a, b in zip(got, want))
     refused = (ValueError, torch._dynamo.exc.Unsupported)  # fullgraph: Dynamo reports the raise as unsupported
-    for bad in (-1.0, 0.0, math.nan):
-        with pytest.raises(refused, match="eps must be a finite number > 0"):
+    for bad in (-1.0, 0.0, math.nan, 1e-31, 1.0, 2.0):
+        with pytest.raises(refused, match=r"eps must be in \[1e-30, 1\)"):
             compiled(z, p, bad)
     similarity = torch.compile(lambda d, eps: protokern.log_similarity(d, eps), fullgraph=True, backend="eager")
     d = torch.rand(5)
     for eps in (1e-4, 1e-3):
         torch.testing.assert_close(similarity(d, eps), protokern.log_similarity(d, eps))
-    for bad in (-1.0, math.inf):
-        with pytest.raises(refused, match="eps must be a finite number > 0"):
+    for bad in (-1.0, math.inf, 1e-31, 5.0):
+        with pytest.raises(refused, match=r"eps must be in \[1e-30, 1\)"):
             similarity(d, bad)
     layers = [protokern.ProtoLayer(4, 3, eps=eps) for eps in (1e-4, 1e-2)]
     for dynamic in (None, True):
         call = torch.compile(lambda layer, z: layer(z)[0], fullgraph=True, dynamic=dynamic, backend="aot_eager")
         for layer in layers:
             torch.testing.assert_close(call(layer, z), layer(z)[0])
+
+
+def test_smallest_eps_keeps_gradients_finite_at_d_0(case):
+    """eps = 1e-30 (the floor): at an exact match the slope is ~-1e30, and 2 g (z - p) must stay finite for
+    large upstream gradients (at eps = 1e-38 an upstream gradient of 2 made a row of grad_p NaN)."""
+    device, backend = case
+    z = torch.rand(2, 5, 3, 3, device=device, requires_grad=True)
+    p = torch.rand(4, 5, device=device)
+    p[1] = z[1, :, 2, 0].detach()
+    p.requires_grad_(True)
+    sim, dist = protokern.prototype_similarity(z, p, backend=backend, eps=1e-30)
+    assert dist[1, 1].item() == 0.0 and sim[1, 1].item() == pytest.approx(math.log(1e30), rel=1e-6)
+    gz, gp = torch.autograd.grad((sim * 1e6).sum() + dist.sum(), (z, p))
+    assert gz.isfinite().all() and gp.isfinite().all()
 
 
 def test_log_similarity_checks_eps():
@@ -379,9 +393,10 @@ def test_triton_features_are_laid_out_once(case, monkeypatch, layout):
         ((2, 8, 3, 3), (4, 8), {"eps": -1.0}, ValueError, "eps"),
         ((2, 8, 3, 3), (4, 8), {"eps": float("inf")}, ValueError, "eps"),
         ((2, 8, 3, 3), (4, 8), {"eps": float("nan")}, ValueError, "eps"),
-        ((2, 8, 3, 3), (4, 8), {"eps": 1e-50}, ValueError, "finite in float32"),  # 0 in float32
-        ((2, 8, 3, 3), (4, 8), {"eps": 1e-39}, ValueError, "finite in float32"),  # log(1 / eps) overflows
-        ((2, 8, 3, 3), (4, 8), {"eps": 1e8}, ValueError, "finite in float32"),  # 1 - eps == -eps: log(0)
+        ((2, 8, 3, 3), (4, 8), {"eps": 1e-50}, ValueError, r"eps must be in \[1e-30, 1\)"),  # 0 in float32
+        ((2, 8, 3, 3), (4, 8), {"eps": 1e-31}, ValueError, r"gradient at d = 0"),  # slope -1/eps ~ 1e31
+        ((2, 8, 3, 3), (4, 8), {"eps": 1.0}, ValueError, r"falls with the distance only for eps < 1"),
+        ((2, 8, 3, 3), (4, 8), {"eps": 1e8}, ValueError, r"eps must be in \[1e-30, 1\)"),
         ((2, 8, 3, 3), (4, 8), {"eps": "1e-4"}, TypeError, "eps must be a real number"),
         ((2, 8, 3, 3), (4, 8), {"backend": "cudnn"}, ValueError, "unknown backend"),
         ((2, 8, 3, 3), (4, 8), {"backend": ["torch"]}, ValueError, r"unknown backend \['torch'\]"),
