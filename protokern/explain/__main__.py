@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> str:
     """
     description = __doc__.split("\n\n")[1].replace("``", "") if __doc__ else None  # plain text, not RST
     parser = argparse.ArgumentParser(prog=PROG, description=description)
-    parser.add_argument("--checkpoint", required=True, help="trainer checkpoint (RUN/best.pt) or run folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="trainer checkpoint (RUN/best.pt, RUN/pruned.pt ...) or run folder (its best.pt, else "
+                             "last.pt; the run's own explanations/ show its final model, RUN/pruned.pt after --prune)")
     parser.add_argument("--image", required=True, help="image file (any mode: RGBA, grayscale, CMYK ...)")
     parser.add_argument("--top-k", type=int, default=10, help="prototypes shown (default 10)")
     parser.add_argument("--out", default=None, help="output folder (default: a new folder RUN/explanations/"

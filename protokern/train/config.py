@@ -54,7 +54,8 @@ class TrainConfig:
     image_size: int = _opt(224, "side of the square images fed to the model, in pixels")
     crop: str = _opt("bbox", "cub / cars: crop each image to its object box (bbox) or keep it whole (none)")
     val_fraction: float = _opt(0.1, "fraction of the training set held out (stratified by class, seeded by "
-                                    "--seed) to choose best.pt; 0 chooses on the test set as the original did")
+                                    "--seed) to choose best.pt (best validation accuracy; once a push has happened "
+                                    "among pushed models only); 0 chooses on the test set as the original did")
     augment: bool = _opt(True, "augmentation of training batches on their device (rotate / skew / shear / flip)")
     aug_rotate: float = _opt(15.0, "max rotation in degrees")
     aug_skew: float = _opt(0.2, "perspective skew magnitude")
@@ -139,7 +140,7 @@ class TrainConfig:
                                    "checkpoints untouched) or skip (skip the batch, e.g. with fp16 AMP)")
     debug: bool = _opt(False, "show the full traceback of errors (default: one line on stderr)")
     push_images: bool = _opt(True, "write prototype PNGs at each push")
-    quiet: bool = _opt(False, "no progress bars or per-step lines")
+    quiet: bool = _opt(False, "no progress bars or per-step lines (the last line, done or stopped, still prints)")
     explain: bool = _opt(True, "after training, write explanations, the prototype gallery and part "
                                "localisation to the run directory (protokern.explain.explain_run)")
     prune: bool = _opt(False, "after the last push, prune prototypes whose nearest training images are mostly "
@@ -419,13 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a ProtoPNet (warm-up, joint, push, last-layer stages as the original).")
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings (flags override it)")
     types = _field_types()
-    demo, cub_preset = preset_config("demo"), preset_config("cub")  # the defaults are the demo preset's
+    demo = preset_config("demo")  # the defaults are the demo preset's
+    others = {name: preset_config(name) for name in sorted(PRESETS) if name != "demo"}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = types[f.name]
-        shown, cub = getattr(demo, f.name), getattr(cub_preset, f.name)
-        differs = cub != shown and f.name != "preset"
-        help_text = f.metadata["help"] + f" (default {shown!r}" + (f"; --preset cub: {cub!r})" if differs else ")")
+        shown = getattr(demo, f.name)
+        parts = [] if shown is None and "(default" in f.metadata["help"] else [f"default {shown!r}"]
+        parts += [f"--preset {name}: {getattr(preset, f.name)!r}" for name, preset in others.items()
+                  if f.name != "preset" and getattr(preset, f.name) != shown]
+        help_text = f.metadata["help"] + (f" ({'; '.join(parts)})" if parts else "")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif f.name == "preset":

@@ -642,11 +642,11 @@ class Trainer:
         }
         if self.is_main:
             ckpt.atomic_write_text(self._path("summary.json"), strict_json(summary))
-            if not self.cfg.quiet:
-                print(_final_line(summary, seconds) if complete else
-                      f"stopped after step {self.next_step}/{len(self.schedule)} (--max-steps): test accuracy "
-                      f"last.pt {'n/a' if last_test is None else f'{last_test:.3f}'}; continue with --resume "
-                      f"{_quoted(self.run_dir)}", flush=True)
+            # the last line, also with --quiet: it holds the result, or the --resume command
+            print(_final_line(summary, seconds) if complete else
+                  f"stopped after step {self.next_step}/{len(self.schedule)} (--max-steps): test accuracy "
+                  f"last.pt {'n/a' if last_test is None else f'{last_test:.3f}'}; continue with --resume "
+                  f"{_quoted(self.run_dir)}", flush=True)
         return summary
 
     def _prune(self) -> None:
@@ -735,8 +735,9 @@ class Trainer:
 
 
 _SELECTION_NOTE = {
-    "val": "best.pt has the best accuracy on the validation images held out of the training set; "
-           "the test set played no part in choosing it",
+    "val": "best.pt has the best accuracy on the validation images held out of the training set (once a push "
+           "has happened, among the pushed models only: push and last-layer steps); the test set played no part "
+           "in choosing it",
     "test": "best.pt was chosen on the test set (--val-fraction 0, as the original did): "
             "its test accuracy is optimistic",
 }
@@ -747,7 +748,13 @@ def _final_line(summary: dict, seconds: float) -> str:
     def fmt(value):
         return "n/a" if value is None else f"{value:.3f}"
 
-    selected = f"best.pt (step {summary['best_step']}) {fmt(summary['best_test_accuracy'])}"
+    if summary["best_step"] is None:
+        return (f"done: test accuracy last.pt {fmt(summary['test_accuracy'])}, no best.pt; "
+                f"part localisation {fmt(summary['part_localisation'])}, {seconds:.1f} s -> {summary['run_dir']}")
+    # steps counted from 1 of the total, as the per-step lines ("[21/24] push ..."); summary.json's best_step
+    # counts from 0, as metrics.jsonl's step
+    selected = (f"best.pt (step {summary['best_step'] + 1}/{summary['steps_total']}) "
+                f"{fmt(summary['best_test_accuracy'])}")
     if summary["selected_on"] == "validation":
         selected += f", chosen on validation accuracy {fmt(summary['best_val_accuracy'])}"
     else:

@@ -146,7 +146,7 @@ def test_best_is_chosen_on_validation_and_both_test_accuracies_reported(tiny_arg
         assert [float(r["val_accuracy"]) for r in csv.DictReader(fh)] == [r["val_accuracy"] for r in rows]
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"done: test accuracy last.pt {rows[-1]['test_accuracy']:.3f}, "
-                           f"best.pt (step {best['step']}) {best['test_accuracy']:.3f}, "
+                           f"best.pt (step {best['step'] + 1}/{len(rows)}) {best['test_accuracy']:.3f}, "
                            f"chosen on validation accuracy {best['val_accuracy']:.3f}")
 
 
@@ -296,8 +296,10 @@ def test_window_prototypes_and_similarity_kinds_train_end_to_end(tiny_args, tmp_
 
 
 def test_a_session_stopped_by_max_steps_says_how_to_continue(tiny_args, tmp_path, capsys):
-    summary = main(tiny_args + ["--max-steps", "1", "--no-quiet", "--no-explain"])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = main(tiny_args + ["--max-steps", "1", "--quiet", "--no-explain"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1  # --quiet: no per-step lines, but the last line with the command to go on
+    last = printed[0]
     assert not summary["complete"]
     assert last.startswith("stopped after step 1/4 (--max-steps): test accuracy last.pt ")
     assert last.endswith(f"continue with --resume {tmp_path / 'run'}") and "done:" not in last
