@@ -108,9 +108,10 @@ def _explain(args, parser) -> str:
         print(f"warning: the prototypes of {args.checkpoint} were never pushed (a checkpoint from before the first "
               "push): they are learned vectors, not patches of training images, so no source patches are shown",
               file=sys.stderr, flush=True)
-    push_set = _push_dataset(state, args.data_root) if records is not None else None
+    push_set = _push_dataset(state, args.data_root)  # source images (with records) and class names
     explanation = explain_image(model, args.image, push_records=records, top_k=args.top_k, class_idx=args.class_idx,
-                                push_images=push_set, device=args.device)
+                                push_images=push_set if records is not None else None,
+                                class_names=getattr(push_set, "classes", None), device=args.device)
     run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
     out = args.out or _default_out(run_dir, args.image)
     page = explanation.save(out)

@@ -143,10 +143,14 @@ def test_explain_bad_checkpoint(finished_run, tmp_path, capsys, kind):
 def test_explain_warns_when_prototypes_were_never_pushed(tmp_path, capsys):
     run = tmp_path / "run"
     train(run_args(run, "--max-steps", "1"))  # warm-up only: no push yet
+    capsys.readouterr()
     page = explain(["--checkpoint", str(run / "last.pt"), "--image", _image(str(tmp_path)), "--top-k", "2",
                     "--out", str(tmp_path / "out")])
     assert os.path.isfile(page)
-    assert "were never pushed" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "were never pushed" in printed.err
+    first = printed.out.splitlines()[0]  # class names from the rebuilt dataset, also without push records
+    assert first.startswith("class ") and not first.split(" (logit")[0].removeprefix("class ").isdigit(), first
 
 
 def test_explain_clears_stale_panels_of_a_reused_out(finished_run, tmp_path, capsys):
