@@ -8,7 +8,7 @@
 //      |z_k|^2 - 2 s[m, k] (|p_m|^2 is the same for every patch of m: dropped);
 //   2. certify: with the rigorous bound delta[m, k] >= |a~ - e| of the search error (derivation at
 //      cert_coef below), the running threshold T_m = min over finite v~ of (v~ + delta) so far, and
-//      every patch with v~ - delta <= T_m, or v~ not finite, is a candidate;
+//      every patch with v~ - delta <= T_m, or v~ or delta not finite, is a candidate;
 //   3. rescore: the candidates are compacted into a list per warp; each one's exact distance
 //      e = sum_d (z - p)^2 (difference form, fp32, fixed order) is folded into the
 //      prototype's winner by rank_key (NaN first, then smaller e, then lower k).
@@ -727,7 +727,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
       float* const red = kResident ? smem + P::kScratch : st;
       unsigned char* const flags = reinterpret_cast<unsigned char*>(red + Search::kEntries * kBM);
       // (1) running threshold T_m = min(T_m, min over this tile's finite v~ of v~ + delta); each
-      // accumulator becomes its pair's lower end v~ - delta (-inf: v~ not finite, NaN: padding), in the
+      // accumulator becomes its pair's lower end v~ - delta (-inf: v~ or delta not finite, NaN: padding), in the
       // separable form (bound above) v~ - delta + B_m, and the flags compare it with T_m + B_m.
       float tmin[Search::kSlots];
 #pragma unroll
@@ -788,7 +788,7 @@ __global__ void __launch_bounds__(kThreads, Search::kMinBlocks) forward_kernel(c
 #endif
       }
       __syncthreads();
-      // (2) candidates: v~ - delta <= T_m, or v~ not finite (-inf); never padding (NaN)
+      // (2) candidates: v~ - delta <= T_m, or v~ or delta not finite (-inf); never padding (NaN)
       search.store_flags(tid, red, flags);
       __syncthreads();
       // (3) exact rescoring. Warp w owns prototypes ml = w + 8 i (i < 16): it compacts their flags into a list of

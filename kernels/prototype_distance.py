@@ -134,7 +134,7 @@ def _forward_kernel(
     interpreter, whose dot is exact fp32, and on non-NVIDIA devices): the kernel truncates the operands itself, so
     that the bound's worst case is what the CPU tests exercise. Each step (one patch tile, or two when PAIRED)
     lowers the running threshold thr = min (a~ + delta); the step's candidates are its patches with a~ - delta <=
-    thr or a~ not finite (a superset of the candidates of the final threshold, since thr only decreases), written
+    thr, or a~ or delta not finite (a superset of the candidates of the final threshold, since thr only decreases), written
     to cand_ptr (B, M, steps, 2) int32: patch k0 + j is bit j of the low word (j < 32) or bit j - 32 of the high
     one. ``_rescore_kernel`` rescores them.
     """
@@ -158,7 +158,7 @@ def _forward_kernel(
     inf = float("inf")
     rho_p = 0.0
     if PRECISION == "tf32":  # max |p_lo| / |p| over the tile's finite non-zero rows (a zero row has p_lo = 0; a
-        # row that is not finite has a~ not finite, always rescored, whatever its delta)
+        # row that is not finite has a~ or delta not finite: always rescored)
         live_p = m_mask & (p_len > 0) & (p_len < inf)
         rho_p = tl.max(tl.where(live_p, tl.sqrt(p_lo) / tl.where(live_p, p_len, 1.0), 0.0), axis=0)
     p_tile = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # unused unless P_RESIDENT

@@ -167,8 +167,8 @@ def safe_load(path: str, map_location="cpu", what: str = "checkpoint"):
         with open(path, "rb") as fh:
             head = fh.read(4)
         if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # torch.save: a zip, or a pickle
-            raise CheckpointError(f"{path} is not a {what}: neither torch.save's zip nor a pickle (it starts with "
-                                  f"{head!r}: a text file?)") from None
+            raise CheckpointError(f"{path} is not a {what}: neither torch.save's zip nor its pickle format (it "
+                                  f"starts with {head!r}: a text file?)") from None
         unsafe = _unsafe_globals(path)
         if unsafe and set(unsafe) <= _NUMPY_ARRAY_NAMES:  # format 1: NumPy RNG state
             try:

@@ -19,8 +19,9 @@ from protokern.ops import (
 )
 from protokern.utils import positive_int
 
-# torch.fx.symbolic_trace (and torchvision's create_feature_extractor) record the op as one call instead of
-# tracing into its input checks, which refuse the tracer's proxies.
+# torch.fx.symbolic_trace (and torchvision's create_feature_extractor) of a model holding a ProtoLayer record the
+# op as one call instead of tracing into its input checks, which refuse the tracer's proxies. (ProtoPNet's own
+# forward checks its input's shape in Python, which symbolic tracing cannot follow.)
 torch.fx.wrap("prototype_similarity")
 
 

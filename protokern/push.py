@@ -230,7 +230,7 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
             else:
                 index = torch.arange(position, position + batch, device=device)
             position += batch
-            labels = torch.as_tensor(labels).to(device=device, dtype=torch.int64)
+            labels = labels.to(device)
 
             cand_d = torch.cat([best_d, distance.t()], 1)  # (P, k + B)
             cand_i = torch.cat([best_i, index.expand(num, batch)], 1)
@@ -349,7 +349,7 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
                            progress and rank == 0)
         for images, labels in bar:
             images = images.to(device, non_blocking=True)
-            labels = torch.as_tensor(labels).to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
             batch = images.shape[0]
             if order is not None:
                 gidx = order[position:position + batch].to(device, non_blocking=True)

@@ -109,10 +109,13 @@ def test_image_batches_checks_images_and_labels():
     images, labels = next(iter(image_batches([(x, y.int(), "extra")], num_classes=2)))
     assert images is x and labels.dtype == torch.int64 and labels.tolist() == y.tolist()
     assert next(iter(image_batches([(x, [0.0, 1.0, 1.0, 0.0])])))[1].tolist() == y.tolist()
+    assert next(iter(image_batches([(x, y.bool())], num_classes=2)))[1].tolist() == y.tolist()
+    overshoot = x * 1.12 - 0.06  # a bicubic resize's [-0.06, 1.06]: taken
+    assert next(iter(image_batches([(overshoot, y)])))[0] is overshoot
     bad = {
         "uint8_to_float": [((x * 255).to(torch.uint8), y)],
-        r"in \[0, 1\].*\[0\.\d+, 2\d\d\.\d+\]": [(x * 255, y)],
-        r"got values in \[-\d": [((x - 0.5) / 0.25, y)],
+        r"in \[0, 1\].*\[0\.\d+, 2\d\d\.\d+\] \(0\.\.255 values\?\)": [(x * 255, y)],
+        r"got values in \[-\d.*\(already normalised\?\)": [((x - 0.5) / 0.25, y)],
         r"\(B, 3, H, W\)": [(x[:, :1], y)],
         r"4 class indices.*shape \(4, 2\)": [(x, torch.nn.functional.one_hot(y))],
         r"4 class indices.*shape \(3,\)": [(x, y[:3])],

@@ -19,6 +19,7 @@ from .transforms import (
     load_image,
     open_rgb,
     to_rgb,
+    uint8_to_float,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "imagenet_normalize",
     "imagenet_denormalize",
     "load_image",
+    "uint8_to_float",
     "open_rgb",
     "to_rgb",
     "IMAGENET_MEAN",

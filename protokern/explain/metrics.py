@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from protokern.explain import render
 from protokern.push import search_dtype
-from protokern.utils import eval_mode, image_batches, image_order, model_device, progress as _progress
+from protokern.utils import base_dataset, eval_mode, image_batches, image_order, model_device, progress as _progress
 
 __all__ = [
     "PartCorrespondence",
@@ -45,7 +45,7 @@ LOCATIONS = ("rf_centre", "argmax")
 SELECTIONS = ("own_class", "top")
 
 
-def _indexed_batches(data, batch_size: int, num_workers: int):
+def _indexed_batches(data, batch_size: int, num_workers: int, num_classes: int | None = None):
     """``(base dataset, iterator of (images, labels, dataset indices), length)`` for a dataset or a fixed-order
     DataLoader; indices are those of the dataset under any ``Subset`` (as push records hold), either way."""
     if not isinstance(data, DataLoader):
@@ -58,7 +58,7 @@ def _indexed_batches(data, batch_size: int, num_workers: int):
 
     def batches():
         position = 0
-        for images, labels in image_batches(data):
+        for images, labels in image_batches(data, num_classes):
             n = images.shape[0]
             yield images, labels, order[position:position + n]
             position += n
@@ -83,8 +83,10 @@ def _similarity_maps(model: nn.Module, z: Tensor) -> Tensor:
 
 
 def part_boxes(dataset):
-    """The ``boxes`` of ``dataset`` if they are part boxes, else None: none, or object boxes (``box_kind ==
-    "object"``: CUB's and Cars' bird or car boxes, against which every location of a cropped image is a hit)."""
+    """The ``boxes`` of ``dataset`` (of the dataset under any ``Subset``: they are indexed by its indices) if they
+    are part boxes, else None: none, or object boxes (``box_kind == "object"``: CUB's and Cars' bird or car boxes,
+    against which every location of a cropped image is a hit)."""
+    dataset = base_dataset(dataset)
     boxes = getattr(dataset, "boxes", None)
     return boxes if boxes is not None and getattr(dataset, "box_kind", "part") == "part" else None
 
@@ -120,7 +122,7 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
     rf = getattr(model, "receptive_field", None)
     if location == "rf_centre" and rf is None:
         raise ValueError("the model has no receptive field: use location='argmax'")
-    dataset, batches, total = _indexed_batches(data, batch_size, num_workers)
+    dataset, batches, total = _indexed_batches(data, batch_size, num_workers, model.num_classes)
     boxes = part_boxes(dataset) if boxes is None else boxes
     if boxes is None:
         raise ValueError("no part boxes: pass boxes= or use a dataset whose `boxes` are part boxes (CUB's and "
@@ -128,6 +130,9 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
     boxes = torch.as_tensor(boxes, dtype=torch.float64)
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be (N, 4) (x0, y0, x1, y1), got {tuple(boxes.shape)}")
+    if hasattr(dataset, "__len__") and boxes.shape[0] != len(dataset):  # e.g. one row per item of a Subset
+        raise ValueError(f"boxes has {boxes.shape[0]} rows, the dataset {len(dataset)} images: one row per image, "
+                         "indexed by dataset index (of the dataset under any Subset)")
     device = model_device(model, device)
     classes = model.prototype_classes.to(device)
     num_protos = classes.shape[0]
@@ -225,7 +230,7 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
 
     device = model_device(model, device)
     classes = model.prototype_classes.to(device)
-    _, batches, total = _indexed_batches(dataset, batch_size, num_workers)
+    _, batches, total = _indexed_batches(dataset, batch_size, num_workers, model.num_classes)
     out = {"image": [], "prototype": [], "covered": [], "visible": []}
     with eval_mode(model):
         for images, labels, index in _progress(batches, "part correspondence", progress, total):

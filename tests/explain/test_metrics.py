@@ -54,6 +54,12 @@ def test_part_localisation_known_answer():
     for boxes in (data.boxes, None):
         direct = part_localisation(model, Subset(data, [5, 4, 3]), boxes=boxes, batch_size=2, progress=False)
         assert direct == sub
+    with pytest.raises(ValueError, match=r"boxes has 3 rows, the dataset 6 images: one row per image, indexed by "):
+        part_localisation(model, Subset(data, [5, 4, 3]), boxes=torch.as_tensor(data.boxes)[[5, 4, 3]],
+                          progress=False)
+    relabelled = ListDataset(data.images, [label + 2 for label in data.targets], boxes=data.boxes)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\) for a model of 2 classes"):
+        part_localisation(model, relabelled, progress=False)
 
 
 def test_metrics_build_no_autograd_graph():

@@ -44,7 +44,7 @@ def _bad_checkpoint(kind: str, run, folder) -> str:
 
 
 EXPECTED = {"missing": "no checkpoint at", "empty": "is empty", "truncated": "not a readable checkpoint",
-            "text": "neither torch.save's zip nor a pickle", "tensor": "not a protokern training checkpoint",
+            "text": "neither torch.save's zip nor its pickle format", "tensor": "not a protokern training checkpoint",
             "pruned": "cannot be resumed", "model-config": "do not fit the saved model config"}
 
 
