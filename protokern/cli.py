@@ -45,6 +45,17 @@ def exit_on_error(prog: str, argv: list[str] | None = None, stopped: tuple[type[
         _report(prog, error, 2)
 
 
+def worker_message(message: str) -> str:
+    """The original error's own message where ``message`` is a DataLoader worker's re-raised error ("Caught X in
+    DataLoader worker process N. Original Traceback ...", ending with "X: <message>"), else ``message``."""
+    if not (message.startswith("Caught ") and " in DataLoader worker process " in message):
+        return message
+    last = next((line for line in reversed(message.splitlines()) if line.strip()), message)
+    kind, sep, rest = last.partition(": ")
+    return rest if sep and kind.replace(".", "").replace("_", "").isalnum() else last
+
+
 def _report(prog: str, error: BaseException, code: int):
-    print(f"{prog}: error: {one_line(error)} (--debug shows the traceback)", file=sys.stderr, flush=True)
+    message = one_line(worker_message(str(error)) if str(error) else error)
+    print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr, flush=True)
     raise SystemExit(code) from None

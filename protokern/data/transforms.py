@@ -59,10 +59,13 @@ if hasattr(os, "register_at_fork"):  # Unix
 
 
 class BadImageError(ValueError):
-    """An image file that cannot be decoded (garbage, truncated, a decompression bomb); ``path`` names it."""
+    """An image file that cannot be decoded (garbage, truncated, a decompression bomb); ``path`` names it.
 
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
+    Also built from one message: a DataLoader worker's error comes back to the main process as
+    ``type(error)(message)`` (else as a RuntimeError, which the command line would show as a traceback)."""
+
+    def __init__(self, path: str, reason: str | None = None):
+        super().__init__(path if reason is None else f"{path}: {reason}")
         self.path, self.reason = path, reason
 
 

@@ -100,6 +100,13 @@ def test_trainer_skips_and_counts_bad_images(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:  # one line on stderr naming the file (the cache pass meets it)
         tiny_run(root, tmp_path)
     assert info.value.code == 2 and "broken.jpg: cannot decode image" in capsys.readouterr().err
+    # streamed through DataLoader workers: the worker's error comes back as itself, one line (was a RuntimeError
+    # with both tracebacks)
+    with pytest.raises(SystemExit) as info:
+        tiny_run(root, tmp_path, "--data-cache", "off", "--num-workers", "2", "--out", str(tmp_path / "run2"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1, err
+    assert ".jpg: cannot decode image" in err[0] and "DataLoader worker" not in err[0]
     summary = tiny_run(root, tmp_path, "--skip-bad-images", "--data-cache", "off")
     assert summary["skipped_images"] == 2
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_images"] == 2
