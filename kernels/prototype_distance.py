@@ -134,9 +134,9 @@ def _forward_kernel(
     interpreter, whose dot is exact fp32, and on non-NVIDIA devices): the kernel truncates the operands itself, so
     that the bound's worst case is what the CPU tests exercise. Each step (one patch tile, or two when PAIRED)
     lowers the running threshold thr = min (a~ + delta); the step's candidates are its patches with a~ - delta <=
-    thr, or a~ or delta not finite (a superset of the candidates of the final threshold, since thr only decreases), written
-    to cand_ptr (B, M, steps, 2) int32: patch k0 + j is bit j of the low word (j < 32) or bit j - 32 of the high
-    one. ``_rescore_kernel`` rescores them.
+    thr, or a~ or delta not finite (a superset of the candidates of the final threshold, since thr only
+    decreases), written to cand_ptr (B, M, steps, 2) int32: patch k0 + j is bit j of the low word (j < 32) or
+    bit j - 32 of the high one. ``_rescore_kernel`` rescores them.
     """
     STEP_K: tl.constexpr = 2 * BLOCK_K if PAIRED else BLOCK_K
     tl.static_assert(BLOCK_K == 32 or not PAIRED)  # the second tile of a pair: the high word, patches k0 + 32..
@@ -349,9 +349,9 @@ def _search_tile(z_base, norms, p_rows, p_tile, p_len, p_sep, p_small, rho_p, m_
                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, P_RESIDENT: tl.constexpr, PRECISION: tl.constexpr,
                  TRUNCATE: tl.constexpr, SEPARABLE: tl.constexpr, NORMS_K: tl.constexpr, RECORD: tl.constexpr):
     """The search over the patch tile at k0 of one image: (the tile's lower ends, compared with the running
-    threshold for the candidates: -inf where v~ or its bound is not finite (always a candidate) and NaN outside the problem
-    (never one); thr lowered by the tile's upper ends). Per-pair form: ends v~ -+ delta (v~ = a~ - |p|^2; without
-    SEPARABLE a~ -+ delta, p_sep being |p|^2 there);
+    threshold for the candidates: -inf where v~ or its bound is not finite (always a candidate) and NaN outside the
+    problem (never one); thr lowered by the tile's upper ends). Per-pair form: ends v~ -+ delta (v~ = a~ - |p|^2;
+    without SEPARABLE a~ -+ delta, p_sep being |p|^2 there);
     separable form (SEPARABLE, on a tile whose norms are all finite and <= 2^100, as _patch_norms_kernel flags each
     of its tiles (NORMS_K patches, a multiple of BLOCK_K), with the program's prototypes, p_small): upper
     ends v~ + A_k (+ the "tf32" term) with B_m = p_sep added to their row minimum, lower ends v~ - A_k (- the term)

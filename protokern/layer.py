@@ -29,10 +29,10 @@ class ProtoLayer(nn.Module):
     """ProtoPNet prototype layer: similarity and min distance of ``num_prototypes`` learned prototypes.
 
     The parameter ``prototypes`` has the original implementation's shape (M, D, kh, kw) (``prototype_size``
-    (kh, kw), default (1, 1)) and is initialised uniform in [0, 1) (:meth:`reset_parameters`). ``forward(z)`` takes features (B, D, H, W)
-    with H >= kh, W >= kw and returns ``(similarity, min_distances)``, each (B, M) float32 (float64 when z
-    and the layer are float64 on the torch backend), computed by the fused op with ``similarity`` "log",
-    "linear" or "cosine" (see ``protokern.prototype_similarity``).
+    (kh, kw), default (1, 1)) and is initialised uniform in [0, 1) (:meth:`reset_parameters`). ``forward(z)``
+    takes features (B, D, H, W) with H >= kh, W >= kw and returns ``(similarity, min_distances)``, each (B, M)
+    float32 (float64 when z and the layer are float64 on the torch backend), computed by the fused op with
+    ``similarity`` "log", "linear" or "cosine" (see ``protokern.prototype_similarity``).
 
     Arguments are checked here, one clear error each: the counts must be integers >= 1 (NumPy integers
     accepted), ``prototype_size`` such an integer or a pair of them, ``similarity`` a known one, ``eps`` a

@@ -208,8 +208,8 @@ class image_batches:  # noqa: N801 - used as a function
                 raise ValueError("the loader must yield (images, labels, ...) batches")
             images, labels = batch[0], batch[1]
             if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
-                raise ValueError("images must be a (B, 3, H, W) tensor, got "
-                                 + (f"shape {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__))
+                got = f"shape {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
+                raise ValueError(f"images must be a (B, 3, H, W) tensor, got {got}")
             if not images.is_floating_point():
                 raise TypeError(f"images must be floats in [0, 1], got {images.dtype} (protokern.data.uint8_to_float "
                                 "converts uint8 images)")

@@ -323,8 +323,8 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
             of a plain iterable of batches hold positions: pass what those positions index).
         class_names: names of the classes (default: ``push_images.classes`` when available).
         device: the model's device (default; another one is a ValueError: the model is not moved).
-        image_size: resize the image to this side, or (height, width); default: the push images' size (from ``push_records``), or
-            the image's own size.
+        image_size: resize the image to this side, or (height, width); default: the push images' size (from
+            ``push_records``), or the image's own size.
 
     Returns:
         :class:`Explanation`; call ``.save(out_dir)`` for the PNGs and ``index.html``.

@@ -111,7 +111,19 @@ def _load(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
         raise ValueError(f"unknown dataset {cfg.dataset!r}")
     if len(train) == 0 or len(test) == 0:
         raise ValueError(f"dataset {cfg.dataset!r}: empty train ({len(train)}) or test ({len(test)}) split")
-    return _prepared(train, cfg, "train"), _prepared(test, cfg, "test")
+    train, test = _prepared(train, cfg, "train"), _prepared(test, cfg, "test")
+    for name, split in (("train", train), ("test", test)):
+        if len(split) == 0:
+            raise ValueError(f"dataset {cfg.dataset!r}: no {name} images left after --skip-bad-images "
+                             f"({len(getattr(split, 'skipped', []))} skipped)")
+    counts = torch.bincount(torch.as_tensor(train.targets, dtype=torch.int64), minlength=len(train.classes))
+    empty = [str(train.classes[c]) for c in (counts == 0).nonzero().flatten().tolist()]
+    if empty:
+        raise ValueError(f"dataset {cfg.dataset!r}: {len(empty)} of its {len(train.classes)} classes have no training "
+                         f"images ({', '.join(map(repr, empty[:5]))}{', ...' if len(empty) > 5 else ''}"
+                         + ("; --skip-bad-images left some out" if getattr(train, "skipped", None) else "")
+                         + "): the model could never predict them; leave them out of the dataset (its class list)")
+    return train, test
 
 
 def _prepared(dataset: Dataset, cfg: TrainConfig, name: str) -> Dataset:

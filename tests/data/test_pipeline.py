@@ -110,3 +110,24 @@ def test_trainer_skips_and_counts_bad_images(tmp_path, capsys):
     summary = tiny_run(root, tmp_path, "--skip-bad-images", "--data-cache", "off")
     assert summary["skipped_images"] == 2
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_images"] == 2
+
+
+def test_splits_emptied_by_skipped_images_and_classes_without_training_images_are_refused(tmp_path):
+    """--skip-bad-images leaving no test image gave 'test accuracy 0.000' and exit 0; a class without training
+    images (a CUB classes.txt longer than the images, a class whose only images are bad) trained a model that
+    could never predict it. Both: one line before training."""
+    from protokern.train.data import build_splits
+
+    names = write_bad_images(tmp_path / "bad")
+    garbage = (tmp_path / "bad" / names["garbage"]).read_bytes()
+    root = folder_dataset(tmp_path / "no_test")
+    for path in (root / "test").rglob("*.png"):
+        path.write_bytes(garbage)
+    with pytest.raises(ValueError, match=r"^dataset 'folder': no test images left after --skip-bad-images \(12 "):
+        build_splits(config(root, "--skip-bad-images"))
+    root = folder_dataset(tmp_path / "one_class_bad")
+    for path in (root / "train" / "bee").glob("*.png"):
+        path.write_bytes(garbage)
+    with pytest.raises(ValueError, match=r"1 of its 3 classes have no training images \('bee'; --skip-bad-images "
+                                         r"left some out\): the model could never predict them"):
+        build_splits(config(root, "--skip-bad-images"))
