@@ -78,7 +78,8 @@ def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=No
         run_dir: the run folder. model: the trained ``ProtoPNet``.
         test_dataset: ``(image, label)`` items in [0, 1]. push_records: the model's push records.
         push_dataset: the push set (unaugmented training images) the records index into.
-        n_images, top_k, k: images explained, prototypes per explanation, neighbours per gallery row.
+        n_images, top_k, k: images explained, prototypes per explanation, neighbours per gallery row (at most
+            the push set's images).
         device, batch_size: how to run. config: the training config (only ``quiet`` is read).
         progress: tqdm bars (default: unless ``config.quiet``).
         part_localisation_result: :func:`part_localisation` of this model on ``test_dataset`` with
@@ -107,8 +108,9 @@ def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=No
 
     if push_dataset is not None:
         loader = DataLoader(push_dataset, batch_size=batch_size, shuffle=False)
-        result = gallery(model, loader, k=k, out_dir=os.path.join(run_dir, "gallery"), push_records=push_records,
-                         device=device, progress=progress)
+        # a push set smaller than k (a tiny dataset) shows all its images, rather than failing the steps after
+        result = gallery(model, loader, k=min(k, len(push_dataset)), out_dir=os.path.join(run_dir, "gallery"),
+                         push_records=push_records, device=device, progress=progress)
         summary["gallery"] = result["html"]
 
     if part_boxes(test_dataset) is not None:

@@ -56,6 +56,11 @@ def test_explain_run_directly(run_dir, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["explanations", "part_localisation.json"]  # no push set: no gallery
     assert sorted(os.listdir(tmp_path / "explanations")) == ["index.html", "test_00000"]
     assert 0 <= result["part_localisation"] <= 1
+    # a push set smaller than k: the gallery shows every image (it failed, and the outputs after it were lost)
+    small = torch.utils.data.Subset(push, [0, 1, 2])
+    result = explain_run(str(tmp_path / "small"), model, test_dataset=test, push_records=None, push_dataset=small,
+                         n_images=1, top_k=2, k=5, progress=False)
+    assert os.path.isfile(result["gallery"]) and "part_localisation" in result
 
 
 def test_cli_on_the_checkpoint(run_dir, tmp_path, capsys):
