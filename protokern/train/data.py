@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 from typing import NamedTuple
 
 import torch
@@ -106,7 +107,7 @@ def _load(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
                 raise FileNotFoundError(f"dataset 'folder' expects {cfg.data_root}/train and /test; missing {path}")
         train, test = (ImageFolderDataset(path, image_size=size) for path in parts)
         if train.classes != test.classes:
-            raise ValueError(f"train and test folders of {cfg.data_root} have different classes")
+            raise ValueError(_class_mismatch(cfg.data_root, train.classes, test.classes))
     else:
         raise ValueError(f"unknown dataset {cfg.dataset!r}")
     if len(train) == 0 or len(test) == 0:
@@ -124,6 +125,22 @@ def _load(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
                          + ("; --skip-bad-images left some out" if getattr(train, "skipped", None) else "")
                          + "): the model could never predict them; leave them out of the dataset (its class list)")
     return train, test
+
+
+def _class_mismatch(root: str, train: list[str], test: list[str]) -> str:
+    """The one-line reason why train/ and test/ of a folder dataset do not have the same class folders."""
+    def listed(names):
+        return ", ".join(map(repr, names[:5])) + (", ..." if len(names) > 5 else "")
+
+    only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+    parts = [f"{where} only: {listed(names)}" for where, names in (("train/", only_train), ("test/", only_test))
+             if names]
+    if not parts:  # the same names in another order cannot happen (both sorted); say so rather than nothing
+        parts = ["the same names, in another order"]
+    nfc = lambda names: {unicodedata.normalize("NFC", n) for n in names}  # noqa: E731
+    hint = ("; some differ only in their Unicode form (folders copied from macOS?): rename them"
+            if nfc(only_train) & nfc(only_test) else "")
+    return f"train/ and test/ of {root} must hold the same class folders: {'; '.join(parts)}{hint}"
 
 
 def _prepared(dataset: Dataset, cfg: TrainConfig, name: str) -> Dataset:

@@ -131,3 +131,20 @@ def test_splits_emptied_by_skipped_images_and_classes_without_training_images_ar
     with pytest.raises(ValueError, match=r"1 of its 3 classes have no training images \('bee'; --skip-bad-images "
                                          r"left some out\): the model could never predict them"):
         build_splits(config(root, "--skip-bad-images"))
+
+
+def test_folder_classes_of_train_and_test_must_match_and_the_line_names_them(tmp_path):
+    import shutil
+    import unicodedata
+
+    from protokern.train.data import build_splits
+
+    root = folder_dataset(tmp_path / "missing")
+    shutil.rmtree(root / "test" / "cat")
+    with pytest.raises(ValueError, match=r"must hold the same class folders: train/ only: 'cat'$"):
+        build_splits(config(root))
+    root = folder_dataset(tmp_path / "unicode")
+    (root / "train" / "cat").rename(root / "train" / unicodedata.normalize("NFC", "café"))
+    (root / "test" / "cat").rename(root / "test" / unicodedata.normalize("NFD", "café"))
+    with pytest.raises(ValueError, match=r"train/ only: '.*'; test/ only: '.*'; some differ only in their Unicode form"):
+        build_splits(config(root))
