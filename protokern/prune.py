@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -72,8 +73,9 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
         dict with ``pruned`` (old indices of the pruned prototypes), ``kept`` (old indices of the others, in
         their new order), ``own_class_neighbours`` ((P,) list: how many of the k nearest images are of the
         prototype's class), ``pruned_per_class`` and ``remaining_per_class`` (lists indexed by class),
-        ``num_pruned``, ``num_remaining``, ``k``, ``threshold``, ``neighbours`` (:class:`Neighbours`) and,
-        with ``push_records``, the kept prototypes' ``push_records``.
+        ``classes_without_prototypes`` (the classes left with none, which the model can then never predict:
+        a warning names them), ``num_pruned``, ``num_remaining``, ``k``, ``threshold``, ``neighbours``
+        (:class:`Neighbours`) and, with ``push_records``, the kept prototypes' ``push_records``.
     """
     k = positive_int("k", k)
     if not isinstance(threshold, numbers.Integral) or isinstance(threshold, bool) or not 0 <= threshold <= k:
@@ -89,15 +91,23 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
     pruned = prune.nonzero().flatten()
     kept = (~prune).nonzero().flatten()
     if apply and kept.numel() == 0:
+        targets = getattr(getattr(loader, "dataset", None), "targets", None)
+        small = (targets is not None and len(targets) > 0
+                 and int(torch.bincount(torch.as_tensor(targets, dtype=torch.long)).max()) < threshold)
+        why = (f"every class has fewer than {threshold} images here: too small for threshold {threshold}" if small else
+               f"a class with fewer than {threshold} images here can keep none; else is the model trained and pushed?")
         raise ValueError(f"every prototype has fewer than {threshold} of its {k} nearest images in its own "
-                         "class: pruning would remove them all (is the model trained and pushed?)")
+                         f"class: pruning would remove them all ({why})")
     num_classes = model.num_classes
+    remaining = torch.bincount(classes[kept], minlength=num_classes).tolist()
+    empty = [c for c, n in enumerate(remaining) if n == 0]
     result = {
         "pruned": pruned.tolist(),
         "kept": kept.tolist(),
         "own_class_neighbours": own.tolist(),
         "pruned_per_class": torch.bincount(classes[pruned], minlength=num_classes).tolist(),
-        "remaining_per_class": torch.bincount(classes[kept], minlength=num_classes).tolist(),
+        "remaining_per_class": remaining,
+        "classes_without_prototypes": empty,
         "num_pruned": int(pruned.numel()),
         "num_remaining": int(kept.numel()),
         "k": k,
@@ -108,11 +118,15 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
         model.prune_prototypes(pruned)
     if push_records is not None:
         result["push_records"] = select_records(push_records, kept)
-    empty = [c for c, n in enumerate(result["remaining_per_class"]) if n == 0]
-    log.info("pruning (k=%d, threshold=%d): %d of %d prototypes %s, %d remain%s", k, threshold,
+    log.info("pruning (k=%d, threshold=%d): %d of %d prototypes %s, %d remain", k, threshold,
              result["num_pruned"], model.num_prototypes + (result["num_pruned"] if apply else 0),
-             "pruned" if apply else "would be pruned", result["num_remaining"],
-             f"; classes left without prototypes: {empty}" if empty else "")
+             "pruned" if apply else "would be pruned", result["num_remaining"])
+    if empty:  # a warning, not a log line: the model can no longer predict these classes
+        names = getattr(getattr(loader, "dataset", None), "classes", None)
+        named = [f"{c} ({names[c]})" if names is not None and len(names) == num_classes else str(c) for c in empty]
+        warnings.warn(f"pruning (k={k}, threshold={threshold}) {'left' if apply else 'would leave'} {len(empty)} of "
+                      f"{num_classes} classes without prototypes, never predicted: {', '.join(named)} (none of their "
+                      f"prototypes has {threshold} images of its class among its {k} nearest)", stacklevel=2)
     return result
 
 

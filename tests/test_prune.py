@@ -1,6 +1,7 @@
 """Pruning: the k-nearest-images search, the pruning rule on a constructed case, last-layer retraining."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -255,6 +256,40 @@ def test_a_report_only_prune_reports_even_when_every_prototype_would_go():
     assert report["pruned"] == [0, 1] and report["num_remaining"] == 0 and model.num_prototypes == 2
     with pytest.raises(ValueError, match="would remove them all"):
         prune_prototypes(model, loader, k=4, threshold=4, progress=False)
+
+
+def test_classes_left_without_prototypes_are_a_warning_and_in_the_report():
+    """With threshold 4, class 1 loses both its prototypes (p2 has 3 own-class images, p3 2): the model could
+    never predict it, so it is a warning naming it (by name when the dataset has ``classes``), not a log line."""
+    model = grey_model()
+    named = ListDataset([torch.full((3, 8, 8), i / 20) for i in range(20)], LABELS, classes=["ant", "bee", "cat"])
+    with pytest.warns(UserWarning, match=r"would leave 1 of 3 classes without prototypes, never predicted: 1 \(bee\) "
+                                         r"\(none of their prototypes has 4 images of its class among its 6 nearest\)"):
+        report = prune_prototypes(model, DataLoader(named, batch_size=20), k=6, threshold=4, progress=False,
+                                  apply=False)
+    assert report["classes_without_prototypes"] == [1] and report["remaining_per_class"] == [1, 0, 1]
+    with pytest.warns(UserWarning, match=r"pruning \(k=6, threshold=4\) left 1 of 3 classes .*: 1 \(none of"):
+        prune_prototypes(model, DataLoader(grey_dataset(), batch_size=20), k=6, threshold=4, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every class keeps a prototype: no warning
+        report = prune_prototypes(grey_model(), DataLoader(grey_dataset(), batch_size=20), k=6, threshold=3,
+                                  progress=False)
+    assert report["classes_without_prototypes"] == []
+
+
+def test_every_prototype_pruned_because_every_class_is_small_says_so():
+    """Two images per class and threshold 3: no prototype can keep its place, however well trained; the error
+    says the classes are too small instead of only asking whether the model was trained."""
+    model = ProtoPNet(nn.Identity(), num_classes=2, prototypes_per_class=1, prototype_dim=3, out_channels=3)
+    model.add_on = nn.Identity()
+    data = torch.utils.data.TensorDataset(torch.rand(4, 3, 2, 2), torch.arange(4) % 2)
+    data.targets = [0, 1, 0, 1]
+    with pytest.raises(ValueError, match=r"would remove them all \(every class has fewer than 3 images here: too small "
+                                         r"for threshold 3\)$"):
+        prune_prototypes(model, DataLoader(data, batch_size=4), k=4, threshold=3, progress=False)
+    del data.targets  # no class sizes known: both causes named
+    with pytest.raises(ValueError, match=r"can keep none; else is the model trained and pushed\?\)$"):
+        prune_prototypes(model, DataLoader(data, batch_size=4), k=4, threshold=3, progress=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])

@@ -12,13 +12,15 @@ Run directory (written by rank 0)::
     summary.json       test accuracy of the last and of the selected (best.pt) checkpoint, the split that
                        selected it, part localisation of the final model, push records path, timings
     pruned.pt          with --prune: the pruned model (then the final model: the part localisation,
-    prune.json         explanations and gallery are its own; summary.json's "pruned" has its test accuracy)
+    prune.json         explanations and gallery are its own; summary.json's "pruned" has its test accuracy and
+                       the names of the classes it left without prototypes)
     tb/                TensorBoard events (when tensorboard is installed)
     .lock              held (fcntl) by the process training in the directory; it holds that PID
 
 Checkpoints hold only tensors and plain values and are read with ``torch.load(weights_only=True)``
 (:mod:`protokern.checkpoint`); none is written holding non-finite weights. ``--resume RUN`` (or RUN/last.pt)
-continues after the last completed step. ``interrupted.pt`` (Ctrl-C) keeps the half-done step's state for
+continues after the last completed step, on the same data (checkpoints record its classes and training image
+list; ``--data-root`` may move). ``interrupted.pt`` (Ctrl-C) keeps the half-done step's state for
 inspection or explanation only: ``--resume`` refuses it and names the command that resumes.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -50,7 +53,7 @@ from protokern.models.receptive_field import backbone_receptive_field
 from protokern.push import RECORDS_FILE, PushRecords, push_prototypes, run_push_folder
 from protokern.train import checkpoint as ckpt
 from protokern.train.config import TrainConfig, parse_config, parse_window
-from protokern.train.data import build_splits, train_loader
+from protokern.train.data import LabelledSubset, build_splits, train_loader
 from protokern.train.distributed import DistInfo, barrier, cleanup, init_distributed, shard
 from protokern.train.loop import TERMS, TrainForward, run_epoch
 from protokern.train.schedule import (Step, build_schedule, learning_rates, make_optimizers, make_scheduler,
@@ -144,6 +147,52 @@ def _check_schedule(saved: TrainConfig, cfg: TrainConfig, done: int) -> None:
                              f"{name(old)}, it would be {name(new)}): only later steps can change on resume")
 
 
+def _data_identity(train) -> dict:
+    """What a checkpoint records of its training data, for ``--resume`` to check: the class names, the number
+    of training images before the validation split, and a short hash of their (path relative to the dataset's
+    root, or index; label) list. The split and the push records' image indices hold only for that list; a
+    moved ``--data-root`` keeps it. Read from the datasets' file lists: no image is decoded for it."""
+    full = train.dataset if isinstance(train, LabelledSubset) else train  # the images the split was drawn over
+    paths, root = getattr(full, "paths", None), getattr(full, "root", None)
+    keys = (range(len(full)) if paths is None or root is None
+            else [os.path.relpath(p, root).replace(os.sep, "/") for p in paths])
+    listing = "\n".join(f"{key}\t{int(label)}" for key, label in zip(keys, full.targets))
+    return {"classes": [str(c) for c in full.classes], "train_images": len(full),
+            "train_hash": hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()[:16]}
+
+
+def _class_list(names: list[str], limit: int = 8) -> str:
+    return f"[{', '.join(names[:limit])}{', ...' if len(names) > limit else ''}] ({len(names)})"
+
+
+def _check_same_data(saved: dict | None, now: dict, cfg: TrainConfig) -> None:
+    """A one-line ``ValueError`` naming what differs when the data is not the resumed run's: its model's
+    classes, its validation split (drawn over the image list) and its push records (indices into the push set)
+    would not be this data's. A checkpoint written before the record was kept has none: not checked."""
+    if not saved:
+        return
+    where = "the synthetic dataset" if cfg.dataset == "synthetic" else f"--data-root {cfg.data_root}"
+    old, new = saved["classes"], now["classes"]
+    if old != new:
+        first = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), None)
+        detail = f"; class {first} is {new[first]!r}, was {old[first]!r}" if first is not None and first >= 8 else ""
+        raise ValueError(f"{where} has classes {_class_list(new)}, the run was trained on {_class_list(old)}{detail}: "
+                         f"resume with the run's data")
+    if saved["train_images"] != now["train_images"]:
+        raise ValueError(f"the training set of {where} has {now['train_images']} images, the run's had "
+                         f"{saved['train_images']}: the validation split and push records hold only for the run's "
+                         f"images (start a new run to train on these)")
+    if saved["train_hash"] != now["train_hash"]:
+        raise ValueError(f"the {now['train_images']} training images of {where} are not the run's (other files or "
+                         f"labels, same count): the validation split and push records hold only for the run's images")
+
+
+def _class_names(dataset, indices: list[int]) -> list[str]:
+    """The names of classes ``indices`` in ``dataset`` (their indices where it has no ``classes``)."""
+    names = getattr(dataset, "classes", None)
+    return [str(c) if names is None else str(names[c]) for c in indices]
+
+
 def _check_image_size(cfg: TrainConfig) -> None:
     """A one-line ``ValueError`` for an ``--image-size`` whose feature map is smaller than the prototypes'
     window (the trunk would fail in its first forward, or push find no window), before anything is read."""
@@ -189,12 +238,27 @@ class Trainer:
         _seed_everything(cfg.seed)
 
         self.train_set, self.val_set, self.test_set, self.push_set, num_classes = build_splits(cfg)
+        self.data_identity = _data_identity(self.train_set)
+        if resume_state is not None:  # before the model: another class count would fail there, blaming a flag
+            _check_same_data(resume_state.get("data"), self.data_identity, cfg)
         if len(self.push_set) < info.world_size:  # a process without push images would leave the others waiting
             raise ValueError(f"{len(self.push_set)} push images for {info.world_size} processes: each needs at least "
                              f"one")
         if cfg.prune and cfg.prune_k > len(self.push_set):
             raise ValueError(f"bad config: prune_k ({cfg.prune_k}) > the {len(self.push_set)} training images that "
                              f"pruning looks among")
+        if cfg.prune and self.is_main:  # said now, not after the training: such a class can keep no prototype
+            counts = torch.bincount(torch.as_tensor(self.push_set.targets, dtype=torch.long), minlength=num_classes)
+            small = [c for c, n in enumerate(counts.tolist()) if n < cfg.prune_threshold]
+            if small:
+                listed = [f"{name} ({int(counts[c])})" for c, name in zip(small, _class_names(self.push_set, small))]
+                more = ", ..." if len(small) > 8 else ""
+                skipped = "; with every class so, pruning will be skipped" if len(small) == num_classes else ""
+                have = "has" if len(small) == 1 else "have"
+                warnings.warn(f"--prune: {len(small)} of the {num_classes} classes {have} fewer than --prune-threshold "
+                              f"{cfg.prune_threshold} push images (training images less the validation hold-out), so "
+                              f"pruning will remove every prototype of theirs: {', '.join(listed[:8])}{more}{skipped}",
+                              stacklevel=2)
         self.select_on = "test" if self.val_set is None else "val"  # the split that chooses best.pt
         self.model = ProtoPNet(backbone=cfg.backbone, num_classes=num_classes,
                                prototypes_per_class=cfg.prototypes_per_class, prototype_dim=cfg.prototype_dim,
@@ -365,6 +429,7 @@ class Trainer:
             "stage": self.schedule[self.next_step - 1].stage if self.next_step else None,
             "epoch": self.schedule[self.next_step - 1].epoch if self.next_step else None,
             "config": self.cfg.to_dict(),
+            "data": self.data_identity,  # what --resume checks the data against
             "best": dict(self.best),
             "push_records": self.records.to_dict() if self.records is not None else None,
             "push_records_path": self.records_path,
@@ -681,17 +746,21 @@ class Trainer:
         report = {k: v for k, v in result.items() if k not in ("neighbours", "push_records")}
         report.update(retrain=self.cfg.prune_retrain, retrain_epochs=self.cfg.prune_retrain_epochs,
                       retrain_accuracy=retrain["accuracy"], retrain_test_accuracy=epoch_tests, test_accuracy=test)
+        # by name: the model can never predict them (prune.json lists their indices)
+        empty = _class_names(self.push_set, result.get("classes_without_prototypes", []))
         self._pruned = {"checkpoint": os.path.abspath(self._path("pruned.pt")), "num_pruned": report["num_pruned"],
-                        "num_remaining": report["num_remaining"], "test_accuracy": test}
+                        "num_remaining": report["num_remaining"], "test_accuracy": test,
+                        "classes_without_prototypes": empty}
         if self.is_main:
             state = {"model": self.model.state_dict(), "model_config": self.model.config, "config": self.cfg.to_dict(),
                      "step": self.next_step - 1, "stage": "prune", "push_records": self.records.to_dict(),
-                     "prune": report}
+                     "prune": report, "data": self.data_identity}
             self._write(state, "pruned.pt")
             ckpt.atomic_write_text(self._path("prune.json"), strict_json(report))
             if not self.cfg.quiet:
-                print(f"pruned {report['num_pruned']} prototypes, {report['num_remaining']} remain; test accuracy "
-                      f"after last-layer retraining {test:.3f} -> {self._path('pruned.pt')}", flush=True)
+                none = f" (classes left without any, never predicted: {', '.join(empty)})" if empty else ""
+                print(f"pruned {report['num_pruned']} prototypes, {report['num_remaining']} remain{none}; "
+                      f"test accuracy after last-layer retraining {test:.3f} -> {self._path('pruned.pt')}", flush=True)
 
     def _retrain_pruned(self) -> tuple[dict, list[float]]:
         """The original's retraining after pruning: ``prune_retrain_epochs`` epochs of the last layer alone over

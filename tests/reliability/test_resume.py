@@ -1,10 +1,11 @@
 """Section 4 of issue 13: resume cannot corrupt a run (lock, interrupted.pt, torn metrics, Ctrl-C in the
-first step, orphan temporaries, atomic text files, disk full)."""
+first step, orphan temporaries, atomic text files, disk full, other data)."""
 
 import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,9 +16,10 @@ import pytest
 import torch
 
 from protokern import checkpoint as neutral
-from protokern.checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
+from protokern.checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint, save_checkpoint
 from protokern.train import main
 from protokern.train.checkpoint import RunDirLocked, RunLock
+from tests.train.test_run import folder_args, folder_tree
 
 from .conftest import TRAIN_MAIN, no_temps, run_args, stderr_line
 
@@ -306,3 +308,59 @@ def test_default_run_directories_of_the_same_second_differ(tmp_path, monkeypatch
     made = [TRAIN_MAIN.Trainer._run_dir(trainer) for _ in range(3)]
     assert made == [os.path.join("runs", "20261201-000000" + s) for s in ("", "-1", "-2")]
     assert all(os.path.isdir(d) for d in made)
+
+
+BASE = {"a": 6, "b": 6, "c": 6}
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A one-step run on a folder tree of 18 training images in classes a, b, c: (run, data root)."""
+    root = folder_tree(tmp_path_factory.mktemp("data") / "base", BASE)
+    run = root.parent / "run"
+    main(folder_args(root, run, "--max-steps", "1"))
+    return run, root
+
+
+@pytest.mark.parametrize("counts, message", [
+    ({"x": 6, "y": 6, "z": 6}, "--data-root {root} has classes [x, y, z] (3), the run was trained on [a, b, c] (3): "
+                               "resume with the run's data"),
+    ({**BASE, "d": 6}, "--data-root {root} has classes [a, b, c, d] (4), the run was trained on [a, b, c] (3)"),
+    ({**BASE, "a": 12}, "the training set of --data-root {root} has 24 images, the run's had 18: the validation "
+                        "split and push records hold only for the run's images"),
+    ({**BASE, "a": 5}, "the training set of --data-root {root} has 17 images, the run's had 18"),
+    ("renamed", "the 18 training images of --data-root {root} are not the run's (other files or labels, same count)"),
+], ids=["renamed-classes", "one-more-class", "images-added", "image-removed", "image-renamed"])
+def test_resume_refuses_other_data_naming_what_differs(folder_run, tmp_path, capsys, counts, message):
+    """Other classes were accepted silently (or failed blaming a flag: "size mismatch for prototype_class_identity"),
+    and another image list redrew the validation split and left the push records indexing other images."""
+    run, base = folder_run
+    root = tmp_path / "other"
+    if counts == "renamed":  # the same count and classes, one file under another name
+        shutil.copytree(base, root)
+        (root / "train" / "b" / "0.png").rename(root / "train" / "b" / "9.png")
+    else:
+        folder_tree(root, counts)
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", str(run), "--data-root", str(root), "--quiet"])
+    line = stderr_line(capsys)
+    assert exit_info.value.code == 2 and message.format(root=root) in line and "flag" not in line
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_resume_takes_the_same_data_moved_and_checkpoints_without_a_data_record(folder_run, tmp_path):
+    """--data-root may move (the images' paths are kept relative to it); a checkpoint written before the data
+    record was kept resumes without the check, and its next checkpoint has the record."""
+    run, base = folder_run
+    run = shutil.copytree(run, tmp_path / "run")
+    moved = shutil.copytree(base, tmp_path / "moved")
+    record = load_checkpoint(str(run))["data"]
+    assert record["classes"] == ["a", "b", "c"] and record["train_images"] == 18
+    summary = main(["--resume", str(run), "--data-root", str(moved), "--quiet", "--max-steps", "1"])
+    assert summary["steps_done"] == 2 and load_checkpoint(str(run))["data"] == record
+    state = load_checkpoint(str(run))
+    del state["data"]
+    save_checkpoint(state, str(run / "last.pt"))
+    summary = main(["--resume", str(run), "--data-root", str(moved), "--quiet", "--max-steps", "1"])
+    assert summary["steps_done"] == 3 and load_checkpoint(str(run))["data"] == record

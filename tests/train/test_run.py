@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -17,6 +18,7 @@ from protokern.train import loop as train_loop
 from protokern.train.checkpoint import load_checkpoint
 from protokern.train.config import TrainConfig, parse_config
 from protokern.train.data import build_datasets, build_splits
+from tests.train.conftest import TINY_ARGS
 
 TRAIN_MAIN = sys.modules["protokern.train.main"]
 
@@ -31,6 +33,28 @@ def _rows(run_dir):
 
 def _strip(rows):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def folder_tree(root, counts: dict, test: int = 2, size: int = 24):
+    """A ``--dataset folder`` tree under ``root``: ``counts[name]`` training images of each class and ``test`` test
+    images each (noise with a bright square in the class's channel), named ``0.png``, ``1.png``, ..."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", counts), ("test", dict.fromkeys(counts, test))):
+        for c, (name, n) in enumerate(per_class.items()):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+                image[4:12, 4:12, c % 3] = 230
+                Image.fromarray(image).save(root / split / name / f"{i}.png")
+    return root
+
+
+def folder_args(root, out, *extra) -> list[str]:
+    """The tiny run's flags on the folder dataset ``root``, into ``out``, without explanations."""
+    return TINY_ARGS + ["--dataset", "folder", "--data-root", str(root), "--out", str(out), "--no-explain", *extra]
 
 
 def test_end_to_end_run_dir(tiny_args, tmp_path):
@@ -241,6 +265,41 @@ def test_prune_that_would_remove_everything_keeps_the_run(tiny_args, tmp_path, m
         summary = main(tiny_args + ["--prune", "--prune-k", "4", "--prune-threshold", "2", "--no-explain"])
     assert not (tmp_path / "run" / "pruned.pt").exists() and (tmp_path / "run" / "best.pt").exists()
     assert summary["pruned"] is None and summary["final_model"] == "last.pt"
+
+
+def test_prune_names_the_classes_it_leaves_without_prototypes(tmp_path, capsys):
+    """A class with fewer push images than --prune-threshold can keep no prototype (its prototypes have at most
+    that many own-class images among their k nearest): said at the start, then the pruning warns, prints and
+    records (summary.json by name, prune.json by index) that the final model can never predict it."""
+    root = folder_tree(tmp_path / "data", {"a": 1, "b": 6, "c": 6})
+    args = folder_args(root, tmp_path / "run", "--val-fraction", "0", "--prune", "--prune-retrain-epochs", "1",
+                       "--no-quiet")
+    with pytest.warns(UserWarning) as caught:
+        summary = main(args)
+    messages = [str(w.message) for w in caught]
+    assert ("--prune: 1 of the 3 classes has fewer than --prune-threshold 3 push images (training images less the "
+            "validation hold-out), so pruning will remove every prototype of theirs: a (1)") in messages
+    assert any(m.startswith("pruning (k=6, threshold=3) left ") and "never predicted: 0 (a)" in m for m in messages)
+    assert "a" in summary["pruned"]["classes_without_prototypes"]
+    report = json.loads((tmp_path / "run" / "prune.json").read_text())
+    assert 0 in report["classes_without_prototypes"] and report["remaining_per_class"][0] == 0
+    pruned_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("pruned "))
+    assert "(classes left without any, never predicted: a" in pruned_line
+
+
+def test_prune_with_every_class_too_small_says_so_at_the_start_and_at_the_end(tiny_args, tmp_path):
+    """18 images, 5 per class in the push set, --prune-threshold 6: every prototype would go. The start says so
+    (pruning will be skipped), and the end's "pruning skipped" blames the class sizes, not the training."""
+    with pytest.warns(UserWarning) as caught:
+        summary = main(tiny_args + ["--prune", "--prune-k", "6", "--prune-threshold", "6", "--no-explain"])
+    messages = [str(w.message) for w in caught]
+    assert re.fullmatch(r"--prune: 3 of the 3 classes have fewer than --prune-threshold 6 push images \(training "
+                        r"images less the validation hold-out\), so pruning will remove every prototype of theirs: "
+                        r"[\w ]+ \(5\), [\w ]+ \(5\), [\w ]+ \(5\); with every class so, pruning will be skipped",
+                        messages[0])
+    assert any(m.startswith("pruning skipped: every prototype has fewer than 6 of its 6 nearest") and
+               "(every class has fewer than 6 images here: too small for threshold 6)" in m for m in messages)
+    assert summary["pruned"] is None and summary["complete"]
 
 
 @pytest.mark.parametrize("flags, message", [
