@@ -813,12 +813,19 @@ _SELECTION_NOTE = {
 
 
 def _final_line(summary: dict, seconds: float) -> str:
-    """``done: ...``: the test accuracy of the last and of the selected checkpoint, and what selected it."""
+    """``done: ...``: the test accuracy of the last and of the selected checkpoint (and of pruned.pt), what
+    selected it, and the final model's part localisation."""
     def fmt(value):
         return "n/a" if value is None else f"{value:.3f}"
 
+    pruned = summary.get("pruned")
+    last = f"last.pt {fmt(summary['test_accuracy'])}"
+    if pruned:  # the final model: its accuracy, and the classes it can no longer predict
+        lost = pruned.get("classes_without_prototypes")
+        last += (f", pruned.pt {fmt(pruned['test_accuracy'])}"
+                 + (f" (no prototype left for {len(lost)} classes)" if lost else ""))
     if summary["best_step"] is None:
-        return (f"done: test accuracy last.pt {fmt(summary['test_accuracy'])}, no best.pt; "
+        return (f"done: test accuracy {last}, no best.pt; "
                 f"part localisation {fmt(summary['part_localisation'])}, {seconds:.1f} s -> {summary['run_dir']}")
     # steps counted from 1 of the total, as the per-step lines ("[21/24] push ..."); summary.json's best_step
     # counts from 0, as metrics.jsonl's step
@@ -828,7 +835,7 @@ def _final_line(summary: dict, seconds: float) -> str:
         selected += f", chosen on validation accuracy {fmt(summary['best_val_accuracy'])}"
     else:
         selected += ", chosen on the TEST set (--val-fraction 0)"
-    return (f"done: test accuracy last.pt {fmt(summary['test_accuracy'])}, {selected}; "
+    return (f"done: test accuracy {last}, {selected}; "
             f"part localisation {fmt(summary['part_localisation'])}, {seconds:.1f} s -> {summary['run_dir']}")
 
 

@@ -283,8 +283,12 @@ def test_prune_names_the_classes_it_leaves_without_prototypes(tmp_path, capsys):
     assert "a" in summary["pruned"]["classes_without_prototypes"]
     report = json.loads((tmp_path / "run" / "prune.json").read_text())
     assert 0 in report["classes_without_prototypes"] and report["remaining_per_class"][0] == 0
-    pruned_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("pruned "))
+    printed = capsys.readouterr().out.splitlines()
+    pruned_line = next(line for line in printed if line.startswith("pruned "))
     assert "(classes left without any, never predicted: a" in pruned_line
+    lost = len(summary["pruned"]["classes_without_prototypes"])
+    assert (f"pruned.pt {summary['pruned']['test_accuracy']:.3f} (no prototype left for {lost} classes), best.pt"
+            in printed[-1])  # the done line has the final model's accuracy
 
 
 def test_prune_with_every_class_too_small_says_so_at_the_start_and_at_the_end(tiny_args, tmp_path):
