@@ -94,3 +94,18 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+class PeerStopped(RuntimeError):
+    """Another process of the torchrun job stopped (a signal or an error there), so a collective this one waited
+    in failed: a one-line stop (exit 1) instead of the backend's traceback."""
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another process left (its connection closed)."""
+    backend_error = getattr(dist, "DistBackendError", None)
+    if backend_error is not None and isinstance(error, backend_error):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport"))

@@ -54,7 +54,8 @@ from protokern.push import RECORDS_FILE, PushRecords, push_prototypes, run_push_
 from protokern.train import checkpoint as ckpt
 from protokern.train.config import TrainConfig, parse_config, parse_window
 from protokern.train.data import LabelledSubset, build_splits, train_loader
-from protokern.train.distributed import DistInfo, barrier, cleanup, init_distributed, shard
+from protokern.train.distributed import (DistInfo, PeerStopped, barrier, cleanup, init_distributed, peer_lost,
+                                        shard)
 from protokern.train.loop import TERMS, TrainForward, run_epoch
 from protokern.train.schedule import (Step, build_schedule, learning_rates, make_optimizers, make_scheduler,
                                       optimizer_steps, set_trainable, step_scheduler)
@@ -843,12 +844,21 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
     """Run training for ``cfg`` (initialising torch.distributed under torchrun); return the summary."""
     created = not (dist.is_available() and dist.is_initialized())
     info, device = init_distributed(cfg.device)
+    trainer = None
     try:
         trainer = Trainer(cfg, info, device, explicit)
         try:
             return trainer.run()
         finally:
             trainer.close()
+    except RuntimeError as error:
+        if not (info.enabled and peer_lost(error)):
+            raise
+        done = trainer.next_step if trainer is not None else 0
+        resume = (f"; last.pt holds its first {done} steps: continue with --resume {_quoted(trainer.run_dir)}"
+                  if done else "")
+        raise PeerStopped("another process of this torchrun job stopped (a signal or an error there: its output "
+                          f"says which), so this one stops too{resume}") from None
     finally:
         if created:
             cleanup()
@@ -858,10 +868,11 @@ def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point: ``python -m protokern.train [flags]`` (``--help`` lists them).
 
     Bad input (settings, config file, data or checkpoint paths, corrupt or unfitting checkpoints) ends with one
-    line on stderr and exit code 2; a run stopped by a non-finite value or a run directory in use by another
-    process with exit code 1. ``--debug`` raises the error with its traceback instead.
+    line on stderr and exit code 2; a run stopped by a non-finite value, a run directory in use by another
+    process or (under torchrun) another process of the job stopping, with exit code 1. ``--debug`` raises the error with its traceback instead.
     """
-    with exit_on_error("python -m protokern.train", argv, stopped=(FloatingPointError, ckpt.RunDirLocked)) as mode:
+    stopped = (FloatingPointError, ckpt.RunDirLocked, PeerStopped)
+    with exit_on_error("python -m protokern.train", argv, stopped=stopped) as mode:
         cfg, explicit = parse_config(argv)
         mode.debug = cfg.debug  # also a config file's debug: true
         return train(cfg, explicit)

@@ -84,3 +84,45 @@ def test_a_bad_launch_environment_is_one_line(monkeypatch, env, message):
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
         init_distributed("cpu")
+
+
+def _worker_dies(rank: int, world: int, port: int, out: str):
+    """Rank 1 disappears in its second step (a signal or an error that reached it alone); rank 0 records what the
+    command line did."""
+    import contextlib
+    import importlib
+    import io
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    main_module = importlib.import_module("protokern.train.main")
+    if rank == 1:
+        run_step = main_module.Trainer.run_step
+
+        def dying(self, step):
+            if self.next_step == 1:
+                os._exit(0)
+            return run_step(self, step)
+
+        main_module.Trainer.run_step = dying
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main_module.main(TINY_ARGS + ["--out", os.path.join(out, "run"), "--no-push-images", "--no-explain"])
+            code = 0
+        except SystemExit as exit_info:
+            code = exit_info.code
+    with open(os.path.join(out, f"rank{rank}.txt"), "w") as fh:
+        fh.write(f"{code}\n{err.getvalue()}")
+
+
+def test_a_process_that_stops_alone_stops_the_others_in_one_line(tmp_path):
+    """A signal or error that reaches one process only: the others' collectives fail (gloo: connection closed by
+    peer); each says so in one line with the command that resumes, exit 1, instead of the backend's traceback."""
+    torch.multiprocessing.spawn(_worker_dies, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    code, *lines = (tmp_path / "rank0.txt").read_text().strip().splitlines()
+    lines = [line for line in lines if "Warning" not in line and line.strip()]
+    assert code == "1" and len(lines) == 1, lines
+    assert lines[0].startswith("python -m protokern.train: error: another process of this torchrun job stopped")
+    assert f"last.pt holds its first 1 steps: continue with --resume {tmp_path / 'run'}" in lines[0]
