@@ -78,7 +78,9 @@ setup(
     + ["protokern.kernels"]
     + ["protokern.kernels." + name for name in find_packages(where="kernels")],
     package_dir={"protokern.kernels": "kernels"},
-    install_requires=["torch", "triton", "numpy", "tqdm", "pillow", "scipy", "torchvision", "pyyaml"],
+    # Triton publishes Linux wheels only (as torch declares it): elsewhere the torch backend runs alone
+    install_requires=["torch", "triton; platform_system == 'Linux'", "numpy", "tqdm", "pillow", "scipy", "torchvision",
+                      "pyyaml"],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     zip_safe=False,
     **_extension_setup(),

@@ -25,7 +25,8 @@ def _load() -> str | None:
     except ModuleNotFoundError as exc:
         if exc.name != "protokern._C":
             raise
-        return "protokern._C not built (no CUDA toolkit at install time)"
+        return ("protokern._C not built (no CUDA toolkit found at install time, or PROTOKERN_NO_CUDA=1: "
+                "`pip install -v` says which; reinstall with CUDA_HOME set to build it)")
     except ImportError as exc:  # built, but does not load (e.g. built against another torch)
         return f"protokern._C failed to load (rebuild it against this torch): {exc}"
     _register_fakes()

@@ -95,3 +95,5 @@ def test_the_sdist_carries_every_extension_source_and_header(tmp_path):
     for header in included:
         assert f"csrc/{header}" in names, header
     assert {f"csrc/{p.name}" for p in sources} <= names
+    # no tests: setuptools would add tests/test*.py alone, which cannot run without the helpers they import
+    assert not [n for n in names if n.startswith("tests/")]
