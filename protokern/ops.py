@@ -18,6 +18,12 @@ from torch import Tensor
 from protokern import backends, torch_backend
 from protokern.utils import positive_int
 
+try:  # private functorch API, for _refuse_nested_forward_mode only: where it moved, that check is skipped
+    from torch._C._functorch import TransformType as _TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _functorch_interpreters
+except ImportError:  # pragma: no cover
+    _functorch_interpreters = None
+
 PRECISIONS = ("auto",) + backends.SEARCH_PRECISIONS  # "auto": backends.AUTO_PRECISION
 SIMILARITIES = ("log", "linear", "cosine")
 
@@ -397,6 +403,7 @@ def prototype_similarity(z: Tensor, prototypes: Tensor, *, similarity: str = "lo
     kh * kw times that of ``z``) and "cosine" on unit vectors, so every backend's certified search, NaN, tie
     and determinism rules and hand-written backward apply unchanged.
     """
+    _refuse_nested_forward_mode()
     zin, p = _prepare(z, prototypes, similarity, eps, precision)
     name = backends.resolve(backend, z.device.type)
     zin = backends.features_layout(name, zin)  # saved for the backward as laid out: one copy, if any
@@ -405,6 +412,19 @@ def prototype_similarity(z: Tensor, prototypes: Tensor, *, similarity: str = "lo
     if similarity != "log":  # the fused kernels compute the log similarity themselves
         sim = distance_to_similarity(dist, similarity)
     return sim, dist
+
+
+def _refuse_nested_forward_mode() -> None:
+    """``NotImplementedError`` under nested forward mode (``jacfwd(jacfwd(f))``, a jvp of a jvp): PyTorch gives
+    an autograd.Function's forward-mode rule zero derivatives at the outer level there (pytorch/pytorch#197867),
+    so the op's second derivatives would silently be 0. One forward level (``jvp``, ``jacfwd``, ``hessian``, which
+    is forward over reverse) is exact."""
+    if _functorch_interpreters is None or torch.compiler.is_compiling():
+        return
+    if sum(i.key() == _TransformType.Jvp for i in _functorch_interpreters()) > 1:
+        raise NotImplementedError("nested forward mode (jacfwd of jacfwd, a jvp of a jvp) is not supported: PyTorch "
+                                  "gives an autograd.Function's forward rule zero second derivatives there "
+                                  "(pytorch/pytorch#197867); use torch.func.hessian (forward over reverse) or jacrev")
 
 
 def nearest_patches(z: Tensor, prototypes: Tensor, *, similarity: str = "log", backend: str = "auto",

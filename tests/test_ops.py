@@ -895,3 +895,22 @@ def test_gradcheck_batched_and_forward_mode_torch_backend():
     f = lambda z, p: protokern.prototype_similarity(z, p, backend="torch")  # noqa: E731
     assert torch.autograd.gradcheck(f, (z, p), check_batched_grad=True, check_forward_ad=True,
                                     check_batched_forward_grad=True)
+
+
+def test_nested_forward_mode_is_refused_and_one_forward_level_is_exact():
+    """jacfwd(jacfwd(f)) and a jvp of a jvp gave zero second derivatives (PyTorch's autograd.Function forward rule
+    under nested forward mode): refused in one line; hessian (forward over reverse) stays exact: -2 I for
+    "linear"."""
+    from torch.func import hessian, jacfwd, jvp
+
+    z = torch.randn(1, 2, 1, 3, dtype=torch.float64)
+    p = torch.randn(1, 2, dtype=torch.float64)
+
+    def loss(p):
+        return protokern.prototype_similarity(z, p, similarity="linear", backend="torch")[0].sum()
+
+    torch.testing.assert_close(hessian(loss)(p).reshape(2, 2), -2 * torch.eye(2, dtype=torch.float64))
+    v = torch.ones_like(p)
+    for nested in (lambda: jacfwd(jacfwd(loss))(p), lambda: jvp(lambda q: jvp(loss, (q,), (v,))[1], (p,), (v,))):
+        with pytest.raises(NotImplementedError, match=r"^nested forward mode .* \(pytorch/pytorch#197867\)"):
+            nested()
