@@ -452,7 +452,8 @@ def prototype_distances(z: Tensor, prototypes: Tensor, *, similarity: str = "log
 
     ``paired=True`` takes one image per prototype (``z`` (M, D, H, W)) and returns (M, Hout, Wout), prototype
     m on image m only, in the difference form ``sum (z_window - p)^2``: exactly 0 where a window equals its
-    prototype (push's self-activation maps). It works ``chunk`` prototypes at a time.
+    prototype for "log" and "linear" (push's self-activation maps; "cosine": within the rounding of the two
+    sides' normalisation, ~1e-13). It works ``chunk`` prototypes at a time.
 
     Materialises B*M*Hout*Wout values; use ``nearest_patches`` or ``prototype_similarity`` where the min is
     enough.
