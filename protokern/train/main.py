@@ -663,7 +663,11 @@ class Trainer:
     def _summary(self, seconds: float, complete: bool) -> dict:
         localisation = None
         boxes = part_boxes(self.test_set)
-        if boxes is not None and getattr(self.model, "receptive_field", None) is not None:
+        no_rf = getattr(self.model, "receptive_field", None) is None
+        # why part_localisation is null, where it is
+        why_none = ("the test set has no part boxes (CUB's and Cars' boxes are object boxes)" if boxes is None else
+                    "the trunk's receptive field is unknown" if no_rf else "no (image, prototype) pair was counted")
+        if boxes is not None and not no_rf:
             # once, on rank 0 (the explanations reuse it), then shared so that every rank's summary agrees
             if self.is_main:
                 loader = make_loader(self.test_set, self.cfg.test_batch_size, shuffle=False,
@@ -699,6 +703,7 @@ class Trainer:
             "skipped_images": len(skipped_images(self.train_set, self.val_set, self.test_set)),  # --skip-bad-images
             "selection_note": _SELECTION_NOTE[self.best["split"]],
             "part_localisation": localisation,  # of the final model: pruned.pt after --prune, else last.pt
+            "part_localisation_note": why_none if localisation is None else None,
             "final_model": "pruned.pt" if self._pruned else "last.pt",  # the one explanations and gallery show
             "pruned": self._pruned,
             "push_records": self.records_path,

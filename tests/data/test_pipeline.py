@@ -109,6 +109,7 @@ def test_trainer_skips_and_counts_bad_images(tmp_path, capsys):
     assert ".jpg: cannot decode image" in err[0] and "DataLoader worker" not in err[0]
     summary = tiny_run(root, tmp_path, "--skip-bad-images", "--data-cache", "off")
     assert summary["skipped_images"] == 2
+    assert summary["part_localisation"] is None and "no part boxes" in summary["part_localisation_note"]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_images"] == 2
 
 

@@ -76,7 +76,7 @@ def test_end_to_end_run_dir(tiny_args, tmp_path):
     assert "lr_features" in rows[1] and "lr_last_layer" in rows[3]
 
     assert summary["complete"] and summary["test_accuracy"] == rows[-1]["test_accuracy"]
-    assert 0.0 <= summary["part_localisation"] <= 1.0
+    assert 0.0 <= summary["part_localisation"] <= 1.0 and summary["part_localisation_note"] is None
     with open(os.path.join(run, "summary.json")) as fh:
         assert json.load(fh)["push_records"] == summary["push_records"]
     push_dir = os.path.join(run, "push", "epoch_001")
