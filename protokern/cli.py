@@ -25,11 +25,9 @@ class ErrorMode:
 
 
 @contextlib.contextmanager
-def exit_on_error(prog: str, argv: list[str] | None = None, stopped: tuple[type[BaseException], ...] = (),
-                  quiet: bool = False):
-    """Turn an error of the block into one line on stderr (``PROG: error: ...``; nothing when ``quiet``: another
-    process says it) and ``SystemExit``: code 1 for ``stopped`` (a run that cannot go on), code 2 for
-    :data:`INPUT_ERRORS`. Other errors, Ctrl-C and
+def exit_on_error(prog: str, argv: list[str] | None = None, stopped: tuple[type[BaseException], ...] = ()):
+    """Turn an error of the block into one line on stderr (``PROG: error: ...``) and ``SystemExit``: code 1
+    for ``stopped`` (a run that cannot go on), code 2 for :data:`INPUT_ERRORS`. Other errors, Ctrl-C and
     everything in debug mode keep their traceback: debug mode is the last of ``--debug`` / ``--no-debug`` in
     ``argv`` (default ``sys.argv``), or what the block sets on the yielded :class:`ErrorMode`."""
     argv = sys.argv[1:] if argv is None else argv
@@ -40,11 +38,11 @@ def exit_on_error(prog: str, argv: list[str] | None = None, stopped: tuple[type[
     except stopped as error:
         if mode.debug:
             raise
-        _report(prog, error, 1, quiet)
+        _report(prog, error, 1)
     except INPUT_ERRORS as error:
         if mode.debug:
             raise
-        _report(prog, error, 2, quiet)
+        _report(prog, error, 2)
 
 
 def worker_message(message: str) -> str:
@@ -57,8 +55,7 @@ def worker_message(message: str) -> str:
     return rest if sep and kind.replace(".", "").replace("_", "").isalnum() else last
 
 
-def _report(prog: str, error: BaseException, code: int, quiet: bool = False):
-    if not quiet:
-        message = one_line(worker_message(str(error)) if str(error) else error)
-        print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr, flush=True)
+def _report(prog: str, error: BaseException, code: int):
+    message = one_line(worker_message(str(error)) if str(error) else error)
+    print(f"{prog}: error: {message} (--debug shows the traceback)", file=sys.stderr, flush=True)
     raise SystemExit(code) from None

@@ -412,19 +412,10 @@ _CHOICES = {"dataset": DATASETS, "amp": AMP_MODES, "crop": CROPS, "backbone": BA
             "nan_policy": NAN_POLICIES, "data_cache": CACHE_MODES, "similarity": SIMILARITIES}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's parser, whose usage errors (the same in every process of a torchrun job) rank 0 alone prints."""
-
-    def error(self, message: str):
-        if os.environ.get("RANK", "0") != "0":
-            self.exit(2)
-        super().error(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser: ``--config``, plus one flag per :class:`TrainConfig` field (``--field-name``) and
     the deprecated flags of :data:`RENAMED`."""
-    parser = _Parser(
+    parser = argparse.ArgumentParser(
         prog="python -m protokern.train", argument_default=argparse.SUPPRESS,
         description="Train a ProtoPNet (warm-up, joint, push, last-layer stages as the original).")
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings (flags override it)")

@@ -874,13 +874,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     Bad input (settings, config file, data or checkpoint paths, corrupt or unfitting checkpoints) ends with one
     line on stderr and exit code 2; a run stopped by a non-finite value, a run directory in use by another
-    process or (under torchrun) another process of the job stopping, with exit code 1. ``--debug`` raises the
-    error with its traceback instead. Under torchrun, bad settings (the same for every process) are said by
-    rank 0 only.
+    process or (under torchrun) another process of the job stopping, with exit code 1. ``--debug`` raises the error with its traceback instead.
     """
-    prog = "python -m protokern.train"
-    with exit_on_error(prog, argv, quiet=os.environ.get("RANK", "0") != "0"):
+    stopped = (FloatingPointError, ckpt.RunDirLocked, PeerStopped)
+    with exit_on_error("python -m protokern.train", argv, stopped=stopped) as mode:
         cfg, explicit = parse_config(argv)
-    with exit_on_error(prog, argv, stopped=(FloatingPointError, ckpt.RunDirLocked, PeerStopped)) as mode:
         mode.debug = cfg.debug  # also a config file's debug: true
         return train(cfg, explicit)

@@ -173,14 +173,3 @@ def test_real_process_prints_one_line_and_exits_2(tmp_path, module):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith(f"python -m {module}: error: no checkpoint at")
-
-
-@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--no-such-flag"]])
-def test_bad_settings_under_torchrun_are_said_by_rank_0_alone(monkeypatch, capsys, argv):
-    """The settings are every process's: rank 0 says what is wrong (one line), the others exit 2 silently (each
-    printed the whole usage block)."""
-    for rank, said in (("1", False), ("0", True)):
-        monkeypatch.setenv("RANK", rank)
-        assert _exit_code(train, argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert bool(err) == said and (not said or "error:" in err.splitlines()[-1])
