@@ -78,9 +78,9 @@ setup(
     + ["protokern.kernels"]
     + ["protokern.kernels." + name for name in find_packages(where="kernels")],
     package_dir={"protokern.kernels": "kernels"},
-    # Triton publishes Linux wheels only (as torch declares it): elsewhere the torch backend runs alone
-    install_requires=["torch", "triton; platform_system == 'Linux'", "numpy", "tqdm", "pillow", "scipy", "torchvision",
-                      "pyyaml"],
+    # Triton only where torch itself requires it (its Linux x86_64 wheels): elsewhere the torch backend runs alone
+    install_requires=["torch", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'", "numpy", "tqdm",
+                      "pillow", "scipy", "torchvision", "pyyaml"],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     zip_safe=False,
     **_extension_setup(),

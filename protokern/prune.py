@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from protokern.models.protopnet import prototype_indices
@@ -121,7 +122,8 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
     log.info("pruning (k=%d, threshold=%d): %d of %d prototypes %s, %d remain", k, threshold,
              result["num_pruned"], model.num_prototypes + (result["num_pruned"] if apply else 0),
              "pruned" if apply else "would be pruned", result["num_remaining"])
-    if empty:  # a warning, not a log line: the model can no longer predict these classes
+    one_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if empty and one_process:  # a warning, not a log line: the model can no longer predict these classes
         names = getattr(getattr(loader, "dataset", None), "classes", None)
         named = [f"{c} ({names[c]})" if names is not None and len(names) == num_classes else str(c) for c in empty]
         warnings.warn(f"pruning (k={k}, threshold={threshold}) {'left' if apply else 'would leave'} {len(empty)} of "

@@ -102,10 +102,10 @@ class PeerStopped(RuntimeError):
 
 
 def peer_lost(error: BaseException) -> bool:
-    """Whether ``error`` is a collective that failed because another process left (its connection closed)."""
-    backend_error = getattr(dist, "DistBackendError", None)
-    if backend_error is not None and isinstance(error, backend_error):
-        return True
+    """Whether ``error`` is a collective that failed because another process left: its connection closed (gloo),
+    or the backend says a remote process exited (NCCL). Not a timeout (the others may still be running) nor
+    another backend error."""
     text = str(error)
     return isinstance(error, RuntimeError) and any(
-        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport"))
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                            "remote process exited"))

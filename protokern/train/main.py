@@ -859,11 +859,11 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
     except RuntimeError as error:
         if not (info.enabled and peer_lost(error)):
             raise
-        done = trainer.next_step if trainer is not None else 0
-        resume = (f"; last.pt holds its first {done} steps: continue with --resume {_quoted(trainer.run_dir)}"
-                  if done else "")
+        # not a step count: this process may have finished a step whose last.pt rank 0 had not yet written
+        resume = (f"; continue with --resume {_quoted(trainer.run_dir)} (after the last step last.pt holds)"
+                  if trainer is not None and trainer.next_step else "")
         raise PeerStopped("another process of this torchrun job stopped (a signal or an error there: its output "
-                          f"says which), so this one stops too{resume}") from None
+                          f"says which), so this one stops too{resume}") from error
     finally:
         if created:
             cleanup()

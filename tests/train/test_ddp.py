@@ -125,4 +125,15 @@ def test_a_process_that_stops_alone_stops_the_others_in_one_line(tmp_path):
     lines = [line for line in lines if "Warning" not in line and line.strip()]
     assert code == "1" and len(lines) == 1, lines
     assert lines[0].startswith("python -m protokern.train: error: another process of this torchrun job stopped")
-    assert f"last.pt holds its first 1 steps: continue with --resume {tmp_path / 'run'}" in lines[0]
+    assert f"continue with --resume {tmp_path / 'run'} (after the last step last.pt holds)" in lines[0]
+
+
+def test_a_lost_peer_is_a_closed_connection_not_a_timeout():
+    from protokern.train.distributed import peer_lost
+
+    assert peer_lost(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error "
+                                  "[127.0.0.1]:41623: Connection reset by peer"))
+    assert peer_lost(RuntimeError("NCCL error: remote process exited or there was a network error"))
+    assert not peer_lost(RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out "
+                                      "waiting 3000ms for recv operation to complete"))
+    assert not peer_lost(ValueError("Connection closed by peer"))
