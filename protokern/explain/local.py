@@ -52,6 +52,7 @@ class PrototypeEvidence:
         source_index: index of the prototype's source image in the push set (None if not pushed).
         source_box / source_rf_box: high-activation / receptive-field box on the source image.
         source_image: (3, S, S) source image in [0, 1], when available.
+        source_file: the source image's file (the push set's ``paths``), when it has one.
         file: the PNG written by :meth:`Explanation.save`, relative to its folder.
     """
 
@@ -70,6 +71,7 @@ class PrototypeEvidence:
     source_box: Box | None = None
     source_rf_box: Box | None = None
     source_image: Tensor | None = field(default=None, repr=False)
+    source_file: str | None = None
     file: str | None = None
 
 
@@ -135,7 +137,8 @@ class Explanation:
                      "similarity": e.similarity, "distance": e.distance, "weight": e.weight,
                      "contribution": e.contribution, "patch": list(e.patch), "box": list(e.box),
                      "rf_box": None if e.rf_box is None else list(e.rf_box), "source_index": e.source_index,
-                     "source_box": None if e.source_box is None else list(e.source_box), "file": e.file}
+                     "source_box": None if e.source_box is None else list(e.source_box),
+                     "source_file": e.source_file, "file": e.file}
                     for e in self.top],
             "all_prototypes": self.table(c),
         }
@@ -189,7 +192,9 @@ class Explanation:
             parts.append(f"<tr><td>{e.rank}</td><td>{e.prototype}</td><td class=left>"
                          f"{esc(self.class_name(e.prototype_class))}</td><td>{e.similarity:.4f}</td>"
                          f"<td>{e.weight:.4f}</td><td>{e.contribution:.4f}</td><td class=left>"
-                         f"<img src='{esc(e.file or '')}' alt='prototype {e.prototype}'></td></tr>")
+                         f"<img src='{esc(e.file or '')}' alt='prototype {e.prototype}'>"
+                         + (f"<br>source: {esc(os.path.basename(e.source_file))}" if e.source_file else "")
+                         + "</td></tr>")
         parts.append("</table><h2>All prototypes</h2><table><tr><th>prototype</th><th class=left>class</th>"
                      "<th>similarity</th><th>distance</th><th>weight</th><th>contribution</th></tr>")
         for row in self.table(c):
@@ -268,6 +273,12 @@ def load_image_tensor(image, image_size: int | tuple[int, int] | None = None) ->
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
                               antialias=True)[0].clamp(0, 1)
     return image
+
+
+def _source_file(index: int | None, push_images) -> str | None:
+    """The file of push image ``index`` (records hold indices of the dataset under a Subset), if it has one."""
+    paths = None if index is None or push_images is None else getattr(base_dataset(push_images), "paths", None)
+    return str(paths[index]) if paths is not None and 0 <= index < len(paths) else None
 
 
 def _source_image(j: int, index: int, records: PushRecords | None, push_images) -> Tensor | None:
@@ -390,6 +401,7 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
             patch=(h, w), box=tuple(box), rf_box=rf_box, heatmap=heat, source_index=source_index,
             source_box=source_box, source_rf_box=source_rf,
             source_image=_source_image(j, -1 if source_index is None else source_index, push_records, push_images),
+            source_file=_source_file(source_index, push_images),
         ))
     return Explanation(image=x, logits=logits, predicted_class=predicted, class_idx=c, similarity=similarity,
                        min_distances=min_distances, weights=weights, prototype_classes=classes, top=evidence,

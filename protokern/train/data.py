@@ -29,7 +29,7 @@ class Splits(NamedTuple):
 
 
 class LabelledSubset(Dataset):
-    """Images ``indices`` of a dataset, keeping its ``classes``, ``targets`` and ``boxes``.
+    """Images ``indices`` of a dataset, keeping its ``classes``, ``targets``, ``paths`` and ``boxes``.
 
     Not a :class:`~torch.utils.data.Subset` on purpose: push records index the images of this set (push
     unwraps Subsets, which DDP sharding adds, down to the dataset they select from)."""
@@ -38,6 +38,9 @@ class LabelledSubset(Dataset):
         self.dataset, self.indices = dataset, list(indices)
         self.classes = dataset.classes
         self.targets = [dataset.targets[i] for i in indices]
+        paths = getattr(dataset, "paths", None)
+        if paths is not None:  # the files explanations name as prototypes' sources
+            self.paths = [paths[i] for i in indices]
         boxes = getattr(dataset, "boxes", None)
         if boxes is not None:
             self.boxes = torch.as_tensor(boxes)[torch.as_tensor(self.indices, dtype=torch.long)]

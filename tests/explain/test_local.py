@@ -261,3 +261,24 @@ def test_non_square_images_are_explained_at_the_push_images_size(tmp_path):
         assert explain_image(model, image, image_size=(24, 36)).image.shape == (3, 24, 36)
     with pytest.raises(ValueError, match="height, width"):
         explain_image(model, x[1], image_size=(32, 48, 3))
+
+
+def test_explanations_name_the_source_file_of_each_prototype(tmp_path):
+    """What a user looks for next ("which training image is that?"): the push set's file, through a Subset too,
+    in the evidence, explanation.json and index.html; None where the push set has no files."""
+    from torch.utils.data import Subset
+
+    model = colour_model([RED, GREEN, BLUE], [0, 1, 1], num_classes=2)
+    dataset = _scene()
+    dataset.paths = [f"/data/train/img_{i}.png" for i in range(len(dataset))]
+    subset = Subset(dataset, [3, 2, 1, 0])
+    records = push_prototypes(model, DataLoader(subset, batch_size=2), progress=False)
+    e = explain_image(model, paint(canvas(64), (4, 3), RED), push_records=records, push_images=subset, top_k=3)
+    red = next(x for x in e.top if x.prototype == 0)
+    assert red.source_index == 0 and red.source_file == "/data/train/img_0.png"
+    e.save(str(tmp_path / "out"))
+    saved = json.loads((tmp_path / "out" / "explanation.json").read_text())
+    assert {t["prototype"]: t["source_file"] for t in saved["top"]}[0] == "/data/train/img_0.png"
+    assert "source: img_0.png" in (tmp_path / "out" / "index.html").read_text()
+    del dataset.paths
+    assert explain_image(model, canvas(64), push_records=records, push_images=subset).top[0].source_file is None
