@@ -2,8 +2,8 @@
 
 One owner each: the progress bar of long loops (and the stop signal they take between items), the eval-mode
 context, the dataset order of a loader (and the dataset under its Subsets), a loader's checked image batches,
-the device a model computes on, the check of a count argument, an error's first line, and strict JSON for the
-reports a run writes.
+the device a model computes on, the check of a count argument, a message's shortened list, an error's first
+line, and strict JSON for the reports a run writes.
 """
 
 from __future__ import annotations
@@ -239,6 +239,13 @@ def positive_int(name: str, value) -> int:
     if value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
+
+
+def listed(items, limit: int) -> str:
+    """The first ``limit`` of ``items`` joined by commas, "and N more" after them: a message's list that stays
+    one short line."""
+    items = [str(item) for item in items]
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def first_line(error: BaseException) -> str:

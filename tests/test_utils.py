@@ -128,3 +128,10 @@ def test_image_batches_checks_images_and_labels():
             list(image_batches(loader, num_classes=2))
         assert "\n" not in str(info.value)
     assert len(image_batches([(x, y)] * 3)) == 3
+
+
+def test_listed_shortens_a_messages_list():
+    from protokern.utils import listed
+
+    assert listed(range(5), 3) == "0, 1, 2 and 2 more"
+    assert listed(["a", "b"], 3) == "a, b" and listed([], 3) == ""

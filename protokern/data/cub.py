@@ -23,6 +23,8 @@ import warnings
 
 import torch
 
+from protokern.utils import listed
+
 from ._boxed import BoxedImages, inside_folder, parse_number, read_table, require_file
 
 __all__ = ["CUB200"]
@@ -57,9 +59,8 @@ def _warn_missing_ids(images_txt: str, images: dict, names: dict[str, str], tabl
     expected = known | set(range(1, max(images, default=0) + 1))
     missing = sorted(expected - set(images))
     if missing:
-        shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        warnings.warn(f"{images_txt}: no line for image id(s) {shown} (listed in {', '.join(names)} or a gap in "
-                      f"the ids); those images are left out", stacklevel=3)
+        warnings.warn(f"{images_txt}: no line for image id(s) {listed(missing, 10)} (listed in {', '.join(names)} or "
+                      f"a gap in the ids); those images are left out", stacklevel=3)
 
 
 class CUB200(BoxedImages):

@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from protokern.utils import positive_int
+from protokern.utils import listed, positive_int
 
 from .transforms import load_image_uint8, uint8_to_float
 
@@ -68,10 +68,8 @@ class ImageFolderDataset(Dataset):
         self.targets = [t for _, t in self.samples]
         self.unsupported = _unsupported_files(root, self.classes, set(self.paths))
         if self.unsupported:
-            shown = ", ".join(self.unsupported[:10])
-            more = f" and {len(self.unsupported) - 10} more" if len(self.unsupported) > 10 else ""
             warnings.warn(f"{root}: {len(self.unsupported)} file(s) without an image extension left out: "
-                          f"{shown}{more}", stacklevel=2)
+                          f"{listed(self.unsupported, 10)}", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -14,7 +14,7 @@ from protokern.data.cache import cached_batches, prepare_images
 from protokern.data.loader import default_num_workers, worker_init
 from protokern.train.config import TrainConfig
 from protokern.train.distributed import DistInfo, resolve_device
-from protokern.utils import positive_int
+from protokern.utils import listed, positive_int
 
 
 class Splits(NamedTuple):
@@ -120,24 +120,25 @@ def _load(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
         if len(split) == 0:
             raise ValueError(f"dataset {cfg.dataset!r}: no {name} images left after --skip-bad-images "
                              f"({len(getattr(split, 'skipped', []))} skipped)")
-    counts = torch.bincount(torch.as_tensor(train.targets, dtype=torch.int64), minlength=len(train.classes))
-    empty = [str(train.classes[c]) for c in (counts == 0).nonzero().flatten().tolist()]
+    empty = [str(train.classes[c]) for c in (class_counts(train) == 0).nonzero().flatten().tolist()]
     if empty:
         raise ValueError(f"dataset {cfg.dataset!r}: {len(empty)} of its {len(train.classes)} classes have no training "
-                         f"images ({', '.join(map(repr, empty[:5]))}{', ...' if len(empty) > 5 else ''}"
+                         f"images ({listed(map(repr, empty), 5)}"
                          + ("; --skip-bad-images left some out" if getattr(train, "skipped", None) else "")
                          + "): the model could never predict them; leave them out of the dataset (its class list)")
     return train, test
 
 
+def class_counts(dataset: Dataset) -> torch.Tensor:
+    """Images per class of ``dataset``: its ``targets`` counted over its ``classes``."""
+    return torch.bincount(torch.as_tensor(dataset.targets, dtype=torch.int64), minlength=len(dataset.classes))
+
+
 def _class_mismatch(root: str, train: list[str], test: list[str]) -> str:
     """The one-line reason why train/ and test/ of a folder dataset do not have the same class folders."""
-    def listed(names):
-        return ", ".join(map(repr, names[:5])) + (", ..." if len(names) > 5 else "")
-
     only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
-    parts = [f"{where} only: {listed(names)}" for where, names in (("train/", only_train), ("test/", only_test))
-             if names]
+    parts = [f"{where} only: {listed(map(repr, names), 5)}"
+             for where, names in (("train/", only_train), ("test/", only_test)) if names]
     if not parts:  # the same names in another order cannot happen (both sorted); say so rather than nothing
         parts = ["the same names, in another order"]
     nfc = lambda names: {unicodedata.normalize("NFC", n) for n in names}  # noqa: E731

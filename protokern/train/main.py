@@ -53,13 +53,13 @@ from protokern.models.receptive_field import backbone_receptive_field
 from protokern.push import RECORDS_FILE, PushRecords, push_prototypes, run_push_folder
 from protokern.train import checkpoint as ckpt
 from protokern.train.config import TrainConfig, parse_config, parse_window
-from protokern.train.data import LabelledSubset, build_splits, train_loader
+from protokern.train.data import LabelledSubset, build_splits, class_counts, train_loader
 from protokern.train.distributed import (DistInfo, PeerStopped, barrier, cleanup, init_distributed, peer_lost,
                                         shard)
 from protokern.train.loop import TERMS, TrainForward, run_epoch
 from protokern.train.schedule import (Step, build_schedule, learning_rates, make_optimizers, make_scheduler,
                                       optimizer_steps, set_trainable, step_scheduler)
-from protokern.utils import stop_deferred, strict_json
+from protokern.utils import listed, stop_deferred, strict_json
 
 CSV_COLUMNS = (["step", "stage", "epoch", "iteration", "train_accuracy", "val_accuracy", "test_accuracy"]
                + [f"{split}_{t}" for split in ("train", "val", "test") for t in TERMS]
@@ -163,7 +163,7 @@ def _data_identity(train) -> dict:
 
 
 def _class_list(names: list[str], limit: int = 8) -> str:
-    return f"[{', '.join(names[:limit])}{', ...' if len(names) > limit else ''}] ({len(names)})"
+    return f"[{listed(names, limit)}] ({len(names)})"
 
 
 def _check_same_data(saved: dict | None, now: dict, cfg: TrainConfig) -> None:
@@ -249,16 +249,15 @@ class Trainer:
             raise ValueError(f"bad config: prune_k ({cfg.prune_k}) > the {len(self.push_set)} training images that "
                              f"pruning looks among")
         if cfg.prune and self.is_main:  # said now, not after the training: such a class can keep no prototype
-            counts = torch.bincount(torch.as_tensor(self.push_set.targets, dtype=torch.long), minlength=num_classes)
+            counts = class_counts(self.push_set)
             small = [c for c, n in enumerate(counts.tolist()) if n < cfg.prune_threshold]
             if small:
-                listed = [f"{name} ({int(counts[c])})" for c, name in zip(small, _class_names(self.push_set, small))]
-                more = ", ..." if len(small) > 8 else ""
+                names = [f"{name} ({int(counts[c])})" for c, name in zip(small, _class_names(self.push_set, small))]
                 skipped = "; with every class so, pruning will be skipped" if len(small) == num_classes else ""
                 have = "has" if len(small) == 1 else "have"
                 warnings.warn(f"--prune: {len(small)} of the {num_classes} classes {have} fewer than --prune-threshold "
                               f"{cfg.prune_threshold} push images (training images less the validation hold-out), so "
-                              f"pruning will remove every prototype of theirs: {', '.join(listed[:8])}{more}{skipped}",
+                              f"pruning will remove every prototype of theirs: {listed(names, 8)}{skipped}",
                               stacklevel=2)
         self.select_on = "test" if self.val_set is None else "val"  # the split that chooses best.pt
         self.model = ProtoPNet(backbone=cfg.backbone, num_classes=num_classes,
@@ -619,8 +618,7 @@ class Trainer:
         """``FloatingPointError`` when the model holds non-finite values after a step; warn on skipped batches."""
         bad = ckpt.nonfinite_tensors(self.model.state_dict())
         if bad:
-            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-            raise FloatingPointError(f"non-finite parameters after the step: {', '.join(bad[:3])}{more}")
+            raise FloatingPointError(f"non-finite parameters after the step: {listed(bad, 3)}")
         if row.get("train_skipped"):
             warnings.warn(f"step {row['step']} ({row['stage']}): skipped {row['train_skipped']} batch(es) with a "
                           "non-finite loss (--nan-policy skip)", stacklevel=3)
@@ -874,7 +872,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     Bad input (settings, config file, data or checkpoint paths, corrupt or unfitting checkpoints) ends with one
     line on stderr and exit code 2; a run stopped by a non-finite value, a run directory in use by another
-    process or (under torchrun) another process of the job stopping, with exit code 1. ``--debug`` raises the error with its traceback instead.
+    process or (under torchrun) another process of the job stopping, with exit code 1. ``--debug`` raises the
+    error with its traceback instead.
     """
     stopped = (FloatingPointError, ckpt.RunDirLocked, PeerStopped)
     with exit_on_error("python -m protokern.train", argv, stopped=stopped) as mode:
