@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from protokern.models.protopnet import prototype_indices
 from protokern.push import PushRecords, nearest_training_patches
-from protokern.utils import image_batches, model_device, positive_int, progress as _progress
+from protokern.utils import image_batches, listed, model_device, positive_int, progress as _progress
 
 __all__ = ["prune_prototypes", "retrain_last_layer", "select_records"]
 
@@ -127,7 +127,7 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
         names = getattr(getattr(loader, "dataset", None), "classes", None)
         named = [f"{c} ({names[c]})" if names is not None and len(names) == num_classes else str(c) for c in empty]
         warnings.warn(f"pruning (k={k}, threshold={threshold}) {'left' if apply else 'would leave'} {len(empty)} of "
-                      f"{num_classes} classes without prototypes, never predicted: {', '.join(named)} (none of their "
+                      f"{num_classes} classes without prototypes, never predicted: {listed(named, 8)} (none of their "
                       f"prototypes has {threshold} images of its class among its {k} nearest)", stacklevel=2)
     return result
 
