@@ -150,16 +150,20 @@ def _check_schedule(saved: TrainConfig, cfg: TrainConfig, done: int) -> None:
 
 def _data_identity(train) -> dict:
     """What a checkpoint records of its training data, for ``--resume`` to check: the class names, the number
-    of training images before the validation split, and a short hash of their (path relative to the dataset's
-    root, or index; label) list. The split and the push records' image indices hold only for that list; a
-    moved ``--data-root`` keeps it. Read from the datasets' file lists: no image is decoded for it."""
+    of training images before the validation split, and a short hash of their (path relative to the folder
+    holding them all, or index; label) list. The split and the push records' image indices hold only for that
+    list; a moved ``--data-root``, or Stanford Cars' nested ``cars_train/cars_train/`` for a flat one, keeps it.
+    Read from the datasets' file lists: no image is decoded for it."""
     full = train.dataset if isinstance(train, LabelledSubset) else train  # the images the split was drawn over
-    paths, root = getattr(full, "paths", None), getattr(full, "root", None)
-    keys = (range(len(full)) if paths is None or root is None
-            else [os.path.relpath(p, root).replace(os.sep, "/") for p in paths])
+    paths = getattr(full, "paths", None)
+    if paths:
+        base = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+        keys = [os.path.relpath(p, base).replace(os.sep, "/") for p in paths]
+    else:
+        keys = range(len(full))
     listing = "\n".join(f"{key}\t{int(label)}" for key, label in zip(keys, full.targets))
     return {"classes": [str(c) for c in full.classes], "train_images": len(full),
-            "train_hash": hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()[:16]}
+            "images_hash": hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()[:16]}
 
 
 def _class_list(names: list[str], limit: int = 8) -> str:
@@ -183,7 +187,9 @@ def _check_same_data(saved: dict | None, now: dict, cfg: TrainConfig) -> None:
         raise ValueError(f"the training set of {where} has {now['train_images']} images, the run's had "
                          f"{saved['train_images']}: the validation split and push records hold only for the run's "
                          f"images (start a new run to train on these)")
-    if saved["train_hash"] != now["train_hash"]:
+    # (a record written before images_hash hashed paths relative to the data root as train_hash: it is checked on
+    # classes and count only)
+    if saved.get("images_hash", now["images_hash"]) != now["images_hash"]:
         raise ValueError(f"the {now['train_images']} training images of {where} are not the run's (other files or "
                          f"labels, same count): the validation split and push records hold only for the run's images")
 

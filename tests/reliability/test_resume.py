@@ -364,3 +364,24 @@ def test_resume_takes_the_same_data_moved_and_checkpoints_without_a_data_record(
     save_checkpoint(state, str(run / "last.pt"))
     summary = main(["--resume", str(run), "--data-root", str(moved), "--quiet", "--max-steps", "1"])
     assert summary["steps_done"] == 3 and load_checkpoint(str(run))["data"] == record
+
+
+def test_stanford_cars_data_record_is_the_same_flat_or_nested(tmp_path):
+    """The record's image names are relative to the folder holding the images: Stanford Cars' nested
+    cars_train/cars_train/ and a flat cars_train/ are the same data (a resume across them was refused), a
+    renamed image is not."""
+    from protokern.data import StanfordCars
+    from tests.data.test_cars import make_cars
+
+    flat, nested = make_cars(tmp_path / "flat"), make_cars(tmp_path / "nested", nested=True)
+    record = TRAIN_MAIN._data_identity(StanfordCars(flat))
+    assert record == TRAIN_MAIN._data_identity(StanfordCars(nested)) and record["train_images"] == 3
+    moved = StanfordCars(nested)
+    moved.paths = [p.replace("00003", "00009") for p in moved.paths]
+    renamed = TRAIN_MAIN._data_identity(moved)
+    assert renamed["images_hash"] != record["images_hash"]
+    cfg = TRAIN_MAIN.TrainConfig(dataset="cars", data_root=str(nested))
+    with pytest.raises(ValueError, match="are not the run's"):
+        TRAIN_MAIN._check_same_data(record, renamed, cfg)
+    older = {"classes": record["classes"], "train_images": 3, "train_hash": "0123456789abcdef"}  # before images_hash
+    TRAIN_MAIN._check_same_data(older, renamed, cfg)
