@@ -98,7 +98,7 @@ def input_batches(data: MemoryImages, batch: int, device: torch.device, cache: s
 
 
 def build(backbone: str, setting: str, args, device: torch.device):
-    """(model, forward, optimizer, autocast dtype, channels_last) of one setting."""
+    """(model, step forward, optimizer, whether the trunk is compiled) of one setting."""
     torch.manual_seed(0)
     model = ProtoPNet(backbone=backbone, num_classes=args.classes, prototypes_per_class=args.per_class,
                       prototype_dim=args.dim).to(device)

@@ -41,9 +41,9 @@ import triton.language as tl
 
 from protokern.kernels import search_bound
 
-# "highest": exact fp32 products; "high": 3xTF32 (about fp32 accuracy); "medium": TF32 on operands the kernel
-# truncates itself, bounded by their residuals (search_bound.truncated_tf32_bound) (also the names of their
-# search_bound levels). The precision only changes the search's speed, never its result.
+# "highest": exact fp32 products; "high": 3xTF32 (about fp32 accuracy); "medium": TF32, bounded for operands the
+# tensor cores convert (search_bound.converted_tf32_bound; the interpreter truncates them itself, TRUNCATE) (also
+# the names of their search_bound levels). The precision only changes the search's speed, never its result.
 INPUT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 MAX_PROGRAMS = 2 ** 31 - 1  # CUDA grid axis 0 limit; larger problems launch in runs of images
@@ -65,13 +65,12 @@ RESCORE_LANES = tl.constexpr(32)
 # the 128-register cap).
 _FORWARD_OPTIONS = {"highest": (8, 1), "high": (8, 1), "medium": (8, 1)}
 # Tensor-core searches ("high", "medium") run 2 blocks of 256 threads per SM: ptxas is capped at 128 registers
-# (.maxnreg) and their tiles hold at most 64 x 32 (prototypes x patches). At 64 x 64 no arrangement tried
-# compiles under that cap without spilling on both Triton 3.6 and 3.8 (24-176 bytes; benchmarks/NOTES.md
-# "Triton v7"); every smaller tile does (128 x 32: see NOTES.md "Triton v16").
+# (.maxnreg) and their tiles hold at most 32 patches (64 x 32 prototypes x patches at most). At 64 x 64 no
+# arrangement tried compiles under that cap without spilling on both Triton 3.6 and 3.8 (24-176 bytes;
+# benchmarks/NOTES.md "Triton v7"); every smaller tile does (128 x 32: see NOTES.md "Triton v16"). Where the map
+# has more patches, two such tiles a step (PAIRED): a step's candidates follow the threshold of 64 patches, the
+# bits of two int32 words per row (NOTES.md "Triton v11", "Triton v16").
 TENSOR_CORE_MAX_REGISTERS = 128
-TENSOR_CORE_MAX_TILE = 64 * 32
-# ... and at most 32 patches, two such tiles a step (PAIRED) where the map has more: a step's candidates follow the
-# threshold of 64 patches, the bits of two int32 words per row (NOTES.md "Triton v11", "Triton v16").
 TENSOR_CORE_MAX_PATCHES = 32
 # ptxas's register cap for the "highest" forward's tiles smaller than 64 x 64: left to choose, ptxas aims at
 # 64-128 registers for some of them and spills 8-200 bytes (11 configurations on Triton 3.8 / ptxas 13, 2
@@ -774,7 +773,7 @@ def forward_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]
     Tiles follow the problem: BLOCK_M from M and BLOCK_K from HW (each the next power of two in 16..64),
     32-channel slices, the p tile held in registers when D fits one slice; warps, stages and register cap by
     precision. Where M and HW would pick 64 x 64, the tensor-core precisions take 64 x 32
-    (TENSOR_CORE_MAX_TILE): 64-row tiles keep Hopper's warp-group MMA (32-row tiles compile to mma.sync) and
+    (TENSOR_CORE_MAX_PATCHES): 64-row tiles keep Hopper's warp-group MMA (32-row tiles compile to mma.sync) and
     z is read once per 64 prototypes (NOTES.md, "Triton v7" and "Triton v10"; not measured).
     """
     num_warps, num_stages = _FORWARD_OPTIONS[precision]
@@ -782,7 +781,7 @@ def forward_config(D: int, HW: int, M: int, precision: str) -> tuple[dict, dict]
     block_k = _pow2(HW, FORWARD_TILES[0], FORWARD_TILES[-1])
     tensor_cores = precision != "highest"
     if tensor_cores:
-        block_k = min(block_k, TENSOR_CORE_MAX_TILE // block_m, TENSOR_CORE_MAX_PATCHES)
+        block_k = min(block_k, TENSOR_CORE_MAX_PATCHES)
     meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=FORWARD_SLICE,
                 P_RESIDENT=D <= FORWARD_SLICE, PRECISION=INPUT_PRECISION[precision],
                 PAIRED=tensor_cores and HW > block_k,

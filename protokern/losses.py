@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 __all__ = ["ProtoPNetLoss", "protopnet_loss_terms"]
 
-_TERMS = ("ce", "cluster", "separation", "avg_separation", "l1")
+TERMS = ("ce", "cluster", "separation", "avg_separation", "l1", "total")  # what ProtoPNetLoss reports, in order
 
 
 def protopnet_loss_terms(
@@ -91,8 +91,8 @@ class ProtoPNetLoss(nn.Module):
             max_dist=model.prototype_layer.max_distance,
         )
         total = sum(weight * terms[name] for name, weight in self.weights.items())
-        values = torch.stack([terms[name].detach().float() for name in _TERMS] + [total.detach().float()]).tolist()
-        return total, dict(zip(_TERMS + ("total",), values))
+        terms["total"] = total
+        return total, dict(zip(TERMS, torch.stack([terms[name].detach().float() for name in TERMS]).tolist()))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={weight}" for name, weight in self.weights.items())

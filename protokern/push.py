@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protokern.utils import (eval_mode, image_batches, image_order, model_device, positive_int,
+from protokern.utils import (eval_mode, image_batches, image_order, listed, model_device, positive_int,
                              progress as progress_bar)
 
 __all__ = ["PushRecords", "push_prototypes", "activation_boxes"]
@@ -149,7 +149,7 @@ _TENSOR_FIELDS = ("image_index", "prototype_class", "patch", "min_distance", "rf
                   "activation_map")
 
 
-# ---------------------------------------------------------------------------------------------- indices
+# ---------------------------------------------------------------------------------------------- models
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -407,7 +407,7 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
     missing = (~pushed).nonzero().flatten().tolist()
     if missing:
         absent = sorted({int(c) for c in classes[missing].tolist()})
-        warnings.warn(f"push: no images of classes {absent[:10]}{'...' if len(absent) > 10 else ''}: "
+        warnings.warn(f"push: no images of classes {listed(absent, 10)}: "
                       f"{len(missing)} prototypes keep their values", stacklevel=2)
 
     records = _make_records(net, best_d, best_idx, best_patch, best_map, classes, image_size, feature_size)

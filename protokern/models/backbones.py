@@ -22,7 +22,7 @@ import torchvision
 from torch import nn
 from torchvision.models import vgg as tv_vgg
 
-from protokern.utils import first_line
+from protokern.utils import first_line, listed
 
 __all__ = ["BACKBONES", "WeightsUnavailableError", "load_backbone_state", "make_backbone"]
 
@@ -169,11 +169,6 @@ def _to_trunk_keys(name: str, state: dict) -> dict:
     return state
 
 
-def _key_list(keys) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
-
-
 def load_backbone_state(trunk: nn.Module, name: str, state: dict, source: str = "state dict") -> None:
     """Load ``state`` (full torchvision model or trunk state dict) into ``trunk`` built by ``make_backbone(name)``.
 
@@ -196,12 +191,12 @@ def load_backbone_state(trunk: nn.Module, name: str, state: dict, source: str = 
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_key_list(missing)}")
+            parts.append(f"missing keys: {listed(sorted(missing), 5)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_key_list(unexpected)}")
+            parts.append(f"unexpected keys: {listed(sorted(unexpected), 5)}")
         raise ValueError(f"{source} does not fit backbone {name!r}: " + "; ".join(parts))
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
              for k, v in expected.items() if state[k].shape != v.shape]
     if wrong:
-        raise ValueError(f"{source} does not fit backbone {name!r}: shape mismatch for {_key_list(wrong)}")
+        raise ValueError(f"{source} does not fit backbone {name!r}: shape mismatch for {listed(sorted(wrong), 5)}")
     trunk.load_state_dict(state)

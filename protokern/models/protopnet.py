@@ -14,7 +14,7 @@ from protokern.ops import window_size
 from protokern.models.add_on import make_add_on
 from protokern.models.backbones import make_backbone
 from protokern.models.receptive_field import ReceptiveField, compute_receptive_field
-from protokern.utils import positive_int
+from protokern.utils import listed, positive_int
 
 __all__ = ["ProtoPNet"]
 
@@ -322,9 +322,9 @@ class ProtoPNet(nn.Module):
         used |= {k for k in state if k.startswith(("features.", "add_on_layers."))}
         problems = []
         if needed - set(mapped):
-            problems.append(f"missing: {sorted(needed - set(mapped))[:5]}")
+            problems.append(f"missing: {listed(sorted(needed - set(mapped)), 5)}")
         if set(mapped) - set(target) or set(state) - used:
-            problems.append(f"unexpected: {sorted((set(mapped) - set(target)) | (set(state) - used))[:5]}")
+            problems.append(f"unexpected: {listed(sorted((set(mapped) - set(target)) | (set(state) - used)), 5)}")
         problems += [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in mapped.items()
                      if k in target and v.shape != target[k].shape]
         if problems:

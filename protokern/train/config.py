@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from protokern.data._boxed import CROPS
 from protokern.data.augment import MODES as AUGMENT_MODES
 from protokern.data.cache import CACHE_MODES
 from protokern.models import ADD_ONS, BACKBONES
@@ -25,7 +26,6 @@ from protokern.ops import SIMILARITIES
 
 DATASETS = ("synthetic", "cub", "cars", "folder")
 AMP_MODES = ("none", "bf16", "fp16")
-CROPS = ("bbox", "none")
 PRUNE_RETRAIN = ("original", "cached")
 NAN_POLICIES = ("stop", "skip")
 

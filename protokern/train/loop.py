@@ -11,11 +11,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from protokern.data import imagenet_normalize
+from protokern.losses import TERMS
 from protokern.models.protopnet import _in_dtype
 from protokern.train.distributed import all_reduce_sum
 from protokern.utils import progress as progress_bar
-
-TERMS = ("ce", "cluster", "separation", "avg_separation", "l1", "total")
 
 
 class TrainForward(nn.Module):

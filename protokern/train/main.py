@@ -47,7 +47,7 @@ from protokern.cli import exit_on_error
 from protokern.data import GpuAugment, make_loader, skipped_images
 from protokern.explain import explain_run
 from protokern.explain.metrics import part_boxes, part_localisation
-from protokern.losses import ProtoPNetLoss
+from protokern.losses import TERMS, ProtoPNetLoss
 from protokern.models import ProtoPNet
 from protokern.models.receptive_field import backbone_receptive_field
 from protokern.push import RECORDS_FILE, PushRecords, push_prototypes, run_push_folder
@@ -56,7 +56,7 @@ from protokern.train.config import TrainConfig, parse_config, parse_window
 from protokern.train.data import LabelledSubset, build_splits, class_counts, train_loader
 from protokern.train.distributed import (DistInfo, PeerStopped, barrier, cleanup, init_distributed, peer_lost,
                                         shard)
-from protokern.train.loop import TERMS, TrainForward, run_epoch
+from protokern.train.loop import TrainForward, run_epoch
 from protokern.train.schedule import (Step, build_schedule, learning_rates, make_optimizers, make_scheduler,
                                       optimizer_steps, set_trainable, step_scheduler)
 from protokern.utils import listed, stop_deferred, strict_json
@@ -497,7 +497,7 @@ class Trainer:
         """Save a checkpoint in the run directory (safe types only); never one holding non-finite weights."""
         bad = ckpt.nonfinite_tensors({"model": state["model"], "optimizers": state.get("optimizers")})
         if bad:
-            raise FloatingPointError(f"not writing {name}: non-finite values in {', '.join(bad[:3])}")
+            raise FloatingPointError(f"not writing {name}: non-finite values in {listed(bad, 3)}")
         ckpt.save_checkpoint(state, self._path(name))
 
     # ------------------------------------------------------------------------------------ steps
@@ -542,7 +542,7 @@ class Trainer:
         self.records_path = os.path.abspath(os.path.join(save_dir, RECORDS_FILE))
         return {"images_per_s": len(self.push_set) / max(seconds, 1e-9)}
 
-    def _evaluate(self, step: Step) -> dict:
+    def _evaluate(self) -> dict:
         """Accuracy and loss terms on the test set and, when held out, the validation set."""
         self.model.eval()
         row = {}
@@ -561,7 +561,7 @@ class Trainer:
         start = time.perf_counter()
         row = {"step": step.index, "stage": step.stage, "epoch": step.epoch, "iteration": step.iteration}
         row.update(self._push(step) if step.stage == "push" else self._train(step))
-        row.update(self._evaluate(step))
+        row.update(self._evaluate())
         row["seconds"] = time.perf_counter() - start
         self.stage_seconds[step.stage] = self.stage_seconds.get(step.stage, 0.0) + row["seconds"]
         return row
@@ -685,9 +685,8 @@ class Trainer:
                 localisation = box[0]
         last_test = None
         if self.is_main and os.path.exists(self._path("metrics.jsonl")):
-            with open(self._path("metrics.jsonl"), encoding="utf-8") as fh:
-                lines = [line for line in fh if line.strip()]
-            last_test = json.loads(lines[-1])["test_accuracy"] if lines else None
+            rows = _read_metrics(self._path("metrics.jsonl"))
+            last_test = rows[-1]["test_accuracy"] if rows else None
         if self.info.enabled:  # every rank returns the summary rank 0 writes
             box = [last_test]
             dist.broadcast_object_list(box, src=0)

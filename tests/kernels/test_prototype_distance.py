@@ -748,7 +748,7 @@ def test_launchers_pick_only_enumerated_configurations(precision):
         assert ("_forward_kernel", meta, options) in configs
         assert ("_rescore_kernel", *K.rescore_config(D, HW, M, precision)) in configs
         if precision != "highest":
-            assert meta["BLOCK_M"] * meta["BLOCK_K"] <= K.TENSOR_CORE_MAX_TILE
+            assert meta["BLOCK_K"] <= K.TENSOR_CORE_MAX_PATCHES
             assert meta["BLOCK_M"] == min(64, max(16, triton.next_power_of_2(M)))
         for name, (meta, options) in K.backward_configs(D, HW).items():
             assert (name, meta, options) in configs
