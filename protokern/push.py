@@ -252,6 +252,14 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
 
 
 # ---------------------------------------------------------------------------------------------- boxes
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bicubic upsampling of (H, W) or (N, H, W) maps to ``size`` (as the original's cv2 INTER_CUBIC)."""
+    single = maps.dim() == 2
+    x = maps.float()[None] if single else maps.float()
+    up = F.interpolate(x[:, None], size=tuple(size), mode="bicubic", align_corners=False)[:, 0]
+    return up[0] if single else up
+
+
 @torch.no_grad()
 def activation_boxes(similarity_maps: Tensor, image_size: tuple[int, int], percentile: float = 95.0,
                      chunk: int = 128) -> Tensor:
@@ -265,7 +273,7 @@ def activation_boxes(similarity_maps: Tensor, image_size: tuple[int, int], perce
     out = []
     q = percentile / 100.0
     for maps in similarity_maps.float().split(chunk):
-        up = F.interpolate(maps[:, None], size=tuple(image_size), mode="bicubic", align_corners=False)[:, 0]
+        up = upsample(maps, image_size)
         threshold = torch.quantile(up.flatten(1), q, dim=1)
         mask = up >= threshold[:, None, None]
         flat = maps.flatten(1).amax(1) == maps.flatten(1).amin(1)
@@ -467,29 +475,21 @@ def _make_records(net, best_d, best_idx, best_patch, best_map, classes, image_si
 
 
 # ---------------------------------------------------------------------------------------------- PNGs
-def _jet(values: np.ndarray) -> np.ndarray:
-    """Jet colour map of values in [0, 1] -> float RGB in [0, 1] (..., 3)."""
-    v = values[..., None] * 4
-    return np.clip(np.concatenate([1.5 - np.abs(v - 3), 1.5 - np.abs(v - 2), 1.5 - np.abs(v - 1)], -1), 0, 1)
-
-
-def _to_png(array: np.ndarray, path: str) -> None:
-    from PIL import Image
-
-    Image.fromarray(np.ascontiguousarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))).save(path)
-
-
 def _write_one(j: int, image: Tensor, sim_map: Tensor, rf_box, act_box, save_dir: str) -> None:
-    img = image.float().permute(1, 2, 0).numpy()  # (S, S, 3)
-    up = F.interpolate(sim_map[None, None].float(), size=img.shape[:2], mode="bicubic", align_corners=False)[0, 0]
-    up = up.numpy()
+    """The original's PNGs of prototype j: its source image, the image under its activation map (the original's
+    blend, 0.5 image + 0.3 jet) and the crops of its receptive field and activation box."""
+    from protokern.explain import render  # (here: protokern.explain imports this module)
+
+    img = render.to_uint8(image)  # (S, S, 3)
+    up = upsample(sim_map, img.shape[:2]).numpy()
     span = up.max() - up.min()
-    heat = _jet((up - up.min()) / span if span > 0 else np.zeros_like(up))
-    _to_png(img, os.path.join(save_dir, f"{j}_source.png"))
-    _to_png(0.5 * img + 0.3 * heat, os.path.join(save_dir, f"{j}_overlay.png"))
+    heat = render.jet((up - up.min()) / span if span > 0 else np.zeros_like(up))
+    render.save_png(img, os.path.join(save_dir, f"{j}_source.png"))
+    blend = (0.5 * img.astype(np.float32) + 0.3 * heat.astype(np.float32)).round().astype(np.uint8)
+    render.save_png(blend, os.path.join(save_dir, f"{j}_overlay.png"))
     for name, (y0, y1, x0, x1) in (("rf", rf_box), ("act", act_box)):
         if y1 > y0 and x1 > x0:
-            _to_png(img[y0:y1, x0:x1], os.path.join(save_dir, f"{j}_{name}.png"))
+            render.save_png(img[y0:y1, x0:x1], os.path.join(save_dir, f"{j}_{name}.png"))
 
 
 def _write_images(records: PushRecords, dataset, save_dir: str, workers: int) -> list[Future]:

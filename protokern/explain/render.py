@@ -11,8 +11,9 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+
+from protokern.push import upsample  # the heatmaps are upsampled as push's activation boxes (the original's rule)
 
 __all__ = [
     "BOX_COLOUR",
@@ -56,14 +57,6 @@ def to_uint8(image) -> np.ndarray:
         raise ValueError(f"expected a float image (3, H, W) in [0, 1], got shape {array.shape}")
     array = np.nan_to_num(array.transpose(1, 2, 0), nan=0.0)  # a NaN pixel is drawn black, without a cast warning
     return (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
-
-
-def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic upsampling of (H, W) or (N, H, W) maps to ``size`` (as the original's cv2 INTER_CUBIC)."""
-    single = maps.dim() == 2
-    x = maps.float()[None] if single else maps.float()
-    up = F.interpolate(x[:, None], size=tuple(size), mode="bicubic", align_corners=False)[:, 0]
-    return up[0] if single else up
 
 
 def jet(values: np.ndarray) -> np.ndarray:
