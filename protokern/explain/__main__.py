@@ -3,7 +3,8 @@
 Rebuilds the model from a trainer checkpoint, explains its decision on the image ("this looks like that")
 and writes the PNGs and ``index.html`` to ``--out`` (default: a new folder ``RUN/explanations/image_<image name>``,
 ``-1``, ``-2`` ... appended when that name is taken, so it never replaces the trainer's ``test_NNNNN``
-explanations nor an earlier one).
+explanations nor an earlier one). The image is explained at the training images' size, as they were resized
+(a note says so when that changes its shape); ``--image-size native`` keeps its own.
 """
 
 from __future__ import annotations
@@ -26,6 +27,30 @@ def _checked_data_root(data_root: str | None) -> str | None:
     if data_root is not None and not os.path.isdir(data_root):
         raise ValueError(f"--data-root {data_root}: no such folder")
     return data_root
+
+
+def _image_size(text: str):
+    """--image-size: "auto", "native", a side N or HxW."""
+    if text in ("auto", "native"):
+        return text
+    try:
+        sides = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"expected auto, native, a side N or HxW, got {text!r}")
+    return (sides[0], sides[-1])
+
+
+def _file_size(path: str) -> tuple[int, int] | None:
+    """(height, width) of an image file from its header, or None (the image's own loading says what is wrong)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, ValueError):
+        return None
 
 
 def _default_out(run_dir: str, image: str) -> str:
@@ -85,6 +110,10 @@ def main(argv: list[str] | None = None) -> str:
                         "even if it holds an earlier explanation: its prototype panels are replaced")
     parser.add_argument("--class", dest="class_idx", type=int, default=None,
                         help="class index to explain (default: the predicted class)")
+    parser.add_argument("--image-size", type=_image_size, default="auto",
+                        help="size the image is explained at: auto (default: the training images' size, to which "
+                             "they were resized; a note says when that changes the image's shape), native (its own "
+                             "size), a side N or HxW")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--data-root", default=None, help="dataset folder, to show the prototypes' source images "
                                                           "if it moved since training")
@@ -109,9 +138,15 @@ def _explain(args, parser) -> str:
               "push): they are learned vectors, not patches of training images, so no source patches are shown",
               file=sys.stderr, flush=True)
     push_set = _push_dataset(state, args.data_root)  # source images (with records) and class names
+    own = _file_size(args.image)
+    size = {"auto": None, "native": own}.get(args.image_size, args.image_size)
     explanation = explain_image(model, args.image, push_records=records, top_k=args.top_k, class_idx=args.class_idx,
                                 push_images=push_set if records is not None else None,
-                                class_names=getattr(push_set, "classes", None), device=args.device)
+                                class_names=getattr(push_set, "classes", None), device=args.device, image_size=size)
+    h, w = explanation.image.shape[1:]
+    if args.image_size == "auto" and own is not None and own[0] * w != own[1] * h:
+        print(f"note: the {own[1]} x {own[0]} image is explained resized to {w} x {h}, the training images' size "
+              f"(they were resized so); --image-size native explains it at its own size", file=sys.stderr, flush=True)
     run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
     out = args.out or _default_out(run_dir, args.image)
     page = explanation.save(out)

@@ -123,7 +123,8 @@ def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records:
             rows = []
 
     with open(os.path.join(out_dir, "gallery.json"), "w", encoding="utf-8") as fh:  # an inf distance: null
-        fh.write(strict_json({"k": k, "window": list(neighbours.window),
+        fh.write(strict_json({"k": k, "window": list(neighbours.window), "box_format": "y0, y1, x0, x1: half-open "
+                              "pixel rows and columns; patch: h, w of the window's top-left cell",
                               "similarity": model.prototype_layer.similarity, "prototypes": entries}, indent=1))
     page_path = render.write_html(os.path.join(out_dir, "index.html"), "protokern prototype gallery",
                                   _html(entries, pages, k, per_page, push_records is not None, neighbours.window,
@@ -146,9 +147,10 @@ def _html(entries: list[dict], pages: list[str], k: int, per_page: int, with_sou
         parts.append(f"<h2>Prototypes {chunk[0]['prototype']}&ndash;{chunk[-1]['prototype']}</h2>"
                      f"<p><img src='{esc(os.path.basename(path))}' alt='gallery page {page}'></p>")
         parts.append("<table><tr><th>prototype</th><th class=left>class</th><th>source image</th>"
-                     f"<th>own class among {k}</th><th class=left>nearest images (index: class, distance)</th></tr>")
+                     f"<th>own class among {k}</th>"
+                     "<th class=left>nearest images (index (class, distance); ...)</th></tr>")
         for e in chunk:
-            near = ", ".join(f"{n['image_index']}: {n['class']}, {n['distance']:.4g}" for n in e["neighbours"])
+            near = "; ".join(f"{n['image_index']} ({n['class']}, {n['distance']:.4g})" for n in e["neighbours"])
             source = "" if e.get("source_index") is None else e["source_index"]
             parts.append(f"<tr><td>{e['prototype']}</td><td class=left>{esc(e['class_name'])}</td>"
                          f"<td>{source}</td><td>{e['own_class']}</td>"

@@ -1,6 +1,7 @@
 """``python -m protokern.explain``: the default output folder never replaces the trainer's or an earlier
 explanation, a missing --data-root is an error, and --help is plain text."""
 
+import json
 import os
 
 import numpy as np
@@ -83,3 +84,37 @@ def test_help_is_plain_text(capsys):
     assert stop.value.code == 0
     printed = capsys.readouterr().out
     assert "``" not in printed and "index.html" in printed and "image_<image name>" in printed
+
+
+def _sized_image(path, height, width):
+    Image.fromarray((np.random.default_rng(4).random((height, width, 3)) * 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def _explained(page):
+    with open(os.path.join(os.path.dirname(page), "explanation.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def test_image_size_is_said_and_can_be_the_images_own(run_dir, tmp_path, capsys):
+    """A non-square image was resized to the training images' square size without a word (its boxes and logits
+    were of a distorted copy); the default still matches the training images' resize, and says so."""
+    side = load_checkpoint(str(run_dir / "best.pt"))["push_records"]["image_size"][0]
+    wide = _sized_image(tmp_path / "wide.png", 40, 72)
+    record = _explained(cli(["--checkpoint", str(run_dir), "--image", wide, "--out", str(tmp_path / "auto")]))
+    assert record["image_size"] == [side, side] and "y0, y1, x0, x1" in record["box_format"]
+    note = capsys.readouterr().err.strip().splitlines()
+    assert note == [f"note: the 72 x 40 image is explained resized to {side} x {side}, the training images' size "
+                    "(they were resized so); --image-size native explains it at its own size"]
+    native = cli(["--checkpoint", str(run_dir), "--image", wide, "--image-size", "native",
+                  "--out", str(tmp_path / "n")])
+    assert _explained(native)["image_size"] == [40, 72] and capsys.readouterr().err == ""
+    assert all(e["box"][1] <= 40 and e["box"][3] <= 72 for e in _explained(native)["top"])
+    given = cli(["--checkpoint", str(run_dir), "--image", wide, "--image-size", "48x56", "--out", str(tmp_path / "g")])
+    assert _explained(given)["image_size"] == [48, 56]
+    square = _sized_image(tmp_path / "square.png", 50, 50)
+    cli(["--checkpoint", str(run_dir), "--image", square, "--out", str(tmp_path / "s")])
+    assert capsys.readouterr().err == ""  # same shape: nothing to say
+    with pytest.raises(SystemExit) as stop:
+        cli(["--checkpoint", str(run_dir), "--image", wide, "--image-size", "0x5"])
+    assert stop.value.code == 2 and "expected auto, native, a side N or HxW" in capsys.readouterr().err
