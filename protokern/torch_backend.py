@@ -4,9 +4,9 @@ Same result contract and hand-written backward as the fused kernels (docs/design
 (``search``, with the precisions' products emulated: TF32 truncation, 3xTF32 split) and an exact rescoring
 of the candidates (``exact_distances``). The (B, M, H*W) map is only ever held one slab at a time, and
 every slab-sized temporary ((b, m, H*W), the rescored and backward (b, m, D) features) holds at most ``SLAB``
-elements, so huge problems run in bounded memory (and, on CPUs, in allocations that the allocator reuses
-instead of mapping fresh pages for each). Computes in float64 when both inputs are float64 (for
-``gradcheck``), else in float32.
+elements (``CPU_SLAB`` on a CPU), so huge problems run in bounded memory (and, on CPUs, in allocations that the
+allocator reuses instead of mapping fresh pages for each, small enough to stay near the last-level cache).
+Computes in float64 when both inputs are float64 (for ``gradcheck``), else in float32.
 """
 
 from __future__ import annotations
@@ -20,12 +20,20 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from protokern.kernels import search_bound
 
 SLAB = 1 << 22  # elements of one slab-sized temporary (a few such tensors live together)
+CPU_SLAB = 1 << 21  # at most this on a CPU: a slab's temporaries stay near a last-level cache (NOTES.md, CPU)
 
 
-def _slabs(B: int, M: int, width: int) -> Iterator[tuple[slice, slice]]:
-    """(images, prototypes) slices covering (B, M) once, each with b * m * width <= SLAB (or one pair)."""
-    bc = max(1, min(B, SLAB // width))
-    mc = max(1, min(M, SLAB // (bc * width)))
+def _slab(device: torch.device) -> int:
+    """The slab size (elements) on ``device``."""
+    return min(SLAB, CPU_SLAB) if device.type == "cpu" else SLAB
+
+
+def _slabs(B: int, M: int, width: int, slab: int) -> Iterator[tuple[slice, slice]]:
+    """(images, prototypes) slices covering (B, M) once, each with b * m * width <= slab (or one pair); images
+    in the outer loop. As many prototypes a slab as fit, then images: one image's search is a (m, D) x (D, HW)
+    product, faster for a larger m, and the backward then sums fewer (b HW, D) parts (NOTES.md, CPU)."""
+    mc = max(1, min(M, slab // width))
+    bc = max(1, min(B, slab // (mc * width)))
     for b0 in range(0, B, bc):
         for m0 in range(0, M, mc):
             yield slice(b0, b0 + bc), slice(m0, m0 + mc)
@@ -51,12 +59,6 @@ def _rows(b0: int, idx: torch.Tensor, HW: int) -> torch.Tensor:
 def _winner_rows(rows: torch.Tensor, b0: int, idx: torch.Tensor, HW: int) -> torch.Tensor:
     """Feature vectors (b, m, D) of ``rows`` (``_patch_rows``) at the patches idx (b, m) of images b0.."""
     return rows.index_select(0, _rows(b0, idx, HW)).view(*idx.shape, rows.shape[1])
-
-
-def _winners(zt: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Feature vectors (B, M, D) at the winning patches idx (B, M) of zt (B, HW, D)."""
-    B, HW, D = zt.shape
-    return _winner_rows(zt.reshape(B * HW, D), 0, idx, HW)
 
 
 def _tf32(x: torch.Tensor) -> torch.Tensor:
@@ -175,11 +177,11 @@ def exact_distances(zv: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
 def _rescore(rows: torch.Tensor, b0: int, p: torch.Tensor, cand: torch.Tensor):
     """Exact distances at the candidates of ``cand`` (b, m, HW) of images b0.. (``rows``: ``_patch_rows``):
     (row b * m_count + m, patch, distance), each (K,), rows in order and patches increasing within a row; at
-    most SLAB feature values at once."""
+    most a slab of feature values at once."""
     b, m, i = cand.nonzero(as_tuple=True)
     HW = cand.shape[2]
     e = torch.empty(b.shape, device=rows.device, dtype=rows.dtype)
-    chunk = max(1, SLAB // rows.shape[-1])  # never B*M*HW*D
+    chunk = max(1, _slab(rows.device) // rows.shape[-1])  # never B*M*HW*D
     for s in range(0, b.numel(), chunk):
         c = slice(s, s + chunk)
         e[c] = exact_distances(rows.index_select(0, (b0 + b[c]) * HW + i[c]), p.index_select(0, m[c]))
@@ -233,7 +235,7 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     rows = _patch_rows(z3)
     dist = torch.empty((B, M), device=z3.device, dtype=dtype)
     idx = torch.empty((B, M), device=z3.device, dtype=torch.int64)
-    for bs, ms in _slabs(B, M, max(HW, D)):  # (b, m, HW) and (b, m, D) temporaries within SLAB
+    for bs, ms in _slabs(B, M, max(HW, D), _slab(z3.device)):  # (b, m, HW) and (b, m, D) temporaries within it
         candidates = separable_candidates(z3[bs], p[ms], precision)
         if candidates is None:
             approx, delta = search(z3[bs], p[ms], precision)
@@ -287,7 +289,7 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     rows = _patch_rows(z3)
     grad_zt: list[torch.Tensor] = []  # one (b * HW, D) sum per image slab
     grad_p: dict[int, torch.Tensor] = {}  # one (m, D) sum per prototype slab, over the image slabs in order
-    for bs, ms in _slabs(B, M, max(HW, D)):  # (b, m, D) and (b, HW, m) temporaries within SLAB
+    for bs, ms in _slabs(B, M, max(HW, D), _slab(z3.device)):  # (b, m, D) and (b, HW, m) temporaries within it
         whole = (bs.stop - bs.start, ms.stop - ms.start) == (B, M)  # (no view: torch's older vmap has no rule)
         gs, ids = (g, idx) if whole else (g[bs, ms], idx[bs, ms])
         # Direct differences g * (z - p), never |z|^2-style expansions: no cancellation when g is huge (d ~ 0).
@@ -320,7 +322,7 @@ def distances(z3: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def _recompute_nonfinite(d: torch.Tensor, z3: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """``d`` with its non-finite entries recomputed in the difference form, in place."""
     bad = (~d.isfinite()).nonzero()
-    for part in bad.split(max(1, SLAB // max(1, z3.shape[1]))):  # (K, 3) entries, K * D within SLAB
+    for part in bad.split(max(1, _slab(d.device) // max(1, z3.shape[1]))):  # (K, 3) entries, K * D within a slab
         b, m, s = part.unbind(1)
         d[b, m, s] = (z3[b, :, s] - p[m]).square().sum(1)
     return d

@@ -225,12 +225,14 @@ def test_torch_func_transforms(case):
 def test_torch_backend_memory_is_bounded(monkeypatch):
     """Slabs cover the (B, M, HW) map exactly once, each within SLAB elements; results do not depend on it."""
     for B, M, width in [(64, 10000, 28 * 28), (80, 2000, 128), (3, 5, 1 << 23)]:  # the last: one pair each
-        seen = torch.zeros(B, M, dtype=torch.int32)
-        for bs, ms in torch_backend._slabs(B, M, width):
-            pairs = len(range(B)[bs]) * len(range(M)[ms])
-            assert pairs * width <= torch_backend.SLAB or pairs == 1
-            seen[bs, ms] += 1
-        assert bool((seen == 1).all())
+        for slab in (torch_backend.SLAB, torch_backend.CPU_SLAB):
+            seen = torch.zeros(B, M, dtype=torch.int32)
+            for bs, ms in torch_backend._slabs(B, M, width, slab):
+                pairs = len(range(B)[bs]) * len(range(M)[ms])
+                assert pairs * width <= slab or pairs == 1
+                seen[bs, ms] += 1
+            assert bool((seen == 1).all())
+    assert torch_backend._slab(torch.device("cpu")) <= torch_backend.CPU_SLAB
     z = torch.rand(3, 10, 4, 4, requires_grad=True)
     p = torch.rand(9, 10, requires_grad=True)
     sim, dist = protokern.prototype_similarity(z, p, backend="torch")
