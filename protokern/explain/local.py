@@ -186,7 +186,9 @@ class Explanation:
             f"<table><tr><th class=left>class</th><th>logit</th><th>probability</th></tr>{rows}</table>",
             f"<h2>Top {len(self.top)} prototypes by contribution</h2>",
             "<p>Each row: the image with the prototype's activation map and most activated box "
-            "(95th percentile) | this patch | looks like that: the prototype's source patch | its source image.</p>",
+            "(95th percentile) | this patch | looks like that: the prototype's source patch | its source image "
+            "(push image N: image N of the push set; the trainer's is its training images less the validation "
+            "hold-out).</p>",
             "<table><tr><th>rank</th><th>prototype</th><th class=left>prototype class</th><th>similarity</th>"
             "<th>weight</th><th>contribution</th><th class=left>this looks like that</th></tr>",
         ]
@@ -229,7 +231,7 @@ def _evidence_panel(image: np.ndarray, e: PrototypeEvidence, min_side: int, kind
         source = render.to_uint8(e.source_image)
         tiles.append(render.label(_crop(source, e.source_box, side), "looks like that"))
         framed = render.upscale(render.draw_box(source, e.source_box), min_side)
-        tiles.append(render.label(framed, f"source image {e.source_index}"))
+        tiles.append(render.label(framed, f"push image {e.source_index}"))
     else:
         tiles.append(render.label(render.placeholder(side, side, "no source image"), "looks like that"))
     return render.hstack(tiles)
