@@ -15,6 +15,7 @@ from protokern.ops import (
     prototype_distances,
     prototype_similarity,
     prototype_windows,
+    window_positions,
     window_size,
 )
 from protokern.utils import positive_int
@@ -116,12 +117,7 @@ class ProtoLayer(nn.Module):
 
     def output_size(self, feature_size) -> tuple[int, int]:
         """(Hout, Wout): the number of window positions on a feature map of ``feature_size`` (H, W)."""
-        kh, kw = self.prototype_size
-        hout, wout = int(feature_size[0]) - kh + 1, int(feature_size[1]) - kw + 1
-        if hout < 1 or wout < 1:
-            raise ValueError(f"prototype window {kh} x {kw} is larger than the feature map "
-                             f"{int(feature_size[0])} x {int(feature_size[1])}")
-        return hout, wout
+        return window_positions((int(feature_size[0]), int(feature_size[1])), self.prototype_size)
 
     def extra_repr(self) -> str:
         return (f"num_prototypes={self.num_prototypes}, prototype_dim={self.prototype_dim}, "

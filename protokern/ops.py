@@ -81,10 +81,7 @@ def _check(z: Tensor, prototypes: Tensor, eps: float = _UNUSED_EPS, precision: s
         raise ValueError(f"channel mismatch: z has D={z.shape[1]} but prototypes have D={prototypes.shape[1]}")
     if z.shape[1] == 0 or z.shape[2] * z.shape[3] == 0 or p.shape[0] * p.shape[1] == 0:
         raise ValueError(f"empty input: z {tuple(z.shape)}, prototypes {tuple(prototypes.shape)}")
-    kh, kw = _window(prototypes)
-    if kh > z.shape[2] or kw > z.shape[3]:
-        raise ValueError(f"prototype window {kh} x {kw} is larger than the feature map "
-                         f"{z.shape[2]} x {z.shape[3]}")
+    window_positions(z.shape[2:], _window(prototypes))
     if z.device != p.device:
         raise ValueError(f"device mismatch: z on {z.device}, prototypes on {p.device}")
     for name, t in (("z", z), ("prototypes", p)):
@@ -104,6 +101,15 @@ def window_size(value) -> tuple[int, int]:
         return positive_int("prototype_size[0]", value[0]), positive_int("prototype_size[1]", value[1])
     k = positive_int("prototype_size", value)
     return k, k
+
+
+def window_positions(feature_size, window) -> tuple[int, int]:
+    """(Hout, Wout): the positions of a (kh, kw) window on a feature map of ``feature_size`` (H, W), or a
+    one-line ``ValueError`` where the window is larger than the map."""
+    (H, W), (kh, kw) = feature_size, window  # (no int(): symbolic sizes under torch.compile stay symbolic)
+    if kh > H or kw > W:
+        raise ValueError(f"prototype window {kh} x {kw} is larger than the feature map {H} x {W}")
+    return H - kh + 1, W - kw + 1
 
 
 def _window(prototypes: Tensor) -> tuple[int, int]:
@@ -491,9 +497,7 @@ def prototype_windows(z: Tensor, index: Tensor, prototype_size=(1, 1)) -> Tensor
         raise TypeError(f"index must hold integers, got {index.dtype}")
     if index.shape != (N,):
         raise ValueError(f"index must be (N,) = ({N},), got {tuple(index.shape)}")
-    hout, wout = H - kh + 1, W - kw + 1
-    if hout < 1 or wout < 1:
-        raise ValueError(f"prototype window {kh} x {kw} is larger than the feature map {H} x {W}")
+    hout, wout = window_positions((H, W), (kh, kw))
     if N and bool(((index < 0) | (index >= hout * wout)).any()):
         raise ValueError(f"index must lie in [0, {hout * wout}) (the {hout} x {wout} window positions), got "
                          f"values from {int(index.min())} to {int(index.max())}")
