@@ -54,8 +54,8 @@ from protokern.push import RECORDS_FILE, PushRecords, push_prototypes, run_push_
 from protokern.train import checkpoint as ckpt
 from protokern.train.config import TrainConfig, parse_config, parse_window
 from protokern.train.data import LabelledSubset, build_splits, class_counts, train_loader
-from protokern.train.distributed import (DistInfo, PeerStopped, barrier, cleanup, init_distributed, peer_lost,
-                                        shard)
+from protokern.train.distributed import (DistInfo, PeerStopped, barrier, cleanup, from_main, init_distributed,
+                                        peer_lost, shard)
 from protokern.train.loop import TrainForward, run_epoch
 from protokern.train.schedule import (Step, build_schedule, learning_rates, make_optimizers, make_scheduler,
                                       optimizer_steps, set_trainable, step_scheduler)
@@ -331,10 +331,7 @@ class Trainer:
             if held:
                 refused = (f"--out {out} already holds a run ({held[0]}): continue it with --resume "
                            f"{_quoted(out)}, or choose another --out")
-        if self.info.enabled:
-            box = [refused]
-            dist.broadcast_object_list(box, src=0)
-            refused = box[0]
+        refused = from_main(refused)
         if refused:
             raise ValueError(refused)
 
@@ -354,11 +351,7 @@ class Trainer:
                         n += 1
             else:
                 os.makedirs(out, exist_ok=True)
-        if self.info.enabled:  # every rank uses rank 0's name
-            box = [out]
-            dist.broadcast_object_list(box, src=0)
-            out = box[0]
-        return out
+        return from_main(out)  # every rank uses rank 0's name
 
     def _path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
@@ -679,18 +672,12 @@ class Trainer:
                 self._localisation = part_localisation(self.model, loader, boxes, location="rf_centre",
                                                        device=self.device, progress=self._bars())
                 localisation = self._localisation["overall"]
-            if self.info.enabled:
-                box = [localisation]
-                dist.broadcast_object_list(box, src=0)
-                localisation = box[0]
+            localisation = from_main(localisation)
         last_test = None
         if self.is_main and os.path.exists(self._path("metrics.jsonl")):
             rows = _read_metrics(self._path("metrics.jsonl"))
             last_test = rows[-1]["test_accuracy"] if rows else None
-        if self.info.enabled:  # every rank returns the summary rank 0 writes
-            box = [last_test]
-            dist.broadcast_object_list(box, src=0)
-            last_test = box[0]
+        last_test = from_main(last_test)  # every rank returns the summary rank 0 writes
         chosen = self.best["step"] is not None
         summary = {
             "run_dir": os.path.abspath(self.run_dir),
