@@ -252,28 +252,37 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
 
 
 # ---------------------------------------------------------------------------------------------- boxes
-def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bicubic upsampling of (H, W) or (N, H, W) maps to ``size`` (as the original's cv2 INTER_CUBIC)."""
+def upsample(maps: Tensor, size: tuple[int, int], window: tuple[int, int] = (1, 1)) -> Tensor:
+    """Bicubic upsampling of (H, W) or (N, H, W) maps to ``size`` (as the original's cv2 INTER_CUBIC).
+
+    Maps over the positions of kh x kw windows ((H - kh + 1, W - kw + 1), ``window`` (kh, kw)) first become maps
+    over the feature cells, each cell the largest value of the windows that cover it: stretched over the image
+    as it is, a map of window positions would put a window's activation up to half a window away from it.
+    """
     single = maps.dim() == 2
-    x = maps.float()[None] if single else maps.float()
-    up = F.interpolate(x[:, None], size=tuple(size), mode="bicubic", align_corners=False)[:, 0]
+    x = (maps.float()[None] if single else maps.float())[:, None]
+    kh, kw = window
+    if (kh, kw) != (1, 1):
+        x = F.max_pool2d(F.pad(x, (kw - 1, kw - 1, kh - 1, kh - 1), value=-math.inf), (kh, kw), stride=1)
+    up = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False)[:, 0]
     return up[0] if single else up
 
 
 @torch.no_grad()
 def activation_boxes(similarity_maps: Tensor, image_size: tuple[int, int], percentile: float = 95.0,
-                     chunk: int = 128) -> Tensor:
+                     chunk: int = 128, window: tuple[int, int] = (1, 1)) -> Tensor:
     """Boxes ``(y0, y1, x0, x1)`` (half-open) of the pixels >= the ``percentile`` of each upsampled map.
 
     ``similarity_maps`` (P, H, W) are upsampled bicubically (as the original's cv2 INTER_CUBIC) to
-    ``image_size``; the threshold is NumPy's default (linear) percentile of each map. A constant map (a 1 x 1
-    feature map, a prototype equally near everywhere) gives the whole image: every pixel is at its percentile,
-    whatever rounding noise the upsampling adds. Returns (P, 4) int64.
+    ``image_size`` (maps over the positions of ``window``-sized windows as :func:`upsample` says); the
+    threshold is NumPy's default (linear) percentile of each map. A constant map (a 1 x 1 feature map, a
+    prototype equally near everywhere) gives the whole image: every pixel is at its percentile, whatever
+    rounding noise the upsampling adds. Returns (P, 4) int64.
     """
     out = []
     q = percentile / 100.0
     for maps in similarity_maps.float().split(chunk):
-        up = upsample(maps, image_size)
+        up = upsample(maps, image_size, window)
         threshold = torch.quantile(up.flatten(1), q, dim=1)
         mask = up >= threshold[:, None, None]
         flat = maps.flatten(1).amax(1) == maps.flatten(1).amin(1)
@@ -453,7 +462,7 @@ def _make_records(net, best_d, best_idx, best_patch, best_map, classes, image_si
     hout, wout = layer.output_size(feature_size)
     pushed = best_idx >= 0
     sim_maps = layer.to_similarity(best_map.view(-1, hout, wout))
-    act_box = activation_boxes(sim_maps, image_size)
+    act_box = activation_boxes(sim_maps, image_size, window=layer.prototype_size)
     act_box[~pushed] = -1
     patch = torch.stack([best_patch // wout, best_patch % wout], 1)
     patch[~pushed] = -1
@@ -475,13 +484,13 @@ def _make_records(net, best_d, best_idx, best_patch, best_map, classes, image_si
 
 
 # ---------------------------------------------------------------------------------------------- PNGs
-def _write_one(j: int, image: Tensor, sim_map: Tensor, rf_box, act_box, save_dir: str) -> None:
+def _write_one(j: int, image: Tensor, sim_map: Tensor, rf_box, act_box, save_dir: str, window) -> None:
     """The original's PNGs of prototype j: its source image, the image under its activation map (the original's
     blend, 0.5 image + 0.3 jet) and the crops of its receptive field and activation box."""
     from protokern.explain import render  # (here: protokern.explain imports this module)
 
     img = render.to_uint8(image)  # (S, S, 3)
-    up = upsample(sim_map, img.shape[:2]).numpy()
+    up = upsample(sim_map, img.shape[:2], window).numpy()
     span = up.max() - up.min()
     heat = render.jet((up - up.min()) / span if span > 0 else np.zeros_like(up))
     render.save_png(img, os.path.join(save_dir, f"{j}_source.png"))
@@ -499,7 +508,7 @@ def _write_images(records: PushRecords, dataset, save_dir: str, workers: int) ->
     for j in records.pushed.nonzero().flatten().tolist():
         def job(j=j, index=int(records.image_index[j])):
             _write_one(j, dataset[index][0], records.activation_map[j], records.rf_box[j].tolist(),
-                       records.activation_box[j].tolist(), save_dir)
+                       records.activation_box[j].tolist(), save_dir, records.window)
 
         futures.append(pool.submit(job))
     pool.shutdown(wait=False)  # the threads finish the queue; Python joins them at exit

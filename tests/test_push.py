@@ -140,6 +140,18 @@ def test_activation_boxes_percentile():
     assert (y1 - y0) * (x1 - x0) < 32 * 32 * 0.2
 
 
+def test_activation_boxes_of_window_prototypes_lie_over_the_window():
+    """A map over the 7 x 6 positions of 2 x 3 windows (an 8 x 8 feature map of 8-pixel cells) peaking at the last
+    position: the window covers pixels y 48..63, x 40..63. Stretched over the image, the position map's box
+    started at x 48 (its peak at the position's stretched centre, x 58.7); over the cells it starts within the
+    window's first cell."""
+    maps = torch.zeros(1, 7, 6)
+    maps[0, 6, 5] = 5.0
+    y0, y1, x0, x1 = activation_boxes(maps, (64, 64), window=(2, 3))[0].tolist()
+    assert 48 <= y0 <= 52 and y1 == 64 and 40 <= x0 < 46 and x1 == 64
+    assert activation_boxes(maps, (64, 64))[0, 2] >= 47  # as 1 x 1 prototypes' maps (the original's rule)
+
+
 @pytest.mark.parametrize("shape, image_size", [((1, 1), (7, 7)), ((1, 1), (64, 96)), ((3, 5), (40, 30))])
 def test_a_constant_map_boxes_the_whole_image(shape, image_size):
     maps = torch.full((2, *shape), 0.37)

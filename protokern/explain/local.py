@@ -379,8 +379,8 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
     top = torch.argsort(contributions, descending=True, stable=True)[:k].tolist()
     maps = layer.to_similarity(distances[top]).cpu()  # (k, Hout, Wout)
     size = tuple(x.shape[1:])
-    heatmaps = render.upsample(maps, size)
-    boxes = activation_boxes(maps, size)
+    heatmaps = render.upsample(maps, size, layer.prototype_size)
+    boxes = activation_boxes(maps, size, window=layer.prototype_size)
     wout = distances.shape[2]
     patches = nearest[0, top].cpu()
     window = layer.prototype_size

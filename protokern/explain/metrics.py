@@ -66,12 +66,14 @@ def _indexed_batches(data, batch_size: int, num_workers: int, num_classes: int |
     return dataset, batches(), len(data)
 
 
-def _argmax_pixels(maps: Tensor, size: tuple[int, int], chunk: int = 256) -> tuple[Tensor, Tensor]:
-    """Pixel centres ``(y, x)`` (N,) of the maximum of each (N, H, W) map upsampled bicubically to ``size``.
+def _argmax_pixels(maps: Tensor, size: tuple[int, int], window: tuple[int, int],
+                   chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """Pixel centres ``(y, x)`` (N,) of the maximum of each (N, H, W) map of ``window`` positions upsampled
+    bicubically to ``size`` (:func:`protokern.push.upsample`).
 
     Ties go to the first maximum in row-major order. Upsampled in chunks of ``chunk`` maps to bound memory.
     """
-    flat = torch.cat([render.upsample(part, size).flatten(1).argmax(1) for part in maps.split(chunk)]) \
+    flat = torch.cat([render.upsample(part, size, window).flatten(1).argmax(1) for part in maps.split(chunk)]) \
         if maps.shape[0] else torch.zeros(0, dtype=torch.int64, device=maps.device)
     return (flat // size[1]).float() + 0.5, (flat % size[1]).float() + 0.5
 
@@ -170,7 +172,8 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
                 cy, cx = window_center(rf, (patch[b, j] // wout).double(), (patch[b, j] % wout).double(),
                                        layer.prototype_size)
             else:
-                cy, cx = (v.double() for v in _argmax_pixels(maps[b, j], tuple(images.shape[-2:])))
+                cy, cx = (v.double() for v in _argmax_pixels(maps[b, j], tuple(images.shape[-2:]),
+                                                             layer.prototype_size))
             box = boxes[index.to(boxes.device)[b.cpu()]].to(device)  # (n, 4)
             inside = (cx >= box[:, 0]) & (cx <= box[:, 2]) & (cy >= box[:, 1]) & (cy <= box[:, 3])
             hits.index_add_(0, j.cpu(), inside.double().cpu())
@@ -247,7 +250,7 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
             parts = torch.stack([torch.as_tensor(dataset.part_locations(int(i)), dtype=torch.float32)
                                  for i in index]).to(device)  # (B, K, 3)
             if b.numel():
-                cy, cx = _argmax_pixels(maps[b, j], tuple(images.shape[-2:]))
+                cy, cx = _argmax_pixels(maps[b, j], tuple(images.shape[-2:]), model.prototype_layer.prototype_size)
                 px, py, visible = parts[b, :, 0], parts[b, :, 1], parts[b, :, 2] > 0
                 covered = visible & ((px - cx[:, None]).abs() <= half) & ((py - cy[:, None]).abs() <= half)
             else:

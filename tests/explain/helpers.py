@@ -6,6 +6,8 @@ nearest patch is the cell whose colour is closest. Receptive field: jump 8, size
 covers pixels [8h, 8h + 8) x [8w, 8w + 8), centre (8h + 4, 8w + 4)).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +53,18 @@ def reference_similarity(d: torch.Tensor, similarity: str, eps: float = 1e-4) ->
     if similarity == "log":
         return torch.log((d + 1) / (d + eps))
     return -d if similarity == "linear" else 1 - d / 2
+
+
+def reference_cell_maps(sim: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """(P, Hout, Wout) maps of window positions -> (P, H, W) maps of feature cells: each cell the largest value
+    of the windows covering it (explicit loops)."""
+    (kh, kw), (P, hout, wout) = window, sim.shape
+    cells = torch.full((P, hout + kh - 1, wout + kw - 1), -math.inf, dtype=sim.dtype)
+    for h in range(hout):
+        for w in range(wout):
+            covered = cells[:, h:h + kh, w:w + kw]
+            cells[:, h:h + kh, w:w + kw] = torch.maximum(covered, sim[:, h, w, None, None].expand_as(covered))
+    return cells
 
 
 def canvas(size: int = 64, background=GREY) -> torch.Tensor:
