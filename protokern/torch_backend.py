@@ -24,16 +24,23 @@ CPU_SLAB = 1 << 21  # at most this on a CPU: a slab's temporaries stay near a la
 
 
 def _slab(device: torch.device) -> int:
-    """The slab size (elements) on ``device``."""
+    """The slab size (elements) on ``device``: ``SLAB``, at most ``CPU_SLAB`` on a CPU."""
     return min(SLAB, CPU_SLAB) if device.type == "cpu" else SLAB
 
 
 def _slabs(B: int, M: int, width: int, slab: int) -> Iterator[tuple[slice, slice]]:
     """(images, prototypes) slices covering (B, M) once, each with b * m * width <= slab (or one pair); images
-    in the outer loop. As many prototypes a slab as fit, then images: one image's search is a (m, D) x (D, HW)
-    product, faster for a larger m, and the backward then sums fewer (b HW, D) parts (NOTES.md, CPU)."""
-    mc = max(1, min(M, slab // width))
-    bc = max(1, min(B, slab // (mc * width)))
+    in the outer loop. As few slabs as the two ways of filling one allow (each costs a host synchronisation on a
+    GPU): as many prototypes as fit, then images, or as many images, then prototypes; prototypes first where
+    both take as many: one image's search is then a (m, D) x (D, HW) product with a larger m, and the backward
+    sums fewer (b HW, D) parts (NOTES.md, CPU)."""
+    def fill(n: int, other: int) -> tuple[int, int]:  # (chunk of n, chunk of the other), n filled first
+        chunk = max(1, min(n, slab // width))
+        return chunk, max(1, min(other, slab // (chunk * width)))
+
+    (mc, bc), (bc_first, mc_then) = fill(M, B), fill(B, M)
+    if -(-B // bc_first) * -(-M // mc_then) < -(-B // bc) * -(-M // mc):
+        bc, mc = bc_first, mc_then
     for b0 in range(0, B, bc):
         for m0 in range(0, M, mc):
             yield slice(b0, b0 + bc), slice(m0, m0 + mc)

@@ -232,7 +232,18 @@ def test_torch_backend_memory_is_bounded(monkeypatch):
                 assert pairs * width <= slab or pairs == 1
                 seen[bs, ms] += 1
             assert bool((seen == 1).all())
-    assert torch_backend._slab(torch.device("cpu")) <= torch_backend.CPU_SLAB
+    # as few slabs as either way of filling them gives, prototypes first on ties (one host sync each on a GPU;
+    # prototypes first, as many as fit, at every shape gave 128 slabs here where images first give 66)
+    assert len(list(torch_backend._slabs(64, 5400, 784, 1 << 22))) == 66
+    assert next(torch_backend._slabs(80, 2000, 128, 1 << 22)) == (slice(0, 16), slice(0, 2000))
+    seen = []
+    original = torch_backend._slabs
+    monkeypatch.setattr(torch_backend, "_slabs", lambda *a: seen.append(a[3]) or original(*a))
+    z = torch.rand(2, 8, 3, 3, requires_grad=True)
+    sim, _ = protokern.prototype_similarity(z, torch.rand(5, 8), backend="torch")
+    sim.sum().backward()
+    assert seen == [min(torch_backend.SLAB, torch_backend.CPU_SLAB)] * 2  # forward and backward, a CPU's slabs
+    monkeypatch.setattr(torch_backend, "_slabs", original)
     z = torch.rand(3, 10, 4, 4, requires_grad=True)
     p = torch.rand(9, 10, requires_grad=True)
     sim, dist = protokern.prototype_similarity(z, p, backend="torch")

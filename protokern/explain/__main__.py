@@ -4,7 +4,7 @@ Rebuilds the model from a trainer checkpoint, explains its decision on the image
 and writes the PNGs and ``index.html`` to ``--out`` (default: a new folder ``RUN/explanations/image_<image name>``,
 ``-1``, ``-2`` ... appended when that name is taken, so it never replaces the trainer's ``test_NNNNN``
 explanations nor an earlier one). The image is explained at the training images' size, as they were resized
-(a note says so when that changes its shape); ``--image-size native`` keeps its own.
+(a note says so when that changes its shape); ``--image-size native`` keeps its own. Sizes are height x width.
 """
 
 from __future__ import annotations
@@ -43,14 +43,26 @@ def _image_size(text: str):
 
 
 def _file_size(path: str) -> tuple[int, int] | None:
-    """(height, width) of an image file from its header, or None (the image's own loading says what is wrong)."""
+    """(height, width) of an image file from its header, or None (the image's own loading says what is wrong:
+    a decompression bomb too, which PIL's header read warns about or raises)."""
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except (OSError, ValueError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.height, image.width
+    except Exception:  # noqa: BLE001 (any reason: the loading reports it in its own words)
         return None
+
+
+def _training_size(records, state: dict) -> tuple[int, int] | None:
+    """The size the model's images had: its push records', else its training config's (a checkpoint from before
+    the first push), else None."""
+    if records is not None:
+        return tuple(records.image_size)
+    side = (state.get("config") or {}).get("image_size")
+    return (side, side) if isinstance(side, int) and not isinstance(side, bool) and side > 0 else None
 
 
 def _default_out(run_dir: str, image: str) -> str:
@@ -112,8 +124,9 @@ def main(argv: list[str] | None = None) -> str:
                         help="class index to explain (default: the predicted class)")
     parser.add_argument("--image-size", type=_image_size, default="auto",
                         help="size the image is explained at: auto (default: the training images' size, to which "
-                             "they were resized; a note says when that changes the image's shape), native (its own "
-                             "size), a side N or HxW")
+                             "they were resized; a note says when that changes the image's shape; the image's own "
+                             "size for a checkpoint that does not say), native (its own size), a side N or HxW "
+                             "(height x width)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--data-root", default=None, help="dataset folder, to show the prototypes' source images "
                                                           "if it moved since training")
@@ -138,15 +151,16 @@ def _explain(args, parser) -> str:
               "push): they are learned vectors, not patches of training images, so no source patches are shown",
               file=sys.stderr, flush=True)
     push_set = _push_dataset(state, args.data_root)  # source images (with records) and class names
-    own = _file_size(args.image)
-    size = {"auto": None, "native": own}.get(args.image_size, args.image_size)
+    own = _file_size(args.image) if args.image_size in ("auto", "native") else None
+    size = {"auto": _training_size(records, state), "native": own}.get(args.image_size, args.image_size)
     explanation = explain_image(model, args.image, push_records=records, top_k=args.top_k, class_idx=args.class_idx,
                                 push_images=push_set if records is not None else None,
                                 class_names=getattr(push_set, "classes", None), device=args.device, image_size=size)
     h, w = explanation.image.shape[1:]
     if args.image_size == "auto" and own is not None and own[0] * w != own[1] * h:
-        print(f"note: the {own[1]} x {own[0]} image is explained resized to {w} x {h}, the training images' size "
-              f"(they were resized so); --image-size native explains it at its own size", file=sys.stderr, flush=True)
+        print(f"note: the {own[0]} x {own[1]} image (height x width) is explained resized to {h} x {w}, the training "
+              f"images' size (they were resized so); --image-size native explains it at its own size", file=sys.stderr,
+              flush=True)
     run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
     out = args.out or _default_out(run_dir, args.image)
     page = explanation.save(out)

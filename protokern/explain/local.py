@@ -243,9 +243,10 @@ def load_image_tensor(image, image_size: int | tuple[int, int] | None = None) ->
 
     ``image`` is a path (any PIL mode, RGBA / grayscale / CMYK included, is converted to RGB by
     ``protokern.data.load_image``), a PIL image, or a tensor (3, H, W) / (1, 3, H, W) in [0, 1]. With
-    ``image_size`` (a side S, or (H, W)) the image is resized (bilinear, antialiased) to S x S or H x W.
+    ``image_size`` (a side S, or (H, W), at most ``MAX_IMAGE_PIXELS`` pixels as the files read) the image is
+    resized (bilinear, antialiased) to S x S or H x W.
     """
-    from protokern.data.transforms import load_image, pil_to_tensor, to_rgb
+    from protokern.data.transforms import MAX_IMAGE_PIXELS, load_image, pil_to_tensor, to_rgb
 
     size = None
     if image_size is not None:
@@ -253,6 +254,9 @@ def load_image_tensor(image, image_size: int | tuple[int, int] | None = None) ->
         if len(pair) != 2:
             raise ValueError(f"image_size must be a side or (height, width), got {image_size!r}")
         size = (positive_int("image_size", pair[0]), positive_int("image_size", pair[1]))
+        if size[0] * size[1] > MAX_IMAGE_PIXELS:
+            raise ValueError(f"image_size {size[0]} x {size[1]} is more than the {MAX_IMAGE_PIXELS} pixels an image "
+                             f"may have (protokern.data.transforms.MAX_IMAGE_PIXELS)")
     if isinstance(image, (str, os.PathLike)):
         square = size is not None and size[0] == size[1]
         image, _ = load_image(image, size[0] if square else None)

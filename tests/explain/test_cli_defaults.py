@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from protokern.checkpoint import load_checkpoint
+from protokern.checkpoint import load_checkpoint, save_checkpoint
 from protokern.explain.__main__ import _push_dataset, main as cli
 from protokern.train import main as train_main
+
+from tests.fake_trees import png_header_only
 
 from .test_run import ARGS
 
@@ -104,8 +106,8 @@ def test_image_size_is_said_and_can_be_the_images_own(run_dir, tmp_path, capsys)
     record = _explained(cli(["--checkpoint", str(run_dir), "--image", wide, "--out", str(tmp_path / "auto")]))
     assert record["image_size"] == [side, side] and "y0, y1, x0, x1" in record["box_format"]
     note = capsys.readouterr().err.strip().splitlines()
-    assert note == [f"note: the 72 x 40 image is explained resized to {side} x {side}, the training images' size "
-                    "(they were resized so); --image-size native explains it at its own size"]
+    assert note == [f"note: the 40 x 72 image (height x width) is explained resized to {side} x {side}, the training "
+                    "images' size (they were resized so); --image-size native explains it at its own size"]
     native = cli(["--checkpoint", str(run_dir), "--image", wide, "--image-size", "native",
                   "--out", str(tmp_path / "n")])
     assert _explained(native)["image_size"] == [40, 72] and capsys.readouterr().err == ""
@@ -118,3 +120,30 @@ def test_image_size_is_said_and_can_be_the_images_own(run_dir, tmp_path, capsys)
     with pytest.raises(SystemExit) as stop:
         cli(["--checkpoint", str(run_dir), "--image", wide, "--image-size", "0x5"])
     assert stop.value.code == 2 and "expected auto, native, a side N or HxW" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # no allocation of an image larger than any file may be
+        cli(["--checkpoint", str(run_dir), "--image", wide, "--image-size", "20000"])
+    assert stop.value.code == 2 and "is more than the 89478485 pixels" in capsys.readouterr().err
+
+
+def test_auto_size_of_a_checkpoint_never_pushed_is_its_training_size(run_dir, tmp_path, capsys):
+    """Without push records the size comes from the checkpoint's config (the image's own size was used)."""
+    state = load_checkpoint(str(run_dir / "best.pt"))
+    side = state["config"]["image_size"]
+    state["push_records"] = None
+    save_checkpoint(state, str(tmp_path / "unpushed.pt"))
+    wide = _sized_image(tmp_path / "wide.png", 40, 72)
+    page = cli(["--checkpoint", str(tmp_path / "unpushed.pt"), "--image", wide, "--out", str(tmp_path / "out")])
+    assert _explained(page)["image_size"] == [side, side]
+    assert f"explained resized to {side} x {side}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("side", [10000, 20000])  # PIL warns at the first, raises at the second
+def test_a_decompression_bomb_is_one_line(run_dir, tmp_path, capsys, side):
+    """The CLI's read of the image's size met PIL's limit first: a traceback (or PIL's warning) instead of the
+    loader's one-line refusal."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(side, side))
+    with pytest.raises(SystemExit) as stop:
+        cli(["--checkpoint", str(run_dir), "--image", str(bomb)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "decompression bomb" in err[0], err
