@@ -146,7 +146,7 @@ def _html(entries: list[dict], pages: list[str], k: int, per_page: int, with_sou
         chunk = entries[page * per_page:(page + 1) * per_page]
         parts.append(f"<h2>Prototypes {chunk[0]['prototype']}&ndash;{chunk[-1]['prototype']}</h2>"
                      f"<p><img src='{esc(os.path.basename(path))}' alt='gallery page {page}'></p>")
-        parts.append("<table><tr><th>prototype</th><th class=left>class</th><th>source image</th>"
+        parts.append("<table><tr><th>prototype</th><th class=left>class</th><th>source (push image)</th>"
                      f"<th>own class among {k}</th>"
                      "<th class=left>nearest images (index (class, distance); ...)</th></tr>")
         for e in chunk:
