@@ -74,8 +74,9 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
         dict with ``pruned`` (old indices of the pruned prototypes), ``kept`` (old indices of the others, in
         their new order), ``own_class_neighbours`` ((P,) list: how many of the k nearest images are of the
         prototype's class), ``pruned_per_class`` and ``remaining_per_class`` (lists indexed by class),
-        ``classes_without_prototypes`` (the classes left with none, which the model can then never predict:
-        a warning names them), ``num_pruned``, ``num_remaining``, ``k``, ``threshold``, ``neighbours``
+        ``classes_without_prototypes`` (the classes left with none of their own, which the model then predicts only
+        through other classes' prototypes, and which no explanation can show a prototype of: a warning names
+        them), ``num_pruned``, ``num_remaining``, ``k``, ``threshold``, ``neighbours``
         (:class:`Neighbours`) and, with ``push_records``, the kept prototypes' ``push_records``.
     """
     k = positive_int("k", k)
@@ -123,12 +124,13 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
              result["num_pruned"], model.num_prototypes + (result["num_pruned"] if apply else 0),
              "pruned" if apply else "would be pruned", result["num_remaining"])
     one_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    if empty and one_process:  # a warning, not a log line: the model can no longer predict these classes
+    if empty and one_process:  # a warning, not a log line: these classes lose all their own evidence
         names = getattr(getattr(loader, "dataset", None), "classes", None)
         named = [f"{c} ({names[c]})" if names is not None and len(names) == num_classes else str(c) for c in empty]
         warnings.warn(f"pruning (k={k}, threshold={threshold}) {'left' if apply else 'would leave'} {len(empty)} of "
-                      f"{num_classes} classes without prototypes, never predicted: {listed(named, 8)} (none of their "
-                      f"prototypes has {threshold} images of its class among its {k} nearest)", stacklevel=2)
+                      f"{num_classes} classes without prototypes of their own: {listed(named, 8)} (none of their "
+                      f"prototypes has {threshold} images of its class among its {k} nearest); the model predicts "
+                      f"them only through other classes' prototypes", stacklevel=2)
     return result
 
 

@@ -263,7 +263,7 @@ def test_classes_left_without_prototypes_are_a_warning_and_in_the_report():
     never predict it, so it is a warning naming it (by name when the dataset has ``classes``), not a log line."""
     model = grey_model()
     named = ListDataset([torch.full((3, 8, 8), i / 20) for i in range(20)], LABELS, classes=["ant", "bee", "cat"])
-    with pytest.warns(UserWarning, match=r"would leave 1 of 3 classes without prototypes, never predicted: 1 \(bee\) "
+    with pytest.warns(UserWarning, match=r"would leave 1 of 3 classes without prototypes of their own: 1 \(bee\) "
                                          r"\(none of their prototypes has 4 images of its class among its 6 nearest\)"):
         report = prune_prototypes(model, DataLoader(named, batch_size=20), k=6, threshold=4, progress=False,
                                   apply=False)

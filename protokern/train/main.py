@@ -742,7 +742,7 @@ class Trainer:
         report = {k: v for k, v in result.items() if k not in ("neighbours", "push_records")}
         report.update(retrain=self.cfg.prune_retrain, retrain_epochs=self.cfg.prune_retrain_epochs,
                       retrain_accuracy=retrain["accuracy"], retrain_test_accuracy=epoch_tests, test_accuracy=test)
-        # by name: the model can never predict them (prune.json lists their indices)
+        # by name: no prototype of theirs is left (prune.json lists their indices)
         empty = _class_names(self.push_set, result.get("classes_without_prototypes", []))
         self._pruned = {"checkpoint": os.path.abspath(self._path("pruned.pt")), "num_pruned": report["num_pruned"],
                         "num_remaining": report["num_remaining"], "test_accuracy": test,
@@ -754,7 +754,7 @@ class Trainer:
             self._write(state, "pruned.pt")
             ckpt.atomic_write_text(self._path("prune.json"), strict_json(report))
             if not self.cfg.quiet:
-                none = f" (classes left without any, never predicted: {', '.join(empty)})" if empty else ""
+                none = f" (classes left without a prototype of their own: {listed(empty, 8)})" if empty else ""
                 print(f"pruned {report['num_pruned']} prototypes, {report['num_remaining']} remain{none}; "
                       f"test accuracy after last-layer retraining {test:.3f} -> {self._path('pruned.pt')}", flush=True)
 
@@ -816,10 +816,10 @@ def _final_line(summary: dict, seconds: float) -> str:
 
     pruned = summary.get("pruned")
     last = f"last.pt {fmt(summary['test_accuracy'])}"
-    if pruned:  # the final model: its accuracy, and the classes it can no longer predict
+    if pruned:  # the final model: its accuracy, and how many classes lost all their prototypes
         lost = pruned.get("classes_without_prototypes")
         last += (f", pruned.pt {fmt(pruned['test_accuracy'])}"
-                 + (f" (no prototype left for {len(lost)} classes)" if lost else ""))
+                 + (f" (no prototype left for {len(lost)} class{'es' if len(lost) > 1 else ''})" if lost else ""))
     if summary["best_step"] is None:
         return (f"done: test accuracy {last}, no best.pt; "
                 f"part localisation {fmt(summary['part_localisation'])}, {seconds:.1f} s -> {summary['run_dir']}")

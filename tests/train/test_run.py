@@ -270,7 +270,8 @@ def test_prune_that_would_remove_everything_keeps_the_run(tiny_args, tmp_path, m
 def test_prune_names_the_classes_it_leaves_without_prototypes(tmp_path, capsys):
     """A class with fewer push images than --prune-threshold can keep no prototype (its prototypes have at most
     that many own-class images among their k nearest): said at the start, then the pruning warns, prints and
-    records (summary.json by name, prune.json by index) that the final model can never predict it."""
+    records (summary.json by name, prune.json by index) that no prototype of its own is left (the model predicts
+    it only through other classes' prototypes: "never predicted" was not true)."""
     root = folder_tree(tmp_path / "data", {"a": 1, "b": 6, "c": 6})
     args = folder_args(root, tmp_path / "run", "--val-fraction", "0", "--prune", "--prune-retrain-epochs", "1",
                        "--no-quiet")
@@ -279,16 +280,17 @@ def test_prune_names_the_classes_it_leaves_without_prototypes(tmp_path, capsys):
     messages = [str(w.message) for w in caught]
     assert ("--prune: 1 of the 3 classes has fewer than --prune-threshold 3 push images (training images less the "
             "validation hold-out), so pruning will remove every prototype of theirs: a (1)") in messages
-    assert any(m.startswith("pruning (k=6, threshold=3) left ") and "never predicted: 0 (a)" in m for m in messages)
+    assert any(m.startswith("pruning (k=6, threshold=3) left ") and "without prototypes of their own: 0 (a)" in m
+               and m.endswith("the model predicts them only through other classes' prototypes") for m in messages)
     assert "a" in summary["pruned"]["classes_without_prototypes"]
     report = json.loads((tmp_path / "run" / "prune.json").read_text())
     assert 0 in report["classes_without_prototypes"] and report["remaining_per_class"][0] == 0
     printed = capsys.readouterr().out.splitlines()
     pruned_line = next(line for line in printed if line.startswith("pruned "))
-    assert "(classes left without any, never predicted: a" in pruned_line
+    assert "(classes left without a prototype of their own: a" in pruned_line
     lost = len(summary["pruned"]["classes_without_prototypes"])
-    assert (f"pruned.pt {summary['pruned']['test_accuracy']:.3f} (no prototype left for {lost} classes), best.pt"
-            in printed[-1])  # the done line has the final model's accuracy
+    assert (f"pruned.pt {summary['pruned']['test_accuracy']:.3f} (no prototype left for {lost} class"
+            f"{'es' if lost > 1 else ''}), best.pt" in printed[-1])  # the done line has the final model's accuracy
 
 
 def test_prune_with_every_class_too_small_says_so_at_the_start_and_at_the_end(tiny_args, tmp_path):
