@@ -40,15 +40,14 @@ def select_records(records: PushRecords, keep) -> PushRecords:
     """Push records of the prototypes ``keep`` only (in that order), e.g. those left after pruning.
 
     ``keep``: prototype indices, or a boolean mask over the records' prototypes (as
-    ``ProtoPNet.prune_prototypes`` takes). ``image_dir`` is dropped (set to None): the PNGs written by push are
-    named by the old prototype indices.
+    ``ProtoPNet.prune_prototypes`` takes). ``pushed_as`` keeps each prototype's index at the push, which names
+    its PNGs in ``image_dir``.
     """
     keep = prototype_indices(keep, len(records.image_index))
     fields = {f.name: getattr(records, f.name) for f in dataclasses.fields(records) if not f.name.startswith("_")}
     for name, value in fields.items():
         if isinstance(value, Tensor):
             fields[name] = value[keep]
-    fields["image_dir"] = None
     return PushRecords(**fields)
 
 

@@ -53,6 +53,8 @@ class PushRecords:
         image_size: ``(height, width)`` of the push images; feature_size: ``(H, W)`` of the feature map.
         window: ``(kh, kw)`` of the prototypes (``Hout = H - kh + 1``, ``Wout = W - kw + 1``).
         image_dir: folder the prototype PNGs are (being) written to, or None.
+        pushed_as: (P,) int64 each prototype's index at the push, which names its PNGs (``{pushed_as[j]}_source.png``
+            ...): j itself, until pruning (:func:`protokern.prune.select_records`) renumbers the prototypes.
     """
 
     image_index: Tensor
@@ -66,7 +68,16 @@ class PushRecords:
     feature_size: tuple[int, int]
     window: tuple[int, int] = (1, 1)
     image_dir: str | None = None
+    pushed_as: Tensor | None = None
     _pending: list = field(default_factory=list, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.pushed_as is None:
+            self.pushed_as = torch.arange(len(self.image_index))
+
+    def png(self, j: int, kind: str = "source") -> str | None:
+        """The path of prototype j's push PNG ``kind`` (source, overlay, rf, act), or None without ``image_dir``."""
+        return None if self.image_dir is None else os.path.join(self.image_dir, f"{int(self.pushed_as[j])}_{kind}.png")
 
     @property
     def pushed(self) -> Tensor:
@@ -87,7 +98,7 @@ class PushRecords:
         """Plain dict of CPU tensors / ints / str (what checkpoints store); inverse of :meth:`from_dict`."""
         out = {name: getattr(self, name) for name in _TENSOR_FIELDS}
         out.update(image_size=list(self.image_size), feature_size=list(self.feature_size), window=list(self.window),
-                   image_dir=self.image_dir)
+                   image_dir=self.image_dir, pushed_as=self.pushed_as)
         return out
 
     @classmethod
@@ -98,7 +109,8 @@ class PushRecords:
             raise ValueError(f"not push records: missing {missing}")
         return cls(**{k: torch.as_tensor(data[k]) for k in _TENSOR_FIELDS},
                    image_size=tuple(data["image_size"]), feature_size=tuple(data["feature_size"]),
-                   window=tuple(data.get("window", (1, 1))), image_dir=data.get("image_dir"))
+                   window=tuple(data.get("window", (1, 1))), image_dir=data.get("image_dir"),
+                   pushed_as=None if data.get("pushed_as") is None else torch.as_tensor(data["pushed_as"]))
 
     def save(self, path: str) -> None:
         """``torch.save`` the :meth:`to_dict` form to ``path``."""
@@ -123,7 +135,7 @@ class PushRecords:
         if self.image_dir is None:
             return
         pushed = (self.image_index >= 0).nonzero().flatten()
-        here = pushed.numel() and os.path.isfile(os.path.join(folder, f"{int(pushed[0])}_source.png"))
+        here = pushed.numel() and os.path.isfile(os.path.join(folder, f"{int(self.pushed_as[pushed[0]])}_source.png"))
         if here or not os.path.isdir(self.image_dir):
             self.image_dir = folder
 

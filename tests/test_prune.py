@@ -1,6 +1,7 @@
 """Pruning: the k-nearest-images search, the pruning rule on a constructed case, last-layer retraining."""
 
 import math
+import os
 import warnings
 
 import pytest
@@ -11,8 +12,8 @@ from torch.utils.data import DataLoader, Subset
 from protokern.data import imagenet_normalize
 from protokern.models import ProtoPNet
 from protokern.prune import prune_prototypes, retrain_last_layer, select_records
-from protokern.push import nearest_training_patches
-from protokern.push import push_prototypes
+from protokern.explain.local import explain_image, load_image_tensor
+from protokern.push import PushRecords, nearest_training_patches, push_prototypes
 from tests.explain.helpers import ListDataset, colour_model
 
 # 20 uniform grey images, grey level i / 20; classes by index range. The trunk averages each 8x8 cell, so
@@ -108,10 +109,31 @@ def test_prune_keeps_push_records_in_step():
     model = grey_model()  # back to the constructed prototypes
     result = prune_prototypes(model, loader, k=6, threshold=3, progress=False, push_records=records)
     kept = result["push_records"]
-    assert len(kept.image_index) == 3 and kept.image_dir is None
+    assert len(kept.image_index) == 3 and kept.image_dir == records.image_dir is None
     assert torch.equal(kept.image_index, records.image_index[[0, 2, 4]])
     assert torch.equal(kept.activation_map, records.activation_map[[0, 2, 4]])
     assert torch.equal(select_records(records, [5]).rf_box, records.rf_box[[5]])
+    assert kept.pushed_as.tolist() == [0, 2, 4] and select_records(kept, [2, 0]).pushed_as.tolist() == [4, 0]
+
+
+def test_pruned_records_find_the_push_pngs_of_their_prototypes(tmp_path):
+    """After pruning, prototype j's push PNGs are those of its index at the push (pruned records had none: the
+    explanations of a pruned model could not fall back on them when the push set is not at hand)."""
+    model, data = grey_model(), grey_dataset()
+    records = push_prototypes(model, DataLoader(data, batch_size=7), progress=False, save_dir=str(tmp_path))
+    records.wait_images()
+    kept = select_records(records, [1, 4])
+    assert kept.png(1) == os.path.join(str(tmp_path), "4_source.png") and os.path.isfile(kept.png(0, "overlay"))
+    restored = PushRecords.from_dict(kept.to_dict())
+    assert restored.pushed_as.tolist() == [1, 4] and restored.png(1) == kept.png(1)
+    old = records.to_dict()
+    del old["pushed_as"]  # records saved before pushed_as: each prototype is its own
+    assert PushRecords.from_dict(old).pushed_as.tolist() == list(range(6))
+    model.prune_prototypes([0, 2, 3, 5])  # prototypes 1 and 4 remain, as 0 and 1
+    explained = explain_image(model, data[4][0], push_records=kept, top_k=2)
+    for e in explained.top:
+        want = load_image_tensor(os.path.join(str(tmp_path), f"{[1, 4][e.prototype]}_source.png"))
+        assert e.pushed_as == [1, 4][e.prototype] and torch.equal(e.source_image, want)
 
 
 def test_retrain_last_layer_trains_only_the_last_layer():

@@ -99,6 +99,7 @@ def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records:
         if push_records is not None:
             source = int(push_records.image_index[j])
             entry["source_index"] = source if source >= 0 else None
+            entry["pushed_as"] = int(push_records.pushed_as[j])  # the index naming its push PNGs
             if source >= 0:
                 box = tuple(int(v) for v in push_records.activation_box[j])
                 row.append(_tile(_item_image(push_images, source), box, tile, f"p{j} {name(classes[j])}"[:18],

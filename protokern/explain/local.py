@@ -47,9 +47,11 @@ class PrototypeEvidence:
         box: ``(y0, y1, x0, x1)`` box of the pixels at or above the 95th percentile of the upsampled
             activation map (the original's "most activated" box); rf_box: receptive field of the whole
             nearest kh x kw window (None when the model has no receptive field).
-        heatmap: (S, S) similarity map over the (Hout, Wout) window positions, bicubically upsampled to the
-            image (as the original).
+        heatmap: (S, S) similarity map of the (Hout, Wout) window positions over the feature cells, bicubically
+            upsampled to the image (:func:`protokern.push.upsample`).
         source_index: index of the prototype's source image in the push set (None if not pushed).
+        pushed_as: the prototype's index at the push, which names its push PNGs (another one than ``prototype``
+            after pruning renumbered the prototypes; None without push records).
         source_box / source_rf_box: high-activation / receptive-field box on the source image.
         source_image: (3, S, S) source image in [0, 1], when available.
         source_file: the source image's file (the push set's ``paths``), when it has one.
@@ -72,6 +74,7 @@ class PrototypeEvidence:
     source_rf_box: Box | None = None
     source_image: Tensor | None = field(default=None, repr=False)
     source_file: str | None = None
+    pushed_as: int | None = None
     file: str | None = None
 
 
@@ -140,7 +143,7 @@ class Explanation:
                      "contribution": e.contribution, "patch": list(e.patch), "box": list(e.box),
                      "rf_box": None if e.rf_box is None else list(e.rf_box), "source_index": e.source_index,
                      "source_box": None if e.source_box is None else list(e.source_box),
-                     "source_file": e.source_file, "file": e.file}
+                     "source_file": e.source_file, "pushed_as": e.pushed_as, "file": e.file}
                     for e in self.top],
             "all_prototypes": self.table(c),
         }
@@ -296,10 +299,9 @@ def _source_image(j: int, index: int, records: PushRecords | None, push_images) 
     if push_images is not None:
         item = base_dataset(push_images)[index]  # records hold indices of the dataset under a Subset
         return load_image_tensor(item[0] if isinstance(item, (tuple, list)) else item)
-    if records is not None and records.image_dir:
-        path = os.path.join(records.image_dir, f"{j}_source.png")
-        if os.path.isfile(path):
-            return load_image_tensor(path)
+    path = None if records is None else records.png(j)
+    if path is not None and os.path.isfile(path):
+        return load_image_tensor(path)
     return None
 
 
@@ -410,6 +412,7 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
             source_box=source_box, source_rf_box=source_rf,
             source_image=_source_image(j, -1 if source_index is None else source_index, push_records, push_images),
             source_file=_source_file(source_index, push_images),
+            pushed_as=None if push_records is None else int(push_records.pushed_as[j]),
         ))
     return Explanation(image=x, logits=logits, predicted_class=predicted, class_idx=c, similarity=similarity,
                        min_distances=min_distances, weights=weights, prototype_classes=classes, top=evidence,
