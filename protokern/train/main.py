@@ -610,6 +610,8 @@ class Trainer:
                         f"{_quoted(self.run_dir)}")
                 print(f"\ninterrupted during {phase}, {done}", flush=True)
             raise
+        if self.is_main:
+            print(self._last_line, flush=True)
         barrier()
         return summary
 
@@ -703,11 +705,11 @@ class Trainer:
         }
         if self.is_main:
             ckpt.atomic_write_text(self._path("summary.json"), strict_json(summary))
-            # the last line, also with --quiet: it holds the result, or the --resume command
-            print(_final_line(summary, seconds) if complete else
-                  f"stopped after step {self.next_step}/{len(self.schedule)} (--max-steps): test accuracy "
-                  f"last.pt {'n/a' if last_test is None else f'{last_test:.3f}'}; continue with --resume "
-                  f"{_quoted(self.run_dir)}", flush=True)
+        # the last line (run() prints it after the explanations), also with --quiet: the result or --resume command
+        self._last_line = (_final_line(summary, seconds) if complete else
+                           f"stopped after step {self.next_step}/{len(self.schedule)} (--max-steps): test accuracy "
+                           f"last.pt {'n/a' if last_test is None else f'{last_test:.3f}'}; continue with --resume "
+                           f"{_quoted(self.run_dir)}")
         return summary
 
     def _prune(self) -> None:

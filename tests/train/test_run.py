@@ -231,6 +231,14 @@ def test_explain_hook_is_called(tiny_args, monkeypatch):
     assert len(calls) == 1 and isinstance(calls[0][1], PushRecords)
 
 
+def test_the_done_line_is_the_last_line(tiny_args, capsys):
+    """The result line comes after what the explanations print (their part localisation line came last)."""
+    main(tiny_args + ["--no-quiet"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith("done: test accuracy last.pt ")
+    assert any(line.startswith("part localisation: ") for line in printed[:-1])
+
+
 def test_prune_flag_prunes_after_the_last_push(tiny_args, tmp_path):
     """--prune: after the last push, prototypes are pruned (k nearest images), the last layer retrained, and
     pruned.pt rebuilds a model whose prototype count matches prune.json."""
