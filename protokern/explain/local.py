@@ -37,7 +37,7 @@ class PrototypeEvidence:
     """One prototype's part in a decision.
 
     Attributes:
-        rank: 1 for the largest contribution. prototype: index j. prototype_class: its class.
+        rank: 1 for the first shown (:func:`explain_image`'s order). prototype: index j. prototype_class: its class.
         similarity: the prototype layer's similarity (log, linear or cosine, see
             :attr:`Explanation.similarity_kind`) of the prototype to its nearest window of the image;
             distance: that window's distance (squared L2; 2 - 2 cos for cosine); weight:
@@ -84,7 +84,7 @@ class Explanation:
 
     Attributes: ``image`` (3, S, S) in [0, 1]; ``logits`` (C,); ``predicted_class``; ``class_idx`` (the class
     explained); ``similarity`` and ``min_distances`` (P,); ``weights`` (C, P) last-layer weights;
-    ``prototype_classes`` (P,); ``top`` (the top-k :class:`PrototypeEvidence`, largest contribution first);
+    ``prototype_classes`` (P,); ``top`` (the top-k :class:`PrototypeEvidence`, in :func:`explain_image`'s order);
     ``class_names`` (optional); ``similarity_kind`` ("log", "linear" or "cosine") and ``prototype_size``
     (kh, kw) of the model's prototype layer.
     """
@@ -187,7 +187,7 @@ class Explanation:
             f"{esc(render.SIMILARITY_NAMES[self.similarity_kind])} "
             f"(d: {esc(render.DISTANCE_NAMES[self.similarity_kind])}).</p>",
             f"<table><tr><th class=left>class</th><th>logit</th><th>probability</th></tr>{rows}</table>",
-            f"<h2>Top {len(self.top)} prototypes by contribution</h2>",
+            f"<h2>Top {len(self.top)} prototypes: those weighing for the class first, each by contribution</h2>",
             "<p>Each row: the image with the prototype's activation map and most activated box "
             "(95th percentile) | this patch | looks like that: the prototype's source patch | its source image "
             "(push image N: image N of the push set; the trainer's is its training images less the validation "
@@ -336,7 +336,10 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
         image: a path (RGBA / grayscale / CMYK ... are read as RGB), a PIL image or a (3, H, W) tensor in [0, 1].
         push_records: the model's :class:`protokern.push.PushRecords` (one row per prototype), for the source
             patches; None leaves them out.
-        top_k: how many prototypes to show (those with the largest contribution to the class).
+        top_k: how many prototypes to show: those with a positive weight for the class first (its evidence when
+            the image looks like them), then the others, each by contribution (similarity x weight) to the class.
+            (By contribution alone, a "linear" similarity -d ranked first the prototypes of other classes the
+            image looks least like: a negative weight times a large -d.)
         class_idx: the class to explain (default: the predicted class).
         push_images: the push set (``push_images[i]`` is an image tensor or an ``(image, label)`` pair), for
             the source images; without it the ``{j}_source.png`` files written by push are used if present.
@@ -382,7 +385,8 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
 
     k = min(top_k, num_protos)
     contributions = similarity * weights[c]
-    top = torch.argsort(contributions, descending=True, stable=True)[:k].tolist()
+    order = torch.argsort(contributions, descending=True, stable=True)
+    top = order[torch.argsort((weights[c][order] > 0).int(), descending=True, stable=True)][:k].tolist()
     maps = layer.to_similarity(distances[top]).cpu()  # (k, Hout, Wout)
     size = tuple(x.shape[1:])
     heatmaps = render.upsample(maps, size, layer.prototype_size)
