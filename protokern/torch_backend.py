@@ -28,19 +28,17 @@ def _slab(device: torch.device) -> int:
     return min(SLAB, CPU_SLAB) if device.type == "cpu" else SLAB
 
 
-def _slabs(B: int, M: int, width: int, slab: int) -> Iterator[tuple[slice, slice]]:
+def _slabs(B: int, M: int, width: int, slab: int, prototypes_first: bool) -> Iterator[tuple[slice, slice]]:
     """(images, prototypes) slices covering (B, M) once, each with b * m * width <= slab (or one pair); images
-    in the outer loop. As few slabs as the two ways of filling one allow (each costs a host synchronisation on a
-    GPU): as many prototypes as fit, then images, or as many images, then prototypes; prototypes first where
-    both take as many: one image's search is then a (m, D) x (D, HW) product with a larger m, and the backward
-    sums fewer (b HW, D) parts (NOTES.md, CPU)."""
-    def fill(n: int, other: int) -> tuple[int, int]:  # (chunk of n, chunk of the other), n filled first
-        chunk = max(1, min(n, slab // width))
-        return chunk, max(1, min(other, slab // (chunk * width)))
-
-    (mc, bc), (bc_first, mc_then) = fill(M, B), fill(B, M)
-    if -(-B // bc_first) * -(-M // mc_then) < -(-B // bc) * -(-M // mc):
-        bc, mc = bc_first, mc_then
+    in the outer loop. ``prototypes_first`` (CPUs): as many prototypes a slab as fit, then images: one image's
+    search is then a (m, D) x (D, HW) product with a larger m, and the backward sums fewer (b HW, D) parts
+    (NOTES.md, CPU); else as many images as fit, then prototypes."""
+    if prototypes_first:
+        mc = max(1, min(M, slab // width))
+        bc = max(1, min(B, slab // (mc * width)))
+    else:
+        bc = max(1, min(B, slab // width))
+        mc = max(1, min(M, slab // (bc * width)))
     for b0 in range(0, B, bc):
         for m0 in range(0, M, mc):
             yield slice(b0, b0 + bc), slice(m0, m0 + mc)
@@ -242,7 +240,8 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     rows = _patch_rows(z3)
     dist = torch.empty((B, M), device=z3.device, dtype=dtype)
     idx = torch.empty((B, M), device=z3.device, dtype=torch.int64)
-    for bs, ms in _slabs(B, M, max(HW, D), _slab(z3.device)):  # (b, m, HW) and (b, m, D) temporaries within it
+    cpu = z3.device.type == "cpu"
+    for bs, ms in _slabs(B, M, max(HW, D), _slab(z3.device), cpu):  # (b, m, HW), (b, m, D) temporaries within it
         candidates = separable_candidates(z3[bs], p[ms], precision)
         if candidates is None:
             approx, delta = search(z3[bs], p[ms], precision)
@@ -296,13 +295,14 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     rows = _patch_rows(z3)
     grad_zt: list[torch.Tensor] = []  # one (b * HW, D) sum per image slab
     grad_p: dict[int, torch.Tensor] = {}  # one (m, D) sum per prototype slab, over the image slabs in order
-    for bs, ms in _slabs(B, M, max(HW, D), _slab(z3.device)):  # (b, m, D) and (b, HW, m) temporaries within it
+    cpu = z3.device.type == "cpu"
+    for bs, ms in _slabs(B, M, max(HW, D), _slab(z3.device), cpu):  # (b, m, D), (b, HW, m) temporaries within it
         whole = (bs.stop - bs.start, ms.stop - ms.start) == (B, M)  # (no view: torch's older vmap has no rule)
         gs, ids = (g, idx) if whole else (g[bs, ms], idx[bs, ms])
         # Direct differences g * (z - p), never |z|^2-style expansions: no cancellation when g is huge (d ~ 0).
         contrib = 2 * gs[..., None] * (_winner_rows(rows, bs.start, ids, HW) - p[None, ms])
         grad_p[ms.start] = grad_p.get(ms.start, 0) - contrib.sum(0)
-        part = patch_sums(contrib, ids, HW, serial=z3.device.type == "cpu")
+        part = patch_sums(contrib, ids, HW, serial=cpu)
         if ms.start == 0:
             grad_zt.append(part)
         else:

@@ -225,24 +225,23 @@ def test_torch_func_transforms(case):
 def test_torch_backend_memory_is_bounded(monkeypatch):
     """Slabs cover the (B, M, HW) map exactly once, each within SLAB elements; results do not depend on it."""
     for B, M, width in [(64, 10000, 28 * 28), (80, 2000, 128), (3, 5, 1 << 23)]:  # the last: one pair each
-        for slab in (torch_backend.SLAB, torch_backend.CPU_SLAB):
+        for slab, first in ((torch_backend.SLAB, False), (torch_backend.CPU_SLAB, True)):
             seen = torch.zeros(B, M, dtype=torch.int32)
-            for bs, ms in torch_backend._slabs(B, M, width, slab):
+            for bs, ms in torch_backend._slabs(B, M, width, slab, first):
                 pairs = len(range(B)[bs]) * len(range(M)[ms])
                 assert pairs * width <= slab or pairs == 1
                 seen[bs, ms] += 1
             assert bool((seen == 1).all())
-    # as few slabs as either way of filling them gives, prototypes first on ties (one host sync each on a GPU;
-    # prototypes first, as many as fit, at every shape gave 128 slabs here where images first give 66)
-    assert len(list(torch_backend._slabs(64, 5400, 784, 1 << 22))) == 66
-    assert next(torch_backend._slabs(80, 2000, 128, 1 << 22)) == (slice(0, 16), slice(0, 2000))
+    # a CPU's slabs take as many prototypes as fit, then images; others as many images, then prototypes
+    assert next(torch_backend._slabs(80, 2000, 128, 1 << 21, True)) == (slice(0, 8), slice(0, 2000))
+    assert next(torch_backend._slabs(80, 2000, 128, 1 << 22, False)) == (slice(0, 80), slice(0, 409))
     seen = []
     original = torch_backend._slabs
-    monkeypatch.setattr(torch_backend, "_slabs", lambda *a: seen.append(a[3]) or original(*a))
+    monkeypatch.setattr(torch_backend, "_slabs", lambda *a: seen.append(a[3:]) or original(*a))
     z = torch.rand(2, 8, 3, 3, requires_grad=True)
     sim, _ = protokern.prototype_similarity(z, torch.rand(5, 8), backend="torch")
     sim.sum().backward()
-    assert seen == [min(torch_backend.SLAB, torch_backend.CPU_SLAB)] * 2  # forward and backward, a CPU's slabs
+    assert seen == [(min(torch_backend.SLAB, torch_backend.CPU_SLAB), True)] * 2  # forward and backward
     monkeypatch.setattr(torch_backend, "_slabs", original)
     z = torch.rand(3, 10, 4, 4, requires_grad=True)
     p = torch.rand(9, 10, requires_grad=True)
