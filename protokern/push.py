@@ -267,17 +267,24 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
 def upsample(maps: Tensor, size: tuple[int, int], window: tuple[int, int] = (1, 1)) -> Tensor:
     """Bicubic upsampling of (H, W) or (N, H, W) maps to ``size`` (as the original's cv2 INTER_CUBIC).
 
-    Maps over the positions of kh x kw windows ((H - kh + 1, W - kw + 1), ``window`` (kh, kw)) first become maps
-    over the feature cells, each cell the largest value of the windows that cover it: stretched over the image
-    as it is, a map of window positions would put a window's activation up to half a window away from it.
+    A map over the positions of kh x kw windows (``window``; Hout = H - kh + 1 of a feature map of H rows) puts
+    each position's value at its window's centre: it is upsampled over the Hout x Wout cells' worth of pixels
+    that the centres span, and its edges are repeated over the (kh - 1) / 2 cells on either side. (Stretched
+    over the whole image, a window's activation would lie up to half a window away from it.) 1 x 1 maps are
+    stretched over the image, as the original's.
     """
     single = maps.dim() == 2
     x = (maps.float()[None] if single else maps.float())[:, None]
-    kh, kw = window
-    if (kh, kw) != (1, 1):
-        x = F.max_pool2d(F.pad(x, (kw - 1, kw - 1, kh - 1, kh - 1), value=-math.inf), (kh, kw), stride=1)
-    up = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False)[:, 0]
-    return up[0] if single else up
+    (kh, kw), (hout, wout), (S_h, S_w) = window, x.shape[-2:], size
+    if (kh, kw) == (1, 1):
+        up = F.interpolate(x, size=(S_h, S_w), mode="bicubic", align_corners=False)
+    else:  # pixels per feature cell: S / H
+        h, w = hout + kh - 1, wout + kw - 1
+        top, left = min(S_h - 1, round((kh - 1) / 2 * S_h / h)), min(S_w - 1, round((kw - 1) / 2 * S_w / w))
+        inner = (max(1, min(S_h - top, round(hout * S_h / h))), max(1, min(S_w - left, round(wout * S_w / w))))
+        up = F.interpolate(x, size=inner, mode="bicubic", align_corners=False)
+        up = F.pad(up, (left, S_w - left - inner[1], top, S_h - top - inner[0]), mode="replicate")
+    return up[0, 0] if single else up[:, 0]
 
 
 @torch.no_grad()

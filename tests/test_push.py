@@ -9,6 +9,7 @@ import socket
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import (BatchSampler, DataLoader, RandomSampler, Sampler, Subset, SubsetRandomSampler,
@@ -17,7 +18,7 @@ from torch.utils.data import (BatchSampler, DataLoader, RandomSampler, Sampler, 
 from protokern import nearest_patches, prototype_distances
 from protokern.data import imagenet_normalize
 from protokern.models import ProtoPNet, patch_box
-from protokern.push import PushRecords, activation_boxes, push_prototypes
+from protokern.push import PushRecords, activation_boxes, push_prototypes, upsample
 
 NUM_CLASSES, PER_CLASS, SIZE = 3, 2, 32
 
@@ -140,16 +141,26 @@ def test_activation_boxes_percentile():
     assert (y1 - y0) * (x1 - x0) < 32 * 32 * 0.2
 
 
-def test_activation_boxes_of_window_prototypes_lie_over_the_window():
-    """A map over the 7 x 6 positions of 2 x 3 windows (an 8 x 8 feature map of 8-pixel cells) peaking at the last
-    position: the window covers pixels y 48..63, x 40..63. Stretched over the image, the position map's box
-    started at x 48 (its peak at the position's stretched centre, x 58.7); over the cells it starts within the
-    window's first cell."""
-    maps = torch.zeros(1, 7, 6)
-    maps[0, 6, 5] = 5.0
-    y0, y1, x0, x1 = activation_boxes(maps, (64, 64), window=(2, 3))[0].tolist()
-    assert 48 <= y0 <= 52 and y1 == 64 and 40 <= x0 < 46 and x1 == 64
-    assert activation_boxes(maps, (64, 64))[0, 2] >= 47  # as 1 x 1 prototypes' maps (the original's rule)
+@pytest.mark.parametrize("kh, kw", [(2, 3), (3, 3), (4, 2), (5, 5)])
+def test_window_maps_peak_at_their_windows_centre(kh, kw):
+    """A map over the positions of kh x kw windows on an 8 x 8 feature map (8-pixel cells) with one peak: the
+    upsampled map's maximum and the most activated box's centre lie at the window's centre (pixel
+    ((h + kh / 2) 8, (w + kw / 2) 8)), without a bias to any side. Stretched over the image, the map of positions
+    put them up to half a window away; max-pooled onto the cells, a k x k plateau whose first maximum was
+    its top-left."""
+    hout, wout = 9 - kh, 9 - kw
+    for h, w in [(1, 1), (hout - 2, wout - 2), (hout // 2, wout // 2)]:
+        maps = torch.zeros(1, hout, wout)
+        maps[0, h, w] = 5.0
+        cy, cx = (h + kh / 2) * 8, (w + kw / 2) * 8
+        up = upsample(maps[0], (64, 64), (kh, kw))
+        py, px = divmod(int(up.argmax()), 64)
+        assert abs(py + 0.5 - cy) <= 1 and abs(px + 0.5 - cx) <= 1, ((py, px), (cy, cx))
+        y0, y1, x0, x1 = activation_boxes(maps, (64, 64), window=(kh, kw))[0].tolist()
+        assert abs((y0 + y1) / 2 - cy) <= 1.5 and abs((x0 + x1) / 2 - cx) <= 1.5, ((y0, y1, x0, x1), (cy, cx))
+    one = torch.rand(3, 7, 5)  # 1 x 1 prototypes: the original's stretched map, unchanged
+    assert torch.equal(upsample(one, (40, 30)), F.interpolate(one[:, None], size=(40, 30), mode="bicubic",
+                                                                align_corners=False)[:, 0])
 
 
 @pytest.mark.parametrize("shape, image_size", [((1, 1), (7, 7)), ((1, 1), (64, 96)), ((3, 5), (40, 30))])

@@ -47,8 +47,8 @@ class PrototypeEvidence:
         box: ``(y0, y1, x0, x1)`` box of the pixels at or above the 95th percentile of the upsampled
             activation map (the original's "most activated" box); rf_box: receptive field of the whole
             nearest kh x kw window (None when the model has no receptive field).
-        heatmap: (S, S) similarity map of the (Hout, Wout) window positions over the feature cells, bicubically
-            upsampled to the image (:func:`protokern.push.upsample`).
+        heatmap: (S, S) similarity map of the (Hout, Wout) window positions, each at its window's centre,
+            bicubically upsampled to the image (:func:`protokern.push.upsample`).
         source_index: index of the prototype's source image in the push set (None if not pushed).
         pushed_as: the prototype's index at the push, which names its push PNGs (another one than ``prototype``
             after pruning renumbered the prototypes; None without push records).

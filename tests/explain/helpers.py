@@ -6,8 +6,6 @@ nearest patch is the cell whose colour is closest. Receptive field: jump 8, size
 covers pixels [8h, 8h + 8) x [8w, 8w + 8), centre (8h + 4, 8w + 4)).
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,16 +53,16 @@ def reference_similarity(d: torch.Tensor, similarity: str, eps: float = 1e-4) ->
     return -d if similarity == "linear" else 1 - d / 2
 
 
-def reference_cell_maps(sim: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
-    """(P, Hout, Wout) maps of window positions -> (P, H, W) maps of feature cells: each cell the largest value
-    of the windows covering it (explicit loops)."""
-    (kh, kw), (P, hout, wout) = window, sim.shape
-    cells = torch.full((P, hout + kh - 1, wout + kw - 1), -math.inf, dtype=sim.dtype)
-    for h in range(hout):
-        for w in range(wout):
-            covered = cells[:, h:h + kh, w:w + kw]
-            cells[:, h:h + kh, w:w + kw] = torch.maximum(covered, sim[:, h, w, None, None].expand_as(covered))
-    return cells
+def reference_window_heatmaps(sim: torch.Tensor, window: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """(P, Hout, Wout) maps of kh x kw window positions as (P, S, T) heatmaps with each position at its window's
+    centre: bicubic over the pixels the Hout x Wout centres span, the edge pixels repeated outside (by index)."""
+    (kh, kw), (_, hout, wout), (S, T) = window, sim.shape, size
+    h, w = hout + kh - 1, wout + kw - 1
+    top, left = round((kh - 1) / 2 * S / h), round((kw - 1) / 2 * T / w)
+    ih, iw = round(hout * S / h), round(wout * T / w)
+    inner = F.interpolate(sim[:, None].float(), size=(ih, iw), mode="bicubic", align_corners=False)[:, 0]
+    rows, cols = (torch.arange(S) - top).clamp(0, ih - 1), (torch.arange(T) - left).clamp(0, iw - 1)
+    return inner[:, rows][:, :, cols]
 
 
 def canvas(size: int = 64, background=GREY) -> torch.Tensor:

@@ -11,11 +11,11 @@ from torch.utils.data import DataLoader
 
 from protokern.data import imagenet_normalize
 from protokern.explain import explain_image
-from protokern.explain.render import BOX_COLOUR, SIMILARITY_NAMES, upsample
+from protokern.explain.render import BOX_COLOUR, SIMILARITY_NAMES
 from protokern.models import ProtoPNet, patch_box
 from protokern.push import push_prototypes
 from tests.explain.helpers import (BLUE, GREEN, GREY, RED, ListDataset, canvas, colour_model, paint, paint_grid,
-                                   reference_cell_maps, reference_distance_maps, reference_similarity)
+                                   reference_distance_maps, reference_similarity, reference_window_heatmaps)
 
 
 def test_contributions_add_up_to_the_logits():
@@ -153,9 +153,9 @@ KINDS = ["log", "linear", "cosine"]
 @pytest.mark.parametrize("kind", KINDS)
 def test_window_prototypes_explained_as_the_layer_computes_them(kind):
     """2 x 3 prototypes: similarities and the ranking are the layer's, the box is the receptive field of the whole
-    nearest window, and the heatmap lies over the windows: each feature cell takes the largest similarity of the
-    windows covering it (stretched over the image, the (Hout, Wout) map of window positions put the peak up to
-    half a window off) (all from float64 references)."""
+    nearest window, and the heatmap puts each window position at its window's centre (stretched over the image,
+    the (Hout, Wout) map of window positions put the peak up to half a window off) (all from float64
+    references)."""
     torch.manual_seed(0)
     model = colour_model(torch.rand(5, 2, 3, 3), [0, 0, 1, 1, 1], num_classes=2, similarity=kind)
     with torch.no_grad():
@@ -183,8 +183,8 @@ def test_window_prototypes_explained_as_the_layer_computes_them(kind):
         assert x.similarity == pytest.approx(float(sim[x.prototype].max()), rel=1e-4, abs=1e-5)
         assert x.distance == pytest.approx(float(d[x.prototype].min()), rel=1e-4, abs=1e-5)
         assert x.heatmap.shape == (64, 64)
-        cells = reference_cell_maps(sim[x.prototype, None], (2, 3))[0]  # (8, 8)
-        torch.testing.assert_close(x.heatmap, upsample(cells.float(), (64, 64)), rtol=1e-4, atol=1e-4)
+        want = reference_window_heatmaps(sim[x.prototype, None], (2, 3), (64, 64))[0]
+        torch.testing.assert_close(x.heatmap, want, rtol=1e-4, atol=1e-4)
     data = e.to_dict()
     assert data["similarity_kind"] == kind and data["prototype_size"] == [2, 3]
     assert SIMILARITY_NAMES[kind] in e._html()

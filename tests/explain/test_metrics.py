@@ -9,9 +9,8 @@ from torch.utils.data import DataLoader, Subset
 from protokern.data import CUB200, imagenet_normalize
 from protokern.explain.metrics import (consistency_and_stability, consistency_score, part_boxes,
                                        part_correspondence, part_localisation, stability_score)
-from protokern.explain.render import upsample
 from tests.explain.helpers import (BLUE, GREEN, RED, ListDataset, canvas, colour_model, paint,
-                                   reference_cell_maps, reference_distance_maps, reference_similarity)
+                                   reference_distance_maps, reference_similarity, reference_window_heatmaps)
 from tests.fake_trees import new_cub_lines, write_cub_annotations
 
 
@@ -219,8 +218,8 @@ def _window_setup(kind):
 
 
 def _reference_locations(model, dataset, kind):
-    """Per image: (P,) distances, window centres (cy, cx) and the argmax pixel centres (cy, cx) of the maps over
-    the feature cells (each the largest similarity of the windows covering it) upsampled, all from
+    """Per image: (P,) distances, window centres (cy, cx) and the argmax pixel centres (cy, cx) of the heatmaps
+    (each window position at its window's centre), all from
     float64 references (cell (h, w) covers pixels [8h, 8h + 8) x [8w, 8w + 8); a 2 x 3 window's centre is
     (8h + 8, 8w + 12)."""
     out = []
@@ -229,7 +228,7 @@ def _reference_locations(model, dataset, kind):
             z = model.conv_features(imagenet_normalize(image[None]))
         d = reference_distance_maps(z, model.prototype_layer.prototypes.detach(), kind)[0]  # (P, 7, 6)
         h, w = d.flatten(1).argmin(1) // 6, d.flatten(1).argmin(1) % 6
-        up = upsample(reference_cell_maps(reference_similarity(d, kind), (2, 3)).float(), (64, 64)).flatten(1).argmax(1)
+        up = reference_window_heatmaps(reference_similarity(d, kind), (2, 3), (64, 64)).flatten(1).argmax(1)
         out.append((d.flatten(1).amin(1), (8.0 * h + 8, 8.0 * w + 12), (up // 64 + 0.5, up % 64 + 0.5)))
     return out
 
