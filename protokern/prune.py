@@ -128,8 +128,9 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
         named = [f"{c} ({names[c]})" if names is not None and len(names) == num_classes else str(c) for c in empty]
         warnings.warn(f"pruning (k={k}, threshold={threshold}) {'left' if apply else 'would leave'} {len(empty)} of "
                       f"{num_classes} classes without prototypes of their own: {listed(named, 8)} (none of their "
-                      f"prototypes has {threshold} images of its class among its {k} nearest); the model predicts "
-                      f"them only through other classes' prototypes", stacklevel=2)
+                      f"prototypes has {threshold} images of its class among its {k} nearest)"
+                      + (f"; the model {'predicts' if apply else 'would predict'} them only through other classes' "
+                         f"prototypes" if kept.numel() else ""), stacklevel=2)
     return result
 
 

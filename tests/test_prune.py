@@ -281,12 +281,14 @@ def test_a_report_only_prune_reports_even_when_every_prototype_would_go():
 
 
 def test_classes_left_without_prototypes_are_a_warning_and_in_the_report():
-    """With threshold 4, class 1 loses both its prototypes (p2 has 3 own-class images, p3 2): the model could
-    never predict it, so it is a warning naming it (by name when the dataset has ``classes``), not a log line."""
+    """With threshold 4, class 1 loses both its prototypes (p2 has 3 own-class images, p3 2): the model then has
+    no evidence of its own for it, so it is a warning naming it (by name when the dataset has ``classes``), not a
+    log line; it says the model predicts it only through other classes' prototypes, unless none would be left."""
     model = grey_model()
     named = ListDataset([torch.full((3, 8, 8), i / 20) for i in range(20)], LABELS, classes=["ant", "bee", "cat"])
     with pytest.warns(UserWarning, match=r"would leave 1 of 3 classes without prototypes of their own: 1 \(bee\) "
-                                         r"\(none of their prototypes has 4 images of its class among its 6 nearest\)"):
+                                         r"\(none of their prototypes has 4 images of its class among its 6 nearest\); "
+                                         r"the model would predict them only through other classes' prototypes"):
         report = prune_prototypes(model, DataLoader(named, batch_size=20), k=6, threshold=4, progress=False,
                                   apply=False)
     assert report["classes_without_prototypes"] == [1] and report["remaining_per_class"] == [1, 0, 1]
@@ -297,6 +299,10 @@ def test_classes_left_without_prototypes_are_a_warning_and_in_the_report():
         report = prune_prototypes(grey_model(), DataLoader(grey_dataset(), batch_size=20), k=6, threshold=3,
                                   progress=False)
     assert report["classes_without_prototypes"] == []
+    with pytest.warns(UserWarning) as caught:  # every prototype would go: no other classes' prototypes either
+        prune_prototypes(colour_model([[14.3 / 20] * 3] * 2, [0, 0], 3), DataLoader(grey_dataset(), batch_size=20),
+                         progress=False, apply=False)
+    assert [str(w.message).endswith("among its 6 nearest)") for w in caught] == [True], caught[0].message
 
 
 def test_every_prototype_pruned_because_every_class_is_small_says_so():

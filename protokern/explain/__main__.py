@@ -17,6 +17,7 @@ import warnings
 
 from protokern.checkpoint import model_from_checkpoint
 from protokern.cli import exit_on_error
+from protokern.data.transforms import MAX_IMAGE_PIXELS
 from protokern.explain.local import explain_image
 from protokern.utils import checked_device
 
@@ -152,6 +153,8 @@ def _explain(args, parser) -> str:
               file=sys.stderr, flush=True)
     push_set = _push_dataset(state, args.data_root)  # source images (with records) and class names
     own = _file_size(args.image) if args.image_size in ("auto", "native") else None
+    if own is not None and own[0] * own[1] > MAX_IMAGE_PIXELS:
+        own = None  # the loading refuses the file in its own words (a possible decompression bomb)
     size = {"auto": _training_size(records, state), "native": own}.get(args.image_size, args.image_size)
     explanation = explain_image(model, args.image, push_records=records, top_k=args.top_k, class_idx=args.class_idx,
                                 push_images=push_set if records is not None else None,

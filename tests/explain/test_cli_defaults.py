@@ -137,13 +137,14 @@ def test_auto_size_of_a_checkpoint_never_pushed_is_its_training_size(run_dir, tm
     assert f"explained resized to {side} x {side}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("mode", ["auto", "native"])
 @pytest.mark.parametrize("side", [10000, 20000])  # PIL warns at the first, raises at the second
-def test_a_decompression_bomb_is_one_line(run_dir, tmp_path, capsys, side):
+def test_a_decompression_bomb_is_one_line(run_dir, tmp_path, capsys, side, mode):
     """The CLI's read of the image's size met PIL's limit first: a traceback (or PIL's warning) instead of the
     loader's one-line refusal."""
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_header_only(side, side))
     with pytest.raises(SystemExit) as stop:
-        cli(["--checkpoint", str(run_dir), "--image", str(bomb)])
+        cli(["--checkpoint", str(run_dir), "--image", str(bomb), "--image-size", mode])
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and "decompression bomb" in err[0], err

@@ -239,6 +239,19 @@ def test_the_done_line_is_the_last_line(tiny_args, capsys):
     assert any(line.startswith("part localisation: ") for line in printed[:-1])
 
 
+def test_ctrl_c_during_the_explanations_keeps_the_result_line(tiny_args, capsys, monkeypatch):
+    """Printed after the explanations, the result line was lost when they were interrupted (also with --quiet)."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TRAIN_MAIN, "explain_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_args)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert printed[-2].startswith("done: test accuracy last.pt ")
+    assert printed[-1].startswith("interrupted during the explanations, after the last step")
+
+
 def test_prune_flag_prunes_after_the_last_push(tiny_args, tmp_path):
     """--prune: after the last push, prototypes are pruned (k nearest images), the last layer retrained, and
     pruned.pt rebuilds a model whose prototype count matches prune.json."""
