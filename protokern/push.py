@@ -77,7 +77,7 @@ class PushRecords:
 
     def png(self, j: int, kind: str = "source") -> str | None:
         """The path of prototype j's push PNG ``kind`` (source, overlay, rf, act), or None without ``image_dir``."""
-        return None if self.image_dir is None else os.path.join(self.image_dir, f"{int(self.pushed_as[j])}_{kind}.png")
+        return None if self.image_dir is None else os.path.join(self.image_dir, _png_name(self.pushed_as[j], kind))
 
     @property
     def pushed(self) -> Tensor:
@@ -135,7 +135,7 @@ class PushRecords:
         if self.image_dir is None:
             return
         pushed = (self.image_index >= 0).nonzero().flatten()
-        here = pushed.numel() and os.path.isfile(os.path.join(folder, f"{int(self.pushed_as[pushed[0]])}_source.png"))
+        here = pushed.numel() and os.path.isfile(os.path.join(folder, _png_name(self.pushed_as[pushed[0]], "source")))
         if here or not os.path.isdir(self.image_dir):
             self.image_dir = folder
 
@@ -503,6 +503,11 @@ def _make_records(net, best_d, best_idx, best_patch, best_map, classes, image_si
 
 
 # ---------------------------------------------------------------------------------------------- PNGs
+def _png_name(j, kind: str) -> str:
+    """The file name of the push PNG ``kind`` (source, overlay, rf, act) of the prototype numbered j at the push."""
+    return f"{int(j)}_{kind}.png"
+
+
 def _write_one(j: int, image: Tensor, sim_map: Tensor, rf_box, act_box, save_dir: str, window) -> None:
     """The original's PNGs of prototype j: its source image, the image under its activation map (the original's
     blend, 0.5 image + 0.3 jet) and the crops of its receptive field and activation box."""
@@ -512,12 +517,12 @@ def _write_one(j: int, image: Tensor, sim_map: Tensor, rf_box, act_box, save_dir
     up = upsample(sim_map, img.shape[:2], window).numpy()
     span = up.max() - up.min()
     heat = render.jet((up - up.min()) / span if span > 0 else np.zeros_like(up))
-    render.save_png(img, os.path.join(save_dir, f"{j}_source.png"))
+    render.save_png(img, os.path.join(save_dir, _png_name(j, "source")))
     blend = (0.5 * img.astype(np.float32) + 0.3 * heat.astype(np.float32)).round().astype(np.uint8)
-    render.save_png(blend, os.path.join(save_dir, f"{j}_overlay.png"))
+    render.save_png(blend, os.path.join(save_dir, _png_name(j, "overlay")))
     for name, (y0, y1, x0, x1) in (("rf", rf_box), ("act", act_box)):
         if y1 > y0 and x1 > x0:
-            render.save_png(img[y0:y1, x0:x1], os.path.join(save_dir, f"{j}_{name}.png"))
+            render.save_png(img[y0:y1, x0:x1], os.path.join(save_dir, _png_name(j, name)))
 
 
 def _write_images(records: PushRecords, dataset, save_dir: str, workers: int) -> list[Future]:

@@ -124,8 +124,7 @@ def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records:
             rows = []
 
     with open(os.path.join(out_dir, "gallery.json"), "w", encoding="utf-8") as fh:  # an inf distance: null
-        fh.write(strict_json({"k": k, "window": list(neighbours.window), "box_format": "y0, y1, x0, x1: half-open "
-                              "pixel rows and columns; patch: h, w of the window's top-left cell",
+        fh.write(strict_json({"k": k, "window": list(neighbours.window), "box_format": render.BOX_FORMAT,
                               "similarity": model.prototype_layer.similarity, "prototypes": entries}, indent=1))
     page_path = render.write_html(os.path.join(out_dir, "index.html"), "protokern prototype gallery",
                                   _html(entries, pages, k, per_page, push_records is not None, neighbours.window,

@@ -137,7 +137,7 @@ class Explanation:
             "similarity_kind": self.similarity_kind,
             "prototype_size": list(self.prototype_size),
             "image_size": list(self.image.shape[1:]),  # (height, width) explained, the boxes' pixels
-            "box_format": "y0, y1, x0, x1: half-open pixel rows and columns; patch: h, w of the window's top-left cell",
+            "box_format": render.BOX_FORMAT,
             "top": [{"rank": e.rank, "prototype": e.prototype, "prototype_class": e.prototype_class,
                      "similarity": e.similarity, "distance": e.distance, "weight": e.weight,
                      "contribution": e.contribution, "patch": list(e.patch), "box": list(e.box),

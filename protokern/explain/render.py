@@ -17,6 +17,7 @@ from protokern.push import upsample  # the heatmaps are upsampled as push's acti
 
 __all__ = [
     "BOX_COLOUR",
+    "BOX_FORMAT",
     "DISTANCE_NAMES",
     "SIMILARITY_NAMES",
     "draw_box",
@@ -33,6 +34,8 @@ __all__ = [
     "write_html",
 ]
 
+# how explanation.json and gallery.json name their boxes' and patches' format
+BOX_FORMAT = "y0, y1, x0, x1: half-open pixel rows and columns; patch: h, w of the window's top-left cell"
 BOX_COLOUR = (255, 230, 0)  # yellow: visible on the jet map and on most photos
 # how pages name each similarity kind of the prototype layer, and the distance it is a function of
 SIMILARITY_NAMES = {"log": "log-similarity log((d + 1) / (d + eps))", "linear": "linear similarity -d",

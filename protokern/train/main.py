@@ -603,9 +603,9 @@ class Trainer:
             if complete and self.cfg.explain and self.is_main:
                 self._explain()
         except KeyboardInterrupt:
-            if self.is_main and phase == "the explanations":  # the result first: the run's files are complete
-                print(self._last_line, flush=True)
             if self.is_main:
+                if phase == "the explanations":  # the result first: the run's files are complete
+                    print(self._last_line, flush=True)
                 done = (f"after the last step: last.pt and best.pt are complete; --resume {_quoted(self.run_dir)} "
                         f"does what came after the training again" if complete else
                         f"after step {self.next_step}/{len(self.schedule)}: continue with --resume "
