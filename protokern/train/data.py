@@ -125,7 +125,8 @@ def _load(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
         raise ValueError(f"dataset {cfg.dataset!r}: {len(empty)} of its {len(train.classes)} classes have no training "
                          f"images ({listed(map(repr, empty), 5)}"
                          + ("; --skip-bad-images left some out" if getattr(train, "skipped", None) else "")
-                         + "): the model could never predict them; leave them out of the dataset (its class list)")
+                         + "): nothing would teach the model those classes and push would find no image for their "
+                         "prototypes; leave them out of the dataset (its class list)")
     return train, test
 
 

@@ -116,7 +116,7 @@ def test_trainer_skips_and_counts_bad_images(tmp_path, capsys):
 def test_splits_emptied_by_skipped_images_and_classes_without_training_images_are_refused(tmp_path):
     """--skip-bad-images leaving no test image gave 'test accuracy 0.000' and exit 0; a class without training
     images (a CUB classes.txt longer than the images, a class whose only images are bad) trained a model that
-    could never predict it. Both: one line before training."""
+    nothing taught that class, with prototypes push could not place. Both: one line before training."""
     from protokern.train.data import build_splits
 
     names = write_bad_images(tmp_path / "bad")
@@ -130,7 +130,8 @@ def test_splits_emptied_by_skipped_images_and_classes_without_training_images_ar
     for path in (root / "train" / "bee").glob("*.png"):
         path.write_bytes(garbage)
     with pytest.raises(ValueError, match=r"1 of its 3 classes have no training images \('bee'; --skip-bad-images "
-                                         r"left some out\): the model could never predict them"):
+                                         r"left some out\): nothing would teach the model those classes and push "
+                                         r"would find no image for their prototypes"):
         build_splits(config(root, "--skip-bad-images"))
 
 
