@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import reprlib
 import typing
 import warnings
 from dataclasses import dataclass, field, fields
@@ -33,6 +34,8 @@ NAN_POLICIES = ("stop", "skip")
 RENAMED = {"last_layer_iters": "last_layer_epochs", "prune_retrain_iters": "prune_retrain_epochs"}
 # settings naming files or folders: a leading "~" is expanded (a config file's or a quoted flag's, that no shell did)
 PATH_SETTINGS = ("data_root", "backbone_weights", "out", "resume")
+# where and how far this session goes: flags only, never in a config file (config.yaml leaves them out)
+SESSION_SETTINGS = ("out", "resume", "max_steps")
 
 
 def _opt(default, help: str):  # noqa: A002 - argparse's word
@@ -362,6 +365,10 @@ def _field_types() -> dict[str, type]:
     return out
 
 
+_SHORT = reprlib.Repr()  # a value echoed in an error: a YAML alias tree in a line, not expanded to gigabytes
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
+
+
 def _coerce(name: str, value, kind: type):
     """Check / convert a value from a config file to the field's type."""
     if value is None:
@@ -377,7 +384,7 @@ def _coerce(name: str, value, kind: type):
         return value
     if name == "prototype_size" and isinstance(value, int) and not isinstance(value, bool):  # YAML: 3
         return str(value)
-    raise ValueError(f"bad config: {name} must be {kind.__name__}, got {value!r}")
+    raise ValueError(f"bad config: {name} must be {kind.__name__}, got {type(value).__name__} {_SHORT.repr(value)}")
 
 
 def load_config_file(path: str) -> dict:
@@ -395,6 +402,8 @@ def load_config_file(path: str) -> dict:
         raise ValueError(f"config file {path} is not a {kind} text file: {error}") from None
     except yaml.YAMLError as error:
         raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    except RecursionError:
+        raise ValueError(f"config file {path} is nested too deeply to be a file of settings") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -404,6 +413,11 @@ def load_config_file(path: str) -> dict:
     unknown = sorted(set(data) - set(types))
     if unknown:
         raise ValueError(f"config file {path}: unknown settings {unknown}")
+    session = [k for k in SESSION_SETTINGS if k in data]
+    if session:  # a shared file must not choose where a run writes: the command line shows it
+        raise ValueError(f"config file {path}: {', '.join(session)} belong to a session, not to a run's settings: "
+                         f"give them on the command line (" + ", ".join("--" + k.replace("_", "-") for k in session)
+                         + ")")
     return {k: _coerce(k, v, types[k]) for k, v in data.items()}
 
 

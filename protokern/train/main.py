@@ -52,7 +52,7 @@ from protokern.models import ProtoPNet
 from protokern.models.receptive_field import backbone_receptive_field
 from protokern.push import RECORDS_FILE, PushRecords, push_prototypes, run_push_folder
 from protokern.train import checkpoint as ckpt
-from protokern.train.config import TrainConfig, parse_config, parse_window
+from protokern.train.config import SESSION_SETTINGS, TrainConfig, parse_config, parse_window
 from protokern.train.data import LabelledSubset, build_splits, class_counts, train_loader
 from protokern.train.distributed import (DistInfo, PeerStopped, barrier, cleanup, from_main, init_distributed,
                                         peer_lost, shard)
@@ -127,7 +127,6 @@ FIXED_ON_RESUME = ("val_fraction", "dataset", "backbone", "prototypes_per_class"
                    "joint_add_on_lr", "joint_prototypes_lr", "weight_decay", "lr_step_size", "lr_gamma",
                    "last_layer_lr", "seed", "image_size", "crop", "synthetic_classes", "synthetic_train_per_class",
                    "synthetic_test_per_class", "synthetic_part_size", "synthetic_seed")
-SESSION_SETTINGS = ("out", "resume", "max_steps")  # where and how far this session goes: not in config.yaml
 SCHEDULE_FLAGS = ("epochs", "warm_epochs", "push_start", "push_every", "push_at_end", "last_layer_epochs")
 
 

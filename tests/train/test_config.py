@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -179,12 +180,10 @@ def test_tilde_in_path_settings_is_expanded(tmp_path, monkeypatch):
     """"~" in a config file (no shell expands it) or a quoted flag means the home folder, not a folder named "~"."""
     monkeypatch.setenv("HOME", str(tmp_path))
     path = tmp_path / "c.yaml"
-    path.write_text("out: ~/runs/x\ndata_root: ~/data\nbackbone_weights: ~/w.pt\n")
-    cfg, _ = parse_config(["--config", str(path)])
+    path.write_text("data_root: ~/data\nbackbone_weights: ~/w.pt\n")
+    cfg, _ = parse_config(["--config", str(path), "--out", "~/runs/x"])
     assert (cfg.out, cfg.data_root, cfg.backbone_weights) == (f"{tmp_path}/runs/x", f"{tmp_path}/data",
                                                              f"{tmp_path}/w.pt")
-    cfg, _ = parse_config(["--config", str(path), "--out", "~/y"])
-    assert cfg.out == f"{tmp_path}/y"
     cfg, _ = parse_config(["--resume", "~/runs/x"])  # not validated until merged with the run's settings
     assert cfg.resume == f"{tmp_path}/runs/x"
     assert dataclasses.replace(cfg, out="~/z").out == f"{tmp_path}/z"
@@ -192,6 +191,36 @@ def test_tilde_in_path_settings_is_expanded(tmp_path, monkeypatch):
     cfg.out = "~/set-later"
     assert cfg.validate().out == f"{tmp_path}/set-later"
     assert TrainConfig(out="a/~b").out == "a/~b"
+
+
+def test_a_config_file_cannot_choose_where_the_run_writes(tmp_path):
+    """out / resume / max_steps in a shared config file chose the run's folder (writing into an existing one)
+    without any flag showing it: refused, naming the flags that give them."""
+    for text, named in (("out: /somewhere/else\n", "out belong to a session, not to a run's settings: give them on "
+                                                     "the command line (--out)"),
+                        ("epochs: 3\nresume: r\nmax-steps: 2\n", "resume, max_steps belong to a session")):
+        path = tmp_path / "shared.yaml"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"config file {path}: {named}")):
+            parse_config(["--config", str(path)])
+
+
+def test_a_config_file_built_to_exhaust_memory_or_the_stack_gets_one_short_line(tmp_path):
+    """A YAML alias tree ("billion laughs") echoed in the wrong-type error grew 9x per 47 bytes of file (39 MB at
+    354 bytes); a deeply nested file was a RecursionError traceback."""
+    levels = ["a0: &a0 [" + ", ".join(["lol"] * 9) + "]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]  # 9^9 leaves
+    path = tmp_path / "bomb.yaml"
+    path.write_text("seed:\n" + "".join(f"  {line}\n" for line in levels))
+    with pytest.raises(ValueError, match=r"^bad config: seed must be int, got dict \{'a0': \[") as caught:
+        parse_config(["--config", str(path)])
+    assert len(str(caught.value)) < 300  # 39 MB before, at 7 levels of 9
+    for name, text in (("deep.json", '{"seed": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+                       ("deep.yaml", "seed: " + "[" * 100_000 + "]" * 100_000 + "\n")):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"^config file {re.escape(str(path))} is nested too deeply"):
+            parse_config(["--config", str(path)])
 
 
 def test_a_schedule_without_a_push(recwarn):
