@@ -230,6 +230,24 @@ def load_checkpoint(path: str, map_location="cpu", default: str = LAST) -> dict:
     return state
 
 
+def _unfit_sizes(config: dict, weights) -> str | None:
+    """What differs between the prototype and last-layer sizes ``config`` would build and the saved ``weights``,
+    checked before anything is allocated (the last layer and class identity grow as classes x prototypes: a
+    config edited in a small file could ask for gigabytes); None if they agree or cannot be read here (the build
+    and ``load_state_dict`` then say what is wrong)."""
+    try:
+        classes = config.get("prototype_classes")
+        num_classes, dim = int(config["num_classes"]), int(config["prototype_dim"])
+        count = len(classes) if classes is not None else num_classes * int(config["prototypes_per_class"])
+        saved = {name: tuple(weights[name].shape) for name in ("prototype_layer.prototypes", "last_layer.weight")}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if saved["last_layer.weight"] != (num_classes, count) or saved["prototype_layer.prototypes"][:2] != (count, dim):
+        return (f"the config makes {count} prototypes of {dim} channels for {num_classes} classes; the weights hold "
+                f"prototypes {saved['prototype_layer.prototypes']} and a last layer {saved['last_layer.weight']}")
+    return None
+
+
 def model_from_checkpoint(path: str, device=None, backbone=None):
     """Rebuild a trained ``ProtoPNet`` from a trainer checkpoint (``RUN/best.pt``, or a run folder: its best.pt).
 
@@ -246,6 +264,9 @@ def model_from_checkpoint(path: str, device=None, backbone=None):
     state = load_checkpoint(path, default=default)
     if not isinstance(state.get("model_config"), dict):
         raise CheckpointError(f"{path}: checkpoint has no 'model_config' to rebuild the model from")
+    unfit = _unfit_sizes(state["model_config"], state.get("model"))
+    if unfit:
+        raise CheckpointError(f"{path}: the weights do not fit the saved model config ({unfit})")
     try:
         model = ProtoPNet.from_config(state["model_config"], backbone=backbone)
     except (TypeError, ValueError, KeyError, RuntimeError) as error:

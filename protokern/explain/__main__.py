@@ -79,6 +79,9 @@ def _default_out(run_dir: str, image: str) -> str:
             continue
 
 
+SYNTHETIC_REBUILD_BYTES = 1 << 30  # the most memory explain spends rendering a synthetic run's images again
+
+
 def _push_dataset(state: dict, data_root: str | None):
     """The run's push set rebuilt from the checkpoint's training config, or None (then push PNGs are used).
     An explicit ``data_root`` that is not a folder is a ValueError."""
@@ -90,12 +93,19 @@ def _push_dataset(state: dict, data_root: str | None):
     from protokern.train.data import build_datasets
 
     try:
-        cfg = TrainConfig.from_saved(config)
+        cfg = TrainConfig.from_saved(config).validate()
     except (TypeError, ValueError) as error:
         warnings.warn(f"push set not rebuilt (saved config unusable: {error})", stacklevel=2)
         return None
     if data_root is not None:
         cfg.data_root = data_root
+    if cfg.dataset == "synthetic":  # rendered whole, in memory: a checkpoint's settings must not decide gigabytes
+        size = (cfg.synthetic_train_per_class + cfg.synthetic_test_per_class) * cfg.synthetic_classes * 3 * (
+            cfg.image_size ** 2)
+        if size > SYNTHETIC_REBUILD_BYTES:
+            warnings.warn(f"push set not rebuilt (the synthetic images would take {size / 2 ** 30:.1f} GiB); using the "
+                          f"prototype images saved by push", stacklevel=2)
+            return None
     if cfg.dataset != "synthetic" and not (cfg.data_root and os.path.isdir(cfg.data_root)):
         return None
     try:

@@ -18,6 +18,10 @@ from protokern.utils import listed, positive_int
 
 __all__ = ["ProtoPNet"]
 
+# what ProtoPNet.config holds and from_config takes (the weights come from state_dict)
+CONFIG_KEYS = ("backbone", "num_classes", "prototypes_per_class", "prototype_dim", "add_on", "eps", "backend",
+               "out_channels", "prototype_classes", "prototype_size", "similarity")
+
 
 class ProtoPNet(nn.Module):
     """ProtoPNet ("this looks like that"): classify by similarity of image patches to learned prototypes.
@@ -113,7 +117,7 @@ class ProtoPNet(nn.Module):
             warnings.warn(f"no receptive field for this trunk ({error}); patch boxes are unavailable", stacklevel=2)
             self.receptive_field = None
 
-        self._config = {
+        self._config = {  # (keys: CONFIG_KEYS)
             "backbone": backbone_name,
             "num_classes": num_classes,
             "prototypes_per_class": prototypes_per_class,
@@ -155,6 +159,9 @@ class ProtoPNet(nn.Module):
         ``backbone`` must be given (the trunk module) when the model was built with a module trunk.
         """
         config = dict(config)
+        unknown = sorted(map(str, set(config) - set(CONFIG_KEYS)))  # e.g. pretrained: no download from a file
+        if unknown:
+            raise ValueError(f"config holds keys ProtoPNet.config never writes: {unknown}")
         if config.get("backbone") is None:
             if backbone is None:
                 raise ValueError("this config was made with a module trunk: pass backbone=<the trunk module>")

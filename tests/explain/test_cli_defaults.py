@@ -80,6 +80,20 @@ def test_missing_data_root_is_a_one_line_error(run_dir, tmp_path, capsys):
     assert _push_dataset(state, str(tmp_path)) is not None  # an existing folder is fine (synthetic: unused)
 
 
+def test_a_checkpoints_saved_config_does_not_decide_what_explain_renders(run_dir):
+    """The push set was rebuilt from the checkpoint's training config unvalidated: its synthetic sizes made
+    explaining one image render 40,000 images (13 GB). Too large or invalid: the push PNGs are used instead."""
+    state = load_checkpoint(str(run_dir / "best.pt"))
+    assert state["config"]["dataset"] == "synthetic" and _push_dataset(state, None) is not None
+    huge = dict(state, config=dict(state["config"], synthetic_train_per_class=40_000, image_size=128))
+    with pytest.warns(UserWarning, match=r"push set not rebuilt \(the synthetic images would take \d+\.\d GiB\); using "
+                                         r"the prototype images saved by push"):
+        assert _push_dataset(huge, None) is None
+    bad = dict(state, config=dict(state["config"], synthetic_classes=-3))
+    with pytest.warns(UserWarning, match=r"push set not rebuilt \(saved config unusable: .*synthetic_classes"):
+        assert _push_dataset(bad, None) is None
+
+
 def test_help_is_plain_text(capsys):
     with pytest.raises(SystemExit) as stop:
         cli(["--help"])

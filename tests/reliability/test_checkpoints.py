@@ -4,6 +4,7 @@
 import os
 import pickle
 import random
+import re
 
 import numpy as np
 import pytest
@@ -204,3 +205,35 @@ def test_a_model_around_a_module_trunk_comes_back_with_its_trunk(tmp_path):
     loaded, records, _ = model_from_checkpoint(path, backbone=trunk())
     x = torch.rand(2, 3, 32, 32)
     assert records is None and torch.equal(loaded(x)[0], model(x)[0])
+
+
+def test_a_crafted_model_config_is_refused_before_it_allocates_or_downloads(run_copy, monkeypatch):
+    """A checkpoint's model_config was built as given, then compared with the weights: num_classes edited in a
+    760 KB file allocated 4 GB first (the last layer and class identity grow as classes x prototypes), and
+    pretrained / backbone_weights (keys ProtoPNet.config never writes) made it download ImageNet weights or read
+    a file the checkpoint named."""
+    from protokern.models import ProtoPNet
+
+    state = load_checkpoint(str(run_copy / "best.pt"))
+    config, prototypes = state["model_config"], tuple(state["model"]["prototype_layer.prototypes"].shape)
+    count = prototypes[0]
+    built = []
+    from_config = ProtoPNet.from_config
+    monkeypatch.setattr(ProtoPNet, "from_config", lambda *a, **k: built.append(1) or from_config(*a, **k))
+    path = str(run_copy / "edited.pt")
+    save_checkpoint(dict(state, model_config=dict(config, num_classes=3000)), path)
+    made = count // config["num_classes"] * 3000
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"edited.pt: the weights do not fit the saved model config (the config makes {made} prototypes of "
+            f"{prototypes[1]} channels for 3000 classes; the weights hold prototypes {prototypes} and a last layer "
+            f"({config['num_classes']}, {count}))")):
+        model_from_checkpoint(path)
+    assert not built
+    for extra in ({"pretrained": True}, {"backbone_weights": "/etc/hostname"}):
+        save_checkpoint(dict(state, model_config=dict(config, **extra)), path)
+        with pytest.raises(CheckpointError, match=re.escape(
+                f"cannot rebuild the model from its saved config (config holds keys ProtoPNet.config never writes: "
+                f"{list(extra)})")):
+            model_from_checkpoint(path)
+    model, _, _ = model_from_checkpoint(str(run_copy / "best.pt"))  # the real one still loads
+    assert model.num_classes == config["num_classes"]
