@@ -17,7 +17,7 @@ from protokern.checkpoint import (BEST, INTERRUPTED, LAST, CheckpointError, atom
                                   find_checkpoint, load_checkpoint, nonfinite_tensors, save_checkpoint)
 
 __all__ = ["BEST", "INTERRUPTED", "LAST", "CheckpointError", "RunDirLocked", "RunLock", "atomic_save",
-           "atomic_write_text", "find_checkpoint", "load_checkpoint", "nonfinite_tensors", "remove_orphan_temps",
+           "atomic_write_text", "find_checkpoint", "linked_entry", "load_checkpoint", "nonfinite_tensors", "remove_orphan_temps",
            "rng_state", "save_checkpoint", "set_rng_state"]
 
 LOCK_FILE = ".lock"
@@ -67,7 +67,7 @@ class RunLock:
     def __init__(self, run_dir: str):
         self._fd: int | None = None
         self.path = os.path.join(run_dir, LOCK_FILE)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # never truncate a link's target
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -87,6 +87,19 @@ class RunLock:
 
     def __del__(self):
         self.release()
+
+
+def linked_entry(run_dir: str) -> str | None:
+    """The first symbolic link inside ``run_dir`` (the folder itself may be one), as "name -> target", or None.
+
+    The run writes its files in place (metrics are appended, push PNGs and pages saved by name): through a link
+    left in a shared or handed-over folder it would overwrite a file elsewhere."""
+    for folder, dirs, files in os.walk(run_dir):  # links to folders are listed, not entered
+        for name in sorted(dirs + files):
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                return f"{os.path.relpath(path, run_dir)} -> {os.readlink(path)}"
+    return None
 
 
 def remove_orphan_temps(run_dir: str) -> list[str]:

@@ -322,14 +322,25 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ files
     def _check_out(self) -> None:
-        """A fresh run refuses an ``--out`` that already holds a run (its checkpoints and metrics would be mixed):
-        rank 0 looks, every rank raises."""
+        """A fresh run refuses an ``--out`` that already holds a run (its checkpoints and metrics would be mixed)
+        or other files (they could be overwritten); no run writes into a folder holding a symbolic link. Rank 0
+        looks, every rank raises."""
         out, refused = self.cfg.out, None
-        if self.is_main and out is not None and not self.cfg.resume:
+        if self.is_main and out is not None and os.path.isdir(out):
             held = [f for f in (ckpt.LAST, "summary.json") if os.path.exists(os.path.join(out, f))]
-            if held:
+            link = ckpt.linked_entry(out)
+            if link is not None:
+                refused = (f"run directory {out} holds a symbolic link ({link}): a run writes only its own files "
+                           f"there; remove the link or choose another --out")
+            elif self.cfg.resume:
+                pass
+            elif held:
                 refused = (f"--out {out} already holds a run ({held[0]}): continue it with --resume "
                            f"{_quoted(out)}, or choose another --out")
+            elif not os.path.exists(os.path.join(out, ckpt.LOCK_FILE)) and os.listdir(out):
+                # (a folder with the lock file is a run stopped before its first step: it starts again there)
+                refused = (f"--out {out} is not empty and holds no run ({listed(sorted(os.listdir(out)), 3)}): a new "
+                           f"run writes into a new or empty folder; choose another --out")
         refused = from_main(refused)
         if refused:
             raise ValueError(refused)
@@ -475,6 +486,8 @@ class Trainer:
                          "test_accuracy": row["test_accuracy"]}
         if not self.is_main:
             return
+        if self.records is not None:  # a push is done only with its PNGs: last.pt must not count one half-written
+            self.records.wait_images()  # (they were written while the step evaluated; a SIGKILL would lose them)
         state = self.state_dict()
         # best.pt before last.pt: a stop between the two leaves last.pt one step behind, and resuming redoes the
         # step and rewrites best.pt; the other order could leave a best.pt older than the one last.pt names.
@@ -799,7 +812,8 @@ class Trainer:
                         push_dataset=self.push_set, device=self.device, config=self.cfg, progress=self._bars(),
                         part_localisation_result=self._localisation)
         except Exception as error:  # noqa: BLE001 - explanations must not lose a finished training run
-            warnings.warn(f"explain_run failed: {type(error).__name__}: {error}", stacklevel=2)
+            warnings.warn(f"the explanations failed ({type(error).__name__}: {error}); the training is complete: "
+                          f"--resume {_quoted(self.run_dir)} writes them again", stacklevel=2)
 
 
 _SELECTION_NOTE = {

@@ -291,6 +291,106 @@ def test_resume_goes_on_in_the_runs_own_directory(run_copy, tmp_path):
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_no_run_writes_through_a_symbolic_link_in_its_directory(run_copy, tmp_path, capsys):
+    """A link left in a shared or handed-over run folder (metrics.csv -> a file of the user's, .lock -> another)
+    made the run append to, truncate or overwrite files outside it: a fresh run and a resume are refused."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("IMPORTANT USER DATA\n")
+    fresh = tmp_path / "shared"
+    fresh.mkdir()
+    (fresh / "metrics.csv").symlink_to(victim)
+    (run_copy / "push").rename(tmp_path / "push_elsewhere")
+    (run_copy / "push").symlink_to(tmp_path / "push_elsewhere")
+    for args, link in ((run_args(fresh), f"metrics.csv -> {victim}"),
+                       (["--resume", str(run_copy)], f"push -> {tmp_path / 'push_elsewhere'}")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        line = stderr_line(capsys)
+        assert exit_info.value.code == 2 and f"holds a symbolic link ({link}): a run writes only its own" in line
+    assert victim.read_text() == "IMPORTANT USER DATA\n" and sorted(os.listdir(fresh)) == ["metrics.csv"]
+    lock = tmp_path / "lock_target"
+    lock.write_text("keep\n")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / ".lock").symlink_to(lock)
+    with pytest.raises(OSError):  # the lock itself never follows a link (nor truncates its target)
+        RunLock(str(tmp_path / "locked"))
+    assert lock.read_text() == "keep\n"
+
+
+def test_a_fresh_run_refuses_a_folder_holding_other_files(tmp_path, capsys):
+    """A fresh run wrote into any folder without last.pt or summary.json: a project folder's config.yaml was
+    replaced and its metrics.csv appended to. Refused unless the folder is empty or a run stopped before its
+    first step (it holds the run's lock file: the README's "run the same command again")."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("mine: 1\n")
+    (project / "metrics.csv").write_text("my,rows\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(run_args(project))
+    line = stderr_line(capsys)
+    assert exit_info.value.code == 2
+    assert f"--out {project} is not empty and holds no run (config.yaml, metrics.csv): a new run" in line
+    assert (project / "config.yaml").read_text() == "mine: 1\n" and len(os.listdir(project)) == 2
+    stopped = tmp_path / "stopped"  # what a run killed in its first step leaves
+    stopped.mkdir()
+    (stopped / ".lock").write_text("123\n")
+    (stopped / "config.yaml").write_text("preset: demo\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (stopped, empty):
+        main(run_args(folder, "--max-steps", "1"))
+        assert (folder / "last.pt").is_file()
+
+
+def test_the_push_step_is_saved_only_with_its_pngs_written(tmp_path, monkeypatch):
+    """The push PNGs were written in background threads and waited for only when the run ended: a SIGKILL after
+    the push step's last.pt left them missing or truncated, and --resume (the push counted as done) never wrote
+    them again. Slowed PNG writes: every one is on disk when a checkpoint after the push is written."""
+    import time as time_module
+
+    from protokern import push
+    from protokern.explain import render
+
+    save_png = render.save_png
+
+    def slow_save_png(*args, **kwargs):
+        time_module.sleep(0.2)
+        return save_png(*args, **kwargs)
+
+    monkeypatch.setattr(render, "save_png", slow_save_png)
+    seen = []
+    write = TRAIN_MAIN.Trainer._write
+
+    def checked_write(self, state, name):
+        if state["push_records"] is not None:
+            records = push.PushRecords.from_dict(state["push_records"])
+            folder = os.path.dirname(self.records_path)
+            expected = {push._png_name(j, kind) for j in records.pushed.nonzero().flatten().tolist()
+                        for kind in ("source", "overlay")}
+            seen.append((name, state["stage"], len(expected - set(os.listdir(folder)))))
+        return write(self, state, name)
+
+    monkeypatch.setattr(TRAIN_MAIN.Trainer, "_write", checked_write)
+    TRAIN_MAIN.train(*TRAIN_MAIN.parse_config(run_args(tmp_path / "run")))
+    assert ("last.pt", "push", 0) in seen and all(missing == 0 for _, _, missing in seen), seen
+
+
+def test_failed_explanations_say_the_training_is_complete_and_how_to_write_them_again(run_copy, monkeypatch):
+    """A disk filling up during the explanations gave 'explain_run failed: OSError: ...' and nothing on what was
+    kept or how to redo them; --resume of the finished run writes them again."""
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(run_copy / "gallery" / "gallery_000.png"))
+
+    monkeypatch.setattr(TRAIN_MAIN, "explain_run", full)
+    with pytest.warns(UserWarning, match=re.escape(
+            f"the explanations failed (OSError: [Errno 28] No space left on device: '{run_copy}/gallery/gallery_000"
+            f".png'); the training is complete: --resume {run_copy} writes them again")):
+        TRAIN_MAIN.train(*TRAIN_MAIN.parse_config(["--resume", str(run_copy), "--explain"]))
+    monkeypatch.undo()
+    TRAIN_MAIN.train(*TRAIN_MAIN.parse_config(["--resume", str(run_copy), "--explain"]))
+    assert (run_copy / "gallery" / "index.html").is_file()
+
+
 def test_a_fresh_run_refuses_a_directory_holding_a_run(run_copy, capsys):
     rows = _rows(run_copy)
     with pytest.raises(SystemExit) as exit_info:
