@@ -17,8 +17,8 @@ from protokern.checkpoint import (BEST, INTERRUPTED, LAST, CheckpointError, atom
                                   find_checkpoint, load_checkpoint, nonfinite_tensors, save_checkpoint)
 
 __all__ = ["BEST", "INTERRUPTED", "LAST", "CheckpointError", "RunDirLocked", "RunLock", "atomic_save",
-           "atomic_write_text", "find_checkpoint", "linked_entry", "load_checkpoint", "nonfinite_tensors", "remove_orphan_temps",
-           "rng_state", "save_checkpoint", "set_rng_state"]
+           "atomic_write_text", "find_checkpoint", "linked_entry", "load_checkpoint", "nonfinite_tensors",
+           "remove_orphan_temps", "rng_state", "save_checkpoint", "set_rng_state"]
 
 LOCK_FILE = ".lock"
 
