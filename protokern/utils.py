@@ -241,10 +241,16 @@ def positive_int(name: str, value) -> int:
     return int(value)
 
 
+def printable(text) -> str:
+    """``text`` for a terminal: characters that are not printable (escape sequences, newlines; a class folder's
+    name can hold them) as Python escapes, others as they are."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
 def listed(items, limit: int) -> str:
     """The first ``limit`` of ``items`` joined by commas, "and N more" after them: a message's list that stays
-    one short line."""
-    items = [str(item) for item in items]
+    one short line (:func:`printable`)."""
+    items = [printable(item) for item in items]
     return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 

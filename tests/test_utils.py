@@ -130,6 +130,16 @@ def test_image_batches_checks_images_and_labels():
     assert len(image_batches([(x, y)] * 3)) == 3
 
 
+def test_names_from_the_data_reach_a_terminal_without_control_characters():
+    """A class folder named with escape sequences set the terminal's title, cleared it and printed fake lines."""
+    from protokern.utils import listed, printable
+
+    evil = "\x1b]0;owned\x07\x1b[2J\x1b[31mFAKE: all passed\x1b[0m\nnext line"
+    assert printable(evil) == "\\x1b]0;owned\\x07\\x1b[2J\\x1b[31mFAKE: all passed\\x1b[0m\\nnext line"
+    assert printable("001.Black_footed_Albatross été 鳥") == "001.Black_footed_Albatross été 鳥"
+    assert listed([evil, "b"], 3) == printable(evil) + ", b"
+
+
 def test_listed_shortens_a_messages_list():
     from protokern.utils import listed
 

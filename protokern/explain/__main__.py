@@ -19,7 +19,7 @@ from protokern.checkpoint import model_from_checkpoint
 from protokern.cli import exit_on_error
 from protokern.data.transforms import MAX_IMAGE_PIXELS
 from protokern.explain.local import explain_image
-from protokern.utils import checked_device
+from protokern.utils import checked_device, printable
 
 PROG = "python -m protokern.explain"
 
@@ -179,10 +179,11 @@ def _explain(args, parser) -> str:
     page = explanation.save(out)
     c = explanation.class_idx
     kh, kw = explanation.prototype_size
-    print(f"class {explanation.class_name(c)} (logit {float(explanation.logits[c]):.4f}, predicted "
-          f"{explanation.class_name(explanation.predicted_class)}); top prototypes ({kh} x {kw} windows):")
+    name = lambda k: printable(explanation.class_name(k))  # noqa: E731 - names from the data, shown in a terminal
+    print(f"class {name(c)} (logit {float(explanation.logits[c]):.4f}, predicted "
+          f"{name(explanation.predicted_class)}); top prototypes ({kh} x {kw} windows):")
     for e in explanation.top:
-        print(f"  {e.rank:2d}. prototype {e.prototype:4d} (class {explanation.class_name(e.prototype_class)}): "
+        print(f"  {e.rank:2d}. prototype {e.prototype:4d} (class {name(e.prototype_class)}): "
               f"{explanation.similarity_kind} similarity {e.similarity:.4f} x weight {e.weight:.4f} = "
               f"{e.contribution:.4f}")
     print(f"-> {page}")

@@ -59,7 +59,7 @@ from protokern.train.distributed import (DistInfo, PeerStopped, barrier, cleanup
 from protokern.train.loop import TrainForward, run_epoch
 from protokern.train.schedule import (Step, build_schedule, learning_rates, make_optimizers, make_scheduler,
                                       optimizer_steps, set_trainable, step_scheduler)
-from protokern.utils import listed, stop_deferred, strict_json
+from protokern.utils import listed, printable, stop_deferred, strict_json
 
 CSV_COLUMNS = (["step", "stage", "epoch", "iteration", "train_accuracy", "val_accuracy", "test_accuracy"]
                + [f"{split}_{t}" for split in ("train", "val", "test") for t in TERMS]
@@ -196,7 +196,7 @@ def _check_same_data(saved: dict | None, now: dict, cfg: TrainConfig) -> None:
 def _class_names(dataset, indices: list[int]) -> list[str]:
     """The names of classes ``indices`` in ``dataset`` (their indices where it has no ``classes``)."""
     names = getattr(dataset, "classes", None)
-    return [str(c) if names is None else str(names[c]) for c in indices]
+    return [str(c) if names is None else printable(names[c]) for c in indices]
 
 
 def _check_image_size(cfg: TrainConfig) -> None:

@@ -94,6 +94,15 @@ def test_a_checkpoints_saved_config_does_not_decide_what_explain_renders(run_dir
         assert _push_dataset(bad, None) is None
 
 
+def test_the_cli_prints_class_names_without_control_characters(run_dir, tmp_path, capsys, monkeypatch):
+    from protokern.explain.local import Explanation
+
+    monkeypatch.setattr(Explanation, "class_name", lambda self, c: f"\x1b[2Jclass{c}\x07")
+    cli(["--checkpoint", str(run_dir), "--image", _image(tmp_path / "x.png"), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "(class \\x1b[2Jclass0\\x07)" in out
+
+
 def test_help_is_plain_text(capsys):
     with pytest.raises(SystemExit) as stop:
         cli(["--help"])
