@@ -6,7 +6,6 @@ import warnings
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from protokern.utils import listed, positive_int
@@ -20,24 +19,47 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") and name not in (".", "..")
 
 
-def _hidden_below(root: str, path: str) -> bool:
-    """Whether ``path`` or a folder between ``root`` and it is hidden."""
-    return any(_hidden(part) for part in os.path.relpath(path, root).split(os.sep))
+def _walk(top: str, repeated: list[str]):
+    """(folder, visible file names) under ``top`` as ``os.walk(followlinks=True)``, hidden folders not entered and
+    every real folder entered once: a link back to a folder above (a loop) or to one already walked is appended
+    to ``repeated`` instead (such a loop listed its images ~40 times, two of them never ended)."""
+    seen = {os.path.realpath(top)}
+    for folder, dirs, files in os.walk(top, followlinks=True):
+        keep = []
+        for name in sorted(dirs):
+            real = os.path.realpath(os.path.join(folder, name))
+            if _hidden(name):
+                continue
+            if real in seen:
+                repeated.append(os.path.join(folder, name))
+                continue
+            seen.add(real)
+            keep.append(name)
+        dirs[:] = keep
+        yield folder, sorted(f for f in files if not _hidden(f))
 
 
-class _VisibleImageFolder(ImageFolder):
-    """torchvision's ImageFolder without hidden entries: no class from a hidden folder (.ipynb_checkpoints),
-    no image from a hidden file (macOS ._x.jpg) or from under a hidden folder."""
-
-    def __init__(self, root: str):
-        super().__init__(root, is_valid_file=lambda path: (
-            has_file_allowed_extension(path, IMG_EXTENSIONS) and not _hidden_below(root, path)))
-
-    def find_classes(self, directory):
-        classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not _hidden(entry.name))
-        if not classes:
-            raise FileNotFoundError(f"no class folders in {directory}")
-        return classes, {name: i for i, name in enumerate(classes)}
+def _list_tree(root: str) -> tuple[list[str], list[tuple[str, int]], list[str], list[str]]:
+    """The class folders of ``root`` (visible, sorted), its images as (path, label) in torchvision ImageFolder's
+    order (class, then folder path, then file name; images by IMG_EXTENSIONS), the visible files that are not
+    images, and the folder links not entered (:func:`_walk`)."""
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not _hidden(entry.name))
+    if not classes:
+        raise FileNotFoundError(f"no class folders in {root}")
+    samples, other, repeated = [], [], []
+    for label, name in enumerate(classes):
+        for folder, files in sorted(_walk(os.path.join(root, name), repeated)):
+            for path in (os.path.join(folder, f) for f in files):
+                if has_file_allowed_extension(path, IMG_EXTENSIONS):
+                    samples.append((path, label))
+                else:
+                    other.append(path)
+    found = {label for _, label in samples}
+    empty = [name for label, name in enumerate(classes) if label not in found]
+    if empty:
+        raise FileNotFoundError(f"{root}: no images in the class folders {listed(empty, 5)} (image extensions: "
+                                f"{', '.join(IMG_EXTENSIONS)})")
+    return classes, samples, other, repeated
 
 
 class ImageFolderDataset(Dataset):
@@ -58,18 +80,18 @@ class ImageFolderDataset(Dataset):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root}")
         image_size = positive_int("image_size", image_size)
-        index = _VisibleImageFolder(root)  # only used to list files; images are loaded here
+        self.classes, self.samples, self.unsupported, repeated = _list_tree(root)
         self.root = root
         self.image_size = image_size
-        self.classes = list(index.classes)
-        self.class_to_idx = dict(index.class_to_idx)
-        self.samples = list(index.samples)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.paths = [p for p, _ in self.samples]
         self.targets = [t for _, t in self.samples]
-        self.unsupported = _unsupported_files(root, self.classes, set(self.paths))
         if self.unsupported:
             warnings.warn(f"{root}: {len(self.unsupported)} file(s) without an image extension left out: "
                           f"{listed(self.unsupported, 10)}", stacklevel=2)
+        if repeated:
+            warnings.warn(f"{root}: {len(repeated)} folder link(s) to a folder already listed (a loop or a second "
+                          f"way in) not followed: {listed(repeated, 5)}", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -84,15 +106,3 @@ class ImageFolderDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"ImageFolderDataset(root={self.root!r}, image_size={self.image_size}, n={len(self)})"
-
-
-def _unsupported_files(root: str, classes: list[str], images: set[str]) -> list[str]:
-    """Visible files under ``root/<class>/`` (walked as torchvision does) that are not in ``images``, sorted."""
-    out = []
-    for name in classes:
-        for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            if _hidden_below(root, folder):
-                continue
-            out.extend(path for path in (os.path.join(folder, f) for f in sorted(files) if not _hidden(f))
-                       if path not in images)
-    return out

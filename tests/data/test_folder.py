@@ -68,3 +68,24 @@ def test_a_broken_link_is_a_bad_image(tmp_path):
     with pytest.warns(UserWarning, match="gone.png"):
         view = prepare_images(ds, "memory", skip_bad_images=True)
     assert len(view) == 4
+
+
+def test_folder_links_that_loop_are_listed_once_and_named(tmp_path):
+    """torchvision's walk follows folder links without remembering them: a link to '.' listed each image of the
+    class ~40 times (down to the kernel's link limit), two such links walked 2^40 folders and never ended.
+    Each real folder is now walked once per class; the links left out are named in one warning. A class folder
+    that is itself a link, or links to another class's folder, are unchanged (each class lists its images)."""
+    make_tree(tmp_path)
+    (tmp_path / "cat" / "loop").symlink_to(tmp_path / "cat")
+    (tmp_path / "cat" / "sub").mkdir()
+    (tmp_path / "cat" / "sub" / "up").symlink_to(tmp_path / "cat")
+    (tmp_path / "cat" / "sub" / "e.png").write_bytes((tmp_path / "cat" / "a.png").read_bytes())
+    (tmp_path / "cat" / "ants").symlink_to(tmp_path / "ant")
+    (tmp_path / "dog").symlink_to(tmp_path / "ant", target_is_directory=True)
+    with pytest.warns(UserWarning, match=r"2 folder link\(s\) to a folder already listed \(a loop or a second way "
+                                         r"in\) not followed: .*/cat/loop, .*/cat/sub/up"):
+        ds = ImageFolderDataset(tmp_path, image_size=16)
+    names = {c: sorted(p[len(str(tmp_path)) + 1:] for p, t in ds.samples if ds.classes[t] == c) for c in ds.classes}
+    assert names == {"ant": ["ant/c.jpg", "ant/d.png"], "cat": ["cat/a.png", "cat/ants/c.jpg", "cat/ants/d.png",
+                                                                "cat/b.jpg", "cat/sub/e.png"],
+                     "dog": ["dog/c.jpg", "dog/d.png"]}
