@@ -469,6 +469,14 @@ class Trainer:
                                              RECORDS_FILE)
             if self.records is not None:
                 self.records.find_run_images(self.run_dir)
+        if self.is_main:  # files the run names that are gone (deleted by hand, or lost with a disk)
+            gone = [f"{ckpt.BEST} (step {self.best['step'] + 1})"] if self.best["step"] is not None else []
+            gone = [name for name in gone if not os.path.isfile(self._path(ckpt.BEST))]
+            if self.records_path is not None and not os.path.isfile(self.records_path):
+                gone.append(self.records_path)
+            if gone:
+                warnings.warn(f"the resumed run's {' and '.join(gone)} no longer exist: the summary still names what "
+                              f"last.pt records; a later step that does better writes a new best.pt", stacklevel=2)
         self.stage_seconds = dict(state.get("stage_seconds", {}))
         if self.is_main:
             self._truncate_metrics(state["step"])

@@ -391,6 +391,15 @@ def test_failed_explanations_say_the_training_is_complete_and_how_to_write_them_
     assert (run_copy / "gallery" / "index.html").is_file()
 
 
+def test_a_resume_says_when_files_the_run_names_are_gone(run_copy):
+    """best.pt and the push folder deleted by hand: the resumed run's summary named them as if present."""
+    shutil.rmtree(run_copy / "push")
+    (run_copy / "best.pt").unlink()
+    with pytest.warns(UserWarning, match=r"the resumed run's best\.pt \(step \d\) and .*/push/epoch_\d+/"
+                                         r"push_records\.pt no longer exist: the summary still names"):
+        TRAIN_MAIN.train(*TRAIN_MAIN.parse_config(["--resume", str(run_copy)]))
+
+
 def test_a_fresh_run_refuses_a_directory_holding_a_run(run_copy, capsys):
     rows = _rows(run_copy)
     with pytest.raises(SystemExit) as exit_info:
