@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import sys
 
+from protokern.utils import printable
+
 # bad input: paths, settings, corrupt / unsafe / unfitting checkpoints (protokern.checkpoint.CheckpointError is
 # a ValueError), unreadable images and data, ImageNet weights neither cached nor downloadable
 # (protokern.models.backbones.WeightsUnavailableError is an OSError)
@@ -12,8 +14,9 @@ INPUT_ERRORS = (OSError, ValueError)
 
 
 def one_line(error: BaseException) -> str:
-    """``error``'s message on one line (whitespace runs, newlines included, become one space)."""
-    return " ".join(str(error).split()) or type(error).__name__
+    """``error``'s message on one line (whitespace runs, newlines included, become one space), printable (a file
+    or class name's control characters as escapes: :func:`protokern.utils.printable`)."""
+    return printable(" ".join(str(error).split())) or type(error).__name__
 
 
 class ErrorMode:

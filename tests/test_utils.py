@@ -140,6 +140,23 @@ def test_names_from_the_data_reach_a_terminal_without_control_characters():
     assert listed([evil, "b"], 3) == printable(evil) + ", b"
 
 
+def test_command_line_errors_and_bad_image_warnings_are_printable(tmp_path):
+    """An undecodable image whose file name held escape codes sent them raw to stderr in the one-line error and
+    in --skip-bad-images' warning."""
+    import warnings
+
+    from protokern.cli import one_line
+    from protokern.data.cache import BadImageWarning, _bad
+    from protokern.data.transforms import BadImageError
+
+    error = BadImageError(str(tmp_path / "a\x1b]0;owned\x07.png"), "cannot identify image file")
+    assert one_line(error) == f"{tmp_path}/a\\x1b]0;owned\\x07.png: cannot identify image file"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _bad(error, True, [])
+    assert [w.category for w in caught] == [BadImageWarning] and "\x1b" not in str(caught[0].message)
+
+
 def test_listed_shortens_a_messages_list():
     from protokern.utils import listed
 

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch.utils.data import BatchSampler, Dataset
 
-from protokern.utils import checked_device
+from protokern.utils import checked_device, printable
 
 from .loader import default_num_workers
 from .transforms import BadImageError, uint8_to_float
@@ -192,7 +192,7 @@ def choose_cache(dataset, mode: str = "auto", device: torch.device | str | None 
 def _bad(err: BadImageError, skip: bool, skipped: list[str]) -> None:
     if not skip:
         raise BadImageError(err.path, f"{err.reason} (--skip-bad-images leaves such files out)") from err
-    warnings.warn(f"skipping bad image {err}", BadImageWarning, stacklevel=3)
+    warnings.warn(f"skipping bad image {printable(str(err))}", BadImageWarning, stacklevel=3)
     skipped.append(err.path)
 
 

@@ -21,19 +21,21 @@ def _hidden(name: str) -> bool:
 
 def _walk(top: str, repeated: list[str]):
     """(folder, visible file names) under ``top`` as ``os.walk(followlinks=True)``, hidden folders not entered and
-    every real folder entered once: a link back to a folder above (a loop) or to one already walked is appended
-    to ``repeated`` instead (such a loop listed its images ~40 times, two of them never ended)."""
-    seen = {os.path.realpath(top)}
+    every real folder entered once: the folders of the tree itself always, a folder link only to a folder not
+    reached otherwise; a link back to a folder above (a loop) or to one reached otherwise is appended to
+    ``repeated`` instead (such a loop listed its images ~40 times, two of them never ended)."""
+    seen = {os.path.realpath(folder) for folder, _, _ in os.walk(top)}  # the tree's own folders (links not entered)
     for folder, dirs, files in os.walk(top, followlinks=True):
         keep = []
         for name in sorted(dirs):
-            real = os.path.realpath(os.path.join(folder, name))
+            path = os.path.join(folder, name)
             if _hidden(name):
                 continue
-            if real in seen:
-                repeated.append(os.path.join(folder, name))
+            real = os.path.realpath(path)
+            if os.path.islink(path) and real in seen:
+                repeated.append(path)
                 continue
-            seen.add(real)
+            seen.add(real)  # (also a real folder under a link's target: a later link to it is a repeat)
             keep.append(name)
         dirs[:] = keep
         yield folder, sorted(f for f in files if not _hidden(f))
@@ -63,8 +65,9 @@ def _list_tree(root: str) -> tuple[list[str], list[tuple[str, int]], list[str], 
 
 
 class ImageFolderDataset(Dataset):
-    """Images under ``root/<class name>/...``, classes sorted by name (torchvision's ImageFolder; hidden folders
-    and files, such as .ipynb_checkpoints or macOS ._ files, are left out).
+    """Images under ``root/<class name>/...``, classes sorted by name, in torchvision ImageFolder's order and by
+    its image extensions; hidden folders and files (.ipynb_checkpoints, macOS ._ files) are left out, folder
+    links followed to folders not listed otherwise (a loop or a second way in: named in one warning).
 
     Args:
         root: the tree's root folder.

@@ -93,7 +93,7 @@ def _push_dataset(state: dict, data_root: str | None):
     from protokern.train.data import build_datasets
 
     try:
-        cfg = TrainConfig.from_saved(config).validate()
+        cfg = TrainConfig.from_saved(config).validate(schedule=False)  # (no schedule: its size is the epochs')
     except (TypeError, ValueError) as error:
         warnings.warn(f"push set not rebuilt (saved config unusable: {error})", stacklevel=2)
         return None

@@ -125,7 +125,8 @@ class TrainConfig:
     l1_coef: float = _opt(1e-4, "weight of the L1 penalty on the last layer's wrong-class connections")
 
     # runtime
-    out: str | None = _opt(None, "run directory (default runs/<timestamp>)")
+    out: str | None = _opt(None, "run directory (default runs/<timestamp>): new, or holding none of the files a run "
+                                 "writes, and no symbolic link")
     seed: int = _opt(0, "seed of initialisation, shuffling, augmentation and the validation split")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     num_workers: int | None = _opt(None, "data-loader worker processes (None: usable CPUs - 1, at most 8)")
@@ -176,8 +177,10 @@ class TrainConfig:
         """``prototype_size`` as (kh, kw)."""
         return parse_window(self.prototype_size)
 
-    def validate(self) -> TrainConfig:
-        """Raise ``ValueError`` naming the first bad setting; return self (its paths' "~" expanded)."""
+    def validate(self, schedule: bool = True) -> TrainConfig:
+        """Raise ``ValueError`` naming the first bad setting; return self (its paths' "~" expanded). ``schedule``:
+        also build the schedule to check its push (a warning, or an error with ``prune``): its cost grows with
+        the epochs, which a saved config that is only read (``python -m protokern.explain``) skips."""
         def need(ok: bool, message: str):
             if not ok:
                 raise ValueError(f"bad config: {message}")
@@ -224,7 +227,8 @@ class TrainConfig:
         need(isinstance(self.prune_threshold, int) and not isinstance(self.prune_threshold, bool)
              and 0 <= self.prune_threshold <= self.prune_k,
              f"prune_threshold must be an int in [0, prune_k={self.prune_k}], got {self.prune_threshold!r}")
-        self._check_push()
+        if schedule:
+            self._check_push()
         return self
 
     def _check_push(self) -> None:
@@ -413,12 +417,22 @@ def load_config_file(path: str) -> dict:
     unknown = sorted(set(data) - set(types))
     if unknown:
         raise ValueError(f"config file {path}: unknown settings {unknown}")
-    session = [k for k in SESSION_SETTINGS if k in data]
-    if session:  # a shared file must not choose where a run writes: the command line shows it
-        raise ValueError(f"config file {path}: {', '.join(session)} belong to a session, not to a run's settings: "
-                         f"give them on the command line (" + ", ".join("--" + k.replace("_", "-") for k in session)
-                         + ")")
+    # (config.yaml files before 30ec979 held the session's settings, unset ones as null: nothing to take)
+    data = {k: v for k, v in data.items() if not (k in SESSION_SETTINGS and v is None)}
     return {k: _coerce(k, v, types[k]) for k, v in data.items()}
+
+
+def _without_session(from_file: dict, flags: dict, path: str) -> dict:
+    """A config file's settings less those of the session (:data:`SESSION_SETTINGS`), which only flags give: a
+    shared file must not choose where a run writes with no flag showing it. One the flags give too is dropped;
+    one they do not is a ``ValueError``."""
+    kept = [k for k in SESSION_SETTINGS if k in from_file and k not in flags]
+    if kept:
+        flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+        raise ValueError(f"config file {path}: {', '.join(kept)} {'is' if len(kept) == 1 else 'are'} for the command "
+                         f"line only ({', '.join(map(flag, kept))}: where this session writes, how far it goes): "
+                         f"remove {'it' if len(kept) == 1 else 'them'} from the file")
+    return {k: v for k, v in from_file.items() if k not in SESSION_SETTINGS}
 
 
 _CHOICES = {"dataset": DATASETS, "amp": AMP_MODES, "crop": CROPS, "backbone": BACKBONES, "add_on": ADD_ONS,
@@ -466,7 +480,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
     args = renamed_settings(args, "flag")
-    from_file = load_config_file(config_file) if config_file else {}
+    from_file = _without_session(load_config_file(config_file), args, config_file) if config_file else {}
     preset = args.get("preset", from_file.get("preset", "demo"))
     config = preset_config(preset)
     explicit = set(from_file) | set(args)

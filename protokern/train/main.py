@@ -14,8 +14,14 @@ Run directory (written by rank 0)::
     pruned.pt          with --prune: the pruned model (then the final model: the part localisation,
     prune.json         explanations and gallery are its own; summary.json's "pruned" has its test accuracy and
                        the names of the classes it left without prototypes)
+    explanations/, gallery/, part_localisation.json
+                       of the final model: three test images explained, the prototype gallery, part localisation
     tb/                TensorBoard events (when tensorboard is installed)
-    .lock              held (fcntl) by the process training in the directory; it holds that PID
+    .lock              held (fcntl) by the process training in the directory; it holds that PID (a folder with
+                       it and no last.pt is a run stopped before its first step: the same command starts again)
+
+A fresh run takes a new folder, or one holding none of these names (:data:`RUN_ENTRIES`: they would be replaced
+or appended to); no run writes into a folder holding a symbolic link (its writes would land elsewhere).
 
 Checkpoints hold only tensors and plain values and are read with ``torch.load(weights_only=True)``
 (:mod:`protokern.checkpoint`); none is written holding non-finite weights. ``--resume RUN`` (or RUN/last.pt)
@@ -59,7 +65,7 @@ from protokern.train.distributed import (DistInfo, PeerStopped, barrier, cleanup
 from protokern.train.loop import TrainForward, run_epoch
 from protokern.train.schedule import (Step, build_schedule, learning_rates, make_optimizers, make_scheduler,
                                       optimizer_steps, set_trainable, step_scheduler)
-from protokern.utils import listed, printable, stop_deferred, strict_json
+from protokern.utils import listed, stop_deferred, strict_json
 
 CSV_COLUMNS = (["step", "stage", "epoch", "iteration", "train_accuracy", "val_accuracy", "test_accuracy"]
                + [f"{split}_{t}" for split in ("train", "val", "test") for t in TERMS]
@@ -196,7 +202,7 @@ def _check_same_data(saved: dict | None, now: dict, cfg: TrainConfig) -> None:
 def _class_names(dataset, indices: list[int]) -> list[str]:
     """The names of classes ``indices`` in ``dataset`` (their indices where it has no ``classes``)."""
     names = getattr(dataset, "classes", None)
-    return [str(c) if names is None else printable(names[c]) for c in indices]
+    return [str(c) if names is None else str(names[c]) for c in indices]
 
 
 def _check_image_size(cfg: TrainConfig) -> None:
@@ -209,6 +215,11 @@ def _check_image_size(cfg: TrainConfig) -> None:
         raise ValueError(f"--image-size {cfg.image_size} gives {cfg.backbone} a {cells} x {cells} feature map, smaller "
                          f"than the {kh} x {kw} prototypes (--prototype-size)"
                          + (f": it takes at least --image-size {side}" if side else ""))
+
+
+# what a run writes in its directory (see the module docstring)
+RUN_ENTRIES = ("config.yaml", "metrics.csv", "metrics.jsonl", ckpt.LAST, ckpt.BEST, ckpt.INTERRUPTED, "pruned.pt",
+               "summary.json", "prune.json", "part_localisation.json", "push", "tb", "explanations", "gallery")
 
 
 class Trainer:
@@ -323,27 +334,38 @@ class Trainer:
     # ------------------------------------------------------------------------------------ files
     def _check_out(self) -> None:
         """A fresh run refuses an ``--out`` that already holds a run (its checkpoints and metrics would be mixed)
-        or other files (they could be overwritten); no run writes into a folder holding a symbolic link. Rank 0
-        looks, every rank raises."""
+        or files by the names a run writes (they would be overwritten or appended to); no run writes into a
+        folder holding a symbolic link. Rank 0 looks, every rank raises."""
         out, refused = self.cfg.out, None
         if self.is_main and out is not None and os.path.isdir(out):
-            held = [f for f in (ckpt.LAST, "summary.json") if os.path.exists(os.path.join(out, f))]
-            link = ckpt.linked_entry(out)
-            if link is not None:
-                refused = (f"run directory {out} holds a symbolic link ({link}): a run writes only its own files "
-                           f"there; remove the link or choose another --out")
-            elif self.cfg.resume:
-                pass
-            elif held:
-                refused = (f"--out {out} already holds a run ({held[0]}): continue it with --resume "
-                           f"{_quoted(out)}, or choose another --out")
-            elif not os.path.exists(os.path.join(out, ckpt.LOCK_FILE)) and os.listdir(out):
-                # (a folder with the lock file is a run stopped before its first step: it starts again there)
-                refused = (f"--out {out} is not empty and holds no run ({listed(sorted(os.listdir(out)), 3)}): a new "
-                           f"run writes into a new or empty folder; choose another --out")
+            try:
+                refused = self._refusal(out)
+            except OSError as error:  # (rank 0 must reach from_main: the other ranks wait there)
+                refused = f"--out {out}: cannot be read ({error})"
         refused = from_main(refused)
         if refused:
             raise ValueError(refused)
+
+    def _refusal(self, out: str) -> str | None:
+        link = ckpt.linked_entry(out)
+        if link is not None:
+            how = ("copy the run without links (cp -rL) and resume the copy" if self.cfg.resume
+                   else "choose another --out")
+            return (f"run directory {out} holds a symbolic link ({link}): a run writes only its own files there; "
+                    f"remove the link or {how}")
+        if self.cfg.resume:
+            return None
+        held = [f for f in (ckpt.LAST, "summary.json") if os.path.exists(os.path.join(out, f))]
+        if held:
+            return (f"--out {out} already holds a run ({held[0]}): continue it with --resume {_quoted(out)}, or "
+                    f"choose another --out")
+        if os.path.exists(os.path.join(out, ckpt.LOCK_FILE)):  # a run stopped before its first step: again here
+            return None
+        taken = sorted(name for name in os.listdir(out) if name in RUN_ENTRIES)
+        if taken:
+            return (f"--out {out} holds files by the names a run writes ({listed(taken, 3)}) and no run: choose "
+                    f"another --out")
+        return None
 
     def _run_dir(self) -> str:
         """``--out``, or a new ``runs/<timestamp>[-N]`` (two runs started in the same second get two folders)."""
@@ -470,13 +492,13 @@ class Trainer:
             if self.records is not None:
                 self.records.find_run_images(self.run_dir)
         if self.is_main:  # files the run names that are gone (deleted by hand, or lost with a disk)
-            gone = [f"{ckpt.BEST} (step {self.best['step'] + 1})"] if self.best["step"] is not None else []
-            gone = [name for name in gone if not os.path.isfile(self._path(ckpt.BEST))]
+            if self.best["step"] is not None and not os.path.isfile(self._path(ckpt.BEST)):
+                warnings.warn(f"the resumed run's {ckpt.BEST} (step {self.best['step'] + 1}) no longer exists: the "
+                              f"summary still reports its accuracy, and explain --checkpoint RUN takes {ckpt.LAST} "
+                              f"until a later step does better and writes a new one", stacklevel=2)
             if self.records_path is not None and not os.path.isfile(self.records_path):
-                gone.append(self.records_path)
-            if gone:
-                warnings.warn(f"the resumed run's {' and '.join(gone)} no longer exist: the summary still names what "
-                              f"last.pt records; a later step that does better writes a new best.pt", stacklevel=2)
+                warnings.warn(f"the resumed run's push records {self.records_path} no longer exist (last.pt holds "
+                              f"them; the push PNGs beside them are gone too)", stacklevel=2)
         self.stage_seconds = dict(state.get("stage_seconds", {}))
         if self.is_main:
             self._truncate_metrics(state["step"])

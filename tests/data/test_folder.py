@@ -82,10 +82,17 @@ def test_folder_links_that_loop_are_listed_once_and_named(tmp_path):
     (tmp_path / "cat" / "sub" / "e.png").write_bytes((tmp_path / "cat" / "a.png").read_bytes())
     (tmp_path / "cat" / "ants").symlink_to(tmp_path / "ant")
     (tmp_path / "dog").symlink_to(tmp_path / "ant", target_is_directory=True)
-    with pytest.warns(UserWarning, match=r"2 folder link\(s\) to a folder already listed \(a loop or a second way "
-                                         r"in\) not followed: .*/cat/loop, .*/cat/sub/up"):
+    (tmp_path / "cat" / "a_short").symlink_to(tmp_path / "cat" / "sub")  # sorts first: the real sub is kept
+    outside = tmp_path.parent / f"{tmp_path.name}_outside"
+    (outside / "x").mkdir(parents=True)
+    (outside / "x" / "f.png").write_bytes((tmp_path / "cat" / "a.png").read_bytes())
+    (outside / "x" / "back").symlink_to(outside)  # a loop outside the tree, reached through a link
+    (tmp_path / "cat" / "out").symlink_to(outside)
+    with pytest.warns(UserWarning, match=r"4 folder link\(s\) to a folder already listed \(a loop or a second way "
+                                         r"in\) not followed: .*/cat/a_short, .*/cat/loop, .*/cat/out/x/back, "
+                                         r".*/cat/sub/up"):
         ds = ImageFolderDataset(tmp_path, image_size=16)
     names = {c: sorted(p[len(str(tmp_path)) + 1:] for p, t in ds.samples if ds.classes[t] == c) for c in ds.classes}
     assert names == {"ant": ["ant/c.jpg", "ant/d.png"], "cat": ["cat/a.png", "cat/ants/c.jpg", "cat/ants/d.png",
-                                                                "cat/b.jpg", "cat/sub/e.png"],
+                                                                "cat/b.jpg", "cat/out/x/f.png", "cat/sub/e.png"],
                      "dog": ["dog/c.jpg", "dog/d.png"]}

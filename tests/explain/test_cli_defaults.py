@@ -3,6 +3,7 @@ explanation, a missing --data-root is an error, and --help is plain text."""
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -89,6 +90,10 @@ def test_a_checkpoints_saved_config_does_not_decide_what_explain_renders(run_dir
     with pytest.warns(UserWarning, match=r"push set not rebuilt \(the synthetic images would take \d+\.\d GiB\); using "
                                          r"the prototype images saved by push"):
         assert _push_dataset(huge, None) is None
+    many = dict(state, config=dict(state["config"], epochs=10 ** 9, push_start=10 ** 9))  # no schedule built
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (nor the trainer's advice on a schedule without a push)
+        assert _push_dataset(many, None) is not None
     bad = dict(state, config=dict(state["config"], synthetic_classes=-3))
     with pytest.warns(UserWarning, match=r"push set not rebuilt \(saved config unusable: .*synthetic_classes"):
         assert _push_dataset(bad, None) is None

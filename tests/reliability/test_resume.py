@@ -301,12 +301,15 @@ def test_no_run_writes_through_a_symbolic_link_in_its_directory(run_copy, tmp_pa
     (fresh / "metrics.csv").symlink_to(victim)
     (run_copy / "push").rename(tmp_path / "push_elsewhere")
     (run_copy / "push").symlink_to(tmp_path / "push_elsewhere")
-    for args, link in ((run_args(fresh), f"metrics.csv -> {victim}"),
-                       (["--resume", str(run_copy)], f"push -> {tmp_path / 'push_elsewhere'}")):
+    for args, link, how in ((run_args(fresh), f"metrics.csv -> {victim}", "choose another --out"),
+                            (["--resume", str(run_copy)], f"push -> {tmp_path / 'push_elsewhere'}",
+                             "copy the run without links (cp -rL) and resume the copy")):
         with pytest.raises(SystemExit) as exit_info:
             main(args)
         line = stderr_line(capsys)
-        assert exit_info.value.code == 2 and f"holds a symbolic link ({link}): a run writes only its own" in line
+        assert exit_info.value.code == 2
+        assert line.endswith(f"holds a symbolic link ({link}): a run writes only its own files there; remove the "
+                             f"link or {how} (--debug shows the traceback)")
     assert victim.read_text() == "IMPORTANT USER DATA\n" and sorted(os.listdir(fresh)) == ["metrics.csv"]
     lock = tmp_path / "lock_target"
     lock.write_text("keep\n")
@@ -317,10 +320,11 @@ def test_no_run_writes_through_a_symbolic_link_in_its_directory(run_copy, tmp_pa
     assert lock.read_text() == "keep\n"
 
 
-def test_a_fresh_run_refuses_a_folder_holding_other_files(tmp_path, capsys):
+def test_a_fresh_run_refuses_a_folder_holding_files_by_the_names_a_run_writes(tmp_path, capsys):
     """A fresh run wrote into any folder without last.pt or summary.json: a project folder's config.yaml was
-    replaced and its metrics.csv appended to. Refused unless the folder is empty or a run stopped before its
-    first step (it holds the run's lock file: the README's "run the same command again")."""
+    replaced and its metrics.csv appended to. Refused unless the folder holds none of a run's names (a log the
+    shell made first, a .gitkeep) or is a run stopped before its first step (it holds the run's lock file: the
+    README's "run the same command again")."""
     project = tmp_path / "project"
     project.mkdir()
     (project / "config.yaml").write_text("mine: 1\n")
@@ -329,15 +333,18 @@ def test_a_fresh_run_refuses_a_folder_holding_other_files(tmp_path, capsys):
         main(run_args(project))
     line = stderr_line(capsys)
     assert exit_info.value.code == 2
-    assert f"--out {project} is not empty and holds no run (config.yaml, metrics.csv): a new run" in line
+    assert line.endswith(f"--out {project} holds files by the names a run writes (config.yaml, metrics.csv) and "
+                         f"no run: choose another --out (--debug shows the traceback)")
     assert (project / "config.yaml").read_text() == "mine: 1\n" and len(os.listdir(project)) == 2
     stopped = tmp_path / "stopped"  # what a run killed in its first step leaves
     stopped.mkdir()
     (stopped / ".lock").write_text("123\n")
     (stopped / "config.yaml").write_text("preset: demo\n")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    for folder in (stopped, empty):
+    logged = tmp_path / "logged"  # mkdir runs/x && python -m protokern.train --out runs/x | tee runs/x/train.log
+    logged.mkdir()
+    (logged / "train.log").write_text("")
+    (logged / ".gitkeep").write_text("")
+    for folder in (stopped, logged):
         main(run_args(folder, "--max-steps", "1"))
         assert (folder / "last.pt").is_file()
 
@@ -395,9 +402,12 @@ def test_a_resume_says_when_files_the_run_names_are_gone(run_copy):
     """best.pt and the push folder deleted by hand: the resumed run's summary named them as if present."""
     shutil.rmtree(run_copy / "push")
     (run_copy / "best.pt").unlink()
-    with pytest.warns(UserWarning, match=r"the resumed run's best\.pt \(step \d\) and .*/push/epoch_\d+/"
-                                         r"push_records\.pt no longer exist: the summary still names"):
+    with pytest.warns(UserWarning) as caught:
         TRAIN_MAIN.train(*TRAIN_MAIN.parse_config(["--resume", str(run_copy)]))
+    said = [str(w.message) for w in caught if "resumed run's" in str(w.message)]
+    assert len(said) == 2 and re.match(r"the resumed run's best\.pt \(step \d\) no longer exists: the summary "
+                                       r"still reports", said[0]), said
+    assert re.match(r"the resumed run's push records .*/push/epoch_\d+/push_records\.pt no longer exist", said[1])
 
 
 def test_a_fresh_run_refuses_a_directory_holding_a_run(run_copy, capsys):

@@ -195,14 +195,21 @@ def test_tilde_in_path_settings_is_expanded(tmp_path, monkeypatch):
 
 def test_a_config_file_cannot_choose_where_the_run_writes(tmp_path):
     """out / resume / max_steps in a shared config file chose the run's folder (writing into an existing one)
-    without any flag showing it: refused, naming the flags that give them."""
-    for text, named in (("out: /somewhere/else\n", "out belong to a session, not to a run's settings: give them on "
-                                                     "the command line (--out)"),
-                        ("epochs: 3\nresume: r\nmax-steps: 2\n", "resume, max_steps belong to a session")):
-        path = tmp_path / "shared.yaml"
+    without any flag showing it: refused, unless the flags give them too; unset (null) ones, as config.yaml files
+    before 30ec979 hold them, are taken as absent."""
+    path = tmp_path / "shared.yaml"
+    for text, named in (("out: /somewhere/else\n", "out is for the command line only (--out: where this session "
+                                                     "writes, how far it goes): remove it from the file"),
+                        ("epochs: 3\nresume: r\nmax-steps: 2\n", "resume, max_steps are for the command line only "
+                                                                  "(--resume, --max-steps: where this session writes, "
+                                                                  "how far it goes): remove them")):
         path.write_text(text)
         with pytest.raises(ValueError, match=re.escape(f"config file {path}: {named}")):
             parse_config(["--config", str(path)])
+    path.write_text("epochs: 3\nout: runs/old\nresume: null\nmax_steps: null\n")  # an old config.yaml
+    cfg, explicit = parse_config(["--config", str(path), "--out", str(tmp_path / "new")])
+    assert cfg.out == str(tmp_path / "new") and cfg.epochs == 3 and cfg.resume is None and cfg.max_steps is None
+    assert "resume" not in explicit and "max_steps" not in explicit
 
 
 def test_a_config_file_built_to_exhaust_memory_or_the_stack_gets_one_short_line(tmp_path):
