@@ -13,6 +13,7 @@ import json
 import math
 import numbers
 import sys
+import unicodedata
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -241,10 +242,15 @@ def positive_int(name: str, value) -> int:
     return int(value)
 
 
+_UNSHOWN = frozenset(map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))  # bidi embeddings, isolates
+
+
 def printable(text) -> str:
-    """``text`` for a terminal: characters that are not printable (escape sequences, newlines; a class folder's
-    name can hold them) as Python escapes, others as they are."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+    """``text`` for a terminal: control characters (escape sequences, newlines), line and paragraph separators,
+    lone surrogates and bidirectional overrides (a class folder's name can hold them) as Python escapes; every
+    other character, joiners of the scripts that need them included, as it is."""
+    return "".join(c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   if c in _UNSHOWN or unicodedata.category(c) in ("Cc", "Zl", "Zp", "Cs") else c for c in str(text))
 
 
 def listed(items, limit: int) -> str:

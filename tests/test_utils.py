@@ -137,6 +137,8 @@ def test_names_from_the_data_reach_a_terminal_without_control_characters():
     evil = "\x1b]0;owned\x07\x1b[2J\x1b[31mFAKE: all passed\x1b[0m\nnext line"
     assert printable(evil) == "\\x1b]0;owned\\x07\\x1b[2J\\x1b[31mFAKE: all passed\\x1b[0m\\nnext line"
     assert printable("001.Black_footed_Albatross été 鳥") == "001.Black_footed_Albatross été 鳥"
+    assert printable("می\u200cخواهم \xa0soft\xadhyphen") == "می\u200cخواهم \xa0soft\xadhyphen"  # joiners kept
+    assert printable("name\u202egnp.exe \u2028 \udcff") == "name\\u202egnp.exe \\u2028 \\udcff"  # bidi, lone
     assert listed([evil, "b"], 3) == printable(evil) + ", b"
 
 

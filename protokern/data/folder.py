@@ -19,23 +19,34 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") and name not in (".", "..")
 
 
+def _own_folders(top: str) -> set[str]:
+    """The paths of the visible folders of the tree under ``top`` itself (folder links not entered)."""
+    own = set()
+    for folder, dirs, _ in os.walk(top):
+        dirs[:] = [name for name in dirs if not _hidden(name)]
+        own.add(folder)
+    return own
+
+
 def _walk(top: str, repeated: list[str]):
     """(folder, visible file names) under ``top`` as ``os.walk(followlinks=True)``, hidden folders not entered and
-    every real folder entered once: the folders of the tree itself always, a folder link only to a folder not
-    reached otherwise; a link back to a folder above (a loop) or to one reached otherwise is appended to
-    ``repeated`` instead (such a loop listed its images ~40 times, two of them never ended)."""
-    seen = {os.path.realpath(folder) for folder, _, _ in os.walk(top)}  # the tree's own folders (links not entered)
+    every real folder entered once: the tree's own folders at their own paths, any other path (through a folder
+    link) only to a folder not reached before; the others, a loop's link back or a second way in, are appended to
+    ``repeated`` (a loop listed its images ~40 times, two of them never ended)."""
+    own = _own_folders(top)
+    seen = {os.path.realpath(folder) for folder in own}
     for folder, dirs, files in os.walk(top, followlinks=True):
         keep = []
         for name in sorted(dirs):
             path = os.path.join(folder, name)
             if _hidden(name):
                 continue
-            real = os.path.realpath(path)
-            if os.path.islink(path) and real in seen:
-                repeated.append(path)
-                continue
-            seen.add(real)  # (also a real folder under a link's target: a later link to it is a repeat)
+            if path not in own:
+                real = os.path.realpath(path)
+                if real in seen:
+                    repeated.append(path)
+                    continue
+                seen.add(real)
             keep.append(name)
         dirs[:] = keep
         yield folder, sorted(f for f in files if not _hidden(f))

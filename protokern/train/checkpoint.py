@@ -96,7 +96,14 @@ def linked_entry(run_dir: str) -> str | None:
     left in a shared or handed-over folder it would overwrite a file elsewhere."""
     folders = [run_dir]
     while folders:  # (scandir's entry types: no stat per file, for the ~10^5 PNGs of a long run's pushes)
-        with os.scandir(folders.pop()) as entries:
+        folder = folders.pop()
+        try:
+            listing = os.scandir(folder)
+        except PermissionError:
+            if folder == run_dir:
+                raise
+            continue  # a folder the run cannot read (a mount's lost+found) it cannot write into either
+        with listing as entries:
             for entry in sorted(entries, key=lambda e: e.name):
                 if entry.is_symlink():
                     return f"{os.path.relpath(entry.path, run_dir)} -> {os.readlink(entry.path)}"

@@ -429,9 +429,10 @@ def _without_session(from_file: dict, flags: dict, path: str) -> dict:
     kept = [k for k in SESSION_SETTINGS if k in from_file and k not in flags]
     if kept:
         flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
-        raise ValueError(f"config file {path}: {', '.join(kept)} {'is' if len(kept) == 1 else 'are'} for the command "
-                         f"line only ({', '.join(map(flag, kept))}: where this session writes, how far it goes): "
-                         f"remove {'it' if len(kept) == 1 else 'them'} from the file")
+        one = len(kept) == 1
+        raise ValueError(f"config file {path}: {', '.join(kept)} {'is a setting' if one else 'are settings'} of the "
+                         f"command line only ({', '.join(map(flag, kept))}), so that a shared file cannot choose where "
+                         f"a run writes: remove {'it' if one else 'them'} from the file")
     return {k: v for k, v in from_file.items() if k not in SESSION_SETTINGS}
 
 

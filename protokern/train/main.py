@@ -14,8 +14,9 @@ Run directory (written by rank 0)::
     pruned.pt          with --prune: the pruned model (then the final model: the part localisation,
     prune.json         explanations and gallery are its own; summary.json's "pruned" has its test accuracy and
                        the names of the classes it left without prototypes)
-    explanations/, gallery/, part_localisation.json
-                       of the final model: three test images explained, the prototype gallery, part localisation
+    explanations/, gallery/, part_localisation.json, interpretability.json
+                       of the final model: three test images explained, the prototype gallery, part localisation,
+                       the explanation metrics
     tb/                TensorBoard events (when tensorboard is installed)
     .lock              held (fcntl) by the process training in the directory; it holds that PID (a folder with
                        it and no last.pt is a run stopped before its first step: the same command starts again)
@@ -219,7 +220,8 @@ def _check_image_size(cfg: TrainConfig) -> None:
 
 # what a run writes in its directory (see the module docstring)
 RUN_ENTRIES = ("config.yaml", "metrics.csv", "metrics.jsonl", ckpt.LAST, ckpt.BEST, ckpt.INTERRUPTED, "pruned.pt",
-               "summary.json", "prune.json", "part_localisation.json", "push", "tb", "explanations", "gallery")
+               "summary.json", "prune.json", "part_localisation.json", "interpretability.json", "push", "tb",
+               "explanations", "gallery")
 
 
 class Trainer:
@@ -337,9 +339,9 @@ class Trainer:
         or files by the names a run writes (they would be overwritten or appended to); no run writes into a
         folder holding a symbolic link. Rank 0 looks, every rank raises."""
         out, refused = self.cfg.out, None
-        if self.is_main and out is not None and os.path.isdir(out):
+        if self.is_main and out is not None and os.path.lexists(out):
             try:
-                refused = self._refusal(out)
+                refused = self._refusal(out) if os.path.isdir(out) else f"--out {out} is not a folder"
             except OSError as error:  # (rank 0 must reach from_main: the other ranks wait there)
                 refused = f"--out {out}: cannot be read ({error})"
         refused = from_main(refused)
@@ -363,7 +365,7 @@ class Trainer:
             return None
         taken = sorted(name for name in os.listdir(out) if name in RUN_ENTRIES)
         if taken:
-            return (f"--out {out} holds files by the names a run writes ({listed(taken, 3)}) and no run: choose "
+            return (f"--out {out} already holds files a run would write ({listed(taken, 3)}) but no run: choose "
                     f"another --out")
         return None
 
@@ -498,7 +500,7 @@ class Trainer:
                               f"until a later step does better and writes a new one", stacklevel=2)
             if self.records_path is not None and not os.path.isfile(self.records_path):
                 warnings.warn(f"the resumed run's push records {self.records_path} no longer exist (last.pt holds "
-                              f"them; the push PNGs beside them are gone too)", stacklevel=2)
+                              f"them: explain --checkpoint reads them there)", stacklevel=2)
         self.stage_seconds = dict(state.get("stage_seconds", {}))
         if self.is_main:
             self._truncate_metrics(state["step"])

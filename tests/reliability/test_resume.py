@@ -320,7 +320,7 @@ def test_no_run_writes_through_a_symbolic_link_in_its_directory(run_copy, tmp_pa
     assert lock.read_text() == "keep\n"
 
 
-def test_a_fresh_run_refuses_a_folder_holding_files_by_the_names_a_run_writes(tmp_path, capsys):
+def test_a_fresh_run_refuses_a_folder_holding_files_by_the_names_a_run_writes(tmp_path, capsys, monkeypatch):
     """A fresh run wrote into any folder without last.pt or summary.json: a project folder's config.yaml was
     replaced and its metrics.csv appended to. Refused unless the folder holds none of a run's names (a log the
     shell made first, a .gitkeep) or is a run stopped before its first step (it holds the run's lock file: the
@@ -333,9 +333,13 @@ def test_a_fresh_run_refuses_a_folder_holding_files_by_the_names_a_run_writes(tm
         main(run_args(project))
     line = stderr_line(capsys)
     assert exit_info.value.code == 2
-    assert line.endswith(f"--out {project} holds files by the names a run writes (config.yaml, metrics.csv) and "
+    assert line.endswith(f"--out {project} already holds files a run would write (config.yaml, metrics.csv) but "
                          f"no run: choose another --out (--debug shows the traceback)")
     assert (project / "config.yaml").read_text() == "mine: 1\n" and len(os.listdir(project)) == 2
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit):
+        main(run_args(tmp_path / "a_file"))
+    assert stderr_line(capsys).endswith(f"--out {tmp_path / 'a_file'} is not a folder (--debug shows the traceback)")
     stopped = tmp_path / "stopped"  # what a run killed in its first step leaves
     stopped.mkdir()
     (stopped / ".lock").write_text("123\n")
@@ -344,6 +348,15 @@ def test_a_fresh_run_refuses_a_folder_holding_files_by_the_names_a_run_writes(tm
     logged.mkdir()
     (logged / "train.log").write_text("")
     (logged / ".gitkeep").write_text("")
+    (logged / "lost+found").mkdir()  # a mount point's, which the user cannot read (root could: simulated)
+    scandir = os.scandir
+
+    def unreadable_lost_and_found(path="."):
+        if os.path.basename(os.fspath(path)) == "lost+found":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", unreadable_lost_and_found)
     for folder in (stopped, logged):
         main(run_args(folder, "--max-steps", "1"))
         assert (folder / "last.pt").is_file()

@@ -198,11 +198,12 @@ def test_a_config_file_cannot_choose_where_the_run_writes(tmp_path):
     without any flag showing it: refused, unless the flags give them too; unset (null) ones, as config.yaml files
     before 30ec979 hold them, are taken as absent."""
     path = tmp_path / "shared.yaml"
-    for text, named in (("out: /somewhere/else\n", "out is for the command line only (--out: where this session "
-                                                     "writes, how far it goes): remove it from the file"),
-                        ("epochs: 3\nresume: r\nmax-steps: 2\n", "resume, max_steps are for the command line only "
-                                                                  "(--resume, --max-steps: where this session writes, "
-                                                                  "how far it goes): remove them")):
+    for text, named in (("out: /somewhere/else\n", "out is a setting of the command line only (--out), so that a "
+                                                     "shared file cannot choose where a run writes: remove it from "
+                                                     "the file"),
+                        ("epochs: 3\nresume: r\nmax-steps: 2\n", "resume, max_steps are settings of the command line "
+                                                                  "only (--resume, --max-steps), so that a shared file "
+                                                                  "cannot choose where a run writes: remove them")):
         path.write_text(text)
         with pytest.raises(ValueError, match=re.escape(f"config file {path}: {named}")):
             parse_config(["--config", str(path)])
