@@ -14,9 +14,9 @@ Run directory (written by rank 0)::
     pruned.pt          with --prune: the pruned model (then the final model: the part localisation,
     prune.json         explanations and gallery are its own; summary.json's "pruned" has its test accuracy and
                        the names of the classes it left without prototypes)
-    explanations/, gallery/, part_localisation.json, interpretability.json
+    explanations/, gallery/, part_localisation.json, interpretability.json (CUB)
                        of the final model: three test images explained, the prototype gallery, part localisation,
-                       the explanation metrics
+                       consistency and stability
     tb/                TensorBoard events (when tensorboard is installed)
     .lock              held (fcntl) by the process training in the directory; it holds that PID (a folder with
                        it and no last.pt is a run stopped before its first step: the same command starts again)
