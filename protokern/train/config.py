@@ -417,16 +417,14 @@ def load_config_file(path: str) -> dict:
     unknown = sorted(set(data) - set(types))
     if unknown:
         raise ValueError(f"config file {path}: unknown settings {unknown}")
-    # (config.yaml files before 30ec979 held the session's settings, unset ones as null: nothing to take)
-    data = {k: v for k, v in data.items() if not (k in SESSION_SETTINGS and v is None)}
     return {k: _coerce(k, v, types[k]) for k, v in data.items()}
 
 
 def _without_session(from_file: dict, flags: dict, path: str) -> dict:
     """A config file's settings less those of the session (:data:`SESSION_SETTINGS`), which only flags give: a
-    shared file must not choose where a run writes with no flag showing it. One the flags give too is dropped;
-    one they do not is a ``ValueError``."""
-    kept = [k for k in SESSION_SETTINGS if k in from_file and k not in flags]
+    shared file must not choose where a run writes with no flag showing it. One the flags give too is dropped,
+    as is an unset one (config.yaml files before 30ec979 held them, as null); another is a ``ValueError``."""
+    kept = [k for k in SESSION_SETTINGS if from_file.get(k) is not None and k not in flags]
     if kept:
         flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
         one = len(kept) == 1
