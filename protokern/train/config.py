@@ -34,6 +34,9 @@ NAN_POLICIES = ("stop", "skip")
 RENAMED = {"last_layer_iters": "last_layer_epochs", "prune_retrain_iters": "prune_retrain_epochs"}
 # settings naming files or folders: a leading "~" is expanded (a config file's or a quoted flag's, that no shell did)
 PATH_SETTINGS = ("data_root", "backbone_weights", "out", "resume")
+# those a saved config (config.yaml, a checkpoint's) is read back with: made absolute, so that --resume, --config
+# and the explain CLI find them from any working directory
+SAVED_PATH_SETTINGS = ("data_root", "backbone_weights")
 # where and how far this session goes: flags only, never in a config file (config.yaml leaves them out)
 SESSION_SETTINGS = ("out", "resume", "max_steps")
 
@@ -166,11 +169,15 @@ class TrainConfig:
         self._expand_paths()
 
     def _expand_paths(self) -> None:
-        """Expand a leading "~" of the :data:`PATH_SETTINGS` (in place)."""
+        """Expand a leading "~" of the :data:`PATH_SETTINGS` and make the :data:`SAVED_PATH_SETTINGS` absolute
+        (in place)."""
         for name in PATH_SETTINGS:
             value = getattr(self, name)
             if isinstance(value, str) and value.startswith("~"):
-                setattr(self, name, os.path.expanduser(value))
+                value = os.path.expanduser(value)
+            if isinstance(value, str) and value and name in SAVED_PATH_SETTINGS:
+                value = os.path.abspath(value)
+            setattr(self, name, value)
 
     @property
     def window(self) -> tuple[int, int]:

@@ -329,6 +329,21 @@ def test_prune_with_every_class_too_small_says_so_at_the_start_and_at_the_end(ti
     assert summary["pruned"] is None and summary["complete"]
 
 
+def test_a_relative_data_root_is_found_from_another_folder(tmp_path, monkeypatch):
+    """A run started with a relative --data-root saves it absolute: --resume and --config RUN/config.yaml from
+    another working directory read the same data (they looked for it under that directory)."""
+    folder_tree(tmp_path / "project" / "data", {"a": 4, "b": 4})
+    monkeypatch.chdir(tmp_path / "project")
+    main(folder_args("data", tmp_path / "run", "--max-steps", "1"))
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"data_root: {tmp_path / 'project' / 'data'}" in saved
+    monkeypatch.chdir(tmp_path)
+    assert main(["--resume", str(tmp_path / "run"), "--quiet"])["complete"]
+    again = main(["--config", str(tmp_path / "run" / "config.yaml"), "--out", str(tmp_path / "again"), "--quiet",
+                  "--max-steps", "1"])
+    assert again["steps_done"] == 1
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--prune-k", "0"], "prune_k must be an int >= 1"),
     (["--prune-threshold", "5"], r"prune_threshold must be an int in \[0, prune_k=4\]"),
