@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 
 from protokern.utils import printable
 
@@ -30,12 +31,23 @@ class ErrorMode:
 @contextlib.contextmanager
 def exit_on_error(prog: str, argv: list[str] | None = None, stopped: tuple[type[BaseException], ...] = ()):
     """Turn an error of the block into one line on stderr (``PROG: error: ...``) and ``SystemExit``: code 1
-    for ``stopped`` (a run that cannot go on), code 2 for :data:`INPUT_ERRORS`. Other errors, Ctrl-C and
-    everything in debug mode keep their traceback: debug mode is the last of ``--debug`` / ``--no-debug`` in
+    for ``stopped`` (a run that cannot go on), code 2 for :data:`INPUT_ERRORS`; warnings shown meanwhile are one
+    line each (``PROG: warning: ...``). Other errors, Ctrl-C and everything in debug mode keep their traceback
+    (and warnings their source line): debug mode is the last of ``--debug`` / ``--no-debug`` in
     ``argv`` (default ``sys.argv``), or what the block sets on the yielded :class:`ErrorMode`."""
     argv = sys.argv[1:] if argv is None else argv
     flags = [arg for arg in argv if arg in ("--debug", "--no-debug")]
     mode = ErrorMode(bool(flags) and flags[-1] == "--debug")
+    shown = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        """A warning as ``PROG: warning: ...`` on one line, without the source line that raised it (debug mode:
+        Python's own form)."""
+        if mode.debug:
+            return shown(message, category, filename, lineno, line)
+        return f"{prog}: warning: {one_line(message if str(message) else category)}\n"
+
+    warnings.formatwarning = formatwarning
     try:
         yield mode
     except stopped as error:
@@ -46,6 +58,8 @@ def exit_on_error(prog: str, argv: list[str] | None = None, stopped: tuple[type[
         if mode.debug:
             raise
         _report(prog, error, 2)
+    finally:
+        warnings.formatwarning = shown
 
 
 def worker_message(message: str) -> str:

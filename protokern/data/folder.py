@@ -101,7 +101,8 @@ class ImageFolderDataset(Dataset):
         self.paths = [p for p, _ in self.samples]
         self.targets = [t for _, t in self.samples]
         if self.unsupported:
-            warnings.warn(f"{root}: {len(self.unsupported)} file(s) without an image extension left out: "
+            warnings.warn(f"{root}: {len(self.unsupported)} file(s) whose extension is not one the folder dataset "
+                          f"reads ({' '.join(IMG_EXTENSIONS)}, as torchvision's ImageFolder) left out: "
                           f"{listed(self.unsupported, 10)}", stacklevel=2)
         if repeated:
             warnings.warn(f"{root}: {len(repeated)} folder link(s) to a folder already listed (a loop or a second "

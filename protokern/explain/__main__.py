@@ -57,6 +57,20 @@ def _file_size(path: str) -> tuple[int, int] | None:
         return None
 
 
+def _exif_orientation(path: str) -> int | None:
+    """The EXIF orientation tag of an image file other than 1 (upright), else None."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                turn = image.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 (the loading reports a bad file in its own words)
+        return None
+    return turn if isinstance(turn, int) and turn != 1 else None
+
+
 def _training_size(records, state: dict) -> tuple[int, int] | None:
     """The size the model's images had: its push records', else its training config's (a checkpoint from before
     the first push), else None."""
@@ -115,6 +129,15 @@ def _push_dataset(state: dict, data_root: str | None):
         return None
 
 
+def _class_names(push_set, state: dict) -> list[str] | None:
+    """The classes' names: the rebuilt push set's, else those the checkpoint's data record keeps (a dataset
+    folder moved or gone since training)."""
+    names = getattr(push_set, "classes", None)
+    if names is None:
+        names = (state.get("data") or {}).get("classes")
+    return [str(name) for name in names] if isinstance(names, (list, tuple)) else None
+
+
 def main(argv: list[str] | None = None) -> str:
     """Command-line entry point; returns the path of the ``index.html`` written.
 
@@ -145,8 +168,13 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
+    if os.path.isdir(args.image):
+        parser.error(f"--image {printable(args.image)} is a folder: give one image file")
+    if os.path.islink(args.image) and not os.path.exists(args.image):
+        parser.error(f"--image {printable(args.image)} is a broken symbolic link (to "
+                     f"{printable(os.readlink(args.image))}, which does not exist)")
     if not os.path.isfile(args.image):
-        parser.error(f"image not found: {args.image}")
+        parser.error(f"image not found: {printable(args.image)}")
     with exit_on_error(PROG, ["--debug"] if args.debug else []):
         return _explain(args, parser)
 
@@ -168,7 +196,7 @@ def _explain(args, parser) -> str:
     size = {"auto": _training_size(records, state), "native": own}.get(args.image_size, args.image_size)
     explanation = explain_image(model, args.image, push_records=records, top_k=args.top_k, class_idx=args.class_idx,
                                 push_images=push_set if records is not None else None,
-                                class_names=getattr(push_set, "classes", None), device=args.device, image_size=size)
+                                class_names=_class_names(push_set, state), device=args.device, image_size=size)
     h, w = explanation.image.shape[1:]
     if args.image_size == "auto" and own is not None and own[0] * w != own[1] * h:
         print(f"note: the {own[0]} x {own[1]} image (height x width) is explained resized to {h} x {w}, the training "
@@ -186,6 +214,11 @@ def _explain(args, parser) -> str:
         print(f"  {e.rank:2d}. prototype {e.prototype:4d} (class {name(e.prototype_class)}): "
               f"{explanation.similarity_kind} similarity {e.similarity:.4f} x weight {e.weight:.4f} = "
               f"{e.contribution:.4f}")
+    turn = _exif_orientation(args.image)
+    if turn is not None:
+        print(f"note: the image's EXIF orientation tag ({turn}: photo viewers show it turned or mirrored) is not "
+              f"applied: it is explained as its pixels are stored, as training images are read; save it upright "
+              f"(PIL.ImageOps.exif_transpose) to explain it so", file=sys.stderr, flush=True)
     print(f"-> {page}")
     return page
 

@@ -102,7 +102,8 @@ class TrainConfig:
                                     "does not)")
     last_layer_epochs: int = _opt(20, "last-layer-only epochs after each push (none with --similarity linear, as "
                                        "the original; formerly --last-layer-iters)")
-    max_steps: int | None = _opt(None, "stop after this many schedule steps (resume later with --resume)")
+    max_steps: int | None = _opt(None, "stop after this many schedule steps of this session (a resumed run counts "
+                                       "from where it goes on; resume later with --resume)")
 
     # batches (training: global, split across torchrun processes; test and push: per process)
     train_batch_size: int = _opt(80, "global training batch, split evenly across torchrun processes (it must "

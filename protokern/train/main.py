@@ -14,7 +14,7 @@ Run directory (written by rank 0)::
     pruned.pt          with --prune: the pruned model (then the final model: the part localisation,
     prune.json         explanations and gallery are its own; summary.json's "pruned" has its test accuracy and
                        the names of the classes it left without prototypes)
-    explanations/, gallery/, part_localisation.json, interpretability.json (CUB)
+    explanations/, gallery/, part_localisation.json (synthetic, CUB), interpretability.json (CUB)
                        of the final model: three test images explained, the prototype gallery, part localisation,
                        consistency and stability
     tb/                TensorBoard events (when tensorboard is installed)
@@ -357,10 +357,12 @@ class Trainer:
                     f"remove the link or {how}")
         if self.cfg.resume:
             return None
-        held = [f for f in (ckpt.LAST, "summary.json") if os.path.exists(os.path.join(out, f))]
-        if held:
-            return (f"--out {out} already holds a run ({held[0]}): continue it with --resume {_quoted(out)}, or "
+        if os.path.exists(os.path.join(out, ckpt.LAST)):
+            return (f"--out {out} already holds a run ({ckpt.LAST}): continue it with --resume {_quoted(out)}, or "
                     f"choose another --out")
+        if os.path.exists(os.path.join(out, "summary.json")):  # a run whose last.pt is gone: nothing to resume
+            return (f"--out {out} already holds a run (summary.json) without its {ckpt.LAST}, so it cannot be "
+                    f"resumed: choose another --out")
         if os.path.exists(os.path.join(out, ckpt.LOCK_FILE)):  # a run stopped before its first step: again here
             return None
         taken = sorted(name for name in os.listdir(out) if name in RUN_ENTRIES)

@@ -139,13 +139,16 @@ def test_unsupported_folder_files_listed_once(tmp_path):
     good_image(tmp_path / "a" / "1.png", (9, 9, 9))
     good_image(tmp_path / "b" / "2.jpeg", (9, 9, 9))
     (tmp_path / "a" / "notes.txt").write_text("x")
+    good_image(tmp_path / "a" / "anim.gif", (9, 9, 9))  # an image, of a type ImageFolder does not list
     (tmp_path / "b" / "deep").mkdir()
     (tmp_path / "b" / "deep" / "scan.pdf").write_bytes(b"%PDF")
-    with pytest.warns(UserWarning, match=r"2 file\(s\) without an image extension left out: .*notes\.txt.*scan\.pdf") \
-            as record:
+    with pytest.warns(UserWarning, match=r"3 file\(s\) whose extension is not one the folder dataset reads "
+                                         r"\(\.jpg .*\.webp, as torchvision's ImageFolder\) left out: .*anim\.gif.*"
+                                         r"notes\.txt.*scan\.pdf") as record:
         ds = ImageFolderDataset(tmp_path, image_size=8)
     assert len(record) == 1 and len(ds) == 2
-    assert ds.unsupported == [str(tmp_path / "a" / "notes.txt"), str(tmp_path / "b" / "deep" / "scan.pdf")]
+    assert ds.unsupported == [str(tmp_path / "a" / "anim.gif"), str(tmp_path / "a" / "notes.txt"),
+                              str(tmp_path / "b" / "deep" / "scan.pdf")]
 
 
 def test_cars_fname_escaping_the_root_is_an_error(tmp_path):

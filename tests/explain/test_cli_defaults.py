@@ -108,6 +108,30 @@ def test_the_cli_prints_class_names_without_control_characters(run_dir, tmp_path
     assert "\x1b" not in out and "\x07" not in out and "(class \\x1b[2Jclass0\\x07)" in out
 
 
+def test_class_names_come_from_the_checkpoint_when_the_dataset_is_gone(run_dir, tmp_path, capsys):
+    """A folder dataset moved since training: the explanation named classes by index ("class 1")."""
+    state = load_checkpoint(str(run_dir / "best.pt"))
+    state["config"] = dict(state["config"], dataset="folder", data_root=str(tmp_path / "moved away"))
+    save_checkpoint(state, str(tmp_path / "moved.pt"))
+    cli(["--checkpoint", str(tmp_path / "moved.pt"), "--image", _image(tmp_path / "x.png"), "--out",
+         str(tmp_path / "out")])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.split(" (logit")[0].removeprefix("class ") in state["data"]["classes"], first
+
+
+def test_an_exif_orientation_is_said_to_be_left_unapplied(run_dir, tmp_path, capsys):
+    """A phone photo (EXIF orientation 6) was explained sideways without a word."""
+    plain = _image(tmp_path / "plain.jpg")
+    turned = str(tmp_path / "turned.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(plain).save(turned, exif=exif)
+    for image, noted in ((plain, False), (turned, True)):
+        cli(["--checkpoint", str(run_dir), "--image", image, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert ("EXIF orientation tag (6: photo viewers show it turned or mirrored) is not applied" in err) == noted
+
+
 def test_help_is_plain_text(capsys):
     with pytest.raises(SystemExit) as stop:
         cli(["--help"])

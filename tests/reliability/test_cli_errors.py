@@ -140,6 +140,21 @@ def test_explain_bad_checkpoint(finished_run, tmp_path, capsys, kind):
     assert EXPECTED[kind] in stderr_line(capsys)
 
 
+@pytest.mark.parametrize("kind, said", [("folder", "is a folder: give one image file"),
+                                         ("broken link", "is a broken symbolic link (to /nowhere/x.jpg, which does "
+                                                         "not exist)"),
+                                         ("missing", "image not found:")])
+def test_explain_says_why_an_image_cannot_be_read(tmp_path, capsys, kind, said):
+    """A folder or a broken link given as --image said "image not found" (ls shows it)."""
+    image = tmp_path / "photo.jpg"
+    if kind == "folder":
+        image.mkdir()
+    elif kind == "broken link":
+        image.symlink_to("/nowhere/x.jpg")
+    assert _exit_code(explain, ["--checkpoint", str(tmp_path / "unread.pt"), "--image", str(image)]) == 2
+    assert said in capsys.readouterr().err
+
+
 def test_explain_warns_when_prototypes_were_never_pushed(tmp_path, capsys):
     run = tmp_path / "run"
     train(run_args(run, "--max-steps", "1"))  # warm-up only: no push yet
@@ -173,3 +188,17 @@ def test_real_process_prints_one_line_and_exits_2(tmp_path, module):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith(f"python -m {module}: error: no checkpoint at")
+
+
+def test_a_real_process_shows_warnings_in_one_line_each(tmp_path):
+    """A CLI warning printed the library's file:line and source line around the message."""
+    done = subprocess.run([sys.executable, "-m", "protokern.train", "--last-layer-iters", "2", "--resume",
+                           str(tmp_path / "missing.pt")], capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 2, done.stderr
+    assert lines[0] == ("python -m protokern.train: warning: flag --last-layer-iters is deprecated (it counts "
+                        "epochs): use --last-layer-epochs")
+    done = subprocess.run([sys.executable, "-m", "protokern.train", "--last-layer-iters", "2", "--resume",
+                           str(tmp_path / "missing.pt"), "--debug"], capture_output=True, text=True, timeout=300)
+    assert "DeprecationWarning: flag --last-layer-iters" in done.stderr  # --debug: Python's own form
+
