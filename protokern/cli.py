@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import warnings
 
@@ -12,6 +13,7 @@ from protokern.utils import printable
 # a ValueError), unreadable images and data, ImageNet weights neither cached nor downloadable
 # (protokern.models.backbones.WeightsUnavailableError is an OSError)
 INPUT_ERRORS = (OSError, ValueError)
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def one_line(error: BaseException) -> str:
@@ -41,11 +43,14 @@ def exit_on_error(prog: str, argv: list[str] | None = None, stopped: tuple[type[
     shown = warnings.formatwarning
 
     def formatwarning(message, category, filename, lineno, line=None):
-        """A warning as ``PROG: warning: ...`` on one line, without the source line that raised it (debug mode:
-        Python's own form)."""
+        """A warning as ``PROG: warning: ...`` on one line, without the source line that raised it; one from
+        another package (torch, numpy, PIL) with its kind and place (debug mode: Python's own form)."""
         if mode.debug:
             return shown(message, category, filename, lineno, line)
-        return f"{prog}: warning: {one_line(message if str(message) else category)}\n"
+        text = one_line(message)
+        if not os.path.abspath(str(filename)).startswith(_PACKAGE):
+            text = f"{category.__name__}: {text} ({printable(str(filename))}:{lineno})"
+        return f"{prog}: warning: {text}\n"
 
     warnings.formatwarning = formatwarning
     try:

@@ -101,9 +101,9 @@ class ImageFolderDataset(Dataset):
         self.paths = [p for p, _ in self.samples]
         self.targets = [t for _, t in self.samples]
         if self.unsupported:
-            warnings.warn(f"{root}: {len(self.unsupported)} file(s) whose extension is not one the folder dataset "
-                          f"reads ({' '.join(IMG_EXTENSIONS)}, as torchvision's ImageFolder) left out: "
-                          f"{listed(self.unsupported, 10)}", stacklevel=2)
+            warnings.warn(f"{root}: {len(self.unsupported)} file(s) left out, of types torchvision's ImageFolder does "
+                          f"not read either (it reads {' '.join(IMG_EXTENSIONS)}): {listed(self.unsupported, 10)}",
+                          stacklevel=2)
         if repeated:
             warnings.warn(f"{root}: {len(repeated)} folder link(s) to a folder already listed (a loop or a second "
                           f"way in) not followed: {listed(repeated, 5)}", stacklevel=2)

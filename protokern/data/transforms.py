@@ -117,7 +117,7 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     path = os.fspath(path)
     if not os.path.isfile(path):
         if os.path.islink(path) and not os.path.exists(path):  # listed in its folder, but nothing to read
-            raise BadImageError(path, f"a broken symbolic link (to {os.readlink(path)}, which does not exist)")
+            raise BadImageError(path, f"a broken symbolic link (to {os.readlink(path)}, which leads to no file)")
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         # MAX_IMAGE_PIXELS decides (the check below), not PIL's own limit, which warns from Image.open above

@@ -58,7 +58,7 @@ def _file_size(path: str) -> tuple[int, int] | None:
 
 
 def _exif_orientation(path: str) -> int | None:
-    """The EXIF orientation tag of an image file other than 1 (upright), else None."""
+    """The EXIF orientation tag of an image file when it turns or mirrors the image (2 to 8), else None."""
     from PIL import Image
 
     try:
@@ -68,7 +68,7 @@ def _exif_orientation(path: str) -> int | None:
                 turn = image.getexif().get(0x0112)
     except Exception:  # noqa: BLE001 (the loading reports a bad file in its own words)
         return None
-    return turn if isinstance(turn, int) and turn != 1 else None
+    return turn if isinstance(turn, int) and 2 <= turn <= 8 else None  # (1: upright; others are not orientations)
 
 
 def _training_size(records, state: dict) -> tuple[int, int] | None:
@@ -168,18 +168,23 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
-    if os.path.isdir(args.image):
-        parser.error(f"--image {printable(args.image)} is a folder: give one image file")
-    if os.path.islink(args.image) and not os.path.exists(args.image):
-        parser.error(f"--image {printable(args.image)} is a broken symbolic link (to "
-                     f"{printable(os.readlink(args.image))}, which does not exist)")
-    if not os.path.isfile(args.image):
-        parser.error(f"image not found: {printable(args.image)}")
     with exit_on_error(PROG, ["--debug"] if args.debug else []):
         return _explain(args, parser)
 
 
+def _checked_image(path: str) -> None:
+    """A one-line error unless ``path`` is a file (before the checkpoint is read)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--image {path} is a folder: give one image file")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise FileNotFoundError(f"--image {path} is a broken symbolic link (to {os.readlink(path)}, which leads to "
+                                f"no file)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path}")
+
+
 def _explain(args, parser) -> str:
+    _checked_image(args.image)
     _checked_data_root(args.data_root)  # before the slow part
     args.device = checked_device(args.device)
     model, records, state = model_from_checkpoint(args.checkpoint, device=args.device)

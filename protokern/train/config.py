@@ -176,8 +176,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, str) and value.startswith("~"):
                 value = os.path.expanduser(value)
-            if isinstance(value, str) and value and name in SAVED_PATH_SETTINGS:
-                value = os.path.abspath(value)
+            if isinstance(value, str) and value and name in SAVED_PATH_SETTINGS and not os.path.isabs(value):
+                value = os.path.join(os.getcwd(), value)  # (not abspath: it would resolve "link/.." textually)
             setattr(self, name, value)
 
     @property

@@ -14,7 +14,7 @@ Run directory (written by rank 0)::
     pruned.pt          with --prune: the pruned model (then the final model: the part localisation,
     prune.json         explanations and gallery are its own; summary.json's "pruned" has its test accuracy and
                        the names of the classes it left without prototypes)
-    explanations/, gallery/, part_localisation.json (synthetic, CUB), interpretability.json (CUB)
+    explanations/, gallery/, part_localisation.json (synthetic), interpretability.json (CUB)
                        of the final model: three test images explained, the prototype gallery, part localisation,
                        consistency and stability
     tb/                TensorBoard events (when tensorboard is installed)
@@ -360,9 +360,11 @@ class Trainer:
         if os.path.exists(os.path.join(out, ckpt.LAST)):
             return (f"--out {out} already holds a run ({ckpt.LAST}): continue it with --resume {_quoted(out)}, or "
                     f"choose another --out")
-        if os.path.exists(os.path.join(out, "summary.json")):  # a run whose last.pt is gone: nothing to resume
-            return (f"--out {out} already holds a run (summary.json) without its {ckpt.LAST}, so it cannot be "
-                    f"resumed: choose another --out")
+        if os.path.exists(os.path.join(out, "summary.json")):  # a run whose last.pt is gone
+            best = os.path.join(out, ckpt.BEST)
+            how = (f"resume it from its best.pt (--resume {_quoted(best)}) or choose another --out"
+                   if os.path.exists(best) else "choose another --out")
+            return f"--out {out} already holds a run (summary.json) without its {ckpt.LAST}: {how}"
         if os.path.exists(os.path.join(out, ckpt.LOCK_FILE)):  # a run stopped before its first step: again here
             return None
         taken = sorted(name for name in os.listdir(out) if name in RUN_ENTRIES)

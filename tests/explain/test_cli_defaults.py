@@ -126,7 +126,9 @@ def test_an_exif_orientation_is_said_to_be_left_unapplied(run_dir, tmp_path, cap
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.open(plain).save(turned, exif=exif)
-    for image, noted in ((plain, False), (turned, True)):
+    exif[0x0112] = 9  # not an orientation: nothing to say
+    Image.open(plain).save(str(tmp_path / "odd.jpg"), exif=exif)
+    for image, noted in ((plain, False), (turned, True), (str(tmp_path / "odd.jpg"), False)):
         cli(["--checkpoint", str(run_dir), "--image", image, "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err
         assert ("EXIF orientation tag (6: photo viewers show it turned or mirrored) is not applied" in err) == noted

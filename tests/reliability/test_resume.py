@@ -430,11 +430,17 @@ def test_a_fresh_run_refuses_a_directory_holding_a_run(run_copy, capsys):
     line = stderr_line(capsys)
     assert exit_info.value.code == 2 and "already holds a run (last.pt)" in line and f"--resume {run_copy}" in line
     assert _rows(run_copy) == rows
-    (run_copy / "last.pt").unlink()  # a finished run's last.pt removed to save space: --resume cannot go on
+    (run_copy / "last.pt").unlink()  # a finished run's last.pt removed to save space: --resume RUN cannot go on
     with pytest.raises(SystemExit) as exit_info:
         main(run_args(run_copy))
     line = stderr_line(capsys)
-    assert exit_info.value.code == 2 and "(summary.json) without its last.pt" in line and "--resume" not in line
+    assert exit_info.value.code == 2 and "(summary.json) without its last.pt" in line
+    assert f"--resume {run_copy / 'best.pt'})" in line and f"--resume {run_copy} " not in line
+    (run_copy / "best.pt").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(run_args(run_copy))
+    line = stderr_line(capsys)
+    assert "(summary.json) without its last.pt: choose another --out" in line and "--resume" not in line
     assert _rows(run_copy) == rows
 
 

@@ -193,6 +193,16 @@ def test_tilde_in_path_settings_is_expanded(tmp_path, monkeypatch):
     assert TrainConfig(out="a/~b").out == "a/~b"
 
 
+def test_saved_paths_are_absolute_as_given(tmp_path, monkeypatch):
+    """data_root and backbone_weights are saved absolute (read back from any working directory), without
+    resolving "link/.." textually (it is the link target's parent); out and resume stay as given."""
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(data_root="data", backbone_weights="w/../trunk.pt", out="runs/x", resume=None)
+    assert (cfg.data_root, cfg.backbone_weights, cfg.out) == (f"{tmp_path}/data", f"{tmp_path}/w/../trunk.pt",
+                                                              "runs/x")
+    assert TrainConfig(data_root="/abs/link/../d").data_root == "/abs/link/../d"
+
+
 def test_a_config_file_cannot_choose_where_the_run_writes(tmp_path):
     """out / resume / max_steps in a shared config file chose the run's folder (writing into an existing one)
     without any flag showing it: refused, unless the flags give them too; unset (null) ones, as config.yaml files
