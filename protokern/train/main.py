@@ -254,6 +254,9 @@ class Trainer:
         self.is_main = info.is_main
         self._check_out()  # before the data is read: a refusal comes at once
         _check_image_size(cfg)
+        if cfg.data_cache == "gpu" and device.type != "cuda":  # (a dataset without files never reaches the cache)
+            raise ValueError(f"--data-cache gpu keeps the images on the training GPU; this run trains on {device}: "
+                             f"use --data-cache memory (or auto)")
         _seed_everything(cfg.seed)
 
         self.train_set, self.val_set, self.test_set, self.push_set, num_classes = build_splits(cfg)

@@ -134,6 +134,13 @@ def test_debug_from_a_config_file_and_the_last_flag_wins(finished_run, tmp_path,
     assert "is empty" in stderr_line(capsys)
 
 
+def test_a_gpu_data_cache_on_a_cpu_run_is_one_line(tmp_path, capsys):
+    """--data-cache gpu on a CPU run was accepted without a word (the synthetic set never reaches the cache)."""
+    assert _exit_code(train, run_args(tmp_path / "run", "--data-cache", "gpu")) == 2
+    assert "--data-cache gpu keeps the images on the training GPU; this run trains on cpu" in stderr_line(capsys)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 @pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "text", "tensor", "model-config"])
 def test_explain_bad_checkpoint(finished_run, tmp_path, capsys, kind):
     path = _bad_checkpoint(kind, finished_run, str(tmp_path))
