@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections import OrderedDict
 
 import torch
@@ -24,7 +25,9 @@ from torchvision.models import vgg as tv_vgg
 
 from protokern.utils import first_line, listed
 
-__all__ = ["BACKBONES", "WeightsUnavailableError", "load_backbone_state", "make_backbone"]
+__all__ = ["BACKBONES", "WeightsUnavailableError", "fetch_imagenet_weights", "load_backbone_state", "make_backbone"]
+
+DOWNLOAD_TIMEOUT_S = 60  # a stalled connection (a proxy, a firewall dropping packets) ends the download
 
 _VGG_CONFIGS = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
 _VGGS = tuple(name + bn for name in _VGG_CONFIGS for bn in ("", "_bn"))
@@ -122,8 +125,24 @@ def make_backbone(name: str, pretrained: bool = False, weights_path=None) -> tup
     return trunk, out_channels
 
 
+def _imagenet_url(name: str) -> str:
+    return torchvision.models.get_model_weights(name)["IMAGENET1K_V1"].url
+
+
+def fetch_imagenet_weights(name: str) -> None:
+    """Make sure torchvision's ImageNet weights for trunk ``name`` are in the torch hub cache (downloading them if
+    not), or raise :class:`WeightsUnavailableError` at once: a trainer calls it before reading its data."""
+    if name == "tiny" or name not in BACKBONES:
+        return
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(_imagenet_url(name)))
+    if not os.path.isfile(cached):
+        _imagenet_state_dict(name)
+
+
 def _imagenet_state_dict(name: str) -> dict:
-    url = torchvision.models.get_model_weights(name)["IMAGENET1K_V1"].url
+    url = _imagenet_url(name)
+    shown = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # (torch.hub's urlopen takes none; each read waits at most this)
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
     except Exception as error:
@@ -134,6 +153,8 @@ def _imagenet_state_dict(name: str) -> dict:
             "file (pretrained=False with weights_path= / ProtoPNet's backbone_weights=; --no-pretrained "
             "--backbone-weights FILE) or train from scratch (pretrained=False / --no-pretrained)"
         ) from error
+    finally:
+        socket.setdefaulttimeout(shown)
 
 
 def _read_state_file(path) -> dict:

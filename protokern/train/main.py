@@ -56,6 +56,7 @@ from protokern.explain import explain_run
 from protokern.explain.metrics import part_boxes, part_localisation
 from protokern.losses import TERMS, ProtoPNetLoss
 from protokern.models import ProtoPNet
+from protokern.models.backbones import fetch_imagenet_weights
 from protokern.models.receptive_field import backbone_receptive_field
 from protokern.push import RECORDS_FILE, PushRecords, push_prototypes, run_push_folder
 from protokern.train import checkpoint as ckpt
@@ -254,6 +255,8 @@ class Trainer:
         self.is_main = info.is_main
         self._check_out()  # before the data is read: a refusal comes at once
         _check_image_size(cfg)
+        if cfg.pretrained and resume_state is None:  # weights neither cached nor downloadable: said before the data
+            fetch_imagenet_weights(cfg.backbone)
         if cfg.data_cache == "gpu" and device.type != "cuda":  # (a dataset without files never reaches the cache)
             raise ValueError(f"--data-cache gpu keeps the images on the training GPU; this run trains on {device}: "
                              f"use --data-cache memory (or auto)")

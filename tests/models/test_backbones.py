@@ -146,7 +146,21 @@ def test_pretrained_unavailable_is_one_line_from_the_trainer(tmp_path, monkeypat
     """python -m protokern.train: exit 2 with one line on stderr, no traceback, no run directory."""
     from protokern.train import main
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _offline)
+    import socket
+    import sys
+
+    timeouts = []
+
+    def offline(*args, **kwargs):  # (and the wait a stalled connection would get)
+        timeouts.append(socket.getdefaulttimeout())
+        _offline()
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read before the weights were found missing (32 s at CUB's size)")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(sys.modules["protokern.train.main"], "build_splits", no_data)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as caught:
         main(["--backbone", "vgg11", "--pretrained", "--image-size", "32", "--synthetic-classes", "2",
@@ -156,6 +170,7 @@ def test_pretrained_unavailable_is_one_line_from_the_trainer(tmp_path, monkeypat
     err = capsys.readouterr().err.strip()
     assert err.startswith("python -m protokern.train: error: no ImageNet weights for vgg11") and "\n" not in err
     assert not out.exists()
+    assert timeouts == [60] and socket.getdefaulttimeout() is None  # torch.hub's urlopen had no timeout: a hang
 
 
 def test_bad_arguments():

@@ -258,3 +258,13 @@ def test_a_schedule_without_a_push(recwarn):
     for name in PRESETS:
         dataclasses.replace(preset_config(name), data_root="/data").validate()
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_backbone_weights_replace_a_presets_pretrained_trunk(tmp_path):
+    """--preset cub --backbone-weights FILE (the offline way to the original's trunk) was refused: "give either
+    --pretrained or --backbone-weights", though only the preset asked for the download."""
+    cfg, _ = parse_config(["--preset", "cub", "--data-root", str(tmp_path), "--backbone-weights", "w.pt"])
+    assert cfg.pretrained is False and cfg.backbone_weights.endswith("w.pt")
+    with pytest.raises(ValueError, match="give either --pretrained or --backbone-weights"):
+        parse_config(["--preset", "cub", "--data-root", str(tmp_path), "--backbone-weights", "w.pt", "--pretrained"])
+
