@@ -145,6 +145,11 @@ class PushRecords:
         if self.image_dir is not None:
             self.find_images(run_push_folder(run_dir, self.image_dir))
 
+    @property
+    def images_pending(self) -> bool:
+        """Whether this push's background PNG writing is still going on (:meth:`wait_images` would block)."""
+        return any(not future.done() for future in self._pending)
+
     def wait_images(self) -> None:
         """Block until the background PNG writing of this push has finished (re-raises its errors)."""
         while self._pending:

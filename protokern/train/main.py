@@ -529,6 +529,8 @@ class Trainer:
         if not self.is_main:
             return
         if self.records is not None:  # a push is done only with its PNGs: last.pt must not count one half-written
+            if self.records.images_pending and not self.cfg.quiet:  # (tens of seconds at 2000 prototypes)
+                print(f"  writing the push's prototype pictures to {self.records.image_dir} ...", flush=True)
             self.records.wait_images()  # (they were written while the step evaluated; a SIGKILL would lose them)
         state = self.state_dict()
         # best.pt before last.pt: a stop between the two leaves last.pt one step behind, and resuming redoes the
@@ -655,7 +657,12 @@ class Trainer:
             summary = self._summary(time.perf_counter() - start, complete)
             phase = "the explanations"
             if complete and self.cfg.explain and self.is_main:
+                if not self.cfg.quiet:  # minutes at 2000 prototypes: a batch log (no bars) would look hung
+                    print(f"writing the explanations, the prototype gallery and the interpretability metrics of "
+                          f"the final model ({self.run_dir}) ...", flush=True)
                 self._explain()
+            if complete:  # the done line's time: the whole session, what came after the steps included
+                self._last_line = _final_line(summary, time.perf_counter() - start)
         except KeyboardInterrupt:
             if self.is_main:
                 if phase == "the explanations":  # the result first: the run's files are complete

@@ -329,6 +329,38 @@ def test_prune_with_every_class_too_small_says_so_at_the_start_and_at_the_end(ti
     assert summary["pruned"] is None and summary["complete"]
 
 
+def test_the_work_after_the_steps_is_announced_and_timed(tiny_args, capsys):
+    """Explanations, gallery and metrics took minutes at 2000 prototypes without a line in a batch log (no bars
+    there), and the done line's time left them out."""
+    summary = main([a for a in tiny_args if a != "--quiet"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    said = [i for i, line in enumerate(lines) if line.startswith("writing the explanations, the prototype gallery")]
+    steps = [i for i, line in enumerate(lines) if line.startswith("[")]
+    assert len(said) == 1 and steps[-1] < said[0] < len(lines) - 1, lines
+    seconds = float(re.search(r", ([0-9.]+) s -> ", lines[-1]).group(1))
+    assert lines[-1].startswith("done:") and seconds >= round(summary["timings"]["this_session_s"], 1)
+
+
+def test_a_wait_for_the_push_pictures_is_announced(tiny_args, capsys, monkeypatch):
+    """The wait for a push's PNGs (48 s at 2000 prototypes) came after the step line, without a word."""
+    import concurrent.futures
+    import time
+
+    import protokern.push as push_module
+
+    real = push_module._write_images
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def slow(*args, **kwargs):  # the pictures still being written when the step is saved
+        return [*real(*args, **kwargs), pool.submit(time.sleep, 0.5)]
+
+    monkeypatch.setattr(push_module, "_write_images", slow)
+    main([a for a in tiny_args if a != "--quiet"] + ["--no-explain"])
+    out = capsys.readouterr().out
+    assert out.count("  writing the push's prototype pictures to ") == 1, out
+    pool.shutdown()
+
+
 def test_a_relative_data_root_is_found_from_another_folder(tmp_path, monkeypatch):
     """A run started with a relative --data-root saves it absolute: --resume and --config RUN/config.yaml from
     another working directory read the same data (they looked for it under that directory)."""
