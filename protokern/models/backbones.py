@@ -142,7 +142,8 @@ def fetch_imagenet_weights(name: str) -> None:
 def _imagenet_state_dict(name: str) -> dict:
     url = _imagenet_url(name)
     shown = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # (torch.hub's urlopen takes none; each read waits at most this)
+    if shown is None:  # (torch.hub's urlopen takes none; each read waits at most this; a user's own one is kept)
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
     except Exception as error:

@@ -492,8 +492,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     config = preset_config(preset)
     explicit = set(from_file) | set(args)
     config = dataclasses.replace(config, **{**from_file, **args})
-    if config.backbone_weights and "backbone_weights" in explicit and "pretrained" not in explicit:
-        config.pretrained = False  # a trunk file replaces the preset's ImageNet download (--preset cub)
+    if config.backbone_weights and "pretrained" not in args and ("backbone_weights" in args
+                                                               or "pretrained" not in from_file):
+        config.pretrained = False  # a trunk file replaces the preset's (or config file's) ImageNet download
     if config.resume:  # checked once merged into the resumed run's saved settings (Trainer), not the preset's
         return config, explicit
     return config.validate(), explicit

@@ -255,11 +255,13 @@ class Trainer:
         self.is_main = info.is_main
         self._check_out()  # before the data is read: a refusal comes at once
         _check_image_size(cfg)
-        if cfg.pretrained and resume_state is None:  # weights neither cached nor downloadable: said before the data
-            fetch_imagenet_weights(cfg.backbone)
         if cfg.data_cache == "gpu" and device.type != "cuda":  # (a dataset without files never reaches the cache)
             raise ValueError(f"--data-cache gpu keeps the images on the training GPU; this run trains on {device}: "
                              f"use --data-cache memory (or auto)")
+        if cfg.pretrained and resume_state is None:  # weights neither cached nor downloadable: said before the data
+            if cfg.dataset != "synthetic" and not os.path.isdir(cfg.data_root):  # (not after a 550 MB download)
+                raise FileNotFoundError(f"--data-root {cfg.data_root} is not a folder")
+            fetch_imagenet_weights(cfg.backbone)
         _seed_everything(cfg.seed)
 
         self.train_set, self.val_set, self.test_set, self.push_set, num_classes = build_splits(cfg)
@@ -661,7 +663,7 @@ class Trainer:
                     print(f"writing the explanations, the prototype gallery and the interpretability metrics of "
                           f"the final model ({self.run_dir}) ...", flush=True)
                 self._explain()
-            if complete:  # the done line's time: the whole session, what came after the steps included
+            if complete:  # the done line's time: from the first step to the end, the explanations included
                 self._last_line = _final_line(summary, time.perf_counter() - start)
         except KeyboardInterrupt:
             if self.is_main:

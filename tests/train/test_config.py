@@ -267,4 +267,11 @@ def test_backbone_weights_replace_a_presets_pretrained_trunk(tmp_path):
     assert cfg.pretrained is False and cfg.backbone_weights.endswith("w.pt")
     with pytest.raises(ValueError, match="give either --pretrained or --backbone-weights"):
         parse_config(["--preset", "cub", "--data-root", str(tmp_path), "--backbone-weights", "w.pt", "--pretrained"])
+    saved = tmp_path / "config.yaml"  # a pretrained run's config.yaml, trained again from a local trunk file
+    saved.write_text(f"preset: cub\ndata_root: {tmp_path}\npretrained: true\n")
+    cfg, _ = parse_config(["--config", str(saved), "--backbone-weights", "w.pt"])
+    assert cfg.pretrained is False
+    saved.write_text(f"preset: cub\ndata_root: {tmp_path}\npretrained: true\nbackbone_weights: w.pt\n")
+    with pytest.raises(ValueError, match="give either --pretrained or --backbone-weights"):
+        parse_config(["--config", str(saved)])  # a file asking for both is still refused
 
