@@ -104,6 +104,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def broken_link(path: str) -> str | None:
+    """What ``path`` is when it is a symbolic link leading to no file (to a missing path, a loop or a chain of
+    such links), else None."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a broken symbolic link (to {os.readlink(path)}, which leads to no file)"
+    return None
+
+
 def open_rgb(path: str | os.PathLike) -> Image.Image:
     """Open an image file and return it as RGB (see :func:`to_rgb`).
 
@@ -116,8 +124,9 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        if os.path.islink(path) and not os.path.exists(path):  # listed in its folder, but nothing to read
-            raise BadImageError(path, f"a broken symbolic link (to {os.readlink(path)}, which leads to no file)")
+        broken = broken_link(path)
+        if broken:  # listed in its folder, but nothing to read
+            raise BadImageError(path, broken)
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         # MAX_IMAGE_PIXELS decides (the check below), not PIL's own limit, which warns from Image.open above

@@ -17,7 +17,7 @@ import warnings
 
 from protokern.checkpoint import model_from_checkpoint
 from protokern.cli import exit_on_error
-from protokern.data.transforms import MAX_IMAGE_PIXELS
+from protokern.data.transforms import MAX_IMAGE_PIXELS, broken_link
 from protokern.explain.local import explain_image
 from protokern.utils import checked_device, printable
 
@@ -43,32 +43,26 @@ def _image_size(text: str):
     return (sides[0], sides[-1])
 
 
-def _file_size(path: str) -> tuple[int, int] | None:
-    """(height, width) of an image file from its header, or None (the image's own loading says what is wrong:
-    a decompression bomb too, which PIL's header read warns about or raises)."""
+def _file_header(path: str) -> tuple[tuple[int, int] | None, int | None]:
+    """From an image file's header: its (height, width) and its EXIF orientation tag when that turns or mirrors
+    the image (2 to 8), each None where unknown (the image's own loading says what is wrong: a decompression
+    bomb too, which PIL's header read warns about or raises)."""
     from PIL import Image
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                return image.height, image.width
+                size = image.height, image.width
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    try:
+                        turn = image.getexif().get(0x0112)
+                    except Exception:  # noqa: BLE001 (unreadable EXIF: the loading reads the pixels alone)
+                        turn = None
     except Exception:  # noqa: BLE001 (any reason: the loading reports it in its own words)
-        return None
-
-
-def _exif_orientation(path: str) -> int | None:
-    """The EXIF orientation tag of an image file when it turns or mirrors the image (2 to 8), else None."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as image:
-                turn = image.getexif().get(0x0112)
-    except Exception:  # noqa: BLE001 (the loading reports a bad file in its own words)
-        return None
-    return turn if isinstance(turn, int) and 2 <= turn <= 8 else None  # (1: upright; others are not orientations)
+        return None, None
+    return size, (turn if isinstance(turn, int) and 2 <= turn <= 8 else None)  # (1: upright; others are none)
 
 
 def _training_size(records, state: dict) -> tuple[int, int] | None:
@@ -176,9 +170,9 @@ def _checked_image(path: str) -> None:
     """A one-line error unless ``path`` is a file (before the checkpoint is read)."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"--image {path} is a folder: give one image file")
-    if os.path.islink(path) and not os.path.exists(path):
-        raise FileNotFoundError(f"--image {path} is a broken symbolic link (to {os.readlink(path)}, which leads to "
-                                f"no file)")
+    broken = broken_link(path)
+    if broken:
+        raise FileNotFoundError(f"--image {path} is {broken}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
 
@@ -195,7 +189,8 @@ def _explain(args, parser) -> str:
               "push): they are learned vectors, not patches of training images, so no source patches are shown",
               file=sys.stderr, flush=True)
     push_set = _push_dataset(state, args.data_root)  # source images (with records) and class names
-    own = _file_size(args.image) if args.image_size in ("auto", "native") else None
+    own, turn = _file_header(args.image)
+    own = own if args.image_size in ("auto", "native") else None
     if own is not None and own[0] * own[1] > MAX_IMAGE_PIXELS:
         own = None  # the loading refuses the file in its own words (a possible decompression bomb)
     size = {"auto": _training_size(records, state), "native": own}.get(args.image_size, args.image_size)
@@ -219,7 +214,6 @@ def _explain(args, parser) -> str:
         print(f"  {e.rank:2d}. prototype {e.prototype:4d} (class {name(e.prototype_class)}): "
               f"{explanation.similarity_kind} similarity {e.similarity:.4f} x weight {e.weight:.4f} = "
               f"{e.contribution:.4f}")
-    turn = _exif_orientation(args.image)
     if turn is not None:
         print(f"note: the image's EXIF orientation tag ({turn}: photo viewers show it turned or mirrored) is not "
               f"applied: it is explained as its pixels are stored, as training images are read; save it upright "
