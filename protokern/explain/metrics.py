@@ -78,10 +78,16 @@ def _argmax_pixels(maps: Tensor, size: tuple[int, int], window: tuple[int, int],
     return (flat // size[1]).float() + 0.5, (flat % size[1]).float() + 0.5
 
 
-def _similarity_maps(model: nn.Module, z: Tensor) -> Tensor:
-    """(B, P, Hout, Wout) maps of every prototype in the layer's similarity, over its window positions."""
+def _pair_maps(model: nn.Module, z: Tensor, b: Tensor, j: Tensor, chunk: int = 256) -> Tensor:
+    """(N, Hout, Wout) maps in the layer's similarity of prototype ``j[n]`` on image ``b[n]``, over its window
+    positions: only the counted pairs, ``chunk`` at a time (every prototype's maps were (B, P, Hout, Wout): 2 GB
+    a batch of 64 at 2000 prototypes on a 28 x 28 map), in the difference form of push's self-activation maps."""
     layer = model.prototype_layer
-    return layer.to_similarity(layer.distance_maps(z))
+    p = layer.prototypes.detach()
+    if not b.numel():
+        return z.new_zeros(0, *layer.output_size(z.shape[-2:]))
+    return torch.cat([layer.to_similarity(layer.distance_maps(z[bc], p[jc], paired=True))
+                      for bc, jc in zip(b.split(chunk), j.split(chunk))])
 
 
 def part_boxes(dataset):
@@ -152,12 +158,8 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
                 raise ValueError(f"boxes has {boxes.shape[0]} rows but the data has an image {int(index.max())}")
             images, labels = images.to(device).float(), labels.to(device)
             z = search_dtype(model.conv_features(imagenet_normalize(images)))
-            if location == "rf_centre":
-                distance, patch = layer.nearest(z)  # (B, P), patch = h * Wout + w
-                score = -distance  # every similarity kind decreases with the distance
-            else:
-                maps = _similarity_maps(model, z)  # (B, P, Hout, Wout)
-                score = maps.flatten(2).amax(2)
+            distance, patch = layer.nearest(z)  # (B, P), patch = h * Wout + w
+            score = -distance  # every similarity kind decreases with the distance
             if prototypes == "own_class":
                 selected = labels[:, None] == classes[None, :]
             else:
@@ -172,7 +174,7 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
                 cy, cx = window_center(rf, (patch[b, j] // wout).double(), (patch[b, j] % wout).double(),
                                        layer.prototype_size)
             else:
-                cy, cx = (v.double() for v in _argmax_pixels(maps[b, j], tuple(images.shape[-2:]),
+                cy, cx = (v.double() for v in _argmax_pixels(_pair_maps(model, z, b, j), tuple(images.shape[-2:]),
                                                              layer.prototype_size))
             box = boxes[index.to(boxes.device)[b.cpu()]].to(device)  # (n, 4)
             inside = (cx >= box[:, 0]) & (cx <= box[:, 2]) & (cy >= box[:, 1]) & (cy <= box[:, 3])
@@ -245,12 +247,13 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
                 noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(
                     seed * 1_000_003 + int(i))) for i in index]) * noise_std
                 x = x + noise.clamp(-noise_clip, noise_clip).to(device)
-            maps = _similarity_maps(model, search_dtype(model.conv_features(x)))  # (B, P, Hout, Wout)
+            z = search_dtype(model.conv_features(x))
             b, j = (labels[:, None] == classes[None, :]).nonzero(as_tuple=True)  # own-class pairs
             parts = torch.stack([torch.as_tensor(dataset.part_locations(int(i)), dtype=torch.float32)
                                  for i in index]).to(device)  # (B, K, 3)
             if b.numel():
-                cy, cx = _argmax_pixels(maps[b, j], tuple(images.shape[-2:]), model.prototype_layer.prototype_size)
+                cy, cx = _argmax_pixels(_pair_maps(model, z, b, j), tuple(images.shape[-2:]),
+                                        model.prototype_layer.prototype_size)
                 px, py, visible = parts[b, :, 0], parts[b, :, 1], parts[b, :, 2] > 0
                 covered = visible & ((px - cx[:, None]).abs() <= half) & ((py - cy[:, None]).abs() <= half)
             else:

@@ -298,3 +298,26 @@ def test_part_boxes_are_only_part_boxes(tmp_path):
     birds = CUB200(tmp_path, "test", image_size=16)
     for view in (birds, LabelledSubset(birds, [0]), prepare_images(birds, "off")):
         assert view.boxes is not None and part_boxes(view) is None
+
+
+def test_maps_are_computed_for_the_counted_pairs_only(monkeypatch):
+    """The argmax location and the part correspondence map only the (image, prototype) pairs they count: every
+    prototype's maps were (B, P, Hout, Wout) a batch (2 GB at 64 images, 2000 prototypes, a 28 x 28 map)."""
+    import protokern.layer
+
+    model, data = _window_setup("log")
+    shapes = []
+    real = protokern.layer.prototype_distances
+
+    def recorded(z, p, **kwargs):
+        out = real(z, p, **kwargs)
+        shapes.append((kwargs.get("paired", False), tuple(out.shape)))
+        return out
+
+    monkeypatch.setattr(protokern.layer, "prototype_distances", recorded)
+    result = part_localisation(model, data, location="argmax", prototypes="top", top_k=2, batch_size=8,
+                               progress=False)
+    assert result["pairs"] == 16 and shapes == [(True, (16, 7, 6))]
+    shapes.clear()
+    corr = part_correspondence(model, data, half_size=12, batch_size=8, progress=False)
+    assert shapes == [(True, (corr.image.shape[0], 7, 6))] and corr.image.shape[0] == 4 * 2 + 4 * 3
