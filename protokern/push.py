@@ -113,8 +113,13 @@ class PushRecords:
                    pushed_as=None if data.get("pushed_as") is None else torch.as_tensor(data["pushed_as"]))
 
     def save(self, path: str) -> None:
-        """``torch.save`` the :meth:`to_dict` form to ``path``."""
-        torch.save(self.to_dict(), path)
+        """Write the :meth:`to_dict` form to ``path`` as checkpoints are written
+        (:func:`protokern.checkpoint.atomic_save`: a write stopped halfway leaves the previous file intact)."""
+        from protokern.checkpoint import atomic_save, check_safe_types
+
+        data = self.to_dict()
+        check_safe_types(data, "push records")
+        atomic_save(data, path)
 
     @classmethod
     def load(cls, path: str) -> PushRecords:

@@ -132,6 +132,29 @@ def test_records_boxes_and_round_trip(tmp_path):
     assert not any(p.endswith(".png") for p in os.listdir(tmp_path))
 
 
+def test_records_are_written_atomically(tmp_path, monkeypatch):
+    """A save stopped halfway (disk full, a kill) leaves the previous push_records.pt whole: it was a plain
+    torch.save into the file, which a truncation left unreadable."""
+    model, data = _model(), _dataset()
+    records = push_prototypes(model, _loader(data), progress=False, save_dir=str(tmp_path), save_images=False)
+    path = tmp_path / "push_records.pt"
+    before = path.read_bytes()
+
+    def full(obj, fh, *args, **kwargs):
+        fh.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError):
+        records.save(str(path))
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["push_records.pt"]
+    assert torch.equal(PushRecords.load(str(path)).patch, records.patch)
+    records.image_dir = tmp_path  # a Path, not a str: refused at save (weights_only loading would refuse it)
+    with pytest.raises(TypeError, match="image_dir"):
+        records.save(str(path))
+
+
 def test_activation_boxes_percentile():
     maps = torch.zeros(1, 4, 4)
     maps[0, 1, 2] = 5.0
