@@ -1,6 +1,7 @@
-"""Checkpoint files: safe loading, atomic writing, and rebuilding a model from a checkpoint.
+"""Checkpoint files: safe loading and atomic writing (a support module: it knows files, not models).
 
-Used by the trainer (``protokern.train``), explanations (``protokern.explain``) and push records. A checkpoint
+Used by the trainer (``protokern.train``), explanations (``protokern.explain``, whose ``model_from_checkpoint``
+rebuilds a model) and push records. A checkpoint
 holds only tensors and plain values (dicts, lists, tuples, str, int, float, bool, None, torch dtypes and
 devices), so it is always read with ``torch.load(weights_only=True)``: a file holding anything else (a pickled
 object whose loading could run code) is refused with :class:`CheckpointError` before any of it is built.
@@ -24,7 +25,7 @@ import torch
 from protokern.utils import first_line
 
 __all__ = ["BEST", "CheckpointError", "FORMAT", "INTERRUPTED", "LAST", "atomic_save", "atomic_write_text",
-           "check_safe_types", "find_checkpoint", "load_checkpoint", "model_from_checkpoint", "nonfinite_tensors",
+           "check_safe_types", "find_checkpoint", "load_checkpoint", "nonfinite_tensors",
            "safe_load", "save_checkpoint"]
 
 LAST, BEST, INTERRUPTED = "last.pt", "best.pt", "interrupted.pt"
@@ -228,67 +229,3 @@ def load_checkpoint(path: str, map_location="cpu", default: str = LAST) -> dict:
         raise CheckpointError(f"{path} has checkpoint format {state['format']}, newer than this protokern "
                               f"({FORMAT}): upgrade protokern")
     return state
-
-
-def _unfit_sizes(config: dict, weights) -> str | None:
-    """What differs between the prototype and last-layer sizes ``config`` would build and the saved ``weights``,
-    checked before anything is allocated (the last layer and class identity grow as classes x prototypes: a
-    config edited in a small file could ask for gigabytes); None if they agree or cannot be read here (the build
-    and ``load_state_dict`` then say what is wrong)."""
-    try:
-        classes = config.get("prototype_classes")
-        num_classes, dim = int(config["num_classes"]), int(config["prototype_dim"])
-        count = len(classes) if classes is not None else num_classes * int(config["prototypes_per_class"])
-        saved = {name: tuple(weights[name].shape) for name in ("prototype_layer.prototypes", "last_layer.weight")}
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return None
-    if saved["last_layer.weight"] != (num_classes, count) or saved["prototype_layer.prototypes"][:2] != (count, dim):
-        return (f"the config makes {count} prototypes of {dim} channels for {num_classes} classes; the weights hold "
-                f"prototypes {saved['prototype_layer.prototypes']} and a last layer {saved['last_layer.weight']}")
-    return None
-
-
-def model_from_checkpoint(path: str, device=None, backbone=None):
-    """Rebuild a trained ``ProtoPNet`` from a trainer checkpoint (``RUN/best.pt``, or a run folder: its best.pt).
-
-    Returns ``(model in eval mode, push records or None, the checkpoint dict)``. The model is rebuilt with
-    ``ProtoPNet.from_config(checkpoint["model_config"], backbone=backbone)`` (``backbone``: the trunk module of a
-    model built around one, which a config cannot hold) and loaded from ``checkpoint["model"]``; a checkpoint
-    that does not fit its config raises :class:`CheckpointError`. A model saved with a backend that cannot run
-    on ``device`` (default CPU), such as "cuda" on a machine without a GPU, gets "auto", with a warning.
-    """
-    from protokern.models import ProtoPNet
-    from protokern.push import PushRecords
-
-    default = BEST if os.path.isdir(path) and os.path.isfile(os.path.join(path, BEST)) else LAST
-    state = load_checkpoint(path, default=default)
-    if not isinstance(state.get("model_config"), dict):
-        raise CheckpointError(f"{path}: checkpoint has no 'model_config' to rebuild the model from")
-    unfit = _unfit_sizes(state["model_config"], state.get("model"))
-    if unfit:
-        raise CheckpointError(f"{path}: the weights do not fit the saved model config ({unfit})")
-    try:
-        model = ProtoPNet.from_config(state["model_config"], backbone=backbone)
-    except (TypeError, ValueError, KeyError, RuntimeError) as error:
-        raise CheckpointError(f"{path}: cannot rebuild the model from its saved config ({first_line(error)[:300]})"
-                              ) from None
-    try:
-        model.load_state_dict(state["model"])
-        records = PushRecords.from_dict(state["push_records"]) if state.get("push_records") else None
-    except (TypeError, ValueError, KeyError, RuntimeError) as error:
-        first = first_line(error)[:300]
-        raise CheckpointError(f"{path}: the weights do not fit the saved model config ({first})") from None
-    if records is not None:  # RUN/push/epoch_NNN of this run, moved or copied
-        records.find_run_images(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
-    model.eval()
-    if device is not None:
-        model.to(device)
-    from protokern.backends import available_backends
-
-    layer, target = model.prototype_layer, torch.device("cpu" if device is None else device)
-    why = None if layer.backend == "auto" else available_backends(target)[layer.backend]
-    if why is not None:
-        warnings.warn(f"{path}: the model was saved with backend {layer.backend!r}, which cannot run on {target} "
-                      f"({why}): using 'auto'", stacklevel=2)
-        layer.backend = "auto"
-    return model, records, state

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from protokern.imaging import jet, normalised, save_png, to_uint8, upsample
 from protokern.utils import (eval_mode, image_batches, image_order, listed, model_device, positive_int,
                              progress as progress_bar)
 
@@ -274,29 +274,6 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
 
 
 # ---------------------------------------------------------------------------------------------- boxes
-def upsample(maps: Tensor, size: tuple[int, int], window: tuple[int, int] = (1, 1)) -> Tensor:
-    """Bicubic upsampling of (H, W) or (N, H, W) maps to ``size`` (as the original's cv2 INTER_CUBIC).
-
-    A map over the positions of kh x kw windows (``window``; Hout = H - kh + 1 of a feature map of H rows) puts
-    each position's value at its window's centre: it is upsampled over the Hout x Wout cells' worth of pixels
-    that the centres span, and its edges are repeated over the (kh - 1) / 2 cells on either side. (Stretched
-    over the whole image, a window's activation would lie up to half a window away from it.) 1 x 1 maps are
-    stretched over the image, as the original's.
-    """
-    single = maps.dim() == 2
-    x = (maps.float()[None] if single else maps.float())[:, None]
-    (kh, kw), (hout, wout), (S_h, S_w) = window, x.shape[-2:], size
-    if (kh, kw) == (1, 1):
-        up = F.interpolate(x, size=(S_h, S_w), mode="bicubic", align_corners=False)
-    else:  # pixels per feature cell: S / H
-        h, w = hout + kh - 1, wout + kw - 1
-        top, left = min(S_h - 1, round((kh - 1) / 2 * S_h / h)), min(S_w - 1, round((kw - 1) / 2 * S_w / w))
-        inner = (max(1, min(S_h - top, round(hout * S_h / h))), max(1, min(S_w - left, round(wout * S_w / w))))
-        up = F.interpolate(x, size=inner, mode="bicubic", align_corners=False)
-        up = F.pad(up, (left, S_w - left - inner[1], top, S_h - top - inner[0]), mode="replicate")
-    return up[0, 0] if single else up[:, 0]
-
-
 @torch.no_grad()
 def activation_boxes(similarity_maps: Tensor, image_size: tuple[int, int], percentile: float = 95.0,
                      chunk: int = 128, window: tuple[int, int] = (1, 1)) -> Tensor:
@@ -521,18 +498,14 @@ def _png_name(j, kind: str) -> str:
 def _write_one(j: int, image: Tensor, sim_map: Tensor, rf_box, act_box, save_dir: str, window) -> None:
     """The original's PNGs of prototype j: its source image, the image under its activation map (the original's
     blend, 0.5 image + 0.3 jet) and the crops of its receptive field and activation box."""
-    from protokern.explain import render  # (here: protokern.explain imports this module)
-
-    img = render.to_uint8(image)  # (S, S, 3)
-    up = upsample(sim_map, img.shape[:2], window).numpy()
-    span = up.max() - up.min()
-    heat = render.jet((up - up.min()) / span if span > 0 else np.zeros_like(up))
-    render.save_png(img, os.path.join(save_dir, _png_name(j, "source")))
+    img = to_uint8(image)  # (S, S, 3)
+    heat = jet(normalised(upsample(sim_map, img.shape[:2], window).numpy()))
+    save_png(img, os.path.join(save_dir, _png_name(j, "source")))
     blend = (0.5 * img.astype(np.float32) + 0.3 * heat.astype(np.float32)).round().astype(np.uint8)
-    render.save_png(blend, os.path.join(save_dir, _png_name(j, "overlay")))
+    save_png(blend, os.path.join(save_dir, _png_name(j, "overlay")))
     for name, (y0, y1, x0, x1) in (("rf", rf_box), ("act", act_box)):
         if y1 > y0 and x1 > x0:
-            render.save_png(img[y0:y1, x0:x1], os.path.join(save_dir, _png_name(j, name)))
+            save_png(img[y0:y1, x0:x1], os.path.join(save_dir, _png_name(j, name)))
 
 
 def _write_images(records: PushRecords, dataset, save_dir: str, workers: int) -> list[Future]:

@@ -97,3 +97,96 @@ def test_the_sdist_carries_every_extension_source_and_header(tmp_path):
     assert {f"csrc/{p.name}" for p in sources} <= names
     # no tests: setuptools would add tests/test*.py alone, which cannot run without the helpers they import
     assert not [n for n in names if n.startswith("tests/")]
+
+
+# ---------------------------------------------------------------------------------------------------- layering
+# kernels -> op -> ProtoLayer -> model -> push -> prune / explain -> train: a module imports its own layer and those
+# below (function-level imports included), and support modules (files, data, pictures, helpers) import only
+# support modules. The command lines are applications: they may import anything.
+LAYERS = [
+    ("kernels", ["protokern.kernels"]),
+    ("op", ["protokern.ops", "protokern.backends", "protokern.torch_backend", "protokern._cuda", "protokern._C"]),
+    ("layer", ["protokern.layer", "protokern"]),
+    ("model", ["protokern.models", "protokern.losses"]),
+    ("push", ["protokern.push"]),
+    ("prune, explain", ["protokern.prune", "protokern.explain"]),
+    ("train", ["protokern.train"]),
+]
+SUPPORT = ["protokern.utils", "protokern.cli", "protokern.imaging", "protokern.data", "protokern.checkpoint"]
+APPLICATIONS = ["protokern.explain.__main__", "protokern.train"]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] == "kernels":
+        parts.insert(0, "protokern")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _within(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _rank(name: str) -> int | None:
+    """The layer of a module (None for a support module); the longest matching prefix decides."""
+    best = (-1, None)
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if _within(name, [p]) and len(p) > best[0]:
+                best = (len(p), rank)
+    for p in SUPPORT:
+        if _within(name, [p]) and len(p) > best[0]:
+            best = (len(p), None)
+    return best[1]
+
+
+def _first_party_imports(path: Path, module: str):
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            target = node.module or "" if node.level == 0 else ".".join(p for p in (base, node.module) if p)
+            # `from package import module` names a module of the package
+            targets = [f"{target}.{a.name}" if _rank(f"{target}.{a.name}") != _rank(target) else target
+                       for a in node.names]
+        else:
+            continue
+        for target in targets:
+            if target.startswith("protokern") and target != module:
+                yield node.lineno, target
+
+
+def _upward_imports(path: Path, module: str) -> list[str]:
+    """``file:line (layer) imports target (layer)`` for each import of ``module`` (at ``path``) going up a layer."""
+    wrong = []
+    rank = _rank(module)
+    for line, target in _first_party_imports(path, module):
+        target_rank = _rank(target)
+        if target_rank is not None and (rank is None or target_rank > rank):  # support modules serve every layer
+            below = "support" if rank is None else LAYERS[rank][0]
+            wrong.append(f"{path.name}:{line} ({below}) imports {target} ({LAYERS[target_rank][0]})")
+    return wrong
+
+
+def test_no_module_imports_a_layer_above_it():
+    """An import going up a layer (a support module reaching the model, push drawing with explain's helpers,
+    the checkpoint module rebuilding models) is named with its file and line."""
+    wrong = [f"{path.parent.name}/{error}" for path in SOURCES if not _within(_module_name(path), APPLICATIONS)
+             for error in _upward_imports(path, _module_name(path))]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_layer_rule_sees_an_upward_import(tmp_path):
+    """The check above can fail: the upward imports it was written against (function-level, relative) are found."""
+    push, checkpoint, ops = tmp_path / "push.py", tmp_path / "checkpoint.py", tmp_path / "ops.py"
+    push.write_text("def f():\n    from protokern.explain import render\n")
+    checkpoint.write_text("import os\nfrom protokern.models import ProtoPNet\nfrom . import utils\n")
+    ops.write_text("from .layer import ProtoLayer\nfrom .kernels import search_bound\n")
+    assert _upward_imports(push, "protokern.push") == ["push.py:2 (push) imports protokern.explain (prune, explain)"]
+    assert _upward_imports(checkpoint, "protokern.checkpoint") == [
+        "checkpoint.py:2 (support) imports protokern.models (model)"]
+    assert _upward_imports(ops, "protokern.ops") == ["ops.py:1 (op) imports protokern.layer (layer)"]

@@ -18,7 +18,8 @@ from torch.utils.data import (BatchSampler, DataLoader, RandomSampler, Sampler, 
 from protokern import nearest_patches, prototype_distances
 from protokern.data import imagenet_normalize
 from protokern.models import ProtoPNet, patch_box
-from protokern.push import PushRecords, activation_boxes, push_prototypes, upsample
+from protokern.imaging import upsample
+from protokern.push import PushRecords, activation_boxes, push_prototypes
 
 NUM_CLASSES, PER_CLASS, SIZE = 3, 2, 32
 

@@ -15,10 +15,9 @@ import os
 import sys
 import warnings
 
-from protokern.checkpoint import model_from_checkpoint
 from protokern.cli import exit_on_error
 from protokern.data.transforms import MAX_IMAGE_PIXELS, broken_link
-from protokern.explain.local import explain_image
+from protokern.explain.local import explain_image, model_from_checkpoint
 from protokern.utils import checked_device, printable
 
 PROG = "python -m protokern.explain"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,11 +21,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from protokern.checkpoint import model_from_checkpoint
+from protokern.backends import available_backends
+from protokern.checkpoint import BEST, LAST, CheckpointError, load_checkpoint
 from protokern.explain import render
+from protokern.models import ProtoPNet
 from protokern.models.receptive_field import checked_receptive_field, patch_box
 from protokern.push import PushRecords, activation_boxes, search_dtype
-from protokern.utils import base_dataset, check_unit_range, eval_mode, model_device, positive_int, strict_json
+from protokern.utils import (base_dataset, check_unit_range, eval_mode, first_line, model_device, positive_int,
+                             strict_json)
 
 __all__ = ["Explanation", "PrototypeEvidence", "explain_image", "load_image_tensor", "model_from_checkpoint"]
 _PANEL = re.compile(r"rank\d{2,}_prototype\d+\.png")  # the per-prototype files of Explanation.save
@@ -48,7 +52,7 @@ class PrototypeEvidence:
             activation map (the original's "most activated" box); rf_box: receptive field of the whole
             nearest kh x kw window (None when the model has no receptive field).
         heatmap: (S, S) similarity map of the (Hout, Wout) window positions, each at its window's centre,
-            bicubically upsampled to the image (:func:`protokern.push.upsample`).
+            bicubically upsampled to the image (:func:`protokern.imaging.upsample`).
         source_index: index of the prototype's source image in the push set (None if not pushed).
         pushed_as: the prototype's index at the push, which names its push PNGs (another one than ``prototype``
             after pruning renumbered the prototypes; None without push records).
@@ -422,3 +426,64 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
                        min_distances=min_distances, weights=weights, prototype_classes=classes, top=evidence,
                        class_names=list(class_names) if class_names is not None else None,
                        similarity_kind=layer.similarity, prototype_size=tuple(window))
+
+
+# ------------------------------------------------------------------------------------ a trained model from its file
+def _unfit_sizes(config: dict, weights) -> str | None:
+    """What differs between the prototype and last-layer sizes ``config`` would build and the saved ``weights``,
+    checked before anything is allocated (the last layer and class identity grow as classes x prototypes: a
+    config edited in a small file could ask for gigabytes); None if they agree or cannot be read here (the build
+    and ``load_state_dict`` then say what is wrong)."""
+    try:
+        classes = config.get("prototype_classes")
+        num_classes, dim = int(config["num_classes"]), int(config["prototype_dim"])
+        count = len(classes) if classes is not None else num_classes * int(config["prototypes_per_class"])
+        saved = {name: tuple(weights[name].shape) for name in ("prototype_layer.prototypes", "last_layer.weight")}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if saved["last_layer.weight"] != (num_classes, count) or saved["prototype_layer.prototypes"][:2] != (count, dim):
+        return (f"the config makes {count} prototypes of {dim} channels for {num_classes} classes; the weights hold "
+                f"prototypes {saved['prototype_layer.prototypes']} and a last layer {saved['last_layer.weight']}")
+    return None
+
+
+def model_from_checkpoint(path: str, device=None, backbone=None):
+    """Rebuild a trained ``ProtoPNet`` from a trainer checkpoint (``RUN/best.pt``, or a run folder: its best.pt,
+    else its last.pt).
+
+    Returns ``(model in eval mode, push records or None, the checkpoint dict)``. The model is rebuilt with
+    ``ProtoPNet.from_config(checkpoint["model_config"], backbone=backbone)`` (``backbone``: the trunk module of a
+    model built around one, which a config cannot hold) and loaded from ``checkpoint["model"]``; a checkpoint
+    that does not fit its config raises :class:`CheckpointError`. A model saved with a backend that cannot run
+    on ``device`` (default CPU), such as "cuda" on a machine without a GPU, gets "auto", with a warning.
+    """
+    default = BEST if os.path.isdir(path) and os.path.isfile(os.path.join(path, BEST)) else LAST
+    state = load_checkpoint(path, default=default)
+    if not isinstance(state.get("model_config"), dict):
+        raise CheckpointError(f"{path}: checkpoint has no 'model_config' to rebuild the model from")
+    unfit = _unfit_sizes(state["model_config"], state.get("model"))
+    if unfit:
+        raise CheckpointError(f"{path}: the weights do not fit the saved model config ({unfit})")
+    try:
+        model = ProtoPNet.from_config(state["model_config"], backbone=backbone)
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: cannot rebuild the model from its saved config ({first_line(error)[:300]})"
+                              ) from None
+    try:
+        model.load_state_dict(state["model"])
+        records = PushRecords.from_dict(state["push_records"]) if state.get("push_records") else None
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:
+        first = first_line(error)[:300]
+        raise CheckpointError(f"{path}: the weights do not fit the saved model config ({first})") from None
+    if records is not None:  # RUN/push/epoch_NNN of this run, moved or copied
+        records.find_run_images(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+    model.eval()
+    if device is not None:
+        model.to(device)
+    layer, target = model.prototype_layer, torch.device("cpu" if device is None else device)
+    why = None if layer.backend == "auto" else available_backends(target)[layer.backend]
+    if why is not None:
+        warnings.warn(f"{path}: the model was saved with backend {layer.backend!r}, which cannot run on {target} "
+                      f"({why}): using 'auto'", stacklevel=2)
+        layer.backend = "auto"
+    return model, records, state

@@ -69,7 +69,7 @@ def _indexed_batches(data, batch_size: int, num_workers: int, num_classes: int |
 def _argmax_pixels(maps: Tensor, size: tuple[int, int], window: tuple[int, int],
                    chunk: int = 256) -> tuple[Tensor, Tensor]:
     """Pixel centres ``(y, x)`` (N,) of the maximum of each (N, H, W) map of ``window`` positions upsampled
-    bicubically to ``size`` (:func:`protokern.push.upsample`).
+    bicubically to ``size`` (:func:`protokern.imaging.upsample`).
 
     Ties go to the first maximum in row-major order. Upsampled in chunks of ``chunk`` maps to bound memory.
     """

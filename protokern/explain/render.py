@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from protokern.push import upsample  # the heatmaps are upsampled as push's activation boxes (the original's rule)
+from protokern.imaging import jet, normalised, save_png, to_uint8, upsample  # (re-exported: push's rules)
 
 __all__ = [
     "BOX_COLOUR",
@@ -45,38 +45,12 @@ DISTANCE_NAMES = {"log": "squared L2 distance", "linear": "squared L2 distance",
 BACKGROUND = (255, 255, 255)
 
 
-def to_uint8(image) -> np.ndarray:
-    """A (3, H, W) float tensor / array in [0, 1], a (H, W, 3) uint8 array or a PIL image -> uint8 (H, W, 3)."""
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    if isinstance(image, torch.Tensor):
-        image = image.detach().float().cpu().numpy()
-    array = np.asarray(image)
-    if array.dtype == np.uint8:
-        if array.ndim != 3 or array.shape[2] != 3:
-            raise ValueError(f"expected a uint8 image (H, W, 3), got shape {array.shape}")
-        return array.copy()
-    if array.ndim != 3 or array.shape[0] != 3:
-        raise ValueError(f"expected a float image (3, H, W) in [0, 1], got shape {array.shape}")
-    array = np.nan_to_num(array.transpose(1, 2, 0), nan=0.0)  # a NaN pixel is drawn black, without a cast warning
-    return (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
-
-
-def jet(values: np.ndarray) -> np.ndarray:
-    """Jet colour map of values in [0, 1] -> uint8 RGB (..., 3)."""
-    v = np.clip(values, 0, 1)[..., None] * 4
-    rgb = np.clip(np.concatenate([1.5 - np.abs(v - 3), 1.5 - np.abs(v - 2), 1.5 - np.abs(v - 1)], -1), 0, 1)
-    return (rgb * 255).round().astype(np.uint8)
-
-
 def overlay(image: np.ndarray, heat, alpha: float = 0.45) -> np.ndarray:
     """``image`` with the min-max normalised ``heat`` map (same H, W) blended on top in jet colours."""
     heat = np.asarray(heat.detach().cpu() if isinstance(heat, torch.Tensor) else heat, dtype=np.float64)
     if heat.shape != image.shape[:2]:
         raise ValueError(f"heatmap {heat.shape} does not match the image {image.shape[:2]}")
-    span = heat.max() - heat.min()
-    norm = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
-    blended = (1 - alpha) * image.astype(np.float64) + alpha * jet(norm).astype(np.float64)
+    blended = (1 - alpha) * image.astype(np.float64) + alpha * jet(normalised(heat)).astype(np.float64)
     return blended.round().clip(0, 255).astype(np.uint8)
 
 
@@ -156,15 +130,6 @@ def grid(rows: list[list[np.ndarray]], gap: int = 6) -> np.ndarray:
             parts.append(_pad_to(np.zeros((0, 0, 3), np.uint8), gap, width))
         parts.append(_pad_to(line, line.shape[0], width))
     return np.concatenate(parts, 0)
-
-
-def save_png(image: np.ndarray, path: str) -> str:
-    """Write a uint8 (H, W, 3) array as a PNG (creating the folder); return ``path``. zlib level 1: the same
-    pixels, about 5% more bytes than PIL's default level 6 in less than half its time (push writes four PNGs a
-    prototype, 8000 at 2000 prototypes)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(image)).save(path, compress_level=1)
-    return path
 
 
 _STYLE = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"

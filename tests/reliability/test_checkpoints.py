@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from protokern.checkpoint import (CheckpointError, check_safe_types, load_checkpoint, model_from_checkpoint,
-                                  safe_load, save_checkpoint)
+from protokern.checkpoint import CheckpointError, check_safe_types, load_checkpoint, safe_load, save_checkpoint
+from protokern.explain import model_from_checkpoint
 from protokern.explain.__main__ import main as explain_main
 from protokern.push import RECORDS_FILE, PushRecords
 from protokern.train import main as train_main

@@ -369,15 +369,14 @@ def test_the_push_step_is_saved_only_with_its_pngs_written(tmp_path, monkeypatch
     import time as time_module
 
     from protokern import push
-    from protokern.explain import render
 
-    save_png = render.save_png
+    save_png = push.save_png
 
     def slow_save_png(*args, **kwargs):
         time_module.sleep(0.2)
         return save_png(*args, **kwargs)
 
-    monkeypatch.setattr(render, "save_png", slow_save_png)
+    monkeypatch.setattr(push, "save_png", slow_save_png)
     seen = []
     write = TRAIN_MAIN.Trainer._write
 

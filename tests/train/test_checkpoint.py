@@ -63,7 +63,7 @@ def test_explain_loads_a_model_without_importing_the_trainer(tmp_path):
 
 
 def test_a_model_saved_with_a_backend_this_device_lacks_loads_with_auto(tmp_path):
-    from protokern.checkpoint import model_from_checkpoint
+    from protokern.explain import model_from_checkpoint
     from protokern.models import ProtoPNet
 
     model = ProtoPNet(backbone="tiny", num_classes=2, prototypes_per_class=1, prototype_dim=8, backend="cuda")
