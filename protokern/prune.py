@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from protokern.models.protopnet import prototype_indices
 from protokern.push import PushRecords, nearest_training_patches
-from protokern.utils import image_batches, listed, model_device, positive_int, progress as _progress
+from protokern.utils import (image_batches, listed, model_device, positive_int, progress as _progress,
+                             unwrap)
 
 __all__ = ["prune_prototypes", "retrain_last_layer", "select_records"]
 
@@ -78,6 +79,7 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
         them), ``num_pruned``, ``num_remaining``, ``k``, ``threshold``, ``neighbours``
         (:class:`Neighbours`) and, with ``push_records``, the kept prototypes' ``push_records``.
     """
+    model = unwrap(model)
     k = positive_int("k", k)
     if not isinstance(threshold, numbers.Integral) or isinstance(threshold, bool) or not 0 <= threshold <= k:
         raise ValueError(f"threshold must be an int in [0, k={k}], got {threshold!r}")
@@ -165,6 +167,7 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
     Returns ``{"iters", "loss", "accuracy"}``: the last epoch's mean loss and training accuracy. The model's
     mode and the last layer's ``requires_grad`` are restored.
     """
+    model = unwrap(model)
     from protokern.losses import ProtoPNetLoss
 
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:

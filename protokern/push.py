@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from protokern.imaging import jet, normalised, save_png, to_uint8, upsample
 from protokern.utils import (eval_mode, image_batches, image_order, listed, model_device, positive_int,
-                             progress as progress_bar)
+                             progress as progress_bar, unwrap)
 
 __all__ = ["PushRecords", "push_prototypes", "activation_boxes"]
 
@@ -160,6 +160,11 @@ class PushRecords:
         while self._pending:
             self._pending.pop().result()
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the PNG writing still going on (its threads and locks): wait on the
+        original (:meth:`wait_images`) for it."""
+        return {**self.__dict__, "_pending": []}
+
 
 def run_push_folder(run_dir: str, stored: str) -> str:
     """``run_dir/push/<name of stored>``: the folder of run ``run_dir`` that a stored push folder of that run
@@ -172,10 +177,6 @@ _TENSOR_FIELDS = ("image_index", "prototype_class", "patch", "min_distance", "rf
 
 
 # ---------------------------------------------------------------------------------------------- models
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 # ---------------------------------------------------------------------------------------------- k nearest
 @dataclass
 class Neighbours:
@@ -221,6 +222,7 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
         heap, which keeps the earliest image), so the result does not depend on the batch size. NaN distances
         count as infinitely far.
     """
+    model = unwrap(model)
     from protokern.data import imagenet_normalize
 
     k = positive_int("k", k)
@@ -346,8 +348,12 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
     """
     from protokern.data import imagenet_normalize
 
-    net = _unwrap(model)
+    net = unwrap(model)
     layer = net.prototype_layer
+    if torch.nn.utils.parametrize.is_parametrized(layer, "prototypes"):  # its .data is a computed copy
+        raise ValueError("push writes training patches into the prototypes, which a parametrization "
+                         "(torch.nn.utils.parametrize) would recompute from its own parameter: remove it "
+                         "(parametrize.remove_parametrizations(layer, 'prototypes')) before pushing")
     prototypes = layer.prototypes
     device = model_device(net, device)
     classes = net.prototype_classes.to(device)
@@ -380,13 +386,8 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
                 gidx = (torch.arange(position, position + batch, device=device) * world + rank)
             position += batch
             x = imagenet_normalize(images.float())
-            if autocast_dtype is None:
-                z = net.conv_features(x)
-            else:  # as in training: the trunk under autocast, the add-on in the model's dtype
-                with torch.autocast(device.type, dtype=autocast_dtype):
-                    f = net.features(x)
-                z = net.add_on(f.to(net.dtype))
-            z = search_dtype(z)
+            z = search_dtype(net.conv_features(x) if autocast_dtype is None else
+                             net.conv_features(x, autocast_dtype=autocast_dtype))  # as in training
             if feature_size is None:
                 image_size, feature_size = tuple(images.shape[-2:]), tuple(z.shape[-2:])
                 best_map = torch.zeros(num_protos, math.prod(layer.output_size(feature_size)), device=device)

@@ -22,6 +22,14 @@ from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, Iter
                               SequentialSampler, Subset, SubsetRandomSampler, WeightedRandomSampler)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (push, pruning and explanations
+    read its attributes, which the wrappers do not forward), else ``model``."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def model_device(model: nn.Module, device=None) -> torch.device:
     """The device ``model`` computes on: that of its first parameter, or ``device`` where given, which must be
     the same one (the model is not moved: a one-line ``ValueError`` instead of a device mismatch deep inside)."""

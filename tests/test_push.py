@@ -156,6 +156,42 @@ def test_records_are_written_atomically(tmp_path, monkeypatch):
         records.save(str(path))
 
 
+def test_wrapped_and_parametrized_models(tmp_path):
+    """A DataParallel-wrapped model is pushed, pruned and explained as the model inside (an AttributeError
+    before); parametrized prototypes are refused (push wrote into a recomputed copy: nothing changed, records
+    said pushed); records copy and pickle while their PNGs are written (an RLock error before)."""
+    import copy
+    import pickle
+
+    from torch.nn.utils import parametrize
+
+    from protokern.explain import explain_image
+    from protokern.prune import prune_prototypes
+
+    model, data = _model(), _dataset()
+    wrapped = torch.nn.DataParallel(model)
+    records = push_prototypes(wrapped, _loader(data), progress=False, save_dir=str(tmp_path))
+    copied = copy.deepcopy(records)
+    assert torch.equal(pickle.loads(pickle.dumps(records)).patch, records.patch) and not copied.images_pending
+    records.wait_images()
+    distance, _ = model.eval().prototype_layer.nearest(model.conv_features(imagenet_normalize(
+        torch.stack([data[int(i)][0] for i in records.image_index]))))
+    assert torch.equal(distance[torch.arange(6), torch.arange(6)], torch.zeros(6))  # each on its source: pushed
+    assert explain_image(wrapped, data[0][0], push_records=records).logits.shape == (NUM_CLASSES,)
+    prune_prototypes(wrapped, _loader(data), k=2, threshold=0, progress=False)
+
+    class NonNegative(torch.nn.Module):
+        def forward(self, x):
+            return x.abs()
+
+    model = _model()
+    parametrize.register_parametrization(model.prototype_layer, "prototypes", NonNegative())
+    with pytest.raises(ValueError, match="parametrization"):
+        push_prototypes(model, _loader(data), progress=False)
+    with pytest.raises(ValueError, match="parametrization"):
+        model.prune_prototypes([0])
+
+
 def test_activation_boxes_percentile():
     maps = torch.zeros(1, 4, 4)
     maps[0, 1, 2] = 5.0

@@ -22,7 +22,7 @@ from protokern.explain.local import (Explanation, PrototypeEvidence, explain_ima
                                      model_from_checkpoint)
 from protokern.explain.metrics import (consistency_and_stability, consistency_score, part_boxes,
                                        part_localisation, stability_score)
-from protokern.utils import strict_json
+from protokern.utils import strict_json, unwrap
 
 __all__ = [
     "Explanation",
@@ -88,6 +88,7 @@ def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=No
     Returns:
         dict with the paths written and the metrics.
     """
+    model = unwrap(model)
     quiet = bool(getattr(config, "quiet", False))
     progress = (not quiet) if progress is None else progress
     classes = getattr(test_dataset, "classes", None)

@@ -18,7 +18,7 @@ from torch import nn
 from protokern.explain import render
 from protokern.models.receptive_field import checked_receptive_field, patch_box
 from protokern.push import PushRecords, nearest_training_patches
-from protokern.utils import base_dataset, positive_int, strict_json
+from protokern.utils import base_dataset, positive_int, strict_json, unwrap
 
 __all__ = ["gallery"]
 
@@ -76,6 +76,7 @@ def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records:
     Returns:
         dict with ``pages`` (PNG paths), ``html`` (path), ``neighbours`` (:class:`protokern.push.Neighbours`).
     """
+    model = unwrap(model)
     from tqdm.auto import tqdm
 
     per_page = positive_int("per_page", per_page)

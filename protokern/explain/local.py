@@ -28,7 +28,7 @@ from protokern.models import ProtoPNet
 from protokern.models.receptive_field import checked_receptive_field, patch_box
 from protokern.push import PushRecords, activation_boxes, search_dtype
 from protokern.utils import (base_dataset, check_unit_range, eval_mode, first_line, model_device, positive_int,
-                             strict_json)
+                             strict_json, unwrap)
 
 __all__ = ["Explanation", "PrototypeEvidence", "explain_image", "load_image_tensor", "model_from_checkpoint"]
 _PANEL = re.compile(r"rank\d{2,}_prototype\d+\.png")  # the per-prototype files of Explanation.save
@@ -357,6 +357,7 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
     Returns:
         :class:`Explanation`; call ``.save(out_dir)`` for the PNGs and ``index.html``.
     """
+    model = unwrap(model)
     layer = model.prototype_layer
     prototypes = layer.prototypes
     num_protos = prototypes.shape[0]

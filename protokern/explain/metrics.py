@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from protokern.explain import render
 from protokern.push import search_dtype
-from protokern.utils import base_dataset, eval_mode, image_batches, image_order, model_device, progress as _progress
+from protokern.utils import (base_dataset, eval_mode, image_batches, image_order, model_device, progress as _progress,
+                             unwrap)
 
 __all__ = [
     "PartCorrespondence",
@@ -122,6 +123,7 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
         dict: ``overall`` (fraction of counted pairs on the part, None if none), ``per_prototype`` (P values,
         None for prototypes never counted), ``pairs`` (counted pairs), ``images``, ``prototypes``, ``location``.
     """
+    model = unwrap(model)
     if location not in LOCATIONS:
         raise ValueError(f"location must be one of {LOCATIONS}, got {location!r}")
     if prototypes not in SELECTIONS:
@@ -227,6 +229,7 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
         noise_std, noise_clip: Gaussian noise added to the normalised image (for stability); 0 for none.
         seed: seed of the noise.
     """
+    model = unwrap(model)
     if not hasattr(dataset, "part_locations"):
         raise TypeError("the dataset has no part_locations(i) (part annotations, e.g. CUB200)")
     if noise_std < 0 or noise_clip < 0:
@@ -306,6 +309,7 @@ def consistency_and_stability(model: nn.Module, dataset, *, mu: float = 0.8, hal
         None), ``stability_per_prototype`` (per prototype fraction or None), ``prototypes_evaluated``, ``mu``,
         ``half_size``, ``noise_std``, ``noise_clip``.
     """
+    model = unwrap(model)
     if not 0 < mu <= 1:
         raise ValueError(f"mu must be in (0, 1], got {mu}")
     common = dict(half_size=half_size, device=device, batch_size=batch_size, num_workers=num_workers,

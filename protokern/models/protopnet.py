@@ -171,15 +171,29 @@ class ProtoPNet(nn.Module):
         return cls(**config)
 
     # ----------------------------------------------------------------------------------------- forward
-    def conv_features(self, x: Tensor) -> Tensor:
+    def conv_features(self, x: Tensor, autocast_dtype: torch.dtype | None = None, trunk=None) -> Tensor:
         """Features in prototype space, (B, D, H, W): ``add_on(features(x))``.
 
         Float images are taken in any float dtype: outside autocast they run in the model's dtype (that of
         its first parameter, the trunk's unless it has none), so a ``.double()`` or ``.half()`` model takes the
-        float32 images of the loaders, push and explanations."""
+        float32 images of the loaders, push and explanations. ``autocast_dtype``: the trunk (not the add-on)
+        runs under ``torch.autocast`` with it, the add-on in the model's dtype (the trainer's mixed precision,
+        which push follows). ``trunk``: a callable run in place of ``features`` (the trainer's compiled one).
+        A trunk that does not return (B, C, H, W) feature maps (a classifier's pooled vectors) is a
+        one-line ``ValueError``."""
         if x.dim() != 4:
             raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
-        return self.add_on(self.features(_in_dtype(x, self.dtype)))
+        dtype, trunk = self.dtype, self.features if trunk is None else trunk
+        if autocast_dtype is None:
+            f = trunk(_in_dtype(x, dtype))
+        else:
+            with torch.autocast(x.device.type, dtype=autocast_dtype):
+                f = trunk(_in_dtype(x, dtype))
+        if not isinstance(f, Tensor) or f.dim() != 4:
+            got = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+            raise ValueError(f"the trunk must return feature maps (B, C, H, W), got {got} (a classifier's pooled "
+                             "output? give its convolutional part)")
+        return self.add_on(_in_dtype(f, dtype))
 
     def classify_features(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(logits (B, C), min_distances (B, P), similarity (B, P))`` from conv features ``z`` (B, D, H, W)."""
@@ -231,6 +245,10 @@ class ProtoPNet(nn.Module):
             raise ValueError("cannot prune every prototype")
 
         old_layer, old_last = self.prototype_layer, self.last_layer
+        if nn.utils.parametrize.is_parametrized(old_layer):
+            raise ValueError("pruning builds a new prototype layer, without the parametrization "
+                             "(torch.nn.utils.parametrize) of this one: remove it before pruning, register it again "
+                             "after")
         prototypes = old_layer.prototypes
         layer = ProtoLayer(keep.numel(), prototypes.shape[1], eps=old_layer.eps, backend=old_layer.backend,
                            precision=old_layer.precision, prototype_size=old_layer.prototype_size,

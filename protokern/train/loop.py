@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -12,7 +11,6 @@ from torch import Tensor, nn
 
 from protokern.data import imagenet_normalize
 from protokern.losses import TERMS
-from protokern.models.protopnet import _in_dtype
 from protokern.train.distributed import all_reduce_sum
 from protokern.utils import progress as progress_bar
 
@@ -32,12 +30,8 @@ class TrainForward(nn.Module):
         object.__setattr__(self, "_trunk", torch.compile(model.features) if compile_trunk else model.features)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        autocast = (torch.autocast(x.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
-                    else contextlib.nullcontext())
-        dtype = self.model.dtype
-        with autocast:
-            f = self._trunk(_in_dtype(x, dtype))
-        similarity, min_distances = self.model.prototype_layer(self.model.add_on(_in_dtype(f, dtype)))
+        similarity, min_distances = self.model.prototype_layer(
+            self.model.conv_features(x, autocast_dtype=self.amp_dtype, trunk=self._trunk))
         return self.model.class_logits(similarity), min_distances
 
 

@@ -148,6 +148,32 @@ def test_custom_trunk_without_geometry_warns():
     assert model(torch.randn(1, 3, 20, 20))[0].shape == (1, 2)
 
 
+def test_a_trunk_returning_vectors_is_one_line():
+    """A classifier with its head taken off (fc = Identity) returns pooled vectors: the add-on's conv2d error
+    ('Expected 3D (unbatched) or 4D (batched) input') did not say the trunk was wrong."""
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.warns(UserWarning, match="receptive field"):
+        model = ProtoPNet(trunk, num_classes=2, prototypes_per_class=1, prototype_dim=4, out_channels=8)
+    with pytest.raises(ValueError, match=r"the trunk must return feature maps \(B, C, H, W\), got \(1, 8\)"):
+        model(torch.randn(1, 3, 20, 20))
+
+
+def test_autocast_trunk_runs_the_add_on_in_the_models_dtype():
+    """conv_features(autocast_dtype=...) is the trainer's mixed-precision forward, which push follows: the trunk
+    under autocast, the add-on in the model's dtype; trunk= stands for features (a compiled one)."""
+    torch.manual_seed(0)
+    model = ProtoPNet("tiny", num_classes=2, prototypes_per_class=1, prototype_dim=8)
+    x = torch.rand(2, 3, 32, 32)
+    seen = []
+    z = model.conv_features(x, autocast_dtype=torch.bfloat16, trunk=lambda t: seen.append(t.dtype) or
+                            model.features(t))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f = model.features(x)
+    assert z.dtype == torch.float32 and seen == [torch.float32]
+    assert torch.equal(z, model.add_on(f.float()))
+    assert not torch.equal(z, model.conv_features(x))  # the trunk did run in bfloat16
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown backbone"):
         ProtoPNet("alexnet")
