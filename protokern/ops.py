@@ -241,6 +241,7 @@ def _forward_impl(z: Tensor, p: Tensor, eps: float, backend: str, precision: str
     check_eps(eps)  # a compiled caller's eps was checked only symbolically (two comparisons: cheap)
     if torch_backend.shapes_only(z):  # the op's outputs are shapes, no kernel runs
         return _forward_fake(z, p, eps, backend, precision)
+    backends.resolve(backend, z.device.type)  # (cached) a graph traced elsewhere holds the backend resolved there
     z3, p = _backend_inputs(z, p, backend)
     if z3.shape[0] == 0:
         return _forward_fake(z, p, eps, backend, precision)
@@ -252,6 +253,7 @@ def _forward_impl(z: Tensor, p: Tensor, eps: float, backend: str, precision: str
 def _backward_impl(grad_sim, grad_dist, z, p, idx, dist, eps: float, backend: str) -> tuple[Tensor, Tensor]:
     if torch_backend.shapes_only(z):  # the op's outputs are shapes, no kernel runs
         return _backward_fake(grad_sim, grad_dist, z, p, idx, dist, eps, backend)
+    backends.resolve(backend, z.device.type)
     z3, p3 = _backend_inputs(z, p, backend)
     if z3.shape[0] == 0:
         return torch.zeros_like(z, memory_format=torch.contiguous_format), torch.zeros_like(p)

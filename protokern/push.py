@@ -325,7 +325,10 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
     distances are those of the layer's similarity.
 
     Args:
-        model: a ``ProtoPNet`` (or DDP-wrapped one); taking ImageNet-normalised images.
+        model: a ``ProtoPNet`` (DDP- or DataParallel-wrapped too), or any module with its ``prototype_layer``
+            (a ``ProtoLayer``), ``prototype_classes`` and ``conv_features(x)``; it is given RGB images
+            normalised here with ImageNet's mean and std (``protokern.data.imagenet_normalize``), as it was
+            trained by the trainer: a model trained on other inputs must take those.
         loader: iterable of ``(images, labels)``: unnormalised images in [0, 1], (B, 3, S, S), in a fixed
             order (normalised here with ``imagenet_normalize``). Image indices are dataset indices for a
             ``DataLoader`` with a sequential or non-shuffling distributed sampler (through ``Subset``s), else

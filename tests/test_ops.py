@@ -436,6 +436,22 @@ def test_available_backends_explains():
     assert isinstance(avail["cuda"], str) and "CUDA" in avail["cuda"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda backend runs on this machine's GPU tensors")
+def test_a_graph_holding_another_devices_backend_says_so():
+    """Traced and exported graphs hold the backend resolved where they were traced: the op checks it against the
+    tensors it gets (a GPU export run on CPU tensors reached Triton's '0 active drivers' or the cuda module's
+    'rebuild with CUDA_HOME'; any unknown name went to the cuda module)."""
+    z, p = torch.rand(2, 4, 3, 3), torch.rand(5, 4)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
+        torch.ops.protokern.prototype_similarity(z, p, 1e-4, "cuda", "high")
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+        torch.ops.protokern.prototype_similarity(z, p, 1e-4, "bogus", "high")
+    dist, idx = torch.rand(2, 5), torch.zeros(2, 5, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
+        torch.ops.protokern.prototype_similarity_backward(torch.ones(2, 5), torch.ones(2, 5), z, p, idx, dist, 1e-4,
+                                                          "cuda")
+
+
 def test_many_pairs_winners_and_gradients(case):
     """M = 300 prototypes: near-ties between patches occur; any minimiser up to rounding is valid."""
     device, backend = case

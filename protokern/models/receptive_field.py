@@ -14,8 +14,11 @@ Layers are found by walking the trunk's modules in registration order. Shortcut 
 add-on layers, 1x1 prototypes) leave the receptive field unchanged. Layers that resample otherwise
 (transposed convolutions, upsampling, fractional or power-average pooling, pixel shuffles) are refused.
 Operations done in ``forward`` without a module (``F.max_pool2d`` ...), and a module called twice, are
-invisible to the walk: :func:`checked_receptive_field` compares the walk with the feature map actually seen,
-and push, the explanations and the gallery draw no box from a geometry that does not match it.
+invisible to the walk: :func:`checked_receptive_field` compares the walk's feature-map size with the one
+actually seen, and push, the explanations and the gallery draw no box from a geometry that fails that check.
+The check sees only what changes the map's size: an unseen layer that keeps it (a stride-1 padded pool in
+``forward``, a 3 x 3 convolution module called again) widens the true receptive field beyond the walked one
+unnoticed, so a trunk of one's own should do such things with modules of their own.
 """
 
 from __future__ import annotations
