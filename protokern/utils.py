@@ -214,7 +214,9 @@ class image_batches:  # noqa: N801 - used as a function
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for position, batch in enumerate(self.loader):
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise ValueError("the loader must yield (images, labels, ...) batches")
+                got = (f"a dict with keys {listed([repr(k) for k in batch], 6)}" if isinstance(batch, dict) else
+                       f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+                raise ValueError(f"the loader must yield (images, labels, ...) batches, got {got}")
             images, labels = batch[0], batch[1]
             if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
                 got = f"shape {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
@@ -224,7 +226,12 @@ class image_batches:  # noqa: N801 - used as a function
                                 "converts uint8 images)")
             if position == 0:
                 check_unit_range(images)
-            labels = torch.as_tensor(labels)
+            try:
+                labels = torch.as_tensor(labels)
+            except (TypeError, ValueError, RuntimeError):  # strings, ragged lists
+                first = labels[0] if isinstance(labels, (tuple, list)) and labels else labels
+                got = type(first).__name__
+                raise ValueError(f"labels must be class indices (integers), got {got} values") from None
             if labels.shape != (images.shape[0],) or labels.is_complex():
                 raise ValueError(f"labels must be {images.shape[0]} class indices, one per image, got a {labels.dtype} "
                                  f"tensor of shape {tuple(labels.shape)}")

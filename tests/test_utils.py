@@ -121,7 +121,10 @@ def test_image_batches_checks_images_and_labels():
         r"4 class indices.*shape \(3,\)": [(x, y[:3])],
         "fractional": [(x, y + 0.5)],
         r"\[0, 2\) for a model of 2 classes, got labels in \[1, 2\]": [(x, y + 1)],
-        r"\(images, labels, \.\.\.\)": [x],
+        r"\(images, labels, \.\.\.\) batches, got a Tensor$": [x],
+        r"batches, got a dict with keys 'image', 'label'$": [{"image": x, "label": y}],
+        r"batches, got a tuple of 1$": [(x,)],
+        r"class indices \(integers\), got str values$": [(x, ["cat", "dog", "dog", "cat"])],
     }
     for message, loader in bad.items():
         with pytest.raises((ValueError, TypeError), match=message) as info:

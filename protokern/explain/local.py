@@ -302,7 +302,11 @@ def _source_image(j: int, index: int, records: PushRecords | None, push_images) 
         return None
     if push_images is not None:
         item = base_dataset(push_images)[index]  # records hold indices of the dataset under a Subset
-        return load_image_tensor(item[0] if isinstance(item, (tuple, list)) else item)
+        try:
+            return load_image_tensor(item[0] if isinstance(item, (tuple, list)) else item)
+        except TypeError as error:  # the image argument's message would blame the explained image
+            raise TypeError(f"push_images[{index}] must be an image (a path, a PIL image or a tensor) or an (image, "
+                            f"label) pair, got {type(item).__name__}") from error
     path = None if records is None else records.png(j)
     if path is not None and os.path.isfile(path):
         return load_image_tensor(path)

@@ -144,6 +144,11 @@ def test_bad_inputs():
     records = push_prototypes(other, DataLoader(_scene(), batch_size=4), progress=False)
     with pytest.raises(ValueError, match="before pruning"):
         explain_image(model, torch.rand(3, 64, 64), push_records=records)
+    model = colour_model([RED, GREEN, BLUE], [0, 1, 1], num_classes=2)
+    records = push_prototypes(model, DataLoader(_scene(), batch_size=4), progress=False)
+    dicts = [{"image": image, "label": label} for image, label in _scene()]
+    with pytest.raises(TypeError, match=r"push_images\[\d+\] must be an image .* got dict$"):  # not the image's fault
+        explain_image(model, torch.rand(3, 64, 64), push_records=records, push_images=dicts)
 
 
 # ------------------------------------------------------------------------------------------- kh x kw prototypes
