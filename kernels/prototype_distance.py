@@ -44,7 +44,7 @@ from protokern.kernels import search_bound
 # "highest": exact fp32 products; "high": 3xTF32 (about fp32 accuracy); "medium": TF32, bounded for operands the
 # tensor cores convert (search_bound.converted_tf32_bound; the interpreter truncates them itself, TRUNCATE) (also
 # the names of their search_bound levels). The precision only changes the search's speed, never its result.
-INPUT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+INPUT_PRECISION = search_bound.PRECISION_LEVELS
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 MAX_PROGRAMS = 2 ** 31 - 1  # CUDA grid axis 0 limit; larger problems launch in runs of images
 MAX_GRID_YZ = 65535  # CUDA grid axes 1 and 2 limit

@@ -75,6 +75,9 @@ import math
 TINY = 2.0 ** -100
 SEPARABLE_MAX_NORM2 = 2.0 ** 100  # the separable form (``separable``) applies where every |z|^2, |p|^2 is at most this
 LEVELS = ("ieee", "tf32x3", "tf32", "bf16")  # increasing search error
+# the op's search precisions and their levels (Triton's input_precision names too): "highest" exact fp32 products,
+# "high" 3xTF32, "medium" TF32
+PRECISION_LEVELS = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 FP32_UNIT = 2.0 ** -24
 FP64_UNIT = 2.0 ** -53
 

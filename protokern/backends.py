@@ -88,6 +88,14 @@ def _unavailable(name: str, device_type: str) -> str | None:
     return f"unknown backend {name!r}; choose from 'auto', " + ", ".join(repr(b) for b in BACKENDS)
 
 
+def check_name(backend) -> str:
+    """``backend`` if it names a backend or is "auto", else the one-line ``ValueError`` of an unknown name
+    (whether it runs on a device is :func:`resolve`'s question)."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(_unavailable(backend, "cpu"))
+    return backend
+
+
 def available_backends(device: str | torch.device | None = None) -> dict[str, str | None]:
     """Map each backend name to None if it works for tensors on ``device``, else the reason it does not.
 

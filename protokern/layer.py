@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from protokern.backends import BACKENDS
+from protokern.backends import check_name
 from protokern.ops import (
-    PRECISIONS,
     check_eps,
+    check_precision,
     check_similarity,
     distance_to_similarity,
     nearest_patches,
@@ -50,12 +50,8 @@ class ProtoLayer(nn.Module):
         kh, kw = window_size(prototype_size)
         self.similarity = check_similarity(similarity)
         self.eps = check_eps(eps)
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose from 'auto', " + ", ".join(map(repr, BACKENDS)))
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.backend = backend
-        self.precision = precision
+        self.backend = check_name(backend)
+        self.precision = check_precision(precision)
         self.prototypes = nn.Parameter(torch.empty(num_prototypes, prototype_dim, kh, kw))
         self.reset_parameters()
 

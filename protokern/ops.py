@@ -88,9 +88,15 @@ def _check(z: Tensor, prototypes: Tensor, eps: float = _UNUSED_EPS, precision: s
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     check_eps(eps)
+    check_precision(precision)
+    return p
+
+
+def check_precision(precision) -> str:
+    """``precision`` if it is one of ``PRECISIONS``, else a one-line ``ValueError``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return p
+    return precision
 
 
 def window_size(value) -> tuple[int, int]:

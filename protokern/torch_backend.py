@@ -79,7 +79,7 @@ def search_level(precision: str, dtype: torch.dtype, device: torch.device) -> st
     """
     if dtype == torch.float64:
         return "ieee"
-    level = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}[precision]
+    level = search_bound.PRECISION_LEVELS[precision]
     return search_bound.worst(level, matmul_level(device))
 
 
