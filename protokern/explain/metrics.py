@@ -232,8 +232,7 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
     model = unwrap(model)
     if not hasattr(dataset, "part_locations"):
         raise TypeError("the dataset has no part_locations(i) (part annotations, e.g. CUB200)")
-    if noise_std < 0 or noise_clip < 0:
-        raise ValueError("noise_std and noise_clip must be >= 0")
+    _check_noise(noise_std, noise_clip)
     from protokern.data import imagenet_normalize
 
     device = model_device(model, device)
@@ -268,6 +267,16 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
     if not out["image"]:
         raise ValueError("the dataset is empty")
     return PartCorrespondence(**{k: torch.cat(v) for k, v in out.items()}, num_prototypes=classes.shape[0])
+
+
+def _check_mu(mu: float) -> None:
+    if not 0 < mu <= 1:
+        raise ValueError(f"mu must be in (0, 1], got {mu}")
+
+
+def _check_noise(noise_std: float, noise_clip: float) -> None:
+    if not (noise_std >= 0 and noise_clip >= 0):  # NaN too
+        raise ValueError(f"noise_std and noise_clip must be >= 0, got {noise_std} and {noise_clip}")
 
 
 def _consistency(corr: PartCorrespondence, mu: float) -> list[bool | None]:
@@ -310,8 +319,8 @@ def consistency_and_stability(model: nn.Module, dataset, *, mu: float = 0.8, hal
         ``half_size``, ``noise_std``, ``noise_clip``.
     """
     model = unwrap(model)
-    if not 0 < mu <= 1:
-        raise ValueError(f"mu must be in (0, 1], got {mu}")
+    _check_mu(mu)
+    _check_noise(noise_std, noise_clip)
     common = dict(half_size=half_size, device=device, batch_size=batch_size, num_workers=num_workers,
                   progress=progress)
     clean = part_correspondence(model, dataset, **common)
@@ -333,17 +342,28 @@ def consistency_and_stability(model: nn.Module, dataset, *, mu: float = 0.8, hal
 
 
 def consistency_score(model: nn.Module, dataset, *, mu: float = 0.8, half_size: int | None = None, **kwargs) -> float:
-    """Fraction of prototypes whose region covers one same part on >= ``mu`` of their class's test images."""
+    """The consistency score alone (one pass over ``dataset``; :func:`consistency_and_stability` has both): the
+    fraction of prototypes whose region covers one same part on at least ``mu`` of their class's test images.
+
+    ``dataset`` needs ``part_locations(i)`` (a ``TypeError`` without; e.g. ``CUB200(root, "test")``); ``kwargs``
+    go to :func:`part_correspondence` (``device``, ``batch_size``, ``num_workers``, ``progress``). NaN when no
+    prototype's class has a test image.
+    """
+    _check_mu(mu)
     corr = part_correspondence(model, dataset, half_size=half_size, **kwargs)
-    if not 0 < mu <= 1:
-        raise ValueError(f"mu must be in (0, 1], got {mu}")
     score = _mean(_consistency(corr, mu))
     return math.nan if score is None else score
 
 
 def stability_score(model: nn.Module, dataset, *, noise_std: float = 0.2, noise_clip: float = 0.25, seed: int = 0,
                     half_size: int | None = None, **kwargs) -> float:
-    """Mean over prototypes of the fraction of their class's test images whose covered parts survive noise."""
+    """The stability score alone (two passes over ``dataset``, clean and noisy): the mean over prototypes of the
+    fraction of their class's test images on which the set of covered parts stays the same under Gaussian noise
+    (``noise_std``, clipped to +-``noise_clip``, seeded by ``seed``) on the normalised image.
+
+    ``dataset`` and ``kwargs`` as for :func:`consistency_score`; NaN when no prototype's class has a test image.
+    """
+    _check_noise(noise_std, noise_clip)
     clean = part_correspondence(model, dataset, half_size=half_size, **kwargs)
     noisy = part_correspondence(model, dataset, half_size=half_size, noise_std=noise_std, noise_clip=noise_clip,
                                 seed=seed, **kwargs)

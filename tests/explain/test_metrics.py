@@ -1,5 +1,7 @@
 """Part localisation on a constructed case; consistency and stability (Huang et al. 2023) on a fake CUB tree."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -191,6 +193,21 @@ def test_consistency_leaves_out_prototypes_without_images(fake_cub):
         part_correspondence(model, ListDataset([canvas(64)], [0]), progress=False)
     with pytest.raises(ValueError, match="mu"):
         consistency_and_stability(model, fake_cub, mu=0, progress=False)
+
+
+def test_bad_settings_are_refused_before_a_pass_over_the_data(fake_cub, monkeypatch):
+    """consistency_score checked mu after its pass over the test set, stability_score its noise after the clean
+    pass (an hour at CUB scale on a CPU, then the error)."""
+    import protokern.explain.metrics as metrics
+
+    model = _cub_model()
+    monkeypatch.setattr(metrics, "part_correspondence", lambda *a, **k: pytest.fail("a pass before the check"))
+    for call, message in ((lambda: consistency_score(model, fake_cub, mu=1.5), "mu must be in"),
+                          (lambda: stability_score(model, fake_cub, noise_std=-1), "noise_std and noise_clip"),
+                          (lambda: stability_score(model, fake_cub, noise_clip=math.nan), "noise_std and noise_clip"),
+                          (lambda: consistency_and_stability(model, fake_cub, noise_std=-0.1), "noise_std")):
+        with pytest.raises(ValueError, match=message):
+            call()
 
 
 # ------------------------------------------------------------------------------------------- kh x kw prototypes
