@@ -1,4 +1,5 @@
-"""The certified patch search's error bound, shared by every backend (pure Python: no triton import).
+"""The certified patch search's error bound of the torch and Triton backends (pure Python: no triton import; the
+cuda kernel derives its own for its HMMA accumulation in csrc/forward.cuh, with the same 2^100 separable limit).
 
 Each backend searches with the expansion ``a~ = |z|^2 + |p|^2 - 2 z.p`` (one GEMM) and then rescores
 exactly, in the difference form ``e = sum_d (z_d - p_d)^2``, every patch i with

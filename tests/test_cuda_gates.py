@@ -316,3 +316,13 @@ def test_cuda_sass_candidates():
     tf32 = cuda_sass.candidate_stats("medium", B=2, M=128)
     assert 1.0 <= fp32["per_bm"] < tf32["per_bm"], (fp32, tf32)
     assert fp32["batches"] >= fp32["per_warp_tile"] / cuda_sass.kRescoreBatch and 1.0 <= fp32["write_iters"] <= 32
+
+
+def test_the_separable_limit_is_the_same_in_both_derivations():
+    """The cuda kernel's own bound (csrc/forward.cuh) and search_bound's share the limit under which the
+    separable form applies: tests of the torch and Triton rule then speak for the cuda one's range too."""
+    from protokern.kernels import search_bound
+
+    source = (CSRC / "forward.cuh").read_text()
+    limit = re.search(r"constexpr float kSeparableMaxNorm2 = (0x[0-9a-fp.+-]+)f;", source)
+    assert limit is not None and float.fromhex(limit.group(1)) == search_bound.SEPARABLE_MAX_NORM2

@@ -165,12 +165,16 @@ def receptive_field_from_layers(layers) -> ReceptiveField:
 
 
 def compute_receptive_field(module: nn.Module) -> ReceptiveField:
-    """Receptive field of the output cells of ``module`` (a trunk, or a trunk followed by add-on layers)."""
+    """Receptive field of the output cells of ``module`` (a trunk, or a trunk followed by add-on layers).
+
+    Raises ``ValueError`` for a trunk whose geometry the walk cannot follow (adaptive pooling, resampling
+    layers, non-square kernels or strides); ``ProtoPNet`` then warns and draws no boxes."""
     return receptive_field_from_layers(layer_geometry(module))
 
 
 def backbone_receptive_field(name: str) -> ReceptiveField:
-    """Receptive field of a supported backbone trunk by name (built on the meta device: no memory, no weights)."""
+    """Receptive field of a supported backbone trunk by name (built on the meta device: no memory, no weights);
+    ``ValueError`` for a name not in ``BACKBONES``."""
     from protokern.models.backbones import make_backbone
 
     with torch.device("meta"):

@@ -48,7 +48,10 @@ def _opt(default, help: str):  # noqa: A002 - argparse's word
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. Defaults are the original ProtoPNet's CUB settings (preset ``cub``)."""
+    """Everything a training run needs. Defaults are the original ProtoPNet's CUB settings (preset ``cub``).
+
+    Each field's meaning is its ``metadata["help"]`` (``python -m protokern.train --help`` shows them, with the
+    flag ``--field-name``); :func:`parse_config` builds one from flags, a preset and a config file."""
 
     preset: str = _opt("cub", "named base configuration: demo (the CPU demo), cub or cars (the original's recipe); "
                                        "flags override it")

@@ -226,7 +226,21 @@ RUN_ENTRIES = ("config.yaml", "metrics.csv", "metrics.jsonl", ckpt.LAST, ckpt.BE
 
 
 class Trainer:
-    """One training run (see the module docstring). ``run()`` returns the summary dict."""
+    """One training run (see the module docstring): :func:`train` builds, runs and closes it.
+
+    Args:
+        cfg: the run's settings (:class:`TrainConfig`, e.g. from :func:`parse_config`).
+        info: this process's place in a torchrun job (``init_distributed(cfg.device)``'s first result).
+        device: the device it trains on (its second result).
+        explicit: names of the settings given explicitly (on the command line or in a config file): with
+            ``cfg.resume``, those are checked against the resumed run's (a changed model, data or optimiser
+            setting is refused); the others come from the run.
+
+    ``run()`` trains, writes the run directory and returns the summary dict; ``close()`` releases the run
+    directory's lock and logs (always call it). The constructor raises ``ValueError`` for settings, data or an
+    ``--out`` it refuses, ``FileNotFoundError`` / ``CheckpointError`` for a checkpoint it cannot resume, and
+    ``RunDirLocked`` when another process trains in the directory.
+    """
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, device: torch.device, explicit: set[str] = frozenset()):
         resume_state = None
@@ -904,7 +918,12 @@ def _final_line(summary: dict, seconds: float) -> str:
 
 
 def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
-    """Run training for ``cfg`` (initialising torch.distributed under torchrun); return the summary."""
+    """Run training for ``cfg`` (initialising torch.distributed under torchrun); return the summary dict (what
+    ``summary.json`` holds). ``explicit``: the settings given explicitly, as for :class:`Trainer`, whose errors
+    this raises; also ``FloatingPointError`` for a non-finite loss (``--nan-policy stop``), ``KeyboardInterrupt``
+    after an orderly stop (interrupted.pt written), and ``PeerStopped`` when another process of the torchrun job
+    stopped.
+    """
     created = not (dist.is_available() and dist.is_initialized())
     info, device = init_distributed(cfg.device)
     trainer = None
