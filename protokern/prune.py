@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from protokern.models.protopnet import prototype_indices
 from protokern.push import PushRecords, nearest_training_patches
-from protokern.utils import (image_batches, listed, model_device, positive_int, progress as _progress,
+from protokern.utils import (distributed, image_batches, listed, model_device, positive_int, progress as _progress,
                              unwrap)
 
 __all__ = ["prune_prototypes", "retrain_last_layer", "select_records"]
@@ -124,7 +124,7 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
     log.info("pruning (k=%d, threshold=%d): %d of %d prototypes %s, %d remain", k, threshold,
              result["num_pruned"], model.num_prototypes + (result["num_pruned"] if apply else 0),
              "pruned" if apply else "would be pruned", result["num_remaining"])
-    one_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    one_process = not distributed() or dist.get_rank() == 0
     if empty and one_process:  # a warning, not a log line: these classes lose all their own evidence
         names = getattr(getattr(loader, "dataset", None), "classes", None)
         named = [f"{c} ({names[c]})" if names is not None and len(names) == num_classes else str(c) for c in empty]

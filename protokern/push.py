@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from protokern.imaging import jet, normalised, save_png, to_uint8, upsample
-from protokern.utils import (eval_mode, image_batches, image_order, listed, model_device, positive_int,
+from protokern.utils import (distributed, eval_mode, image_batches, image_order, listed, model_device, positive_int,
                              progress as progress_bar, unwrap)
 
 __all__ = ["PushRecords", "push_prototypes", "activation_boxes"]
@@ -361,8 +361,8 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
     device = model_device(net, device)
     classes = net.prototype_classes.to(device)
     num_protos = prototypes.shape[0]
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    sharded = distributed()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
 
     order, dataset = image_order(loader)
     best_d = torch.full((num_protos,), math.inf, device=device)
@@ -423,7 +423,7 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
 
     if feature_size is None:
         raise ValueError("push: the loader yielded no images")
-    if distributed:
+    if sharded:
         best_d, best_idx, best_patch, best_feat, best_map = _merge_ranks(
             best_d, best_idx, best_patch, best_feat, best_map)
     if int(nan_count) > 0:

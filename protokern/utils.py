@@ -22,6 +22,11 @@ from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, Iter
                               SequentialSampler, Subset, SubsetRandomSampler, WeightedRandomSampler)
 
 
+def distributed() -> bool:
+    """Whether a torch.distributed process group is running (push, pruning and the trainer then work on shards)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (push, pruning and explanations
     read its attributes, which the wrappers do not forward), else ``model``."""

@@ -325,9 +325,9 @@ def _check_image_size(model: nn.Module, size) -> None:
     if rf is None:
         return
     kh, kw = model.prototype_layer.prototype_size
-    h, w = rf.output_size(size[0]), rf.output_size(size[1])
-    if h < kh or w < kw:
-        side = rf.min_image_size(max(kh, kw))
+    shortfall = rf.window_shortfall((int(size[0]), int(size[1])), (kh, kw))
+    if shortfall is not None:
+        (h, w), side = shortfall
         raise ValueError(f"the image is too small for this model: {size[0]} x {size[1]} pixels give a {h} x {w} "
                          f"feature map, smaller than the prototypes' {kh} x {kw} window"
                          + (f" (it takes at least {side} x {side} pixels)" if side else ""))

@@ -89,6 +89,15 @@ class ReceptiveField:
         side up to 16384 does)."""
         return next((n for n in range(1, 1 << 14) if self.output_size(n) >= cells), None)
 
+    def window_shortfall(self, image_size, window) -> tuple[tuple[int, int], int | None] | None:
+        """None if an image of ``image_size`` (a side or (height, width)) gives a feature map of at least one
+        ``window`` (kh, kw); else that map's (h, w) and the smallest square side that would (None if none)."""
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        (kh, kw), h, w = window, self.output_size(height), self.output_size(width)
+        if h >= kh and w >= kw:
+            return None
+        return (h, w), self.min_image_size(max(kh, kw))
+
     def to_original(self, img_size: int) -> list[float]:
         """The original implementation's ``proto_layer_rf_info``: ``[n, jump, size, start]``."""
         return [self.output_size(img_size), self.jump, self.size, self.start]

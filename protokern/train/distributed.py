@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
-from protokern.utils import checked_device
+from protokern.utils import checked_device, distributed
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
 
 def cleanup() -> None:
     """Destroy the process group if this module's caller created one."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.destroy_process_group()
 
 
@@ -86,14 +86,14 @@ def shard(dataset: Dataset, info: DistInfo) -> Dataset:
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum of ``values`` over ranks (in place; a no-op without a process group)."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 
 def from_main(value):
     """Rank 0's ``value`` on every rank (``value`` itself without a process group): one picklable object."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -101,7 +101,7 @@ def from_main(value):
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.barrier()
 
 

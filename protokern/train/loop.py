@@ -6,13 +6,12 @@ import math
 import time
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from protokern.data import imagenet_normalize
 from protokern.losses import TERMS
 from protokern.train.distributed import all_reduce_sum
-from protokern.utils import progress as progress_bar
+from protokern.utils import distributed, progress as progress_bar
 
 
 class TrainForward(nn.Module):
@@ -38,7 +37,7 @@ class TrainForward(nn.Module):
 def _on_any_rank(flag: bool, device: torch.device) -> bool:
     """``flag`` or-ed over ranks, so that every rank takes the same decision (one that skips or stops alone
     would hang DDP); just ``flag`` without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return flag
     return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
 

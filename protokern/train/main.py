@@ -67,7 +67,7 @@ from protokern.train.distributed import (DistInfo, PeerStopped, barrier, cleanup
 from protokern.train.loop import TrainForward, run_epoch
 from protokern.train.schedule import (Step, build_schedule, learning_rates, make_optimizers, make_scheduler,
                                       optimizer_steps, set_trainable, step_scheduler)
-from protokern.utils import listed, stop_deferred, strict_json
+from protokern.utils import distributed, listed, stop_deferred, strict_json
 
 CSV_COLUMNS = (["step", "stage", "epoch", "iteration", "train_accuracy", "val_accuracy", "test_accuracy"]
                + [f"{split}_{t}" for split in ("train", "val", "test") for t in TERMS]
@@ -210,10 +210,10 @@ def _class_names(dataset, indices: list[int]) -> list[str]:
 def _check_image_size(cfg: TrainConfig) -> None:
     """A one-line ``ValueError`` for an ``--image-size`` whose feature map is smaller than the prototypes'
     window (the trunk would fail in its first forward, or push find no window), before anything is read."""
-    rf = backbone_receptive_field(cfg.backbone)
-    cells, (kh, kw) = rf.output_size(cfg.image_size), cfg.window
-    if cells < max(kh, kw):
-        side = rf.min_image_size(max(kh, kw))
+    kh, kw = cfg.window
+    shortfall = backbone_receptive_field(cfg.backbone).window_shortfall(int(cfg.image_size), cfg.window)
+    if shortfall is not None:
+        (cells, _), side = shortfall
         raise ValueError(f"--image-size {cfg.image_size} gives {cfg.backbone} a {cells} x {cells} feature map, smaller "
                          f"than the {kh} x {kw} prototypes (--prototype-size)"
                          + (f": it takes at least --image-size {side}" if side else ""))
@@ -924,7 +924,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
     after an orderly stop (interrupted.pt written), and ``PeerStopped`` when another process of the torchrun job
     stopped.
     """
-    created = not (dist.is_available() and dist.is_initialized())
+    created = not distributed()
     info, device = init_distributed(cfg.device)
     trainer = None
     try:

@@ -204,3 +204,12 @@ def test_window_box_is_the_influence_of_a_window_conv():
     assert window_center(rf, 3, 2, window=(2, 3)) == ((y0 + y1) / 2, (x0 + x1) / 2)
     with pytest.raises(ValueError):
         patch_box(rf, img, 0, 0, window=(0, 1))
+
+
+def test_window_shortfall_of_a_non_square_image():
+    """One owner of 'the image is too small for a window' (explain's check of an image, the trainer's of
+    --image-size): each side against its own window side."""
+    rf = backbone_receptive_field("tiny")  # 8 pixels a cell
+    assert rf.window_shortfall(32, (4, 4)) is None and rf.window_shortfall((32, 24), (4, 3)) is None
+    assert rf.window_shortfall((32, 16), (2, 3)) == ((4, 2), 24)
+    assert rf.window_shortfall(16, (3, 1)) == ((2, 2), 24)
