@@ -252,6 +252,15 @@ class image_batches:  # noqa: N801 - used as a function
             yield images, labels
 
 
+def parse_sides(text) -> tuple[int, int] | None:
+    """``(first, last)`` of a size written "N" or "AxB" (integers >= 1, spaces ignored; an int N is taken too),
+    or None for anything else: the grammar of --prototype-size and explain's --image-size."""
+    parts = str(text).lower().replace(" ", "").split("x")
+    if len(parts) in (1, 2) and all(p.isdecimal() and int(p) >= 1 for p in parts):
+        return int(parts[0]), int(parts[-1])
+    return None
+
+
 def positive_int(name: str, value) -> int:
     """``value`` (a Python or NumPy integer >= 1; not a bool) as an int, else a one-line error naming ``name``:
     ``TypeError`` for a value that is not an integer, ``ValueError`` for one below 1."""

@@ -167,3 +167,16 @@ def test_listed_shortens_a_messages_list():
 
     assert listed(range(5), 3) == "0, 1, 2 and 2 more"
     assert listed(["a", "b"], 3) == "a, b" and listed([], 3) == ""
+
+
+def test_parse_sides_is_the_size_grammar():
+    """--prototype-size and explain's --image-size read "N" / "AxB" through one parser; a superscript digit (a
+    str.isdigit character int() refuses) was int()'s 'invalid literal' through --prototype-size."""
+    from protokern.train.config import parse_window
+    from protokern.utils import parse_sides
+
+    assert parse_sides("3") == (3, 3) and parse_sides(" 2 X 5 ") == (2, 5) and parse_sides(4) == (4, 4)
+    for bad in ("²", "0", "2x", "x3", "-1", "+3", "1x2x3", "", "3.0"):
+        assert parse_sides(bad) is None, bad
+    with pytest.raises(ValueError, match="prototype_size must be K or KHxKW"):
+        parse_window("²")

@@ -18,7 +18,7 @@ import warnings
 from protokern.cli import exit_on_error
 from protokern.data.transforms import MAX_IMAGE_PIXELS, broken_link
 from protokern.explain.local import explain_image, model_from_checkpoint
-from protokern.utils import checked_device, printable
+from protokern.utils import checked_device, parse_sides, printable
 
 PROG = "python -m protokern.explain"
 
@@ -33,13 +33,10 @@ def _image_size(text: str):
     """--image-size: "auto", "native", a side N or HxW."""
     if text in ("auto", "native"):
         return text
-    try:
-        sides = [int(v) for v in text.lower().split("x")]
-    except ValueError:
-        sides = []
-    if len(sides) not in (1, 2) or min(sides) < 1:
+    sides = parse_sides(text)
+    if sides is None:
         raise argparse.ArgumentTypeError(f"expected auto, native, a side N or HxW, got {text!r}")
-    return (sides[0], sides[-1])
+    return sides
 
 
 def _file_header(path: str) -> tuple[tuple[int, int] | None, int | None]:

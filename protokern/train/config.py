@@ -24,6 +24,7 @@ from protokern.data.augment import MODES as AUGMENT_MODES
 from protokern.data.cache import CACHE_MODES
 from protokern.models import ADD_ONS, BACKBONES
 from protokern.ops import SIMILARITIES
+from protokern.utils import parse_sides
 
 DATASETS = ("synthetic", "cub", "cars", "folder")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -278,9 +279,9 @@ class TrainConfig:
 
 def parse_window(text) -> tuple[int, int]:
     """(kh, kw) of a ``prototype_size`` setting "K" or "KHxKW" (an int K is taken too)."""
-    parts = str(text).lower().replace(" ", "").split("x")
-    if len(parts) in (1, 2) and all(p.isdigit() and int(p) >= 1 for p in parts):
-        return int(parts[0]), int(parts[-1])
+    sides = parse_sides(text)
+    if sides is not None:
+        return sides
     raise ValueError(f"bad config: prototype_size must be K or KHxKW with integers >= 1 (e.g. 1, 3, 2x3), "
                      f"got {text!r}")
 
