@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from protokern import ProtoLayer
+from protokern.layer import ProtoLayer
 from protokern.ops import window_size
 from protokern.models.add_on import make_add_on
 from protokern.models.backbones import make_backbone

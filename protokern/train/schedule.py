@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from protokern.train.config import TrainConfig
+if TYPE_CHECKING:  # (annotations only: config.py builds its schedule with this module)
+    from protokern.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
