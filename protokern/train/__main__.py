@@ -1,9 +1,10 @@
 """``python -m protokern.train``: see ``python -m protokern.train --help``.
 
-Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption, ``kill``) stop a run the same orderly way: the
-half-done step goes to interrupted.pt, the line printed says how to resume from last.pt, and the exit status
-is 128 + the signal (130, 143). A second SIGTERM kills at once. A SIGTERM sent to the whole process group (SLURM,
-systemd) stops the run the same way: its DataLoader workers leave that signal to this process
+Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption, ``kill``) stop a run the same orderly way, through one
+handler: a stop that comes while a step's checkpoints are written waits for them, the half-done step goes to
+interrupted.pt, the line printed says how to resume from last.pt, and the exit status is 128 + the signal (130,
+143). A second Ctrl-C or SIGTERM kills at once. Sent to the whole process group (a terminal's Ctrl-C, SLURM,
+systemd), the signal stops the run the same way: its DataLoader workers leave it to this process
 (protokern.data.loader.worker_init) and are shut down by the orderly stop.
 """
 
@@ -35,6 +36,7 @@ def _stop(signum, frame):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)  # (Python's own KeyboardInterrupt came in the middle of a save)
     try:
         main()
     except KeyboardInterrupt:

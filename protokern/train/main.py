@@ -7,7 +7,8 @@ Run directory (written by rank 0)::
     metrics.csv        one row per schedule step (stage, epoch, accuracies, loss terms, lrs, timing)
     metrics.jsonl      the same rows as JSON lines
     last.pt, best.pt   checkpoints (see Trainer.state_dict); best.pt has the best validation accuracy
-                       (test accuracy with --val-fraction 0); interrupted.pt after Ctrl-C
+                       (test accuracy with --val-fraction 0); interrupted.pt after Ctrl-C or SIGTERM (until a resume
+                       has done its step again)
     push/epoch_NNN/    push_records.pt and the prototype PNGs of each push
     summary.json       test accuracy of the last and of the selected (best.pt) checkpoint, the split that
                        selected it, part localisation of the final model, push records path, timings
@@ -33,6 +34,7 @@ inspection or explanation only: ``--resume`` refuses it and names the command th
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -557,6 +559,8 @@ class Trainer:
                 self._write(state, ckpt.BEST)
             self._write(state, ckpt.LAST)
             self.saved_steps = self.next_step
+            with contextlib.suppress(FileNotFoundError):  # an earlier stop's half-done step: done again now
+                os.remove(self._path(ckpt.INTERRUPTED))
 
     def _write(self, state: dict, name: str) -> None:
         """Save a checkpoint in the run directory (safe types only); never one holding non-finite weights."""

@@ -55,7 +55,8 @@ class _WorkerPids(torch.utils.data.Dataset):
 
 @pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="needs sigwaitinfo (Linux)")
 def test_workers_leave_a_foreign_sigterm_to_the_main_process():
-    """A SIGTERM from another process (a scheduler signalling the whole job) does not kill a worker; one from the
+    """A SIGTERM from another process (a scheduler signalling the whole job) and a Ctrl-C (SIGINT, which a terminal
+    sends to every process of its group: it ended a worker mid-fetch) do not kill a worker; a SIGTERM from the
     main process (its shutdown) ends it at once, with exit status 0 (no "worker is killed" error)."""
     loader = make_loader(_WorkerPids(), batch_size=1, shuffle=False, num_workers=2)
     batches = iter(loader)
@@ -64,6 +65,7 @@ def test_workers_leave_a_foreign_sigterm_to_the_main_process():
     assert set(served) == set(workers)
     for pid in workers:  # sent by the `kill` process, not by the main process
         subprocess.run(["kill", "-TERM", str(pid)], check=True)
+        subprocess.run(["kill", "-INT", str(pid)], check=True)
     time.sleep(0.2)
     assert len([int(pid) for pid in batches]) == 42 and all(w.is_alive() for w in workers.values())
     for pid, worker in workers.items():

@@ -154,6 +154,31 @@ def test_sigterm_stops_like_ctrl_c(tmp_path):
     assert (run / "interrupted.pt").exists() and (run / "last.pt").exists()
     summary = main(["--resume", str(run), "--quiet", "--max-steps", "1"])
     assert summary["steps_done"] == load_checkpoint(str(run))["step"] + 1
+    assert not (run / "interrupted.pt").exists()  # its step done again: a finished run kept it (a full checkpoint)
+
+
+def test_ctrl_c_while_a_step_is_saved_waits_for_the_save(tmp_path):
+    """Ctrl-C takes the SIGTERM handler's road: one coming while a step's checkpoints are written waits for them
+    (Python's own KeyboardInterrupt stopped the write: the step, already logged, was trained again on resume).
+    A terminal's Ctrl-C goes to the whole process group: the DataLoader workers leave it to the main process."""
+    run = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import importlib, os, runpy, signal, sys
+        train_main = importlib.import_module("protokern.train.main")  # (the package's main is the function)
+        real = train_main.ckpt.save_checkpoint
+        def save(state, path):
+            if path.endswith("last.pt") and not os.path.exists(path):  # the first step's save: Ctrl-C in it
+                os.killpg(os.getpgrp(), signal.SIGINT)
+            real(state, path)
+        train_main.ckpt.save_checkpoint = save
+        sys.argv = ["protokern.train"] + {run_args(run, "--num-workers", "2")!r}
+        runpy.run_module("protokern.train", run_name="__main__")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    assert load_checkpoint(str(run))["step"] == 0 and [r["step"] for r in _rows(run)] == [0], proc.stdout
+    assert f"--resume {run}" in proc.stdout and "restarts at step 2/4" in proc.stdout, proc.stdout
 
 
 def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
