@@ -580,7 +580,6 @@ class Trainer:
         return self._wrapped[1]
 
     def _train(self, step: Step) -> dict:
-        cfg = self.cfg
         set_trainable(self.model, step.stage)
         # warm / joint train the whole model in train mode as the original; last-layer epochs keep BN
         # statistics frozen (eval mode) so the pushed prototypes stay exact patches of their images
@@ -588,18 +587,24 @@ class Trainer:
         if step.stage == "joint":
             step_scheduler(self.scheduler)
         optimizer = self.optimizers[step.stage]
-        self.train_loader.sampler.set_epoch(step.index)
-        self.generator.manual_seed(cfg.seed * 1_000_003 + step.index * 7919 + self.info.rank)
-        train = run_epoch(self._wrapped_forward(step.stage), self.model, self.train_loader, self.loss_fn,
-                          self.device, optimizer=optimizer, augment=self.augment, generator=self.generator,
-                          scaler=self.scaler, channels_last=cfg.channels_last, progress=self._bars(),
-                          desc=f"{step.stage} {step.epoch}", nan_policy=cfg.nan_policy)
-        if self.info.enabled:  # BN statistics drift per rank after the last forward: use rank 0's everywhere
-            for buffer in self.model.buffers():
-                dist.broadcast(buffer, src=0)
+        train = self._train_epoch(self._wrapped_forward(step.stage), optimizer, step.index,
+                                  f"{step.stage} {step.epoch}")
         row = {f"train_{k}": v for k, v in train.items() if k not in ("images", "seconds")}
         row.update(learning_rates(optimizer), images_per_s=train["images"] / max(train["seconds"], 1e-9))
         return row
+
+    def _train_epoch(self, forward, optimizer, index: int, desc: str) -> dict:
+        """One training epoch, the ``index``-th of the run (it seeds the shuffling and the augmentation)."""
+        cfg = self.cfg
+        self.train_loader.sampler.set_epoch(index)
+        self.generator.manual_seed(cfg.seed * 1_000_003 + index * 7919 + self.info.rank)
+        train = run_epoch(forward, self.model, self.train_loader, self.loss_fn, self.device, optimizer=optimizer,
+                          augment=self.augment, generator=self.generator, scaler=self.scaler,
+                          channels_last=cfg.channels_last, progress=self._bars(), desc=desc, nan_policy=cfg.nan_policy)
+        if self.info.enabled:  # BN statistics drift per rank after the last forward: use rank 0's everywhere
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, src=0)
+        return train
 
     def _push(self, step: Step) -> dict:
         save_dir = self._path(os.path.join("push", f"epoch_{step.epoch:03d}"))
@@ -856,15 +861,7 @@ class Trainer:
         for epoch in range(cfg.prune_retrain_epochs):
             index = len(self.schedule) + epoch  # shuffling and augmentation seeds continue after the schedule's
             self.model.train()
-            self.train_loader.sampler.set_epoch(index)
-            self.generator.manual_seed(cfg.seed * 1_000_003 + index * 7919 + self.info.rank)
-            train = run_epoch(forward, self.model, self.train_loader, self.loss_fn, self.device, optimizer=optimizer,
-                              augment=self.augment, generator=self.generator, scaler=self.scaler,
-                              channels_last=cfg.channels_last, progress=self._bars(), desc=f"prune retrain {epoch}",
-                              nan_policy=cfg.nan_policy)
-            if self.info.enabled:  # as _train: one set of BN statistics on every rank
-                for buffer in self.model.buffers():
-                    dist.broadcast(buffer, src=0)
+            train = self._train_epoch(forward, optimizer, index, f"prune retrain {epoch}")
             self.model.eval()
             test = run_epoch(self.forward, self.model, self.test_loader, self.loss_fn, self.device,
                              channels_last=cfg.channels_last, progress=self._bars(), desc="test")
