@@ -292,6 +292,16 @@ def _backward_fake(grad_sim, grad_dist, z, p, idx, dist, eps, backend):
     return torch.empty_like(z, memory_format=torch.contiguous_format), torch.empty_like(p)
 
 
+def _no_second_order(ctx, *grads):
+    raise RuntimeError("second derivatives of protokern's op are computed in eager mode only; a compiled, traced or "
+                       "exported graph has its first derivatives (call the model eagerly for create_graph=True)")
+
+
+# (without it, torch's message told the op's user to register an autograd formula)
+torch.library.register_autograd("protokern::prototype_similarity_backward", _no_second_order,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 def _setup_context(ctx, inputs, output):
     z, p, eps, backend, _ = inputs
     _, dist, idx = output

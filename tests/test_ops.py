@@ -187,6 +187,21 @@ def test_second_order_matches_original(case):
     assert not gz.requires_grad
 
 
+def test_second_order_through_an_exported_graph_says_it_is_eager_only():
+    """An exported (or traced) graph holds the op's first derivatives only: its double backward is one line saying
+    so (torch's 'no autograd formula ... use register_autograd' told the op's user to write one)."""
+    layer = protokern.ProtoLayer(5, 4)
+    z = torch.rand(2, 4, 3, 3, requires_grad=True)
+    exported = torch.export.export(layer, (z,)).module()
+    sim, _ = exported(z)
+    gz, = torch.autograd.grad(sim.sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives of protokern's op are computed in eager mode only"):
+        gz.sum().backward()
+    z.grad = None
+    exported(z)[0].sum().backward()  # first order as before
+    assert torch.allclose(z.grad, torch.autograd.grad(layer(z)[0].sum(), z)[0])
+
+
 def test_torch_func_transforms(case):
     """torch.func: vmap (z batched, prototypes batched, both; nearest_patches too), per-sample gradients vmap(grad), and
     forward mode (jacfwd over grad: the Hessian in p), each against the float64 original layer."""
