@@ -128,10 +128,17 @@ def test_backward_is_deterministic(case):
 
 
 def test_opcheck(case):
+    """torch.library.opcheck of both custom ops (schema, fake implementations, autograd registration, AOT
+    dispatch with dynamic shapes), as the graphs of torch.compile and torch.export use them."""
     device, backend = case
     z = torch.rand(2, 16, 3, 5, device=device, requires_grad=True)
     p = torch.rand(4, 16, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.protokern.prototype_similarity.default, (z, p, 1e-4, backend, "highest"))
+    with torch.no_grad():
+        sim, dist, idx = torch.ops.protokern.prototype_similarity(z, p, 1e-4, backend, "highest")
+    grads = (torch.randn_like(sim), torch.randn_like(dist))
+    torch.library.opcheck(torch.ops.protokern.prototype_similarity_backward.default,
+                          (*grads, z.detach(), p.detach(), idx, dist, 1e-4, backend))
 
 
 def test_single_output_gradients(case):
@@ -185,20 +192,6 @@ def test_second_order_matches_original(case):
     sim, _ = protokern.prototype_similarity(z, p, backend=backend)  # first order, no create_graph: unchanged
     gz, = torch.autograd.grad(sim.sum(), z)
     assert not gz.requires_grad
-
-
-def test_opcheck(case):
-    """torch.library.opcheck of both custom ops (schema, fake implementations, autograd registration, AOT
-    dispatch with dynamic shapes), as the graphs of torch.compile and torch.export use them."""
-    device, backend = case
-    z = torch.rand(2, 5, 3, 4, device=device, requires_grad=True)
-    p = torch.rand(6, 5, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.protokern.prototype_similarity.default, (z, p, 1e-4, backend, "highest"))
-    with torch.no_grad():
-        sim, dist, idx = torch.ops.protokern.prototype_similarity(z, p, 1e-4, backend, "highest")
-    grads = (torch.randn_like(sim), torch.randn_like(dist))
-    torch.library.opcheck(torch.ops.protokern.prototype_similarity_backward.default,
-                          (*grads, z.detach(), p.detach(), idx, dist, 1e-4, backend))
 
 
 def test_second_order_through_an_exported_graph_says_it_is_eager_only():

@@ -17,8 +17,8 @@ def worker_init(worker_id: int) -> None:
     """``worker_init_fn`` of protokern's loaders: a SIGTERM from the main process (its shutdown) ends the worker at
     once, as torch's own handler does; a SIGTERM from anyone else (a scheduler signalling every process of the job:
     SLURM, systemd, ``kill`` of the process group) and a terminal's Ctrl-C (SIGINT, ignored) are left to the main
-    process, whose orderly stop then shuts the workers down. Under torch's handler the worker would die of it, and the main process would get "DataLoader
-    worker is killed" in the middle of saving. Where ``sigwaitinfo`` is missing (macOS, Windows) torch's handling
+    process, whose orderly stop then shuts the workers down. Under torch's handler the worker would die of it, and
+    the main process would get "DataLoader worker is killed" in the middle of saving. Where ``sigwaitinfo`` is missing (macOS, Windows) torch's handling
     stays."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches every process of its group
     if not hasattr(signal, "sigwaitinfo"):
