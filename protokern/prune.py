@@ -63,7 +63,7 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
     :func:`retrain_last_layer`.
 
     Args:
-        model: a ``ProtoPNet``.
+        model: a ``ProtoPNet`` (DataParallel-wrapped too; not DistributedDataParallel: see ``utils.unwrap``).
         loader: the (unaugmented) training images, ``(images, labels, ...)`` batches in [0, 1], fixed order.
         k, threshold: the pruning rule; ``0 <= threshold <= k``.
         device: the model's device (default; another one is a ValueError). progress: tqdm bar.
@@ -79,7 +79,9 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
         them), ``num_pruned``, ``num_remaining``, ``k``, ``threshold``, ``neighbours``
         (:class:`Neighbours`) and, with ``push_records``, the kept prototypes' ``push_records``.
     """
-    model = unwrap(model)
+    model = unwrap(model, ddp=False)
+    if apply:
+        model.check_prunable()  # before the pass over the data
     k = positive_int("k", k)
     if not isinstance(threshold, numbers.Integral) or isinstance(threshold, bool) or not 0 <= threshold <= k:
         raise ValueError(f"threshold must be an int in [0, k={k}], got {threshold!r}")
@@ -167,7 +169,7 @@ def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float 
     Returns ``{"iters", "loss", "accuracy"}``: the last epoch's mean loss and training accuracy. The model's
     mode and the last layer's ``requires_grad`` are restored.
     """
-    model = unwrap(model)
+    model = unwrap(model, ddp=False)
     from protokern.losses import ProtoPNetLoss
 
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:

@@ -326,7 +326,8 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
 
     Args:
         model: a ``ProtoPNet`` (DDP- or DataParallel-wrapped too), or any module with its ``prototype_layer``
-            (a ``ProtoLayer``), ``prototype_classes`` and ``conv_features(x)``; it is given RGB images
+            (a ``ProtoLayer``), ``prototype_classes`` and ``conv_features(x)`` (``conv_features(x,
+            autocast_dtype=...)`` with ``autocast_dtype``, as ``ProtoPNet``'s); it is given RGB images
             normalised here with ImageNet's mean and std (``protokern.data.imagenet_normalize``), as it was
             trained by the trainer: a model trained on other inputs must take those.
         loader: iterable of ``(images, labels)``: unnormalised images in [0, 1], (B, 3, S, S), in a fixed

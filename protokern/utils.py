@@ -27,10 +27,15 @@ def distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside ``DistributedDataParallel`` / ``DataParallel`` wrappers (push, pruning and explanations
-    read its attributes, which the wrappers do not forward), else ``model``."""
+def unwrap(model: nn.Module, ddp: bool = True) -> nn.Module:
+    """The model inside ``DataParallel`` and (``ddp``) ``DistributedDataParallel`` wrappers (push and explanations
+    read its attributes, which the wrappers do not forward), else ``model``. ``ddp=False``: a DDP wrapper is a
+    one-line ``TypeError`` (pruning and last-layer retraining are not shard-aware, and pruning replaces the layers
+    a wrapper holds: give them the model inside, the whole training set on every process, and wrap it again)."""
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if isinstance(model, nn.parallel.DistributedDataParallel) and not ddp:
+            raise TypeError("give the model inside DistributedDataParallel (.module), with the whole training set on "
+                            "every process, and wrap it again after pruning (which replaces its layers)")
         model = model.module
     return model
 
@@ -80,6 +85,9 @@ class _Stop:
 
     depth = 0
     pending = False
+
+
+STOP_SIGNALS: set[int] = set()  # the signals this process's handler turns into stop() (python -m protokern.train)
 
 
 def stop() -> None:

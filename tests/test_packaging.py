@@ -106,7 +106,7 @@ def test_the_sdist_carries_every_extension_source_and_header(tmp_path):
 LAYERS = [
     ("kernels", ["protokern.kernels"]),
     ("op", ["protokern.ops", "protokern.backends", "protokern.torch_backend", "protokern._cuda", "protokern._C"]),
-    ("layer", ["protokern.layer", "protokern"]),
+    ("layer", ["protokern.layer", "protokern"]),  # (the package itself: exactly, not as a prefix)
     ("model", ["protokern.models", "protokern.losses"]),
     ("push", ["protokern.push"]),
     ("prune, explain", ["protokern.prune", "protokern.explain"]),
@@ -123,6 +123,13 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+MODULES = {_module_name(path) for path in SOURCES}
+
+
+def _module_exists(name: str) -> bool:
+    return name in MODULES
+
+
 def _within(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
@@ -132,11 +139,13 @@ def _rank(name: str) -> int | None:
     best = (-1, None)
     for rank, (_, prefixes) in enumerate(LAYERS):
         for p in prefixes:
-            if _within(name, [p]) and len(p) > best[0]:
+            if (name == p if p == "protokern" else _within(name, [p])) and len(p) > best[0]:
                 best = (len(p), rank)
     for p in SUPPORT:
         if _within(name, [p]) and len(p) > best[0]:
             best = (len(p), None)
+    if best[0] < 0:
+        raise KeyError(f"{name} is in no layer of LAYERS or SUPPORT: give it its place there")
     return best[1]
 
 
@@ -150,9 +159,11 @@ def _first_party_imports(path: Path, module: str):
             for _ in range(node.level - 1):
                 base = base.rpartition(".")[0]
             target = node.module or "" if node.level == 0 else ".".join(p for p in (base, node.module) if p)
-            # `from package import module` names a module of the package
-            targets = [f"{target}.{a.name}" if _rank(f"{target}.{a.name}") != _rank(target) else target
-                       for a in node.names]
+            if not target.startswith("protokern"):
+                continue
+            # `from package import module` names a module of the package (`from protokern import ProtoLayer`: the
+            # package itself)
+            targets = [f"{target}.{a.name}" if _module_exists(f"{target}.{a.name}") else target for a in node.names]
         else:
             continue
         for target in targets:
@@ -178,6 +189,8 @@ def test_no_module_imports_a_layer_above_it():
     wrong = [f"{path.parent.name}/{error}" for path in SOURCES if not _within(_module_name(path), APPLICATIONS)
              for error in _upward_imports(path, _module_name(path))]
     assert not wrong, "\n".join(wrong)
+    for path in SOURCES:  # a new module is given its layer (not found in a default one)
+        _rank(_module_name(path))
 
 
 def test_the_layer_rule_sees_an_upward_import(tmp_path):
@@ -186,7 +199,10 @@ def test_the_layer_rule_sees_an_upward_import(tmp_path):
     push.write_text("def f():\n    from protokern.explain import render\n")
     checkpoint.write_text("import os\nfrom protokern.models import ProtoPNet\nfrom . import utils\n")
     ops.write_text("from .layer import ProtoLayer\nfrom .kernels import search_bound\n")
-    assert _upward_imports(push, "protokern.push") == ["push.py:2 (push) imports protokern.explain (prune, explain)"]
+    assert _upward_imports(push, "protokern.push") == [
+        "push.py:2 (push) imports protokern.explain.render (prune, explain)"]
     assert _upward_imports(checkpoint, "protokern.checkpoint") == [
         "checkpoint.py:2 (support) imports protokern.models (model)"]
     assert _upward_imports(ops, "protokern.ops") == ["ops.py:1 (op) imports protokern.layer (layer)"]
+    with pytest.raises(KeyError, match="protokern.newmodule is in no layer"):
+        _rank("protokern.newmodule")

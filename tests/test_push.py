@@ -190,6 +190,38 @@ def test_wrapped_and_parametrized_models(tmp_path):
         push_prototypes(model, _loader(data), progress=False)
     with pytest.raises(ValueError, match="parametrization"):
         model.prune_prototypes([0])
+    model = _model()
+    parametrize.register_parametrization(model.last_layer, "weight", NonNegative())  # pruning dropped it
+    with pytest.raises(ValueError, match="new last layer, without the parametrization"):
+        model.prune_prototypes([0])
+    passes = []
+    import protokern.prune
+    real = protokern.prune.nearest_training_patches
+    protokern.prune.nearest_training_patches = lambda *a, **k: passes.append(1) or real(*a, **k)
+    try:
+        with pytest.raises(ValueError, match="parametrization"):  # before the pass over the data
+            prune_prototypes(model, _loader(data), k=2, threshold=0, progress=False)
+        prune_prototypes(model, _loader(data), k=2, threshold=0, progress=False, apply=False)  # a report: taken
+    finally:
+        protokern.prune.nearest_training_patches = real
+    assert passes == [1]
+
+
+def test_pruning_refuses_a_ddp_wrapper():
+    """Pruning and last-layer retraining are not shard-aware and pruning replaces the layers a DDP wrapper holds:
+    they refuse the wrapper in one line (unwrapped, processes on their shards drifted apart and gloo aborted)."""
+    from protokern.prune import prune_prototypes, retrain_last_layer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(_model())
+        for call in (lambda: prune_prototypes(wrapped, _loader(_dataset()), k=2, progress=False),
+                     lambda: retrain_last_layer(wrapped, _loader(_dataset()), iters=1, progress=False)):
+            with pytest.raises(TypeError, match=r"give the model inside DistributedDataParallel \(\.module\)"):
+                call()
+        assert push_prototypes(wrapped, _loader(_dataset()), progress=False).patch.shape == (6, 2)  # push merges
+    finally:
+        dist.destroy_process_group()
 
 
 def test_activation_boxes_percentile():

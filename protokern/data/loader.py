@@ -10,6 +10,8 @@ import threading
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from protokern.utils import STOP_SIGNALS
+
 __all__ = ["make_loader", "default_num_workers", "worker_init"]
 
 
@@ -18,9 +20,12 @@ def worker_init(worker_id: int) -> None:
     once, as torch's own handler does; a SIGTERM from anyone else (a scheduler signalling every process of the job:
     SLURM, systemd, ``kill`` of the process group) and a terminal's Ctrl-C (SIGINT, ignored) are left to the main
     process, whose orderly stop then shuts the workers down. Under torch's handler the worker would die of it, and
-    the main process would get "DataLoader worker is killed" in the middle of saving. Where ``sigwaitinfo`` is missing (macOS, Windows) torch's handling
-    stays."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches every process of its group
+    the main process would get "DataLoader worker is killed" in the middle of saving. Ctrl-C is ignored only where
+    the main process takes it as a stop (``utils.STOP_SIGNALS``: ``python -m protokern.train``; inherited by forked
+    workers): elsewhere (a notebook's interrupt, a script) it ends the workers as torch's own. Where
+    ``sigwaitinfo`` is missing (macOS, Windows) torch's handling stays."""
+    if signal.SIGINT in STOP_SIGNALS:  # a terminal's Ctrl-C reaches every process of its group
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # inherited by every thread started from here

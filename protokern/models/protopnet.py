@@ -226,6 +226,15 @@ class ProtoPNet(nn.Module):
         own = self.prototype_class_identity.t()
         self.last_layer.weight.copy_(own + incorrect_strength * (1 - own))
 
+    def check_prunable(self) -> None:
+        """A one-line ``ValueError`` when pruning would drop a parametrization (``torch.nn.utils.parametrize``)
+        of the prototype layer or the last layer: it builds both anew."""
+        for name in ("prototype_layer", "last_layer"):
+            if nn.utils.parametrize.is_parametrized(getattr(self, name)):
+                raise ValueError(f"pruning builds a new {name.replace('_', ' ')}, without the parametrization "
+                                 "(torch.nn.utils.parametrize) of this one: remove it before pruning, register it "
+                                 "again after")
+
     @torch.no_grad()
     def prune_prototypes(self, indices) -> None:
         """Remove the prototypes at ``indices`` (integers, or a boolean mask of all P prototypes) with their
@@ -244,11 +253,8 @@ class ProtoPNet(nn.Module):
         if keep.numel() == 0:
             raise ValueError("cannot prune every prototype")
 
+        self.check_prunable()
         old_layer, old_last = self.prototype_layer, self.last_layer
-        if nn.utils.parametrize.is_parametrized(old_layer):
-            raise ValueError("pruning builds a new prototype layer, without the parametrization "
-                             "(torch.nn.utils.parametrize) of this one: remove it before pruning, register it again "
-                             "after")
         prototypes = old_layer.prototypes
         layer = ProtoLayer(keep.numel(), prototypes.shape[1], eps=old_layer.eps, backend=old_layer.backend,
                            precision=old_layer.precision, prototype_size=old_layer.prototype_size,

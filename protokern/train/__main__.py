@@ -13,7 +13,7 @@ import signal
 import sys
 
 from protokern.train.main import main
-from protokern.utils import stop
+from protokern.utils import STOP_SIGNALS, stop
 
 _received: list[int] = []
 _main_pid = os.getpid()
@@ -28,15 +28,17 @@ def _stop(signum, frame):
     if os.getpid() != _main_pid:  # a DataLoader worker just forked, before its worker_init: the stop is ours
         return
     _received.append(signum)
-    signal.signal(signum, signal.SIG_DFL)
+    for taken in STOP_SIGNALS:  # a second stop signal, of either kind, kills at once
+        signal.signal(taken, signal.SIG_DFL)
     if hasattr(signal, "SIGCHLD"):  # a worker the signal still killed (mid-start) is no error to raise mid-save
         signal.signal(signal.SIGCHLD, _worker_exited)
     stop()  # KeyboardInterrupt, at once or once the batch being fetched is in
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)  # (Python's own KeyboardInterrupt came in the middle of a save)
+    STOP_SIGNALS.update({signal.SIGTERM, signal.SIGINT})  # (Python's own KeyboardInterrupt came in a save)
+    for taken in STOP_SIGNALS:
+        signal.signal(taken, _stop)
     try:
         main()
     except KeyboardInterrupt:

@@ -53,11 +53,22 @@ class _WorkerPids(torch.utils.data.Dataset):
         return os.getpid()
 
 
+@pytest.fixture
+def ctrl_c_stops():
+    """This process takes Ctrl-C as a stop, as python -m protokern.train does (utils.STOP_SIGNALS)."""
+    from protokern.utils import STOP_SIGNALS
+
+    STOP_SIGNALS.add(signal.SIGINT)
+    yield
+    STOP_SIGNALS.discard(signal.SIGINT)
+
+
 @pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="needs sigwaitinfo (Linux)")
-def test_workers_leave_a_foreign_sigterm_to_the_main_process():
-    """A SIGTERM from another process (a scheduler signalling the whole job) and a Ctrl-C (SIGINT, which a terminal
-    sends to every process of its group: it ended a worker mid-fetch) do not kill a worker; a SIGTERM from the
-    main process (its shutdown) ends it at once, with exit status 0 (no "worker is killed" error)."""
+def test_workers_leave_a_foreign_sigterm_to_the_main_process(ctrl_c_stops):
+    """A SIGTERM from another process (a scheduler signalling the whole job) and, where the main process takes it
+    as a stop, a Ctrl-C (SIGINT, which a terminal sends to every process of its group: it ended a worker
+    mid-fetch) do not kill a worker; a SIGTERM from the main process (its shutdown) ends it at once, with exit
+    status 0 (no "worker is killed" error)."""
     loader = make_loader(_WorkerPids(), batch_size=1, shuffle=False, num_workers=2)
     batches = iter(loader)
     served = [int(next(batches)) for _ in range(6)]
@@ -72,3 +83,18 @@ def test_workers_leave_a_foreign_sigterm_to_the_main_process():
         os.kill(pid, signal.SIGTERM)
         worker.join(timeout=10)
         assert worker.exitcode == 0
+
+
+def test_ctrl_c_ends_workers_where_nothing_takes_it_as_a_stop():
+    """In a notebook or a script of one's own, Ctrl-C ends the loader's workers as torch's own (a worker stuck in
+    a dataset's __getitem__ would otherwise outlive everything but SIGKILL)."""
+    loader = make_loader(_WorkerPids(), batch_size=1, shuffle=False, num_workers=2)
+    batches = iter(loader)
+    next(batches)
+    workers = list(batches._workers)
+    for worker in workers:
+        subprocess.run(["kill", "-INT", str(worker.pid)], check=True)
+    for worker in workers:
+        worker.join(timeout=10)
+        assert not worker.is_alive()
+    del batches

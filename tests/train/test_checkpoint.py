@@ -45,7 +45,8 @@ def test_find_checkpoint(tmp_path):
 
 
 def test_explain_loads_a_model_without_importing_the_trainer(tmp_path):
-    """Checkpoint and model loading live in protokern.checkpoint: explain and push use it, not protokern.train."""
+    """Checkpoint files are protokern.checkpoint's and a model's loading explain's (model_from_checkpoint): explain
+    and push use them, not protokern.train."""
     import subprocess
     import sys
 
