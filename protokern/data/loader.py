@@ -2,6 +2,7 @@
 repeating training loader is protokern.train.data.train_loader."""
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
@@ -12,19 +13,22 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from protokern.utils import STOP_SIGNALS
 
-__all__ = ["make_loader", "default_num_workers", "worker_init"]
+__all__ = ["make_loader", "default_num_workers", "worker_init", "worker_init_fn"]
 
 
-def worker_init(worker_id: int) -> None:
+def worker_init(worker_id: int, ignore_ctrl_c: bool = False) -> None:
     """``worker_init_fn`` of protokern's loaders: a SIGTERM from the main process (its shutdown) ends the worker at
     once, as torch's own handler does; a SIGTERM from anyone else (a scheduler signalling every process of the job:
     SLURM, systemd, ``kill`` of the process group) and a terminal's Ctrl-C (SIGINT, ignored) are left to the main
     process, whose orderly stop then shuts the workers down. Under torch's handler the worker would die of it, and
-    the main process would get "DataLoader worker is killed" in the middle of saving. Ctrl-C is ignored only where
-    the main process takes it as a stop (``utils.STOP_SIGNALS``: ``python -m protokern.train``; inherited by forked
-    workers): elsewhere (a notebook's interrupt, a script) it ends the workers as torch's own. Where
-    ``sigwaitinfo`` is missing (macOS, Windows) torch's handling stays."""
-    if signal.SIGINT in STOP_SIGNALS:  # a terminal's Ctrl-C reaches every process of its group
+    the main process would get "DataLoader worker is killed" in the middle of saving. Ctrl-C is ignored only with
+    ``ignore_ctrl_c``, which :func:`worker_init_fn` sets where the main process takes it as a stop
+    (``utils.STOP_SIGNALS``: ``python -m protokern.train``); elsewhere (a notebook's interrupt, a script) it ends
+    the workers as torch's own. Where ``sigwaitinfo`` is missing (macOS, Windows), and in workers started by
+    spawn or forkserver (Python 3.14's default on Linux: threads started before this runs do not block the
+    signal), torch's SIGTERM handling stays: a foreign SIGTERM ends the worker, and the main process's orderly
+    stop still wins (``utils.stop_deferred``)."""
+    if ignore_ctrl_c:  # a terminal's Ctrl-C reaches every process of its group
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):
         return
@@ -32,6 +36,13 @@ def worker_init(worker_id: int) -> None:
     parent = multiprocessing.parent_process()  # the main process under fork, spawn and forkserver alike
     threading.Thread(target=_sigterm_watch, args=(parent.pid if parent else os.getppid(),), name="protokern-sigterm",
                      daemon=True).start()
+
+
+def worker_init_fn():
+    """The ``worker_init_fn`` of a loader built in this process: :func:`worker_init`, told here whether this process
+    takes Ctrl-C as a stop (decided in the main process: workers started by spawn or forkserver import
+    ``protokern.utils`` afresh and could not see it)."""
+    return functools.partial(worker_init, ignore_ctrl_c=signal.SIGINT in STOP_SIGNALS)
 
 
 def _sigterm_watch(parent: int) -> None:
@@ -89,5 +100,5 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed + 1),  # the workers' base seed
-        worker_init_fn=worker_init,
+        worker_init_fn=worker_init_fn(),
     )

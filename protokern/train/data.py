@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from protokern.data import CUB200, ImageFolderDataset, StanfordCars, SyntheticParts
 from protokern.data.cache import cached_batches, prepare_images
-from protokern.data.loader import default_num_workers, worker_init
+from protokern.data.loader import default_num_workers, worker_init_fn
 from protokern.train.config import TrainConfig
 from protokern.train.distributed import DistInfo, resolve_device
 from protokern.utils import listed, positive_int
@@ -209,4 +209,4 @@ def train_loader(dataset: Dataset, cfg: TrainConfig, info: DistInfo) -> DataLoad
         return cached
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                      worker_init_fn=worker_init)
+                      worker_init_fn=worker_init_fn())

@@ -85,6 +85,22 @@ def test_workers_leave_a_foreign_sigterm_to_the_main_process(ctrl_c_stops):
         assert worker.exitcode == 0
 
 
+@pytest.mark.parametrize("start", ["fork", "forkserver", "spawn"])
+def test_workers_leave_ctrl_c_to_a_main_process_stopping_on_it_under_every_start_method(ctrl_c_stops, start):
+    """The decision is made in the main process when the loader is built (forkserver, Python 3.14's default on
+    Linux, and spawn start workers that import protokern afresh: they never saw STOP_SIGNALS filled)."""
+    loader = make_loader(_WorkerPids(), batch_size=1, shuffle=False, num_workers=2)
+    loader.multiprocessing_context = start
+    batches = iter(loader)
+    served = [int(next(batches)) for _ in range(6)]  # both workers started (past their worker_init)
+    workers = list(batches._workers)
+    assert set(served) == {w.pid for w in workers}
+    for worker in workers:
+        subprocess.run(["kill", "-INT", str(worker.pid)], check=True)
+    time.sleep(0.3)
+    assert len([int(pid) for pid in batches]) == 42 and all(w.is_alive() for w in workers)
+    del batches
+
 def test_ctrl_c_ends_workers_where_nothing_takes_it_as_a_stop():
     """In a notebook or a script of one's own, Ctrl-C ends the loader's workers as torch's own (a worker stuck in
     a dataset's __getitem__ would otherwise outlive everything but SIGKILL)."""
