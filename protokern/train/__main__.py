@@ -3,7 +3,8 @@
 Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption, ``kill``) stop a run the same orderly way, through one
 handler: a stop that comes while a step's checkpoints are written waits for them, the half-done step goes to
 interrupted.pt, the line printed says how to resume from last.pt, and the exit status is 128 + the signal (130,
-143). A second Ctrl-C or SIGTERM kills at once. Sent to the whole process group (a terminal's Ctrl-C, SLURM,
+143). A second Ctrl-C or SIGTERM kills at once. A job a shell started in the background with Ctrl-C ignored
+(``cmd &`` in a script, nohup) keeps ignoring it, as Python does. Sent to the whole process group (a terminal's Ctrl-C, SLURM,
 systemd), the signal stops the run the same way: its DataLoader workers leave it to this process
 (protokern.data.loader.worker_init) and are shut down by the orderly stop.
 """
@@ -36,7 +37,9 @@ def _stop(signum, frame):
 
 
 if __name__ == "__main__":
-    STOP_SIGNALS.update({signal.SIGTERM, signal.SIGINT})  # (Python's own KeyboardInterrupt came in a save)
+    STOP_SIGNALS.add(signal.SIGTERM)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (a shell's background job: Ctrl-C stays ignored)
+        STOP_SIGNALS.add(signal.SIGINT)  # (Python's own KeyboardInterrupt came in the middle of a save)
     for taken in STOP_SIGNALS:
         signal.signal(taken, _stop)
     try:

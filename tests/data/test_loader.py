@@ -54,7 +54,16 @@ class _WorkerPids(torch.utils.data.Dataset):
 
 
 @pytest.fixture
-def ctrl_c_stops():
+def ctrl_c_kills():
+    """Ctrl-C as Python has it in a terminal (KeyboardInterrupt), for this test's workers to inherit: a shell
+    starts a background job with SIGINT ignored, and the tests would then pass whatever worker_init does."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
+def ctrl_c_stops(ctrl_c_kills):
     """This process takes Ctrl-C as a stop, as python -m protokern.train does (utils.STOP_SIGNALS)."""
     from protokern.utils import STOP_SIGNALS
 
@@ -101,7 +110,7 @@ def test_workers_leave_ctrl_c_to_a_main_process_stopping_on_it_under_every_start
     assert len([int(pid) for pid in batches]) == 42 and all(w.is_alive() for w in workers)
     del batches
 
-def test_ctrl_c_ends_workers_where_nothing_takes_it_as_a_stop():
+def test_ctrl_c_ends_workers_where_nothing_takes_it_as_a_stop(ctrl_c_kills):
     """In a notebook or a script of one's own, Ctrl-C ends the loader's workers as torch's own (a worker stuck in
     a dataset's __getitem__ would otherwise outlive everything but SIGKILL)."""
     loader = make_loader(_WorkerPids(), batch_size=1, shuffle=False, num_workers=2)

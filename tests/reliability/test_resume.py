@@ -164,6 +164,7 @@ def test_ctrl_c_while_a_step_is_saved_waits_for_the_save(tmp_path):
     run = tmp_path / "run"
     script = textwrap.dedent(f"""
         import importlib, os, runpy, signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores it)
         train_main = importlib.import_module("protokern.train.main")  # (the package's main is the function)
         real = train_main.ckpt.save_checkpoint
         def save(state, path):
@@ -179,6 +180,24 @@ def test_ctrl_c_while_a_step_is_saved_waits_for_the_save(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
     assert load_checkpoint(str(run))["step"] == 0 and [r["step"] for r in _rows(run)] == [0], proc.stdout
     assert f"--resume {run}" in proc.stdout and "restarts at step 2/4" in proc.stdout, proc.stdout
+
+
+def test_a_background_job_keeps_ignoring_ctrl_c(tmp_path):
+    """A shell starts a background job (`cmd &`, nohup) with SIGINT ignored, as Python itself then leaves it: the
+    trainer's stop handler takes it over only where Ctrl-C is live."""
+    script = textwrap.dedent("""
+        import runpy, signal, sys
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        import protokern.utils
+        sys.argv = ["protokern.train", "--help"]
+        try:
+            runpy.run_module("protokern.train", run_name="__main__")
+        except SystemExit:
+            pass
+        print(sorted(int(s) for s in protokern.utils.STOP_SIGNALS), signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stdout
+    assert out.strip().splitlines()[-1] == f"[{int(signal.SIGTERM)}] True"
 
 
 def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
