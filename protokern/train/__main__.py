@@ -4,8 +4,8 @@ Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption, ``kill``) stop a run the 
 handler: a stop that comes while a step's checkpoints are written waits for them, the half-done step goes to
 interrupted.pt, the line printed says how to resume from last.pt, and the exit status is 128 + the signal (130,
 143). A second Ctrl-C or SIGTERM kills at once. A job a shell started in the background with Ctrl-C ignored
-(``cmd &`` in a script, nohup) keeps ignoring it, as Python does. Sent to the whole process group (a terminal's Ctrl-C, SLURM,
-systemd), the signal stops the run the same way: its DataLoader workers leave it to this process
+(``cmd &`` in a script, nohup) keeps ignoring it, as Python does. Sent to the whole process group (a terminal's
+Ctrl-C, SLURM, systemd), the signal stops the run the same way: its DataLoader workers leave it to this process
 (protokern.data.loader.worker_init) and are shut down by the orderly stop.
 """
 
