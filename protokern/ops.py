@@ -247,7 +247,6 @@ def _forward_impl(z: Tensor, p: Tensor, eps: float, backend: str, precision: str
     check_eps(eps)  # a compiled caller's eps was checked only symbolically (two comparisons: cheap)
     if torch_backend.shapes_only(z):  # the op's outputs are shapes, no kernel runs
         return _forward_fake(z, p, eps, backend, precision)
-    backends.resolve(backend, z.device.type)  # (cached) a graph traced elsewhere holds the backend resolved there
     z3, p = _backend_inputs(z, p, backend)
     if z3.shape[0] == 0:
         return _forward_fake(z, p, eps, backend, precision)
@@ -259,7 +258,6 @@ def _forward_impl(z: Tensor, p: Tensor, eps: float, backend: str, precision: str
 def _backward_impl(grad_sim, grad_dist, z, p, idx, dist, eps: float, backend: str) -> tuple[Tensor, Tensor]:
     if torch_backend.shapes_only(z):  # the op's outputs are shapes, no kernel runs
         return _backward_fake(grad_sim, grad_dist, z, p, idx, dist, eps, backend)
-    backends.resolve(backend, z.device.type)
     z3, p3 = _backend_inputs(z, p, backend)
     if z3.shape[0] == 0:
         return torch.zeros_like(z, memory_format=torch.contiguous_format), torch.zeros_like(p)
@@ -270,6 +268,8 @@ def _backward_impl(grad_sim, grad_dist, z, p, idx, dist, eps: float, backend: st
 # torch.compile path: custom ops with fake implementations, so graphs capture the op whole.
 @torch.library.custom_op("protokern::prototype_similarity", mutates_args=())
 def _forward_op(z: Tensor, p: Tensor, eps: float, backend: str, precision: str) -> tuple[Tensor, Tensor, Tensor]:
+    if not torch_backend.shapes_only(z):  # (cached) a graph traced elsewhere holds the backend resolved there
+        backends.resolve(backend, z.device.type)
     return _forward_impl(z, p, eps, backend, precision)
 
 
@@ -284,6 +284,8 @@ def _forward_fake(z, p, eps, backend, precision):
 @torch.library.custom_op("protokern::prototype_similarity_backward", mutates_args=())
 def _backward_op(grad_sim: Tensor, grad_dist: Tensor, z: Tensor, p: Tensor, idx: Tensor, dist: Tensor,
                  eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    if not torch_backend.shapes_only(z):
+        backends.resolve(backend, z.device.type)
     return _backward_impl(grad_sim, grad_dist, z, p, idx, dist, eps, backend)
 
 
