@@ -24,11 +24,16 @@ import torch
 
 from protokern.utils import first_line
 
-__all__ = ["BEST", "CheckpointError", "FORMAT", "INTERRUPTED", "LAST", "atomic_save", "atomic_write_text",
+__all__ = ["BEST", "CheckpointError", "EXPLANATIONS_DIR", "FORMAT", "GALLERY_DIR", "INTERPRETABILITY_FILE",
+           "INTERRUPTED", "LAST", "PART_LOCALISATION_FILE", "PRUNED", "PUSH_DIR", "atomic_save", "atomic_write_text",
            "check_safe_types", "find_checkpoint", "load_checkpoint", "nonfinite_tensors",
            "safe_load", "save_checkpoint"]
 
-LAST, BEST, INTERRUPTED = "last.pt", "best.pt", "interrupted.pt"
+# A run folder's layout (``python -m protokern.train`` writes it; push, the explanations and the trainer find
+# their files by these names): checkpoints, then push's folders (PUSH_DIR/epoch_NNN) and the explanations'.
+LAST, BEST, INTERRUPTED, PRUNED = "last.pt", "best.pt", "interrupted.pt", "pruned.pt"
+PUSH_DIR, EXPLANATIONS_DIR, GALLERY_DIR = "push", "explanations", "gallery"
+PART_LOCALISATION_FILE, INTERPRETABILITY_FILE = "part_localisation.json", "interpretability.json"
 FORMAT = 2  # 1: NumPy RNG state as a NumPy array (needs an allowlist); 2: tensors and plain values only
 
 # exact types: a subclass (NumPy's float64 and str_, a defaultdict) passes isinstance but not weights_only loading

@@ -41,7 +41,8 @@ def upsample(maps: Tensor, size: tuple[int, int], window: tuple[int, int] = (1, 
 
 
 def to_uint8(image) -> np.ndarray:
-    """A (3, H, W) float tensor / array in [0, 1], a (H, W, 3) uint8 array or a PIL image -> uint8 (H, W, 3)."""
+    """A (3, H, W) or (1, H, W) (grayscale, drawn as gray RGB) float tensor / array in [0, 1], a (H, W, 3) uint8
+    array or a PIL image -> uint8 (H, W, 3)."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     if isinstance(image, torch.Tensor):
@@ -51,8 +52,10 @@ def to_uint8(image) -> np.ndarray:
         if array.ndim != 3 or array.shape[2] != 3:
             raise ValueError(f"expected a uint8 image (H, W, 3), got shape {array.shape}")
         return array.copy()
-    if array.ndim != 3 or array.shape[0] != 3:
-        raise ValueError(f"expected a float image (3, H, W) in [0, 1], got shape {array.shape}")
+    if array.ndim != 3 or array.shape[0] not in (1, 3):
+        raise ValueError(f"expected a float image (3, H, W) or (1, H, W) in [0, 1], got shape {array.shape}")
+    if array.shape[0] == 1:
+        array = np.repeat(array, 3, axis=0)
     array = np.nan_to_num(array.transpose(1, 2, 0), nan=0.0)  # a NaN pixel is drawn black, without a cast warning
     return (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
 

@@ -224,7 +224,7 @@ def _prepare(z: Tensor, prototypes: Tensor, similarity: str, eps: float = _UNUSE
         B, _, H, W = z.shape
         z = F.unfold(z, (kh, kw)).view(B, p.shape[1], H - kh + 1, W - kw + 1)
     if similarity == "cosine":
-        dtype = torch_backend._compute_dtype(z, p)
+        dtype = torch_backend.compute_dtype(z, p)
         unit = _UnitVectors if torch.compiler.is_compiling() else _UnitVectorsEager
         z, p = unit.apply(z.to(dtype), 0), unit.apply(p.to(dtype), 1)
     return z, p
@@ -232,7 +232,7 @@ def _prepare(z: Tensor, prototypes: Tensor, similarity: str, eps: float = _UNUSE
 
 def _out_dtype(z: Tensor, p: Tensor, backend: str) -> torch.dtype:
     if backend == "torch":
-        return torch_backend._compute_dtype(z, p)
+        return torch_backend.compute_dtype(z, p)
     return torch.float32
 
 
@@ -358,7 +358,7 @@ class _PrototypeSimilarity(torch.autograd.Function):
         """Forward mode (torch.func.jvp, jacfwd, hessian): the tangent of the winner's exact distance
         2 (z_win - p) . (dz_win - dp), in torch ops (it holds the (B, M, D) winners at once)."""
         z, p, idx, dist = ctx.saved_tensors
-        dtype = torch_backend._compute_dtype(z, p)
+        dtype = torch_backend.compute_dtype(z, p)
 
         W = z.shape[3]
         images = torch.arange(z.shape[0], device=z.device)[:, None]
@@ -493,7 +493,7 @@ def prototype_distances(z: Tensor, prototypes: Tensor, *, similarity: str = "log
     zin, p = _prepare(z, prototypes, similarity)
     B, _, H, W = zin.shape
     if paired:  # float32 (float64 for float64 inputs) like the op, whatever the input precision
-        dtype = torch_backend._compute_dtype(zin, p)
+        dtype = torch_backend.compute_dtype(zin, p)
         z3, p = zin.flatten(2).to(dtype), p.to(dtype)
         return torch.cat([(zc - pc[:, :, None]).square().sum(1) for zc, pc in zip(z3.split(chunk), p.split(chunk))]
                          ).view(B, H, W)

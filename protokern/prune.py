@@ -140,9 +140,9 @@ def prune_prototypes(model: nn.Module, loader, *, k: int = 6, threshold: int = 3
 
 @torch.no_grad()
 def _similarities(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
-    from protokern.data import imagenet_normalize
+    from protokern.data import model_input
 
-    return model.prototype_layer(model.conv_features(imagenet_normalize(images.float())))
+    return model.prototype_layer(model.conv_features(model_input(model, images.float())))
 
 
 def retrain_last_layer(model: nn.Module, loader, *, iters: int = 100, lr: float = 1e-4, device=None,

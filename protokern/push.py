@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from protokern.checkpoint import PUSH_DIR
 from protokern.imaging import jet, normalised, save_png, to_uint8, upsample
 from protokern.utils import (distributed, eval_mode, image_batches, image_order, listed, model_device, positive_int,
                              progress as progress_bar, unwrap)
@@ -169,7 +170,7 @@ class PushRecords:
 def run_push_folder(run_dir: str, stored: str) -> str:
     """``run_dir/push/<name of stored>``: the folder of run ``run_dir`` that a stored push folder of that run
     (``RUN/push/epoch_NNN``, perhaps written before the run was moved or copied) stands for."""
-    return os.path.join(os.path.abspath(run_dir), "push", os.path.basename(os.path.normpath(stored)))
+    return os.path.join(os.path.abspath(run_dir), PUSH_DIR, os.path.basename(os.path.normpath(stored)))
 
 
 _TENSOR_FIELDS = ("image_index", "prototype_class", "patch", "min_distance", "rf_box", "activation_box",
@@ -210,8 +211,9 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
     """The ``k`` nearest images of every prototype of ``model`` over ``loader`` (one patch per image).
 
     Args:
-        model: a ``ProtoPNet`` (taking ImageNet-normalised images); run in eval mode, its mode is restored.
-        loader: iterable of ``(images, labels, ...)`` batches, images unnormalised in [0, 1] (B, 3, S, S),
+        model: a ``ProtoPNet`` (images normalised with its input statistics); run in eval mode, its mode
+            is restored.
+        loader: iterable of ``(images, labels, ...)`` batches, images unnormalised in [0, 1] (B, C, S, S),
             in a fixed order (a ``DataLoader`` must not shuffle).
         k: neighbours per prototype (at most the number of images).
         device: the model's device (default; another one is a ValueError: the model is not moved).
@@ -223,7 +225,7 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
         count as infinitely far.
     """
     model = unwrap(model)
-    from protokern.data import imagenet_normalize
+    from protokern.data import model_input
 
     k = positive_int("k", k)
     device = model_device(model, device)
@@ -242,7 +244,7 @@ def nearest_training_patches(model: nn.Module, loader, *, k: int, device=None, p
         for images, labels in progress_bar(batches, desc, progress):
             images = images.to(device).float()
             batch = images.shape[0]
-            z = search_dtype(model.conv_features(imagenet_normalize(images)))
+            z = search_dtype(model.conv_features(model_input(model, images)))
             if feature_size is None:
                 image_size, feature_size = tuple(images.shape[-2:]), tuple(z.shape[-2:])
             elif tuple(z.shape[-2:]) != feature_size:
@@ -327,11 +329,11 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
     Args:
         model: a ``ProtoPNet`` (DDP- or DataParallel-wrapped too), or any module with its ``prototype_layer``
             (a ``ProtoLayer``), ``prototype_classes`` and ``conv_features(x)`` (``conv_features(x,
-            autocast_dtype=...)`` with ``autocast_dtype``, as ``ProtoPNet``'s); it is given RGB images
-            normalised here with ImageNet's mean and std (``protokern.data.imagenet_normalize``), as it was
-            trained by the trainer: a model trained on other inputs must take those.
-        loader: iterable of ``(images, labels)``: unnormalised images in [0, 1], (B, 3, S, S), in a fixed
-            order (normalised here with ``imagenet_normalize``). Image indices are dataset indices for a
+            autocast_dtype=...)`` with ``autocast_dtype``, as ``ProtoPNet``'s); it is given the images normalised here
+            with its ``input_mean`` and ``input_std`` (``protokern.data.model_input``; ImageNet's for a module
+            without them).
+        loader: iterable of ``(images, labels)``: unnormalised images in [0, 1], (B, C, S, S), in a fixed
+            order. Image indices are dataset indices for a
             ``DataLoader`` with a sequential or non-shuffling distributed sampler (through ``Subset``s), else
             positions in the loader (``position * world_size + rank`` under torch.distributed).
         device: the model's device (default; another one is a ValueError: the model is not moved).
@@ -350,7 +352,7 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
     Returns:
         :class:`PushRecords`.
     """
-    from protokern.data import imagenet_normalize
+    from protokern.data import model_input
 
     net = unwrap(model)
     layer = net.prototype_layer
@@ -389,7 +391,7 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
             else:
                 gidx = (torch.arange(position, position + batch, device=device) * world + rank)
             position += batch
-            x = imagenet_normalize(images.float())
+            x = model_input(model, images.float())
             z = search_dtype(net.conv_features(x) if autocast_dtype is None else
                              net.conv_features(x, autocast_dtype=autocast_dtype))  # as in training
             if feature_size is None:

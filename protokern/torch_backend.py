@@ -44,7 +44,8 @@ def _slabs(B: int, M: int, width: int, slab: int, prototypes_first: bool) -> Ite
             yield slice(b0, b0 + bc), slice(m0, m0 + mc)
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the op computes in: float64 when every input is float64, else float32 (fp16 / bf16 / fp32)."""
     return torch.float64 if all(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
@@ -233,7 +234,7 @@ def forward(z3: torch.Tensor, p: torch.Tensor, eps: float, precision: str = "hig
     winner is the lowest index with the smallest exact distance, or the lowest NaN patch if there is one
     (then the distance is NaN). A patch holding +-inf is at distance +inf.
     """
-    dtype = _compute_dtype(z3, p)
+    dtype = compute_dtype(z3, p)
     z3, p = z3.to(dtype), p.to(dtype)
     B, D, HW = z3.shape
     M = p.shape[0]
@@ -287,7 +288,7 @@ def backward(grad_sim, grad_dist, z3, p, idx, dist, eps: float):
     Written out of place in differentiable torch ops, so that it is also the op's backward wherever that must
     itself be differentiated or vmapped (create_graph=True, torch.func transforms; see ops._backward).
     """
-    dtype = _compute_dtype(z3, p)
+    dtype = compute_dtype(z3, p)
     z3, p = z3.to(dtype), p.to(dtype)
     B, D, HW = z3.shape
     M = p.shape[0]
@@ -318,7 +319,7 @@ def distances(z3: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     float range) is recomputed in the difference form sum (z - p)^2, so that the map follows the op's rules
     (a patch holding +-inf is at +inf, NaN stays NaN, equal vectors are at 0 however large).
     """
-    dtype = _compute_dtype(z3, p)
+    dtype = compute_dtype(z3, p)
     z3, p = z3.to(dtype), p.to(dtype)
     d = ((z3 * z3).sum(1)[:, None, :] + (p * p).sum(1)[None, :, None] - 2 * torch.matmul(p, z3)).clamp_min_(0)
     if traced(d):  # one graph node that runs the recompute below on the real values

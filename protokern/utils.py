@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import numbers
+import os
 import sys
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -195,27 +196,38 @@ def base_dataset(dataset):
     return dataset
 
 
+def item_image(dataset, index: int):
+    """The image of ``dataset[index]``: the first element of an ``(image, label, ...)`` item, else the item."""
+    item = dataset[index]
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def class_name(names, c: int) -> str:
+    """Name of class ``c`` in ``names`` (a sequence, or None), its index as a string when it has none."""
+    return str(names[c]) if names is not None and 0 <= c < len(names) else str(c)
+
+
 def check_unit_range(images: Tensor, what: str = "images") -> None:
     """A one-line ``ValueError`` for float ``images`` that are clearly not in [0, 1], the datasets' and
-    explanations' convention: values above 1.5 (0..255 images) or below -0.5 (ImageNet-normalised ones), which
+    explanations' convention: values above 1.5 (0..255 images) or below -0.5 (normalised ones), which
     would be misread silently. Resampling overshoot and the like (a bicubic resize gives [-0.06, 1.06]) pass;
     NaN is left to the model."""
     if images.numel():
         low, high = (float(v) for v in torch.stack(torch.aminmax(images.detach())).tolist())
         if high > 1.5 or low < -0.5:
             looks = "0..255 values" if low >= -0.5 else "already normalised"
-            raise ValueError(f"expected unnormalised {what} in [0, 1] (they are ImageNet-normalised here), got values "
+            raise ValueError(f"expected unnormalised {what} in [0, 1] (they are normalised here), got values "
                              f"in [{low:.3f}, {high:.3f}] ({looks}?)")
 
 
 class image_batches:  # noqa: N801 - used as a function
     """``(images, labels)`` of each batch of ``loader`` (extra items, dataset indices ..., are ignored), checked:
-    images a float (B, 3, H, W) tensor in [0, 1] (uint8 batches are refused: ``protokern.data.uint8_to_float``
-    converts them; :func:`check_unit_range` on the first batch, which tells 0..255 or normalised data without a
-    pass over every batch), labels B class indices (a tensor, list or array), given as an int64 tensor, in
-    [0, num_classes) when ``num_classes`` is given (checked on every batch whose labels are on the CPU, and on the
-    first batch wherever they are). Each misuse is a one-line error. Its length is the loader's (so that a
-    progress bar over it has a total)."""
+    images a float (B, 3, H, W) or (B, 1, H, W) tensor in [0, 1] (uint8 batches are refused:
+    ``protokern.data.uint8_to_float`` converts them; :func:`check_unit_range` on the first batch, which tells
+    0..255 or normalised data without a pass over every batch), labels B class indices (a tensor, list or
+    array), given as an int64 tensor, in [0, num_classes) when ``num_classes`` is given (checked on every batch
+    whose labels are on the CPU, and on the first batch wherever they are). Each misuse is a one-line error. Its
+    length is the loader's (so that a progress bar over it has a total)."""
 
     def __init__(self, loader, num_classes: int | None = None):
         self.loader = loader
@@ -231,9 +243,10 @@ class image_batches:  # noqa: N801 - used as a function
                        f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
                 raise ValueError(f"the loader must yield (images, labels, ...) batches, got {got}")
             images, labels = batch[0], batch[1]
-            if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
+            if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] not in (1, 3):
                 got = f"shape {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
-                raise ValueError(f"images must be a (B, 3, H, W) tensor, got {got}")
+                raise ValueError(f"images must be a (B, 3, H, W) tensor (RGB), or (B, 1, H, W) (grayscale), got "
+                                 f"{got}")
             if not images.is_floating_point():
                 raise TypeError(f"images must be floats in [0, 1], got {images.dtype} (protokern.data.uint8_to_float "
                                 "converts uint8 images)")
@@ -267,6 +280,16 @@ def parse_sides(text) -> tuple[int, int] | None:
     if len(parts) in (1, 2) and all(p.isdecimal() and int(p) >= 1 for p in parts):
         return int(parts[0]), int(parts[-1])
     return None
+
+
+def default_num_workers() -> int:
+    """Worker processes (loaders) or threads (image decoding) used when none are given: the usable CPUs minus
+    one, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(8, cpus - 1))
 
 
 def positive_int(name: str, value) -> int:

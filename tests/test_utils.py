@@ -116,7 +116,7 @@ def test_image_batches_checks_images_and_labels():
         "uint8_to_float": [((x * 255).to(torch.uint8), y)],
         r"in \[0, 1\].*\[0\.\d+, 2\d\d\.\d+\] \(0\.\.255 values\?\)": [(x * 255, y)],
         r"got values in \[-\d.*\(already normalised\?\)": [((x - 0.5) / 0.25, y)],
-        r"\(B, 3, H, W\)": [(x[:, :1], y)],
+        r"\(B, 3, H, W\) tensor \(RGB\), or \(B, 1, H, W\) \(grayscale\), got shape \(4, 2, 8, 8\)": [(x[:, :2], y)],
         r"4 class indices.*shape \(4, 2\)": [(x, torch.nn.functional.one_hot(y))],
         r"4 class indices.*shape \(3,\)": [(x, y[:3])],
         "fractional": [(x, y + 0.5)],

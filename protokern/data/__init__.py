@@ -1,8 +1,10 @@
 """Datasets, image loading / normalisation and batched augmentation for protokern.
 
 Every dataset returns ``(image, label)`` with ``image`` a float32 (3, S, S) tensor in [0, 1],
-unnormalised; normalise batches with :func:`imagenet_normalize` on the training device.
+unnormalised; normalise batches on the training device with :func:`model_input` (the model's input
+statistics, ImageNet's by default) or :func:`imagenet_normalize`.
 """
+from ._boxed import CROPS
 from .augment import GpuAugment
 from .cache import CACHE_MODES, BadImageWarning, CachedBatches, ImageView, prepare_images, skipped_images
 from .cars import StanfordCars
@@ -15,6 +17,9 @@ from .transforms import (
     IMAGENET_STD,
     imagenet_denormalize,
     imagenet_normalize,
+    model_input,
+    model_stats,
+    normalize,
     BadImageError,
     load_image,
     open_rgb,
@@ -34,10 +39,14 @@ __all__ = [
     "ImageView",
     "CachedBatches",
     "CACHE_MODES",
+    "CROPS",
     "BadImageError",
     "BadImageWarning",
     "imagenet_normalize",
     "imagenet_denormalize",
+    "model_input",
+    "model_stats",
+    "normalize",
     "load_image",
     "uint8_to_float",
     "open_rgb",

@@ -28,9 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch.utils.data import BatchSampler, Dataset
 
-from protokern.utils import checked_device, printable
+from protokern.utils import checked_device, default_num_workers, printable
 
-from .loader import default_num_workers
 from .transforms import BadImageError, uint8_to_float
 
 __all__ = ["CACHE_MODES", "BadImageWarning", "ImageView", "CachedBatches", "cached_batches", "prepare_images",
@@ -207,7 +206,7 @@ def prepare_images(dataset: Dataset, cache: str = "auto", *, skip_bad_images: bo
         skip_bad_images: leave out images that do not decode, one warning per file (else the first raises).
         device: the training device ("auto" may pick a GPU cache on CUDA).
         progress: show a progress bar while decoding (only when stderr is a terminal).
-        workers: decoding threads (default: :func:`~protokern.data.loader.default_num_workers`, at least 1).
+        workers: decoding threads (default: :func:`~protokern.utils.default_num_workers`, at least 1).
         desc: the progress bar's label.
     """
     if not callable(getattr(dataset, "decode", None)) or (isinstance(dataset, ImageView) and dataset.cached):

@@ -26,6 +26,7 @@ import torch
 from protokern.utils import listed
 
 from ._boxed import BoxedImages, inside_folder, parse_number, read_table, require_file
+from .transforms import map_boxes
 
 __all__ = ["CUB200"]
 
@@ -161,9 +162,7 @@ class CUB200(BoxedImages):
         coordinates of invisible parts are meaningless). Parts missing from the file are invisible.
         """
         loc = self._load_parts()[index].clone()
-        ox, oy, sx, sy = self.mapping(index)
-        loc[:, 0] = (loc[:, 0] - ox) * sx
-        loc[:, 1] = (loc[:, 1] - oy) * sy
+        loc[:, :2] = map_boxes(loc[:, :2], self.mapping(index))
         s = self.image_size
         inside = (loc[:, 0] >= 0) & (loc[:, 0] <= s) & (loc[:, 1] >= 0) & (loc[:, 1] <= s)
         loc[:, 2] = ((loc[:, 2] > 0) & inside).float()

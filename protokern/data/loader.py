@@ -11,9 +11,11 @@ import threading
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from protokern.utils import STOP_SIGNALS
+from protokern.utils import STOP_SIGNALS, default_num_workers, positive_int
 
-__all__ = ["make_loader", "default_num_workers", "worker_init", "worker_init_fn"]
+from .cache import find_view
+
+__all__ = ["make_loader", "worker_init", "worker_init_fn"]
 
 
 def worker_init(worker_id: int, ignore_ctrl_c: bool = False) -> None:
@@ -52,15 +54,6 @@ def _sigterm_watch(parent: int) -> None:
             os._exit(0)
 
 
-def default_num_workers() -> int:
-    """Worker processes used when none are given: the usable CPUs minus one, at most 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(0, min(8, cpus - 1))
-
-
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int | None = None,
                 drop_last: bool = False, seed: int = 0) -> DataLoader:
     """A DataLoader for ``dataset`` with protokern's defaults.
@@ -69,7 +62,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         dataset: any map-style dataset.
         batch_size: samples per batch.
         shuffle: reshuffle every epoch; the order is reproducible from ``seed``.
-        num_workers: worker processes; None picks :func:`default_num_workers`.
+        num_workers: worker processes; None picks :func:`protokern.utils.default_num_workers`.
         drop_last: drop the last incomplete batch.
         seed: seed of the shuffling order.
 
@@ -77,13 +70,10 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
     cached :class:`~protokern.data.cache.ImageView` (also under Subset wrappers) items are
     gathered in this process (no workers): they are already decoded, and a GPU cache cannot cross processes.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = positive_int("batch_size", batch_size)
     workers = default_num_workers() if num_workers is None else int(num_workers)
     if workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    from .cache import find_view  # cache.py builds on this module
-
     view = find_view(dataset)
     if view is not None and view.cached:
         workers = 0

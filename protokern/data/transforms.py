@@ -1,4 +1,4 @@
-"""Shared image loading, cropping, resizing and ImageNet normalisation.
+"""Shared image loading, cropping, resizing and input normalisation (ImageNet's, or a model's own).
 
 Every dataset in :mod:`protokern.data` goes through :func:`load_image`, so all of them agree on
 colour handling (any PIL mode becomes RGB) and on the pixel-coordinate convention:
@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from protokern.utils import positive_int
+
 __all__ = [
     "BadImageError",
     "MAX_IMAGE_PIXELS",
@@ -32,6 +34,10 @@ __all__ = [
     "map_boxes",
     "imagenet_normalize",
     "imagenet_denormalize",
+    "input_stats",
+    "model_input",
+    "model_stats",
+    "normalize",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -201,8 +207,8 @@ def load_image_uint8(
     crop: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
     """:func:`load_image` before the conversion to float: a uint8 (3, S, S) tensor and the mapping."""
-    if image_size is not None and int(image_size) <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size}")
+    if image_size is not None:
+        image_size = positive_int("image_size", image_size)
     img = open_rgb(path)
     mapping = output_mapping(img.width, img.height, image_size, crop)
     if crop is not None:
@@ -241,7 +247,8 @@ def uint8_to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def map_boxes(boxes: torch.Tensor, mapping: tuple[float, float, float, float]) -> torch.Tensor:
-    """Map (..., 4) boxes (x0, y0, x1, y1) from source to output pixels (see output_mapping)."""
+    """Map (..., 4) boxes (x0, y0, x1, y1), or (..., 2) points (x, y), from source to output pixels (see
+    output_mapping)."""
     ox, oy, sx, sy = mapping
     out = torch.as_tensor(boxes, dtype=torch.float32).clone()
     out[..., 0::2] = (out[..., 0::2] - ox) * sx
@@ -249,14 +256,41 @@ def map_boxes(boxes: torch.Tensor, mapping: tuple[float, float, float, float]) -
     return out
 
 
-def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def input_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Checked per-channel input statistics: ``mean`` and ``std`` of one length, the image channels (1,
+    grayscale, or 3, RGB), finite, ``std`` > 0. Returns them as tuples of floats."""
+    try:
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        raise TypeError(f"input mean and std must be sequences of numbers, got {mean!r} and {std!r}") from None
+    if len(mean) not in (1, 3) or len(std) != len(mean):
+        raise ValueError(f"input mean and std need one value per image channel (1, grayscale, or 3, RGB), got "
+                         f"{len(mean)} and {len(std)}")
+    if not all(map(math.isfinite, mean + std)) or min(std) <= 0:
+        raise ValueError(f"input mean and std must be finite and std > 0, got mean {mean}, std {std}")
+    return mean, std
+
+
+def _stats(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     if not torch.is_tensor(x) or not x.is_floating_point():
         raise TypeError("expected a floating-point tensor image batch")
-    if x.dim() < 3 or x.shape[-3] != 3:
-        raise ValueError(f"expected images shaped (..., 3, H, W), got {tuple(x.shape)}")
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    channels = len(mean)
+    if x.dim() < 3 or x.shape[-3] != channels:
+        raise ValueError(f"expected images shaped (..., {channels}, H, W), got {tuple(x.shape)}")
+    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(channels, 1, 1)
+    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(channels, 1, 1)
     return mean, std
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """``(x - mean) / std`` per channel, for (B, C, H, W) or (C, H, W) tensors in [0, 1], C = ``len(mean)``
+    (ImageNet's statistics by default).
+
+    Works on any device and floating dtype; returns a new tensor of the same device and dtype.
+    """
+    mean, std = _stats(x, mean, std)
+    return (x - mean) / std
 
 
 def imagenet_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -264,11 +298,22 @@ def imagenet_normalize(x: torch.Tensor) -> torch.Tensor:
 
     Works on any device and floating dtype; returns a new tensor of the same device and dtype.
     """
-    mean, std = _stats(x)
-    return (x - mean) / std
+    return normalize(x)
 
 
 def imagenet_denormalize(x: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`imagenet_normalize`: ``x * std + mean`` (no clamping)."""
-    mean, std = _stats(x)
+    mean, std = _stats(x, IMAGENET_MEAN, IMAGENET_STD)
     return x * std + mean
+
+
+def model_stats(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of the inputs ``model`` takes: its ``input_mean`` and ``input_std`` (a ``ProtoPNet``'s,
+    ImageNet's unless it was built with others); ImageNet's for a model without them."""
+    return getattr(model, "input_mean", IMAGENET_MEAN), getattr(model, "input_std", IMAGENET_STD)
+
+
+def model_input(model, images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (B, C, H, W) as ``model`` takes them: normalised with :func:`model_stats`. The trainer,
+    push, pruning, the explanations and the metrics all feed the model through this."""
+    return normalize(images, *model_stats(model))

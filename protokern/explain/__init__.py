@@ -16,6 +16,7 @@ import os
 from torch import nn
 from torch.utils.data import DataLoader
 
+from protokern.checkpoint import EXPLANATIONS_DIR, GALLERY_DIR, INTERPRETABILITY_FILE, PART_LOCALISATION_FILE
 from protokern.explain import render
 from protokern.explain.gallery import gallery
 from protokern.explain.local import (Explanation, PrototypeEvidence, explain_image, load_image_tensor,
@@ -94,7 +95,7 @@ def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=No
     classes = getattr(test_dataset, "classes", None)
     summary: dict = {}
 
-    exp_dir = os.path.join(run_dir, "explanations")
+    exp_dir = os.path.join(run_dir, EXPLANATIONS_DIR)
     rows = []
     for i in _pick_images(test_dataset, n_images):
         image, label = test_dataset[i][:2]
@@ -110,7 +111,7 @@ def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=No
     if push_dataset is not None:
         loader = DataLoader(push_dataset, batch_size=batch_size, shuffle=False)
         # a push set smaller than k (a tiny dataset) shows all its images, rather than failing the steps after
-        result = gallery(model, loader, k=min(k, len(push_dataset)), out_dir=os.path.join(run_dir, "gallery"),
+        result = gallery(model, loader, k=min(k, len(push_dataset)), out_dir=os.path.join(run_dir, GALLERY_DIR),
                          push_records=push_records, device=device, progress=progress)
         summary["gallery"] = result["html"]
 
@@ -125,7 +126,7 @@ def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=No
                                 "location (centre of the receptive field of the nearest window of the prototype "
                                 "layer, kh x kw cells) lies in the part box",
                   "argmax_part_localisation": results["argmax"]["overall"], **results}
-        path = os.path.join(run_dir, "part_localisation.json")
+        path = os.path.join(run_dir, PART_LOCALISATION_FILE)
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(strict_json(record, indent=1))
         summary.update(part_localisation=record["part_localisation"], part_localisation_file=path)
@@ -140,7 +141,7 @@ def explain_run(run_dir: str, model: nn.Module, *, test_dataset, push_records=No
         except FileNotFoundError as error:  # no parts/part_locs.txt
             log.warning("consistency / stability skipped: %s", error)
         else:
-            path = os.path.join(run_dir, "interpretability.json")
+            path = os.path.join(run_dir, INTERPRETABILITY_FILE)
             with open(path, "w", encoding="utf-8") as fh:
                 fh.write(strict_json(scores, indent=1))
             summary.update(consistency=scores["consistency"], stability=scores["stability"],

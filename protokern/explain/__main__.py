@@ -15,6 +15,7 @@ import os
 import sys
 import warnings
 
+from protokern.checkpoint import EXPLANATIONS_DIR
 from protokern.cli import exit_on_error
 from protokern.data.transforms import MAX_IMAGE_PIXELS, broken_link
 from protokern.explain.local import explain_image, model_from_checkpoint
@@ -72,7 +73,7 @@ def _training_size(records, state: dict) -> tuple[int, int] | None:
 
 def _default_out(run_dir: str, image: str) -> str:
     """A new folder ``run_dir/explanations/image_<image stem>[-N]`` (created here, so never an existing one)."""
-    base = os.path.join(run_dir, "explanations", "image_" + os.path.splitext(os.path.basename(image))[0])
+    base = os.path.join(run_dir, EXPLANATIONS_DIR, "image_" + os.path.splitext(os.path.basename(image))[0])
     os.makedirs(os.path.dirname(base), exist_ok=True)
     for n in itertools.count():
         out = f"{base}-{n}" if n else base

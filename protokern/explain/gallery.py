@@ -18,7 +18,7 @@ from torch import nn
 from protokern.explain import render
 from protokern.models.receptive_field import checked_receptive_field, patch_box
 from protokern.push import PushRecords, nearest_training_patches
-from protokern.utils import base_dataset, positive_int, strict_json, unwrap
+from protokern.utils import base_dataset, class_name, item_image, positive_int, strict_json, unwrap
 
 __all__ = ["gallery"]
 
@@ -36,11 +36,6 @@ def _tile(image, box, size: int, caption: str, colour=render.BOX_COLOUR) -> np.n
         scaled = render.draw_box(scaled, (round(y0 * scale), round(y1 * scale), round(x0 * scale),
                                           round(x1 * scale)), colour, width=max(1, size // 48))
     return render.label(scaled, caption)
-
-
-def _item_image(dataset, index: int):
-    item = dataset[index]
-    return item[0] if isinstance(item, (tuple, list)) else item
 
 
 def _window_box(rf, image_size, feature_size, h: int, w: int, window: tuple[int, int]):
@@ -89,21 +84,21 @@ def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records:
         raise ValueError("gallery needs a DataLoader over a dataset (to fetch the neighbour images)")
     push_images = dataset if push_images is None else base_dataset(push_images)  # records index the base
     class_names = class_names if class_names is not None else getattr(dataset, "classes", None)
-    name = (lambda c: class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c))
     classes = model.prototype_classes.cpu().tolist()
     rf = checked_receptive_field(model, neighbours.image_size, neighbours.feature_size)
     os.makedirs(out_dir, exist_ok=True)
 
     rows, pages, entries = [], [], []
     for j in tqdm(range(num_protos), desc="gallery images", disable=not progress, leave=False, dynamic_ncols=True):
-        row, entry = [], {"prototype": j, "class": classes[j], "class_name": name(classes[j]), "neighbours": []}
+        name = class_name(class_names, classes[j])
+        row, entry = [], {"prototype": j, "class": classes[j], "class_name": name, "neighbours": []}
         if push_records is not None:
             source = int(push_records.image_index[j])
             entry["source_index"] = source if source >= 0 else None
             entry["pushed_as"] = int(push_records.pushed_as[j])  # the index naming its push PNGs
             if source >= 0:
                 box = tuple(int(v) for v in push_records.activation_box[j])
-                row.append(_tile(_item_image(push_images, source), box, tile, f"p{j} {name(classes[j])}"[:18],
+                row.append(_tile(item_image(push_images, source), box, tile, f"p{j} {name}"[:18],
                                  colour=(255, 60, 60)))
             else:
                 row.append(render.label(render.placeholder(tile, tile, "not pushed"), f"p{j}"))
@@ -114,7 +109,7 @@ def gallery(model: nn.Module, loader, *, k: int = 5, out_dir: str, push_records:
             distance = float(neighbours.distance[j, r])
             box = _window_box(rf, neighbours.image_size, neighbours.feature_size, h, w, neighbours.window)
             mark = "" if label == classes[j] else "x"  # other class
-            row.append(_tile(_item_image(dataset, index), box, tile, f"{mark}d={distance:.3g} c{label}"[:18]))
+            row.append(_tile(item_image(dataset, index), box, tile, f"{mark}d={distance:.3g} c{label}"[:18]))
             entry["neighbours"].append({"image_index": index, "class": label, "distance": distance,
                                         "patch": [h, w], "box": list(box)})
         entry["own_class"] = sum(n["class"] == classes[j] for n in entry["neighbours"])

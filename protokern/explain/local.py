@@ -27,8 +27,8 @@ from protokern.explain import render
 from protokern.models import ProtoPNet
 from protokern.models.receptive_field import checked_receptive_field, patch_box
 from protokern.push import PushRecords, activation_boxes, search_dtype
-from protokern.utils import (base_dataset, check_unit_range, eval_mode, first_line, model_device, positive_int,
-                             strict_json, unwrap)
+from protokern.utils import (base_dataset, check_unit_range, class_name, eval_mode, first_line, item_image,
+                             model_device, positive_int, strict_json, unwrap)
 
 __all__ = ["Explanation", "PrototypeEvidence", "explain_image", "load_image_tensor", "model_from_checkpoint"]
 _PANEL = re.compile(r"rank\d{2,}_prototype\d+\.png")  # the per-prototype files of Explanation.save
@@ -57,7 +57,7 @@ class PrototypeEvidence:
         pushed_as: the prototype's index at the push, which names its push PNGs (another one than ``prototype``
             after pruning renumbered the prototypes; None without push records).
         source_box / source_rf_box: high-activation / receptive-field box on the source image.
-        source_image: (3, S, S) source image in [0, 1], when available.
+        source_image: (3, S, S) or (1, S, S) source image in [0, 1], when available.
         source_file: the source image's file (the push set's ``paths``), when it has one.
         file: the PNG written by :meth:`Explanation.save`, relative to its folder.
     """
@@ -86,10 +86,11 @@ class PrototypeEvidence:
 class Explanation:
     """Explanation of a model's decision on one image (see :func:`explain_image`).
 
-    Attributes: ``image`` (3, S, S) in [0, 1]; ``logits`` (C,); ``predicted_class``; ``class_idx`` (the class
-    explained); ``similarity`` and ``min_distances`` (P,); ``weights`` (C, P) last-layer weights;
-    ``prototype_classes`` (P,); ``top`` (the top-k :class:`PrototypeEvidence`, in :func:`explain_image`'s order);
-    ``class_names`` (optional); ``similarity_kind`` ("log", "linear" or "cosine") and ``prototype_size``
+    Attributes: ``image`` (3, S, S), or (1, S, S) for a grayscale model, in [0, 1]; ``logits`` (C,);
+    ``predicted_class``; ``class_idx`` (the class explained); ``similarity`` and ``min_distances`` (P,);
+    ``weights`` (C, P) last-layer weights; ``prototype_classes`` (P,); ``top`` (the top-k
+    :class:`PrototypeEvidence`, in :func:`explain_image`'s order); ``class_names`` (optional);
+    ``similarity_kind`` ("log", "linear" or "cosine") and ``prototype_size``
     (kh, kw) of the model's prototype layer.
     """
 
@@ -116,7 +117,7 @@ class Explanation:
 
     def class_name(self, c: int) -> str:
         """Name of class ``c`` (its index when no names are known)."""
-        return self.class_names[c] if self.class_names and 0 <= c < len(self.class_names) else str(c)
+        return class_name(self.class_names, c)
 
     def table(self, class_idx: int | None = None) -> list[dict]:
         """Every prototype's contribution to a class, largest first, as dicts (also in ``explanation.json``)."""
@@ -245,16 +246,20 @@ def _evidence_panel(image: np.ndarray, e: PrototypeEvidence, min_side: int, kind
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def load_image_tensor(image, image_size: int | tuple[int, int] | None = None) -> Tensor:
-    """An image as a float32 (3, H, W) tensor in [0, 1].
+def load_image_tensor(image, image_size: int | tuple[int, int] | None = None, channels: int | None = 3) -> Tensor:
+    """An image as a float32 (C, H, W) tensor in [0, 1].
 
     ``image`` is a path (any PIL mode, RGBA / grayscale / CMYK included, is converted to RGB by
-    ``protokern.data.load_image``), a PIL image, or a tensor (3, H, W) / (1, 3, H, W) in [0, 1]. With
+    ``protokern.data.load_image``), a PIL image, or a tensor (C, H, W) / (1, C, H, W) in [0, 1]. With
     ``image_size`` (a side S, or (H, W), at most ``MAX_IMAGE_PIXELS`` pixels as the files read) the image is
-    resized (bilinear, antialiased) to S x S or H x W.
+    resized (bilinear, antialiased) to S x S or H x W. ``channels``: 3 (RGB) or 1 (grayscale: a path, PIL
+    image or RGB tensor is converted to its luma, ``0.299 R + 0.587 G + 0.114 B`` as PIL's "L"). None takes a
+    tensor of 1 or 3 channels as it is and reads a path or PIL image as RGB.
     """
     from protokern.data.transforms import MAX_IMAGE_PIXELS, load_image, pil_to_tensor, to_rgb
 
+    if channels not in (1, 3, None):
+        raise ValueError(f"channels must be 1 (grayscale), 3 (RGB) or None, got {channels!r}")
     size = None
     if image_size is not None:
         pair = (image_size, image_size) if not isinstance(image_size, (tuple, list, torch.Size)) else image_size
@@ -268,18 +273,21 @@ def load_image_tensor(image, image_size: int | tuple[int, int] | None = None) ->
         square = size is not None and size[0] == size[1]
         image, _ = load_image(image, size[0] if square else None)
         if square or size is None:
-            return image
+            return _luma(image) if channels == 1 else image
     elif isinstance(image, Image.Image):
         img = to_rgb(image)
         if size is not None and img.size != (size[1], size[0]):
             img = img.resize((size[1], size[0]), Image.BILINEAR)
-        return pil_to_tensor(img)
+        return _luma(pil_to_tensor(img)) if channels == 1 else pil_to_tensor(img)
     if not isinstance(image, Tensor):
         raise TypeError(f"image must be a path, a PIL image or a tensor, got {type(image).__name__}")
     if image.dim() == 4 and image.shape[0] == 1:
         image = image[0]
-    if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
-        raise ValueError(f"expected a float image tensor (3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}")
+    rgb = image.dim() == 3 and image.shape[0] == 3 and channels is not None
+    if image.dim() != 3 or image.shape[0] not in ((1, 3) if channels is None else (channels, 3)) \
+            or not image.is_floating_point():
+        want = "(3, H, W) or (1, H, W)" if channels is None else f"({channels}, H, W)"
+        raise ValueError(f"expected a float image tensor {want} in [0, 1], got {image.dtype} {tuple(image.shape)}")
     if not bool(image.isfinite().all()):
         raise ValueError("the image holds NaN or inf values")
     check_unit_range(image, "image")
@@ -287,7 +295,13 @@ def load_image_tensor(image, image_size: int | tuple[int, int] | None = None) ->
     if size is not None and tuple(image.shape[1:]) != size:
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
                               antialias=True)[0].clamp(0, 1)
-    return image
+    return _luma(image) if rgb and channels == 1 else image
+
+
+def _luma(rgb: Tensor) -> Tensor:
+    """(3, H, W) RGB -> (1, H, W) luma, ITU-R 601-2 as PIL's "L" conversion."""
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype, device=rgb.device)
+    return (weights.view(3, 1, 1) * rgb).sum(0, keepdim=True)
 
 
 def _source_file(index: int | None, push_images) -> str | None:
@@ -301,15 +315,15 @@ def _source_image(j: int, index: int, records: PushRecords | None, push_images) 
     if index < 0:
         return None
     if push_images is not None:
-        item = base_dataset(push_images)[index]  # records hold indices of the dataset under a Subset
+        image = item_image(base_dataset(push_images), index)  # records hold indices of the dataset under a Subset
         try:
-            return load_image_tensor(item[0] if isinstance(item, (tuple, list)) else item)
+            return load_image_tensor(image, channels=None)
         except TypeError as error:  # the image argument's message would blame the explained image
             raise TypeError(f"push_images[{index}] must be an image (a path, a PIL image or a tensor) or an (image, "
-                            f"label) pair, got {type(item).__name__}") from error
+                            f"label) pair, got {type(image).__name__}") from error
     path = None if records is None else records.png(j)
     if path is not None and os.path.isfile(path):
-        return load_image_tensor(path)
+        return load_image_tensor(path, channels=None)
     return None
 
 
@@ -340,8 +354,9 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
     """Explain ``model``'s decision on one image ("this looks like that").
 
     Args:
-        model: a ``ProtoPNet`` (taking ImageNet-normalised images; the image is normalised here).
-        image: a path (RGBA / grayscale / CMYK ... are read as RGB), a PIL image or a (3, H, W) tensor in [0, 1].
+        model: a ``ProtoPNet`` (the image is normalised here with its input statistics).
+        image: a path (RGBA / grayscale / CMYK ... are read as RGB, or as grayscale for a model of grayscale
+            inputs, see :func:`load_image_tensor`), a PIL image or a (C, H, W) tensor in [0, 1].
         push_records: the model's :class:`protokern.push.PushRecords` (one row per prototype), for the source
             patches; None leaves them out.
         top_k: how many prototypes to show: those with a positive weight for the class first (its evidence when
@@ -373,14 +388,14 @@ def explain_image(model: nn.Module, image, *, push_records: PushRecords | None =
         raise ValueError(f"class_idx must be in [0, {model.num_classes}), got {class_idx}")
     if image_size is None and push_records is not None:
         image_size = tuple(push_records.image_size)
-    x = load_image_tensor(image, image_size)
+    from protokern.data import model_input, model_stats
+
+    x = load_image_tensor(image, image_size, channels=len(model_stats(model)[0]))
     _check_image_size(model, x.shape[1:])
     device = model_device(model, device)
 
-    from protokern.data import imagenet_normalize
-
     with eval_mode(model):
-        batch = imagenet_normalize(x[None].to(device))
+        batch = model_input(model, x[None].to(device))
         z = model.conv_features(batch)  # the trunk runs once per image
         logits, min_distances, similarity = model.classify_features(z)
         z = search_dtype(z)

@@ -107,7 +107,7 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
     """How often a prototype's most activated location falls inside the image's ground-truth part box.
 
     Args:
-        model: a ``ProtoPNet`` (taking ImageNet-normalised images; images are normalised here).
+        model: a ``ProtoPNet`` (images are normalised here with its input statistics).
         data: a dataset of ``(image, label)`` in [0, 1], or a non-shuffling ``DataLoader`` over one.
         boxes: (N, 4) part boxes ``(x0, y0, x1, y1)`` in pixels of the dataset's images, indexed by dataset
             index (of the dataset under any ``Subset``, as push records); default: that dataset's ``boxes`` (e.g.
@@ -151,7 +151,7 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
     hits = torch.zeros(num_protos, dtype=torch.float64)
     counts = torch.zeros(num_protos, dtype=torch.float64)
     images_seen = 0
-    from protokern.data import imagenet_normalize
+    from protokern.data import model_input
     from protokern.models.receptive_field import checked_receptive_field, window_center
 
     with eval_mode(model):
@@ -159,7 +159,7 @@ def part_localisation(model: nn.Module, data, boxes=None, *, prototypes: str = "
             if int(index.max()) >= boxes.shape[0]:
                 raise ValueError(f"boxes has {boxes.shape[0]} rows but the data has an image {int(index.max())}")
             images, labels = images.to(device).float(), labels.to(device)
-            z = search_dtype(model.conv_features(imagenet_normalize(images)))
+            z = search_dtype(model.conv_features(model_input(model, images)))
             distance, patch = layer.nearest(z)  # (B, P), patch = h * Wout + w
             score = -distance  # every similarity kind decreases with the distance
             if prototypes == "own_class":
@@ -233,7 +233,7 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
     if not hasattr(dataset, "part_locations"):
         raise TypeError("the dataset has no part_locations(i) (part annotations, e.g. CUB200)")
     _check_noise(noise_std, noise_clip)
-    from protokern.data import imagenet_normalize
+    from protokern.data import model_input
 
     device = model_device(model, device)
     classes = model.prototype_classes.to(device)
@@ -244,7 +244,7 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
             images, labels = images.to(device).float(), labels.to(device)
             S = images.shape[-1]
             half = _default_half_size(S) if half_size is None else half_size
-            x = imagenet_normalize(images)
+            x = model_input(model, images)
             if noise_std > 0:  # each image's own noise, from (seed, its index): the batch size changes nothing
                 noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(
                     seed * 1_000_003 + int(i))) for i in index]) * noise_std

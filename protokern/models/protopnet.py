@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from protokern.data.transforms import IMAGENET_MEAN, IMAGENET_STD, input_stats
 from protokern.layer import ProtoLayer
 from protokern.ops import window_size
 from protokern.models.add_on import make_add_on
@@ -20,13 +21,15 @@ __all__ = ["ProtoPNet"]
 
 # what ProtoPNet.config holds and from_config takes (the weights come from state_dict)
 CONFIG_KEYS = ("backbone", "num_classes", "prototypes_per_class", "prototype_dim", "add_on", "eps", "backend",
-               "out_channels", "prototype_classes", "prototype_size", "similarity")
+               "out_channels", "prototype_classes", "prototype_size", "similarity", "input_mean", "input_std")
 
 
 class ProtoPNet(nn.Module):
     """ProtoPNet ("this looks like that"): classify by similarity of image patches to learned prototypes.
 
-    Takes ImageNet-normalised images (B, 3, S, S).
+    Takes normalised images (B, C, S, S): ``(image - input_mean) / input_std`` per channel of images in [0, 1]
+    (ImageNet's statistics and RGB by default, as the pretrained trunks want). The trainer, push, pruning, the
+    explanations and the metrics normalise with the model's own statistics (``protokern.data.model_input``).
 
     Args:
         backbone: a name from ``protokern.models.BACKBONES`` or an ``nn.Module`` trunk (then ``out_channels``,
@@ -45,11 +48,14 @@ class ProtoPNet(nn.Module):
         out_channels: output channels of a module trunk.
         prototype_classes: class index of each prototype, instead of ``prototypes_per_class`` (used to rebuild
             pruned models).
+        input_mean, input_std: per-channel statistics the images are normalised with, one value per channel
+            the trunk takes (e.g. ``(0.5,)`` and ``(0.25,)`` for a grayscale trunk); default ImageNet's (RGB).
 
     Attributes: ``features`` (trunk), ``add_on``, ``prototype_layer`` (:class:`protokern.ProtoLayer`),
     ``last_layer`` (Linear(P, C, bias=False)), ``prototype_class_identity`` ((P, C) float one-hot buffer),
     ``receptive_field`` (:class:`~protokern.models.receptive_field.ReceptiveField` of a feature-map cell, or
-    None if the trunk's geometry cannot be walked), ``num_prototypes``, ``num_classes``, ``prototype_shape``.
+    None if the trunk's geometry cannot be walked), ``num_prototypes``, ``num_classes``, ``prototype_shape``,
+    ``input_mean`` and ``input_std`` (tuples of floats).
     """
 
     def __init__(
@@ -67,8 +73,11 @@ class ProtoPNet(nn.Module):
         prototype_classes: Sequence[int] | None = None,
         prototype_size=(1, 1),
         similarity: str = "log",
+        input_mean=IMAGENET_MEAN,
+        input_std=IMAGENET_STD,
     ):
         super().__init__()
+        self.input_mean, self.input_std = input_stats(input_mean, input_std)
         num_classes = positive_int("num_classes", num_classes)
         prototype_dim = positive_int("prototype_dim", prototype_dim)
         if prototype_classes is None:
@@ -89,6 +98,9 @@ class ProtoPNet(nn.Module):
             if out_channels is not None and out_channels != trunk_channels:
                 raise ValueError(f"out_channels={out_channels} but backbone {backbone!r} gives {trunk_channels}")
             backbone_name = backbone
+            if len(self.input_mean) != 3:
+                raise ValueError(f"backbone {backbone!r} takes RGB images: input_mean and input_std need 3 values, "
+                                 f"got {len(self.input_mean)}")
         elif isinstance(backbone, nn.Module):
             if out_channels is None:
                 raise ValueError("out_channels (the trunk's output channels) is required when backbone is a module")
@@ -129,6 +141,8 @@ class ProtoPNet(nn.Module):
             "prototype_classes": None if prototype_classes is None else classes.tolist(),
             "prototype_size": list(self.prototype_layer.prototype_size),
             "similarity": self.prototype_layer.similarity,
+            "input_mean": list(self.input_mean),
+            "input_std": list(self.input_std),
         }
 
     # ----------------------------------------------------------------------------------------- attributes

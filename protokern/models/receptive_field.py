@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from protokern.models.backbones import make_backbone
+
 __all__ = [
     "LayerGeometry",
     "ReceptiveField",
@@ -184,8 +186,6 @@ def compute_receptive_field(module: nn.Module) -> ReceptiveField:
 def backbone_receptive_field(name: str) -> ReceptiveField:
     """Receptive field of a supported backbone trunk by name (built on the meta device: no memory, no weights);
     ``ValueError`` for a name not in ``BACKBONES``."""
-    from protokern.models.backbones import make_backbone
-
     with torch.device("meta"):
         trunk, _ = make_backbone(name)
     return compute_receptive_field(trunk)

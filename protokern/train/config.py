@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from protokern.data._boxed import CROPS
+from protokern.data import CROPS
 from protokern.data.augment import MODES as AUGMENT_MODES
 from protokern.data.cache import CACHE_MODES
 from protokern.models import ADD_ONS, BACKBONES

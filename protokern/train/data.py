@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from protokern.data import CUB200, ImageFolderDataset, StanfordCars, SyntheticParts
 from protokern.data.cache import cached_batches, prepare_images
-from protokern.data.loader import default_num_workers, worker_init_fn
+from protokern.data.loader import worker_init_fn
 from protokern.train.config import TrainConfig
 from protokern.train.distributed import DistInfo, resolve_device
-from protokern.utils import listed, positive_int
+from protokern.utils import default_num_workers, listed, positive_int
 
 
 class Splits(NamedTuple):

@@ -8,7 +8,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from protokern.data import imagenet_normalize
+from protokern.data import model_input
 from protokern.losses import TERMS
 from protokern.train.distributed import all_reduce_sum
 from protokern.utils import distributed, progress as progress_bar
@@ -49,7 +49,7 @@ def run_epoch(forward: nn.Module, model: nn.Module, loader, loss_fn: nn.Module, 
     """Train (when ``optimizer`` is given) or evaluate over ``loader``; metrics summed over all ranks.
 
     Images come unnormalised in [0, 1]; they are moved to ``device``, augmented (training only, with
-    ``generator``) and ImageNet-normalised there. ``forward`` is the (possibly DDP-wrapped)
+    ``generator``) and normalised there with the model's input statistics. ``forward`` is the (possibly DDP-wrapped)
     :class:`TrainForward`; ``model`` the bare ProtoPNet (for the loss). The caller sets train/eval mode.
 
     A non-finite training loss raises ``FloatingPointError`` before its backward (``nan_policy="stop"``) or
@@ -69,7 +69,7 @@ def run_epoch(forward: nn.Module, model: nn.Module, loader, loss_fn: nn.Module, 
         labels = labels.to(device, non_blocking=True)
         if training and augment is not None:
             images = augment(images, generator=generator)
-        images = imagenet_normalize(images)
+        images = model_input(model, images)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(training):

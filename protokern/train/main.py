@@ -52,6 +52,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from protokern.checkpoint import (EXPLANATIONS_DIR, GALLERY_DIR, INTERPRETABILITY_FILE, PART_LOCALISATION_FILE, PRUNED,
+                                  PUSH_DIR)
 from protokern.cli import exit_on_error
 from protokern.data import GpuAugment, make_loader, skipped_images
 from protokern.explain import explain_run
@@ -222,9 +224,9 @@ def _check_image_size(cfg: TrainConfig) -> None:
 
 
 # what a run writes in its directory (see the module docstring)
-RUN_ENTRIES = ("config.yaml", "metrics.csv", "metrics.jsonl", ckpt.LAST, ckpt.BEST, ckpt.INTERRUPTED, "pruned.pt",
-               "summary.json", "prune.json", "part_localisation.json", "interpretability.json", "push", "tb",
-               "explanations", "gallery")
+RUN_ENTRIES = ("config.yaml", "metrics.csv", "metrics.jsonl", ckpt.LAST, ckpt.BEST, ckpt.INTERRUPTED, PRUNED,
+               "summary.json", "prune.json", PART_LOCALISATION_FILE, INTERPRETABILITY_FILE, PUSH_DIR,
+               "tb", EXPLANATIONS_DIR, GALLERY_DIR)
 
 
 class Trainer:
@@ -607,7 +609,7 @@ class Trainer:
         return train
 
     def _push(self, step: Step) -> dict:
-        save_dir = self._path(os.path.join("push", f"epoch_{step.epoch:03d}"))
+        save_dir = self._path(os.path.join(PUSH_DIR, f"epoch_{step.epoch:03d}"))
         start = time.perf_counter()
         self.records = push_prototypes(self.model, self.push_loader, device=self.device, save_dir=save_dir,
                                        save_images=self.cfg.push_images, progress=self._bars(),
@@ -784,7 +786,7 @@ class Trainer:
             "selection_note": _SELECTION_NOTE[self.best["split"]],
             "part_localisation": localisation,  # of the final model: pruned.pt after --prune, else last.pt
             "part_localisation_note": why_none if localisation is None else None,
-            "final_model": "pruned.pt" if self._pruned else "last.pt",  # the one explanations and gallery show
+            "final_model": PRUNED if self._pruned else ckpt.LAST,  # the one explanations and gallery show
             "pruned": self._pruned,
             "push_records": self.records_path,
             "optimizer_steps": {"per_epoch": len(self.train_loader), **self.optimizer_steps},
@@ -834,14 +836,14 @@ class Trainer:
                       retrain_accuracy=retrain["accuracy"], retrain_test_accuracy=epoch_tests, test_accuracy=test)
         # by name: no prototype of theirs is left (prune.json lists their indices)
         empty = _class_names(self.push_set, result.get("classes_without_prototypes", []))
-        self._pruned = {"checkpoint": os.path.abspath(self._path("pruned.pt")), "num_pruned": report["num_pruned"],
+        self._pruned = {"checkpoint": os.path.abspath(self._path(PRUNED)), "num_pruned": report["num_pruned"],
                         "num_remaining": report["num_remaining"], "test_accuracy": test,
                         "classes_without_prototypes": empty}
         if self.is_main:
             state = {"model": self.model.state_dict(), "model_config": self.model.config, "config": self.cfg.to_dict(),
                      "step": self.next_step - 1, "stage": "prune", "push_records": self.records.to_dict(),
                      "prune": report, "data": self.data_identity}
-            self._write(state, "pruned.pt")
+            self._write(state, PRUNED)
             ckpt.atomic_write_text(self._path("prune.json"), strict_json(report))
             if not self.cfg.quiet:
                 none = f" (classes left without a prototype of their own: {listed(empty, 8)})" if empty else ""
