@@ -40,8 +40,9 @@ BACKBONES: tuple[str, ...] = _VGGS + _RESNETS + _DENSENETS + ("tiny",)
 
 
 class WeightsUnavailableError(OSError, RuntimeError):
-    """torchvision's ImageNet weights are neither in the torch hub cache nor downloadable (offline?). An
-    ``OSError``: the command-line tools report it in one line; a ``RuntimeError`` as before."""
+    """torchvision's ImageNet weights are neither in the torch hub cache nor downloadable (offline?), or the
+    cached file cannot be read. An ``OSError``: the command-line tools report it in one line; a ``RuntimeError``
+    as before."""
 
 
 def _family(name: str) -> str:
@@ -129,33 +130,48 @@ def _imagenet_url(name: str) -> str:
     return torchvision.models.get_model_weights(name)["IMAGENET1K_V1"].url
 
 
-def fetch_imagenet_weights(name: str) -> None:
-    """Make sure torchvision's ImageNet weights for trunk ``name`` are in the torch hub cache (downloading them if
-    not), or raise :class:`WeightsUnavailableError` at once: a trainer calls it before reading its data."""
+def fetch_imagenet_weights(name: str) -> str | None:
+    """The torch hub cache's file of torchvision's ImageNet weights for trunk ``name``, downloaded there first
+    if it is missing (hash-checked, written whole or not at all), or :class:`WeightsUnavailableError` at once: a
+    trainer calls it before reading its data. Nothing is deserialised here (the model loads the file once).
+    None for a trunk without such weights."""
     if name == "tiny" or name not in BACKBONES:
-        return
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(_imagenet_url(name)))
+        return None
+    url = _imagenet_url(name)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
     if not os.path.isfile(cached):
-        _imagenet_state_dict(name)
+        shown = socket.getdefaulttimeout()
+        if shown is None:  # (torch.hub's urlopen takes none; each read waits at most this; a user's own one is kept)
+            socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            digest = torch.hub.HASH_REGEX.search(os.path.basename(url))
+            torch.hub.download_url_to_file(url, cached, digest.group(1) if digest else None, progress=False)
+        except Exception as error:
+            raise _unavailable(name, url, error) from error
+        finally:
+            socket.setdefaulttimeout(shown)
+    return cached
 
 
 def _imagenet_state_dict(name: str) -> dict:
-    url = _imagenet_url(name)
-    shown = socket.getdefaulttimeout()
-    if shown is None:  # (torch.hub's urlopen takes none; each read waits at most this; a user's own one is kept)
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    path = fetch_imagenet_weights(name)
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
-    except Exception as error:
-        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-        raise WeightsUnavailableError(
-            f"no ImageNet weights for {name} here (offline?): {url} is neither in the torch hub cache {cache} nor "
-            f"downloadable ({type(error).__name__}: {first_line(error)[:200]}); put it in that folder, pass a local "
-            "file (pretrained=False with weights_path= / ProtoPNet's backbone_weights=; --no-pretrained "
-            "--backbone-weights FILE) or train from scratch (pretrained=False / --no-pretrained)"
-        ) from error
-    finally:
-        socket.setdefaulttimeout(shown)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file in the cache
+        raise WeightsUnavailableError(f"the cached ImageNet weights for {name}, {path}, cannot be read "
+                                      f"({type(error).__name__}: {first_line(error)[:200]}): delete the file to "
+                                      "download it again") from error
+
+
+def _unavailable(name: str, url: str, error: Exception) -> WeightsUnavailableError:
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    return WeightsUnavailableError(
+        f"no ImageNet weights for {name} here (offline?): {url} is neither in the torch hub cache {cache} nor "
+        f"downloadable ({type(error).__name__}: {first_line(error)[:200]}); put it in that folder, pass a local "
+        "file (pretrained=False with weights_path= / ProtoPNet's backbone_weights=; --no-pretrained "
+        "--backbone-weights FILE) or train from scratch (pretrained=False / --no-pretrained)"
+    )
 
 
 def _read_state_file(path) -> dict:

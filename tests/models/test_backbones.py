@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 from protokern.models import BACKBONES, load_backbone_state, make_backbone
-from protokern.models.backbones import WeightsUnavailableError
+from protokern.models.backbones import WeightsUnavailableError, fetch_imagenet_weights
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -126,12 +126,42 @@ def test_pretrained_loads_from_the_hub_cache(tmp_path, monkeypatch):
     assert _same_params(trunk, vgg.state_dict())
 
 
+def test_first_download_is_read_once(tmp_path, monkeypatch):
+    """The trainer's early fetch downloads the weights without deserialising them; the model reads them once (a
+    VGG-19 file is 550 MB); a damaged cached file is one line saying to delete it."""
+    url = torchvision.models.get_model_weights("vgg11")["IMAGENET1K_V1"].url
+    vgg, _ = make_backbone("vgg11")
+    downloads, loads = [], []
+
+    def download(source, dst, hash_prefix=None, progress=True):
+        downloads.append((source, hash_prefix))
+        torch.save({"features." + k: v for k, v in vgg.state_dict().items()}, dst)
+
+    real_load = torch.load
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args[0]) or real_load(*args, **kwargs))
+    path = fetch_imagenet_weights("vgg11")
+    assert path == str(tmp_path / "hub" / "checkpoints" / os.path.basename(url)) and os.path.isfile(path)
+    assert downloads == [(url, "8a719046")] and loads == []
+    trunk, _ = make_backbone("vgg11", pretrained=True)
+    assert _same_params(trunk, vgg.state_dict())
+    assert len(downloads) == 1 and loads == [path]
+    assert fetch_imagenet_weights("tiny") is None
+
+    with open(path, "wb") as fh:
+        fh.write(b"not a checkpoint")
+    with pytest.raises(WeightsUnavailableError, match=r"^the cached ImageNet weights for vgg11, .* cannot be read "
+                                                        r"\(UnpicklingError: .*delete the file to download it again$"):
+        make_backbone("vgg11", pretrained=True)
+
+
 def _offline(*args, **kwargs):
     raise urllib.error.URLError("no network")
 
 
 def test_pretrained_unavailable_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _offline)  # no network access in tests
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)  # no network access in tests
     with pytest.raises(WeightsUnavailableError) as caught:
         make_backbone("resnet18", pretrained=True)
     assert isinstance(caught.value, OSError) and isinstance(caught.value, RuntimeError)  # RuntimeError as before
@@ -158,7 +188,7 @@ def test_pretrained_unavailable_is_one_line_from_the_trainer(tmp_path, monkeypat
     def no_data(*args, **kwargs):
         raise AssertionError("the data was read before the weights were found missing (32 s at CUB's size)")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(sys.modules["protokern.train.main"], "build_splits", no_data)
     out = tmp_path / "run"
