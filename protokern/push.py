@@ -391,7 +391,7 @@ def push_prototypes(model: nn.Module, loader, *, device: torch.device | str | No
             else:
                 gidx = (torch.arange(position, position + batch, device=device) * world + rank)
             position += batch
-            x = model_input(model, images.float())
+            x = model_input(net, images.float())
             z = search_dtype(net.conv_features(x) if autocast_dtype is None else
                              net.conv_features(x, autocast_dtype=autocast_dtype))  # as in training
             if feature_size is None:

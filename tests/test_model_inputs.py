@@ -170,3 +170,25 @@ def test_model_input_refuses_images_of_other_channels():
         model_input(model, torch.ones(2, 3, 4, 4))
     with pytest.raises(ValueError, match="expected images shaped"):
         push_prototypes(model, [(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))], progress=False)
+
+
+def test_wrapped_models_keep_their_statistics():
+    """DataParallel / DistributedDataParallel wrappers do not forward attributes: the statistics are read from
+    the model inside (push took ImageNet's for a wrapped model)."""
+    seen: list[torch.Tensor] = []
+    channels, mean, std = SETUPS[1]
+    model = _model(channels, mean, std, seen)
+    wrapped = nn.DataParallel(model)
+    assert model_stats(wrapped) == (mean, std)
+    data = _data(channels)
+    images = data.tensors[0]
+    loader = DataLoader(data, batch_size=3, shuffle=False)
+    for what, run in [("push", lambda: push_prototypes(wrapped, loader, progress=False)),
+                      ("nearest patches", lambda: nearest_training_patches(wrapped, loader, k=1, progress=False)),
+                      ("part localisation", lambda: part_localisation(
+                          wrapped, data, torch.tensor([[0, 0, SIZE, SIZE]] * len(data)), progress=False)),
+                      ("explanation", lambda: explain_image(wrapped, images[0], top_k=1))]:
+        run()
+        fed = _fed(seen, mean, std)
+        torch.testing.assert_close(fed, images[:len(fed)], rtol=0, atol=1e-6, msg=what)
+        seen.clear()

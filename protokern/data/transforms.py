@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from protokern.utils import positive_int
+from protokern.utils import positive_int, unwrap
 
 __all__ = [
     "BadImageError",
@@ -309,7 +309,9 @@ def imagenet_denormalize(x: torch.Tensor) -> torch.Tensor:
 
 def model_stats(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` of the inputs ``model`` takes: its ``input_mean`` and ``input_std`` (a ``ProtoPNet``'s,
-    ImageNet's unless it was built with others); ImageNet's for a model without them."""
+    ImageNet's unless it was built with others; read through ``DataParallel`` and ``DistributedDataParallel``
+    wrappers); ImageNet's for a model without them."""
+    model = unwrap(model)
     return getattr(model, "input_mean", IMAGENET_MEAN), getattr(model, "input_std", IMAGENET_STD)
 
 
