@@ -91,8 +91,10 @@ def test_every_part_feeds_the_model_its_own_normalisation(channels, mean, std, t
     check("explanation", images[:1])
     assert explanation.image.shape == (channels, SIZE, SIZE)
     explanation.save(str(tmp_path / "explained"), min_side=16)
-    panel = np.asarray(Image.open(tmp_path / "explained" / explanation.top[0].file))
-    assert panel.ndim == 3 and panel.shape[2] == 3
+    saved = np.asarray(Image.open(tmp_path / "explained" / "image.png"))  # grayscale drawn as gray RGB
+    drawn = (images[0].numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(saved, np.repeat(drawn, 3 // channels, axis=2))
+    assert (tmp_path / "explained" / explanation.top[0].file).is_file()
 
 
 def test_part_correspondence_takes_the_models_normalisation():
@@ -162,14 +164,38 @@ def test_input_statistics_are_checked_and_kept_in_the_config():
         ProtoPNet("tiny", input_mean=(0.5,), input_std=(0.2,), **kwargs)
 
 
-def test_model_input_refuses_images_of_other_channels():
-    model = ProtoPNet(nn.Conv2d(1, 6, 3), num_classes=2, prototypes_per_class=1, prototype_dim=4, out_channels=6,
-                      input_mean=(0.5,), input_std=(0.2,))
-    torch.testing.assert_close(model_input(model, torch.ones(2, 1, 4, 4)), torch.full((2, 1, 4, 4), 2.5))
-    with pytest.raises(ValueError, match=r"expected images shaped \(\.\.\., 1, H, W\), got \(2, 3, 4, 4\)"):
-        model_input(model, torch.ones(2, 3, 4, 4))
-    with pytest.raises(ValueError, match="expected images shaped"):
-        push_prototypes(model, [(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))], progress=False)
+def test_model_input_takes_rgb_by_its_luma_for_a_grayscale_model_and_refuses_other_channels():
+    gray = ProtoPNet(nn.Conv2d(1, 6, 3), num_classes=2, prototypes_per_class=1, prototype_dim=4, out_channels=6,
+                     input_mean=(0.5,), input_std=(0.2,))
+    torch.testing.assert_close(model_input(gray, torch.ones(2, 1, 4, 4)), torch.full((2, 1, 4, 4), 2.5))
+    rgb = torch.rand(2, 3, 4, 4)
+    luma = 0.299 * rgb[:, :1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:]
+    torch.testing.assert_close(model_input(gray, rgb), (luma - 0.5) / 0.2)
+    with pytest.raises(ValueError, match=r"^the model takes 1-channel images \(its input_mean and input_std.*got "
+                                         r"images of shape \(2, 2, 4, 4\)$"):
+        model_input(gray, torch.rand(2, 2, 4, 4))
+    colour = ProtoPNet("tiny", num_classes=2, prototypes_per_class=1, prototype_dim=4)
+    with pytest.raises(ValueError, match=r"^the model takes 3-channel images .*one value each for a grayscale trunk"):
+        push_prototypes(colour, [(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]))], progress=False)
+
+
+def test_a_grayscale_model_is_pushed_on_rgb_images_by_their_luma():
+    """The datasets give RGB: a grayscale model is pushed, pruned and scored on their luma."""
+    seen: list[torch.Tensor] = []
+    model = _model(1, (0.25,), (0.5,), seen)
+    data = _data(3)
+    push_prototypes(model, DataLoader(data, batch_size=4), progress=False)
+    rgb = data.tensors[0]
+    luma = 0.299 * rgb[:, :1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:]
+    torch.testing.assert_close(_fed(seen, (0.25,), (0.5,)), luma, rtol=0, atol=1e-6)
+
+
+def test_the_statistics_are_read_only():
+    model = ProtoPNet("tiny", num_classes=2, prototypes_per_class=1, prototype_dim=4, input_mean=(0.5, 0.5, 0.5),
+                      input_std=(0.25, 0.25, 0.25))
+    with pytest.raises(AttributeError):
+        model.input_std = (0.0, 0.0, 0.0)
+    assert model.input_std == (0.25, 0.25, 0.25) and model.config["input_std"] == [0.25, 0.25, 0.25]
 
 
 def test_wrapped_models_keep_their_statistics():

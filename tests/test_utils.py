@@ -78,7 +78,7 @@ def test_positive_int_is_the_one_check_of_a_count_argument():
     import numpy as np
 
     from protokern import ProtoLayer
-    from protokern.data import ImageFolderDataset
+    from protokern.data import ImageFolderDataset, load_image, make_loader
     from protokern.models import make_add_on
     from protokern.train.data import Repeated
 
@@ -91,11 +91,14 @@ def test_positive_int_is_the_one_check_of_a_count_argument():
     for call, name in ((lambda v: ProtoLayer(v, 4), "num_prototypes"),
                        (lambda v: make_add_on("regular", v, 4), "in_channels"),
                        (lambda v: Repeated([0], v), "copies"),
-                       (lambda v: ImageFolderDataset("/", image_size=v), "image_size")):
+                       (lambda v: ImageFolderDataset("/", image_size=v), "image_size"),
+                       (lambda v: make_loader([0], v, False), "batch_size"),
+                       (lambda v: load_image("unread.png", v), "image_size")):
         with pytest.raises(TypeError, match=f"^{name} must be an integer >= 1"):
             call(True)
     assert len(Repeated([0], np.int64(2))) == 2
     assert make_add_on("regular", np.int64(3), 4)[0].in_channels == 3
+    assert make_loader([0, 1, 2], np.int64(2), False, num_workers=0).batch_size == 2
 
 
 def test_image_batches_checks_images_and_labels():

@@ -38,6 +38,7 @@ __all__ = [
     "model_input",
     "model_stats",
     "normalize",
+    "to_luma",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -315,7 +316,23 @@ def model_stats(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return getattr(model, "input_mean", IMAGENET_MEAN), getattr(model, "input_std", IMAGENET_STD)
 
 
+def to_luma(rgb: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) RGB -> (..., 1, H, W) luma, ``0.299 R + 0.587 G + 0.114 B`` (ITU-R 601-2, as PIL's "L")."""
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+    return (rgb * weights).sum(-3, keepdim=True)
+
+
 def model_input(model, images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] (B, C, H, W) as ``model`` takes them: normalised with :func:`model_stats`. The trainer,
-    push, pruning, the explanations and the metrics all feed the model through this."""
-    return normalize(images, *model_stats(model))
+    """Images in [0, 1] (B, C, H, W) as ``model`` takes them: normalised with :func:`model_stats`; RGB images
+    given to a grayscale model (one mean and std) by their luma (:func:`to_luma`). The trainer, push, pruning,
+    the explanations and the metrics all feed the model through this. Other channel counts than the model's are
+    a one-line ``ValueError``."""
+    mean, std = model_stats(model)
+    if torch.is_tensor(images) and images.dim() >= 3 and images.shape[-3] != len(mean):
+        if len(mean) == 1 and images.shape[-3] == 3:
+            images = to_luma(images)
+        else:
+            raise ValueError(f"the model takes {len(mean)}-channel images (its input_mean and input_std: ImageNet's, "
+                             f"RGB, unless built with others; one value each for a grayscale trunk), got images of "
+                             f"shape {tuple(images.shape)}")
+    return normalize(images, mean, std)

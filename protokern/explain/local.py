@@ -256,7 +256,7 @@ def load_image_tensor(image, image_size: int | tuple[int, int] | None = None, ch
     image or RGB tensor is converted to its luma, ``0.299 R + 0.587 G + 0.114 B`` as PIL's "L"). None takes a
     tensor of 1 or 3 channels as it is and reads a path or PIL image as RGB.
     """
-    from protokern.data.transforms import MAX_IMAGE_PIXELS, load_image, pil_to_tensor, to_rgb
+    from protokern.data.transforms import MAX_IMAGE_PIXELS, load_image, pil_to_tensor, to_luma, to_rgb
 
     if channels not in (1, 3, None):
         raise ValueError(f"channels must be 1 (grayscale), 3 (RGB) or None, got {channels!r}")
@@ -273,12 +273,12 @@ def load_image_tensor(image, image_size: int | tuple[int, int] | None = None, ch
         square = size is not None and size[0] == size[1]
         image, _ = load_image(image, size[0] if square else None)
         if square or size is None:
-            return _luma(image) if channels == 1 else image
+            return to_luma(image) if channels == 1 else image
     elif isinstance(image, Image.Image):
         img = to_rgb(image)
         if size is not None and img.size != (size[1], size[0]):
             img = img.resize((size[1], size[0]), Image.BILINEAR)
-        return _luma(pil_to_tensor(img)) if channels == 1 else pil_to_tensor(img)
+        return to_luma(pil_to_tensor(img)) if channels == 1 else pil_to_tensor(img)
     if not isinstance(image, Tensor):
         raise TypeError(f"image must be a path, a PIL image or a tensor, got {type(image).__name__}")
     if image.dim() == 4 and image.shape[0] == 1:
@@ -295,13 +295,7 @@ def load_image_tensor(image, image_size: int | tuple[int, int] | None = None, ch
     if size is not None and tuple(image.shape[1:]) != size:
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
                               antialias=True)[0].clamp(0, 1)
-    return _luma(image) if rgb and channels == 1 else image
-
-
-def _luma(rgb: Tensor) -> Tensor:
-    """(3, H, W) RGB -> (1, H, W) luma, ITU-R 601-2 as PIL's "L" conversion."""
-    weights = torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype, device=rgb.device)
-    return (weights.view(3, 1, 1) * rgb).sum(0, keepdim=True)
+    return to_luma(image) if rgb and channels == 1 else image
 
 
 def _source_file(index: int | None, push_images) -> str | None:

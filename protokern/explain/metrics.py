@@ -226,7 +226,9 @@ def part_correspondence(model: nn.Module, dataset, *, half_size: int | None = No
         dataset: ``(image, label)`` items in [0, 1] with ``part_locations(i)`` -> (K, 3) ``(x, y, visible)`` in
             pixels of the returned image (e.g. ``protokern.data.CUB200``; bird-cropped, as in the paper).
         half_size: half side of the region around the activation maximum (default 36 * S / 224).
-        noise_std, noise_clip: Gaussian noise added to the normalised image (for stability); 0 for none.
+        noise_std, noise_clip: Gaussian noise added to the normalised image (for stability); 0 for none. In the
+            model's normalised units, as the paper's on ImageNet-normalised images: stability scores of models
+            with other input statistics (``input_std``) compare only with each other.
         seed: seed of the noise.
     """
     model = unwrap(model)

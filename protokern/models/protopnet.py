@@ -77,7 +77,7 @@ class ProtoPNet(nn.Module):
         input_std=IMAGENET_STD,
     ):
         super().__init__()
-        self.input_mean, self.input_std = input_stats(input_mean, input_std)
+        input_mean, input_std = input_stats(input_mean, input_std)
         num_classes = positive_int("num_classes", num_classes)
         prototype_dim = positive_int("prototype_dim", prototype_dim)
         if prototype_classes is None:
@@ -98,9 +98,9 @@ class ProtoPNet(nn.Module):
             if out_channels is not None and out_channels != trunk_channels:
                 raise ValueError(f"out_channels={out_channels} but backbone {backbone!r} gives {trunk_channels}")
             backbone_name = backbone
-            if len(self.input_mean) != 3:
+            if len(input_mean) != 3:
                 raise ValueError(f"backbone {backbone!r} takes RGB images: input_mean and input_std need 3 values, "
-                                 f"got {len(self.input_mean)}")
+                                 f"got {len(input_mean)}")
         elif isinstance(backbone, nn.Module):
             if out_channels is None:
                 raise ValueError("out_channels (the trunk's output channels) is required when backbone is a module")
@@ -141,8 +141,8 @@ class ProtoPNet(nn.Module):
             "prototype_classes": None if prototype_classes is None else classes.tolist(),
             "prototype_size": list(self.prototype_layer.prototype_size),
             "similarity": self.prototype_layer.similarity,
-            "input_mean": list(self.input_mean),
-            "input_std": list(self.input_std),
+            "input_mean": list(input_mean),
+            "input_std": list(input_std),
         }
 
     # ----------------------------------------------------------------------------------------- attributes
@@ -150,6 +150,16 @@ class ProtoPNet(nn.Module):
     def num_prototypes(self) -> int:
         """Number of prototypes P."""
         return self.prototype_layer.prototypes.shape[0]
+
+    @property
+    def input_mean(self) -> tuple[float, ...]:
+        """Per-channel mean the images are normalised with (read-only: part of :attr:`config`)."""
+        return tuple(self._config.get("input_mean", IMAGENET_MEAN))  # (a model pickled before they were kept)
+
+    @property
+    def input_std(self) -> tuple[float, ...]:
+        """Per-channel standard deviation the images are normalised with (read-only: part of :attr:`config`)."""
+        return tuple(self._config.get("input_std", IMAGENET_STD))
 
     @property
     def prototype_shape(self) -> tuple[int, int, int, int]:

@@ -848,7 +848,7 @@ class Trainer:
             if not self.cfg.quiet:
                 none = f" (classes left without a prototype of their own: {listed(empty, 8)})" if empty else ""
                 print(f"pruned {report['num_pruned']} prototypes, {report['num_remaining']} remain{none}; "
-                      f"test accuracy after last-layer retraining {test:.3f} -> {self._path('pruned.pt')}", flush=True)
+                      f"test accuracy after last-layer retraining {test:.3f} -> {self._path(PRUNED)}", flush=True)
 
     def _retrain_pruned(self) -> tuple[dict, list[float]]:
         """The original's retraining after pruning: ``prune_retrain_epochs`` epochs of the last layer alone over
