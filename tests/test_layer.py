@@ -1,5 +1,7 @@
 """ProtoLayer: the drop-in module over the fused op."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,18 @@ def test_numpy_scalars_accepted():
     layer = protokern.ProtoLayer(np.int64(5), np.int32(3), eps=np.float32(1e-3), backend="torch")
     assert layer.num_prototypes == 5 and layer.prototype_dim == 3 and type(layer.eps) is float
     assert layer(torch.rand(2, 3, 4, 4))[0].shape == (2, 5)
+
+
+def test_the_default_epsilon_is_the_originals():
+    """eps = 1e-4 (the original's): a patch equal to a prototype has similarity log(1 / 1e-4) = 9.21, the value
+    pushed prototypes are read at."""
+    from protokern.models import ProtoPNet
+
+    layer = protokern.ProtoLayer(3, 4, backend="torch")
+    assert layer.eps == 1e-4 and ProtoPNet("tiny", num_classes=2, prototypes_per_class=1).prototype_layer.eps == 1e-4
+    z = layer.prototypes.detach()[1].reshape(1, 4, 1, 1).expand(1, 4, 2, 2).contiguous()
+    similarity, distances = layer(z)
+    assert distances[0, 1] == 0 and similarity[0, 1].item() == pytest.approx(math.log(1e4), rel=1e-6)
 
 
 def test_precision_is_passed_to_the_op(monkeypatch):

@@ -112,6 +112,11 @@ def test_shape_errors():
         loss(torch.zeros(4, 3), torch.zeros(4, 5), torch.zeros(4, dtype=torch.long), model)
     with pytest.raises(ValueError, match="expected logits"):
         loss(torch.zeros(4), torch.zeros(4, 6), torch.zeros(4, dtype=torch.long), model)
+    with pytest.raises(ValueError, match=r"batch sizes differ: 4, 4, 3"):  # the targets' count too
+        loss(torch.zeros(4, 3), torch.zeros(4, 6), torch.zeros(3, dtype=torch.long), model)
+    with pytest.raises(ValueError, match=r"last_layer_weight \(3, 5\) should be \(3, 6\)"):
+        loss(torch.zeros(4, 3), torch.zeros(4, 6), torch.zeros(4, dtype=torch.long),
+             _fake_model(weight=torch.zeros(3, 5)))
 
 
 def test_max_distance_of_the_layer():

@@ -293,3 +293,28 @@ def test_explanations_name_the_source_file_of_each_prototype(tmp_path):
     assert "source: img_0.png" in (tmp_path / "out" / "index.html").read_text()
     del dataset.paths
     assert explain_image(model, canvas(64), push_records=records, push_images=subset).top[0].source_file is None
+
+
+def test_edges_class_bounds_and_a_second_save(tmp_path):
+    """A source patch at the image's top-left corner keeps its boxes (row and column 0 are boxes, -1 is none);
+    class_idx is refused from num_classes on; saving again in a folder drops the earlier explanation's panels."""
+    model = colour_model([RED, GREEN], [0, 1], num_classes=2)
+    images = [paint(canvas(64), (0, 0), RED), paint(canvas(64), (3, 0), GREEN)]
+    dataset = ListDataset(images, [0, 1], classes=["red", "green"])
+    records = push_prototypes(model, DataLoader(dataset, batch_size=2), progress=False)
+    e = explain_image(model, paint(canvas(64), (4, 4), RED), push_records=records, push_images=dataset, top_k=2)
+    red = next(x for x in e.top if x.prototype == 0)
+    assert red.source_rf_box == (0, 8, 0, 8) and red.source_box is not None and red.source_box[0] == 0
+    green = next(x for x in e.top if x.prototype == 1)
+    assert green.source_rf_box == (24, 32, 0, 8) and green.source_box[2] == 0
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match=r"class_idx must be in \[0, 2\)"):
+            explain_image(model, images[0], class_idx=bad)
+    out = tmp_path / "out"
+    e.save(str(out))
+    assert sorted(f for f in os.listdir(out) if f.startswith("rank")) == ["rank01_prototype0.png",
+                                                                          "rank02_prototype1.png"]
+    (out / "notes.txt").write_text("mine")
+    explain_image(model, images[1], top_k=1).save(str(out))
+    assert sorted(f for f in os.listdir(out) if f.startswith("rank")) == ["rank01_prototype1.png"]
+    assert (out / "notes.txt").read_text() == "mine"  # only the panels' names are removed

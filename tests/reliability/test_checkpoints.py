@@ -237,3 +237,23 @@ def test_a_crafted_model_config_is_refused_before_it_allocates_or_downloads(run_
             model_from_checkpoint(path)
     model, _, _ = model_from_checkpoint(str(run_copy / "best.pt"))  # the real one still loads
     assert model.num_classes == config["num_classes"]
+
+
+def test_checkpoint_helpers_refuse_what_they_must(tmp_path):
+    """The checks under every checkpoint: a newer format (even by one) is refused with 'upgrade'; non-str / int
+    keys are named before writing; +-inf counts as non-finite as NaN does."""
+    from protokern.checkpoint import FORMAT, atomic_save, nonfinite_tensors
+
+    path = str(tmp_path / "next.pt")
+    atomic_save({"model": {}, "step": 0, "format": FORMAT + 1}, path)
+    with pytest.raises(CheckpointError, match=rf"format {FORMAT + 1}, newer than this protokern \({FORMAT}\): upgrade"):
+        load_checkpoint(path)
+    atomic_save({"model": {}, "step": 0, "format": FORMAT}, path)
+    assert load_checkpoint(path)["step"] == 0
+    for key in ((1, 2), 1.5, None):
+        with pytest.raises(TypeError, match=r"^checkpoint\['a'\]: key .* is a \w+; checkpoints take str / int keys$"):
+            check_safe_types({"a": {key: 1}})
+    check_safe_types({"a": {"b": 1, 2: torch.zeros(1)}})
+    state = {"w": torch.tensor([1.0, float("inf")]), "v": [torch.tensor([-float("inf")]), torch.zeros(2)],
+             "n": torch.tensor([float("nan")]), "i": torch.tensor([1, 2]), "ok": torch.ones(3)}
+    assert nonfinite_tensors(state) == ["['w']", "['v'][0]", "['n']"]
