@@ -19,7 +19,7 @@ from protokern import nearest_patches, prototype_distances
 from protokern.data import imagenet_normalize
 from protokern.models import ProtoPNet, patch_box
 from protokern.imaging import upsample
-from protokern.push import PushRecords, activation_boxes, push_prototypes
+from protokern.push import PushRecords, activation_boxes, nearest_training_patches, push_prototypes
 
 NUM_CLASSES, PER_CLASS, SIZE = 3, 2, 32
 
@@ -276,6 +276,34 @@ def test_ties_go_to_the_lowest_image_index():
     data = TensorDataset(image.repeat(6, 1, 1, 1), torch.tensor([0, 1, 2, 0, 1, 2]))
     records = push_prototypes(_model(), DataLoader(data, batch_size=2), progress=False)
     assert records.image_index.tolist() == [0, 0, 1, 1, 2, 2]
+    # ties within a batch, and over a loader whose order is not the dataset's
+    data = TensorDataset(image.repeat(6, 1, 1, 1), torch.tensor([0, 0, 1, 1, 2, 2]))
+    for batch in (3, 6):
+        records = push_prototypes(_model(), DataLoader(data, batch_size=batch), progress=False)
+        assert records.image_index.tolist() == [0, 0, 2, 2, 4, 4], batch
+    reverse = Subset(data, [5, 4, 3, 2, 1, 0])
+    for batch in (1, 4):
+        records = push_prototypes(_model(), DataLoader(reverse, batch_size=batch), progress=False)
+        assert records.image_index.tolist() == [0, 0, 2, 2, 4, 4], batch
+        near = nearest_training_patches(_model(), DataLoader(reverse, batch_size=batch), k=2, progress=False)
+        assert near.image_index.tolist() == [[0, 1]] * 6, batch
+
+
+def test_nan_features_are_never_pushed_onto():
+    """An image whose features are NaN (a NaN pixel) is passed over with a warning, also when it shares a batch
+    with its class's only good image; the nearest-patch search puts it last, at distance inf."""
+    data = _dataset(n=6)
+    images, labels = data.tensors
+    images[0, :, 3, 3] = math.nan  # class 0; image 3 is the other one of class 0
+    for batch in (2, 6):
+        with pytest.warns(UserWarning, match=r"push: \d+ NaN distances ignored"):
+            records = push_prototypes(_model(), DataLoader(TensorDataset(images, labels), batch_size=batch),
+                                      progress=False)
+        assert records.image_index[:2].tolist() == [3, 3] and torch.isfinite(records.min_distance).all()
+    near = nearest_training_patches(_model(), DataLoader(TensorDataset(images, labels), batch_size=4), k=6,
+                                    progress=False)
+    assert (near.image_index[:, -1] == 0).all() and torch.isinf(near.distance[:, -1]).all()
+    assert torch.isfinite(near.distance[:, :-1]).all()
 
 
 def test_missing_class_keeps_prototypes_and_warns():
@@ -286,6 +314,7 @@ def test_missing_class_keeps_prototypes_and_warns():
     missing = model.prototype_classes == 2
     assert torch.equal(model.prototype_layer.prototypes[missing], before[missing])
     assert (records.image_index[missing] == -1).all() and (records.rf_box[missing] == -1).all()
+    assert (records.activation_box[missing] == -1).all() and (records.activation_box[~missing] >= 0).all()
     assert torch.isinf(records.min_distance[missing]).all()
     assert not torch.equal(model.prototype_layer.prototypes[~missing], before[~missing])
 
