@@ -79,6 +79,9 @@ def test_prune_removes_the_expected_prototypes():
     assert result["own_class_neighbours"] == [6, 0, 3, 2, 6, 2]
     assert result["pruned_per_class"] == [1, 1, 1] and result["remaining_per_class"] == [1, 1, 1]
     assert result["num_pruned"] == 3 and result["num_remaining"] == 3
+    report = prune_prototypes(grey_model(), loader, k=6, threshold=1, progress=False, apply=False)
+    assert report["pruned"] == [1] and report["pruned_per_class"] == [1, 0, 0]  # counts of each class's pruned
+    assert report["remaining_per_class"] == [1, 2, 2]
     assert model.num_prototypes == 3 and model.prototype_classes.tolist() == [0, 1, 2]
     assert torch.equal(model.last_layer.weight, weight[:, [0, 2, 4]])
     assert torch.equal(model.prototype_layer.prototypes, prototypes[[0, 2, 4]])
@@ -154,6 +157,18 @@ def test_retrain_last_layer_trains_only_the_last_layer():
             assert torch.equal(value, after[key]), key  # BN statistics too: the frozen part runs in eval mode
     assert model.training and stats["iters"] == 30 and 0 <= stats["accuracy"] <= 1 and stats["loss"] > 0
     assert model.last_layer.weight.requires_grad
+    model.last_layer.weight.requires_grad_(False)  # frozen before: frozen after, but retrained
+    frozen = model.last_layer.weight.detach().clone()
+    retrain_last_layer(model, loader, iters=1, lr=1e-2, progress=False)
+    assert not model.last_layer.weight.requires_grad and not torch.equal(model.last_layer.weight, frozen)
+    # the cached path reshuffles its batches every epoch, by seed
+    runs = {}
+    for seed in (0, 0, 1):
+        again = ProtoPNet("tiny", num_classes=2, prototypes_per_class=2, prototype_dim=8)
+        again.load_state_dict(before)
+        retrain_last_layer(again, loader, iters=3, lr=1e-2, progress=False, seed=seed)
+        runs.setdefault(seed, []).append(again.last_layer.weight.detach().clone())
+    assert torch.equal(*runs[0]) and not torch.equal(runs[0][0], runs[1][0])
 
     class Identity(nn.Module):  # the augment path: a fresh forward every epoch
         def forward(self, x, generator=None):
