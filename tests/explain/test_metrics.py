@@ -338,3 +338,31 @@ def test_maps_are_computed_for_the_counted_pairs_only(monkeypatch):
     shapes.clear()
     corr = part_correspondence(model, data, half_size=12, batch_size=8, progress=False)
     assert shapes == [(True, (corr.image.shape[0], 7, 6))] and corr.image.shape[0] == 4 * 2 + 4 * 3
+
+
+def test_locations_regions_and_noise_at_their_edges():
+    """The argmax pixel of a non-square map (row = flat index // width), a location on a part box's edge counts
+    as inside (a closed box), a keypoint exactly half_size away is covered (a closed square), the noise is
+    clipped (clip 0: no noise at any std), and the default half size is 36 / 224 of the side, rounded."""
+    from protokern.explain.metrics import _argmax_pixels, _default_half_size
+
+    maps = torch.zeros(2, 4, 6)
+    maps[0, 2, 5] = maps[1, 3, 1] = 1.0
+    cy, cx = _argmax_pixels(maps, (4, 6), (1, 1))
+    assert cy.tolist() == [2.5, 3.5] and cx.tolist() == [5.5, 1.5]
+    assert [_default_half_size(s) for s in (224, 80, 32, 3)] == [36, 13, 5, 1]
+
+    model = colour_model([RED, GREEN], [0, 1], num_classes=2)  # cell (2, 5)'s centre: y 20, x 44
+    image = paint(canvas(64), (2, 5), RED)
+    for box, inside in [((0, 0, 44, 20), 1.0), ((44, 20, 64, 64), 1.0), ((0, 0, 43.9, 64), 0.0),
+                        ((0, 20.1, 64, 64), 0.0)]:
+        data = ListDataset([image], [0], boxes=[box])
+        assert part_localisation(model, data, progress=False)["overall"] == inside, box
+
+    # the upsampled map's maximum: pixel (19, 43), centre (19.5, 43.5)
+    parts = torch.tensor([[[43.5 + 4, 19.5, 1.0], [43.5, 19.5 - 4, 1.0], [43.5 + 4.1, 19.5, 1.0]]])
+    data = _PartsDataset([image], [0], [(0, 0, 64, 64)], parts)
+    corr = part_correspondence(model, data, half_size=4, progress=False)
+    assert corr.covered[0].tolist() == [True, True, False]
+    noisy = part_correspondence(model, data, half_size=4, noise_std=100.0, noise_clip=0.0, progress=False)
+    assert torch.equal(noisy.covered, corr.covered)
