@@ -165,6 +165,19 @@ def test_nearest_patches_matches_full_map():
     assert rel_err(d, ref) < 1e-5 and rel_err(full.flatten(2).amin(-1), ref) < 1e-5
 
 
+def test_full_map_is_never_negative():
+    """The heatmaps' full map (expanded |z|^2 + |p|^2 - 2 p.z) is clamped at 0: prototypes equal to patches of
+    large values come out a rounding error below 0 unclamped (checked here, so the test keeps its teeth)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.rand(2, 16, 5, 6, generator=g) * 100
+    p = z[0].flatten(1)[:, :8].t().contiguous()
+    raw = (z.flatten(2).square().sum(1)[:, None] + p.square().sum(1)[None, :, None]
+           - 2 * torch.matmul(p, z.flatten(2)))
+    assert (raw < 0).any()
+    full = protokern.prototype_distances(z, p)
+    assert (full >= 0).all() and (full.flatten(2)[0, torch.arange(8), torch.arange(8)] == 0).sum() >= 1
+
+
 def test_gradcheck_float64_torch_backend():
     z = torch.rand(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
     p = torch.rand(3, 5, dtype=torch.float64, requires_grad=True)

@@ -72,7 +72,8 @@ def test_crafted_pickle_is_refused_by_every_loader(tmp_path, capsys, loader, kin
         assert exit_info.value.code == 2
         assert "refused to load" in stderr_line(capsys)
     else:
-        with pytest.raises(CheckpointError, match="refused to load"):
+        culprit = r".*\(it names io\.open\)" if kind == "zip" else ""  # (a raw pickle's globals are not listed)
+        with pytest.raises(CheckpointError, match="refused to load" + culprit):
             LOADERS[loader](path, str(tmp_path))
     assert not os.path.exists(marker)
 

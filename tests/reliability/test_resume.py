@@ -61,7 +61,7 @@ def test_a_second_process_on_the_run_dir_gets_the_holders_pid(lock_holder, capsy
 
 
 def test_lock_of_a_dead_process_does_not_block(tmp_path):
-    (tmp_path / ".lock").write_text("999999\n")
+    (tmp_path / ".lock").write_text("99999999999\n")  # longer than any PID: the file is rewritten, not overlaid
     lock = RunLock(str(tmp_path))
     assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
     lock.release()
@@ -224,9 +224,10 @@ def test_orphan_temporaries_are_removed_at_the_next_start(run_copy):
     orphans = [run_copy / "last.pt.k3j2h1.tmp", run_copy / "summary.json.abc.tmp"]
     for path in orphans:
         path.write_bytes(b"partial")
+    (run_copy / "mine.tmp").write_text("a user's file, not an atomic write's NAME.XXXX.tmp")
     with pytest.warns(UserWarning, match="removed 2 temporary file"):
         main(["--resume", str(run_copy), "--quiet"])
-    assert not any(path.exists() for path in orphans)
+    assert not any(path.exists() for path in orphans) and (run_copy / "mine.tmp").exists()
 
 
 def test_disk_full_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
