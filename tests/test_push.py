@@ -231,6 +231,9 @@ def test_activation_boxes_percentile():
     y0, y1, x0, x1 = box
     assert y0 < 12 < y1 and x0 < 20 < x1  # around the peak's pixel centre (row 1.5*8, col 2.5*8)
     assert (y1 - y0) * (x1 - x0) < 32 * 32 * 0.2
+    plateau = torch.zeros(1, 10, 10)  # the 95th percentile is the maximum: the box is the plateau's
+    plateau[0, 2:6, 3:7] = 1.0
+    assert activation_boxes(plateau, (10, 10)).tolist() == [[2, 6, 3, 7]]
 
 
 @pytest.mark.parametrize("kh, kw", [(2, 3), (3, 3), (4, 2), (5, 5)])
@@ -315,6 +318,7 @@ def test_missing_class_keeps_prototypes_and_warns():
     assert torch.equal(model.prototype_layer.prototypes[missing], before[missing])
     assert (records.image_index[missing] == -1).all() and (records.rf_box[missing] == -1).all()
     assert (records.activation_box[missing] == -1).all() and (records.activation_box[~missing] >= 0).all()
+    assert (records.patch[missing] == -1).all() and (records.patch[~missing] >= 0).all()
     assert torch.isinf(records.min_distance[missing]).all()
     assert not torch.equal(model.prototype_layer.prototypes[~missing], before[~missing])
 

@@ -103,6 +103,9 @@ def test_crop_box_pixels():
     assert crop_box_pixels((-5, -1, 30, 25), 20, 20) == (0, 0, 20, 20)  # clipped
     with pytest.raises(ValueError, match="empty or outside"):
         crop_box_pixels((25, 25, 30, 30), 20, 20)
+    for empty in ((5, 5, 5, 9), (5, 5, 9, 5)):  # zero width or height: one line, not PIL's error
+        with pytest.raises(ValueError, match="empty or outside"):
+            crop_box_pixels(empty, 20, 20)
 
 
 def test_crop_and_resize_mapping(tmp_path):

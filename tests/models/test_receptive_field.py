@@ -1,4 +1,5 @@
 import functools
+import warnings
 
 import pytest
 import torch
@@ -137,6 +138,9 @@ def test_a_geometry_that_does_not_match_the_feature_map_draws_no_box():
     with pytest.warns(UserWarning, match="predicts a 16 x 16 feature map for 32 x 32 images, the trunk gives 8 x 8"):
         assert checked_receptive_field(model, (32, 32), (8, 8)) is None
     assert checked_receptive_field(model, (32, 32), (16, 16)) is model.receptive_field
+    with warnings.catch_warnings():  # a non-square image: each side predicted from its own
+        warnings.simplefilter("error")
+        assert checked_receptive_field(model, (32, 48), (16, 24)) is model.receptive_field
     data = TensorDataset(torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]))
     with pytest.warns(UserWarning, match="no receptive-field boxes"):
         records = push_prototypes(model, DataLoader(data, batch_size=2), progress=False, save_images=False)
@@ -152,6 +156,24 @@ def test_layer_geometry_ceil_mode_output_size():
     assert geometry == LayerGeometry(3, 2, 0, 1, True)
     for n in range(3, 12):
         assert geometry.output_size(n) == pool(torch.zeros(1, 1, n, n)).shape[-1]
+    # padded ceil-mode pools (a last window that would start in the right padding is dropped), max and average
+    for kind in (nn.MaxPool2d, nn.AvgPool2d):
+        for k, s, p in [(2, 2, 1), (3, 2, 1), (3, 3, 1), (4, 3, 2), (2, 3, 1)]:
+            pool = kind(k, stride=s, padding=p, ceil_mode=True)
+            (geometry,) = layer_geometry(pool)
+            assert geometry.ceil_mode
+            for n in range(k, 14):
+                assert geometry.output_size(n) == pool(torch.zeros(1, 1, n, n)).shape[-1], (kind, k, s, p, n)
+
+
+def test_only_modules_named_downsample_are_shortcuts():
+    """ResNet's shortcut branch is named "downsample"; a main-path module whose name merely contains the word
+    is walked."""
+    from collections import OrderedDict
+
+    trunk = nn.Sequential(OrderedDict(downsampler=nn.Conv2d(3, 8, 3, stride=2), downsample_conv=nn.Conv2d(8, 8, 1)))
+    rf = compute_receptive_field(trunk)
+    assert (rf.jump, rf.size) == (2, 3) and len(layer_geometry(trunk)) == 2
 
 
 @pytest.mark.parametrize("kernel, dilation", [(4, 1), (2, 1), (3, 2), (2, 3)])
