@@ -453,21 +453,39 @@ def _ddp_worker(rank: int, world: int, port: int, out: str):
         shard = Subset(data, range(rank, len(data), world))
         model = _model()
         records = push_prototypes(model, _loader(shard, 3), progress=False)
-        torch.save({"records": records.to_dict(), "prototypes": model.prototype_layer.prototypes.detach()},
+        # ties across ranks (one image everywhere, one batch a rank: the same bits on both): the lowest dataset
+        # index, whichever rank holds it
+        tied = _tied_dataset()
+        tied_records = push_prototypes(_model(), _loader(Subset(tied, range(rank, len(tied), world)), 3),
+                                       progress=False)
+        # a plain iterable of batches: image i of this rank's share is position * world + rank
+        plain = [(data.tensors[0][i:i + 1], data.tensors[1][i:i + 1]) for i in range(rank, len(data), world)]
+        plain_records = push_prototypes(_model(), plain, progress=False)
+        torch.save({"records": records.to_dict(), "prototypes": model.prototype_layer.prototypes.detach(),
+                    "tied": tied_records.image_index, "plain": plain_records.image_index},
                    os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _tied_dataset() -> TensorDataset:
+    """One image six times; each class's lowest index on another rank of two: class 0 at 1, 1 at 0, 2 at 2."""
+    image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    return TensorDataset(image.repeat(6, 1, 1, 1), torch.tensor([1, 0, 2, 1, 0, 2]))
 
 
 def test_ddp_push_matches_single_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     model, data = _model(), _dataset()
     records = push_prototypes(model, _loader(data), progress=False)
+    tied = push_prototypes(_model(), _loader(_tied_dataset()), progress=False).image_index
+    assert tied.tolist() == [1, 1, 0, 0, 2, 2]
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.equal(got["records"]["image_index"], records.image_index)
         assert torch.equal(got["records"]["patch"], records.patch)
         torch.testing.assert_close(got["prototypes"], model.prototype_layer.prototypes.detach())
+        assert torch.equal(got["tied"], tied) and torch.equal(got["plain"], records.image_index)
 
 
 # ---------------------------------------------------------------------------------------------- k x k, kinds
