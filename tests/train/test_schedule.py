@@ -1,7 +1,5 @@
 """Schedule: stages, push epochs, trainable parameters, optimisers as the original."""
 
-import torch
-
 from protokern.models import ProtoPNet
 from protokern.train.config import preset_config
 from protokern.train.schedule import (build_schedule, make_optimizers, make_scheduler, set_trainable,
@@ -63,4 +61,24 @@ def test_step_lr_stepped_before_each_joint_epoch_as_the_original():
         step_scheduler(scheduler)
         lrs.append(joint.param_groups[0]["lr"])
     assert lrs[:4] == [1e-4] * 4 and abs(lrs[4] - 1e-5) < 1e-12 and abs(lrs[9] - 1e-6) < 1e-12
-    assert torch.is_tensor(torch.tensor(lrs))
+
+
+def test_every_rate_setting_reaches_its_group():
+    """Each learning rate, the weight decay and the step size / gamma of the scheduler land where they belong
+    (the presets share values between settings, so a swapped one went unseen)."""
+    cfg = preset_config("cub")
+    cfg.warm_add_on_lr, cfg.warm_prototypes_lr, cfg.joint_features_lr = 1.0, 2.0, 3.0
+    cfg.joint_add_on_lr, cfg.joint_prototypes_lr, cfg.last_layer_lr, cfg.weight_decay = 4.0, 5.0, 6.0, 0.5
+    cfg.lr_step_size, cfg.lr_gamma = 2, 0.25
+    model = ProtoPNet("tiny", num_classes=3, prototypes_per_class=2, prototype_dim=8)
+    opts = make_optimizers(model, cfg)
+    groups = {k: {g["name"]: (g["lr"], g["weight_decay"]) for g in o.param_groups} for k, o in opts.items()}
+    assert groups == {"warm": {"add_on": (1.0, 0.5), "prototypes": (2.0, 0)},
+                      "joint": {"features": (3.0, 0.5), "add_on": (4.0, 0.5), "prototypes": (5.0, 0)},
+                      "last": {"last_layer": (6.0, 0)}}
+    scheduler = make_scheduler(opts["joint"], cfg)
+    lrs = []
+    for _ in range(5):
+        step_scheduler(scheduler)
+        lrs.append([g["lr"] for g in opts["joint"].param_groups])
+    assert lrs == [[3.0, 4.0, 5.0]] + [[0.75, 1.0, 1.25]] * 2 + [[0.1875, 0.25, 0.3125]] * 2
