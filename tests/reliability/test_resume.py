@@ -321,6 +321,16 @@ def test_resume_refuses_flags_that_change_the_data(run_copy, flags):
         TRAIN_MAIN.train(*TRAIN_MAIN.parse_config(["--resume", str(run_copy), "--quiet", *flags]))
 
 
+@pytest.mark.parametrize("name", ["warm_add_on_lr", "warm_prototypes_lr", "joint_features_lr", "joint_add_on_lr",
+                                  "joint_prototypes_lr", "weight_decay", "lr_step_size", "lr_gamma", "last_layer_lr"])
+def test_resume_refuses_every_optimiser_setting_the_saved_states_hold(run_copy, name):
+    """The saved optimisers and scheduler hold these: a new value would be silently replaced by the saved one."""
+    saved = getattr(TRAIN_MAIN.TrainConfig.from_saved(load_checkpoint(str(run_copy))["config"]), name)
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ValueError, match=f"{flag} cannot change on resume"):
+        TRAIN_MAIN.train(*TRAIN_MAIN.parse_config(["--resume", str(run_copy), "--quiet", flag, str(saved * 2 + 1)]))
+
+
 def test_resumed_flags_are_checked_against_the_run_not_the_preset(run_copy):
     """--warm-epochs 2 exceeds nothing in the run (2 epochs), though the demo preset has 20: not refused while
     parsing; the merged settings are what is checked."""
