@@ -96,3 +96,24 @@ def test_folder_links_that_loop_are_listed_once_and_named(tmp_path):
     assert names == {"ant": ["ant/c.jpg", "ant/d.png"], "cat": ["cat/a.png", "cat/ants/c.jpg", "cat/ants/d.png",
                                                                 "cat/b.jpg", "cat/out/x/f.png", "cat/sub/e.png"],
                      "dog": ["dog/c.jpg", "dog/d.png"]}
+
+
+def test_the_order_is_torchvision_imagefolders(tmp_path):
+    """Classes, then folder path, then file name, whatever order the file system lists them in (created here in
+    reverse and shuffled): the labels and the push records' image indices depend on it."""
+    import random
+
+    from torchvision.datasets import ImageFolder
+
+    names = [f"class_{c}" for c in "qzbma"]
+    files = [(name, sub, f"{stem}.png") for name in names for sub in ("", "inner", "a", "a/x", "a-b")
+             for stem in ("z", "b", "m", "a10", "a2")]  # (a walk gives a, a/x, a-b; sorted paths a, a-b, a/x)
+    random.Random(0).shuffle(files)
+    for name, sub, file in files:
+        folder = tmp_path / name / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(folder / file)
+    ds = ImageFolderDataset(tmp_path, image_size=4)
+    reference = ImageFolder(str(tmp_path))
+    assert ds.classes == reference.classes == sorted(names)
+    assert [(str(p), y) for p, y in zip(ds.paths, ds.targets)] == reference.samples
