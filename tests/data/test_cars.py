@@ -122,10 +122,11 @@ def test_missing_image_and_bad_class(tmp_path):
     os.remove(ds.paths[1])
     with pytest.raises(FileNotFoundError, match="00002.jpg"):
         ds[1]
-    bad = [(f, s, b, 7) for f, s, b, _ in TRAIN]
-    scipy.io.savemat(root / "devkit" / "cars_train_annos.mat", {"annotations": struct_array(bad)})
-    with pytest.raises(ValueError, match="class 7"):
-        StanfordCars(root, "train")
+    for cls in (7, 4, 0):  # 3 classes: 1..3 (4, one past the last, and 0, one before the first)
+        bad = [(f, s, b, cls) for f, s, b, _ in TRAIN]
+        scipy.io.savemat(root / "devkit" / "cars_train_annos.mat", {"annotations": struct_array(bad)})
+        with pytest.raises(ValueError, match=f"annotation #1 has class {cls}, outside 1..3"):
+            StanfordCars(root, "train")
     scipy.io.savemat(root / "devkit" / "cars_train_annos.mat", {"other": np.zeros(3)})
     with pytest.raises(ValueError, match="annotations"):
         StanfordCars(root, "train")

@@ -175,3 +175,22 @@ def test_bad_arguments(cub_root):
         CUB200(cub_root, split="val")
     with pytest.raises(ValueError, match="crop"):
         CUB200(cub_root, crop="center")
+
+
+def test_class_ids_duplicates_and_parts_below_the_crop(cub_root):
+    """classes.txt in any line order maps by id; a duplicated id is one line naming it; a part visible in the
+    source but below the crop (x inside) is invisible."""
+    base = cub_root / "CUB_200_2011"
+    classes = (base / "classes.txt").read_text().splitlines()
+    (base / "classes.txt").write_text("\n".join(classes[::-1]) + "\n")
+    ds = CUB200(cub_root, "train", image_size=32)
+    assert ds.classes == [name[4:] for name in CLASSES] and ds.targets == [0, 1, 2]
+    parts = (base / "parts" / "part_locs.txt").read_text()
+    below = parts.replace("1 4 0.0 0.0 0\n", "1 4 30.0 37.0 1\n")  # image 1's box: x 10..50, y 5..35
+    assert below != parts
+    (base / "parts" / "part_locs.txt").write_text(below)
+    loc = CUB200(cub_root, "train", crop="bbox", image_size=40).part_locations(0)
+    assert loc[3, 0] == 20.0 and loc[3, 1] > 40 and loc[3, 2] == 0
+    (base / "classes.txt").write_text("\n".join(classes + [classes[0]]) + "\n")
+    with pytest.raises(ValueError, match=r"classes.txt:4: duplicate id 1"):
+        CUB200(cub_root)
