@@ -127,3 +127,28 @@ def test_streamed_view_pickles_for_worker_processes(cub):
     copy = pickle.loads(pickle.dumps(view))
     assert copy.skipped == ["gone.jpg"] and copy.targets == view.targets and copy.classes == cub.classes
     assert torch.equal(copy[0][0], cub[2][0])
+
+
+def test_a_view_with_skipped_images_reads_its_own_rows():
+    """A cached view whose dataset had images left out: item i is dataset row rows[i] in every read path (one
+    item, a batch of items, a uint8 batch), and the skipped paths come back sorted, each once."""
+    from protokern.data import skipped_images
+
+    class Numbered(torch.utils.data.Dataset):
+        targets = [0, 1, 0, 1, 0]
+
+        def __len__(self):
+            return 5
+
+        def decode(self, index):
+            return torch.full((3, 2, 2), index, dtype=torch.uint8)
+
+    data = Numbered()
+    cache = torch.stack([data.decode(i) for i in range(5)])  # indexed by dataset index
+    view = ImageView(data, [0, 2, 3], ["z.jpg", "b.jpg"], images=cache)
+    assert [int(view.decode(i)[0, 0, 0]) for i in range(3)] == [0, 2, 3] and view.targets == [0, 0, 1]
+    items = view.__getitems__([1, 2])
+    assert [round(float(x[0, 0, 0]) * 255) for x, _ in items] == [2, 3] and [y for _, y in items] == [0, 1]
+    assert view.uint8_batch(torch.tensor([0, 2]))[:, 0, 0, 0].tolist() == [0, 3]
+    other = ImageView(data, [1, 4], ["b.jpg", "a.jpg"])
+    assert skipped_images(view, Subset(other, [0])) == ["a.jpg", "b.jpg", "z.jpg"]
