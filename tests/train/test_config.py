@@ -78,6 +78,14 @@ def test_config_file_errors(tmp_path):
     (["--prototype-size", "0"], "prototype_size must be K or KHxKW"),
     (["--prototype-size", "2x"], "prototype_size must be K or KHxKW"),
     (["--prototype-size", "1x2x3"], "prototype_size must be K or KHxKW"),
+    # each check at its edge
+    (["--warm-epochs", "4", "--epochs", "3"], r"warm_epochs \(4\) > epochs \(3\)"),
+    (["--prune-k", "3", "--prune-threshold", "4"], r"prune_threshold must be an int in \[0, prune_k=3\], got 4"),
+    (["--max-steps", "0"], "max_steps must be >= 1, got 0"),
+    (["--joint-features-lr", "inf"], "joint_features_lr must be finite, got inf"),
+    (["--lr-gamma", "nan"], "lr_gamma must be finite, got nan"),
+    (["--push-start", "-1"], "push_start must be an int >= 0, got -1"),
+    (["--lr-step-size", "0"], "lr_step_size must be an int >= 1, got 0"),
 ])
 def test_bad_values_are_named(argv, message):
     with pytest.raises(ValueError, match=message):
