@@ -206,11 +206,18 @@ def test_bad_arguments():
 
 
 def test_pruning_keeps_the_layer_settings():
-    model = _tiny_model(num_classes=3, prototypes_per_class=2)
+    model = _tiny_model(num_classes=3, prototypes_per_class=2, eps=1e-3, prototype_size=2, similarity="linear")
     model.prototype_layer.precision = "high"
+    model.prototype_layer.prototypes.requires_grad_(False)  # frozen (the last-layer stage): still frozen
     model.prune_prototypes([1])
     layer = model.prototype_layer
-    assert (layer.precision, layer.backend, layer.eps, model.num_prototypes) == ("high", "auto", 1e-4, 5)
+    assert (layer.precision, layer.backend, layer.eps, model.num_prototypes) == ("high", "auto", 1e-3, 5)
+    assert (layer.prototype_size, layer.similarity) == ((2, 2), "linear")
+    assert not layer.prototypes.requires_grad and model.last_layer.weight.requires_grad
+    model.last_layer.weight.requires_grad_(False)
+    model.prototype_layer.prototypes.requires_grad_(True)
+    model.prune_prototypes([0])
+    assert model.prototype_layer.prototypes.requires_grad and not model.last_layer.weight.requires_grad
 
 
 def test_a_model_on_the_meta_device_runs_its_forward():
