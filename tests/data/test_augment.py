@@ -252,3 +252,22 @@ def test_cuda(dtype):
     y_cpu = aug(x.float().cpu(), generator=torch.Generator().manual_seed(4))
     y_gpu = aug(x.float(), generator=torch.Generator().manual_seed(4))
     assert torch.allclose(y_gpu.cpu(), y_cpu, atol=1e-4)
+
+
+def test_compose_mode_shear_and_skew_from_its_numbers():
+    """Compose mode's shear angle is uniform in [-shear, shear] degrees (along x or y by a coin) and each corner
+    moves uniformly in [-skew, skew]: rebuilt from the same random numbers."""
+    from protokern.data.augment import _CORNERS
+
+    u = torch.rand(64, 12, generator=torch.Generator().manual_seed(3))
+    shear = GpuAugment(rotate=0, skew=0, shear=10, flip=0, mode="compose")
+    m = shear.sample_matrices(64, 16, 16, generator=torch.Generator().manual_seed(3))
+    tan = torch.tan(math.radians(10) * (2 * u[:, 1] - 1))
+    along_x = u[:, 2] < 0.5
+    torch.testing.assert_close(m[:, 0, 1], torch.where(along_x, tan, 0.0))
+    torch.testing.assert_close(m[:, 1, 0], torch.where(along_x, 0.0, tan))
+    assert (tan < 0).any() and (tan > 0).any()
+    skew = GpuAugment(rotate=0, skew=0.2, shear=0, flip=0, mode="compose")
+    m = skew.sample_matrices(64, 16, 16, generator=torch.Generator().manual_seed(3))
+    quad = torch.tensor(_CORNERS) + 0.2 * (2 * u[:, 4:12].view(64, 4, 2) - 1)
+    torch.testing.assert_close(m, square_to_quad(quad))
