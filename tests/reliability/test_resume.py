@@ -302,10 +302,20 @@ def test_a_stop_between_best_and_last_leaves_them_consistent(tmp_path, monkeypat
     (["--push-start", "0"], r"--push-start would change steps the run has already done \(step 2 was joint epoch 1, "
                             r"it would be push epoch 0\)"),
     (["--epochs", "1", "--warm-epochs", "1"], "--epochs: the new schedule has 1 steps, but the run has already done 4"),
+    # only the last step done changes (last epoch 1.0 -> joint epoch 2)
+    (["--epochs", "3", "--last-layer-epochs", "0"], r"step 4 was last epoch 1\.0, it would be joint epoch 2"),
 ])
 def test_resume_refuses_a_schedule_that_rewrites_steps_done(run_copy, flags, message):
     with pytest.raises(ValueError, match=message):
         TRAIN_MAIN.train(*TRAIN_MAIN.parse_config(["--resume", str(run_copy), "--quiet", "--no-explain", *flags]))
+
+
+def test_resuming_a_finished_run_with_its_schedule_does_nothing(run_copy):
+    before = (run_copy / "last.pt").read_bytes()
+    summary = TRAIN_MAIN.train(*TRAIN_MAIN.parse_config(["--resume", str(run_copy), "--quiet", "--no-explain"]))
+    assert summary["complete"] and summary["steps_done"] == summary["steps_total"] == 4
+    assert summary["selected_on"] == "validation"  # the run's own split, not the old checkpoints' default
+    assert (run_copy / "last.pt").read_bytes() == before
 
 
 def test_resume_may_extend_the_schedule(run_copy):
