@@ -1,5 +1,7 @@
 """Image loading (any PIL mode -> RGB), crop/resize mapping and ImageNet normalisation."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -66,8 +68,18 @@ def test_deep_grayscale_scale_comes_from_the_format_not_the_pixels(tmp_path):
 def test_float_grayscale_is_taken_as_0_to_1():
     arr = np.full((2, 3), 0.5, np.float32)
     arr[0, :] = (1.01, np.nan, -2.0)  # clipped, NaN -> 0, clipped
-    out = _rgb(Image.fromarray(arr, "F"))[..., 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NaN is replaced, not cast (an invalid-value cast warns and is undefined)
+        out = _rgb(Image.fromarray(arr, "F"))[..., 0]
     assert out.tolist() == [[255, 0, 0], [128, 128, 128]]
+
+
+def test_resizing_is_pils_bilinear(tmp_path):
+    arr = (np.random.default_rng(0).random((6, 10, 3)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    x, _ = load_image(tmp_path / "a.png", image_size=8)
+    expected = np.asarray(Image.fromarray(arr).resize((8, 8), Image.BILINEAR), dtype=np.float32) / 255
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), expected, atol=1e-6)
 
 
 def test_rgb_transparency_key_composited_on_white(tmp_path):
