@@ -107,3 +107,34 @@ def test_gallery_json_is_strict_with_an_image_of_nan(tmp_path):
     text = open(tmp_path / "gallery.json").read()
     data = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in gallery.json"))
     assert None in [n["distance"] for p in data["prototypes"] for n in p["neighbours"]]
+
+
+def test_tiles_boxes_captions_and_push_images_of_a_subset(tmp_path, monkeypatch):
+    """Non-square tiles keep their aspect, a window's box without a receptive field scales rows by the height and
+    columns by the width, other-class neighbours are marked "x", and push images given as a Subset are read at
+    the base dataset's index the records hold."""
+    from torch.utils.data import Subset
+
+    import importlib
+
+    from protokern.explain.gallery import _tile, _window_box
+
+    gallery_module = importlib.import_module("protokern.explain.gallery")  # (the package's name is the function)
+
+    assert _tile(np.zeros((20, 40, 3), np.uint8), None, 96, "x").shape == (14 + 48, 96, 3)  # caption strip + 2:1
+    assert _window_box(None, (32, 48), (4, 4), 1, 2, (1, 1)) == (8, 16, 24, 36)  # 8 px a row, 12 a column
+
+    model = colour_model([RED, GREEN], [0, 1], num_classes=2)
+    dataset = _dataset()
+    loader = DataLoader(dataset, batch_size=6)
+    records = push_prototypes(model, loader, progress=False)
+    captions, reads = [], []
+    real_label, real_item = gallery_module.render.label, gallery_module.item_image
+    monkeypatch.setattr(gallery_module.render, "label", lambda image, text, *a, **k: captions.append(text)
+                        or real_label(image, text, *a, **k))
+    monkeypatch.setattr(gallery_module, "item_image", lambda data, index: reads.append((data, index))
+                        or real_item(data, index))
+    gallery(model, loader, k=6, out_dir=str(tmp_path / "g"), push_records=records, progress=False, tile=32,
+            push_images=Subset(dataset, [5, 4, 3, 2, 1, 0]))
+    assert reads and all(data is dataset for data, _ in reads)  # the Subset unwrapped: records index the base
+    assert sum(c.startswith("x") for c in captions) == 2 * 3  # each prototype: 3 of its 6 of another class
