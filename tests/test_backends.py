@@ -127,3 +127,15 @@ def test_the_cuda_extension_runs_on_this_gpu():
     if not torch.cuda.is_available() or not _cuda.built():
         pytest.skip("needs a CUDA GPU and the built extension")
     assert _cuda._device_reason(torch.cuda.current_device()) is None
+
+
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    from protokern.backends import available_backends
+
+    for value, why in (("0", True), ("", True), ("1", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        reason = available_backends("cpu")["triton"]
+        assert (reason is not None and "TRITON_INTERPRET=1" in reason) if why else reason is None, value
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "TRITON_INTERPRET=1" in available_backends("cpu")["triton"]
+    assert available_backends("cpu")["torch"] is None and "CUDA tensors only" in available_backends("cpu")["cuda"]
