@@ -511,3 +511,21 @@ def test_more_processes_than_push_images_is_refused_before_training(tiny_args, m
     cfg, explicit = parse_config(tiny_args)
     with pytest.raises(ValueError, match=r"^\d+ push images for 64 processes: each needs at least one$"):
         TRAIN_MAIN.Trainer(cfg, DistInfo(0, 64, 0), torch.device("cpu"), explicit)
+
+
+def test_the_summary_tells_last_pt_from_best_pt(tiny_args, tmp_path, monkeypatch):
+    """Scripted evaluations (validation best at the push step, test accuracy falling after it): best.pt is the push
+    step's model, and summary.json reports last.pt's test accuracy as test_accuracy and best.pt's apart."""
+    real = TRAIN_MAIN.Trainer._evaluate
+    scripted = iter([(0.1, 0.2), (0.2, 0.4), (0.9, 0.8), (0.5, 0.3)])  # (val, test) of warm, joint, push, last
+
+    def evaluate(self):
+        row = real(self)
+        row["val_accuracy"], row["test_accuracy"] = next(scripted)
+        return row
+
+    monkeypatch.setattr(TRAIN_MAIN.Trainer, "_evaluate", evaluate)
+    summary = main(tiny_args + ["--no-explain"])
+    assert summary["best_step"] == 2 and summary["selected_on"] == "validation"
+    assert summary["best_val_accuracy"] == 0.9 and summary["best_test_accuracy"] == 0.8
+    assert summary["test_accuracy"] == 0.3 and summary["final_model"] == "last.pt"
