@@ -285,7 +285,7 @@ def test_ties_go_to_the_lowest_image_index():
         records = push_prototypes(_model(), DataLoader(data, batch_size=batch), progress=False)
         assert records.image_index.tolist() == [0, 0, 2, 2, 4, 4], batch
     reverse = Subset(data, [5, 4, 3, 2, 1, 0])
-    for batch in (1, 4):
+    for batch in (1, 6):  # (equal batch sizes: a conv's bits can depend on the batch size, which would untie)
         records = push_prototypes(_model(), DataLoader(reverse, batch_size=batch), progress=False)
         assert records.image_index.tolist() == [0, 0, 2, 2, 4, 4], batch
         near = nearest_training_patches(_model(), DataLoader(reverse, batch_size=batch), k=2, progress=False)
@@ -453,8 +453,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str):
         shard = Subset(data, range(rank, len(data), world))
         model = _model()
         records = push_prototypes(model, _loader(shard, 3), progress=False)
-        # ties across ranks (one image everywhere, one batch a rank: the same bits on both): the lowest dataset
-        # index, whichever rank holds it
+        # ties across ranks (one image everywhere, one batch of 3 a rank, as the reference's two batches: the same
+        # bits everywhere): the lowest dataset index, whichever rank holds it
         tied = _tied_dataset()
         tied_records = push_prototypes(_model(), _loader(Subset(tied, range(rank, len(tied), world)), 3),
                                        progress=False)
@@ -478,7 +478,7 @@ def test_ddp_push_matches_single_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     model, data = _model(), _dataset()
     records = push_prototypes(model, _loader(data), progress=False)
-    tied = push_prototypes(_model(), _loader(_tied_dataset()), progress=False).image_index
+    tied = push_prototypes(_model(), _loader(_tied_dataset(), 3), progress=False).image_index
     assert tied.tolist() == [1, 1, 0, 0, 2, 2]
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

@@ -100,7 +100,7 @@ def test_folder_links_that_loop_are_listed_once_and_named(tmp_path):
 
 def test_the_order_is_torchvision_imagefolders(tmp_path):
     """Classes, then folder path, then file name, whatever order the file system lists them in (created here in
-    reverse and shuffled): the labels and the push records' image indices depend on it."""
+    a shuffled order): the labels and the push records' image indices depend on it."""
     import random
 
     from torchvision.datasets import ImageFolder

@@ -68,9 +68,10 @@ def test_deep_grayscale_scale_comes_from_the_format_not_the_pixels(tmp_path):
 def test_float_grayscale_is_taken_as_0_to_1():
     arr = np.full((2, 3), 0.5, np.float32)
     arr[0, :] = (1.01, np.nan, -2.0)  # clipped, NaN -> 0, clipped
+    image = Image.fromarray(arr, "F")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # NaN is replaced, not cast (an invalid-value cast warns and is undefined)
-        out = _rgb(Image.fromarray(arr, "F"))[..., 0]
+        out = _rgb(image)[..., 0]
     assert out.tolist() == [[255, 0, 0], [128, 128, 128]]
 
 

@@ -160,8 +160,9 @@ def _offline(*args, **kwargs):
     raise urllib.error.URLError("no network")
 
 
-def test_pretrained_unavailable_is_a_clear_error(monkeypatch):
+def test_pretrained_unavailable_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)  # no network access in tests
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # an empty cache, not the user's
     with pytest.raises(WeightsUnavailableError) as caught:
         make_backbone("resnet18", pretrained=True)
     assert isinstance(caught.value, OSError) and isinstance(caught.value, RuntimeError)  # RuntimeError as before
