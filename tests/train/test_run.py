@@ -513,6 +513,42 @@ def test_more_processes_than_push_images_is_refused_before_training(tiny_args, m
         TRAIN_MAIN.Trainer(cfg, DistInfo(0, 64, 0), torch.device("cpu"), explicit)
 
 
+@pytest.mark.parametrize("k, threshold, refused, warned", [
+    (15, 5, False, False),  # prune_k = the whole push set (15 images) is allowed
+    (16, 5, True, False),   # one more is refused
+    (5, 5, False, False),   # every class has exactly --prune-threshold push images: each may keep a prototype
+    (6, 6, False, True),    # one fewer than --prune-threshold: said at the start
+])
+def test_the_trainers_early_prune_checks_at_their_edges(tiny_args, k, threshold, refused, warned):
+    """The push set of the tiny run holds 15 images, 5 a class: its edges, checked before any training."""
+    import warnings
+
+    from protokern.train.distributed import DistInfo
+
+    cfg, explicit = parse_config(tiny_args + ["--prune", "--prune-k", str(k), "--prune-threshold", str(threshold)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if refused:
+            with pytest.raises(ValueError, match=rf"^bad config: prune_k \({k}\) > the 15 training images that "
+                                                 r"pruning looks among$"):
+                TRAIN_MAIN.Trainer(cfg, DistInfo(0, 1, 0), torch.device("cpu"), explicit)
+            return
+        trainer = TRAIN_MAIN.Trainer(cfg, DistInfo(0, 1, 0), torch.device("cpu"), explicit)
+    assert len(trainer.push_set) == 15
+    early = [str(w.message) for w in caught if str(w.message).startswith("--prune:")]
+    assert bool(early) == warned, early
+
+
+def test_as_many_processes_as_push_images_is_accepted(tiny_args, monkeypatch):
+    """The edge of the check above: one push image a process is enough."""
+    from protokern.train.distributed import DistInfo
+
+    monkeypatch.setattr(TRAIN_MAIN.Trainer, "_check_out", lambda self: None)  # collective: no process group here
+    cfg, explicit = parse_config(tiny_args + ["--train-batch-size", "15"])  # the global batch divides evenly
+    trainer = TRAIN_MAIN.Trainer(cfg, DistInfo(0, 15, 0), torch.device("cpu"), explicit)
+    assert len(trainer.push_set) == 15
+
+
 def test_the_summary_tells_last_pt_from_best_pt(tiny_args, tmp_path, monkeypatch):
     """Scripted evaluations (validation best at the push step, test accuracy falling after it): best.pt is the push
     step's model, and summary.json reports last.pt's test accuracy as test_accuracy and best.pt's apart."""
