@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils.data import (BatchSampler, DataLoader, RandomSampler, Sampler, Subset, SubsetRandomSampler,
-                              TensorDataset, WeightedRandomSampler)
+from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, RandomSampler, Sampler, Subset,
+                              SubsetRandomSampler, TensorDataset, WeightedRandomSampler)
 
 from protokern import nearest_patches, prototype_distances
 from protokern.data import imagenet_normalize
@@ -341,7 +341,7 @@ def test_plain_iterable_uses_positions():
 
 
 @pytest.mark.parametrize("sampler", ["shuffle", SubsetRandomSampler, WeightedRandomSampler, "custom random",
-                                     "batch sampler", "shuffled batches"])
+                                     "batch sampler", "shuffled batches", DistributedSampler])
 def test_a_loader_in_random_order_is_rejected(sampler):
     data = _dataset()
     n = len(data)
@@ -351,6 +351,8 @@ def test_a_loader_in_random_order_is_rejected(sampler):
               else {"batch_size": 4, "sampler": (
                   SubsetRandomSampler(range(n)) if sampler is SubsetRandomSampler
                   else WeightedRandomSampler([1.0] * n, n) if sampler is WeightedRandomSampler
+                  # its order changes with set_epoch (the same in two passes of one epoch)
+                  else DistributedSampler(data, num_replicas=1, rank=0, shuffle=True) if sampler is DistributedSampler
                   else _RandomOrder(n))})
     with pytest.raises(ValueError, match="fixed order"):
         push_prototypes(_model(), DataLoader(data, **kwargs), progress=False)
@@ -396,6 +398,7 @@ def test_a_fixed_custom_order_is_followed():
     plain = push_prototypes(_model(), _loader(data), progress=False)
     loaders = [DataLoader(data, batch_size=4, sampler=order),  # a list
                DataLoader(data, batch_size=4, sampler=_Reversed(len(data))),  # a Sampler, one order every pass
+               DataLoader(data, batch_size=4, sampler=DistributedSampler(data, 1, 0, shuffle=False)),  # in order
                DataLoader(data, batch_sampler=_LastBatchFirst(range(len(data)), 4, False))]  # reordered batches
     for loader in loaders:
         reverse = push_prototypes(_model(), loader, progress=False)
