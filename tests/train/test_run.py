@@ -549,6 +549,52 @@ def test_as_many_processes_as_push_images_is_accepted(tiny_args, monkeypatch):
     assert len(trainer.push_set) == 15
 
 
+def test_a_joint_step_after_a_push_never_replaces_a_pushed_best_and_only_joint_epochs_decay(tiny_args, monkeypatch):
+    """Schedule warm, joint, joint, push, last, joint (--epochs 4 --push-start 2 --push-every 2): the closing joint
+    step scores best but its prototypes are no longer patches, so best.pt stays the last-layer step's. StepLR
+    (step 1, gamma 0.5) decays the joint learning rates once a joint epoch, never in last-layer epochs."""
+    real = TRAIN_MAIN.Trainer._evaluate
+    scripted = iter([(0.1, 0.1), (0.2, 0.2), (0.3, 0.3), (0.5, 0.5), (0.6, 0.6), (0.9, 0.9)])
+
+    def evaluate(self):
+        row = real(self)
+        row["val_accuracy"], row["test_accuracy"] = next(scripted)
+        return row
+
+    monkeypatch.setattr(TRAIN_MAIN.Trainer, "_evaluate", evaluate)
+    summary = main(tiny_args + ["--epochs", "4", "--push-start", "2", "--push-every", "2", "--lr-step-size", "1",
+                                "--lr-gamma", "0.5", "--no-explain"])
+    rows = _rows(tiny_args[-1])
+    assert [r["stage"] for r in rows] == ["warm", "joint", "joint", "push", "last", "joint"]
+    assert summary["best_step"] == 4 and summary["best_val_accuracy"] == 0.6
+    assert load_checkpoint(os.path.join(tiny_args[-1], "best.pt"))["step"] == 4
+    joint = [r["lr_features"] for r in rows if r["stage"] == "joint"]
+    assert joint[1] == joint[0] / 2 and joint[2] == joint[1] / 2, joint  # (a decay in the last step: / 4)
+
+
+def test_a_session_stopped_by_max_steps_neither_prunes_nor_explains(tiny_args, monkeypatch):
+    """--max-steps 3 ends after the push: pruning and the explanations belong to the finished run (a resumed
+    session that completes it), not to a half-trained model."""
+    monkeypatch.setattr(TRAIN_MAIN.Trainer, "_explain", lambda self: pytest.fail("explained"))
+    monkeypatch.setattr(TRAIN_MAIN.Trainer, "_prune", lambda self: pytest.fail("pruned"))
+    summary = main(tiny_args + ["--prune", "--prune-k", "4", "--prune-threshold", "1", "--max-steps", "3"])
+    assert not summary["complete"] and summary["pruned"] is None and summary["final_model"] == "last.pt"
+    assert not os.path.exists(os.path.join(tiny_args[-1], "pruned.pt"))
+
+
+def test_a_fresh_start_over_a_run_stopped_before_its_first_checkpoint_keeps_no_old_rows(tiny_args):
+    """A run killed while its first step's checkpoint was written leaves metrics rows and no last.pt: the same
+    command again starts afresh and its metrics hold each step once."""
+    main(tiny_args + ["--max-steps", "1", "--no-explain"])
+    run = tiny_args[-1]
+    for name in ("last.pt", "best.pt", "summary.json"):  # what the killed run had not written yet
+        os.remove(os.path.join(run, name))
+    main(tiny_args + ["--max-steps", "2", "--no-explain"])
+    assert [r["step"] for r in _rows(run)] == [0, 1]
+    with open(os.path.join(run, "metrics.csv")) as fh:
+        assert [row["step"] for row in csv.DictReader(fh)] == ["0", "1"]
+
+
 def test_the_summary_tells_last_pt_from_best_pt(tiny_args, tmp_path, monkeypatch):
     """Scripted evaluations (validation best at the push step, test accuracy falling after it): best.pt is the push
     step's model, and summary.json reports last.pt's test accuracy as test_accuracy and best.pt's apart."""
