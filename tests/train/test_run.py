@@ -472,8 +472,17 @@ def test_resume_takes_every_weight_from_the_checkpoint(tiny_args, tmp_path, monk
         return real(*args, **kwargs)
 
     monkeypatch.setattr(TRAIN_MAIN, "ProtoPNet", spy)
-    assert main(["--resume", str(run), "--quiet"])["complete"]
+    assert not main(["--resume", str(run), "--quiet", "--max-steps", "1"])["complete"]
     assert built == [(False, None)]
+    # a --pretrained run (its saved config says so): no weights download or check either
+    from protokern import checkpoint as ckpt
+
+    state = load_checkpoint(str(run / "last.pt"))
+    state["config"].update(pretrained=True, backbone_weights=None)
+    ckpt.save_checkpoint(state, str(run / "last.pt"))
+    monkeypatch.setattr(TRAIN_MAIN, "fetch_imagenet_weights", lambda *a, **k: pytest.fail("weights fetched"))
+    assert main(["--resume", str(run), "--quiet"])["complete"]
+    assert built == [(False, None)] * 2
 
 
 def test_a_copied_run_resumes_with_its_own_push_folder(tiny_args, tmp_path):
