@@ -155,3 +155,60 @@ def test_gpu_fp16_run_with_skip_policy_resumes_from_safe_checkpoints(tmp_path):
     assert state["rng"]["cuda"] and all(isinstance(s, torch.Tensor) for s in state["rng"]["cuda"])
     summary = main(["--resume", str(run), "--quiet", "--no-explain"])
     assert summary["complete"] and not nonfinite_tensors(load_checkpoint(str(run))["model"])
+
+
+def _nan_loss(monkeypatch, every: bool):
+    """The trainer's loss made NaN on the first training batch (``every``: on every training batch)."""
+    real = TRAIN_MAIN.ProtoPNetLoss
+    calls = []
+
+    class Loss(real):
+        def forward(self, *args, **kwargs):
+            loss, terms = super().forward(*args, **kwargs)
+            if torch.is_grad_enabled():  # a training batch
+                calls.append(1)
+                if every or len(calls) == 1:
+                    loss = loss * math.nan
+                    terms = {**terms, "total": loss.item()}
+            return loss, terms
+
+    monkeypatch.setattr(TRAIN_MAIN, "ProtoPNetLoss", Loss)
+
+
+def test_the_trainer_warns_of_batches_skipped_under_nan_policy_skip(tmp_path, monkeypatch):
+    _nan_loss(monkeypatch, every=False)
+    with pytest.warns(UserWarning, match=r"^step 0 \(warm\): skipped 1 batch\(es\) with a non-finite loss "
+                                         r"\(--nan-policy skip\)$"):
+        summary = main(run_args(tmp_path / "run", "--nan-policy", "skip"))
+    assert summary["complete"]
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_nan_stop_suggests_the_skip_policy_only_to_a_run_without_it(tmp_path, capsys, monkeypatch, policy):
+    _nan_loss(monkeypatch, every=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(run_args(tmp_path / "run", "--nan-policy", policy))
+    line = stderr_line(capsys)
+    assert exit_info.value.code == 1 and "step 1/4 (warm, epoch 0)" in line and "non-finite loss" in line
+    assert ("(or --nan-policy skip to skip such batches)" in line) == (policy == "stop"), line
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer"])
+def test_no_checkpoint_is_written_with_non_finite_weights_or_optimiser_state(tmp_path, where):
+    """The trainer's one checkpoint writer (last.pt, best.pt, interrupted.pt, pruned.pt) refuses NaN anywhere in
+    the weights or the optimisers' state (an Adam buffer too) and leaves the file on disk as it was."""
+    from types import SimpleNamespace
+
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"the previous step's")
+    state = {"model": {"w": torch.ones(3)}, "step": 0,
+             "optimizers": {"joint": {"state": {0: {"exp_avg": torch.zeros(3)}}}}}
+    bad = state["model"]["w"] if where == "model" else state["optimizers"]["joint"]["state"][0]["exp_avg"]
+    bad[1] = math.nan
+    trainer = SimpleNamespace(_path=lambda name: str(tmp_path / name))
+    with pytest.raises(FloatingPointError, match=r"^not writing last.pt: non-finite values in "):
+        TRAIN_MAIN.Trainer._write(trainer, state, "last.pt")
+    assert path.read_bytes() == b"the previous step's" and no_temps(tmp_path)
+    bad[1] = 0.0
+    TRAIN_MAIN.Trainer._write(trainer, state, "last.pt")
+    assert torch.equal(load_checkpoint(str(path))["model"]["w"], state["model"]["w"])
