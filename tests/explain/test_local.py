@@ -41,6 +41,8 @@ def test_contributions_add_up_to_the_logits():
         assert x.contribution == pytest.approx(x.similarity * x.weight, rel=1e-5)
         assert x.heatmap.shape == (64, 64)
     table = e.table()
+    assert [r["contribution"] for r in table] == sorted((r["contribution"] for r in table), reverse=True)
+    assert table[0]["prototype"] == int(contributions.argmax())
     assert len(table) == 12 and sum(r["contribution"] for r in table) == pytest.approx(float(logits[0, e.class_idx]),
                                                                                        rel=1e-4, abs=1e-4)
     other = explain_image(model, image, top_k=3, class_idx=(e.predicted_class + 1) % 4)
@@ -149,6 +151,24 @@ def test_bad_inputs():
     dicts = [{"image": image, "label": label} for image, label in _scene()]
     with pytest.raises(TypeError, match=r"push_images\[\d+\] must be an image .* got dict$"):  # not the image's fault
         explain_image(model, torch.rand(3, 64, 64), push_records=records, push_images=dicts)
+    from protokern.explain.local import load_image_tensor
+
+    with pytest.raises(ValueError, match=r"^channels must be 1 \(grayscale\), 3 \(RGB\) or None, got 2$"):
+        load_image_tensor(torch.rand(3, 8, 8), channels=2)
+
+
+def test_a_crop_fits_its_square_and_keeps_its_proportions():
+    """The "this" / "looks like that" tiles: the box scaled to fit a side x side square (the longer side fills
+    it), an empty or missing box a placeholder of that square."""
+    from protokern.explain.local import _crop
+
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    assert _crop(image, (0, 10, 0, 20), 100).shape == (50, 100, 3)
+    assert _crop(image, (4, 36, 8, 16), 64).shape == (64, 16, 3)
+    crop = _crop(image, (2, 6, 3, 7), 8)  # nearest-neighbour: each pixel twice in each direction
+    assert np.array_equal(crop, image[2:6, 3:7].repeat(2, 0).repeat(2, 1))
+    for empty in ((5, 5, 0, 10), (0, 10, 7, 7), None):
+        assert _crop(image, empty, 48).shape[:2] == (48, 48)
 
 
 # ------------------------------------------------------------------------------------------- kh x kw prototypes

@@ -236,8 +236,25 @@ def test_a_crafted_model_config_is_refused_before_it_allocates_or_downloads(run_
                 f"cannot rebuild the model from its saved config (config holds keys ProtoPNet.config never writes: "
                 f"{list(extra)})")):
             model_from_checkpoint(path)
+    built.clear()
+    save_checkpoint(dict(state, model_config=dict(config, prototype_dim=10 ** 7)), path)  # (M, 10^7) prototypes
+    with pytest.raises(CheckpointError, match=re.escape(f"the config makes {count} prototypes of 10000000 channels")):
+        model_from_checkpoint(path)
+    assert not built
     model, _, _ = model_from_checkpoint(str(run_copy / "best.pt"))  # the real one still loads
     assert model.num_classes == config["num_classes"]
+
+
+def test_a_run_folder_is_explained_from_its_best_pt_else_its_last_pt(run_copy):
+    """model_from_checkpoint(RUN) (and explain --checkpoint RUN) takes best.pt, the selected model; a folder
+    without one takes last.pt."""
+    best = load_checkpoint(str(run_copy / "best.pt"))["model"]["last_layer.weight"]
+    last = load_checkpoint(str(run_copy / "last.pt"))
+    last["model"]["last_layer.weight"] = best + 1.0  # told apart from best.pt's
+    save_checkpoint(last, str(run_copy / "last.pt"))
+    assert torch.equal(model_from_checkpoint(str(run_copy))[0].last_layer.weight.detach(), best)
+    os.remove(run_copy / "best.pt")
+    assert torch.equal(model_from_checkpoint(str(run_copy))[0].last_layer.weight.detach(), best + 1.0)
 
 
 def test_checkpoint_helpers_refuse_what_they_must(tmp_path):
