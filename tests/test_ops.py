@@ -435,6 +435,7 @@ def test_triton_features_are_laid_out_once(case, monkeypatch, layout):
     "z_shape, p_shape, kwargs, exc, match",
     [
         ((2, 8, 3), (4, 8), {}, ValueError, "4-D"),
+        ((2, 8, 3, 3, 1), (4, 8), {}, ValueError, "4-D"),
         ((2, 8, 3, 3), (4, 8, 2), {}, ValueError, r"\(M, D\)"),
         ((2, 8, 3, 3), (4, 7), {}, ValueError, "channel mismatch"),
         ((2, 8, 3, 3), (4, 8), {"eps": 0.0}, ValueError, "eps"),
@@ -458,9 +459,24 @@ def test_bad_input(z_shape, p_shape, kwargs, exc, match):
         protokern.prototype_similarity(torch.rand(z_shape), torch.rand(p_shape), **kwargs)
 
 
+def test_an_empty_batch_on_every_backend(case):
+    """B = 0 (e.g. a last, empty shard): (0, M) outputs and zero prototype gradients, no kernel launched."""
+    device, backend = case
+    z = torch.rand(0, 3, 4, 5, device=device, requires_grad=True)
+    p = torch.rand(4, 3, device=device, requires_grad=True)
+    sim, dist = protokern.prototype_similarity(z, p, backend=backend)
+    assert sim.shape == dist.shape == (0, 4)
+    (sim.sum() + dist.sum()).backward()
+    assert torch.equal(p.grad, torch.zeros_like(p)) and z.grad.shape == z.shape
+    d, i = protokern.nearest_patches(z.detach(), p.detach(), backend=backend)
+    assert d.shape == i.shape == (0, 4)
+
+
 def test_bad_dtype_and_device():
     with pytest.raises(TypeError, match="float"):
         protokern.prototype_similarity(torch.ones(1, 2, 2, 2, dtype=torch.int64), torch.rand(3, 2))
+    with pytest.raises(TypeError, match="^prototypes must be float16, bfloat16, float32 or float64, got torch.int64$"):
+        protokern.prototype_similarity(torch.rand(1, 2, 2, 2), torch.ones(3, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="device mismatch"):
         protokern.prototype_similarity(torch.rand(1, 2, 2, 2), torch.rand(3, 2, device="meta"))
 

@@ -468,6 +468,7 @@ def test_proto_layer_default_is_unchanged():
         ({"prototype_size": "2"}, TypeError, "prototype_size must be an integer >= 1"),
         ({"prototype_size": True}, TypeError, "prototype_size must be an integer >= 1"),
         ({"prototype_size": (2,)}, ValueError, r"pair \(kh, kw\)"),
+        ({"prototype_size": (3, 2, 1)}, ValueError, r"pair \(kh, kw\)"),
         ({"prototype_size": (2, 0)}, ValueError, r"prototype_size\[1\] must be an integer >= 1"),
         ({"similarity": "dot"}, ValueError, "similarity must be one of"),
     ],
@@ -525,11 +526,12 @@ def test_distance_to_similarity_and_errors():
         protokern.prototype_distances(torch.rand(2, 3, 4, 4), torch.rand(3, 3), paired=True)
     with pytest.raises(ValueError, match="index must be"):
         protokern.prototype_windows(torch.rand(2, 3, 4, 4), torch.zeros(3, dtype=torch.long), (1, 1))
-    for index in ([-1, 0], [0, 9], [16, 0]):  # 3 x 3 windows of a 4 x 4 map: positions 0..3
+    for index in ([-1, 0], [0, 4], [0, 9], [16, 0]):  # 3 x 3 windows of a 4 x 4 map: positions 0..3
         with pytest.raises(ValueError, match=r"index must lie in \[0, 4\)"):
             protokern.prototype_windows(torch.rand(2, 3, 4, 4), torch.tensor(index), 3)
-    with pytest.raises(TypeError, match="index must hold integers"):
-        protokern.prototype_windows(torch.rand(2, 3, 4, 4), torch.zeros(2), (1, 1))
+    for index in (torch.zeros(2), torch.zeros(2, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="index must hold integers"):
+            protokern.prototype_windows(torch.rand(2, 3, 4, 4), index, (1, 1))
     with pytest.raises(ValueError, match="chunk must be"):
         protokern.prototype_distances(torch.rand(2, 3, 4, 4), torch.rand(2, 3), paired=True, chunk=0)
     # non-tensor arguments: one TypeError naming them (an AttributeError from inside before)
