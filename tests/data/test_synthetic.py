@@ -95,6 +95,20 @@ def test_no_single_attribute_names_the_class(ds):
     seen = {(o["shape"], o["colour"]) for i in range(len(ds)) for o in ds.objects(i)[1:]}
     assert set(shapes) <= {s for s, _ in seen} and set(colours) <= {c for _, c in seen}
 
+    # half the distractors (in expectation) are the most confusing: a class's shape in another class's colour
+    class_shapes, class_colours = set(shapes), set(colours)
+    drawn = [o for i in range(len(ds)) for o in ds.objects(i)[1:]]
+    hard = sum(o["shape"] in class_shapes and o["colour"] in class_colours for o in drawn) / len(drawn)
+    assert 0.4 < hard < 0.6, hard  # 0.50 of 600 here
+
+
+def test_every_chunk_of_images_draws_its_own_scenes(ds):
+    """Images are drawn 128 at a time, each chunk from its own generator: image i and image i + 128 share no
+    background (the same generator would repeat every background and layout, only the part changing)."""
+    for i in range(0, len(ds) - 128, 9):
+        same = (ds[i][0] == ds[i + 128][0]).float().mean().item()
+        assert same < 0.1, (i, same)  # about 0.006 of the values agree by chance
+
 
 def test_rest_of_image_carries_no_label():
     """Nearest-class-mean on images with the part box blanked is at chance level."""
@@ -128,6 +142,10 @@ def test_configurable_and_fast():
     (dict(image_size=64, part_size=40), "part_size"),
     (dict(images_per_class=0), "images_per_class"),
     (dict(seed=-1), "seed"),
+    (dict(image_size=15, part_size=4), "image_size must be >= 16"),
+    (dict(image_size=64, part_size=3), r"part_size must be in \[4, image_size / 2.4\], got 3"),
+    (dict(distractors=(3, 1)), r"distractors must be \(min, max\) with 0 <= min <= max"),
+    (dict(distractors=(-1, 2)), "distractors"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
