@@ -3,6 +3,7 @@ explanation, a missing --data-root is an error, and --help is plain text."""
 
 import json
 import os
+import re
 import warnings
 
 import numpy as np
@@ -132,6 +133,24 @@ def test_an_exif_orientation_is_said_to_be_left_unapplied(run_dir, tmp_path, cap
         cli(["--checkpoint", str(run_dir), "--image", image, "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err
         assert ("EXIF orientation tag (6: photo viewers show it turned or mirrored) is not applied" in err) == noted
+    for tag in (1, 2, 8):  # 1: upright, as every camera writes it (nothing to say); 2..8 turn or mirror
+        exif[0x0112] = tag
+        Image.open(plain).save(turned, exif=exif)
+        cli(["--checkpoint", str(run_dir), "--image", turned, "--out", str(tmp_path / "out")])
+        assert ("EXIF orientation tag" in capsys.readouterr().err) == (tag != 1), tag
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--class", "3"], r"--class must be in \[0, 3\)"),
+    (["--class", "-1"], r"--class must be in \[0, 3\)"),
+])
+def test_bad_top_k_and_class_are_refused_by_the_command_line(run_dir, tmp_path, capsys, flags, message):
+    """Said as the command line's own usage error (exit 2): --top-k before the checkpoint is read."""
+    with pytest.raises(SystemExit) as stop:
+        cli(["--checkpoint", str(run_dir), "--image", _image(tmp_path / "a.png"), *flags])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and re.search(f"error: {message}$", err.strip()), err
 
 
 def test_help_is_plain_text(capsys):
