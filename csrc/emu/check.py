@@ -232,6 +232,40 @@ def make_z3(B, D, HW, layout):
     raise ValueError(layout)
 
 
+def accumulation_case(D: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive TF32-exact operands over 15 binades: no operand residual, and every k8 step adds products far
+    below the running sum, whose low bits a truncating accumulation drops, all in the same direction."""
+    g = torch.Generator().manual_seed(3)
+
+    def tf32(x):
+        return (x.contiguous().view(torch.int32) & -8192).view(torch.float32)
+
+    def draw(*shape):
+        return tf32(torch.rand(*shape, generator=g) * 2.0 ** torch.randint(-14, 1, shape, generator=g).float())
+
+    return draw(2, D, 20), draw(30, D)
+
+
+def check_truncating_model(exact, truncating) -> str | None:
+    """The certification under the pessimistic accumulation model (``truncating``: a PROTOKERN_EMU_HMMA_TRUNCATE
+    build, every term of a k8 step truncated at the largest one's 24th bit): check_bound at both tensor-core
+    precisions and on accumulation_case, whose searched values the model must change (else it is not in force)
+    while |a~ - t| stays within delta. None if all hold, else what failed."""
+    for precision in ("high", "medium"):
+        err = check_bound(truncating, precision)
+        if err:
+            return f"{precision}: {err}"
+        z3, p = accumulation_case()
+        t = ((z3.double()[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)
+        v, delta = emu_search_values(truncating, z3, p, precision)
+        if torch.equal(v, emu_search_values(exact, z3, p, precision)[0]):
+            return f"{precision}: the truncating model gives the exact model's values"
+        worst = ((v + (p.double() ** 2).sum(1)[None, :, None] - t).abs() / delta).max().item()
+        if not worst <= 1:
+            return f"{precision}: accumulation case: |a~ - t| exceeds delta by up to {worst:.3g}x"
+    return None
+
+
 def contract_reference(z3: torch.Tensor, p: torch.Tensor, eps: float = 1e-4):
     """The op's contract in float64 (tests/reference.contract_result): (similarity, min_distances,
     patch_index), similarity 0 at d = +inf. Exact for cases without fp32-level near-ties."""
@@ -687,6 +721,11 @@ def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = Tru
             report(f"{precision:8} certification bound holds in both forms and is tight", err is None, err or "")
         report("no cp.async group left in flight, no partial sum read unwritten, every part counted",
                lib.emu_errors() == 0)
+        if {"high", "medium"} <= set(precisions):
+            (Path(tmp) / "truncating").mkdir()
+            truncating = build(Path(tmp) / "truncating", ("-DPROTOKERN_EMU_HMMA_TRUNCATE",))
+            err = check_truncating_model(lib, truncating)
+            report("bound holds with tensor cores truncating every aligned term", err is None, err or "")
         if mutation and "medium" in precisions:
             (Path(tmp) / "mutant").mkdir()
             bad = build(Path(tmp) / "mutant", ("-DPROTOKERN_EMU_CERT_SCALE=0.f",))

@@ -400,7 +400,8 @@ namespace emu {
 
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 for the calling warp: operands are read as TF32
 // (their low 13 bits ignored), products summed exactly (double), the result truncated toward zero
-// into fp32 (within the accumulation model of forward.cuh's bound).
+// into fp32 (within the accumulation model of forward.cuh's bound); PROTOKERN_EMU_HMMA_TRUNCATE builds
+// truncate every term first (below), the pessimistic model check.py also certifies against.
 inline void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   const unsigned lane = threadIdx.x % 32;
   uint32_t* const frag = block->fragments.data() + threadIdx.x / 32 * 32 * 6;
@@ -417,6 +418,20 @@ inline void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[
     const int row = g + 8 * (q / 2), col = 2 * t + q % 2;
     double sum = c[q];
     for (int k = 0; k < 8; ++k) sum += A(row, k) * B(k, col);
+#if defined(PROTOKERN_EMU_HMMA_TRUNCATE)
+    // The pessimistic accumulation model (PROTOKERN_EMU_HMMA_TRUNCATE builds): c and the 8 exact products
+    // aligned to the largest one's exponent and each truncated there to 24 significant bits before the sum,
+    // as tensor cores are measured to align and truncate (no guard bits); then truncated into fp32 below.
+    if (std::isfinite(sum)) {
+      double terms[9] = {c[q]}, big = std::fabs(static_cast<double>(c[q]));
+      for (int k = 0; k < 8; ++k) big = std::fmax(big, std::fabs(terms[k + 1] = A(row, k) * B(k, col)));
+      int e = 0;
+      std::frexp(big, &e);  // big = m 2^e, 0.5 <= m < 1
+      const double quantum = std::ldexp(1.0, e - 24);
+      sum = 0.0;
+      for (double term : terms) sum += std::trunc(term / quantum) * quantum;  // exact: < 2^28 quanta in all
+    }
+#endif
     float f = static_cast<float>(sum);
     if (std::isfinite(f) && std::fabs(static_cast<double>(f)) > std::fabs(sum)) f = std::nextafter(f, 0.f);
     c[q] = f;
