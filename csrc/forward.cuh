@@ -194,20 +194,11 @@ __device__ __forceinline__ float gamma_n(float n) {
   return nu < 0.25f ? nu / (1.f - nu) : INFINITY;  // a huge D: every patch becomes a candidate
 }
 
-// PROTOKERN_EMU_ACC_SCALE (emulator builds only) scales the tensor cores' accumulation budget (20 u a k8 step
-// and MMA), so that csrc/emu/check.py can show, under its truncating accumulation model, how much of it the
-// bound check needs.
-#if defined(PROTOKERN_EMU) && defined(PROTOKERN_EMU_ACC_SCALE)
-constexpr float kAccScale = PROTOKERN_EMU_ACC_SCALE;
-#else
-constexpr float kAccScale = 1.f;
-#endif
-
 // Search error of s = z.p relative to |z||p| (eps_dot above) for kSearch*.
 __device__ __forceinline__ float dot_error(int search, int D) {
   const float steps = (float)((D + 7) / 8);
-  if (search == kSearchTf32) return kAccScale * 20.f * 0x1p-24f * steps;  // the operand error: lz_s below
-  if (search == kSearch3xTf32) return 3.f * 0x1p-20f + kAccScale * 60.f * 0x1p-24f * steps;
+  if (search == kSearchTf32) return 20.f * 0x1p-24f * steps;  // the operand error: lz_s below
+  if (search == kSearch3xTf32) return 3.f * 0x1p-20f + 60.f * 0x1p-24f * steps;
   return gamma_n((float)D);
 }
 
