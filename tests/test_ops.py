@@ -829,6 +829,35 @@ def test_converted_tf32_bound_holds_for_truncating_and_rounding_mmas():
     assert (nearest(torch.tensor([1 + 2.0 ** -11])) > 1 + 2.0 ** -11).all()  # rounds up: |h| > |x|
 
 
+def test_search_bound_formulas_are_the_documented_ones():
+    """kernels/search_bound.py's constants as its docstring derives them, recomputed here: the bound tests above
+    compute delta from the same module, so a halved margin (r = 2 (1 + t), a coefficient without its factor 2,
+    c_s without its 32 u) passed them while no longer covering the fp32 evaluation the derivation pays for."""
+    from protokern.kernels import search_bound
+
+    u, t = 2.0 ** -24, 2.0 ** -10
+
+    def gamma(n, v):
+        return n * v / (1 - n * v)
+
+    for D in (1, 64, 128, 2000):
+        fp32_dot = gamma(D, 2 * u)
+        rest = gamma(D + 1, u) + 2 * u + gamma(D + 2, u)  # |z|^2 and |p|^2, the sum's roundings
+        assert search_bound.coefficient("ieee", D) == pytest.approx(2 * (rest + fp32_dot), rel=1e-12)
+        assert search_bound.coefficient("tf32x3", D) == pytest.approx(
+            2 * (rest + 3 * t * t + t ** 4 + gamma(3 * D, 2 * u) * (1 + t) ** 2), rel=1e-12)
+        assert search_bound.coefficient("tf32", D) == pytest.approx(
+            2 * (rest + 2 * t + t * t + fp32_dot * (1 + t) ** 2), rel=1e-12)
+        assert search_bound.coefficient("bf16", D) == pytest.approx(
+            2 * (rest + 2 * 2.0 ** -7 + 2.0 ** -14 + fp32_dot * (1 + 2.0 ** -7) ** 2), rel=1e-12)
+        c, r, tiny = search_bound.truncated_tf32_bound(D)
+        assert c == search_bound.coefficient("ieee", D) and r == 4.0 and tiny >= 2.0 ** -100
+        c, r, tiny = search_bound.converted_tf32_bound(D)
+        assert c == pytest.approx(2 * (rest + fp32_dot * (1 + t) ** 2), rel=1e-12) and r == 4 * (1 + t)
+        assert tiny >= (D * 2.0 ** -124 / c) ** 2
+    assert search_bound.separable(1e-5) == 2e-5 + 32 * u
+
+
 def test_search_level_follows_torch_matmul_precision():
     """A TF32/bf16 matmul setting can only loosen the torch backend's bound, never tighten it."""
     previous = torch.get_float32_matmul_precision()
