@@ -7,7 +7,8 @@
   each). Needs nvcc (skips without it). Prints the table.
 * The CPU emulator (csrc/emu) built with ThreadSanitizer, and with AddressSanitizer + UBSan, running the
   CUB-shape tile configuration and the tail cases (csrc/emu/sanitize_main.cpp). Needs g++ >= 11 and the
-  sanitizer runtimes (skips without them). ASan warns that it does not fully support swapcontext (the
+  sanitizer runtimes (skips without them, except under PROTOKERN_REQUIRE_SANITIZERS=1, which .ci/run sets: there
+  it fails). ASan warns that it does not fully support swapcontext (the
   emulator's fibers); it has reported nothing here.
 Not GPU tests: they run in CI on the CPU.
 """

@@ -475,7 +475,7 @@ def test_similarity_keeps_its_relative_accuracy_near_and_far(case):
 
 
 def test_an_empty_batch_on_every_backend(case):
-    """B = 0 (e.g. a last, empty shard): (0, M) outputs and zero prototype gradients, no kernel launched."""
+    """B = 0 (e.g. a last, empty shard): (0, M) outputs and zero prototype gradients."""
     device, backend = case
     z = torch.rand(0, 3, 4, 5, device=device, requires_grad=True)
     p = torch.rand(4, 3, device=device, requires_grad=True)

@@ -399,7 +399,8 @@ inline float __uint_as_float(uint32_t u) {
 namespace emu {
 
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 for the calling warp: operands are read as TF32
-// (their low 13 bits ignored), products summed exactly (double), the result truncated toward zero
+// (their low 13 bits ignored), products (exact) summed in double (exact unless the terms span more than
+// ~29 binades), the result truncated toward zero
 // into fp32 (within the accumulation model of forward.cuh's bound); PROTOKERN_EMU_HMMA_TRUNCATE builds
 // truncate every term first (below), the pessimistic model check.py also certifies against.
 inline void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -426,7 +427,7 @@ inline void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[
       double terms[9] = {c[q]}, big = std::fabs(static_cast<double>(c[q]));
       for (int k = 0; k < 8; ++k) big = std::fmax(big, std::fabs(terms[k + 1] = A(row, k) * B(k, col)));
       int e = 0;
-      std::frexp(big, &e);  // big = m 2^e, 0.5 <= m < 1
+      std::frexp(big, &e);  // big = m 2^e, 0.5 <= m < 1 (big = 0: every term is 0)
       const double quantum = std::ldexp(1.0, e - 24);
       sum = 0.0;
       for (double term : terms) sum += std::trunc(term / quantum) * quantum;  // exact: < 2^28 quanta in all

@@ -62,6 +62,7 @@ def test_cached_batches_match_a_dataloader(cub, drop_last):
 def test_cache_choice_on_a_gpu_takes_at_most_a_fifth_of_its_free_memory(cub, monkeypatch):
     """auto: the GPU while the images take <= 1/5 of its free memory (the training needs the rest), else the host."""
     need = cache_mod.cache_bytes(cub)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)  # (one process on the node)
     monkeypatch.setattr(cache_mod, "checked_device", lambda device: torch.device(device))  # no GPU here
     monkeypatch.setattr(cache_mod, "_available_host_memory", lambda: 2 * need)
     free = {}
@@ -69,8 +70,10 @@ def test_cache_choice_on_a_gpu_takes_at_most_a_fifth_of_its_free_memory(cub, mon
     for free["bytes"], want in ((5 * need, "gpu"), (5 * need + 4, "gpu"), (5 * need - 1, "memory")):
         assert cache_mod.choose_cache(cub, "auto", "cuda:0") == want, free
 
+
 def test_cache_choice(cub, monkeypatch):
     need = cache_mod.cache_bytes(cub)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)  # (one process on the node)
     assert need == len(cub) * 3 * 16 * 16
     monkeypatch.setattr(cache_mod, "_available_host_memory", lambda: 2 * need)
     assert cache_mod.choose_cache(cub, "auto", "cpu") == "memory"
