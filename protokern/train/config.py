@@ -451,10 +451,20 @@ _CHOICES = {"dataset": DATASETS, "amp": AMP_MODES, "crop": CROPS, "backbone": BA
             "nan_policy": NAN_POLICIES, "data_cache": CACHE_MODES, "similarity": SIMILARITIES}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors only rank 0 of a torchrun job prints: every process parses the same
+    command line, and N usage blocks buried the one line that mattered. The others exit with the same status."""
+
+    def error(self, message):
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") and os.environ.get("RANK", "0") != "0":
+            self.exit(2)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser: ``--config``, plus one flag per :class:`TrainConfig` field (``--field-name``) and
     the deprecated flags of :data:`RENAMED`."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m protokern.train", argument_default=argparse.SUPPRESS,
         description="Train a ProtoPNet (warm-up, joint, push, last-layer stages as the original).")
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings (flags override it)")

@@ -283,3 +283,21 @@ def test_backbone_weights_replace_a_presets_pretrained_trunk(tmp_path):
     with pytest.raises(ValueError, match="give either --pretrained or --backbone-weights"):
         parse_config(["--config", str(saved)])  # a file asking for both is still refused
 
+
+
+@pytest.mark.parametrize("world, rank, printed", [("4", "0", True), ("4", "3", False), ("1", "3", True),
+                                                  (None, "3", True)])
+def test_a_usage_error_is_printed_by_rank_0_only(monkeypatch, capsys, world, rank, printed):
+    """Under torchrun (WORLD_SIZE > 1) every process parses the same command line: one usage block (rank 0's),
+    every process exiting with status 2. A RANK left in the environment of a single process changes nothing."""
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as stop:
+        parse_config(["--epochs", "many"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert ("error: argument --epochs: invalid int value: 'many'" in err) == printed, err
+    assert printed or err == ""
