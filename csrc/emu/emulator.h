@@ -399,10 +399,10 @@ inline float __uint_as_float(uint32_t u) {
 namespace emu {
 
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 for the calling warp: operands are read as TF32
-// (their low 13 bits ignored), products (exact) summed in double (exact unless the terms span more than
-// ~29 binades), the result truncated toward zero
-// into fp32 (within the accumulation model of forward.cuh's bound); PROTOKERN_EMU_HMMA_TRUNCATE builds
-// truncate every term first (below), the pessimistic model check.py also certifies against.
+// (their low 13 bits ignored), the exact products summed in double (exact unless the terms span more than
+// ~29 binades), the result truncated toward zero into fp32 (within the accumulation model of forward.cuh's
+// bound); PROTOKERN_EMU_HMMA_TRUNCATE builds truncate every term first (below), the pessimistic model that
+// check.py also certifies against.
 inline void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   const unsigned lane = threadIdx.x % 32;
   uint32_t* const frag = block->fragments.data() + threadIdx.x / 32 * 32 * 6;
@@ -421,8 +421,9 @@ inline void mma_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[
     for (int k = 0; k < 8; ++k) sum += A(row, k) * B(k, col);
 #if defined(PROTOKERN_EMU_HMMA_TRUNCATE)
     // The pessimistic accumulation model (PROTOKERN_EMU_HMMA_TRUNCATE builds): c and the 8 exact products
-    // aligned to the largest one's exponent and each truncated there to 24 significant bits before the sum,
-    // as tensor cores are measured to align and truncate (no guard bits); then truncated into fp32 below.
+    // aligned to the largest one's exponent and each truncated there to 24 significant bits before the sum
+    // (published measurements of tensor cores find alignment to the largest exponent and truncation; this
+    // keeps no extra bits); then truncated into fp32 below.
     if (std::isfinite(sum)) {
       double terms[9] = {c[q]}, big = std::fabs(static_cast<double>(c[q]));
       for (int k = 0; k < 8; ++k) big = std::fmax(big, std::fabs(terms[k + 1] = A(row, k) * B(k, col)));
