@@ -257,12 +257,12 @@ def check_truncating_model(exact, truncating) -> str | None:
     make "high" search as "medium" does): the accumulation budget (20 u a k8 step) is small beside the norms'
     gamma terms, so it is not checked alone. A tensor core adding 4 products at a time (two truncations a k8
     step) is outside the model."""
+    z3, p = accumulation_case()
+    t = ((z3.double()[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)
     for precision in ("high", "medium"):
         err = check_bound(truncating, precision)
         if err:
             return f"{precision}: {err}"
-        z3, p = accumulation_case()
-        t = ((z3.double()[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)
         v, delta = emu_search_values(truncating, z3, p, precision)
         if torch.equal(v, emu_search_values(exact, z3, p, precision)[0]):
             return f"{precision}: the truncating model gives the exact model's values"

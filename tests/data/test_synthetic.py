@@ -92,12 +92,12 @@ def test_no_single_attribute_names_the_class(ds):
     shared_colour = sum(colours.count(c) > 1 for c in colours)
     assert shared_shape >= 8 and shared_colour >= 8
     # distractors reuse the classes' shapes and colours
-    seen = {(o["shape"], o["colour"]) for i in range(len(ds)) for o in ds.objects(i)[1:]}
+    drawn = [o for i in range(len(ds)) for o in ds.objects(i)[1:]]
+    seen = {(o["shape"], o["colour"]) for o in drawn}
     assert set(shapes) <= {s for s, _ in seen} and set(colours) <= {c for _, c in seen}
 
     # half the distractors (in expectation) are the most confusing: a class's shape in another class's colour
     class_shapes, class_colours = set(shapes), set(colours)
-    drawn = [o for i in range(len(ds)) for o in ds.objects(i)[1:]]
     hard = sum(o["shape"] in class_shapes and o["colour"] in class_colours for o in drawn) / len(drawn)
     assert 0.4 < hard < 0.6, hard  # 0.50 of 600 here
 

@@ -284,7 +284,6 @@ def test_backbone_weights_replace_a_presets_pretrained_trunk(tmp_path):
         parse_config(["--config", str(saved)])  # a file asking for both is still refused
 
 
-
 @pytest.mark.parametrize("world, rank, printed", [("4", "0", True), ("4", "3", False), ("1", "3", True),
                                                   (None, "3", True)])
 def test_a_usage_error_is_printed_by_rank_0_only(monkeypatch, capsys, world, rank, printed):

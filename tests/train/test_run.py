@@ -36,6 +36,19 @@ def _strip(rows):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
+def _scripted_evaluations(monkeypatch, scores):
+    """The trainer's evaluation with its (validation, test) accuracies replaced, step by step, by ``scores``."""
+    real = TRAIN_MAIN.Trainer._evaluate
+    scripted = iter(scores)
+
+    def evaluate(self):
+        row = real(self)
+        row["val_accuracy"], row["test_accuracy"] = next(scripted)
+        return row
+
+    monkeypatch.setattr(TRAIN_MAIN.Trainer, "_evaluate", evaluate)
+
+
 def folder_tree(root, counts: dict, test: int = 2, size: int = 24):
     """A ``--dataset folder`` tree under ``root``: ``counts[name]`` training images of each class and ``test`` test
     images each (noise with a bright square in the class's channel), named ``0.png``, ``1.png``, ..."""
@@ -562,15 +575,7 @@ def test_a_joint_step_after_a_push_never_replaces_a_pushed_best_and_only_joint_e
     """Schedule warm, joint, joint, push, last, joint (--epochs 4 --push-start 2 --push-every 2): the closing joint
     step scores best but its prototypes are no longer patches, so best.pt stays the last-layer step's. StepLR
     (step 1, gamma 0.5) decays the joint learning rates once a joint epoch, never in last-layer epochs."""
-    real = TRAIN_MAIN.Trainer._evaluate
-    scripted = iter([(0.1, 0.1), (0.2, 0.2), (0.3, 0.3), (0.5, 0.5), (0.6, 0.6), (0.9, 0.9)])
-
-    def evaluate(self):
-        row = real(self)
-        row["val_accuracy"], row["test_accuracy"] = next(scripted)
-        return row
-
-    monkeypatch.setattr(TRAIN_MAIN.Trainer, "_evaluate", evaluate)
+    _scripted_evaluations(monkeypatch, [(0.1, 0.1), (0.2, 0.2), (0.3, 0.3), (0.5, 0.5), (0.6, 0.6), (0.9, 0.9)])
     summary = main(tiny_args + ["--epochs", "4", "--push-start", "2", "--push-every", "2", "--lr-step-size", "1",
                                 "--lr-gamma", "0.5", "--no-explain"])
     rows = _rows(tiny_args[-1])
@@ -607,15 +612,7 @@ def test_a_fresh_start_over_a_run_stopped_before_its_first_checkpoint_keeps_no_o
 def test_the_summary_tells_last_pt_from_best_pt(tiny_args, tmp_path, monkeypatch):
     """Scripted evaluations (validation best at the push step, test accuracy falling after it): best.pt is the push
     step's model, and summary.json reports last.pt's test accuracy as test_accuracy and best.pt's apart."""
-    real = TRAIN_MAIN.Trainer._evaluate
-    scripted = iter([(0.1, 0.2), (0.2, 0.4), (0.9, 0.8), (0.5, 0.3)])  # (val, test) of warm, joint, push, last
-
-    def evaluate(self):
-        row = real(self)
-        row["val_accuracy"], row["test_accuracy"] = next(scripted)
-        return row
-
-    monkeypatch.setattr(TRAIN_MAIN.Trainer, "_evaluate", evaluate)
+    _scripted_evaluations(monkeypatch, [(0.1, 0.2), (0.2, 0.4), (0.9, 0.8), (0.5, 0.3)])  # warm, joint, push, last
     summary = main(tiny_args + ["--no-explain"])
     assert summary["best_step"] == 2 and summary["selected_on"] == "validation"
     assert summary["best_val_accuracy"] == 0.9 and summary["best_test_accuracy"] == 0.8
