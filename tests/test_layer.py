@@ -175,3 +175,11 @@ def test_reset_parameters_initialises_a_layer_built_on_the_meta_device():
     assert torch.equal(layer.prototypes, want) and bool(((want >= 0) & (want < 1)).all())
     torch.manual_seed(0)
     assert torch.equal(want, torch.rand(4, 3, 1, 1))  # the values of the original's torch.rand
+
+
+def test_distance_maps_detach_the_layers_own_prototypes():
+    """distance_maps (heatmaps) uses this layer's prototypes detached; prototypes passed in are used as given."""
+    layer = protokern.ProtoLayer(3, 4, backend="torch")
+    z = torch.rand(2, 4, 5, 5)
+    assert not layer.distance_maps(z).requires_grad
+    assert layer.distance_maps(z, layer.prototypes).requires_grad

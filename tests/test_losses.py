@@ -110,6 +110,9 @@ def test_shape_errors():
         loss(torch.zeros(4, 3), torch.zeros(3, 6), torch.zeros(4, dtype=torch.long), model)
     with pytest.raises(ValueError, match="class_identity"):
         loss(torch.zeros(4, 3), torch.zeros(4, 5), torch.zeros(4, dtype=torch.long), model)
+    with pytest.raises(ValueError, match=r"class_identity \(6, 4\) should be \(6, 3\)"):  # a class too many
+        loss(torch.zeros(4, 3), torch.zeros(4, 6), torch.zeros(4, dtype=torch.long),
+             SimpleNamespace(**{**vars(model), "prototype_class_identity": torch.eye(6, 4)}))
     with pytest.raises(ValueError, match="expected logits"):
         loss(torch.zeros(4), torch.zeros(4, 6), torch.zeros(4, dtype=torch.long), model)
     with pytest.raises(ValueError, match=r"batch sizes differ: 4, 4, 3"):  # the targets' count too

@@ -96,14 +96,15 @@ def test_non_square_rotation_is_rigid():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError):
-        GpuAugment(skew=0.7)
+    with pytest.raises(ValueError, match="skew < 0.5"):
+        GpuAugment(skew=0.5)
     with pytest.raises(ValueError):
         GpuAugment(padding="wrap")
     with pytest.raises(ValueError, match="mode must be one of"):
         GpuAugment(mode="augmentor")
     with pytest.raises(ValueError, match="shear < 45"):
-        GpuAugment(shear=50)
+        GpuAugment(shear=45)  # the edge: tan 45 = 1, the crop empty
+    assert GpuAugment(shear=44.9).shear == 44.9
     assert GpuAugment(shear=50, mode="compose").shear == 50
     aug = GpuAugment()
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
@@ -172,6 +173,25 @@ def test_original_rotate_whole_degrees_cropped_to_largest_rectangle(h, w):
         expected = 1 / (angle.cos() + angle.sin().abs())
         assert torch.allclose(zoom, expected, atol=1e-5)
     assert_inside_and_tight(m)
+
+
+def test_original_rotate_limit_not_a_whole_number_is_floored():
+    """A limit of 2.5 degrees draws whole degrees in [-2, 2], as Augmentor's randint(-floor, floor) does."""
+    aug = GpuAugment(rotate=2.5, skew=0, shear=0, flip=0)
+    m, _ = aug.sample(2000, 32, 32, generator=torch.Generator().manual_seed(0))
+    a = pixel_units(m, 32, 32)
+    assert set(whole_degrees(torch.atan2(a[:, 1, 0], a[:, 0, 0]), 2.5).tolist()) == {-2, -1, 0, 1, 2}
+
+
+def test_original_flip_is_independent_of_the_shear_axis():
+    """The flip and the shear's axis are separate draws: each (flipped, axis) pair about a quarter of shears."""
+    aug = GpuAugment(rotate=0, skew=0, shear=10, flip=0.5)
+    m, _ = aug.sample(4000, 32, 32, generator=torch.Generator().manual_seed(0))
+    flipped = torch.linalg.det(m[:, :2, :2]) < 0
+    along_x = m[:, 0, 1].abs() > 1e-9
+    for f in (True, False):
+        for x in (True, False):
+            assert abs(((flipped == f) & (along_x == x)).float().mean().item() - 0.25) < 0.03, (f, x)
 
 
 def test_original_shear_whole_degrees_cropped_and_resized():

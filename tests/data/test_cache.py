@@ -165,3 +165,23 @@ def test_a_view_with_skipped_images_reads_its_own_rows():
     assert view.uint8_batch(torch.tensor([0, 2]))[:, 0, 0, 0].tolist() == [0, 3]
     other = ImageView(data, [1, 4], ["b.jpg", "a.jpg"])
     assert skipped_images(view, Subset(other, [0])) == ["a.jpg", "b.jpg", "z.jpg"]
+
+
+class _WrongSize(torch.utils.data.Dataset):
+    """Two 8 x 8 images, the second decoding to 8 x 7 (a dataset whose decode ignores its image_size)."""
+
+    image_size = 8
+    targets = [0, 1]
+
+    def __len__(self):
+        return 2
+
+    def decode(self, index):
+        return torch.zeros(3, 8, 7 if index == 1 else 8, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("cache", ["memory", "off"])
+def test_an_item_decoding_to_another_size_is_one_line(cache):
+    """Checked while decoding, cached or not: one line naming the item (else a failure later, far from it)."""
+    with pytest.raises(ValueError, match=r"item 1 decoded to \(3, 8, 7\), expected \(3, 8, 8\)"):
+        prepare_images(_WrongSize(), cache, skip_bad_images=True, progress=False, workers=1)
