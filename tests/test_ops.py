@@ -108,12 +108,15 @@ def test_nan_propagates(case):
     z = torch.rand(3, 20, 4, 4, device=device)
     p = torch.rand(5, 20, device=device)
     z[0, 3, 1, 2] = float("nan")
+    z[1, 0, 3, 3] = float("nan")  # the last patch only
     p[2, 7] = float("nan")
     sim, dist = protokern.prototype_similarity(z, p, backend=backend)
     nan = torch.zeros(3, 5, dtype=torch.bool)
-    nan[0, :] = True
+    nan[:2, :] = True
     nan[:, 2] = True
     assert torch.equal(dist.isnan().cpu(), nan) and torch.equal(sim.isnan().cpu(), nan)
+    _, idx = protokern.nearest_patches(z, p, backend=backend)  # the first NaN patch wins
+    assert idx[:2, [0, 1, 3, 4]].tolist() == [[6] * 4, [15] * 4] and (idx[:, 2] == 0).all()
 
 
 def test_backward_is_deterministic(case):
@@ -177,6 +180,37 @@ def test_full_map_is_never_negative():
     assert (raw < 0).any()
     full = protokern.prototype_distances(z, p).flatten(2)
     assert (full >= 0).all() and (full[raw < 0] == 0).all()
+
+
+def test_full_map_recomputes_entries_the_expanded_form_overflows():
+    """|z|^2 + |p|^2 = 4e38 is +inf in float32 while 2 p.z = 3.2e38 is not: the expanded form says +inf where
+    the distance is 8e37, and the map holds the difference form's value (NaN alone recomputed is not enough)."""
+    z = torch.tensor([1.4142e19, 0.0]).view(1, 2, 1, 1)
+    p = torch.tensor([[1.1314e19, 0.8485e19]])
+    full = protokern.prototype_distances(z, p)
+    ref = (z.double().flatten() - p.double()[0]).square().sum()
+    assert full.isfinite().all() and abs(full.item() / ref.item() - 1) < 1e-5
+
+
+def test_full_map_recomputed_entries_pass_no_gradient():
+    """In a traced graph the map's fix-up is one op (torch_backend._recompute_nonfinite_op): gradient flows
+    through its finite entries only, none through the recomputed +inf / NaN ones."""
+    d = torch.tensor([[[1.0, float("inf"), float("nan")]]], requires_grad=True)
+    out = torch_backend._recompute_nonfinite_op(d, torch.rand(1, 2, 3), torch.rand(1, 2))
+    assert out[0, 0, 0].item() == 1.0 and out.isfinite().all()
+    out.sum().backward()
+    assert d.grad.tolist() == [[[1.0, 0.0, 0.0]]]
+
+
+def test_mixed_precision_inputs_compute_in_float32():
+    """float64 only when every input is float64: float64 z with float32 prototypes (and the reverse) compute
+    and return float32."""
+    z, p = torch.rand(2, 4, 3, 3, dtype=torch.float64), torch.rand(5, 4)
+    for a, b in ((z, p), (z.float(), p.double())):
+        sim, dist = protokern.prototype_similarity(a, b, backend="torch")
+        assert sim.dtype == dist.dtype == torch.float32
+        assert protokern.prototype_distances(a, b).dtype == torch.float32
+    assert protokern.prototype_similarity(z, p.double(), backend="torch")[1].dtype == torch.float64
 
 
 def test_gradcheck_float64_torch_backend():
@@ -595,10 +629,10 @@ def check_contract(z, p, backend):
     return sim, dist, idx
 
 
-@pytest.mark.parametrize("kind", ["zero", "small", "one", "duplicates", "equal"])
+@pytest.mark.parametrize("kind", ["zero", "small", "one", "duplicates", "equal", "last"])
 def test_near_ties_pick_the_exact_winner(case, kind):
-    """Exact distances 1e-6 apart near d = 0 and d = 1, exact duplicates, all-equal patches: the lowest
-    index of the exact minimum wins, at every precision."""
+    """Exact distances 1e-6 apart near d = 0 and d = 1, exact duplicates, all-equal patches, every patch a
+    near-tie of the last: the lowest index of the exact minimum wins, at every precision."""
     device, backend = case
     z, p, winners = near_tie_case(kind, B=4, D=64 if device == "cpu" and backend == "triton" else 128)
     _, dist, idx = check_contract(z.to(device), p.to(device), backend)
@@ -757,6 +791,30 @@ def test_separable_candidates_hold(precision):
     assert torch_backend.separable_candidates(z3, p, precision)[0].sum().item() < 1.5 * rows  # a tight bound
     assert torch_backend.separable_candidates(z3, p, "medium") is None
     assert torch_backend.separable_candidates(z3 * 2.0 ** 48, p, precision) is None  # |z|^2 > 2^100
+    assert torch_backend.separable_candidates(z3, p * 2.0 ** 48, precision) is None  # |p|^2 > 2^100
+
+
+@pytest.mark.parametrize("scale", [1e-19, 1e-21, 1e-22])
+def test_bounds_hold_where_products_underflow(scale):
+    """Features so small that their products are fp32 subnormals or flush to 0: the bound's absolute term
+    (coefficient * TINY) covers what relative errors cannot, in the search's bound and the separable form's."""
+    g = torch.Generator().manual_seed(0)
+    z3, p = torch.rand(4, 8, 64, generator=g) * scale, torch.rand(5, 8, generator=g) * scale
+    e64 = (z3.double().transpose(1, 2)[:, None] - p.double()[None, :, None]).square().sum(-1)
+    for precision in ("highest", "high"):
+        approx, delta = torch_backend.search(z3, p, precision)
+        assert ((approx.double() - e64).abs() <= delta.double()).all()
+        cand, _ = torch_backend.separable_candidates(z3, p, precision)
+        e = torch_backend.exact_distances(z3.transpose(1, 2)[:, None], p[None, :, None])
+        assert cand[e == e.amin(-1, keepdim=True)].all()  # every exact minimiser a candidate
+
+
+def test_tf32_emulation_keeps_ten_mantissa_bits():
+    """The torch backend's TF32 operands (torch_backend._tf32): the 10th mantissa bit kept, the 11th dropped,
+    truncation toward zero, NaN kept."""
+    x = torch.tensor([1 + 2.0 ** -10, 1 + 2.0 ** -11, -(1 + 2.0 ** -10 + 2.0 ** -11), float("nan")])
+    got = torch_backend._tf32(x)
+    assert got[:3].tolist() == [1 + 2.0 ** -10, 1.0, -(1 + 2.0 ** -10)] and got[3].isnan()
 
 
 def test_search_bound_is_needed():
