@@ -328,7 +328,7 @@ def adversarial_cases(gen_seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.
     # squared distance (D = 128, values in [0, 4)); and the shared near-tie builders (tests/reference.py).
     z, p, _ = reference.issue_case(generator=gen)
     cases["issue: exact patch vs 1e-6..1.6e-5"] = (z.flatten(2), p)
-    for kind in ("zero", "small", "one", "duplicates", "equal"):
+    for kind in ("zero", "small", "one", "duplicates", "equal", "last"):
         z, p, _ = reference.near_tie_case(kind, generator=gen)
         cases[f"near_tie_case {kind!r}"] = (z.flatten(2), p)
     # TF32's largest truncation residuals: the search alone ranks a prototype's truncated copy first.
@@ -658,17 +658,46 @@ def check_backward_plans(lib) -> str | None:
     one = backward_launch(lib, 80, 128, 49, 2000, max_parts=1)
     if (one["gp_parts"], one["gp_part_images"], one["gp_first"], one["blocks"]) != (1, 80, 1, 448):
         return f"CUB shape, one part: {one}"
-    # The scanning plan in two passes (where the sorted plan does not fit; CASES cover the sorted plan at
-    # HW > 60) against float64, from random winners (the backward alone: no forward to emulate).
-    B, D, HW, M = 1, 8, 100, 5000
-    z3, p = torch.rand(B, D, HW), torch.rand(M, D)
-    idx, dist = torch.randint(0, HW, (B, M)), torch.rand(B, M)
-    gs, gd = torch.randn(B, M), torch.randn(B, M)
-    gz, gp = emu_backward(lib, gs, gd, z3, p, idx, dist)
-    g = gd.double() + gs.double() * ((1e-4 - 1) / ((dist.double() + 1) * (dist.double() + 1e-4)))  # dL/dd
+    return None
+
+
+def backward_error(lib, z3, p, idx, dist, gs, gd, eps: float = 1e-4) -> float:
+    """The backward alone (no forward to emulate) from the given winners, against float64: the larger relative
+    error of grad_z and grad_p; NaN (which no `<=` passes) where either holds one."""
+    gz, gp = emu_backward(lib, gs, gd, z3, p, idx, dist, eps=eps)
+    d = dist.double()
+    g = gd.double() + gs.double() * ((eps - 1) / ((d + 1) * (d + eps)))  # dL/dd
     ref_z, ref_p = reference.winner_gradients(z3, p, idx, g)
-    if rel_err(gz, ref_z) > 1e-5 or rel_err(gp, ref_p) > 1e-5:
-        return f"{(B, D, HW, M)} scanning plan: gradients off ({rel_err(gz, ref_z):.1e}, {rel_err(gp, ref_p):.1e})"
+    errs = [rel_err(gz, ref_z), rel_err(gp, ref_p)]
+    return math.nan if any(math.isnan(e) for e in errs) else max(errs)
+
+
+def check_backward_winners(lib) -> str | None:
+    """Both grad_z plans from random winners against float64, where CASES do not reach: the scanning plan in
+    two passes of patches (where the sorted plan does not fit); an eps other than the default in both plans
+    (distances near 0, where the slope (eps - 1) / ((d + 1)(d + eps)) depends most on it); the sorted plan's
+    last warp's run of patches holding a winner (HW - 1 on a 2000-patch map: random prototypes seldom win
+    there); and the sorted plan's documented order, one fma chain per patch in increasing m: contributions
+    1e8, -1e8, 1 (z - p = 1) give exactly 2 (any other order gives 0). None if all hold."""
+    # (B, D, HW, M), layout, eps, grad_z plan sorted by patch, winners on the last patch
+    cases = [((1, 8, 100, 5000), "contiguous", 1e-4, 0, False), ((2, 40, 35, 130), "channels_last", 0.05, 0, False),
+             ((1, 8, 300, 50), "strided_d", 0.05, 1, False), ((1, 8, 2000, 50), "channels_last", 1e-4, 1, True)]
+    for (B, D, HW, M), layout, eps, sorted_plan, last in cases + [((1, 8, 100, 3), "contiguous", 1e-4, 1, False)]:
+        if backward_launch(lib, B, D, HW, M)["gz_sorted"] != sorted_plan:
+            return f"{(B, D, HW, M)}: not the {'sorted' if sorted_plan else 'scanning'} plan"
+    for (B, D, HW, M), layout, eps, _, last in cases:
+        z3, p = make_z3(B, D, HW, layout), torch.rand(M, D)
+        idx, dist = torch.randint(0, HW, (B, M)), torch.rand(B, M) * (0.01 if eps > 1e-4 else 1.0)
+        if last:
+            idx[:, ::7] = HW - 1
+        err = backward_error(lib, z3, p, idx, dist, torch.randn(B, M), torch.randn(B, M), eps=eps)
+        if not err <= 1e-5:
+            return f"{(B, D, HW, M)} {layout} eps={eps}: gradients off (relative error {err:.1e})"
+    B, D, HW, M = 1, 8, 100, 3
+    z3, p, idx = torch.ones(B, D, HW), torch.zeros(M, D), torch.zeros(B, M, dtype=torch.int64)
+    gz, _ = emu_backward(lib, torch.zeros(B, M), torch.tensor([[1e8, -1e8, 1.0]]), z3, p, idx, torch.full((B, M), 8.0))
+    if not torch.equal(gz[0, :, 0], torch.full((D,), 2.0)):
+        return f"sorted plan: 1e8, -1e8, 1 not summed in increasing m (grad_z {gz[0, 0, 0].item()}, expected 2)"
     return None
 
 
@@ -722,6 +751,8 @@ def run(verbose: bool = True, precisions=tuple(PRECISIONS), mutation: bool = Tru
         err = check_backward_plans(lib)
         report("backward: grad_z sorted by patch where the scan needs passes; scanning fallback", err is None,
                err or "")
+        err = check_backward_winners(lib)
+        report("backward from given winners: scanning passes, eps, last patches, fma order", err is None, err or "")
         for precision in precisions:
             err = check_bound(lib, precision)
             report(f"{precision:8} certification bound holds in both forms and is tight", err is None, err or "")

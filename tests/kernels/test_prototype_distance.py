@@ -22,10 +22,11 @@ GRAD_Z_KERNELS = {"_won_histogram_kernel", "_won_starts_kernel", "_won_order_ker
 
 @needs_triton_cpu
 def test_launcher_matches_torch_backend_on_strided_views():
-    """The launchers take any (B, D, HW) strides, including D-innermost (channels_last) views."""
+    """The launchers take any (B, D, HW) strides, including D-innermost (channels_last) views, and any (M, D)
+    strides of p (the op passes it contiguous; a transposed view here)."""
     z = torch.rand(2, 5, 6, 21)  # (B, H, W, D) storage
     z3 = z.permute(0, 3, 1, 2).flatten(2)  # (B, D, HW) view with stride_d = 1
-    p = torch.rand(11, 21)
+    p = torch.rand(21, 11).T  # (M, D) view with stride_m = 1
     sim, dist, idx = K.forward(z3, p, 1e-4)
     sim_t, dist_t, idx_t = torch_backend.forward(z3, p, 1e-4)
     assert torch.equal(idx, idx_t) and rel_err(dist, dist_t) < 1e-6
@@ -120,17 +121,17 @@ def _reference_backward(z3, p, idx, g_sim, g_dist, eps=1e-4):
     return torch.zeros_like(z64).scatter_add_(2, gather, contrib), -contrib.sum(0).T
 
 
-def _check_backward(z3, p, idx, dist, tol=1e-6):
+def _check_backward(z3, p, idx, dist, tol=1e-6, eps=1e-4):
     g_sim, g_dist = torch.randn(dist.shape), torch.randn(dist.shape)
-    gz, gp = K.backward(g_sim, g_dist, z3, p, idx, dist, 1e-4)
-    ref_gz, ref_gp = _reference_backward(z3, p, idx, g_sim, g_dist)
+    gz, gp = K.backward(g_sim, g_dist, z3, p, idx, dist, eps)
+    ref_gz, ref_gp = _reference_backward(z3, p, idx, g_sim, g_dist, eps)
     assert gz.shape == z3.shape and gp.shape == p.shape and gz.is_contiguous()
     for got, ref in ((gz, ref_gz), (gp, ref_gp)):
         assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
         assert torch.equal(got[got.isinf()], ref[ref.isinf()].float())
         finite = ref.isfinite()
         assert rel_err(got[finite], ref[finite]) < tol
-    again = K.backward(g_sim, g_dist, z3, p, idx, dist, 1e-4)
+    again = K.backward(g_sim, g_dist, z3, p, idx, dist, eps)
     assert torch.equal(again[0].nan_to_num(), gz.nan_to_num()) and torch.equal(again[1].nan_to_num(), gp.nan_to_num())
     return gz, gp
 
@@ -162,6 +163,7 @@ def test_every_access_in_bounds_at_tile_edges(D, B, HW, M):
     (19, 12, 1, 6),  # 1 x 1 maps: one segment per image
     (2, 33, 9, 130),  # HW = 9: three pairs a row, M over 5 ordering chunks
     (2, 20, 70, 300),  # 70 patches (128 bins), five pairs a row
+    (2, 48, 9, 20),  # grad_z's channel tiles 32 + 16: unmasked loads only where D % 32 == 0 (EVEN_D)
 ], ids=str)
 def test_backward_matches_float64_reference(shape):
     """grad_z and grad_p at the forward's winners equal the float64 scatter reference (products exact, only
@@ -170,6 +172,18 @@ def test_backward_matches_float64_reference(shape):
     z3, p = torch.rand(B, D, HW), torch.rand(M, D)
     _, dist, idx = K.forward(z3, p, 1e-4)
     _check_backward(z3, p, idx, dist)
+
+
+@needs_triton_cpu
+def test_backward_at_another_eps():
+    """eps reaches every pair's slope g_dist + g_sim (eps - 1) / ((d + 1)(d + eps)): at eps = 0.05 (and
+    distances near 0, where it matters most) the gradients are the float64 reference's at that eps."""
+    B, D, HW, M = 2, 20, 30, 40
+    z3, p = torch.rand(B, D, HW), torch.rand(M, D)
+    p[:10] = z3[0, :, :10].T + 1e-3 * torch.randn(10, D)  # d ~ 2e-5
+    _, dist, idx = K.forward(z3, p, 0.05)
+    assert dist[0, :10].max().item() < 1e-4
+    _check_backward(z3, p, idx, dist, eps=0.05)
 
 
 @needs_triton_cpu
