@@ -118,8 +118,9 @@ def near_tie_case(kind: str, B: int = 4, D: int = 128, H: int = 7, W: int = 7, g
     apart picks the wrong one) whose exact distance is larger by 2^-20 (~1e-6). Kinds: "zero" (d_w = 0,
     d_r = 2^-20), "small" (2^-20 against 2^-19), "one" (1 against 1 + 2^-20), "duplicates" (patches after
     w_b duplicate it exactly: the lowest index, w_b, wins), "equal" (every patch of image b equals p_b:
-    patch 0 wins), "last" (0 / 1 features, every patch a rival 2^-12 away, the last one at d = 0: a search
-    certifies all HW patches, the winner the last one rescored). All these distances are exact in fp32.
+    patch 0 wins), "last" (0 / 1 features, the rivals' channel 1 raised by 1/64: every patch a rival 2^-12
+    away, the last one at d = 0; a search certifies all HW patches, the winner the last one rescored). All
+    these distances are exact in fp32 (those of "last" for every pair, in any summation order).
     """
     z = dyadic_features(B, D, H, W, generator).flatten(2)
     HW = H * W
@@ -141,7 +142,7 @@ def near_tie_case(kind: str, B: int = 4, D: int = 128, H: int = 7, W: int = 7, g
         elif kind == "equal":
             z[b] = p[b, :, None]
             w = 0
-        elif kind == "last":  # 0 / 1 features: every distance, any pair, exact in any summation order
+        elif kind == "last":
             p[b] = (p[b] >= 2).float()
             z[b] = p[b, :, None]
             z[b, 1, :-1] += 16 * step

@@ -811,8 +811,9 @@ def test_bounds_hold_where_products_underflow(scale):
 
 def test_tf32_emulation_keeps_ten_mantissa_bits():
     """The torch backend's TF32 operands (torch_backend._tf32): the 10th mantissa bit kept, the 11th dropped,
-    truncation toward zero, NaN kept."""
-    x = torch.tensor([1 + 2.0 ** -10, 1 + 2.0 ** -11, -(1 + 2.0 ** -10 + 2.0 ** -11), float("nan")])
+    truncation toward zero, NaN kept (also one whose payload lies only in the dropped bits: masked, +inf)."""
+    nan = torch.tensor([0x7F800001], dtype=torch.int32).view(torch.float32)
+    x = torch.cat([torch.tensor([1 + 2.0 ** -10, 1 + 2.0 ** -11, -(1 + 2.0 ** -10 + 2.0 ** -11)]), nan])
     got = torch_backend._tf32(x)
     assert got[:3].tolist() == [1 + 2.0 ** -10, 1.0, -(1 + 2.0 ** -10)] and got[3].isnan()
 

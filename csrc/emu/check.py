@@ -14,6 +14,7 @@ launch limits; races show under ThreadSanitizer (tests/test_cuda_gates.py).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import subprocess
 import sys
@@ -661,9 +662,9 @@ def check_backward_plans(lib) -> str | None:
     return None
 
 
-def backward_error(lib, z3, p, idx, dist, gs, gd, eps: float = 1e-4) -> float:
-    """The backward alone (no forward to emulate) from the given winners, against float64: the larger relative
-    error of grad_z and grad_p; NaN (which no `<=` passes) where either holds one."""
+def backward_error(lib, gs, gd, z3, p, idx, dist, eps: float = 1e-4) -> float:
+    """The backward alone (no forward to emulate) from the given winners (emu_backward's arguments), against
+    float64: the larger relative error of grad_z and grad_p; NaN (which no `<=` passes) where either holds one."""
     gz, gp = emu_backward(lib, gs, gd, z3, p, idx, dist, eps=eps)
     d = dist.double()
     g = gd.double() + gs.double() * ((eps - 1) / ((d + 1) * (d + eps)))  # dL/dd
@@ -675,29 +676,42 @@ def backward_error(lib, z3, p, idx, dist, gs, gd, eps: float = 1e-4) -> float:
 def check_backward_winners(lib) -> str | None:
     """Both grad_z plans from random winners against float64, where CASES do not reach: the scanning plan in
     two passes of patches (where the sorted plan does not fit); an eps other than the default in both plans
-    (distances near 0, where the slope (eps - 1) / ((d + 1)(d + eps)) depends most on it); the sorted plan's
-    last warp's run of patches holding a winner (HW - 1 on a 2000-patch map: random prototypes seldom win
-    there); and the sorted plan's documented order, one fma chain per patch in increasing m: contributions
-    1e8, -1e8, 1 (z - p = 1) give exactly 2 (any other order gives 0). None if all hold."""
+    (distances near 0, where the slope (eps - 1) / ((d + 1)(d + eps)) depends most on it); the sorted plan with
+    winners forced onto its last patch (the scan's last run total must count them); and the sorted plan's
+    documented order, each patch's sum one fma chain in increasing m across chunks and warps: every prototype
+    wins patch 0 with z - p = 1, and three contributions (1e8, -1e8, 1 at some m) give the fp32 chain's value
+    in increasing m, which another order of the three changes. None if all hold."""
     # (B, D, HW, M), layout, eps, grad_z plan sorted by patch, winners on the last patch
     cases = [((1, 8, 100, 5000), "contiguous", 1e-4, 0, False), ((2, 40, 35, 130), "channels_last", 0.05, 0, False),
              ((1, 8, 300, 50), "strided_d", 0.05, 1, False), ((1, 8, 2000, 50), "channels_last", 1e-4, 1, True)]
-    for (B, D, HW, M), layout, eps, sorted_plan, last in cases + [((1, 8, 100, 3), "contiguous", 1e-4, 1, False)]:
-        if backward_launch(lib, B, D, HW, M)["gz_sorted"] != sorted_plan:
-            return f"{(B, D, HW, M)}: not the {'sorted' if sorted_plan else 'scanning'} plan"
-    for (B, D, HW, M), layout, eps, _, last in cases:
-        z3, p = make_z3(B, D, HW, layout), torch.rand(M, D)
-        idx, dist = torch.randint(0, HW, (B, M)), torch.rand(B, M) * (0.01 if eps > 1e-4 else 1.0)
+    B, D, HW, M = 1, 8, 100, 600  # the order cases: 96 prototypes a warp (seg), 3 chunks of 32 each
+    for shape, _, _, sorted_plan, _ in cases + [((B, D, HW, M), None, None, 1, None)]:
+        if backward_launch(lib, *shape)["gz_sorted"] != sorted_plan:
+            return f"{shape}: not the {'sorted' if sorted_plan else 'scanning'} plan"
+    for (b, d, hw, m), layout, eps, _, last in cases:
+        z3, p = make_z3(b, d, hw, layout), torch.rand(m, d)
+        idx, dist = torch.randint(0, hw, (b, m)), torch.rand(b, m) * (0.01 if eps > 1e-4 else 1.0)
         if last:
-            idx[:, ::7] = HW - 1
-        err = backward_error(lib, z3, p, idx, dist, torch.randn(B, M), torch.randn(B, M), eps=eps)
+            idx[:, ::7] = hw - 1
+        err = backward_error(lib, torch.randn(b, m), torch.randn(b, m), z3, p, idx, dist, eps=eps)
         if not err <= 1e-5:
-            return f"{(B, D, HW, M)} {layout} eps={eps}: gradients off (relative error {err:.1e})"
-    B, D, HW, M = 1, 8, 100, 3
+            return f"{(b, d, hw, m)} {layout} eps={eps}: gradients off (relative error {err:.1e})"
     z3, p, idx = torch.ones(B, D, HW), torch.zeros(M, D), torch.zeros(B, M, dtype=torch.int64)
-    gz, _ = emu_backward(lib, torch.zeros(B, M), torch.tensor([[1e8, -1e8, 1.0]]), z3, p, idx, torch.full((B, M), 8.0))
-    if not torch.equal(gz[0, :, 0], torch.full((D,), 2.0)):
-        return f"sorted plan: 1e8, -1e8, 1 not summed in increasing m (grad_z {gz[0, 0, 0].item()}, expected 2)"
+    for ms in ((0, 1, 2), (0, 1, 40), (0, 1, 100), (0, 40, 100), (2, 1, 0)):  # a chunk, chunks, warps
+        gd = torch.zeros(B, M)
+        gd[0, list(ms)] = torch.tensor([1e8, -1e8, 1.0])
+
+        def chain(order):  # 2 g_m (z - p) added in fp32 in this order of m
+            acc = torch.zeros((), dtype=torch.float32)
+            for m in order:
+                acc = acc + 2 * gd[0, m]
+            return acc.item()
+
+        want = chain(sorted(ms))
+        assert any(chain(order) != want for order in itertools.permutations(ms)), ms  # the case has teeth
+        gz, _ = emu_backward(lib, torch.zeros(B, M), gd, z3, p, idx, torch.full((B, M), 8.0))
+        if not torch.equal(gz[0, :, 0], torch.full((D,), want)):
+            return f"sorted plan, contributions at m = {ms}: grad_z {gz[0, 0, 0].item()}, not the chain's {want}"
     return None
 
 

@@ -182,6 +182,7 @@ class _WrongSize(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("cache", ["memory", "off"])
 def test_an_item_decoding_to_another_size_is_one_line(cache):
-    """Checked while decoding, cached or not: one line naming the item (else a failure later, far from it)."""
+    """Checked while decoding (cached, or uncached with skip_bad_images, which decodes every item once): one line
+    naming the item (else a failure later, far from it)."""
     with pytest.raises(ValueError, match=r"item 1 decoded to \(3, 8, 7\), expected \(3, 8, 8\)"):
         prepare_images(_WrongSize(), cache, skip_bad_images=True, progress=False, workers=1)
