@@ -801,11 +801,11 @@ def test_bounds_hold_where_products_underflow(scale):
     g = torch.Generator().manual_seed(0)
     z3, p = torch.rand(4, 8, 64, generator=g) * scale, torch.rand(5, 8, generator=g) * scale
     e64 = (z3.double().transpose(1, 2)[:, None] - p.double()[None, :, None]).square().sum(-1)
+    e = torch_backend.exact_distances(z3.transpose(1, 2)[:, None], p[None, :, None])
     for precision in ("highest", "high"):
         approx, delta = torch_backend.search(z3, p, precision)
         assert ((approx.double() - e64).abs() <= delta.double()).all()
         cand, _ = torch_backend.separable_candidates(z3, p, precision)
-        e = torch_backend.exact_distances(z3.transpose(1, 2)[:, None], p[None, :, None])
         assert cand[e == e.amin(-1, keepdim=True)].all()  # every exact minimiser a candidate
 
 
