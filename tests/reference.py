@@ -50,6 +50,15 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
+def float64_distances(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Squared distances of every prototype to every patch in float64, difference form (no cancellation):
+    (B, M, HW) for z (B, D, H, W) or (B, D, HW) and p (M, D), on z's device, detached. Materialises
+    B*M*D*HW values: small inputs only."""
+    z64 = z.detach().double().flatten(2)
+    p64 = p.detach().double().reshape(p.shape[0], -1)
+    return (z64[:, None] - p64[None, :, :, None]).square().sum(2)
+
+
 def check_winners_and_gradients(z, p, sim, dist, idx, w_sim, w_dist, grad_z, grad_p, eps=1e-4, search_tol=1e-5):
     """Large-shape check robust to near-ties: with B*M pairs, some best and second-best patches differ by less
     than fp32 rounding, and an fp32 search may legitimately pick either. So: the picked patch must be a
@@ -93,9 +102,7 @@ def contract_result(z: torch.Tensor, p: torch.Tensor):
     the lowest index of smallest distance (a patch holding +-inf is at +inf). Materialises B*M*D*HW values:
     small inputs only.
     """
-    z64 = z.detach().double().cpu().flatten(2)
-    p64 = p.detach().double().cpu().reshape(p.shape[0], -1)
-    e = (z64[:, None, :, :] - p64[None, :, :, None]).square().sum(2)  # (B, M, HW)
+    e = float64_distances(z.cpu(), p.cpu())
     arange = torch.arange(e.shape[-1])
     is_nan = e.isnan()
     has_nan = is_nan.any(-1)

@@ -54,18 +54,12 @@ def make_z(B, D, H, W, layout, dtype=torch.float32):
     return z.to(dtype)
 
 
-def full_distances(z, p):
-    """Exact float64 squared distances (B, M, HW)."""
-    z3 = z.double().flatten(2)
-    return ((z3[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)
-
-
 def check_against_reference(z, p, *, grad_tol=1e-4, grad_tol_z=None):
     """Forward values and both gradients of backend="cuda" vs the float64 original, and its winning patches."""
     _, dist = reference.check_against_reference(z, p, "cuda", grad_tol=grad_tol, grad_tol_z=grad_tol_z)
     d, idx = protokern.nearest_patches(z.detach(), p.detach(), backend="cuda")
     assert idx.dtype == torch.int64 and torch.equal(d, dist)
-    full = full_distances(z.detach(), p.detach())
+    full = reference.float64_distances(z, p)
     at_idx = full.gather(2, idx[..., None])[..., 0]
     # fp32 search: the winner may differ from the exact argmin only by rounding (near-ties)
     assert bool((at_idx <= full.amin(2) * (1 + 2e-5) + 1e-5).all()), "a non-minimal patch won"
@@ -272,7 +266,7 @@ def test_raw_ops_contract(cuda_backend):
     sim, dist, idx = torch.ops.protokern_C.forward(z3, p, 1e-4, "highest")
     assert sim.shape == dist.shape == idx.shape == (4, 70) and idx.dtype == torch.int64
     assert sim.is_contiguous() and dist.is_contiguous() and idx.is_contiguous()
-    ref = full_distances(z3[..., None], p).amin(2)
+    ref = reference.float64_distances(z3[..., None], p).amin(2)
     assert rel_err(dist, ref) < 1e-5
     for precision in ("high", "medium"):  # certified searches: the same outputs, bit for bit
         s2, d2, i2 = torch.ops.protokern_C.forward(z3, p, 1e-4, precision)
@@ -366,7 +360,7 @@ def test_agrees_with_triton(cuda_backend, shape, precision):
     assert rel_err(dist_c, dist_t) < 1e-5 and (sim_c - sim_t).abs().max().item() < 1e-4
     differ = idx_c != idx_t
     if differ.any():  # only where both patches are (numerically) tied
-        full = full_distances(z.detach(), p.detach())
+        full = reference.float64_distances(z, p)
         d_c, d_t = full.gather(2, idx_c[..., None])[..., 0], full.gather(2, idx_t[..., None])[..., 0]
         assert torch.allclose(d_c[differ], d_t[differ], rtol=1e-6, atol=1e-6)
     else:

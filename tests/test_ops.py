@@ -15,6 +15,7 @@ from tests.reference import (
     check_against_reference,
     check_winners_and_gradients,
     contract_result,
+    float64_distances,
     huge_prototype_case,
     issue_case,
     near_tie_case,
@@ -764,7 +765,7 @@ def test_search_bound_holds(precision):
     for z3, p in bound_cases():
         approx, delta = torch_backend.search(z3, p, precision)
         e = torch_backend.exact_distances(z3.transpose(1, 2)[:, None], p[None, :, None])
-        e64 = (z3.double().transpose(1, 2)[:, None] - p.double()[None, :, None]).square().sum(-1)
+        e64 = float64_distances(z3, p)
         assert ((approx - e).abs() <= delta).all() and ((approx.double() - e64).abs() <= delta.double()).all()
         radius = (z3.norm(dim=1)[:, None, :] + p.norm(dim=1)[None, :, None]).square()
         assert (delta <= {"highest": 1e-4, "high": 1e-4, "medium": 1e-2}[precision] * radius + 1e-30).all()
@@ -800,7 +801,7 @@ def test_bounds_hold_where_products_underflow(scale):
     (coefficient * TINY) covers what relative errors cannot, in the search's bound and the separable form's."""
     g = torch.Generator().manual_seed(0)
     z3, p = torch.rand(4, 8, 64, generator=g) * scale, torch.rand(5, 8, generator=g) * scale
-    e64 = (z3.double().transpose(1, 2)[:, None] - p.double()[None, :, None]).square().sum(-1)
+    e64 = float64_distances(z3, p)
     e = torch_backend.exact_distances(z3.transpose(1, 2)[:, None], p[None, :, None])
     for precision in ("highest", "high"):
         approx, delta = torch_backend.search(z3, p, precision)
@@ -841,7 +842,7 @@ def test_truncated_tf32_bound_holds_and_is_tight():
     z, p, _ = residual_case(B=2, D=64)
     z3 = z.flatten(2)
     approx, delta = torch_backend.search(z3, p, "medium")
-    e64 = (z3.double().transpose(1, 2)[:, None] - p.double()[None, :, None]).square().sum(-1)
+    e64 = float64_distances(z3, p)
     err = (approx.double() - e64).abs()
     radius = (z3.norm(dim=1)[:, None, :] + p.norm(dim=1)[None, :, None]).square().double()
     assert (err <= delta.double()).all()
@@ -879,7 +880,7 @@ def test_converted_tf32_bound_holds_for_truncating_and_rounding_mmas():
         z_lo = (z3 - torch_backend._tf32(z3)).square().sum(1).sqrt()[:, None, :]
         p_lo = (p - torch_backend._tf32(p)).square().sum(1).sqrt()[None, :, None]
         delta = c * ((z_len + p_len).square() + tiny) + r * (z_lo * p_len + z_len * p_lo)
-        e64 = (z3.double().transpose(1, 2)[:, None] - p.double()[None, :, None]).square().sum(-1)
+        e64 = float64_distances(z3, p)
         for convert in (torch_backend._tf32, nearest):
             approx = z_norm[:, None, :] + p_norm[None, :, None] - 2 * (convert(p) @ convert(z3))
             err = (approx.double() - e64).abs()

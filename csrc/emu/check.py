@@ -200,7 +200,7 @@ def check_bound(lib, precision: str) -> str | None:
         per_pair = lib.emu_per_pair_tiles() - before
         if (per_pair > 0) != (i == len(cases) - 1):
             return f"case {i}: {per_pair} tiles certified in the per-pair form"
-        t = ((z3.double()[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)
+        t = reference.float64_distances(z3, p)
         a = v + (p.double() ** 2).sum(1)[None, :, None]
         radius = 2 * ((z3.double() ** 2).sum(1)[:, None, :] + (p.double() ** 2).sum(1)[None, :, None])
         for name, delta in (("delta_hi", hi), ("delta_lo", lo)):
@@ -259,7 +259,7 @@ def check_truncating_model(exact, truncating) -> str | None:
     gamma terms, so it is not checked alone. A tensor core adding 4 products at a time (two truncations a k8
     step) is outside the model."""
     z3, p = accumulation_case()
-    t = ((z3.double()[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)
+    t = reference.float64_distances(z3, p)
     for precision in ("high", "medium"):
         err = check_bound(truncating, precision)
         if err:
@@ -289,7 +289,7 @@ def check_case(lib, z3, p, *, grads=True, precision="highest") -> dict:
     sim, dist, idx = emu_forward(lib, z3, p, precision=precision)
     zr, pr = z3.double()[..., None].requires_grad_(), p.double().requires_grad_()
     sim_ref, dist_ref = original_layer(zr, pr)
-    full = ((z3.double()[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)  # (B, M, HW)
+    full = reference.float64_distances(z3, p)  # (B, M, HW)
     res = {
         "dist_rel": rel_err(dist, dist_ref),
         "sim_abs": (sim.double() - sim_ref).abs().max().item(),

@@ -14,7 +14,7 @@ import triton.language as tl
 import protokern
 from protokern import torch_backend
 from protokern.kernels import prototype_distance as K
-from tests.reference import check_winners_and_gradients, original_layer, rel_err
+from tests.reference import check_winners_and_gradients, float64_distances, original_layer, rel_err
 from tests.kernels import needs_triton_cpu, sm90_gate
 
 GRAD_Z_KERNELS = {"_won_histogram_kernel", "_won_starts_kernel", "_won_order_kernel", "_grad_features_segments_kernel"}
@@ -148,7 +148,7 @@ def test_every_access_in_bounds_at_tile_edges(D, B, HW, M):
 
     assert triton_memcheck.install()  # tests/conftest.py installed it: the checks below run
     z3, p = torch.rand(B, D, HW), torch.rand(M, D)
-    exact = ((z3.double()[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)  # (B, M, HW)
+    exact = float64_distances(z3, p)  # (B, M, HW)
     for precision in ("highest", "high", "medium"):
         _, dist, idx = K.forward(z3, p, 1e-4, precision)
         assert torch.equal(idx, exact.argmin(2)) and rel_err(dist, exact.min(2).values) < 1e-6
@@ -441,7 +441,7 @@ def test_certification_as_the_kernel_ran_it(precision):
         K.forward(z3, p, 1e-4, precision, search_log=log)
         v, hi, lo = log.double().unbind(3)
         zz, pp = (z3.double() ** 2).sum(1)[:, None, :], (p.double() ** 2).sum(1)[None, :, None]
-        t = ((z3.double()[:, None] - p.double()[None, :, :, None]) ** 2).sum(2)
+        t = float64_distances(z3, p)
         term = ref_term = 0.0  # "tf32": the operand term, the kernel's (rho_p |p|) and the bound's (|p_lo|)
         if level == "tf32":
             c, r, tiny = search_bound.converted_tf32_bound(D)
