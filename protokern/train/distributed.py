@@ -101,6 +101,7 @@ def from_main(value):
 
 
 def barrier() -> None:
+    """Wait for every process of the torchrun job (a no-op in a single-process run)."""
     if distributed():
         dist.barrier()
 
