@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from protokern.data import imagenet_normalize
+from protokern.losses import ProtoPNetLoss
 from protokern.models import ProtoPNet
 from protokern.prune import prune_prototypes, retrain_last_layer, select_records
 from protokern.explain.local import explain_image, load_image_tensor
@@ -369,3 +370,57 @@ def test_live_retraining_on_an_empty_loader_raises_like_the_cached_one():
     for live in (False, True):
         with pytest.raises(ValueError, match="yielded no images"):
             retrain_last_layer(grey_model(), empty, iters=1, progress=False, train_mode=live)
+
+
+def test_retrain_reports_the_mean_loss_per_image_not_the_sum():
+    """One batch holding all 12 images: the epoch's loss is the ProtoPNet loss of that batch under the weights it
+    started from (a mean over images), not the sum of per-image losses (12 times as large)."""
+    torch.manual_seed(0)
+    model = ProtoPNet("tiny", num_classes=2, prototypes_per_class=2, prototype_dim=8).eval()
+    images = torch.rand(12, 3, 32, 32)
+    labels = torch.tensor([0] * 6 + [1] * 6)
+    loader = DataLoader(ListDataset(list(images), labels.tolist()), batch_size=12, shuffle=False)
+    with torch.no_grad():
+        logits, min_distances = model(imagenet_normalize(images))
+        expected, _ = ProtoPNetLoss()(logits, min_distances, labels, model)
+    stats = retrain_last_layer(model, loader, iters=1, lr=1e-3, progress=False)
+    assert abs(stats["loss"] - float(expected)) < 1e-4 * max(1.0, abs(float(expected)))
+
+
+class Recording(nn.Module):
+    """An identity augmentation that records one draw of the generator it is given per batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.draws = []
+
+    def forward(self, x, generator=None):
+        self.draws.append(float(torch.rand((), generator=generator, device=x.device)))
+        return x
+
+
+def test_the_augmentation_generator_follows_the_seed():
+    """Same seed: the same augmentation draws; another seed: other draws (the seed was ignored: always 0)."""
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 32, 32)
+    loader = DataLoader(ListDataset(list(images), [0] * 4 + [1] * 4), batch_size=4, shuffle=False)
+    draws = {}
+    for run, seed in enumerate((0, 0, 5)):
+        model = ProtoPNet("tiny", num_classes=2, prototypes_per_class=2, prototype_dim=8)
+        augment = Recording()
+        retrain_last_layer(model, loader, iters=2, lr=1e-3, progress=False, augment=augment, seed=seed)
+        draws[run] = augment.draws
+    assert len(draws[0]) == 4 and draws[0] == draws[1]
+    assert draws[0] != draws[2]
+
+
+def test_push_records_of_another_size_are_refused():
+    """prune_prototypes(push_records=...) with records of fewer prototypes than the model is a ValueError naming
+    both counts (not records silently selected with the model's indices), and the model is left unpruned."""
+    model = grey_model()
+    loader = DataLoader(grey_dataset(), batch_size=5)
+    records = push_prototypes(grey_model(), loader, progress=False)
+    short = select_records(records, [0, 1, 2, 3, 4])  # 5 rows, the model has 6 prototypes
+    with pytest.raises(ValueError, match="push_records hold 5 prototypes, the model 6"):
+        prune_prototypes(model, loader, push_records=short, progress=False)
+    assert model.num_prototypes == 6

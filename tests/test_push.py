@@ -20,6 +20,7 @@ from protokern.data import imagenet_normalize
 from protokern.models import ProtoPNet, patch_box
 from protokern.imaging import upsample
 from protokern.push import PushRecords, activation_boxes, nearest_training_patches, push_prototypes
+from tests.explain.helpers import GREEN, GREY, RED, ListDataset, canvas, colour_model, paint
 
 NUM_CLASSES, PER_CLASS, SIZE = 3, 2, 32
 
@@ -613,3 +614,34 @@ def test_the_searches_refuse_misread_batches_in_one_line():
                      lambda: retrain_last_layer(model, loader, iters=1, progress=False)):
             with pytest.raises(error, match=message):
                 call()
+
+
+def test_records_of_a_deleted_push_folder_point_at_their_own_folder(tmp_path):
+    """find_images: the stored image_dir no longer exists and the records' new folder holds no PNGs (yet): the
+    records point at their own folder (documented: 'or if the stored folder is gone'), not at the vanished one."""
+    model = colour_model([RED, GREEN], [0, 1], num_classes=2)
+    images = [paint(canvas(32), (1, 1), RED), paint(canvas(32), (2, 2), GREEN)]
+    records = push_prototypes(model, DataLoader(ListDataset(images, [0, 1]), batch_size=2), progress=False)
+    records.image_dir = str(tmp_path / "gone")
+    new = tmp_path / "moved"
+    records.save(str(new / "push_records.pt"))
+    loaded = PushRecords.load(str(new / "push_records.pt"))
+    assert loaded.image_dir == os.path.abspath(new)
+    loaded.image_dir = str(tmp_path / "gone")
+    os.makedirs(tmp_path / "elsewhere")
+    loaded.find_images(str(tmp_path / "elsewhere"))
+    assert loaded.image_dir == str(tmp_path / "elsewhere")
+
+
+def test_pushed_patches_on_a_non_square_feature_map_are_h_w_of_the_source_cell():
+    """64 x 48 images give an 8 x 6 feature map: the red prototype's source cell (5, 1) is patch (5, 1) and its
+    receptive-field box covers that cell's pixels (patch index h * Wout + w split by Wout, not by Hout)."""
+    images = []
+    for cell, colour in (((5, 1), RED), ((2, 4), GREEN)):
+        image = torch.tensor(GREY).view(3, 1, 1).expand(3, 64, 48).clone()
+        images.append(paint(image, cell, colour))
+    model = colour_model([RED, GREEN], [0, 1], num_classes=2)
+    records = push_prototypes(model, DataLoader(ListDataset(images, [0, 1]), batch_size=2), progress=False)
+    assert records.feature_size == (8, 6)
+    assert records.patch.tolist() == [[5, 1], [2, 4]]
+    assert records.rf_box[0].tolist() == [40, 48, 8, 16]

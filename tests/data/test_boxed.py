@@ -31,3 +31,13 @@ def test_numbers_are_finite_and_integers_whole():
                              ("inf", float, "a finite number"), ("x", int, "an integer")):
         with pytest.raises(ValueError, match=f"f:7: expected {what}, got '{text}'"):
             parse_number("f", 7, text, kind)
+
+
+def test_a_sibling_folder_with_the_same_prefix_is_outside(tmp_path):
+    """``../images2/x.jpg`` from ``images`` leads to ``images2``, outside ``images`` although its path starts with
+    the folder's path as a string: refused (judged by path components, not by string prefix)."""
+    folder = str(tmp_path / "images")
+    for rel in ("../images2/x.jpg", "../images_extra/a/b.jpg"):
+        with pytest.raises(ValueError, match="leads outside"):
+            inside_folder(folder, rel, "t")
+    assert inside_folder(folder, "images2/x.jpg", "t") == os.path.join(folder, "images2", "x.jpg")

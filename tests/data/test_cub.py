@@ -194,3 +194,27 @@ def test_class_ids_duplicates_and_parts_below_the_crop(cub_root):
     (base / "classes.txt").write_text("\n".join(classes + [classes[0]]) + "\n")
     with pytest.raises(ValueError, match=r"classes.txt:4: duplicate id 1"):
         CUB200(cub_root)
+
+
+def test_a_zero_part_id_is_an_error_naming_the_line(tmp_path):
+    """A part_locs.txt written with 0-based part ids would silently lose part 0 (and shift every other part by
+    one): the first 0 is a ValueError naming the file and line."""
+    base = make_cub(tmp_path)
+    path = base / "parts" / "part_locs.txt"
+    lines = path.read_text().splitlines()
+    lines[0] = "1 0 5.0 5.0 1"
+    path.write_text("\n".join(lines) + "\n")
+    ds = CUB200(tmp_path, "train", image_size=40)
+    with pytest.raises(ValueError, match=r"part_locs.txt:1: part ids are 1-based, got 0"):
+        ds.part_locations(0)
+
+
+def test_part_locations_are_the_same_on_every_call(cub_root):
+    """Asking twice for an image's parts gives the same answer: the mapping to output pixels is applied to a copy,
+    not written into the cached source-pixel table (which mapped the points again on every call)."""
+    ds = CUB200(cub_root, "train", crop="bbox", image_size=40)
+    first = [ds.part_locations(i) for i in range(len(ds))]
+    again = [ds.part_locations(i) for i in range(len(ds))]
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b)
+    assert torch.allclose(first[0][0], torch.tensor([20.0, 20.0, 1.0]))  # box centre -> image centre

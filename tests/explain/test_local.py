@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from protokern.data import imagenet_normalize
 from protokern.explain import explain_image
-from protokern.explain.render import BOX_COLOUR, SIMILARITY_NAMES
+from protokern.explain.render import BOX_COLOUR, SIMILARITY_NAMES, save_png
 from protokern.models import ProtoPNet, patch_box
 from protokern.push import push_prototypes
 from tests.explain.helpers import (BLUE, GREEN, GREY, RED, ListDataset, canvas, colour_model, paint, paint_grid,
@@ -338,3 +338,39 @@ def test_edges_class_bounds_and_a_second_save(tmp_path):
     explain_image(model, images[1], top_k=1).save(str(out))
     assert sorted(f for f in os.listdir(out) if f.startswith("rank")) == ["rank01_prototype1.png"]
     assert (out / "notes.txt").read_text() == "mine"  # only the panels' names are removed
+
+
+def test_top_prototypes_of_a_class_other_than_the_predicted_one_rank_by_its_own_contributions():
+    """With class_idx != the predicted class, each PrototypeEvidence's contribution is similarity x weight[c, j]
+    of the explained class c (not of the predicted one), and the top-k follow e.contributions(c)."""
+    torch.manual_seed(0)
+    model = ProtoPNet("tiny", num_classes=4, prototypes_per_class=3, prototype_dim=16).eval()
+    with torch.no_grad():
+        model.last_layer.weight.normal_()
+    image = torch.rand(3, 64, 64)
+    predicted = explain_image(model, image, top_k=1).predicted_class
+    c = (predicted + 1) % 4
+    e = explain_image(model, image, top_k=12, class_idx=c)
+    assert e.class_idx == c and e.predicted_class == predicted
+    contributions = e.contributions(c)
+    weights = model.last_layer.weight.detach()
+    for x in e.top:
+        assert x.weight == float(weights[c, x.prototype])
+        torch.testing.assert_close(torch.tensor(x.contribution), contributions[x.prototype])
+    positive = [j for j in contributions.argsort(descending=True).tolist() if weights[c, j] > 0]
+    assert [x.prototype for x in e.top][:len(positive)] == positive
+
+
+def test_a_second_save_keeps_other_png_files_of_the_folder(tmp_path):
+    """Saving into a folder drops only files named like its panels (rankNN_prototypeJ.png): a user's own PNG
+    there (or one named like a panel with a suffix) stays."""
+    model = colour_model([RED, GREEN], [0, 1], num_classes=2)
+    out = tmp_path / "out"
+    explain_image(model, paint(canvas(64), (4, 4), RED), top_k=2).save(str(out))
+    mine = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()
+    save_png(mine, str(out / "my_photo.png"))
+    save_png(mine, str(out / "rank01_prototype0.png.png"))
+    explain_image(model, paint(canvas(64), (4, 4), GREEN), top_k=1).save(str(out))
+    assert os.path.isfile(out / "my_photo.png") and os.path.isfile(out / "rank01_prototype0.png.png")
+    assert sorted(f for f in os.listdir(out) if f.startswith("rank") and f.endswith("prototype1.png")) == \
+        ["rank01_prototype1.png"]

@@ -374,3 +374,25 @@ def test_locations_regions_and_noise_at_their_edges():
     assert corr.covered[0].tolist() == [True, True, False]
     noisy = part_correspondence(model, data, half_size=4, noise_std=100.0, noise_clip=0.0, progress=False)
     assert torch.equal(noisy.covered, corr.covered)
+
+
+def test_the_seed_of_consistency_and_stability_seeds_its_noise(fake_cub):
+    """consistency_and_stability(seed=s)'s stability is stability_score(seed=s)'s, seed by seed, and the seed
+    matters (the blue tie is broken differently): the seed argument was ignored (always 0)."""
+    model = _cub_model()
+    kw = dict(batch_size=18, progress=False)
+    by_seed = {s: stability_score(model, fake_cub, seed=s, **kw) for s in (0, 1, 2, 3)}
+    assert len(set(by_seed.values())) > 1  # the seed changes the score on this set
+    for s, expected in by_seed.items():
+        assert consistency_and_stability(model, fake_cub, seed=s, **kw)["stability"] == pytest.approx(expected)
+
+
+def test_top_k_may_count_every_prototype():
+    """prototypes="top" with top_k = P (every prototype of every image) is allowed: P pairs per image; P + 1 is
+    refused."""
+    model = colour_model([RED, GREEN, BLUE], [0, 1, 1], num_classes=2)
+    data = _boxed_dataset()
+    result = part_localisation(model, data, prototypes="top", top_k=3, progress=False)
+    assert result["pairs"] == 3 * len(data) and result["prototypes"] == "top3"
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, 3\]"):
+        part_localisation(model, data, prototypes="top", top_k=4, progress=False)

@@ -236,3 +236,31 @@ def test_the_train_forward_runs_a_model_in_its_dtype(dtype):
     model = _tiny_model().to(dtype)
     logits, min_distances = TrainForward(model)(torch.rand(2, 3, 64, 64))
     assert logits.dtype == dtype and min_distances.shape == (2, 6)
+
+
+def test_negative_prototype_indices_are_an_index_error():
+    """prune_prototypes([-1]) raises IndexError (indices in [0, P)) and leaves the model as it was, instead of
+    removing the last prototype as Python's negative indexing would."""
+    model = ProtoPNet("tiny", num_classes=2, prototypes_per_class=2, prototype_dim=8)
+    before = model.prototype_layer.prototypes.detach().clone()
+    for bad in ([-1], [0, -2], torch.tensor([-4])):
+        with pytest.raises(IndexError, match=r"prototype indices must be in \[0, 4\)"):
+            model.prune_prototypes(bad)
+    assert model.num_prototypes == 4 and torch.equal(model.prototype_layer.prototypes, before)
+
+
+def test_backbone_weights_for_a_module_trunk_are_refused(tmp_path):
+    """backbone_weights applies to named backbones: given with a module trunk it is a ValueError (the weights
+    would silently not be loaded)."""
+    trunk, channels = make_backbone("tiny")
+    with pytest.raises(ValueError, match="pretrained / backbone_weights apply to named backbones"):
+        ProtoPNet(trunk, num_classes=2, prototypes_per_class=1, prototype_dim=8, out_channels=channels,
+                  backbone_weights=str(tmp_path / "w.pt"))
+
+
+def test_from_config_of_a_named_backbone_refuses_backbone_module():
+    """A config naming its backbone ("tiny") plus backbone=<module> is a ValueError (which trunk is meant is
+    ambiguous), not a model silently built around the module."""
+    model = ProtoPNet("tiny", num_classes=2, prototypes_per_class=1, prototype_dim=8)
+    with pytest.raises(ValueError, match="do not pass backbone="):
+        ProtoPNet.from_config(model.config, backbone=make_backbone("tiny")[0])

@@ -5,12 +5,14 @@ import os
 import pickle
 import random
 import re
+from collections import namedtuple
 
 import numpy as np
 import pytest
 import torch
 
-from protokern.checkpoint import CheckpointError, check_safe_types, load_checkpoint, safe_load, save_checkpoint
+from protokern.checkpoint import (CheckpointError, atomic_save, check_safe_types, load_checkpoint, safe_load,
+                                  save_checkpoint)
 from protokern.explain import model_from_checkpoint
 from protokern.explain.__main__ import main as explain_main
 from protokern.push import RECORDS_FILE, PushRecords
@@ -275,3 +277,27 @@ def test_checkpoint_helpers_refuse_what_they_must(tmp_path):
     state = {"w": torch.tensor([1.0, float("inf")]), "v": [torch.tensor([-float("inf")]), torch.zeros(2)],
              "n": torch.tensor([float("nan")]), "i": torch.tensor([1, 2]), "ok": torch.ones(3)}
     assert nonfinite_tensors(state) == ["['w']", "['v'][0]", "['n']"]
+
+
+def test_a_file_with_a_model_but_no_step_is_not_a_training_checkpoint(tmp_path):
+    """{'model': ...} alone (a bare state-dict wrapper, not a trainer checkpoint) is a CheckpointError naming the
+    missing entries, not a checkpoint the trainer would then fail on (KeyError 'step') when resuming."""
+    path = str(tmp_path / "model_only.pt")
+    atomic_save({"model": {"w": torch.zeros(1)}}, path)
+    with pytest.raises(CheckpointError, match="no 'model' and 'step' entries"):
+        load_checkpoint(path)
+    atomic_save({"model": {"w": torch.zeros(1)}, "step": 3}, path)
+    assert load_checkpoint(path)["step"] == 3
+
+
+def test_a_namedtuple_is_refused_before_it_is_written(tmp_path):
+    """A namedtuple (a tuple subclass) in a state is a TypeError naming it at save time: written, the checkpoint
+    could never be read back by weights_only loading."""
+    Pair = namedtuple("Pair", "a b")
+    with pytest.raises(TypeError, match=r"checkpoint\['extra'\] is a .*Pair"):
+        check_safe_types({"extra": Pair(1, 2)})
+    path = str(tmp_path / "c.pt")
+    with pytest.raises(TypeError, match="Pair"):
+        save_checkpoint({"model": {"w": torch.zeros(1)}, "step": 0, "extra": Pair(1, 2)}, path)
+    with pytest.raises((FileNotFoundError, CheckpointError)):
+        load_checkpoint(path)

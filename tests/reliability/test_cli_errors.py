@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from protokern.checkpoint import CheckpointError
+from protokern.cli import exit_on_error, worker_message
 from protokern.explain.__main__ import main as explain
 from protokern.train import main as train
 
@@ -225,3 +226,25 @@ def test_cli_warnings_keep_the_kind_and_place_of_other_packages():
     assert shown == ["prog: warning: FutureWarning: old API (/site-packages/numpy/core.py:7)\n",
                      "prog: warning: UserWarning\n", "prog: warning: a b\n"]
     assert warnings.formatwarning("after", UserWarning, "/x/y.py", 9).startswith("/x/y.py:9: UserWarning: after")
+
+
+def test_the_last_debug_flag_wins(capsys):
+    """'--debug ... --no-debug' is not debug mode (one line, exit 2); '--no-debug ... --debug' is (the traceback
+    is kept: the error propagates)."""
+    with pytest.raises(SystemExit) as stop:
+        with exit_on_error("prog", ["--debug", "x", "--no-debug"]):
+            raise ValueError("bad input")
+    assert stop.value.code == 2 and "prog: error: bad input" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="bad input"):
+        with exit_on_error("prog", ["--no-debug", "x", "--debug"]):
+            raise ValueError("bad input")
+
+
+def test_a_worker_error_without_a_message_is_its_last_line():
+    """A worker's 'Caught KeyError ...' whose traceback ends in a bare 'KeyError' (no ': message') is reported as
+    that line, not as the whole multi-line traceback."""
+    message = ("Caught KeyError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "data.py", line 3, in __getitem__\n    return self.items[i]\nKeyError\n')
+    assert worker_message(message) == "KeyError"
+    odd = message.replace("KeyError\n", "weird line: no kind here\n")
+    assert worker_message(odd) == "weird line: no kind here"
