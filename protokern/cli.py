@@ -69,7 +69,8 @@ def exit_on_error(prog: str, argv: list[str] | None = None, stopped: tuple[type[
 
 def worker_message(message: str) -> str:
     """The original error's own message where ``message`` is a DataLoader worker's re-raised error ("Caught X in
-    DataLoader worker process N. Original Traceback ...", ending with "X: <message>"), else ``message``."""
+    DataLoader worker process N. Original Traceback ...", ending with "X: <message>"); that last line where it
+    is not "X: <message>" (a bare ``KeyError``); else ``message``."""
     if not (message.startswith("Caught ") and " in DataLoader worker process " in message):
         return message
     last = next((line for line in reversed(message.splitlines()) if line.strip()), message)

@@ -387,27 +387,48 @@ def test_retrain_reports_the_mean_loss_per_image_not_the_sum():
     assert abs(stats["loss"] - float(expected)) < 1e-4 * max(1.0, abs(float(expected)))
 
 
-class Recording(nn.Module):
-    """An identity augmentation that records one draw of the generator it is given per batch."""
+def test_retrain_weights_each_batch_loss_by_its_images():
+    """Batches of 8 and 4 images: the epoch's loss is (8 L1 + 4 L2) / 12, the mean per image, not the mean per
+    batch (L1 + L2) / 2."""
+    torch.manual_seed(0)
+    model = ProtoPNet("tiny", num_classes=2, prototypes_per_class=2, prototype_dim=8).eval()
+    images = torch.rand(12, 3, 32, 32)
+    loader = DataLoader(ListDataset(list(images), [0] * 6 + [1] * 6), batch_size=8, shuffle=False)
+    base, seen = ProtoPNetLoss(), []
 
-    def __init__(self):
-        super().__init__()
-        self.draws = []
+    def loss_fn(logits, min_distances, labels, model):
+        loss, parts = base(logits, min_distances, labels, model)
+        seen.append((loss.item(), labels.shape[0]))
+        return loss, parts
 
-    def forward(self, x, generator=None):
-        self.draws.append(float(torch.rand((), generator=generator, device=x.device)))
-        return x
+    stats = retrain_last_layer(model, loader, iters=1, lr=1e-3, progress=False, loss_fn=loss_fn)
+    assert [n for _, n in seen] == [8, 4]
+    assert stats["loss"] == pytest.approx(sum(v * n for v, n in seen) / 12, rel=1e-9)
+    assert stats["loss"] != pytest.approx(sum(v for v, _ in seen) / 2, rel=1e-6)
 
 
 def test_the_augmentation_generator_follows_the_seed():
-    """Same seed: the same augmentation draws; another seed: other draws (the seed was ignored: always 0)."""
+    """Same seed: the same augmentation draws; another seed: other draws (the live path seeds its augmentation
+    generator with seed)."""
+
+    class RecordingAugment(nn.Module):
+        """An identity augmentation that records one draw of the generator it is given per batch."""
+
+        def __init__(self):
+            super().__init__()
+            self.draws = []
+
+        def forward(self, x, generator=None):
+            self.draws.append(float(torch.rand((), generator=generator, device=x.device)))
+            return x
+
     torch.manual_seed(0)
     images = torch.rand(8, 3, 32, 32)
     loader = DataLoader(ListDataset(list(images), [0] * 4 + [1] * 4), batch_size=4, shuffle=False)
     draws = {}
     for run, seed in enumerate((0, 0, 5)):
         model = ProtoPNet("tiny", num_classes=2, prototypes_per_class=2, prototype_dim=8)
-        augment = Recording()
+        augment = RecordingAugment()
         retrain_last_layer(model, loader, iters=2, lr=1e-3, progress=False, augment=augment, seed=seed)
         draws[run] = augment.draws
     assert len(draws[0]) == 4 and draws[0] == draws[1]

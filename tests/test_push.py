@@ -20,7 +20,7 @@ from protokern.data import imagenet_normalize
 from protokern.models import ProtoPNet, patch_box
 from protokern.imaging import upsample
 from protokern.push import PushRecords, activation_boxes, nearest_training_patches, push_prototypes
-from tests.explain.helpers import GREEN, GREY, RED, ListDataset, canvas, colour_model, paint
+from tests.explain.helpers import GREEN, RED, ListDataset, canvas, colour_model, paint
 
 NUM_CLASSES, PER_CLASS, SIZE = 3, 2, 32
 
@@ -618,7 +618,8 @@ def test_the_searches_refuse_misread_batches_in_one_line():
 
 def test_records_of_a_deleted_push_folder_point_at_their_own_folder(tmp_path):
     """find_images: the stored image_dir no longer exists and the records' new folder holds no PNGs (yet): the
-    records point at their own folder (documented: 'or if the stored folder is gone'), not at the vanished one."""
+    records point at their own folder (documented: 'or if the stored folder is gone'), not at the vanished one;
+    a stored folder that still exists is kept."""
     model = colour_model([RED, GREEN], [0, 1], num_classes=2)
     images = [paint(canvas(32), (1, 1), RED), paint(canvas(32), (2, 2), GREEN)]
     records = push_prototypes(model, DataLoader(ListDataset(images, [0, 1]), batch_size=2), progress=False)
@@ -627,10 +628,11 @@ def test_records_of_a_deleted_push_folder_point_at_their_own_folder(tmp_path):
     records.save(str(new / "push_records.pt"))
     loaded = PushRecords.load(str(new / "push_records.pt"))
     assert loaded.image_dir == os.path.abspath(new)
-    loaded.image_dir = str(tmp_path / "gone")
-    os.makedirs(tmp_path / "elsewhere")
-    loaded.find_images(str(tmp_path / "elsewhere"))
-    assert loaded.image_dir == str(tmp_path / "elsewhere")
+    os.makedirs(tmp_path / "kept")
+    os.makedirs(tmp_path / "empty")
+    loaded.image_dir = str(tmp_path / "kept")
+    loaded.find_images(str(tmp_path / "empty"))
+    assert loaded.image_dir == str(tmp_path / "kept")
 
 
 def test_pushed_patches_on_a_non_square_feature_map_are_h_w_of_the_source_cell():
@@ -638,8 +640,7 @@ def test_pushed_patches_on_a_non_square_feature_map_are_h_w_of_the_source_cell()
     receptive-field box covers that cell's pixels (patch index h * Wout + w split by Wout, not by Hout)."""
     images = []
     for cell, colour in (((5, 1), RED), ((2, 4), GREEN)):
-        image = torch.tensor(GREY).view(3, 1, 1).expand(3, 64, 48).clone()
-        images.append(paint(image, cell, colour))
+        images.append(paint(canvas(64)[:, :, :48].contiguous(), cell, colour))
     model = colour_model([RED, GREEN], [0, 1], num_classes=2)
     records = push_prototypes(model, DataLoader(ListDataset(images, [0, 1]), batch_size=2), progress=False)
     assert records.feature_size == (8, 6)

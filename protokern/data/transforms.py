@@ -173,8 +173,9 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
 def crop_box_pixels(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
     """Integer crop ``(x0, y0, x1, y1)`` (x1, y1 exclusive) covering the continuous ``box``.
 
-    The box is widened to whole pixels (floor / ceil) and clipped to the image; a box that does not
-    overlap the image, or is empty, raises ``ValueError``.
+    The box is widened to whole pixels (floor / ceil, after a 1e-6 slack: float noise at a whole-pixel edge,
+    as in a CUB box's x + width, adds no pixel) and clipped to the image; a box that does not overlap the
+    image, or is empty, raises ``ValueError``.
     """
     x0, y0, x1, y1 = (float(v) for v in box)
     ix0 = max(0, math.floor(x0 + 1e-6))

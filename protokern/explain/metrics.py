@@ -313,7 +313,8 @@ def consistency_and_stability(model: nn.Module, dataset, *, mu: float = 0.8, hal
 
     ``dataset`` is as for :func:`part_correspondence` (e.g. ``CUB200(root, "test")``). Prototypes whose class
     has no test image are left out of both scores (``consistent`` and ``stability_per_prototype`` are None
-    for them).
+    for them). ``noise_std``, ``noise_clip`` and ``seed`` are the stability pass's noise, as in
+    :func:`stability_score`.
 
     Returns:
         dict: ``consistency`` and ``stability`` (fractions in [0, 1]), ``consistent`` (per prototype bool or

@@ -101,7 +101,7 @@ def from_main(value):
 
 
 def barrier() -> None:
-    """Wait for every process of the torchrun job (a no-op in a single-process run)."""
+    """Wait until every rank of the process group reaches this point (a no-op without a process group)."""
     if distributed():
         dist.barrier()
 

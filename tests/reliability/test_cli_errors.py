@@ -242,7 +242,8 @@ def test_the_last_debug_flag_wins(capsys):
 
 def test_a_worker_error_without_a_message_is_its_last_line():
     """A worker's 'Caught KeyError ...' whose traceback ends in a bare 'KeyError' (no ': message') is reported as
-    that line, not as the whole multi-line traceback."""
+    that line, not as the whole multi-line traceback; a last line whose part before ': ' is not an exception
+    name is reported whole."""
     message = ("Caught KeyError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                '  File "data.py", line 3, in __getitem__\n    return self.items[i]\nKeyError\n')
     assert worker_message(message) == "KeyError"
