@@ -1,9 +1,16 @@
 """protokern.utils: the stop signal that long loops take between items."""
+import io
 import signal
+import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from protokern.utils import positive_int, progress, stop, stop_deferred, strict_json
+import protokern.utils as utils
+from protokern.utils import (check_unit_range, class_name, image_order, positive_int, progress, stop, stop_deferred,
+                             strict_json)
 
 
 def _items(n, stop_at=None, fail_at=None, fetched=None):
@@ -183,3 +190,61 @@ def test_parse_sides_is_the_size_grammar():
         assert parse_sides(bad) is None, bad
     with pytest.raises(ValueError, match="prototype_size must be K or KHxKW"):
         parse_window("²")
+
+
+class _OnDevice:
+    """A stand-in model whose parameters report ``device`` (model_device only reads ``p.device``)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def parameters(self):
+        return iter([SimpleNamespace(device=self.device)])
+
+
+def test_a_device_index_other_than_the_models_is_refused(monkeypatch):
+    """'cuda' names the model's own cuda:i, but an explicit cuda:1 for a model on cuda:0 is a one-line ValueError
+    (it was silently taken as cuda:0). The CUDA availability check is bypassed: no GPU is needed."""
+    monkeypatch.setattr(utils, "checked_device", torch.device)
+    model = _OnDevice("cuda:0")
+    assert utils.model_device(model, "cuda") == torch.device("cuda:0")
+    assert utils.model_device(model, "cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"^device='cuda:1' but the model is on cuda:0"):
+        utils.model_device(model, "cuda:1")
+
+
+def test_no_bar_is_written_to_a_stderr_that_is_not_a_terminal(monkeypatch):
+    """progress(..., enabled=True) shows a bar only on a terminal: with stderr redirected to a file (a log, a batch
+    job) it is disabled and writes nothing, while still yielding every item."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    bar = progress(range(5), "decoding", enabled=True)
+    assert list(bar) == [0, 1, 2, 3, 4]
+    assert bar.disable is True and stream.getvalue() == ""
+
+
+def test_order_through_nested_subsets_and_a_fixed_sampler():
+    """The base-dataset index of each sample, in the loader's order: Subset(Subset(d, [3, 1, 2]), [2, 0]) yields
+    d[2], d[3]; a fixed list sampler [1, 0] over Subset(d, [4, 0]) yields d[0], d[4]."""
+    data = TensorDataset(torch.arange(5).float(), torch.arange(5))
+    order, base = image_order(DataLoader(Subset(Subset(data, [3, 1, 2]), [2, 0]), batch_size=2))
+    assert base is data and order.tolist() == [2, 3]
+    order, base = image_order(DataLoader(Subset(data, [4, 0]), batch_size=1, sampler=[1, 0]))
+    assert base is data and order.tolist() == [0, 4]
+
+
+def test_a_class_without_a_name_is_shown_by_its_index():
+    """Names cover classes 0..len-1: class len(names) (one past the end) and beyond, negatives and no names at
+    all give the index as a string instead of an IndexError."""
+    names = ["red", "green"]
+    assert [class_name(names, c) for c in (0, 1, 2, 5, -1)] == ["red", "green", "2", "5", "-1"]
+    assert class_name(None, 3) == "3"
+
+
+def test_normalised_images_are_refused_and_overshoot_passes():
+    """Values below -0.5 are a one-line error saying they look already normalised, also when none is above 1.5
+    (a dark ImageNet-normalised image spans about [-2.1, 1.2]); resampling overshoot (-0.06 .. 1.06) passes."""
+    dark = torch.linspace(-2.1, 1.2, 3 * 8 * 8).view(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"already normalised"):
+        check_unit_range(dark)
+    check_unit_range(torch.tensor([-0.06, 0.5, 1.06]).view(1, 3, 1, 1))

@@ -1,4 +1,7 @@
 """ImageFolderDataset on a small class-per-folder tree with mixed image modes."""
+import os
+import warnings
+
 import pytest
 import torch
 from PIL import Image
@@ -117,3 +120,29 @@ def test_the_order_is_torchvision_imagefolders(tmp_path):
     reference = ImageFolder(str(tmp_path))
     assert ds.classes == reference.classes == sorted(names)
     assert [(str(p), y) for p, y in zip(ds.paths, ds.targets)] == reference.samples
+
+
+def test_a_class_folder_without_images_is_refused(tmp_path):
+    """root/ant holds an image, root/bee only a text file and root/cat nothing: ImageFolderDataset raises a
+    FileNotFoundError naming bee and cat (a class the model could never learn, whose labels would shift nothing
+    but leave a dead output), as torchvision's ImageFolder does."""
+    for name in ("ant", "bee", "cat"):
+        (tmp_path / name).mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "ant" / "a.png")
+    (tmp_path / "bee" / "notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match=r"no images in the class folders bee, cat"):
+        ImageFolderDataset(tmp_path, image_size=8)
+
+
+def test_a_visible_link_to_a_hidden_folder_is_followed(tmp_path):
+    """cat/shown is a folder link to cat/.stash (hidden, never listed itself): its image is listed once, through
+    the link, with no 'folder link already listed' warning (the hidden folder must not count as listed)."""
+    cat = tmp_path / "cat"
+    (cat / ".stash").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(cat / "a.png")
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(cat / ".stash" / "b.png")
+    os.symlink(cat / ".stash", cat / "shown", target_is_directory=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = ImageFolderDataset(tmp_path, image_size=8)
+    assert [os.path.relpath(p, tmp_path) for p in ds.paths] == ["cat/a.png", "cat/shown/b.png"]

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from protokern.data import make_loader
+from protokern.data.cache import ImageView
 
 
 def data(n=10):
@@ -123,3 +124,34 @@ def test_ctrl_c_ends_workers_where_nothing_takes_it_as_a_stop(ctrl_c_kills):
         worker.join(timeout=10)
         assert not worker.is_alive()
     del batches
+
+
+class _Files(torch.utils.data.Dataset):
+    """A stand-in file dataset: 4 uint8 images decoded on access."""
+
+    targets, classes, image_size = [0, 1, 0, 1], ["a", "b"], 4
+
+    def __len__(self):
+        return 4
+
+    def decode(self, index):
+        return torch.full((3, 4, 4), index, dtype=torch.uint8)
+
+
+def test_a_streamed_view_keeps_its_workers_and_a_cached_one_has_none():
+    """An ImageView without a cache (--data-cache off, or only bad images left out) decodes files in __getitem__:
+    the loader keeps the workers asked for; a cached view (items gathered in this process) gets none."""
+    streamed = ImageView(_Files(), [0, 1, 2, 3], [])
+    cached = ImageView(_Files(), [0, 1, 2, 3], [], images=torch.zeros(4, 3, 4, 4, dtype=torch.uint8))
+    assert not streamed.cached and cached.cached
+    assert make_loader(streamed, 2, shuffle=False, num_workers=2).num_workers == 2
+    assert make_loader(cached, 2, shuffle=False, num_workers=2).num_workers == 0
+
+
+@pytest.mark.parametrize("workers", [-1, -2])
+def test_negative_workers_are_refused_by_make_loader(workers):
+    """num_workers=-1 is refused with make_loader's message (naming the value), as -2 is, not left to
+    DataLoader's own error."""
+    data = TensorDataset(torch.zeros(4, 1), torch.arange(4))
+    with pytest.raises(ValueError, match=rf"^num_workers must be >= 0, got {workers}$"):
+        make_loader(data, 2, shuffle=False, num_workers=workers)

@@ -1,7 +1,9 @@
 """Global explanation: each prototype's k nearest training patches as PNG pages and HTML."""
 
+import importlib
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -113,9 +115,9 @@ def test_tiles_boxes_captions_and_push_images_of_a_subset(tmp_path, monkeypatch)
     """Non-square tiles keep their aspect, a window's box without a receptive field scales rows by the height and
     columns by the width, other-class neighbours are marked "x", and push images given as a Subset are read at
     the base dataset's index the records hold."""
-    from torch.utils.data import Subset
-
     import importlib
+
+    from torch.utils.data import Subset
 
     from protokern.explain.gallery import _tile, _window_box
 
@@ -138,3 +140,103 @@ def test_tiles_boxes_captions_and_push_images_of_a_subset(tmp_path, monkeypatch)
             push_images=Subset(dataset, [5, 4, 3, 2, 1, 0]))
     assert reads and all(data is dataset for data, _ in reads)  # the Subset unwrapped: records index the base
     assert sum(c.startswith("x") for c in captions) == 2 * 3  # each prototype: 3 of its 6 of another class
+
+
+def test_a_tiles_box_lands_on_its_rows_and_columns_scaled(monkeypatch):
+    """_tile scales the (y0, y1, x0, x1) box with the image: on a 20 x 40 image drawn 2x, box (2, 6, 20, 30)
+    outlines rows 4..11 and columns 40..59 of the tile (the caption strip left out)."""
+    gallery_module = importlib.import_module("protokern.explain.gallery")
+    monkeypatch.setattr(gallery_module.render, "label", lambda image, text, *a, **k: image)
+    colour = (255, 0, 0)
+    tile = gallery_module._tile(np.zeros((20, 40, 3), np.uint8), (2, 6, 20, 30), 80, "x", colour=colour)
+    assert tile.shape == (40, 80, 3)
+    ys, xs = np.nonzero((tile == colour).all(-1))
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (4, 11, 40, 59)
+
+
+def test_an_unpushed_prototype_has_no_source_index(tmp_path):
+    """A prototype of a class without training images is not pushed (image_index -1): gallery.json gives its
+    source_index as null (not the -1 sentinel, which reads as the last image) and the HTML table leaves it empty."""
+    images = [paint(canvas(64), (i, i), RED if i < 2 else GREEN) for i in range(4)]
+    dataset = ListDataset(images, [0, 0, 1, 1], classes=["red", "green", "blue"])
+    model = colour_model([RED, GREEN, BLUE], [0, 1, 2], num_classes=3)
+    loader = DataLoader(dataset, batch_size=4)
+    records = push_prototypes(model, loader, progress=False)
+    assert int(records.image_index[2]) == -1
+    result = gallery(model, loader, k=2, out_dir=str(tmp_path), push_records=records, progress=False, tile=32)
+    data = json.load(open(tmp_path / "gallery.json"))
+    assert [p["source_index"] for p in data["prototypes"]] == [int(records.image_index[0]),
+                                                                int(records.image_index[1]), None]
+    assert "<td>-1</td>" not in open(result["html"], encoding="utf-8").read()
+
+
+def test_a_prototype_pushed_onto_the_first_image_shows_its_source(tmp_path, monkeypatch):
+    """Image index 0 is a real source (only -1 means not pushed): the first column of prototype 0, pushed onto
+    image 0, is that image captioned 'p0 <class>' and read from the push set, not the 'not pushed' placeholder."""
+    gallery_module = importlib.import_module("protokern.explain.gallery")
+    images = [paint(canvas(64), (1, 1), RED), paint(canvas(64), (2, 2), GREEN)]
+    dataset = ListDataset(images, [0, 1], classes=["red", "green"])
+    model = colour_model([RED, GREEN], [0, 1], num_classes=2)
+    loader = DataLoader(dataset, batch_size=2)
+    records = push_prototypes(model, loader, progress=False)
+    assert records.image_index.tolist() == [0, 1]
+    placeholders = []
+    real = gallery_module.render.placeholder
+    monkeypatch.setattr(gallery_module.render, "placeholder", lambda *a, **k: placeholders.append(a) or real(*a, **k))
+    gallery(model, loader, k=1, out_dir=str(tmp_path), push_records=records, progress=False, tile=32)
+    assert placeholders == []
+
+
+def test_the_source_tile_outlines_the_high_activation_box(tmp_path, monkeypatch):
+    """Column 1 of each row is the prototype's source image with its *activation* box (red), as the page header
+    says; the receptive-field box of the source patch is a different box (set apart here) and must not be used."""
+    gallery_module = importlib.import_module("protokern.explain.gallery")
+    images = [paint(canvas(64), (1, 1), RED), paint(canvas(64), (5, 2), GREEN)]
+    loader = DataLoader(ListDataset(images, [0, 1], classes=["red", "green"]), batch_size=2)
+    model = colour_model([RED, GREEN], [0, 1], num_classes=2)
+    records = push_prototypes(model, loader, progress=False)
+    records.activation_box[:] = records.activation_box.new_tensor([[3, 30, 4, 40], [10, 50, 2, 20]])
+    records.rf_box[:] = records.rf_box.new_tensor([[0, 8, 0, 8], [40, 48, 16, 24]])
+    boxes = []
+    real = gallery_module._tile
+    monkeypatch.setattr(gallery_module, "_tile", lambda image, box, size, caption, colour=None, **k:
+                        (colour == (255, 60, 60) and boxes.append(box)) or real(image, box, size, caption))
+    gallery(model, loader, k=1, out_dir=str(tmp_path), push_records=records, progress=False, tile=32)
+    assert boxes == [(3, 30, 4, 40), (10, 50, 2, 20)]
+
+
+def test_the_html_tables_list_every_prototype(tmp_path):
+    """3 prototypes at 2 per page: the two page tables together have one row per prototype (0, 1 | 2), and each
+    page's heading names its first and last prototype."""
+    model = colour_model([RED, GREEN, BLUE], [0, 1, 1], num_classes=2)
+    loader = DataLoader(_dataset(), batch_size=4, shuffle=False)
+    records = push_prototypes(model, loader, progress=False)
+    result = gallery(model, loader, k=2, out_dir=str(tmp_path), push_records=records, progress=False, tile=32,
+                     per_page=2)
+    text = open(result["html"], encoding="utf-8").read()
+    assert [int(j) for j in re.findall(r"<tr><td>(\d+)</td>", text)] == [0, 1, 2]
+    assert "Prototypes 0&ndash;1" in text and "Prototypes 2&ndash;2" in text
+
+
+def test_records_of_another_number_of_prototypes_are_a_value_error(tmp_path):
+    """Records of a 2-prototype model given with a 3-prototype one (e.g. before / after pruning) are a one-line
+    ValueError naming both counts, before any search or file is written."""
+    loader = DataLoader(_dataset(), batch_size=6)
+    records = push_prototypes(colour_model([RED, GREEN], [0, 1], num_classes=2), loader, progress=False)
+    model = colour_model([RED, GREEN, BLUE], [0, 1, 1], num_classes=2)
+    with pytest.raises(ValueError, match=r"push_records describe 2 prototypes, the model 3"):
+        gallery(model, loader, k=2, out_dir=str(tmp_path / "g"), push_records=records, progress=False)
+    assert not (tmp_path / "g").exists()
+
+
+def test_class_names_come_from_the_dataset_by_default(tmp_path):
+    """Without class_names the loader's dataset's `classes` name the prototypes' classes (gallery.json and the
+    HTML), as the docstring says; an explicit list wins."""
+    model = colour_model([RED, GREEN], [0, 1], num_classes=2)
+    loader = DataLoader(_dataset(), batch_size=6)
+    gallery(model, loader, k=1, out_dir=str(tmp_path / "a"), progress=False, tile=32)
+    data = json.load(open(tmp_path / "a" / "gallery.json"))
+    assert [p["class_name"] for p in data["prototypes"]] == ["red", "green"]
+    assert "<td class=left>green</td>" in open(tmp_path / "a" / "index.html", encoding="utf-8").read()
+    gallery(model, loader, k=1, out_dir=str(tmp_path / "b"), progress=False, tile=32, class_names=["R", "G"])
+    assert [p["class_name"] for p in json.load(open(tmp_path / "b" / "gallery.json"))["prototypes"]] == ["R", "G"]

@@ -1,3 +1,4 @@
+import math
 import os
 import urllib.error
 
@@ -175,10 +176,10 @@ def test_pretrained_unavailable_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_pretrained_unavailable_is_one_line_from_the_trainer(tmp_path, monkeypatch, capsys):
     """python -m protokern.train: exit 2 with one line on stderr, no traceback, no run directory."""
-    from protokern.train import main
-
     import socket
     import sys
+
+    from protokern.train import main
 
     timeouts = []
 
@@ -211,3 +212,52 @@ def test_bad_arguments():
         make_backbone("vgg11", pretrained=True, weights_path="x.pt")
     with pytest.raises(ValueError, match="no pretrained"):
         make_backbone("tiny", pretrained=True)
+
+
+@pytest.mark.parametrize("name", ["tiny", "vgg11"])
+def test_conv_weights_are_kaiming_normal_fan_out(name):
+    """Each conv's weights have std sqrt(2 / (out_channels * kh * kw)) (torchvision's VGG init, mode fan_out),
+    not sqrt(2 / fan_in): the first tiny conv would start ~3x too large."""
+    torch.manual_seed(0)
+    trunk, _ = make_backbone(name)
+    convs = [m for m in trunk.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs[:3]:
+        out_channels, _, kh, kw = conv.weight.shape
+        expected = math.sqrt(2.0 / (out_channels * kh * kw))
+        assert float(conv.weight.std()) == pytest.approx(expected, rel=0.1), conv
+
+
+def test_weights_saved_from_a_dataparallel_model_load(tmp_path):
+    """torch.save(nn.DataParallel(trunk).state_dict()) spells every key 'module.<key>' (also inside a
+    {'state_dict': ...} wrapper): the prefix is dropped and the trunk gets exactly those weights."""
+    torch.manual_seed(0)
+    source, _ = make_backbone("tiny")
+    state = {"module." + k: v for k, v in source.state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "dp.pt")
+    trunk, _ = make_backbone("tiny", weights_path=tmp_path / "dp.pt")
+    for key, value in source.state_dict().items():
+        assert torch.equal(trunk.state_dict()[key], value), key
+
+
+def test_weights_inside_a_model_state_dict_wrapper_load(tmp_path):
+    """The common torch training-checkpoint layout {'epoch': ..., 'model_state_dict': state} loads as the state."""
+    torch.manual_seed(0)
+    source, _ = make_backbone("tiny")
+    torch.save({"epoch": 3, "model_state_dict": source.state_dict()}, tmp_path / "ckpt.pt")
+    trunk, _ = make_backbone("tiny", weights_path=tmp_path / "ckpt.pt")
+    for key, value in source.state_dict().items():
+        assert torch.equal(trunk.state_dict()[key], value), key
+
+
+def test_batchnorm_counters_present_in_the_file_are_kept(tmp_path):
+    """Only *missing* num_batches_tracked keys keep the trunk's values; counters the file has are loaded like
+    every other buffer (the trunk's state then equals the file's)."""
+    source, _ = make_backbone("tiny")
+    state = source.state_dict()
+    counters = [k for k in state if k.endswith("num_batches_tracked")]
+    assert counters
+    for i, key in enumerate(counters):
+        state[key] = torch.tensor(100 + i)
+    torch.save(state, tmp_path / "trunk.pt")
+    trunk, _ = make_backbone("tiny", weights_path=tmp_path / "trunk.pt")
+    assert [int(trunk.state_dict()[k]) for k in counters] == [100 + i for i in range(len(counters))]

@@ -300,3 +300,52 @@ def test_a_usage_error_is_printed_by_rank_0_only(monkeypatch, capsys, world, ran
     assert stop.value.code == 2
     assert ("error: argument --epochs: invalid int value: 'many'" in err) == printed, err
     assert printed or err == ""
+
+
+def test_warm_epochs_equal_to_epochs_is_accepted():
+    """--warm-epochs 3 --epochs 3 (every epoch a warm-up, e.g. a quick run training add-on and prototypes only)
+    is valid; only warm_epochs > epochs is refused."""
+    cfg, _ = parse_config(["--warm-epochs", "3", "--epochs", "3", "--push-start", "0", "--push-every", "1"])
+    assert (cfg.warm_epochs, cfg.epochs) == (3, 3)
+    with pytest.raises(ValueError, match=r"warm_epochs \(4\) > epochs \(3\)"):
+        parse_config(["--warm-epochs", "4", "--epochs", "3", "--push-start", "0", "--push-every", "1"])
+
+
+def test_prune_threshold_equal_to_prune_k_is_accepted():
+    """--prune-threshold k (prune unless all k nearest images are of the prototype's class, the strictest
+    setting) is valid; only a threshold above k is refused."""
+    cfg, _ = parse_config(["--prune-k", "3", "--prune-threshold", "3"])
+    assert (cfg.prune_k, cfg.prune_threshold) == (3, 3)
+    with pytest.raises(ValueError, match=r"prune_threshold must be an int in \[0, prune_k=3\], got 4"):
+        parse_config(["--prune-k", "3", "--prune-threshold", "4"])
+
+
+def test_a_config_saved_before_the_original_recipe_keeps_its_epoch_length():
+    """A saved config without augment_mode (before the original's recipe) continues as it started: the composed
+    augmentation, ONE copy of each image per epoch (not the new default 30, which would make each resumed epoch
+    30x longer) and the cached retraining; one that has augment_mode keeps its own augment_copies."""
+    old = TrainConfig.from_saved({"dataset": "synthetic", "epochs": 4})
+    assert (old.augment_mode, old.augment_copies, old.prune_retrain, old.val_fraction) == ("compose", 1, "cached", 0.0)
+    new = TrainConfig.from_saved({"dataset": "synthetic", "augment_mode": "original", "val_fraction": 0.1})
+    assert (new.augment_copies, new.prune_retrain) == (30, "original")
+
+
+def test_a_boolean_for_a_float_setting_is_refused(tmp_path):
+    """'weight_decay: yes' (YAML true) is a typed error naming the setting, not a weight decay of 1.0;
+    an int (1) is still a valid float."""
+    path = tmp_path / "c.yaml"
+    path.write_text("weight_decay: yes\n")
+    with pytest.raises(ValueError, match=r"bad config: weight_decay must be float, got bool True"):
+        load_config_file(str(path))
+    path.write_text("weight_decay: 1\n")
+    assert load_config_file(str(path)) == {"weight_decay": 1.0}
+
+
+@pytest.mark.parametrize("name", ["warm_epochs", "seed", "num_workers"])
+def test_a_boolean_for_an_int_setting_is_refused(tmp_path, name):
+    """'<int setting>: true' in a config file is a typed error (bool is an int subclass in Python, and
+    validate() does not re-check these settings for bools: warm_epochs / seed / num_workers would run as 1)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{name}: true\n")
+    with pytest.raises(ValueError, match=rf"bad config: {name} must be int, got bool True"):
+        load_config_file(str(path))

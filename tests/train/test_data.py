@@ -3,8 +3,10 @@ per-class counts (known answers on the synthetic set and small stand-ins)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+import protokern.train.data as train_data
 from protokern.train.config import TrainConfig
 from protokern.train.data import LabelledSubset, build_splits, class_counts, train_loader
 from protokern.train.distributed import DistInfo
@@ -52,3 +54,46 @@ def test_subsets_keep_the_box_kind_and_counts_cover_every_class():
     subset = LabelledSubset(Objects(), [0, 2])
     assert subset.box_kind == "object" and subset.targets == [0, 0]
     assert class_counts(subset).tolist() == [2, 0, 0]  # classes without images are counted, as 0
+
+
+class _Files(torch.utils.data.Dataset):
+    """Four labelled 'file' images with paths and part boxes."""
+
+    classes = ["a", "b"]
+    targets = [0, 1, 0, 1]
+    paths = ["/d/0.jpg", "/d/1.jpg", "/d/2.jpg", "/d/3.jpg"]
+    boxes = torch.arange(16.0).view(4, 4)
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return torch.full((3, 2, 2), float(index)), self.targets[index]
+
+
+def test_paths_targets_and_boxes_of_a_subset_are_those_of_its_images():
+    """LabelledSubset(d, [3, 0]) names the files of images 3 and 0 (explanations show them as the prototypes'
+    sources): paths, targets and boxes are selected by its indices, not the whole dataset's."""
+    sub = LabelledSubset(_Files(), [3, 0])
+    assert sub.paths == ["/d/3.jpg", "/d/0.jpg"]
+    assert sub.targets == [1, 0] and sub.classes == ["a", "b"]
+    assert torch.equal(sub.boxes, _Files.boxes[[3, 0]])
+    assert float(sub[0][0][0, 0, 0]) == 3.0 and len(sub) == 2
+
+
+def test_an_empty_test_split_is_refused_as_empty(monkeypatch):
+    """A dataset whose test split has no images (train has some) stops with 'empty train (N) or test (0) split',
+    not with a later message blaming --skip-bad-images (which was not even given)."""
+    real = train_data.SyntheticParts
+
+    def parts(images_per_class, split, **kw):
+        data = real(images_per_class=images_per_class, split=split, **kw)
+        if split == "test":
+            data.targets, data._images = [], data._images[:0]
+        return data
+
+    monkeypatch.setattr(train_data, "SyntheticParts", parts)
+    cfg = TrainConfig(dataset="synthetic", image_size=32, synthetic_classes=2, synthetic_train_per_class=3,
+                      synthetic_test_per_class=2, val_fraction=0.0, data_cache="off", quiet=True, device="cpu")
+    with pytest.raises(ValueError, match=r"empty train \(6\) or test \(0\) split"):
+        train_data.build_splits(cfg)

@@ -1,8 +1,10 @@
 """Schedule: stages, push epochs, trainable parameters, optimisers as the original."""
 
+import torch
+
 from protokern.models import ProtoPNet
 from protokern.train.config import preset_config
-from protokern.train.schedule import (build_schedule, make_optimizers, make_scheduler, set_trainable,
+from protokern.train.schedule import (build_schedule, learning_rates, make_optimizers, make_scheduler, set_trainable,
                                       step_scheduler)
 
 
@@ -82,3 +84,27 @@ def test_every_rate_setting_reaches_its_group():
         step_scheduler(scheduler)
         lrs.append([g["lr"] for g in opts["joint"].param_groups])
     assert lrs == [[3.0, 4.0, 5.0]] + [[0.75, 1.0, 1.25]] * 2 + [[0.1875, 0.25, 0.3125]] * 2
+
+
+def test_last_layer_steps_are_numbered_after_each_push():
+    """After every push the last-layer steps carry iteration 0..last_layer_epochs-1 (their epoch number, in the
+    logs and the resumed step), at the push's epoch; other steps have iteration 0."""
+    cfg = preset_config("cub")
+    steps = build_schedule(cfg)
+    for push in (s for s in steps if s.stage == "push"):
+        last = steps[push.index + 1:push.index + 1 + cfg.last_layer_epochs]
+        assert [s.iteration for s in last] == list(range(cfg.last_layer_epochs))
+        assert {s.stage for s in last} == {"last"} and {s.epoch for s in last} == {push.epoch}
+    assert all(s.iteration == 0 for s in steps if s.stage != "last")
+
+
+def test_learning_rates_are_keyed_by_group_name():
+    """{'lr_<group name>': lr} (the metrics.csv columns), falling back to the group's position only for an
+    unnamed group."""
+    cfg = preset_config("cub")
+    model = ProtoPNet("tiny", num_classes=3, prototypes_per_class=2, prototype_dim=8)
+    opts = make_optimizers(model, cfg)
+    assert learning_rates(opts["joint"]) == {"lr_features": 1e-4, "lr_add_on": 3e-3, "lr_prototypes": 3e-3}
+    assert learning_rates(opts["last"]) == {"lr_last_layer": 1e-4}
+    unnamed = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    assert learning_rates(unnamed) == {"lr_0": 0.5}

@@ -97,3 +97,14 @@ def test_a_split_that_holds_out_nothing_is_an_error():
                       synthetic_test_per_class=1, image_size=32, val_fraction=0.5)
     with pytest.raises(ValueError, match="holds out no image.*--val-fraction 0"):
         build_splits(cfg)
+
+
+def test_held_out_indices_are_sorted_whatever_the_draw():
+    """(kept, held_out) are both sorted lists (the validation subset follows the dataset's order) for several
+    seeds and class layouts; the draw order within a class (randperm) must not leak out (seed 0 of the existing
+    test happens to draw in increasing order)."""
+    for targets in ([i % 3 for i in range(60)], [0] * 20 + [1] * 10 + [2] * 5):
+        for seed in range(4):
+            kept, held = stratified_split(targets, 0.3, seed=seed)
+            assert held == sorted(held) and kept == sorted(kept), (seed, held)
+            assert sorted(kept + held) == list(range(len(targets)))
