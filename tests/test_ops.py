@@ -1015,7 +1015,6 @@ def test_shapes_only_inputs(mode):
         assert layer(z)[0].shape == (3, 10)
 
 
-
 @pytest.mark.parametrize("tracer", ["make_fx-fake", "make_fx-symbolic", "make_fx-real", "aot_function",
                                     "compile"])
 def test_traced_graphs_compute_what_eager_does(tracer):

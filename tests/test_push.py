@@ -80,7 +80,6 @@ def test_push_matches_brute_force_reference():
     assert torch.equal(where.diagonal(), patch)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_a_model_in_another_dtype_pushes_and_explains_in_its_own(dtype):
     """A .double() / .half() model takes the float32 images of the loaders (conv_features casts them outside

@@ -115,8 +115,6 @@ def test_tiles_boxes_captions_and_push_images_of_a_subset(tmp_path, monkeypatch)
     """Non-square tiles keep their aspect, a window's box without a receptive field scales rows by the height and
     columns by the width, other-class neighbours are marked "x", and push images given as a Subset are read at
     the base dataset's index the records hold."""
-    import importlib
-
     from torch.utils.data import Subset
 
     from protokern.explain.gallery import _tile, _window_box
