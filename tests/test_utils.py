@@ -61,8 +61,9 @@ def test_a_stop_outside_a_fetch_is_at_once(stop_on_sigusr1):
 
 
 def test_reports_are_strict_json():
-    text = strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}, "e": (2, "x")})
-    assert text == strict_json({"a": None, "b": [1.0, None], "c": {"d": None}, "e": [2, "x"]})
+    text = strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}, "e": (2, "x"),
+                        "f": (float("nan"), 1.0)})
+    assert text == strict_json({"a": None, "b": [1.0, None], "c": {"d": None}, "e": [2, "x"], "f": [None, 1.0]})
     import json
 
     json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in strict JSON"))
@@ -248,3 +249,35 @@ def test_normalised_images_are_refused_and_overshoot_passes():
     with pytest.raises(ValueError, match=r"already normalised"):
         check_unit_range(dark)
     check_unit_range(torch.tensor([-0.06, 0.5, 1.06]).view(1, 3, 1, 1))
+
+
+def test_default_workers_are_the_cpus_but_one_at_most_8(monkeypatch):
+    """One usable CPU: no worker processes (the main process loads); 2 CPUs: 1; 16: capped at 8."""
+    for cpus, want in ((1, 0), (2, 1), (16, 8)):
+        monkeypatch.setattr(utils.os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert utils.default_num_workers() == want
+
+
+def test_listed_counts_only_the_items_left_out():
+    """Exactly ``limit`` items are all shown, with no "and 0 more"; one more is counted."""
+    assert utils.listed(["a", "b"], 2) == "a, b"
+    assert utils.listed(["a", "b", "c"], 2) == "a, b and 1 more"
+
+
+def test_printable_escapes_lone_surrogates_and_controls():
+    """A lone surrogate (a file name decoded with surrogateescape) and a newline are shown as escapes; a joiner
+    that scripts need stays as it is."""
+    assert utils.printable("a\ud800b\nc") == "a\\ud800b\\nc"
+    assert utils.printable("\u0915\u094d\u200d") == "\u0915\u094d\u200d"
+
+
+def test_first_line_is_the_message_s_first_line_or_the_type():
+    """A multi-line message gives its first line; an empty one the exception type's name."""
+    assert utils.first_line(ValueError("one\ntwo")) == "one"
+    assert utils.first_line(KeyError()) == "KeyError"
+
+
+def test_unwrap_takes_off_nested_data_parallel_wrappers():
+    """DataParallel(DataParallel(model)): the model inside both (push and explanations read its attributes)."""
+    model = torch.nn.Linear(2, 2)
+    assert utils.unwrap(torch.nn.DataParallel(torch.nn.DataParallel(model))) is model

@@ -85,6 +85,8 @@ def test_config_file_errors(tmp_path):
     (["--joint-features-lr", "inf"], "joint_features_lr must be finite, got inf"),
     (["--lr-gamma", "nan"], "lr_gamma must be finite, got nan"),
     (["--push-start", "-1"], "push_start must be an int >= 0, got -1"),
+    (["--seed", "-1"], "seed must be an int >= 0, got -1"),
+    (["--lr-gamma", "-0.5"], "lr_gamma must be >= 0, got -0.5"),
     (["--lr-step-size", "0"], "lr_step_size must be an int >= 1, got 0"),
 ])
 def test_bad_values_are_named(argv, message):
