@@ -17,6 +17,8 @@ from protokern.models import patch_box
 from protokern.push import push_prototypes
 from tests.explain.helpers import BLUE, GREEN, GREY, RED, ListDataset, canvas, colour_model, paint, paint_grid
 
+gallery_module = importlib.import_module("protokern.explain.gallery")  # (the package's name is the function)
+
 
 def _dataset():
     """Six images; image i has a red square at cell (i, i) (0..2) or a green one and a blue one (3..5); class i // 3."""
@@ -119,7 +121,6 @@ def test_tiles_boxes_captions_and_push_images_of_a_subset(tmp_path, monkeypatch)
 
     from protokern.explain.gallery import _tile, _window_box
 
-    gallery_module = importlib.import_module("protokern.explain.gallery")  # (the package's name is the function)
 
     assert _tile(np.zeros((20, 40, 3), np.uint8), None, 96, "x").shape == (14 + 48, 96, 3)  # caption strip + 2:1
     assert _window_box(None, (32, 48), (4, 4), 1, 2, (1, 1)) == (8, 16, 24, 36)  # 8 px a row, 12 a column
@@ -143,7 +144,6 @@ def test_tiles_boxes_captions_and_push_images_of_a_subset(tmp_path, monkeypatch)
 def test_a_tiles_box_lands_on_its_rows_and_columns_scaled(monkeypatch):
     """_tile scales the (y0, y1, x0, x1) box with the image: on a 20 x 40 image drawn 2x, box (2, 6, 20, 30)
     outlines rows 4..11 and columns 40..59 of the tile (the caption strip left out)."""
-    gallery_module = importlib.import_module("protokern.explain.gallery")
     monkeypatch.setattr(gallery_module.render, "label", lambda image, text, *a, **k: image)
     colour = (255, 0, 0)
     tile = gallery_module._tile(np.zeros((20, 40, 3), np.uint8), (2, 6, 20, 30), 80, "x", colour=colour)
@@ -171,7 +171,6 @@ def test_an_unpushed_prototype_has_no_source_index(tmp_path):
 def test_a_prototype_pushed_onto_the_first_image_shows_its_source(tmp_path, monkeypatch):
     """Image index 0 is a real source (only -1 means not pushed): the first column of prototype 0, pushed onto
     image 0, is that image captioned 'p0 <class>' and read from the push set, not the 'not pushed' placeholder."""
-    gallery_module = importlib.import_module("protokern.explain.gallery")
     images = [paint(canvas(64), (1, 1), RED), paint(canvas(64), (2, 2), GREEN)]
     dataset = ListDataset(images, [0, 1], classes=["red", "green"])
     model = colour_model([RED, GREEN], [0, 1], num_classes=2)
@@ -188,7 +187,6 @@ def test_a_prototype_pushed_onto_the_first_image_shows_its_source(tmp_path, monk
 def test_the_source_tile_outlines_the_high_activation_box(tmp_path, monkeypatch):
     """Column 1 of each row is the prototype's source image with its *activation* box (red), as the page header
     says; the receptive-field box of the source patch is a different box (set apart here) and must not be used."""
-    gallery_module = importlib.import_module("protokern.explain.gallery")
     images = [paint(canvas(64), (1, 1), RED), paint(canvas(64), (5, 2), GREEN)]
     loader = DataLoader(ListDataset(images, [0, 1], classes=["red", "green"]), batch_size=2)
     model = colour_model([RED, GREEN], [0, 1], num_classes=2)
