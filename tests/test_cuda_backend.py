@@ -399,7 +399,7 @@ def test_kernels_on_cpu_emulator(sanitizer_jobs):
     """The kernel headers (csrc/forward.cuh, backward.cuh) compiled for the CPU emulator (csrc/emu) at every
     search precision: the float64 original on the shape matrix, the op's contract on the adversarial cases,
     bit-identity across precisions, asynchronous cp.async, and a mutant without the certification bound that
-    the adversarial cases must catch. No GPU. About 4 minutes of one core; ``sanitizer_jobs`` starts the
+    the adversarial cases must catch. No GPU. About 2 minutes of one core; ``sanitizer_jobs`` starts the
     sanitizer builds of tests/test_cuda_gates.py on the other core meanwhile."""
     if shutil.which("g++") is None:
         pytest.skip("needs g++")

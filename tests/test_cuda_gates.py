@@ -157,7 +157,8 @@ def test_emulator_under_sanitizer(sanitizer_jobs, sanitizer):
     threads are fibers that TSan tracks as such: only barriers order them, so a missing __syncthreads is a
     reported race (checked by hand: removing the forward's end-of-stage barrier, or grad_p's barrier before its
     double buffer is refilled, is reported). Both builds run in the background from the first test that asks
-    for them (tests/sanitizer_jobs.py): about 3 minutes for TSan and 1.5 for ASan of one core each."""
+    for them (tests/sanitizer_jobs.py): about 4 minutes of one core each (TSan mostly running, ASan + UBSan
+    mostly compiling)."""
     # CI sets PROTOKERN_REQUIRE_SANITIZERS=1: there a missing compiler or runtime fails instead of skipping (an
     # out-of-bounds read with a right result, caught only by ASan, would pass unseen)
     missing = pytest.fail if os.environ.get("PROTOKERN_REQUIRE_SANITIZERS") == "1" else pytest.skip

@@ -82,7 +82,7 @@ inline std::atomic<int> errors{0};
 // Real OS threads: concurrent (optional; the sanitizer gates use the fibers below).
 using Barrier = std::barrier<>;
 #else
-// Default: every CUDA thread of a block is a fiber (ucontext) of one OS thread, switched round-robin at
+// Default: every CUDA thread of a block is a fiber of one OS thread, switched round-robin at
 // barriers: deterministic and fast, with no scheduler contention. Under ThreadSanitizer each fiber is a
 // TSan fiber switched without synchronisation, and only the barriers (and the scheduler's hand-over of
 // its own state) create happens-before edges, so a missing __syncthreads / __syncwarp is still a race.
@@ -104,8 +104,85 @@ inline void tsan_acquire(void*) {}
 inline void tsan_switch(void*) {}
 #endif
 
-inline ucontext_t scheduler;
-inline std::atomic<ucontext_t*> running_fiber;
+// A fiber's saved context. glibc's swapcontext saves and restores the signal mask with a system call at
+// every switch: under it the kernel took about 45% of the emulator check's time. On x86-64 (outside the
+// sanitizer builds) a switch is instead protokern_emu_switch below: push the callee-saved registers and the
+// SSE / x87 control words, swap stack pointers, pop, return: all that a call must preserve, no system call
+// (TSan needs only its fiber calls around a switch, whatever the switch). Elsewhere, under ASan (whose
+// runtime follows swapcontext's stack changes; a switch of our own would need its fiber annotations), or with
+// PROTOKERN_EMU_UCONTEXT, ucontext.
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__) && !defined(PROTOKERN_EMU_UCONTEXT)
+#define PROTOKERN_EMU_FAST_SWITCH 1
+// protokern_emu_switch(save, load): saves this context on its own stack and its stack pointer in *save, then
+// resumes the context whose stack pointer is load. Weak: every translation unit including this header emits it.
+asm(R"(
+  .pushsection .text.protokern_emu_switch,"ax",@progbits
+  .weak protokern_emu_switch
+  .hidden protokern_emu_switch
+  .type protokern_emu_switch, @function
+protokern_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size protokern_emu_switch, .-protokern_emu_switch
+  .popsection
+)");
+extern "C" void protokern_emu_switch(void** save, void* load);
+
+struct Context {
+  void* sp = nullptr;
+};
+inline void switch_context(Context& from, Context& to) { protokern_emu_switch(&from.sp, to.sp); }
+// A context that starts entry() on stack [base, base + size) as if called there; entry never returns.
+inline void make_context(Context& c, char* base, size_t size, void (*entry)(), Context&) {
+  const uintptr_t top = (reinterpret_cast<uintptr_t>(base) + size) & ~uintptr_t{15};
+  uint64_t* const frame = reinterpret_cast<uint64_t*>(top) - 9;  // what protokern_emu_switch pops, bottom up
+  std::memset(frame, 0, 9 * sizeof(uint64_t));  // r15, r14, r13, r12, rbx, rbp start as 0 (frame[1..6])
+  uint32_t mxcsr;
+  uint16_t x87;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(x87));
+  std::memcpy(frame, &mxcsr, 4);  // this thread's rounding and exception masks, as a new thread has
+  std::memcpy(reinterpret_cast<char*>(frame) + 4, &x87, 2);
+  frame[7] = reinterpret_cast<uint64_t>(entry);  // ret's target; frame[8]: entry's (never used) return address,
+  c.sp = frame;                                  // leaving rsp at 8 mod 16 at entry, as after a call
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void make_context(Context& c, char* base, size_t size, void (*entry)(), Context& link) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = base;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = &link.uc;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
+inline thread_local std::unique_ptr<char[]> stack_pool;  // the fibers' stacks (launch below)
+inline thread_local size_t stack_pool_bytes = 0;
+inline Context scheduler;
+inline std::atomic<Context*> running_fiber;
 inline std::atomic<void*> scheduler_tsan;  // TSan fiber of the scheduler (ThreadSanitizer builds)
 inline std::atomic<bool> fiber_returned;  // set by a fiber as it ends (atomic: no happens-before edge)
 inline char scheduler_handover;  // address of the scheduler -> fiber edges (ThreadSanitizer)
@@ -113,7 +190,7 @@ inline char block_end;  // address of the fibers -> scheduler edges at a block's
 
 inline void yield() {
   tsan_switch(scheduler_tsan.load(std::memory_order_relaxed));
-  swapcontext(running_fiber.load(std::memory_order_relaxed), &scheduler);
+  switch_context(*running_fiber.load(std::memory_order_relaxed), scheduler);
   tsan_acquire(&scheduler_handover);
 }
 
@@ -222,8 +299,14 @@ void launch(Dim3 grid, unsigned threads, size_t smem_bytes, Kernel kernel) {
   for (unsigned t = 0; t < threads; ++t) states[t].tid = {t, 0, 0};
 #ifndef PROTOKERN_EMU_THREADS
   constexpr size_t kStack = 256 * 1024;
-  std::vector<char> stacks(kStack * threads);
-  std::vector<ucontext_t> fibers(threads);
+  // fiber stacks kept from launch to launch and never zeroed: a fiber touches only the pages its frames reach
+  // (a zeroed vector each launch was most of the system time left once switches made no system call)
+  if (stack_pool_bytes < kStack * threads) {
+    stack_pool.reset(new char[kStack * threads]);
+    stack_pool_bytes = kStack * threads;
+  }
+  char* const stacks = stack_pool.get();
+  std::vector<Context> fibers(threads);
   std::vector<char> done(threads);
   static thread_local Kernel* current;
   current = &kernel;
@@ -254,11 +337,7 @@ void launch(Dim3 grid, unsigned threads, size_t smem_bytes, Kernel kernel) {
       for (auto& th : pool) th.join();
 #else
       for (unsigned t = 0; t < threads; ++t) {
-        getcontext(&fibers[t]);
-        fibers[t].uc_stack.ss_sp = stacks.data() + kStack * t;
-        fibers[t].uc_stack.ss_size = kStack;
-        fibers[t].uc_link = &scheduler;
-        makecontext(&fibers[t], (void (*)()) + [] {
+        make_context(fibers[t], stacks + kStack * t, kStack, +[] {
           tsan_acquire(&scheduler_handover);
           (*current)();
           end_thread();
@@ -266,7 +345,7 @@ void launch(Dim3 grid, unsigned threads, size_t smem_bytes, Kernel kernel) {
           fiber_returned.store(true, std::memory_order_relaxed);
           yield();  // never resumed: the fiber does not return (under TSan its exit would be recorded on
                     // the scheduler's fiber)
-        }, 0);
+        }, scheduler);
         done[t] = 0;
 #if defined(__SANITIZE_THREAD__)
         tsan_fibers[t] = __tsan_create_fiber(0);  // a fresh TSan fiber per CUDA thread and block
@@ -280,7 +359,7 @@ void launch(Dim3 grid, unsigned threads, size_t smem_bytes, Kernel kernel) {
           fiber_returned.store(false, std::memory_order_relaxed);
           tsan_release(&scheduler_handover);
           tsan_switch(tsan_fibers[t]);
-          swapcontext(&scheduler, &fibers[t]);  // back when fiber t waits at a barrier or ends (uc_link)
+          switch_context(scheduler, fibers[t]);  // back when fiber t waits at a barrier or ends
           if (fiber_returned.load(std::memory_order_relaxed)) {
             done[t] = 1;
             --alive;
