@@ -81,7 +81,7 @@ setup(
     # Triton only where torch itself requires it (its Linux x86_64 wheels): elsewhere the torch backend runs alone
     install_requires=["torch", "triton; platform_system == 'Linux' and platform_machine == 'x86_64'", "numpy", "tqdm",
                       "pillow", "scipy", "torchvision", "pyyaml"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist"]},
     zip_safe=False,
     **_extension_setup(),
 )

@@ -9,6 +9,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: the cores shared out, not N x cores threads spinning
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     from tests import triton_memcheck  # noqa: E402
 

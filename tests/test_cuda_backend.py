@@ -395,6 +395,7 @@ def test_contract_adversarial(cuda_backend, layout):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("emulator")  # beside test_emulator_under_sanitizer: one start of the sanitizer jobs
 def test_kernels_on_cpu_emulator(sanitizer_jobs):
     """The kernel headers (csrc/forward.cuh, backward.cuh) compiled for the CPU emulator (csrc/emu) at every
     search precision: the float64 original on the shape matrix, the op's contract on the adversarial cases,

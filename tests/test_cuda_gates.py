@@ -150,6 +150,7 @@ def test_ptxas_gate(tmp_path):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.xdist_group("emulator")  # beside test_kernels_on_cpu_emulator: one start of the sanitizer jobs
 @pytest.mark.parametrize("sanitizer", list(SANITIZERS))
 def test_emulator_under_sanitizer(sanitizer_jobs, sanitizer):
     """The emulated kernels race-free (TSan) and memory/UB-clean (ASan + UBSan) on the CUB tile

@@ -1,7 +1,7 @@
 """Every third-party module the package imports at run time is a declared runtime dependency.
 
-The test extras (pytest, pytest-benchmark, and whatever they pull in) must not hide a missing one: the check reads
-the import statements of the source, not what happens to be importable here.
+The test extras (pytest, pytest-benchmark, pytest-xdist, and whatever they pull in) must not hide a missing one:
+the check reads the import statements of the source, not what happens to be importable here.
 """
 
 from __future__ import annotations
