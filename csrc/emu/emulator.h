@@ -105,14 +105,13 @@ inline void tsan_switch(void*) {}
 #endif
 
 // A fiber's saved context. glibc's swapcontext saves and restores the signal mask with a system call at
-// every switch: under it the kernel took about 45% of the emulator check's time. On x86-64 (outside the
-// sanitizer builds) a switch is instead protokern_emu_switch below: push the callee-saved registers and the
-// SSE / x87 control words, swap stack pointers, pop, return: all that a call must preserve, no system call
-// (TSan needs only its fiber calls around a switch, whatever the switch). Elsewhere, under ASan (whose
-// runtime follows swapcontext's stack changes; a switch of our own would need its fiber annotations), or with
-// PROTOKERN_EMU_UCONTEXT, ucontext.
+// every switch: under it the kernel took about 45% of the emulator check's time. On x86-64 (TSan builds
+// included: TSan needs only its fiber calls around a switch, whatever the switch) a switch is instead
+// protokern_emu_switch below: push the callee-saved registers and the SSE / x87 control words, swap stack
+// pointers, pop, return: all that a call must preserve, no system call. Elsewhere, under ASan (whose runtime
+// follows swapcontext's stack changes; a switch of our own would need its fiber annotations: the ASan + UBSan
+// job runs this path), or with PROTOKERN_EMU_UCONTEXT, ucontext.
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__) && !defined(PROTOKERN_EMU_UCONTEXT)
-#define PROTOKERN_EMU_FAST_SWITCH 1
 // protokern_emu_switch(save, load): saves this context on its own stack and its stack pointer in *save, then
 // resumes the context whose stack pointer is load. Weak: every translation unit including this header emits it.
 asm(R"(
