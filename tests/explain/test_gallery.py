@@ -121,7 +121,6 @@ def test_tiles_boxes_captions_and_push_images_of_a_subset(tmp_path, monkeypatch)
 
     from protokern.explain.gallery import _tile, _window_box
 
-
     assert _tile(np.zeros((20, 40, 3), np.uint8), None, 96, "x").shape == (14 + 48, 96, 3)  # caption strip + 2:1
     assert _window_box(None, (32, 48), (4, 4), 1, 2, (1, 1)) == (8, 16, 24, 36)  # 8 px a row, 12 a column
 
